@@ -1,0 +1,34 @@
+import numpy as np
+import pytest
+
+
+class ReplayNoise:
+    """A noise source that hands out a fixed list of arrays in order (to feed the same noise to two systems)."""
+
+    def __init__(self, arrays):
+        self.arrays = list(arrays)
+        self.used = 0
+
+    def standard_normal(self, size, dtype=np.float32):
+        arr = self.arrays[self.used]
+        self.used += 1
+        assert tuple(arr.shape) == tuple(size), (arr.shape, size)
+        return arr.astype(dtype)
+
+
+def patch_diffusers_noise(monkeypatch, module, arrays):
+    """Makes a diffusers scheduler module's randn_tensor return `arrays` in order."""
+    import torch
+
+    source = ReplayNoise(arrays)
+
+    def fake_randn(shape, generator=None, device=None, dtype=None, layout=None):
+        return torch.from_numpy(source.standard_normal(tuple(shape)))
+
+    monkeypatch.setattr(module, "randn_tensor", fake_randn)
+    return source
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
