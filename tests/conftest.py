@@ -32,3 +32,8 @@ def patch_diffusers_noise(monkeypatch, module, arrays):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def models_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("models")

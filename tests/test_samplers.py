@@ -100,3 +100,22 @@ def test_stochastic_sampler_without_noise_is_a_clear_error():
 def test_unknown_sampler_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown sampler 'pndm'"):
         make_sampler("pndm", SD15)
+
+
+@pytest.mark.parametrize("sampler_name", ["ddim", "lcm"])
+def test_clip_sample_matches_diffusers(monkeypatch, sampler_name):
+    config = {**LCM_DREAMSHAPER_V7, "clip_sample": True, "clip_sample_range": 0.5}
+    cls_name, module_name = DIFFUSERS[sampler_name]
+    theirs = getattr(diffusers, cls_name).from_config(config)
+    ours = make_sampler(sampler_name, dict(theirs.config))
+    theirs.set_timesteps(2)
+    ours.set_timesteps(2)
+    rng = np.random.default_rng(3)
+    noises = [rng.standard_normal((1, 4, 4, 4)).astype(np.float32) for _ in range(2)]
+    patch_diffusers_noise(monkeypatch, getattr(diffusers.schedulers, module_name), noises)
+    sample = rng.standard_normal((1, 4, 4, 4)).astype(np.float32)
+    out = rng.standard_normal((1, 4, 4, 4)).astype(np.float32) * 3
+    t = ours.timesteps[0]
+    mine = ours.step(out, t, sample, noise=ReplayNoise(noises)).prev_sample
+    ref = theirs.step(torch.from_numpy(out), theirs.timesteps[0], torch.from_numpy(sample)).prev_sample.numpy()
+    np.testing.assert_allclose(mine, ref, atol=SAMPLER_ATOL, rtol=SAMPLER_RTOL)

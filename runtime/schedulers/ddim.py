@@ -32,6 +32,9 @@ class DDIMSampler(Sampler):
         prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
         a_t, a_prev = sch.alpha(t), sch.alpha(prev_t)
         x0, eps = predict_x0_eps(self.config.prediction_type, model_output, sample, a_t)
+        if self.config.clip_sample:
+            r = self.config.clip_sample_range
+            x0 = np.clip(x0, -r, r)  # eps stays the model's, as diffusers without use_clipped_model_output
         variance = ((1 - a_prev) / (1 - a_t)) * (1 - a_t / a_prev)
         std = np.float32(self.eta * variance**0.5)
         prev = a_prev**0.5 * x0 + (1 - a_prev - std**2) ** 0.5 * eps

@@ -35,6 +35,8 @@ class LCMSampler(Sampler):
         a_prev = sch.alpha(prev_t)
         c_skip, c_out = self._boundary_scalings(t)
         x0, _ = predict_x0_eps(self.config.prediction_type, model_output, sample, sch.alpha(t))
+        if self.config.clip_sample:
+            x0 = np.clip(x0, -self.config.clip_sample_range, self.config.clip_sample_range)
         denoised = (np.float32(c_out) * x0 + np.float32(c_skip) * sample).astype(np.float32)
         if i == self.num_inference_steps - 1:
             return SchedulerOutput(prev_sample=denoised, denoised=denoised)

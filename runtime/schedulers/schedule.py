@@ -30,6 +30,8 @@ class ScheduleConfig:
     timestep_spacing: str = "leading"  # how inference timesteps are picked: linspace | leading | trailing
     steps_offset: int = 1  # added to "leading" timesteps (SD's configs use 1)
     set_alpha_to_one: bool = False  # DDIM/LCM/TCD: alpha used after the last step (1 or alphas_cumprod[0])
+    clip_sample: bool = False  # DDIM/LCM: clip predicted x_0 to +-clip_sample_range (pixel-space models; SD sets False)
+    clip_sample_range: float = 1.0  # bound used when clip_sample is on
     rescale_betas_zero_snr: bool = False  # arXiv:2305.08891: make the last timestep pure noise
     original_inference_steps: int = 50  # LCM/TCD: the distillation grid the inference steps are drawn from
     timestep_scaling: float = 10.0  # LCM: scales t in the consistency boundary condition

@@ -1,0 +1,220 @@
+"""Export a diffusers model into a bundle: graphs via optimum, checked against PyTorch, written atomically.
+
+    export_bundle("path/or/hub-id", "out/bundle", precision="fp32")
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from edgediff.models.registry import detect_family, get_family
+from edgediff.runtime.bundle import sha256_file
+from edgediff.runtime.errors import ExportError, ExportValidationError
+from edgediff.runtime.manifest import MANIFEST_NAME, TOKENIZER_NAME, ComponentSpec, Manifest, TensorSpec
+from edgediff.runtime.schedulers import DIFFUSERS_CLASS_TO_SAMPLER, ScheduleConfig
+
+from .precision import PRECISIONS, to_fp16
+from .source import load_pipeline, source_facts
+from .specs import COMPONENTS, TOLERANCES, ExportContext
+from .tokenizer import write_tokenizer_json
+
+log = logging.getLogger("edgediff.export")
+
+EXTERNAL_DATA_THRESHOLD = 2_000_000_000  # protobuf's 2 GB limit: larger graphs keep weights beside them
+SAMPLER_TO_DIFFUSERS_CLASS = {v: k for k, v in DIFFUSERS_CLASS_TO_SAMPLER.items()}
+_ONNX_TO_NUMPY = {1: "float32", 10: "float16", 11: "float64", 7: "int64", 6: "int32"}
+
+
+def _versions() -> dict:
+    out = {}
+    for dist in ("edgediff", "torch", "diffusers", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def _tensor_specs(values) -> list[TensorSpec]:
+    specs = []
+    for v in values:
+        dims = [d.dim_param if d.dim_param else d.dim_value for d in v.type.tensor_type.shape.dim]
+        specs.append(TensorSpec(v.name, _ONNX_TO_NUMPY.get(v.type.tensor_type.elem_type, "unknown"), dims))
+    return specs
+
+
+def _resolve_scheduler(pipe, family) -> dict:
+    """Our sampler and its fully resolved diffusers config (defaults filled in by diffusers itself)."""
+    import diffusers
+
+    ours = DIFFUSERS_CLASS_TO_SAMPLER.get(type(pipe.scheduler).__name__)
+    sampler = family.sampler if family.guidance_embedding or ours is None else ours
+    resolved = getattr(diffusers, SAMPLER_TO_DIFFUSERS_CLASS[sampler]).from_config(pipe.scheduler.config)
+    config = {**dict(resolved.config), **dict(family.scheduler_overrides)}
+    return {"name": sampler, "config": ScheduleConfig.from_dict(config).to_dict()}
+
+
+def _save_graph(model, out_dir: Path, name: str) -> dict[str, dict]:
+    """Saves one graph (with external data inside the bundle past 2 GB); returns its manifest `files`."""
+    import onnx
+
+    graph_file = f"{name}.onnx"
+    big = model.ByteSize() > EXTERNAL_DATA_THRESHOLD if _fits_protobuf(model) else True
+    data_file = f"{name}.onnx.data"
+    onnx.save_model(model, str(out_dir / graph_file), save_as_external_data=big, all_tensors_to_one_file=True,
+                    location=data_file, size_threshold=1024)
+    names = [graph_file] + ([data_file] if big else [])
+    return {n: {"size": (out_dir / n).stat().st_size, "sha256": sha256_file(out_dir / n)} for n in names}
+
+
+def _fits_protobuf(model) -> bool:
+    try:
+        model.ByteSize()
+        return True
+    except ValueError:
+        return False
+
+
+def _validate(component, pipe, ctx: ExportContext, graph_path: Path, tolerance: float) -> dict[str, float]:
+    """Runs the graph in onnxruntime and the module in PyTorch on the same random inputs."""
+    import onnxruntime as ort
+    import torch
+
+    inputs = component.random_inputs(ctx, np.random.default_rng(0))
+    session = ort.InferenceSession(str(graph_path), providers=["CPUExecutionProvider"])
+    declared = {i.name: i.type for i in session.get_inputs()}
+    feeds = {k: (v.astype(np.int32) if declared.get(k) == "tensor(int32)" else v) for k, v in inputs.items() if k in declared}
+    onnx_out = session.run(None, feeds)
+    with torch.no_grad():
+        torch_out = component.torch_call(pipe, {k: torch.from_numpy(v) for k, v in inputs.items()})
+    diffs = {}
+    for out_meta, got, ref in zip(session.get_outputs(), onnx_out, torch_out):
+        ref = ref.float().numpy()
+        if got.shape != ref.shape:
+            raise ExportValidationError(component.name, {out_meta.name: (float("inf"), tolerance)})
+        scale = max(1.0, float(np.abs(ref).max()))
+        diffs[out_meta.name] = (float(np.abs(got.astype(np.float32) - ref).max() / scale), tolerance)
+    if any(d > tol or not np.isfinite(d) for d, tol in diffs.values()):
+        raise ExportValidationError(component.name, diffs)
+    return {k: d for k, (d, _) in diffs.items()}
+
+
+def export_bundle(source: str, out: str | Path, precision: str = "fp32", height: int | None = None,
+                  width: int | None = None, family: str | None = None, overwrite: bool = False,
+                  progress: bool = True) -> Path:
+    """Exports `source` (diffusers folder or hub id) into a bundle folder at `out`; returns `out`.
+
+    Atomic: everything is built in a temporary folder beside `out` and renamed at the end; on any
+    failure (validation included) nothing is left at `out`.
+    """
+    from optimum.exporters.onnx import export_models
+    from optimum.exporters.utils import get_diffusion_models_for_export
+    from tqdm.auto import tqdm
+    import onnx
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ExportError("export_exists", path=out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _quiet_tracing()
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        steps = tqdm(total=2 + len(COMPONENTS), desc="export", disable=not progress, unit="step")
+        steps.set_postfix_str("loading source")
+        pipe = load_pipeline(source)
+        fam = get_family(family) if family else detect_family(source_facts(pipe, source))
+        vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        default_h = height or int(pipe.unet.config.sample_size) * vae_scale
+        default_w = width or int(pipe.unet.config.sample_size) * vae_scale
+        ctx = ExportContext(
+            height=default_h, width=default_w, latent_channels=int(pipe.unet.config.in_channels),
+            vae_scale_factor=vae_scale, max_length=int(pipe.tokenizer.model_max_length),
+            vocab_size=int(pipe.text_encoder.config.vocab_size),
+            cross_attention_dim=int(pipe.unet.config.cross_attention_dim),
+            time_cond_proj_dim=pipe.unet.config.time_cond_proj_dim,
+        )
+        for what, value in (("height", default_h), ("width", default_w)):
+            if value % 8:
+                raise ExportError("export_source", source=source, detail=f"{what} {value} is not a multiple of 8")
+        steps.update()
+
+        tokenizer_entry = write_tokenizer_json(pipe.tokenizer, staging / TOKENIZER_NAME)
+        optimum_models = get_diffusion_models_for_export(pipe, exporter="onnx")
+        components, checks = {}, {}
+        raw_dir = staging / "_raw"
+        for component in COMPONENTS:
+            steps.set_postfix_str(component.name)
+            export_models({component.name: optimum_models[component.name]}, output_dir=raw_dir / component.name,
+                          output_names=["model.onnx"])
+            model = onnx.load(str(raw_dir / component.name / "model.onnx"))
+            comp_precision = "fp32" if (precision == "fp32" or component.keep_fp32_at_fp16) else precision
+            if comp_precision == "fp16":
+                model = to_fp16(model)
+            files = _save_graph(model, staging, component.name)
+            inputs, outputs = _tensor_specs(model.graph.input), _tensor_specs(model.graph.output)
+            del model
+            shutil.rmtree(raw_dir / component.name)
+            checks[component.name] = _validate(component, pipe, ctx, staging / f"{component.name}.onnx",
+                                               TOLERANCES[comp_precision])
+            components[component.name] = ComponentSpec(files=files, precision=comp_precision, inputs=inputs, outputs=outputs)
+            steps.update()
+        shutil.rmtree(raw_dir, ignore_errors=True)
+
+        manifest = Manifest(
+            family=fam.name,
+            prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
+            scheduler=_resolve_scheduler(pipe, fam),
+            defaults={"steps": fam.default_steps, "guidance": fam.default_guidance, "height": default_h, "width": default_w},
+            latent_channels=ctx.latent_channels,
+            vae_scaling_factor=float(pipe.vae.config.scaling_factor),
+            vae_scale_factor=vae_scale,
+            tokenizer=tokenizer_entry,
+            guidance_embedding_dim=ctx.time_cond_proj_dim,
+            components=components,
+            provenance={
+                "source": source, "precision": precision,
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "versions": _versions(), "export_check": {"tolerances": TOLERANCES, "max_rel_diff": checks},
+            },
+        )
+        (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
+        steps.set_postfix_str("done")
+        steps.update()
+        steps.close()
+        _commit(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _quiet_tracing() -> None:
+    # The tracer's notes about Python control flow in diffusers' modules say nothing to our users:
+    # every graph is checked against PyTorch after export.
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+
+
+def _commit(staging: Path, out: Path) -> None:
+    """Moves the finished bundle into place; an old bundle is replaced only once the new one is whole."""
+    staging.chmod(0o755)  # mkdtemp makes it private; a bundle is shared data
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(staging, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,79 @@
+"""Declarative per-component export specs (as optimum keeps one OnnxConfig per model part).
+
+Each spec says which module of the diffusers pipeline it takes, how to call it in PyTorch for the
+check, and random inputs for that check. The ONNX graph itself comes from optimum's exporter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+# Export checks: max |onnx - torch| / max(1, max |torch|) per output, on random inputs.
+FP32_TOLERANCE = 2e-3  # fp32 kernels differ in summation order and fused attention; 1e-4 is typical on tiny models
+FP16_TOLERANCE = 5e-2  # fp16 graphs keep fp32 I/O; half-precision accumulations across a full UNet
+TOLERANCES = {"fp32": FP32_TOLERANCE, "fp16": FP16_TOLERANCE}
+VALIDATION_BATCH = 2  # a batch of two catches graphs that baked batch 1 in
+
+
+@dataclass(frozen=True)
+class ExportContext:
+    height: int
+    width: int
+    latent_channels: int
+    vae_scale_factor: int
+    max_length: int
+    vocab_size: int
+    cross_attention_dim: int
+    time_cond_proj_dim: int | None
+
+
+@dataclass(frozen=True)
+class ComponentExport:
+    name: str  # bundle component name and optimum's submodel key
+    torch_call: Callable  # (pipeline, inputs as torch tensors) -> list of torch outputs, in graph output order
+    random_inputs: Callable[[ExportContext, np.random.Generator], dict[str, np.ndarray]]
+    keep_fp32_at_fp16: bool = False  # lesson 3 of FIELD_NOTES: the VAE overflows in fp16
+
+
+def _text_inputs(ctx: ExportContext, rng):
+    return {"input_ids": rng.integers(0, ctx.vocab_size, (VALIDATION_BATCH, ctx.max_length), dtype=np.int64)}
+
+
+def _unet_inputs(ctx: ExportContext, rng):
+    h, w = ctx.height // ctx.vae_scale_factor, ctx.width // ctx.vae_scale_factor
+    inputs = {
+        "sample": rng.standard_normal((VALIDATION_BATCH, ctx.latent_channels, h, w)).astype(np.float32),
+        "timestep": np.array(rng.integers(1, 1000), dtype=np.float32),
+        "encoder_hidden_states": rng.standard_normal((VALIDATION_BATCH, ctx.max_length, ctx.cross_attention_dim)).astype(np.float32),
+    }
+    if ctx.time_cond_proj_dim is not None:
+        inputs["timestep_cond"] = rng.standard_normal((VALIDATION_BATCH, ctx.time_cond_proj_dim)).astype(np.float32)
+    return inputs
+
+
+def _vae_decoder_inputs(ctx: ExportContext, rng):
+    h, w = ctx.height // ctx.vae_scale_factor, ctx.width // ctx.vae_scale_factor
+    return {"latent_sample": rng.standard_normal((1, ctx.latent_channels, h, w)).astype(np.float32)}
+
+
+def _text_call(pipe, x):
+    out = pipe.text_encoder(input_ids=x["input_ids"])
+    return [out.last_hidden_state, out.pooler_output]
+
+
+def _unet_call(pipe, x):
+    return [pipe.unet(x["sample"], x["timestep"], x["encoder_hidden_states"], timestep_cond=x.get("timestep_cond")).sample]
+
+
+def _vae_decoder_call(pipe, x):
+    return [pipe.vae.decode(x["latent_sample"]).sample]
+
+
+COMPONENTS: tuple[ComponentExport, ...] = (
+    ComponentExport("text_encoder", _text_call, _text_inputs),
+    ComponentExport("unet", _unet_call, _unet_inputs),
+    ComponentExport("vae_decoder", _vae_decoder_call, _vae_decoder_inputs, keep_fp32_at_fp16=True),
+)

@@ -1,0 +1,116 @@
+"""Diffusers Stable Diffusion folders with random weights, built from configs (no downloads).
+
+Tiny ones drive the fast tests (as diffusers' own tiny-random-model tests do); the full-size
+SD-Turbo architecture drives the slow test and the benchmarks (timings don't depend on weight values).
+
+    python -m edgediff.models.random_init tiny-sd1 OUT_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .tokenizer_build import build_clip_tokenizer
+
+# Scheduler settings of the published models these architectures stand for.
+SD15_SCHEDULER = {
+    "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+    "clip_sample": False, "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
+    "steps_offset": 1,
+}
+SD21_V_SCHEDULER = {"_class_name": "DDIMScheduler", **{k: v for k, v in SD15_SCHEDULER.items() if k != "_class_name"},
+                    "prediction_type": "v_prediction"}
+SD_TURBO_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", **{k: v for k, v in SD15_SCHEDULER.items() if k != "_class_name"},
+                      "interpolation_type": "linear", "prediction_type": "epsilon", "timestep_spacing": "trailing",
+                      "use_karras_sigmas": False}
+LCM_SCHEDULER = {"_class_name": "LCMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                 "clip_sample": False, "num_train_timesteps": 1000, "original_inference_steps": 50,
+                 "prediction_type": "epsilon", "set_alpha_to_one": True, "steps_offset": 1, "timestep_scaling": 10.0,
+                 "timestep_spacing": "leading"}
+
+TINY_UNET = dict(  # diffusers' tiny test UNet, a little wider so images carry signal
+    block_out_channels=(8, 16), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=32, norm_num_groups=4, attention_head_dim=2,
+)
+TINY_VAE = dict(
+    block_out_channels=(8, 16), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4, sample_size=32,
+)
+TINY_TEXT = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=1000,
+                 max_position_embeddings=77, projection_dim=32)
+
+ARCHS = {
+    "tiny-sd1": dict(unet=TINY_UNET, vae=TINY_VAE, text=TINY_TEXT, scheduler=SD15_SCHEDULER),
+    "tiny-sd2-v": dict(unet={**TINY_UNET, "use_linear_projection": True}, vae=TINY_VAE,
+                       text={**TINY_TEXT, "hidden_act": "gelu"}, scheduler=SD21_V_SCHEDULER),
+    "tiny-sd-turbo": dict(unet={**TINY_UNET, "use_linear_projection": True}, vae=TINY_VAE,
+                          text={**TINY_TEXT, "hidden_act": "gelu"}, scheduler=SD_TURBO_SCHEDULER),
+    "tiny-lcm": dict(unet={**TINY_UNET, "time_cond_proj_dim": 16}, vae=TINY_VAE, text=TINY_TEXT, scheduler=LCM_SCHEDULER),
+    # SD 2.1-base / SD-Turbo at full size (~0.87 B UNet parameters).
+    "sd-turbo": dict(
+        unet=dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                  block_out_channels=(320, 640, 1280, 1280),
+                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                  attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True),
+        vae=dict(block_out_channels=(128, 256, 512, 512), in_channels=3, out_channels=3, latent_channels=4,
+                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                 layers_per_block=2, sample_size=768, scaling_factor=0.18215),
+        text=dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23,
+                  hidden_act="gelu", projection_dim=512, vocab_size=49408, max_position_embeddings=77),
+        scheduler=SD_TURBO_SCHEDULER,
+    ),
+}
+
+# Words the built tokenizer knows whole (the rest falls back to bytes).
+WORDS = "a an the of on at in with and photo picture red green blue yellow orange purple white black " \
+        "circle square triangle star small large left right top bottom center background cat dog".split()
+
+
+def build_random_pipeline(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
+    """Saves a StableDiffusionPipeline folder with random weights for `arch` (see ARCHS)."""
+    import torch
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHS)}")
+    spec = ARCHS[arch]
+    out = Path(out_dir)
+    tok_dir = build_clip_tokenizer(out / "_tokenizer_src", WORDS)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**spec["unet"])
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**spec["vae"])
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        **spec["text"]))
+    sched_cfg = dict(spec["scheduler"])
+    scheduler = getattr(diffusers, sched_cfg.pop("_class_name")).from_config(sched_cfg)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out)
+    import shutil
+
+    shutil.rmtree(tok_dir)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("arch", choices=sorted(ARCHS))
+    parser.add_argument("out_dir")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    print(build_random_pipeline(args.arch, args.out_dir, args.seed))
+
+
+if __name__ == "__main__":
+    main()

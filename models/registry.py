@@ -1,0 +1,82 @@
+"""The model families edgediff knows, one row each, with the settings a bundle of that family defaults to.
+
+Detection reads facts from the source model's configs (never version strings); rows are tried in order,
+most specific first, and `--family` overrides detection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class SourceFacts:
+    """What detection may look at, read from a diffusers folder's configs."""
+
+    scheduler_class: str  # e.g. "EulerDiscreteScheduler"
+    prediction_type: str  # epsilon | v_prediction | sample
+    timestep_spacing: str | None  # as written in the scheduler config (None when absent)
+    cross_attention_dim: int  # 768 for SD 1.x (CLIP-L), 1024 for SD 2.x (OpenCLIP-H)
+    time_cond_proj_dim: int | None  # set for LCM-distilled UNets: guidance arrives as an embedding
+    name: str = ""  # hub id or folder name, only as a hint for Turbo models
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    description: str
+    sampler: str  # our sampler used by default (runtime/schedulers)
+    default_steps: int  # the few-step count the family is distilled for, or a good quality/speed point
+    default_guidance: float  # classifier-free guidance scale (or LCM's embedded w); <= 1 disables CFG
+    guidance_embedding: bool  # True: guidance goes in as timestep_cond (LCM), no uncond batch
+    matches: Callable[[SourceFacts], bool]
+    # Fields that must hold in the scheduler config the bundle records (e.g. Turbo's trailing spacing).
+    scheduler_overrides: tuple[tuple[str, object], ...] = ()
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family(
+        name="lcm-sd1",
+        description="LCM-distilled SD 1.x UNet (guidance as an embedding), 2-8 steps",
+        sampler="lcm", default_steps=4, default_guidance=8.0, guidance_embedding=True,
+        matches=lambda f: f.time_cond_proj_dim is not None,
+    ),
+    Family(
+        name="sd-turbo",
+        description="SD-Turbo (adversarially distilled SD 2.1 base), 1-4 steps, no guidance",
+        sampler="euler", default_steps=1, default_guidance=0.0, guidance_embedding=False,
+        matches=lambda f: "turbo" in f.name.lower()
+        or (f.scheduler_class == "EulerDiscreteScheduler" and f.timestep_spacing == "trailing"),
+        scheduler_overrides=(("timestep_spacing", "trailing"),),
+    ),
+    Family(
+        name="sd2-v",
+        description="SD 2.x v-prediction (768 model)",
+        sampler="euler", default_steps=25, default_guidance=7.5, guidance_embedding=False,
+        matches=lambda f: f.prediction_type == "v_prediction",
+    ),
+    Family(
+        name="sd2",
+        description="SD 2.x base, epsilon prediction (512)",
+        sampler="euler", default_steps=25, default_guidance=7.5, guidance_embedding=False,
+        matches=lambda f: f.cross_attention_dim == 1024,
+    ),
+    Family(
+        name="sd1",
+        description="SD 1.x, epsilon prediction",
+        sampler="euler", default_steps=25, default_guidance=7.5, guidance_embedding=False,
+        matches=lambda f: True,
+    ),
+)
+
+
+def get_family(name: str) -> Family:
+    for family in FAMILIES:
+        if family.name == name:
+            return family
+    raise ValueError(f"unknown model family {name!r}; known: {', '.join(f.name for f in FAMILIES)}")
+
+
+def detect_family(facts: SourceFacts) -> Family:
+    return next(f for f in FAMILIES if f.matches(facts))

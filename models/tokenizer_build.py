@@ -1,0 +1,47 @@
+"""Builds a CLIP BPE tokenizer offline, from a word list (no downloads).
+
+Real CLIP vocabularies can't be fetched on our machines; models built here (tiny random models in
+tests, the shipped model) get a byte-level CLIP tokenizer whose merges make each listed word one token.
+It is a genuine `CLIPTokenizer` (vocab.json + merges.txt) that diffusers and transformers load.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def _merges_for(words: list[str]) -> list[tuple[str, str]]:
+    # Left-to-right merges: "red" -> ("r","e"), ("re","d</w>"), so BPE reassembles each word whole.
+    merges: list[tuple[str, str]] = []
+    seen = set()
+    for word in words:
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(symbols) > 1:
+            pair = (symbols[0], symbols[1])
+            if pair not in seen:
+                seen.add(pair)
+                merges.append(pair)
+            symbols = [symbols[0] + symbols[1]] + symbols[2:]
+    return merges
+
+
+def build_clip_tokenizer(out_dir: str | Path, words: list[str], max_length: int = 77) -> Path:
+    """Writes a CLIPTokenizer (vocab.json, merges.txt, configs) to `out_dir` and returns it."""
+    from transformers import CLIPTokenizer
+    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    chars = list(bytes_to_unicode().values())
+    vocab_list = chars + [c + "</w>" for c in chars]
+    merges = _merges_for([w.lower() for w in words])
+    vocab_list += ["".join(m) for m in merges if "".join(m) not in vocab_list]
+    vocab_list += [BOS, EOS]
+    (out / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab_list)}, ensure_ascii=False))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    tok = CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"), model_max_length=max_length, pad_token=EOS)
+    tok.save_pretrained(out)
+    return out

@@ -1,0 +1,79 @@
+"""Opening a bundle: the manifest, then every file it names, checked before anything is run.
+
+A bundle is data. Paths come only from the manifest and must be plain names inside the folder
+(symlinks that leave it are refused); onnxruntime itself refuses external data outside the folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import BundleError, ChecksumError
+from .manifest import TOKENIZER_NAME, Manifest
+
+VERIFY_MODES = ("full", "size", "none")  # full = sizes and sha256; size = sizes only (fast start)
+_HASH_CHUNK = 8 << 20
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class Bundle:
+    path: Path
+    manifest: Manifest
+
+    @classmethod
+    def open(cls, path: str | Path, verify: str = "full") -> "Bundle":
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
+        root = Path(path)
+        if not root.is_dir():
+            raise BundleError("bundle_not_found", path=root)
+        bundle = cls(root, Manifest.load(root))
+        bundle._check_files(verify)
+        return bundle
+
+    def file(self, name: str) -> Path:
+        """The path of a file the manifest names, refusing anything that leaves the bundle folder."""
+        candidate = self.path / name
+        if Path(name).is_absolute() or Path(name).name != name:
+            raise BundleError("file_outside", path=self.path, file=name)
+        if candidate.is_symlink() and not candidate.resolve().is_relative_to(self.path.resolve()):
+            raise BundleError("file_outside", path=self.path, file=name)
+        if not candidate.is_file():
+            raise BundleError("file_missing", path=self.path, file=name)
+        return candidate
+
+    def component_path(self, component: str) -> Path:
+        return self.file(self.manifest.components[component].graph_file)
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.file(self.manifest.tokenizer.get("file", TOKENIZER_NAME))
+
+    @property
+    def size_on_disk(self) -> int:
+        return sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
+
+    def _check_files(self, verify: str) -> None:
+        self.tokenizer_path  # noqa: B018  (raises when missing)
+        if verify == "none":
+            return
+        for spec in self.manifest.components.values():
+            for name, meta in spec.files.items():
+                path = self.file(name)
+                size = path.stat().st_size
+                if size != meta["size"]:
+                    raise BundleError("file_size", path=self.path, file=name, found=size, expected=meta["size"])
+                if verify == "full":
+                    digest = sha256_file(path)
+                    if digest != meta["sha256"]:
+                        raise ChecksumError("checksum", path=self.path, file=name, found=digest[:12], expected=meta["sha256"][:12])

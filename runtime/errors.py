@@ -1,0 +1,87 @@
+"""Every error edgediff raises, and the one table of their messages (as huggingface_hub keeps them).
+
+The CLI prints `str(error)` as one line; library users catch the typed classes.
+"""
+
+from __future__ import annotations
+
+MESSAGES = {
+    # bundle
+    "bundle_not_found": "no bundle at {path}: expected a folder with manifest.json (make one with `edgediff export`)",
+    "manifest_unreadable": "{path}: manifest.json is not valid JSON ({detail})",
+    "manifest_invalid": "{path}: manifest.json is invalid: {detail}",
+    "schema_too_new": "{path}: bundle schema version {found} is newer than this edgediff understands ({supported}); upgrade edgediff",
+    "file_missing": "bundle {path} is incomplete: {file} is missing (re-export the bundle)",
+    "file_outside": "bundle {path} names a file outside its folder ({file}); refusing to read it",
+    "file_size": "bundle {path}: {file} is {found} bytes, the manifest says {expected} (truncated or replaced; re-export)",
+    "checksum": "bundle {path}: {file} fails its checksum (sha256 {found}, manifest {expected}); the file is corrupt or was changed",
+    "graph_unloadable": "bundle {path}: onnxruntime cannot load {file}: {detail}",
+    "graph_mismatch": "bundle {path}: {component} graph does not match its manifest: {detail}",
+    # providers
+    "provider_unknown": "unknown provider {name!r}; known: {known}",
+    "provider_unavailable": "provider {name!r} is not available in this onnxruntime build (available: {available}); install its extra or pass --fallback",
+    # generation inputs
+    "size_multiple": "{what} must be a positive multiple of {multiple}, got {value}",
+    "steps": "num_inference_steps must be >= 1, got {value}",
+    "batch": "{what} must be >= 1, got {value}",
+    "latents_shape": "latents must have shape {expected}, got {found}",
+    "graph_input": "{component}: input {name!r} {detail}",
+    "nan_output": "the {component} produced NaN or infinite values{hint}; nothing was saved",
+    "output_path": "cannot write {path}: {detail}",
+    "output_format": "cannot write {path}: unknown image format {suffix!r} (use .png, .jpg or .webp)",
+    # export
+    "export_exists": "{path} already exists; choose a new output folder or pass --overwrite",
+    "export_source": "cannot load a diffusers model from {source!r}: {detail}",
+    "export_validation": "{component}: exported graph differs from PyTorch beyond tolerance: {detail}",
+}
+
+
+class EdgediffError(Exception):
+    """Base of every error edgediff raises on purpose."""
+
+    def __init__(self, key: str, **fields):
+        self.key = key
+        self.fields = fields
+        super().__init__(MESSAGES[key].format(**fields))
+
+
+class BundleError(EdgediffError):
+    """A bundle is missing, incomplete, corrupt, or not one we can read."""
+
+
+class ChecksumError(BundleError):
+    """A bundle file's sha256 differs from the manifest's."""
+
+
+class SchemaVersionError(BundleError):
+    """The bundle was written by a newer edgediff."""
+
+
+class ProviderError(EdgediffError):
+    """An execution provider is unknown or not available."""
+
+
+class InputError(EdgediffError, ValueError):
+    """A generation argument is out of range."""
+
+
+class NaNOutputError(EdgediffError):
+    """A graph produced NaN or inf (fp16 overflow is the usual cause)."""
+
+
+class OutputPathError(EdgediffError):
+    """The output file cannot be written."""
+
+
+class ExportError(EdgediffError):
+    """An export failed; nothing was left at its output folder."""
+
+
+class ExportValidationError(ExportError):
+    """An exported graph's outputs differ from the PyTorch module's."""
+
+    def __init__(self, component: str, diffs: dict[str, tuple[float, float]]):
+        self.component = component
+        self.diffs = diffs  # output name -> (max abs difference, tolerance)
+        detail = ", ".join(f"{k}: max |diff| {d:.3g} > {tol:g}" if d > tol else f"{k}: {d:.3g} ok" for k, (d, tol) in diffs.items())
+        super().__init__("export_validation", component=component, detail=detail)

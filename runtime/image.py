@@ -1,0 +1,54 @@
+"""Decoded tensors to images, and writing them safely."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .errors import OutputPathError
+
+FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def latents_to_images(decoded: np.ndarray, output_type: str = "pil"):
+    """VAE output in [-1, 1], NCHW -> PIL images or a float array NHWC in [0, 1] (diffusers' postprocess)."""
+    images = np.clip(decoded / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1).astype(np.float32)
+    if output_type == "np":
+        return images
+    if output_type != "pil":
+        raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
+    return [Image.fromarray((img * 255).round().astype(np.uint8)) for img in images]
+
+
+def check_writable(path: str | Path) -> Path:
+    """Fails early (before minutes of work) if `path` cannot be written as an image."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in FORMATS:
+        raise OutputPathError("output_format", path=path, suffix=suffix or "(none)")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputPathError("output_path", path=path, detail=f"folder {parent} does not exist")
+    if path.is_dir():
+        raise OutputPathError("output_path", path=path, detail="it is a folder")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise OutputPathError("output_path", path=path, detail="permission denied")
+    return path
+
+
+def save_image(image: Image.Image, path: str | Path) -> Path:
+    """Writes through a temporary file and renames, so a failure never leaves a half-written image."""
+    path = check_writable(path)
+    fd, tmp = tempfile.mkstemp(prefix=".edgediff-", suffix=path.suffix, dir=path.parent or ".")
+    os.close(fd)
+    try:
+        image.save(tmp, format=FORMATS[path.suffix.lower()])
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise OutputPathError("output_path", path=path, detail=exc.strerror or exc) from exc
+    return path

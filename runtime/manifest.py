@@ -1,0 +1,98 @@
+"""The bundle's manifest: what a bundle holds and how to run it. Written by export, read by the runtime.
+
+A bundle is data: the manifest is plain JSON, every path in it is a file name inside the bundle folder.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import BundleError, SchemaVersionError
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+TOKENIZER_NAME = "tokenizer.json"
+
+
+@dataclass
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name: float32, float16, int64, int32
+    shape: list  # ints for fixed dims, strings for named dynamic dims
+
+
+@dataclass
+class ComponentSpec:
+    files: dict[str, dict]  # file name -> {"size": bytes, "sha256": hex}; the first is the graph, the rest its external data
+    precision: str  # fp32 | fp16
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+    @property
+    def graph_file(self) -> str:
+        return next(iter(self.files))
+
+    @property
+    def size(self) -> int:
+        return sum(f["size"] for f in self.files.values())
+
+
+@dataclass
+class Manifest:
+    family: str  # row of edgediff.models.registry
+    prediction_type: str  # epsilon | v_prediction | sample
+    scheduler: dict  # {"name": sampler name, "config": ScheduleConfig as dict}
+    defaults: dict  # {"steps", "guidance", "height", "width"}
+    latent_channels: int
+    vae_scaling_factor: float  # latents are divided by this before decoding
+    vae_scale_factor: int  # pixels per latent cell along each side
+    tokenizer: dict  # {"file", "max_length", "pad_id"}
+    guidance_embedding_dim: int | None  # LCM: width of the guidance embedding fed as timestep_cond
+    components: dict[str, ComponentSpec]
+    provenance: dict = field(default_factory=dict)  # source model, tool versions, date
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=False)
+
+    @classmethod
+    def load(cls, bundle_dir: Path) -> "Manifest":
+        path = bundle_dir / MANIFEST_NAME
+        if not path.is_file():
+            raise BundleError("bundle_not_found", path=bundle_dir)
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BundleError("manifest_unreadable", path=bundle_dir, detail=exc) from None
+        return cls.from_dict(raw, bundle_dir)
+
+    @classmethod
+    def from_dict(cls, raw: dict, bundle_dir: Path) -> "Manifest":
+        if not isinstance(raw, dict):
+            raise BundleError("manifest_invalid", path=bundle_dir, detail="top level is not an object")
+        version = raw.get("schema_version")
+        if not isinstance(version, int):
+            raise BundleError("manifest_invalid", path=bundle_dir, detail="schema_version is missing")
+        if version > SCHEMA_VERSION:
+            raise SchemaVersionError("schema_too_new", path=bundle_dir, found=version, supported=SCHEMA_VERSION)
+        try:
+            components = {
+                name: ComponentSpec(
+                    files=dict(c["files"]),
+                    precision=c["precision"],
+                    inputs=[TensorSpec(**t) for t in c["inputs"]],
+                    outputs=[TensorSpec(**t) for t in c["outputs"]],
+                )
+                for name, c in raw["components"].items()
+            }
+            fields_ = {k: raw[k] for k in (
+                "family", "prediction_type", "scheduler", "defaults", "latent_channels", "vae_scaling_factor",
+                "vae_scale_factor", "tokenizer", "guidance_embedding_dim")}
+        except (KeyError, TypeError) as exc:
+            raise BundleError("manifest_invalid", path=bundle_dir, detail=f"missing or malformed field {exc}") from None
+        for required in ("text_encoder", "unet", "vae_decoder"):
+            if required not in components:
+                raise BundleError("manifest_invalid", path=bundle_dir, detail=f"no {required} component")
+        return cls(**fields_, components=components, provenance=raw.get("provenance", {}), schema_version=version)

@@ -1,0 +1,194 @@
+"""The text-to-image pipeline over a bundle: numpy + onnxruntime + tokenizers + pillow, never torch.
+
+Names follow diffusers' StableDiffusionPipeline so its users feel at home; `None` arguments take
+the bundle manifest's defaults.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .bundle import Bundle
+from .errors import InputError, NaNOutputError
+from .image import latents_to_images
+from .providers import resolve
+from .schedulers import SAMPLERS, make_sampler
+from .session import GraphSession
+from .tokenizer import PromptTokenizer
+
+log = logging.getLogger("edgediff.pipeline")
+
+SIZE_MULTIPLE = 8  # as diffusers: the latent grid must stay whole through the VAE
+COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+
+# callback(step_index, total_steps, latents) after each denoiser step
+StepCallback = Callable[[int, int, np.ndarray], None]
+
+
+@dataclass
+class PipelineOutput:
+    images: list  # PIL images, or a float array (B, H, W, 3) in [0, 1] for output_type="np", or latents
+    seeds: list[int | None]  # the seed of each image, to reproduce it alone
+
+
+def guidance_embedding(w: np.ndarray, dim: int) -> np.ndarray:
+    """LCM's guidance-scale embedding (sinusoidal, as diffusers' get_guidance_scale_embedding)."""
+    w = w.astype(np.float32) * 1000.0
+    half = dim // 2
+    freqs = np.exp(np.arange(half, dtype=np.float32) * -(np.log(np.float32(10000.0)) / (half - 1)))
+    emb = w[:, None] * freqs[None, :]
+    emb = np.concatenate([np.sin(emb), np.cos(emb)], axis=1)
+    if dim % 2 == 1:
+        emb = np.pad(emb, ((0, 0), (0, 1)))
+    return emb.astype(np.float32)
+
+
+class Pipeline:
+    def __init__(self, bundle: Bundle, provider: str = "auto", sampler: str | None = None,
+                 fallback: bool = False, threads: int | None = None):
+        self.bundle = bundle
+        self.manifest = m = bundle.manifest
+        self.providers = resolve(provider, fallback=fallback)
+        self.sampler_name = sampler or m.scheduler["name"]
+        if self.sampler_name not in SAMPLERS:
+            raise InputError("graph_input", component="pipeline", name="sampler",
+                             detail=f"{self.sampler_name!r} is unknown; choose from {', '.join(SAMPLERS)}")
+        self.tokenizer = PromptTokenizer(bundle.tokenizer_path, m.tokenizer["max_length"], m.tokenizer["pad_id"])
+        self.sessions = {
+            name: GraphSession(name, bundle.component_path(name), m.components[name], self.providers, bundle.path, threads)
+            for name in COMPONENTS
+        }
+        log.info("bundle %s on %s", bundle.path, self.sessions["unet"].providers[0])
+
+    @classmethod
+    def from_bundle(cls, path: str | Path, provider: str = "auto", sampler: str | None = None,
+                    verify: str = "full", fallback: bool = False, threads: int | None = None) -> "Pipeline":
+        return cls(Bundle.open(path, verify=verify), provider=provider, sampler=sampler, fallback=fallback, threads=threads)
+
+    def encode_prompt(self, prompts: list[str]) -> np.ndarray:
+        ids = self.tokenizer(prompts)
+        return self.sessions["text_encoder"].run(input_ids=ids)[0].astype(np.float32)
+
+    def _check_args(self, height, width, steps, batch):
+        multiple = max(SIZE_MULTIPLE, self.manifest.vae_scale_factor)
+        for what, value in (("height", height), ("width", width)):
+            if not isinstance(value, (int, np.integer)) or value <= 0 or value % multiple:
+                raise InputError("size_multiple", what=what, multiple=multiple, value=value)
+        if not isinstance(steps, (int, np.integer)) or steps < 1:
+            raise InputError("steps", value=steps)
+        if batch < 1:
+            raise InputError("batch", what="num_images_per_prompt", value=batch)
+
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        seed: int | None = None,
+        latents: np.ndarray | None = None,
+        num_images_per_prompt: int = 1,
+        output_type: str = "pil",
+        callback: StepCallback | None = None,
+        generator=None,
+    ) -> PipelineOutput:
+        m = self.manifest
+        # 1. Resolve defaults from the manifest and check the arguments.
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        steps = m.defaults["steps"] if num_inference_steps is None else num_inference_steps
+        guidance = m.defaults["guidance"] if guidance_scale is None else float(guidance_scale)
+        height = m.defaults["height"] if height is None else height
+        width = m.defaults["width"] if width is None else width
+        self._check_args(height, width, steps, num_images_per_prompt)
+        if not prompts:
+            raise InputError("batch", what="number of prompts", value=0)
+        batch = len(prompts) * num_images_per_prompt
+        embedded_guidance = m.guidance_embedding_dim is not None
+        do_cfg = guidance > 1.0 and not embedded_guidance
+
+        # 2. Encode the prompts; with classifier-free guidance, the negative prompts go first in one batch.
+        cond = np.repeat(self.encode_prompt(prompts), num_images_per_prompt, axis=0)
+        if do_cfg:
+            negatives = [""] * len(prompts) if negative_prompt is None else (
+                [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt))
+            if len(negatives) != len(prompts):
+                raise InputError("batch", what="negative prompts (one per prompt)", value=len(negatives))
+            uncond = np.repeat(self.encode_prompt(negatives), num_images_per_prompt, axis=0)
+            text_embeddings = np.concatenate([uncond, cond])
+        else:
+            text_embeddings = cond
+
+        # 3. Set the sampler's timesteps.
+        sampler = make_sampler(self.sampler_name, m.scheduler["config"])
+        sampler.set_timesteps(steps)
+
+        # 4. Initial latents: given, or one seeded generator per image (image i of seed s uses seed s + i).
+        shape = (batch, m.latent_channels, height // m.vae_scale_factor, width // m.vae_scale_factor)
+        seeds: list[int | None] = [None] * batch
+        if generator is not None:
+            noise_sources = [generator] * batch
+        else:
+            base = int(np.random.SeedSequence().generate_state(1)[0] >> 1) if seed is None else int(seed)
+            seeds = [base + i for i in range(batch)]
+            noise_sources = [np.random.default_rng(s) for s in seeds]
+        if latents is None:
+            latents = np.stack([src.standard_normal(shape[1:], dtype=np.float32) for src in noise_sources])
+        elif tuple(latents.shape) != shape:
+            raise InputError("latents_shape", expected=shape, found=tuple(latents.shape))
+        latents = latents.astype(np.float32) * np.float32(sampler.init_noise_sigma)
+        step_noise = _BatchNoise(noise_sources)
+
+        # 5. LCM: guidance enters the UNet as an embedding of (w - 1), not as a second batch.
+        extra = {}
+        if embedded_guidance:
+            w = np.full((batch,), guidance - 1.0, dtype=np.float32)
+            extra["timestep_cond"] = guidance_embedding(w, m.guidance_embedding_dim)
+
+        # 6. Denoising loop.
+        unet = self.sessions["unet"]
+        total = len(sampler.timesteps)
+        for i, t in enumerate(sampler.timesteps):
+            model_in = sampler.scale_model_input(latents, t)
+            if do_cfg:
+                model_in = np.concatenate([model_in, model_in])
+            noise_pred = unet.run(sample=model_in, timestep=np.array(t, dtype=np.float32),
+                                  encoder_hidden_states=text_embeddings, **extra)[0]
+            if do_cfg:
+                uncond_pred, cond_pred = np.split(noise_pred, 2)
+                noise_pred = uncond_pred + np.float32(guidance) * (cond_pred - uncond_pred)
+            latents = sampler.step(noise_pred, t, latents, noise=step_noise).prev_sample
+            if callback is not None:
+                callback(i, total, latents)
+        if not np.isfinite(latents).all():
+            raise NaNOutputError("nan_output", component="denoiser (unet)", hint=" (try an fp32 bundle)")
+        if output_type == "latent":
+            return PipelineOutput(images=latents, seeds=seeds)
+
+        # 7. Decode one image at a time: peak memory stays that of a single decode.
+        decoder = self.sessions["vae_decoder"]
+        scaled = latents / np.float32(m.vae_scaling_factor)
+        decoded = np.concatenate([decoder.run(latent_sample=scaled[j : j + 1])[0] for j in range(batch)])
+        if not np.isfinite(decoded).all():
+            raise NaNOutputError("nan_output", component="VAE decoder", hint=" (fp16 overflow? use an fp32 decoder)")
+
+        # 8. To [0, 1] images, as diffusers' image processor does.
+        return PipelineOutput(images=latents_to_images(decoded, output_type), seeds=seeds)
+
+
+class _BatchNoise:
+    """Draws step noise per image from that image's own generator, so each image is reproducible alone."""
+
+    def __init__(self, sources):
+        self.sources = sources
+
+    def standard_normal(self, size, dtype=np.float32):
+        if len(set(map(id, self.sources))) == 1:  # one shared (e.g. replayed) source: draw the batch at once
+            return self.sources[0].standard_normal(size, dtype=dtype)
+        return np.stack([src.standard_normal(size[1:], dtype=dtype) for src in self.sources])

@@ -1,0 +1,82 @@
+"""One onnxruntime session per graph, with its inputs checked against what the graph declares.
+
+As Apple's ml-stable-diffusion checks inputs against each Core ML model's description, we check
+names, ranks, fixed dimensions and dtypes before a run, so a mismatch is a clear error, not an
+onnxruntime stack trace.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import BundleError, InputError
+from .manifest import ComponentSpec
+
+_ORT_TO_NUMPY = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32,
+}
+
+
+def physical_cores() -> int:
+    # onnxruntime's own default; spelled out so that benchmarks can report it.
+    try:
+        import psutil  # optional
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:
+        return os.cpu_count() or 1
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or physical_cores()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3  # warnings from ORT about CPU-fallback nodes are logged by us instead
+    return opts
+
+
+class GraphSession:
+    def __init__(self, name: str, path, spec: ComponentSpec, providers: list[str], bundle_path, threads: int | None = None):
+        self.name = name
+        self.spec = spec
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=session_options(threads), providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
+            raise BundleError("graph_unloadable", path=bundle_path, file=path.name, detail=str(exc).splitlines()[0]) from exc
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        declared = {t.name for t in spec.inputs}
+        if declared != set(self.inputs):
+            raise BundleError("graph_mismatch", path=bundle_path, component=name,
+                              detail=f"graph inputs {sorted(self.inputs)} but manifest lists {sorted(declared)}")
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def _check(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = set(self.inputs) - set(feeds)
+        if missing:
+            raise InputError("graph_input", component=self.name, name=sorted(missing)[0], detail="is missing")
+        out = {}
+        for name, value in feeds.items():
+            arg = self.inputs.get(name)
+            if arg is None:
+                raise InputError("graph_input", component=self.name, name=name, detail="is not an input of this graph")
+            value = np.asarray(value)
+            if len(arg.shape) != value.ndim:
+                raise InputError("graph_input", component=self.name, name=name,
+                                 detail=f"has rank {value.ndim}, the graph declares {len(arg.shape)} ({arg.shape})")
+            for axis, (want, got) in enumerate(zip(arg.shape, value.shape)):
+                if isinstance(want, int) and want != got:
+                    raise InputError("graph_input", component=self.name, name=name,
+                                     detail=f"has size {got} on axis {axis}, the graph is fixed at {want}")
+            out[name] = value.astype(_ORT_TO_NUMPY.get(arg.type, value.dtype), copy=False)
+        return out
+
+    def run(self, **feeds) -> list[np.ndarray]:
+        return self.session.run(self.output_names, self._check(feeds))
