@@ -67,20 +67,13 @@ def _save_graph(model, out_dir: Path, name: str) -> dict[str, dict]:
     import onnx
 
     graph_file = f"{name}.onnx"
-    big = model.ByteSize() > EXTERNAL_DATA_THRESHOLD if _fits_protobuf(model) else True
+    # Weight bytes decide (the serialised size can't even be asked for past 2 GB).
+    big = sum(len(t.raw_data) for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
     data_file = f"{name}.onnx.data"
     onnx.save_model(model, str(out_dir / graph_file), save_as_external_data=big, all_tensors_to_one_file=True,
                     location=data_file, size_threshold=1024)
     names = [graph_file] + ([data_file] if big else [])
     return {n: {"size": (out_dir / n).stat().st_size, "sha256": sha256_file(out_dir / n)} for n in names}
-
-
-def _fits_protobuf(model) -> bool:
-    try:
-        model.ByteSize()
-        return True
-    except ValueError:
-        return False
 
 
 def _validate(component, pipe, ctx: ExportContext, graph_path: Path, tolerance: float) -> dict[str, float]:

@@ -1,0 +1,151 @@
+"""The `edgediff` command: a thin layer over the library (as huggingface_hub's CLI is over its API).
+
+Errors print as one line and exit non-zero; set EDGEDIFF_DEBUG=1 for the full traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+import click
+
+from edgediff.runtime.errors import EdgediffError
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(EXIT_ERROR)
+
+
+class _Group(click.Group):
+    """Turns our typed errors (and a few of the environment's) into one line and an exit code."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (EdgediffError, ImportError, OSError, ValueError) as exc:
+            if os.environ.get("EDGEDIFF_DEBUG"):
+                raise
+            if isinstance(exc, ImportError):
+                _fail(f"{exc} (the export commands need `pip install 'edgediff[export]'`)")
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+
+
+@click.group(cls=_Group)
+@click.option("-v", "--verbose", is_flag=True, help="Log provider choice and timings.")
+def cli(verbose: bool) -> None:
+    """edgediff: fast, small, offline text-to-image."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
+    warnings.simplefilter("default")
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
+
+
+@cli.command()
+@click.argument("prompt")
+@click.option("--model", "model", type=click.Path(), default=None, help="Bundle folder (default: the shipped model).")
+@click.option("--steps", type=int, default=None, help="Denoising steps (default: the bundle's).")
+@click.option("--guidance", type=float, default=None, help="Guidance scale (default: the bundle's).")
+@click.option("--seed", type=int, default=None, help="Seed; image i of a batch uses seed + i.")
+@click.option("--width", type=int, default=None)
+@click.option("--height", type=int, default=None)
+@click.option("--negative-prompt", default=None)
+@click.option("--sampler", default=None, help="euler, euler_ancestral, ddim, lcm or tcd (default: the bundle's).")
+@click.option("--num-images", type=int, default=1, show_default=True)
+@click.option("--provider", default="auto", show_default=True, help="auto, cpu, cuda, directml, coreml, openvino, qnn, ...")
+@click.option("--fallback", is_flag=True, help="Fall back to the best available provider instead of failing.")
+@click.option("-o", "--output", default="edgediff.png", show_default=True, type=click.Path(),
+              help="Image file; with --num-images N, files get _0.._N-1 suffixes.")
+def generate(prompt, model, steps, guidance, seed, width, height, negative_prompt, sampler, num_images, provider,
+             fallback, output):
+    """Generate an image from PROMPT."""
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    from edgediff.models.shipped import default_bundle
+    from edgediff.runtime import Pipeline
+    from edgediff.runtime.image import check_writable, save_image
+
+    targets = [Path(output)] if num_images == 1 else [
+        Path(output).with_name(f"{Path(output).stem}_{i}{Path(output).suffix}") for i in range(num_images)]
+    for target in targets:  # fail before minutes of work, not after
+        check_writable(target)
+    pipe = Pipeline.from_bundle(model or default_bundle(), provider=provider, sampler=sampler, fallback=fallback)
+    bar = tqdm(total=steps or pipe.manifest.defaults["steps"], desc="denoising", unit="step")
+    result = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
+                  height=height, width=width, seed=seed, num_images_per_prompt=num_images,
+                  callback=lambda i, total, _: bar.update(1))
+    bar.close()
+    for image, target, image_seed in zip(result.images, targets, result.seeds):
+        save_image(image, target)
+        click.echo(f"{target} (seed {image_seed})")
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--verify/--no-verify", default=True, show_default=True, help="Check every file's sha256.")
+def info(bundle, verify):
+    """Show what a bundle's manifest says: family, sampler, defaults, components, sizes."""
+    from edgediff.runtime import Bundle
+
+    b = Bundle.open(bundle, verify="full" if verify else "size")
+    m = b.manifest
+    click.echo(f"bundle        {b.path}")
+    click.echo(f"family        {m.family} ({m.prediction_type})")
+    click.echo(f"sampler       {m.scheduler['name']} ({m.scheduler['config'].get('timestep_spacing')} spacing)")
+    d = m.defaults
+    click.echo(f"defaults      {d['steps']} steps, guidance {d['guidance']}, {d['width']}x{d['height']}")
+    click.echo(f"source        {m.provenance.get('source', '?')} ({m.provenance.get('date', '?')})")
+    for name, comp in m.components.items():
+        shapes = ", ".join(f"{t.name}{list(t.shape)}:{t.dtype}" for t in comp.inputs)
+        click.echo(f"{name:<14}{comp.precision:<6}{comp.size / 2**20:9.1f} MiB  {shapes}")
+    click.echo(f"total         {b.size_on_disk / 2**20:.1f} MiB on disk" + ("; checksums ok" if verify else ""))
+
+
+@cli.command()
+def providers():
+    """List the execution providers onnxruntime offers on this machine, and what `auto` picks."""
+    import onnxruntime as ort
+
+    from edgediff.runtime import providers as prov
+
+    have = prov.available()
+    auto = prov.resolve("auto")[0]
+    click.echo(f"onnxruntime {ort.__version__} ({ort.get_device()})")
+    for short, full in prov.PROVIDERS.items():
+        mark = "available" if short in have else "-"
+        click.echo(f"{short:<10}{full:<28}{mark}{'  <- auto' if full == auto else ''}")
+
+
+@cli.command()
+@click.argument("source")
+@click.argument("out", type=click.Path())
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--height", type=int, default=None, help="Default height recorded in the bundle (and checked at).")
+@click.option("--width", type=int, default=None)
+@click.option("--family", default=None, help="Override family detection (see models/registry.py).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT once the new bundle is complete.")
+def export(source, out, precision, height, width, family, overwrite):
+    """Export a diffusers model (folder or hub id) SOURCE into a bundle at OUT."""
+    from edgediff.export import export_bundle
+
+    path = export_bundle(source, out, precision=precision, height=height, width=width, family=family,
+                         overwrite=overwrite)
+    click.echo(str(path))
+
+
+def main() -> None:
+    cli(prog_name="edgediff")
+
+
+if __name__ == "__main__":
+    main()

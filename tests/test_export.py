@@ -1,0 +1,130 @@
+"""Export: the bundle it writes, its checks against PyTorch, and atomicity when it fails."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("optimum")
+
+from tiny_models import tiny_bundle, tiny_source  # noqa: E402
+
+from edgediff.export import bundle_writer, export_bundle  # noqa: E402
+from edgediff.runtime import Bundle, SCHEMA_VERSION  # noqa: E402
+from edgediff.runtime.errors import ExportError, ExportValidationError  # noqa: E402
+
+
+def _leftovers(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+@pytest.mark.parametrize("arch,family,sampler,embedding", [
+    ("tiny-sd1", "sd1", "euler", None),
+    ("tiny-sd2-v", "sd2-v", "ddim", None),
+    ("tiny-sd-turbo", "sd-turbo", "euler", None),
+    ("tiny-lcm", "lcm-sd1", "lcm", 16),
+])
+def test_manifest_describes_the_bundle(models_root, arch, family, sampler, embedding):
+    bundle = Bundle.open(tiny_bundle(arch, models_root))  # full checksum verification
+    m = bundle.manifest
+    assert m.schema_version == SCHEMA_VERSION
+    assert (m.family, m.scheduler["name"], m.guidance_embedding_dim) == (family, sampler, embedding)
+    assert m.prediction_type == ("v_prediction" if arch == "tiny-sd2-v" else "epsilon")
+    if family == "sd-turbo":
+        assert m.scheduler["config"]["timestep_spacing"] == "trailing" and m.defaults["steps"] == 1
+    assert m.defaults["height"] == m.defaults["width"] == 64
+    assert m.tokenizer["max_length"] == 77
+    assert m.provenance["versions"]["torch"] and m.provenance["versions"]["onnx"] and m.provenance["date"]
+    unet_inputs = {t.name for t in m.components["unet"].inputs}
+    assert unet_inputs == {"sample", "timestep", "encoder_hidden_states"} | ({"timestep_cond"} if embedding else set())
+    for spec in m.components.values():
+        assert spec.precision == "fp32"
+        for name, meta in spec.files.items():
+            assert (bundle.path / name).stat().st_size == meta["size"]
+    checks = m.provenance["export_check"]["max_rel_diff"]
+    assert set(checks) == {"text_encoder", "unet", "vae_decoder"}
+    assert all(d <= bundle_writer.TOLERANCES["fp32"] for comp in checks.values() for d in comp.values())
+
+
+def test_fp16_export_keeps_the_vae_in_fp32_and_stays_close(models_root):
+    from edgediff.runtime import Pipeline
+
+    fp16 = Bundle.open(tiny_bundle("tiny-sd1", models_root, precision="fp16"))
+    precisions = {k: v.precision for k, v in fp16.manifest.components.items()}
+    assert precisions == {"text_encoder": "fp16", "unet": "fp16", "vae_decoder": "fp32"}
+    # most UNet weights are stored in half precision (norms and resize constants stay fp32)
+    import onnx
+
+    params = {1: 0, 10: 0}
+    for init in onnx.load(str(fp16.component_path("unet"))).graph.initializer:
+        if init.data_type in params:
+            params[init.data_type] += int(np.prod(init.dims))
+    assert params[10] > 4 * params[1]
+    fp32 = Bundle.open(tiny_bundle("tiny-sd1", models_root))
+    a = Pipeline(fp16)("a red circle", num_inference_steps=2, seed=3, output_type="np").images
+    b = Pipeline(fp32)("a red circle", num_inference_steps=2, seed=3, output_type="np").images
+    assert np.isfinite(a).all() and np.abs(a - b).max() < 0.05
+
+
+def test_existing_output_is_refused(models_root, tmp_path):
+    out = tmp_path / "bundle"
+    out.mkdir()
+    with pytest.raises(ExportError, match="already exists"):
+        export_bundle(str(tiny_source("tiny-sd1", models_root)), out, progress=False)
+
+
+def test_missing_source_is_a_clear_error(tmp_path):
+    with pytest.raises(ExportError, match="cannot load a diffusers model from"):
+        export_bundle(str(tmp_path / "nope"), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def _break_unet_check(monkeypatch):
+    """The PyTorch side now disagrees with the graph, as a faulty export would."""
+    def shifted(pipe, x, _orig=bundle_writer.COMPONENTS[1].torch_call):
+        return [y + 1.0 for y in _orig(pipe, x)]
+
+    broken = tuple(dataclasses.replace(c, torch_call=shifted) if c.name == "unet" else c for c in bundle_writer.COMPONENTS)
+    monkeypatch.setattr(bundle_writer, "COMPONENTS", broken)
+
+
+def test_failed_check_leaves_nothing(models_root, tmp_path, monkeypatch):
+    _break_unet_check(monkeypatch)
+    out = tmp_path / "bundle"
+    with pytest.raises(ExportValidationError, match=r"unet: .*out_sample: max \|diff\|") as err:
+        export_bundle(str(tiny_source("tiny-sd1", models_root)), out, progress=False)
+    assert err.value.diffs["out_sample"][0] > err.value.diffs["out_sample"][1]
+    assert not out.exists() and _leftovers(tmp_path) == []
+
+
+def test_failed_overwrite_keeps_the_old_bundle(models_root, tmp_path, monkeypatch):
+    out = tmp_path / "bundle"
+    export_bundle(str(tiny_source("tiny-sd1", models_root)), out, progress=False)
+    before = (out / "manifest.json").read_text()
+    _break_unet_check(monkeypatch)
+    with pytest.raises(ExportValidationError):
+        export_bundle(str(tiny_source("tiny-sd1", models_root)), out, overwrite=True, progress=False)
+    assert (out / "manifest.json").read_text() == before and _leftovers(tmp_path) == []
+    Bundle.open(out)
+
+
+def test_interrupted_export_leaves_nothing(models_root, tmp_path, monkeypatch):
+    real = bundle_writer._save_graph
+
+    def interrupt(model, out_dir, name):
+        if name == "unet":
+            raise KeyboardInterrupt
+        return real(model, out_dir, name)
+
+    monkeypatch.setattr(bundle_writer, "_save_graph", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        export_bundle(str(tiny_source("tiny-sd1", models_root)), tmp_path / "bundle", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_manifest_is_plain_json(models_root):
+    raw = json.loads((tiny_bundle("tiny-lcm", models_root) / "manifest.json").read_text())
+    assert raw["scheduler"]["config"]["original_inference_steps"] == 50
+    assert raw["components"]["unet"]["files"]["unet.onnx"]["sha256"]
