@@ -133,13 +133,15 @@ def providers():
 @click.option("--height", type=int, default=None, help="Default height recorded in the bundle (and checked at).")
 @click.option("--width", type=int, default=None)
 @click.option("--family", default=None, help="Override family detection (see models/registry.py).")
+@click.option("--default-steps", type=int, default=None, help="Steps the bundle defaults to (default: the family's).")
+@click.option("--default-guidance", type=float, default=None, help="Guidance the bundle defaults to (default: the family's).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT once the new bundle is complete.")
-def export(source, out, precision, height, width, family, overwrite):
+def export(source, out, precision, height, width, family, default_steps, default_guidance, overwrite):
     """Export a diffusers model (folder or hub id) SOURCE into a bundle at OUT."""
     from edgediff.export import export_bundle
 
     path = export_bundle(source, out, precision=precision, height=height, width=width, family=family,
-                         overwrite=overwrite)
+                         overwrite=overwrite, default_steps=default_steps, default_guidance=default_guidance)
     click.echo(str(path))
 
 

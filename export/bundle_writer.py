@@ -102,7 +102,8 @@ def _validate(component, pipe, ctx: ExportContext, graph_path: Path, tolerance: 
 
 def export_bundle(source: str, out: str | Path, precision: str = "fp32", height: int | None = None,
                   width: int | None = None, family: str | None = None, overwrite: bool = False,
-                  progress: bool = True) -> Path:
+                  progress: bool = True, default_steps: int | None = None,
+                  default_guidance: float | None = None) -> Path:
     """Exports `source` (diffusers folder or hub id) into a bundle folder at `out`; returns `out`.
 
     Atomic: everything is built in a temporary folder beside `out` and renamed at the end; on any
@@ -113,6 +114,8 @@ def export_bundle(source: str, out: str | Path, precision: str = "fp32", height:
     from tqdm.auto import tqdm
     import onnx
 
+    if default_steps is not None and default_steps < 1:
+        raise ValueError(f"default steps must be >= 1, got {default_steps}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     out = Path(out)
@@ -167,7 +170,9 @@ def export_bundle(source: str, out: str | Path, precision: str = "fp32", height:
             family=fam.name,
             prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
             scheduler=_resolve_scheduler(pipe, fam),
-            defaults={"steps": fam.default_steps, "guidance": fam.default_guidance, "height": default_h, "width": default_w},
+            defaults={"steps": default_steps or fam.default_steps,
+                      "guidance": fam.default_guidance if default_guidance is None else default_guidance,
+                      "height": default_h, "width": default_w},
             latent_channels=ctx.latent_channels,
             vae_scaling_factor=float(pipe.vae.config.scaling_factor),
             vae_scale_factor=vae_scale,
@@ -203,7 +208,9 @@ def _quiet_tracing() -> None:
 
 def _commit(staging: Path, out: Path) -> None:
     """Moves the finished bundle into place; an old bundle is replaced only once the new one is whole."""
-    staging.chmod(0o755)  # mkdtemp makes it private; a bundle is shared data
+    staging.chmod(0o755)  # mkdtemp (and onnx's external-data writer) make files private; a bundle is shared data
+    for f in staging.iterdir():
+        f.chmod(0o644)
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")

@@ -7,7 +7,8 @@ the bundle manifest's defaults.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -34,6 +35,8 @@ StepCallback = Callable[[int, int, np.ndarray], None]
 class PipelineOutput:
     images: list  # PIL images, or a float array (B, H, W, 3) in [0, 1] for output_type="np", or latents
     seeds: list[int | None]  # the seed of each image, to reproduce it alone
+    # seconds per stage: tokenize, text_encoder, unet (one entry per call), vae_decoder, total
+    timings: dict = field(default_factory=dict)
 
 
 def guidance_embedding(w: np.ndarray, dim: int) -> np.ndarray:
@@ -70,9 +73,15 @@ class Pipeline:
                     verify: str = "full", fallback: bool = False, threads: int | None = None) -> "Pipeline":
         return cls(Bundle.open(path, verify=verify), provider=provider, sampler=sampler, fallback=fallback, threads=threads)
 
-    def encode_prompt(self, prompts: list[str]) -> np.ndarray:
+    def encode_prompt(self, prompts: list[str], timings: dict | None = None) -> np.ndarray:
+        timings = {} if timings is None else timings
+        t0 = time.perf_counter()
         ids = self.tokenizer(prompts)
-        return self.sessions["text_encoder"].run(input_ids=ids)[0].astype(np.float32)
+        t1 = time.perf_counter()
+        out = self.sessions["text_encoder"].run(input_ids=ids)[0].astype(np.float32)
+        timings["tokenize"] = timings.get("tokenize", 0.0) + t1 - t0
+        timings["text_encoder"] = timings.get("text_encoder", 0.0) + time.perf_counter() - t1
+        return out
 
     def _check_args(self, height, width, steps, batch):
         multiple = max(SIZE_MULTIPLE, self.manifest.vae_scale_factor)
@@ -100,6 +109,8 @@ class Pipeline:
         generator=None,
     ) -> PipelineOutput:
         m = self.manifest
+        start = time.perf_counter()
+        timings: dict = {"unet": []}
         # 1. Resolve defaults from the manifest and check the arguments.
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         steps = m.defaults["steps"] if num_inference_steps is None else num_inference_steps
@@ -114,13 +125,13 @@ class Pipeline:
         do_cfg = guidance > 1.0 and not embedded_guidance
 
         # 2. Encode the prompts; with classifier-free guidance, the negative prompts go first in one batch.
-        cond = np.repeat(self.encode_prompt(prompts), num_images_per_prompt, axis=0)
+        cond = np.repeat(self.encode_prompt(prompts, timings), num_images_per_prompt, axis=0)
         if do_cfg:
             negatives = [""] * len(prompts) if negative_prompt is None else (
                 [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt))
             if len(negatives) != len(prompts):
                 raise InputError("batch", what="negative prompts (one per prompt)", value=len(negatives))
-            uncond = np.repeat(self.encode_prompt(negatives), num_images_per_prompt, axis=0)
+            uncond = np.repeat(self.encode_prompt(negatives, timings), num_images_per_prompt, axis=0)
             text_embeddings = np.concatenate([uncond, cond])
         else:
             text_embeddings = cond
@@ -158,8 +169,10 @@ class Pipeline:
             model_in = sampler.scale_model_input(latents, t)
             if do_cfg:
                 model_in = np.concatenate([model_in, model_in])
+            t0 = time.perf_counter()
             noise_pred = unet.run(sample=model_in, timestep=np.array(t, dtype=np.float32),
                                   encoder_hidden_states=text_embeddings, **extra)[0]
+            timings["unet"].append(time.perf_counter() - t0)
             if do_cfg:
                 uncond_pred, cond_pred = np.split(noise_pred, 2)
                 noise_pred = uncond_pred + np.float32(guidance) * (cond_pred - uncond_pred)
@@ -169,17 +182,22 @@ class Pipeline:
         if not np.isfinite(latents).all():
             raise NaNOutputError("nan_output", component="denoiser (unet)", hint=" (try an fp32 bundle)")
         if output_type == "latent":
-            return PipelineOutput(images=latents, seeds=seeds)
+            timings["total"] = time.perf_counter() - start
+            return PipelineOutput(images=latents, seeds=seeds, timings=timings)
 
         # 7. Decode one image at a time: peak memory stays that of a single decode.
         decoder = self.sessions["vae_decoder"]
         scaled = latents / np.float32(m.vae_scaling_factor)
+        t0 = time.perf_counter()
         decoded = np.concatenate([decoder.run(latent_sample=scaled[j : j + 1])[0] for j in range(batch)])
+        timings["vae_decoder"] = time.perf_counter() - t0
         if not np.isfinite(decoded).all():
             raise NaNOutputError("nan_output", component="VAE decoder", hint=" (fp16 overflow? use an fp32 decoder)")
 
         # 8. To [0, 1] images, as diffusers' image processor does.
-        return PipelineOutput(images=latents_to_images(decoded, output_type), seeds=seeds)
+        images = latents_to_images(decoded, output_type)
+        timings["total"] = time.perf_counter() - start
+        return PipelineOutput(images=images, seeds=seeds, timings=timings)
 
 
 class _BatchNoise:

@@ -1,0 +1,67 @@
+"""Configuration of the model that ships with edgediff (nanoGPT-style: each field with its reason).
+
+A standard diffusers Stable Diffusion layout, scaled to the coloured-shapes domain so that the
+whole recipe (VAE, teacher, LCM distillation, tiny decoder) trains in about 3 hours on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .shapes import COLOURS, POSITIONS, SHAPES, SIZES
+
+# Every word of the domain is one token; anything else falls back to byte tokens.
+VOCABULARY = ["a", "at", "the", "on", "background", *COLOURS, *SHAPES, *SIZES, *POSITIONS]
+
+
+@dataclass
+class ShippedConfig:
+    image_size: int = 64  # the domain's images; small enough for CPU training and 50 ms inference
+    max_length: int = 16  # the longest caption is 13 tokens with BOS/EOS; 77 would only cost attention time
+    # --- VAE (AutoencoderKL) ---
+    vae_channels: tuple = (16, 32, 64)  # three levels: downsampling by 4, a 16x16x4 latent; 16 wide at 64x64 keeps it fast
+    vae_layers_per_block: int = 1  # flat colours need little depth
+    vae_kl_weight: float = 1e-6  # as SD's VAE: a nearly deterministic latent, just regularised
+    vae_steps: int = 1500  # flat colours: reconstruction plateaus early (0.31 s/step on 2 cores)
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    # --- text encoder (CLIPTextModel), trained jointly with the teacher ---
+    text_hidden: int = 64  # a vocabulary of ~25 words needs no more
+    text_layers: int = 2  # binding "red" to "circle" vs "background" needs context: two layers
+    text_heads: int = 4
+    # --- UNet (UNet2DConditionModel) ---
+    unet_channels: tuple = (32, 64, 128)  # 16x16 (no attention) -> 8x8 -> 4x4 (cross-attention); 4.1 M parameters
+    unet_attention_head_dim: int = 8
+    unet_layers_per_block: int = 1
+    teacher_steps: int = 5000  # 0.54 s/step at batch 64 on 2 cores: ~45 min
+    teacher_batch: int = 64
+    teacher_lr: float = 6e-4
+    cfg_dropout: float = 0.1  # classifier-free guidance: the empty prompt this often
+    caption_omit: float = 0.3  # size/position left out of the caption this often (then drawn at random)
+    # --- LCM distillation (Luo et al. 2023, Algorithm 1) ---
+    guidance_embedding_dim: int = 64  # time_cond_proj_dim: w enters as a sinusoidal embedding
+    distill_steps: int = 2000  # ~2x a teacher step per sample (teacher, student, target): ~20 min
+    distill_batch: int = 32
+    distill_lr: float = 1e-4
+    guidance_range: tuple = (1.0, 6.0)  # w sampled here (guidance_scale = w + 1 at inference)
+    skip_steps: int = 20  # k: the teacher's DDIM jump = 1000 / original_inference_steps (50)
+    ema_decay: float = 0.95  # target network, as LCM
+    # --- tiny decoder (AutoencoderTiny-style) ---
+    tiny_channels: tuple = (32, 32, 32)
+    tiny_steps: int = 1500
+    tiny_batch: int = 16
+    tiny_lr: float = 1e-3
+    # --- data ---
+    train_images: int = 40000  # rendered once, encoded once; seeds below 10**6 are training seeds
+    seed: int = 0
+    default_guidance: float = 4.0  # guidance_scale the bundle defaults to (w = 3)
+    scheduler: dict = field(default_factory=lambda: {  # SD's training schedule
+        "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+        "prediction_type": "epsilon", "clip_sample": False, "set_alpha_to_one": True, "steps_offset": 1,
+        "original_inference_steps": 50, "timestep_scaling": 10.0, "timestep_spacing": "leading"})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+EVAL_SEED = 10**6 + 7  # checker prompts come from seeds the training never used
