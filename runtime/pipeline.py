@@ -59,8 +59,7 @@ class Pipeline:
         self.providers = resolve(provider, fallback=fallback)
         self.sampler_name = sampler or m.scheduler["name"]
         if self.sampler_name not in SAMPLERS:
-            raise InputError("graph_input", component="pipeline", name="sampler",
-                             detail=f"{self.sampler_name!r} is unknown; choose from {', '.join(SAMPLERS)}")
+            raise InputError("sampler_unknown", name=self.sampler_name, available=", ".join(SAMPLERS))
         self.tokenizer = PromptTokenizer(bundle.tokenizer_path, m.tokenizer["max_length"], m.tokenizer["pad_id"])
         self.sessions = {
             name: GraphSession(name, bundle.component_path(name), m.components[name], self.providers, bundle.path, threads)

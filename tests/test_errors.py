@@ -130,6 +130,11 @@ def test_external_data_outside_the_bundle_is_refused(bundle, tmp_path):
         Pipeline.from_bundle(bundle)
 
 
+def test_unknown_sampler(bundle):
+    with pytest.raises(InputError, match="unknown sampler 'pndm'"):
+        Pipeline.from_bundle(bundle, sampler="pndm")
+
+
 def test_unknown_provider(bundle):
     with pytest.raises(ProviderError, match="unknown provider 'warp-drive'"):
         Pipeline.from_bundle(bundle, provider="warp-drive")

@@ -81,6 +81,14 @@ def test_missing_source_is_a_clear_error(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache: nothing to fall back on
+    with pytest.raises(ExportError, match="cannot load a diffusers model from 'stabilityai/sd-turbo'"):
+        export_bundle("stabilityai/sd-turbo", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def _break_unet_check(monkeypatch):
     """The PyTorch side now disagrees with the graph, as a faulty export would."""
     def shifted(pipe, x, _orig=bundle_writer.COMPONENTS[1].torch_call):

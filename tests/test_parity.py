@@ -64,7 +64,7 @@ def test_runtime_matches_diffusers(models_root, monkeypatch, arch, sampler, step
              m.defaults["width"] // m.vae_scale_factor)
     rng = np.random.default_rng(steps)
     latents = rng.standard_normal(shape).astype(np.float32)
-    noises = [rng.standard_normal(shape).astype(np.float32) for _ in range(steps)] if SAMPLERS[sampler].stochastic or sampler == "tcd" else []
+    noises = [rng.standard_normal(shape).astype(np.float32) for _ in range(steps)] if SAMPLERS[sampler].stochastic else []
 
     ours = pipe(PROMPTS, num_inference_steps=steps, guidance_scale=guidance, latents=latents, output_type="np",
                 generator=ReplayNoise(noises)).images

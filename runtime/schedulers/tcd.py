@@ -15,6 +15,7 @@ from .schedule import discrete_distilled_timesteps
 
 class TCDSampler(Sampler):
     name = "tcd"
+    stochastic = True  # with the default eta; eta = 0 makes it deterministic
 
     def __init__(self, config, eta: float = 0.3):
         super().__init__(config)
