@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 import sys
 import warnings
 
@@ -80,11 +81,17 @@ def generate(prompt, model, steps, guidance, seed, width, height, negative_promp
     for target in targets:  # fail before minutes of work, not after
         check_writable(target)
     pipe = Pipeline.from_bundle(model or default_bundle(), provider=provider, sampler=sampler, fallback=fallback)
-    bar = tqdm(total=steps or pipe.manifest.defaults["steps"], desc="denoising", unit="step")
+    bars = []  # created at the first step, so that argument errors print without a bar
+
+    def progress(i, total, _latents):
+        if not bars:
+            bars.append(tqdm(total=total, desc="denoising", unit="step"))
+        bars[0].update(1)
+
     result = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
-                  height=height, width=width, seed=seed, num_images_per_prompt=num_images,
-                  callback=lambda i, total, _: bar.update(1))
-    bar.close()
+                  height=height, width=width, seed=seed, num_images_per_prompt=num_images, callback=progress)
+    for bar in bars:
+        bar.close()
     for image, target, image_seed in zip(result.images, targets, result.seeds):
         save_image(image, target)
         click.echo(f"{target} (seed {image_seed})")
@@ -143,6 +150,56 @@ def export(source, out, precision, height, width, family, default_steps, default
     path = export_bundle(source, out, precision=precision, height=height, width=width, family=family,
                          overwrite=overwrite, default_steps=default_steps, default_guidance=default_guidance)
     click.echo(str(path))
+
+
+def _csv_ints(value: str | None) -> list:
+    return [int(v) for v in value.split(",")] if value else []
+
+
+@cli.group(invoke_without_command=True)
+@click.option("--model", "models", multiple=True, type=click.Path(), help="Bundle to measure (repeatable).")
+@click.option("--provider", "providers", multiple=True, help="Execution provider (repeatable; default auto).")
+@click.option("--steps", default="1", show_default=True, help="Comma-separated step counts.")
+@click.option("--size", default=None, help="Comma-separated square sizes (default: each bundle's).")
+@click.option("--repeat", type=int, default=3, show_default=True, help="Warm runs per process.")
+@click.option("--warmup", type=int, default=1, show_default=True, help="Warm-up runs per process.")
+@click.option("--rounds", type=int, default=2, show_default=True, help="Fresh processes per system, interleaved.")
+@click.option("--compare", default="", help="Peers: diffusers,optimum (need --source).")
+@click.option("--source", type=click.Path(), default=None, help="The diffusers folder the bundle came from.")
+@click.option("--threads", type=int, default=None, help="Intra-op threads (default: physical cores).")
+@click.option("--out", type=click.Path(), default="bench-out", show_default=True)
+@click.pass_context
+def bench(ctx, models, providers, steps, size, repeat, warmup, rounds, compare, source, threads, out):
+    """Measure seconds per image per stage, cold and warm, with memory; `bench merge` joins machines."""
+    if ctx.invoked_subcommand:
+        return
+    from edgediff.benchmarks.harness import BenchConfig, run_bench
+    from edgediff.benchmarks.report import write_outputs
+    from edgediff.models.shipped import default_bundle
+
+    if min(repeat, rounds) < 1 or warmup < 0:
+        raise click.UsageError("--repeat and --rounds must be >= 1, --warmup >= 0")
+    cfg = BenchConfig(bundles=list(models) or [str(default_bundle())], providers=list(providers) or ["auto"],
+                      steps=_csv_ints(steps), sizes=_csv_ints(size) or [None], repeat=repeat, warmup=warmup,
+                      rounds=rounds, compare=[c for c in compare.split(",") if c], source=source, threads=threads,
+                      out=out)
+    data = run_bench(cfg)
+    for note in data["notes"]:
+        click.echo(f"note: {note}", err=True)
+    for path in write_outputs(data, Path(out)):
+        click.echo(str(path))
+
+
+@bench.command("merge")
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--out", type=click.Path(), default="bench-merged", show_default=True)
+def bench_merge(files, out):
+    """Combine results.json FILES from several machines into one table."""
+    from edgediff.benchmarks.harness import merge
+    from edgediff.benchmarks.report import write_outputs
+
+    for path in write_outputs(merge(list(files)), Path(out)):
+        click.echo(str(path))
 
 
 def main() -> None:

@@ -1,0 +1,193 @@
+"""`edgediff bench`: seconds per image across bundles, providers, steps and sizes, per stage, with peers.
+
+Each system runs in its own fresh process (its memory is its own), interleaved A B A B over
+`rounds`; results go to results.json (schema: results.schema.json), results.md and chart.png.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import statistics
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+RESULTS_SCHEMA_VERSION = 1
+PEERS = ("diffusers", "optimum")
+STAGES = ("text_encoder", "unet", "vae_decoder")
+# What a stage-sum may miss of the whole image (tokenising, sampler arithmetic, post-processing).
+STAGE_SUM_MARGIN = 0.10
+
+
+@dataclass
+class BenchConfig:
+    bundles: list[str]
+    providers: list[str] = field(default_factory=lambda: ["auto"])
+    steps: list[int] = field(default_factory=lambda: [1])
+    sizes: list[int | None] = field(default_factory=lambda: [None])  # None: the bundle's default size
+    repeat: int = 3  # warm runs per process
+    warmup: int = 1  # warm-up runs per process, after the first (cold) image
+    rounds: int = 2  # fresh processes per system, interleaved A B A B
+    compare: list[str] = field(default_factory=list)  # peers: diffusers, optimum
+    source: str | None = None  # the diffusers folder the bundle came from (for peers)
+    threads: int | None = None  # intra-op threads (default: physical cores)
+    out: str = "bench-out"
+
+
+def _worker(system: str, args: dict) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "edgediff.benchmarks.workers", system, json.dumps(args)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
+        raise RuntimeError(f"{system} worker failed: {tail[0]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def peer_available(peer: str) -> str | None:
+    """None when the peer can run here, else why not (the report says it and skips the peer)."""
+    import importlib.util
+
+    needs = {"diffusers": ["torch", "diffusers"], "optimum": ["optimum.onnxruntime", "diffusers"]}[peer]
+    for module in needs:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            return f"{peer} skipped: {module} is not installed (pip install 'edgediff[export]')"
+    return None
+
+
+def summarise(values: list[float]) -> dict:
+    ordered = sorted(values)
+    p90 = ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
+    return {"median": statistics.median(ordered), "p90": p90, "min": ordered[0], "max": ordered[-1], "n": len(ordered)}
+
+
+def _aggregate(system: str, procs: list[dict]) -> dict:
+    runs = [r for p in procs for r in p["runs"]]
+    stages = {s: summarise([r[s] for r in runs]) for s in ("tokenize", *STAGES, "total")}
+    stages["unet_call"] = summarise([c for r in runs for c in r["unet_calls"]])
+    rss = [p["peak_rss_bytes"] for p in procs if p.get("peak_rss_bytes")]
+    return {
+        "system": system, "stages": stages,
+        "cold": {"load_s": summarise([p["load_s"] for p in procs]),
+                 "first_image_s": summarise([p["first_image_s"] for p in procs])},
+        "peak_rss_bytes": max(rss) if rss else None, "processes": len(procs),
+        "providers": procs[0].get("providers"),
+    }
+
+
+def _graph_macs(bundle, size: int, guidance_batch: int) -> dict | None:
+    """MACs per stage call at this size, counted from the bundle's graphs (needs the onnx package)."""
+    try:
+        from .macs import count_macs
+    except ImportError:
+        return None
+    m = bundle.manifest
+    lat = size // m.vae_scale_factor
+    seq = m.tokenizer["max_length"]
+    shapes = {
+        "text_encoder": {"input_ids": (1, seq)},
+        "unet": {"sample": (guidance_batch, m.latent_channels, lat, lat), "timestep": (),
+                 "encoder_hidden_states": (guidance_batch, seq, _hidden(m)), "timestep_cond": (guidance_batch, m.guidance_embedding_dim or 0)},
+        "vae_decoder": {"latent_sample": (1, m.latent_channels, lat, lat)},
+    }
+    try:
+        return {name: count_macs(bundle.component_path(name), shapes[name])["total"] for name in STAGES}
+    except ImportError:
+        return None
+
+
+def _hidden(manifest) -> int:
+    spec = next(t for t in manifest.components["unet"].inputs if t.name == "encoder_hidden_states")
+    return int(spec.shape[-1])
+
+
+def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
+    from tqdm.auto import tqdm
+
+    from edgediff.runtime import Bundle
+    from edgediff.runtime.session import physical_cores
+
+    from .machine import describe
+    from .peak import matmul_peak
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    threads = cfg.threads or physical_cores()
+    notes, peers = [], []
+    for peer in cfg.compare:
+        if peer not in PEERS:
+            raise ValueError(f"unknown peer {peer!r}; choose from {', '.join(PEERS)}")
+        why = peer_available(peer) or (None if cfg.source else f"{peer} skipped: --source (the diffusers folder) not given")
+        (notes.append(why) if why else peers.append(peer))
+    try:
+        peak = matmul_peak(threads)
+    except ImportError:  # building the one-node graph needs onnx
+        peak = None
+        notes.append("peak MatMul rate not measured: the onnx package is not installed")
+    bundles = [Bundle.open(b, verify="size") for b in cfg.bundles]
+    configs = [(b, p, st, sz or b.manifest.defaults["height"])
+               for b in bundles for p in cfg.providers for st in cfg.steps for sz in cfg.sizes]
+    optimum_dirs = {}
+    if "optimum" in peers:
+        digest = hashlib.sha256(str(Path(cfg.source).resolve()).encode()).hexdigest()[:10]
+        optimum_dir = out / f"optimum-export-{digest}"
+        if not (optimum_dir / "model_index.json").exists():
+            _worker("prepare-optimum", {"source": cfg.source, "optimum_dir": str(optimum_dir)})
+        optimum_dirs[cfg.source] = str(optimum_dir)
+
+    results = []
+    systems_per_config = 1 + len(peers)
+    bar = tqdm(total=len(configs) * systems_per_config * cfg.rounds, desc="bench", unit="process", disable=not progress)
+    for bundle, provider, steps, size in configs:
+        args = {"bundle": str(bundle.path), "provider": provider, "steps": steps, "size": size, "repeat": cfg.repeat,
+                "warmup": cfg.warmup, "threads": threads, "source": cfg.source,
+                "optimum_dir": optimum_dirs.get(cfg.source)}
+        procs: dict[str, list[dict]] = {s: [] for s in ("edgediff", *peers)}
+        for _ in range(cfg.rounds):  # A B A B: drift hits every system alike
+            for system in procs:
+                bar.set_postfix_str(f"{bundle.path.name} {provider} {steps} step {size}px {system}")
+                procs[system].append(_worker(system, args))
+                bar.update()
+        m = bundle.manifest
+        cfg_batch = 2 if (m.defaults["guidance"] > 1 and m.guidance_embedding_dim is None) else 1
+        macs = _graph_macs(bundle, size, cfg_batch)
+        rows = [_aggregate(s, p) for s, p in procs.items()]
+        if macs:
+            ours = rows[0]["stages"]
+            rows[0]["achieved"] = {
+                s: {"macs": macs[s], "macs_per_second": macs[s] / ours["unet_call" if s == "unet" else s]["median"],
+                    "fraction_of_peak": (macs[s] / ours["unet_call" if s == "unet" else s]["median"] / peak["macs_per_second"]) if peak else None}
+                for s in STAGES}
+        results.append({"bundle": str(bundle.path), "family": m.family,
+                        "precision": sorted({c.precision for c in m.components.values()}),
+                        "bundle_bytes": bundle.size_on_disk, "provider": provider, "steps": steps, "size": size,
+                        "guidance": m.defaults["guidance"], "systems": rows})
+    bar.close()
+    return {
+        "schema_version": RESULTS_SCHEMA_VERSION,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": describe(), "threads": threads, "peak": peak, "config": asdict(cfg),
+        "notes": notes, "results": results,
+    }
+
+
+def merge(files: list[str]) -> dict:
+    """Several machines' results.json in one: every row keeps its machine."""
+    merged = {"schema_version": RESULTS_SCHEMA_VERSION, "merged_from": [], "results": [], "notes": []}
+    for name in files:
+        data = json.loads(Path(name).read_text())
+        if data.get("schema_version", 0) > RESULTS_SCHEMA_VERSION:
+            raise ValueError(f"{name}: results schema {data.get('schema_version')} is newer than this edgediff")
+        rows = data.get("results", [])
+        sources = data.get("merged_from") or [{"file": name, "machine": data["machine"], "date": data["date"]}]
+        merged["merged_from"].extend(sources)
+        for row in rows:
+            merged["results"].append({**row, "machine": row.get("machine", data.get("machine"))})
+        merged["notes"].extend(data.get("notes", []))
+    return merged

@@ -1,0 +1,164 @@
+"""One benchmark worker per process: loads one system, times cold start, then warm images per stage.
+
+Run as `python -m edgediff.benchmarks.workers SYSTEM JSON_ARGS`; prints one JSON line. Every system
+gets the same prompt, size, steps, guidance, sampler settings and initial latents.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+
+import numpy as np
+
+PROMPT = "a large red circle on a blue background"
+
+
+def peak_rss_bytes() -> int | None:
+    try:
+        import resource
+    except ImportError:  # Windows
+        try:
+            import psutil
+
+            return psutil.Process().memory_info().peak_wset
+        except (ImportError, AttributeError):
+            return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
+
+
+def _latents(manifest, size: int, seed: int) -> np.ndarray:
+    h = size // manifest.vae_scale_factor
+    return np.random.default_rng(seed).standard_normal((1, manifest.latent_channels, h, h)).astype(np.float32)
+
+
+def _run_stats(runs: list[dict]) -> list[dict]:
+    return [{"tokenize": r.get("tokenize", 0.0), "text_encoder": r["text_encoder"], "unet_calls": r["unet"],
+             "unet": sum(r["unet"]), "vae_decoder": r["vae_decoder"], "total": r["total"]} for r in runs]
+
+
+def edgediff(a: dict) -> dict:
+    t0 = time.perf_counter()
+    from edgediff.runtime import Pipeline
+
+    pipe = Pipeline.from_bundle(a["bundle"], provider=a["provider"], threads=a["threads"], verify="size")
+    load = time.perf_counter() - t0
+    runs = []
+    for i in range(a["warmup"] + a["repeat"] + 1):
+        out = pipe(PROMPT, num_inference_steps=a["steps"], height=a["size"], width=a["size"],
+                   latents=_latents(pipe.manifest, a["size"], i), seed=i, output_type="np")
+        runs.append(dict(out.timings))
+    return {"load_s": load, "first_image_s": runs[0]["total"], "runs": _run_stats(runs[1 + a["warmup"]:]),
+            "providers": pipe.sessions["unet"].providers}
+
+
+class _Timer:
+    def __init__(self):
+        self.marks: dict[str, list[float]] = {}
+
+    def wrap(self, name, fn):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self.marks.setdefault(name, []).append(time.perf_counter() - start)
+            return out
+        return timed
+
+
+def _reference_runs(pipe, timer, manifest, a, torch_mode: bool) -> list[dict]:
+    runs = []
+    for i in range(a["warmup"] + a["repeat"] + 1):
+        timer.marks.clear()
+        latents = _latents(manifest, a["size"], i)
+        if torch_mode:
+            import torch
+
+            latents = torch.from_numpy(latents)
+        start = time.perf_counter()
+        pipe(PROMPT, num_inference_steps=a["steps"], guidance_scale=manifest.defaults["guidance"], height=a["size"],
+             width=a["size"], latents=latents, output_type="np")
+        m = timer.marks
+        runs.append({"text_encoder": sum(m.get("text_encoder", [])), "unet": m.get("unet", []),
+                     "vae_decoder": sum(m.get("vae_decoder", [])), "total": time.perf_counter() - start})
+    return runs
+
+
+def _same_scheduler(pipe, manifest):
+    import diffusers
+
+    from edgediff.export.bundle_writer import SAMPLER_TO_DIFFUSERS_CLASS
+
+    cls = getattr(diffusers, SAMPLER_TO_DIFFUSERS_CLASS[manifest.scheduler["name"]])
+    pipe.scheduler = cls.from_config(manifest.scheduler["config"])
+
+
+def diffusers(a: dict) -> dict:
+    t0 = time.perf_counter()
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from edgediff.runtime import Bundle
+
+    torch.set_num_threads(a["threads"])
+    manifest = Bundle.open(a["bundle"], verify="none").manifest
+    pipe = StableDiffusionPipeline.from_pretrained(a["source"], safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    _same_scheduler(pipe, manifest)
+    load = time.perf_counter() - t0
+    timer = _Timer()
+    pipe.text_encoder.forward = timer.wrap("text_encoder", pipe.text_encoder.forward)
+    pipe.unet.forward = timer.wrap("unet", pipe.unet.forward)
+    pipe.vae.decode = timer.wrap("vae_decoder", pipe.vae.decode)
+    with torch.inference_mode():
+        runs = _reference_runs(pipe, timer, manifest, a, torch_mode=True)
+    return {"load_s": load, "first_image_s": runs[0]["total"], "runs": _run_stats(runs[1 + a["warmup"]:])}
+
+
+def optimum(a: dict) -> dict:
+    t0 = time.perf_counter()
+    import onnxruntime as ort
+    from optimum.onnxruntime import ORTStableDiffusionPipeline
+
+    from edgediff.runtime import Bundle
+    from edgediff.runtime.session import session_options
+
+    manifest = Bundle.open(a["bundle"], verify="none").manifest
+    opts: ort.SessionOptions = session_options(a["threads"])
+    pipe = ORTStableDiffusionPipeline.from_pretrained(a["optimum_dir"], provider="CPUExecutionProvider",
+                                                      session_options=opts)
+    pipe.set_progress_bar_config(disable=True)
+    _same_scheduler(pipe, manifest)
+    load = time.perf_counter() - t0
+    timer = _Timer()
+    for name, part in (("text_encoder", pipe.text_encoder), ("unet", pipe.unet), ("vae_decoder", pipe.vae_decoder)):
+        part.forward = timer.wrap(name, part.forward)
+    runs = _reference_runs(pipe, timer, manifest, a, torch_mode=True)  # its scheduler steps in torch
+    return {"load_s": load, "first_image_s": runs[0]["total"], "runs": _run_stats(runs[1 + a["warmup"]:])}
+
+
+def prepare_optimum(source: str, out_dir: str) -> None:
+    """optimum-onnx's own fp32 export of the source, once per benchmark output folder."""
+    from optimum.onnxruntime import ORTStableDiffusionPipeline
+
+    ORTStableDiffusionPipeline.from_pretrained(source, export=True).save_pretrained(out_dir)
+
+
+SYSTEMS = {"edgediff": edgediff, "diffusers": diffusers, "optimum": optimum}
+
+
+def main() -> None:
+    system, args = sys.argv[1], json.loads(sys.argv[2])
+    if system == "prepare-optimum":
+        prepare_optimum(args["source"], args["optimum_dir"])
+        print(json.dumps({"ok": True}))
+        return
+    result = SYSTEMS[system](args)
+    result["peak_rss_bytes"] = peak_rss_bytes()
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""The benchmark harness on tiny bundles: schema, stage sums, MAC counts, merge, missing peers.
+
+No timed assertions: speed goals live in benchmark results, not in tests.
+"""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from tiny_models import tiny_bundle, tiny_source
+
+from edgediff.benchmarks.harness import STAGE_SUM_MARGIN, BenchConfig, merge, peer_available, run_bench
+from edgediff.benchmarks.macs import count_macs
+from edgediff.benchmarks.report import write_outputs
+from edgediff.cli.main import cli
+
+jsonschema = pytest.importorskip("jsonschema")
+
+
+def _schema():
+    from importlib import resources
+
+    return json.loads(resources.files("edgediff.benchmarks").joinpath("results.schema.json").read_text())
+
+
+def test_mac_counter_agrees_with_a_hand_count(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    w_conv = numpy_helper.from_array(np.zeros((4, 3, 3, 3), np.float32), "wc")
+    w_mm = numpy_helper.from_array(np.zeros((32, 8), np.float32), "wm")
+    w_gemm = numpy_helper.from_array(np.zeros((10, 5), np.float32), "wg")
+    nodes = [
+        helper.make_node("Conv", ["x", "wc"], ["y"], pads=[1, 1, 1, 1]),  # (1,3,8,8) -> (1,4,8,8)
+        helper.make_node("MatMul", ["a", "wm"], ["b"]),  # (1,16,32) x (32,8)
+        helper.make_node("Gemm", ["g", "wg"], ["h"]),  # (2,10) x (10,5)
+        helper.make_node("Relu", ["y"], ["z"]),  # not counted
+    ]
+    graph = helper.make_graph(nodes, "hand", [
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, "h", "w"]),
+        helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 16, 32]),
+        helper.make_tensor_value_info("g", TensorProto.FLOAT, [2, 10])],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in ("z", "b", "h")], [w_conv, w_mm, w_gemm])
+    path = tmp_path / "hand.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    result = count_macs(path, {"x": (1, 3, 8, 8)})
+    conv, matmul, gemm = 4 * 8 * 8 * (3 * 3 * 3), 16 * 8 * 32, 2 * 5 * 10
+    assert result["by_op"] == {"Conv": conv, "MatMul": matmul, "Gemm": gemm}
+    assert result["total"] == conv + matmul + gemm and result["uncounted"] == []
+    # batch 2 doubles the convolution
+    assert count_macs(path, {"x": (2, 3, 8, 8)})["by_op"]["Conv"] == 2 * conv
+
+
+@pytest.fixture(scope="module")
+def bench_results(models_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    cfg = BenchConfig(bundles=[str(tiny_bundle("tiny-sd1", models_root))], steps=[2], repeat=2, warmup=1, rounds=2,
+                      compare=["diffusers", "optimum"], source=str(tiny_source("tiny-sd1", models_root)), threads=2,
+                      out=str(out))
+    return run_bench(cfg, progress=False), out
+
+
+def test_results_validate_and_stage_times_add_up(bench_results):
+    data, out = bench_results
+    jsonschema.validate(data, _schema())
+    row = data["results"][0]
+    assert [s["system"] for s in row["systems"]] == ["edgediff", "diffusers", "optimum"]
+    for sysrow in row["systems"]:
+        st = sysrow["stages"]
+        assert st["total"]["n"] == 4 and sysrow["processes"] == 2  # repeat x rounds, fresh process per round
+        parts = st["text_encoder"]["median"] + st["unet"]["median"] + st["vae_decoder"]["median"]
+        assert parts <= st["total"]["median"] * (1 + STAGE_SUM_MARGIN)
+        if sysrow["system"] == "edgediff":  # ours times every stage, so the parts cover the whole
+            assert parts >= st["total"]["median"] * (1 - STAGE_SUM_MARGIN) - 0.005
+        assert sysrow["peak_rss_bytes"] > 0
+    ours = row["systems"][0]
+    assert set(ours["achieved"]) == {"text_encoder", "unet", "vae_decoder"}
+    assert all(a["macs"] > 0 for a in ours["achieved"].values())
+    assert data["machine"]["physical_cores"] >= 1 and data["peak"]["macs_per_second"] > 0
+
+
+def test_outputs_are_written(bench_results, tmp_path):
+    data, _ = bench_results
+    paths = write_outputs(data, tmp_path / "o")
+    names = {p.name for p in paths}
+    assert {"results.json", "results.md", "chart.png"} <= names
+    md = (tmp_path / "o" / "results.md").read_text()
+    assert "| edgediff |" in md and "| diffusers |" in md and "GMAC/s" in md
+
+
+def test_merge_keeps_every_machines_rows(bench_results, tmp_path):
+    data, _ = bench_results
+    other = json.loads(json.dumps(data))
+    other["machine"]["cpu"] = "Apple M3 (pretend)"
+    for i, d in enumerate((data, other)):
+        (tmp_path / f"{i}.json").write_text(json.dumps(d))
+    merged = merge([str(tmp_path / "0.json"), str(tmp_path / "1.json")])
+    jsonschema.validate(merged, _schema())
+    cpus = [r["machine"]["cpu"] for r in merged["results"]]
+    assert len(cpus) == 2 and cpus[1] == "Apple M3 (pretend)" and len(merged["merged_from"]) == 2
+    result = CliRunner().invoke(cli, ["bench", "merge", str(tmp_path / "0.json"), str(tmp_path / "1.json"),
+                                      "--out", str(tmp_path / "m")])
+    assert result.exit_code == 0, result.output
+    assert "Apple M3 (pretend)" in (tmp_path / "m" / "results.md").read_text()
+
+
+def test_missing_peer_is_reported_and_skipped(models_root, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "optimum.onnxruntime" else real(name, *a))
+    assert "optimum skipped" in peer_available("optimum")
+    cfg = BenchConfig(bundles=[str(tiny_bundle("tiny-sd1", models_root))], steps=[1], repeat=1, warmup=0, rounds=1,
+                      compare=["optimum"], source=str(tiny_source("tiny-sd1", models_root)), out=str(tmp_path))
+    data = run_bench(cfg, progress=False)
+    assert any("optimum skipped" in n for n in data["notes"])
+    assert [s["system"] for s in data["results"][0]["systems"]] == ["edgediff"]
