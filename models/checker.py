@@ -1,8 +1,9 @@
 """Reads a generated image back into attributes, with no learned model: the quality checker.
 
-Background: the palette colour nearest the border's median. Shape pixels: those far from the
-background colour. Shape colour: palette colour nearest their median. Shape: convexity (solidity)
-and fill of the bounding box. Size: the shape's area. Position: its centroid.
+Background: the palette colour nearest the border's median. Shape colour: the palette colour
+nearest the median of the pixels far from the background. Shape pixels: the largest connected
+region closer to the shape colour than to the background. Shape: convexity (solidity) and fill of
+the bounding box. Size: the shape's area. Position: its centroid.
 """
 
 from __future__ import annotations
@@ -55,16 +56,48 @@ def _hull_area(points: np.ndarray) -> float:
     return 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))
 
 
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected region of a boolean mask (a flood fill; 64x64 masks need nothing faster)."""
+    labels = np.zeros(mask.shape, dtype=np.int32)
+    best, best_size, current = 0, 0, 0
+    h, w = mask.shape
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if labels[y0, x0]:
+            continue
+        current += 1
+        labels[y0, x0] = current
+        stack, size = [(y0, x0)], 0
+        while stack:
+            y, x = stack.pop()
+            size += 1
+            for ny, nx in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+                if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not labels[ny, nx]:
+                    labels[ny, nx] = current
+                    stack.append((ny, nx))
+        if size > best_size:
+            best, best_size = current, size
+    return labels == best
+
+
 def read(image) -> Reading:
     img = np.asarray(image, dtype=np.float32)[..., :3]
     n = img.shape[0]
     border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
     bg_rgb = np.median(border, axis=0)
     background = _nearest(bg_rgb)
-    mask = np.sqrt(((img - _PALETTE[_NAMES.index(background)]) ** 2).sum(-1)) > FOREGROUND_DISTANCE
-    if mask.sum() < MIN_SHAPE_PIXELS:
+    bg = _PALETTE[_NAMES.index(background)]
+    candidates = np.sqrt(((img - bg) ** 2).sum(-1)) > FOREGROUND_DISTANCE
+    if candidates.sum() < MIN_SHAPE_PIXELS:
         return Reading(background, None, None, None, None)
-    colour = _nearest(np.median(img[mask], axis=0))
+    colour = _nearest(np.median(img[candidates], axis=0))
+    if colour == background:
+        return Reading(background, None, None, None, None)
+    # Two-class split (closer to the shape's colour than to the background's), then the largest
+    # connected region: soft edges and stray specks of a decoder don't count as shape.
+    fg = _PALETTE[_NAMES.index(colour)]
+    mask = _largest_component(((img - fg) ** 2).sum(-1) < ((img - bg) ** 2).sum(-1))
+    if mask.sum() < MIN_SHAPE_PIXELS:
+        return Reading(background, colour, None, None, None)
     ys, xs = np.nonzero(mask)
     # pixel corners, so that the hull of a filled square has the square's area
     corners = np.concatenate([np.stack([xs + dx, ys + dy], 1) for dx in (0, 1) for dy in (0, 1)])

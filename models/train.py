@@ -147,7 +147,8 @@ def stage_vae(cfg: ShippedConfig, run: Path) -> None:
         recon = vae.decode(posterior.sample()).sample
         rec = torch.nn.functional.mse_loss(recon, x)
         kl = posterior.kl().mean()
-        loss = rec + cfg.vae_kl_weight * kl
+        # L1 beside L2: sharper edges on flat colours (L2 alone leaves halos around shapes)
+        loss = rec + torch.nn.functional.l1_loss(recon, x) + cfg.vae_kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
