@@ -16,6 +16,9 @@ from .shipped import DEFAULT_BUNDLE, SHIPPED_DIR
 from .shipped_config import ShippedConfig
 
 STUDENT_DIR = SHIPPED_DIR / "diffusers"
+# Not shipped in the package: the teacher UNet, kept in the repository so that a later session can
+# re-distill or keep training without the hour the teacher costs (fp16, ~8 MB).
+TEACHER_UNET_DIR = SHIPPED_DIR.parent / "checkpoints" / "teacher_unet"
 TINY_DECODER_DIR = SHIPPED_DIR / "tiny_decoder"
 DEFAULT_STEPS = 4  # the student's quality/speed point (see MODEL_CARD.md)
 
@@ -39,7 +42,7 @@ def export_shipped(out: Path = DEFAULT_BUNDLE, source: Path = STUDENT_DIR, overw
 
 def main() -> None:
     import torch
-    from diffusers import AutoencoderTiny
+    from diffusers import AutoencoderTiny, UNet2DConditionModel
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, default=Path("runs/shipped"))
@@ -50,6 +53,8 @@ def main() -> None:
     shutil.rmtree(TINY_DECODER_DIR, ignore_errors=True)
     AutoencoderTiny.from_pretrained(assembled / "tiny_decoder").to(torch.float16).save_pretrained(TINY_DECODER_DIR)
     shutil.copy(assembled / "training_config.json", SHIPPED_DIR / "training_config.json")
+    shutil.rmtree(TEACHER_UNET_DIR, ignore_errors=True)
+    UNet2DConditionModel.from_pretrained(assembled / "teacher" / "unet").to(torch.float16).save_pretrained(TEACHER_UNET_DIR)
     print(export_shipped())
 
 

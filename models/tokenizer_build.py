@@ -13,17 +13,33 @@ from pathlib import Path
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding of one word as CLIP's tokenizer applies it: lowest-ranked pair first."""
+    symbols = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(symbols) > 1:
+        pairs = [(ranks.get((a, b), len(ranks) + 1), i) for i, (a, b) in enumerate(zip(symbols, symbols[1:]))]
+        rank, i = min(pairs)
+        if rank > len(ranks):
+            break
+        symbols = symbols[:i] + [symbols[i] + symbols[i + 1]] + symbols[i + 2 :]
+    return symbols
+
+
 def _merges_for(words: list[str]) -> list[tuple[str, str]]:
-    # Left-to-right merges: "red" -> ("r","e"), ("re","d</w>"), so BPE reassembles each word whole.
+    """Merges that make every word one token.
+
+    Each word's missing merges join what BPE already produces for it, left to right, and are
+    appended after all earlier merges: a word finished earlier never meets them mid-way (its own
+    lower-ranked merges always apply first), so no word breaks another ("red" used to split "green").
+    """
     merges: list[tuple[str, str]] = []
-    seen = set()
+    ranks: dict[tuple[str, str], int] = {}
     for word in words:
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        symbols = _bpe(word, ranks)
         while len(symbols) > 1:
             pair = (symbols[0], symbols[1])
-            if pair not in seen:
-                seen.add(pair)
-                merges.append(pair)
+            ranks[pair] = len(merges)
+            merges.append(pair)
             symbols = [symbols[0] + symbols[1]] + symbols[2:]
     return merges
 

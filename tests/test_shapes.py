@@ -37,3 +37,15 @@ def test_checker_on_a_blank_image_finds_no_shape():
     blank = np.full((64, 64, 3), shapes.COLOURS["blue"], np.uint8)
     r = checker.read(blank)
     assert r.background == "blue" and r.shape is None and r.colour is None
+
+
+def test_every_domain_word_is_one_token(tmp_path):
+    transformers = __import__("pytest").importorskip("transformers")
+    from edgediff.models.shipped_config import VOCABULARY
+    from edgediff.models.tokenizer_build import build_clip_tokenizer
+
+    tok = transformers.CLIPTokenizer.from_pretrained(build_clip_tokenizer(tmp_path, VOCABULARY, max_length=16))
+    for word in VOCABULARY:
+        assert tok.tokenize(word) == [f"{word}</w>"], word
+    longest = "a large yellow triangle at the bottom on a purple background"
+    assert len(tok(longest).input_ids) == 13
