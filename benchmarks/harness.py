@@ -9,12 +9,14 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import logging
 import statistics
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+log = logging.getLogger("edgediff.bench")
 RESULTS_SCHEMA_VERSION = 1
 PEERS = ("diffusers", "optimum")
 STAGES = ("text_encoder", "unet", "vae_decoder")
@@ -99,6 +101,9 @@ def _graph_macs(bundle, size: int, guidance_batch: int) -> dict | None:
     try:
         return {name: count_macs(bundle.component_path(name), shapes[name])["total"] for name in STAGES}
     except ImportError:
+        return None
+    except Exception as exc:  # shape inference fails on some graphs: report, never lose the timings
+        log.warning("MACs not counted for %s: %s", bundle.path, str(exc).splitlines()[0])
         return None
 
 

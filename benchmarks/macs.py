@@ -13,10 +13,19 @@ from pathlib import Path
 import numpy as np
 
 
+SMALL_CONSTANT_ELEMENTS = 1 << 16  # up to this size (biases, reshape targets) read for shape inference; big weights never
+
+
 def _static_model(path: Path, input_shapes: dict[str, tuple]):
     import onnx
 
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
     model = onnx.load(str(path), load_external_data=False)  # structure only: weights' dims are in the proto
+    for init in model.graph.initializer:
+        # Shape inference reads small constants (reshape targets); load those, never the big weights.
+        if uses_external_data(init) and int(np.prod(init.dims)) <= SMALL_CONSTANT_ELEMENTS:
+            load_external_data_for_tensor(init, str(path.parent))
     for inp in model.graph.input:
         if inp.name in input_shapes:
             dims = inp.type.tensor_type.shape.dim
