@@ -287,13 +287,11 @@ def stage_teacher(cfg: ShippedConfig, run: Path) -> None:
 # ----------------------------------------------------------------------------- LCM distillation
 
 def _guidance_embedding(w, dim):
-    # the same embedding as the runtime (edgediff.runtime.pipeline.guidance_embedding), in torch
+    # the runtime's own embedding, so that training and inference cannot drift apart
+    from edgediff.runtime.pipeline import guidance_embedding
+
     torch = _torch()
-    w = w * 1000.0
-    half = dim // 2
-    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=w.device) * -(math.log(10000.0) / (half - 1)))
-    emb = w[:, None] * freqs[None, :]
-    return torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+    return torch.from_numpy(guidance_embedding(w.cpu().numpy(), dim)).to(w.device)
 
 
 def _boundary(t, cfg: ShippedConfig):

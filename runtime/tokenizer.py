@@ -27,6 +27,8 @@ class PromptTokenizer:
         """Token ids of shape (len(prompts), max_length), padded and truncated as the CLIP pipeline does."""
         encoded = self._fixed.encode_batch(prompts)
         for prompt, enc in zip(prompts, encoded):
+            if sum(enc.attention_mask) < self.max_length:  # padded, so nothing was cut: skip the second encode
+                continue
             full = self._full.encode(prompt)
             if len(full.ids) > self.max_length:
                 kept = self._full.decode(enc.ids[1:-1])
