@@ -52,7 +52,7 @@ def edgediff(a: dict) -> dict:
                    latents=_latents(pipe.manifest, a["size"], i), seed=i, output_type="np")
         runs.append(dict(out.timings))
     return {"load_s": load, "first_image_s": runs[0]["total"], "runs": _run_stats(runs[1 + a["warmup"]:]),
-            "providers": pipe.sessions["unet"].providers}
+            "providers": pipe.sessions.get("unet").providers}
 
 
 class _Timer:

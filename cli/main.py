@@ -52,7 +52,8 @@ def cli(verbose: bool) -> None:
 
 @cli.command()
 @click.argument("prompt")
-@click.option("--model", "model", type=click.Path(), default=None, help="Bundle folder (default: the shipped model).")
+@click.option("--model", "model", default=None,
+              help="Bundle folder, or a name from `edgediff list` (default: the shipped model).")
 @click.option("--steps", type=int, default=None, help="Denoising steps (default: the bundle's).")
 @click.option("--guidance", type=float, default=None, help="Guidance scale (default: the bundle's).")
 @click.option("--seed", type=int, default=None, help="Seed; image i of a batch uses seed + i.")
@@ -63,33 +64,39 @@ def cli(verbose: bool) -> None:
 @click.option("--num-images", type=int, default=1, show_default=True)
 @click.option("--provider", default="auto", show_default=True, help="auto, cpu, cuda, directml, coreml, openvino, qnn, ...")
 @click.option("--fallback", is_flag=True, help="Fall back to the best available provider instead of failing.")
+@click.option("--decoder", type=click.Choice(["full", "tiny"]), default="full", show_default=True,
+              help="tiny: the bundle's AutoencoderTiny decoder (fast, slightly softer).")
+@click.option("--decode-tile", type=int, default=None, help="Decode in tiles of this many latent cells (bounded memory).")
+@click.option("--low-memory", is_flag=True, help="Keep one graph in memory at a time (slower, smallest peak).")
 @click.option("-o", "--output", default="edgediff.png", show_default=True, type=click.Path(),
               help="Image file; with --num-images N, files get _0.._N-1 suffixes.")
 def generate(prompt, model, steps, guidance, seed, width, height, negative_prompt, sampler, num_images, provider,
-             fallback, output):
+             fallback, decoder, decode_tile, low_memory, output):
     """Generate an image from PROMPT."""
     from pathlib import Path
 
     from tqdm.auto import tqdm
 
-    from edgediff.models.shipped import default_bundle
     from edgediff.runtime import Pipeline
+    from edgediff.runtime.catalog import resolve_bundle
     from edgediff.runtime.image import check_writable, save_image
 
     targets = [Path(output)] if num_images == 1 else [
         Path(output).with_name(f"{Path(output).stem}_{i}{Path(output).suffix}") for i in range(num_images)]
     for target in targets:  # fail before minutes of work, not after
         check_writable(target)
-    pipe = Pipeline.from_bundle(model or default_bundle(), provider=provider, sampler=sampler, fallback=fallback)
+    pipe = Pipeline.from_bundle(resolve_bundle(model), provider=provider, sampler=sampler, fallback=fallback,
+                                low_memory=low_memory, decoder=decoder)
     bars = []  # created at the first step, so that argument errors print without a bar
 
-    def progress(i, total, _latents):
+    def progress(event):
         if not bars:
-            bars.append(tqdm(total=total, desc="denoising", unit="step"))
+            bars.append(tqdm(total=event.total, desc="denoising", unit="step"))
         bars[0].update(1)
 
     result = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
-                  height=height, width=width, seed=seed, num_images_per_prompt=num_images, callback=progress)
+                  height=height, width=width, seed=seed, num_images_per_prompt=num_images, callback=progress,
+                  decode_tile=decode_tile)
     for bar in bars:
         bar.close()
     for image, target, image_seed in zip(result.images, targets, result.seeds):
@@ -97,14 +104,32 @@ def generate(prompt, model, steps, guidance, seed, width, height, negative_promp
         click.echo(f"{target} (seed {image_seed})")
 
 
+@cli.command("list")
+def list_():
+    """List the bundles edgediff can find: the shipped model and those in the per-user models folder."""
+    from edgediff.runtime.catalog import list_bundles, models_dir
+
+    click.echo(f"models folder: {models_dir()} (set EDGEDIFF_MODELS_DIR to change)")
+    for e in list_bundles():
+        if e.manifest is None:
+            click.echo(f"{e.name:<20}unreadable: {e.problem}")
+            continue
+        m = e.manifest
+        precisions = "/".join(sorted({c.precision for c in m.components.values()}))
+        decoders = "full+tiny" if "vae_decoder_tiny" in m.components else "full"
+        click.echo(f"{e.name:<20}{m.family:<10}{precisions:<10}{m.defaults['width']}x{m.defaults['height']:<6}"
+                   f"{decoders:<11}{e.size / 2**20:8.1f} MiB  {e.path}")
+
+
 @cli.command()
-@click.argument("bundle", type=click.Path())
+@click.argument("bundle", default="shipped")
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Check every file's sha256.")
 def info(bundle, verify):
-    """Show what a bundle's manifest says: family, sampler, defaults, components, sizes."""
+    """Show what a bundle's manifest says: family, sampler, defaults, components, sizes (BUNDLE: folder or name)."""
     from edgediff.runtime import Bundle
+    from edgediff.runtime.catalog import resolve_bundle
 
-    b = Bundle.open(bundle, verify="full" if verify else "size")
+    b = Bundle.open(resolve_bundle(bundle), verify="full" if verify else "size")
     m = b.manifest
     click.echo(f"bundle        {b.path}")
     click.echo(f"family        {m.family} ({m.prediction_type})")
@@ -136,19 +161,32 @@ def providers():
 @cli.command()
 @click.argument("source")
 @click.argument("out", type=click.Path())
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "int4"]), default="fp32", show_default=True,
+              help="int8: dynamic int8 MatMul/Gemm; int4: 4-bit weight-only MatMul (the VAE stays fp32).")
+@click.option("--keep", default="none", show_default=True,
+              help="int8/int4: blocks left in fp32: none, auto (sensitivity pass), or comma-separated block names.")
+@click.option("--calibration-prompts", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="int8/int4: a text file of prompts (one per line) to calibrate on.")
 @click.option("--height", type=int, default=None, help="Default height recorded in the bundle (and checked at).")
 @click.option("--width", type=int, default=None)
 @click.option("--family", default=None, help="Override family detection (see models/registry.py).")
 @click.option("--default-steps", type=int, default=None, help="Steps the bundle defaults to (default: the family's).")
 @click.option("--default-guidance", type=float, default=None, help="Guidance the bundle defaults to (default: the family's).")
+@click.option("--tiny-decoder", default=None,
+              help="AutoencoderTiny folder or hub id to add as the fast decoder (e.g. madebyollin/taesd).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT once the new bundle is complete.")
-def export(source, out, precision, height, width, family, default_steps, default_guidance, overwrite):
+def export(source, out, precision, keep, calibration_prompts, height, width, family, default_steps, default_guidance,
+           tiny_decoder, overwrite):
     """Export a diffusers model (folder or hub id) SOURCE into a bundle at OUT."""
     from edgediff.export import export_bundle
 
+    prompts = None
+    if calibration_prompts:
+        prompts = [line.strip() for line in Path(calibration_prompts).read_text(encoding="utf-8").splitlines() if line.strip()]
     path = export_bundle(source, out, precision=precision, height=height, width=width, family=family,
-                         overwrite=overwrite, default_steps=default_steps, default_guidance=default_guidance)
+                         overwrite=overwrite, default_steps=default_steps, default_guidance=default_guidance,
+                         tiny_decoder=tiny_decoder, keep=keep if keep in ("none", "auto") else keep.split(","),
+                         calibration_prompts=prompts)
     click.echo(str(path))
 
 
@@ -175,11 +213,11 @@ def bench(ctx, models, providers, steps, size, repeat, warmup, rounds, compare, 
         return
     from edgediff.benchmarks.harness import BenchConfig, run_bench
     from edgediff.benchmarks.report import write_outputs
-    from edgediff.models.shipped import default_bundle
+    from edgediff.runtime.catalog import resolve_bundle
 
     if min(repeat, rounds) < 1 or warmup < 0:
         raise click.UsageError("--repeat and --rounds must be >= 1, --warmup >= 0")
-    cfg = BenchConfig(bundles=list(models) or [str(default_bundle())], providers=list(providers) or ["auto"],
+    cfg = BenchConfig(bundles=[str(resolve_bundle(m)) for m in models or [None]], providers=list(providers) or ["auto"],
                       steps=_csv_ints(steps), sizes=_csv_ints(size) or [None], repeat=repeat, warmup=warmup,
                       rounds=rounds, compare=[c for c in compare.split(",") if c], source=source, threads=threads,
                       out=out)

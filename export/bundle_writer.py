@@ -21,9 +21,10 @@ from edgediff.runtime.errors import ExportError, ExportValidationError
 from edgediff.runtime.manifest import MANIFEST_NAME, TOKENIZER_NAME, ComponentSpec, Manifest, TensorSpec
 from edgediff.runtime.schedulers import DIFFUSERS_CLASS_TO_SAMPLER, ScheduleConfig
 
-from .precision import PRECISIONS, to_fp16
+from .precision import PRECISIONS, QUANTISED, to_fp16
 from .source import load_pipeline, source_facts
-from .specs import COMPONENTS, TOLERANCES, ExportContext
+from .specs import COMPONENTS, TINY_DECODER, TOLERANCES, ExportContext
+from .tiny_decoder import load_tiny_decoder, tiny_attributes, tiny_decoder_for_export
 from .tokenizer import write_tokenizer_json
 
 log = logging.getLogger("edgediff.export")
@@ -76,7 +77,7 @@ def _save_graph(model, out_dir: Path, name: str) -> dict[str, dict]:
     return {n: {"size": (out_dir / n).stat().st_size, "sha256": sha256_file(out_dir / n)} for n in names}
 
 
-def _validate(component, pipe, ctx: ExportContext, graph_path: Path, tolerance: float) -> dict[str, float]:
+def _validate(component, modules, ctx: ExportContext, graph_path: Path, tolerance: float) -> dict[str, float]:
     """Runs the graph in onnxruntime and the module in PyTorch on the same random inputs."""
     import onnxruntime as ort
     import torch
@@ -87,7 +88,7 @@ def _validate(component, pipe, ctx: ExportContext, graph_path: Path, tolerance: 
     feeds = {k: (v.astype(np.int32) if declared.get(k) == "tensor(int32)" else v) for k, v in inputs.items() if k in declared}
     onnx_out = session.run(None, feeds)
     with torch.no_grad():
-        torch_out = component.torch_call(pipe, {k: torch.from_numpy(v) for k, v in inputs.items()})
+        torch_out = component.torch_call(modules, {k: torch.from_numpy(v) for k, v in inputs.items()})
     diffs = {}
     for out_meta, got, ref in zip(session.get_outputs(), onnx_out, torch_out):
         ref = ref.float().numpy()
@@ -103,8 +104,15 @@ def _validate(component, pipe, ctx: ExportContext, graph_path: Path, tolerance: 
 def export_bundle(source: str, out: str | Path, precision: str = "fp32", height: int | None = None,
                   width: int | None = None, family: str | None = None, overwrite: bool = False,
                   progress: bool = True, default_steps: int | None = None,
-                  default_guidance: float | None = None) -> Path:
+                  default_guidance: float | None = None, tiny_decoder: str | None = None,
+                  keep: str | list[str] = "none", calibration_prompts: list[str] | None = None) -> Path:
     """Exports `source` (diffusers folder or hub id) into a bundle folder at `out`; returns `out`.
+
+    `tiny_decoder`: an AutoencoderTiny (folder or hub id, e.g. madebyollin/taesd for SD 1.x/2.x) added
+    as the bundle's fast decoder (`--decoder tiny`, and previews).
+    int8 / int4: the fp32 graphs are exported and checked first, then quantised (export/quantize.py)
+    with calibration inputs recorded from `calibration_prompts`; `keep` = "none", "auto" (sensitivity
+    pass) or block names to leave in fp32.
 
     Atomic: everything is built in a temporary folder beside `out` and renamed at the end; on any
     failure (validation included) nothing is left at `out`.
@@ -148,21 +156,27 @@ def export_bundle(source: str, out: str | Path, precision: str = "fp32", height:
         optimum_models = get_diffusion_models_for_export(pipe, exporter="onnx")
         components, checks = {}, {}
         raw_dir = staging / "_raw"
-        for component in COMPONENTS:
+        work = [(c, optimum_models[c.name], pipe, {}) for c in COMPONENTS]
+        if tiny_decoder:
+            tiny = load_tiny_decoder(tiny_decoder, ctx.latent_channels)
+            work.append((TINY_DECODER, tiny_decoder_for_export(tiny), tiny, tiny_attributes(tiny)))
+            steps.total += 1
+        for component, model_and_config, reference, attributes in work:
             steps.set_postfix_str(component.name)
-            export_models({component.name: optimum_models[component.name]}, output_dir=raw_dir / component.name,
+            export_models({component.name: model_and_config}, output_dir=raw_dir / component.name,
                           output_names=["model.onnx"])
             model = onnx.load(str(raw_dir / component.name / "model.onnx"))
-            comp_precision = "fp32" if (precision == "fp32" or component.keep_fp32_at_fp16) else precision
+            comp_precision = "fp16" if precision == "fp16" and not component.keep_fp32_at_fp16 else "fp32"
             if comp_precision == "fp16":
                 model = to_fp16(model)
             files = _save_graph(model, staging, component.name)
             inputs, outputs = _tensor_specs(model.graph.input), _tensor_specs(model.graph.output)
             del model
             shutil.rmtree(raw_dir / component.name)
-            checks[component.name] = _validate(component, pipe, ctx, staging / f"{component.name}.onnx",
+            checks[component.name] = _validate(component, reference, ctx, staging / f"{component.name}.onnx",
                                                TOLERANCES[comp_precision])
-            components[component.name] = ComponentSpec(files=files, precision=comp_precision, inputs=inputs, outputs=outputs)
+            components[component.name] = ComponentSpec(files=files, precision=comp_precision, inputs=inputs,
+                                                       outputs=outputs, attributes=attributes)
             steps.update()
         shutil.rmtree(raw_dir, ignore_errors=True)
 
@@ -180,12 +194,16 @@ def export_bundle(source: str, out: str | Path, precision: str = "fp32", height:
             guidance_embedding_dim=ctx.time_cond_proj_dim,
             components=components,
             provenance={
-                "source": source, "precision": precision,
+                "source": source, "precision": precision, "tiny_decoder": tiny_decoder,
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "versions": _versions(), "export_check": {"tolerances": TOLERANCES, "max_rel_diff": checks},
             },
         )
         (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
+        if precision in QUANTISED:
+            steps.set_postfix_str(f"quantising ({precision})")
+            _quantise_bundle(staging, manifest, precision, keep, calibration_prompts)
+            (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
         steps.set_postfix_str("done")
         steps.update()
         steps.close()
@@ -194,6 +212,28 @@ def export_bundle(source: str, out: str | Path, precision: str = "fp32", height:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def _quantise_bundle(staging: Path, manifest: Manifest, precision: str, keep, prompts) -> None:
+    """Replaces the components the policy names with quantised graphs, recording how in the manifest."""
+    from .calibration import CALIBRATION_PROMPTS, record_feeds
+    from .quantize import QUANT_POLICY, SCHEMES, quantise_component
+
+    feeds = record_feeds(staging, prompts or CALIBRATION_PROMPTS)
+    for name, spec in manifest.components.items():
+        scheme_name = QUANT_POLICY[precision].get(name)
+        if scheme_name is None:
+            spec.attributes["quantization"] = {"scheme": None, "why": "kept fp32 by policy (export/quantize.py)"}
+            continue
+        src = staging / spec.graph_file
+        dst = staging / f".{name}.quantised.onnx"
+        record = quantise_component(src, dst, SCHEMES[scheme_name], feeds[name], keep)
+        for old in spec.files:  # the fp32 graph and any external data it had
+            (staging / old).unlink()
+        os.replace(dst, src)
+        spec.files = {src.name: {"size": src.stat().st_size, "sha256": sha256_file(src)}}
+        spec.precision = SCHEMES[scheme_name].precision
+        spec.attributes["quantization"] = record
 
 
 def _quiet_tracing() -> None:

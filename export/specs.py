@@ -72,8 +72,15 @@ def _vae_decoder_call(pipe, x):
     return [pipe.vae.decode(x["latent_sample"]).sample]
 
 
+def _tiny_decoder_call(tiny, x):
+    return [tiny.decode(x["latent_sample"]).sample]
+
+
 COMPONENTS: tuple[ComponentExport, ...] = (
     ComponentExport("text_encoder", _text_call, _text_inputs),
     ComponentExport("unet", _unet_call, _unet_inputs),
     ComponentExport("vae_decoder", _vae_decoder_call, _vae_decoder_inputs, keep_fp32_at_fp16=True),
 )
+
+# Optional: exported only when a tiny decoder is given (its torch_call takes the AutoencoderTiny itself).
+TINY_DECODER = ComponentExport("vae_decoder_tiny", _tiny_decoder_call, _vae_decoder_inputs)

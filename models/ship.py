@@ -32,12 +32,13 @@ def _save_half(src: Path, dst: Path) -> None:
 
 
 def export_shipped(out: Path = DEFAULT_BUNDLE, source: Path = STUDENT_DIR, overwrite: bool = True) -> Path:
-    """The shipped bundle, exported from the shipped diffusers folder with the model card's defaults."""
+    """The shipped bundle, exported from the shipped diffusers folder with the model card's defaults and
+    the shipped tiny decoder."""
     from edgediff.export import export_bundle
 
     cfg = ShippedConfig()
     return export_bundle(str(source), out, overwrite=overwrite, progress=False, default_steps=DEFAULT_STEPS,
-                         default_guidance=cfg.default_guidance)
+                         default_guidance=cfg.default_guidance, tiny_decoder=str(TINY_DECODER_DIR))
 
 
 def main() -> None:

@@ -264,11 +264,14 @@ def stage_teacher(cfg: ShippedConfig, run: Path) -> None:
         z = _batch_latents(mean, std, idx, scaling, rng, dev)
         cond = _encode_text(tokenizer, text_encoder, _captions(scenes, idx, rng, cfg, cfg.cfg_dropout), dev)
         t = torch.from_numpy(rng.integers(0, 1000, len(idx))).to(dev)
-        noise = torch.randn_like(z)
+        # offset noise: without it a plain background's colour hides in the schedule's non-zero terminal SNR
+        noise = torch.randn_like(z) + cfg.offset_noise * torch.randn(len(idx), z.shape[1], 1, 1, device=dev)
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * z + (1 - a).sqrt() * noise
         pred = unet(noisy, t, cond).sample
-        loss = torch.nn.functional.mse_loss(pred, noise)
+        snr = alphas[t] / (1 - alphas[t])
+        weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr  # Min-SNR-gamma for epsilon prediction
+        loss = (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
         lr = cfg.teacher_lr * min(1.0, step / 300) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.teacher_steps)))
         for g in opt.param_groups:
             g["lr"] = lr

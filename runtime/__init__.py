@@ -1,16 +1,18 @@
 """edgediff's runtime: runs a bundle with numpy + onnxruntime + tokenizers + pillow (never torch)."""
 
 from .bundle import Bundle
+from .cancel import CancelToken
+from .catalog import list_bundles, models_dir, resolve_bundle
 from .errors import (
-    BundleError, ChecksumError, EdgediffError, InputError, NaNOutputError, OutputPathError, ProviderError,
-    SchemaVersionError,
+    BundleError, Cancelled, ChecksumError, EdgediffError, InputError, NaNOutputError, OutputPathError,
+    PipelineClosed, ProviderError, SchemaVersionError,
 )
 from .manifest import SCHEMA_VERSION, Manifest
-from .pipeline import Pipeline, PipelineOutput
+from .pipeline import Pipeline, PipelineOutput, StepEvent
 from .tokenizer import PromptTruncatedWarning
 
 __all__ = [
-    "Bundle", "BundleError", "ChecksumError", "EdgediffError", "InputError", "Manifest", "NaNOutputError",
-    "OutputPathError", "Pipeline", "PipelineOutput", "PromptTruncatedWarning", "ProviderError", "SCHEMA_VERSION",
-    "SchemaVersionError",
+    "Bundle", "BundleError", "CancelToken", "Cancelled", "ChecksumError", "EdgediffError", "InputError", "Manifest", "NaNOutputError",
+    "OutputPathError", "Pipeline", "PipelineClosed", "PipelineOutput", "PromptTruncatedWarning", "ProviderError", "SCHEMA_VERSION",
+    "SchemaVersionError", "StepEvent", "list_bundles", "models_dir", "resolve_bundle",
 ]

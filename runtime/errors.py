@@ -30,6 +30,13 @@ MESSAGES = {
     "nan_output": "the {component} produced NaN or infinite values{hint}; nothing was saved",
     "output_path": "cannot write {path}: {detail}",
     "output_format": "cannot write {path}: unknown image format {suffix!r} (use .png, .jpg or .webp)",
+    "decoder_unknown": "decoder must be one of {available}, got {name!r}",
+    "decoder_missing": "bundle {path} has no {name} decoder (export it with --tiny-decoder)",
+    "tile_size": "decode tile size must be at least {minimum} latent cells, got {value}",
+    # embedding
+    "cancelled": "generation cancelled at step {step} of {total}",
+    "closed": "this pipeline was closed; open the bundle again",
+    "model_not_found": "no bundle named {name!r} in {folder} and no folder at that path (see `edgediff list`)",
     # export
     "export_exists": "{path} already exists; choose a new output folder or pass --overwrite",
     "export_source": "cannot load a diffusers model from {source!r}: {detail}",
@@ -72,6 +79,14 @@ class NaNOutputError(EdgediffError):
 
 class OutputPathError(EdgediffError):
     """The output file cannot be written."""
+
+
+class Cancelled(EdgediffError):
+    """A generation was cancelled through its CancelToken; the pipeline stays usable."""
+
+
+class PipelineClosed(EdgediffError):
+    """The pipeline was used after close()."""
 
 
 class ExportError(EdgediffError):

@@ -29,6 +29,8 @@ class ComponentSpec:
     precision: str  # fp32 | fp16
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+    # component facts the runtime needs, e.g. a tiny decoder's {"scaling_factor": 1.0}; optional, so v1 bundles still read
+    attributes: dict = field(default_factory=dict)
 
     @property
     def graph_file(self) -> str:
@@ -84,6 +86,7 @@ class Manifest:
                     precision=c["precision"],
                     inputs=[TensorSpec(**t) for t in c["inputs"]],
                     outputs=[TensorSpec(**t) for t in c["outputs"]],
+                    attributes=dict(c.get("attributes", {})),
                 )
                 for name, c in raw["components"].items()
             }

@@ -7,28 +7,45 @@ the bundle manifest's defaults.
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from . import decode as decoding
 from .bundle import Bundle
-from .errors import InputError, NaNOutputError
+from .cancel import CancelToken
+from .errors import Cancelled, InputError, NaNOutputError, PipelineClosed
 from .image import latents_to_images
 from .providers import resolve
 from .schedulers import SAMPLERS, make_sampler
-from .session import GraphSession
+from .session import GraphSession, SessionPool
 from .tokenizer import PromptTokenizer
 
 log = logging.getLogger("edgediff.pipeline")
 
 SIZE_MULTIPLE = 8  # as diffusers: the latent grid must stay whole through the VAE
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+# decoder choice -> bundle component; "tiny" is the optional AutoencoderTiny (TAESD-style) decoder
+DECODERS = {"full": "vae_decoder", "tiny": "vae_decoder_tiny"}
 
-# callback(step_index, total_steps, latents) after each denoiser step
-StepCallback = Callable[[int, int, np.ndarray], None]
+
+@dataclass
+class StepEvent:
+    """What a step callback receives after each denoiser call."""
+
+    step: int  # 0-based index of the step just done
+    total: int  # number of denoiser steps in this call
+    timestep: float
+    latents: np.ndarray  # the latents after this step (B, C, h, w)
+    preview: list | None = None  # PIL images of the current clean estimate, when the call asked for previews
+
+
+StepCallback = Callable[[StepEvent], None]
 
 
 @dataclass
@@ -52,32 +69,68 @@ def guidance_embedding(w: np.ndarray, dim: int) -> np.ndarray:
 
 
 class Pipeline:
+    """Generates images from a bundle. Safe to call from several threads at once (onnxruntime sessions
+    are; each call keeps its own sampler and noise), except in low-memory mode, where calls take turns.
+    Use as a context manager, or call close(), to give the sessions' memory back.
+    """
+
     def __init__(self, bundle: Bundle, provider: str = "auto", sampler: str | None = None,
-                 fallback: bool = False, threads: int | None = None):
+                 fallback: bool = False, threads: int | None = None, low_memory: bool = False,
+                 decoder: str = "full"):
         self.bundle = bundle
         self.manifest = m = bundle.manifest
         self.providers = resolve(provider, fallback=fallback)
         self.sampler_name = sampler or m.scheduler["name"]
         if self.sampler_name not in SAMPLERS:
             raise InputError("sampler_unknown", name=self.sampler_name, available=", ".join(SAMPLERS))
+        self.decoder = self._check_decoder(decoder)
         self.tokenizer = PromptTokenizer(bundle.tokenizer_path, m.tokenizer["max_length"], m.tokenizer["pad_id"])
-        self.sessions = {
-            name: GraphSession(name, bundle.component_path(name), m.components[name], self.providers, bundle.path, threads)
-            for name in COMPONENTS
-        }
-        log.info("bundle %s on %s", bundle.path, self.sessions["unet"].providers[0])
+        names = [*COMPONENTS, *(c for c in m.components if c not in COMPONENTS)]
+        self.sessions = SessionPool(
+            lambda name: GraphSession(name, bundle.component_path(name), m.components[name], self.providers,
+                                      bundle.path, threads),
+            names, low_memory=low_memory)
+        # low-memory mode swaps sessions within a call, so calls take turns; otherwise a no-op lock
+        self._turns = threading.Lock() if low_memory else _NoLock()
+        self._closed = False
+        log.info("bundle %s on %s%s", bundle.path, self.providers[0], " (low memory)" if low_memory else "")
 
     @classmethod
     def from_bundle(cls, path: str | Path, provider: str = "auto", sampler: str | None = None,
-                    verify: str = "full", fallback: bool = False, threads: int | None = None) -> "Pipeline":
-        return cls(Bundle.open(path, verify=verify), provider=provider, sampler=sampler, fallback=fallback, threads=threads)
+                    verify: str = "full", fallback: bool = False, threads: int | None = None,
+                    low_memory: bool = False, decoder: str = "full") -> "Pipeline":
+        return cls(Bundle.open(path, verify=verify), provider=provider, sampler=sampler, fallback=fallback,
+                   threads=threads, low_memory=low_memory, decoder=decoder)
+
+    @property
+    def decoders(self) -> list[str]:
+        """The decoders this bundle has: "full", and "tiny" when it was exported with one."""
+        return [d for d, c in DECODERS.items() if c in self.manifest.components]
+
+    def _check_decoder(self, name: str) -> str:
+        if name not in DECODERS:
+            raise InputError("decoder_unknown", available=", ".join(DECODERS), name=name)
+        if DECODERS[name] not in self.manifest.components:
+            raise InputError("decoder_missing", path=self.bundle.path, name=name)
+        return name
+
+    def close(self) -> None:
+        """Releases every session (and its memory); the pipeline cannot be used afterwards."""
+        self._closed = True
+        self.sessions.close()
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def encode_prompt(self, prompts: list[str], timings: dict | None = None) -> np.ndarray:
         timings = {} if timings is None else timings
         t0 = time.perf_counter()
         ids = self.tokenizer(prompts)
         t1 = time.perf_counter()
-        out = self.sessions["text_encoder"].run(input_ids=ids)[0].astype(np.float32)
+        out = self.sessions.get("text_encoder").run(input_ids=ids)[0].astype(np.float32)
         timings["tokenize"] = timings.get("tokenize", 0.0) + t1 - t0
         timings["text_encoder"] = timings.get("text_encoder", 0.0) + time.perf_counter() - t1
         return out
@@ -106,10 +159,30 @@ class Pipeline:
         output_type: str = "pil",
         callback: StepCallback | None = None,
         generator=None,
+        preview: bool = False,
+        cancel: CancelToken | None = None,
+        decoder: str | None = None,
+        decode_tile: int | None = None,
     ) -> PipelineOutput:
+        """Generates images; see README "Embedding" for callbacks, previews, cancel and threads.
+
+        preview: the callback's event carries images of the current estimate (tiny decoder when the bundle
+        has one). cancel: a CancelToken; cancelling raises Cancelled within one denoiser call. decoder:
+        "full" or "tiny" (default: the pipeline's). decode_tile: decode in tiles of this many latent cells.
+        """
+        if self._closed:
+            raise PipelineClosed("closed")
+        with self._turns:
+            return self._generate(prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, seed,
+                                  latents, num_images_per_prompt, output_type, callback, generator, preview, cancel,
+                                  self.decoder if decoder is None else self._check_decoder(decoder), decode_tile)
+
+    def _generate(self, prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, seed, latents,
+                  num_images_per_prompt, output_type, callback, generator, preview, cancel, decoder, decode_tile):
         m = self.manifest
         start = time.perf_counter()
         timings: dict = {"unet": []}
+        cancel = cancel or CancelToken()  # a token nobody cancels keeps the loop below simple
         # 1. Resolve defaults from the manifest and check the arguments.
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         steps = m.defaults["steps"] if num_inference_steps is None else num_inference_steps
@@ -119,6 +192,8 @@ class Pipeline:
         self._check_args(height, width, steps, num_images_per_prompt)
         if not prompts:
             raise InputError("batch", what="number of prompts", value=0)
+        if decode_tile is not None and decode_tile < decoding.MIN_TILE:
+            raise InputError("tile_size", minimum=decoding.MIN_TILE, value=decode_tile)
         batch = len(prompts) * num_images_per_prompt
         embedded_guidance = m.guidance_embedding_dim is not None
         do_cfg = guidance > 1.0 and not embedded_guidance
@@ -161,42 +236,83 @@ class Pipeline:
             w = np.full((batch,), guidance - 1.0, dtype=np.float32)
             extra["timestep_cond"] = guidance_embedding(w, m.guidance_embedding_dim)
 
-        # 6. Denoising loop.
-        unet = self.sessions["unet"]
+        # 6. Denoising loop; a cancel lands before the next call or aborts the one in flight.
         total = len(sampler.timesteps)
         for i, t in enumerate(sampler.timesteps):
             model_in = sampler.scale_model_input(latents, t)
             if do_cfg:
                 model_in = np.concatenate([model_in, model_in])
             t0 = time.perf_counter()
-            noise_pred = unet.run(sample=model_in, timestep=np.array(t, dtype=np.float32),
-                                  encoder_hidden_states=text_embeddings, **extra)[0]
+            noise_pred = self._run_cancellable(cancel, i, total, "unet", sample=model_in,
+                                               timestep=np.array(t, dtype=np.float32),
+                                               encoder_hidden_states=text_embeddings, **extra)[0]
             timings["unet"].append(time.perf_counter() - t0)
             if do_cfg:
                 uncond_pred, cond_pred = np.split(noise_pred, 2)
                 noise_pred = uncond_pred + np.float32(guidance) * (cond_pred - uncond_pred)
-            latents = sampler.step(noise_pred, t, latents, noise=step_noise).prev_sample
+            out = sampler.step(noise_pred, t, latents, noise=step_noise)
+            latents = out.prev_sample
             if callback is not None:
-                callback(i, total, latents)
+                images = None
+                if preview:
+                    estimate = latents if out.denoised is None else out.denoised
+                    images = latents_to_images(self._decode(estimate, self._preview_decoder(), None, cancel, i, total), "pil")
+                callback(StepEvent(step=i, total=total, timestep=float(t), latents=latents, preview=images))
         if not np.isfinite(latents).all():
             raise NaNOutputError("nan_output", component="denoiser (unet)", hint=" (try an fp32 bundle)")
         if output_type == "latent":
             timings["total"] = time.perf_counter() - start
             return PipelineOutput(images=latents, seeds=seeds, timings=timings)
 
-        # 7. Decode one image at a time: peak memory stays that of a single decode.
-        decoder = self.sessions["vae_decoder"]
-        scaled = latents / np.float32(m.vae_scaling_factor)
+        # 7. Decode one image at a time (or tile by tile): peak memory stays that of a single decode.
         t0 = time.perf_counter()
-        decoded = np.concatenate([decoder.run(latent_sample=scaled[j : j + 1])[0] for j in range(batch)])
+        decoded = self._decode(latents, decoder, decode_tile, cancel, total, total)
         timings["vae_decoder"] = time.perf_counter() - t0
         if not np.isfinite(decoded).all():
-            raise NaNOutputError("nan_output", component="VAE decoder", hint=" (fp16 overflow? use an fp32 decoder)")
+            raise NaNOutputError("nan_output", component=f"{decoder} VAE decoder", hint=" (fp16 overflow? use an fp32 decoder)")
 
         # 8. To [0, 1] images, as diffusers' image processor does.
         images = latents_to_images(decoded, output_type)
         timings["total"] = time.perf_counter() - start
         return PipelineOutput(images=images, seeds=seeds, timings=timings)
+
+    def _preview_decoder(self) -> str:
+        return "tiny" if "tiny" in self.decoders else "full"
+
+    def _decode(self, latents, decoder: str, tile, cancel: CancelToken, step: int, total: int) -> np.ndarray:
+        component = DECODERS[decoder]
+        # the full VAE takes unscaled latents; a tiny decoder records its own factor (TAESD's is 1.0)
+        scaling = self.manifest.components[component].attributes.get("scaling_factor", self.manifest.vae_scaling_factor)
+        session = self.sessions.get(component)
+        with _cancellable(cancel, step, total) as options:
+            return decoding.decode(session, latents / np.float32(scaling), tile, run_options=options)
+
+    def _run_cancellable(self, cancel: CancelToken, step: int, total: int, component: str, **feeds):
+        session = self.sessions.get(component)
+        with _cancellable(cancel, step, total) as options:
+            return session.run(options, **feeds)
+
+
+@contextmanager
+def _cancellable(cancel: CancelToken, step: int, total: int):
+    """RunOptions for one graph call; a cancel before or during it becomes Cancelled."""
+    if cancel.cancelled:
+        raise Cancelled("cancelled", step=step, total=total)
+    with cancel.run_options() as options:
+        try:
+            yield options
+        except Exception:  # onnxruntime raises its own error type when RunOptions.terminate stops a run
+            if cancel.cancelled:
+                raise Cancelled("cancelled", step=step, total=total) from None
+            raise
+
+
+class _NoLock:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
 
 
 class _BatchNoise:

@@ -7,7 +7,10 @@ onnxruntime stack trace.
 
 from __future__ import annotations
 
+import gc
 import os
+import threading
+from typing import Callable
 
 import numpy as np
 import onnxruntime as ort
@@ -49,6 +52,8 @@ class GraphSession:
             raise BundleError("graph_unloadable", path=bundle_path, file=path.name, detail=str(exc).splitlines()[0]) from exc
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
+        # called with each run's checked feeds (export records calibration inputs this way)
+        self.observers: list[Callable[[dict[str, np.ndarray]], None]] = []
         declared = {t.name for t in spec.inputs}
         if declared != set(self.inputs):
             raise BundleError("graph_mismatch", path=bundle_path, component=name,
@@ -78,5 +83,43 @@ class GraphSession:
             out[name] = value.astype(_ORT_TO_NUMPY.get(arg.type, value.dtype), copy=False)
         return out
 
-    def run(self, **feeds) -> list[np.ndarray]:
-        return self.session.run(self.output_names, self._check(feeds))
+    def run(self, run_options: ort.RunOptions | None = None, **feeds) -> list[np.ndarray]:
+        checked = self._check(feeds)
+        for observe in self.observers:
+            observe(checked)
+        return self.session.run(self.output_names, checked, run_options)
+
+
+class SessionPool:
+    """A bundle's graphs as sessions: all opened up front (fast), or one alive at a time (low memory).
+
+    Low-memory mode opens a graph when it is first needed and closes the others first, so the peak is
+    the largest graph rather than the sum (text encoder, then denoiser, then decoder).
+    """
+
+    def __init__(self, opener: Callable[[str], GraphSession], names: list[str], low_memory: bool = False):
+        self._opener = opener
+        self.low_memory = low_memory
+        self._open: dict[str, GraphSession] = {}
+        self._lock = threading.Lock()
+        if not low_memory:
+            self._open = {name: opener(name) for name in names}
+
+    def get(self, name: str) -> GraphSession:
+        with self._lock:
+            session = self._open.get(name)
+            if session is None:
+                if self.low_memory:
+                    self._open.clear()  # the previous stage's session goes before the next one opens
+                    gc.collect()
+                session = self._open[name] = self._opener(name)
+            return session
+
+    @property
+    def loaded(self) -> list[str]:
+        return list(self._open)
+
+    def close(self) -> None:
+        with self._lock:
+            self._open.clear()
+        gc.collect()

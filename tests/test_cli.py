@@ -1,5 +1,6 @@
 """The CLI is thin: it calls the library and turns errors into one line and a non-zero exit."""
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
@@ -72,3 +73,42 @@ def test_export_command(models_root, tmp_path):
     assert (tmp_path / "b" / "manifest.json").is_file()
     again = CliRunner().invoke(cli, ["export", str(tiny_source("tiny-sd1", models_root)), str(tmp_path / "b")])
     assert again.exit_code == 1 and "already exists" in again.output
+
+
+def test_list_finds_bundles_in_the_models_folder_and_generate_takes_their_name(models_root, tmp_path, monkeypatch):
+    import shutil
+
+    folder = tmp_path / "user-models"
+    shutil.copytree(tiny_bundle("tiny-sd1", models_root), folder / "my-sd1")
+    (folder / "broken").mkdir()
+    (folder / "broken" / "manifest.json").write_text("{not json")
+    (folder / "not-a-bundle").mkdir()
+    monkeypatch.setenv("EDGEDIFF_MODELS_DIR", str(folder))
+    result = CliRunner().invoke(cli, ["list"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert any(line.startswith("shipped") and "lcm-sd1" in line and "full+tiny" in line for line in lines)
+    assert any(line.startswith("my-sd1") and "sd1" in line for line in lines)
+    assert any(line.startswith("broken") and "unreadable" in line for line in lines)
+    assert not any(line.startswith("not-a-bundle") for line in lines)
+
+    out = tmp_path / "named.png"
+    result = CliRunner().invoke(cli, ["generate", "a cat", "--model", "my-sd1", "--seed", "1", "--steps", "2", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    from edgediff.runtime import Pipeline
+
+    direct = Pipeline.from_bundle(folder / "my-sd1")("a cat", seed=1, num_inference_steps=2).images[0]
+    with Image.open(out) as image:
+        assert np.array_equal(np.asarray(image), np.asarray(direct))  # the named bundle, not the shipped one
+    result = CliRunner().invoke(cli, ["generate", "a cat", "--model", "nobody", "-o", str(out)])
+    assert result.exit_code == 1
+    assert "no bundle named 'nobody'" in result.output and str(folder) in result.output
+
+
+def test_generate_with_tiny_decoder_low_memory_and_tiles(tmp_path):
+    out = tmp_path / "fast.png"
+    result = CliRunner().invoke(cli, ["generate", "a small white square on a black background", "--seed", "2",
+                                      "--decoder", "tiny", "--low-memory", "--decode-tile", "8", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    with Image.open(out) as image:
+        assert image.size == (64, 64)

@@ -150,7 +150,7 @@ def test_unavailable_provider_is_an_error_unless_fallback(bundle, caplog):
     with caplog.at_level("WARNING", logger="edgediff.providers"):
         pipe = Pipeline.from_bundle(bundle, provider="qnn", fallback=True)
     assert "falling back" in caplog.text
-    assert pipe.sessions["unet"].providers[0] != "QNNExecutionProvider"
+    assert pipe.sessions.get("unet").providers[0] != "QNNExecutionProvider"
 
 
 @pytest.mark.parametrize("kwargs,match", [

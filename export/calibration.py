@@ -1,0 +1,41 @@
+"""Calibration inputs for quantisation: real prompts through the real text encoder and sampler.
+
+The fp32 bundle (already checked against PyTorch) generates from each prompt while every graph's
+inputs are recorded, so each component is calibrated on what it sees at run time: UNet inputs at
+every step of the bundle's own sampler, decoder inputs from finished latents.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .quantize import MAX_CALIBRATION_FEEDS
+
+# Generic prompts for models of the photo/art world; the shipped model passes its own domain's captions.
+CALIBRATION_PROMPTS = (
+    "a photo of a cat sitting on a windowsill", "a mountain lake at sunrise, mist over the water",
+    "portrait of an old fisherman, dramatic light", "a bowl of fruit on a wooden table, still life",
+    "a futuristic city street at night, neon signs", "a watercolor painting of a red fox in the snow",
+    "an astronaut riding a horse on the moon", "a cozy living room with a fireplace, interior design",
+)
+
+
+def record_feeds(bundle_dir: Path, prompts=CALIBRATION_PROMPTS, seed: int = 0) -> dict[str, list[dict]]:
+    """Per component, up to MAX_CALIBRATION_FEEDS input dicts recorded while generating `prompts`."""
+    from edgediff.runtime import Bundle, Pipeline
+
+    pipe = Pipeline(Bundle.open(bundle_dir, verify="none"), provider="cpu")
+    recorded: dict[str, list[dict]] = {name: [] for name in pipe.manifest.components}
+    for name in recorded:
+        session = pipe.sessions.get(name)
+        session.observers.append(lambda feeds, name=name: recorded[name].append({k: np.array(v) for k, v in feeds.items()}))
+    for i, prompt in enumerate(prompts):
+        pipe(prompt, seed=seed + i, output_type="np")  # (the tiny decoder is never quantised: not run)
+    pipe.close()
+    out = {}
+    for name, feeds in recorded.items():
+        stride = max(1, len(feeds) // MAX_CALIBRATION_FEEDS)
+        out[name] = feeds[::stride][:MAX_CALIBRATION_FEEDS]
+    return out

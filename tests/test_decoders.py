@@ -1,0 +1,129 @@
+"""The tiny decoder (exported, checked against PyTorch, chosen at run time) and tiled decoding."""
+
+import numpy as np
+import pytest
+
+from edgediff.models.shipped import default_bundle
+from edgediff.runtime import Bundle, InputError, Pipeline
+
+from tiny_models import tiny_source
+
+TINY_DECODER_ATOL = 1e-4  # fp32 graph vs PyTorch on pixels in [-1, 1]
+# Tiled vs whole decode, shipped tiny decoder at 128x128 (32x32 latents, 16-cell tiles, 4 overlap):
+# each tile's border pixels lack part of their receptive field; the blend keeps them this close
+# (measured 35.1 dB; 8-cell tiles give 25.6 dB).
+TILED_PSNR_FLOOR_DB = 30.0
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+
+
+@pytest.fixture(scope="module")
+def tiny_decoder_source(models_root):
+    from diffusers import AutoencoderTiny
+
+    import torch
+
+    torch.manual_seed(0)
+    tiny = AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+                           num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1), latent_channels=4,
+                           upsampling_scaling_factor=2)
+    path = models_root / "tiny-autoencoder"
+    tiny.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bundle_with_tiny(models_root, tiny_decoder_source):
+    from edgediff.export import export_bundle
+
+    return export_bundle(str(tiny_source("tiny-sd1", models_root)), models_root / "bundle-sd1-tiny-decoder",
+                         tiny_decoder=str(tiny_decoder_source), progress=False)
+
+
+def test_tiny_decoder_is_exported_checked_and_matches_pytorch(bundle_with_tiny, tiny_decoder_source):
+    import torch
+    from diffusers import AutoencoderTiny
+
+    manifest = Bundle.open(bundle_with_tiny).manifest
+    spec = manifest.components["vae_decoder_tiny"]
+    assert spec.attributes["scaling_factor"] == 1.0
+    assert manifest.provenance["export_check"]["max_rel_diff"]["vae_decoder_tiny"]["sample"] <= 2e-3
+
+    pipe = Pipeline.from_bundle(bundle_with_tiny, provider="cpu")
+    assert pipe.decoders == ["full", "tiny"]
+    latents = pipe("a photo", seed=0, num_inference_steps=2, output_type="latent").images
+    ours = pipe("a photo", seed=0, num_inference_steps=2, output_type="np", decoder="tiny").images
+    with torch.no_grad():
+        ref = AutoencoderTiny.from_pretrained(tiny_decoder_source).decode(torch.from_numpy(latents)).sample
+    ref = (ref / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(ours, ref, atol=TINY_DECODER_ATOL)
+
+
+def test_a_tiny_decoder_with_other_latent_channels_is_refused(models_root, tmp_path):
+    from diffusers import AutoencoderTiny
+
+    from edgediff.export import export_bundle
+    from edgediff.runtime.errors import ExportError
+
+    AutoencoderTiny(encoder_block_out_channels=(8,), decoder_block_out_channels=(8,), num_encoder_blocks=(1,),
+                    num_decoder_blocks=(1,), latent_channels=16).save_pretrained(tmp_path / "wrong")
+    with pytest.raises(ExportError, match="16 latent channels"):
+        export_bundle(str(tiny_source("tiny-sd1", models_root)), tmp_path / "out", tiny_decoder=str(tmp_path / "wrong"),
+                      progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_asking_for_a_decoder_the_bundle_lacks_is_a_clear_error(models_root):
+    from tiny_models import tiny_bundle
+
+    with pytest.raises(InputError, match="no tiny decoder"):
+        Pipeline.from_bundle(tiny_bundle("tiny-sd1", models_root), provider="cpu", decoder="tiny")
+    with pytest.raises(InputError, match="decoder must be one of"):
+        Pipeline.from_bundle(tiny_bundle("tiny-sd1", models_root), provider="cpu", decoder="taesd")
+
+
+def test_shipped_tiny_decoder_draws_the_same_scene():
+    from edgediff.models import checker
+
+    pipe = Pipeline.from_bundle(default_bundle(), provider="cpu")
+    prompt = "a large red circle on a blue background"
+    full = checker.read(pipe(prompt, seed=0).images[0])
+    tiny = checker.read(pipe(prompt, seed=0, decoder="tiny").images[0])
+    assert (tiny.colour, tiny.background) == (full.colour, full.background)
+
+
+def test_tile_blending_is_exact_for_a_local_decoder():
+    """A decoder with no context beyond its cell (nearest upsampling) must come out identical tiled:
+    the ramps of neighbouring tiles sum to one everywhere, at any tile size and uneven edges."""
+    from edgediff.runtime import decode
+
+    class Upsampler:
+        def run(self, run_options=None, latent_sample=None):
+            return [np.repeat(np.repeat(latent_sample[:, :3], 8, 2), 8, 3)]
+
+    latents = np.random.default_rng(0).standard_normal((2, 4, 32, 40)).astype(np.float32)
+    whole = decode.decode(Upsampler(), latents)
+    for tile, overlap in ((8, None), (12, 5), (31, 3)):
+        np.testing.assert_allclose(decode.decode(Upsampler(), latents, tile=tile, overlap=overlap), whole, atol=1e-5)
+
+
+def test_tiled_decode_matches_whole_decode():
+    """The shipped tiny decoder (convolutions only) at 128x128, in 16-cell tiles: no seams.
+    (The full VAE's group norms see one tile's statistics, not the image's: with it, use tiles of the
+    size the VAE was trained at, 64 cells = 512 px for SD.)"""
+    pipe = Pipeline.from_bundle(default_bundle(), provider="cpu")
+    kwargs = dict(seed=0, height=128, width=128, output_type="np", decoder="tiny")
+    whole = pipe("a small yellow star at the left on a purple background", **kwargs).images
+    tiled = pipe("a small yellow star at the left on a purple background", decode_tile=16, **kwargs).images
+    assert whole.shape == tiled.shape == (1, 128, 128, 3)
+    assert not np.array_equal(whole, tiled)  # it really decoded in tiles
+    assert _psnr(whole, tiled) >= TILED_PSNR_FLOOR_DB
+
+
+def test_tile_size_too_small_is_refused():
+    pipe = Pipeline.from_bundle(default_bundle(), provider="cpu")
+    with pytest.raises(InputError, match="tile size"):
+        pipe("a red circle on a blue background", seed=0, decode_tile=2)
