@@ -131,6 +131,8 @@ class Pipeline:
         ids = self.tokenizer(prompts)
         t1 = time.perf_counter()
         out = self.sessions.get("text_encoder").run(input_ids=ids)[0].astype(np.float32)
+        if not np.isfinite(out).all():
+            raise NaNOutputError("nan_output", component="text encoder", hint=" (fp16 overflow? try an fp32 bundle)")
         timings["tokenize"] = timings.get("tokenize", 0.0) + t1 - t0
         timings["text_encoder"] = timings.get("text_encoder", 0.0) + time.perf_counter() - t1
         return out

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import re
 
 import numpy as np
 import pytest
@@ -216,3 +217,14 @@ def test_output_path_that_is_a_folder(tmp_path):
     (tmp_path / "x.png").mkdir()
     with pytest.raises(OutputPathError, match="it is a folder"):
         save_image(Image.new("RGB", (8, 8)), tmp_path / "x.png")
+
+
+@pytest.mark.parametrize("component,named", [
+    ("text_encoder", "text encoder"), ("unet", "denoiser (unet)"), ("vae_decoder", "full VAE decoder")])
+def test_nan_in_any_stage_is_named(models_root, component, named):
+    pipe = Pipeline.from_bundle(tiny_bundle("tiny-sd1", models_root))
+    session = pipe.sessions.get(component)
+    real_run = session.run
+    session.run = lambda run_options=None, **feeds: [o * np.float32("nan") for o in real_run(run_options, **feeds)]
+    with pytest.raises(NaNOutputError, match=f"the {re.escape(named)} produced NaN"):
+        pipe("a red circle", num_inference_steps=2, seed=0)
