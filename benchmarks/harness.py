@@ -79,7 +79,7 @@ def _aggregate(system: str, procs: list[dict]) -> dict:
         "cold": {"load_s": summarise([p["load_s"] for p in procs]),
                  "first_image_s": summarise([p["first_image_s"] for p in procs])},
         "peak_rss_bytes": max(rss) if rss else None, "processes": len(procs),
-        "providers": procs[0].get("providers"),
+        "providers": procs[0].get("providers"), "provider_report": procs[0].get("provider_report"),
     }
 
 

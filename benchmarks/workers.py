@@ -7,6 +7,7 @@ gets the same prompt, size, steps, guidance, sampler settings and initial latent
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -44,7 +45,10 @@ def edgediff(a: dict) -> dict:
     t0 = time.perf_counter()
     from edgediff.runtime import Pipeline
 
-    pipe = Pipeline.from_bundle(a["bundle"], provider=a["provider"], threads=a["threads"], verify="size")
+    if a.get("cache_dir"):  # the graph cache's folder for this run (cold start with a warm cache)
+        os.environ["EDGEDIFF_CACHE_DIR"] = a["cache_dir"]
+    pipe = Pipeline.from_bundle(a["bundle"], provider=a["provider"], threads=a["threads"], verify="size",
+                                cache=bool(a.get("cache_dir")))
     load = time.perf_counter() - t0
     runs = []
     for i in range(a["warmup"] + a["repeat"] + 1):
@@ -52,7 +56,7 @@ def edgediff(a: dict) -> dict:
                    latents=_latents(pipe.manifest, a["size"], i), seed=i, output_type="np")
         runs.append(dict(out.timings))
     return {"load_s": load, "first_image_s": runs[0]["total"], "runs": _run_stats(runs[1 + a["warmup"]:]),
-            "providers": pipe.sessions.get("unet").providers}
+            "providers": pipe.sessions.get("unet").providers, "provider_report": pipe.provider_report()}
 
 
 class _Timer:

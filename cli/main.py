@@ -68,10 +68,12 @@ def cli(verbose: bool) -> None:
               help="tiny: the bundle's AutoencoderTiny decoder (fast, slightly softer).")
 @click.option("--decode-tile", type=int, default=None, help="Decode in tiles of this many latent cells (bounded memory).")
 @click.option("--low-memory", is_flag=True, help="Keep one graph in memory at a time (slower, smallest peak).")
+@click.option("--cache/--no-cache", default=True, show_default=True,
+              help="Keep onnxruntime's optimised graphs in the per-user cache (faster second start).")
 @click.option("-o", "--output", default="edgediff.png", show_default=True, type=click.Path(),
               help="Image file; with --num-images N, files get _0.._N-1 suffixes.")
 def generate(prompt, model, steps, guidance, seed, width, height, negative_prompt, sampler, num_images, provider,
-             fallback, decoder, decode_tile, low_memory, output):
+             fallback, decoder, decode_tile, low_memory, cache, output):
     """Generate an image from PROMPT."""
     from pathlib import Path
 
@@ -86,7 +88,7 @@ def generate(prompt, model, steps, guidance, seed, width, height, negative_promp
     for target in targets:  # fail before minutes of work, not after
         check_writable(target)
     pipe = Pipeline.from_bundle(resolve_bundle(model), provider=provider, sampler=sampler, fallback=fallback,
-                                low_memory=low_memory, decoder=decoder)
+                                low_memory=low_memory, decoder=decoder, cache=cache)
     bars = []  # created at the first step, so that argument errors print without a bar
 
     def progress(event):
@@ -145,17 +147,19 @@ def info(bundle, verify):
 
 @cli.command()
 def providers():
-    """List the execution providers onnxruntime offers on this machine, and what `auto` picks."""
+    """List the execution providers edgediff knows, which this onnxruntime offers, and what `auto` picks."""
     import onnxruntime as ort
 
     from edgediff.runtime import providers as prov
 
     have = prov.available()
-    auto = prov.resolve("auto")[0]
-    click.echo(f"onnxruntime {ort.__version__} ({ort.get_device()})")
-    for short, full in prov.PROVIDERS.items():
-        mark = "available" if short in have else "-"
-        click.echo(f"{short:<10}{full:<28}{mark}{'  <- auto' if full == auto else ''}")
+    auto = prov.resolve("auto").provider.name
+    click.echo(f"onnxruntime {ort.__version__} ({ort.get_device()}); auto order: {', '.join(prov.AUTO_ORDER)}")
+    click.echo(f"{'name':<10}{'status':<16}{'precisions':<16}options / how to get it")
+    for name, p in prov.REGISTRY.items():
+        status = "available" if name in have else ("-" if p.on_this_platform() else "not on this OS")
+        detail = ", ".join(f"{k}={v}" for k, v in p.options.items()) if name in have else p.install
+        click.echo(f"{name:<10}{status + (' <- auto' if name == auto else ''):<16}{'/'.join(p.precisions):<16}{detail}")
 
 
 @cli.command()

@@ -19,7 +19,7 @@ MESSAGES = {
     "graph_mismatch": "bundle {path}: {component} graph does not match its manifest: {detail}",
     # providers
     "provider_unknown": "unknown provider {name!r}; known: {known}",
-    "provider_unavailable": "provider {name!r} is not available in this onnxruntime build (available: {available}); install its extra or pass --fallback",
+    "provider_unavailable": "provider {name!r} is not available in this onnxruntime build (available: {available}); to get it: {install}; or pass --fallback",
     # generation inputs
     "size_multiple": "{what} must be a positive multiple of {multiple}, got {value}",
     "steps": "num_inference_steps must be >= 1, got {value}",

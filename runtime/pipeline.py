@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 
 from . import decode as decoding
+from . import graph_cache
 from .bundle import Bundle
 from .cancel import CancelToken
 from .errors import Cancelled, InputError, NaNOutputError, PipelineClosed
@@ -76,31 +77,48 @@ class Pipeline:
 
     def __init__(self, bundle: Bundle, provider: str = "auto", sampler: str | None = None,
                  fallback: bool = False, threads: int | None = None, low_memory: bool = False,
-                 decoder: str = "full"):
+                 decoder: str = "full", cache: bool = True):
         self.bundle = bundle
         self.manifest = m = bundle.manifest
-        self.providers = resolve(provider, fallback=fallback)
+        self.resolution = resolve(provider, fallback=fallback)
+        self.providers = self.resolution.names
         self.sampler_name = sampler or m.scheduler["name"]
         if self.sampler_name not in SAMPLERS:
             raise InputError("sampler_unknown", name=self.sampler_name, available=", ".join(SAMPLERS))
         self.decoder = self._check_decoder(decoder)
         self.tokenizer = PromptTokenizer(bundle.tokenizer_path, m.tokenizer["max_length"], m.tokenizer["pad_id"])
         names = [*COMPONENTS, *(c for c in m.components if c not in COMPONENTS)]
+        # optimised graphs are cached per user (graph_cache.py); the bundle folder itself is never written
+        cache_folder = graph_cache.cache_dir() if cache else None
         self.sessions = SessionPool(
-            lambda name: GraphSession(name, bundle.component_path(name), m.components[name], self.providers,
-                                      bundle.path, threads),
+            lambda name: GraphSession(name, bundle.component_path(name), m.components[name], self.resolution,
+                                      bundle.path, threads, cache_folder),
             names, low_memory=low_memory)
         # low-memory mode swaps sessions within a call, so calls take turns; otherwise a no-op lock
         self._turns = threading.Lock() if low_memory else _NoLock()
         self._closed = False
-        log.info("bundle %s on %s%s", bundle.path, self.providers[0], " (low memory)" if low_memory else "")
+        log.info("bundle %s on %s%s%s", bundle.path, self.resolution.provider.name,
+                 f" (fell back from {provider})" if self.resolution.fell_back else "",
+                 " (low memory)" if low_memory else "")
 
     @classmethod
     def from_bundle(cls, path: str | Path, provider: str = "auto", sampler: str | None = None,
                     verify: str = "full", fallback: bool = False, threads: int | None = None,
-                    low_memory: bool = False, decoder: str = "full") -> "Pipeline":
+                    low_memory: bool = False, decoder: str = "full", cache: bool = True) -> "Pipeline":
         return cls(Bundle.open(path, verify=verify), provider=provider, sampler=sampler, fallback=fallback,
-                   threads=threads, low_memory=low_memory, decoder=decoder)
+                   threads=threads, low_memory=low_memory, decoder=decoder, cache=cache)
+
+    def provider_report(self) -> dict:
+        """What runs where: the chosen provider, its options, and per loaded graph its providers, whether
+        it fell back to the CPU and whether its optimised form came from the cache."""
+        return {
+            "provider": self.resolution.provider.name, "requested": self.resolution.requested,
+            "fell_back": self.resolution.fell_back, "options": dict(self.resolution.provider.options),
+            "graphs": {name: {"providers": self.sessions.get(name).providers,
+                              "cpu_fallback": self.sessions.get(name).fell_back_to_cpu,
+                              "cache": self.sessions.get(name).cache}
+                       for name in self.sessions.loaded},
+        }
 
     @property
     def decoders(self) -> list[str]:

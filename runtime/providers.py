@@ -1,8 +1,15 @@
-"""Execution providers: our short names, the order `auto` tries them in, and a logged, explicit fallback."""
+"""Execution providers: one small class each (how it is detected, its session and provider options,
+the bundle precisions that suit it), the order `auto` tries them in, and a logged, explicit fallback.
+
+Only the CPU provider is exercised on our CI; the others are built from onnxruntime's documented
+options and verified where a machine has them (see README "Platforms").
+"""
 
 from __future__ import annotations
 
 import logging
+import sys
+from dataclasses import dataclass, field
 
 import onnxruntime as ort
 
@@ -10,42 +17,107 @@ from .errors import ProviderError
 
 log = logging.getLogger("edgediff.providers")
 
-# short name -> onnxruntime provider name
-PROVIDERS = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-    "rocm": "ROCMExecutionProvider",
-    "directml": "DmlExecutionProvider",
-    "coreml": "CoreMLExecutionProvider",
-    "openvino": "OpenVINOExecutionProvider",
-    "qnn": "QNNExecutionProvider",
-}
-# `auto` picks the first available; GPUs before NPUs before the CPU. TensorRT is left to explicit
-# choice: its engine build takes minutes on first use.
+
+@dataclass(frozen=True)
+class Provider:
+    name: str  # our short name (CLI, API)
+    ort_name: str  # onnxruntime's provider name
+    precisions: tuple[str, ...]  # bundle precisions that suit it, best first
+    install: str  # how to get an onnxruntime build that has it
+    platforms: tuple[str, ...] = ()  # sys.platform prefixes where it can exist; () = everywhere
+    options: dict = field(default_factory=dict)  # provider options passed to onnxruntime
+    gpu: bool = False  # device memory: I/O binding and fp16 pay off
+
+    def available(self, offered: set[str] | None = None) -> bool:
+        offered = set(ort.get_available_providers()) if offered is None else offered
+        return self.ort_name in offered
+
+    def on_this_platform(self) -> bool:
+        return not self.platforms or sys.platform.startswith(self.platforms)
+
+    def configure(self, opts: ort.SessionOptions) -> None:
+        """Session options this provider needs (most need none)."""
+
+
+class DirectML(Provider):
+    def configure(self, opts: ort.SessionOptions) -> None:
+        # onnxruntime's DirectML notes: no memory patterns, sequential execution
+        opts.enable_mem_pattern = False
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+
+
+REGISTRY: dict[str, Provider] = {p.name: p for p in (
+    # x86 CPUs have no fp16 kernels (onnxruntime inserts casts): fp32, or int8/int4 weights
+    Provider("cpu", "CPUExecutionProvider", ("fp32", "int8", "int4"), install="pip install edgediff"),
+    Provider("cuda", "CUDAExecutionProvider", ("fp16", "fp32"), install='pip install "edgediff[cuda]"',
+             platforms=("linux", "win"), gpu=True,
+             options={"device_id": 0, "cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": True}),
+    Provider("tensorrt", "TensorrtExecutionProvider", ("fp16", "fp32"),
+             install='pip install "edgediff[cuda]" and the TensorRT libraries', platforms=("linux", "win"), gpu=True,
+             options={"trt_fp16_enable": True, "trt_engine_cache_enable": True}),
+    Provider("rocm", "ROCMExecutionProvider", ("fp16", "fp32"), install="AMD's onnxruntime wheels built with ROCm",
+             platforms=("linux",), gpu=True),
+    DirectML("directml", "DmlExecutionProvider", ("fp16", "fp32"), install='pip install "edgediff[directml]"',
+             platforms=("win",), gpu=True, options={"device_id": 0}),
+    Provider("coreml", "CoreMLExecutionProvider", ("fp16", "fp32"), install="pip install edgediff (macOS wheels have it)",
+             platforms=("darwin",), options={"ModelFormat": "MLProgram", "MLComputeUnits": "ALL"}),
+    Provider("openvino", "OpenVINOExecutionProvider", ("fp16", "int8", "fp32"), install='pip install "edgediff[openvino]"',
+             options={"device_type": "AUTO:GPU,NPU,CPU"}),
+    Provider("qnn", "QNNExecutionProvider", ("int8", "fp16"), install='pip install "edgediff[qnn]"',
+             platforms=("win", "linux"),
+             options={"backend_path": "QnnHtp.dll" if sys.platform.startswith("win") else "libQnnHtp.so"}),
+)}
+# kept for callers that only need names
+PROVIDERS = {name: p.ort_name for name, p in REGISTRY.items()}
+# `auto` picks the first available: GPUs, then NPUs, then the CPU. TensorRT is left to explicit
+# choice (its engine build takes minutes on first use); QNN too (it wants QDQ int8 bundles).
 AUTO_ORDER = ("cuda", "rocm", "directml", "coreml", "openvino", "cpu")
 
 
-def available() -> list[str]:
+def available(offered: set[str] | None = None) -> list[str]:
     """Short names of the providers this onnxruntime build offers."""
-    offered = set(ort.get_available_providers())
-    return [short for short, full in PROVIDERS.items() if full in offered]
+    return [name for name, p in REGISTRY.items() if p.available(offered)]
 
 
-def resolve(name: str = "auto", fallback: bool = False) -> list[str]:
-    """onnxruntime provider list for a session: the chosen one, then CPU for nodes it cannot run."""
-    have = available()
+@dataclass(frozen=True)
+class Resolution:
+    """What a pipeline runs on: the chosen provider, and onnxruntime's provider list with options."""
+
+    provider: Provider
+    requested: str
+    fell_back: bool
+
+    @property
+    def ort_providers(self) -> list:
+        chosen = (self.provider.ort_name, dict(self.provider.options))
+        return [chosen] + ([("CPUExecutionProvider", {})] if self.provider.name != "cpu" else [])
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.ort_providers]
+
+
+def resolve(name: str = "auto", fallback: bool = False, offered: set[str] | None = None) -> Resolution:
+    """The provider to use: `auto` -> best available; an unavailable explicit one is an error unless
+    `fallback`, then the best available (logged). CPU always backs up nodes a provider cannot run."""
+    have = available(offered)
     key = name.lower()
     if key == "auto":
         chosen = next(p for p in AUTO_ORDER if p in have)
         log.info("provider auto -> %s (available: %s)", chosen, ", ".join(have))
-    elif key not in PROVIDERS:
-        raise ProviderError("provider_unknown", name=name, known=", ".join(["auto", *PROVIDERS]))
-    elif key not in have:
+        return Resolution(REGISTRY[chosen], name, False)
+    if key not in REGISTRY:
+        raise ProviderError("provider_unknown", name=name, known=", ".join(["auto", *REGISTRY]))
+    if key not in have:
         if not fallback:
-            raise ProviderError("provider_unavailable", name=name, available=", ".join(have))
+            raise ProviderError("provider_unavailable", name=name, available=", ".join(have),
+                                install=REGISTRY[key].install)
         chosen = next(p for p in AUTO_ORDER if p in have)
         log.warning("provider %s is not available; falling back to %s", name, chosen)
-    else:
-        chosen = key
-    return [PROVIDERS[chosen]] + ([PROVIDERS["cpu"]] if chosen != "cpu" else [])
+        return Resolution(REGISTRY[chosen], name, True)
+    return Resolution(REGISTRY[key], name, False)
+
+
+def preferred_precision(provider: str) -> str:
+    """The bundle precision to export for a provider (the first that suits it)."""
+    return REGISTRY[provider].precisions[0]

@@ -8,6 +8,7 @@ onnxruntime stack trace.
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import threading
 from typing import Callable
@@ -15,8 +16,12 @@ from typing import Callable
 import numpy as np
 import onnxruntime as ort
 
+from . import graph_cache
 from .errors import BundleError, InputError
 from .manifest import ComponentSpec
+from .providers import Resolution, resolve
+
+log = logging.getLogger("edgediff.session")
 
 _ORT_TO_NUMPY = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
@@ -34,22 +39,40 @@ def physical_cores() -> int:
         return os.cpu_count() or 1
 
 
-def session_options(threads: int | None = None) -> ort.SessionOptions:
+def session_options(threads: int | None = None, resolution: Resolution | None = None) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or physical_cores()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3  # warnings from ORT about CPU-fallback nodes are logged by us instead
+    if resolution is not None:
+        resolution.provider.configure(opts)
     return opts
 
 
 class GraphSession:
-    def __init__(self, name: str, path, spec: ComponentSpec, providers: list[str], bundle_path, threads: int | None = None):
+    """One graph's session. `cache_dir`: keep its optimised form there (see graph_cache.py)."""
+
+    def __init__(self, name: str, path, spec: ComponentSpec, resolution: Resolution | None, bundle_path,
+                 threads: int | None = None, cache_dir=None):
         self.name = name
         self.spec = spec
+        resolution = resolution or resolve("cpu")
+        self.cache = "off"
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=session_options(threads), providers=providers)
+            if cache_dir is None:
+                self.session = ort.InferenceSession(str(path), sess_options=session_options(threads, resolution),
+                                                    providers=resolution.ort_providers)
+            else:
+                key = graph_cache.cache_key(name, spec.files[spec.graph_file]["sha256"], resolution.provider.name, path)
+                self.session, self.cache = graph_cache.open_cached(
+                    path, key, spec.size, lambda: session_options(threads, resolution), resolution.ort_providers,
+                    cache_dir)
         except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
             raise BundleError("graph_unloadable", path=bundle_path, file=path.name, detail=str(exc).splitlines()[0]) from exc
+        # a graph the chosen provider could not take runs on the CPU alone: say so
+        self.fell_back_to_cpu = resolution.provider.name != "cpu" and self.session.get_providers()[0] != resolution.provider.ort_name
+        if self.fell_back_to_cpu:
+            log.warning("%s: %s did not take this graph; it runs on the CPU", name, resolution.provider.name)
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
         # called with each run's checked feeds (export records calibration inputs this way)

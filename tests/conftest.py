@@ -37,3 +37,18 @@ def rng():
 @pytest.fixture(scope="session")
 def models_root(tmp_path_factory):
     return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_graph_cache(tmp_path_factory):
+    """Tests keep optimised graphs in their own cache folder, never the user's."""
+    import os
+
+    folder = tmp_path_factory.mktemp("graph-cache")
+    old = os.environ.get("EDGEDIFF_CACHE_DIR")
+    os.environ["EDGEDIFF_CACHE_DIR"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("EDGEDIFF_CACHE_DIR", None)
+    else:
+        os.environ["EDGEDIFF_CACHE_DIR"] = old

@@ -64,7 +64,7 @@ def test_info_and_providers(models_root):
     assert result.exit_code == 0, result.output
     assert "lcm-sd1" in result.output and "checksums ok" in result.output and "timestep_cond" in result.output
     result = CliRunner().invoke(cli, ["providers"])
-    assert result.exit_code == 0 and "CPUExecutionProvider" in result.output and "<- auto" in result.output
+    assert result.exit_code == 0 and "onnxruntime" in result.output and "<- auto" in result.output
 
 
 def test_export_command(models_root, tmp_path):

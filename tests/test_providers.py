@@ -1,0 +1,104 @@
+"""Provider registry, the auto order and fallback, and the on-disk cache of optimised graphs."""
+
+import logging
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+
+from edgediff.cli.main import cli
+from edgediff.runtime import Pipeline, ProviderError
+from edgediff.runtime import providers as prov
+
+from tiny_models import tiny_bundle
+
+CPU = "CPUExecutionProvider"
+
+
+@pytest.mark.parametrize("offered,expected", [
+    ({CPU}, "cpu"),
+    ({CPU, "CUDAExecutionProvider", "TensorrtExecutionProvider"}, "cuda"),  # TensorRT only when asked
+    ({CPU, "DmlExecutionProvider"}, "directml"),
+    ({CPU, "CoreMLExecutionProvider"}, "coreml"),
+    ({CPU, "OpenVINOExecutionProvider", "DmlExecutionProvider"}, "directml"),  # GPUs before NPUs
+    ({CPU, "QNNExecutionProvider"}, "cpu"),  # QNN only when asked (it wants QDQ int8 graphs)
+])
+def test_auto_picks_the_best_offered_provider(offered, expected):
+    chosen = prov.resolve("auto", offered=offered)
+    assert chosen.provider.name == expected and not chosen.fell_back
+    names = chosen.names
+    assert names[0] == prov.REGISTRY[expected].ort_name and names[-1] == CPU  # CPU backs up unsupported nodes
+    assert names.count(CPU) == 1
+
+
+def test_explicit_unavailable_provider_names_how_to_get_it_or_falls_back_logged(caplog):
+    offered = {CPU}
+    with pytest.raises(ProviderError, match=r"'directml' is not available.*edgediff\[directml\]"):
+        prov.resolve("directml", offered=offered)
+    with caplog.at_level(logging.WARNING, logger="edgediff.providers"):
+        chosen = prov.resolve("directml", fallback=True, offered=offered)
+    assert chosen.provider.name == "cpu" and chosen.fell_back and "falling back to cpu" in caplog.text
+    with pytest.raises(ProviderError, match="unknown provider 'tpu'"):
+        prov.resolve("tpu", offered=offered)
+
+
+def test_each_provider_states_options_precisions_and_session_needs():
+    for name, p in prov.REGISTRY.items():
+        assert p.precisions and p.install and prov.preferred_precision(name) == p.precisions[0]
+        assert p.ort_name.endswith("ExecutionProvider")
+    assert prov.preferred_precision("cpu") == "fp32" and prov.preferred_precision("cuda") == "fp16"
+    opts = ort.SessionOptions()
+    prov.REGISTRY["directml"].configure(opts)  # DirectML needs these per onnxruntime's docs
+    assert opts.enable_mem_pattern is False and opts.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
+    assert prov.REGISTRY["coreml"].options["ModelFormat"] == "MLProgram"
+
+
+def test_provider_report_says_what_runs_where(models_root):
+    pipe = Pipeline.from_bundle(tiny_bundle("tiny-sd1", models_root), provider="cpu")
+    report = pipe.provider_report()
+    assert report["provider"] == "cpu" and not report["fell_back"]
+    assert set(report["graphs"]) == {"text_encoder", "unet", "vae_decoder"}
+    assert all(g["providers"][0] == CPU and not g["cpu_fallback"] for g in report["graphs"].values())
+
+
+def test_graph_cache_second_start_reuses_the_optimised_graph(models_root, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("EDGEDIFF_CACHE_DIR", str(tmp_path / "cache"))
+    bundle = tiny_bundle("tiny-sd1", models_root)
+    uncached = Pipeline.from_bundle(bundle, cache=False)
+    assert {g["cache"] for g in uncached.provider_report()["graphs"].values()} == {"off"}
+    assert not (tmp_path / "cache").exists()
+
+    first = Pipeline.from_bundle(bundle)
+    assert {g["cache"] for g in first.provider_report()["graphs"].values()} == {"miss"}
+    files = sorted(p.name for p in (tmp_path / "cache").glob("*.onnx"))
+    assert len(files) == 3 and all(f"ort{ort.__version__}" in f and "-cpu-" in f for f in files)
+    second = Pipeline.from_bundle(bundle)
+    assert {g["cache"] for g in second.provider_report()["graphs"].values()} == {"hit"}
+    images = [p("a cat", seed=3, num_inference_steps=2, output_type="np").images for p in (uncached, first, second)]
+    np.testing.assert_allclose(images[2], images[0], atol=1e-6)
+
+    # a damaged cached graph is thrown away and rebuilt, with a warning
+    unet_file = next((tmp_path / "cache").glob("unet-*.onnx"))
+    unet_file.write_bytes(b"not a graph")
+    with caplog.at_level(logging.WARNING, logger="edgediff.cache"):
+        third = Pipeline.from_bundle(bundle)
+    assert "unusable" in caplog.text and third.provider_report()["graphs"]["unet"]["cache"] == "miss"
+    np.testing.assert_allclose(third("a cat", seed=3, num_inference_steps=2, output_type="np").images, images[0], atol=1e-6)
+
+
+def test_graph_cache_key_follows_the_graph(models_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEDIFF_CACHE_DIR", str(tmp_path / "cache"))
+    Pipeline.from_bundle(tiny_bundle("tiny-sd1", models_root))
+    Pipeline.from_bundle(tiny_bundle("tiny-sd2-v", models_root))  # other graphs: other keys, no mix-up
+    unets = sorted((tmp_path / "cache").glob("unet-*.onnx"))
+    assert len(unets) == 2
+
+
+def test_providers_command_lists_the_registry():
+    result = CliRunner().invoke(cli, ["providers"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    for name in prov.REGISTRY:
+        assert any(line.startswith(name) for line in lines)
+    assert any(line.startswith("cpu") and "<- auto" in line for line in lines) or "cuda" in prov.available()
