@@ -178,9 +178,10 @@ def providers():
 @click.option("--default-guidance", type=float, default=None, help="Guidance the bundle defaults to (default: the family's).")
 @click.option("--tiny-decoder", default=None,
               help="AutoencoderTiny folder or hub id to add as the fast decoder (e.g. madebyollin/taesd).")
+@click.option("--optimize", is_flag=True, help="Apply onnxruntime's transformer fusions (checked against PyTorch).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT once the new bundle is complete.")
 def export(source, out, precision, keep, calibration_prompts, height, width, family, default_steps, default_guidance,
-           tiny_decoder, overwrite):
+           tiny_decoder, optimize, overwrite):
     """Export a diffusers model (folder or hub id) SOURCE into a bundle at OUT."""
     from edgediff.export import export_bundle
 
@@ -190,7 +191,7 @@ def export(source, out, precision, keep, calibration_prompts, height, width, fam
     path = export_bundle(source, out, precision=precision, height=height, width=width, family=family,
                          overwrite=overwrite, default_steps=default_steps, default_guidance=default_guidance,
                          tiny_decoder=tiny_decoder, keep=keep if keep in ("none", "auto") else keep.split(","),
-                         calibration_prompts=prompts)
+                         calibration_prompts=prompts, optimize=optimize)
     click.echo(str(path))
 
 

@@ -21,6 +21,7 @@ from edgediff.runtime.errors import ExportError, ExportValidationError
 from edgediff.runtime.manifest import MANIFEST_NAME, TOKENIZER_NAME, ComponentSpec, Manifest, TensorSpec
 from edgediff.runtime.schedulers import DIFFUSERS_CLASS_TO_SAMPLER, ScheduleConfig
 
+from .optimize import MODEL_TYPES as FUSABLE, optimise_graph
 from .precision import PRECISIONS, QUANTISED, to_fp16
 from .source import load_pipeline, source_facts
 from .specs import COMPONENTS, TINY_DECODER, TOLERANCES, ExportContext
@@ -105,14 +106,16 @@ def export_bundle(source: str, out: str | Path, precision: str = "fp32", height:
                   width: int | None = None, family: str | None = None, overwrite: bool = False,
                   progress: bool = True, default_steps: int | None = None,
                   default_guidance: float | None = None, tiny_decoder: str | None = None,
-                  keep: str | list[str] = "none", calibration_prompts: list[str] | None = None) -> Path:
+                  keep: str | list[str] = "none", calibration_prompts: list[str] | None = None,
+                  optimize: bool = False) -> Path:
     """Exports `source` (diffusers folder or hub id) into a bundle folder at `out`; returns `out`.
 
     `tiny_decoder`: an AutoencoderTiny (folder or hub id, e.g. madebyollin/taesd for SD 1.x/2.x) added
     as the bundle's fast decoder (`--decoder tiny`, and previews).
     int8 / int4: the fp32 graphs are exported and checked first, then quantised (export/quantize.py)
     with calibration inputs recorded from `calibration_prompts`; `keep` = "none", "auto" (sensitivity
-    pass) or block names to leave in fp32.
+    pass) or block names to leave in fp32. `optimize`: onnxruntime's transformer fusions (optimize.py),
+    checked against PyTorch like the plain graphs.
 
     Atomic: everything is built in a temporary folder beside `out` and renamed at the end; on any
     failure (validation included) nothing is left at `out`.
@@ -165,7 +168,13 @@ def export_bundle(source: str, out: str | Path, precision: str = "fp32", height:
             steps.set_postfix_str(component.name)
             export_models({component.name: model_and_config}, output_dir=raw_dir / component.name,
                           output_names=["model.onnx"])
-            model = onnx.load(str(raw_dir / component.name / "model.onnx"))
+            raw_graph = raw_dir / component.name / "model.onnx"
+            if optimize and component.name in FUSABLE:
+                fused = raw_graph.with_name("fused.onnx")
+                big = sum(f.stat().st_size for f in raw_graph.parent.iterdir()) > EXTERNAL_DATA_THRESHOLD
+                attributes = {**attributes, "optimizer": optimise_graph(raw_graph, fused, component.name, external_data=big)}
+                raw_graph = fused if fused.is_file() else raw_graph
+            model = onnx.load(str(raw_graph))
             comp_precision = "fp16" if precision == "fp16" and not component.keep_fp32_at_fp16 else "fp32"
             if comp_precision == "fp16":
                 model = to_fp16(model)
@@ -194,7 +203,7 @@ def export_bundle(source: str, out: str | Path, precision: str = "fp32", height:
             guidance_embedding_dim=ctx.time_cond_proj_dim,
             components=components,
             provenance={
-                "source": source, "precision": precision, "tiny_decoder": tiny_decoder,
+                "source": source, "precision": precision, "tiny_decoder": tiny_decoder, "optimized": optimize,
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "versions": _versions(), "export_check": {"tolerances": TOLERANCES, "max_rel_diff": checks},
             },

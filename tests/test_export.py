@@ -136,3 +136,18 @@ def test_manifest_is_plain_json(models_root):
     raw = json.loads((tiny_bundle("tiny-lcm", models_root) / "manifest.json").read_text())
     assert raw["scheduler"]["config"]["original_inference_steps"] == 50
     assert raw["components"]["unet"]["files"]["unet.onnx"]["sha256"]
+
+
+def test_optimize_fuses_what_it_can_and_stays_checked(models_root, tmp_path):
+    from edgediff.runtime import Pipeline
+
+    out = export_bundle(str(tiny_source("tiny-sd1", models_root)), tmp_path / "fused", optimize=True, progress=False)
+    manifest = Bundle.open(out).manifest
+    records = {name: manifest.components[name].attributes["optimizer"] for name in ("text_encoder", "unet", "vae_decoder")}
+    assert records["text_encoder"]["fused_ops"]  # LayerNorm/GELU fusions on the CLIP text encoder
+    for record in records.values():  # every graph either fused or says why it was left alone
+        assert "fused_ops" in record or record["skipped"]
+    assert manifest.provenance["optimized"] is True
+    plain = Pipeline.from_bundle(tiny_bundle("tiny-sd1", models_root))("a cat", seed=0, num_inference_steps=2, output_type="np")
+    fused = Pipeline.from_bundle(out)("a cat", seed=0, num_inference_steps=2, output_type="np")
+    np.testing.assert_allclose(fused.images, plain.images, atol=2 / 255)
