@@ -68,12 +68,14 @@ def cli(verbose: bool) -> None:
               help="tiny: the bundle's AutoencoderTiny decoder (fast, slightly softer).")
 @click.option("--decode-tile", type=int, default=None, help="Decode in tiles of this many latent cells (bounded memory).")
 @click.option("--low-memory", is_flag=True, help="Keep one graph in memory at a time (slower, smallest peak).")
+@click.option("--compute-units", type=click.Choice(["all", "cpu_and_ne", "cpu_and_gpu", "cpu_only"]), default="all",
+              show_default=True, help="Core ML bundles: where Core ML may run them.")
 @click.option("--cache/--no-cache", default=True, show_default=True,
               help="Keep onnxruntime's optimised graphs in the per-user cache (faster second start).")
 @click.option("-o", "--output", default="edgediff.png", show_default=True, type=click.Path(),
               help="Image file; with --num-images N, files get _0.._N-1 suffixes.")
 def generate(prompt, model, steps, guidance, seed, width, height, negative_prompt, sampler, num_images, provider,
-             fallback, decoder, decode_tile, low_memory, cache, output):
+             fallback, decoder, decode_tile, low_memory, compute_units, cache, output):
     """Generate an image from PROMPT."""
     from pathlib import Path
 
@@ -88,7 +90,7 @@ def generate(prompt, model, steps, guidance, seed, width, height, negative_promp
     for target in targets:  # fail before minutes of work, not after
         check_writable(target)
     pipe = Pipeline.from_bundle(resolve_bundle(model), provider=provider, sampler=sampler, fallback=fallback,
-                                low_memory=low_memory, decoder=decoder, cache=cache)
+                                low_memory=low_memory, decoder=decoder, cache=cache, compute_units=compute_units)
     bars = []  # created at the first step, so that argument errors print without a bar
 
     def progress(event):
@@ -179,12 +181,31 @@ def providers():
 @click.option("--tiny-decoder", default=None,
               help="AutoencoderTiny folder or hub id to add as the fast decoder (e.g. madebyollin/taesd).")
 @click.option("--optimize", is_flag=True, help="Apply onnxruntime's transformer fusions (checked against PyTorch).")
+@click.option("--target", type=click.Choice(["onnx", "coreml"]), default="onnx", show_default=True,
+              help="coreml: ML program packages (fp16, static shapes) for Macs and the Neural Engine.")
+@click.option("--palettize", type=click.Choice(["8", "6", "4"]), default=None,
+              help="coreml: k-means palettised weights with this many bits.")
+@click.option("--attention", type=click.Choice(["original"]), default="original", show_default=True,
+              help="coreml: attention layout (split_einsum is not implemented yet).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT once the new bundle is complete.")
 def export(source, out, precision, keep, calibration_prompts, height, width, family, default_steps, default_guidance,
-           tiny_decoder, optimize, overwrite):
+           tiny_decoder, optimize, target, palettize, attention, overwrite):
     """Export a diffusers model (folder or hub id) SOURCE into a bundle at OUT."""
     from edgediff.export import export_bundle
 
+    if target == "coreml":
+        from edgediff.export.coreml import export_coreml
+
+        if precision != "fp32" or tiny_decoder or optimize or keep != "none":
+            raise click.UsageError("--target coreml is fp16 (or --palettize); --precision, --keep, --tiny-decoder "
+                                   "and --optimize apply to ONNX bundles")
+        path = export_coreml(source, out, height=height, width=width, palettize=int(palettize) if palettize else None,
+                             attention=attention, family=family, overwrite=overwrite, default_steps=default_steps,
+                             default_guidance=default_guidance)
+        click.echo(str(path))
+        return
+    if palettize:
+        raise click.UsageError("--palettize applies to --target coreml")
     prompts = None
     if calibration_prompts:
         prompts = [line.strip() for line in Path(calibration_prompts).read_text(encoding="utf-8").splitlines() if line.strip()]

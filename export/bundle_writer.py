@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
@@ -102,6 +103,47 @@ def _validate(component, modules, ctx: ExportContext, graph_path: Path, toleranc
     return {k: d for k, (d, _) in diffs.items()}
 
 
+def prepare_source(source: str, height: int | None, width: int | None, family: str | None):
+    """The diffusers pipeline, its family row and the export context (sizes checked)."""
+    pipe = load_pipeline(source)
+    fam = get_family(family) if family else detect_family(source_facts(pipe, source))
+    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    default_h = height or int(pipe.unet.config.sample_size) * vae_scale
+    default_w = width or int(pipe.unet.config.sample_size) * vae_scale
+    for what, value in (("height", default_h), ("width", default_w)):
+        if value % 8:
+            raise ExportError("export_source", source=source, detail=f"{what} {value} is not a multiple of 8")
+    ctx = ExportContext(
+        height=default_h, width=default_w, latent_channels=int(pipe.unet.config.in_channels),
+        vae_scale_factor=vae_scale, max_length=int(pipe.tokenizer.model_max_length),
+        vocab_size=int(pipe.text_encoder.config.vocab_size),
+        cross_attention_dim=int(pipe.unet.config.cross_attention_dim),
+        time_cond_proj_dim=pipe.unet.config.time_cond_proj_dim,
+    )
+    return pipe, fam, ctx
+
+
+def build_manifest(pipe, fam, ctx: ExportContext, tokenizer_entry: dict, components: dict, default_steps, default_guidance,
+                   provenance: dict, target: str = "onnx") -> Manifest:
+    return Manifest(
+        family=fam.name,
+        prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
+        scheduler=_resolve_scheduler(pipe, fam),
+        defaults={"steps": default_steps or fam.default_steps,
+                  "guidance": fam.default_guidance if default_guidance is None else default_guidance,
+                  "height": ctx.height, "width": ctx.width},
+        latent_channels=ctx.latent_channels,
+        vae_scaling_factor=float(pipe.vae.config.scaling_factor),
+        vae_scale_factor=ctx.vae_scale_factor,
+        tokenizer=tokenizer_entry,
+        guidance_embedding_dim=ctx.time_cond_proj_dim,
+        components=components,
+        target=target,
+        provenance={**provenance, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    "versions": _versions()},
+    )
+
+
 def export_bundle(source: str, out: str | Path, precision: str = "fp32", height: int | None = None,
                   width: int | None = None, family: str | None = None, overwrite: bool = False,
                   progress: bool = True, default_steps: int | None = None,
@@ -130,29 +172,11 @@ def export_bundle(source: str, out: str | Path, precision: str = "fp32", height:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise ExportError("export_exists", path=out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     _quiet_tracing()
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with staged(out, overwrite) as staging:
         steps = tqdm(total=2 + len(COMPONENTS), desc="export", disable=not progress, unit="step")
         steps.set_postfix_str("loading source")
-        pipe = load_pipeline(source)
-        fam = get_family(family) if family else detect_family(source_facts(pipe, source))
-        vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-        default_h = height or int(pipe.unet.config.sample_size) * vae_scale
-        default_w = width or int(pipe.unet.config.sample_size) * vae_scale
-        ctx = ExportContext(
-            height=default_h, width=default_w, latent_channels=int(pipe.unet.config.in_channels),
-            vae_scale_factor=vae_scale, max_length=int(pipe.tokenizer.model_max_length),
-            vocab_size=int(pipe.text_encoder.config.vocab_size),
-            cross_attention_dim=int(pipe.unet.config.cross_attention_dim),
-            time_cond_proj_dim=pipe.unet.config.time_cond_proj_dim,
-        )
-        for what, value in (("height", default_h), ("width", default_w)):
-            if value % 8:
-                raise ExportError("export_source", source=source, detail=f"{what} {value} is not a multiple of 8")
+        pipe, fam, ctx = prepare_source(source, height, width, family)
         steps.update()
 
         tokenizer_entry = write_tokenizer_json(pipe.tokenizer, staging / TOKENIZER_NAME)
@@ -189,25 +213,9 @@ def export_bundle(source: str, out: str | Path, precision: str = "fp32", height:
             steps.update()
         shutil.rmtree(raw_dir, ignore_errors=True)
 
-        manifest = Manifest(
-            family=fam.name,
-            prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
-            scheduler=_resolve_scheduler(pipe, fam),
-            defaults={"steps": default_steps or fam.default_steps,
-                      "guidance": fam.default_guidance if default_guidance is None else default_guidance,
-                      "height": default_h, "width": default_w},
-            latent_channels=ctx.latent_channels,
-            vae_scaling_factor=float(pipe.vae.config.scaling_factor),
-            vae_scale_factor=vae_scale,
-            tokenizer=tokenizer_entry,
-            guidance_embedding_dim=ctx.time_cond_proj_dim,
-            components=components,
-            provenance={
-                "source": source, "precision": precision, "tiny_decoder": tiny_decoder, "optimized": optimize,
-                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "versions": _versions(), "export_check": {"tolerances": TOLERANCES, "max_rel_diff": checks},
-            },
-        )
+        manifest = build_manifest(pipe, fam, ctx, tokenizer_entry, components, default_steps, default_guidance, {
+            "source": source, "precision": precision, "tiny_decoder": tiny_decoder, "optimized": optimize,
+            "export_check": {"tolerances": TOLERANCES, "max_rel_diff": checks}})
         (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
         if precision in QUANTISED:
             steps.set_postfix_str(f"quantising ({precision})")
@@ -216,10 +224,6 @@ def export_bundle(source: str, out: str | Path, precision: str = "fp32", height:
         steps.set_postfix_str("done")
         steps.update()
         steps.close()
-        _commit(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 
@@ -245,6 +249,22 @@ def _quantise_bundle(staging: Path, manifest: Manifest, precision: str, keep, pr
         spec.attributes["quantization"] = record
 
 
+@contextmanager
+def staged(out: Path, overwrite: bool):
+    """A temporary folder beside `out` that becomes `out` when the block finishes, and vanishes if it
+    fails or is interrupted: an export is whole or absent."""
+    if out.exists() and not overwrite:
+        raise ExportError("export_exists", path=out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield staging
+        _commit(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def _quiet_tracing() -> None:
     # The tracer's notes about Python control flow in diffusers' modules say nothing to our users:
     # every graph is checked against PyTorch after export.
@@ -258,8 +278,8 @@ def _quiet_tracing() -> None:
 def _commit(staging: Path, out: Path) -> None:
     """Moves the finished bundle into place; an old bundle is replaced only once the new one is whole."""
     staging.chmod(0o755)  # mkdtemp (and onnx's external-data writer) make files private; a bundle is shared data
-    for f in staging.iterdir():
-        f.chmod(0o644)
+    for f in staging.rglob("*"):  # (Core ML packages are folders)
+        f.chmod(0o755 if f.is_dir() else 0o644)
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")

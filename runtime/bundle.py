@@ -43,17 +43,23 @@ class Bundle:
 
     def file(self, name: str) -> Path:
         """The path of a file the manifest names, refusing anything that leaves the bundle folder."""
-        candidate = self.path / name
-        if Path(name).is_absolute() or Path(name).name != name:
+        rel = Path(name)
+        # relative, no "..", and still inside once symlinks are followed (Core ML packages are folders)
+        if rel.is_absolute() or ".." in rel.parts or not rel.parts:
             raise BundleError("file_outside", path=self.path, file=name)
-        if candidate.is_symlink() and not candidate.resolve().is_relative_to(self.path.resolve()):
+        candidate = self.path / rel
+        if not candidate.resolve().is_relative_to(self.path.resolve()):
             raise BundleError("file_outside", path=self.path, file=name)
         if not candidate.is_file():
             raise BundleError("file_missing", path=self.path, file=name)
         return candidate
 
     def component_path(self, component: str) -> Path:
-        return self.file(self.manifest.components[component].graph_file)
+        """The graph file (ONNX), or the package folder (Core ML: the first part of its files' paths)."""
+        path = self.file(self.manifest.components[component].graph_file)
+        if self.manifest.target == "coreml":
+            return self.path / Path(self.manifest.components[component].graph_file).parts[0]
+        return path
 
     @property
     def tokenizer_path(self) -> Path:
@@ -61,7 +67,7 @@ class Bundle:
 
     @property
     def size_on_disk(self) -> int:
-        return sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
+        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
 
     def _check_files(self, verify: str) -> None:
         self.tokenizer_path  # noqa: B018  (raises when missing)

@@ -30,6 +30,7 @@ MESSAGES = {
     "nan_output": "the {component} produced NaN or infinite values{hint}; nothing was saved",
     "output_path": "cannot write {path}: {detail}",
     "output_format": "cannot write {path}: unknown image format {suffix!r} (use .png, .jpg or .webp)",
+    "static_size": "this Core ML bundle was exported for {width}x{height} (static shapes); export another for other sizes",
     "decoder_unknown": "decoder must be one of {available}, got {name!r}",
     "decoder_missing": "bundle {path} has no {name} decoder (export it with --tiny-decoder)",
     "tile_size": "decode tile size must be at least {minimum} latent cells, got {value}",

@@ -14,6 +14,7 @@ from .errors import BundleError, SchemaVersionError
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_NAME = "tokenizer.json"
+TARGETS = ("onnx", "coreml")
 
 
 @dataclass
@@ -54,6 +55,7 @@ class Manifest:
     guidance_embedding_dim: int | None  # LCM: width of the guidance embedding fed as timestep_cond
     components: dict[str, ComponentSpec]
     provenance: dict = field(default_factory=dict)  # source model, tool versions, date
+    target: str = "onnx"  # onnx (onnxruntime graphs) | coreml (ML program packages, macOS)
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> str:
@@ -98,4 +100,8 @@ class Manifest:
         for required in ("text_encoder", "unet", "vae_decoder"):
             if required not in components:
                 raise BundleError("manifest_invalid", path=bundle_dir, detail=f"no {required} component")
-        return cls(**fields_, components=components, provenance=raw.get("provenance", {}), schema_version=version)
+        target = raw.get("target", "onnx")
+        if target not in TARGETS:
+            raise BundleError("manifest_invalid", path=bundle_dir, detail=f"unknown target {target!r}")
+        return cls(**fields_, components=components, provenance=raw.get("provenance", {}), target=target,
+                   schema_version=version)

@@ -22,7 +22,9 @@ from .bundle import Bundle
 from .cancel import CancelToken
 from .errors import Cancelled, InputError, NaNOutputError, PipelineClosed
 from .image import latents_to_images
-from .providers import resolve
+from .coreml_session import CoreMLSession
+from .coreml_session import check_available as check_coreml
+from .providers import REGISTRY, Resolution, resolve
 from .schedulers import SAMPLERS, make_sampler
 from .session import GraphSession, SessionPool
 from .tokenizer import PromptTokenizer
@@ -77,10 +79,14 @@ class Pipeline:
 
     def __init__(self, bundle: Bundle, provider: str = "auto", sampler: str | None = None,
                  fallback: bool = False, threads: int | None = None, low_memory: bool = False,
-                 decoder: str = "full", cache: bool = True):
+                 decoder: str = "full", cache: bool = True, compute_units: str = "all"):
         self.bundle = bundle
         self.manifest = m = bundle.manifest
-        self.resolution = resolve(provider, fallback=fallback)
+        if m.target == "coreml":  # Core ML packages run through coremltools, on macOS (compute_units applies)
+            check_coreml(compute_units)
+            self.resolution = Resolution(REGISTRY["coreml"], provider, False)
+        else:
+            self.resolution = resolve(provider, fallback=fallback)
         self.providers = self.resolution.names
         self.sampler_name = sampler or m.scheduler["name"]
         if self.sampler_name not in SAMPLERS:
@@ -90,10 +96,14 @@ class Pipeline:
         names = [*COMPONENTS, *(c for c in m.components if c not in COMPONENTS)]
         # optimised graphs are cached per user (graph_cache.py); the bundle folder itself is never written
         cache_folder = graph_cache.cache_dir() if cache else None
-        self.sessions = SessionPool(
-            lambda name: GraphSession(name, bundle.component_path(name), m.components[name], self.resolution,
-                                      bundle.path, threads, cache_folder),
-            names, low_memory=low_memory)
+        if m.target == "coreml":
+            def opener(name):
+                return CoreMLSession(name, bundle.component_path(name), m.components[name], compute_units)
+        else:
+            def opener(name):
+                return GraphSession(name, bundle.component_path(name), m.components[name], self.resolution,
+                                    bundle.path, threads, cache_folder)
+        self.sessions = SessionPool(opener, names, low_memory=low_memory)
         # low-memory mode swaps sessions within a call, so calls take turns; otherwise a no-op lock
         self._turns = threading.Lock() if low_memory else _NoLock()
         self._closed = False
@@ -104,9 +114,10 @@ class Pipeline:
     @classmethod
     def from_bundle(cls, path: str | Path, provider: str = "auto", sampler: str | None = None,
                     verify: str = "full", fallback: bool = False, threads: int | None = None,
-                    low_memory: bool = False, decoder: str = "full", cache: bool = True) -> "Pipeline":
+                    low_memory: bool = False, decoder: str = "full", cache: bool = True,
+                    compute_units: str = "all") -> "Pipeline":
         return cls(Bundle.open(path, verify=verify), provider=provider, sampler=sampler, fallback=fallback,
-                   threads=threads, low_memory=low_memory, decoder=decoder, cache=cache)
+                   threads=threads, low_memory=low_memory, decoder=decoder, cache=cache, compute_units=compute_units)
 
     def provider_report(self) -> dict:
         """What runs where: the chosen provider, its options, and per loaded graph its providers, whether
@@ -160,6 +171,9 @@ class Pipeline:
         for what, value in (("height", height), ("width", width)):
             if not isinstance(value, (int, np.integer)) or value <= 0 or value % multiple:
                 raise InputError("size_multiple", what=what, multiple=multiple, value=value)
+        d = self.manifest.defaults
+        if self.manifest.target == "coreml" and (height, width) != (d["height"], d["width"]):
+            raise InputError("static_size", width=d["width"], height=d["height"])
         if not isinstance(steps, (int, np.integer)) or steps < 1:
             raise InputError("steps", value=steps)
         if batch < 1:
