@@ -117,3 +117,14 @@ def test_missing_peer_is_reported_and_skipped(models_root, tmp_path, monkeypatch
     data = run_bench(cfg, progress=False)
     assert any("optimum skipped" in n for n in data["notes"])
     assert [s["system"] for s in data["results"][0]["systems"]] == ["edgediff"]
+
+
+def test_quality_metrics_behave():
+    from edgediff.benchmarks.quality import psnr, ssim
+
+    rng = np.random.default_rng(0)
+    a = rng.random((32, 32, 3))
+    noisy = np.clip(a + rng.normal(0, 0.05, a.shape), 0, 1)
+    assert ssim(a, a) == pytest.approx(1.0) and psnr(a, a) == float("inf")
+    assert 0 < ssim(a, noisy) < 0.99 and 20 < psnr(a, noisy) < 30  # sigma 0.05 noise: ~26 dB
+    assert ssim(a, 1 - a) < 0.1

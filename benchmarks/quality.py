@@ -1,0 +1,113 @@
+"""Quality kept by each variant of a bundle (precision, decoder) against the fp32 reference, on the
+shipped model's evaluation prompts: PSNR and SSIM from the same seeds, the checker's prompt adherence,
+size on disk and warm ms per image.
+
+    python -m edgediff.benchmarks.quality --reference models/shipped/bundle-fp32 \\
+        --variant int8=/tmp/shipped-int8 --variant int4=/tmp/shipped-int4 --variant tiny-decoder=@tiny --n 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+ATTRIBUTES = ("colour", "background", "shape", "size", "position")
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+
+
+def ssim(a: np.ndarray, b: np.ndarray, window: int = 7) -> float:
+    """Mean SSIM (Wang et al. 2004) over RGB with a uniform window; images in [0, 1], HWC.
+    Hand-written (a few lines of numpy) to keep scikit-image out of the dependencies for one metric."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    c1, c2 = 0.01**2, 0.03**2
+    a, b = a.astype(np.float64), b.astype(np.float64)
+
+    def local_mean(x):
+        return sliding_window_view(x, (window, window), axis=(0, 1)).mean(axis=(-2, -1))
+
+    mu_a, mu_b = local_mean(a), local_mean(b)
+    var_a = local_mean(a * a) - mu_a**2
+    var_b = local_mean(b * b) - mu_b**2
+    cov = local_mean(a * b) - mu_a * mu_b
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return float(s.mean())
+
+
+def adherence(images, scenes) -> dict:
+    from edgediff.models import checker
+
+    hits = {a: [] for a in ATTRIBUTES}
+    for image, scene in zip(images, scenes):
+        r = checker.read(image)
+        hits["colour"].append(r.colour == scene.colour)
+        hits["background"].append(r.background == scene.background)
+        hits["shape"].append(r.shape == scene.shape)
+        if scene.say_size:
+            hits["size"].append(r.size == scene.size)
+        if scene.say_position:
+            hits["position"].append(r.position == scene.position)
+    return {a: float(np.mean(v)) for a, v in hits.items()}
+
+
+def _generate(pipe, scenes, decoder: str | None):
+    images, times = [], []
+    for i, scene in enumerate(scenes):
+        t0 = time.perf_counter()
+        images.append(pipe(scene.caption, seed=i, output_type="np", decoder=decoder).images[0])
+        times.append(time.perf_counter() - t0)
+    return images, 1000 * float(np.median(times[3:] or times))
+
+
+def compare(reference: str, variants: dict[str, str], n: int, threads: int | None = None) -> list[dict]:
+    from PIL import Image
+
+    from edgediff.models.evaluate import eval_prompts
+    from edgediff.runtime import Bundle, Pipeline
+
+    scenes = eval_prompts(n)
+    ref_pipe = Pipeline.from_bundle(reference, provider="cpu", threads=threads)
+    ref_images, ref_ms = _generate(ref_pipe, scenes, None)
+
+    def pil(images):
+        return [Image.fromarray((np.clip(x, 0, 1) * 255).round().astype(np.uint8)) for x in images]
+
+    rows = [{"variant": "fp32 (reference)", "psnr": float("inf"), "psnr_min": float("inf"), "ssim": 1.0,
+             "ms": ref_ms, "bytes": Bundle.open(reference, verify="size").size_on_disk, **adherence(pil(ref_images), scenes)}]
+    for name, path in variants.items():
+        decoder = "tiny" if path == "@tiny" else None
+        bundle = reference if path == "@tiny" else path
+        pipe = ref_pipe if path == "@tiny" else Pipeline.from_bundle(bundle, provider="cpu", threads=threads)
+        images, ms = _generate(pipe, scenes, decoder)
+        scores = [psnr(a, b) for a, b in zip(images, ref_images)]
+        rows.append({"variant": name, "psnr": float(np.mean(scores)), "psnr_min": float(np.min(scores)),
+                     "ssim": float(np.mean([ssim(a, b) for a, b in zip(images, ref_images)])), "ms": ms,
+                     "bytes": Bundle.open(bundle, verify="size").size_on_disk, **adherence(pil(images), scenes)})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reference", required=True)
+    parser.add_argument("--variant", action="append", default=[], help="NAME=BUNDLE, or NAME=@tiny for the tiny decoder")
+    parser.add_argument("--n", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    variants = dict(v.split("=", 1) for v in args.variant)
+    rows = compare(args.reference, variants, args.n, args.threads)
+    print("| variant | PSNR vs fp32 (mean / min) | SSIM | colour | background | shape | size | position | ms/image | MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['psnr']:.1f} / {r['psnr_min']:.1f} dB | {r['ssim']:.3f} | {r['colour']:.1%} | "
+              f"{r['background']:.1%} | {r['shape']:.1%} | {r['size']:.1%} | {r['position']:.1%} | {r['ms']:.0f} | "
+              f"{r['bytes'] / 2**20:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
