@@ -64,6 +64,10 @@ def cli(verbose: bool) -> None:
 @click.option("--num-images", type=int, default=1, show_default=True)
 @click.option("--provider", default="auto", show_default=True, help="auto, cpu, cuda, directml, coreml, openvino, qnn, ...")
 @click.option("--fallback", is_flag=True, help="Fall back to the best available provider instead of failing.")
+@click.option("--image", "init_image", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Image-to-image: start from this image (its size, rounded to 8, unless --width/--height).")
+@click.option("--strength", type=float, default=0.8, show_default=True,
+              help="Image-to-image: how much to change (0 keeps the image, 1 ignores it).")
 @click.option("--decoder", type=click.Choice(["full", "tiny"]), default="full", show_default=True,
               help="tiny: the bundle's AutoencoderTiny decoder (fast, slightly softer).")
 @click.option("--decode-tile", type=int, default=None, help="Decode in tiles of this many latent cells (bounded memory).")
@@ -75,7 +79,7 @@ def cli(verbose: bool) -> None:
 @click.option("-o", "--output", default="edgediff.png", show_default=True, type=click.Path(),
               help="Image file; with --num-images N, files get _0.._N-1 suffixes.")
 def generate(prompt, model, steps, guidance, seed, width, height, negative_prompt, sampler, num_images, provider,
-             fallback, decoder, decode_tile, low_memory, compute_units, cache, output):
+             fallback, init_image, strength, decoder, decode_tile, low_memory, compute_units, cache, output):
     """Generate an image from PROMPT."""
     from pathlib import Path
 
@@ -100,7 +104,7 @@ def generate(prompt, model, steps, guidance, seed, width, height, negative_promp
 
     result = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
                   height=height, width=width, seed=seed, num_images_per_prompt=num_images, callback=progress,
-                  decode_tile=decode_tile)
+                  decode_tile=decode_tile, image=init_image, strength=strength)
     for bar in bars:
         bar.close()
     for image, target, image_seed in zip(result.images, targets, result.seeds):

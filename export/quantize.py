@@ -44,9 +44,10 @@ SCHEMES = {
 }
 # bundle precision -> component -> scheme (None: the component stays fp32)
 QUANT_POLICY = {
-    "int8": {"text_encoder": "int8-dynamic", "unet": "int8-dynamic", "vae_decoder": None, "vae_decoder_tiny": None},
+    "int8": {"text_encoder": "int8-dynamic", "unet": "int8-dynamic", "vae_decoder": None, "vae_decoder_tiny": None,
+             "vae_encoder": None},
     "int4": {"text_encoder": "int4-weight-only", "unet": "int4-weight-only", "vae_decoder": None,
-             "vae_decoder_tiny": None},
+             "vae_decoder_tiny": None, "vae_encoder": None},
 }
 
 

@@ -59,6 +59,14 @@ def _vae_decoder_inputs(ctx: ExportContext, rng):
     return {"latent_sample": rng.standard_normal((1, ctx.latent_channels, h, w)).astype(np.float32)}
 
 
+def _vae_encoder_inputs(ctx: ExportContext, rng):
+    return {"sample": rng.uniform(-1, 1, (1, 3, ctx.height, ctx.width)).astype(np.float32)}
+
+
+def _vae_encoder_call(pipe, x):
+    return [pipe.vae.encode(x["sample"]).latent_dist.parameters]  # mean and log-variance, as optimum exports them
+
+
 def _text_call(pipe, x):
     out = pipe.text_encoder(input_ids=x["input_ids"])
     return [out.last_hidden_state, out.pooler_output]
@@ -80,6 +88,8 @@ COMPONENTS: tuple[ComponentExport, ...] = (
     ComponentExport("text_encoder", _text_call, _text_inputs),
     ComponentExport("unet", _unet_call, _unet_inputs),
     ComponentExport("vae_decoder", _vae_decoder_call, _vae_decoder_inputs, keep_fp32_at_fp16=True),
+    # image-to-image and inpainting start from an encoded image
+    ComponentExport("vae_encoder", _vae_encoder_call, _vae_encoder_inputs, keep_fp32_at_fp16=True),
 )
 
 # Optional: exported only when a tiny decoder is given (its torch_call takes the AutoencoderTiny itself).

@@ -24,6 +24,25 @@ def latents_to_images(decoded: np.ndarray, output_type: str = "pil"):
     return [Image.fromarray((img * 255).round().astype(np.uint8)) for img in images]
 
 
+def load_image(image) -> Image.Image:
+    """A PIL image, a file path, or an HWC array in [0, 1] (or uint8) -> an RGB PIL image."""
+    if isinstance(image, (str, Path)):
+        with Image.open(image) as opened:
+            return opened.convert("RGB")
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    array = np.asarray(image)
+    if array.dtype != np.uint8:
+        array = (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
+    return Image.fromarray(array).convert("RGB")
+
+
+def to_model_input(image: Image.Image) -> np.ndarray:
+    """RGB image -> (1, 3, H, W) float32 in [-1, 1], as diffusers' image processor normalises."""
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    return (array.transpose(2, 0, 1)[None] * 2.0 - 1.0).astype(np.float32)
+
+
 def check_writable(path: str | Path) -> Path:
     """Fails early (before minutes of work) if `path` cannot be written as an image."""
     path = Path(path)

@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from PIL import Image
 
 from . import decode as decoding
 from . import graph_cache
 from .bundle import Bundle
 from .cancel import CancelToken
 from .errors import Cancelled, InputError, NaNOutputError, PipelineClosed
-from .image import latents_to_images
+from .image import latents_to_images, load_image, to_model_input
 from .coreml_session import CoreMLSession
 from .coreml_session import check_available as check_coreml
 from .providers import REGISTRY, Resolution, resolve
@@ -93,7 +94,8 @@ class Pipeline:
             raise InputError("sampler_unknown", name=self.sampler_name, available=", ".join(SAMPLERS))
         self.decoder = self._check_decoder(decoder)
         self.tokenizer = PromptTokenizer(bundle.tokenizer_path, m.tokenizer["max_length"], m.tokenizer["pad_id"])
-        names = [*COMPONENTS, *(c for c in m.components if c not in COMPONENTS)]
+        # opened up front: what every call needs; the VAE encoder and the other decoder open on first use
+        names = [*COMPONENTS, *([DECODERS[self.decoder]] if self.decoder != "full" else [])]
         # optimised graphs are cached per user (graph_cache.py); the bundle folder itself is never written
         cache_folder = graph_cache.cache_dir() if cache else None
         if m.target == "coreml":
@@ -197,23 +199,34 @@ class Pipeline:
         cancel: CancelToken | None = None,
         decoder: str | None = None,
         decode_tile: int | None = None,
+        image=None,
+        strength: float = 0.8,
     ) -> PipelineOutput:
         """Generates images; see README "Embedding" for callbacks, previews, cancel and threads.
 
         preview: the callback's event carries images of the current estimate (tiny decoder when the bundle
         has one). cancel: a CancelToken; cancelling raises Cancelled within one denoiser call. decoder:
         "full" or "tiny" (default: the pipeline's). decode_tile: decode in tiles of this many latent cells.
+        image, strength: image-to-image (diffusers' img2img): start from `image` noised to `strength`
+        (0: unchanged, 1: pure noise), running the last strength * steps steps.
         """
         if self._closed:
             raise PipelineClosed("closed")
+        decoder = self.decoder if decoder is None else self._check_decoder(decoder)
         with self._turns:
             return self._generate(prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, seed,
                                   latents, num_images_per_prompt, output_type, callback, generator, preview, cancel,
-                                  self.decoder if decoder is None else self._check_decoder(decoder), decode_tile)
+                                  decoder, decode_tile, image, strength)
 
     def _generate(self, prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, seed, latents,
-                  num_images_per_prompt, output_type, callback, generator, preview, cancel, decoder, decode_tile):
+                  num_images_per_prompt, output_type, callback, generator, preview, cancel, decoder, decode_tile,
+                  image, strength):
         m = self.manifest
+        if image is not None:  # the image's size (rounded down to the latent grid) unless asked otherwise
+            image = load_image(image)
+            multiple = max(SIZE_MULTIPLE, m.vae_scale_factor)
+            height = height or image.height // multiple * multiple
+            width = width or image.width // multiple * multiple
         start = time.perf_counter()
         timings: dict = {"unet": []}
         cancel = cancel or CancelToken()  # a token nobody cancels keeps the loop below simple
@@ -244,9 +257,18 @@ class Pipeline:
         else:
             text_embeddings = cond
 
-        # 3. Set the sampler's timesteps.
+        # 3. Set the sampler's timesteps; image-to-image starts part-way (diffusers' get_timesteps).
         sampler = make_sampler(self.sampler_name, m.scheduler["config"])
         sampler.set_timesteps(steps)
+        timesteps = sampler.timesteps
+        if image is not None:
+            if not 0.0 < float(strength) <= 1.0:
+                raise InputError("strength", value=strength)
+            start_index = steps - min(int(steps * strength), steps)
+            if start_index >= steps:
+                raise InputError("strength_steps", strength=strength, steps=steps)
+            sampler.begin(start_index)
+            timesteps = timesteps[start_index:]
 
         # 4. Initial latents: given, or one seeded generator per image (image i of seed s uses seed s + i).
         shape = (batch, m.latent_channels, height // m.vae_scale_factor, width // m.vae_scale_factor)
@@ -257,12 +279,19 @@ class Pipeline:
             base = int(np.random.SeedSequence().generate_state(1)[0] >> 1) if seed is None else int(seed)
             seeds = [base + i for i in range(batch)]
             noise_sources = [np.random.default_rng(s) for s in seeds]
-        if latents is None:
+        step_noise = _BatchNoise(noise_sources)
+        if image is not None:
+            # the image's latents (sampled from the encoder's distribution), noised to the first timestep
+            encoded = self._encode_image(image, height, width, batch, step_noise, cancel)
+            noise = step_noise.standard_normal(encoded.shape)
+            latents = sampler.add_noise(encoded, noise, timesteps[0])
+        elif latents is None:
             latents = np.stack([src.standard_normal(shape[1:], dtype=np.float32) for src in noise_sources])
+            latents = latents * np.float32(sampler.init_noise_sigma)
         elif tuple(latents.shape) != shape:
             raise InputError("latents_shape", expected=shape, found=tuple(latents.shape))
-        latents = latents.astype(np.float32) * np.float32(sampler.init_noise_sigma)
-        step_noise = _BatchNoise(noise_sources)
+        else:
+            latents = latents.astype(np.float32) * np.float32(sampler.init_noise_sigma)
 
         # 5. LCM: guidance enters the UNet as an embedding of (w - 1), not as a second batch.
         extra = {}
@@ -271,8 +300,8 @@ class Pipeline:
             extra["timestep_cond"] = guidance_embedding(w, m.guidance_embedding_dim)
 
         # 6. Denoising loop; a cancel lands before the next call or aborts the one in flight.
-        total = len(sampler.timesteps)
-        for i, t in enumerate(sampler.timesteps):
+        total = len(timesteps)
+        for i, t in enumerate(timesteps):
             model_in = sampler.scale_model_input(latents, t)
             if do_cfg:
                 model_in = np.concatenate([model_in, model_in])
@@ -309,6 +338,20 @@ class Pipeline:
         images = latents_to_images(decoded, output_type)
         timings["total"] = time.perf_counter() - start
         return PipelineOutput(images=images, seeds=seeds, timings=timings)
+
+    def _encode_image(self, image: Image.Image, height: int, width: int, batch: int, noise, cancel) -> np.ndarray:
+        """(B, C, h, w) scaled latents of `image` (resized to height x width), one sample per image."""
+        if "vae_encoder" not in self.manifest.components:
+            raise InputError("encoder_missing", path=self.bundle.path)
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.LANCZOS)  # diffusers' image processor resamples so
+        with _cancellable(cancel, 0, 0) as options:
+            params = self.sessions.get("vae_encoder").run(options, sample=to_model_input(image))[0]
+        mean, logvar = np.split(params, 2, axis=1)
+        std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))  # diffusers' DiagonalGaussianDistribution
+        mean, std = np.repeat(mean, batch, axis=0), np.repeat(std, batch, axis=0)
+        sample = mean + std * noise.standard_normal(mean.shape)
+        return (sample * np.float32(self.manifest.vae_scaling_factor)).astype(np.float32)
 
     def _preview_decoder(self) -> str:
         return "tiny" if "tiny" in self.decoders else "full"

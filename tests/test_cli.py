@@ -112,3 +112,16 @@ def test_generate_with_tiny_decoder_low_memory_and_tiles(tmp_path):
     assert result.exit_code == 0, result.output
     with Image.open(out) as image:
         assert image.size == (64, 64)
+
+
+def test_generate_image_to_image(tmp_path):
+    from edgediff.models import checker
+
+    start = tmp_path / "start.png"
+    Image.new("RGB", (64, 64), (30, 60, 220)).save(start)  # plain blue
+    out = tmp_path / "edited.png"
+    result = CliRunner().invoke(cli, ["generate", "a large red circle on a blue background", "--image", str(start),
+                                      "--strength", "0.75", "--seed", "0", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    with Image.open(out) as image:
+        assert checker.read(image).background == "blue"

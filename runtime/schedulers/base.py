@@ -57,6 +57,16 @@ class Sampler:
     def scale_model_input(self, sample: np.ndarray, timestep) -> np.ndarray:
         return sample
 
+    def begin(self, index: int) -> None:
+        """Start at step `index` of the set timesteps (image-to-image skips the noisiest ones), as
+        diffusers' set_begin_index."""
+        self.step_index = int(index)
+
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, timestep) -> np.ndarray:
+        """The forward process at `timestep`: sqrt(a_t) x0 + sqrt(1 - a_t) noise (VP samplers)."""
+        a = np.float32(self.schedule.alpha(int(timestep)))
+        return (np.sqrt(a) * original + np.sqrt(np.float32(1) - a) * noise).astype(np.float32)
+
     def step(self, model_output: np.ndarray, timestep, sample: np.ndarray, noise: NoiseSource | None = None) -> SchedulerOutput:
         """Advances one step; `noise` is required when `stochastic` (the pipeline passes its seeded generator)."""
         out = self._step(model_output.astype(np.float32), timestep, sample.astype(np.float32), noise)

@@ -36,6 +36,11 @@ class EulerSampler(Sampler):
         # With "leading" spacing the first sigma is below the top of the schedule, as in diffusers.
         return top if self.config.timestep_spacing in ("linspace", "trailing") else (top**2 + 1) ** 0.5
 
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, timestep) -> np.ndarray:
+        # sigma space: x = x0 + sigma noise, at the sigma of that step (diffusers: step_indices = begin index)
+        index = int(np.nonzero(np.isclose(self.timesteps, float(timestep)))[0][0])
+        return (original + noise * self.sigmas[index]).astype(np.float32)
+
     def scale_model_input(self, sample: np.ndarray, timestep) -> np.ndarray:
         sigma = self.sigmas[self.step_index]
         return (sample / ((sigma**2 + 1) ** 0.5)).astype(np.float32)
