@@ -73,6 +73,8 @@ def _aggregate(system: str, procs: list[dict]) -> dict:
     runs = [r for p in procs for r in p["runs"]]
     stages = {s: summarise([r[s] for r in runs]) for s in ("tokenize", *STAGES, "total")}
     stages["unet_call"] = summarise([c for r in runs for c in r["unet_calls"]])
+    # per run, what no stage accounts for (sampler arithmetic, glue): robust to drift between runs
+    stages["untimed"] = summarise([max(0.0, r["total"] - sum(r[k] for k in ("tokenize", *STAGES))) for r in runs])
     rss = [p["peak_rss_bytes"] for p in procs if p.get("peak_rss_bytes")]
     return {
         "system": system, "stages": stages,

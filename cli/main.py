@@ -66,8 +66,12 @@ def cli(verbose: bool) -> None:
 @click.option("--fallback", is_flag=True, help="Fall back to the best available provider instead of failing.")
 @click.option("--image", "init_image", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Image-to-image: start from this image (its size, rounded to 8, unless --width/--height).")
-@click.option("--strength", type=float, default=0.8, show_default=True,
-              help="Image-to-image: how much to change (0 keeps the image, 1 ignores it).")
+@click.option("--strength", type=float, default=None,
+              help="Image-to-image: how much to change, 0 keeps the image, 1 ignores it (default 0.8; inpainting 1.0).")
+@click.option("--mask", "mask", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Inpainting: white areas of this image are repainted (with --image).")
+@click.option("--outpaint", default=None, metavar="LEFT,TOP,RIGHT,BOTTOM",
+              help="Outpainting: grow --image by these many pixels per side and paint the new area.")
 @click.option("--decoder", type=click.Choice(["full", "tiny"]), default="full", show_default=True,
               help="tiny: the bundle's AutoencoderTiny decoder (fast, slightly softer).")
 @click.option("--decode-tile", type=int, default=None, help="Decode in tiles of this many latent cells (bounded memory).")
@@ -79,7 +83,7 @@ def cli(verbose: bool) -> None:
 @click.option("-o", "--output", default="edgediff.png", show_default=True, type=click.Path(),
               help="Image file; with --num-images N, files get _0.._N-1 suffixes.")
 def generate(prompt, model, steps, guidance, seed, width, height, negative_prompt, sampler, num_images, provider,
-             fallback, init_image, strength, decoder, decode_tile, low_memory, compute_units, cache, output):
+             fallback, init_image, strength, mask, outpaint, decoder, decode_tile, low_memory, compute_units, cache, output):
     """Generate an image from PROMPT."""
     from pathlib import Path
 
@@ -89,6 +93,22 @@ def generate(prompt, model, steps, guidance, seed, width, height, negative_promp
     from edgediff.runtime.catalog import resolve_bundle
     from edgediff.runtime.image import check_writable, save_image
 
+    keep_unmasked = False
+    if outpaint:
+        from edgediff.runtime.inpaint import outpaint_canvas
+
+        if not init_image or mask:
+            raise click.UsageError("--outpaint needs --image (and makes its own mask)")
+        try:
+            margins = [int(v) for v in outpaint.split(",")]
+            if len(margins) != 4:
+                raise ValueError
+        except ValueError:
+            raise click.UsageError("--outpaint takes four integers: LEFT,TOP,RIGHT,BOTTOM") from None
+        init_image, mask = outpaint_canvas(init_image, *margins)
+        keep_unmasked = True  # the original pixels stay exactly as they were
+    elif mask and not init_image:
+        raise click.UsageError("--mask needs --image")
     targets = [Path(output)] if num_images == 1 else [
         Path(output).with_name(f"{Path(output).stem}_{i}{Path(output).suffix}") for i in range(num_images)]
     for target in targets:  # fail before minutes of work, not after
@@ -104,7 +124,8 @@ def generate(prompt, model, steps, guidance, seed, width, height, negative_promp
 
     result = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
                   height=height, width=width, seed=seed, num_images_per_prompt=num_images, callback=progress,
-                  decode_tile=decode_tile, image=init_image, strength=strength)
+                  decode_tile=decode_tile, image=init_image, strength=strength, mask_image=mask,
+                  keep_unmasked=keep_unmasked or bool(mask))
     for bar in bars:
         bar.close()
     for image, target, image_seed in zip(result.images, targets, result.seeds):

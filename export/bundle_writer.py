@@ -114,7 +114,8 @@ def prepare_source(source: str, height: int | None, width: int | None, family: s
         if value % 8:
             raise ExportError("export_source", source=source, detail=f"{what} {value} is not a multiple of 8")
     ctx = ExportContext(
-        height=default_h, width=default_w, latent_channels=int(pipe.unet.config.in_channels),
+        height=default_h, width=default_w, latent_channels=int(pipe.vae.config.latent_channels),
+        unet_in_channels=int(pipe.unet.config.in_channels),
         vae_scale_factor=vae_scale, max_length=int(pipe.tokenizer.model_max_length),
         vocab_size=int(pipe.text_encoder.config.vocab_size),
         cross_attention_dim=int(pipe.unet.config.cross_attention_dim),

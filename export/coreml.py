@@ -58,7 +58,7 @@ def _modules(pipe, ctx, unet_batch: int):
             return self.m.decode(latent_sample, return_dict=False)[0]
 
     h, w = ctx.height // ctx.vae_scale_factor, ctx.width // ctx.vae_scale_factor
-    unet_inputs = {"sample": torch.randn(unet_batch, ctx.latent_channels, h, w), "timestep": torch.tensor([500.0]),
+    unet_inputs = {"sample": torch.randn(unet_batch, ctx.unet_in_channels, h, w), "timestep": torch.tensor([500.0]),
                    "encoder_hidden_states": torch.randn(unet_batch, ctx.max_length, ctx.cross_attention_dim)}
     if ctx.time_cond_proj_dim is not None:
         unet_inputs["timestep_cond"] = torch.randn(unet_batch, ctx.time_cond_proj_dim)

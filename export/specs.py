@@ -22,7 +22,8 @@ VALIDATION_BATCH = 2  # a batch of two catches graphs that baked batch 1 in
 class ExportContext:
     height: int
     width: int
-    latent_channels: int
+    latent_channels: int  # the VAE's
+    unet_in_channels: int  # = latent_channels, or 9 for inpainting UNets (latents + mask + masked image)
     vae_scale_factor: int
     max_length: int
     vocab_size: int
@@ -45,7 +46,7 @@ def _text_inputs(ctx: ExportContext, rng):
 def _unet_inputs(ctx: ExportContext, rng):
     h, w = ctx.height // ctx.vae_scale_factor, ctx.width // ctx.vae_scale_factor
     inputs = {
-        "sample": rng.standard_normal((VALIDATION_BATCH, ctx.latent_channels, h, w)).astype(np.float32),
+        "sample": rng.standard_normal((VALIDATION_BATCH, ctx.unet_in_channels, h, w)).astype(np.float32),
         "timestep": np.array(rng.integers(1, 1000), dtype=np.float32),
         "encoder_hidden_states": rng.standard_normal((VALIDATION_BATCH, ctx.max_length, ctx.cross_attention_dim)).astype(np.float32),
     }

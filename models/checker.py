@@ -79,24 +79,36 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == best
 
 
-def read(image) -> Reading:
-    img = np.asarray(image, dtype=np.float32)[..., :3]
-    n = img.shape[0]
+def _segment(img: np.ndarray):
+    """(background name, shape colour name or None, shape pixels or None)."""
     border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
-    bg_rgb = np.median(border, axis=0)
-    background = _nearest(bg_rgb)
+    background = _nearest(np.median(border, axis=0))
     bg = _PALETTE[_NAMES.index(background)]
     candidates = np.sqrt(((img - bg) ** 2).sum(-1)) > FOREGROUND_DISTANCE
     if candidates.sum() < MIN_SHAPE_PIXELS:
-        return Reading(background, None, None, None, None)
+        return background, None, None
     colour = _nearest(np.median(img[candidates], axis=0))
     if colour == background:
-        return Reading(background, None, None, None, None)
+        return background, None, None
     # Two-class split (closer to the shape's colour than to the background's), then the largest
     # connected region: soft edges and stray specks of a decoder don't count as shape.
     fg = _PALETTE[_NAMES.index(colour)]
     mask = _largest_component(((img - fg) ** 2).sum(-1) < ((img - bg) ** 2).sum(-1))
-    if mask.sum() < MIN_SHAPE_PIXELS:
+    return background, colour, (mask if mask.sum() >= MIN_SHAPE_PIXELS else None)
+
+
+def shape_mask(image) -> np.ndarray:
+    """Boolean (H, W) mask of the shape's pixels (all False when no shape is found)."""
+    img = np.asarray(image, dtype=np.float32)[..., :3]
+    _, _, mask = _segment(img)
+    return np.zeros(img.shape[:2], dtype=bool) if mask is None else mask
+
+
+def read(image) -> Reading:
+    img = np.asarray(image, dtype=np.float32)[..., :3]
+    n = img.shape[0]
+    background, colour, mask = _segment(img)
+    if colour is None or mask is None:
         return Reading(background, colour, None, None, None)
     ys, xs = np.nonzero(mask)
     # pixel corners, so that the hull of a filled square has the square's area

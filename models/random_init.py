@@ -48,6 +48,8 @@ ARCHS = {
     "tiny-sd-turbo": dict(unet={**TINY_UNET, "use_linear_projection": True}, vae=TINY_VAE,
                           text={**TINY_TEXT, "hidden_act": "gelu"}, scheduler=SD_TURBO_SCHEDULER),
     "tiny-lcm": dict(unet={**TINY_UNET, "time_cond_proj_dim": 16}, vae=TINY_VAE, text=TINY_TEXT, scheduler=LCM_SCHEDULER),
+    # an inpainting UNet: latents + mask + masked-image latents in (4 + 1 + 4 channels), as SD-inpainting
+    "tiny-sd1-inpaint": dict(unet={**TINY_UNET, "in_channels": 9}, vae=TINY_VAE, text=TINY_TEXT, scheduler=SD15_SCHEDULER),
     # SD 2.1-base / SD-Turbo at full size (~0.87 B UNet parameters).
     "sd-turbo": dict(
         unet=dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,

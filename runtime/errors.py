@@ -32,6 +32,8 @@ MESSAGES = {
     "output_format": "cannot write {path}: unknown image format {suffix!r} (use .png, .jpg or .webp)",
     "static_size": "this Core ML bundle was exported for {width}x{height} (static shapes); export another for other sizes",
     "strength": "strength must be in (0, 1], got {value}",
+    "mask_without_image": "mask_image needs image= (the picture to inpaint)",
+    "inpaint_unet": "this bundle's UNet is an inpainting UNet ({channels} input channels): pass image= and mask_image=",
     "strength_steps": "strength {strength} with {steps} steps runs no step; raise the strength or the steps",
     "encoder_missing": "bundle {path} has no vae_encoder (image-to-image needs it); re-export the bundle",
     "decoder_unknown": "decoder must be one of {available}, got {name!r}",

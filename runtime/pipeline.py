@@ -23,6 +23,7 @@ from .bundle import Bundle
 from .cancel import CancelToken
 from .errors import Cancelled, InputError, NaNOutputError, PipelineClosed
 from .image import latents_to_images, load_image, to_model_input
+from .inpaint import overlay, prepare_mask
 from .coreml_session import CoreMLSession
 from .coreml_session import check_available as check_coreml
 from .providers import REGISTRY, Resolution, resolve
@@ -200,7 +201,9 @@ class Pipeline:
         decoder: str | None = None,
         decode_tile: int | None = None,
         image=None,
-        strength: float = 0.8,
+        strength: float | None = None,
+        mask_image=None,
+        keep_unmasked: bool = False,
     ) -> PipelineOutput:
         """Generates images; see README "Embedding" for callbacks, previews, cancel and threads.
 
@@ -208,7 +211,11 @@ class Pipeline:
         has one). cancel: a CancelToken; cancelling raises Cancelled within one denoiser call. decoder:
         "full" or "tiny" (default: the pipeline's). decode_tile: decode in tiles of this many latent cells.
         image, strength: image-to-image (diffusers' img2img): start from `image` noised to `strength`
-        (0: unchanged, 1: pure noise), running the last strength * steps steps.
+        (0: unchanged, 1: pure noise; default 0.8), running the last strength * steps steps.
+        mask_image: inpainting (white is repainted; default strength 1.0): inpainting UNets (9 input
+        channels) see the mask and the masked image; others get the known region blended back in latent
+        space after each step (diffusers' StableDiffusionInpaintPipeline). keep_unmasked: paste the
+        original pixels back outside the mask (the VAE round trip otherwise softens them).
         """
         if self._closed:
             raise PipelineClosed("closed")
@@ -216,12 +223,15 @@ class Pipeline:
         with self._turns:
             return self._generate(prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, seed,
                                   latents, num_images_per_prompt, output_type, callback, generator, preview, cancel,
-                                  decoder, decode_tile, image, strength)
+                                  decoder, decode_tile, image, strength, mask_image, keep_unmasked)
 
     def _generate(self, prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, seed, latents,
                   num_images_per_prompt, output_type, callback, generator, preview, cancel, decoder, decode_tile,
-                  image, strength):
+                  image, strength, mask_image, keep_unmasked):
         m = self.manifest
+        if mask_image is not None and image is None:
+            raise InputError("mask_without_image")
+        strength = (1.0 if mask_image is not None else 0.8) if strength is None else strength
         if image is not None:  # the image's size (rounded down to the latent grid) unless asked otherwise
             image = load_image(image)
             multiple = max(SIZE_MULTIPLE, m.vae_scale_factor)
@@ -280,11 +290,28 @@ class Pipeline:
             seeds = [base + i for i in range(batch)]
             noise_sources = [np.random.default_rng(s) for s in seeds]
         step_noise = _BatchNoise(noise_sources)
+        unet_channels = next(t.shape[1] for t in m.components["unet"].inputs if t.name == "sample")
+        inpaint = None
         if image is not None:
-            # the image's latents (sampled from the encoder's distribution), noised to the first timestep
-            encoded = self._encode_image(image, height, width, batch, step_noise, cancel)
-            noise = step_noise.standard_normal(encoded.shape)
-            latents = sampler.add_noise(encoded, noise, timesteps[0])
+            # the image's latents (sampled from the encoder's distribution), noised to the first timestep;
+            # an inpainting UNet at full strength never needs them (and diffusers then draws no sample)
+            full_noise = mask_image is not None and strength >= 1.0
+            encoded = None if full_noise and unet_channels > m.latent_channels else \
+                self._encode_image(image, height, width, batch, step_noise, cancel)
+            noise = step_noise.standard_normal(shape)
+            if full_noise:  # pure noise, as diffusers at full strength
+                latents = noise * np.float32(sampler.init_noise_sigma)
+            else:
+                latents = sampler.add_noise(encoded, noise, timesteps[0])
+            if mask_image is not None:
+                mask_px, mask_lat = prepare_mask(mask_image, height, width, m.vae_scale_factor)
+                masked = load_image(image).resize((width, height), Image.LANCZOS) if image.size != (width, height) else image
+                masked_input = to_model_input(masked) * (mask_px < 0.5)
+                masked_latents = self._encode_input(masked_input, batch, step_noise, cancel)
+                inpaint = _Inpaint(encoded, noise, np.repeat(mask_lat, batch, 0), masked_latents, mask_px,
+                                   channels_in_unet=unet_channels > m.latent_channels)
+        elif unet_channels != m.latent_channels:
+            raise InputError("inpaint_unet", channels=unet_channels)
         elif latents is None:
             latents = np.stack([src.standard_normal(shape[1:], dtype=np.float32) for src in noise_sources])
             latents = latents * np.float32(sampler.init_noise_sigma)
@@ -303,6 +330,8 @@ class Pipeline:
         total = len(timesteps)
         for i, t in enumerate(timesteps):
             model_in = sampler.scale_model_input(latents, t)
+            if inpaint is not None and inpaint.channels_in_unet:  # 9-channel UNets: + mask + masked image
+                model_in = np.concatenate([model_in, inpaint.mask_lat, inpaint.masked_latents], axis=1)
             if do_cfg:
                 model_in = np.concatenate([model_in, model_in])
             t0 = time.perf_counter()
@@ -315,6 +344,11 @@ class Pipeline:
                 noise_pred = uncond_pred + np.float32(guidance) * (cond_pred - uncond_pred)
             out = sampler.step(noise_pred, t, latents, noise=step_noise)
             latents = out.prev_sample
+            if inpaint is not None and not inpaint.channels_in_unet:
+                # ordinary UNets: the known region comes back, noised to where the next step starts
+                known = inpaint.image_latents if i == total - 1 else sampler.add_noise(
+                    inpaint.image_latents, inpaint.noise, timesteps[i + 1])
+                latents = ((1 - inpaint.mask_lat) * known + inpaint.mask_lat * latents).astype(np.float32)
             if callback is not None:
                 images = None
                 if preview:
@@ -334,8 +368,12 @@ class Pipeline:
         if not np.isfinite(decoded).all():
             raise NaNOutputError("nan_output", component=f"{decoder} VAE decoder", hint=" (fp16 overflow? use an fp32 decoder)")
 
-        # 8. To [0, 1] images, as diffusers' image processor does.
-        images = latents_to_images(decoded, output_type)
+        # 8. To [0, 1] images, as diffusers' image processor does (with the original kept outside the mask).
+        if inpaint is not None and keep_unmasked:
+            images = overlay(latents_to_images(decoded, "np"), image, inpaint.mask_px)
+            images = images if output_type == "np" else [Image.fromarray((x * 255).round().astype(np.uint8)) for x in images]
+        else:
+            images = latents_to_images(decoded, output_type)
         timings["total"] = time.perf_counter() - start
         return PipelineOutput(images=images, seeds=seeds, timings=timings)
 
@@ -345,8 +383,13 @@ class Pipeline:
             raise InputError("encoder_missing", path=self.bundle.path)
         if image.size != (width, height):
             image = image.resize((width, height), Image.LANCZOS)  # diffusers' image processor resamples so
+        return self._encode_input(to_model_input(image), batch, noise, cancel)
+
+    def _encode_input(self, model_input: np.ndarray, batch: int, noise, cancel) -> np.ndarray:
+        if "vae_encoder" not in self.manifest.components:
+            raise InputError("encoder_missing", path=self.bundle.path)
         with _cancellable(cancel, 0, 0) as options:
-            params = self.sessions.get("vae_encoder").run(options, sample=to_model_input(image))[0]
+            params = self.sessions.get("vae_encoder").run(options, sample=model_input.astype(np.float32))[0]
         mean, logvar = np.split(params, 2, axis=1)
         std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))  # diffusers' DiagonalGaussianDistribution
         mean, std = np.repeat(mean, batch, axis=0), np.repeat(std, batch, axis=0)
@@ -382,6 +425,16 @@ def _cancellable(cancel: CancelToken, step: int, total: int):
             if cancel.cancelled:
                 raise Cancelled("cancelled", step=step, total=total) from None
             raise
+
+
+@dataclass
+class _Inpaint:
+    image_latents: np.ndarray  # the whole image, encoded (the known region's source)
+    noise: np.ndarray  # the noise that noised them at the start (re-used to noise the known region)
+    mask_lat: np.ndarray  # (B, 1, h, w): 1 = repaint
+    masked_latents: np.ndarray  # the image with the masked area blanked, encoded (9-channel UNets)
+    mask_px: np.ndarray  # (1, 1, H, W), for pasting the original back
+    channels_in_unet: bool  # True: an inpainting UNet takes mask and masked image as extra channels
 
 
 class _NoLock:

@@ -72,8 +72,8 @@ def test_results_validate_and_stage_times_add_up(bench_results):
         assert st["total"]["n"] == 4 and sysrow["processes"] == 2  # repeat x rounds, fresh process per round
         parts = st["text_encoder"]["median"] + st["unet"]["median"] + st["vae_decoder"]["median"]
         assert parts <= st["total"]["median"] * (1 + STAGE_SUM_MARGIN)
-        if sysrow["system"] == "edgediff":  # ours times every stage, so the parts cover the whole
-            assert parts >= st["total"]["median"] * (1 - STAGE_SUM_MARGIN) - 0.005
+        if sysrow["system"] == "edgediff":  # ours times every stage, so the parts cover the whole (run by run)
+            assert st["untimed"]["median"] <= st["total"]["median"] * STAGE_SUM_MARGIN + 0.005
         assert sysrow["peak_rss_bytes"] > 0
     ours = row["systems"][0]
     assert set(ours["achieved"]) == {"text_encoder", "unet", "vae_decoder"}

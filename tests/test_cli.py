@@ -125,3 +125,25 @@ def test_generate_image_to_image(tmp_path):
     assert result.exit_code == 0, result.output
     with Image.open(out) as image:
         assert checker.read(image).background == "blue"
+
+
+def test_generate_inpaint_and_outpaint(tmp_path):
+    start, mask = tmp_path / "start.png", tmp_path / "mask.png"
+    Image.new("RGB", (64, 64), (30, 60, 220)).save(start)
+    m = Image.new("L", (64, 64), 0)
+    m.paste(255, (16, 16, 48, 48))
+    m.save(mask)
+    out = tmp_path / "inpainted.png"
+    result = CliRunner().invoke(cli, ["generate", "a large red square on a blue background", "--image", str(start),
+                                      "--mask", str(mask), "--seed", "0", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    with Image.open(out) as image:
+        assert image.getpixel((2, 2)) == (30, 60, 220)  # outside the mask: the original pixel
+    wide = tmp_path / "wide.png"
+    result = CliRunner().invoke(cli, ["generate", "a blue background", "--image", str(start), "--outpaint", "8,0,8,0",
+                                      "--seed", "0", "-o", str(wide)])
+    assert result.exit_code == 0, result.output
+    with Image.open(wide) as image:
+        assert image.size == (80, 64) and image.getpixel((40, 32)) == (30, 60, 220)
+    result = CliRunner().invoke(cli, ["generate", "x", "--outpaint", "8,8", "--image", str(start), "-o", str(wide)])
+    assert result.exit_code != 0 and "four integers" in result.output
