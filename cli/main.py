@@ -206,6 +206,8 @@ def providers():
 @click.option("--tiny-decoder", default=None,
               help="AutoencoderTiny folder or hub id to add as the fast decoder (e.g. madebyollin/taesd).")
 @click.option("--optimize", is_flag=True, help="Apply onnxruntime's transformer fusions (checked against PyTorch).")
+@click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
+              help="LoRA safetensors fused into the weights before export (repeatable; scale defaults to 1).")
 @click.option("--target", type=click.Choice(["onnx", "coreml"]), default="onnx", show_default=True,
               help="coreml: ML program packages (fp16, static shapes) for Macs and the Neural Engine.")
 @click.option("--palettize", type=click.Choice(["8", "6", "4"]), default=None,
@@ -214,16 +216,17 @@ def providers():
               help="coreml: attention layout (split_einsum is not implemented yet).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT once the new bundle is complete.")
 def export(source, out, precision, keep, calibration_prompts, height, width, family, default_steps, default_guidance,
-           tiny_decoder, optimize, target, palettize, attention, overwrite):
+           tiny_decoder, optimize, loras, target, palettize, attention, overwrite):
     """Export a diffusers model (folder or hub id) SOURCE into a bundle at OUT."""
     from edgediff.export import export_bundle
+    from edgediff.export.lora import parse_lora
 
     if target == "coreml":
         from edgediff.export.coreml import export_coreml
 
-        if precision != "fp32" or tiny_decoder or optimize or keep != "none":
-            raise click.UsageError("--target coreml is fp16 (or --palettize); --precision, --keep, --tiny-decoder "
-                                   "and --optimize apply to ONNX bundles")
+        if precision != "fp32" or tiny_decoder or optimize or keep != "none" or loras:
+            raise click.UsageError("--target coreml is fp16 (or --palettize); --precision, --keep, --tiny-decoder, "
+                                   "--optimize and --lora apply to ONNX bundles")
         path = export_coreml(source, out, height=height, width=width, palettize=int(palettize) if palettize else None,
                              attention=attention, family=family, overwrite=overwrite, default_steps=default_steps,
                              default_guidance=default_guidance)
@@ -237,7 +240,7 @@ def export(source, out, precision, keep, calibration_prompts, height, width, fam
     path = export_bundle(source, out, precision=precision, height=height, width=width, family=family,
                          overwrite=overwrite, default_steps=default_steps, default_guidance=default_guidance,
                          tiny_decoder=tiny_decoder, keep=keep if keep in ("none", "auto") else keep.split(","),
-                         calibration_prompts=prompts, optimize=optimize)
+                         calibration_prompts=prompts, optimize=optimize, loras=[parse_lora(x) for x in loras])
     click.echo(str(path))
 
 

@@ -22,6 +22,7 @@ from edgediff.runtime.errors import ExportError, ExportValidationError
 from edgediff.runtime.manifest import MANIFEST_NAME, TOKENIZER_NAME, ComponentSpec, Manifest, TensorSpec
 from edgediff.runtime.schedulers import DIFFUSERS_CLASS_TO_SAMPLER, ScheduleConfig
 
+from .lora import fuse_loras
 from .optimize import MODEL_TYPES as FUSABLE, optimise_graph
 from .precision import PRECISIONS, QUANTISED, to_fp16
 from .source import load_pipeline, source_facts
@@ -150,7 +151,7 @@ def export_bundle(source: str, out: str | Path, precision: str = "fp32", height:
                   progress: bool = True, default_steps: int | None = None,
                   default_guidance: float | None = None, tiny_decoder: str | None = None,
                   keep: str | list[str] = "none", calibration_prompts: list[str] | None = None,
-                  optimize: bool = False) -> Path:
+                  optimize: bool = False, loras: list[tuple[str, float]] | None = None) -> Path:
     """Exports `source` (diffusers folder or hub id) into a bundle folder at `out`; returns `out`.
 
     `tiny_decoder`: an AutoencoderTiny (folder or hub id, e.g. madebyollin/taesd for SD 1.x/2.x) added
@@ -158,7 +159,8 @@ def export_bundle(source: str, out: str | Path, precision: str = "fp32", height:
     int8 / int4: the fp32 graphs are exported and checked first, then quantised (export/quantize.py)
     with calibration inputs recorded from `calibration_prompts`; `keep` = "none", "auto" (sensitivity
     pass) or block names to leave in fp32. `optimize`: onnxruntime's transformer fusions (optimize.py),
-    checked against PyTorch like the plain graphs.
+    checked against PyTorch like the plain graphs. `loras`: (file, scale) pairs fused into the weights
+    first (lora.py); the graphs are checked against the fused model.
 
     Atomic: everything is built in a temporary folder beside `out` and renamed at the end; on any
     failure (validation included) nothing is left at `out`.
@@ -178,6 +180,7 @@ def export_bundle(source: str, out: str | Path, precision: str = "fp32", height:
         steps = tqdm(total=2 + len(COMPONENTS), desc="export", disable=not progress, unit="step")
         steps.set_postfix_str("loading source")
         pipe, fam, ctx = prepare_source(source, height, width, family)
+        lora_records = fuse_loras(pipe, loras or [])
         steps.update()
 
         tokenizer_entry = write_tokenizer_json(pipe.tokenizer, staging / TOKENIZER_NAME)
@@ -216,6 +219,7 @@ def export_bundle(source: str, out: str | Path, precision: str = "fp32", height:
 
         manifest = build_manifest(pipe, fam, ctx, tokenizer_entry, components, default_steps, default_guidance, {
             "source": source, "precision": precision, "tiny_decoder": tiny_decoder, "optimized": optimize,
+            "loras": lora_records,
             "export_check": {"tolerances": TOLERANCES, "max_rel_diff": checks}})
         (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
         if precision in QUANTISED:
