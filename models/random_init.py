@@ -48,6 +48,18 @@ ARCHS = {
     "tiny-sd-turbo": dict(unet={**TINY_UNET, "use_linear_projection": True}, vae=TINY_VAE,
                           text={**TINY_TEXT, "hidden_act": "gelu"}, scheduler=SD_TURBO_SCHEDULER),
     "tiny-lcm": dict(unet={**TINY_UNET, "time_cond_proj_dim": 16}, vae=TINY_VAE, text=TINY_TEXT, scheduler=LCM_SCHEDULER),
+    # BK-SDM-style pruned UNet: no mid-block, one fewer resnet per up block than per down block
+    "tiny-bk-sdm": dict(unet={**TINY_UNET, "mid_block_type": None, "layers_per_block": 1,
+                              "block_out_channels": (8, 16, 16),
+                              "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                              "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")},
+                        vae=TINY_VAE, text=TINY_TEXT, scheduler=SD15_SCHEDULER),
+    # SDXS-style one-step student: cross-attention only in the innermost block, Turbo-like schedule
+    "tiny-sdxs": dict(unet={**TINY_UNET, "block_out_channels": (8, 8, 16),
+                            "down_block_types": ("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+                            "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+                            "use_linear_projection": True},
+                      vae=TINY_VAE, text=TINY_TEXT, scheduler=SD_TURBO_SCHEDULER),
     # an inpainting UNet: latents + mask + masked-image latents in (4 + 1 + 4 channels), as SD-inpainting
     "tiny-sd1-inpaint": dict(unet={**TINY_UNET, "in_channels": 9}, vae=TINY_VAE, text=TINY_TEXT, scheduler=SD15_SCHEDULER),
     # SD 2.1-base / SD-Turbo at full size (~0.87 B UNet parameters).

@@ -52,6 +52,8 @@ CASES = [
     ("tiny-lcm", "lcm", 1, 8.0),
     ("tiny-lcm", "lcm", 4, 8.0),
     ("tiny-lcm", "tcd", 4, 3.0),
+    ("tiny-bk-sdm", "euler", 3, 7.5),  # pruned UNet without a mid-block (BK-SDM, small-sd)
+    ("tiny-sdxs", "euler", 1, 0.0),  # one-step student with cross-attention in one block only (SDXS)
 ]
 
 
