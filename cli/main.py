@@ -192,8 +192,9 @@ def providers():
 @cli.command()
 @click.argument("source")
 @click.argument("out", type=click.Path())
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "int4"]), default="fp32", show_default=True,
-              help="int8: dynamic int8 MatMul/Gemm; int4: 4-bit weight-only MatMul (the VAE stays fp32).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "int8-static", "int4"]), default="fp32",
+              show_default=True, help="int8: dynamic int8 MatMul/Gemm; int8-static: calibrated QDQ int8 UNet "
+              "(convolutions too); int4: 4-bit weight-only MatMul. The VAE stays fp32.")
 @click.option("--keep", default="none", show_default=True,
               help="int8/int4: blocks left in fp32: none, auto (sensitivity pass), or comma-separated block names.")
 @click.option("--calibration-prompts", type=click.Path(exists=True, dir_okay=False), default=None,

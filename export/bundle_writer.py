@@ -156,7 +156,7 @@ def export_bundle(source: str, out: str | Path, precision: str = "fp32", height:
 
     `tiny_decoder`: an AutoencoderTiny (folder or hub id, e.g. madebyollin/taesd for SD 1.x/2.x) added
     as the bundle's fast decoder (`--decoder tiny`, and previews).
-    int8 / int4: the fp32 graphs are exported and checked first, then quantised (export/quantize.py)
+    int8 / int8-static / int4: the fp32 graphs are exported and checked first, then quantised (export/quantize.py)
     with calibration inputs recorded from `calibration_prompts`; `keep` = "none", "auto" (sensitivity
     pass) or block names to leave in fp32. `optimize`: onnxruntime's transformer fusions (optimize.py),
     checked against PyTorch like the plain graphs. `loras`: (file, scale) pairs fused into the weights

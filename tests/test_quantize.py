@@ -36,15 +36,17 @@ def shipped_quantised(tmp_path_factory):
             for p in ("int8", "int4")}
 
 
-@pytest.mark.parametrize("precision", ["int8", "int4"])
+@pytest.mark.parametrize("precision", ["int8", "int8-static", "int4"])
 def test_quantised_bundle_exports_loads_and_generates(models_root, precision):
+    from edgediff.export.quantize import QUANT_POLICY, SCHEMES
+
     path = tiny_bundle("tiny-sd1", models_root, precision=precision)
     manifest = Bundle.open(path).manifest
     for name in ("text_encoder", "unet"):
         spec = manifest.components[name]
         record = spec.attributes["quantization"]
-        assert spec.precision == precision and record["quantised_nodes"] > 0
-        assert record["scheme"] == {"int8": "int8-dynamic", "int4": "int4-weight-only"}[precision]
+        assert record["scheme"] == QUANT_POLICY[precision][name] and record["quantised_nodes"] > 0
+        assert spec.precision == SCHEMES[record["scheme"]].precision
     assert manifest.components["vae_decoder"].precision == "fp32"
     assert manifest.components["vae_decoder"].attributes["quantization"]["scheme"] is None
     fp32 = Pipeline.from_bundle(tiny_bundle("tiny-sd1", models_root))("a cat", seed=0, num_inference_steps=2, output_type="np")
