@@ -280,7 +280,8 @@ class Pipeline:
             sampler.begin(start_index)
             timesteps = timesteps[start_index:]
 
-        # 4. Initial latents: given, or one seeded generator per image (image i of seed s uses seed s + i).
+        # 4. Initial latents: from an image (img2img, inpainting), given, or pure noise; one seeded generator
+        #    per image (image i of seed s uses seed s + i).
         shape = (batch, m.latent_channels, height // m.vae_scale_factor, width // m.vae_scale_factor)
         seeds: list[int | None] = [None] * batch
         if generator is not None:
@@ -293,23 +294,8 @@ class Pipeline:
         unet_channels = next(t.shape[1] for t in m.components["unet"].inputs if t.name == "sample")
         inpaint = None
         if image is not None:
-            # the image's latents (sampled from the encoder's distribution), noised to the first timestep;
-            # an inpainting UNet at full strength never needs them (and diffusers then draws no sample)
-            full_noise = mask_image is not None and strength >= 1.0
-            encoded = None if full_noise and unet_channels > m.latent_channels else \
-                self._encode_image(image, height, width, batch, step_noise, cancel)
-            noise = step_noise.standard_normal(shape)
-            if full_noise:  # pure noise, as diffusers at full strength
-                latents = noise * np.float32(sampler.init_noise_sigma)
-            else:
-                latents = sampler.add_noise(encoded, noise, timesteps[0])
-            if mask_image is not None:
-                mask_px, mask_lat = prepare_mask(mask_image, height, width, m.vae_scale_factor)
-                masked = load_image(image).resize((width, height), Image.LANCZOS) if image.size != (width, height) else image
-                masked_input = to_model_input(masked) * (mask_px < 0.5)
-                masked_latents = self._encode_input(masked_input, batch, step_noise, cancel)
-                inpaint = _Inpaint(encoded, noise, np.repeat(mask_lat, batch, 0), masked_latents, mask_px,
-                                   channels_in_unet=unet_channels > m.latent_channels)
+            latents, inpaint = self._start_from_image(sampler, timesteps, image, mask_image, strength, shape,
+                                                      unet_channels, step_noise, cancel)
         elif unet_channels != m.latent_channels:
             raise InputError("inpaint_unet", channels=unet_channels)
         elif latents is None:
@@ -376,6 +362,28 @@ class Pipeline:
             images = latents_to_images(decoded, output_type)
         timings["total"] = time.perf_counter() - start
         return PipelineOutput(images=images, seeds=seeds, timings=timings)
+
+    def _start_from_image(self, sampler, timesteps, image, mask_image, strength, shape, unet_channels, noise, cancel):
+        """Image-to-image and inpainting start: the image's latents noised to the first timestep (pure
+        noise for inpainting at full strength), and for inpainting the mask and masked-image latents."""
+        m = self.manifest
+        batch, height, width = shape[0], shape[2] * m.vae_scale_factor, shape[3] * m.vae_scale_factor
+        full_noise = mask_image is not None and strength >= 1.0
+        # an inpainting UNet at full strength never needs the image's latents (and diffusers draws no sample)
+        encoded = None if full_noise and unet_channels > m.latent_channels else \
+            self._encode_image(image, height, width, batch, noise, cancel)
+        start_noise = noise.standard_normal(shape)
+        if full_noise:
+            latents = start_noise * np.float32(sampler.init_noise_sigma)
+        else:
+            latents = sampler.add_noise(encoded, start_noise, timesteps[0])
+        if mask_image is None:
+            return latents, None
+        mask_px, mask_lat = prepare_mask(mask_image, height, width, m.vae_scale_factor)
+        sized = image if image.size == (width, height) else image.resize((width, height), Image.LANCZOS)
+        masked_latents = self._encode_input(to_model_input(sized) * (mask_px < 0.5), batch, noise, cancel)
+        return latents, _Inpaint(encoded, start_noise, np.repeat(mask_lat, batch, 0), masked_latents, mask_px,
+                                 channels_in_unet=unet_channels > m.latent_channels)
 
     def _encode_image(self, image: Image.Image, height: int, width: int, batch: int, noise, cancel) -> np.ndarray:
         """(B, C, h, w) scaled latents of `image` (resized to height x width), one sample per image."""
