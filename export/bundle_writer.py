@@ -248,8 +248,14 @@ def _quantise_bundle(staging: Path, manifest: Manifest, precision: str, keep, pr
         record = quantise_component(src, dst, SCHEMES[scheme_name], feeds[name], keep)
         for old in spec.files:  # the fp32 graph and any external data it had
             (staging / old).unlink()
-        os.replace(dst, src)
-        spec.files = {src.name: {"size": src.stat().st_size, "sha256": sha256_file(src)}}
+        # re-saved under the component's own names (weights beside it only past 2 GB, as at export)
+        import onnx
+
+        quantised = onnx.load(str(dst))
+        for leftover in staging.glob(f"{dst.name}*"):
+            leftover.unlink()
+        spec.files = _save_graph(quantised, staging, name)
+        del quantised
         spec.precision = SCHEMES[scheme_name].precision
         spec.attributes["quantization"] = record
 

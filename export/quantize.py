@@ -31,6 +31,7 @@ log = logging.getLogger("edgediff.export")
 SENSITIVITY_BUDGET = 0.02
 INT4_BLOCK_SIZE = 32  # weights per scale: smaller blocks keep more precision, 32 is llama.cpp's q4_0
 MAX_CALIBRATION_FEEDS = 16  # per component; enough to rank blocks, cheap to run per block
+LARGE_GRAPH_BYTES = 1_800_000_000  # beyond this, quantiser inputs/outputs use external data (protobuf's 2 GB)
 
 
 @dataclass(frozen=True)
@@ -85,14 +86,17 @@ class _Reader:
 
 def quantise(src: Path, dst: Path, scheme: Scheme, exclude: list[str], feeds: list[dict] | None = None) -> None:
     """Writes the quantised graph of `src` to `dst`, leaving the `exclude` nodes in fp32 (`feeds`:
-    calibration inputs, for static schemes)."""
+    calibration inputs, for static schemes). Graphs past protobuf's 2 GB (and the calibrator's
+    augmented copy) keep their weights in external data beside them."""
     import onnx
+
+    large = sum(f.stat().st_size for f in src.parent.glob(f"{src.name}*")) > LARGE_GRAPH_BYTES
 
     if scheme.name == "int8-dynamic":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         quantize_dynamic(str(src), str(dst), op_types_to_quantize=list(scheme.op_types), per_channel=True,
-                         weight_type=QuantType.QInt8, nodes_to_exclude=exclude)
+                         weight_type=QuantType.QInt8, nodes_to_exclude=exclude, use_external_data_format=large)
     elif scheme.name == "int8-static":
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -101,7 +105,7 @@ def quantise(src: Path, dst: Path, scheme: Scheme, exclude: list[str], feeds: li
         quantize_static(str(src), str(dst), _Reader(feeds), quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=list(scheme.op_types), per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
-                        calibrate_method=CalibrationMethod.MinMax,
+                        calibrate_method=CalibrationMethod.MinMax, use_external_data_format=large,
                         extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
     elif scheme.name == "int4-weight-only":
         root_level = logging.getLogger().level
@@ -113,7 +117,8 @@ def quantise(src: Path, dst: Path, scheme: Scheme, exclude: list[str], feeds: li
         quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=INT4_BLOCK_SIZE, is_symmetric=True,
                                          nodes_to_exclude=exclude, op_types_to_quantize=scheme.op_types)
         quantizer.process()
-        onnx.save_model(quantizer.model.model, str(dst))
+        onnx.save_model(quantizer.model.model, str(dst), save_as_external_data=large, all_tensors_to_one_file=True,
+                        location=f"{dst.name}.data")
     else:
         raise ValueError(f"unknown quantisation scheme {scheme.name!r}")
 

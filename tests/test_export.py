@@ -44,7 +44,7 @@ def test_manifest_describes_the_bundle(models_root, arch, family, sampler, embed
         for name, meta in spec.files.items():
             assert (bundle.path / name).stat().st_size == meta["size"]
     checks = m.provenance["export_check"]["max_rel_diff"]
-    assert set(checks) == {"text_encoder", "unet", "vae_decoder"}
+    assert set(checks) == set(m.components) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
     assert all(d <= bundle_writer.TOLERANCES["fp32"] for comp in checks.values() for d in comp.values())
 
 
@@ -53,7 +53,7 @@ def test_fp16_export_keeps_the_vae_in_fp32_and_stays_close(models_root):
 
     fp16 = Bundle.open(tiny_bundle("tiny-sd1", models_root, precision="fp16"))
     precisions = {k: v.precision for k, v in fp16.manifest.components.items()}
-    assert precisions == {"text_encoder": "fp16", "unet": "fp16", "vae_decoder": "fp32"}
+    assert precisions == {"text_encoder": "fp16", "unet": "fp16", "vae_decoder": "fp32", "vae_encoder": "fp32"}
     # most UNet weights are stored in half precision (norms and resize constants stay fp32)
     import onnx
 
