@@ -13,9 +13,6 @@ import time
 
 import numpy as np
 
-ATTRIBUTES = ("colour", "background", "shape", "size", "position")
-
-
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
@@ -40,22 +37,6 @@ def ssim(a: np.ndarray, b: np.ndarray, window: int = 7) -> float:
     return float(s.mean())
 
 
-def adherence(images, scenes) -> dict:
-    from edgediff.models import checker
-
-    hits = {a: [] for a in ATTRIBUTES}
-    for image, scene in zip(images, scenes):
-        r = checker.read(image)
-        hits["colour"].append(r.colour == scene.colour)
-        hits["background"].append(r.background == scene.background)
-        hits["shape"].append(r.shape == scene.shape)
-        if scene.say_size:
-            hits["size"].append(r.size == scene.size)
-        if scene.say_position:
-            hits["position"].append(r.position == scene.position)
-    return {a: float(np.mean(v)) for a, v in hits.items()}
-
-
 def _generate(pipe, scenes, decoder: str | None):
     images, times = [], []
     for i, scene in enumerate(scenes):
@@ -68,7 +49,7 @@ def _generate(pipe, scenes, decoder: str | None):
 def compare(reference: str, variants: dict[str, str], n: int, threads: int | None = None) -> list[dict]:
     from PIL import Image
 
-    from edgediff.models.evaluate import eval_prompts
+    from edgediff.models.evaluate import adherence, eval_prompts
     from edgediff.runtime import Bundle, Pipeline
 
     scenes = eval_prompts(n)

@@ -237,9 +237,12 @@ def _quantise_bundle(staging: Path, manifest: Manifest, precision: str, keep, pr
     from .calibration import CALIBRATION_PROMPTS, record_feeds
     from .quantize import QUANT_POLICY, SCHEMES, quantise_component
 
-    feeds = record_feeds(staging, prompts or CALIBRATION_PROMPTS)
+    import onnx
+
+    policy = QUANT_POLICY[precision]
+    feeds = record_feeds(staging, prompts or CALIBRATION_PROMPTS, [n for n in manifest.components if policy.get(n)])
     for name, spec in manifest.components.items():
-        scheme_name = QUANT_POLICY[precision].get(name)
+        scheme_name = policy.get(name)
         if scheme_name is None:
             spec.attributes["quantization"] = {"scheme": None, "why": "kept fp32 by policy (export/quantize.py)"}
             continue
@@ -249,8 +252,6 @@ def _quantise_bundle(staging: Path, manifest: Manifest, precision: str, keep, pr
         for old in spec.files:  # the fp32 graph and any external data it had
             (staging / old).unlink()
         # re-saved under the component's own names (weights beside it only past 2 GB, as at export)
-        import onnx
-
         quantised = onnx.load(str(dst))
         for leftover in staging.glob(f"{dst.name}*"):
             leftover.unlink()

@@ -22,17 +22,21 @@ CALIBRATION_PROMPTS = (
 )
 
 
-def record_feeds(bundle_dir: Path, prompts=CALIBRATION_PROMPTS, seed: int = 0) -> dict[str, list[dict]]:
-    """Per component, up to MAX_CALIBRATION_FEEDS input dicts recorded while generating `prompts`."""
+def record_feeds(bundle_dir: Path, prompts=CALIBRATION_PROMPTS, components: list[str] | None = None,
+                 seed: int = 0) -> dict[str, list[dict]]:
+    """Per component (default: all that a text-to-image call runs), up to MAX_CALIBRATION_FEEDS input
+    dicts recorded while generating `prompts`."""
     from edgediff.runtime import Bundle, Pipeline
+    from edgediff.runtime.pipeline import COMPONENTS
 
-    pipe = Pipeline(Bundle.open(bundle_dir, verify="none"), provider="cpu")
-    recorded: dict[str, list[dict]] = {name: [] for name in pipe.manifest.components}
+    pipe = Pipeline(Bundle.open(bundle_dir, verify="none"), provider="cpu", cache=False)
+    recorded: dict[str, list[dict]] = {name: [] for name in (COMPONENTS if components is None else components)}
     for name in recorded:
         session = pipe.sessions.get(name)
         session.observers.append(lambda feeds, name=name: recorded[name].append({k: np.array(v) for k, v in feeds.items()}))
     for i, prompt in enumerate(prompts):
-        pipe(prompt, seed=seed + i, output_type="np")  # (the tiny decoder is never quantised: not run)
+        # the VAE decode (seconds at 512) runs only when its inputs are wanted
+        pipe(prompt, seed=seed + i, output_type="np" if "vae_decoder" in recorded else "latent")
     pipe.close()
     out = {}
     for name, feeds in recorded.items():

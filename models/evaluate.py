@@ -24,25 +24,31 @@ def eval_prompts(n: int, seed: int = EVAL_SEED):
     return [random_scene(rng, p_omit=0.3) for _ in range(n)]
 
 
+def adherence(images, scenes) -> dict:
+    """Accuracy per attribute as the checker reads `images` (size and position only where asked)."""
+    hits = {a: [] for a in ATTRIBUTES}
+    for image, scene in zip(images, scenes):
+        r = checker.read(image)
+        hits["colour"].append(r.colour == scene.colour)
+        hits["background"].append(r.background == scene.background)
+        hits["shape"].append(r.shape == scene.shape)
+        if scene.say_size:
+            hits["size"].append(r.size == scene.size)
+        if scene.say_position:
+            hits["position"].append(r.position == scene.position)
+    return {a: float(np.mean(v)) for a, v in hits.items()}
+
+
 def score(pipe, scenes, steps: int, guidance: float | None = None, sampler: str | None = None, batch: int = 20) -> dict:
     """Accuracy per attribute (size and position only where the prompt names them), and ms per image."""
-    hits = {a: [] for a in ATTRIBUTES}
-    per_image = []
+    images, per_image = [], []
     for start in range(0, len(scenes), batch):
         chunk = scenes[start : start + batch]
         t0 = time.perf_counter()
         out = pipe([s.caption for s in chunk], num_inference_steps=steps, guidance_scale=guidance, seed=start)
         per_image.append((time.perf_counter() - t0) / len(chunk))
-        for scene, image in zip(chunk, out.images):
-            r = checker.read(image)
-            hits["colour"].append(r.colour == scene.colour)
-            hits["background"].append(r.background == scene.background)
-            hits["shape"].append(r.shape == scene.shape)
-            if scene.say_size:
-                hits["size"].append(r.size == scene.size)
-            if scene.say_position:
-                hits["position"].append(r.position == scene.position)
-    result = {a: float(np.mean(v)) for a, v in hits.items()}
+        images.extend(out.images)
+    result = adherence(images, scenes)
     result.update(n=len(scenes), steps=steps, ms_per_image_batched=1000 * statistics.median(per_image))
     return result
 

@@ -25,6 +25,11 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def folder_size(path: Path) -> int:
+    """Bytes of every file under `path` (Core ML packages are folders)."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
 @dataclass
 class Bundle:
     path: Path
@@ -67,7 +72,7 @@ class Bundle:
 
     @property
     def size_on_disk(self) -> int:
-        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+        return folder_size(self.path)
 
     def _check_files(self, verify: str) -> None:
         self.tokenizer_path  # noqa: B018  (raises when missing)

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .bundle import folder_size
 from .errors import BundleError, EdgediffError
 from .manifest import MANIFEST_NAME, Manifest
 
@@ -43,7 +44,7 @@ class BundleEntry:
 
     @property
     def size(self) -> int:
-        return sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
+        return folder_size(self.path)
 
 
 def _entry(name: str, path: Path) -> BundleEntry:

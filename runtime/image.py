@@ -21,6 +21,11 @@ def latents_to_images(decoded: np.ndarray, output_type: str = "pil"):
         return images
     if output_type != "pil":
         raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
+    return to_pil(images)
+
+
+def to_pil(images: np.ndarray) -> list[Image.Image]:
+    """NHWC float images in [0, 1] -> 8-bit PIL images."""
     return [Image.fromarray((img * 255).round().astype(np.uint8)) for img in images]
 
 

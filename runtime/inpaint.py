@@ -40,7 +40,7 @@ def outpaint_canvas(image, left: int, top: int, right: int, bottom: int, multipl
 
 
 def overlay(images: np.ndarray, original: Image.Image, mask_px: np.ndarray) -> np.ndarray:
-    """NHWC images in [0, 1] with the original's pixels restored wherever the mask keeps them."""
+    """NHWC images in [0, 1] with the original's pixels (same size) restored wherever the mask keeps them."""
     keep = (mask_px[0, 0] < 0.5)[None, :, :, None]
-    source = np.asarray(original.convert("RGB").resize((images.shape[2], images.shape[1])), dtype=np.float32) / 255.0
+    source = np.asarray(original.convert("RGB"), dtype=np.float32) / 255.0
     return np.where(keep, source[None], images).astype(np.float32)

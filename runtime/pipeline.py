@@ -22,7 +22,7 @@ from . import graph_cache
 from .bundle import Bundle
 from .cancel import CancelToken
 from .errors import Cancelled, InputError, NaNOutputError, PipelineClosed
-from .image import latents_to_images, load_image, to_model_input
+from .image import latents_to_images, load_image, to_model_input, to_pil
 from .inpaint import overlay, prepare_mask
 from .coreml_session import CoreMLSession
 from .coreml_session import check_available as check_coreml
@@ -84,11 +84,20 @@ class Pipeline:
                  decoder: str = "full", cache: bool = True, compute_units: str = "all"):
         self.bundle = bundle
         self.manifest = m = bundle.manifest
+        # optimised graphs are cached per user (graph_cache.py); the bundle folder itself is never written
+        cache_folder = graph_cache.cache_dir() if cache else None
         if m.target == "coreml":  # Core ML packages run through coremltools, on macOS (compute_units applies)
             check_coreml(compute_units)
             self.resolution = Resolution(REGISTRY["coreml"], provider, False)
+
+            def opener(name):
+                return CoreMLSession(name, bundle.component_path(name), m.components[name], compute_units)
         else:
             self.resolution = resolve(provider, fallback=fallback)
+
+            def opener(name):
+                return GraphSession(name, bundle.component_path(name), m.components[name], self.resolution,
+                                    bundle.path, threads, cache_folder)
         self.providers = self.resolution.names
         self.sampler_name = sampler or m.scheduler["name"]
         if self.sampler_name not in SAMPLERS:
@@ -97,15 +106,6 @@ class Pipeline:
         self.tokenizer = PromptTokenizer(bundle.tokenizer_path, m.tokenizer["max_length"], m.tokenizer["pad_id"])
         # opened up front: what every call needs; the VAE encoder and the other decoder open on first use
         names = [*COMPONENTS, *([DECODERS[self.decoder]] if self.decoder != "full" else [])]
-        # optimised graphs are cached per user (graph_cache.py); the bundle folder itself is never written
-        cache_folder = graph_cache.cache_dir() if cache else None
-        if m.target == "coreml":
-            def opener(name):
-                return CoreMLSession(name, bundle.component_path(name), m.components[name], compute_units)
-        else:
-            def opener(name):
-                return GraphSession(name, bundle.component_path(name), m.components[name], self.resolution,
-                                    bundle.path, threads, cache_folder)
         self.sessions = SessionPool(opener, names, low_memory=low_memory)
         # low-memory mode swaps sessions within a call, so calls take turns; otherwise a no-op lock
         self._turns = threading.Lock() if low_memory else _NoLock()
@@ -128,10 +128,8 @@ class Pipeline:
         return {
             "provider": self.resolution.provider.name, "requested": self.resolution.requested,
             "fell_back": self.resolution.fell_back, "options": dict(self.resolution.provider.options),
-            "graphs": {name: {"providers": self.sessions.get(name).providers,
-                              "cpu_fallback": self.sessions.get(name).fell_back_to_cpu,
-                              "cache": self.sessions.get(name).cache}
-                       for name in self.sessions.loaded},
+            "graphs": {name: {"providers": s.providers, "cpu_fallback": s.fell_back_to_cpu, "cache": s.cache}
+                       for name, s in ((n, self.sessions.get(n)) for n in self.sessions.loaded)},
         }
 
     @property
@@ -247,6 +245,8 @@ class Pipeline:
         height = m.defaults["height"] if height is None else height
         width = m.defaults["width"] if width is None else width
         self._check_args(height, width, steps, num_images_per_prompt)
+        if image is not None and image.size != (width, height):
+            image = image.resize((width, height), Image.LANCZOS)  # as diffusers' image processor resamples
         if not prompts:
             raise InputError("batch", what="number of prompts", value=0)
         if decode_tile is not None and decode_tile < decoding.MIN_TILE:
@@ -357,7 +357,7 @@ class Pipeline:
         # 8. To [0, 1] images, as diffusers' image processor does (with the original kept outside the mask).
         if inpaint is not None and keep_unmasked:
             images = overlay(latents_to_images(decoded, "np"), image, inpaint.mask_px)
-            images = images if output_type == "np" else [Image.fromarray((x * 255).round().astype(np.uint8)) for x in images]
+            images = images if output_type == "np" else to_pil(images)
         else:
             images = latents_to_images(decoded, output_type)
         timings["total"] = time.perf_counter() - start
@@ -371,7 +371,7 @@ class Pipeline:
         full_noise = mask_image is not None and strength >= 1.0
         # an inpainting UNet at full strength never needs the image's latents (and diffusers draws no sample)
         encoded = None if full_noise and unet_channels > m.latent_channels else \
-            self._encode_image(image, height, width, batch, noise, cancel)
+            self._encode_input(to_model_input(image), batch, noise, cancel)
         start_noise = noise.standard_normal(shape)
         if full_noise:
             latents = start_noise * np.float32(sampler.init_noise_sigma)
@@ -380,20 +380,12 @@ class Pipeline:
         if mask_image is None:
             return latents, None
         mask_px, mask_lat = prepare_mask(mask_image, height, width, m.vae_scale_factor)
-        sized = image if image.size == (width, height) else image.resize((width, height), Image.LANCZOS)
-        masked_latents = self._encode_input(to_model_input(sized) * (mask_px < 0.5), batch, noise, cancel)
+        masked_latents = self._encode_input(to_model_input(image) * (mask_px < 0.5), batch, noise, cancel)
         return latents, _Inpaint(encoded, start_noise, np.repeat(mask_lat, batch, 0), masked_latents, mask_px,
                                  channels_in_unet=unet_channels > m.latent_channels)
 
-    def _encode_image(self, image: Image.Image, height: int, width: int, batch: int, noise, cancel) -> np.ndarray:
-        """(B, C, h, w) scaled latents of `image` (resized to height x width), one sample per image."""
-        if "vae_encoder" not in self.manifest.components:
-            raise InputError("encoder_missing", path=self.bundle.path)
-        if image.size != (width, height):
-            image = image.resize((width, height), Image.LANCZOS)  # diffusers' image processor resamples so
-        return self._encode_input(to_model_input(image), batch, noise, cancel)
-
     def _encode_input(self, model_input: np.ndarray, batch: int, noise, cancel) -> np.ndarray:
+        """(B, C, h, w) scaled latents of a (1, 3, H, W) image, one sample of the encoder's distribution per image."""
         if "vae_encoder" not in self.manifest.components:
             raise InputError("encoder_missing", path=self.bundle.path)
         with _cancellable(cancel, 0, 0) as options:

@@ -16,8 +16,9 @@ class ReplayNoise:
         return arr.astype(dtype)
 
 
-def patch_diffusers_noise(monkeypatch, module, arrays):
-    """Makes a diffusers scheduler module's randn_tensor return `arrays` in order."""
+def patch_diffusers_noise(monkeypatch, module, arrays, *more_modules):
+    """Makes diffusers modules' randn_tensor (a scheduler's; also the VAE's and a pipeline's) return
+    `arrays` in order, from one shared source."""
     import torch
 
     source = ReplayNoise(arrays)
@@ -25,7 +26,8 @@ def patch_diffusers_noise(monkeypatch, module, arrays):
     def fake_randn(shape, generator=None, device=None, dtype=None, layout=None):
         return torch.from_numpy(source.standard_normal(tuple(shape)))
 
-    monkeypatch.setattr(module, "randn_tensor", fake_randn)
+    for target in (module, *more_modules):
+        monkeypatch.setattr(target, "randn_tensor", fake_randn)
     return source
 
 

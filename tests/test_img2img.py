@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from conftest import ReplayNoise  # noqa: E402
+from conftest import ReplayNoise, patch_diffusers_noise  # noqa: E402
 from tiny_models import tiny_bundle, tiny_source  # noqa: E402
 
 from edgediff.runtime import InputError, Pipeline  # noqa: E402
@@ -35,13 +35,7 @@ def _reference(monkeypatch, source, sampler, manifest, image, prompt, steps, str
 
     from test_parity import SCHEDULER_MODULES
 
-    source_noise = ReplayNoise(noises)
-
-    def fake_randn(shape, generator=None, device=None, dtype=None, layout=None):
-        return torch.from_numpy(source_noise.standard_normal(tuple(shape)))
-
-    for module in (vae_module, img2img_module, getattr(schedulers, SCHEDULER_MODULES[sampler])):
-        monkeypatch.setattr(module, "randn_tensor", fake_randn)
+    patch_diffusers_noise(monkeypatch, getattr(schedulers, SCHEDULER_MODULES[sampler]), noises, vae_module, img2img_module)
     pipe = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(str(source), safety_checker=None,
                                                                     requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)

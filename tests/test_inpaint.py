@@ -8,7 +8,7 @@ from PIL import Image, ImageFilter
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from conftest import ReplayNoise  # noqa: E402
+from conftest import ReplayNoise, patch_diffusers_noise  # noqa: E402
 from tiny_models import tiny_bundle, tiny_source  # noqa: E402
 
 from edgediff.runtime import InputError, Pipeline  # noqa: E402
@@ -32,13 +32,7 @@ def _reference(monkeypatch, source, sampler, manifest, image, mask, steps, stren
     import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint as inpaint_module
     from diffusers import schedulers
 
-    replay = ReplayNoise(noises)
-
-    def fake_randn(shape, generator=None, device=None, dtype=None, layout=None):
-        return torch.from_numpy(replay.standard_normal(tuple(shape)))
-
-    for module in (vae_module, inpaint_module, getattr(schedulers, SCHEDULER_MODULES[sampler])):
-        monkeypatch.setattr(module, "randn_tensor", fake_randn)
+    patch_diffusers_noise(monkeypatch, getattr(schedulers, SCHEDULER_MODULES[sampler]), noises, vae_module, inpaint_module)
     pipe = diffusers.StableDiffusionInpaintPipeline.from_pretrained(str(source), safety_checker=None,
                                                                     requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
