@@ -166,10 +166,24 @@ def info(bundle, verify):
     d = m.defaults
     click.echo(f"defaults      {d['steps']} steps, guidance {d['guidance']}, {d['width']}x{d['height']}")
     click.echo(f"source        {m.provenance.get('source', '?')} ({m.provenance.get('date', '?')})")
+    text = " + ".join(f"{e['component']} ({e['output']}" + (f", pooled {e['pooled']})" if e.get("pooled") else ")")
+                      for e in m.text_encoders)
+    click.echo(f"text          {text}" + ("; size/crop conditions" if m.conditioning.get("time_ids") else ""))
     for name, comp in m.components.items():
         shapes = ", ".join(f"{t.name}{list(t.shape)}:{t.dtype}" for t in comp.inputs)
-        click.echo(f"{name:<14}{comp.precision:<6}{comp.size / 2**20:9.1f} MiB  {shapes}")
+        click.echo(f"{name:<16}{comp.precision:<6}{comp.size / 2**20:9.1f} MiB  {shapes}")
     click.echo(f"total         {b.size_on_disk / 2**20:.1f} MiB on disk" + ("; checksums ok" if verify else ""))
+
+
+@cli.command()
+def families():
+    """List the model families export detects and the runtime defaults each bundle of them gets."""
+    from edgediff.models.registry import FAMILIES
+
+    click.echo(f"{'family':<16}{'sampler':<17}{'steps':>5}{'guidance':>10}  description")
+    for f in FAMILIES:
+        guidance = "embedded" if f.guidance_embedding else f"{f.default_guidance:g}"
+        click.echo(f"{f.name:<16}{f.sampler:<17}{f.default_steps:>5}{guidance:>10}  {f.description}")
 
 
 @cli.command()
@@ -206,6 +220,9 @@ def providers():
 @click.option("--default-guidance", type=float, default=None, help="Guidance the bundle defaults to (default: the family's).")
 @click.option("--tiny-decoder", default=None,
               help="AutoencoderTiny folder or hub id to add as the fast decoder (e.g. madebyollin/taesd).")
+@click.option("--vae", default=None,
+              help="AutoencoderKL folder or hub id replacing the model's VAE (e.g. madebyollin/sdxl-vae-fp16-fix "
+                   "for fp16 SDXL bundles).")
 @click.option("--optimize", is_flag=True, help="Apply onnxruntime's transformer fusions (checked against PyTorch).")
 @click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
               help="LoRA safetensors fused into the weights before export (repeatable; scale defaults to 1).")
@@ -217,7 +234,7 @@ def providers():
               help="coreml: attention layout (split_einsum is not implemented yet).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT once the new bundle is complete.")
 def export(source, out, precision, keep, calibration_prompts, height, width, family, default_steps, default_guidance,
-           tiny_decoder, optimize, loras, target, palettize, attention, overwrite):
+           tiny_decoder, vae, optimize, loras, target, palettize, attention, overwrite):
     """Export a diffusers model (folder or hub id) SOURCE into a bundle at OUT."""
     from edgediff.export import export_bundle
     from edgediff.export.lora import parse_lora
@@ -225,9 +242,9 @@ def export(source, out, precision, keep, calibration_prompts, height, width, fam
     if target == "coreml":
         from edgediff.export.coreml import export_coreml
 
-        if precision != "fp32" or tiny_decoder or optimize or keep != "none" or loras:
+        if precision != "fp32" or tiny_decoder or optimize or keep != "none" or loras or vae:
             raise click.UsageError("--target coreml is fp16 (or --palettize); --precision, --keep, --tiny-decoder, "
-                                   "--optimize and --lora apply to ONNX bundles")
+                                   "--vae, --optimize and --lora apply to ONNX bundles")
         path = export_coreml(source, out, height=height, width=width, palettize=int(palettize) if palettize else None,
                              attention=attention, family=family, overwrite=overwrite, default_steps=default_steps,
                              default_guidance=default_guidance)
@@ -241,7 +258,7 @@ def export(source, out, precision, keep, calibration_prompts, height, width, fam
     path = export_bundle(source, out, precision=precision, height=height, width=width, family=family,
                          overwrite=overwrite, default_steps=default_steps, default_guidance=default_guidance,
                          tiny_decoder=tiny_decoder, keep=keep if keep in ("none", "auto") else keep.split(","),
-                         calibration_prompts=prompts, optimize=optimize, loras=[parse_lora(x) for x in loras])
+                         calibration_prompts=prompts, optimize=optimize, loras=[parse_lora(x) for x in loras], vae=vae)
     click.echo(str(path))
 
 

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import os
@@ -19,13 +20,13 @@ import numpy as np
 from edgediff.models.registry import detect_family, get_family
 from edgediff.runtime.bundle import sha256_file
 from edgediff.runtime.errors import ExportError, ExportValidationError
-from edgediff.runtime.manifest import MANIFEST_NAME, TOKENIZER_NAME, ComponentSpec, Manifest, TensorSpec
+from edgediff.runtime.manifest import MANIFEST_NAME, TOKENIZER_2_NAME, TOKENIZER_NAME, ComponentSpec, Manifest, TensorSpec
 from edgediff.runtime.schedulers import DIFFUSERS_CLASS_TO_SAMPLER, ScheduleConfig
 
 from .lora import fuse_loras
 from .optimize import MODEL_TYPES as FUSABLE, optimise_graph
 from .precision import PRECISIONS, QUANTISED, to_fp16
-from .source import load_pipeline, source_facts
+from .source import load_pipeline, load_vae, source_facts
 from .specs import COMPONENTS, TINY_DECODER, TOLERANCES, ExportContext
 from .tiny_decoder import load_tiny_decoder, tiny_attributes, tiny_decoder_for_export
 from .tokenizer import write_tokenizer_json
@@ -80,53 +81,115 @@ def _save_graph(model, out_dir: Path, name: str) -> dict[str, dict]:
     return {n: {"size": (out_dir / n).stat().st_size, "sha256": sha256_file(out_dir / n)} for n in names}
 
 
-def _validate(component, modules, ctx: ExportContext, graph_path: Path, tolerance: float) -> dict[str, float]:
-    """Runs the graph in onnxruntime and the module in PyTorch on the same random inputs."""
-    import onnxruntime as ort
+def _torch_reference(component, modules, ctx: ExportContext) -> tuple[dict, list[np.ndarray]]:
+    """The check's random inputs and the PyTorch module's outputs on them, taken before export so that the
+    module can be released before its graph is loaded (export/validation peak: the larger of the two)."""
     import torch
 
     inputs = component.random_inputs(ctx, np.random.default_rng(0))
+    with torch.no_grad():
+        outputs = component.torch_call(modules, {k: torch.from_numpy(v) for k, v in inputs.items()})
+    return inputs, [o.float().numpy() for o in outputs]
+
+
+def _validate(component, reference: tuple[dict, list[np.ndarray]], graph_path: Path, tolerance: float) -> dict[str, float]:
+    """Runs the graph in onnxruntime on the reference's inputs and compares with PyTorch's outputs."""
+    import onnxruntime as ort
+
+    inputs, torch_out = reference
     session = ort.InferenceSession(str(graph_path), providers=["CPUExecutionProvider"])
     declared = {i.name: i.type for i in session.get_inputs()}
     feeds = {k: (v.astype(np.int32) if declared.get(k) == "tensor(int32)" else v) for k, v in inputs.items() if k in declared}
     onnx_out = session.run(None, feeds)
-    with torch.no_grad():
-        torch_out = component.torch_call(modules, {k: torch.from_numpy(v) for k, v in inputs.items()})
+    names = [o.name for o in session.get_outputs()]
+    del session
     diffs = {}
-    for out_meta, got, ref in zip(session.get_outputs(), onnx_out, torch_out):
-        ref = ref.float().numpy()
+    for out_meta, got, ref in zip(names, onnx_out, torch_out):
         if got.shape != ref.shape:
-            raise ExportValidationError(component.name, {out_meta.name: (float("inf"), tolerance)})
+            raise ExportValidationError(component.name, {out_meta: (float("inf"), tolerance)})
         scale = max(1.0, float(np.abs(ref).max()))
-        diffs[out_meta.name] = (float(np.abs(got.astype(np.float32) - ref).max() / scale), tolerance)
+        diffs[out_meta] = (float(np.abs(got.astype(np.float32) - ref).max() / scale), tolerance)
+    if len(onnx_out) != len(torch_out):
+        raise ExportValidationError(component.name, {"number of outputs": (float("inf"), tolerance)})
     if any(d > tol or not np.isfinite(d) for d, tol in diffs.values()):
         raise ExportValidationError(component.name, diffs)
     return {k: d for k, (d, _) in diffs.items()}
 
 
-def prepare_source(source: str, height: int | None, width: int | None, family: str | None):
-    """The diffusers pipeline, its family row and the export context (sizes checked)."""
+def _write_checked(component, raw_graph: Path, staging: Path, precision: str, reference):
+    """Writes the component's graph in `precision` (fp32 / fp16) into the bundle and checks it against
+    PyTorch; returns its manifest files, input and output specs, and the check's differences."""
+    import onnx
+
+    model = onnx.load(str(raw_graph))
+    if precision == "fp16":
+        model = to_fp16(model)
+    files = _save_graph(model, staging, component.name)
+    inputs, outputs = _tensor_specs(model.graph.input), _tensor_specs(model.graph.output)
+    del model
+    return files, inputs, outputs, _validate(component, reference, staging / f"{component.name}.onnx",
+                                             TOLERANCES[precision])
+
+
+def _release(module) -> None:
+    """Frees a torch module's weights once its graph is exported (configs stay readable): at full size
+    the UNet's weights and its exported graph need not be in memory together twice."""
+    module.to("meta")
+
+
+def prepare_source(source: str, height: int | None, width: int | None, family: str | None, vae: str | None = None):
+    """The diffusers pipeline (with `vae` replacing its VAE when given), its family row and the export
+    context (sizes checked)."""
     pipe = load_pipeline(source)
+    if vae:
+        pipe.register_modules(vae=load_vae(vae, int(pipe.vae.config.latent_channels)))
     fam = get_family(family) if family else detect_family(source_facts(pipe, source))
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    default_h = height or int(pipe.unet.config.sample_size) * vae_scale
-    default_w = width or int(pipe.unet.config.sample_size) * vae_scale
+    native = fam.default_size or int(pipe.unet.config.sample_size) * vae_scale
+    default_h, default_w = height or native, width or native
     for what, value in (("height", default_h), ("width", default_w)):
         if value % 8:
             raise ExportError("export_source", source=source, detail=f"{what} {value} is not a multiple of 8")
     ctx = ExportContext(
         height=default_h, width=default_w, latent_channels=int(pipe.vae.config.latent_channels),
         unet_in_channels=int(pipe.unet.config.in_channels),
-        vae_scale_factor=vae_scale, max_length=int(pipe.tokenizer.model_max_length),
+        vae_scale_factor=vae_scale, vae_scaling_factor=float(pipe.vae.config.scaling_factor),
+        max_length=int(pipe.tokenizer.model_max_length),
         vocab_size=int(pipe.text_encoder.config.vocab_size),
         cross_attention_dim=int(pipe.unet.config.cross_attention_dim),
         time_cond_proj_dim=pipe.unet.config.time_cond_proj_dim,
     )
+    text_encoder_2 = getattr(pipe, "text_encoder_2", None)
+    if text_encoder_2 is not None:  # SDXL
+        ctx = dataclasses.replace(
+            ctx, vocab_size_2=int(text_encoder_2.config.vocab_size), pooled_dim=int(text_encoder_2.config.projection_dim),
+            time_ids_dim=5 if getattr(pipe.config, "requires_aesthetics_score", False) else 6)
     return pipe, fam, ctx
 
 
-def build_manifest(pipe, fam, ctx: ExportContext, tokenizer_entry: dict, components: dict, default_steps, default_guidance,
-                   provenance: dict, target: str = "onnx") -> Manifest:
+def write_text_conditioning(pipe, staging: Path) -> tuple[dict, dict]:
+    """Writes each text encoder's tokenizer; returns the manifest's `tokenizer` entry and its `conditioning`:
+    which encoders run, which output each gives the UNet, and SDXL's pooled text and micro-conditioning."""
+    tokenizer_entry = write_tokenizer_json(pipe.tokenizer, staging / TOKENIZER_NAME)
+    if getattr(pipe, "text_encoder_2", None) is None:
+        return tokenizer_entry, {"encoders": [{"component": "text_encoder", "tokenizer": tokenizer_entry,
+                                               "output": "last_hidden_state"}]}
+    tokenizer_2_entry = write_tokenizer_json(pipe.tokenizer_2, staging / TOKENIZER_2_NAME)
+    # as StableDiffusionXLPipeline (clip_skip None): each encoder's penultimate layer, concatenated, and the
+    # second encoder's projected pooled output
+    penultimate = [f"hidden_states.{int(enc.config.num_hidden_layers) - 1}" for enc in (pipe.text_encoder, pipe.text_encoder_2)]
+    return tokenizer_entry, {
+        "encoders": [{"component": "text_encoder", "tokenizer": tokenizer_entry, "output": penultimate[0]},
+                     {"component": "text_encoder_2", "tokenizer": tokenizer_2_entry, "output": penultimate[1],
+                      "pooled": "text_embeds"}],
+        "zero_negative": bool(pipe.config.get("force_zeros_for_empty_prompt", False)),
+        "time_ids": "size-crop-target",
+    }
+
+
+def build_manifest(pipe, fam, ctx: ExportContext, text: tuple[dict, dict], components: dict, default_steps,
+                   default_guidance, provenance: dict, target: str = "onnx") -> Manifest:
+    tokenizer_entry, conditioning = text
     return Manifest(
         family=fam.name,
         prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
@@ -138,6 +201,7 @@ def build_manifest(pipe, fam, ctx: ExportContext, tokenizer_entry: dict, compone
         vae_scaling_factor=float(pipe.vae.config.scaling_factor),
         vae_scale_factor=ctx.vae_scale_factor,
         tokenizer=tokenizer_entry,
+        conditioning=conditioning,
         guidance_embedding_dim=ctx.time_cond_proj_dim,
         components=components,
         target=target,
@@ -151,7 +215,7 @@ def export_bundle(source: str, out: str | Path, precision: str = "fp32", height:
                   progress: bool = True, default_steps: int | None = None,
                   default_guidance: float | None = None, tiny_decoder: str | None = None,
                   keep: str | list[str] = "none", calibration_prompts: list[str] | None = None,
-                  optimize: bool = False, loras: list[tuple[str, float]] | None = None) -> Path:
+                  optimize: bool = False, loras: list[tuple[str, float]] | None = None, vae: str | None = None) -> Path:
     """Exports `source` (diffusers folder or hub id) into a bundle folder at `out`; returns `out`.
 
     `tiny_decoder`: an AutoencoderTiny (folder or hub id, e.g. madebyollin/taesd for SD 1.x/2.x) added
@@ -160,7 +224,9 @@ def export_bundle(source: str, out: str | Path, precision: str = "fp32", height:
     with calibration inputs recorded from `calibration_prompts`; `keep` = "none", "auto" (sensitivity
     pass) or block names to leave in fp32. `optimize`: onnxruntime's transformer fusions (optimize.py),
     checked against PyTorch like the plain graphs. `loras`: (file, scale) pairs fused into the weights
-    first (lora.py); the graphs are checked against the fused model.
+    first (lora.py); the graphs are checked against the fused model. `vae`: an AutoencoderKL (folder or hub
+    id) replacing the model's own. fp16: the VAE parts are tried in fp16 and kept fp32 (reason in the
+    manifest) when their fp16 graphs overflow or fail the check.
 
     Atomic: everything is built in a temporary folder beside `out` and renamed at the end; on any
     failure (validation included) nothing is left at `out`.
@@ -179,46 +245,56 @@ def export_bundle(source: str, out: str | Path, precision: str = "fp32", height:
     with staged(out, overwrite) as staging:
         steps = tqdm(total=2 + len(COMPONENTS), desc="export", disable=not progress, unit="step")
         steps.set_postfix_str("loading source")
-        pipe, fam, ctx = prepare_source(source, height, width, family)
+        pipe, fam, ctx = prepare_source(source, height, width, family, vae)
         lora_records = fuse_loras(pipe, loras or [])
         steps.update()
 
-        tokenizer_entry = write_tokenizer_json(pipe.tokenizer, staging / TOKENIZER_NAME)
+        text = write_text_conditioning(pipe, staging)
         optimum_models = get_diffusion_models_for_export(pipe, exporter="onnx")
         components, checks = {}, {}
         raw_dir = staging / "_raw"
-        work = [(c, optimum_models[c.name], pipe, {}) for c in COMPONENTS]
+        work = [(c, optimum_models.pop(c.name), pipe, {}) for c in COMPONENTS if c.name in optimum_models]
+        steps.total += len(work) - len(COMPONENTS)
         if tiny_decoder:
             tiny = load_tiny_decoder(tiny_decoder, ctx.latent_channels)
             work.append((TINY_DECODER, tiny_decoder_for_export(tiny), tiny, tiny_attributes(tiny)))
             steps.total += 1
-        for component, model_and_config, reference, attributes in work:
+        while work:  # popped as done, so that each torch module can be freed after its export
+            component, (module, export_config), modules, attributes = work.pop(0)
             steps.set_postfix_str(component.name)
-            export_models({component.name: model_and_config}, output_dir=raw_dir / component.name,
+            reference = _torch_reference(component, modules, ctx)
+            export_models({component.name: (module, export_config)}, output_dir=raw_dir / component.name,
                           output_names=["model.onnx"])
+            _release(module)  # optimum's own module (the VAE parts are copies of the pipeline's VAE)
+            del module, export_config
+            if component.module and not any(c.module == component.module for c, *_ in work):
+                _release(getattr(modules, component.module))
             raw_graph = raw_dir / component.name / "model.onnx"
             if optimize and component.name in FUSABLE:
                 fused = raw_graph.with_name("fused.onnx")
                 big = sum(f.stat().st_size for f in raw_graph.parent.iterdir()) > EXTERNAL_DATA_THRESHOLD
                 attributes = {**attributes, "optimizer": optimise_graph(raw_graph, fused, component.name, external_data=big)}
                 raw_graph = fused if fused.is_file() else raw_graph
-            model = onnx.load(str(raw_graph))
-            comp_precision = "fp16" if precision == "fp16" and not component.keep_fp32_at_fp16 else "fp32"
-            if comp_precision == "fp16":
-                model = to_fp16(model)
-            files = _save_graph(model, staging, component.name)
-            inputs, outputs = _tensor_specs(model.graph.input), _tensor_specs(model.graph.output)
-            del model
+            comp_precision = "fp16" if precision == "fp16" else "fp32"
+            try:
+                files, inputs, outputs, checks[component.name] = _write_checked(
+                    component, raw_graph, staging, comp_precision, reference)
+            except ExportValidationError as exc:
+                if comp_precision != "fp16" or not component.fp16_may_overflow:
+                    raise
+                log.warning("%s: the fp16 graph fails its check (%s); keeping it in fp32", component.name, exc)
+                attributes = {**attributes, "fp16": f"kept fp32: the fp16 graph failed its check ({exc})"}
+                comp_precision = "fp32"
+                files, inputs, outputs, checks[component.name] = _write_checked(
+                    component, raw_graph, staging, comp_precision, reference)
             shutil.rmtree(raw_dir / component.name)
-            checks[component.name] = _validate(component, reference, ctx, staging / f"{component.name}.onnx",
-                                               TOLERANCES[comp_precision])
             components[component.name] = ComponentSpec(files=files, precision=comp_precision, inputs=inputs,
                                                        outputs=outputs, attributes=attributes)
             steps.update()
         shutil.rmtree(raw_dir, ignore_errors=True)
 
-        manifest = build_manifest(pipe, fam, ctx, tokenizer_entry, components, default_steps, default_guidance, {
-            "source": source, "precision": precision, "tiny_decoder": tiny_decoder, "optimized": optimize,
+        manifest = build_manifest(pipe, fam, ctx, text, components, default_steps, default_guidance, {
+            "source": source, "vae": vae, "precision": precision, "tiny_decoder": tiny_decoder, "optimized": optimize,
             "loras": lora_records,
             "export_check": {"tolerances": TOLERANCES, "max_rel_diff": checks}})
         (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")

@@ -27,10 +27,10 @@ def record_feeds(bundle_dir: Path, prompts=CALIBRATION_PROMPTS, components: list
     """Per component (default: all that a text-to-image call runs), up to MAX_CALIBRATION_FEEDS input
     dicts recorded while generating `prompts`."""
     from edgediff.runtime import Bundle, Pipeline
-    from edgediff.runtime.pipeline import COMPONENTS
+    from edgediff.runtime.pipeline import text_to_image_components
 
     pipe = Pipeline(Bundle.open(bundle_dir, verify="none"), provider="cpu", cache=False)
-    recorded: dict[str, list[dict]] = {name: [] for name in (COMPONENTS if components is None else components)}
+    recorded: dict[str, list[dict]] = {name: [] for name in (text_to_image_components(pipe.manifest) if components is None else components)}
     for name in recorded:
         session = pipe.sessions.get(name)
         session.observers.append(lambda feeds, name=name: recorded[name].append({k: np.array(v) for k, v in feeds.items()}))

@@ -17,10 +17,9 @@ import numpy as np
 
 from edgediff.runtime.bundle import sha256_file
 from edgediff.runtime.errors import ExportError, ExportValidationError
-from edgediff.runtime.manifest import MANIFEST_NAME, TOKENIZER_NAME, ComponentSpec, TensorSpec
+from edgediff.runtime.manifest import MANIFEST_NAME, ComponentSpec, TensorSpec
 
-from .bundle_writer import _quiet_tracing, build_manifest, prepare_source, staged
-from .tokenizer import write_tokenizer_json
+from .bundle_writer import _quiet_tracing, build_manifest, prepare_source, staged, write_text_conditioning
 
 PALETTE_BITS = (8, 6, 4)  # coremltools' k-means palettisation: 2**bits weight values per tensor
 ATTENTION_MODES = ("original",)  # Apple's split-einsum layout needs its own UNet rewrite: not yet
@@ -177,7 +176,10 @@ def export_coreml(source: str, out: str | Path, height: int | None = None, width
     _quiet_tracing()
     with staged(out, overwrite) as staging:
         pipe, fam, ctx = prepare_source(source, height, width, family)
-        tokenizer_entry = write_tokenizer_json(pipe.tokenizer, staging / TOKENIZER_NAME)
+        if ctx.pooled_dim is not None:
+            raise ExportError("export_source", source=source,
+                              detail="the Core ML target converts SD 1.x / 2.x families; SDXL is ONNX-only for now")
+        text = write_text_conditioning(pipe, staging)
         # static shapes: classifier-free guidance runs the UNet on (uncond, cond) at once
         cfg_batch = 1 if (fam.guidance_embedding or (default_guidance if default_guidance is not None
                                                      else fam.default_guidance) <= 1.0) else 2
@@ -198,7 +200,7 @@ def export_coreml(source: str, out: str | Path, height: int | None = None, width
                 files={str(p.relative_to(staging)): {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in files},
                 precision=f"palette{palettize}" if palettize else "fp16", inputs=declared_in, outputs=declared_out,
                 attributes=attributes)
-        manifest = build_manifest(pipe, fam, ctx, tokenizer_entry, components, default_steps, default_guidance, {
+        manifest = build_manifest(pipe, fam, ctx, text, components, default_steps, default_guidance, {
             "source": source, "precision": f"palette{palettize}" if palettize else "fp16",
             "export_check": {"tolerance": COREML_TOLERANCE, "max_rel_diff": checks}}, target="coreml")
         (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")

@@ -48,14 +48,13 @@ SCHEMES = {
     "int4-weight-only": Scheme("int4-weight-only", "int4", ("MatMul",)),
 }
 # bundle precision -> component -> scheme (None: the component stays fp32)
+_FP32 = {"vae_decoder": None, "vae_decoder_tiny": None, "vae_encoder": None}
 QUANT_POLICY = {
     # the VAE decoder in static int8 lost 0.16 relative error on the shipped model and ran slower: fp32
-    "int8-static": {"text_encoder": "int8-dynamic", "unet": "int8-static", "vae_decoder": None,
-                    "vae_decoder_tiny": None, "vae_encoder": None},
-    "int8": {"text_encoder": "int8-dynamic", "unet": "int8-dynamic", "vae_decoder": None, "vae_decoder_tiny": None,
-             "vae_encoder": None},
-    "int4": {"text_encoder": "int4-weight-only", "unet": "int4-weight-only", "vae_decoder": None,
-             "vae_decoder_tiny": None, "vae_encoder": None},
+    "int8-static": {"text_encoder": "int8-dynamic", "text_encoder_2": "int8-dynamic", "unet": "int8-static", **_FP32},
+    "int8": {"text_encoder": "int8-dynamic", "text_encoder_2": "int8-dynamic", "unet": "int8-dynamic", **_FP32},
+    "int4": {"text_encoder": "int4-weight-only", "text_encoder_2": "int4-weight-only", "unet": "int4-weight-only",
+             **_FP32},
 }
 
 

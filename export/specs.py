@@ -25,10 +25,15 @@ class ExportContext:
     latent_channels: int  # the VAE's
     unet_in_channels: int  # = latent_channels, or 9 for inpainting UNets (latents + mask + masked image)
     vae_scale_factor: int
+    vae_scaling_factor: float  # the decoder sees latents / this: SDXL's 0.13025 makes them ~7.7x larger
     max_length: int
     vocab_size: int
     cross_attention_dim: int
     time_cond_proj_dim: int | None
+    # SDXL: the second text encoder's vocabulary, its pooled (projected) width and the micro-conditions count
+    vocab_size_2: int | None = None
+    pooled_dim: int | None = None
+    time_ids_dim: int | None = None  # 6: original size, crop top-left, target size (5 for the refiner)
 
 
 @dataclass(frozen=True)
@@ -36,11 +41,19 @@ class ComponentExport:
     name: str  # bundle component name and optimum's submodel key
     torch_call: Callable  # (pipeline, inputs as torch tensors) -> list of torch outputs, in graph output order
     random_inputs: Callable[[ExportContext, np.random.Generator], dict[str, np.ndarray]]
-    keep_fp32_at_fp16: bool = False  # lesson 3 of FIELD_NOTES: the VAE overflows in fp16
+    # Lesson 3 of FIELD_NOTES (the SDXL VAE overflows in fp16): tried in fp16 in fp16 bundles, kept fp32, with
+    # the reason in the manifest, when the fp16 graph fails its check; other components' failures are errors.
+    fp16_may_overflow: bool = False
+    # the pipeline attribute whose weights the torch_call reads; freed after the last component using it
+    module: str | None = None
 
 
 def _text_inputs(ctx: ExportContext, rng):
     return {"input_ids": rng.integers(0, ctx.vocab_size, (VALIDATION_BATCH, ctx.max_length), dtype=np.int64)}
+
+
+def _text_2_inputs(ctx: ExportContext, rng):
+    return {"input_ids": rng.integers(0, ctx.vocab_size_2, (VALIDATION_BATCH, ctx.max_length), dtype=np.int64)}
 
 
 def _unet_inputs(ctx: ExportContext, rng):
@@ -52,12 +65,25 @@ def _unet_inputs(ctx: ExportContext, rng):
     }
     if ctx.time_cond_proj_dim is not None:
         inputs["timestep_cond"] = rng.standard_normal((VALIDATION_BATCH, ctx.time_cond_proj_dim)).astype(np.float32)
+    if ctx.pooled_dim is not None:  # SDXL's added conditions, at the magnitudes they take at run time
+        inputs["text_embeds"] = rng.standard_normal((VALIDATION_BATCH, ctx.pooled_dim)).astype(np.float32)
+        inputs["time_ids"] = np.tile(np.array([ctx.height, ctx.width, 0, 0, ctx.height, ctx.width][:ctx.time_ids_dim],
+                                              dtype=np.float32), (VALIDATION_BATCH, 1))
     return inputs
 
 
-def _vae_decoder_inputs(ctx: ExportContext, rng):
+def _latents(ctx: ExportContext, rng, scale: float):
     h, w = ctx.height // ctx.vae_scale_factor, ctx.width // ctx.vae_scale_factor
-    return {"latent_sample": rng.standard_normal((1, ctx.latent_channels, h, w)).astype(np.float32)}
+    return {"latent_sample": (rng.standard_normal((1, ctx.latent_channels, h, w)) * scale).astype(np.float32)}
+
+
+def _vae_decoder_inputs(ctx: ExportContext, rng):
+    # unit-variance latents unscaled, as the pipeline hands them over: an fp16 overflow shows at this magnitude
+    return _latents(ctx, rng, 1.0 / ctx.vae_scaling_factor)
+
+
+def _tiny_decoder_inputs(ctx: ExportContext, rng):
+    return _latents(ctx, rng, 1.0)  # TAESD-style decoders take the scaled latents themselves
 
 
 def _vae_encoder_inputs(ctx: ExportContext, rng):
@@ -69,12 +95,20 @@ def _vae_encoder_call(pipe, x):
 
 
 def _text_call(pipe, x):
-    out = pipe.text_encoder(input_ids=x["input_ids"])
-    return [out.last_hidden_state, out.pooler_output]
+    # outputs in optimum's order; SDXL bundles also carry every layer's hidden state (it reads the penultimate)
+    out = pipe.text_encoder(input_ids=x["input_ids"], output_hidden_states=pipe.text_encoder.config.output_hidden_states)
+    return [out.last_hidden_state, out.pooler_output, *(out.hidden_states or ())]
+
+
+def _text_2_call(pipe, x):
+    out = pipe.text_encoder_2(input_ids=x["input_ids"], output_hidden_states=True)
+    return [out.text_embeds, out.last_hidden_state, *out.hidden_states]
 
 
 def _unet_call(pipe, x):
-    return [pipe.unet(x["sample"], x["timestep"], x["encoder_hidden_states"], timestep_cond=x.get("timestep_cond")).sample]
+    added = {"text_embeds": x["text_embeds"], "time_ids": x["time_ids"]} if "text_embeds" in x else None
+    return [pipe.unet(x["sample"], x["timestep"], x["encoder_hidden_states"], timestep_cond=x.get("timestep_cond"),
+                      added_cond_kwargs=added).sample]
 
 
 def _vae_decoder_call(pipe, x):
@@ -85,13 +119,15 @@ def _tiny_decoder_call(tiny, x):
     return [tiny.decode(x["latent_sample"]).sample]
 
 
+# Exported when the source pipeline has the module (optimum lists it): text_encoder_2 for SDXL only.
 COMPONENTS: tuple[ComponentExport, ...] = (
-    ComponentExport("text_encoder", _text_call, _text_inputs),
-    ComponentExport("unet", _unet_call, _unet_inputs),
-    ComponentExport("vae_decoder", _vae_decoder_call, _vae_decoder_inputs, keep_fp32_at_fp16=True),
+    ComponentExport("text_encoder", _text_call, _text_inputs, module="text_encoder"),
+    ComponentExport("text_encoder_2", _text_2_call, _text_2_inputs, module="text_encoder_2"),
+    ComponentExport("unet", _unet_call, _unet_inputs, module="unet"),
+    ComponentExport("vae_decoder", _vae_decoder_call, _vae_decoder_inputs, fp16_may_overflow=True, module="vae"),
     # image-to-image and inpainting start from an encoded image
-    ComponentExport("vae_encoder", _vae_encoder_call, _vae_encoder_inputs, keep_fp32_at_fp16=True),
+    ComponentExport("vae_encoder", _vae_encoder_call, _vae_encoder_inputs, fp16_may_overflow=True, module="vae"),
 )
 
 # Optional: exported only when a tiny decoder is given (its torch_call takes the AutoencoderTiny itself).
-TINY_DECODER = ComponentExport("vae_decoder_tiny", _tiny_decoder_call, _vae_decoder_inputs)
+TINY_DECODER = ComponentExport("vae_decoder_tiny", _tiny_decoder_call, _tiny_decoder_inputs, fp16_may_overflow=True)

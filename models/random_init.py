@@ -40,6 +40,20 @@ TINY_VAE = dict(
 )
 TINY_TEXT = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=1000,
                  max_position_embeddings=77, projection_dim=32)
+SDXL_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", **{k: v for k, v in SD15_SCHEDULER.items() if k != "_class_name"},
+                  "interpolation_type": "linear", "prediction_type": "epsilon", "timestep_spacing": "leading",
+                  "use_karras_sigmas": False}
+SDXL_TURBO_SCHEDULER = {**SDXL_SCHEDULER, "_class_name": "EulerAncestralDiscreteScheduler", "timestep_spacing": "trailing"}
+# SDXL: the second text encoder (OpenCLIP-bigG stand-in) differs in width from the first, so that a mix-up of
+# the two, or of hidden and pooled outputs, changes shapes; the UNet's cross-attention takes both (32 + 48).
+TINY_TEXT_2 = dict(TINY_TEXT, hidden_size=48, num_attention_heads=4, num_hidden_layers=3, projection_dim=24,
+                   hidden_act="gelu")
+TINY_SDXL_UNET = dict(
+    TINY_UNET, cross_attention_dim=32 + 48, use_linear_projection=True, transformer_layers_per_block=(1, 2),
+    addition_embed_type="text_time", addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=6 * 8 + 24,  # 6 micro-conditions (size, crop, target) + pooled text
+)
+TINY_SDXL_VAE = dict(TINY_VAE, scaling_factor=0.13025, force_upcast=True)
 
 ARCHS = {
     "tiny-sd1": dict(unet=TINY_UNET, vae=TINY_VAE, text=TINY_TEXT, scheduler=SD15_SCHEDULER),
@@ -62,6 +76,29 @@ ARCHS = {
                       vae=TINY_VAE, text=TINY_TEXT, scheduler=SD_TURBO_SCHEDULER),
     # an inpainting UNet: latents + mask + masked-image latents in (4 + 1 + 4 channels), as SD-inpainting
     "tiny-sd1-inpaint": dict(unet={**TINY_UNET, "in_channels": 9}, vae=TINY_VAE, text=TINY_TEXT, scheduler=SD15_SCHEDULER),
+    # SDXL: two text encoders, pooled text and size/crop micro-conditioning into the UNet
+    "tiny-sdxl": dict(unet=TINY_SDXL_UNET, vae=TINY_SDXL_VAE, text=TINY_TEXT, text_2=TINY_TEXT_2, scheduler=SDXL_SCHEDULER),
+    "tiny-sdxl-turbo": dict(unet=TINY_SDXL_UNET, vae=TINY_SDXL_VAE, text=TINY_TEXT, text_2=TINY_TEXT_2,
+                            scheduler=SDXL_TURBO_SCHEDULER),
+    "tiny-sdxl-lcm": dict(unet={**TINY_SDXL_UNET, "time_cond_proj_dim": 16}, vae=TINY_SDXL_VAE, text=TINY_TEXT,
+                          text_2=TINY_TEXT_2, scheduler=LCM_SCHEDULER),
+    # SDXL-Turbo at full size (~2.6 B UNet parameters; its UNet is SDXL base's), as published by Stability AI.
+    "sdxl-turbo": dict(
+        unet=dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                  attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048,
+                  use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+                  projection_class_embeddings_input_dim=2816),
+        vae=dict(block_out_channels=(128, 256, 512, 512), in_channels=3, out_channels=3, latent_channels=4,
+                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                 layers_per_block=2, sample_size=1024, scaling_factor=0.13025, force_upcast=True),
+        text=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                  hidden_act="quick_gelu", projection_dim=768, vocab_size=49408, max_position_embeddings=77),
+        text_2=dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+                    hidden_act="gelu", projection_dim=1280, vocab_size=49408, max_position_embeddings=77),
+        scheduler=SDXL_TURBO_SCHEDULER,
+    ),
     # SD 2.1-base / SD-Turbo at full size (~0.87 B UNet parameters).
     "sd-turbo": dict(
         unet=dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
@@ -84,11 +121,12 @@ WORDS = "a an the of on at in with and photo picture red green blue yellow orang
 
 
 def build_random_pipeline(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
-    """Saves a StableDiffusionPipeline folder with random weights for `arch` (see ARCHS)."""
+    """Saves a StableDiffusionPipeline (StableDiffusionXLPipeline when `arch` has a second text encoder)
+    folder with random weights for `arch` (see ARCHS)."""
     import torch
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
     import diffusers
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHS)}")
@@ -106,14 +144,29 @@ def build_random_pipeline(arch: str, out_dir: str | Path, seed: int = 0) -> Path
         **spec["text"]))
     sched_cfg = dict(spec["scheduler"])
     scheduler = getattr(diffusers, sched_cfg.pop("_class_name")).from_config(sched_cfg)
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    if "text_2" in spec:
+        tok_dir_2 = build_clip_tokenizer(out / "_tokenizer_2_src", WORDS, pad_token="!")
+        tokenizer_2 = CLIPTokenizer.from_pretrained(tok_dir_2)
+        torch.manual_seed(seed + 3)
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+            bos_token_id=tokenizer_2.bos_token_id, eos_token_id=tokenizer_2.eos_token_id,
+            pad_token_id=tokenizer_2.pad_token_id, **spec["text_2"]))
+        pipe = StableDiffusionXLPipeline(
+            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, add_watermarker=False,
+        )
+    else:
+        tok_dir_2 = None
+        pipe = StableDiffusionPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
     pipe.save_pretrained(out)
     import shutil
 
-    shutil.rmtree(tok_dir)
+    for folder in (tok_dir, tok_dir_2):
+        if folder is not None:
+            shutil.rmtree(folder)
     return out
 
 

@@ -19,7 +19,13 @@ class SourceFacts:
     timestep_spacing: str | None  # as written in the scheduler config (None when absent)
     cross_attention_dim: int  # 768 for SD 1.x (CLIP-L), 1024 for SD 2.x (OpenCLIP-H)
     time_cond_proj_dim: int | None  # set for LCM-distilled UNets: guidance arrives as an embedding
-    name: str = ""  # hub id or folder name, only as a hint for Turbo models
+    name: str = ""  # hub id or folder name, only as a hint for Turbo / Lightning / SDXS models
+    text_encoders: int = 1  # 2 for SDXL (CLIP-L + OpenCLIP-bigG, pooled text and micro-conditioning)
+    mid_block: bool = True  # BK-SDM and small-sd prune the UNet's mid-block away
+
+
+def _named(f: SourceFacts, *hints: str) -> bool:
+    return any(h in f.name.lower() for h in hints)
 
 
 @dataclass(frozen=True)
@@ -33,9 +39,47 @@ class Family:
     matches: Callable[[SourceFacts], bool]
     # Fields that must hold in the scheduler config the bundle records (e.g. Turbo's trailing spacing).
     scheduler_overrides: tuple[tuple[str, object], ...] = ()
+    # Default image side in pixels when the family is trained at another size than its UNet's sample_size
+    # says (SDXL-Turbo: the SDXL UNet, distilled at 512); None: sample_size x the VAE's scale.
+    default_size: int | None = None
 
 
 FAMILIES: tuple[Family, ...] = (
+    # SDXL rows first: two text encoders is the fact that sets them apart.
+    Family(
+        name="sdxl-lcm",
+        description="LCM-distilled SDXL UNet (latent-consistency/lcm-sdxl), guidance as an embedding, 2-8 steps",
+        sampler="lcm", default_steps=4, default_guidance=8.0, guidance_embedding=True,
+        matches=lambda f: f.text_encoders == 2 and f.time_cond_proj_dim is not None,
+    ),
+    Family(
+        name="sdxl-turbo",
+        description="SDXL-Turbo (adversarially distilled SDXL), 1-4 steps at 512x512, no guidance",
+        sampler="euler_ancestral", default_steps=1, default_guidance=0.0, guidance_embedding=False,
+        matches=lambda f: f.text_encoders == 2 and (_named(f, "turbo") or (
+            f.scheduler_class == "EulerAncestralDiscreteScheduler" and f.timestep_spacing == "trailing")),
+        scheduler_overrides=(("timestep_spacing", "trailing"),), default_size=512,
+    ),
+    Family(
+        name="sdxl-lightning",
+        description="SDXL-Lightning (progressive adversarial distillation), 2-8 steps, Euler trailing, no guidance",
+        sampler="euler", default_steps=4, default_guidance=0.0, guidance_embedding=False,
+        matches=lambda f: f.text_encoders == 2 and _named(f, "lightning"),
+        scheduler_overrides=(("timestep_spacing", "trailing"),),
+    ),
+    Family(
+        name="sdxl",
+        description="SDXL base 1.0, epsilon prediction, 1024x1024 (also SDXL with an LCM / Hyper-SD LoRA fused)",
+        sampler="euler", default_steps=25, default_guidance=5.0, guidance_embedding=False,
+        matches=lambda f: f.text_encoders == 2,
+    ),
+    Family(
+        name="sdxs",
+        description="SDXS-512-style one-step student (small UNet, tiny decoder), 1 step, no guidance",
+        sampler="euler", default_steps=1, default_guidance=0.0, guidance_embedding=False,
+        matches=lambda f: _named(f, "sdxs"),
+        scheduler_overrides=(("timestep_spacing", "trailing"),),
+    ),
     Family(
         name="lcm-sd1",
         description="LCM-distilled SD 1.x UNet (guidance as an embedding), 2-8 steps",
@@ -61,6 +105,12 @@ FAMILIES: tuple[Family, ...] = (
         description="SD 2.x base, epsilon prediction (512)",
         sampler="euler", default_steps=25, default_guidance=7.5, guidance_embedding=False,
         matches=lambda f: f.cross_attention_dim == 1024,
+    ),
+    Family(
+        name="bk-sdm",
+        description="BK-SDM / small-sd: SD 1.x with a pruned UNet (no mid-block, fewer blocks)",
+        sampler="euler", default_steps=25, default_guidance=7.5, guidance_embedding=False,
+        matches=lambda f: not f.mid_block or _named(f, "bk-sdm", "small-sd", "segmind/tiny-sd"),
     ),
     Family(
         name="sd1",

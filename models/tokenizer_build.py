@@ -44,8 +44,11 @@ def _merges_for(words: list[str]) -> list[tuple[str, str]]:
     return merges
 
 
-def build_clip_tokenizer(out_dir: str | Path, words: list[str], max_length: int = 77) -> Path:
-    """Writes a CLIPTokenizer (vocab.json, merges.txt, configs) to `out_dir` and returns it."""
+def build_clip_tokenizer(out_dir: str | Path, words: list[str], max_length: int = 77, pad_token: str = EOS) -> Path:
+    """Writes a CLIPTokenizer (vocab.json, merges.txt, configs) to `out_dir` and returns it.
+
+    `pad_token`: CLIP-L pads with its end token; SDXL's OpenCLIP tokenizer (tokenizer_2) pads with "!".
+    """
     from transformers import CLIPTokenizer
     from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
@@ -58,6 +61,6 @@ def build_clip_tokenizer(out_dir: str | Path, words: list[str], max_length: int 
     vocab_list += [BOS, EOS]
     (out / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab_list)}, ensure_ascii=False))
     (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    tok = CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"), model_max_length=max_length, pad_token=EOS)
+    tok = CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"), model_max_length=max_length, pad_token=pad_token)
     tok.save_pretrained(out)
     return out

@@ -68,14 +68,19 @@ class Bundle:
 
     @property
     def tokenizer_path(self) -> Path:
-        return self.file(self.manifest.tokenizer.get("file", TOKENIZER_NAME))
+        return self.tokenizer_file(self.manifest.tokenizer)
+
+    def tokenizer_file(self, entry: dict) -> Path:
+        """A tokenizer entry's file (the manifest's `tokenizer`, or one text encoder's in `conditioning`)."""
+        return self.file(entry.get("file", TOKENIZER_NAME))
 
     @property
     def size_on_disk(self) -> int:
         return folder_size(self.path)
 
     def _check_files(self, verify: str) -> None:
-        self.tokenizer_path  # noqa: B018  (raises when missing)
+        for encoder in self.manifest.text_encoders:  # raises when a tokenizer is missing
+            self.tokenizer_file(encoder["tokenizer"])
         if verify == "none":
             return
         for spec in self.manifest.components.values():

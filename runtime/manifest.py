@@ -14,6 +14,7 @@ from .errors import BundleError, SchemaVersionError
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_NAME = "tokenizer.json"
+TOKENIZER_2_NAME = "tokenizer_2.json"  # SDXL's second (OpenCLIP-bigG) tokenizer
 TARGETS = ("onnx", "coreml")
 
 
@@ -54,6 +55,10 @@ class Manifest:
     tokenizer: dict  # {"file", "max_length", "pad_id"}
     guidance_embedding_dim: int | None  # LCM: width of the guidance embedding fed as timestep_cond
     components: dict[str, ComponentSpec]
+    # How prompts become the UNet's conditioning (runtime/conditioning.py): {"encoders": [{"component",
+    # "tokenizer", "output", "pooled"?}], "zero_negative"?, "time_ids"?}. Empty in bundles written before
+    # SDXL: then the one text encoder's first output, as SD 1.x / 2.x.
+    conditioning: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)  # source model, tool versions, date
     target: str = "onnx"  # onnx (onnxruntime graphs) | coreml (ML program packages, macOS)
     schema_version: int = SCHEMA_VERSION
@@ -97,11 +102,22 @@ class Manifest:
                 "vae_scale_factor", "tokenizer", "guidance_embedding_dim")}
         except (KeyError, TypeError) as exc:
             raise BundleError("manifest_invalid", path=bundle_dir, detail=f"missing or malformed field {exc}") from None
-        for required in ("text_encoder", "unet", "vae_decoder"):
+        conditioning = raw.get("conditioning", {})
+        encoders = conditioning.get("encoders", []) if isinstance(conditioning, dict) else None
+        if not isinstance(encoders, list) or not all(isinstance(e, dict) and isinstance(e.get("tokenizer"), dict)
+                                                     and "component" in e and "output" in e for e in encoders):
+            raise BundleError("manifest_invalid", path=bundle_dir, detail="malformed conditioning")
+        for required in ("text_encoder", "unet", "vae_decoder", *(e["component"] for e in encoders)):
             if required not in components:
                 raise BundleError("manifest_invalid", path=bundle_dir, detail=f"no {required} component")
         target = raw.get("target", "onnx")
         if target not in TARGETS:
             raise BundleError("manifest_invalid", path=bundle_dir, detail=f"unknown target {target!r}")
-        return cls(**fields_, components=components, provenance=raw.get("provenance", {}), target=target,
-                   schema_version=version)
+        return cls(**fields_, components=components, conditioning=conditioning, provenance=raw.get("provenance", {}),
+                   target=target, schema_version=version)
+
+    @property
+    def text_encoders(self) -> list[dict]:
+        """Each text encoder's component, tokenizer entry and the output the UNet takes (pre-SDXL bundles: one)."""
+        return self.conditioning.get("encoders") or [
+            {"component": "text_encoder", "tokenizer": self.tokenizer, "output": self.components["text_encoder"].outputs[0].name}]

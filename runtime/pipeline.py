@@ -24,17 +24,16 @@ from .cancel import CancelToken
 from .errors import Cancelled, InputError, NaNOutputError, PipelineClosed
 from .image import latents_to_images, load_image, to_model_input, to_pil
 from .inpaint import overlay, prepare_mask
+from .conditioning import TextConditioner
 from .coreml_session import CoreMLSession
 from .coreml_session import check_available as check_coreml
 from .providers import REGISTRY, Resolution, resolve
 from .schedulers import SAMPLERS, make_sampler
 from .session import GraphSession, SessionPool
-from .tokenizer import PromptTokenizer
 
 log = logging.getLogger("edgediff.pipeline")
 
 SIZE_MULTIPLE = 8  # as diffusers: the latent grid must stay whole through the VAE
-COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 # decoder choice -> bundle component; "tiny" is the optional AutoencoderTiny (TAESD-style) decoder
 DECODERS = {"full": "vae_decoder", "tiny": "vae_decoder_tiny"}
 
@@ -59,6 +58,11 @@ class PipelineOutput:
     seeds: list[int | None]  # the seed of each image, to reproduce it alone
     # seconds per stage: tokenize, text_encoder, unet (one entry per call), vae_decoder, total
     timings: dict = field(default_factory=dict)
+
+
+def text_to_image_components(manifest) -> list[str]:
+    """The graphs every text-to-image call runs: the text encoder(s), the UNet and the full VAE decoder."""
+    return [*(e["component"] for e in manifest.text_encoders), "unet", "vae_decoder"]
 
 
 def guidance_embedding(w: np.ndarray, dim: int) -> np.ndarray:
@@ -103,10 +107,10 @@ class Pipeline:
         if self.sampler_name not in SAMPLERS:
             raise InputError("sampler_unknown", name=self.sampler_name, available=", ".join(SAMPLERS))
         self.decoder = self._check_decoder(decoder)
-        self.tokenizer = PromptTokenizer(bundle.tokenizer_path, m.tokenizer["max_length"], m.tokenizer["pad_id"])
         # opened up front: what every call needs; the VAE encoder and the other decoder open on first use
-        names = [*COMPONENTS, *([DECODERS[self.decoder]] if self.decoder != "full" else [])]
+        names = [*text_to_image_components(m), *([DECODERS[self.decoder]] if self.decoder != "full" else [])]
         self.sessions = SessionPool(opener, names, low_memory=low_memory)
+        self.text = TextConditioner(bundle, self.sessions)
         # low-memory mode swaps sessions within a call, so calls take turns; otherwise a no-op lock
         self._turns = threading.Lock() if low_memory else _NoLock()
         self._closed = False
@@ -155,17 +159,10 @@ class Pipeline:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def encode_prompt(self, prompts: list[str], timings: dict | None = None) -> np.ndarray:
-        timings = {} if timings is None else timings
-        t0 = time.perf_counter()
-        ids = self.tokenizer(prompts)
-        t1 = time.perf_counter()
-        out = self.sessions.get("text_encoder").run(input_ids=ids)[0].astype(np.float32)
-        if not np.isfinite(out).all():
-            raise NaNOutputError("nan_output", component="text encoder", hint=" (fp16 overflow? try an fp32 bundle)")
-        timings["tokenize"] = timings.get("tokenize", 0.0) + t1 - t0
-        timings["text_encoder"] = timings.get("text_encoder", 0.0) + time.perf_counter() - t1
-        return out
+    @property
+    def tokenizer(self):
+        """The (first) text encoder's tokenizer."""
+        return self.text.tokenizer
 
     def _check_args(self, height, width, steps, batch):
         multiple = max(SIZE_MULTIPLE, self.manifest.vae_scale_factor)
@@ -255,17 +252,13 @@ class Pipeline:
         embedded_guidance = m.guidance_embedding_dim is not None
         do_cfg = guidance > 1.0 and not embedded_guidance
 
-        # 2. Encode the prompts; with classifier-free guidance, the negative prompts go first in one batch.
-        cond = np.repeat(self.encode_prompt(prompts, timings), num_images_per_prompt, axis=0)
-        if do_cfg:
-            negatives = [""] * len(prompts) if negative_prompt is None else (
-                [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt))
-            if len(negatives) != len(prompts):
-                raise InputError("batch", what="negative prompts (one per prompt)", value=len(negatives))
-            uncond = np.repeat(self.encode_prompt(negatives, timings), num_images_per_prompt, axis=0)
-            text_embeddings = np.concatenate([uncond, cond])
-        else:
-            text_embeddings = cond
+        # 2. Encode the prompts into the UNet's text inputs (SDXL: pooled text and size conditions too); with
+        #    classifier-free guidance, the negative prompts go first in one batch.
+        negatives = None if negative_prompt is None else (
+            [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt))
+        if negatives is not None and len(negatives) != len(prompts):
+            raise InputError("batch", what="negative prompts (one per prompt)", value=len(negatives))
+        text_feeds = self.text(prompts, negatives, do_cfg, num_images_per_prompt, height, width, timings)
 
         # 3. Set the sampler's timesteps; image-to-image starts part-way (diffusers' get_timesteps).
         sampler = make_sampler(self.sampler_name, m.scheduler["config"])
@@ -322,8 +315,7 @@ class Pipeline:
                 model_in = np.concatenate([model_in, model_in])
             t0 = time.perf_counter()
             noise_pred = self._run_cancellable(cancel, i, total, "unet", sample=model_in,
-                                               timestep=np.array(t, dtype=np.float32),
-                                               encoder_hidden_states=text_embeddings, **extra)[0]
+                                               timestep=np.array(t, dtype=np.float32), **text_feeds, **extra)[0]
             timings["unet"].append(time.perf_counter() - t0)
             if do_cfg:
                 uncond_pred, cond_pred = np.split(noise_pred, 2)

@@ -67,6 +67,18 @@ def test_info_and_providers(models_root):
     assert result.exit_code == 0 and "onnxruntime" in result.output and "<- auto" in result.output
 
 
+def test_families_and_sdxl_info(models_root):
+    from edgediff.models.registry import FAMILIES
+
+    result = CliRunner().invoke(cli, ["families"])
+    assert result.exit_code == 0
+    listed = [line.split()[0] for line in result.output.splitlines()[1:]]
+    assert listed == [f.name for f in FAMILIES]  # detection order, most specific first
+    result = CliRunner().invoke(cli, ["info", str(tiny_bundle("tiny-sdxl", models_root))])
+    assert result.exit_code == 0, result.output
+    assert "text_encoder_2 (hidden_states.2, pooled text_embeds); size/crop conditions" in result.output
+
+
 def test_export_command(models_root, tmp_path):
     result = CliRunner().invoke(cli, ["export", str(tiny_source("tiny-sd1", models_root)), str(tmp_path / "b")])
     assert result.exit_code == 0, result.output

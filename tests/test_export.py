@@ -91,7 +91,7 @@ def test_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch):
 
 def _break_unet_check(monkeypatch):
     """The PyTorch side now disagrees with the graph, as a faulty export would."""
-    def shifted(pipe, x, _orig=bundle_writer.COMPONENTS[1].torch_call):
+    def shifted(pipe, x, _orig=next(c for c in bundle_writer.COMPONENTS if c.name == "unet").torch_call):
         return [y + 1.0 for y in _orig(pipe, x)]
 
     broken = tuple(dataclasses.replace(c, torch_call=shifted) if c.name == "unet" else c for c in bundle_writer.COMPONENTS)

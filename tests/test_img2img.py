@@ -9,16 +9,18 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from conftest import ReplayNoise, patch_diffusers_noise  # noqa: E402
+from conftest import ReplayNoise  # noqa: E402
+from references import reference_pipeline  # noqa: E402
 from tiny_models import tiny_bundle, tiny_source  # noqa: E402
 
 from edgediff.runtime import InputError, Pipeline  # noqa: E402
 from edgediff.runtime.schedulers import SAMPLERS  # noqa: E402
 
-from test_parity import DIFFUSERS_CLASSES, PIXEL_ATOL  # noqa: E402
+from test_parity import PIXEL_ATOL  # noqa: E402
 
 CASES = [("tiny-sd1", "euler", 4, 0.6, 7.5), ("tiny-sd1", "ddim", 5, 0.5, 5.0), ("tiny-sd-turbo", "euler", 2, 0.5, 0.0),
-         ("tiny-lcm", "lcm", 4, 0.75, 8.0)]
+         ("tiny-lcm", "lcm", 4, 0.75, 8.0), ("tiny-sdxl", "euler", 4, 0.6, 5.0), ("tiny-sdxl-turbo", "euler_ancestral", 2, 0.5, 0.0)]
+# the reference pipeline per family kind (SDXL: two text encoders), and the module whose noise it draws
 
 
 def _image(size: int, seed: int = 0) -> np.ndarray:
@@ -29,17 +31,7 @@ def _image(size: int, seed: int = 0) -> np.ndarray:
 
 
 def _reference(monkeypatch, source, sampler, manifest, image, prompt, steps, strength, guidance, noises):
-    import diffusers.models.autoencoders.vae as vae_module
-    import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as img2img_module
-    from diffusers import schedulers
-
-    from test_parity import SCHEDULER_MODULES
-
-    patch_diffusers_noise(monkeypatch, getattr(schedulers, SCHEDULER_MODULES[sampler]), noises, vae_module, img2img_module)
-    pipe = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(str(source), safety_checker=None,
-                                                                    requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = getattr(diffusers, DIFFUSERS_CLASSES[sampler]).from_config(manifest.scheduler["config"])
+    pipe = reference_pipeline("img2img", source, manifest, sampler, noises, monkeypatch)
     image_t = torch.from_numpy(image.transpose(2, 0, 1)[None].copy())  # [0, 1], already at size: no resampling
     return pipe(prompt, image=image_t, strength=strength, num_inference_steps=steps, guidance_scale=guidance,
                 output_type="np").images

@@ -8,17 +8,18 @@ from PIL import Image, ImageFilter
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from conftest import ReplayNoise, patch_diffusers_noise  # noqa: E402
+from conftest import ReplayNoise  # noqa: E402
+from references import reference_pipeline  # noqa: E402
 from tiny_models import tiny_bundle, tiny_source  # noqa: E402
 
 from edgediff.runtime import InputError, Pipeline  # noqa: E402
 from edgediff.runtime.inpaint import outpaint_canvas  # noqa: E402
 
 from test_img2img import _image  # noqa: E402
-from test_parity import DIFFUSERS_CLASSES, PIXEL_ATOL, SCHEDULER_MODULES  # noqa: E402
+from test_parity import PIXEL_ATOL  # noqa: E402
 
 CASES = [("tiny-sd1", "euler", 4, 1.0), ("tiny-sd1", "ddim", 4, 0.7), ("tiny-sd1-inpaint", "euler", 3, 1.0),
-         ("tiny-sd1-inpaint", "ddim", 4, 0.75)]
+         ("tiny-sd1-inpaint", "ddim", 4, 0.75), ("tiny-sdxl", "euler", 4, 1.0), ("tiny-sdxl", "euler", 4, 0.7)]
 
 
 def _mask(size: int) -> Image.Image:
@@ -28,15 +29,7 @@ def _mask(size: int) -> Image.Image:
 
 
 def _reference(monkeypatch, source, sampler, manifest, image, mask, steps, strength, noises):
-    import diffusers.models.autoencoders.vae as vae_module
-    import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint as inpaint_module
-    from diffusers import schedulers
-
-    patch_diffusers_noise(monkeypatch, getattr(schedulers, SCHEDULER_MODULES[sampler]), noises, vae_module, inpaint_module)
-    pipe = diffusers.StableDiffusionInpaintPipeline.from_pretrained(str(source), safety_checker=None,
-                                                                    requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = getattr(diffusers, DIFFUSERS_CLASSES[sampler]).from_config(manifest.scheduler["config"])
+    pipe = reference_pipeline("inpaint", source, manifest, sampler, noises, monkeypatch)
     size = manifest.defaults["height"]
     return pipe("a red circle", image=Image.fromarray((image * 255).round().astype(np.uint8)), mask_image=mask,
                 strength=strength, num_inference_steps=steps, guidance_scale=7.5, height=size, width=size,

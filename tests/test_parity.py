@@ -6,7 +6,8 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from conftest import ReplayNoise, patch_diffusers_noise  # noqa: E402
+from conftest import ReplayNoise  # noqa: E402
+from references import reference_pipeline  # noqa: E402
 from tiny_models import tiny_bundle, tiny_source  # noqa: E402
 
 from edgediff.runtime import Pipeline  # noqa: E402
@@ -15,22 +16,10 @@ from edgediff.runtime.schedulers import SAMPLERS  # noqa: E402
 PIXEL_ATOL = 2 / 255  # the bound per pixel, images in [0, 1]
 PROMPTS = ["a red circle on a blue background", "a large green star at the left"]
 
-SCHEDULER_MODULES = {
-    "euler": "scheduling_euler_discrete", "euler_ancestral": "scheduling_euler_ancestral_discrete",
-    "ddim": "scheduling_ddim", "lcm": "scheduling_lcm", "tcd": "scheduling_tcd",
-}
-DIFFUSERS_CLASSES = {
-    "euler": "EulerDiscreteScheduler", "euler_ancestral": "EulerAncestralDiscreteScheduler", "ddim": "DDIMScheduler",
-    "lcm": "LCMScheduler", "tcd": "TCDScheduler",
-}
 
 
 def _reference(source, sampler, manifest, prompt, steps, guidance, latents, monkeypatch, noises, negative=None):
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(source), safety_checker=None,
-                                                             requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = getattr(diffusers, DIFFUSERS_CLASSES[sampler]).from_config(manifest.scheduler["config"])
-    patch_diffusers_noise(monkeypatch, getattr(diffusers.schedulers, SCHEDULER_MODULES[sampler]), noises)
+    pipe = reference_pipeline("text2img", source, manifest, sampler, noises, monkeypatch)
     # StableDiffusionPipeline passes its own eta (0.0) to any step that takes one; TCD's default gamma is 0.3.
     eta = {"tcd": 0.3}.get(sampler, 0.0)
     out = pipe(prompt, negative_prompt=negative, eta=eta, num_inference_steps=steps, guidance_scale=guidance,

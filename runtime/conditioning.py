@@ -1,0 +1,94 @@
+"""Prompts to the UNet's conditioning, driven by the manifest's `conditioning` entry.
+
+SD 1.x / 2.x: one CLIP text encoder's last hidden state. SDXL (as diffusers' StableDiffusionXLPipeline
+with clip_skip None): both encoders' penultimate hidden states side by side, the second encoder's
+projected pooled output as `text_embeds`, and `time_ids` = (original size, crop top-left, target size).
+One code path for both, so the pipeline has no SDXL variant.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import NaNOutputError
+from .tokenizer import PromptTokenizer
+
+
+@dataclass
+class _TextEncoder:
+    component: str
+    tokenizer: PromptTokenizer
+    output: str  # the graph output the UNet takes as (its part of) encoder_hidden_states
+    pooled: str | None  # the graph output given as text_embeds (SDXL's second encoder)
+
+
+class TextConditioner:
+    """Encodes prompts into the UNet's text inputs; `sessions` is the pipeline's SessionPool."""
+
+    def __init__(self, bundle, sessions):
+        m = bundle.manifest
+        self.encoders = [
+            _TextEncoder(e["component"], PromptTokenizer(bundle.tokenizer_file(e["tokenizer"]), e["tokenizer"]["max_length"],
+                                                         e["tokenizer"]["pad_id"]), e["output"], e.get("pooled"))
+            for e in m.text_encoders
+        ]
+        # SDXL's force_zeros_for_empty_prompt: without a negative prompt, the unconditional input is zeros
+        self.zero_negative = bool(m.conditioning.get("zero_negative", False))
+        self.time_ids = m.conditioning.get("time_ids")  # "size-crop-target" for SDXL
+        self.sessions = sessions
+
+    @property
+    def components(self) -> list[str]:
+        return [e.component for e in self.encoders]
+
+    @property
+    def tokenizer(self) -> PromptTokenizer:
+        """The first encoder's tokenizer (prompt length checks, token counts)."""
+        return self.encoders[0].tokenizer
+
+    def encode(self, prompts: list[str], timings: dict) -> tuple[np.ndarray, np.ndarray | None]:
+        """(hidden states (B, T, D), pooled (B, P) or None) for `prompts`."""
+        hidden, pooled = [], None
+        for enc in self.encoders:
+            t0 = time.perf_counter()
+            ids = enc.tokenizer(prompts)
+            t1 = time.perf_counter()
+            session = self.sessions.get(enc.component)
+            outputs = dict(zip(session.output_names, session.run(input_ids=ids)))
+            hidden.append(outputs[enc.output].astype(np.float32))
+            if enc.pooled:
+                pooled = outputs[enc.pooled].astype(np.float32)
+            timings["tokenize"] = timings.get("tokenize", 0.0) + t1 - t0
+            timings["text_encoder"] = timings.get("text_encoder", 0.0) + time.perf_counter() - t1
+            if not np.isfinite(hidden[-1]).all() or (pooled is not None and not np.isfinite(pooled).all()):
+                raise NaNOutputError("nan_output", component=enc.component.replace("_", " "),
+                                     hint=" (fp16 overflow? try an fp32 bundle)")
+        return np.concatenate(hidden, axis=-1), pooled
+
+    def __call__(self, prompts: list[str], negatives: list[str] | None, do_cfg: bool, repeat: int,
+                 height: int, width: int, timings: dict) -> dict[str, np.ndarray]:
+        """The UNet's text feeds for a batch of len(prompts) * repeat images; with classifier-free guidance
+        the unconditional half comes first, as in diffusers."""
+        cond, pooled = self.encode(prompts, timings)
+        if do_cfg:
+            if negatives is None and self.zero_negative:
+                uncond, uncond_pooled = np.zeros_like(cond), None if pooled is None else np.zeros_like(pooled)
+            else:
+                uncond, uncond_pooled = self.encode(negatives or [""] * len(prompts), timings)
+            cond = np.concatenate([np.repeat(uncond, repeat, 0), np.repeat(cond, repeat, 0)])
+            pooled = None if pooled is None else np.concatenate([np.repeat(uncond_pooled, repeat, 0),
+                                                                 np.repeat(pooled, repeat, 0)])
+        else:
+            cond = np.repeat(cond, repeat, 0)
+            pooled = None if pooled is None else np.repeat(pooled, repeat, 0)
+        feeds = {"encoder_hidden_states": cond}
+        if pooled is not None:
+            feeds["text_embeds"] = pooled
+        if self.time_ids == "size-crop-target":
+            # original size = target size = the image's, no crop (diffusers' defaults)
+            ids = np.array([height, width, 0, 0, height, width], dtype=np.float32)
+            feeds["time_ids"] = np.tile(ids, (cond.shape[0], 1))
+        return feeds
