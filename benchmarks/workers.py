@@ -99,21 +99,26 @@ def _same_scheduler(pipe, manifest):
     pipe.scheduler = cls.from_config(manifest.scheduler["config"])
 
 
+def _text_encoders(pipe) -> list:
+    """The pipeline's text encoders (SDXL has two; both count as the text-encoder stage)."""
+    return [enc for enc in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if enc is not None]
+
+
 def diffusers(a: dict) -> dict:
     t0 = time.perf_counter()
     import torch
-    from diffusers import StableDiffusionPipeline
 
+    from edgediff.export.source import load_pipeline  # StableDiffusion(XL)Pipeline, as the export loads it
     from edgediff.runtime import Bundle
 
     torch.set_num_threads(a["threads"])
     manifest = Bundle.open(a["bundle"], verify="none").manifest
-    pipe = StableDiffusionPipeline.from_pretrained(a["source"], safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_pipeline(a["source"])
     _same_scheduler(pipe, manifest)
     load = time.perf_counter() - t0
     timer = _Timer()
-    pipe.text_encoder.forward = timer.wrap("text_encoder", pipe.text_encoder.forward)
+    for encoder in _text_encoders(pipe):
+        encoder.forward = timer.wrap("text_encoder", encoder.forward)
     pipe.unet.forward = timer.wrap("unet", pipe.unet.forward)
     pipe.vae.decode = timer.wrap("vae_decoder", pipe.vae.decode)
     with torch.inference_mode():
@@ -124,30 +129,38 @@ def diffusers(a: dict) -> dict:
 def optimum(a: dict) -> dict:
     t0 = time.perf_counter()
     import onnxruntime as ort
-    from optimum.onnxruntime import ORTStableDiffusionPipeline
 
     from edgediff.runtime import Bundle
     from edgediff.runtime.session import session_options
 
     manifest = Bundle.open(a["bundle"], verify="none").manifest
     opts: ort.SessionOptions = session_options(a["threads"])
-    pipe = ORTStableDiffusionPipeline.from_pretrained(a["optimum_dir"], provider="CPUExecutionProvider",
-                                                      session_options=opts)
+    pipe = _optimum_class(manifest).from_pretrained(a["optimum_dir"], provider="CPUExecutionProvider",
+                                                    session_options=opts)
     pipe.set_progress_bar_config(disable=True)
     _same_scheduler(pipe, manifest)
     load = time.perf_counter() - t0
     timer = _Timer()
-    for name, part in (("text_encoder", pipe.text_encoder), ("unet", pipe.unet), ("vae_decoder", pipe.vae_decoder)):
+    parts = [("text_encoder", enc) for enc in _text_encoders(pipe)] + [("unet", pipe.unet), ("vae_decoder", pipe.vae_decoder)]
+    for name, part in parts:
         part.forward = timer.wrap(name, part.forward)
     runs = _reference_runs(pipe, timer, manifest, a, torch_mode=True)  # its scheduler steps in torch
     return {"load_s": load, "first_image_s": runs[0]["total"], "runs": _run_stats(runs[1 + a["warmup"]:])}
 
 
-def prepare_optimum(source: str, out_dir: str) -> None:
-    """optimum-onnx's own fp32 export of the source, once per benchmark output folder."""
-    from optimum.onnxruntime import ORTStableDiffusionPipeline
+def _optimum_class(manifest):
+    import optimum.onnxruntime as ort_pipelines
 
-    ORTStableDiffusionPipeline.from_pretrained(source, export=True).save_pretrained(out_dir)
+    sdxl = "text_encoder_2" in manifest.components
+    return ort_pipelines.ORTStableDiffusionXLPipeline if sdxl else ort_pipelines.ORTStableDiffusionPipeline
+
+
+def prepare_optimum(source: str, out_dir: str, bundle: str) -> None:
+    """optimum-onnx's own fp32 export of the source, once per benchmark output folder."""
+    from edgediff.runtime import Bundle
+
+    manifest = Bundle.open(bundle, verify="none").manifest
+    _optimum_class(manifest).from_pretrained(source, export=True).save_pretrained(out_dir)
 
 
 SYSTEMS = {"edgediff": edgediff, "diffusers": diffusers, "optimum": optimum}
@@ -156,7 +169,7 @@ SYSTEMS = {"edgediff": edgediff, "diffusers": diffusers, "optimum": optimum}
 def main() -> None:
     system, args = sys.argv[1], json.loads(sys.argv[2])
     if system == "prepare-optimum":
-        prepare_optimum(args["source"], args["optimum_dir"])
+        prepare_optimum(args["source"], args["optimum_dir"], args["bundle"])
         print(json.dumps({"ok": True}))
         return
     result = SYSTEMS[system](args)

@@ -80,6 +80,9 @@ ARCHS = {
     "tiny-sdxl": dict(unet=TINY_SDXL_UNET, vae=TINY_SDXL_VAE, text=TINY_TEXT, text_2=TINY_TEXT_2, scheduler=SDXL_SCHEDULER),
     "tiny-sdxl-turbo": dict(unet=TINY_SDXL_UNET, vae=TINY_SDXL_VAE, text=TINY_TEXT, text_2=TINY_TEXT_2,
                             scheduler=SDXL_TURBO_SCHEDULER),
+    # SDXL-Lightning's published scheduler: Euler with trailing timesteps (its name picks the family)
+    "tiny-sdxl-lightning": dict(unet=TINY_SDXL_UNET, vae=TINY_SDXL_VAE, text=TINY_TEXT, text_2=TINY_TEXT_2,
+                                scheduler={**SDXL_SCHEDULER, "timestep_spacing": "trailing"}),
     "tiny-sdxl-lcm": dict(unet={**TINY_SDXL_UNET, "time_cond_proj_dim": 16}, vae=TINY_SDXL_VAE, text=TINY_TEXT,
                           text_2=TINY_TEXT_2, scheduler=LCM_SCHEDULER),
     # SDXL-Turbo at full size (~2.6 B UNet parameters; its UNet is SDXL base's), as published by Stability AI.

@@ -48,12 +48,13 @@ def test_manifest_describes_the_bundle(models_root, arch, family, sampler, embed
     assert all(d <= bundle_writer.TOLERANCES["fp32"] for comp in checks.values() for d in comp.values())
 
 
-def test_fp16_export_keeps_the_vae_in_fp32_and_stays_close(models_root):
+def test_fp16_export_stays_close(models_root):
+    """Every part in fp16 when its fp16 graph passes the check (a VAE that overflows stays fp32: test_sdxl)."""
     from edgediff.runtime import Pipeline
 
     fp16 = Bundle.open(tiny_bundle("tiny-sd1", models_root, precision="fp16"))
     precisions = {k: v.precision for k, v in fp16.manifest.components.items()}
-    assert precisions == {"text_encoder": "fp16", "unet": "fp16", "vae_decoder": "fp32", "vae_encoder": "fp32"}
+    assert precisions == {"text_encoder": "fp16", "unet": "fp16", "vae_decoder": "fp16", "vae_encoder": "fp16"}
     # most UNet weights are stored in half precision (norms and resize constants stay fp32)
     import onnx
 

@@ -7,6 +7,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
+from references import reference_pipeline  # noqa: E402
 from tiny_models import tiny_source  # noqa: E402
 
 from edgediff.export import export_bundle  # noqa: E402
@@ -19,22 +20,26 @@ from test_parity import PIXEL_ATOL  # noqa: E402
 SCALE = 0.7
 
 
-@pytest.fixture(scope="module")
-def random_lora(models_root):
+def _random_lora(models_root, arch: str):
+    """A UNet LoRA with random weights for `arch`, saved as diffusers saves LoRAs."""
     from peft import LoraConfig, get_peft_model_state_dict
 
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(tiny_source("tiny-sd1", models_root)))
+    from edgediff.export.source import load_pipeline
+
+    pipe = load_pipeline(str(tiny_source(arch, models_root)))
     torch.manual_seed(0)
     # init_lora_weights=False: random A and B, so the adapter changes the output from the start
     pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
                                      target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    out = models_root / "random-lora"
-    diffusers.StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=get_peft_model_state_dict(pipe.unet))
+    out = models_root / f"random-lora-{arch}"
+    type(pipe).save_lora_weights(out, unet_lora_layers=get_peft_model_state_dict(pipe.unet))
     return out / "pytorch_lora_weights.safetensors"
 
 
-def test_fused_lora_matches_diffusers_with_the_lora_loaded(models_root, tmp_path, random_lora):
-    source = str(tiny_source("tiny-sd1", models_root))
+@pytest.mark.parametrize("arch", ["tiny-sd1", "tiny-sdxl"])
+def test_fused_lora_matches_diffusers_with_the_lora_loaded(models_root, tmp_path, monkeypatch, arch):
+    random_lora = _random_lora(models_root, arch)
+    source = str(tiny_source(arch, models_root))
     bundle = export_bundle(source, tmp_path / "with-lora", loras=[(str(random_lora), SCALE)], progress=False)
     record = Bundle.open(bundle).manifest.provenance["loras"]
     assert record == [{"file": random_lora.name, "scale": SCALE, "sha256": record[0]["sha256"]}]
@@ -47,9 +52,7 @@ def test_fused_lora_matches_diffusers_with_the_lora_loaded(models_root, tmp_path
     ).astype(np.float32)
     ours = pipe("a red circle", latents=latents, num_inference_steps=2, output_type="np").images
 
-    ref = diffusers.StableDiffusionPipeline.from_pretrained(source, safety_checker=None, requires_safety_checker=False)
-    ref.set_progress_bar_config(disable=True)
-    ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(m.scheduler["config"])
+    ref = reference_pipeline("text2img", source, m, m.scheduler["name"], [], monkeypatch)
     ref.load_lora_weights(str(random_lora))
     theirs = ref("a red circle", latents=torch.from_numpy(latents), num_inference_steps=2, output_type="np",
                  cross_attention_kwargs={"scale": SCALE}).images

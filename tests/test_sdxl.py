@@ -34,7 +34,8 @@ CASES = [
     ("tiny-sdxl", "euler", 2, 5.0, None, (48, 64), 2),  # non-square: size conditions; a batch per prompt
     ("tiny-sdxl-turbo", "euler_ancestral", 1, 0.0, None, (64, 64), 1),
     ("tiny-sdxl-turbo", "euler_ancestral", 4, 0.0, None, (64, 64), 1),
-    ("tiny-sdxl", "euler", 4, 0.0, None, (64, 64), 1),  # Lightning's settings: Euler, no guidance
+    ("tiny-sdxl-lightning", "euler", 4, 0.0, None, (64, 64), 1),  # Euler, trailing, no guidance
+    ("tiny-sdxl-lightning", "euler", 2, 0.0, None, (64, 64), 1),
     ("tiny-sdxl-lcm", "lcm", 4, 8.0, None, (64, 64), 1),  # guidance as an embedding
 ]
 
@@ -80,6 +81,8 @@ def test_sdxl_manifest_and_families(models_root):
     assert (turbo.family, turbo.scheduler["name"], turbo.defaults["steps"]) == ("sdxl-turbo", "euler_ancestral", 1)
     assert turbo.scheduler["config"]["timestep_spacing"] == "trailing"
     assert Bundle.open(tiny_bundle("tiny-sdxl-lcm", models_root)).manifest.family == "sdxl-lcm"
+    lightning = Bundle.open(tiny_bundle("tiny-sdxl-lightning", models_root)).manifest
+    assert (lightning.family, lightning.defaults["steps"], lightning.defaults["guidance"]) == ("sdxl-lightning", 4, 0.0)
     facts = source_facts(load_pipeline(str(tiny_source("tiny-sdxl", models_root))), "stabilityai/sdxl-turbo")
     assert detect_family(facts).name == "sdxl-turbo" and detect_family(facts).default_size == 512
     assert detect_family(facts.__class__(**{**facts.__dict__, "name": "ByteDance/SDXL-Lightning"})).name == "sdxl-lightning"
