@@ -37,6 +37,14 @@ class BenchConfig:
     source: str | None = None  # the diffusers folder the bundle came from (for peers)
     threads: int | None = None  # intra-op threads (default: physical cores)
     out: str = "bench-out"
+    # edgediff's memory modes (peers run as they come): one session at a time, the decoder, tiled decoding
+    low_memory: bool = False
+    decoder: str = "full"
+    decode_tile: int | None = None
+
+    @property
+    def mode(self) -> dict:
+        return {"low_memory": self.low_memory, "decoder": self.decoder, "decode_tile": self.decode_tile}
 
 
 def _worker(system: str, args: dict) -> dict:
@@ -155,7 +163,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
     for bundle, provider, steps, size in configs:
         args = {"bundle": str(bundle.path), "provider": provider, "steps": steps, "size": size, "repeat": cfg.repeat,
                 "warmup": cfg.warmup, "threads": threads, "source": cfg.source,
-                "optimum_dir": optimum_dirs.get(cfg.source)}
+                "optimum_dir": optimum_dirs.get(cfg.source), **cfg.mode}
         procs: dict[str, list[dict]] = {s: [] for s in ("edgediff", *peers)}
         for _ in range(cfg.rounds):  # A B A B: drift hits every system alike
             for system in procs:
@@ -175,7 +183,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
         results.append({"bundle": str(bundle.path), "family": m.family,
                         "precision": sorted({c.precision for c in m.components.values()}),
                         "bundle_bytes": bundle.size_on_disk, "provider": provider, "steps": steps, "size": size,
-                        "guidance": m.defaults["guidance"], "systems": rows})
+                        "guidance": m.defaults["guidance"], "mode": cfg.mode, "systems": rows})
     bar.close()
     return {
         "schema_version": RESULTS_SCHEMA_VERSION,

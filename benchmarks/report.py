@@ -43,7 +43,7 @@ def to_markdown(data: dict) -> str:
             tot = st["total"]
             ratio = tot["median"] / base
             lines.append(
-                f"| {machine} | {Path(row['bundle']).name} | {row['provider']} | {row['size']} | {row['steps']} | "
+                f"| {machine} | {row_label(row)} | {row['provider']} | {row['size']} | {row['steps']} | "
                 f"{sysrow['system']} | {_s(tot['median'])} / {_s(tot['p90'])} / {_s(tot['min'])} / {_s(tot['max'])} | "
                 f"{_s(st['text_encoder']['median'])} | {_s(st['unet_call']['median'])} | {_s(st['vae_decoder']['median'])} | "
                 f"{_s(sysrow['cold']['load_s']['median'])} + {_s(sysrow['cold']['first_image_s']['median'])} | "
@@ -61,6 +61,15 @@ def to_markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def row_label(row: dict) -> str:
+    """The bundle's name, with edgediff's memory mode when it is not the default."""
+    mode = row.get("mode") or {}
+    parts = [p for p, on in (("low memory", mode.get("low_memory")),
+                             (f"{mode.get('decoder')} decoder", mode.get("decoder", "full") != "full"),
+                             (f"tiles of {mode.get('decode_tile')}", mode.get("decode_tile"))) if on]
+    return Path(row["bundle"]).name + (f" ({', '.join(parts)})" if parts else "")
+
+
 def chart(data: dict, path: Path) -> Path | None:
     """Stacked bars of stage medians per system and config; None when matplotlib is missing."""
     try:
@@ -75,7 +84,7 @@ def chart(data: dict, path: Path) -> Path | None:
     for row in data["results"]:
         for sysrow in row["systems"]:
             st = sysrow["stages"]
-            labels.append(f"{sysrow['system']}\n{Path(row['bundle']).name}\n{row['size']}px {row['steps']} step")
+            labels.append(f"{sysrow['system']}\n{row_label(row)}\n{row['size']}px {row['steps']} step")
             for key, _ in STACK:
                 stacks[key].append(st[key]["median"])
             others.append(max(0.0, st["total"]["median"] - sum(st[k]["median"] for k, _ in STACK)))

@@ -48,12 +48,14 @@ def edgediff(a: dict) -> dict:
     if a.get("cache_dir"):  # the graph cache's folder for this run (cold start with a warm cache)
         os.environ["EDGEDIFF_CACHE_DIR"] = a["cache_dir"]
     pipe = Pipeline.from_bundle(a["bundle"], provider=a["provider"], threads=a["threads"], verify="size",
-                                cache=bool(a.get("cache_dir")))
+                                cache=bool(a.get("cache_dir")), low_memory=a.get("low_memory", False),
+                                decoder=a.get("decoder", "full"))
     load = time.perf_counter() - t0
     runs = []
     for i in range(a["warmup"] + a["repeat"] + 1):
         out = pipe(PROMPT, num_inference_steps=a["steps"], height=a["size"], width=a["size"],
-                   latents=_latents(pipe.manifest, a["size"], i), seed=i, output_type="np")
+                   latents=_latents(pipe.manifest, a["size"], i), seed=i, output_type="np",
+                   decode_tile=a.get("decode_tile"))
         runs.append(dict(out.timings))
     return {"load_s": load, "first_image_s": runs[0]["total"], "runs": _run_stats(runs[1 + a["warmup"]:]),
             "providers": pipe.sessions.get("unet").providers, "provider_report": pipe.provider_report()}

@@ -278,8 +278,13 @@ def _csv_ints(value: str | None) -> list:
 @click.option("--source", type=click.Path(), default=None, help="The diffusers folder the bundle came from.")
 @click.option("--threads", type=int, default=None, help="Intra-op threads (default: physical cores).")
 @click.option("--out", type=click.Path(), default="bench-out", show_default=True)
+@click.option("--low-memory", is_flag=True, help="edgediff: one graph loaded at a time (peak memory).")
+@click.option("--decoder", type=click.Choice(["full", "tiny"]), default="full", show_default=True,
+              help="edgediff: the VAE decoder or the bundle's tiny decoder.")
+@click.option("--decode-tile", type=int, default=None, help="edgediff: decode in tiles of this many latent cells.")
 @click.pass_context
-def bench(ctx, models, providers, steps, size, repeat, warmup, rounds, compare, source, threads, out):
+def bench(ctx, models, providers, steps, size, repeat, warmup, rounds, compare, source, threads, out, low_memory,
+          decoder, decode_tile):
     """Measure seconds per image per stage, cold and warm, with memory; `bench merge` joins machines."""
     if ctx.invoked_subcommand:
         return
@@ -292,7 +297,7 @@ def bench(ctx, models, providers, steps, size, repeat, warmup, rounds, compare, 
     cfg = BenchConfig(bundles=[str(resolve_bundle(m)) for m in models or [None]], providers=list(providers) or ["auto"],
                       steps=_csv_ints(steps), sizes=_csv_ints(size) or [None], repeat=repeat, warmup=warmup,
                       rounds=rounds, compare=[c for c in compare.split(",") if c], source=source, threads=threads,
-                      out=out)
+                      out=out, low_memory=low_memory, decoder=decoder, decode_tile=decode_tile)
     data = run_bench(cfg)
     for note in data["notes"]:
         click.echo(f"note: {note}", err=True)

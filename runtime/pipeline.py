@@ -101,7 +101,7 @@ class Pipeline:
 
             def opener(name):
                 return GraphSession(name, bundle.component_path(name), m.components[name], self.resolution,
-                                    bundle.path, threads, cache_folder)
+                                    bundle.path, threads, cache_folder, low_memory)
         self.providers = self.resolution.names
         self.sampler_name = sampler or m.scheduler["name"]
         if self.sampler_name not in SAMPLERS:

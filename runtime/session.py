@@ -39,11 +39,20 @@ def physical_cores() -> int:
         return os.cpu_count() or 1
 
 
-def session_options(threads: int | None = None, resolution: Resolution | None = None) -> ort.SessionOptions:
+def session_options(threads: int | None = None, resolution: Resolution | None = None,
+                    low_memory: bool = False) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or physical_cores()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3  # warnings from ORT about CPU-fallback nodes are logged by us instead
+    if low_memory:
+        # Low-memory mode trades speed for peak: no arena (freed buffers go back to the system instead of
+        # staying reserved), no memory-pattern plan (allocated whole up front) and no prepacked copies of
+        # weights. Full-size SD-Turbo int8-static, one graph at a time: 1.95 -> 1.83 -> 1.68 GiB peak
+        # (benchmarks/README.md).
+        opts.enable_cpu_mem_arena = False
+        opts.enable_mem_pattern = False
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     if resolution is not None:
         resolution.provider.configure(opts)
     return opts
@@ -53,19 +62,19 @@ class GraphSession:
     """One graph's session. `cache_dir`: keep its optimised form there (see graph_cache.py)."""
 
     def __init__(self, name: str, path, spec: ComponentSpec, resolution: Resolution | None, bundle_path,
-                 threads: int | None = None, cache_dir=None):
+                 threads: int | None = None, cache_dir=None, low_memory: bool = False):
         self.name = name
         self.spec = spec
         resolution = resolution or resolve("cpu")
         self.cache = "off"
         try:
             if cache_dir is None:
-                self.session = ort.InferenceSession(str(path), sess_options=session_options(threads, resolution),
+                self.session = ort.InferenceSession(str(path), sess_options=session_options(threads, resolution, low_memory),
                                                     providers=resolution.ort_providers)
             else:
                 key = graph_cache.cache_key(name, spec.files[spec.graph_file]["sha256"], resolution.provider.name, path)
                 self.session, self.cache = graph_cache.open_cached(
-                    path, key, spec.size, lambda: session_options(threads, resolution), resolution.ort_providers,
+                    path, key, spec.size, lambda: session_options(threads, resolution, low_memory), resolution.ort_providers,
                     cache_dir)
         except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
             raise BundleError("graph_unloadable", path=bundle_path, file=path.name, detail=str(exc).splitlines()[0]) from exc

@@ -128,3 +128,20 @@ def test_quality_metrics_behave():
     assert ssim(a, a) == pytest.approx(1.0) and psnr(a, a) == float("inf")
     assert 0 < ssim(a, noisy) < 0.99 and 20 < psnr(a, noisy) < 30  # sigma 0.05 noise: ~26 dB
     assert ssim(a, 1 - a) < 0.1
+
+
+def test_memory_modes_are_run_and_recorded(tmp_path):
+    from edgediff.benchmarks.report import row_label
+    from edgediff.models.shipped import default_bundle
+
+    cfg = BenchConfig(bundles=[str(default_bundle())], steps=[1], repeat=1, warmup=0, rounds=1, threads=2,
+                      out=str(tmp_path), low_memory=True, decoder="tiny", decode_tile=8)
+    data = run_bench(cfg, progress=False)
+    jsonschema.validate(data, _schema())
+    row = data["results"][0]
+    assert row["mode"] == {"low_memory": True, "decoder": "tiny", "decode_tile": 8}
+    # low-memory mode: only the decoder's session is alive once the image is done
+    assert list(row["systems"][0]["provider_report"]["graphs"]) == ["vae_decoder_tiny"]
+    assert row_label(row).endswith("(low memory, tiny decoder, tiles of 8)")
+    write_outputs(data, tmp_path / "o")
+    assert "(low memory, tiny decoder, tiles of 8)" in (tmp_path / "o" / "results.md").read_text()
