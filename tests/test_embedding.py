@@ -15,6 +15,7 @@ PROMPT = "a large red circle on a blue background"
 # measured 0.7 MiB). Keeping one call's decoded image, PIL image and latents (~64 KiB) alive per call
 # would add ~11 MiB over the 180 images.
 RSS_GROWTH_BOUND_MIB = 8
+LOW_MEMORY_MAX_LEVELS = 1  # low-memory mode vs default, per 8-bit channel value (different GEMM rounding)
 MEMORY_IMAGES, MEMORY_WARMUP = 200, 20
 
 
@@ -113,7 +114,9 @@ def test_low_memory_mode_gives_the_same_image_with_one_graph_loaded(pipe):
         image = low(PROMPT, seed=1, callback=lambda e: loaded.append(list(low.sessions.loaded))).images[0]
         assert low.sessions.loaded == ["vae_decoder"]
     assert all(names == ["unet"] for names in loaded)
-    np.testing.assert_array_equal(np.asarray(image), reference)
+    # low-memory sessions skip weight prepacking, whose GEMM path rounds differently: at most one 8-bit level
+    diff = np.abs(np.asarray(image, dtype=np.int16) - reference.astype(np.int16))
+    assert diff.max() <= LOW_MEMORY_MAX_LEVELS and (diff > 0).mean() < 0.01
 
 
 def test_resident_memory_is_flat_over_many_images(pipe):
