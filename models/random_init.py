@@ -80,6 +80,9 @@ ARCHS = {
     "tiny-sdxl": dict(unet=TINY_SDXL_UNET, vae=TINY_SDXL_VAE, text=TINY_TEXT, text_2=TINY_TEXT_2, scheduler=SDXL_SCHEDULER),
     "tiny-sdxl-turbo": dict(unet=TINY_SDXL_UNET, vae=TINY_SDXL_VAE, text=TINY_TEXT, text_2=TINY_TEXT_2,
                             scheduler=SDXL_TURBO_SCHEDULER),
+    # SDXL inpainting UNet (as diffusers/stable-diffusion-xl-1.0-inpainting-0.1): 4 + 1 + 4 input channels
+    "tiny-sdxl-inpaint": dict(unet={**TINY_SDXL_UNET, "in_channels": 9}, vae=TINY_SDXL_VAE, text=TINY_TEXT,
+                              text_2=TINY_TEXT_2, scheduler=SDXL_SCHEDULER),
     # SDXL-Lightning's published scheduler: Euler with trailing timesteps (its name picks the family)
     "tiny-sdxl-lightning": dict(unet=TINY_SDXL_UNET, vae=TINY_SDXL_VAE, text=TINY_TEXT, text_2=TINY_TEXT_2,
                                 scheduler={**SDXL_SCHEDULER, "timestep_spacing": "trailing"}),

@@ -19,7 +19,8 @@ from test_img2img import _image  # noqa: E402
 from test_parity import PIXEL_ATOL  # noqa: E402
 
 CASES = [("tiny-sd1", "euler", 4, 1.0), ("tiny-sd1", "ddim", 4, 0.7), ("tiny-sd1-inpaint", "euler", 3, 1.0),
-         ("tiny-sd1-inpaint", "ddim", 4, 0.75), ("tiny-sdxl", "euler", 4, 1.0), ("tiny-sdxl", "euler", 4, 0.7)]
+         ("tiny-sd1-inpaint", "ddim", 4, 0.75), ("tiny-sdxl", "euler", 4, 1.0), ("tiny-sdxl", "euler", 4, 0.7),
+         ("tiny-sdxl-inpaint", "euler", 3, 1.0), ("tiny-sdxl-inpaint", "euler", 4, 0.75)]
 
 
 def _mask(size: int) -> Image.Image:
