@@ -230,8 +230,9 @@ def providers():
               help="coreml: ML program packages (fp16, static shapes) for Macs and the Neural Engine.")
 @click.option("--palettize", type=click.Choice(["8", "6", "4"]), default=None,
               help="coreml: k-means palettised weights with this many bits.")
-@click.option("--attention", type=click.Choice(["original"]), default="original", show_default=True,
-              help="coreml: attention layout (split_einsum is not implemented yet).")
+@click.option("--attention", type=click.Choice(["original", "sliced"]), default="original", show_default=True,
+              help="UNet attention: sliced computes one head at a time (lower peak memory, same result); "
+                   "Core ML's split_einsum layout is not implemented yet.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT once the new bundle is complete.")
 def export(source, out, precision, keep, calibration_prompts, height, width, family, default_steps, default_guidance,
            tiny_decoder, vae, optimize, loras, target, palettize, attention, overwrite):
@@ -258,7 +259,8 @@ def export(source, out, precision, keep, calibration_prompts, height, width, fam
     path = export_bundle(source, out, precision=precision, height=height, width=width, family=family,
                          overwrite=overwrite, default_steps=default_steps, default_guidance=default_guidance,
                          tiny_decoder=tiny_decoder, keep=keep if keep in ("none", "auto") else keep.split(","),
-                         calibration_prompts=prompts, optimize=optimize, loras=[parse_lora(x) for x in loras], vae=vae)
+                         calibration_prompts=prompts, optimize=optimize, loras=[parse_lora(x) for x in loras], vae=vae,
+                         attention=attention)
     click.echo(str(path))
 
 

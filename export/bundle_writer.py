@@ -23,6 +23,7 @@ from edgediff.runtime.errors import ExportError, ExportValidationError
 from edgediff.runtime.manifest import MANIFEST_NAME, TOKENIZER_2_NAME, TOKENIZER_NAME, ComponentSpec, Manifest, TensorSpec
 from edgediff.runtime.schedulers import DIFFUSERS_CLASS_TO_SAMPLER, ScheduleConfig
 
+from .attention import ATTENTION_MODES, use_sliced_attention
 from .lora import fuse_loras
 from .optimize import MODEL_TYPES as FUSABLE, optimise_graph
 from .precision import PRECISIONS, QUANTISED, to_fp16
@@ -215,7 +216,8 @@ def export_bundle(source: str, out: str | Path, precision: str = "fp32", height:
                   progress: bool = True, default_steps: int | None = None,
                   default_guidance: float | None = None, tiny_decoder: str | None = None,
                   keep: str | list[str] = "none", calibration_prompts: list[str] | None = None,
-                  optimize: bool = False, loras: list[tuple[str, float]] | None = None, vae: str | None = None) -> Path:
+                  optimize: bool = False, loras: list[tuple[str, float]] | None = None, vae: str | None = None,
+                  attention: str = "original") -> Path:
     """Exports `source` (diffusers folder or hub id) into a bundle folder at `out`; returns `out`.
 
     `tiny_decoder`: an AutoencoderTiny (folder or hub id, e.g. madebyollin/taesd for SD 1.x/2.x) added
@@ -226,7 +228,8 @@ def export_bundle(source: str, out: str | Path, precision: str = "fp32", height:
     checked against PyTorch like the plain graphs. `loras`: (file, scale) pairs fused into the weights
     first (lora.py); the graphs are checked against the fused model. `vae`: an AutoencoderKL (folder or hub
     id) replacing the model's own. fp16: the VAE parts are tried in fp16 and kept fp32 (reason in the
-    manifest) when their fp16 graphs overflow or fail the check.
+    manifest) when their fp16 graphs overflow or fail the check. `attention`: "sliced" writes the UNet's
+    attention one head at a time (attention.py: lower peak memory, same arithmetic).
 
     Atomic: everything is built in a temporary folder beside `out` and renamed at the end; on any
     failure (validation included) nothing is left at `out`.
@@ -240,6 +243,8 @@ def export_bundle(source: str, out: str | Path, precision: str = "fp32", height:
         raise ValueError(f"default steps must be >= 1, got {default_steps}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
     out = Path(out)
     _quiet_tracing()
     with staged(out, overwrite) as staging:
@@ -247,13 +252,16 @@ def export_bundle(source: str, out: str | Path, precision: str = "fp32", height:
         steps.set_postfix_str("loading source")
         pipe, fam, ctx = prepare_source(source, height, width, family, vae)
         lora_records = fuse_loras(pipe, loras or [])
+        sliced_layers = use_sliced_attention(pipe.unet) if attention == "sliced" else 0
         steps.update()
 
         text = write_text_conditioning(pipe, staging)
         optimum_models = get_diffusion_models_for_export(pipe, exporter="onnx")
         components, checks = {}, {}
         raw_dir = staging / "_raw"
-        work = [(c, optimum_models.pop(c.name), pipe, {}) for c in COMPONENTS if c.name in optimum_models]
+        work = [(c, optimum_models.pop(c.name), pipe,
+                 {"attention": {"mode": attention, "sliced_layers": sliced_layers}} if c.name == "unet" else {})
+                for c in COMPONENTS if c.name in optimum_models]
         steps.total += len(work) - len(COMPONENTS)
         if tiny_decoder:
             tiny = load_tiny_decoder(tiny_decoder, ctx.latent_channels)

@@ -19,10 +19,13 @@ from edgediff.runtime.bundle import sha256_file
 from edgediff.runtime.errors import ExportError, ExportValidationError
 from edgediff.runtime.manifest import MANIFEST_NAME, ComponentSpec, TensorSpec
 
+from .attention import use_sliced_attention
 from .bundle_writer import _quiet_tracing, build_manifest, prepare_source, staged, write_text_conditioning
 
 PALETTE_BITS = (8, 6, 4)  # coremltools' k-means palettisation: 2**bits weight values per tensor
-ATTENTION_MODES = ("original",)  # Apple's split-einsum layout needs its own UNet rewrite: not yet
+# "sliced": one head at a time (attention.py). Apple's split-einsum layout (B, C, 1, S) needs its own
+# UNet rewrite: not yet.
+ATTENTION_MODES = ("original", "sliced")
 COREML_TOLERANCE = 5e-2  # fp16 ML program vs PyTorch fp32, relative to the output range (checked on macOS)
 DEPLOYMENT_TARGET = "macOS14"  # ML programs with k-means palettisation
 
@@ -180,6 +183,8 @@ def export_coreml(source: str, out: str | Path, height: int | None = None, width
             raise ExportError("export_source", source=source,
                               detail="the Core ML target converts SD 1.x / 2.x families; SDXL is ONNX-only for now")
         text = write_text_conditioning(pipe, staging)
+        if attention == "sliced":
+            use_sliced_attention(pipe.unet)
         # static shapes: classifier-free guidance runs the UNet on (uncond, cond) at once
         cfg_batch = 1 if (fam.guidance_embedding or (default_guidance if default_guidance is not None
                                                      else fam.default_guidance) <= 1.0) else 2

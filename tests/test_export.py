@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
+torch = pytest.importorskip("torch")
 pytest.importorskip("optimum")
 
 from tiny_models import tiny_bundle, tiny_source  # noqa: E402
@@ -14,6 +14,8 @@ from tiny_models import tiny_bundle, tiny_source  # noqa: E402
 from edgediff.export import bundle_writer, export_bundle  # noqa: E402
 from edgediff.runtime import Bundle, SCHEMA_VERSION  # noqa: E402
 from edgediff.runtime.errors import ExportError, ExportValidationError  # noqa: E402
+
+SLICED_ATOL = 1e-5  # one head at a time vs scaled_dot_product_attention: fp32 summation order only
 
 
 def _leftovers(folder):
@@ -152,3 +154,31 @@ def test_optimize_fuses_what_it_can_and_stays_checked(models_root, tmp_path):
     plain = Pipeline.from_bundle(tiny_bundle("tiny-sd1", models_root))("a cat", seed=0, num_inference_steps=2, output_type="np")
     fused = Pipeline.from_bundle(out)("a cat", seed=0, num_inference_steps=2, output_type="np")
     np.testing.assert_allclose(fused.images, plain.images, atol=2 / 255)
+
+
+def test_sliced_attention_is_the_same_arithmetic(models_root, tmp_path):
+    """--attention sliced writes the UNet's attention one head at a time: same outputs as diffusers'
+    attention in PyTorch, and the same image from the exported bundle."""
+    from diffusers import UNet2DConditionModel
+
+    from edgediff.export.attention import use_sliced_attention
+    from edgediff.runtime import Pipeline
+
+    source = tiny_source("tiny-sd-turbo", models_root)
+    unet = UNet2DConditionModel.from_pretrained(source / "unet").eval()
+    rng = np.random.default_rng(0)
+    args = (torch.from_numpy(rng.standard_normal((2, 4, 32, 32)).astype(np.float32)), torch.tensor(500.0),
+            torch.from_numpy(rng.standard_normal((2, 77, 32)).astype(np.float32)))
+    with torch.no_grad():
+        reference = unet(*args).sample
+        assert use_sliced_attention(unet) == 8  # self- and cross-attention of its 4 transformer blocks (down, mid, 2 up)
+        sliced = unet(*args).sample
+    assert torch.abs(sliced - reference).max() <= SLICED_ATOL * max(1.0, float(reference.abs().max()))
+
+    bundle = Bundle.open(export_bundle(str(source), tmp_path / "sliced", attention="sliced", progress=False))
+    assert bundle.manifest.components["unet"].attributes["attention"] == {"mode": "sliced", "sliced_layers": 8}
+    latents = rng.standard_normal((1, 4, 32, 32)).astype(np.float32)
+    ours = Pipeline(bundle)("a red circle", latents=latents, output_type="np").images
+    plain = Pipeline.from_bundle(tiny_bundle("tiny-sd-turbo", models_root))("a red circle", latents=latents,
+                                                                            output_type="np").images
+    assert np.abs(ours - plain).max() <= 1 / 255
