@@ -145,3 +145,20 @@ def test_memory_modes_are_run_and_recorded(tmp_path):
     assert row_label(row).endswith("(low memory, tiny decoder, tiles of 8)")
     write_outputs(data, tmp_path / "o")
     assert "(low memory, tiny decoder, tiles of 8)" in (tmp_path / "o" / "results.md").read_text()
+
+
+def test_peers_run_once_for_bundles_of_one_source(models_root, tmp_path, monkeypatch):
+    from edgediff.benchmarks import harness
+
+    calls = []
+    real = harness._worker
+    monkeypatch.setattr(harness, "_worker", lambda system, args: calls.append((system, args["bundle"])) or real(system, args))
+    fp32, int8 = tiny_bundle("tiny-sd1", models_root), tiny_bundle("tiny-sd1", models_root, "int8")
+    cfg = BenchConfig(bundles=[str(fp32), str(int8)], steps=[1], repeat=1, warmup=0, rounds=1, compare=["diffusers"],
+                      source=str(tiny_source("tiny-sd1", models_root)), threads=2, out=str(tmp_path))
+    data = run_bench(cfg, progress=False)
+    jsonschema.validate(data, _schema())
+    assert [system for system, _ in calls] == ["edgediff", "diffusers", "edgediff"]
+    first, second = (row["systems"][1] for row in data["results"])
+    assert "measured_with" not in first and second["measured_with"] == str(fp32)
+    assert second["stages"] == first["stages"]
