@@ -42,7 +42,9 @@ class HeadSlicedAttnProcessor:
         heads = []
         for h in range(attn.heads):
             part = slice(h * head_dim, (h + 1) * head_dim)
-            scores = torch.matmul(query[..., part], key[..., part].transpose(-1, -2)) * scale
+            # scale folded into q (tokens x d) rather than applied to the scores (tokens x tokens): in int8-static
+            # graphs the scores then go straight from the quantised MatMul into a quantised Softmax
+            scores = torch.matmul(query[..., part] * scale, key[..., part].transpose(-1, -2))
             heads.append(torch.matmul(scores.softmax(dim=-1), value[..., part]))
         hidden_states = torch.cat(heads, dim=-1)
 
