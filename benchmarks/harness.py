@@ -153,8 +153,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
         digest = hashlib.sha256(str(Path(cfg.source).resolve()).encode()).hexdigest()[:10]
         optimum_dir = out / f"optimum-export-{digest}"
         if not (optimum_dir / "model_index.json").exists():
-            _worker("prepare-optimum", {"source": cfg.source, "optimum_dir": str(optimum_dir),
-                                        "bundle": str(bundles[0].path)})
+            _worker("prepare-optimum", {"source": cfg.source, "optimum_dir": str(optimum_dir)})
         optimum_dirs[cfg.source] = str(optimum_dir)
 
     results = []

@@ -139,7 +139,7 @@ def optimum(a: dict) -> dict:
 
     manifest = Bundle.open(a["bundle"], verify="none").manifest
     opts: ort.SessionOptions = session_options(a["threads"])
-    pipe = _optimum_class(manifest).from_pretrained(a["optimum_dir"], provider="CPUExecutionProvider",
+    pipe = _optimum_class(a["optimum_dir"]).from_pretrained(a["optimum_dir"], provider="CPUExecutionProvider",
                                                     session_options=opts)
     pipe.set_progress_bar_config(disable=True)
     _same_scheduler(pipe, manifest)
@@ -152,19 +152,20 @@ def optimum(a: dict) -> dict:
     return {"load_s": load, "first_image_s": runs[0]["total"], "runs": _run_stats(runs[1 + a["warmup"]:])}
 
 
-def _optimum_class(manifest):
+def _optimum_class(folder: str):
+    """optimum's SDXL or SD pipeline class, read from the diffusers-layout folder as our export reads it."""
     import optimum.onnxruntime as ort_pipelines
+    from diffusers import DiffusionPipeline
 
-    sdxl = "text_encoder_2" in manifest.components
+    from edgediff.export.source import has_second_text_encoder
+
+    sdxl = has_second_text_encoder(DiffusionPipeline.load_config(folder))
     return ort_pipelines.ORTStableDiffusionXLPipeline if sdxl else ort_pipelines.ORTStableDiffusionPipeline
 
 
-def prepare_optimum(source: str, out_dir: str, bundle: str) -> None:
+def prepare_optimum(source: str, out_dir: str) -> None:
     """optimum-onnx's own fp32 export of the source, once per benchmark output folder."""
-    from edgediff.runtime import Bundle
-
-    manifest = Bundle.open(bundle, verify="none").manifest
-    _optimum_class(manifest).from_pretrained(source, export=True).save_pretrained(out_dir)
+    _optimum_class(source).from_pretrained(source, export=True).save_pretrained(out_dir)
 
 
 SYSTEMS = {"edgediff": edgediff, "diffusers": diffusers, "optimum": optimum}
@@ -173,7 +174,7 @@ SYSTEMS = {"edgediff": edgediff, "diffusers": diffusers, "optimum": optimum}
 def main() -> None:
     system, args = sys.argv[1], json.loads(sys.argv[2])
     if system == "prepare-optimum":
-        prepare_optimum(args["source"], args["optimum_dir"], args["bundle"])
+        prepare_optimum(args["source"], args["optimum_dir"])
         print(json.dumps({"ok": True}))
         return
     result = SYSTEMS[system](args)

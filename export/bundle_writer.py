@@ -237,7 +237,6 @@ def export_bundle(source: str, out: str | Path, precision: str = "fp32", height:
     from optimum.exporters.onnx import export_models
     from optimum.exporters.utils import get_diffusion_models_for_export
     from tqdm.auto import tqdm
-    import onnx
 
     if default_steps is not None and default_steps < 1:
         raise ValueError(f"default steps must be >= 1, got {default_steps}")

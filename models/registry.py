@@ -90,7 +90,7 @@ FAMILIES: tuple[Family, ...] = (
         name="sd-turbo",
         description="SD-Turbo (adversarially distilled SD 2.1 base), 1-4 steps, no guidance",
         sampler="euler", default_steps=1, default_guidance=0.0, guidance_embedding=False,
-        matches=lambda f: "turbo" in f.name.lower()
+        matches=lambda f: _named(f, "turbo")
         or (f.scheduler_class == "EulerDiscreteScheduler" and f.timestep_spacing == "trailing"),
         scheduler_overrides=(("timestep_spacing", "trailing"),),
     ),

@@ -66,10 +66,6 @@ class Bundle:
             return self.path / Path(self.manifest.components[component].graph_file).parts[0]
         return path
 
-    @property
-    def tokenizer_path(self) -> Path:
-        return self.tokenizer_file(self.manifest.tokenizer)
-
     def tokenizer_file(self, entry: dict) -> Path:
         """A tokenizer entry's file (the manifest's `tokenizer`, or one text encoder's in `conditioning`)."""
         return self.file(entry.get("file", TOKENIZER_NAME))
