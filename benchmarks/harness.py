@@ -90,6 +90,8 @@ def _aggregate(system: str, procs: list[dict]) -> dict:
                  "first_image_s": summarise([p["first_image_s"] for p in procs])},
         "peak_rss_bytes": max(rss) if rss else None, "processes": len(procs),
         "providers": procs[0].get("providers"), "provider_report": procs[0].get("provider_report"),
+        # peers: where they ran (torch device or onnxruntime provider) and torch's dtype
+        **{k: procs[0][k] for k in ("device", "dtype") if procs[0].get(k)},
     }
 
 
@@ -122,10 +124,15 @@ def _hidden(manifest) -> int:
     return int(spec.shape[-1])
 
 
+def _peak_key(provider: str, half: bool) -> str:
+    return f"{provider}/{'float16' if half else 'float32'}"
+
+
 def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
     from edgediff.runtime import Bundle
+    from edgediff.runtime.providers import resolve
     from edgediff.runtime.session import physical_cores
 
     from .machine import describe
@@ -140,11 +147,16 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
             raise ValueError(f"unknown peer {peer!r}; choose from {', '.join(PEERS)}")
         why = peer_available(peer) or (None if cfg.source else f"{peer} skipped: --source (the diffusers folder) not given")
         (notes.append(why) if why else peers.append(peer))
-    try:
-        peak = matmul_peak(threads)
-    except ImportError:  # building the one-node graph needs onnx
-        peak = None
-        notes.append("peak MatMul rate not measured: the onnx package is not installed")
+    # the MatMul peak per provider and dtype: fp32 everywhere, fp16 too on GPUs (fp16 bundles are held to it)
+    peaks: dict[str, dict] = {}
+    for provider in cfg.providers:
+        chosen = resolve(provider).provider
+        try:
+            for half in (False, True) if chosen.gpu else (False,):
+                peaks[_peak_key(provider, half)] = matmul_peak(threads, chosen.ort_name, half=half)
+        except ImportError:  # building the one-node graph needs onnx
+            notes.append("peak MatMul rate not measured: the onnx package is not installed")
+            break
     bundles = [Bundle.open(b, verify="size") for b in cfg.bundles]
     configs = [(b, p, st, sz or b.manifest.defaults["height"])
                for b in bundles for p in cfg.providers for st in cfg.steps for sz in cfg.sizes]
@@ -166,7 +178,9 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
                 "warmup": cfg.warmup, "threads": threads, "source": cfg.source,
                 "optimum_dir": optimum_dirs.get(cfg.source), **cfg.mode}
         m = bundle.manifest
-        work_key = (steps, size, json.dumps(m.scheduler, sort_keys=True), m.defaults["guidance"])
+        # on a GPU the peers run in the bundle's precision (fp16 or fp32): then that is part of their work too
+        half_on_gpu = resolve(provider).provider.gpu and m.components["unet"].precision == "fp16"
+        work_key = (steps, size, json.dumps(m.scheduler, sort_keys=True), m.defaults["guidance"], provider, half_on_gpu)
         reused = {s: peer_runs[(s, *work_key)] for s in peers if (s, *work_key) in peer_runs}
         procs: dict[str, list[dict]] = {s: [] for s in ("edgediff", *peers) if s not in reused}
         for _ in range(cfg.rounds):  # A B A B: drift hits every system alike
@@ -186,6 +200,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
         for row in rows[1:]:
             if row["system"] in reused:  # measured once, beside the first bundle of this source
                 row["measured_with"] = reused[row["system"]][0]
+        # each row against its own provider's peak, in its UNet's precision on GPUs
+        peak = peaks.get(_peak_key(provider, half_on_gpu))
         if macs:
             ours = rows[0]["stages"]
             rows[0]["achieved"] = {
@@ -200,7 +216,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
     return {
         "schema_version": RESULTS_SCHEMA_VERSION,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": describe(), "threads": threads, "peak": peak, "config": asdict(cfg),
+        "machine": describe(), "threads": threads, "peak": peaks.get(_peak_key(cfg.providers[0], False)), "peaks": peaks, "config": asdict(cfg),
         "notes": notes, "results": results,
     }
 

@@ -23,14 +23,22 @@ def _machine_line(machine: dict) -> str:
             f"{machine['onnxruntime']}{gpus}")
 
 
+def _where(sysrow: dict) -> str:
+    """A peer's device and dtype when it ran on a GPU or in half precision."""
+    tags = [t for t in (sysrow.get("device"), sysrow.get("dtype")) if t and t not in ("cpu", "float32", "CPUExecutionProvider")]
+    return f" ({', '.join(tags)})" if tags else ""
+
+
 def to_markdown(data: dict) -> str:
     lines = ["# edgediff bench results", ""]
     machines = data.get("merged_from") or [{"machine": data["machine"], "date": data["date"]}]
     for m in machines:
         lines.append(f"- {_machine_line(m['machine'])} ({m['date']})")
-    if data.get("peak"):
-        lines.append(f"- peak fp32 MatMul through onnxruntime: {data['peak']['macs_per_second'] / 1e9:.1f} GMAC/s "
-                     f"({data.get('threads')} threads)")
+    for key, peak in (data.get("peaks") or {"": data.get("peak")}).items():
+        if peak:
+            where = f" ({key.split('/')[0]})" if key else ""
+            lines.append(f"- peak {peak.get('dtype', 'float32')} MatMul through onnxruntime{where}: "
+                         f"{peak['macs_per_second'] / 1e9:.1f} GMAC/s ({data.get('threads')} threads)")
     lines += [f"- note: {n}" for n in data.get("notes", [])]
     lines += ["", "| machine | bundle | provider | size | steps | system | whole image (median / p90 / min / max) | "
               "text enc | UNet call | VAE dec | cold: load + first image | peak RSS | bundle | vs edgediff |",
@@ -44,7 +52,7 @@ def to_markdown(data: dict) -> str:
             ratio = tot["median"] / base
             lines.append(
                 f"| {machine} | {row_label(row)} | {row['provider']} | {row['size']} | {row['steps']} | "
-                f"{sysrow['system']} | {_s(tot['median'])} / {_s(tot['p90'])} / {_s(tot['min'])} / {_s(tot['max'])} | "
+                f"{sysrow['system']}{_where(sysrow)} | {_s(tot['median'])} / {_s(tot['p90'])} / {_s(tot['min'])} / {_s(tot['max'])} | "
                 f"{_s(st['text_encoder']['median'])} | {_s(st['unet_call']['median'])} | {_s(st['vae_decoder']['median'])} | "
                 f"{_s(sysrow['cold']['load_s']['median'])} + {_s(sysrow['cold']['first_image_s']['median'])} | "
                 f"{_gib(sysrow['peak_rss_bytes'])} | {row['bundle_bytes'] / 2**20:.1f} MiB | "

@@ -64,19 +64,37 @@ def edgediff(a: dict) -> dict:
 
 
 class _Timer:
-    def __init__(self):
+    """Wraps a stage's call and records its wall time; `sync` (a GPU's synchronise) makes that time the
+    stage's own rather than the time to queue its kernels."""
+
+    def __init__(self, sync=None):
         self.marks: dict[str, list[float]] = {}
+        self.sync = sync or (lambda: None)
 
     def wrap(self, name, fn):
         def timed(*args, **kwargs):
+            self.sync()
             start = time.perf_counter()
             out = fn(*args, **kwargs)
+            self.sync()
             self.marks.setdefault(name, []).append(time.perf_counter() - start)
             return out
         return timed
 
 
-def _reference_runs(pipe, timer, manifest, a, torch_mode: bool) -> list[dict]:
+def _on_gpu(a: dict) -> bool:
+    """Peers run where edgediff runs: on the GPU when the row's provider is a GPU one."""
+    from edgediff.runtime.providers import resolve
+
+    return resolve(a["provider"]).provider.gpu  # "auto" too: where edgediff's own run lands
+
+
+def _half(manifest) -> bool:
+    """fp16 bundles are compared with peers in fp16 (the work a GPU user would pick)."""
+    return manifest.components["unet"].precision == "fp16"
+
+
+def _reference_runs(pipe, timer, manifest, a, torch_mode: bool, device: str = "cpu", dtype=None) -> list[dict]:
     runs = []
     for i in range(a["warmup"] + a["repeat"] + 1):
         timer.marks.clear()
@@ -84,7 +102,8 @@ def _reference_runs(pipe, timer, manifest, a, torch_mode: bool) -> list[dict]:
         if torch_mode:
             import torch
 
-            latents = torch.from_numpy(latents)
+            latents = torch.from_numpy(latents).to(device, dtype or torch.float32)
+        timer.sync()
         start = time.perf_counter()
         pipe(PROMPT, num_inference_steps=a["steps"], guidance_scale=manifest.defaults["guidance"], height=a["size"],
              width=a["size"], latents=latents, output_type="np")
@@ -117,17 +136,23 @@ def diffusers(a: dict) -> dict:
 
     torch.set_num_threads(a["threads"])
     manifest = Bundle.open(a["bundle"], verify="none").manifest
-    pipe = load_pipeline(a["source"])
+    device = "cuda" if _on_gpu(a) else "cpu"
+    dtype = torch.float16 if (device == "cuda" and _half(manifest)) else torch.float32
+    pipe = load_pipeline(a["source"]).to(device, dtype)
     _same_scheduler(pipe, manifest)
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    if sync:
+        sync()
     load = time.perf_counter() - t0
-    timer = _Timer()
+    timer = _Timer(sync)
     for encoder in _text_encoders(pipe):
         encoder.forward = timer.wrap("text_encoder", encoder.forward)
     pipe.unet.forward = timer.wrap("unet", pipe.unet.forward)
     pipe.vae.decode = timer.wrap("vae_decoder", pipe.vae.decode)
     with torch.inference_mode():
-        runs = _reference_runs(pipe, timer, manifest, a, torch_mode=True)
-    return {"load_s": load, "first_image_s": runs[0]["total"], "runs": _run_stats(runs[1 + a["warmup"]:])}
+        runs = _reference_runs(pipe, timer, manifest, a, torch_mode=True, device=device, dtype=dtype)
+    return {"device": device, "dtype": str(dtype).removeprefix("torch."), "load_s": load,
+            "first_image_s": runs[0]["total"], "runs": _run_stats(runs[1 + a["warmup"]:])}
 
 
 def optimum(a: dict) -> dict:
@@ -139,8 +164,9 @@ def optimum(a: dict) -> dict:
 
     manifest = Bundle.open(a["bundle"], verify="none").manifest
     opts: ort.SessionOptions = session_options(a["threads"])
-    pipe = _optimum_class(a["optimum_dir"]).from_pretrained(a["optimum_dir"], provider="CPUExecutionProvider",
-                                                    session_options=opts)
+    # optimum's own fp32 export, on the row's provider (its CUDA runs copy inputs and outputs each call)
+    provider = "CUDAExecutionProvider" if _on_gpu(a) else "CPUExecutionProvider"
+    pipe = _optimum_class(a["optimum_dir"]).from_pretrained(a["optimum_dir"], provider=provider, session_options=opts)
     pipe.set_progress_bar_config(disable=True)
     _same_scheduler(pipe, manifest)
     load = time.perf_counter() - t0
@@ -149,7 +175,8 @@ def optimum(a: dict) -> dict:
     for name, part in parts:
         part.forward = timer.wrap(name, part.forward)
     runs = _reference_runs(pipe, timer, manifest, a, torch_mode=True)  # its scheduler steps in torch
-    return {"load_s": load, "first_image_s": runs[0]["total"], "runs": _run_stats(runs[1 + a["warmup"]:])}
+    return {"device": provider, "load_s": load, "first_image_s": runs[0]["total"],
+            "runs": _run_stats(runs[1 + a["warmup"]:])}
 
 
 def _optimum_class(folder: str):

@@ -223,7 +223,9 @@ def providers():
 @click.option("--vae", default=None,
               help="AutoencoderKL folder or hub id replacing the model's VAE (e.g. madebyollin/sdxl-vae-fp16-fix "
                    "for fp16 SDXL bundles).")
-@click.option("--optimize", is_flag=True, help="Apply onnxruntime's transformer fusions (checked against PyTorch).")
+@click.option("--optimize", type=click.Choice(["cpu", "gpu"]), is_flag=False, flag_value="cpu", default=None,
+              help="Apply onnxruntime's transformer fusions (checked against PyTorch); `--optimize gpu` adds the "
+                   "CUDA-only ones (checked on CUDA; the bundle then needs the CUDA provider).")
 @click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
               help="LoRA safetensors fused into the weights before export (repeatable; scale defaults to 1).")
 @click.option("--target", type=click.Choice(["onnx", "coreml"]), default="onnx", show_default=True,

@@ -93,12 +93,28 @@ def _torch_reference(component, modules, ctx: ExportContext) -> tuple[dict, list
     return inputs, [o.float().numpy() for o in outputs]
 
 
-def _validate(component, reference: tuple[dict, list[np.ndarray]], graph_path: Path, tolerance: float) -> dict[str, float]:
+# export_bundle(optimize=...) -> which fusions (None: the plain graphs)
+OPTIMIZE_TARGETS = {False: None, None: None, True: "cpu", "cpu": "cpu", "gpu": "gpu"}
+
+
+def _check_providers(optimize_for: str | None) -> list[str]:
+    """Where exported graphs are checked: the CPU, or CUDA for graphs with GPU-only fused operators."""
+    import onnxruntime as ort
+
+    if optimize_for != "gpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise ExportError("export_needs_cuda", install='pip install "edgediff[cuda]"')
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def _validate(component, reference: tuple[dict, list[np.ndarray]], graph_path: Path, tolerance: float,
+              providers: list[str]) -> dict[str, float]:
     """Runs the graph in onnxruntime on the reference's inputs and compares with PyTorch's outputs."""
     import onnxruntime as ort
 
     inputs, torch_out = reference
-    session = ort.InferenceSession(str(graph_path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(graph_path), providers=providers)
     declared = {i.name: i.type for i in session.get_inputs()}
     feeds = {k: (v.astype(np.int32) if declared.get(k) == "tensor(int32)" else v) for k, v in inputs.items() if k in declared}
     onnx_out = session.run(None, feeds)
@@ -117,19 +133,17 @@ def _validate(component, reference: tuple[dict, list[np.ndarray]], graph_path: P
     return {k: d for k, (d, _) in diffs.items()}
 
 
-def _write_checked(component, raw_graph: Path, staging: Path, precision: str, reference):
+def _write_checked(component, raw_graph: Path, staging: Path, precision: str, reference, providers: list[str]):
     """Writes the component's graph in `precision` (fp32 / fp16) into the bundle and checks it against
     PyTorch; returns its manifest files, input and output specs, and the check's differences."""
     import onnx
 
-    model = onnx.load(str(raw_graph))
-    if precision == "fp16":
-        model = to_fp16(model)
+    model = to_fp16(raw_graph) if precision == "fp16" else onnx.load(str(raw_graph))
     files = _save_graph(model, staging, component.name)
     inputs, outputs = _tensor_specs(model.graph.input), _tensor_specs(model.graph.output)
     del model
     return files, inputs, outputs, _validate(component, reference, staging / f"{component.name}.onnx",
-                                             TOLERANCES[precision])
+                                             TOLERANCES[precision], providers)
 
 
 def _release(module) -> None:
@@ -216,7 +230,7 @@ def export_bundle(source: str, out: str | Path, precision: str = "fp32", height:
                   progress: bool = True, default_steps: int | None = None,
                   default_guidance: float | None = None, tiny_decoder: str | None = None,
                   keep: str | list[str] = "none", calibration_prompts: list[str] | None = None,
-                  optimize: bool = False, loras: list[tuple[str, float]] | None = None, vae: str | None = None,
+                  optimize: bool | str = False, loras: list[tuple[str, float]] | None = None, vae: str | None = None,
                   attention: str = "original") -> Path:
     """Exports `source` (diffusers folder or hub id) into a bundle folder at `out`; returns `out`.
 
@@ -225,8 +239,9 @@ def export_bundle(source: str, out: str | Path, precision: str = "fp32", height:
     int8 / int8-static / int4: the fp32 graphs are exported and checked first, then quantised (export/quantize.py)
     with calibration inputs recorded from `calibration_prompts`; `keep` = "none", "auto" (sensitivity
     pass) or block names to leave in fp32. `optimize`: onnxruntime's transformer fusions (optimize.py),
-    checked against PyTorch like the plain graphs. `loras`: (file, scale) pairs fused into the weights
-    first (lora.py); the graphs are checked against the fused model. `vae`: an AutoencoderKL (folder or hub
+    checked against PyTorch like the plain graphs: True or "cpu" for any provider; "gpu" adds the fusions
+    only onnxruntime's CUDA provider runs (NHWC convolutions, GroupNorm, packed QKV), checked on CUDA.
+    `loras`: (file, scale) pairs fused into the weights first (lora.py); the graphs are checked against the fused model. `vae`: an AutoencoderKL (folder or hub
     id) replacing the model's own. fp16: the VAE parts are tried in fp16 and kept fp32 (reason in the
     manifest) when their fp16 graphs overflow or fail the check. `attention`: "sliced" writes the UNet's
     attention one head at a time (attention.py: lower peak memory, same arithmetic).
@@ -244,6 +259,10 @@ def export_bundle(source: str, out: str | Path, precision: str = "fp32", height:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+    optimize_for = OPTIMIZE_TARGETS.get(optimize)
+    if optimize not in OPTIMIZE_TARGETS:
+        raise ValueError(f"optimize must be one of {list(OPTIMIZE_TARGETS)}, got {optimize!r}")
+    check_providers = _check_providers(optimize_for)  # before any work: a GPU-optimised export needs CUDA here
     out = Path(out)
     _quiet_tracing()
     with staged(out, overwrite) as staging:
@@ -277,15 +296,16 @@ def export_bundle(source: str, out: str | Path, precision: str = "fp32", height:
             if component.module and not any(c.module == component.module for c, *_ in work):
                 _release(getattr(modules, component.module))
             raw_graph = raw_dir / component.name / "model.onnx"
-            if optimize and component.name in FUSABLE:
+            if optimize_for and component.name in FUSABLE:
                 fused = raw_graph.with_name("fused.onnx")
                 big = sum(f.stat().st_size for f in raw_graph.parent.iterdir()) > EXTERNAL_DATA_THRESHOLD
-                attributes = {**attributes, "optimizer": optimise_graph(raw_graph, fused, component.name, external_data=big)}
+                attributes = {**attributes, "optimizer": optimise_graph(raw_graph, fused, component.name, gpu=optimize_for == "gpu",
+                                                                          external_data=big)}
                 raw_graph = fused if fused.is_file() else raw_graph
             comp_precision = "fp16" if precision == "fp16" else "fp32"
             try:
                 files, inputs, outputs, checks[component.name] = _write_checked(
-                    component, raw_graph, staging, comp_precision, reference)
+                    component, raw_graph, staging, comp_precision, reference, check_providers)
             except ExportValidationError as exc:
                 if comp_precision != "fp16" or not component.fp16_may_overflow:
                     raise
@@ -293,7 +313,7 @@ def export_bundle(source: str, out: str | Path, precision: str = "fp32", height:
                 attributes = {**attributes, "fp16": f"kept fp32: the fp16 graph failed its check ({exc})"}
                 comp_precision = "fp32"
                 files, inputs, outputs, checks[component.name] = _write_checked(
-                    component, raw_graph, staging, comp_precision, reference)
+                    component, raw_graph, staging, comp_precision, reference, check_providers)
             shutil.rmtree(raw_dir / component.name)
             components[component.name] = ComponentSpec(files=files, precision=comp_precision, inputs=inputs,
                                                        outputs=outputs, attributes=attributes)
@@ -301,7 +321,8 @@ def export_bundle(source: str, out: str | Path, precision: str = "fp32", height:
         shutil.rmtree(raw_dir, ignore_errors=True)
 
         manifest = build_manifest(pipe, fam, ctx, text, components, default_steps, default_guidance, {
-            "source": source, "vae": vae, "precision": precision, "tiny_decoder": tiny_decoder, "optimized": optimize,
+            "source": source, "vae": vae, "precision": precision, "tiny_decoder": tiny_decoder,
+            "optimized": bool(optimize_for), "optimized_for": optimize_for,
             "loras": lora_records,
             "export_check": {"tolerances": TOLERANCES, "max_rel_diff": checks}})
         (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")

@@ -1,9 +1,10 @@
 """onnxruntime's transformer optimiser (attention, LayerNorm, GELU fusions) for the bundle's graphs.
 
 Off by default: adopted per provider only where measured faster (benchmarks/README.md). The fused
-graph is checked against PyTorch like any exported graph. On the CPU provider the GPU-only fusions
-(NHWC convolutions, GroupNorm, BiasSplitGelu, packed QKV, BiasAdd) are switched off: they produce
-contrib ops onnxruntime runs only on CUDA.
+graph is checked against PyTorch like any exported graph. For any provider (`--optimize`, `cpu`) the
+GPU-only fusions (NHWC convolutions, GroupNorm, BiasSplitGelu, packed QKV, BiasAdd) are switched off:
+they produce contrib ops onnxruntime runs only on CUDA. `--optimize gpu` keeps them (its graphs are
+checked on CUDA, and such a bundle refuses other providers).
 """
 
 from __future__ import annotations
@@ -17,6 +18,31 @@ log = logging.getLogger("edgediff.export")
 MODEL_TYPES = {"text_encoder": "clip", "unet": "unet", "vae_decoder": "vae"}
 GPU_ONLY_FUSIONS = ("enable_nhwc_conv", "enable_group_norm", "enable_skip_group_norm", "enable_bias_splitgelu",
                     "enable_packed_qkv", "enable_packed_kv", "enable_bias_add")
+# Off on GPUs too: the optimiser writes BiasSplitGelu for any width, but its CUDA kernel takes only a few
+# (2560, 5120, 6144, 10240, 12288) and fails at run time on others (seen on an H200, onnxruntime 1.31.1)
+UNCHECKED_FUSIONS = ("enable_bias_splitgelu",)
+
+
+def _num_heads(fusion, reshape_q, is_torch2: bool = False) -> int:
+    """The number of heads from the Q reshape's target shape [0, 0, heads, head_size] (0: not found).
+
+    Replaces onnxruntime's FusionAttentionUnet.get_num_heads, which calls int() on a one-element array:
+    numpy >= 2.4 raises TypeError there, and the whole UNet attention fusion is lost.
+    """
+    import numpy as np
+
+    if is_torch2:
+        parent = fusion.model.get_parent(reshape_q, 1)
+        if parent is None or parent.op_type != "Concat" or len(parent.input) != 4:
+            return 0
+        value = fusion.model.get_constant_value(parent.input[2])
+    else:
+        shape = fusion.model.get_constant_value(reshape_q.input[1])
+        value = shape[2] if isinstance(shape, np.ndarray) and shape.shape == (4,) else None
+    if not isinstance(value, (np.ndarray, np.generic)) or np.size(value) != 1:
+        return 0
+    heads = int(np.asarray(value).reshape(-1)[0])
+    return heads if heads > 0 else 0
 
 
 def optimise_graph(src: Path, dst: Path, component: str, gpu: bool = False, external_data: bool = False) -> dict:
@@ -25,11 +51,14 @@ def optimise_graph(src: Path, dst: Path, component: str, gpu: bool = False, exte
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
+    import sys
+
+    # the optimiser's modules import each other as top-level names (onnxruntime puts their folder on sys.path)
+    sys.modules["fusion_attention_unet"].FusionAttentionUnet.get_num_heads = _num_heads  # see _num_heads
     model_type = MODEL_TYPES[component]
     options = FusionOptions(model_type)
-    if not gpu:
-        for name in GPU_ONLY_FUSIONS:
-            setattr(options, name, False)
+    for name in (GPU_ONLY_FUSIONS if not gpu else UNCHECKED_FUSIONS):
+        setattr(options, name, False)
     try:
         # opt_level 0: only the Python fusions; onnxruntime's own optimiser still runs at load time
         model = optimize_model(str(src), model_type=model_type, optimization_options=options, opt_level=0, use_gpu=gpu)

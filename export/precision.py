@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 PRECISIONS = ("fp32", "fp16", "int8", "int8-static", "int4")
 QUANTISED = ("int8", "int8-static", "int4")  # made from the checked fp32 graphs, after the bundle is otherwise complete
 # Kept in fp32 inside fp16 graphs: Resize's scale constants must stay fp32 (the converter otherwise
@@ -10,8 +12,47 @@ FP16_OP_BLOCK_LIST = ["Resize", "Upsample", "GroupNormalization", "InstanceNorma
                       "RandomNormalLike", "RandomUniformLike", "Range", "CumSum"]
 
 
-def to_fp16(model):
-    """fp16 weights and compute, fp32 inputs and outputs (onnxruntime's float16 converter)."""
+# protobuf cannot serialise a message past 2 GiB, and onnx's in-memory shape inference serialises the model
+PROTOBUF_LIMIT = 2**31 - 1
+
+
+def to_fp16(graph_path: Path):
+    """The graph at `graph_path` in fp16 weights and compute, fp32 inputs and outputs (onnxruntime's float16
+    converter). The converter needs every tensor's type; past 2 GiB (full-size UNets) they are inferred from
+    the file (onnx.shape_inference.infer_shapes_path) instead of in memory."""
+    import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    return convert_float_to_float16(model, keep_io_types=True, op_block_list=FP16_OP_BLOCK_LIST)
+    graph_path = Path(graph_path)
+    big = sum(f.stat().st_size for f in graph_path.parent.iterdir()) > PROTOBUF_LIMIT
+    if big:
+        inferred = graph_path.with_name("inferred.onnx")  # beside the graph: its external-data paths stay valid
+        onnx.shape_inference.infer_shapes_path(str(graph_path), str(inferred))
+        model = onnx.load(str(inferred))
+        inferred.unlink()
+    else:
+        model = onnx.load(str(graph_path))
+    model = convert_float_to_float16(model, keep_io_types=True, op_block_list=FP16_OP_BLOCK_LIST,
+                                     disable_shape_infer=big)
+    return _drop_repeated_nodes(model)
+
+
+def _drop_repeated_nodes(model):
+    """Removes nodes that repeat an earlier node exactly (same name, op, inputs, outputs and attributes).
+
+    onnxruntime < 1.32's float16 converter inserts one fp16->fp32 Cast per blocked consumer of a shared
+    tensor, each with the same name and output: an invalid graph (seen with onnxruntime 1.31 on the
+    `--optimize gpu` UNet). 1.32 shares one Cast; this does the same for older versions.
+    """
+    seen, kept = set(), []
+    for node in model.graph.node:
+        key = node.SerializeToString(deterministic=True) if node.name else None
+        if key is not None and key in seen:
+            continue
+        if key is not None:
+            seen.add(key)
+        kept.append(node)
+    if len(kept) != len(model.graph.node):
+        del model.graph.node[:]
+        model.graph.node.extend(kept)
+    return model

@@ -90,12 +90,16 @@ def quantise(src: Path, dst: Path, scheme: Scheme, exclude: list[str], feeds: li
     import onnx
 
     large = sum(f.stat().st_size for f in src.parent.glob(f"{src.name}*")) > LARGE_GRAPH_BYTES
+    # onnx's type inference knows no com.microsoft operators (graphs from `--optimize`); every tensor the
+    # quantiser cannot type is fp32 in our graphs
+    default_type = {"DefaultTensorType": onnx.TensorProto.FLOAT}
 
     if scheme.name == "int8-dynamic":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         quantize_dynamic(str(src), str(dst), op_types_to_quantize=list(scheme.op_types), per_channel=True,
-                         weight_type=QuantType.QInt8, nodes_to_exclude=exclude, use_external_data_format=large)
+                         weight_type=QuantType.QInt8, nodes_to_exclude=exclude, use_external_data_format=large,
+                         extra_options=default_type)
     elif scheme.name == "int8-static":
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -105,7 +109,7 @@ def quantise(src: Path, dst: Path, scheme: Scheme, exclude: list[str], feeds: li
                         op_types_to_quantize=list(scheme.op_types), per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
                         calibrate_method=CalibrationMethod.MinMax, use_external_data_format=large,
-                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True, **default_type})
     elif scheme.name == "int4-weight-only":
         root_level = logging.getLogger().level
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer

@@ -44,6 +44,8 @@ MESSAGES = {
     "closed": "this pipeline was closed; open the bundle again",
     "model_not_found": "no bundle named {name!r} in {folder} and no folder at that path (see `edgediff list`)",
     # export
+    "export_needs_cuda": "--optimize gpu writes operators only onnxruntime's CUDA provider runs, and each graph is checked where it will run: export on a machine with an NVIDIA GPU and onnxruntime-gpu ({install}), or use --optimize cpu",
+    "bundle_needs_gpu": "bundle {path}: its {component} graph was optimised for GPUs (--optimize gpu) and needs the CUDA provider, not {provider}",
     "export_exists": "{path} already exists; choose a new output folder or pass --overwrite",
     "export_source": "cannot load a diffusers model from {source!r}: {detail}",
     "export_validation": "{component}: exported graph differs from PyTorch beyond tolerance: {detail}",

@@ -21,7 +21,7 @@ from . import decode as decoding
 from . import graph_cache
 from .bundle import Bundle
 from .cancel import CancelToken
-from .errors import Cancelled, InputError, NaNOutputError, PipelineClosed
+from .errors import BundleError, Cancelled, InputError, NaNOutputError, PipelineClosed
 from .image import latents_to_images, load_image, to_model_input, to_pil
 from .inpaint import overlay, prepare_mask
 from .conditioning import TextConditioner
@@ -77,6 +77,21 @@ def guidance_embedding(w: np.ndarray, dim: int) -> np.ndarray:
     return emb.astype(np.float32)
 
 
+# providers that run onnxruntime's CUDA-only fused operators (export --optimize gpu)
+CUDA_OPERATOR_PROVIDERS = ("cuda", "tensorrt")
+
+
+def _check_gpu_only_graphs(bundle: Bundle, provider: str) -> None:
+    """A bundle exported with `--optimize gpu` holds operators only the CUDA provider has: say so up front
+    rather than as onnxruntime's 'not implemented' at load."""
+    if provider in CUDA_OPERATOR_PROVIDERS:
+        return
+    for name, spec in bundle.manifest.components.items():
+        record = spec.attributes.get("optimizer") or {}
+        if record.get("gpu") and record.get("fused_ops"):
+            raise BundleError("bundle_needs_gpu", path=bundle.path, component=name, provider=provider)
+
+
 class Pipeline:
     """Generates images from a bundle. Safe to call from several threads at once (onnxruntime sessions
     are; each call keeps its own sampler and noise), except in low-memory mode, where calls take turns.
@@ -98,6 +113,7 @@ class Pipeline:
                 return CoreMLSession(name, bundle.component_path(name), m.components[name], compute_units)
         else:
             self.resolution = resolve(provider, fallback=fallback)
+            _check_gpu_only_graphs(bundle, self.resolution.provider.name)
 
             def opener(name):
                 return GraphSession(name, bundle.component_path(name), m.components[name], self.resolution,

@@ -79,6 +79,11 @@ def test_results_validate_and_stage_times_add_up(bench_results):
     assert set(ours["achieved"]) == {"text_encoder", "unet", "vae_decoder"}
     assert all(a["macs"] > 0 for a in ours["achieved"].values())
     assert data["machine"]["physical_cores"] >= 1 and data["peak"]["macs_per_second"] > 0
+    # peers run where edgediff ran (here the CPU, in fp32), and say so; the peak is per provider and dtype
+    peers = {s["system"]: s for s in row["systems"][1:]}
+    assert peers["diffusers"]["device"] == "cpu" and peers["diffusers"]["dtype"] == "float32"
+    assert peers["optimum"]["device"] == "CPUExecutionProvider"
+    assert data["peaks"] == {"auto/float32": data["peak"]}
 
 
 def test_outputs_are_written(bench_results, tmp_path):

@@ -71,6 +71,46 @@ def test_fp16_export_stays_close(models_root):
     assert np.isfinite(a).all() and np.abs(a - b).max() < 0.05
 
 
+def test_fp16_past_protobuf_limit_infers_types_from_the_file(models_root, tmp_path, monkeypatch):
+    """Graphs past 2 GiB (full-size UNets) cannot be shape-inferred in memory; the converter then gets the
+    types inferred from the file. Forced here on a tiny UNet: the same fp16 graph either way."""
+    from edgediff.export import precision
+
+    import shutil
+
+    graph = tmp_path / "unet.onnx"
+    shutil.copy(Bundle.open(tiny_bundle("tiny-sd1", models_root)).component_path("unet"), graph)
+    in_memory = precision.to_fp16(graph)
+    monkeypatch.setattr(precision, "PROTOBUF_LIMIT", 0)
+    from_file = precision.to_fp16(graph)
+    def wiring(model):
+        return [(n.op_type, list(n.input), list(n.output)) for n in model.graph.node]
+
+    assert wiring(from_file) == wiring(in_memory)
+    assert {i.name: i.data_type for i in from_file.graph.initializer} == {i.name: i.data_type for i in in_memory.graph.initializer}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["unet.onnx"]  # the inferred copy is gone
+
+
+def test_repeated_casts_are_dropped():
+    """onnxruntime < 1.32's float16 converter can insert the same Cast twice (same name, same output)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgediff.export.precision import _drop_repeated_nodes
+
+    cast = dict(inputs=["x"], outputs=["x32"], to=TensorProto.FLOAT, name="x_cast_to_fp32_node")
+    nodes = [helper.make_node("Cast", **cast), helper.make_node("Cast", **cast),
+             helper.make_node("Relu", ["x32"], ["a"], name="relu"), helper.make_node("Neg", ["x32"], ["b"], name="neg")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [2])],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2]) for n in ("a", "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(onnx.checker.ValidationError):
+        onnx.checker.check_model(model)
+    fixed = _drop_repeated_nodes(model)
+    onnx.checker.check_model(fixed)
+    assert [n.name for n in fixed.graph.node] == ["x_cast_to_fp32_node", "relu", "neg"]
+
+
 def test_existing_output_is_refused(models_root, tmp_path):
     out = tmp_path / "bundle"
     out.mkdir()
@@ -150,10 +190,32 @@ def test_optimize_fuses_what_it_can_and_stays_checked(models_root, tmp_path):
     assert records["text_encoder"]["fused_ops"]  # LayerNorm/GELU fusions on the CLIP text encoder
     for record in records.values():  # every graph either fused or says why it was left alone
         assert "fused_ops" in record or record["skipped"]
-    assert manifest.provenance["optimized"] is True
+    assert manifest.provenance["optimized"] is True and manifest.provenance["optimized_for"] == "cpu"
+    assert "fused_ops" in records["unet"]  # the UNet's attention fusion (see export/optimize._num_heads)
+    assert {"Attention", "MultiHeadAttention"} & set(records["unet"]["fused_ops"])
     plain = Pipeline.from_bundle(tiny_bundle("tiny-sd1", models_root))("a cat", seed=0, num_inference_steps=2, output_type="np")
     fused = Pipeline.from_bundle(out)("a cat", seed=0, num_inference_steps=2, output_type="np")
     np.testing.assert_allclose(fused.images, plain.images, atol=2 / 255)
+
+
+def test_gpu_optimised_graphs_need_cuda(models_root, tmp_path, monkeypatch):
+    """--optimize gpu writes CUDA-only operators: exporting it is refused where CUDA cannot check them, and a
+    bundle holding them refuses other providers with a clear error (tests/test_cuda.py runs one on CUDA)."""
+    import onnxruntime as ort
+
+    from edgediff.runtime import Pipeline
+    from edgediff.runtime.errors import BundleError, ExportError
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(ExportError, match="--optimize gpu"):
+            export_bundle(str(tiny_source("tiny-sd1", models_root)), tmp_path / "gpu", optimize="gpu", progress=False)
+        assert not (tmp_path / "gpu").exists()
+    # a bundle whose UNet record says GPU fusions: the CPU provider is refused before any graph opens
+    bundle = Bundle.open(tiny_bundle("tiny-sd1", models_root))
+    unet = bundle.manifest.components["unet"]
+    monkeypatch.setitem(unet.attributes, "optimizer", {"gpu": True, "fused_ops": {"NhwcConv": 1}})
+    with pytest.raises(BundleError, match="needs the CUDA provider"):
+        Pipeline(bundle, provider="cpu")
 
 
 def test_sliced_attention_is_the_same_arithmetic(models_root, tmp_path):

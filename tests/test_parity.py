@@ -46,20 +46,24 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("arch,sampler,steps,guidance", CASES, ids=[f"{a}-{s}-{n}" for a, s, n, _ in CASES])
-def test_runtime_matches_diffusers(models_root, monkeypatch, arch, sampler, steps, guidance):
-    bundle = tiny_bundle(arch, models_root)
-    pipe = Pipeline.from_bundle(bundle, provider="cpu", sampler=sampler)
+def ours_and_diffusers(pipe, source, sampler, steps, guidance, monkeypatch):
+    """The pipeline's images and diffusers' on the same prompts, initial latents and sampler noise."""
     m = pipe.manifest
     shape = (len(PROMPTS), m.latent_channels, m.defaults["height"] // m.vae_scale_factor,
              m.defaults["width"] // m.vae_scale_factor)
     rng = np.random.default_rng(steps)
     latents = rng.standard_normal(shape).astype(np.float32)
     noises = [rng.standard_normal(shape).astype(np.float32) for _ in range(steps)] if SAMPLERS[sampler].stochastic else []
-
     ours = pipe(PROMPTS, num_inference_steps=steps, guidance_scale=guidance, latents=latents, output_type="np",
                 generator=ReplayNoise(noises)).images
-    theirs = _reference(tiny_source(arch, models_root), sampler, m, PROMPTS, steps, guidance, latents, monkeypatch, noises)
+    theirs = _reference(source, sampler, m, PROMPTS, steps, guidance, latents, monkeypatch, noises)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("arch,sampler,steps,guidance", CASES, ids=[f"{a}-{s}-{n}" for a, s, n, _ in CASES])
+def test_runtime_matches_diffusers(models_root, monkeypatch, arch, sampler, steps, guidance):
+    pipe = Pipeline.from_bundle(tiny_bundle(arch, models_root), provider="cpu", sampler=sampler)
+    ours, theirs = ours_and_diffusers(pipe, tiny_source(arch, models_root), sampler, steps, guidance, monkeypatch)
     assert ours.shape == theirs.shape
     assert np.abs(ours - theirs).max() <= PIXEL_ATOL
     # The comparison must be able to fail: a different sample gives a different image.
