@@ -218,6 +218,20 @@ def test_gpu_optimised_graphs_need_cuda(models_root, tmp_path, monkeypatch):
         Pipeline(bundle, provider="cpu")
 
 
+def test_gpu_fusions_leave_out_what_their_kernels_may_refuse(models_root, tmp_path):
+    """--optimize gpu's graph rewrite runs anywhere (its check needs CUDA): the CUDA-only fusions are there,
+    but not BiasSplitGelu, whose kernel takes only a few widths (the tiny UNet's is not one of them)."""
+    from edgediff.export.optimize import optimise_graph
+
+    unet = Bundle.open(tiny_bundle("tiny-sd1", models_root)).component_path("unet")
+    record = optimise_graph(unet, tmp_path / "fused.onnx", "unet", gpu=True)
+    fused = record["fused_ops"]
+    assert {"NhwcConv", "GroupNorm", "MultiHeadAttention"} <= set(fused), fused
+    assert "BiasSplitGelu" not in fused
+    plain = optimise_graph(unet, tmp_path / "cpu.onnx", "unet", gpu=False)["fused_ops"]
+    assert not {"NhwcConv", "GroupNorm", "BiasSplitGelu"} & set(plain)
+
+
 def test_sliced_attention_is_the_same_arithmetic(models_root, tmp_path):
     """--attention sliced writes the UNet's attention one head at a time: same outputs as diffusers'
     attention in PyTorch, and the same image from the exported bundle."""
