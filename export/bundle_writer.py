@@ -241,8 +241,8 @@ def export_bundle(source: str, out: str | Path, precision: str = "fp32", height:
     pass) or block names to leave in fp32. `optimize`: onnxruntime's transformer fusions (optimize.py),
     checked against PyTorch like the plain graphs: True or "cpu" for any provider; "gpu" adds the fusions
     only onnxruntime's CUDA provider runs (NHWC convolutions, GroupNorm, packed QKV), checked on CUDA.
-    `loras`: (file, scale) pairs fused into the weights first (lora.py); the graphs are checked against the fused model. `vae`: an AutoencoderKL (folder or hub
-    id) replacing the model's own. fp16: the VAE parts are tried in fp16 and kept fp32 (reason in the
+    `loras`: (file, scale) pairs fused into the weights first (lora.py); the graphs are checked against
+    the fused model. `vae`: an AutoencoderKL (folder or hub id) replacing the model's own. fp16: the VAE parts are tried in fp16 and kept fp32 (reason in the
     manifest) when their fp16 graphs overflow or fail the check. `attention`: "sliced" writes the UNet's
     attention one head at a time (attention.py: lower peak memory, same arithmetic).
 
@@ -299,8 +299,8 @@ def export_bundle(source: str, out: str | Path, precision: str = "fp32", height:
             if optimize_for and component.name in FUSABLE:
                 fused = raw_graph.with_name("fused.onnx")
                 big = sum(f.stat().st_size for f in raw_graph.parent.iterdir()) > EXTERNAL_DATA_THRESHOLD
-                attributes = {**attributes, "optimizer": optimise_graph(raw_graph, fused, component.name, gpu=optimize_for == "gpu",
-                                                                          external_data=big)}
+                record = optimise_graph(raw_graph, fused, component.name, gpu=optimize_for == "gpu", external_data=big)
+                attributes = {**attributes, "optimizer": record}
                 raw_graph = fused if fused.is_file() else raw_graph
             comp_precision = "fp16" if precision == "fp16" else "fp32"
             try:

@@ -10,6 +10,7 @@ checked on CUDA, and such a bundle refuses other providers).
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 log = logging.getLogger("edgediff.export")
@@ -50,8 +51,6 @@ def optimise_graph(src: Path, dst: Path, component: str, gpu: bool = False, exte
     optimiser cannot handle the graph, writes nothing and returns the reason (the plain graph stays)."""
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
-
-    import sys
 
     # the optimiser's modules import each other as top-level names (onnxruntime puts their folder on sys.path)
     sys.modules["fusion_attention_unet"].FusionAttentionUnet.get_num_heads = _num_heads  # see _num_heads

@@ -27,7 +27,7 @@ from .inpaint import overlay, prepare_mask
 from .conditioning import TextConditioner
 from .coreml_session import CoreMLSession
 from .coreml_session import check_available as check_coreml
-from .providers import REGISTRY, Resolution, resolve
+from .providers import REGISTRY, Provider, Resolution, resolve
 from .schedulers import SAMPLERS, make_sampler
 from .session import GraphSession, SessionPool
 
@@ -77,19 +77,15 @@ def guidance_embedding(w: np.ndarray, dim: int) -> np.ndarray:
     return emb.astype(np.float32)
 
 
-# providers that run onnxruntime's CUDA-only fused operators (export --optimize gpu)
-CUDA_OPERATOR_PROVIDERS = ("cuda", "tensorrt")
-
-
-def _check_gpu_only_graphs(bundle: Bundle, provider: str) -> None:
+def _check_gpu_only_graphs(bundle: Bundle, provider: Provider) -> None:
     """A bundle exported with `--optimize gpu` holds operators only the CUDA provider has: say so up front
     rather than as onnxruntime's 'not implemented' at load."""
-    if provider in CUDA_OPERATOR_PROVIDERS:
+    if provider.cuda_kernels:
         return
     for name, spec in bundle.manifest.components.items():
         record = spec.attributes.get("optimizer") or {}
         if record.get("gpu") and record.get("fused_ops"):
-            raise BundleError("bundle_needs_gpu", path=bundle.path, component=name, provider=provider)
+            raise BundleError("bundle_needs_gpu", path=bundle.path, component=name, provider=provider.name)
 
 
 class Pipeline:
@@ -113,7 +109,7 @@ class Pipeline:
                 return CoreMLSession(name, bundle.component_path(name), m.components[name], compute_units)
         else:
             self.resolution = resolve(provider, fallback=fallback)
-            _check_gpu_only_graphs(bundle, self.resolution.provider.name)
+            _check_gpu_only_graphs(bundle, self.resolution.provider)
 
             def opener(name):
                 return GraphSession(name, bundle.component_path(name), m.components[name], self.resolution,

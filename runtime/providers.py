@@ -27,6 +27,7 @@ class Provider:
     platforms: tuple[str, ...] = ()  # sys.platform prefixes where it can exist; () = everywhere
     options: dict = field(default_factory=dict)  # provider options passed to onnxruntime
     gpu: bool = False  # device memory: I/O binding and fp16 pay off
+    cuda_kernels: bool = False  # runs onnxruntime's CUDA-only fused operators (bundles from `export --optimize gpu`)
 
     def available(self, offered: set[str] | None = None) -> bool:
         offered = set(ort.get_available_providers()) if offered is None else offered
@@ -50,10 +51,11 @@ REGISTRY: dict[str, Provider] = {p.name: p for p in (
     # x86 CPUs have no fp16 kernels (onnxruntime inserts casts): fp32, or int8/int4 weights
     Provider("cpu", "CPUExecutionProvider", ("fp32", "int8", "int4"), install="pip install edgediff"),
     Provider("cuda", "CUDAExecutionProvider", ("fp16", "fp32"), install='pip install "edgediff[cuda]"',
-             platforms=("linux", "win"), gpu=True,
+             platforms=("linux", "win"), gpu=True, cuda_kernels=True,
              options={"device_id": 0, "cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": True}),
     Provider("tensorrt", "TensorrtExecutionProvider", ("fp16", "fp32"),
              install='pip install "edgediff[cuda]" and the TensorRT libraries', platforms=("linux", "win"), gpu=True,
+             cuda_kernels=True,  # nodes TensorRT cannot take run on its CUDA fallback
              options={"trt_fp16_enable": True, "trt_engine_cache_enable": True}),
     Provider("rocm", "ROCMExecutionProvider", ("fp16", "fp32"), install="AMD's onnxruntime wheels built with ROCm",
              platforms=("linux",), gpu=True),

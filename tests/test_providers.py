@@ -52,6 +52,8 @@ def test_each_provider_states_options_precisions_and_session_needs():
     prov.REGISTRY["directml"].configure(opts)  # DirectML needs these per onnxruntime's docs
     assert opts.enable_mem_pattern is False and opts.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
     assert prov.REGISTRY["coreml"].options["ModelFormat"] == "MLProgram"
+    # only CUDA-backed providers run the CUDA-only fused operators of `export --optimize gpu` bundles
+    assert {n for n, p in prov.REGISTRY.items() if p.cuda_kernels} == {"cuda", "tensorrt"}
 
 
 def test_session_settings_for_shared_consumer_cpus():
