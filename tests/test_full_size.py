@@ -45,7 +45,9 @@ def test_full_size_512_one_step_matches_diffusers(root, arch, family):
     assert b.manifest.family == family and b.manifest.defaults["steps"] == 1
     assert "unet.onnx.data" in b.manifest.components["unet"].files  # > 2 GB: external data inside the bundle
     latents = np.random.default_rng(0).standard_normal((1, 4, 64, 64)).astype(np.float32)
-    with Pipeline(b, provider="cpu") as pipe:  # closed before the reference loads: both at once need ~28 GB for SDXL
+    # closed before the reference loads (both at once need ~28 GB for SDXL); no graph cache: it would write
+    # 3-10 GB of optimised graphs into pytest's temporary folders on every run
+    with Pipeline(b, provider="cpu", cache=False) as pipe:
         ours = pipe("a photo of a cat", latents=latents, output_type="np", height=512, width=512)
     assert ours.images.shape == (1, 512, 512, 3)
 
