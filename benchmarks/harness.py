@@ -148,12 +148,12 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
         why = peer_available(peer) or (None if cfg.source else f"{peer} skipped: --source (the diffusers folder) not given")
         (notes.append(why) if why else peers.append(peer))
     # the MatMul peak per provider and dtype: fp32 everywhere, fp16 too on GPUs (fp16 bundles are held to it)
+    chosen = {p: resolve(p).provider for p in cfg.providers}
     peaks: dict[str, dict] = {}
     for provider in cfg.providers:
-        chosen = resolve(provider).provider
         try:
-            for half in (False, True) if chosen.gpu else (False,):
-                peaks[_peak_key(provider, half)] = matmul_peak(threads, chosen.ort_name, half=half)
+            for half in (False, True) if chosen[provider].gpu else (False,):
+                peaks[_peak_key(provider, half)] = matmul_peak(threads, chosen[provider].ort_name, half=half)
         except ImportError:  # building the one-node graph needs onnx
             notes.append("peak MatMul rate not measured: the onnx package is not installed")
             break
@@ -174,12 +174,13 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
     peer_runs: dict[tuple, tuple[str, list[dict]]] = {}
     bar = tqdm(total=len(configs) * (1 + len(peers)) * cfg.rounds, desc="bench", unit="process", disable=not progress)
     for bundle, provider, steps, size in configs:
+        m = bundle.manifest
+        # peers run where edgediff runs; on a GPU in the bundle's precision (fp16 or fp32), part of their work too
+        on_gpu = chosen[provider].gpu
+        half_on_gpu = on_gpu and m.components["unet"].precision == "fp16"
         args = {"bundle": str(bundle.path), "provider": provider, "steps": steps, "size": size, "repeat": cfg.repeat,
                 "warmup": cfg.warmup, "threads": threads, "source": cfg.source,
-                "optimum_dir": optimum_dirs.get(cfg.source), **cfg.mode}
-        m = bundle.manifest
-        # on a GPU the peers run in the bundle's precision (fp16 or fp32): then that is part of their work too
-        half_on_gpu = resolve(provider).provider.gpu and m.components["unet"].precision == "fp16"
+                "optimum_dir": optimum_dirs.get(cfg.source), "peer_gpu": on_gpu, "peer_half": half_on_gpu, **cfg.mode}
         work_key = (steps, size, json.dumps(m.scheduler, sort_keys=True), m.defaults["guidance"], provider, half_on_gpu)
         reused = {s: peer_runs[(s, *work_key)] for s in peers if (s, *work_key) in peer_runs}
         procs: dict[str, list[dict]] = {s: [] for s in ("edgediff", *peers) if s not in reused}
@@ -216,7 +217,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
     return {
         "schema_version": RESULTS_SCHEMA_VERSION,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": describe(), "threads": threads, "peak": peaks.get(_peak_key(cfg.providers[0], False)), "peaks": peaks, "config": asdict(cfg),
+        "machine": describe(), "threads": threads, "peak": peaks.get(_peak_key(cfg.providers[0], False)), "peaks": peaks,
+        "config": asdict(cfg),
         "notes": notes, "results": results,
     }
 

@@ -82,18 +82,6 @@ class _Timer:
         return timed
 
 
-def _on_gpu(a: dict) -> bool:
-    """Peers run where edgediff runs: on the GPU when the row's provider is a GPU one."""
-    from edgediff.runtime.providers import resolve
-
-    return resolve(a["provider"]).provider.gpu  # "auto" too: where edgediff's own run lands
-
-
-def _half(manifest) -> bool:
-    """fp16 bundles are compared with peers in fp16 (the work a GPU user would pick)."""
-    return manifest.components["unet"].precision == "fp16"
-
-
 def _reference_runs(pipe, timer, manifest, a, torch_mode: bool, device: str = "cpu", dtype=None) -> list[dict]:
     runs = []
     for i in range(a["warmup"] + a["repeat"] + 1):
@@ -136,8 +124,9 @@ def diffusers(a: dict) -> dict:
 
     torch.set_num_threads(a["threads"])
     manifest = Bundle.open(a["bundle"], verify="none").manifest
-    device = "cuda" if _on_gpu(a) else "cpu"
-    dtype = torch.float16 if (device == "cuda" and _half(manifest)) else torch.float32
+    # where and in what precision peers run is decided once, by the harness (peer_gpu, peer_half)
+    device = "cuda" if a.get("peer_gpu") else "cpu"
+    dtype = torch.float16 if a.get("peer_half") else torch.float32
     pipe = load_pipeline(a["source"]).to(device, dtype)
     _same_scheduler(pipe, manifest)
     sync = torch.cuda.synchronize if device == "cuda" else None
@@ -165,7 +154,7 @@ def optimum(a: dict) -> dict:
     manifest = Bundle.open(a["bundle"], verify="none").manifest
     opts: ort.SessionOptions = session_options(a["threads"])
     # optimum's own fp32 export, on the row's provider (its CUDA runs copy inputs and outputs each call)
-    provider = "CUDAExecutionProvider" if _on_gpu(a) else "CPUExecutionProvider"
+    provider = "CUDAExecutionProvider" if a.get("peer_gpu") else "CPUExecutionProvider"
     pipe = _optimum_class(a["optimum_dir"]).from_pretrained(a["optimum_dir"], provider=provider, session_options=opts)
     pipe.set_progress_bar_config(disable=True)
     _same_scheduler(pipe, manifest)
