@@ -242,6 +242,34 @@ def _batch_latents(mean, std, idx, scaling, rng, dev):
     return ((m + s * eps) * scaling).to(dev)
 
 
+def _prediction_type(cfg: ShippedConfig) -> str:
+    return cfg.scheduler.get("prediction_type", "epsilon")
+
+
+def _target(z, noise, a, cfg: ShippedConfig):
+    """What the UNet learns to output at x_t = sqrt(a) z + sqrt(1 - a) noise."""
+    if _prediction_type(cfg) == "v_prediction":
+        return a.sqrt() * noise - (1 - a).sqrt() * z  # Salimans & Ho 2022, arXiv:2202.00512
+    return noise
+
+
+def _loss_weight(alpha, cfg: ShippedConfig):
+    """Min-SNR-gamma (arXiv:2303.09556): caps the weight of nearly clean timesteps."""
+    snr = alpha / (1 - alpha)
+    if _prediction_type(cfg) == "v_prediction":
+        # min(snr, gamma) / (snr + 1) would give the pure-noise step (snr = 0) no weight at all, and that is
+        # the step that must learn the layout from the text; capping snr + 1 keeps its weight at 1.
+        return (snr + 1).clamp(max=cfg.min_snr_gamma) / (snr + 1)
+    return snr.clamp(max=cfg.min_snr_gamma) / snr
+
+
+def _x0_eps(model_output, x_t, a, cfg: ShippedConfig):
+    """(x_0, eps) from the UNet's output: the training-side twin of runtime.schedulers.parametrization."""
+    if _prediction_type(cfg) == "v_prediction":
+        return a.sqrt() * x_t - (1 - a).sqrt() * model_output, a.sqrt() * model_output + (1 - a).sqrt() * x_t
+    return (x_t - (1 - a).sqrt() * model_output) / a.sqrt(), model_output
+
+
 def stage_teacher(cfg: ShippedConfig, run: Path) -> None:
     torch = _torch()
     dev = _device()
@@ -264,14 +292,12 @@ def stage_teacher(cfg: ShippedConfig, run: Path) -> None:
         z = _batch_latents(mean, std, idx, scaling, rng, dev)
         cond = _encode_text(tokenizer, text_encoder, _captions(scenes, idx, rng, cfg, cfg.cfg_dropout), dev)
         t = torch.from_numpy(rng.integers(0, 1000, len(idx))).to(dev)
-        # offset noise: without it a plain background's colour hides in the schedule's non-zero terminal SNR
+        # offset noise (off at zero terminal SNR): a per-channel constant that lets a whole background change colour
         noise = torch.randn_like(z) + cfg.offset_noise * torch.randn(len(idx), z.shape[1], 1, 1, device=dev)
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * z + (1 - a).sqrt() * noise
         pred = unet(noisy, t, cond).sample
-        snr = alphas[t] / (1 - alphas[t])
-        weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr  # Min-SNR-gamma for epsilon prediction
-        loss = (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+        loss = (_loss_weight(alphas[t], cfg) * ((pred - _target(z, noise, a, cfg)) ** 2).mean(dim=(1, 2, 3))).mean()
         lr = cfg.teacher_lr * min(1.0, step / 300) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.teacher_steps)))
         for g in opt.param_groups:
             g["lr"] = lr
@@ -347,20 +373,18 @@ def stage_distill(cfg: ShippedConfig, run: Path) -> None:
         a_t, a_s = alphas[t].view(-1, 1, 1, 1), alphas[s].view(-1, 1, 1, 1)
         x_t = a_t.sqrt() * z + (1 - a_t).sqrt() * torch.randn_like(z)
         # student: consistency function at t
-        eps = student(x_t, t, cond, timestep_cond=w_emb).sample
-        x0 = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        x0, _ = _x0_eps(student(x_t, t, cond, timestep_cond=w_emb).sample, x_t, a_t, cfg)
         c_skip, c_out = _boundary(t, cfg)
         pred = c_skip * x_t + c_out * x0
         with torch.no_grad():
             # teacher: one guided DDIM step t -> s (guidance_scale = 1 + w)
             both = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, uncond])).sample
-            e_c, e_u = both.chunk(2)
-            e_w = e_c + w.view(-1, 1, 1, 1) * (e_c - e_u)
-            x0_t = (x_t - (1 - a_t).sqrt() * e_w) / a_t.sqrt()
+            out_c, out_u = both.chunk(2)
+            # guidance is linear in the output, so it is the same in eps, v or x_0 terms
+            x0_t, e_w = _x0_eps(out_c + w.view(-1, 1, 1, 1) * (out_c - out_u), x_t, a_t, cfg)
             x_s = a_s.sqrt() * x0_t + (1 - a_s).sqrt() * e_w
             # target network: consistency function at s
-            eps_s = target(x_s, s, cond, timestep_cond=w_emb).sample
-            x0_s = (x_s - (1 - a_s).sqrt() * eps_s) / a_s.sqrt()
+            x0_s, _ = _x0_eps(target(x_s, s, cond, timestep_cond=w_emb).sample, x_s, a_s, cfg)
             c_skip_s, c_out_s = _boundary(s, cfg)
             tgt = c_skip_s * x_s + c_out_s * x0_s
         loss = (torch.sqrt((pred.float() - tgt.float()) ** 2 + 1e-3**2) - 1e-3).mean()  # pseudo-Huber, as LCM

@@ -232,6 +232,33 @@ def test_gpu_fusions_leave_out_what_their_kernels_may_refuse(models_root, tmp_pa
     assert not {"NhwcConv", "GroupNorm", "BiasSplitGelu"} & set(plain)
 
 
+@pytest.mark.parametrize("component", ["vae_decoder", "unet"])
+def test_gpu_fused_graphs_convert_to_fp16_with_typed_casts(models_root, tmp_path, component):
+    """`--optimize gpu --precision fp16`: every operator kept in fp32 gets fp32 inputs. onnx's own shape
+    inference stops at the fused operators, and then the converter left the VAE's attention GroupNorm
+    (an InstanceNormalization) with an fp16 input: onnxruntime refused the graph (seen on an H100)."""
+    import onnx
+
+    from edgediff.export.optimize import optimise_graph
+    from edgediff.export.precision import FP16_OP_BLOCK_LIST, to_fp16
+
+    graph = Bundle.open(tiny_bundle("tiny-sd1", models_root)).component_path(component)
+    assert optimise_graph(graph, tmp_path / "fused.onnx", component, gpu=True)["fused_ops"].get("NhwcConv")
+    model = to_fp16(tmp_path / "fused.onnx")
+    types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.value_info]}
+    types.update({t.name: t.data_type for t in model.graph.initializer})
+    for node in model.graph.node:
+        if node.op_type == "Cast":
+            types[node.output[0]] = next(a.i for a in node.attribute if a.name == "to")
+        if node.op_type == "Constant":
+            types[node.output[0]] = next(a.t.data_type for a in node.attribute if a.name == "value")
+    blocked = [n for n in model.graph.node if n.op_type in FP16_OP_BLOCK_LIST and n.op_type != "Resize"]
+    assert blocked, "the fused graph keeps no operator in fp32: nothing was checked"
+    for node in blocked:
+        data = node.input[0]
+        assert types.get(data) == onnx.TensorProto.FLOAT, (node.name, data, types.get(data))
+
+
 def test_sliced_attention_is_the_same_arithmetic(models_root, tmp_path):
     """--attention sliced writes the UNet's attention one head at a time: same outputs as diffusers'
     attention in PyTorch, and the same image from the exported bundle."""

@@ -27,3 +27,32 @@ def test_every_stage_runs_resumes_and_assembles_an_exportable_model(tmp_path):
     assert pipe.manifest.family == "lcm-sd1" and pipe.manifest.tokenizer["max_length"] == cfg.max_length
     image = pipe("a large red circle on a blue background", num_inference_steps=2, seed=0).images[0]
     assert image.size == (cfg.image_size, cfg.image_size)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_training_targets_agree_with_the_runtime_parametrisation(prediction_type):
+    """What the teacher learns to output (train._target) turns back into the same x_0 and noise through the
+    runtime's sampler-side parametrisation, at every kind of timestep, the zero-SNR last one included."""
+    import numpy as np
+    import torch
+
+    from edgediff.models.shipped_config import ShippedConfig
+    from edgediff.models.train import _alphas, _target, _x0_eps
+    from edgediff.runtime.schedulers.parametrization import predict_x0_eps
+
+    cfg = ShippedConfig()
+    cfg.scheduler = {**cfg.scheduler, "prediction_type": prediction_type,
+                     "rescale_betas_zero_snr": prediction_type == "v_prediction"}
+    alphas = _alphas(cfg)
+    z, noise = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([0, 500, 999 if prediction_type == "v_prediction" else 998])
+    a = alphas[t].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * z + (1 - a).sqrt() * noise
+    out = _target(z, noise, a, cfg)
+    x0, eps = _x0_eps(out, x_t, a, cfg)
+    torch.testing.assert_close(x0, z, atol=1e-3, rtol=0)
+    torch.testing.assert_close(eps, noise, atol=1e-3, rtol=0)
+    for i in range(3):
+        x0_rt, eps_rt = predict_x0_eps(prediction_type, out[i].numpy(), x_t[i].numpy(), alphas[t[i]].item())
+        np.testing.assert_allclose(x0_rt, x0[i].numpy(), atol=1e-5)
+        np.testing.assert_allclose(eps_rt, eps[i].numpy(), atol=1e-5)
