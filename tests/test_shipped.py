@@ -50,3 +50,12 @@ def test_shipped_bundle_equals_a_fresh_export_of_the_shipped_weights(tmp_path):
             assert np.abs(a.images - b.images).max() <= REEXPORT_ATOL
     assert fresh.manifest.defaults == shipped.manifest.defaults
     assert fresh.manifest.scheduler == shipped.manifest.scheduler
+
+
+@pytest.mark.parametrize("position", ["left", "right", "top", "bottom", "center"])
+def test_shipped_model_puts_the_shape_where_it_is_asked(position):
+    """Position, the attribute the second training run could not learn (issue 3), read back by the checker."""
+    pipe = Pipeline.from_bundle(default_bundle())
+    image = pipe(f"a large yellow square at the {position} on a purple background", seed=1).images[0]
+    reading = checker.read(image)
+    assert (reading.position, reading.colour, reading.background) == (position, "yellow", "purple")
