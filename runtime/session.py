@@ -7,9 +7,11 @@ onnxruntime stack trace.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import os
+import sys
 import threading
 from typing import Callable
 
@@ -53,7 +55,7 @@ def session_options(threads: int | None = None, resolution: Resolution | None = 
         # Low-memory mode trades speed for peak: no arena (freed buffers go back to the system instead of
         # staying reserved), no memory-pattern plan (allocated whole up front) and no prepacked copies of
         # weights. Full-size SD-Turbo int8-static, one graph at a time: 1.95 -> 1.83 -> 1.68 GiB peak
-        # (benchmarks/README.md).
+        # (benchmarks/README.md); SessionPool also holds glibc's mmap threshold (1.33 GiB).
         opts.enable_cpu_mem_arena = False
         opts.enable_mem_pattern = False
         opts.add_session_config_entry("session.disable_prepacking", "1")
@@ -126,6 +128,28 @@ class GraphSession:
         return self.session.run(self.output_names, checked, run_options)
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+LOW_MEMORY_MMAP_THRESHOLD = 128 * 1024  # glibc's own starting value, held fixed
+
+
+def hold_mmap_threshold() -> bool:
+    """Low-memory mode, glibc only: every allocation over 128 KiB is its own mapping, handed back to the
+    system when freed. glibc otherwise raises that threshold after each large free, so the next graph's
+    buffers land in the heap the previous graph left fragmented, and resident memory stays high. Full-size
+    SD-Turbo int8-static, one image in low-memory mode: peak 1.70 -> 1.33 GiB, UNet call 5.4-7.0 -> 7.9 s
+    (benchmarks/README.md). The setting is process-wide. Returns whether it was applied."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to hold
+        return False
+    applied = bool(mallopt(M_MMAP_THRESHOLD, LOW_MEMORY_MMAP_THRESHOLD))
+    if applied:
+        log.info("low memory: glibc's mmap threshold held at %d bytes", LOW_MEMORY_MMAP_THRESHOLD)
+    return applied
+
+
 class SessionPool:
     """A bundle's graphs as sessions: all opened up front (fast), or one alive at a time (low memory).
 
@@ -138,7 +162,9 @@ class SessionPool:
         self.low_memory = low_memory
         self._open: dict[str, GraphSession] = {}
         self._lock = threading.Lock()
-        if not low_memory:
+        if low_memory:
+            hold_mmap_threshold()
+        else:
             self._open = {name: opener(name) for name in names}
 
     def get(self, name: str) -> GraphSession:
