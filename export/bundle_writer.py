@@ -259,9 +259,9 @@ def export_bundle(source: str, out: str | Path, precision: str = "fp32", height:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
-    optimize_for = OPTIMIZE_TARGETS.get(optimize)
     if optimize not in OPTIMIZE_TARGETS:
         raise ValueError(f"optimize must be one of {list(OPTIMIZE_TARGETS)}, got {optimize!r}")
+    optimize_for = OPTIMIZE_TARGETS[optimize]
     check_providers = _check_providers(optimize_for)  # before any work: a GPU-optimised export needs CUDA here
     out = Path(out)
     _quiet_tracing()

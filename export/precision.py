@@ -22,37 +22,32 @@ def to_fp16(graph_path: Path):
     the file (onnx.shape_inference.infer_shapes_path) instead of in memory, and through onnxruntime's fused
     operators by its symbolic shape inference."""
     import onnx
+    from onnx.external_data_helper import load_external_data_for_model
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     graph_path = Path(graph_path)
-    big = sum(f.stat().st_size for f in graph_path.parent.iterdir()) > PROTOBUF_LIMIT
-    if _has_contrib_ops(graph_path):
+    model = onnx.load(str(graph_path), load_external_data=False)  # the structure first: which route it needs
+    if any(node.domain == "com.microsoft" for node in model.graph.node):
         # onnx's shape inference stops at onnxruntime's fused operators (NhwcConv, GroupNorm, ...): the types
         # after them stay unknown and the converter casts nothing into the normalisations it keeps in fp32
         # (seen on `--optimize gpu`'s VAE). onnxruntime's symbolic shape inference knows those operators.
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-        model = SymbolicShapeInference.infer_shapes(onnx.load(str(graph_path)), auto_merge=True)
+        load_external_data_for_model(model, str(graph_path.parent))
+        model = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
         typed = True
-    elif big:
+    elif sum(f.stat().st_size for f in graph_path.parent.iterdir()) > PROTOBUF_LIMIT:
         inferred = graph_path.with_name("inferred.onnx")  # beside the graph: its external-data paths stay valid
         onnx.shape_inference.infer_shapes_path(str(graph_path), str(inferred))
         model = onnx.load(str(inferred))
         inferred.unlink()
         typed = True
     else:
-        model = onnx.load(str(graph_path))
+        load_external_data_for_model(model, str(graph_path.parent))
         typed = False  # the converter infers the types in memory
     model = convert_float_to_float16(model, keep_io_types=True, op_block_list=FP16_OP_BLOCK_LIST,
                                      disable_shape_infer=typed)
     return _drop_repeated_nodes(model)
-
-
-def _has_contrib_ops(graph_path: Path) -> bool:
-    import onnx
-
-    model = onnx.load(str(graph_path), load_external_data=False)
-    return any(node.domain == "com.microsoft" for node in model.graph.node)
 
 
 def _drop_repeated_nodes(model):
