@@ -42,8 +42,9 @@ class HeadSlicedAttnProcessor:
         heads = []
         for h in range(attn.heads):
             part = slice(h * head_dim, (h + 1) * head_dim)
-            # scale folded into q (tokens x d) rather than applied to the scores (tokens x tokens): in int8-static
-            # graphs the scores then go straight from the quantised MatMul into a quantised Softmax
+            # scale folded into q (tokens x d) rather than applied to the scores (tokens x tokens): one multiply
+            # over tokens x d instead of tokens x tokens, and int8-static graphs go from the score MatMul
+            # straight into the (float) Softmax
             scores = torch.matmul(query[..., part] * scale, key[..., part].transpose(-1, -2))
             heads.append(torch.matmul(scores.softmax(dim=-1), value[..., part]))
         hidden_states = torch.cat(heads, dim=-1)

@@ -109,7 +109,12 @@ def quantise(src: Path, dst: Path, scheme: Scheme, exclude: list[str], feeds: li
                         op_types_to_quantize=list(scheme.op_types), per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
                         calibrate_method=CalibrationMethod.MinMax, use_external_data_format=large,
-                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True, **default_type})
+                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True, **default_type,
+                                       # MatMul outputs stay float: otherwise onnxruntime fuses each attention
+                                       # softmax between Q/DQ pairs into QLinearSoftmax, whose CPU kernel took
+                                       # 26% of the full-size UNet call (6x the float Softmax); the MatMuls
+                                       # then run as MatMulIntegerToFloat (benchmarks/README.md)
+                                       "OpTypesToExcludeOutputQuantization": ["MatMul"]})
     elif scheme.name == "int4-weight-only":
         root_level = logging.getLogger().level
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer

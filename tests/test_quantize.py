@@ -55,6 +55,21 @@ def test_quantised_bundle_exports_loads_and_generates(models_root, precision):
     assert not np.array_equal(out.images, fp32.images)  # really a different graph
 
 
+def test_int8_static_attention_softmax_stays_float(models_root, tmp_path):
+    """The graph onnxruntime runs for an int8-static UNet: integer convolutions and MatMuls, but every attention
+    softmax in float (its fused QLinearSoftmax was the slowest kernel of the full-size UNet on CPU)."""
+    import onnx
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    ort.InferenceSession(str(tiny_bundle("tiny-sd1", models_root, precision="int8-static") / "unet.onnx"), options,
+                         providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+    assert "Softmax" in ops and "QLinearSoftmax" not in ops
+    assert "QLinearConv" in ops and "MatMulIntegerToFloat" in ops
+
+
 def test_sensitivity_keeps_blocks_until_the_budget_holds(models_root, tmp_path):
     from edgediff.export.calibration import record_feeds
     from edgediff.export.quantize import SCHEMES, quantise_component
