@@ -15,8 +15,9 @@ def test_every_stage_runs_resumes_and_assembles_an_exportable_model(tmp_path):
     run = tmp_path / "run"
     run_stages(STAGES, run, cfg)
     assert all((run / f"{s}.done").exists() for s in STAGES)
-    for stage in ("vae", "teacher", "distill", "tiny"):
+    for stage in ("vae", "teacher", "distill", "decoder", "tiny"):
         assert (run / stage / "ckpt.pt").exists()
+    _assert_decoder_fine_tune_kept_the_encoder(run)
     # resuming a finished stage from its checkpoint does no more steps and still writes its outputs
     (run / "distill.done").unlink()
     run_stages(["distill"], run, cfg)
@@ -27,6 +28,21 @@ def test_every_stage_runs_resumes_and_assembles_an_exportable_model(tmp_path):
     assert pipe.manifest.family == "lcm-sd1" and pipe.manifest.tokenizer["max_length"] == cfg.max_length
     image = pipe("a large red circle on a blue background", num_inference_steps=2, seed=0).images[0]
     assert image.size == (cfg.image_size, cfg.image_size)
+
+
+def _assert_decoder_fine_tune_kept_the_encoder(run):
+    """The decoder stage trains the decoder alone: the encoder (the latent space the UNets learnt) is the VAE
+    stage's, bit for bit, while the decoder moved; the assembled pipelines carry the fine-tuned VAE."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    before, after = (AutoencoderKL.from_pretrained(run / d / "final").state_dict() for d in ("vae", "decoder"))
+    assembled = AutoencoderKL.from_pretrained(run / "assembled" / "student" / "vae").state_dict()
+    for name, weight in before.items():
+        if name.startswith(("encoder.", "quant_conv.")):
+            assert torch.equal(weight, after[name]), name
+    assert any(not torch.equal(w, after[n]) for n, w in before.items() if n.startswith("decoder."))
+    assert all(torch.equal(w, assembled[n]) for n, w in after.items())
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
