@@ -72,3 +72,22 @@ def test_training_targets_agree_with_the_runtime_parametrisation(prediction_type
         x0_rt, eps_rt = predict_x0_eps(prediction_type, out[i].numpy(), x_t[i].numpy(), alphas[t[i]].item())
         np.testing.assert_allclose(x0_rt, x0[i].numpy(), atol=1e-5)
         np.testing.assert_allclose(eps_rt, eps[i].numpy(), atol=1e-5)
+
+
+def test_consistency_pairs_reach_the_boundary_where_the_target_is_the_teachers_step():
+    """LCD's pairs cover LCM's whole 50-step grid, one skip apart, and the first ends at s = 0, where the boundary
+    scalings make the target exactly the teacher's DDIM step (c_skip = 1, c_out = 0): the chain's anchor."""
+    import numpy as np
+
+    from edgediff.models.shipped_config import ShippedConfig
+    from edgediff.models.train import _boundary, _lcd_pairs
+
+    cfg = ShippedConfig()
+    t, s = _lcd_pairs(np.random.default_rng(0), 20000, cfg)
+    k = cfg.skip_steps
+    assert set(t.tolist()) == set(range(k - 1, 1000, k))  # 19, 39, ..., 999: all 50, the first included
+    assert ((t - s) == k).logical_or(s == 0).all() and s.min() == 0
+    c_skip, c_out = _boundary(s[s == 0][:1], cfg)
+    assert c_skip.item() == 1.0 and c_out.item() == 0.0
+    c_skip, c_out = _boundary(t[t == k - 1][:1], cfg)
+    assert c_skip.item() < 1e-3 and c_out.item() > 0.999  # one skip later the student's x_0 is the output
