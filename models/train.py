@@ -417,8 +417,8 @@ def stage_decoder(cfg: ShippedConfig, run: Path) -> None:
     """Fine-tunes the VAE decoder alone on the frozen encoder's latents (as SD's ft-MSE decoder).
 
     The encoder, and so the latent space the UNets were trained in, does not change: only how
-    latents are drawn. The first VAE training left squares with rounded corners and a blot at the
-    shape's corner (26.9 dB), which the checker reads as circles.
+    latents are drawn. The first VAE training left squares with rounded corners (26.9 dB), which the
+    checker reads as circles: 82.5% of true shapes read right through it, 91.5% after this stage.
     """
     from diffusers import AutoencoderKL
 
