@@ -411,7 +411,40 @@ def stage_distill(cfg: ShippedConfig, run: Path) -> None:
     student.save_pretrained(run / "distill" / "unet")
 
 
-# ----------------------------------------------------------------------------- decoder fine-tune
+# ----------------------------------------------------------------------------- decoders
+
+def _fit_decoder(cfg: ShippedConfig, run: Path, stage: str, key: str, model, params, seed: int, steps: int,
+                 batch: int, lr_at, scaled: bool, l1: bool) -> None:
+    """The loop both decoder stages share: (latent, image) pairs from the encoded training set (latents times
+    the scaling factor when `scaled`: the pipeline's), a pixel loss (MSE, plus L1 when `l1`), the learning rate
+    `lr_at(step)`, checkpointed under `key` in RUN/<stage>/."""
+    torch = _torch()
+    dev = _device()
+    images, _ = _load_data(run)
+    mean, std, scaling = _latents(run, cfg)
+    opt = torch.optim.AdamW(params, lr=lr_at(1))
+    ckpt = Checkpointer(run / stage, {key: model, "opt": opt})
+    start = ckpt.resume()
+    progress = Progress(stage, steps, run)
+    rng = np.random.default_rng(seed + start)
+    for step in range(start + 1, steps + 1):
+        idx = np.sort(rng.choice(len(images), batch, replace=False))
+        # posterior samples, not means: a decoder also sees latents a little off the encoder's
+        z = _batch_latents(mean, std, idx, scaling if scaled else 1.0, rng, dev)
+        x = _to_tensor(images[idx]).to(dev)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        recon = model.decode(z).sample
+        rec = torch.nn.functional.mse_loss(recon, x)
+        loss = rec + torch.nn.functional.l1_loss(recon, x) if l1 else rec
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        progress(step, mse=rec.item(), psnr=10 * math.log10(4 / max(rec.item(), 1e-10)))
+        ckpt.maybe_save(step)
+    ckpt.maybe_save(steps, force=True)
+    model.save_pretrained(run / stage / "final")
+
 
 def stage_decoder(cfg: ShippedConfig, run: Path) -> None:
     """Fine-tunes the VAE decoder alone on the frozen encoder's latents (as SD's ft-MSE decoder).
@@ -422,39 +455,15 @@ def stage_decoder(cfg: ShippedConfig, run: Path) -> None:
     """
     from diffusers import AutoencoderKL
 
-    torch = _torch()
-    dev = _device()
-    torch.manual_seed(cfg.seed + 5)
-    images, _ = _load_data(run)
-    mean, std, scaling = _latents(run, cfg)
-    vae = AutoencoderKL.from_pretrained(run / "vae" / "final").to(dev)
-    params = [*vae.post_quant_conv.parameters(), *vae.decoder.parameters()]
-    opt = torch.optim.AdamW(params, lr=cfg.decoder_lr)
-    ckpt = Checkpointer(run / "decoder", {"vae": vae, "opt": opt})
-    start = ckpt.resume()
-    progress = Progress("decoder", cfg.decoder_steps, run)
-    rng = np.random.default_rng(cfg.seed + 5 + start)
-    for step in range(start + 1, cfg.decoder_steps + 1):
-        idx = np.sort(rng.choice(len(images), cfg.decoder_batch, replace=False))
-        # posterior samples, not means: the decoder also sees latents a little off the encoder's
-        z = _batch_latents(mean, std, idx, 1.0, rng, dev)
-        x = _to_tensor(images[idx]).to(dev)
-        lr = cfg.decoder_lr * min(1.0, step / 100) * 0.5 * (1 + math.cos(math.pi * step / cfg.decoder_steps))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        recon = vae.decode(z).sample
-        rec = torch.nn.functional.mse_loss(recon, x)
-        loss = rec + torch.nn.functional.l1_loss(recon, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        progress(step, mse=rec.item(), psnr=10 * math.log10(4 / max(rec.item(), 1e-10)))
-        ckpt.maybe_save(step)
-    ckpt.maybe_save(cfg.decoder_steps, force=True)
-    vae.save_pretrained(run / "decoder" / "final")
+    _torch().manual_seed(cfg.seed + 5)
+    vae = AutoencoderKL.from_pretrained(run / "vae" / "final").to(_device())
 
+    def lr_at(step):
+        return cfg.decoder_lr * min(1.0, step / 100) * 0.5 * (1 + math.cos(math.pi * step / cfg.decoder_steps))
 
-# ----------------------------------------------------------------------------- tiny decoder
+    _fit_decoder(cfg, run, "decoder", "vae", vae, [*vae.post_quant_conv.parameters(), *vae.decoder.parameters()],
+                 cfg.seed + 5, cfg.decoder_steps, cfg.decoder_batch, lr_at, scaled=False, l1=True)
+
 
 def build_tiny(cfg: ShippedConfig):
     from diffusers import AutoencoderTiny
@@ -468,29 +477,10 @@ def build_tiny(cfg: ShippedConfig):
 
 def stage_tiny(cfg: ShippedConfig, run: Path) -> None:
     """A tiny decoder (as TAESD is to SD) from the pipeline's (scaled) latents straight to pixels."""
-    torch = _torch()
-    dev = _device()
-    torch.manual_seed(cfg.seed + 4)
-    images, _ = _load_data(run)
-    mean, std, scaling = _latents(run, cfg)
-    tiny = build_tiny(cfg).to(dev)
-    opt = torch.optim.AdamW(tiny.decoder.parameters(), lr=cfg.tiny_lr)
-    ckpt = Checkpointer(run / "tiny", {"tiny": tiny, "opt": opt})
-    start = ckpt.resume()
-    progress = Progress("tiny", cfg.tiny_steps, run)
-    rng = np.random.default_rng(cfg.seed + 4 + start)
-    for step in range(start + 1, cfg.tiny_steps + 1):
-        idx = np.sort(rng.choice(len(images), cfg.tiny_batch, replace=False))
-        z = _batch_latents(mean, std, idx, scaling, rng, dev)
-        x = _to_tensor(images[idx]).to(dev)
-        loss = torch.nn.functional.mse_loss(tiny.decode(z).sample, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        progress(step, mse=loss.item(), psnr=10 * math.log10(4 / max(loss.item(), 1e-10)))
-        ckpt.maybe_save(step)
-    ckpt.maybe_save(cfg.tiny_steps, force=True)
-    tiny.save_pretrained(run / "tiny" / "final")
+    _torch().manual_seed(cfg.seed + 4)
+    tiny = build_tiny(cfg).to(_device())
+    _fit_decoder(cfg, run, "tiny", "tiny", tiny, tiny.decoder.parameters(), cfg.seed + 4, cfg.tiny_steps,
+                 cfg.tiny_batch, lambda step: cfg.tiny_lr, scaled=True, l1=False)
 
 
 # ----------------------------------------------------------------------------- assemble
