@@ -95,12 +95,15 @@ def _aggregate(system: str, procs: list[dict]) -> dict:
     }
 
 
-def _graph_macs(bundle, size: int, guidance_batch: int) -> dict | None:
-    """MACs per stage call at this size, counted from the bundle's graphs (needs the onnx package)."""
+def _graph_macs(bundle, size: int, guidance_batch: int, decoder: str = "full") -> dict | None:
+    """MACs per stage call at this size, counted from the bundle's graphs (needs the onnx package); the
+    vae_decoder stage is the decoder that was timed (`decoder`: "full" or "tiny")."""
     try:
         from .macs import count_macs
     except ImportError:
         return None
+    from edgediff.runtime.pipeline import DECODERS
+
     m = bundle.manifest
     lat = size // m.vae_scale_factor
     seq = m.tokenizer["max_length"]
@@ -110,8 +113,9 @@ def _graph_macs(bundle, size: int, guidance_batch: int) -> dict | None:
                  "encoder_hidden_states": (guidance_batch, seq, _hidden(m)), "timestep_cond": (guidance_batch, m.guidance_embedding_dim or 0)},
         "vae_decoder": {"latent_sample": (1, m.latent_channels, lat, lat)},
     }
+    graphs = {**{name: name for name in STAGES}, "vae_decoder": DECODERS[decoder]}
     try:
-        return {name: count_macs(bundle.component_path(name), shapes[name])["total"] for name in STAGES}
+        return {name: count_macs(bundle.component_path(graphs[name]), shapes[name])["total"] for name in STAGES}
     except ImportError:
         return None
     except Exception as exc:  # shape inference fails on some graphs: report, never lose the timings
@@ -196,7 +200,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
             else:
                 peer_runs[(system, *work_key)] = (str(bundle.path), procs[system])
         cfg_batch = 2 if (m.defaults["guidance"] > 1 and m.guidance_embedding_dim is None) else 1
-        macs = _graph_macs(bundle, size, cfg_batch)
+        macs = _graph_macs(bundle, size, cfg_batch, cfg.decoder)
         rows = [_aggregate(s, procs[s]) for s in ("edgediff", *peers)]
         for row in rows[1:]:
             if row["system"] in reused:  # measured once, beside the first bundle of this source

@@ -4,6 +4,9 @@ size on disk and warm ms per image.
 
     python -m edgediff.benchmarks.quality --reference models/shipped/bundle-fp32 \\
         --variant int8=/tmp/shipped-int8 --variant int4=/tmp/shipped-int4 --variant tiny-decoder=@tiny --n 100
+
+A variant is NAME=BUNDLE, NAME=BUNDLE@DECODER (that bundle through its "tiny" or "full" decoder) or NAME=@tiny
+(the reference bundle's tiny decoder); --reference-decoder tiny judges tiny decoders against fp32's tiny one.
 """
 
 from __future__ import annotations
@@ -46,7 +49,14 @@ def _generate(pipe, scenes, decoder: str | None):
     return images, 1000 * float(np.median(times[3:] or times))
 
 
-def compare(reference: str, variants: dict[str, str], n: int, threads: int | None = None) -> list[dict]:
+def _variant(spec: str, reference: str) -> tuple[str, str | None]:
+    """'BUNDLE', 'BUNDLE@DECODER' or '@DECODER' -> (bundle, decoder or None for the bundle's default)."""
+    bundle, _, decoder = spec.rpartition("@") if "@" in spec else (spec, "", None)
+    return bundle or reference, decoder
+
+
+def compare(reference: str, variants: dict[str, str], n: int, threads: int | None = None,
+            reference_decoder: str | None = None) -> list[dict]:
     from PIL import Image
 
     from edgediff.models.evaluate import adherence, eval_prompts
@@ -54,17 +64,16 @@ def compare(reference: str, variants: dict[str, str], n: int, threads: int | Non
 
     scenes = eval_prompts(n)
     ref_pipe = Pipeline.from_bundle(reference, provider="cpu", threads=threads)
-    ref_images, ref_ms = _generate(ref_pipe, scenes, None)
+    ref_images, ref_ms = _generate(ref_pipe, scenes, reference_decoder)
 
     def pil(images):
         return [Image.fromarray((np.clip(x, 0, 1) * 255).round().astype(np.uint8)) for x in images]
 
-    rows = [{"variant": "fp32 (reference)", "psnr": float("inf"), "psnr_min": float("inf"), "ssim": 1.0,
+    rows = [{"variant": f"fp32 (reference{', ' + reference_decoder + ' decoder' if reference_decoder else ''})", "psnr": float("inf"), "psnr_min": float("inf"), "ssim": 1.0,
              "ms": ref_ms, "bytes": Bundle.open(reference, verify="size").size_on_disk, **adherence(pil(ref_images), scenes)}]
     for name, path in variants.items():
-        decoder = "tiny" if path == "@tiny" else None
-        bundle = reference if path == "@tiny" else path
-        pipe = ref_pipe if path == "@tiny" else Pipeline.from_bundle(bundle, provider="cpu", threads=threads)
+        bundle, decoder = _variant(path, reference)
+        pipe = ref_pipe if bundle == reference else Pipeline.from_bundle(bundle, provider="cpu", threads=threads)
         images, ms = _generate(pipe, scenes, decoder)
         scores = [psnr(a, b) for a, b in zip(images, ref_images)]
         rows.append({"variant": name, "psnr": float(np.mean(scores)), "psnr_min": float(np.min(scores)),
@@ -76,12 +85,14 @@ def compare(reference: str, variants: dict[str, str], n: int, threads: int | Non
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reference", required=True)
-    parser.add_argument("--variant", action="append", default=[], help="NAME=BUNDLE, or NAME=@tiny for the tiny decoder")
+    parser.add_argument("--variant", action="append", default=[],
+                        help="NAME=BUNDLE, NAME=BUNDLE@DECODER, or NAME=@tiny for the reference's tiny decoder")
+    parser.add_argument("--reference-decoder", choices=("full", "tiny"), default=None)
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     variants = dict(v.split("=", 1) for v in args.variant)
-    rows = compare(args.reference, variants, args.n, args.threads)
+    rows = compare(args.reference, variants, args.n, args.threads, args.reference_decoder)
     print("| variant | PSNR vs fp32 (mean / min) | SSIM | colour | background | shape | size | position | ms/image | MiB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -2,7 +2,7 @@
 
 The fp32 bundle (already checked against PyTorch) generates from each prompt while every graph's
 inputs are recorded, so each component is calibrated on what it sees at run time: UNet inputs at
-every step of the bundle's own sampler, decoder inputs from finished latents.
+every step of the bundle's own sampler, each decoder's (full VAE, tiny) inputs from finished latents.
 """
 
 from __future__ import annotations
@@ -27,16 +27,23 @@ def record_feeds(bundle_dir: Path, prompts=CALIBRATION_PROMPTS, components: list
     """Per component (default: all that a text-to-image call runs), up to MAX_CALIBRATION_FEEDS input
     dicts recorded while generating `prompts`."""
     from edgediff.runtime import Bundle, Pipeline
-    from edgediff.runtime.pipeline import text_to_image_components
+    from edgediff.runtime.pipeline import DECODERS, text_to_image_components
 
     pipe = Pipeline(Bundle.open(bundle_dir, verify="none"), provider="cpu", cache=False)
     recorded: dict[str, list[dict]] = {name: [] for name in (text_to_image_components(pipe.manifest) if components is None else components)}
+    # decoders whose inputs are wanted: each decodes the same finished latents (full VAE, tiny decoder)
+    decoders = [d for d, component in DECODERS.items() if component in recorded]
+    live = set(recorded)
     for name in recorded:
         session = pipe.sessions.get(name)
-        session.observers.append(lambda feeds, name=name: recorded[name].append({k: np.array(v) for k, v in feeds.items()}))
+        session.observers.append(lambda feeds, name=name: name in live and recorded[name].append(
+            {k: np.array(v) for k, v in feeds.items()}))
     for i, prompt in enumerate(prompts):
-        # the VAE decode (seconds at 512) runs only when its inputs are wanted
-        pipe(prompt, seed=seed + i, output_type="np" if "vae_decoder" in recorded else "latent")
+        # a decode (seconds at 512) runs only when its inputs are wanted; a second decoder repeats the same
+        # steps (same seed), with only its own inputs recorded
+        for j, decoder in enumerate(decoders or [None]):
+            live = set(recorded) if j == 0 else {DECODERS[decoder]}
+            pipe(prompt, seed=seed + i, output_type="latent" if decoder is None else "np", decoder=decoder)
     pipe.close()
     out = {}
     for name, feeds in recorded.items():

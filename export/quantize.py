@@ -3,11 +3,13 @@
 Schemes (per component, chosen in QUANT_POLICY by bundle precision):
 - int8: dynamic int8, per-channel weights, on MatMul/Gemm (onnxruntime's quantize_dynamic). Conv is
   left alone: its dynamic form (ConvInteger) measured 2.3x slower than fp32 on this CPU (issue 5).
-- int8-static: static int8 in QDQ form on Conv/MatMul/Gemm of the UNet, activation ranges calibrated
-  on recorded inputs (MinMax), so convolutions run as int8 kernels; the text encoder takes int8.
+- int8-static: static int8 in QDQ form on Conv/MatMul/Gemm of the UNet (and tiny decoder), activation
+  ranges calibrated on recorded inputs (MinMax), so convolutions run as int8 kernels; the text encoder
+  takes dynamic int8.
 - int4: 4-bit weight-only MatMul (MatMulNBits, symmetric, blocks of 32), activations stay fp32.
 The VAE decoder stays fp32: it is convolutions only and overflow-prone, and its quality loss shows
-directly in the pixels.
+directly in the pixels. The tiny decoder takes static int8 in int8-static bundles, where it is the fast
+option anyway; its floor is checked on the shipped model (tests/test_quantize.py).
 
 Sensitivity (`keep="auto"`): each block of the graph (e.g. `down_blocks.1/attentions.0`) is quantised
 alone and its output error measured on calibration inputs recorded from real prompts run through
@@ -50,8 +52,10 @@ SCHEMES = {
 # bundle precision -> component -> scheme (None: the component stays fp32)
 _FP32 = {"vae_decoder": None, "vae_decoder_tiny": None, "vae_encoder": None}
 QUANT_POLICY = {
-    # the VAE decoder in static int8 lost 0.16 relative error on the shipped model and ran slower: fp32
-    "int8-static": {"text_encoder": "int8-dynamic", "text_encoder_2": "int8-dynamic", "unet": "int8-static", **_FP32},
+    # the VAE decoder in static int8 lost 0.16 relative error on the shipped model and ran slower: fp32;
+    # the tiny decoder's plain 3x3 convolutions ran 2.9x faster as QLinearConv (benchmarks/README.md)
+    "int8-static": {"text_encoder": "int8-dynamic", "text_encoder_2": "int8-dynamic", "unet": "int8-static",
+                    **_FP32, "vae_decoder_tiny": "int8-static"},
     "int8": {"text_encoder": "int8-dynamic", "text_encoder_2": "int8-dynamic", "unet": "int8-dynamic", **_FP32},
     "int4": {"text_encoder": "int4-weight-only", "text_encoder_2": "int4-weight-only", "unet": "int4-weight-only",
              **_FP32},
@@ -60,10 +64,14 @@ QUANT_POLICY = {
 
 def block_of(node_name: str) -> str:
     """The block a node belongs to, from the exporter's scoped names: '/down_blocks.1/attentions.0/...'
-    -> 'down_blocks.1/attentions.0'; '/text_model/encoder/layers.3/...' -> 'encoder/layers.3'."""
+    -> 'down_blocks.1/attentions.0'; '/text_model/encoder/layers.3/...' -> 'encoder/layers.3';
+    '/decoder/layers/layers.2/conv/...' -> 'decoder/layers.2'."""
     parts = [p for p in node_name.split("/") if p]
     if parts and parts[0] == "text_model":
         parts = parts[1:]
+    # a container scope named after its children ('/decoder/layers/layers.2/...', nn.Sequential's) says
+    # nothing: without this every layer of the tiny decoder would be one block
+    parts = [p for i, p in enumerate(parts) if not (i + 1 < len(parts) and parts[i + 1].startswith(p + "."))]
     return "/".join(parts[:2]) if len(parts) > 2 else (parts[0] if parts else node_name)
 
 

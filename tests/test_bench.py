@@ -95,6 +95,22 @@ def test_outputs_are_written(bench_results, tmp_path):
     assert "| edgediff |" in md and "| diffusers |" in md and "GMAC/s" in md
 
 
+def test_mac_count_follows_the_decoder_that_was_timed(models_root):
+    """With --decoder tiny the decoder stage's rate divides the tiny decoder's MACs, not the full VAE's."""
+    from edgediff.benchmarks.harness import _graph_macs
+    from edgediff.runtime import Bundle
+
+    from tiny_models import tiny_bundle_with_tiny_decoder
+
+    bundle = Bundle.open(tiny_bundle_with_tiny_decoder(models_root))
+    full, tiny = (_graph_macs(bundle, 64, 1, decoder) for decoder in ("full", "tiny"))
+    side = 64 // bundle.manifest.vae_scale_factor
+    lat = {"latent_sample": (1, bundle.manifest.latent_channels, side, side)}
+    assert full["vae_decoder"] == count_macs(bundle.component_path("vae_decoder"), lat)["total"]
+    assert tiny["vae_decoder"] == count_macs(bundle.component_path("vae_decoder_tiny"), lat)["total"] != full["vae_decoder"]
+    assert tiny["unet"] == full["unet"] > 0
+
+
 def test_merge_keeps_every_machines_rows(bench_results, tmp_path):
     data, _ = bench_results
     other = json.loads(json.dumps(data))

@@ -6,7 +6,7 @@ import pytest
 from edgediff.models.shipped import default_bundle
 from edgediff.runtime import Bundle, InputError, Pipeline
 
-from tiny_models import tiny_source
+from tiny_models import tiny_autoencoder_tiny, tiny_bundle_with_tiny_decoder, tiny_source
 
 TINY_DECODER_ATOL = 1e-4  # fp32 graph vs PyTorch on pixels in [-1, 1]
 # Tiled vs whole decode, shipped tiny decoder at 128x128 (32x32 latents, 16-cell tiles, 4 overlap):
@@ -22,25 +22,12 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def tiny_decoder_source(models_root):
-    from diffusers import AutoencoderTiny
-
-    import torch
-
-    torch.manual_seed(0)
-    tiny = AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
-                           num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1), latent_channels=4,
-                           upsampling_scaling_factor=2)
-    path = models_root / "tiny-autoencoder"
-    tiny.save_pretrained(path)
-    return path
+    return tiny_autoencoder_tiny(models_root)
 
 
 @pytest.fixture(scope="module")
-def bundle_with_tiny(models_root, tiny_decoder_source):
-    from edgediff.export import export_bundle
-
-    return export_bundle(str(tiny_source("tiny-sd1", models_root)), models_root / "bundle-sd1-tiny-decoder",
-                         tiny_decoder=str(tiny_decoder_source), progress=False)
+def bundle_with_tiny(models_root):
+    return tiny_bundle_with_tiny_decoder(models_root)
 
 
 def test_tiny_decoder_is_exported_checked_and_matches_pytorch(bundle_with_tiny, tiny_decoder_source):
@@ -60,6 +47,24 @@ def test_tiny_decoder_is_exported_checked_and_matches_pytorch(bundle_with_tiny, 
         ref = AutoencoderTiny.from_pretrained(tiny_decoder_source).decode(torch.from_numpy(latents)).sample
     ref = (ref / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     np.testing.assert_allclose(ours, ref, atol=TINY_DECODER_ATOL)
+
+
+def test_calibration_records_each_decoders_inputs_from_the_same_latents(bundle_with_tiny, monkeypatch):
+    """Static int8 calibrates the tiny decoder on what it decodes at run time; recording a second decoder
+    repeats the sampling but must not record the UNet's inputs twice."""
+    from edgediff.export import calibration
+    from edgediff.export.calibration import record_feeds
+
+    monkeypatch.setattr(calibration, "MAX_CALIBRATION_FEEDS", 1000)  # every recorded feed, not a sample
+    manifest = Bundle.open(bundle_with_tiny).manifest
+    feeds = record_feeds(bundle_with_tiny, prompts=["a cat", "a dog"], components=["unet", "vae_decoder", "vae_decoder_tiny"])
+    assert len(feeds["unet"]) == 2 * manifest.defaults["steps"]
+    assert len(feeds["vae_decoder"]) == len(feeds["vae_decoder_tiny"]) == 2
+    for full, tiny in zip(feeds["vae_decoder"], feeds["vae_decoder_tiny"]):
+        # the full VAE takes latents / its scaling factor, the tiny decoder latents / 1.0
+        np.testing.assert_allclose(next(iter(full.values())) * manifest.vae_scaling_factor, next(iter(tiny.values())),
+                                   rtol=1e-5, atol=1e-6)
+    assert not np.allclose(next(iter(feeds["vae_decoder_tiny"][0].values())), next(iter(feeds["vae_decoder_tiny"][1].values())))
 
 
 def test_a_tiny_decoder_with_other_latent_channels_is_refused(models_root, tmp_path):
