@@ -334,8 +334,9 @@ def _lcd_pairs(rng, n: int, cfg: ShippedConfig):
     """(t, s) timestep pairs for latent consistency distillation: t on LCM's 50-step grid (19, 39, ..., 999),
     s = t - k, and the first pair ends at s = 0, where the boundary condition (c_skip = 1, c_out = 0) makes the
     target the teacher's own DDIM step: the anchor that ties the whole chain to the teacher's data end (as
-    diffusers' train_lcm_distill_sd_wds.py clamps s at 0). Without it the chain was only self-consistent, and
-    distilling longer drifted (3,000 steps read shape at 64% against 72.5% after 1,500)."""
+    diffusers' train_lcm_distill_sd_wds.py clamps s at 0). Without it the chain is only self-consistent. (Run 3
+    lacked it and drifted when distilled longer; run 5 found that with it, longer still costs 4-step shape:
+    see distill_steps in shipped_config.py.)"""
     torch = _torch()
     k = cfg.skip_steps
     grid = np.arange(1, 1000 // k + 1) * k - 1
