@@ -69,7 +69,8 @@ def compare(reference: str, variants: dict[str, str], n: int, threads: int | Non
     def pil(images):
         return [Image.fromarray((np.clip(x, 0, 1) * 255).round().astype(np.uint8)) for x in images]
 
-    rows = [{"variant": f"fp32 (reference{', ' + reference_decoder + ' decoder' if reference_decoder else ''})", "psnr": float("inf"), "psnr_min": float("inf"), "ssim": 1.0,
+    label = f"fp32 (reference, {reference_decoder} decoder)" if reference_decoder else "fp32 (reference)"
+    rows = [{"variant": label, "psnr": float("inf"), "psnr_min": float("inf"), "ssim": 1.0,
              "ms": ref_ms, "bytes": Bundle.open(reference, verify="size").size_on_disk, **adherence(pil(ref_images), scenes)}]
     for name, path in variants.items():
         bundle, decoder = _variant(path, reference)

@@ -33,16 +33,22 @@ def record_feeds(bundle_dir: Path, prompts=CALIBRATION_PROMPTS, components: list
     recorded: dict[str, list[dict]] = {name: [] for name in (text_to_image_components(pipe.manifest) if components is None else components)}
     # decoders whose inputs are wanted: each decodes the same finished latents (full VAE, tiny decoder)
     decoders = [d for d, component in DECODERS.items() if component in recorded]
-    live = set(recorded)
+    recording = set(recorded)  # which components' calls are kept right now
+
+    def observer(name):
+        def observe(feeds):
+            if name in recording:
+                recorded[name].append({k: np.array(v) for k, v in feeds.items()})
+        return observe
+
     for name in recorded:
-        session = pipe.sessions.get(name)
-        session.observers.append(lambda feeds, name=name: name in live and recorded[name].append(
-            {k: np.array(v) for k, v in feeds.items()}))
+        pipe.sessions.get(name).observers.append(observer(name))
     for i, prompt in enumerate(prompts):
         # a decode (seconds at 512) runs only when its inputs are wanted; a second decoder repeats the same
         # steps (same seed), with only its own inputs recorded
         for j, decoder in enumerate(decoders or [None]):
-            live = set(recorded) if j == 0 else {DECODERS[decoder]}
+            recording.clear()
+            recording.update(recorded if j == 0 else {DECODERS[decoder]})
             pipe(prompt, seed=seed + i, output_type="latent" if decoder is None else "np", decoder=decoder)
     pipe.close()
     out = {}
