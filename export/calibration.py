@@ -31,25 +31,15 @@ def record_feeds(bundle_dir: Path, prompts=CALIBRATION_PROMPTS, components: list
 
     pipe = Pipeline(Bundle.open(bundle_dir, verify="none"), provider="cpu", cache=False)
     recorded: dict[str, list[dict]] = {name: [] for name in (text_to_image_components(pipe.manifest) if components is None else components)}
-    # decoders whose inputs are wanted: each decodes the same finished latents (full VAE, tiny decoder)
+    # decoders whose inputs are wanted (full VAE, tiny decoder): each decodes the same sampled latents
     decoders = [d for d, component in DECODERS.items() if component in recorded]
-    recording = set(recorded)  # which components' calls are kept right now
-
-    def observer(name):
-        def observe(feeds):
-            if name in recording:
-                recorded[name].append({k: np.array(v) for k, v in feeds.items()})
-        return observe
-
     for name in recorded:
-        pipe.sessions.get(name).observers.append(observer(name))
+        session = pipe.sessions.get(name)
+        session.observers.append(lambda feeds, name=name: recorded[name].append({k: np.array(v) for k, v in feeds.items()}))
     for i, prompt in enumerate(prompts):
-        # a decode (seconds at 512) runs only when its inputs are wanted; a second decoder repeats the same
-        # steps (same seed), with only its own inputs recorded
-        for j, decoder in enumerate(decoders or [None]):
-            recording.clear()
-            recording.update(recorded if j == 0 else {DECODERS[decoder]})
-            pipe(prompt, seed=seed + i, output_type="latent" if decoder is None else "np", decoder=decoder)
+        latents = pipe(prompt, seed=seed + i, output_type="latent").images
+        for decoder in decoders:  # a decode (seconds at 512) runs only when its inputs are wanted
+            pipe.decode(latents, decoder=decoder, output_type="np")
     pipe.close()
     out = {}
     for name, feeds in recorded.items():

@@ -353,10 +353,8 @@ class Pipeline:
 
         # 7. Decode one image at a time (or tile by tile): peak memory stays that of a single decode.
         t0 = time.perf_counter()
-        decoded = self._decode(latents, decoder, decode_tile, cancel, total, total)
+        decoded = self._decode_checked(latents, decoder, decode_tile, cancel, total)
         timings["vae_decoder"] = time.perf_counter() - t0
-        if not np.isfinite(decoded).all():
-            raise NaNOutputError("nan_output", component=f"{decoder} VAE decoder", hint=" (fp16 overflow? use an fp32 decoder)")
 
         # 8. To [0, 1] images, as diffusers' image processor does (with the original kept outside the mask).
         if inpaint is not None and keep_unmasked:
@@ -399,6 +397,22 @@ class Pipeline:
         mean, std = np.repeat(mean, batch, axis=0), np.repeat(std, batch, axis=0)
         sample = mean + std * noise.standard_normal(mean.shape)
         return (sample * np.float32(self.manifest.vae_scaling_factor)).astype(np.float32)
+
+    def decode(self, latents: np.ndarray, decoder: str | None = None, output_type: str = "pil",
+               decode_tile: int | None = None):
+        """Images from latents as `output_type="latent"` returns them (decoder: "full" or "tiny")."""
+        if self._closed:
+            raise PipelineClosed("closed")
+        decoder = self.decoder if decoder is None else self._check_decoder(decoder)
+        with self._turns:
+            decoded = self._decode_checked(np.asarray(latents, dtype=np.float32), decoder, decode_tile, CancelToken(), 0)
+        return latents_to_images(decoded, output_type)
+
+    def _decode_checked(self, latents, decoder: str, tile, cancel: CancelToken, total: int) -> np.ndarray:
+        decoded = self._decode(latents, decoder, tile, cancel, total, total)
+        if not np.isfinite(decoded).all():
+            raise NaNOutputError("nan_output", component=f"{decoder} VAE decoder", hint=" (fp16 overflow? use an fp32 decoder)")
+        return decoded
 
     def _preview_decoder(self) -> str:
         return "tiny" if "tiny" in self.decoders else "full"

@@ -49,6 +49,16 @@ def test_tiny_decoder_is_exported_checked_and_matches_pytorch(bundle_with_tiny, 
     np.testing.assert_allclose(ours, ref, atol=TINY_DECODER_ATOL)
 
 
+def test_decode_turns_returned_latents_into_the_same_images(bundle_with_tiny):
+    pipe = Pipeline.from_bundle(bundle_with_tiny, provider="cpu")
+    latents = pipe("a photo", seed=0, num_inference_steps=2, output_type="latent").images
+    for decoder in ("full", "tiny"):
+        whole = pipe("a photo", seed=0, num_inference_steps=2, output_type="np", decoder=decoder).images
+        np.testing.assert_array_equal(pipe.decode(latents, decoder=decoder, output_type="np"), whole)
+    with pytest.raises(InputError):
+        pipe.decode(latents, decoder="huge")
+
+
 def test_calibration_records_each_decoders_inputs_from_the_same_latents(bundle_with_tiny, monkeypatch):
     """Static int8 calibrates the tiny decoder on what it decodes at run time; recording a second decoder
     repeats the sampling but must not record the UNet's inputs twice."""
