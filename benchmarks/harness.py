@@ -41,10 +41,14 @@ class BenchConfig:
     low_memory: bool = False
     decoder: str = "full"
     decode_tile: int | None = None
+    # edgediff on GPUs: provider options over the provider's own, and captured graphs (CUDA graphs)
+    provider_options: dict = field(default_factory=dict)
+    cuda_graph: bool = False
 
     @property
     def mode(self) -> dict:
-        return {"low_memory": self.low_memory, "decoder": self.decoder, "decode_tile": self.decode_tile}
+        return {"low_memory": self.low_memory, "decoder": self.decoder, "decode_tile": self.decode_tile,
+                "provider_options": dict(self.provider_options), "cuda_graph": self.cuda_graph}
 
 
 def _worker(system: str, args: dict) -> dict:

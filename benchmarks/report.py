@@ -74,7 +74,10 @@ def row_label(row: dict) -> str:
     mode = row.get("mode") or {}
     parts = [p for p, on in (("low memory", mode.get("low_memory")),
                              (f"{mode.get('decoder')} decoder", mode.get("decoder", "full") != "full"),
-                             (f"tiles of {mode.get('decode_tile')}", mode.get("decode_tile"))) if on]
+                             (f"tiles of {mode.get('decode_tile')}", mode.get("decode_tile")),
+                             ("CUDA graphs", mode.get("cuda_graph")),
+                             (" ".join(f"{k}={v}" for k, v in (mode.get("provider_options") or {}).items()),
+                              mode.get("provider_options"))) if on]
     return Path(row["bundle"]).name + (f" ({', '.join(parts)})" if parts else "")
 
 

@@ -49,7 +49,8 @@ def edgediff(a: dict) -> dict:
         os.environ["EDGEDIFF_CACHE_DIR"] = a["cache_dir"]
     pipe = Pipeline.from_bundle(a["bundle"], provider=a["provider"], threads=a["threads"], verify="size",
                                 cache=bool(a.get("cache_dir")), low_memory=a.get("low_memory", False),
-                                decoder=a.get("decoder", "full"))
+                                decoder=a.get("decoder", "full"), provider_options=a.get("provider_options"),
+                                cuda_graph=a.get("cuda_graph", False))
     load = time.perf_counter() - t0
     runs = []
     for i in range(a["warmup"] + a["repeat"] + 1):

@@ -64,6 +64,10 @@ def cli(verbose: bool) -> None:
 @click.option("--num-images", type=int, default=1, show_default=True)
 @click.option("--provider", default="auto", show_default=True, help="auto, cpu, cuda, directml, coreml, openvino, qnn, ...")
 @click.option("--fallback", is_flag=True, help="Fall back to the best available provider instead of failing.")
+@click.option("--provider-option", "provider_options", multiple=True, metavar="KEY=VALUE",
+              help="onnxruntime provider option over edgediff's (repeatable), e.g. cudnn_conv_algo_search=EXHAUSTIVE.")
+@click.option("--cuda-graph", is_flag=True,
+              help="CUDA/TensorRT: capture each graph's kernel launches once per image size and replay them.")
 @click.option("--image", "init_image", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Image-to-image: start from this image (its size, rounded to 8, unless --width/--height).")
 @click.option("--strength", type=float, default=None,
@@ -83,7 +87,7 @@ def cli(verbose: bool) -> None:
 @click.option("-o", "--output", default="edgediff.png", show_default=True, type=click.Path(),
               help="Image file; with --num-images N, files get _0.._N-1 suffixes.")
 def generate(prompt, model, steps, guidance, seed, width, height, negative_prompt, sampler, num_images, provider,
-             fallback, init_image, strength, mask, outpaint, decoder, decode_tile, low_memory, compute_units, cache, output):
+             fallback, provider_options, cuda_graph, init_image, strength, mask, outpaint, decoder, decode_tile, low_memory, compute_units, cache, output):
     """Generate an image from PROMPT."""
     from pathlib import Path
 
@@ -92,6 +96,7 @@ def generate(prompt, model, steps, guidance, seed, width, height, negative_promp
     from edgediff.runtime import Pipeline
     from edgediff.runtime.catalog import resolve_bundle
     from edgediff.runtime.image import check_writable, save_image
+    from edgediff.runtime.providers import parse_options
 
     keep_unmasked = False
     if outpaint:
@@ -114,7 +119,8 @@ def generate(prompt, model, steps, guidance, seed, width, height, negative_promp
     for target in targets:  # fail before minutes of work, not after
         check_writable(target)
     pipe = Pipeline.from_bundle(resolve_bundle(model), provider=provider, sampler=sampler, fallback=fallback,
-                                low_memory=low_memory, decoder=decoder, cache=cache, compute_units=compute_units)
+                                low_memory=low_memory, decoder=decoder, cache=cache, compute_units=compute_units,
+                                provider_options=parse_options(provider_options), cuda_graph=cuda_graph)
     bars = []  # created at the first step, so that argument errors print without a bar
 
     def progress(event):
@@ -286,22 +292,28 @@ def _csv_ints(value: str | None) -> list:
 @click.option("--decoder", type=click.Choice(["full", "tiny"]), default="full", show_default=True,
               help="edgediff: the VAE decoder or the bundle's tiny decoder.")
 @click.option("--decode-tile", type=int, default=None, help="edgediff: decode in tiles of this many latent cells.")
+@click.option("--provider-option", "provider_options", multiple=True, metavar="KEY=VALUE",
+              help="edgediff: onnxruntime provider option over edgediff's (repeatable), e.g. cudnn_conv_algo_search=EXHAUSTIVE.")
+@click.option("--cuda-graph", is_flag=True,
+              help="edgediff on CUDA/TensorRT: capture each graph's kernel launches once per image size and replay them.")
 @click.pass_context
 def bench(ctx, models, providers, steps, size, repeat, warmup, rounds, compare, source, threads, out, low_memory,
-          decoder, decode_tile):
+          decoder, decode_tile, provider_options, cuda_graph):
     """Measure seconds per image per stage, cold and warm, with memory; `bench merge` joins machines."""
     if ctx.invoked_subcommand:
         return
     from edgediff.benchmarks.harness import BenchConfig, run_bench
     from edgediff.benchmarks.report import write_outputs
     from edgediff.runtime.catalog import resolve_bundle
+    from edgediff.runtime.providers import parse_options
 
     if min(repeat, rounds) < 1 or warmup < 0:
         raise click.UsageError("--repeat and --rounds must be >= 1, --warmup >= 0")
     cfg = BenchConfig(bundles=[str(resolve_bundle(m)) for m in models or [None]], providers=list(providers) or ["auto"],
                       steps=_csv_ints(steps), sizes=_csv_ints(size) or [None], repeat=repeat, warmup=warmup,
                       rounds=rounds, compare=[c for c in compare.split(",") if c], source=source, threads=threads,
-                      out=out, low_memory=low_memory, decoder=decoder, decode_tile=decode_tile)
+                      out=out, low_memory=low_memory, decoder=decoder, decode_tile=decode_tile,
+                      provider_options=parse_options(provider_options), cuda_graph=cuda_graph)
     data = run_bench(cfg)
     for note in data["notes"]:
         click.echo(f"note: {note}", err=True)

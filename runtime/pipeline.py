@@ -21,7 +21,7 @@ from . import decode as decoding
 from . import graph_cache
 from .bundle import Bundle
 from .cancel import CancelToken
-from .errors import BundleError, Cancelled, InputError, NaNOutputError, PipelineClosed
+from .errors import BundleError, Cancelled, InputError, NaNOutputError, PipelineClosed, ProviderError
 from .image import latents_to_images, load_image, to_model_input, to_pil
 from .inpaint import overlay, prepare_mask
 from .conditioning import TextConditioner
@@ -77,6 +77,18 @@ def guidance_embedding(w: np.ndarray, dim: int) -> np.ndarray:
     return emb.astype(np.float32)
 
 
+def _can_capture(resolution: Resolution) -> bool:
+    """cuda_graph=True: an error on an explicitly chosen provider that cannot capture; with `auto` (or after a
+    fallback) it is dropped, logged, so one setting serves every machine."""
+    provider = resolution.provider
+    if provider.graph_capture_option and provider.device_type:
+        return True
+    if resolution.requested.lower() == provider.name:
+        raise ProviderError("graph_capture_unsupported", name=provider.name)
+    log.info("cuda_graph: %s cannot capture graphs; running without", provider.name)
+    return False
+
+
 def _check_gpu_only_graphs(bundle: Bundle, provider: Provider) -> None:
     """A bundle exported with `--optimize gpu` holds operators only the CUDA provider has: say so up front
     rather than as onnxruntime's 'not implemented' at load."""
@@ -96,7 +108,8 @@ class Pipeline:
 
     def __init__(self, bundle: Bundle, provider: str = "auto", sampler: str | None = None,
                  fallback: bool = False, threads: int | None = None, low_memory: bool = False,
-                 decoder: str = "full", cache: bool = True, compute_units: str = "all"):
+                 decoder: str = "full", cache: bool = True, compute_units: str = "all",
+                 provider_options: dict | None = None, io_binding: bool | None = None, cuda_graph: bool = False):
         self.bundle = bundle
         self.manifest = m = bundle.manifest
         # optimised graphs are cached per user (graph_cache.py); the bundle folder itself is never written
@@ -108,12 +121,13 @@ class Pipeline:
             def opener(name):
                 return CoreMLSession(name, bundle.component_path(name), m.components[name], compute_units)
         else:
-            self.resolution = resolve(provider, fallback=fallback)
+            self.resolution = resolve(provider, fallback=fallback, options=provider_options)
             _check_gpu_only_graphs(bundle, self.resolution.provider)
+            capture = cuda_graph and _can_capture(self.resolution)
 
             def opener(name):
                 return GraphSession(name, bundle.component_path(name), m.components[name], self.resolution,
-                                    bundle.path, threads, cache_folder, low_memory)
+                                    bundle.path, threads, cache_folder, low_memory, io_binding, capture)
         self.providers = self.resolution.names
         self.sampler_name = sampler or m.scheduler["name"]
         if self.sampler_name not in SAMPLERS:
@@ -134,17 +148,21 @@ class Pipeline:
     def from_bundle(cls, path: str | Path, provider: str = "auto", sampler: str | None = None,
                     verify: str = "full", fallback: bool = False, threads: int | None = None,
                     low_memory: bool = False, decoder: str = "full", cache: bool = True,
-                    compute_units: str = "all") -> "Pipeline":
+                    compute_units: str = "all", provider_options: dict | None = None,
+                    io_binding: bool | None = None, cuda_graph: bool = False) -> "Pipeline":
         return cls(Bundle.open(path, verify=verify), provider=provider, sampler=sampler, fallback=fallback,
-                   threads=threads, low_memory=low_memory, decoder=decoder, cache=cache, compute_units=compute_units)
+                   threads=threads, low_memory=low_memory, decoder=decoder, cache=cache, compute_units=compute_units,
+                   provider_options=provider_options, io_binding=io_binding, cuda_graph=cuda_graph)
 
     def provider_report(self) -> dict:
         """What runs where: the chosen provider, its options, and per loaded graph its providers, whether
         it fell back to the CPU and whether its optimised form came from the cache."""
         return {
             "provider": self.resolution.provider.name, "requested": self.resolution.requested,
-            "fell_back": self.resolution.fell_back, "options": dict(self.resolution.provider.options),
-            "graphs": {name: {"providers": s.providers, "cpu_fallback": s.fell_back_to_cpu, "cache": s.cache}
+            "fell_back": self.resolution.fell_back, "options": self.resolution.options,
+            "graphs": {name: {"providers": s.providers, "cpu_fallback": s.fell_back_to_cpu, "cache": s.cache,
+                              "io_binding": getattr(s, "io_binding", False),
+                              "cuda_graph": getattr(s, "capture_state", "off")}
                        for name, s in ((n, self.sessions.get(n)) for n in self.sessions.loaded)},
         }
 

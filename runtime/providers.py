@@ -7,6 +7,8 @@ options and verified where a machine has them (see README "Platforms").
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -26,8 +28,12 @@ class Provider:
     install: str  # how to get an onnxruntime build that has it
     platforms: tuple[str, ...] = ()  # sys.platform prefixes where it can exist; () = everywhere
     options: dict = field(default_factory=dict)  # provider options passed to onnxruntime
-    gpu: bool = False  # device memory: I/O binding and fp16 pay off
+    gpu: bool = False  # device memory: fp16 pays off
     cuda_kernels: bool = False  # runs onnxruntime's CUDA-only fused operators (bundles from `export --optimize gpu`)
+    # where I/O binding puts a graph's inputs and outputs (onnxruntime's OrtValue device name); None: host memory
+    device_type: str | None = None
+    # the provider option that records a graph's kernel launches once and replays them (CUDA graphs); None: no such thing
+    graph_capture_option: str | None = None
 
     def available(self, offered: set[str] | None = None) -> bool:
         offered = set(ort.get_available_providers()) if offered is None else offered
@@ -51,11 +57,13 @@ REGISTRY: dict[str, Provider] = {p.name: p for p in (
     # x86 CPUs have no fp16 kernels (onnxruntime inserts casts): fp32, or int8/int4 weights
     Provider("cpu", "CPUExecutionProvider", ("fp32", "int8", "int4"), install="pip install edgediff"),
     Provider("cuda", "CUDAExecutionProvider", ("fp16", "fp32"), install='pip install "edgediff[cuda]"',
-             platforms=("linux", "win"), gpu=True, cuda_kernels=True,
+             platforms=("linux", "win"), gpu=True, cuda_kernels=True, device_type="cuda",
+             graph_capture_option="enable_cuda_graph",
              options={"device_id": 0, "cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": True}),
     Provider("tensorrt", "TensorrtExecutionProvider", ("fp16", "fp32"),
              install='pip install "edgediff[cuda]" and the TensorRT libraries', platforms=("linux", "win"), gpu=True,
              cuda_kernels=True,  # nodes TensorRT cannot take run on its CUDA fallback
+             device_type="cuda", graph_capture_option="trt_cuda_graph_enable",
              options={"trt_fp16_enable": True, "trt_engine_cache_enable": True}),
     Provider("rocm", "ROCMExecutionProvider", ("fp16", "fp32"), install="AMD's onnxruntime wheels built with ROCm",
              platforms=("linux",), gpu=True),
@@ -88,26 +96,46 @@ class Resolution:
     provider: Provider
     requested: str
     fell_back: bool
+    overrides: dict = field(default_factory=dict)  # the caller's provider options, over the provider's own
+
+    @property
+    def options(self) -> dict:
+        return {**self.provider.options, **self.overrides}
+
+    def ort_providers_with(self, **extra) -> list:
+        chosen = (self.provider.ort_name, {**self.options, **extra})
+        return [chosen] + ([("CPUExecutionProvider", {})] if self.provider.name != "cpu" else [])
 
     @property
     def ort_providers(self) -> list:
-        chosen = (self.provider.ort_name, dict(self.provider.options))
-        return [chosen] + ([("CPUExecutionProvider", {})] if self.provider.name != "cpu" else [])
+        return self.ort_providers_with()
+
+    @property
+    def cache_tag(self) -> str:
+        """The provider as the graph cache keys it: options such as prefer_nhwc change the optimised graph."""
+        if not self.overrides:
+            return self.provider.name
+        digest = hashlib.sha1(json.dumps(self.overrides, sort_keys=True).encode()).hexdigest()[:8]
+        return f"{self.provider.name}-{digest}"
 
     @property
     def names(self) -> list[str]:
         return [name for name, _ in self.ort_providers]
 
 
-def resolve(name: str = "auto", fallback: bool = False, offered: set[str] | None = None) -> Resolution:
+def resolve(name: str = "auto", fallback: bool = False, offered: set[str] | None = None,
+            options: dict | None = None) -> Resolution:
     """The provider to use: `auto` -> best available; an unavailable explicit one is an error unless
-    `fallback`, then the best available (logged). CPU always backs up nodes a provider cannot run."""
+    `fallback`, then the best available (logged). CPU always backs up nodes a provider cannot run.
+    `options`: provider options over the chosen provider's own (onnxruntime checks their names); they are
+    meant for the provider asked for, so a fallback drops them (logged)."""
     have = available(offered)
     key = name.lower()
+    overrides = {str(k): str(v) for k, v in (options or {}).items()}
     if key == "auto":
         chosen = next(p for p in AUTO_ORDER if p in have)
         log.info("provider auto -> %s (available: %s)", chosen, ", ".join(have))
-        return Resolution(REGISTRY[chosen], name, False)
+        return Resolution(REGISTRY[chosen], name, False, overrides)
     if key not in REGISTRY:
         raise ProviderError("provider_unknown", name=name, known=", ".join(["auto", *REGISTRY]))
     if key not in have:
@@ -115,9 +143,21 @@ def resolve(name: str = "auto", fallback: bool = False, offered: set[str] | None
             raise ProviderError("provider_unavailable", name=name, available=", ".join(have),
                                 install=REGISTRY[key].install)
         chosen = next(p for p in AUTO_ORDER if p in have)
-        log.warning("provider %s is not available; falling back to %s", name, chosen)
+        log.warning("provider %s is not available; falling back to %s%s", name, chosen,
+                    f" without its options ({', '.join(overrides)})" if overrides else "")
         return Resolution(REGISTRY[chosen], name, True)
-    return Resolution(REGISTRY[key], name, False)
+    return Resolution(REGISTRY[key], name, False, overrides)
+
+
+def parse_options(pairs) -> dict[str, str]:
+    """KEY=VALUE strings (the CLI's --provider-option) as a dict; a malformed one is a clear error."""
+    options = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ProviderError("provider_option", value=pair)
+        options[key.strip()] = value.strip()
+    return options
 
 
 def preferred_precision(provider: str) -> str:

@@ -19,6 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from . import graph_cache
+from .binding import BoundRunner, shape_key, static_dims
 from .errors import BundleError, InputError
 from .manifest import ComponentSpec
 from .providers import Resolution, resolve
@@ -42,7 +43,7 @@ def physical_cores() -> int:
 
 
 def session_options(threads: int | None = None, resolution: Resolution | None = None,
-                    low_memory: bool = False) -> ort.SessionOptions:
+                    low_memory: bool = False, dims: dict[str, int] | None = None) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or physical_cores()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -59,43 +60,117 @@ def session_options(threads: int | None = None, resolution: Resolution | None = 
         opts.enable_cpu_mem_arena = False
         opts.enable_mem_pattern = False
         opts.add_session_config_entry("session.disable_prepacking", "1")
+    for name, size in (dims or {}).items():  # a shape-fixed session (captured graphs): shape arithmetic folds away
+        opts.add_free_dimension_override_by_name(name, size)
     if resolution is not None:
         resolution.provider.configure(opts)
     return opts
 
 
 class GraphSession:
-    """One graph's session. `cache_dir`: keep its optimised form there (see graph_cache.py)."""
+    """One graph's session. `cache_dir`: keep its optimised form there (see graph_cache.py).
+
+    On providers with device memory (`Provider.device_type`), runs go through I/O binding (binding.py) unless
+    `io_binding=False`. `capture=True` replays captured graphs (CUDA graphs): the graph is reopened for each
+    new input shape with its dimensions fixed and the provider's capture option on, replacing the previous
+    session (one copy of the weights on the device); a shape onnxruntime will not capture runs bound,
+    uncaptured, on the dynamic session, and the reason is logged and reported.
+    """
 
     def __init__(self, name: str, path, spec: ComponentSpec, resolution: Resolution | None, bundle_path,
-                 threads: int | None = None, cache_dir=None, low_memory: bool = False):
+                 threads: int | None = None, cache_dir=None, low_memory: bool = False,
+                 io_binding: bool | None = None, capture: bool = False):
         self.name = name
         self.spec = spec
-        resolution = resolution or resolve("cpu")
+        self.path = path
+        self.bundle_path = bundle_path
+        self.resolution = resolution = resolution or resolve("cpu")
+        self._threads, self._low_memory, self._cache_dir = threads, low_memory, cache_dir
+        device_type = resolution.provider.device_type
+        self.io_binding = bool(device_type) if io_binding is None else (io_binding and bool(device_type))
+        self.capture = capture and self.io_binding
+        self.capture_state = "off"  # "off", "captured <dims>", or why onnxruntime would not capture
+        self._device_id = int(resolution.options.get("device_id", 0))
+        self._lock = threading.Lock()
+        self._static_key: tuple | None = None
+        self._uncapturable: dict[tuple, str] = {}
         self.cache = "off"
-        try:
-            if cache_dir is None:
-                self.session = ort.InferenceSession(str(path), sess_options=session_options(threads, resolution, low_memory),
-                                                    providers=resolution.ort_providers)
-            else:
-                key = graph_cache.cache_key(name, spec.files[spec.graph_file]["sha256"], resolution.provider.name, path)
-                self.session, self.cache = graph_cache.open_cached(
-                    path, key, spec.size, lambda: session_options(threads, resolution, low_memory), resolution.ort_providers,
-                    cache_dir)
-        except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
-            raise BundleError("graph_unloadable", path=bundle_path, file=path.name, detail=str(exc).splitlines()[0]) from exc
-        # a graph the chosen provider could not take runs on the CPU alone: say so
-        self.fell_back_to_cpu = resolution.provider.name != "cpu" and self.session.get_providers()[0] != resolution.provider.ort_name
-        if self.fell_back_to_cpu:
-            log.warning("%s: %s did not take this graph; it runs on the CPU", name, resolution.provider.name)
+        self.session = self._open_dynamic()
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self._runner = BoundRunner(self.session, device_type, self._device_id) if self.io_binding else None
         # called with each run's checked feeds (export records calibration inputs this way)
         self.observers: list[Callable[[dict[str, np.ndarray]], None]] = []
         declared = {t.name for t in spec.inputs}
         if declared != set(self.inputs):
             raise BundleError("graph_mismatch", path=bundle_path, component=name,
                               detail=f"graph inputs {sorted(self.inputs)} but manifest lists {sorted(declared)}")
+
+    def _open_dynamic(self) -> ort.InferenceSession:
+        resolution, path = self.resolution, self.path
+        try:
+            if self._cache_dir is None:
+                session = ort.InferenceSession(str(path), sess_options=session_options(self._threads, resolution, self._low_memory),
+                                               providers=resolution.ort_providers)
+            else:
+                key = graph_cache.cache_key(self.name, self.spec.files[self.spec.graph_file]["sha256"], resolution.cache_tag, path)
+                session, self.cache = graph_cache.open_cached(
+                    path, key, self.spec.size, lambda: session_options(self._threads, resolution, self._low_memory),
+                    resolution.ort_providers, self._cache_dir)
+        except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
+            raise BundleError("graph_unloadable", path=self.bundle_path, file=path.name,
+                              detail=str(exc).splitlines()[0]) from exc
+        self._note_fallback(session)
+        return session
+
+    def _note_fallback(self, session: ort.InferenceSession) -> None:
+        # a graph the chosen provider could not take runs on the CPU alone: say so
+        self.fell_back_to_cpu = (self.resolution.provider.name != "cpu"
+                                 and session.get_providers()[0] != self.resolution.provider.ort_name)
+        if self.fell_back_to_cpu:
+            log.warning("%s: %s did not take this graph; it runs on the CPU", self.name, self.resolution.provider.name)
+
+    def _run_captured(self, feeds: dict[str, np.ndarray], run_options) -> list[np.ndarray]:
+        key = shape_key(feeds)
+        with self._lock:  # one call at a time: a new shape swaps the session under the lock
+            if key in self._uncapturable:
+                if self._static_key is not None:
+                    self._use_dynamic()
+            elif key != self._static_key:
+                self._open_static(key, feeds)
+            return self._runner.run(feeds, run_options)
+
+    def _use_dynamic(self) -> None:
+        self.session = self._runner = None
+        gc.collect()
+        self._static_key = None
+        self.session = self._open_dynamic()
+        self._runner = BoundRunner(self.session, self.resolution.provider.device_type, self._device_id)
+
+    def _open_static(self, key: tuple, feeds: dict[str, np.ndarray]) -> None:
+        """Replaces the session by one fixed to these feeds' shapes, with graph capture on."""
+        provider = self.resolution.provider
+        capture_option = {provider.graph_capture_option: "1"} if provider.graph_capture_option else {}
+        try:
+            dims = static_dims(self.inputs, feeds)
+            self.session = self._runner = None
+            gc.collect()  # the previous session's device memory goes before the next session takes its own
+            session = ort.InferenceSession(str(self.path), sess_options=session_options(self._threads, self.resolution, self._low_memory, dims),
+                                           providers=self.resolution.ort_providers_with(**capture_option))
+        except Exception as exc:  # onnxruntime's own types; e.g. "cannot use the graph capture feature"
+            reason = str(exc).splitlines()[0]
+            log.warning("%s: no captured graph for %s (%s); it runs bound, without capture", self.name,
+                        _dims_text(feeds), reason)
+            self._uncapturable[key] = reason
+            self.capture_state = f"refused: {reason}"
+            self._use_dynamic()
+            return
+        self._note_fallback(session)
+        self.session, self._static_key = session, key
+        self._runner = BoundRunner(session, self.resolution.provider.device_type, self._device_id,
+                                   graph_id=0 if capture_option else None)
+        self.capture_state = f"captured {_dims_text(feeds)}" if capture_option else f"shape-fixed {_dims_text(feeds)}"
+        log.info("%s: %s", self.name, self.capture_state)
 
     @property
     def providers(self) -> list[str]:
@@ -125,7 +200,15 @@ class GraphSession:
         checked = self._check(feeds)
         for observe in self.observers:
             observe(checked)
+        if self.capture:
+            return self._run_captured(checked, run_options)
+        if self._runner is not None:
+            return self._runner.run(checked, run_options)
         return self.session.run(self.output_names, checked, run_options)
+
+
+def _dims_text(feeds: dict[str, np.ndarray]) -> str:
+    return ", ".join(f"{name} {'x'.join(map(str, value.shape)) or 'scalar'}" for name, value in sorted(feeds.items()))
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)

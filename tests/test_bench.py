@@ -156,16 +156,21 @@ def test_memory_modes_are_run_and_recorded(tmp_path):
     from edgediff.models.shipped import default_bundle
 
     cfg = BenchConfig(bundles=[str(default_bundle())], steps=[1], repeat=1, warmup=0, rounds=1, threads=2,
-                      out=str(tmp_path), low_memory=True, decoder="tiny", decode_tile=8)
+                      out=str(tmp_path), low_memory=True, decoder="tiny", decode_tile=8,
+                      provider_options={"arena_extend_strategy": "kSameAsRequested"})
     data = run_bench(cfg, progress=False)
     jsonschema.validate(data, _schema())
     row = data["results"][0]
-    assert row["mode"] == {"low_memory": True, "decoder": "tiny", "decode_tile": 8}
+    assert row["mode"] == {"low_memory": True, "decoder": "tiny", "decode_tile": 8,
+                           "provider_options": {"arena_extend_strategy": "kSameAsRequested"}, "cuda_graph": False}
+    report = row["systems"][0]["provider_report"]
     # low-memory mode: only the decoder's session is alive once the image is done
-    assert list(row["systems"][0]["provider_report"]["graphs"]) == ["vae_decoder_tiny"]
-    assert row_label(row).endswith("(low memory, tiny decoder, tiles of 8)")
+    assert list(report["graphs"]) == ["vae_decoder_tiny"]
+    assert report["options"]["arena_extend_strategy"] == "kSameAsRequested"  # the worker ran with the options
+    label = "(low memory, tiny decoder, tiles of 8, arena_extend_strategy=kSameAsRequested)"
+    assert row_label(row).endswith(label)
     write_outputs(data, tmp_path / "o")
-    assert "(low memory, tiny decoder, tiles of 8)" in (tmp_path / "o" / "results.md").read_text()
+    assert label in (tmp_path / "o" / "results.md").read_text()
 
 
 def test_peers_run_once_for_bundles_of_one_source(models_root, tmp_path, monkeypatch):

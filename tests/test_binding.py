@@ -1,0 +1,139 @@
+"""I/O binding, shape-fixed sessions for captured graphs (CUDA graphs), and provider options.
+
+CI has no GPU, so the binding code runs here against host memory: a CPU provider that says its device is
+"cpu" takes the same path as CUDA (OrtValues, IOBinding, fixed buffers, one session per input shape with
+its dimensions fixed). onnxruntime's CPU provider ignores the capture option, so what is checked here is
+ours: buffers follow new inputs, shapes rebind, refusals fall back. Capture itself is checked on CUDA
+(tests/test_cuda.py), where a GPU is lent.
+"""
+
+import dataclasses
+import logging
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from edgediff.runtime import Bundle, Pipeline, ProviderError
+from edgediff.runtime import providers as prov
+from edgediff.runtime import session as session_module
+from edgediff.runtime.session import GraphSession
+
+from tiny_models import tiny_bundle
+
+# bound and plain runs use the same CPU kernels on the same numbers
+BOUND_ATOL = 1e-6
+CAPTURE_OPTION = prov.REGISTRY["cuda"].graph_capture_option
+HOST_BOUND = dataclasses.replace(prov.REGISTRY["cpu"], device_type="cpu", graph_capture_option=CAPTURE_OPTION)
+
+
+def _unet(models_root, **kwargs) -> GraphSession:
+    bundle = Bundle.open(tiny_bundle("tiny-sd-turbo", models_root), verify="size")
+    resolution = prov.Resolution(HOST_BOUND, "cpu", False)
+    return GraphSession("unet", bundle.component_path("unet"), bundle.manifest.components["unet"], resolution,
+                        bundle.path, **kwargs)
+
+
+def _feeds(session: GraphSession, seed: int, side: int = 8, batch: int = 1) -> dict:
+    rng = np.random.default_rng(seed)
+    hidden = session.inputs["encoder_hidden_states"].shape
+    return {"sample": rng.standard_normal((batch, 4, side, side), dtype=np.float32),
+            "timestep": np.array(500.0 + seed, dtype=np.float32),
+            "encoder_hidden_states": rng.standard_normal((batch, hidden[1] if isinstance(hidden[1], int) else 77,
+                                                          hidden[2]), dtype=np.float32)}
+
+
+def _plain(session: GraphSession, feeds: dict) -> np.ndarray:
+    plain = ort.InferenceSession(str(session.path), providers=["CPUExecutionProvider"])
+    return plain.run(None, feeds)[0]
+
+
+def test_bound_runs_follow_new_inputs_in_fixed_buffers(models_root):
+    unet = _unet(models_root)
+    assert unet.io_binding and not unet.capture  # a device provider binds by default
+    first, second = _feeds(unet, 0), _feeds(unet, 1)
+    kept = {name: value.copy() for name, value in first.items()}
+    out = [unet.run(**first)[0], unet.run(**second)[0], unet.run(**first)[0]]
+    assert all(np.array_equal(first[name], kept[name]) for name in kept)  # the caller's arrays are never written
+    for got, feeds in zip(out, (first, second, first)):
+        assert np.abs(got - _plain(unet, feeds)).max() <= BOUND_ATOL
+    assert np.abs(out[0] - out[1]).max() > 1e-3  # the second run saw its own inputs, not the first's buffers
+    assert unet._runner.replays == 2  # bound once, then the same buffers twice
+    other = _feeds(unet, 2, side=16)  # a new shape binds new buffers
+    assert np.abs(unet.run(**other)[0] - _plain(unet, other)).max() <= BOUND_ATOL
+
+
+def test_capture_opens_one_shape_fixed_session_per_input_shape(models_root):
+    unet = _unet(models_root, capture=True)
+    dynamic = unet.session
+    small, large = _feeds(unet, 0), _feeds(unet, 1, side=16)
+    for feeds in (small, small, large, small):
+        assert np.abs(unet.run(**feeds)[0] - _plain(unet, feeds)).max() <= BOUND_ATOL
+    assert unet.session is not dynamic  # replaced: one copy of the weights at a time
+    assert unet.capture_state.startswith("captured") and "sample 1x4x8x8" in unet.capture_state
+    assert unet._runner.graph_id == 0 and unet._runner.replays == 0  # reopened for the last shape change
+    unet.run(**small)
+    assert unet._runner.replays == 1
+
+
+def test_a_refused_capture_runs_bound_on_the_dynamic_graph_and_says_why(models_root, monkeypatch, caplog):
+    real = ort.InferenceSession
+
+    def refusing(path, sess_options=None, providers=None, **kw):
+        if providers and isinstance(providers[0], tuple) and providers[0][1].get(CAPTURE_OPTION):
+            raise RuntimeError("This session cannot use the graph capture feature as requested by the user")
+        return real(path, sess_options=sess_options, providers=providers, **kw)
+
+    monkeypatch.setattr(session_module.ort, "InferenceSession", refusing)
+    unet = _unet(models_root, capture=True)
+    feeds = _feeds(unet, 3)
+    with caplog.at_level(logging.WARNING, logger="edgediff.session"):
+        got = [unet.run(**feeds)[0], unet.run(**feeds)[0]]
+    assert "no captured graph for" in caplog.text and "cannot use the graph capture feature" in caplog.text
+    assert unet.capture_state.startswith("refused: This session cannot use the graph capture feature")
+    assert caplog.text.count("no captured graph") == 1  # refused once per shape, not tried again each call
+    monkeypatch.setattr(session_module.ort, "InferenceSession", real)
+    for out in got:
+        assert np.abs(out - _plain(unet, feeds)).max() <= BOUND_ATOL
+
+
+def test_pipeline_with_binding_and_shape_fixed_sessions_matches_the_plain_pipeline(models_root, monkeypatch):
+    bundle = tiny_bundle("tiny-sd-turbo", models_root)
+    plain = Pipeline.from_bundle(bundle, provider="cpu")
+    monkeypatch.setitem(prov.REGISTRY, "cpu", HOST_BOUND)
+    bound = Pipeline.from_bundle(bundle, provider="cpu", cuda_graph=True)
+    m = plain.manifest
+    side = m.defaults["height"] // m.vae_scale_factor
+    for seed in (0, 1):
+        latents = np.random.default_rng(seed).standard_normal((1, m.latent_channels, side, side)).astype(np.float32)
+        images = [p("a red circle", num_inference_steps=2, latents=latents, output_type="np").images
+                  for p in (plain, bound)]
+        assert np.abs(images[0] - images[1]).max() <= BOUND_ATOL
+    report = bound.provider_report()["graphs"]
+    assert all(g["io_binding"] and g["cuda_graph"].startswith("captured") for g in report.values()), report
+
+
+def test_cuda_graph_needs_a_provider_that_captures(models_root):
+    bundle = tiny_bundle("tiny-sd-turbo", models_root)
+    with pytest.raises(ProviderError, match="'cpu' cannot capture graphs"):
+        Pipeline.from_bundle(bundle, provider="cpu", cuda_graph=True)
+    # `auto` drops it where the machine cannot capture, so one setting serves every machine
+    if prov.resolve("auto").provider.name == "cpu":
+        report = Pipeline.from_bundle(bundle, cuda_graph=True).provider_report()
+        assert {g["cuda_graph"] for g in report["graphs"].values()} == {"off"}
+        assert not any(g["io_binding"] for g in report["graphs"].values())
+
+
+def test_provider_options_override_the_providers_own_and_key_the_graph_cache():
+    offered = {"CPUExecutionProvider", "CUDAExecutionProvider"}
+    plain = prov.resolve("cuda", offered=offered)
+    tuned = prov.resolve("cuda", offered=offered, options={"cudnn_conv_algo_search": "EXHAUSTIVE", "prefer_nhwc": 1})
+    assert tuned.ort_providers[0] == ("CUDAExecutionProvider", {**prov.REGISTRY["cuda"].options,
+                                                                 "cudnn_conv_algo_search": "EXHAUSTIVE", "prefer_nhwc": "1"})
+    assert plain.cache_tag == "cuda" and tuned.cache_tag.startswith("cuda-") and tuned.cache_tag != plain.cache_tag
+    # options are for the provider asked for: a fallback drops them
+    fallen = prov.resolve("cuda", fallback=True, offered={"CPUExecutionProvider"}, options={"prefer_nhwc": "1"})
+    assert fallen.provider.name == "cpu" and fallen.options == {}
+    assert prov.parse_options(["a=1", " b = x "]) == {"a": "1", "b": "x"}
+    with pytest.raises(ProviderError, match="KEY=VALUE, got 'prefer_nhwc'"):
+        prov.parse_options(["prefer_nhwc"])
