@@ -24,6 +24,7 @@ from edgediff.runtime.manifest import MANIFEST_NAME, TOKENIZER_2_NAME, TOKENIZER
 from edgediff.runtime.schedulers import DIFFUSERS_CLASS_TO_SAMPLER, ScheduleConfig
 
 from .attention import ATTENTION_MODES, use_sliced_attention
+from .capture import float_argmax
 from .lora import fuse_loras
 from .optimize import MODEL_TYPES as FUSABLE, optimise_graph
 from .precision import PRECISIONS, QUANTISED, to_fp16
@@ -139,6 +140,7 @@ def _write_checked(component, raw_graph: Path, staging: Path, precision: str, re
     import onnx
 
     model = to_fp16(raw_graph) if precision == "fp16" else onnx.load(str(raw_graph))
+    float_argmax(model)  # after the fp16 conversion: see capture.py
     files = _save_graph(model, staging, component.name)
     inputs, outputs = _tensor_specs(model.graph.input), _tensor_specs(model.graph.output)
     del model

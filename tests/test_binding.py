@@ -137,3 +137,40 @@ def test_provider_options_override_the_providers_own_and_key_the_graph_cache():
     assert prov.parse_options(["a=1", " b = x "]) == {"a": "1", "b": "x"}
     with pytest.raises(ProviderError, match="KEY=VALUE, got 'prefer_nhwc'"):
         prov.parse_options(["prefer_nhwc"])
+
+
+def test_integer_argmax_is_cast_to_float_with_the_same_result():
+    """CUDA's ArgMax takes floats only: an integer ArgMax (CLIP's end-of-text pick) runs on the CPU and blocks
+    capture. export/capture.py casts its input to float32; the index must not change."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgediff.export.capture import float_argmax
+
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 77])
+    out = helper.make_tensor_value_info("pick", TensorProto.INT64, [2])
+    nodes = [helper.make_node("Cast", ["ids"], ["as_int"], to=TensorProto.INT32),
+             helper.make_node("ArgMax", ["as_int"], ["pick"], axis=-1, keepdims=0)]
+    model = helper.make_model(helper.make_graph(nodes, "g", [ids], [out]), opset_imports=[helper.make_opsetid("", 17)])
+    rng = np.random.default_rng(0)
+    feeds = {"ids": rng.integers(0, 49408, (2, 77)).astype(np.int64)}
+    feeds["ids"][1, [5, 40]] = 49407  # a tie: the first one wins, as torch.argmax
+    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert float_argmax(model) == 1 and float_argmax(model) == 0  # once only
+    onnx.checker.check_model(model)
+    argmax = next(n for n in model.graph.node if n.op_type == "ArgMax")
+    producer = next(n for n in model.graph.node if argmax.input[0] in n.output)
+    assert producer.op_type == "Cast" and producer.attribute[0].i == TensorProto.FLOAT
+    after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert np.array_equal(before, after) and after[1] == 5
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_exported_text_encoders_have_no_integer_argmax(models_root, precision):
+    import onnx
+
+    bundle = Bundle.open(tiny_bundle("tiny-sd-turbo", models_root, precision), verify="size")
+    model = onnx.load(str(bundle.component_path("text_encoder")))
+    casts = {n.output[0]: n.attribute[0].i for n in model.graph.node if n.op_type == "Cast"}
+    argmaxes = [n for n in model.graph.node if n.op_type == "ArgMax"]
+    assert argmaxes and all(casts.get(n.input[0]) == onnx.TensorProto.FLOAT for n in argmaxes)
