@@ -7,6 +7,9 @@ size on disk and warm ms per image.
 
 A variant is NAME=BUNDLE, NAME=BUNDLE@DECODER (that bundle through its "tiny" or "full" decoder) or NAME=@tiny
 (the reference bundle's tiny decoder); --reference-decoder tiny judges tiny decoders against fp32's tiny one.
+The reference runs on the CPU provider; `--provider` (with `--provider-option KEY=VALUE`) runs the variants
+elsewhere, so that NAME=BUNDLE with the reference's own bundle measures what a provider changes (OpenVINO's
+bf16 on CPUs that have it, say).
 """
 
 from __future__ import annotations
@@ -56,7 +59,8 @@ def _variant(spec: str, reference: str) -> tuple[str, str | None]:
 
 
 def compare(reference: str, variants: dict[str, str], n: int, threads: int | None = None,
-            reference_decoder: str | None = None) -> list[dict]:
+            reference_decoder: str | None = None, provider: str = "cpu",
+            provider_options: dict | None = None) -> list[dict]:
     from PIL import Image
 
     from edgediff.models.evaluate import adherence, eval_prompts
@@ -74,7 +78,9 @@ def compare(reference: str, variants: dict[str, str], n: int, threads: int | Non
              "ms": ref_ms, "bytes": Bundle.open(reference, verify="size").size_on_disk, **adherence(pil(ref_images), scenes)}]
     for name, path in variants.items():
         bundle, decoder = _variant(path, reference)
-        pipe = ref_pipe if bundle == reference else Pipeline.from_bundle(bundle, provider="cpu", threads=threads)
+        same = bundle == reference and provider == "cpu" and not provider_options
+        pipe = ref_pipe if same else Pipeline.from_bundle(bundle, provider=provider, threads=threads,
+                                                           provider_options=provider_options)
         images, ms = _generate(pipe, scenes, decoder)
         scores = [psnr(a, b) for a, b in zip(images, ref_images)]
         rows.append({"variant": name, "psnr": float(np.mean(scores)), "psnr_min": float(np.min(scores)),
@@ -91,9 +97,14 @@ def main() -> None:
     parser.add_argument("--reference-decoder", choices=("full", "tiny"), default=None)
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--provider", default="cpu", help="where the variants run (the reference runs on the CPU)")
+    parser.add_argument("--provider-option", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
+    from edgediff.runtime.providers import parse_options
+
     variants = dict(v.split("=", 1) for v in args.variant)
-    rows = compare(args.reference, variants, args.n, args.threads, args.reference_decoder)
+    rows = compare(args.reference, variants, args.n, args.threads, args.reference_decoder, args.provider,
+                   parse_options(args.provider_option))
     print("| variant | PSNR vs fp32 (mean / min) | SSIM | colour | background | shape | size | position | ms/image | MiB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:

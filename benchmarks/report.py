@@ -29,6 +29,13 @@ def _where(sysrow: dict) -> str:
     return f" ({', '.join(tags)})" if tags else ""
 
 
+def _provider(row: dict, sysrow: dict) -> str:
+    """The provider, and the graphs it did not take (they ran on the CPU provider instead)."""
+    graphs = ((sysrow.get("provider_report") or {}).get("graphs") or {})
+    fell = [name for name, g in graphs.items() if g.get("cpu_fallback")]
+    return row["provider"] + (f" ({', '.join(fell)} fell back to CPU)" if fell else "")
+
+
 def to_markdown(data: dict) -> str:
     lines = ["# edgediff bench results", ""]
     machines = data.get("merged_from") or [{"machine": data["machine"], "date": data["date"]}]
@@ -51,7 +58,7 @@ def to_markdown(data: dict) -> str:
             tot = st["total"]
             ratio = tot["median"] / base
             lines.append(
-                f"| {machine} | {row_label(row)} | {row['provider']} | {row['size']} | {row['steps']} | "
+                f"| {machine} | {row_label(row)} | {_provider(row, sysrow)} | {row['size']} | {row['steps']} | "
                 f"{sysrow['system']}{_where(sysrow)} | {_s(tot['median'])} / {_s(tot['p90'])} / {_s(tot['min'])} / {_s(tot['max'])} | "
                 f"{_s(st['text_encoder']['median'])} | {_s(st['unet_call']['median'])} | {_s(st['vae_decoder']['median'])} | "
                 f"{_s(sysrow['cold']['load_s']['median'])} + {_s(sysrow['cold']['first_image_s']['median'])} | "

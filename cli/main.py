@@ -205,7 +205,9 @@ def providers():
     click.echo(f"{'name':<10}{'status':<16}{'precisions':<16}options / how to get it")
     for name, p in prov.REGISTRY.items():
         status = "available" if name in have else ("-" if p.on_this_platform() else "not on this OS")
-        detail = ", ".join(f"{k}={v}" for k, v in p.options.items()) if name in have else p.install
+        detail = ", ".join(f"{k}={v}" for k, v in p.provider_options().items()) if name in have else p.install
+        if name in have and name in prov.AUTO_ORDER and not p.auto_eligible():
+            detail += " (auto skips it on this machine)"
         click.echo(f"{name:<10}{status + (' <- auto' if name == auto else ''):<16}{'/'.join(p.precisions):<16}{detail}")
 
 

@@ -34,6 +34,9 @@ class Provider:
     device_type: str | None = None
     # the provider option that records a graph's kernel launches once and replays them (CUDA graphs); None: no such thing
     graph_capture_option: str | None = None
+    # the provider compiles the nodes it takes (OpenVINO, TensorRT, Core ML, QNN): onnxruntime cannot save such a
+    # graph (graph_cache.py), so these use their own caches instead, where they have one (`cache_options`)
+    compiles: bool = False
 
     def available(self, offered: set[str] | None = None) -> bool:
         offered = set(ort.get_available_providers()) if offered is None else offered
@@ -45,12 +48,65 @@ class Provider:
     def configure(self, opts: ort.SessionOptions) -> None:
         """Session options this provider needs (most need none)."""
 
+    def provider_options(self) -> dict:
+        """The provider options for onnxruntime on this machine (most are fixed)."""
+        return dict(self.options)
+
+    def cache_options(self, folder) -> dict:
+        """Provider options that keep a compiling provider's own cache in `folder` (none by default)."""
+        return {}
+
+    def auto_eligible(self) -> bool:
+        """Whether `auto` may pick it when it is available (measured reasons where it may not)."""
+        return True
+
 
 class DirectML(Provider):
     def configure(self, opts: ort.SessionOptions) -> None:
         # onnxruntime's DirectML notes: no memory patterns, sequential execution
         opts.enable_mem_pattern = False
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+
+
+class OpenVINO(Provider):
+    def provider_options(self) -> dict:
+        # OpenVINO's AUTO device list must name only devices that are present: with "AUTO:GPU,NPU,CPU" on a
+        # machine without an Intel GPU, onnxruntime 1.24 fails to create the provider and silently runs
+        # every graph on its CPU provider instead (seen on an AMD EPYC with no Intel GPU or NPU).
+        if ":" not in self.options["device_type"]:  # one named device: nothing to choose
+            return dict(self.options)
+        present = openvino_devices()
+        if present is None:  # this build cannot say: let OpenVINO's AUTO choose among all it finds
+            return {**self.options, "device_type": "AUTO"}
+        kind, _, wanted = self.options["device_type"].partition(":")
+        found = [d for d in wanted.split(",") if any(p.split(".")[0] == d for p in present)]
+        return {**self.options, "device_type": f"{kind}:{','.join(found)}" if found else "CPU"}
+
+    def cache_options(self, folder) -> dict:
+        return {"cache_dir": str(folder / "openvino")}  # compiled blobs: the second start skips compilation
+
+    def auto_eligible(self) -> bool:
+        # Picked by `auto` for an Intel GPU or NPU only. On a CPU alone it is a choice, not a default: on an
+        # AVX-512 BF16 CPU it ran full-size SD-Turbo 1.8x faster than the CPU provider by computing in bf16
+        # (52.8 dB against fp32 on the shipped model), and in its exact mode only 1.06x faster; on an AVX2 CPU
+        # it was reported 1.8x slower (benchmarks/README.md, "OpenVINO on a CPU").
+        present = openvino_devices()
+        return present is None or any(p.split(".")[0] in ("GPU", "NPU") for p in present)
+
+
+class TensorRT(Provider):
+    def cache_options(self, folder) -> dict:
+        return {"trt_engine_cache_path": str(folder / "tensorrt")}  # else engines land in the working directory
+
+
+def openvino_devices() -> list[str] | None:
+    """The devices onnxruntime's OpenVINO build sees ("CPU", "GPU.0", "NPU", ...), or None if it cannot say."""
+    try:
+        from onnxruntime.capi import _pybind_state
+    except ImportError:
+        return None
+    lister = getattr(_pybind_state, "get_available_openvino_device_ids", None)
+    return list(lister()) if lister else None
 
 
 REGISTRY: dict[str, Provider] = {p.name: p for p in (
@@ -60,7 +116,7 @@ REGISTRY: dict[str, Provider] = {p.name: p for p in (
              platforms=("linux", "win"), gpu=True, cuda_kernels=True, device_type="cuda",
              graph_capture_option="enable_cuda_graph",
              options={"device_id": 0, "cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": True}),
-    Provider("tensorrt", "TensorrtExecutionProvider", ("fp16", "fp32"),
+    TensorRT("tensorrt", "TensorrtExecutionProvider", ("fp16", "fp32"), compiles=True,
              install='pip install "edgediff[cuda]" and the TensorRT libraries', platforms=("linux", "win"), gpu=True,
              cuda_kernels=True,  # nodes TensorRT cannot take run on its CUDA fallback
              device_type="cuda", graph_capture_option="trt_cuda_graph_enable",
@@ -70,17 +126,18 @@ REGISTRY: dict[str, Provider] = {p.name: p for p in (
     DirectML("directml", "DmlExecutionProvider", ("fp16", "fp32"), install='pip install "edgediff[directml]"',
              platforms=("win",), gpu=True, options={"device_id": 0}),
     Provider("coreml", "CoreMLExecutionProvider", ("fp16", "fp32"), install="pip install edgediff (macOS wheels have it)",
-             platforms=("darwin",), options={"ModelFormat": "MLProgram", "MLComputeUnits": "ALL"}),
-    Provider("openvino", "OpenVINOExecutionProvider", ("fp16", "int8", "fp32"), install='pip install "edgediff[openvino]"',
-             options={"device_type": "AUTO:GPU,NPU,CPU"}),
-    Provider("qnn", "QNNExecutionProvider", ("int8", "fp16"), install='pip install "edgediff[qnn]"',
+             platforms=("darwin",), compiles=True, options={"ModelFormat": "MLProgram", "MLComputeUnits": "ALL"}),
+    OpenVINO("openvino", "OpenVINOExecutionProvider", ("fp16", "int8", "fp32"), install='pip install "edgediff[openvino]"',
+             compiles=True, options={"device_type": "AUTO:GPU,NPU,CPU"}),
+    Provider("qnn", "QNNExecutionProvider", ("int8", "fp16"), install='pip install "edgediff[qnn]"', compiles=True,
              platforms=("win", "linux"),
              options={"backend_path": "QnnHtp.dll" if sys.platform.startswith("win") else "libQnnHtp.so"}),
 )}
 # kept for callers that only need names
 PROVIDERS = {name: p.ort_name for name, p in REGISTRY.items()}
 # `auto` picks the first available: GPUs, then NPUs, then the CPU. TensorRT is left to explicit
-# choice (its engine build takes minutes on first use); QNN too (it wants QDQ int8 bundles).
+# choice (its engine build takes minutes on first use); QNN too (it wants QDQ int8 bundles); OpenVINO
+# only where it sees an Intel GPU or NPU (OpenVINO.auto_eligible).
 AUTO_ORDER = ("cuda", "rocm", "directml", "coreml", "openvino", "cpu")
 
 
@@ -100,7 +157,7 @@ class Resolution:
 
     @property
     def options(self) -> dict:
-        return {**self.provider.options, **self.overrides}
+        return {**self.provider.provider_options(), **self.overrides}
 
     def ort_providers_with(self, **extra) -> list:
         chosen = (self.provider.ort_name, {**self.options, **extra})
@@ -133,7 +190,7 @@ def resolve(name: str = "auto", fallback: bool = False, offered: set[str] | None
     key = name.lower()
     overrides = {str(k): str(v) for k, v in (options or {}).items()}
     if key == "auto":
-        chosen = next(p for p in AUTO_ORDER if p in have)
+        chosen = _auto(have)
         log.info("provider auto -> %s (available: %s)", chosen, ", ".join(have))
         return Resolution(REGISTRY[chosen], name, False, overrides)
     if key not in REGISTRY:
@@ -142,11 +199,15 @@ def resolve(name: str = "auto", fallback: bool = False, offered: set[str] | None
         if not fallback:
             raise ProviderError("provider_unavailable", name=name, available=", ".join(have),
                                 install=REGISTRY[key].install)
-        chosen = next(p for p in AUTO_ORDER if p in have)
+        chosen = _auto(have)
         log.warning("provider %s is not available; falling back to %s%s", name, chosen,
                     f" without its options ({', '.join(overrides)})" if overrides else "")
         return Resolution(REGISTRY[chosen], name, True)
     return Resolution(REGISTRY[key], name, False, overrides)
+
+
+def _auto(have: list[str]) -> str:
+    return next(p for p in AUTO_ORDER if p in have and REGISTRY[p].auto_eligible())
 
 
 def parse_options(pairs) -> dict[str, str]:

@@ -109,9 +109,13 @@ class GraphSession:
     def _open_dynamic(self) -> ort.InferenceSession:
         resolution, path = self.resolution, self.path
         try:
-            if self._cache_dir is None:
+            if self._cache_dir is None or resolution.provider.compiles:
+                # a compiling provider keeps its own cache (onnxruntime cannot save its compiled graph)
+                own_cache = resolution.provider.cache_options(self._cache_dir) if self._cache_dir is not None else {}
+                self.cache = "provider" if own_cache else "off"
+                own_cache = {k: v for k, v in own_cache.items() if k not in resolution.overrides}  # the caller's win
                 session = ort.InferenceSession(str(path), sess_options=session_options(self._threads, resolution, self._low_memory),
-                                               providers=resolution.ort_providers)
+                                               providers=resolution.ort_providers_with(**own_cache))
             else:
                 key = graph_cache.cache_key(self.name, self.spec.files[self.spec.graph_file]["sha256"], resolution.cache_tag, path)
                 session, self.cache = graph_cache.open_cached(

@@ -93,6 +93,22 @@ def test_outputs_are_written(bench_results, tmp_path):
     assert {"results.json", "results.md", "chart.png"} <= names
     md = (tmp_path / "o" / "results.md").read_text()
     assert "| edgediff |" in md and "| diffusers |" in md and "GMAC/s" in md
+    assert "fell back to CPU" not in md
+
+
+def test_graphs_that_fell_back_to_the_cpu_are_shown_in_the_table(bench_results):
+    """A provider that did not take a graph ran it on the CPU provider: the table says so, not only the JSON."""
+    import copy
+
+    from edgediff.benchmarks.report import to_markdown
+
+    data = copy.deepcopy(bench_results[0])
+    row = data["results"][0]
+    row["provider"] = "openvino"
+    graphs = row["systems"][0]["provider_report"]["graphs"]
+    for name in ("text_encoder", "unet"):
+        graphs[name]["cpu_fallback"] = True
+    assert "| openvino (text_encoder, unet fell back to CPU) |" in to_markdown(data)
 
 
 def test_mac_count_follows_the_decoder_that_was_timed(models_root):

@@ -24,7 +24,8 @@ CPU = "CPUExecutionProvider"
     ({CPU, "OpenVINOExecutionProvider", "DmlExecutionProvider"}, "directml"),  # GPUs before NPUs
     ({CPU, "QNNExecutionProvider"}, "cpu"),  # QNN only when asked (it wants QDQ int8 graphs)
 ])
-def test_auto_picks_the_best_offered_provider(offered, expected):
+def test_auto_picks_the_best_offered_provider(offered, expected, monkeypatch):
+    monkeypatch.setattr(prov, "openvino_devices", lambda: ["CPU", "GPU.0"])
     chosen = prov.resolve("auto", offered=offered)
     assert chosen.provider.name == expected and not chosen.fell_back
     names = chosen.names
@@ -115,3 +116,60 @@ def test_providers_command_lists_the_registry():
     for name in prov.REGISTRY:
         assert any(line.startswith(name) for line in lines)
     assert any(line.startswith("cpu") and "<- auto" in line for line in lines) or "cuda" in prov.available()
+
+
+@pytest.mark.parametrize("present,expected", [
+    (["CPU"], "AUTO:CPU"),
+    (["CPU", "GPU.0", "GPU.1", "NPU"], "AUTO:GPU,NPU,CPU"),
+    (["NPU", "CPU"], "AUTO:NPU,CPU"),
+    ([], "CPU"),
+    (None, "AUTO"),  # a build that cannot list its devices: OpenVINO's AUTO picks among all it finds
+])
+def test_openvino_names_only_the_devices_present(monkeypatch, present, expected):
+    """onnxruntime-openvino 1.24 refuses "AUTO:GPU,NPU,CPU" on a machine without an Intel GPU and then runs
+    every graph on its CPU provider, silently (seen here): the device list follows what is present."""
+    monkeypatch.setattr(prov, "openvino_devices", lambda: present)
+    chosen = prov.resolve("openvino", offered={CPU, "OpenVINOExecutionProvider"})
+    assert chosen.options["device_type"] == expected
+    assert chosen.ort_providers[0] == ("OpenVINOExecutionProvider", {"device_type": expected})
+
+
+def test_a_compiling_provider_keeps_its_own_cache_and_never_ours(models_root, tmp_path, monkeypatch):
+    """onnxruntime cannot save a graph whose nodes a provider compiled ("Unable to serialize model as it
+    contains compiled nodes", onnxruntime-openvino 1.24 with our cache on): OpenVINO and TensorRT get their own
+    cache folder beside ours instead, and the caller's own option wins."""
+    from edgediff.runtime import Bundle
+    from edgediff.runtime import session as session_module
+    from edgediff.runtime.session import GraphSession
+
+    assert {n for n, p in prov.REGISTRY.items() if p.compiles} == {"tensorrt", "coreml", "openvino", "qnn"}
+    assert prov.REGISTRY["tensorrt"].cache_options(tmp_path) == {"trt_engine_cache_path": str(tmp_path / "tensorrt")}
+    # OpenVINO's behaviour on the CPU provider (which ignores the options): what reaches onnxruntime is checked
+    seen, real = [], ort.InferenceSession
+    monkeypatch.setattr(session_module.ort, "InferenceSession",
+                        lambda path, sess_options=None, providers=None: seen.append((sess_options, providers)) or real(
+                            path, sess_options=sess_options, providers=["CPUExecutionProvider"]))
+    monkeypatch.setattr(session_module.graph_cache, "open_cached", lambda *a, **k: pytest.fail("our cache was used"))
+    compiling = prov.OpenVINO("openvino", CPU, ("fp32",), install="-", compiles=True,
+                             options={"device_type": "AUTO:GPU,NPU,CPU"})
+    monkeypatch.setattr(prov, "openvino_devices", lambda: ["CPU"])
+    bundle = Bundle.open(tiny_bundle("tiny-sd-turbo", models_root), verify="size")
+    for overrides, expected in (({}, str(tmp_path / "openvino")), ({"cache_dir": "/elsewhere"}, "/elsewhere")):
+        resolution = prov.Resolution(compiling, "openvino", False, overrides)
+        unet = GraphSession("unet", bundle.component_path("unet"), bundle.manifest.components["unet"], resolution,
+                            bundle.path, cache_dir=tmp_path)
+        opts, providers = seen[-1]
+        assert providers[0] == (CPU, {"device_type": "AUTO:CPU", "cache_dir": expected})
+        assert not opts.optimized_model_filepath and unet.cache == "provider"
+    assert not list(tmp_path.glob("*.onnx"))
+
+
+@pytest.mark.parametrize("present,expected", [(["CPU"], "cpu"), (["CPU", "NPU"], "openvino"),
+                                              (["CPU", "GPU.0"], "openvino"), (None, "openvino")])
+def test_auto_takes_openvino_for_an_intel_gpu_or_npu_only(monkeypatch, present, expected):
+    """On a CPU alone OpenVINO trades exactness for speed (bf16) or loses to the CPU provider, by CPU
+    (benchmarks/README.md): `auto` keeps the CPU provider there; `--provider openvino` still chooses it."""
+    monkeypatch.setattr(prov, "openvino_devices", lambda: present)
+    offered = {CPU, "OpenVINOExecutionProvider"}
+    assert prov.resolve("auto", offered=offered).provider.name == expected
+    assert prov.resolve("openvino", offered=offered).provider.name == "openvino"
