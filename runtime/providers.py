@@ -80,16 +80,18 @@ class OpenVINO(Provider):
             return {**self.options, "device_type": "AUTO"}
         kind, _, wanted = self.options["device_type"].partition(":")
         found = [d for d in wanted.split(",") if any(p.split(".")[0] == d for p in present)]
-        return {**self.options, "device_type": f"{kind}:{','.join(found)}" if found else "CPU"}
+        if len(found) <= 1:  # nothing to choose: the device itself (AUTO:CPU failed to compile an int8-static
+            return {**self.options, "device_type": found[0] if found else "CPU"}  # text encoder that CPU compiles)
+        return {**self.options, "device_type": f"{kind}:{','.join(found)}"}
 
     def cache_options(self, folder) -> dict:
         return {"cache_dir": str(folder / "openvino")}  # compiled blobs: the second start skips compilation
 
     def auto_eligible(self) -> bool:
         # Picked by `auto` for an Intel GPU or NPU only. On a CPU alone it is a choice, not a default: on an
-        # AVX-512 BF16 CPU it ran full-size SD-Turbo 1.8x faster than the CPU provider by computing in bf16
-        # (52.8 dB against fp32 on the shipped model), and in its exact mode only 1.06x faster; on an AVX2 CPU
-        # it was reported 1.8x slower (benchmarks/README.md, "OpenVINO on a CPU").
+        # AVX-512 BF16 CPU it ran full-size SD-Turbo fp32 within 4% of the CPU provider (1.84x only in bf16,
+        # through AUTO: 52.8 dB against fp32), int8-static 0.88x, with slower starts and more memory; on an
+        # AVX2 CPU it was reported 1.8x slower (benchmarks/README.md, "OpenVINO on a CPU").
         present = openvino_devices()
         return present is None or any(p.split(".")[0] in ("GPU", "NPU") for p in present)
 

@@ -119,7 +119,7 @@ def test_providers_command_lists_the_registry():
 
 
 @pytest.mark.parametrize("present,expected", [
-    (["CPU"], "AUTO:CPU"),
+    (["CPU"], "CPU"),  # AUTO over one device adds nothing, and failed where CPU alone compiled
     (["CPU", "GPU.0", "GPU.1", "NPU"], "AUTO:GPU,NPU,CPU"),
     (["NPU", "CPU"], "AUTO:NPU,CPU"),
     ([], "CPU"),
@@ -159,7 +159,7 @@ def test_a_compiling_provider_keeps_its_own_cache_and_never_ours(models_root, tm
         unet = GraphSession("unet", bundle.component_path("unet"), bundle.manifest.components["unet"], resolution,
                             bundle.path, cache_dir=tmp_path)
         opts, providers = seen[-1]
-        assert providers[0] == (CPU, {"device_type": "AUTO:CPU", "cache_dir": expected})
+        assert providers[0] == (CPU, {"device_type": "CPU", "cache_dir": expected})
         assert not opts.optimized_model_filepath and unet.cache == "provider"
     assert not list(tmp_path.glob("*.onnx"))
 
