@@ -103,6 +103,7 @@ def _check_gpu_only_graphs(bundle: Bundle, provider: Provider) -> None:
 class Pipeline:
     """Generates images from a bundle. Safe to call from several threads at once (onnxruntime sessions
     are; each call keeps its own sampler and noise), except in low-memory mode, where calls take turns.
+    On GPUs with I/O binding, calls take turns per graph call (they share its device buffers).
     Use as a context manager, or call close(), to give the sessions' memory back.
     """
 

@@ -174,3 +174,23 @@ def test_exported_text_encoders_have_no_integer_argmax(models_root, precision):
     casts = {n.output[0]: n.attribute[0].i for n in model.graph.node if n.op_type == "Cast"}
     argmaxes = [n for n in model.graph.node if n.op_type == "ArgMax"]
     assert argmaxes and all(casts.get(n.input[0]) == onnx.TensorProto.FLOAT for n in argmaxes)
+
+
+def test_bound_pipeline_is_safe_from_several_threads(models_root, monkeypatch):
+    """Bound graphs share their device buffers: concurrent calls take turns per graph call and each still
+    gets its own image."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bundle = tiny_bundle("tiny-sd-turbo", models_root)
+    plain = Pipeline.from_bundle(bundle, provider="cpu")
+    monkeypatch.setitem(prov.REGISTRY, "cpu", HOST_BOUND)
+    bound = Pipeline.from_bundle(bundle, provider="cpu")
+    assert all(g["io_binding"] for g in bound.provider_report()["graphs"].values())
+
+    def make(pipe, seed):
+        return pipe(f"a red circle {seed}", num_inference_steps=2, seed=seed, output_type="np").images
+
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda seed: make(bound, seed), range(8)))
+    for seed, image in enumerate(together):
+        assert np.abs(image - make(plain, seed)).max() <= BOUND_ATOL
