@@ -39,6 +39,7 @@ MESSAGES = {
     "strength_steps": "strength {strength} with {steps} steps runs no step; raise the strength or the steps",
     "encoder_missing": "bundle {path} has no vae_encoder (image-to-image needs it); re-export the bundle",
     "decoder_unknown": "decoder must be one of {available}, got {name!r}",
+    "capture_low_memory": "cuda_graph and low_memory do not combine: low-memory mode closes each graph after use, so nothing would stay captured",
     "decoder_missing": "bundle {path} has no {name} decoder (export it with --tiny-decoder)",
     "tile_size": "decode tile size must be at least {minimum} latent cells, got {value}",
     # embedding

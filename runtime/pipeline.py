@@ -124,6 +124,8 @@ class Pipeline:
         else:
             self.resolution = resolve(provider, fallback=fallback, options=provider_options)
             _check_gpu_only_graphs(bundle, self.resolution.provider)
+            if cuda_graph and low_memory:
+                raise InputError("capture_low_memory")
             capture = cuda_graph and _can_capture(self.resolution)
 
             def opener(name):

@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from edgediff.runtime import Bundle, Pipeline, ProviderError
+from edgediff.runtime import Bundle, InputError, Pipeline, ProviderError
 from edgediff.runtime import providers as prov
 from edgediff.runtime import session as session_module
 from edgediff.runtime.session import GraphSession
@@ -117,6 +117,8 @@ def test_cuda_graph_needs_a_provider_that_captures(models_root):
     bundle = tiny_bundle("tiny-sd-turbo", models_root)
     with pytest.raises(ProviderError, match="'cpu' cannot capture graphs"):
         Pipeline.from_bundle(bundle, provider="cpu", cuda_graph=True)
+    with pytest.raises(InputError, match="cuda_graph and low_memory do not combine"):
+        Pipeline.from_bundle(bundle, cuda_graph=True, low_memory=True)
     # `auto` drops it where the machine cannot capture, so one setting serves every machine
     if prov.resolve("auto").provider.name == "cpu":
         report = Pipeline.from_bundle(bundle, cuda_graph=True).provider_report()
