@@ -122,8 +122,7 @@ class GraphSession:
                     path, key, self.spec.size, lambda: session_options(self._threads, resolution, self._low_memory),
                     resolution.ort_providers, self._cache_dir)
         except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
-            raise BundleError("graph_unloadable", path=self.bundle_path, file=path.name,
-                              detail=str(exc).splitlines()[0]) from exc
+            raise BundleError("graph_unloadable", path=self.bundle_path, file=path.name, detail=_summary(exc)) from exc
         self._note_fallback(session)
         return session
 
@@ -162,7 +161,7 @@ class GraphSession:
             session = ort.InferenceSession(str(self.path), sess_options=session_options(self._threads, self.resolution, self._low_memory, dims),
                                            providers=self.resolution.ort_providers_with(**capture_option))
         except Exception as exc:  # onnxruntime's own types; e.g. "cannot use the graph capture feature"
-            reason = str(exc).splitlines()[0]
+            reason = _summary(exc)
             log.warning("%s: no captured graph for %s (%s); it runs bound, without capture", self.name,
                         _dims_text(feeds), reason)
             self._uncapturable[key] = reason
@@ -209,6 +208,15 @@ class GraphSession:
         if self._runner is not None:
             return self._runner.run(checked, run_options)
         return self.session.run(self.output_names, checked, run_options)
+
+
+def _summary(exc: Exception) -> str:
+    """onnxruntime's message in one line: its first line, and its last when the cause is there (OpenVINO's
+    compile errors put the reason at the end of a long trace)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip(" ;")]
+    if not lines:
+        return type(exc).__name__
+    return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
 
 
 def _dims_text(feeds: dict[str, np.ndarray]) -> str:

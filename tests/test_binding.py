@@ -196,3 +196,14 @@ def test_bound_pipeline_is_safe_from_several_threads(models_root, monkeypatch):
         together = list(pool.map(lambda seed: make(bound, seed), range(8)))
     for seed, image in enumerate(together):
         assert np.abs(image - make(plain, seed)).max() <= BOUND_ATOL
+
+
+def test_onnxruntime_errors_keep_their_cause_in_one_line():
+    from edgediff.runtime.session import _summary
+
+    trace = RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Exception during initialization: core.cpp:114:\n"
+                         "Exception from plugin.cpp:53:\n[AUTO] compile model failed\n"
+                         "Supported precisions set is not available for Constant operation.\n; ")
+    assert _summary(trace) == ("[ONNXRuntimeError] : 1 : FAIL : Exception during initialization: core.cpp:114: ... "
+                               "Supported precisions set is not available for Constant operation.")
+    assert _summary(RuntimeError("one line")) == "one line"
