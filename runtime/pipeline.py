@@ -81,7 +81,7 @@ def _can_capture(resolution: Resolution) -> bool:
     """cuda_graph=True: an error on an explicitly chosen provider that cannot capture; with `auto` (or after a
     fallback) it is dropped, logged, so one setting serves every machine."""
     provider = resolution.provider
-    if provider.graph_capture_option and provider.device_type:
+    if provider.can_capture:
         return True
     if resolution.requested.lower() == provider.name:
         raise ProviderError("graph_capture_unsupported", name=provider.name)

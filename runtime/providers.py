@@ -7,6 +7,7 @@ options and verified where a machine has them (see README "Platforms").
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -37,6 +38,11 @@ class Provider:
     # the provider compiles the nodes it takes (OpenVINO, TensorRT, Core ML, QNN): onnxruntime cannot save such a
     # graph (graph_cache.py), so these use their own caches instead, where they have one (`cache_options`)
     compiles: bool = False
+
+    @property
+    def can_capture(self) -> bool:
+        """Whether it can replay captured graphs: it has a capture option and binds to device memory."""
+        return bool(self.graph_capture_option and self.device_type)
 
     def available(self, offered: set[str] | None = None) -> bool:
         offered = set(ort.get_available_providers()) if offered is None else offered
@@ -101,6 +107,7 @@ class TensorRT(Provider):
         return {"trt_engine_cache_path": str(folder / "tensorrt")}  # else engines land in the working directory
 
 
+@functools.lru_cache(maxsize=1)  # asked at each resolve and session open; the devices do not change in a process
 def openvino_devices() -> list[str] | None:
     """The devices onnxruntime's OpenVINO build sees ("CPU", "GPU.0", "NPU", ...), or None if it cannot say."""
     try:

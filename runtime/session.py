@@ -88,7 +88,7 @@ class GraphSession:
         self._threads, self._low_memory, self._cache_dir = threads, low_memory, cache_dir
         device_type = resolution.provider.device_type
         self.io_binding = bool(device_type) if io_binding is None else (io_binding and bool(device_type))
-        self.capture = capture and self.io_binding
+        self.capture = capture and self.io_binding and resolution.provider.can_capture
         self.capture_state = "off"  # "off", "captured <dims>", or why onnxruntime would not capture
         self._device_id = int(resolution.options.get("device_id", 0))
         self._lock = threading.Lock()
@@ -98,7 +98,7 @@ class GraphSession:
         self.session = self._open_dynamic()
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self._runner = BoundRunner(self.session, device_type, self._device_id) if self.io_binding else None
+        self._runner = self._bound(self.session) if self.io_binding else None
         # called with each run's checked feeds (export records calibration inputs this way)
         self.observers: list[Callable[[dict[str, np.ndarray]], None]] = []
         declared = {t.name for t in spec.inputs}
@@ -143,17 +143,19 @@ class GraphSession:
                 self._open_static(key, feeds)
             return self._runner.run(feeds, run_options)
 
+    def _bound(self, session: ort.InferenceSession, graph_id: int | None = None) -> BoundRunner:
+        return BoundRunner(session, self.resolution.provider.device_type, self._device_id, graph_id)
+
     def _use_dynamic(self) -> None:
         self.session = self._runner = None
         gc.collect()
         self._static_key = None
         self.session = self._open_dynamic()
-        self._runner = BoundRunner(self.session, self.resolution.provider.device_type, self._device_id)
+        self._runner = self._bound(self.session)
 
     def _open_static(self, key: tuple, feeds: dict[str, np.ndarray]) -> None:
         """Replaces the session by one fixed to these feeds' shapes, with graph capture on."""
-        provider = self.resolution.provider
-        capture_option = {provider.graph_capture_option: "1"} if provider.graph_capture_option else {}
+        capture_option = {self.resolution.provider.graph_capture_option: "1"}
         try:
             dims = static_dims(self.inputs, feeds)
             self.session = self._runner = None
@@ -170,9 +172,8 @@ class GraphSession:
             return
         self._note_fallback(session)
         self.session, self._static_key = session, key
-        self._runner = BoundRunner(session, self.resolution.provider.device_type, self._device_id,
-                                   graph_id=0 if capture_option else None)
-        self.capture_state = f"captured {_dims_text(feeds)}" if capture_option else f"shape-fixed {_dims_text(feeds)}"
+        self._runner = self._bound(session, graph_id=0)
+        self.capture_state = f"captured {_dims_text(feeds)}"
         log.info("%s: %s", self.name, self.capture_state)
 
     @property
