@@ -211,6 +211,38 @@ def providers():
         click.echo(f"{name:<10}{status + (' <- auto' if name == auto else ''):<16}{'/'.join(p.precisions):<16}{detail}")
 
 
+@cli.group()
+def cache():
+    """The per-user cache of optimised graphs (README: "Graph cache")."""
+
+
+@cache.command("list")
+def cache_list():
+    """Show what the graph cache holds, least recently used first, and its size limit."""
+    from datetime import datetime
+
+    from edgediff.runtime import graph_cache
+
+    folder, limit = graph_cache.cache_dir(), graph_cache.cache_limit()
+    found = graph_cache.entries(folder)
+    for entry in found:
+        used = datetime.fromtimestamp(entry.last_used).strftime("%Y-%m-%d %H:%M")
+        click.echo(f"{entry.size / 2**20:10.1f} MiB  {used}  {entry.name}")
+    total = sum(e.size for e in found)
+    click.echo(f"{len(found)} entries, {total / 2**30:.2f} GiB of {limit / 2**30:.1f} GiB "
+               f"({graph_cache.LIMIT_ENV}) in {folder}")
+
+
+@cache.command("clear")
+def cache_clear():
+    """Delete every cached graph (the next start of each bundle optimises its graphs again)."""
+    from edgediff.runtime import graph_cache
+
+    folder = graph_cache.cache_dir()
+    count, size = graph_cache.clear(folder)
+    click.echo(f"removed {count} entries ({size / 2**20:.1f} MiB) from {folder}")
+
+
 @cli.command()
 @click.argument("source")
 @click.argument("out", type=click.Path())

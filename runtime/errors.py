@@ -22,6 +22,7 @@ MESSAGES = {
     "provider_unavailable": "provider {name!r} is not available in this onnxruntime build (available: {available}); to get it: {install}; or pass --fallback",
     "provider_option": "provider options are KEY=VALUE, got {value!r}",
     "graph_capture_unsupported": "provider {name!r} cannot capture graphs (CUDA graphs need the cuda or tensorrt provider)",
+    "cache_limit": "{env} must be a size in GiB (a number >= 0), got {value!r}",
     # generation inputs
     "size_multiple": "{what} must be a positive multiple of {multiple}, got {value}",
     "steps": "num_inference_steps must be >= 1, got {value}",

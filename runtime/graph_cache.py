@@ -5,6 +5,12 @@ back with optimisation off. The saved graph may suit only this machine and provi
 the graph's sha256 (from the manifest) with the file's size and mtime, the provider, onnxruntime's
 version and the CPU architecture. Files live in platformdirs' per-user cache folder (EDGEDIFF_CACHE_DIR overrides); a
 cached graph that fails to load is deleted and rebuilt.
+
+The cache stays bounded, because each new bundle file, provider option set or onnxruntime upgrade adds entries
+(a developer's cache reached 16 GB here, and a full disk then failed CI's install): after each save the least
+recently used entries go until the total is under the limit (EDGEDIFF_CACHE_MAX_GB), a save that would leave
+the disk nearly full is skipped, and a save that fails leaves the session running uncached. The cache never
+makes a generation fail.
 """
 
 from __future__ import annotations
@@ -13,15 +19,33 @@ import hashlib
 import logging
 import os
 import platform
+import re
+import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnxruntime as ort
+
+from .errors import InputError
 
 log = logging.getLogger("edgediff.cache")
 
 CACHE_DIR_ENV = "EDGEDIFF_CACHE_DIR"
 EXTERNAL_MIN_BYTES = 1024  # initializers at least this big go to the .data file (graphs past 2 GB need it)
 LARGE_GRAPH_BYTES = 1_500_000_000  # above this a graph's cached copy keeps its weights beside it
+LIMIT_ENV = "EDGEDIFF_CACHE_MAX_GB"
+# Full-size SD-Turbo fp32 caches 4.7 GiB of optimised graphs on the CPU provider (measured): the default keeps a few
+# full-size models. An evicted graph costs one slower start (optimise and save again).
+DEFAULT_LIMIT_BYTES = 20 * 2**30
+FREE_SPACE_RESERVE = 2 * 2**30  # a save must leave this much of the disk free: the cache never fills a disk
+STALE_PARTIAL_S = 3600  # a .partial file untouched this long is a crashed save (a live one's mtime moves as it is written)
+# The provider folders compiling providers keep beside ours (providers.py `cache_options`): listed and cleared too
+PROVIDER_FOLDERS = ("openvino", "tensorrt")
+# What `clear` and eviction may delete: only names this module writes, so that EDGEDIFF_CACHE_DIR pointing at a
+# folder of the user's own never loses anything else
+_ENTRY_FILE = re.compile(r"^(?P<key>[a-z0-9_]+-[0-9a-f]{16}-[0-9a-f]{8}-.+-ort[^-]+-[a-z0-9_]+)\.onnx(\.data)?$")
+_PARTIAL_FILE = re.compile(r"^\.[a-z0-9_]+-[0-9a-f]{16}-.+\.\d+\.partial\.onnx(\.data)?$")
 
 
 def cache_dir() -> Path:
@@ -33,6 +57,106 @@ def cache_dir() -> Path:
     return user_cache_path("edgediff", appauthor=False) / "graphs"
 
 
+def cache_limit() -> int:
+    """The cache's size limit in bytes, from EDGEDIFF_CACHE_MAX_GB (GiB; 0 keeps only the graphs just saved)."""
+    raw = os.environ.get(LIMIT_ENV)
+    if raw is None or not raw.strip():
+        return DEFAULT_LIMIT_BYTES
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also refuses nan
+        raise InputError("cache_limit", env=LIMIT_ENV, value=raw)
+    return int(value * 2**30)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One cached graph (its .onnx and any .onnx.data beside it) or one compiling provider's folder."""
+
+    name: str
+    paths: tuple[Path, ...]
+    size: int
+    last_used: float  # seconds since the epoch: the newest mtime among its files (a hit refreshes it)
+
+
+def _folder_stats(folder: Path) -> tuple[int, float]:
+    size, newest = 0, folder.stat().st_mtime
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            stat = (Path(root) / name).stat()
+            size, newest = size + stat.st_size, max(newest, stat.st_mtime)
+    return size, newest
+
+
+def entries(folder: Path) -> list[Entry]:
+    """What the cache at `folder` holds, least recently used first."""
+    if not folder.is_dir():
+        return []
+    grouped: dict[str, list[Path]] = {}
+    found = []
+    for path in folder.iterdir():
+        match = _ENTRY_FILE.match(path.name)
+        if match and path.is_file():
+            grouped.setdefault(match["key"], []).append(path)
+        elif path.name in PROVIDER_FOLDERS and path.is_dir():
+            size, used = _folder_stats(path)
+            found.append(Entry(path.name + "/", (path,), size, used))
+    for key, paths in grouped.items():
+        stats = [p.stat() for p in paths]
+        found.append(Entry(key, tuple(sorted(paths)), sum(s.st_size for s in stats), max(s.st_mtime for s in stats)))
+    return sorted(found, key=lambda e: e.last_used)
+
+
+def _remove(entry: Entry) -> bool:
+    """Deletes an entry's files; False where one stays (Windows keeps a file another process has open)."""
+    whole = True
+    for path in entry.paths:
+        try:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.info("could not remove cached %s (%s); it stays until its user closes it", path.name, exc)
+            whole = False
+    return whole
+
+
+def clear(folder: Path) -> tuple[int, int]:
+    """Removes every cache entry and stale partial save under `folder`; (entries, bytes) removed."""
+    removed = [entry for entry in entries(folder) if _remove(entry)]
+    _remove_partials(folder, older_than=0)
+    return len(removed), sum(e.size for e in removed)
+
+
+def _remove_partials(folder: Path, older_than: float) -> None:
+    now = time.time()
+    for path in folder.glob(".*.partial.onnx*"):
+        if _PARTIAL_FILE.match(path.name) and path.is_file() and now - path.stat().st_mtime >= older_than:
+            _remove(Entry(path.name, (path,), 0, 0.0))
+
+
+def prune(folder: Path, limit: int, keep: frozenset[str] = frozenset()) -> list[Entry]:
+    """Evicts least recently used entries until the total is within `limit` bytes, never those named in `keep`
+    (the graphs a session just saved); also drops partial saves a crash left. Returns what it evicted."""
+    _remove_partials(folder, older_than=STALE_PARTIAL_S)
+    found = entries(folder)
+    total, evicted = sum(e.size for e in found), []
+    for entry in found:
+        if total <= limit:
+            break
+        if entry.name in keep or not _remove(entry):
+            continue
+        total -= entry.size
+        evicted.append(entry)
+    if evicted:
+        log.info("graph cache over its %.1f GiB limit (%s): evicted %d least recently used entries (%.1f MiB)",
+                 limit / 2**30, LIMIT_ENV, len(evicted), sum(e.size for e in evicted) / 2**20)
+    return evicted
+
+
 def cache_key(component: str, sha256: str, provider: str, path: Path) -> str:
     """The manifest's sha256 names the graph; the file's size and mtime tie the entry to the file on
     disk too, so a bundle opened without checksum verification never gets another file's graph."""
@@ -42,19 +166,32 @@ def cache_key(component: str, sha256: str, provider: str, path: Path) -> str:
 
 
 def open_cached(path: Path, key: str, graph_bytes: int, options_factory, providers, folder: Path):
-    """(session, "hit" | "miss"): the cached optimised graph if there is one, else `path` optimised
-    now and saved for next time."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """(session, status): the cached optimised graph if there is one ("hit"), else `path` optimised now and
+    saved for next time ("miss"), or run unsaved when the disk is short of room or the save fails ("skipped")."""
+    limit = cache_limit()  # read first: a bad EDGEDIFF_CACHE_MAX_GB is an error even on a hit
     cached = folder / f"{key}.onnx"
     if cached.is_file():
         opts = options_factory()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # already optimised
         try:
-            return ort.InferenceSession(str(cached), sess_options=opts, providers=providers), "hit"
+            session = ort.InferenceSession(str(cached), sess_options=opts, providers=providers)
         except Exception as exc:  # onnxruntime's own error types: a truncated or stale file
             log.warning("cached graph %s is unusable (%s); rebuilding it", cached.name, str(exc).splitlines()[0])
             for stale in (cached, cached.with_suffix(".onnx.data")):
                 stale.unlink(missing_ok=True)
+        else:
+            os.utime(cached)  # marks the use for eviction: access times are often off (noatime, relatime)
+            return session, "hit"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(folder).free
+    except OSError as exc:  # an unwritable or vanished cache folder costs speed, never the image
+        log.warning("graph cache folder %s is unusable (%s); %s runs uncached", folder, exc, path.name)
+        return ort.InferenceSession(str(path), sess_options=options_factory(), providers=providers), "skipped"
+    if free - graph_bytes < FREE_SPACE_RESERVE:
+        log.warning("not caching %s: %.1f GiB free at %s, and a save must leave %.0f GiB", path.name, free / 2**30,
+                    folder, FREE_SPACE_RESERVE / 2**30)
+        return ort.InferenceSession(str(path), sess_options=options_factory(), providers=providers), "skipped"
     partial = folder / f".{key}.{os.getpid()}.partial.onnx"
     opts = options_factory()
     opts.optimized_model_filepath = str(partial)
@@ -62,8 +199,19 @@ def open_cached(path: Path, key: str, graph_bytes: int, options_factory, provide
         opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{key}.onnx.data")
         opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
                                       str(EXTERNAL_MIN_BYTES))
-    session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
-    if partial.is_file():
-        os.replace(partial, cached)  # whole or absent: a crash mid-write leaves only a .partial file
-        log.info("cached optimised %s as %s", path.name, cached.name)
+    try:
+        session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    except Exception as exc:  # onnxruntime's own types; the save (disk full, folder gone) or the graph itself
+        for leftover in (partial, cached.with_suffix(".onnx.data")):
+            if leftover.is_file():
+                leftover.unlink()
+        # loaded again without the save: a broken graph raises here as it would uncached
+        session = ort.InferenceSession(str(path), sess_options=options_factory(), providers=providers)
+        log.warning("could not save the optimised %s (%s); it runs uncached", path.name, str(exc).splitlines()[0])
+        return session, "skipped"
+    if not partial.is_file():
+        return session, "skipped"
+    os.replace(partial, cached)  # whole or absent: a crash mid-write leaves only a .partial file
+    log.info("cached optimised %s as %s", path.name, cached.name)
+    prune(folder, limit, keep=frozenset({key}))
     return session, "miss"

@@ -20,7 +20,7 @@ import onnxruntime as ort
 
 from . import graph_cache
 from .binding import BoundRunner, shape_key, static_dims
-from .errors import BundleError, InputError
+from .errors import BundleError, EdgediffError, InputError
 from .manifest import ComponentSpec
 from .providers import Resolution, resolve
 
@@ -121,6 +121,8 @@ class GraphSession:
                 session, self.cache = graph_cache.open_cached(
                     path, key, self.spec.size, lambda: session_options(self._threads, resolution, self._low_memory),
                     resolution.ort_providers, self._cache_dir)
+        except EdgediffError:
+            raise  # ours already says what is wrong (a bad EDGEDIFF_CACHE_MAX_GB)
         except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
             raise BundleError("graph_unloadable", path=self.bundle_path, file=path.name, detail=_summary(exc)) from exc
         self._note_fallback(session)

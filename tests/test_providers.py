@@ -109,6 +109,150 @@ def test_graph_cache_key_follows_the_graph(models_root, tmp_path, monkeypatch):
     assert len(unets) == 2
 
 
+def _cache_names(folder):
+    from edgediff.runtime import graph_cache
+
+    return {e.name for e in graph_cache.entries(folder)}
+
+
+def test_graph_cache_evicts_least_recently_used_entries_past_its_limit(models_root, tmp_path, monkeypatch):
+    """Each new bundle, provider option set or onnxruntime version adds entries (16 GB here): a save evicts the
+    least recently used until the total is within EDGEDIFF_CACHE_MAX_GB, and a hit counts as a use."""
+    import os
+    import time
+
+    from edgediff.runtime import graph_cache
+
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("EDGEDIFF_CACHE_DIR", str(folder))
+    Pipeline.from_bundle(tiny_bundle("tiny-sd1", models_root))
+    first = _cache_names(folder)
+    Pipeline.from_bundle(tiny_bundle("tiny-sd2-v", models_root))
+    second = _cache_names(folder) - first
+    assert len(first) == len(second) == 3
+    past = time.time() - 3600
+    for age, entry in enumerate(graph_cache.entries(folder)):  # all an hour old
+        for path in entry.paths:
+            os.utime(path, (past + age, past + age))
+    Pipeline.from_bundle(tiny_bundle("tiny-sd1", models_root))  # hits: now the most recently used
+    assert {e.name for e in graph_cache.entries(folder)[-3:]} == first
+    lru = graph_cache.entries(folder)  # the second bundle's three, oldest first, then the first's
+    limit = sum(e.size for e in lru[3:]) + lru[2].size  # room for the newest of the older three
+    evicted = graph_cache.prune(folder, limit)
+    assert [e.name for e in evicted] == [lru[0].name, lru[1].name] and lru[2].name in second
+    assert _cache_names(folder) == first | {lru[2].name}
+
+    # the limit applies at each save: at 0 only the graph just saved stays, and the images are unchanged
+    monkeypatch.setenv("EDGEDIFF_CACHE_MAX_GB", "0")
+    pipe = Pipeline.from_bundle(tiny_bundle("tiny-sd-turbo", models_root))
+    assert len(_cache_names(folder)) == 1
+    uncached = Pipeline.from_bundle(tiny_bundle("tiny-sd-turbo", models_root), cache=False)
+    np.testing.assert_allclose(pipe("a cat", seed=1, num_inference_steps=1, output_type="np").images,
+                               uncached("a cat", seed=1, num_inference_steps=1, output_type="np").images, atol=1e-6)
+
+
+def test_eviction_passes_over_a_graph_another_process_holds_open(models_root, tmp_path, monkeypatch):
+    """Windows refuses to delete a file another process has open: that entry stays, the next one goes instead,
+    and the start that triggered the eviction goes on."""
+    import pathlib
+
+    from edgediff.runtime import graph_cache
+
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("EDGEDIFF_CACHE_DIR", str(folder))
+    Pipeline.from_bundle(tiny_bundle("tiny-sd1", models_root))
+    oldest, *rest = graph_cache.entries(folder)
+    real_unlink = pathlib.Path.unlink
+
+    def unlink(self, missing_ok=False):
+        if self in oldest.paths:
+            raise PermissionError(13, "The process cannot access the file because it is being used by another process")
+        real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(pathlib.Path, "unlink", unlink)
+    evicted = graph_cache.prune(folder, limit=oldest.size + rest[-1].size)
+    assert [e.name for e in evicted] == [rest[0].name]
+    assert _cache_names(folder) == {oldest.name, rest[-1].name}
+
+
+@pytest.mark.parametrize("value", ["lots", "-1", "nan"])
+def test_a_bad_cache_limit_is_a_clear_error(models_root, tmp_path, monkeypatch, value):
+    from edgediff.runtime import InputError
+
+    monkeypatch.setenv("EDGEDIFF_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("EDGEDIFF_CACHE_MAX_GB", value)
+    with pytest.raises(InputError, match="EDGEDIFF_CACHE_MAX_GB must be a size in GiB"):
+        Pipeline.from_bundle(tiny_bundle("tiny-sd1", models_root))
+    result = CliRunner().invoke(cli, ["cache", "list"])
+    assert result.exit_code == 1 and "EDGEDIFF_CACHE_MAX_GB" in result.output
+
+
+def _disk_nearly_full(monkeypatch):
+    import shutil
+
+    from edgediff.runtime import graph_cache
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(graph_cache.shutil, "disk_usage",
+                        lambda p: real(p)._replace(free=graph_cache.FREE_SPACE_RESERVE + 1024))
+
+
+def _save_fails(monkeypatch, folder, bundle_path):
+    """A directory where onnxruntime's save would go makes that save fail, as a full disk would."""
+    import os
+
+    from edgediff.runtime import Bundle, graph_cache
+
+    bundle = Bundle.open(bundle_path)
+    for name, spec in bundle.manifest.components.items():
+        key = graph_cache.cache_key(name, spec.files[spec.graph_file]["sha256"], "cpu", bundle.component_path(name))
+        (folder / f".{key}.{os.getpid()}.partial.onnx").mkdir(parents=True)
+
+
+def _cache_is_a_file(monkeypatch, folder, bundle_path):
+    folder.write_text("not a folder")
+
+
+@pytest.mark.parametrize("trouble,logged", [("disk nearly full", "not caching"), ("save fails", "could not save"),
+                                            ("cache path is a file", "is unusable")])
+def test_the_graph_cache_never_fails_a_generation(models_root, tmp_path, monkeypatch, caplog, trouble, logged):
+    """A cache that cannot take a graph costs a slower next start, never the image, and never fills the disk."""
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("EDGEDIFF_CACHE_DIR", str(folder))
+    bundle = tiny_bundle("tiny-sd1", models_root)
+    if trouble == "disk nearly full":
+        _disk_nearly_full(monkeypatch)
+    elif trouble == "save fails":
+        _save_fails(monkeypatch, folder, bundle)
+    else:
+        _cache_is_a_file(monkeypatch, folder, bundle)
+    with caplog.at_level(logging.WARNING, logger="edgediff.cache"):
+        pipe = Pipeline.from_bundle(bundle)
+    assert {g["cache"] for g in pipe.provider_report()["graphs"].values()} == {"skipped"}
+    assert logged in caplog.text
+    assert not _cache_names(folder) if folder.is_dir() else folder.read_text() == "not a folder"
+    uncached = Pipeline.from_bundle(bundle, cache=False)
+    np.testing.assert_allclose(pipe("a cat", seed=2, num_inference_steps=2, output_type="np").images,
+                               uncached("a cat", seed=2, num_inference_steps=2, output_type="np").images, atol=1e-6)
+
+
+def test_cache_command_lists_and_clears_only_its_own_files(models_root, tmp_path, monkeypatch):
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("EDGEDIFF_CACHE_DIR", str(folder))
+    Pipeline.from_bundle(tiny_bundle("tiny-sd1", models_root))
+    (folder / "openvino").mkdir()
+    (folder / "openvino" / "blob.bin").write_bytes(b"x" * 4096)
+    (folder / "notes.txt").write_text("mine")  # EDGEDIFF_CACHE_DIR may be a folder of the user's
+    (folder / "model.onnx").write_bytes(b"mine too")
+    listed = CliRunner().invoke(cli, ["cache", "list"])
+    assert listed.exit_code == 0, listed.output
+    assert "4 entries" in listed.output and "openvino/" in listed.output and "unet-" in listed.output
+    cleared = CliRunner().invoke(cli, ["cache", "clear"])
+    assert cleared.exit_code == 0 and "removed 4 entries" in cleared.output, cleared.output
+    assert sorted(p.name for p in folder.iterdir()) == ["model.onnx", "notes.txt"]
+    assert "0 entries" in CliRunner().invoke(cli, ["cache", "list"]).output
+
+
 def test_providers_command_lists_the_registry():
     result = CliRunner().invoke(cli, ["providers"])
     assert result.exit_code == 0, result.output
