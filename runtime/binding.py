@@ -71,6 +71,11 @@ class BoundRunner:
         self._outputs: list[ort.OrtValue] = []
         self.replays = 0  # runs served by an existing binding (replays of the captured graph when graph_id is set)
 
+    @property
+    def bound(self) -> bool:
+        """Whether a shape was bound whole: the device took this runner's buffers at least once."""
+        return self._key is not None
+
     def run(self, feeds: dict[str, np.ndarray], run_options: ort.RunOptions | None = None) -> list[np.ndarray]:
         run_options = run_options or ort.RunOptions()
         key = shape_key(feeds)

@@ -132,8 +132,10 @@ REGISTRY: dict[str, Provider] = {p.name: p for p in (
              options={"trt_fp16_enable": True, "trt_engine_cache_enable": True}),
     Provider("rocm", "ROCMExecutionProvider", ("fp16", "fp32"), install="AMD's onnxruntime wheels built with ROCm",
              platforms=("linux",), gpu=True),
+    # I/O binding on "dml" buffers: onnxruntime-directml 1.17+ (an older build fails the first bind, and the graph
+    # then runs unbound, logged); built from onnxruntime's API, not yet run on Windows hardware
     DirectML("directml", "DmlExecutionProvider", ("fp16", "fp32"), install='pip install "edgediff[directml]"',
-             platforms=("win",), gpu=True, options={"device_id": 0}),
+             platforms=("win",), gpu=True, device_type="dml", options={"device_id": 0}),
     Provider("coreml", "CoreMLExecutionProvider", ("fp16", "fp32"), install="pip install edgediff (macOS wheels have it)",
              platforms=("darwin",), compiles=True, options={"ModelFormat": "MLProgram", "MLComputeUnits": "ALL"}),
     OpenVINO("openvino", "OpenVINOExecutionProvider", ("fp16", "int8", "fp32"), install='pip install "edgediff[openvino]"',

@@ -88,6 +88,7 @@ class GraphSession:
         self._threads, self._low_memory, self._cache_dir = threads, low_memory, cache_dir
         device_type = resolution.provider.device_type
         self.io_binding = bool(device_type) if io_binding is None else (io_binding and bool(device_type))
+        self.binding_state = "on" if self.io_binding else "off"  # or "refused: <why>" after a failed first bind
         self.capture = capture and self.io_binding and resolution.provider.can_capture
         self.capture_state = "off"  # "off", "captured <dims>", or why onnxruntime would not capture
         self._device_id = int(resolution.options.get("device_id", 0))
@@ -209,8 +210,24 @@ class GraphSession:
         if self.capture:
             return self._run_captured(checked, run_options)
         if self._runner is not None:
-            return self._runner.run(checked, run_options)
+            return self._run_bound(checked, run_options)
         return self.session.run(self.output_names, checked, run_options)
+
+    def _run_bound(self, feeds: dict[str, np.ndarray], run_options) -> list[np.ndarray]:
+        runner = self._runner
+        try:
+            return runner.run(feeds, run_options)
+        except Exception as exc:  # onnxruntime's own types
+            if runner.bound:
+                raise  # binding worked for this graph: the run itself failed
+            # this onnxruntime build cannot place buffers on the provider's device (DirectML's Python binding came
+            # in onnxruntime 1.17, and it is not checked on hardware here): run unbound, and say so
+            reason = _summary(exc)
+            log.warning("%s: I/O binding on %r failed (%s); it runs unbound", self.name,
+                        self.resolution.provider.device_type, reason)
+            self._runner, self.io_binding = None, False
+            self.binding_state = f"refused: {reason}"
+            return self.session.run(self.output_names, feeds, run_options)
 
 
 def _summary(exc: Exception) -> str:

@@ -63,6 +63,28 @@ def test_bound_runs_follow_new_inputs_in_fixed_buffers(models_root):
     assert np.abs(unet.run(**other)[0] - _plain(unet, other)).max() <= BOUND_ATOL
 
 
+def test_a_device_this_onnxruntime_cannot_bind_to_runs_unbound_and_says_so(models_root, monkeypatch, caplog):
+    """DirectML binds to "dml" buffers, which only onnxruntime-directml 1.17+ can make: here the CPU build is
+    such a build, so the first bind fails, and the graph runs unbound with the same result and a warning."""
+    assert prov.REGISTRY["directml"].device_type == "dml"
+    dml_like = dataclasses.replace(prov.REGISTRY["cpu"], device_type=prov.REGISTRY["directml"].device_type)
+    monkeypatch.setitem(prov.REGISTRY, "cpu", dml_like)
+    pipe = Pipeline.from_bundle(tiny_bundle("tiny-sd-turbo", models_root), provider="cpu")
+    assert {g["io_binding"] for g in pipe.provider_report()["graphs"].values()} == {"on"}
+    with caplog.at_level(logging.WARNING, logger="edgediff.session"):
+        image = pipe("a cat", seed=4, num_inference_steps=2, output_type="np").images
+    states = {g["io_binding"] for g in pipe.provider_report()["graphs"].values()}
+    assert len(states) == 1 and states.pop().startswith("refused: ") and "runs unbound" in caplog.text
+    monkeypatch.undo()
+    plain = Pipeline.from_bundle(tiny_bundle("tiny-sd-turbo", models_root), provider="cpu", io_binding=False)
+    np.testing.assert_allclose(image, plain("a cat", seed=4, num_inference_steps=2, output_type="np").images,
+                               atol=BOUND_ATOL)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="edgediff.session"):
+        pipe("a cat", seed=4, num_inference_steps=2, output_type="np")
+    assert "runs unbound" not in caplog.text  # said once per graph, not at every call
+
+
 def test_capture_opens_one_shape_fixed_session_per_input_shape(models_root):
     unet = _unet(models_root, capture=True)
     dynamic = unet.session
@@ -110,7 +132,7 @@ def test_pipeline_with_binding_and_shape_fixed_sessions_matches_the_plain_pipeli
                   for p in (plain, bound)]
         assert np.abs(images[0] - images[1]).max() <= BOUND_ATOL
     report = bound.provider_report()["graphs"]
-    assert all(g["io_binding"] and g["cuda_graph"].startswith("captured") for g in report.values()), report
+    assert all(g["io_binding"] == "on" and g["cuda_graph"].startswith("captured") for g in report.values()), report
 
 
 def test_cuda_graph_needs_a_provider_that_captures(models_root):
@@ -123,7 +145,7 @@ def test_cuda_graph_needs_a_provider_that_captures(models_root):
     if prov.resolve("auto").provider.name == "cpu":
         report = Pipeline.from_bundle(bundle, cuda_graph=True).provider_report()
         assert {g["cuda_graph"] for g in report["graphs"].values()} == {"off"}
-        assert not any(g["io_binding"] for g in report["graphs"].values())
+        assert {g["io_binding"] for g in report["graphs"].values()} == {"off"}
 
 
 def test_provider_options_override_the_providers_own_and_key_the_graph_cache():
@@ -187,7 +209,7 @@ def test_bound_pipeline_is_safe_from_several_threads(models_root, monkeypatch):
     plain = Pipeline.from_bundle(bundle, provider="cpu")
     monkeypatch.setitem(prov.REGISTRY, "cpu", HOST_BOUND)
     bound = Pipeline.from_bundle(bundle, provider="cpu")
-    assert all(g["io_binding"] for g in bound.provider_report()["graphs"].values())
+    assert {g["io_binding"] for g in bound.provider_report()["graphs"].values()} == {"on"}
 
     def make(pipe, seed):
         return pipe(f"a red circle {seed}", num_inference_steps=2, seed=seed, output_type="np").images
