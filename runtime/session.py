@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import hashlib
+import json
 import logging
 import os
 import sys
@@ -108,25 +110,36 @@ class GraphSession:
                               detail=f"graph inputs {sorted(self.inputs)} but manifest lists {sorted(declared)}")
 
     def _open_dynamic(self) -> ort.InferenceSession:
-        resolution, path = self.resolution, self.path
         try:
-            if self._cache_dir is None or resolution.provider.compiles:
-                # a compiling provider keeps its own cache (onnxruntime cannot save its compiled graph)
-                own_cache = resolution.provider.cache_options(self._cache_dir) if self._cache_dir is not None else {}
-                self.cache = "provider" if own_cache else "off"
-                own_cache = {k: v for k, v in own_cache.items() if k not in resolution.overrides}  # the caller's win
-                session = ort.InferenceSession(str(path), sess_options=session_options(self._threads, resolution, self._low_memory),
-                                               providers=resolution.ort_providers_with(**own_cache))
-            else:
-                key = graph_cache.cache_key(self.name, self.spec.files[self.spec.graph_file]["sha256"], resolution.cache_tag, path)
-                session, self.cache = graph_cache.open_cached(
-                    path, key, self.spec.size, lambda: session_options(self._threads, resolution, self._low_memory),
-                    resolution.ort_providers, self._cache_dir)
+            session = self._open()
         except EdgediffError:
             raise  # ours already says what is wrong (a bad EDGEDIFF_CACHE_MAX_GB)
         except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
-            raise BundleError("graph_unloadable", path=self.bundle_path, file=path.name, detail=_summary(exc)) from exc
+            raise BundleError("graph_unloadable", path=self.bundle_path, file=self.path.name, detail=_summary(exc)) from exc
         self._note_fallback(session)
+        return session
+
+    def _open(self, dims: dict[str, int] | None = None, **extra) -> ort.InferenceSession:
+        """A session of this graph, through the graph cache where there is one. `dims`: fixed dimensions (a
+        shape-fixed session); `extra`: provider options (graph capture). Both key the cache: a shape-fixed
+        graph's optimised form differs from the dynamic one's, and a cached one spares each new image size its
+        optimiser run."""
+        resolution, path = self.resolution, self.path
+        factory = lambda: session_options(self._threads, resolution, self._low_memory, dims)  # noqa: E731
+        if self._cache_dir is None or resolution.provider.compiles:
+            # a compiling provider keeps its own cache (onnxruntime cannot save its compiled graph)
+            own_cache = resolution.provider.cache_options(self._cache_dir) if self._cache_dir is not None else {}
+            self.cache = "provider" if own_cache else "off"
+            own_cache = {k: v for k, v in own_cache.items() if k not in resolution.overrides}  # the caller's win
+            return ort.InferenceSession(str(path), sess_options=factory(),
+                                        providers=resolution.ort_providers_with(**own_cache, **extra))
+        tag = resolution.cache_tag
+        if dims or extra:
+            fixed = json.dumps([sorted((dims or {}).items()), sorted(extra.items())])
+            tag += "-fixed" + hashlib.sha1(fixed.encode()).hexdigest()[:8]
+        key = graph_cache.cache_key(self.name, self.spec.files[self.spec.graph_file]["sha256"], tag, path)
+        session, self.cache = graph_cache.open_cached(path, key, self.spec.size, factory,
+                                                      resolution.ort_providers_with(**extra), self._cache_dir)
         return session
 
     def _note_fallback(self, session: ort.InferenceSession) -> None:
@@ -163,8 +176,9 @@ class GraphSession:
             dims = static_dims(self.inputs, feeds)
             self.session = self._runner = None
             gc.collect()  # the previous session's device memory goes before the next session takes its own
-            session = ort.InferenceSession(str(self.path), sess_options=session_options(self._threads, self.resolution, self._low_memory, dims),
-                                           providers=self.resolution.ort_providers_with(**capture_option))
+            session = self._open(dims, **capture_option)
+        except EdgediffError:
+            raise
         except Exception as exc:  # onnxruntime's own types; e.g. "cannot use the graph capture feature"
             reason = _summary(exc)
             log.warning("%s: no captured graph for %s (%s); it runs bound, without capture", self.name,

@@ -98,6 +98,25 @@ def test_capture_opens_one_shape_fixed_session_per_input_shape(models_root):
     assert unet._runner.replays == 1
 
 
+def test_shape_fixed_graphs_come_from_the_graph_cache_on_the_next_start(models_root, tmp_path):
+    """A captured graph's session is opened per image size; its optimised form is cached under its own key (the
+    fixed dimensions and the capture option), so the next start at that size skips the optimiser."""
+    from edgediff.runtime import graph_cache
+
+    first = _unet(models_root, capture=True, cache_dir=tmp_path)
+    feeds = _feeds(first, 5)
+    expected = first.run(**feeds)[0]
+    assert first.cache == "miss" and len(graph_cache.entries(tmp_path)) == 2  # the dynamic graph and this size's
+    second = _unet(models_root, capture=True, cache_dir=tmp_path)
+    assert second.cache == "hit"  # the dynamic graph
+    got = second.run(**feeds)[0]
+    assert second.cache == "hit" and second.capture_state.startswith("captured")
+    np.testing.assert_allclose(got, expected, atol=BOUND_ATOL)
+    assert np.abs(got - _plain(second, feeds)).max() <= BOUND_ATOL
+    second.run(**_feeds(second, 6, side=16))  # another size: another entry
+    assert second.cache == "miss" and len(graph_cache.entries(tmp_path)) == 3
+
+
 def test_a_refused_capture_runs_bound_on_the_dynamic_graph_and_says_why(models_root, monkeypatch, caplog):
     real = ort.InferenceSession
 

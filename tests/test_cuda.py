@@ -109,3 +109,15 @@ def test_cuda_graphs_replay_each_calls_own_inputs(models_root, precision):
     print({name: g["cuda_graph"] for name, g in report.items()})
     assert all(g["cuda_graph"].startswith("captured") for g in report.values()), report
     assert all(captured.sessions.get(name)._runner.replays >= 2 for name in report)
+
+    # a second start: each shape-fixed graph comes from the graph cache, and is captured again
+    captured.close()
+    again = Pipeline.from_bundle(bundle, provider="cuda", cuda_graph=True)
+    for seed in (0, 1, 2):
+        latents = np.random.default_rng(seed).standard_normal((1, m.latent_channels, side, side)).astype(np.float32)
+        diff = np.abs(again(f"a red circle {seed}", num_inference_steps=2, latents=latents, output_type="np").images
+                      - images[seed]).max()
+        print(f"{precision} cached capture, call {seed}: max |diff| = {diff:.2e}")
+        assert diff <= atol
+    report = again.provider_report()["graphs"]
+    assert all(g["cache"] == "hit" and g["cuda_graph"].startswith("captured") for g in report.values()), report
