@@ -81,11 +81,17 @@ class Entry:
     last_used: float  # seconds since the epoch: the newest mtime among its files (a hit refreshes it)
 
 
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return path.stat()
+    except FileNotFoundError:  # another process evicted it meanwhile
+        return None
+
+
 def _folder_stats(folder: Path) -> tuple[int, float]:
     size, newest = 0, folder.stat().st_mtime
     for root, _dirs, files in os.walk(folder):
-        for name in files:
-            stat = (Path(root) / name).stat()
+        for stat in filter(None, (_stat(Path(root) / name) for name in files)):
             size, newest = size + stat.st_size, max(newest, stat.st_mtime)
     return size, newest
 
@@ -104,8 +110,9 @@ def entries(folder: Path) -> list[Entry]:
             size, used = _folder_stats(path)
             found.append(Entry(path.name + "/", (path,), size, used))
     for key, paths in grouped.items():
-        stats = [p.stat() for p in paths]
-        found.append(Entry(key, tuple(sorted(paths)), sum(s.st_size for s in stats), max(s.st_mtime for s in stats)))
+        stats = [st for st in map(_stat, paths) if st is not None]
+        if stats:
+            found.append(Entry(key, tuple(sorted(paths)), sum(st.st_size for st in stats), max(st.st_mtime for st in stats)))
     return sorted(found, key=lambda e: e.last_used)
 
 
@@ -134,7 +141,8 @@ def clear(folder: Path) -> tuple[int, int]:
 def _remove_partials(folder: Path, older_than: float) -> None:
     now = time.time()
     for path in folder.glob(".*.partial.onnx*"):
-        if _PARTIAL_FILE.match(path.name) and path.is_file() and now - path.stat().st_mtime >= older_than:
+        stat = _stat(path) if _PARTIAL_FILE.match(path.name) and path.is_file() else None
+        if stat is not None and now - stat.st_mtime >= older_than:
             _remove(Entry(path.name, (path,), 0, 0.0))
 
 
@@ -213,5 +221,8 @@ def open_cached(path: Path, key: str, graph_bytes: int, options_factory, provide
         return session, "skipped"
     os.replace(partial, cached)  # whole or absent: a crash mid-write leaves only a .partial file
     log.info("cached optimised %s as %s", path.name, cached.name)
-    prune(folder, limit, keep=frozenset({key}))
+    try:
+        prune(folder, limit, keep=frozenset({key}))
+    except OSError as exc:  # the folder changed under us (another process): the next save prunes again
+        log.warning("graph cache eviction stopped (%s)", exc)
     return session, "miss"

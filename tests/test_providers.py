@@ -175,6 +175,26 @@ def test_eviction_passes_over_a_graph_another_process_holds_open(models_root, tm
     assert _cache_names(folder) == {oldest.name, rest[-1].name}
 
 
+def test_a_crashed_save_is_removed_once_stale(tmp_path):
+    """A save killed mid-write leaves its .partial file: eviction removes it when no live save could own it
+    (untouched for STALE_PARTIAL_S), `clear` at once."""
+    import os
+    import time
+
+    from edgediff.runtime import graph_cache
+
+    stale, fresh = (tmp_path / f".unet-0123456789abcdef-01234567-cpu-ort1.32.0-x86_64.{pid}.partial.onnx"
+                    for pid in (123, 456))
+    for path in (stale, fresh):
+        path.write_bytes(b"half a graph")
+    old = time.time() - graph_cache.STALE_PARTIAL_S - 60
+    os.utime(stale, (old, old))
+    graph_cache.prune(tmp_path, limit=0)
+    assert not stale.exists() and fresh.exists()
+    graph_cache.clear(tmp_path)
+    assert not fresh.exists()
+
+
 @pytest.mark.parametrize("value", ["lots", "-1", "nan"])
 def test_a_bad_cache_limit_is_a_clear_error(models_root, tmp_path, monkeypatch, value):
     from edgediff.runtime import InputError
