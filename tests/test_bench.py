@@ -204,3 +204,13 @@ def test_peers_run_once_for_bundles_of_one_source(models_root, tmp_path, monkeyp
     first, second = (row["systems"][1] for row in data["results"])
     assert "measured_with" not in first and second["measured_with"] == str(fp32)
     assert second["stages"] == first["stages"]
+
+
+def test_cold_start_reads_each_start_from_a_fresh_process(models_root):
+    """No cache: the optimiser runs at every start; the first cached start saves; later ones load what it saved."""
+    from edgediff.benchmarks.cold_start import measure
+
+    rows = measure(str(tiny_bundle("tiny-sd-turbo", models_root)), repeat=1, threads=1)
+    assert [(r["start"], r["cache"]) for r in rows] == [
+        ("no cache", ["off"]), ("first start (cache empty)", ["miss"]), ("cached", ["hit"])]
+    assert all(r["load_s"] > 0 and r["first_image_s"] > 0 for r in rows)
