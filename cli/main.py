@@ -193,8 +193,15 @@ def families():
 
 
 @cli.command()
-def providers():
-    """List the execution providers edgediff knows, which this onnxruntime offers, and what `auto` picks."""
+@click.option("--model", default=None,
+              help="Also open this bundle (folder or name) and show where each of its graphs runs.")
+@click.option("--provider", default="auto", show_default=True, help="With --model: the provider to open it on.")
+@click.option("--fallback", is_flag=True, help="With --model: fall back to the best available provider.")
+@click.option("--provider-option", "provider_options", multiple=True, metavar="KEY=VALUE",
+              help="With --model: onnxruntime provider option over edgediff's (repeatable).")
+def providers(model, provider, fallback, provider_options):
+    """List the execution providers edgediff knows, which this onnxruntime offers, and what `auto` picks;
+    with --model, where each of that bundle's graphs runs."""
     import onnxruntime as ort
 
     from edgediff.runtime import providers as prov
@@ -202,13 +209,36 @@ def providers():
     have = prov.available()
     auto = prov.resolve("auto").provider.name
     click.echo(f"onnxruntime {ort.__version__} ({ort.get_device()}); auto order: {', '.join(prov.AUTO_ORDER)}")
-    click.echo(f"{'name':<10}{'status':<16}{'precisions':<16}options / how to get it")
+    click.echo(f"{'name':<10}{'status':<19}{'precisions':<16}options / how to get it")
     for name, p in prov.REGISTRY.items():
         status = "available" if name in have else ("-" if p.on_this_platform() else "not on this OS")
         detail = ", ".join(f"{k}={v}" for k, v in p.provider_options().items()) if name in have else p.install
         if name in have and name in prov.AUTO_ORDER and not p.auto_eligible():
             detail += " (auto skips it on this machine)"
-        click.echo(f"{name:<10}{status + (' <- auto' if name == auto else ''):<16}{'/'.join(p.precisions):<16}{detail}")
+        click.echo(f"{name:<10}{status + (' <- auto' if name == auto else ''):<19}{'/'.join(p.precisions):<16}{detail}")
+    if model is not None:
+        _show_placement(model, provider, fallback, prov.parse_options(provider_options))
+
+
+def _show_placement(model: str, provider: str, fallback: bool, options: dict) -> None:
+    """Opens the bundle as `generate` would and prints what runs where: the issue's 'any graph that fell back
+    to the CPU is shown', before a minutes-long generation finds out."""
+    from edgediff.runtime import Pipeline
+    from edgediff.runtime import providers as prov
+    from edgediff.runtime.catalog import resolve_bundle
+
+    path = resolve_bundle(model)
+    report = Pipeline.from_bundle(path, provider=provider, fallback=fallback, provider_options=options).provider_report()
+    short = {p.ort_name: name for name, p in prov.REGISTRY.items()}
+    asked = f" (asked for {report['requested']}: not available here)" if report["fell_back"] else ""
+    options_text = ", ".join(f"{k}={v}" for k, v in report["options"].items()) or "no options"
+    click.echo(f"\n{path}: {report['provider']}{asked}; {options_text}")
+    click.echo(f"  {'graph':<16}{'runs on':<22}{'graph cache':<13}{'I/O binding':<13}captured")
+    for name, graph in report["graphs"].items():
+        runs_on = short.get(graph["providers"][0], graph["providers"][0])
+        if graph["cpu_fallback"]:
+            runs_on += f" ({report['provider']} refused it)"
+        click.echo(f"  {name:<16}{runs_on:<22}{graph['cache']:<13}{graph['io_binding']:<13}{graph['cuda_graph']}")
 
 
 @cli.group()

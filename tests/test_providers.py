@@ -282,6 +282,25 @@ def test_providers_command_lists_the_registry():
     assert any(line.startswith("cpu") and "<- auto" in line for line in lines) or "cuda" in prov.available()
 
 
+def test_providers_command_shows_where_each_graph_of_a_bundle_runs(models_root, monkeypatch):
+    bundle = str(tiny_bundle("tiny-sd1", models_root))
+    result = CliRunner().invoke(cli, ["providers", "--model", bundle])
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[0]: line.split()[1:] for line in result.output.splitlines() if line.startswith("  ")}
+    assert {"text_encoder", "unet", "vae_decoder"} <= set(rows) and rows["unet"][0] == "cpu"
+
+    asked = CliRunner().invoke(cli, ["providers", "--model", bundle, "--provider", "cuda", "--fallback"])
+    assert asked.exit_code == 0 and "cpu (asked for cuda: not available here)" in asked.output, asked.output
+    refused = CliRunner().invoke(cli, ["providers", "--model", bundle, "--provider", "cuda"])
+    assert refused.exit_code == 1 and "not available" in refused.output
+
+    # a provider onnxruntime lists but that takes no graph (here: CUDA named on a CPU build) shows per graph
+    monkeypatch.setattr(prov.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", CPU])
+    result = CliRunner().invoke(cli, ["providers", "--model", bundle, "--provider", "cuda"])
+    assert result.exit_code == 0, result.output
+    assert sum("cpu (cuda refused it)" in line for line in result.output.splitlines()) == 3, result.output
+
+
 @pytest.mark.parametrize("present,expected", [
     (["CPU"], "CPU"),  # AUTO over one device adds nothing, and failed where CPU alone compiled
     (["CPU", "GPU.0", "GPU.1", "NPU"], "AUTO:GPU,NPU,CPU"),
