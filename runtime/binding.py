@@ -48,6 +48,10 @@ def _contiguous(value: np.ndarray) -> np.ndarray:
     return value if value.flags.c_contiguous else value.copy(order="C")
 
 
+class DeviceUnsupported(RuntimeError):
+    """This onnxruntime build cannot place buffers on the provider's device (its Python binding lacks it)."""
+
+
 class BoundRunner:
     """Runs one session through I/O binding on `device_type` (an OrtValue device: "cuda", or "cpu" in tests).
 
@@ -70,11 +74,6 @@ class BoundRunner:
         self._inputs: dict[str, ort.OrtValue] = {}
         self._outputs: list[ort.OrtValue] = []
         self.replays = 0  # runs served by an existing binding (replays of the captured graph when graph_id is set)
-
-    @property
-    def bound(self) -> bool:
-        """Whether a shape was bound whole: the device took this runner's buffers at least once."""
-        return self._key is not None
 
     def run(self, feeds: dict[str, np.ndarray], run_options: ort.RunOptions | None = None) -> list[np.ndarray]:
         run_options = run_options or ort.RunOptions()
@@ -102,7 +101,10 @@ class BoundRunner:
         for name, value in feeds.items():
             # a copy: on the host an OrtValue wraps the array it is made from, and update_inplace would then
             # write later feeds into the caller's array
-            inputs[name] = ort.OrtValue.ortvalue_from_numpy(value.copy(order="C"), self.device_type, self.device_id)
+            try:
+                inputs[name] = ort.OrtValue.ortvalue_from_numpy(value.copy(order="C"), self.device_type, self.device_id)
+            except Exception as exc:  # onnxruntime's own types: "Can't allocate memory on the device ..."
+                raise DeviceUnsupported(str(exc)) from exc
             binding.bind_ortvalue_input(name, inputs[name])
         for name in self.output_names:  # onnxruntime allocates them this once; their shapes are not known before
             binding.bind_output(name, self.device_type, self.device_id)

@@ -21,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from . import graph_cache
-from .binding import BoundRunner, shape_key, static_dims
+from .binding import BoundRunner, DeviceUnsupported, shape_key, static_dims
 from .errors import BundleError, EdgediffError, InputError
 from .manifest import ComponentSpec
 from .providers import Resolution, resolve
@@ -228,14 +228,12 @@ class GraphSession:
         return self.session.run(self.output_names, checked, run_options)
 
     def _run_bound(self, feeds: dict[str, np.ndarray], run_options) -> list[np.ndarray]:
-        runner = self._runner
         try:
-            return runner.run(feeds, run_options)
-        except Exception as exc:  # onnxruntime's own types
-            if runner.bound:
-                raise  # binding worked for this graph: the run itself failed
+            return self._runner.run(feeds, run_options)
+        except DeviceUnsupported as exc:
             # this onnxruntime build cannot place buffers on the provider's device (DirectML's Python binding came
-            # in onnxruntime 1.17, and it is not checked on hardware here): run unbound, and say so
+            # in onnxruntime 1.17, and it is not checked on hardware here): run unbound, and say so. Any other
+            # failure is the run's own and is raised as it is.
             reason = _summary(exc)
             log.warning("%s: I/O binding on %r failed (%s); it runs unbound", self.name,
                         self.resolution.provider.device_type, reason)
