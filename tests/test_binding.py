@@ -85,6 +85,18 @@ def test_a_device_this_onnxruntime_cannot_bind_to_runs_unbound_and_says_so(model
     assert "runs unbound" not in caplog.text  # said once per graph, not at every call
 
 
+def test_a_failing_first_bound_run_is_raised_and_binding_stays_on(models_root):
+    """Only a device the build cannot bind to turns binding off: a run that fails for its own reasons (here
+    inputs whose batch sizes disagree) raises onnxruntime's error, and the next good call runs bound."""
+    unet = _unet(models_root)
+    feeds = _feeds(unet, 7)
+    bad = {**feeds, "encoder_hidden_states": np.concatenate([feeds["encoder_hidden_states"]] * 3)}
+    with pytest.raises(Exception, match="(?i)shape|dimension|broadcast"):
+        unet.run(**bad)
+    assert unet.binding_state == "on" and unet._runner is not None
+    assert np.abs(unet.run(**feeds)[0] - _plain(unet, feeds)).max() <= BOUND_ATOL
+
+
 def test_capture_opens_one_shape_fixed_session_per_input_shape(models_root):
     unet = _unet(models_root, capture=True)
     dynamic = unet.session
