@@ -1,5 +1,6 @@
 """Provider registry, the auto order and fallback, and the on-disk cache of optimised graphs."""
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -87,6 +88,8 @@ def test_graph_cache_second_start_reuses_the_optimised_graph(models_root, tmp_pa
     assert {g["cache"] for g in first.provider_report()["graphs"].values()} == {"miss"}
     files = sorted(p.name for p in (tmp_path / "cache").glob("*.onnx"))
     assert len(files) == 3 and all(f"ort{ort.__version__}" in f and "-cpu-" in f for f in files)
+    # weights beside each cached graph (onnxruntime loads them faster than inline protobuf)
+    assert all(len(list((tmp_path / "cache").glob(f"{f}.*.data"))) == 1 for f in files)
     second = Pipeline.from_bundle(bundle)
     assert {g["cache"] for g in second.provider_report()["graphs"].values()} == {"hit"}
     images = [p("a cat", seed=3, num_inference_steps=2, output_type="np").images for p in (uncached, first, second)]
@@ -356,3 +359,53 @@ def test_auto_takes_openvino_for_an_intel_gpu_or_npu_only(monkeypatch, present, 
     offered = {CPU, "OpenVINOExecutionProvider"}
     assert prov.resolve("auto", offered=offered).provider.name == expected
     assert prov.resolve("openvino", offered=offered).provider.name == "openvino"
+
+
+def test_a_pipeline_opens_its_graphs_side_by_side(models_root, monkeypatch):
+    """Each graph opens in its own thread (onnxruntime releases the GIL while loading): the openers meet at a
+    barrier that only all of them together can pass, which one-after-another opening never would."""
+    import threading
+
+    from edgediff.runtime import pipeline as pipeline_module
+    from edgediff.runtime.session import SessionPool
+
+    met = threading.Barrier(3, timeout=30)
+    real_pool = SessionPool
+
+    def pool(opener, names, low_memory=False, parallel=False):
+        def meeting(name):
+            met.wait()  # raises BrokenBarrierError if the graphs open one after another
+            return opener(name)
+        assert parallel and len(names) == 3
+        return real_pool(meeting, names, low_memory=low_memory, parallel=parallel)
+
+    monkeypatch.setattr(pipeline_module, "SessionPool", pool)
+    pipe = Pipeline.from_bundle(tiny_bundle("tiny-sd-turbo", models_root))
+    assert set(pipe.sessions.loaded) == {"text_encoder", "unet", "vae_decoder"}
+    monkeypatch.setattr(pipeline_module, "SessionPool", real_pool)
+    plain = Pipeline.from_bundle(tiny_bundle("tiny-sd-turbo", models_root))
+    np.testing.assert_allclose(pipe("a cat", seed=5, num_inference_steps=1, output_type="np").images,
+                               plain("a cat", seed=5, num_inference_steps=1, output_type="np").images, atol=1e-6)
+
+
+def test_parallel_opening_raises_the_first_graphs_error_and_compilers_open_one_at_a_time(models_root, monkeypatch):
+    from edgediff.runtime import BundleError
+    from edgediff.runtime import pipeline as pipeline_module
+    from edgediff.runtime.session import SessionPool
+
+    def opener(name):
+        if name in ("unet", "vae_decoder"):
+            raise BundleError("graph_unloadable", path="b", file=f"{name}.onnx", detail="broken")
+        return name
+
+    with pytest.raises(BundleError, match="unet.onnx"):
+        SessionPool(opener, ["text_encoder", "unet", "vae_decoder"], parallel=True)
+
+    seen = []
+    monkeypatch.setattr(pipeline_module, "SessionPool",
+                        lambda opener, names, low_memory=False, parallel=False: seen.append(parallel) or SessionPool(
+                            opener, names, low_memory=low_memory, parallel=parallel))
+    compiling = dataclasses.replace(prov.REGISTRY["cpu"], compiles=True)  # OpenVINO, TensorRT: memory-hungry compilers
+    monkeypatch.setitem(prov.REGISTRY, "cpu", compiling)
+    Pipeline.from_bundle(tiny_bundle("tiny-sd-turbo", models_root), provider="cpu", cache=False)
+    assert seen == [False]
