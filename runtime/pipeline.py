@@ -138,9 +138,7 @@ class Pipeline:
         self.decoder = self._check_decoder(decoder)
         # opened up front: what every call needs; the VAE encoder and the other decoder open on first use
         names = [*text_to_image_components(m), *([DECODERS[self.decoder]] if self.decoder != "full" else [])]
-        # side by side where a graph's load is onnxruntime's own work; not for Core ML packages, nor for providers that
-        # compile what they take (OpenVINO, TensorRT), whose compilers each take memory and every core
-        parallel = m.target != "coreml" and not self.resolution.provider.compiles
+        parallel = m.target != "coreml" and self.resolution.provider.opens_in_parallel  # (not Core ML packages)
         self.sessions = SessionPool(opener, names, low_memory=low_memory, parallel=parallel)
         self.text = TextConditioner(bundle, self.sessions)
         # low-memory mode swaps sessions within a call, so calls take turns; otherwise a no-op lock

@@ -38,6 +38,10 @@ class Provider:
     # the provider compiles the nodes it takes (OpenVINO, TensorRT, Core ML, QNN): onnxruntime cannot save such a
     # graph (graph_cache.py), so these use their own caches instead, where they have one (`cache_options`)
     compiles: bool = False
+    # a pipeline may open its graphs side by side (session.py SessionPool): only where that was checked. DirectML
+    # is reported to crash with sessions used from several threads; compilers (OpenVINO, TensorRT) each want memory
+    # and every core; CUDA is not yet checked on a GPU
+    opens_in_parallel: bool = False
 
     @property
     def can_capture(self) -> bool:
@@ -120,7 +124,8 @@ def openvino_devices() -> list[str] | None:
 
 REGISTRY: dict[str, Provider] = {p.name: p for p in (
     # x86 CPUs have no fp16 kernels (onnxruntime inserts casts): fp32, or int8/int4 weights
-    Provider("cpu", "CPUExecutionProvider", ("fp32", "int8", "int4"), install="pip install edgediff"),
+    Provider("cpu", "CPUExecutionProvider", ("fp32", "int8", "int4"), install="pip install edgediff",
+             opens_in_parallel=True),
     Provider("cuda", "CUDAExecutionProvider", ("fp16", "fp32"), install='pip install "edgediff[cuda]"',
              platforms=("linux", "win"), gpu=True, cuda_kernels=True, device_type="cuda",
              graph_capture_option="enable_cuda_graph",

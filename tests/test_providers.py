@@ -388,7 +388,7 @@ def test_a_pipeline_opens_its_graphs_side_by_side(models_root, monkeypatch):
                                plain("a cat", seed=5, num_inference_steps=1, output_type="np").images, atol=1e-6)
 
 
-def test_parallel_opening_raises_the_first_graphs_error_and_compilers_open_one_at_a_time(models_root, monkeypatch):
+def test_parallel_opening_raises_the_first_graphs_error_and_is_only_where_checked(models_root, monkeypatch):
     from edgediff.runtime import BundleError
     from edgediff.runtime import pipeline as pipeline_module
     from edgediff.runtime.session import SessionPool
@@ -405,7 +405,8 @@ def test_parallel_opening_raises_the_first_graphs_error_and_compilers_open_one_a
     monkeypatch.setattr(pipeline_module, "SessionPool",
                         lambda opener, names, low_memory=False, parallel=False: seen.append(parallel) or SessionPool(
                             opener, names, low_memory=low_memory, parallel=parallel))
-    compiling = dataclasses.replace(prov.REGISTRY["cpu"], compiles=True)  # OpenVINO, TensorRT: memory-hungry compilers
-    monkeypatch.setitem(prov.REGISTRY, "cpu", compiling)
+    assert [n for n, p in prov.REGISTRY.items() if p.opens_in_parallel] == ["cpu"]  # where it was checked
+    unchecked = dataclasses.replace(prov.REGISTRY["cpu"], opens_in_parallel=False)
+    monkeypatch.setitem(prov.REGISTRY, "cpu", unchecked)
     Pipeline.from_bundle(tiny_bundle("tiny-sd-turbo", models_root), provider="cpu", cache=False)
     assert seen == [False]
