@@ -145,6 +145,11 @@ def _remove(entry: Entry) -> bool:
     return whole
 
 
+def _discard(*paths: Path) -> None:
+    """Deletes what a save that did not finish left (files only)."""
+    _remove(Entry("", tuple(p for p in paths if p.is_file()), 0, 0.0))
+
+
 def clear(folder: Path) -> tuple[int, int]:
     """Removes every cache entry and stale partial save under `folder`; (entries, bytes) removed."""
     removed = [entry for entry in entries(folder) if _remove(entry)]
@@ -223,9 +228,7 @@ def open_cached(path: Path, key: str, graph_bytes: int, options_factory, provide
     try:
         session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     except Exception as exc:  # onnxruntime's own types; the save (disk full, folder gone) or the graph itself
-        for leftover in (partial, weights):
-            if leftover.is_file():
-                leftover.unlink()
+        _discard(partial, weights)
         # loaded again without the save: a broken graph raises here as it would uncached
         session = ort.InferenceSession(str(path), sess_options=options_factory(), providers=providers)
         log.warning("could not save the optimised %s (%s); it runs uncached", path.name, str(exc).splitlines()[0])
@@ -234,7 +237,12 @@ def open_cached(path: Path, key: str, graph_bytes: int, options_factory, provide
         return session, "skipped"
     # whole or absent: a crash mid-write leaves only a .partial file (and a .data file no graph names, which
     # goes with its entry); a graph saved meanwhile by another process is replaced by this one, whole
-    os.replace(partial, cached)
+    try:
+        os.replace(partial, cached)
+    except OSError as exc:  # Windows: another process has that graph open; its copy stays, this one goes
+        log.warning("could not keep the optimised %s (%s); the cached copy stays as it was", path.name, exc)
+        _discard(partial, weights)
+        return session, "skipped"
     log.info("cached optimised %s as %s", path.name, cached.name)
     try:
         with _PRUNING:

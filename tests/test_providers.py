@@ -237,7 +237,8 @@ def _cache_is_a_file(monkeypatch, folder, bundle_path):
 
 
 @pytest.mark.parametrize("trouble,logged", [("disk nearly full", "not caching"), ("save fails", "could not save"),
-                                            ("cache path is a file", "is unusable")])
+                                            ("cache path is a file", "is unusable"),
+                                            ("saved graph cannot take its place", "could not keep")])
 def test_the_graph_cache_never_fails_a_generation(models_root, tmp_path, monkeypatch, caplog, trouble, logged):
     """A cache that cannot take a graph costs a slower next start, never the image, and never fills the disk."""
     folder = tmp_path / "cache"
@@ -247,13 +248,21 @@ def test_the_graph_cache_never_fails_a_generation(models_root, tmp_path, monkeyp
         _disk_nearly_full(monkeypatch)
     elif trouble == "save fails":
         _save_fails(monkeypatch, folder, bundle)
-    else:
+    elif trouble == "cache path is a file":
         _cache_is_a_file(monkeypatch, folder, bundle)
+    else:  # Windows, when another process has the cached graph open
+        from edgediff.runtime import graph_cache
+
+        def refuse(src, dst):
+            raise PermissionError(13, "The process cannot access the file because it is being used by another process")
+
+        monkeypatch.setattr(graph_cache.os, "replace", refuse)
     with caplog.at_level(logging.WARNING, logger="edgediff.cache"):
         pipe = Pipeline.from_bundle(bundle)
     assert {g["cache"] for g in pipe.provider_report()["graphs"].values()} == {"skipped"}
     assert logged in caplog.text
     assert not _cache_names(folder) if folder.is_dir() else folder.read_text() == "not a folder"
+    assert not folder.is_dir() or not [p for p in folder.iterdir() if p.is_file()]  # no half-saved leftovers
     uncached = Pipeline.from_bundle(bundle, cache=False)
     np.testing.assert_allclose(pipe("a cat", seed=2, num_inference_steps=2, output_type="np").images,
                                uncached("a cat", seed=2, num_inference_steps=2, output_type="np").images, atol=1e-6)
