@@ -83,6 +83,7 @@ def row_label(row: dict) -> str:
                              (f"{mode.get('decoder')} decoder", mode.get("decoder", "full") != "full"),
                              (f"tiles of {mode.get('decode_tile')}", mode.get("decode_tile")),
                              ("CUDA graphs", mode.get("cuda_graph")),
+                             ("graph cache", mode.get("graph_cache")),
                              (" ".join(f"{k}={v}" for k, v in (mode.get("provider_options") or {}).items()),
                               mode.get("provider_options"))) if on]
     return Path(row["bundle"]).name + (f" ({', '.join(parts)})" if parts else "")

@@ -360,9 +360,12 @@ def _csv_ints(value: str | None) -> list:
               help="edgediff: onnxruntime provider option over edgediff's (repeatable), e.g. cudnn_conv_algo_search=EXHAUSTIVE.")
 @click.option("--cuda-graph", is_flag=True,
               help="edgediff on CUDA/TensorRT: capture each graph's kernel launches once per image size and replay them.")
+@click.option("--graph-cache", is_flag=True,
+              help="edgediff: start from a graph cache one unmeasured start filled (a user's usual start); "
+                   "without it every start optimises its graphs, as a first-ever start does.")
 @click.pass_context
 def bench(ctx, models, providers, steps, size, repeat, warmup, rounds, compare, source, threads, out, low_memory,
-          decoder, decode_tile, provider_options, cuda_graph):
+          decoder, decode_tile, provider_options, cuda_graph, graph_cache):
     """Measure seconds per image per stage, cold and warm, with memory; `bench merge` joins machines."""
     if ctx.invoked_subcommand:
         return
@@ -377,7 +380,7 @@ def bench(ctx, models, providers, steps, size, repeat, warmup, rounds, compare, 
                       steps=_csv_ints(steps), sizes=_csv_ints(size) or [None], repeat=repeat, warmup=warmup,
                       rounds=rounds, compare=[c for c in compare.split(",") if c], source=source, threads=threads,
                       out=out, low_memory=low_memory, decoder=decoder, decode_tile=decode_tile,
-                      provider_options=parse_options(provider_options), cuda_graph=cuda_graph)
+                      provider_options=parse_options(provider_options), cuda_graph=cuda_graph, graph_cache=graph_cache)
     data = run_bench(cfg)
     for note in data["notes"]:
         click.echo(f"note: {note}", err=True)

@@ -178,7 +178,8 @@ def test_memory_modes_are_run_and_recorded(tmp_path):
     jsonschema.validate(data, _schema())
     row = data["results"][0]
     assert row["mode"] == {"low_memory": True, "decoder": "tiny", "decode_tile": 8,
-                           "provider_options": {"arena_extend_strategy": "kSameAsRequested"}, "cuda_graph": False}
+                           "provider_options": {"arena_extend_strategy": "kSameAsRequested"}, "cuda_graph": False,
+                           "graph_cache": False}
     report = row["systems"][0]["provider_report"]
     # low-memory mode: only the decoder's session is alive once the image is done
     assert list(report["graphs"]) == ["vae_decoder_tiny"]
@@ -214,3 +215,19 @@ def test_cold_start_reads_each_start_from_a_fresh_process(models_root):
     assert [(r["start"], r["cache"]) for r in rows] == [
         ("no cache", ["off"]), ("first start (cache empty)", ["miss"]), ("cached", ["hit"])]
     assert all(r["load_s"] > 0 and r["first_image_s"] > 0 for r in rows)
+
+
+def test_bench_can_start_from_a_filled_graph_cache(tmp_path):
+    """--graph-cache: one unmeasured start fills a cache of the run's own, and every measured start loads from it."""
+    from edgediff.benchmarks.report import row_label
+    from edgediff.models.shipped import default_bundle
+
+    cfg = BenchConfig(bundles=[str(default_bundle())], steps=[1], repeat=1, warmup=0, rounds=2, threads=2,
+                      out=str(tmp_path), graph_cache=True)
+    data = run_bench(cfg, progress=False)
+    jsonschema.validate(data, _schema())
+    row = data["results"][0]
+    assert row["mode"]["graph_cache"] and row_label(row).endswith("(graph cache)")
+    # the first measured process already loads every graph from the cache
+    assert {g["cache"] for g in row["systems"][0]["provider_report"]["graphs"].values()} == {"hit"}
+    assert list((tmp_path / "graph-cache").glob("unet-*.onnx"))
