@@ -15,6 +15,7 @@ makes a generation fail.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import logging
 import os
@@ -82,7 +83,7 @@ def cache_limit() -> int:
 
 @dataclass(frozen=True)
 class Entry:
-    """One cached graph (its .onnx and any .onnx.data beside it) or one compiling provider's folder."""
+    """One cached graph (its .onnx and the .data files of its weights) or one compiling provider's folder."""
 
     name: str
     paths: tuple[Path, ...]
@@ -127,7 +128,7 @@ def entries(folder: Path) -> list[Entry]:
 
 def _key_files(folder: Path, key: str) -> list[Path]:
     """A cached graph's files: its .onnx and every .data file saved for it."""
-    return [p for p in folder.glob(f"{key}.onnx*") if (m := _ENTRY_FILE.match(p.name)) and m["key"] == key]
+    return [p for p in folder.glob(glob.escape(key) + ".onnx*") if (m := _ENTRY_FILE.match(p.name)) and m["key"] == key]
 
 
 def _remove(entry: Entry) -> bool:

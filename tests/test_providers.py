@@ -101,6 +101,7 @@ def test_graph_cache_second_start_reuses_the_optimised_graph(models_root, tmp_pa
     with caplog.at_level(logging.WARNING, logger="edgediff.cache"):
         third = Pipeline.from_bundle(bundle)
     assert "unusable" in caplog.text and third.provider_report()["graphs"]["unet"]["cache"] == "miss"
+    assert len(list((tmp_path / "cache").glob(f"{unet_file.name}.*.data"))) == 1  # the damaged one's weights went too
     np.testing.assert_allclose(third("a cat", seed=3, num_inference_steps=2, output_type="np").images, images[0], atol=1e-6)
 
 
