@@ -228,7 +228,8 @@ def _show_placement(model: str, provider: str, fallback: bool, options: dict) ->
     from edgediff.runtime.catalog import resolve_bundle
 
     path = resolve_bundle(model)
-    report = Pipeline.from_bundle(path, provider=provider, fallback=fallback, provider_options=options).provider_report()
+    with Pipeline.from_bundle(path, provider=provider, fallback=fallback, provider_options=options) as pipe:
+        report = pipe.provider_report()
     short = {p.ort_name: name for name, p in prov.REGISTRY.items()}
     asked = f" (asked for {report['requested']}: not available here)" if report["fell_back"] else ""
     options_text = ", ".join(f"{k}={v}" for k, v in report["options"].items()) or "no options"
@@ -243,7 +244,7 @@ def _show_placement(model: str, provider: str, fallback: bool, options: dict) ->
 
 @cli.group()
 def cache():
-    """The per-user cache of optimised graphs (README: "Graph cache")."""
+    """The per-user cache of optimised graphs (README, "Platforms and execution providers")."""
 
 
 @cache.command("list")
