@@ -420,3 +420,13 @@ def test_parallel_opening_raises_the_first_graphs_error_and_is_only_where_checke
     monkeypatch.setitem(prov.REGISTRY, "cpu", unchecked)
     Pipeline.from_bundle(tiny_bundle("tiny-sd-turbo", models_root), provider="cpu", cache=False)
     assert seen == [False]
+
+
+def test_a_bundle_in_a_precision_the_provider_does_not_suit_is_named_with_the_one_that_does(models_root, caplog):
+    with caplog.at_level(logging.WARNING, logger="edgediff.pipeline"):
+        Pipeline.from_bundle(tiny_bundle("tiny-sd-turbo", models_root), provider="cpu")
+    assert "does not run natively" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="edgediff.pipeline"):
+        Pipeline.from_bundle(tiny_bundle("tiny-sd-turbo", models_root, "fp16"), provider="cpu")
+    assert "its UNet is fp16, which the cpu provider does not run natively" in caplog.text
+    assert "export with --precision fp32" in caplog.text
