@@ -197,6 +197,10 @@ def open_cached(path: Path, key: str, graph_bytes: int, options_factory, provide
     """(session, status): the cached optimised graph if there is one ("hit"), else `path` optimised now and
     saved for next time ("miss"), or run unsaved when the disk is short of room or the save fails ("skipped")."""
     limit = cache_limit()  # read first: a bad EDGEDIFF_CACHE_MAX_GB is an error even on a hit
+
+    def uncached():  # the graph optimised now and not saved
+        return ort.InferenceSession(str(path), sess_options=options_factory(), providers=providers)
+
     cached = folder / f"{key}.onnx"
     if cached.is_file():
         opts = options_factory()
@@ -214,11 +218,11 @@ def open_cached(path: Path, key: str, graph_bytes: int, options_factory, provide
         free = shutil.disk_usage(folder).free
     except OSError as exc:  # an unwritable or vanished cache folder costs speed, never the image
         log.warning("graph cache folder %s is unusable (%s); %s runs uncached", folder, exc, path.name)
-        return ort.InferenceSession(str(path), sess_options=options_factory(), providers=providers), "skipped"
+        return uncached(), "skipped"
     if free - graph_bytes < FREE_SPACE_RESERVE:
         log.warning("not caching %s: %.1f GiB free at %s, and a save must leave %.0f GiB", path.name, free / 2**30,
                     folder, FREE_SPACE_RESERVE / 2**30)
-        return ort.InferenceSession(str(path), sess_options=options_factory(), providers=providers), "skipped"
+        return uncached(), "skipped"
     partial = folder / f".{key}.{os.getpid()}.partial.onnx"
     weights = folder / f"{key}.onnx.{secrets.token_hex(4)}.data"  # named in the saved graph, relative to it
     opts = options_factory()
@@ -231,7 +235,7 @@ def open_cached(path: Path, key: str, graph_bytes: int, options_factory, provide
     except Exception as exc:  # onnxruntime's own types; the save (disk full, folder gone) or the graph itself
         _discard(partial, weights)
         # loaded again without the save: a broken graph raises here as it would uncached
-        session = ort.InferenceSession(str(path), sess_options=options_factory(), providers=providers)
+        session = uncached()
         log.warning("could not save the optimised %s (%s); it runs uncached", path.name, str(exc).splitlines()[0])
         return session, "skipped"
     if not partial.is_file():

@@ -186,14 +186,19 @@ class Resolution:
     @property
     def cache_tag(self) -> str:
         """The provider as the graph cache keys it: options such as prefer_nhwc change the optimised graph."""
-        if not self.overrides:
-            return self.provider.name
-        digest = hashlib.sha1(json.dumps(self.overrides, sort_keys=True).encode()).hexdigest()[:8]
-        return f"{self.provider.name}-{digest}"
+        return f"{self.provider.name}-{_digest(self.overrides)}" if self.overrides else self.provider.name
+
+    def cache_tag_fixed(self, fixed: dict) -> str:
+        """The tag of a shape-fixed session: its fixed dimensions and capture option change the optimised graph."""
+        return f"{self.cache_tag}-fixed{_digest(fixed)}"
 
     @property
     def names(self) -> list[str]:
         return [name for name, _ in self.ort_providers]
+
+
+def _digest(values: dict) -> str:
+    return hashlib.sha1(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def resolve(name: str = "auto", fallback: bool = False, offered: set[str] | None = None,

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import hashlib
-import json
 import logging
 import os
 import sys
@@ -90,8 +88,8 @@ class GraphSession:
         self.resolution = resolution = resolution or resolve("cpu")
         self._threads, self._low_memory, self._cache_dir = threads, low_memory, cache_dir
         device_type = resolution.provider.device_type
-        self.io_binding = bool(device_type) if io_binding is None else (io_binding and bool(device_type))
-        self.binding_state = "on" if self.io_binding else "off"  # or "refused: <why>" after a failed first bind
+        binds = bool(device_type) if io_binding is None else (io_binding and bool(device_type))
+        self.binding_state = "on" if binds else "off"  # or "refused: <why>" after a failed first bind
         self.capture = capture and self.io_binding and resolution.provider.can_capture
         self.capture_state = "off"  # "off", "captured <dims>", or why onnxruntime would not capture
         self._device_id = int(resolution.options.get("device_id", 0))
@@ -134,10 +132,7 @@ class GraphSession:
             own_cache = {k: v for k, v in own_cache.items() if k not in resolution.overrides}  # the caller's win
             return ort.InferenceSession(str(path), sess_options=factory(),
                                         providers=resolution.ort_providers_with(**own_cache, **extra))
-        tag = resolution.cache_tag
-        if dims or extra:
-            fixed = json.dumps([sorted((dims or {}).items()), sorted(extra.items())])
-            tag += "-fixed" + hashlib.sha1(fixed.encode()).hexdigest()[:8]
+        tag = resolution.cache_tag_fixed({"dims": dims or {}, "options": extra}) if dims or extra else resolution.cache_tag
         key = graph_cache.cache_key(self.name, self.spec.files[self.spec.graph_file]["sha256"], tag, path)
         session, self.cache = graph_cache.open_cached(path, key, self.spec.size, factory,
                                                       resolution.ort_providers_with(**extra), self._cache_dir)
@@ -195,6 +190,10 @@ class GraphSession:
         log.info("%s: %s", self.name, self.capture_state)
 
     @property
+    def io_binding(self) -> bool:
+        return self.binding_state == "on"
+
+    @property
     def providers(self) -> list[str]:
         return self.session.get_providers()
 
@@ -238,7 +237,7 @@ class GraphSession:
             reason = _summary(exc)
             log.warning("%s: I/O binding on %r failed (%s); it runs unbound", self.name,
                         self.resolution.provider.device_type, reason)
-            self._runner, self.io_binding = None, False
+            self._runner = None
             self.binding_state = f"refused: {reason}"
             return self.session.run(self.output_names, feeds, run_options)
 
