@@ -75,7 +75,7 @@ def peer_available(peer: str) -> str | None:
         except ModuleNotFoundError:
             found = False
         if not found:
-            return f"{peer} skipped: {module} is not installed (pip install 'edgediff[export]')"
+            return f"{peer} skipped: {module} is not installed (pip install 'edgediff[cpu,export]')"
     return None
 
 

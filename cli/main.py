@@ -13,7 +13,12 @@ import warnings
 
 import click
 
-from edgediff.runtime.errors import EdgediffError
+try:
+    from edgediff.runtime.errors import EdgediffError
+except ModuleNotFoundError as exc:  # no onnxruntime build installed: the runtime's message says which to get
+    if exc.name != "onnxruntime":
+        raise
+    sys.exit(f"error: {exc}")
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -33,8 +38,8 @@ class _Group(click.Group):
         except (EdgediffError, ImportError, OSError, ValueError) as exc:
             if os.environ.get("EDGEDIFF_DEBUG"):
                 raise
-            if isinstance(exc, ImportError):
-                _fail(f"{exc} (the export commands need `pip install 'edgediff[export]'`)")
+            if isinstance(exc, ImportError) and exc.name != "onnxruntime":  # the runtime's own says which build
+                _fail(f"{exc} (the export commands need `pip install 'edgediff[cpu,export]'`)")
             _fail(str(exc))
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
@@ -204,11 +209,17 @@ def providers(model, provider, fallback, provider_options):
     with --model, where each of that bundle's graphs runs."""
     import onnxruntime as ort
 
+    from edgediff.runtime import ort_builds
     from edgediff.runtime import providers as prov
 
     have = prov.available()
     auto = prov.resolve("auto").provider.name
     click.echo(f"onnxruntime {ort.__version__} ({ort.get_device()}); auto order: {', '.join(prov.AUTO_ORDER)}")
+    builds = ort_builds.installed()
+    if len(builds) > 1:
+        click.echo(f"warning: {len(builds)} onnxruntime builds are installed ({ort_builds.describe(builds)}); they "
+                   f"overwrite each other's files, so providers may be missing. Keep one: "
+                   f"{ort_builds.one_build(builds, ort_builds.likely_extra(builds))}", err=True)
     click.echo(f"{'name':<10}{'status':<19}{'precisions':<16}options / how to get it")
     for name, p in prov.REGISTRY.items():
         status = "available" if name in have else ("-" if p.on_this_platform() else "not on this OS")

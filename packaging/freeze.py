@@ -1,7 +1,7 @@
 """Builds a one-folder `edgediff` executable with PyInstaller: the runtime, onnxruntime (CPU), the CLI
 and the shipped bundle, with no Python needed beside it.
 
-    pip install -c constraints.txt -e ".[freeze]"
+    pip install -c constraints.txt -e ".[cpu,freeze]"
     python packaging/freeze.py [--dist dist] [--work build/freeze]
     dist/edgediff/edgediff generate "a large red circle on a blue background" -o out.png
 

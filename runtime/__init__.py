@@ -1,5 +1,14 @@
 """edgediff's runtime: runs a bundle with numpy + onnxruntime + tokenizers + pillow (never torch)."""
 
+try:
+    import onnxruntime  # noqa: F401  (edgediff depends on no build of it: each extra brings one, see ort_builds.py)
+except ModuleNotFoundError as exc:
+    if exc.name != "onnxruntime":
+        raise
+    from .ort_builds import missing_message
+
+    raise ModuleNotFoundError(missing_message(), name="onnxruntime") from None
+
 from .bundle import Bundle
 from .cancel import CancelToken
 from .catalog import list_bundles, models_dir, resolve_bundle

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import onnxruntime as ort
 
+from . import ort_builds
 from .errors import ProviderError
 
 log = logging.getLogger("edgediff.providers")
@@ -26,7 +27,8 @@ class Provider:
     name: str  # our short name (CLI, API)
     ort_name: str  # onnxruntime's provider name
     precisions: tuple[str, ...]  # bundle precisions that suit it, best first
-    install: str  # how to get an onnxruntime build that has it
+    extra: str  # the edgediff extra that installs the onnxruntime build having it (pyproject.toml)
+    needs: str = ""  # what else it needs beyond that build (drivers, SDKs)
     platforms: tuple[str, ...] = ()  # sys.platform prefixes where it can exist; () = everywhere
     options: dict = field(default_factory=dict)  # provider options passed to onnxruntime
     gpu: bool = False  # device memory: fp16 pays off
@@ -42,6 +44,11 @@ class Provider:
     # is reported to crash with sessions used from several threads; compilers (OpenVINO, TensorRT) each want memory
     # and every core; CUDA is not yet checked on a GPU
     opens_in_parallel: bool = False
+
+    @property
+    def install(self) -> str:
+        """How to get it, for messages."""
+        return f'pip install "edgediff[{self.extra}]"' + (f" ({self.needs})" if self.needs else "")
 
     @property
     def can_capture(self) -> bool:
@@ -69,6 +76,10 @@ class Provider:
     def auto_eligible(self) -> bool:
         """Whether `auto` may pick it when it is available (measured reasons where it may not)."""
         return True
+
+    def load_hint(self, precision: str) -> str:
+        """What to do when onnxruntime cannot load a graph of this precision on it ("" where nothing known helps)."""
+        return ""
 
 
 class DirectML(Provider):
@@ -111,6 +122,22 @@ class TensorRT(Provider):
         return {"trt_engine_cache_path": str(folder / "tensorrt")}  # else engines land in the working directory
 
 
+class MIGraphX(Provider):
+    def cache_options(self, folder) -> dict:
+        # its compiled programs (.mxr): compiling takes minutes at full size. The option is in AMD's
+        # onnxruntime-migraphx 1.23.0 and 1.27.1 (read off their provider libraries)
+        return {"migraphx_model_cache_dir": str(folder / "migraphx")}
+
+
+class WebGPU(Provider):
+    def load_hint(self, precision: str) -> str:
+        # seen through a software Vulkan device: "Program Transpose requires f16 but the device does not support it"
+        if precision != "fp16":
+            return ""
+        return (" (fp16 graphs need a GPU with WebGPU's shader-f16 feature; for one without it, export the bundle "
+                "with --precision fp32)")
+
+
 @functools.lru_cache(maxsize=1)  # asked at each resolve and session open; the devices do not change in a process
 def openvino_devices() -> list[str] | None:
     """The devices onnxruntime's OpenVINO build sees ("CPU", "GPU.0", "NPU", ...), or None if it cannot say."""
@@ -124,28 +151,40 @@ def openvino_devices() -> list[str] | None:
 
 REGISTRY: dict[str, Provider] = {p.name: p for p in (
     # x86 CPUs have no fp16 kernels (onnxruntime inserts casts): fp32, or int8/int4 weights
-    Provider("cpu", "CPUExecutionProvider", ("fp32", "int8", "int4"), install="pip install edgediff",
+    Provider("cpu", "CPUExecutionProvider", ("fp32", "int8", "int4"), extra="cpu",
              opens_in_parallel=True),
-    Provider("cuda", "CUDAExecutionProvider", ("fp16", "fp32"), install='pip install "edgediff[cuda]"',
+    Provider("cuda", "CUDAExecutionProvider", ("fp16", "fp32"), extra="cuda",
              platforms=("linux", "win"), gpu=True, cuda_kernels=True, device_type="cuda",
              graph_capture_option="enable_cuda_graph",
              options={"device_id": 0, "cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": True}),
     TensorRT("tensorrt", "TensorrtExecutionProvider", ("fp16", "fp32"), compiles=True,
-             install='pip install "edgediff[cuda]" and the TensorRT libraries', platforms=("linux", "win"), gpu=True,
+             extra="cuda", needs="and the TensorRT libraries", platforms=("linux", "win"), gpu=True,
              cuda_kernels=True,  # nodes TensorRT cannot take run on its CUDA fallback
              device_type="cuda", graph_capture_option="trt_cuda_graph_enable",
              options={"trt_fp16_enable": True, "trt_engine_cache_enable": True}),
-    Provider("rocm", "ROCMExecutionProvider", ("fp16", "fp32"), install="AMD's onnxruntime wheels built with ROCm",
+    # AMD GPUs (Linux, ROCm installed). onnxruntime 1.23 removed its ROCm provider in favour of MIGraphX, which
+    # compiles the graphs it takes. Not run on AMD hardware: with the wheel but no ROCm, onnxruntime cannot load
+    # the provider and every graph runs on the CPU, logged (checked with onnxruntime-migraphx 1.27.1)
+    MIGraphX("migraphx", "MIGraphXExecutionProvider", ("fp16", "fp32"), compiles=True,
+             extra="migraphx", needs="and AMD's ROCm", platforms=("linux",), gpu=True,
+             options={"device_id": 0}),
+    # the same GPUs through onnxruntime 1.22 and older (onnxruntime-rocm); kept for those builds
+    Provider("rocm", "ROCMExecutionProvider", ("fp16", "fp32"), extra="rocm", needs="and AMD's ROCm",
              platforms=("linux",), gpu=True),
     # I/O binding on "dml" buffers: onnxruntime-directml 1.17+ (an older build fails the first bind, and the graph
     # then runs unbound, logged); built from onnxruntime's API, not yet run on Windows hardware
-    DirectML("directml", "DmlExecutionProvider", ("fp16", "fp32"), install='pip install "edgediff[directml]"',
+    DirectML("directml", "DmlExecutionProvider", ("fp16", "fp32"), extra="directml",
              platforms=("win",), gpu=True, device_type="dml", options={"device_id": 0}),
-    Provider("coreml", "CoreMLExecutionProvider", ("fp16", "fp32"), install="pip install edgediff (macOS wheels have it)",
+    # any GPU through WebGPU: Direct3D 12 on Windows, Metal on macOS, Vulkan on Linux (onnxruntime-webgpu: wheels
+    # for Windows x64, macOS arm64, Linux x64). Its Python binding cannot place buffers on the device ("Can't
+    # allocate memory on the device using this package", 1.27), so graphs run unbound. Checked on Linux through
+    # a software Vulkan device (tests/test_webgpu.py); not yet on a GPU
+    WebGPU("webgpu", "WebGpuExecutionProvider", ("fp16", "fp32"), extra="webgpu", gpu=True),
+    Provider("coreml", "CoreMLExecutionProvider", ("fp16", "fp32"), extra="cpu", needs="its macOS wheels have it",
              platforms=("darwin",), compiles=True, options={"ModelFormat": "MLProgram", "MLComputeUnits": "ALL"}),
-    OpenVINO("openvino", "OpenVINOExecutionProvider", ("fp16", "int8", "fp32"), install='pip install "edgediff[openvino]"',
+    OpenVINO("openvino", "OpenVINOExecutionProvider", ("fp16", "int8", "fp32"), extra="openvino",
              compiles=True, options={"device_type": "AUTO:GPU,NPU,CPU"}),
-    Provider("qnn", "QNNExecutionProvider", ("int8", "fp16"), install='pip install "edgediff[qnn]"', compiles=True,
+    Provider("qnn", "QNNExecutionProvider", ("int8", "fp16"), extra="qnn", compiles=True,
              platforms=("win", "linux"),
              options={"backend_path": "QnnHtp.dll" if sys.platform.startswith("win") else "libQnnHtp.so"}),
 )}
@@ -153,8 +192,9 @@ REGISTRY: dict[str, Provider] = {p.name: p for p in (
 PROVIDERS = {name: p.ort_name for name, p in REGISTRY.items()}
 # `auto` picks the first available: GPUs, then NPUs, then the CPU. TensorRT is left to explicit
 # choice (its engine build takes minutes on first use); QNN too (it wants QDQ int8 bundles); OpenVINO
-# only where it sees an Intel GPU or NPU (OpenVINO.auto_eligible).
-AUTO_ORDER = ("cuda", "rocm", "directml", "coreml", "openvino", "cpu")
+# only where it sees an Intel GPU or NPU (OpenVINO.auto_eligible). Each GPU build of onnxruntime offers
+# one GPU provider, so their order among themselves matters little; WebGPU comes after the native ones.
+AUTO_ORDER = ("cuda", "migraphx", "rocm", "directml", "webgpu", "coreml", "openvino", "cpu")
 
 
 def available(offered: set[str] | None = None) -> list[str]:
@@ -213,10 +253,19 @@ def resolve(name: str = "auto", fallback: bool = False, offered: set[str] | None
     if key == "auto":
         chosen = _auto(have)
         log.info("provider auto -> %s (available: %s)", chosen, ", ".join(have))
+        builds = ort_builds.installed()
+        if len(builds) > 1:
+            log.warning("%d onnxruntime builds are installed (%s) and overwrite each other's files, so `auto` chose "
+                        "among what was left (%s); keep one: %s", len(builds), ort_builds.describe(builds), chosen,
+                        ort_builds.one_build(builds, ort_builds.likely_extra(builds)))
         return Resolution(REGISTRY[chosen], name, False, overrides)
     if key not in REGISTRY:
         raise ProviderError("provider_unknown", name=name, known=", ".join(["auto", *REGISTRY]))
     if key not in have:
+        builds = ort_builds.installed()
+        if len(builds) > 1:  # not a choice to fall back from: the install is broken (ort_builds.py)
+            raise ProviderError("builds_clash", name=name, count=len(builds), builds=ort_builds.describe(builds),
+                                fix=ort_builds.one_build(builds, REGISTRY[key].extra))
         if not fallback:
             raise ProviderError("provider_unavailable", name=name, available=", ".join(have),
                                 install=REGISTRY[key].install)

@@ -114,7 +114,8 @@ class GraphSession:
         except EdgediffError:
             raise  # ours already says what is wrong (a bad EDGEDIFF_CACHE_MAX_GB)
         except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
-            raise BundleError("graph_unloadable", path=self.bundle_path, file=self.path.name, detail=_summary(exc)) from exc
+            raise BundleError("graph_unloadable", path=self.bundle_path, file=self.path.name,
+                              detail=_summary(exc) + self.resolution.provider.load_hint(self.spec.precision)) from exc
         self._note_fallback(session)
         return session
 

@@ -24,6 +24,10 @@ CPU = "CPUExecutionProvider"
     ({CPU, "CoreMLExecutionProvider"}, "coreml"),
     ({CPU, "OpenVINOExecutionProvider", "DmlExecutionProvider"}, "directml"),  # GPUs before NPUs
     ({CPU, "QNNExecutionProvider"}, "cpu"),  # QNN only when asked (it wants QDQ int8 graphs)
+    ({CPU, "MIGraphXExecutionProvider"}, "migraphx"),  # AMD GPUs since onnxruntime 1.23
+    ({CPU, "ROCMExecutionProvider"}, "rocm"),  # the same through onnxruntime 1.22 and older
+    ({CPU, "WebGpuExecutionProvider"}, "webgpu"),
+    ({CPU, "WebGpuExecutionProvider", "CoreMLExecutionProvider"}, "webgpu"),  # a GPU before the Neural Engine
 ])
 def test_auto_picks_the_best_offered_provider(offered, expected, monkeypatch):
     monkeypatch.setattr(prov, "openvino_devices", lambda: ["CPU", "GPU.0"])
@@ -43,6 +47,69 @@ def test_explicit_unavailable_provider_names_how_to_get_it_or_falls_back_logged(
     assert chosen.provider.name == "cpu" and chosen.fell_back and "falling back to cpu" in caplog.text
     with pytest.raises(ProviderError, match="unknown provider 'tpu'"):
         prov.resolve("tpu", offered=offered)
+
+
+def test_each_provider_is_one_onnxruntime_knows_and_comes_from_an_extra_that_installs_it():
+    """Provider names are onnxruntime's own (a typo would make a provider never available), and each one's extra
+    exists in pyproject.toml and installs the build that has it. The runtime itself depends on no build: they
+    overwrite each other (ort_builds.py)."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    from edgediff.runtime import ort_builds
+
+    unknown = {n for n, p in prov.REGISTRY.items() if p.ort_name not in ort.get_all_providers()}
+    assert unknown <= {"rocm"}, unknown  # onnxruntime 1.23 removed ROCm's provider; kept for 1.22 and older
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+
+    def names(requirements):
+        return {re.match(r"[A-Za-z0-9_.-]+", r).group(0) for r in requirements}
+
+    assert not names(project["dependencies"]) & set(ort_builds.BUILDS)
+    for build, extra in ort_builds.BUILDS.items():
+        assert names(extras[extra]) == {build}, (extra, extras[extra])
+    assert {p.extra for p in prov.REGISTRY.values()} <= set(ort_builds.BUILDS.values())
+    # the tests' own install (cpu,export,dev) brings the CPU build only: optimum-onnx without its [onnxruntime]
+    assert not [r for name in ("export", "dev") for r in extras[name] if "onnxruntime" in r]
+
+
+def test_two_onnxruntime_builds_are_named_with_the_way_back_to_one(monkeypatch, caplog):
+    """pip installing a GPU build beside the CPU one leaves whichever wrote last (seen: onnxruntime 1.32 and
+    onnxruntime-webgpu 1.27 together offered only the CPU provider). Asking for the missing provider says so."""
+    from edgediff.runtime import ort_builds
+
+    two = {"onnxruntime": "1.32.0", "onnxruntime-webgpu": "1.27.0"}
+    monkeypatch.setattr(ort_builds, "installed", lambda: two)
+    with pytest.raises(ProviderError, match=r"'webgpu' is not available: 2 onnxruntime builds .*onnxruntime-webgpu "
+                                            r"1\.27\.0.*pip uninstall -y onnxruntime onnxruntime-webgpu && "
+                                            r'pip install "edgediff\[webgpu\]"'):
+        prov.resolve("webgpu", fallback=True, offered={CPU})  # not a fallback case: the install is broken
+    with caplog.at_level(logging.WARNING, logger="edgediff.providers"):
+        assert prov.resolve("auto", offered={CPU}).provider.name == "cpu"
+    assert 'keep one: pip uninstall -y onnxruntime onnxruntime-webgpu && pip install "edgediff[webgpu]"' in caplog.text
+    result = CliRunner().invoke(cli, ["providers"])
+    assert result.exit_code == 0 and "2 onnxruntime builds are installed" in result.output
+    monkeypatch.setattr(ort_builds, "installed", lambda: {"onnxruntime": "1.32.0"})
+    with pytest.raises(ProviderError, match="not available in this onnxruntime build"):
+        prov.resolve("webgpu", offered={CPU})
+    assert "builds are installed" not in CliRunner().invoke(cli, ["providers"]).output
+
+
+@pytest.mark.parametrize("entry", [
+    "import edgediff.runtime",
+    "from edgediff.cli.main import main; main(['generate', 'a red circle'])",
+])
+def test_without_onnxruntime_the_runtime_says_which_build_to_install(entry):
+    import subprocess
+    import sys
+
+    code = f"import sys; sys.modules['onnxruntime'] = None; {entry}"  # None: importing it fails as if absent
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert 'needs an onnxruntime build: pip install "edgediff[cpu]"' in last and '"edgediff[webgpu]"' in last, last
 
 
 def test_each_provider_states_options_precisions_and_session_needs():
@@ -338,15 +405,16 @@ def test_a_compiling_provider_keeps_its_own_cache_and_never_ours(models_root, tm
     from edgediff.runtime import session as session_module
     from edgediff.runtime.session import GraphSession
 
-    assert {n for n, p in prov.REGISTRY.items() if p.compiles} == {"tensorrt", "coreml", "openvino", "qnn"}
+    assert {n for n, p in prov.REGISTRY.items() if p.compiles} == {"tensorrt", "migraphx", "coreml", "openvino", "qnn"}
     assert prov.REGISTRY["tensorrt"].cache_options(tmp_path) == {"trt_engine_cache_path": str(tmp_path / "tensorrt")}
+    assert prov.REGISTRY["migraphx"].cache_options(tmp_path) == {"migraphx_model_cache_dir": str(tmp_path / "migraphx")}
     # OpenVINO's behaviour on the CPU provider (which ignores the options): what reaches onnxruntime is checked
     seen, real = [], ort.InferenceSession
     monkeypatch.setattr(session_module.ort, "InferenceSession",
                         lambda path, sess_options=None, providers=None: seen.append((sess_options, providers)) or real(
                             path, sess_options=sess_options, providers=["CPUExecutionProvider"]))
     monkeypatch.setattr(session_module.graph_cache, "open_cached", lambda *a, **k: pytest.fail("our cache was used"))
-    compiling = prov.OpenVINO("openvino", CPU, ("fp32",), install="-", compiles=True,
+    compiling = prov.OpenVINO("openvino", CPU, ("fp32",), extra="openvino", compiles=True,
                              options={"device_type": "AUTO:GPU,NPU,CPU"})
     monkeypatch.setattr(prov, "openvino_devices", lambda: ["CPU"])
     bundle = Bundle.open(tiny_bundle("tiny-sd-turbo", models_root), verify="size")

@@ -1,6 +1,6 @@
 """A small desktop app on edgediff's public API: prompt, steps, seed, Generate / Cancel, live previews.
 
-    pip install "edgediff[app]"          # PySide6 (Qt 6)
+    pip install "edgediff[cpu,app]"      # PySide6 (Qt 6)
     python examples/desktop_app/app.py [--model NAME_OR_FOLDER]
     python examples/desktop_app/app.py --screenshot shot.png --prompt "a large red circle on a blue background"
 

@@ -1,0 +1,52 @@
+"""Which onnxruntime builds are installed.
+
+Every build (onnxruntime, onnxruntime-gpu, onnxruntime-directml, ...) installs the same `onnxruntime` package
+folder, so two of them overwrite each other's files and the one written last decides which providers exist.
+Checked here: with onnxruntime and onnxruntime-webgpu both installed, only the CPU provider was offered. That is
+why edgediff's runtime depends on no build itself and each extra (`edgediff[cpu]`, `edgediff[cuda]`, ...)
+brings one; this module finds a second one that got in anyway and says how to get back to one.
+"""
+
+from __future__ import annotations
+
+import functools
+from importlib import metadata
+
+# each build's distribution name, and the edgediff extra that installs it (pyproject.toml)
+BUILDS = {
+    "onnxruntime": "cpu", "onnxruntime-gpu": "cuda", "onnxruntime-directml": "directml",
+    "onnxruntime-openvino": "openvino", "onnxruntime-qnn": "qnn", "onnxruntime-webgpu": "webgpu",
+    "onnxruntime-migraphx": "migraphx", "onnxruntime-rocm": "rocm",
+}
+
+
+@functools.lru_cache(maxsize=1)  # read at each resolve; what is installed does not change under a running process
+def installed() -> dict[str, str]:
+    """The builds installed in this environment, with their versions."""
+    found = {}
+    for name in BUILDS:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def describe(builds: dict[str, str]) -> str:
+    return ", ".join(f"{name} {version}" for name, version in builds.items())
+
+
+def one_build(builds: dict[str, str], extra: str) -> str:
+    """The commands that leave only the build of `extra` installed."""
+    return f'pip uninstall -y {" ".join(builds)} && pip install "edgediff[{extra}]"'
+
+
+def likely_extra(builds: dict[str, str]) -> str:
+    """The extra a user with these builds most likely wants: the accelerator one they added over the CPU build."""
+    return next((BUILDS[name] for name in builds if BUILDS[name] != "cpu"), "cpu")
+
+
+def missing_message() -> str:
+    others = ", ".join(f'"edgediff[{extra}]"' for extra in BUILDS.values() if extra != "cpu")
+    return (f'edgediff needs an onnxruntime build: pip install "edgediff[cpu]" (on a Mac it has Core ML too), or one '
+            f'for a GPU or NPU: {others} (README, "Platforms and execution providers")')
