@@ -215,11 +215,9 @@ def providers(model, provider, fallback, provider_options):
     have = prov.available()
     auto = prov.resolve("auto").provider.name
     click.echo(f"onnxruntime {ort.__version__} ({ort.get_device()}); auto order: {', '.join(prov.AUTO_ORDER)}")
-    builds = ort_builds.installed()
-    if len(builds) > 1:
-        click.echo(f"warning: {len(builds)} onnxruntime builds are installed ({ort_builds.describe(builds)}); they "
-                   f"overwrite each other's files, so providers may be missing. Keep one: "
-                   f"{ort_builds.one_build(builds, ort_builds.likely_extra(builds))}", err=True)
+    clash = ort_builds.clash()
+    if clash:
+        click.echo(f"warning: {clash}", err=True)
     click.echo(f"{'name':<10}{'status':<19}{'precisions':<16}options / how to get it")
     for name, p in prov.REGISTRY.items():
         status = "available" if name in have else ("-" if p.on_this_platform() else "not on this OS")

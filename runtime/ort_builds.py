@@ -41,6 +41,15 @@ def one_build(builds: dict[str, str], extra: str) -> str:
     return f'pip uninstall -y {" ".join(builds)} && pip install "edgediff[{extra}]"'
 
 
+def clash() -> str | None:
+    """A warning when more than one build is installed, naming the commands that leave one; else None."""
+    builds = installed()
+    if len(builds) < 2:
+        return None
+    return (f"{len(builds)} onnxruntime builds are installed ({describe(builds)}) and overwrite each other's files, "
+            f"so providers may be missing; keep one: {one_build(builds, likely_extra(builds))}")
+
+
 def likely_extra(builds: dict[str, str]) -> str:
     """The extra a user with these builds most likely wants: the accelerator one they added over the CPU build."""
     return next((BUILDS[name] for name in builds if BUILDS[name] != "cpu"), "cpu")

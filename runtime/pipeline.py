@@ -138,6 +138,7 @@ class Pipeline:
             self.resolution = resolve(provider, fallback=fallback, options=provider_options)
             _check_gpu_only_graphs(bundle, self.resolution.provider)
             _note_precision(bundle, self.resolution.provider)
+            self.resolution.provider.prepare()
             if cuda_graph and low_memory:
                 raise InputError("capture_low_memory")
             capture = cuda_graph and _can_capture(self.resolution)

@@ -81,6 +81,9 @@ class Provider:
         """What to do when onnxruntime cannot load a graph of this precision on it ("" where nothing known helps)."""
         return ""
 
+    def prepare(self) -> None:
+        """Whatever the process needs before this provider's first session (most need nothing)."""
+
 
 class DirectML(Provider):
     def configure(self, opts: ort.SessionOptions) -> None:
@@ -108,6 +111,9 @@ class OpenVINO(Provider):
     def cache_options(self, folder) -> dict:
         return {"cache_dir": str(folder / "openvino")}  # compiled blobs: the second start skips compilation
 
+    def prepare(self) -> None:
+        _openvino_windows_libraries()
+
     def auto_eligible(self) -> bool:
         # Picked by `auto` for an Intel GPU or NPU only. On a CPU alone it is a choice, not a default: on an
         # AVX-512 BF16 CPU it ran full-size SD-Turbo fp32 within 4% of the CPU provider (1.84x only in bf16,
@@ -117,7 +123,23 @@ class OpenVINO(Provider):
         return present is None or any(p.split(".")[0] in ("GPU", "NPU") for p in present)
 
 
-class TensorRT(Provider):
+class CUDA(Provider):
+    def prepare(self) -> None:
+        _preload_cuda_libraries()
+
+
+@functools.lru_cache(maxsize=1)  # once per process
+def _preload_cuda_libraries() -> None:
+    # onnxruntime-gpu 1.21+ loads CUDA and cuDNN from the nvidia-* wheels its [cuda,cudnn] extras install (which
+    # `edgediff[cuda]` asks for), else from the system's paths, printing what it could not find: an NVIDIA
+    # driver is then all a machine needs. Older builds lack the function and use the system's CUDA. Not yet
+    # checked on a GPU (the lent ones had CUDA installed)
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        preload()
+
+
+class TensorRT(CUDA):
     def cache_options(self, folder) -> dict:
         return {"trt_engine_cache_path": str(folder / "tensorrt")}  # else engines land in the working directory
 
@@ -138,9 +160,27 @@ class WebGPU(Provider):
                 "with --precision fp32)")
 
 
+@functools.lru_cache(maxsize=1)  # once per process
+def _openvino_windows_libraries() -> None:
+    # onnxruntime-openvino's Windows wheels leave OpenVINO out: it comes from the `openvino` wheel (edgediff[openvino]
+    # asks for the release that build was made with), whose DLLs onnxruntime's helper adds to the search path.
+    # Not yet run on Windows
+    if not sys.platform.startswith("win"):
+        return
+    try:
+        from onnxruntime.tools import add_openvino_win_libs
+    except ImportError:  # a build without the helper (not onnxruntime-openvino)
+        return
+    try:
+        add_openvino_win_libs.add_openvino_libs_to_path()
+    except SystemExit as exc:  # the helper ends the process when it finds no OpenVINO: say so instead
+        raise ProviderError("openvino_libraries", detail=str(exc)) from None
+
+
 @functools.lru_cache(maxsize=1)  # asked at each resolve and session open; the devices do not change in a process
 def openvino_devices() -> list[str] | None:
     """The devices onnxruntime's OpenVINO build sees ("CPU", "GPU.0", "NPU", ...), or None if it cannot say."""
+    _openvino_windows_libraries()  # listing them loads the provider
     try:
         from onnxruntime.capi import _pybind_state
     except ImportError:
@@ -153,7 +193,7 @@ REGISTRY: dict[str, Provider] = {p.name: p for p in (
     # x86 CPUs have no fp16 kernels (onnxruntime inserts casts): fp32, or int8/int4 weights
     Provider("cpu", "CPUExecutionProvider", ("fp32", "int8", "int4"), extra="cpu",
              opens_in_parallel=True),
-    Provider("cuda", "CUDAExecutionProvider", ("fp16", "fp32"), extra="cuda",
+    CUDA("cuda", "CUDAExecutionProvider", ("fp16", "fp32"), extra="cuda",
              platforms=("linux", "win"), gpu=True, cuda_kernels=True, device_type="cuda",
              graph_capture_option="enable_cuda_graph",
              options={"device_id": 0, "cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": True}),
@@ -253,11 +293,9 @@ def resolve(name: str = "auto", fallback: bool = False, offered: set[str] | None
     if key == "auto":
         chosen = _auto(have)
         log.info("provider auto -> %s (available: %s)", chosen, ", ".join(have))
-        builds = ort_builds.installed()
-        if len(builds) > 1:
-            log.warning("%d onnxruntime builds are installed (%s) and overwrite each other's files, so `auto` chose "
-                        "among what was left (%s); keep one: %s", len(builds), ort_builds.describe(builds), chosen,
-                        ort_builds.one_build(builds, ort_builds.likely_extra(builds)))
+        clash = ort_builds.clash()
+        if clash:
+            log.warning("%s (auto chose %s among what is left)", clash, chosen)
         return Resolution(REGISTRY[chosen], name, False, overrides)
     if key not in REGISTRY:
         raise ProviderError("provider_unknown", name=name, known=", ".join(["auto", *REGISTRY]))

@@ -68,8 +68,8 @@ def test_each_provider_is_one_onnxruntime_knows_and_comes_from_an_extra_that_ins
         return {re.match(r"[A-Za-z0-9_.-]+", r).group(0) for r in requirements}
 
     assert not names(project["dependencies"]) & set(ort_builds.BUILDS)
-    for build, extra in ort_builds.BUILDS.items():
-        assert names(extras[extra]) == {build}, (extra, extras[extra])
+    for build, extra in ort_builds.BUILDS.items():  # its build, and no other (openvino also brings OpenVINO on Windows)
+        assert names(extras[extra]) & set(ort_builds.BUILDS) == {build}, (extra, extras[extra])
     assert {p.extra for p in prov.REGISTRY.values()} <= set(ort_builds.BUILDS.values())
     # the tests' own install (cpu,export,dev) brings the CPU build only: optimum-onnx without its [onnxruntime]
     assert not [r for name in ("export", "dev") for r in extras[name] if "onnxruntime" in r]
@@ -498,3 +498,54 @@ def test_a_bundle_in_a_precision_the_provider_does_not_suit_is_named_with_the_on
         Pipeline.from_bundle(tiny_bundle("tiny-sd-turbo", models_root, "fp16"), provider="cpu")
     assert "its UNet is fp16, which the cpu provider does not run natively" in caplog.text
     assert "export with --precision fp32" in caplog.text
+
+
+def test_cuda_loads_cuda_and_cudnn_once_before_its_first_session(models_root, monkeypatch):
+    """`edgediff[cuda]` installs CUDA and cuDNN from PyPI (onnxruntime-gpu's [cuda,cudnn] extras); onnxruntime's
+    preload_dlls puts them in the process before the CUDA provider loads, once. Other providers leave it alone."""
+    calls = []
+    monkeypatch.setattr(prov.ort, "preload_dlls", lambda: calls.append("preload"), raising=False)
+    monkeypatch.setattr(prov.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", CPU])
+    prov._preload_cuda_libraries.cache_clear()
+    bundle = tiny_bundle("tiny-sd-turbo", models_root)
+    try:
+        Pipeline.from_bundle(bundle, provider="cpu").close()
+        assert calls == []
+        for _ in range(2):  # (on this CPU build the graphs then run on the CPU: what is checked is the order)
+            Pipeline.from_bundle(bundle, provider="cuda").close()
+        assert calls == ["preload"]
+    finally:
+        prov._preload_cuda_libraries.cache_clear()
+
+
+def test_openvino_on_windows_puts_openvino_libraries_on_the_search_path_first(monkeypatch):
+    """onnxruntime-openvino's Windows wheels need OpenVINO's own DLLs, found through onnxruntime's helper, before the
+    provider loads; the helper ends the process when it finds none, which becomes a clear error instead."""
+    import sys
+    import types
+
+    calls = []
+    helper = types.ModuleType("onnxruntime.tools.add_openvino_win_libs")
+    helper.add_openvino_libs_to_path = lambda: calls.append("added")
+    monkeypatch.setitem(sys.modules, "onnxruntime.tools.add_openvino_win_libs", helper)
+    monkeypatch.setattr(prov.sys, "platform", "win32")
+    prov._openvino_windows_libraries.cache_clear()
+    try:
+        prov.REGISTRY["openvino"].prepare()
+        prov.REGISTRY["openvino"].prepare()
+        assert calls == ["added"]
+        prov.REGISTRY["cpu"].prepare()
+        assert calls == ["added"]
+
+        def no_openvino():
+            sys.exit("Error: Please set the OPENVINO_LIB_PATHS environment variable.")
+
+        helper.add_openvino_libs_to_path = no_openvino
+        prov._openvino_windows_libraries.cache_clear()
+        with pytest.raises(ProviderError, match=r"needs OpenVINO's own libraries.*edgediff\[openvino\].*OPENVINO_LIB_PATHS"):
+            prov.REGISTRY["openvino"].prepare()
+        monkeypatch.setattr(prov.sys, "platform", "linux")  # elsewhere the wheels carry OpenVINO: nothing to do
+        prov._openvino_windows_libraries.cache_clear()
+        prov.REGISTRY["openvino"].prepare()
+    finally:
+        prov._openvino_windows_libraries.cache_clear()

@@ -103,3 +103,16 @@ def test_a_second_start_on_webgpu_loads_the_optimised_graphs_from_the_cache(tmp_
     assert all(g["cache"] == "hit" and g["providers"][0] == WEBGPU for g in report.values()), report
     assert any("webgpu" in p.name for p in tmp_path.glob("*.onnx"))  # keyed by provider
     assert np.abs(_image(again, latents) - image).max() <= PIXEL_ATOL
+
+
+def test_providers_command_shows_each_graph_on_webgpu():
+    from click.testing import CliRunner
+
+    from edgediff.cli.main import cli
+
+    result = CliRunner().invoke(cli, ["providers", "--model", str(SHIPPED)])
+    assert result.exit_code == 0, result.output
+    assert any(line.startswith("webgpu") and "<- auto" in line for line in result.output.splitlines()), result.output
+    rows = {line.split()[0]: line.split()[1:] for line in result.output.splitlines() if line.startswith("  ")}
+    graphs = {name: row for name, row in rows.items() if name != "graph"}
+    assert graphs and all(row[0] == "webgpu" for row in graphs.values()), result.output
