@@ -31,6 +31,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from .errors import InputError
+from .providers import new_session
 
 log = logging.getLogger("edgediff.cache")
 
@@ -199,14 +200,14 @@ def open_cached(path: Path, key: str, graph_bytes: int, options_factory, provide
     limit = cache_limit()  # read first: a bad EDGEDIFF_CACHE_MAX_GB is an error even on a hit
 
     def uncached():  # the graph optimised now and not saved
-        return ort.InferenceSession(str(path), sess_options=options_factory(), providers=providers)
+        return new_session(path, options_factory(), providers)
 
     cached = folder / f"{key}.onnx"
     if cached.is_file():
         opts = options_factory()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # already optimised
         try:
-            session = ort.InferenceSession(str(cached), sess_options=opts, providers=providers)
+            session = new_session(cached, opts, providers)
         except Exception as exc:  # onnxruntime's own error types: a truncated or stale file
             log.warning("cached graph %s is unusable (%s); rebuilding it", cached.name, str(exc).splitlines()[0])
             _remove(Entry(key, tuple(_key_files(folder, key)), 0, 0.0))
@@ -231,7 +232,7 @@ def open_cached(path: Path, key: str, graph_bytes: int, options_factory, provide
     opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
                                   str(EXTERNAL_MIN_BYTES))
     try:
-        session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        session = new_session(path, opts, providers)
     except Exception as exc:  # onnxruntime's own types; the save (disk full, folder gone) or the graph itself
         _discard(partial, weights)
         # loaded again without the save: a broken graph raises here as it would uncached

@@ -5,6 +5,9 @@ folder, so two of them overwrite each other's files and the one written last dec
 Checked here: with onnxruntime and onnxruntime-webgpu both installed, only the CPU provider was offered. That is
 why edgediff's runtime depends on no build itself and each extra (`edgediff[cpu]`, `edgediff[cuda]`, ...)
 brings one; this module finds a second one that got in anyway and says how to get back to one.
+
+A build is told by what it installs (the `onnxruntime/` folder), not by its name: onnxruntime-qnn 2 is a plugin
+(its own `onnxruntime_qnn` folder, beside the CPU build it depends on), where 1.x was a build.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import functools
 from importlib import metadata
 
-# each build's distribution name, and the edgediff extra that installs it (pyproject.toml)
+# the edgediff extra that installs each build (pyproject.toml); onnxruntime-qnn 1.x was a build, 2.x is a plugin
 BUILDS = {
     "onnxruntime": "cpu", "onnxruntime-gpu": "cuda", "onnxruntime-directml": "directml",
     "onnxruntime-openvino": "openvino", "onnxruntime-qnn": "qnn", "onnxruntime-webgpu": "webgpu",
@@ -22,14 +25,18 @@ BUILDS = {
 
 @functools.lru_cache(maxsize=1)  # read at each resolve; what is installed does not change under a running process
 def installed() -> dict[str, str]:
-    """The builds installed in this environment, with their versions."""
+    """The builds installed in this environment (distributions that install the `onnxruntime` folder), with their
+    versions."""
     found = {}
-    for name in BUILDS:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
+    for dist in metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower()
+        if name.startswith(("onnxruntime", "ort-nightly")) and _installs_onnxruntime(dist):
+            found[name] = dist.version
     return found
+
+
+def _installs_onnxruntime(dist: metadata.Distribution) -> bool:
+    return any(f.parts[:1] == ("onnxruntime",) for f in dist.files or ())
 
 
 def describe(builds: dict[str, str]) -> str:
@@ -52,7 +59,7 @@ def clash() -> str | None:
 
 def likely_extra(builds: dict[str, str]) -> str:
     """The extra a user with these builds most likely wants: the accelerator one they added over the CPU build."""
-    return next((BUILDS[name] for name in builds if BUILDS[name] != "cpu"), "cpu")
+    return next((BUILDS[name] for name in builds if BUILDS.get(name, "cpu") != "cpu"), "cpu")
 
 
 def missing_message() -> str:

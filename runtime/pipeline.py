@@ -181,7 +181,8 @@ class Pipeline:
             "fell_back": self.resolution.fell_back, "options": self.resolution.options,
             "graphs": {name: {"providers": s.providers, "cpu_fallback": s.fell_back_to_cpu, "cache": s.cache,
                               "io_binding": getattr(s, "binding_state", "off"),
-                              "cuda_graph": getattr(s, "capture_state", "off")}
+                              "cuda_graph": getattr(s, "capture_state", "off"),
+                              "shapes": getattr(s, "shapes", "dynamic")}
                        for name, s in ((n, self.sessions.get(n)) for n in self.sessions.loaded)},
         }
 

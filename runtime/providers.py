@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
+import importlib.util
 import json
 import logging
 import sys
@@ -40,6 +42,12 @@ class Provider:
     # the provider compiles the nodes it takes (OpenVINO, TensorRT, Core ML, QNN): onnxruntime cannot save such a
     # graph (graph_cache.py), so these use their own caches instead, where they have one (`cache_options`)
     compiles: bool = False
+    # the Python module of a plugin package (onnxruntime 1.23+ loads such a provider from a library it is given,
+    # and takes it through the session options' devices, not by name); None: the provider is built in
+    plugin: str | None = None
+    # compiles for fixed shapes only (NPUs): each graph is reopened with its dimensions fixed for each new input shape
+    # (session.py); with symbolic ones the QNN provider validated next to nothing ("Cannot get shape")
+    static_shapes: bool = False
     # a pipeline may open its graphs side by side (session.py SessionPool): only where that was checked. DirectML
     # is reported to crash with sessions used from several threads; compilers (OpenVINO, TensorRT) each want memory
     # and every core; CUDA is not yet checked on a GPU
@@ -56,7 +64,10 @@ class Provider:
         return bool(self.graph_capture_option and self.device_type)
 
     def available(self, offered: set[str] | None = None) -> bool:
-        offered = set(ort.get_available_providers()) if offered is None else offered
+        if offered is None:
+            offered = set(ort.get_available_providers())
+            if self.plugin and importlib.util.find_spec(self.plugin) is not None:  # registered on first use
+                return True
         return self.ort_name in offered
 
     def on_this_platform(self) -> bool:
@@ -82,7 +93,9 @@ class Provider:
         return ""
 
     def prepare(self) -> None:
-        """Whatever the process needs before this provider's first session (most need nothing)."""
+        """Whatever the process needs before this provider's first session: a plugin's library registered."""
+        if self.plugin:
+            _register_plugin(self.ort_name, self.plugin)
 
 
 class DirectML(Provider):
@@ -112,6 +125,7 @@ class OpenVINO(Provider):
         return {"cache_dir": str(folder / "openvino")}  # compiled blobs: the second start skips compilation
 
     def prepare(self) -> None:
+        super().prepare()
         _openvino_windows_libraries()
 
     def auto_eligible(self) -> bool:
@@ -125,7 +139,35 @@ class OpenVINO(Provider):
 
 class CUDA(Provider):
     def prepare(self) -> None:
+        super().prepare()
         _preload_cuda_libraries()
+
+
+# plugin providers whose library this process registered: their sessions take them through devices (new_session)
+_PLUGINS: set[str] = set()
+
+
+@functools.lru_cache(maxsize=None)  # once per provider and process
+def _register_plugin(ort_name: str, module_name: str) -> None:
+    module = importlib.import_module(module_name)
+    try:
+        ort.register_execution_provider_library(ort_name, module.get_library_path())
+    except Exception as exc:  # onnxruntime's own types: a library that will not load, or one registered already
+        if ort_name not in ort.get_available_providers():
+            raise ProviderError("plugin_unloadable", name=ort_name, module=module_name, detail=str(exc)) from exc
+    _PLUGINS.add(ort_name)
+
+
+def new_session(path, opts: ort.SessionOptions, providers: list) -> ort.InferenceSession:
+    """onnxruntime's session for `providers` (the chosen one first, with its options). A plugin provider is handed
+    over through the session options' devices: onnxruntime ignores one given by name (checked with onnxruntime-qnn
+    2.7.0: every node then ran on the CPU), and appends its CPU provider itself."""
+    name, options = providers[0]
+    if name not in _PLUGINS:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    devices = [d for d in ort.get_ep_devices() if d.ep_name == name]
+    opts.add_provider_for_devices(devices, {str(k): str(v) for k, v in options.items()})
+    return ort.InferenceSession(str(path), sess_options=opts)
 
 
 @functools.lru_cache(maxsize=1)  # once per process
@@ -224,9 +266,9 @@ REGISTRY: dict[str, Provider] = {p.name: p for p in (
              platforms=("darwin",), compiles=True, options={"ModelFormat": "MLProgram", "MLComputeUnits": "ALL"}),
     OpenVINO("openvino", "OpenVINOExecutionProvider", ("fp16", "int8", "fp32"), extra="openvino",
              compiles=True, options={"device_type": "AUTO:GPU,NPU,CPU"}),
-    Provider("qnn", "QNNExecutionProvider", ("int8", "fp16"), extra="qnn", compiles=True,
-             platforms=("win", "linux"),
-             options={"backend_path": "QnnHtp.dll" if sys.platform.startswith("win") else "libQnnHtp.so"}),
+    # Snapdragon NPUs (HTP). onnxruntime-qnn 2 is a plugin beside the CPU build; 1.x builds had it built in
+    Provider("qnn", "QNNExecutionProvider", ("int8", "fp16"), extra="qnn", compiles=True, plugin="onnxruntime_qnn",
+             static_shapes=True, platforms=("win", "linux"), options={"backend_type": "htp"}),
 )}
 # kept for callers that only need names
 PROVIDERS = {name: p.ort_name for name, p in REGISTRY.items()}

@@ -23,7 +23,7 @@ from . import graph_cache
 from .binding import BoundRunner, DeviceUnsupported, shape_key, static_dims
 from .errors import BundleError, EdgediffError, InputError
 from .manifest import ComponentSpec
-from .providers import Resolution, resolve
+from .providers import Resolution, new_session, resolve
 
 log = logging.getLogger("edgediff.session")
 
@@ -75,7 +75,8 @@ class GraphSession:
     `io_binding=False`. `capture=True` replays captured graphs (CUDA graphs): the graph is reopened for each
     new input shape with its dimensions fixed and the provider's capture option on, replacing the previous
     session (one copy of the weights on the device); a shape onnxruntime will not capture runs bound,
-    uncaptured, on the dynamic session, and the reason is logged and reported.
+    uncaptured, on the dynamic session, and the reason is logged and reported. Providers that compile for fixed
+    shapes only (`Provider.static_shapes`: NPUs) get the same per-shape sessions, without capture.
     """
 
     def __init__(self, name: str, path, spec: ComponentSpec, resolution: Resolution | None, bundle_path,
@@ -92,6 +93,9 @@ class GraphSession:
         self.binding_state = "on" if binds else "off"  # or "refused: <why>" after a failed first bind
         self.capture = capture and self.io_binding and resolution.provider.can_capture
         self.capture_state = "off"  # "off", "captured <dims>", or why onnxruntime would not capture
+        # NPU compilers take fixed shapes only: there, as for captured graphs, each input shape gets its own session
+        self.fixed_shapes = self.capture or resolution.provider.static_shapes
+        self.shapes = "dynamic"  # or "fixed <dims>", or why a shape-fixed session could not be made
         self._device_id = int(resolution.options.get("device_id", 0))
         self._lock = threading.Lock()
         self._static_key: tuple | None = None
@@ -131,8 +135,7 @@ class GraphSession:
             own_cache = resolution.provider.cache_options(self._cache_dir) if self._cache_dir is not None else {}
             self.cache = "provider" if own_cache else "off"
             own_cache = {k: v for k, v in own_cache.items() if k not in resolution.overrides}  # the caller's win
-            return ort.InferenceSession(str(path), sess_options=factory(),
-                                        providers=resolution.ort_providers_with(**own_cache, **extra))
+            return new_session(path, factory(), resolution.ort_providers_with(**own_cache, **extra))
         tag = resolution.cache_tag_fixed({"dims": dims or {}, "options": extra}) if dims or extra else resolution.cache_tag
         key = graph_cache.cache_key(self.name, self.spec.files[self.spec.graph_file]["sha256"], tag, path)
         session, self.cache = graph_cache.open_cached(path, key, self.spec.size, factory,
@@ -146,7 +149,7 @@ class GraphSession:
         if self.fell_back_to_cpu:
             log.warning("%s: %s did not take this graph; it runs on the CPU", self.name, self.resolution.provider.name)
 
-    def _run_captured(self, feeds: dict[str, np.ndarray], run_options) -> list[np.ndarray]:
+    def _run_fixed(self, feeds: dict[str, np.ndarray], run_options) -> list[np.ndarray]:
         key = shape_key(feeds)
         with self._lock:  # one call at a time: a new shape swaps the session under the lock
             if key in self._uncapturable:
@@ -154,7 +157,9 @@ class GraphSession:
                     self._use_dynamic()
             elif key != self._static_key:
                 self._open_static(key, feeds)
-            return self._runner.run(feeds, run_options)
+            if self._runner is not None:
+                return self._runner.run(feeds, run_options)
+            return self.session.run(self.output_names, feeds, run_options)
 
     def _bound(self, session: ort.InferenceSession, graph_id: int | None = None) -> BoundRunner:
         return BoundRunner(session, self.resolution.provider.device_type, self._device_id, graph_id)
@@ -164,11 +169,11 @@ class GraphSession:
         gc.collect()
         self._static_key = None
         self.session = self._open_dynamic()
-        self._runner = self._bound(self.session)
+        self._runner = self._bound(self.session) if self.io_binding else None
 
     def _open_static(self, key: tuple, feeds: dict[str, np.ndarray]) -> None:
-        """Replaces the session by one fixed to these feeds' shapes, with graph capture on."""
-        capture_option = {self.resolution.provider.graph_capture_option: "1"}
+        """Replaces the session by one fixed to these feeds' shapes (with graph capture on, when capturing)."""
+        capture_option = {self.resolution.provider.graph_capture_option: "1"} if self.capture else {}
         try:
             dims = static_dims(self.inputs, feeds)
             self.session = self._runner = None
@@ -178,17 +183,25 @@ class GraphSession:
             raise
         except Exception as exc:  # onnxruntime's own types; e.g. "cannot use the graph capture feature"
             reason = _summary(exc)
-            log.warning("%s: no captured graph for %s (%s); it runs bound, without capture", self.name,
-                        _dims_text(feeds), reason)
+            what = "captured" if self.capture else "shape-fixed"
+            log.warning("%s: no %s graph for %s (%s); it runs on the dynamic one%s", self.name, what,
+                        _dims_text(feeds), reason, ", bound, without capture" if self.capture else "")
             self._uncapturable[key] = reason
-            self.capture_state = f"refused: {reason}"
+            self.shapes = f"refused: {reason}"
+            if self.capture:
+                self.capture_state = self.shapes
             self._use_dynamic()
             return
         self._note_fallback(session)
         self.session, self._static_key = session, key
-        self._runner = self._bound(session, graph_id=0)
-        self.capture_state = f"captured {_dims_text(feeds)}"
-        log.info("%s: %s", self.name, self.capture_state)
+        if self.capture:
+            self._runner = self._bound(session, graph_id=0)
+        else:
+            self._runner = self._bound(session) if self.io_binding else None
+        self.shapes = f"fixed {_dims_text(feeds)}"
+        if self.capture:
+            self.capture_state = f"captured {_dims_text(feeds)}"
+        log.info("%s: %s", self.name, self.capture_state if self.capture else self.shapes)
 
     @property
     def io_binding(self) -> bool:
@@ -222,8 +235,8 @@ class GraphSession:
         checked = self._check(feeds)
         for observe in self.observers:
             observe(checked)
-        if self.capture:
-            return self._run_captured(checked, run_options)
+        if self.fixed_shapes:
+            return self._run_fixed(checked, run_options)
         if self._runner is not None:
             return self._run_bound(checked, run_options)
         return self.session.run(self.output_names, checked, run_options)

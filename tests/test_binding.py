@@ -260,3 +260,25 @@ def test_onnxruntime_errors_keep_their_cause_in_one_line():
     assert _summary(trace) == ("[ONNXRuntimeError] : 1 : FAIL : Exception during initialization: core.cpp:114: ... "
                                "Supported precisions set is not available for Constant operation.")
     assert _summary(RuntimeError("one line")) == "one line"
+
+
+def test_a_static_shape_provider_gets_one_shape_fixed_session_per_input_shape_unbound(models_root, monkeypatch):
+    """NPU compilers (Provider.static_shapes: QNN) take fixed shapes only: each new input shape reopens the graph
+    with its dimensions fixed, as for captured graphs, but without capture and, with no device buffers, unbound."""
+    static = dataclasses.replace(prov.REGISTRY["cpu"], name="npu", static_shapes=True)
+    bundle = Bundle.open(tiny_bundle("tiny-sd-turbo", models_root), verify="size")
+    opened = []
+    real = session_module.session_options
+    monkeypatch.setattr(session_module, "session_options",
+                        lambda threads, resolution, low_memory, dims: opened.append(dims) or real(threads, resolution,
+                                                                                               low_memory, dims))
+    unet = GraphSession("unet", bundle.component_path("unet"), bundle.manifest.components["unet"],
+                        prov.Resolution(static, "npu", False), bundle.path)
+    assert unet.shapes == "dynamic" and not unet.capture and unet._runner is None
+    small, large = _feeds(unet, 0), _feeds(unet, 1, side=16)
+    for feeds in (small, small, large, small):
+        assert np.abs(unet.run(**feeds)[0] - _plain(unet, feeds)).max() <= BOUND_ATOL
+        assert "sample 1x4x" + ("16x16" if feeds is large else "8x8") in unet.shapes
+    assert unet.capture_state == "off" and unet._runner is None
+    fixed = [dims for dims in opened if dims]
+    assert len(fixed) == 3 and fixed[0]["height"] == 8 and fixed[1]["height"] == 16  # one open per shape change

@@ -71,8 +71,10 @@ def test_each_provider_is_one_onnxruntime_knows_and_comes_from_an_extra_that_ins
     for build, extra in ort_builds.BUILDS.items():  # its build, and no other (openvino also brings OpenVINO on Windows)
         assert names(extras[extra]) & set(ort_builds.BUILDS) == {build}, (extra, extras[extra])
     assert {p.extra for p in prov.REGISTRY.values()} <= set(ort_builds.BUILDS.values())
-    # the tests' own install (cpu,export,dev) brings the CPU build only: optimum-onnx without its [onnxruntime]
-    assert not [r for name in ("export", "dev") for r in extras[name] if "onnxruntime" in r]
+    # the tests' own install (cpu,export,dev) brings the CPU build only: optimum-onnx without its [onnxruntime], and
+    # onnxruntime-qnn 2 or newer, a plugin beside it (1.x was a build)
+    beside = [r.split(";")[0].replace(" ", "") for name in ("export", "dev") for r in extras[name] if "onnxruntime" in r]
+    assert beside == ["onnxruntime-qnn>=2"] and extras["qnn"] == ["onnxruntime-qnn>=2"]
 
 
 def test_two_onnxruntime_builds_are_named_with_the_way_back_to_one(monkeypatch, caplog):
@@ -549,3 +551,19 @@ def test_openvino_on_windows_puts_openvino_libraries_on_the_search_path_first(mo
         prov.REGISTRY["openvino"].prepare()
     finally:
         prov._openvino_windows_libraries.cache_clear()
+
+
+def test_a_build_is_told_by_the_folder_it_installs_so_a_plugin_beside_the_cpu_build_is_no_clash():
+    from pathlib import PurePosixPath
+
+    from edgediff.runtime import ort_builds
+
+    class Dist:  # what importlib.metadata gives: the files a distribution installed
+        def __init__(self, *files):
+            self.files = [PurePosixPath(f) for f in files]
+
+    assert ort_builds._installs_onnxruntime(Dist("onnxruntime/__init__.py", "onnxruntime/capi/onnxruntime.so"))
+    assert not ort_builds._installs_onnxruntime(Dist("onnxruntime_qnn/__init__.py", "onnxruntime_qnn/libQnnHtp.so"))
+    ort_builds.installed.cache_clear()
+    builds = ort_builds.installed()  # here: the CPU build, and (tests' install) the QNN plugin beside it
+    assert list(builds.values()) == [ort.__version__] and ort_builds.clash() is None, builds
