@@ -31,7 +31,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from .errors import InputError
-from .providers import new_session
+from .provider_loading import new_session
 
 log = logging.getLogger("edgediff.cache")
 

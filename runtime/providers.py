@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib
 import importlib.util
 import json
 import logging
@@ -18,7 +17,7 @@ from dataclasses import dataclass, field
 
 import onnxruntime as ort
 
-from . import ort_builds
+from . import ort_builds, provider_loading
 from .errors import ProviderError
 
 log = logging.getLogger("edgediff.providers")
@@ -95,7 +94,7 @@ class Provider:
     def prepare(self) -> None:
         """Whatever the process needs before this provider's first session: a plugin's library registered."""
         if self.plugin:
-            _register_plugin(self.ort_name, self.plugin)
+            provider_loading.register_plugin(self.ort_name, self.plugin)
 
 
 class DirectML(Provider):
@@ -126,7 +125,7 @@ class OpenVINO(Provider):
 
     def prepare(self) -> None:
         super().prepare()
-        _openvino_windows_libraries()
+        provider_loading.openvino_windows_libraries()
 
     def auto_eligible(self) -> bool:
         # Picked by `auto` for an Intel GPU or NPU only. On a CPU alone it is a choice, not a default: on an
@@ -140,45 +139,7 @@ class OpenVINO(Provider):
 class CUDA(Provider):
     def prepare(self) -> None:
         super().prepare()
-        _preload_cuda_libraries()
-
-
-# plugin providers whose library this process registered: their sessions take them through devices (new_session)
-_PLUGINS: set[str] = set()
-
-
-@functools.lru_cache(maxsize=None)  # once per provider and process
-def _register_plugin(ort_name: str, module_name: str) -> None:
-    module = importlib.import_module(module_name)
-    try:
-        ort.register_execution_provider_library(ort_name, module.get_library_path())
-    except Exception as exc:  # onnxruntime's own types: a library that will not load, or one registered already
-        if ort_name not in ort.get_available_providers():
-            raise ProviderError("plugin_unloadable", name=ort_name, module=module_name, detail=str(exc)) from exc
-    _PLUGINS.add(ort_name)
-
-
-def new_session(path, opts: ort.SessionOptions, providers: list) -> ort.InferenceSession:
-    """onnxruntime's session for `providers` (the chosen one first, with its options). A plugin provider is handed
-    over through the session options' devices: onnxruntime ignores one given by name (checked with onnxruntime-qnn
-    2.7.0: every node then ran on the CPU), and appends its CPU provider itself."""
-    name, options = providers[0]
-    if name not in _PLUGINS:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
-    devices = [d for d in ort.get_ep_devices() if d.ep_name == name]
-    opts.add_provider_for_devices(devices, {str(k): str(v) for k, v in options.items()})
-    return ort.InferenceSession(str(path), sess_options=opts)
-
-
-@functools.lru_cache(maxsize=1)  # once per process
-def _preload_cuda_libraries() -> None:
-    # onnxruntime-gpu 1.21+ loads CUDA and cuDNN from the nvidia-* wheels its [cuda,cudnn] extras install (which
-    # `edgediff[cuda]` asks for), else from the system's paths, printing what it could not find: an NVIDIA
-    # driver is then all a machine needs. Older builds lack the function and use the system's CUDA. Not yet
-    # checked on a GPU (the lent ones had CUDA installed)
-    preload = getattr(ort, "preload_dlls", None)
-    if preload is not None:
-        preload()
+        provider_loading.preload_cuda_libraries()
 
 
 class TensorRT(CUDA):
@@ -202,27 +163,10 @@ class WebGPU(Provider):
                 "with --precision fp32)")
 
 
-@functools.lru_cache(maxsize=1)  # once per process
-def _openvino_windows_libraries() -> None:
-    # onnxruntime-openvino's Windows wheels leave OpenVINO out: it comes from the `openvino` wheel (edgediff[openvino]
-    # asks for the release that build was made with), whose DLLs onnxruntime's helper adds to the search path.
-    # Not yet run on Windows
-    if not sys.platform.startswith("win"):
-        return
-    try:
-        from onnxruntime.tools import add_openvino_win_libs
-    except ImportError:  # a build without the helper (not onnxruntime-openvino)
-        return
-    try:
-        add_openvino_win_libs.add_openvino_libs_to_path()
-    except SystemExit as exc:  # the helper ends the process when it finds no OpenVINO: say so instead
-        raise ProviderError("openvino_libraries", detail=str(exc)) from None
-
-
 @functools.lru_cache(maxsize=1)  # asked at each resolve and session open; the devices do not change in a process
 def openvino_devices() -> list[str] | None:
     """The devices onnxruntime's OpenVINO build sees ("CPU", "GPU.0", "NPU", ...), or None if it cannot say."""
-    _openvino_windows_libraries()  # listing them loads the provider
+    provider_loading.openvino_windows_libraries()  # listing them loads the provider
     try:
         from onnxruntime.capi import _pybind_state
     except ImportError:

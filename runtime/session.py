@@ -23,7 +23,8 @@ from . import graph_cache
 from .binding import BoundRunner, DeviceUnsupported, shape_key, static_dims
 from .errors import BundleError, EdgediffError, InputError
 from .manifest import ComponentSpec
-from .providers import Resolution, new_session, resolve
+from .provider_loading import new_session
+from .providers import Resolution, resolve
 
 log = logging.getLogger("edgediff.session")
 

@@ -144,14 +144,14 @@ def test_unknown_provider(bundle):
 def test_unavailable_provider_is_an_error_unless_fallback(bundle, caplog):
     import onnxruntime as ort
 
-    if "QNNExecutionProvider" in ort.get_available_providers():
-        pytest.skip("QNN is available here")
-    with pytest.raises(ProviderError, match="'qnn' is not available"):
-        Pipeline.from_bundle(bundle, provider="qnn")
+    if "DmlExecutionProvider" in ort.get_available_providers():
+        pytest.skip("DirectML is available here")
+    with pytest.raises(ProviderError, match="'directml' is not available"):
+        Pipeline.from_bundle(bundle, provider="directml")
     with caplog.at_level("WARNING", logger="edgediff.providers"):
-        pipe = Pipeline.from_bundle(bundle, provider="qnn", fallback=True)
+        pipe = Pipeline.from_bundle(bundle, provider="directml", fallback=True)
     assert "falling back" in caplog.text
-    assert pipe.sessions.get("unet").providers[0] != "QNNExecutionProvider"
+    assert pipe.sessions.get("unet").providers[0] != "DmlExecutionProvider"
 
 
 @pytest.mark.parametrize("kwargs,match", [

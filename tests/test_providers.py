@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from edgediff.cli.main import cli
 from edgediff.runtime import Pipeline, ProviderError
+from edgediff.runtime import provider_loading
 from edgediff.runtime import providers as prov
 
 from tiny_models import tiny_bundle
@@ -508,7 +509,7 @@ def test_cuda_loads_cuda_and_cudnn_once_before_its_first_session(models_root, mo
     calls = []
     monkeypatch.setattr(prov.ort, "preload_dlls", lambda: calls.append("preload"), raising=False)
     monkeypatch.setattr(prov.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", CPU])
-    prov._preload_cuda_libraries.cache_clear()
+    provider_loading.preload_cuda_libraries.cache_clear()
     bundle = tiny_bundle("tiny-sd-turbo", models_root)
     try:
         Pipeline.from_bundle(bundle, provider="cpu").close()
@@ -517,7 +518,7 @@ def test_cuda_loads_cuda_and_cudnn_once_before_its_first_session(models_root, mo
             Pipeline.from_bundle(bundle, provider="cuda").close()
         assert calls == ["preload"]
     finally:
-        prov._preload_cuda_libraries.cache_clear()
+        provider_loading.preload_cuda_libraries.cache_clear()
 
 
 def test_openvino_on_windows_puts_openvino_libraries_on_the_search_path_first(monkeypatch):
@@ -530,8 +531,8 @@ def test_openvino_on_windows_puts_openvino_libraries_on_the_search_path_first(mo
     helper = types.ModuleType("onnxruntime.tools.add_openvino_win_libs")
     helper.add_openvino_libs_to_path = lambda: calls.append("added")
     monkeypatch.setitem(sys.modules, "onnxruntime.tools.add_openvino_win_libs", helper)
-    monkeypatch.setattr(prov.sys, "platform", "win32")
-    prov._openvino_windows_libraries.cache_clear()
+    monkeypatch.setattr(provider_loading.sys, "platform", "win32")
+    provider_loading.openvino_windows_libraries.cache_clear()
     try:
         prov.REGISTRY["openvino"].prepare()
         prov.REGISTRY["openvino"].prepare()
@@ -543,14 +544,14 @@ def test_openvino_on_windows_puts_openvino_libraries_on_the_search_path_first(mo
             sys.exit("Error: Please set the OPENVINO_LIB_PATHS environment variable.")
 
         helper.add_openvino_libs_to_path = no_openvino
-        prov._openvino_windows_libraries.cache_clear()
+        provider_loading.openvino_windows_libraries.cache_clear()
         with pytest.raises(ProviderError, match=r"needs OpenVINO's own libraries.*edgediff\[openvino\].*OPENVINO_LIB_PATHS"):
             prov.REGISTRY["openvino"].prepare()
-        monkeypatch.setattr(prov.sys, "platform", "linux")  # elsewhere the wheels carry OpenVINO: nothing to do
-        prov._openvino_windows_libraries.cache_clear()
+        monkeypatch.setattr(provider_loading.sys, "platform", "linux")  # elsewhere the wheels carry OpenVINO: nothing to do
+        provider_loading.openvino_windows_libraries.cache_clear()
         prov.REGISTRY["openvino"].prepare()
     finally:
-        prov._openvino_windows_libraries.cache_clear()
+        provider_loading.openvino_windows_libraries.cache_clear()
 
 
 def test_a_build_is_told_by_the_folder_it_installs_so_a_plugin_beside_the_cpu_build_is_no_clash():
