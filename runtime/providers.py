@@ -44,6 +44,9 @@ class Provider:
     # the Python module of a plugin package (onnxruntime 1.23+ loads such a provider from a library it is given,
     # and takes it through the session options' devices, not by name); None: the provider is built in
     plugin: str | None = None
+    # a compiling provider that can write what it compiled as an EPContext model (onnxruntime's ep.context_* session
+    # entries): the graph cache keeps that model like an optimised graph, and the next start skips the compiler
+    saves_context: bool = False
     # compiles for fixed shapes only (NPUs): each graph is reopened with its dimensions fixed for each new input shape
     # (session.py); with symbolic ones the QNN provider validated next to nothing ("Cannot get shape")
     static_shapes: bool = False
@@ -212,7 +215,7 @@ REGISTRY: dict[str, Provider] = {p.name: p for p in (
              compiles=True, options={"device_type": "AUTO:GPU,NPU,CPU"}),
     # Snapdragon NPUs (HTP). onnxruntime-qnn 2 is a plugin beside the CPU build; 1.x builds had it built in
     Provider("qnn", "QNNExecutionProvider", ("int8", "fp16"), extra="qnn", compiles=True, plugin="onnxruntime_qnn",
-             static_shapes=True, platforms=("win", "linux"), options={"backend_type": "htp"}),
+             static_shapes=True, saves_context=True, platforms=("win", "linux"), options={"backend_type": "htp"}),
 )}
 # kept for callers that only need names
 PROVIDERS = {name: p.ort_name for name, p in REGISTRY.items()}

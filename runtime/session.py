@@ -131,7 +131,8 @@ class GraphSession:
         optimiser run."""
         resolution, path = self.resolution, self.path
         factory = lambda: session_options(self._threads, resolution, self._low_memory, dims)  # noqa: E731
-        if self._cache_dir is None or resolution.provider.compiles:
+        provider = resolution.provider
+        if self._cache_dir is None or (provider.compiles and not provider.saves_context):
             # a compiling provider keeps its own cache (onnxruntime cannot save its compiled graph)
             own_cache = resolution.provider.cache_options(self._cache_dir) if self._cache_dir is not None else {}
             self.cache = "provider" if own_cache else "off"
@@ -140,7 +141,8 @@ class GraphSession:
         tag = resolution.cache_tag_fixed({"dims": dims or {}, "options": extra}) if dims or extra else resolution.cache_tag
         key = graph_cache.cache_key(self.name, self.spec.files[self.spec.graph_file]["sha256"], tag, path)
         session, self.cache = graph_cache.open_cached(path, key, self.spec.size, factory,
-                                                      resolution.ort_providers_with(**extra), self._cache_dir)
+                                                      resolution.ort_providers_with(**extra), self._cache_dir,
+                                                      save="context" if provider.compiles else "graph")
         return session
 
     def _note_fallback(self, session: ort.InferenceSession) -> None:

@@ -52,3 +52,12 @@ def test_qnn_runs_every_graph_shape_fixed_on_the_npu_close_to_the_cpu(shipped_in
     print(f"QNN (HTP simulator) against the CPU provider: {psnr:.1f} dB, max {np.abs(ours - reference).max():.3f}")
     assert psnr >= QNN_PSNR_FLOOR_DB
     assert _psnr(ours, reference[:, ::-1]) < QNN_PSNR_FLOOR_DB  # the comparison can fail
+
+    # what QNN compiled was kept as EPContext models in the graph cache: the next start loads them, no compiler
+    assert {g["cache"] for g in report.values()} == {"miss"}
+    npu.close()
+    again = Pipeline.from_bundle(shipped_int8, provider="qnn", provider_options=SIMULATED_CHIP)
+    image = again("a large red circle at the top on a blue background", **kwargs).images
+    report = again.provider_report()["graphs"]
+    assert all(g["cache"] == "hit" and g["providers"][0] == QNN for g in report.values()), report
+    assert np.abs(image - ours).max() <= 1e-6
