@@ -62,7 +62,7 @@ def session_options(threads: int | None = None, resolution: Resolution | None = 
         opts.enable_cpu_mem_arena = False
         opts.enable_mem_pattern = False
         opts.add_session_config_entry("session.disable_prepacking", "1")
-    for name, size in (dims or {}).items():  # a shape-fixed session (captured graphs): shape arithmetic folds away
+    for name, size in (dims or {}).items():  # a shape-fixed session (captured graphs, NPUs): shape arithmetic folds away
         opts.add_free_dimension_override_by_name(name, size)
     if resolution is not None:
         resolution.provider.configure(opts)
@@ -100,7 +100,7 @@ class GraphSession:
         self._device_id = int(resolution.options.get("device_id", 0))
         self._lock = threading.Lock()
         self._static_key: tuple | None = None
-        self._uncapturable: dict[tuple, str] = {}
+        self._refused_shapes: dict[tuple, str] = {}
         self.cache = "off"
         self.session = self._open_dynamic()
         self.inputs = {i.name: i for i in self.session.get_inputs()}
@@ -155,7 +155,7 @@ class GraphSession:
     def _run_fixed(self, feeds: dict[str, np.ndarray], run_options) -> list[np.ndarray]:
         key = shape_key(feeds)
         with self._lock:  # one call at a time: a new shape swaps the session under the lock
-            if key in self._uncapturable:
+            if key in self._refused_shapes:
                 if self._static_key is not None:
                     self._use_dynamic()
             elif key != self._static_key:
@@ -189,7 +189,7 @@ class GraphSession:
             what = "captured" if self.capture else "shape-fixed"
             log.warning("%s: no %s graph for %s (%s); it runs on the dynamic one%s", self.name, what,
                         _dims_text(feeds), reason, ", bound, without capture" if self.capture else "")
-            self._uncapturable[key] = reason
+            self._refused_shapes[key] = reason
             self.shapes = f"refused: {reason}"
             if self.capture:
                 self.capture_state = self.shapes
@@ -197,13 +197,12 @@ class GraphSession:
             return
         self._note_fallback(session)
         self.session, self._static_key = session, key
-        if self.capture:
-            self._runner = self._bound(session, graph_id=0)
-        else:
-            self._runner = self._bound(session) if self.io_binding else None
         self.shapes = f"fixed {_dims_text(feeds)}"
         if self.capture:
+            self._runner = self._bound(session, graph_id=0)
             self.capture_state = f"captured {_dims_text(feeds)}"
+        else:
+            self._runner = self._bound(session) if self.io_binding else None
         log.info("%s: %s", self.name, self.capture_state if self.capture else self.shapes)
 
     @property
