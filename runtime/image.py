@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -67,12 +68,24 @@ def check_writable(path: str | Path) -> Path:
 def save_image(image: Image.Image, path: str | Path) -> Path:
     """Writes through a temporary file and renames, so a failure never leaves a half-written image."""
     path = check_writable(path)
+    mode = _file_mode(path)
     fd, tmp = tempfile.mkstemp(prefix=".edgediff-", suffix=path.suffix, dir=path.parent or ".")
     os.close(fd)
     try:
         image.save(tmp, format=FORMATS[path.suffix.lower()])
+        os.chmod(tmp, mode)  # mkstemp's file is private (0600); the image gets what writing it directly would give
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
         raise OutputPathError("output_path", path=path, detail=exc.strerror or exc) from exc
     return path
+
+
+def _file_mode(path: Path) -> int:
+    """The permissions of the file being replaced, or of a new file under this process's umask."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)  # reading the umask means setting it: put it straight back
+        os.umask(umask)
+        return 0o666 & ~umask

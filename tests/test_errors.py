@@ -1,8 +1,10 @@
 """Bad input gets a clear, typed error, and nothing is lost or half-written."""
 
 import json
-import shutil
+import os
 import re
+import shutil
+import stat
 
 import numpy as np
 import pytest
@@ -209,6 +211,25 @@ def test_unwritable_output_path(tmp_path, name, match):
     (tmp_path / "a-folder").mkdir()
     with pytest.raises(OutputPathError, match=match):
         save_image(Image.new("RGB", (8, 8)), tmp_path / name)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_a_saved_image_has_the_permissions_writing_it_directly_would_give(tmp_path):
+    """Written through a private temporary file (0600) for atomicity, the image still gets the umask's permissions,
+    or keeps those of the file it replaces."""
+    from PIL import Image
+
+    old = os.umask(0o022)
+    try:
+        fresh = save_image(Image.new("RGB", (8, 8)), tmp_path / "new.png")
+        assert stat.S_IMODE(fresh.stat().st_mode) == 0o644
+        kept = tmp_path / "kept.png"
+        kept.write_bytes(b"old")
+        kept.chmod(0o640)
+        save_image(Image.new("RGB", (8, 8)), kept)
+        assert stat.S_IMODE(kept.stat().st_mode) == 0o640 and kept.read_bytes() != b"old"
+    finally:
+        os.umask(old)
 
 
 def test_output_path_that_is_a_folder(tmp_path):
