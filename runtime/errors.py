@@ -23,6 +23,7 @@ MESSAGES = {
     "provider_option": "provider options are KEY=VALUE, got {value!r}",
     "openvino_libraries": "onnxruntime-openvino on Windows needs OpenVINO's own libraries, which `pip install \"edgediff[openvino]\"` installs ({detail})",
     "plugin_unloadable": "provider {name!r} from {module}: onnxruntime cannot load its library ({detail})",
+    "plugin_no_device": "provider {name!r} is installed but found no device to run on; choose another with --provider",
     "builds_clash": "provider {name!r} is not available: {count} onnxruntime builds are installed ({builds}) and they overwrite each other's files; keep one: {fix}",
     "graph_capture_unsupported": "provider {name!r} cannot capture graphs (CUDA graphs need the cuda or tensorrt provider)",
     "cache_limit": "{env} must be a size in GiB (a number >= 0), got {value!r}",

@@ -38,6 +38,8 @@ def new_session(path, opts: ort.SessionOptions, providers: list) -> ort.Inferenc
     if name not in _PLUGINS:
         return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     devices = [d for d in ort.get_ep_devices() if d.ep_name == name]
+    if not devices:  # its library loaded, but it found nothing to run on
+        raise ProviderError("plugin_no_device", name=name)
     opts.add_provider_for_devices(devices, {str(k): str(v) for k, v in options.items()})
     return ort.InferenceSession(str(path), sess_options=opts)
 

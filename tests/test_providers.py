@@ -568,3 +568,11 @@ def test_a_build_is_told_by_the_folder_it_installs_so_a_plugin_beside_the_cpu_bu
     ort_builds.installed.cache_clear()
     builds = ort_builds.installed()  # here: the CPU build, and (tests' install) the QNN plugin beside it
     assert list(builds.values()) == [ort.__version__] and ort_builds.clash() is None, builds
+
+
+def test_a_plugin_provider_that_finds_no_device_is_a_clear_error(monkeypatch):
+    """A plugin's library can load on a machine without its hardware; onnxruntime then lists no device for it."""
+    monkeypatch.setattr(provider_loading, "_PLUGINS", {"QNNExecutionProvider"})
+    monkeypatch.setattr(provider_loading.ort, "get_ep_devices", lambda: [])
+    with pytest.raises(ProviderError, match="'QNNExecutionProvider' is installed but found no device"):
+        provider_loading.new_session("unused.onnx", ort.SessionOptions(), [("QNNExecutionProvider", {})])
