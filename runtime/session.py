@@ -93,7 +93,6 @@ class GraphSession:
         binds = bool(device_type) if io_binding is None else (io_binding and bool(device_type))
         self.binding_state = "on" if binds else "off"  # or "refused: <why>" after a failed first bind
         self.capture = capture and self.io_binding and resolution.provider.can_capture
-        self.capture_state = "off"  # "off", "captured <dims>", or why onnxruntime would not capture
         # NPU compilers take fixed shapes only: there, as for captured graphs, each input shape gets its own session
         self.fixed_shapes = self.capture or resolution.provider.static_shapes
         self.shapes = "dynamic"  # or "fixed <dims>", or why a shape-fixed session could not be made
@@ -105,7 +104,7 @@ class GraphSession:
         self.session = self._open_dynamic()
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self._runner = self._bound(self.session) if self.io_binding else None
+        self._runner = self._runner_for(self.session)
         # called with each run's checked feeds (export records calibration inputs this way)
         self.observers: list[Callable[[dict[str, np.ndarray]], None]] = []
         declared = {t.name for t in spec.inputs}
@@ -134,7 +133,7 @@ class GraphSession:
         provider = resolution.provider
         if self._cache_dir is None or (provider.compiles and not provider.saves_context):
             # a compiling provider keeps its own cache (onnxruntime cannot save its compiled graph)
-            own_cache = resolution.provider.cache_options(self._cache_dir) if self._cache_dir is not None else {}
+            own_cache = provider.cache_options(self._cache_dir) if self._cache_dir is not None else {}
             self.cache = "provider" if own_cache else "off"
             own_cache = {k: v for k, v in own_cache.items() if k not in resolution.overrides}  # the caller's win
             return new_session(path, factory(), resolution.ort_providers_with(**own_cache, **extra))
@@ -164,7 +163,10 @@ class GraphSession:
                 return self._runner.run(feeds, run_options)
             return self.session.run(self.output_names, feeds, run_options)
 
-    def _bound(self, session: ort.InferenceSession, graph_id: int | None = None) -> BoundRunner:
+    def _runner_for(self, session: ort.InferenceSession, graph_id: int | None = None) -> BoundRunner | None:
+        """The session's I/O binding (replaying captured graph `graph_id`), or None where it runs unbound."""
+        if not self.io_binding:
+            return None
         return BoundRunner(session, self.resolution.provider.device_type, self._device_id, graph_id)
 
     def _use_dynamic(self) -> None:
@@ -172,7 +174,7 @@ class GraphSession:
         gc.collect()
         self._static_key = None
         self.session = self._open_dynamic()
-        self._runner = self._bound(self.session) if self.io_binding else None
+        self._runner = self._runner_for(self.session)
 
     def _open_static(self, key: tuple, feeds: dict[str, np.ndarray]) -> None:
         """Replaces the session by one fixed to these feeds' shapes (with graph capture on, when capturing)."""
@@ -191,23 +193,24 @@ class GraphSession:
                         _dims_text(feeds), reason, ", bound, without capture" if self.capture else "")
             self._refused_shapes[key] = reason
             self.shapes = f"refused: {reason}"
-            if self.capture:
-                self.capture_state = self.shapes
             self._use_dynamic()
             return
         self._note_fallback(session)
         self.session, self._static_key = session, key
         self.shapes = f"fixed {_dims_text(feeds)}"
-        if self.capture:
-            self._runner = self._bound(session, graph_id=0)
-            self.capture_state = f"captured {_dims_text(feeds)}"
-        else:
-            self._runner = self._bound(session) if self.io_binding else None
+        self._runner = self._runner_for(session, graph_id=0 if self.capture else None)
         log.info("%s: %s", self.name, self.capture_state if self.capture else self.shapes)
 
     @property
     def io_binding(self) -> bool:
         return self.binding_state == "on"
+
+    @property
+    def capture_state(self) -> str:
+        """"off", "captured <dims>", or why onnxruntime would not capture: the shape-fixed state, when capturing."""
+        if not self.capture or self.shapes == "dynamic":
+            return "off"
+        return "captured " + self.shapes.removeprefix("fixed ") if self.shapes.startswith("fixed ") else self.shapes
 
     @property
     def providers(self) -> list[str]:
