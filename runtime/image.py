@@ -17,17 +17,28 @@ FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
 def latents_to_images(decoded: np.ndarray, output_type: str = "pil"):
     """VAE output in [-1, 1], NCHW -> PIL images or a float array NHWC in [0, 1] (diffusers' postprocess)."""
-    images = np.clip(decoded / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1).astype(np.float32)
+    planes = np.clip(decoded / 2 + 0.5, 0.0, 1.0)
     if output_type == "np":
-        return images
+        return planes.transpose(0, 2, 3, 1).astype(np.float32)
     if output_type != "pil":
         raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
-    return to_pil(images)
+    return _planes_to_pil(planes)
 
 
 def to_pil(images: np.ndarray) -> list[Image.Image]:
     """NHWC float images in [0, 1] -> 8-bit PIL images."""
-    return [Image.fromarray((img * 255).round().astype(np.uint8)) for img in images]
+    return _planes_to_pil(images.transpose(0, 3, 1, 2))
+
+
+def _planes_to_pil(planes: np.ndarray) -> list[Image.Image]:
+    """NCHW floats in [0, 1] -> 8-bit RGB PIL images, rounded as diffusers' numpy_to_pil rounds (half to even).
+
+    Hand-written for speed: numpy's NCHW -> NHWC transpose of the float image took 2-4 ms at 512x512, a tenth
+    of a 40 ms image on an H100. Here the arithmetic runs on contiguous planes and PIL interleaves the three
+    uint8 channels (0.7 ms in all; benchmarks/README.md, "CUDA under 40 ms")."""
+    scaled = np.multiply(planes, 255, dtype=np.float32)
+    np.rint(scaled, out=scaled)
+    return [Image.merge("RGB", [Image.fromarray(channel) for channel in image]) for image in scaled.astype(np.uint8)]
 
 
 def load_image(image) -> Image.Image:

@@ -142,3 +142,29 @@ def test_tile_size_too_small_is_refused():
     pipe = Pipeline.from_bundle(default_bundle(), provider="cpu")
     with pytest.raises(InputError, match="tile size"):
         pipe("a red circle on a blue background", seed=0, decode_tile=2)
+
+
+def test_decoded_pixels_become_the_images_diffusers_makes():
+    """VAE output -> 8-bit images, bit for bit as diffusers' VaeImageProcessor.postprocess (pil and np), for
+    in-range and clipped values, float32 and float16 (an fp16 decoder's output, scaled in fp16 by both); the
+    NHWC path (inpainting's overlay) gives the same pixels."""
+    torch = pytest.importorskip("torch")
+    from diffusers.image_processor import VaeImageProcessor
+
+    from edgediff.runtime.image import latents_to_images, to_pil
+
+    rng = np.random.default_rng(0)
+    decoded = (rng.standard_normal((2, 3, 24, 40)) * 0.8).astype(np.float32)
+    decoded[0, :, 0, :3] = [-1.5, 1.5, 0.0]  # clipped both ways, and the middle
+    processor = VaeImageProcessor()
+    for array in (decoded, decoded.astype(np.float16)):
+        reference = torch.from_numpy(array)
+        ours = latents_to_images(array, "pil")
+        theirs = processor.postprocess(reference, output_type="pil")
+        assert [im.mode for im in ours] == ["RGB", "RGB"] and ours[0].size == (40, 24)
+        for a, b in zip(ours, theirs):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_array_equal(latents_to_images(array, "np"), processor.postprocess(reference, output_type="np"))
+        nhwc = latents_to_images(array, "np")
+        for a, b in zip(to_pil(nhwc), ours):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
