@@ -126,9 +126,18 @@ def _graph_macs(bundle, size: int, guidance_batch: int, decoder: str = "full") -
         return {name: count_macs(bundle.component_path(graphs[name]), shapes[name])["total"] for name in STAGES}
     except ImportError:
         return None
-    except Exception as exc:  # shape inference fails on some graphs: report, never lose the timings
-        log.warning("MACs not counted for %s: %s", bundle.path, str(exc).splitlines()[0])
-        return None
+
+
+def _macs_in_worker(bundle, size: int, guidance_batch: int, decoder: str) -> dict | None:
+    """_graph_macs in a process of its own: counting a full-size graph took the harness to 5.8 GiB, and on
+    Linux every worker spawned after that reported at least that as its own peak (workers.peak_rss_bytes)."""
+    try:
+        out = _worker("macs", {"bundle": str(bundle.path), "size": size, "batch": guidance_batch, "decoder": decoder})
+    except RuntimeError as exc:  # the counting process died (out of memory, say): never lose the timings
+        out = {"macs": None, "why": str(exc)}
+    if out.get("why"):  # shape inference fails on some graphs: report, never lose the timings
+        log.warning("MACs not counted for %s: %s", bundle.path, out["why"])
+    return out["macs"]
 
 
 def _hidden(manifest) -> int:
@@ -211,7 +220,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
             else:
                 peer_runs[(system, *work_key)] = (str(bundle.path), procs[system])
         cfg_batch = 2 if (m.defaults["guidance"] > 1 and m.guidance_embedding_dim is None) else 1
-        macs = _graph_macs(bundle, size, cfg_batch, cfg.decoder)
+        macs = _macs_in_worker(bundle, size, cfg_batch, cfg.decoder)
         rows = [_aggregate(s, procs[s]) for s in ("edgediff", *peers)]
         for row in rows[1:]:
             if row["system"] in reused:  # measured once, beside the first bundle of this source

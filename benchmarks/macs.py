@@ -24,8 +24,11 @@ def _static_model(path: Path, input_shapes: dict[str, tuple]):
     model = onnx.load(str(path), load_external_data=False)  # structure only: weights' dims are in the proto
     for init in model.graph.initializer:
         # Shape inference reads small constants (reshape targets); load those, never the big weights.
-        if uses_external_data(init) and int(np.prod(init.dims)) <= SMALL_CONSTANT_ELEMENTS:
+        small = int(np.prod(init.dims)) <= SMALL_CONSTANT_ELEMENTS
+        if uses_external_data(init) and small:
             load_external_data_for_tensor(init, str(path.parent))
+        elif not small:
+            init.ClearField("raw_data")  # weights stored inline: drop them before inference copies the model
     for inp in model.graph.input:
         if inp.name in input_shapes:
             dims = inp.type.tensor_type.shape.dim

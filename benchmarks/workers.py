@@ -18,16 +18,27 @@ PROMPT = "a large red circle on a blue background"
 
 
 def peak_rss_bytes() -> int | None:
+    """This process's peak resident memory. On Linux the kernel's high-water mark of this address space
+    (VmHWM), not getrusage: Linux carries a process's ru_maxrss over exec from the address space it
+    replaces, so a worker spawned by a harness that had held 1 GiB reported at least 1 GiB
+    (tests/test_bench.py; benchmarks/README.md, "Peak memory: a correction")."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:  # not Linux
+        pass
     try:
         import resource
-    except ImportError:  # Windows
+    except ImportError:  # Windows: the peak working set is this process's own
         try:
             import psutil
 
             return psutil.Process().memory_info().peak_wset
         except (ImportError, AttributeError):
             return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # macOS: may include the spawning process's, unchecked
     return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
 
 
@@ -185,6 +196,18 @@ def prepare_optimum(source: str, out_dir: str) -> None:
     _optimum_class(source).from_pretrained(source, export=True).save_pretrained(out_dir)
 
 
+def count_stage_macs(a: dict) -> dict:
+    """The harness's MAC count (harness._macs_in_worker): {"macs": per stage or None, "why": if it failed}."""
+    from edgediff.runtime import Bundle
+
+    from .harness import _graph_macs
+
+    try:
+        return {"macs": _graph_macs(Bundle.open(a["bundle"], verify="size"), a["size"], a["batch"], a["decoder"])}
+    except Exception as exc:  # shape inference fails on some graphs: the harness reports it and keeps the timings
+        return {"macs": None, "why": (str(exc).splitlines() or [type(exc).__name__])[0]}
+
+
 SYSTEMS = {"edgediff": edgediff, "diffusers": diffusers, "optimum": optimum}
 
 
@@ -193,6 +216,9 @@ def main() -> None:
     if system == "prepare-optimum":
         prepare_optimum(args["source"], args["optimum_dir"])
         print(json.dumps({"ok": True}))
+        return
+    if system == "macs":
+        print(json.dumps(count_stage_macs(args)))
         return
     result = SYSTEMS[system](args)
     result["peak_rss_bytes"] = peak_rss_bytes()
