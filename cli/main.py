@@ -312,9 +312,9 @@ def cache_clear():
               help="coreml: ML program packages (fp16, static shapes) for Macs and the Neural Engine.")
 @click.option("--palettize", type=click.Choice(["8", "6", "4"]), default=None,
               help="coreml: k-means palettised weights with this many bits.")
-@click.option("--attention", type=click.Choice(["original", "sliced"]), default="original", show_default=True,
-              help="UNet attention: sliced computes one head at a time (lower peak memory, same result); "
-                   "Core ML's split_einsum layout is not implemented yet.")
+@click.option("--attention", type=click.Choice(["original", "sliced", "split_einsum"]), default="original",
+              show_default=True, help="UNet attention: sliced computes one head at a time (lower peak memory, same "
+                                      "result); split_einsum (coreml): per head in the Neural Engine's layout.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT once the new bundle is complete.")
 def export(source, out, precision, keep, calibration_prompts, height, width, family, default_steps, default_guidance,
            tiny_decoder, vae, optimize, loras, target, palettize, attention, overwrite):
@@ -333,8 +333,8 @@ def export(source, out, precision, keep, calibration_prompts, height, width, fam
                              default_guidance=default_guidance)
         click.echo(str(path))
         return
-    if palettize:
-        raise click.UsageError("--palettize applies to --target coreml")
+    if palettize or attention == "split_einsum":
+        raise click.UsageError("--palettize and --attention split_einsum apply to --target coreml")
     prompts = None
     if calibration_prompts:
         prompts = [line.strip() for line in Path(calibration_prompts).read_text(encoding="utf-8").splitlines() if line.strip()]

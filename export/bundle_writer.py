@@ -23,7 +23,7 @@ from edgediff.runtime.errors import ExportError, ExportValidationError
 from edgediff.runtime.manifest import MANIFEST_NAME, TOKENIZER_2_NAME, TOKENIZER_NAME, ComponentSpec, Manifest, TensorSpec
 from edgediff.runtime.schedulers import DIFFUSERS_CLASS_TO_SAMPLER, ScheduleConfig
 
-from .attention import ATTENTION_MODES, use_sliced_attention
+from .attention import ATTENTION_MODES, use_attention
 from .capture import float_argmax
 from .lora import fuse_loras
 from .optimize import MODEL_TYPES as FUSABLE, optimise_graph
@@ -272,7 +272,7 @@ def export_bundle(source: str, out: str | Path, precision: str = "fp32", height:
         steps.set_postfix_str("loading source")
         pipe, fam, ctx = prepare_source(source, height, width, family, vae)
         lora_records = fuse_loras(pipe, loras or [])
-        sliced_layers = use_sliced_attention(pipe.unet) if attention == "sliced" else 0
+        sliced_layers = use_attention(pipe.unet, "sliced") if attention == "sliced" else 0
         steps.update()
 
         text = write_text_conditioning(pipe, staging)

@@ -19,13 +19,12 @@ from edgediff.runtime.bundle import sha256_file
 from edgediff.runtime.errors import ExportError, ExportValidationError
 from edgediff.runtime.manifest import MANIFEST_NAME, ComponentSpec, TensorSpec
 
-from .attention import use_sliced_attention
+from .attention import use_attention
 from .bundle_writer import _quiet_tracing, build_manifest, prepare_source, staged, write_text_conditioning
 
 PALETTE_BITS = (8, 6, 4)  # coremltools' k-means palettisation: 2**bits weight values per tensor
-# "sliced": one head at a time (attention.py). Apple's split-einsum layout (B, C, 1, S) needs its own
-# UNet rewrite: not yet.
-ATTENTION_MODES = ("original", "sliced")
+# "sliced": one head at a time; "split_einsum": per head in the Neural Engine's (B, C, 1, S) layout (attention.py)
+ATTENTION_MODES = ("original", "sliced", "split_einsum")
 COREML_TOLERANCE = 5e-2  # fp16 ML program vs PyTorch fp32, relative to the output range (checked on macOS)
 DEPLOYMENT_TARGET = "macOS14"  # ML programs with k-means palettisation
 
@@ -170,7 +169,7 @@ def export_coreml(source: str, out: str | Path, height: int | None = None, width
         raise ValueError(f"palettize must be one of {PALETTE_BITS}, got {palettize}")
     if attention not in ATTENTION_MODES:
         raise ExportError("export_source", source=source,
-                          detail=f"attention {attention!r} is not implemented yet (available: {', '.join(ATTENTION_MODES)})")
+                          detail=f"unknown attention {attention!r} (available: {', '.join(ATTENTION_MODES)})")
     try:
         import coremltools  # noqa: F401
     except ImportError:
@@ -183,8 +182,7 @@ def export_coreml(source: str, out: str | Path, height: int | None = None, width
             raise ExportError("export_source", source=source,
                               detail="the Core ML target converts SD 1.x / 2.x families; SDXL is ONNX-only for now")
         text = write_text_conditioning(pipe, staging)
-        if attention == "sliced":
-            use_sliced_attention(pipe.unet)
+        attention_layers = use_attention(pipe.unet, attention) if attention != "original" else 0
         # static shapes: classifier-free guidance runs the UNet on (uncond, cond) at once
         cfg_batch = 1 if (fam.guidance_embedding or (default_guidance if default_guidance is not None
                                                      else fam.default_guidance) <= 1.0) else 2
@@ -192,6 +190,8 @@ def export_coreml(source: str, out: str | Path, height: int | None = None, width
         for name, module, inputs, outputs in _modules(pipe, ctx, cfg_batch):
             mlmodel = _convert(module, inputs, outputs)
             attributes = {"compute_precision": "fp16", "deployment_target": DEPLOYMENT_TARGET, "attention": attention}
+            if name == "unet":
+                attributes["attention_layers"] = attention_layers  # layers given the processor (attention.py)
             if palettize:
                 mlmodel = _palettise(mlmodel, palettize)
                 attributes["palettized_bits"] = palettize

@@ -87,6 +87,13 @@ def test_export_command(models_root, tmp_path):
     assert again.exit_code == 1 and "already exists" in again.output
 
 
+def test_coreml_only_export_options_are_refused_for_onnx(tmp_path):
+    for option in (["--palettize", "6"], ["--attention", "split_einsum"]):
+        result = CliRunner().invoke(cli, ["export", "some/model", str(tmp_path / "b"), *option])
+        assert result.exit_code == 2 and "apply to --target coreml" in result.output, result.output
+    assert not (tmp_path / "b").exists()
+
+
 def test_list_finds_bundles_in_the_models_folder_and_generate_takes_their_name(models_root, tmp_path, monkeypatch):
     import shutil
 

@@ -73,12 +73,32 @@ def test_shipped_model_exports_to_coreml_palettised(tmp_path):
     assert m.components["unet"].size / fp16_unet_bytes <= PALETTE_SIZE_RATIO_MAX["shipped, 6 bits"]
 
 
+def test_split_einsum_package_holds_the_neural_engine_layout(models_root, tmp_path):
+    """--attention split_einsum: every attention softmax of the UNet package runs over the keys of a
+    (batch, keys, 1, queries) tensor, as Apple lays attention out for the Neural Engine; the package matches its
+    spec and the manifest says which attention it holds."""
+    import coremltools as ct
+
+    from edgediff.export.coreml import export_coreml, package_io
+
+    bundle = Bundle.open(export_coreml(str(tiny_source("tiny-sd1", models_root)), tmp_path / "se", attention="split_einsum"))
+    unet = bundle.manifest.components["unet"]
+    assert unet.attributes["attention"] == "split_einsum" and unet.attributes["attention_layers"] > 0
+    assert package_io(bundle.component_path("unet")) == (unet.inputs, unet.outputs)
+    spec = ct.models.MLModel(str(bundle.component_path("unet")), skip_model_load=True).get_spec()
+    shapes = [[d.constant.size for d in op.outputs[0].type.tensorType.dimensions]
+              for function in spec.mlProgram.functions.values() for block in function.block_specializations.values()
+              for op in block.operations if op.type == "softmax"]
+    assert len(shapes) >= unet.attributes["attention_layers"]  # one per head
+    assert all(len(s) == 4 and s[2] == 1 for s in shapes), shapes
+
+
 def test_a_failed_coreml_export_leaves_nothing(models_root, tmp_path):
     from edgediff.export.coreml import export_coreml
     from edgediff.runtime.errors import ExportError
 
-    with pytest.raises(ExportError, match="split_einsum"):
-        export_coreml(str(tiny_source("tiny-sd1", models_root)), tmp_path / "x", attention="split_einsum")
+    with pytest.raises(ExportError, match="unknown attention 'diagonal'"):
+        export_coreml(str(tiny_source("tiny-sd1", models_root)), tmp_path / "x", attention="diagonal")
     assert not (tmp_path / "x").exists()
 
 
@@ -98,3 +118,13 @@ def test_coreml_pipeline_matches_the_onnx_one(models_root, coreml_bundles):
     assert np.abs(out.images - onnx.images).max() <= 8 / 255  # fp16 packages vs fp32 graphs
     with pytest.raises(InputError, match="static shapes"):
         coreml("a cat", height=128, width=128)
+
+
+@MACOS_ONLY
+def test_split_einsum_package_predicts_what_the_original_does(models_root, coreml_bundles, tmp_path):
+    from edgediff.export.coreml import export_coreml
+
+    split = export_coreml(str(tiny_source("tiny-sd1", models_root)), tmp_path / "se", attention="split_einsum")
+    images = [Pipeline.from_bundle(b, compute_units="cpu_only")("a cat", seed=0, num_inference_steps=2, output_type="np").images
+              for b in (coreml_bundles["fp16"], split)]
+    assert np.abs(images[0] - images[1]).max() <= 4 / 255  # fp16 arithmetic in another order

@@ -259,12 +259,30 @@ def test_gpu_fused_graphs_convert_to_fp16_with_typed_casts(models_root, tmp_path
         assert types.get(data) == onnx.TensorProto.FLOAT, (node.name, data, types.get(data))
 
 
+def test_split_einsum_attention_is_the_same_arithmetic(models_root):
+    """--attention split_einsum (Core ML): the Neural Engine's (batch, channels, 1, tokens) layout, same outputs
+    as diffusers' attention in PyTorch (the packages themselves: tests/test_coreml.py)."""
+    from diffusers import UNet2DConditionModel
+
+    from edgediff.export.attention import use_attention
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_source("tiny-sd-turbo", models_root) / "unet").eval()
+    rng = np.random.default_rng(1)
+    args = (torch.from_numpy(rng.standard_normal((2, 4, 32, 32)).astype(np.float32)), torch.tensor(300.0),
+            torch.from_numpy(rng.standard_normal((2, 77, 32)).astype(np.float32)))
+    with torch.no_grad():
+        reference = unet(*args).sample
+        assert use_attention(unet, "split_einsum") == 8
+        ours = unet(*args).sample
+    assert torch.abs(ours - reference).max() <= SLICED_ATOL * max(1.0, float(reference.abs().max()))
+
+
 def test_sliced_attention_is_the_same_arithmetic(models_root, tmp_path):
     """--attention sliced writes the UNet's attention one head at a time: same outputs as diffusers'
     attention in PyTorch, and the same image from the exported bundle."""
     from diffusers import UNet2DConditionModel
 
-    from edgediff.export.attention import use_sliced_attention
+    from edgediff.export.attention import use_attention
     from edgediff.runtime import Pipeline
 
     source = tiny_source("tiny-sd-turbo", models_root)
@@ -274,7 +292,7 @@ def test_sliced_attention_is_the_same_arithmetic(models_root, tmp_path):
             torch.from_numpy(rng.standard_normal((2, 77, 32)).astype(np.float32)))
     with torch.no_grad():
         reference = unet(*args).sample
-        assert use_sliced_attention(unet) == 8  # self- and cross-attention of its 4 transformer blocks (down, mid, 2 up)
+        assert use_attention(unet, "sliced") == 8  # self- and cross-attention of its 4 transformer blocks (down, mid, 2 up)
         sliced = unet(*args).sample
     assert torch.abs(sliced - reference).max() <= SLICED_ATOL * max(1.0, float(reference.abs().max()))
 
