@@ -193,6 +193,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
     # A peer's work depends on the source, steps, size and the bundle's sampler and guidance, not on the
     # bundle's precision: bundles of one source (fp32, int8, ...) share their peers' runs.
     peer_runs: dict[tuple, tuple[str, list[dict]]] = {}
+    macs_by_graph: dict[tuple, dict | None] = {}  # the step count changes the calls, not the MACs per call
     bar = tqdm(total=len(configs) * (1 + len(peers)) * cfg.rounds, desc="bench", unit="process", disable=not progress)
     for bundle, provider, steps, size in configs:
         m = bundle.manifest
@@ -220,7 +221,10 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
             else:
                 peer_runs[(system, *work_key)] = (str(bundle.path), procs[system])
         cfg_batch = 2 if (m.defaults["guidance"] > 1 and m.guidance_embedding_dim is None) else 1
-        macs = _macs_in_worker(bundle, size, cfg_batch, cfg.decoder)
+        graph_key = (str(bundle.path), size, cfg_batch)
+        if graph_key not in macs_by_graph:
+            macs_by_graph[graph_key] = _macs_in_worker(bundle, size, cfg_batch, cfg.decoder)
+        macs = macs_by_graph[graph_key]
         rows = [_aggregate(s, procs[s]) for s in ("edgediff", *peers)]
         for row in rows[1:]:
             if row["system"] in reused:  # measured once, beside the first bundle of this source

@@ -199,6 +199,22 @@ def test_quality_metrics_behave():
     assert ssim(a, 1 - a) < 0.1
 
 
+def test_macs_are_counted_once_per_graph_and_size(tmp_path, monkeypatch):
+    """Step counts change how often the graphs run, not their MACs per call: one count serves them all."""
+    from edgediff.benchmarks import harness
+    from edgediff.models.shipped import default_bundle
+
+    calls = []
+    real = harness._worker
+    monkeypatch.setattr(harness, "_worker", lambda system, args: calls.append(system) or real(system, args))
+    cfg = BenchConfig(bundles=[str(default_bundle())], steps=[1, 2], repeat=1, warmup=0, rounds=1, threads=2,
+                      out=str(tmp_path))
+    data = run_bench(cfg, progress=False)
+    assert calls == ["edgediff", "macs", "edgediff"]  # counted after the first step count, reused for the second
+    one, two = (row["systems"][0]["achieved"] for row in data["results"])
+    assert {s: a["macs"] for s, a in one.items()} == {s: a["macs"] for s, a in two.items()}
+
+
 def test_memory_modes_are_run_and_recorded(tmp_path):
     from edgediff.benchmarks.report import row_label
     from edgediff.models.shipped import default_bundle
