@@ -19,12 +19,12 @@ from edgediff.runtime.bundle import sha256_file
 from edgediff.runtime.errors import ExportError, ExportValidationError
 from edgediff.runtime.manifest import MANIFEST_NAME, ComponentSpec, TensorSpec
 
-from .attention import use_attention
+from .attention import PROCESSORS, use_attention
 from .bundle_writer import _quiet_tracing, build_manifest, prepare_source, staged, write_text_conditioning
 
 PALETTE_BITS = (8, 6, 4)  # coremltools' k-means palettisation: 2**bits weight values per tensor
 # "sliced": one head at a time; "split_einsum": per head in the Neural Engine's (B, C, 1, S) layout (attention.py)
-ATTENTION_MODES = ("original", "sliced", "split_einsum")
+ATTENTION_MODES = ("original", *PROCESSORS)
 COREML_TOLERANCE = 5e-2  # fp16 ML program vs PyTorch fp32, relative to the output range (checked on macOS)
 DEPLOYMENT_TARGET = "macOS14"  # ML programs with k-means palettisation
 

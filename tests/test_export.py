@@ -259,42 +259,38 @@ def test_gpu_fused_graphs_convert_to_fp16_with_typed_casts(models_root, tmp_path
         assert types.get(data) == onnx.TensorProto.FLOAT, (node.name, data, types.get(data))
 
 
-def test_split_einsum_attention_is_the_same_arithmetic(models_root):
-    """--attention split_einsum (Core ML): the Neural Engine's (batch, channels, 1, tokens) layout, same outputs
-    as diffusers' attention in PyTorch (the packages themselves: tests/test_coreml.py)."""
+def _assert_attention_matches_diffusers(source, mode: str, rng, timestep: float) -> None:
+    """The tiny UNet with `mode`'s processor gives diffusers' outputs in PyTorch; all 8 of its attention layers
+    (self- and cross-attention of its 4 transformer blocks: down, mid, 2 up) take the processor."""
     from diffusers import UNet2DConditionModel
 
     from edgediff.export.attention import use_attention
 
-    unet = UNet2DConditionModel.from_pretrained(tiny_source("tiny-sd-turbo", models_root) / "unet").eval()
-    rng = np.random.default_rng(1)
-    args = (torch.from_numpy(rng.standard_normal((2, 4, 32, 32)).astype(np.float32)), torch.tensor(300.0),
+    unet = UNet2DConditionModel.from_pretrained(source / "unet").eval()
+    args = (torch.from_numpy(rng.standard_normal((2, 4, 32, 32)).astype(np.float32)), torch.tensor(timestep),
             torch.from_numpy(rng.standard_normal((2, 77, 32)).astype(np.float32)))
     with torch.no_grad():
         reference = unet(*args).sample
-        assert use_attention(unet, "split_einsum") == 8
+        assert use_attention(unet, mode) == 8
         ours = unet(*args).sample
     assert torch.abs(ours - reference).max() <= SLICED_ATOL * max(1.0, float(reference.abs().max()))
+
+
+def test_split_einsum_attention_is_the_same_arithmetic(models_root):
+    """--attention split_einsum (Core ML): the Neural Engine's (batch, channels, 1, tokens) layout, same outputs
+    as diffusers' attention in PyTorch (the packages themselves: tests/test_coreml.py)."""
+    _assert_attention_matches_diffusers(tiny_source("tiny-sd-turbo", models_root), "split_einsum",
+                                        np.random.default_rng(1), 300.0)
 
 
 def test_sliced_attention_is_the_same_arithmetic(models_root, tmp_path):
     """--attention sliced writes the UNet's attention one head at a time: same outputs as diffusers'
     attention in PyTorch, and the same image from the exported bundle."""
-    from diffusers import UNet2DConditionModel
-
-    from edgediff.export.attention import use_attention
     from edgediff.runtime import Pipeline
 
     source = tiny_source("tiny-sd-turbo", models_root)
-    unet = UNet2DConditionModel.from_pretrained(source / "unet").eval()
     rng = np.random.default_rng(0)
-    args = (torch.from_numpy(rng.standard_normal((2, 4, 32, 32)).astype(np.float32)), torch.tensor(500.0),
-            torch.from_numpy(rng.standard_normal((2, 77, 32)).astype(np.float32)))
-    with torch.no_grad():
-        reference = unet(*args).sample
-        assert use_attention(unet, "sliced") == 8  # self- and cross-attention of its 4 transformer blocks (down, mid, 2 up)
-        sliced = unet(*args).sample
-    assert torch.abs(sliced - reference).max() <= SLICED_ATOL * max(1.0, float(reference.abs().max()))
+    _assert_attention_matches_diffusers(source, "sliced", rng, 500.0)
 
     bundle = Bundle.open(export_bundle(str(source), tmp_path / "sliced", attention="sliced", progress=False))
     assert bundle.manifest.components["unet"].attributes["attention"] == {"mode": "sliced", "sliced_layers": 8}
