@@ -16,6 +16,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from edgediff.runtime.options import DECODERS, RuntimeOptions
+
 log = logging.getLogger("edgediff.bench")
 RESULTS_SCHEMA_VERSION = 1
 PEERS = ("diffusers", "optimum")
@@ -27,31 +29,35 @@ STAGE_SUM_MARGIN = 0.10
 @dataclass
 class BenchConfig:
     bundles: list[str]
-    providers: list[str] = field(default_factory=lambda: ["auto"])
+    providers: list[str] = field(default_factory=lambda: ["auto"])  # each bundle runs on each of these
     steps: list[int] = field(default_factory=lambda: [1])
     sizes: list[int | None] = field(default_factory=lambda: [None])  # None: the bundle's default size
     repeat: int = 3  # warm runs per process
     warmup: int = 1  # warm-up runs per process, after the first (cold) image
-    rounds: int = 2  # fresh processes per system, interleaved A B A B
+    rounds: int = 2  # fresh processes per system, interleaved A B A B: drift hits every system alike
     compare: list[str] = field(default_factory=list)  # peers: diffusers, optimum
     source: str | None = None  # the diffusers folder the bundle came from (for peers)
-    threads: int | None = None  # intra-op threads (default: physical cores)
     out: str = "bench-out"
-    # edgediff's memory modes (peers run as they come): one session at a time, the decoder, tiled decoding
-    low_memory: bool = False
-    decoder: str = "full"
-    decode_tile: int | None = None
-    # edgediff on GPUs: provider options over the provider's own, and captured graphs (CUDA graphs)
-    provider_options: dict = field(default_factory=dict)
-    cuda_graph: bool = False
+    # how edgediff runs its bundles (peers run as they come); the provider comes from `providers` per row
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     # edgediff's starts from a graph cache one unmeasured start filled (a user's every start after the first);
-    # off, each process optimises its graphs, as a first-ever start does
+    # off, each process optimizes its graphs, as a first-ever start does
     graph_cache: bool = False
 
     @property
+    def threads(self) -> int | None:
+        return self.runtime.threads
+
+    @property
+    def decoder(self) -> str:
+        return self.runtime.decoder
+
+    @property
     def mode(self) -> dict:
-        return {"low_memory": self.low_memory, "decoder": self.decoder, "decode_tile": self.decode_tile,
-                "provider_options": dict(self.provider_options), "cuda_graph": self.cuda_graph,
+        """What the report labels a row by: edgediff's memory and GPU modes."""
+        r = self.runtime
+        return {"low_memory": r.low_memory, "decoder": r.decoder, "decode_tile": r.decode_tile,
+                "provider_options": dict(r.provider_options), "cuda_graph": r.cuda_graph,
                 "graph_cache": self.graph_cache}
 
 
@@ -110,8 +116,6 @@ def _graph_macs(bundle, size: int, guidance_batch: int, decoder: str = "full") -
         from .macs import count_macs
     except ImportError:
         return None
-    from edgediff.runtime.pipeline import DECODERS
-
     m = bundle.manifest
     lat = size // m.vae_scale_factor
     seq = m.tokenizer["max_length"]
@@ -200,9 +204,11 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
         # peers run where edgediff runs; on a GPU in the bundle's precision (fp16 or fp32), part of their work too
         on_gpu = chosen[provider].gpu
         half_on_gpu = on_gpu and m.components["unet"].precision == "fp16"
+        # peers read provider and threads; edgediff's worker reads its whole RuntimeOptions
         args = {"bundle": str(bundle.path), "provider": provider, "steps": steps, "size": size, "repeat": cfg.repeat,
                 "warmup": cfg.warmup, "threads": threads, "source": cfg.source,
-                "optimum_dir": optimum_dirs.get(cfg.source), "peer_gpu": on_gpu, "peer_half": half_on_gpu, **cfg.mode}
+                "optimum_dir": optimum_dirs.get(cfg.source), "peer_gpu": on_gpu, "peer_half": half_on_gpu,
+                "options": cfg.runtime.replace(provider=provider, threads=threads).to_dict()}
         if cfg.graph_cache:  # a folder of this run's own, filled by one start that is not measured
             args["cache_dir"] = str(out / "graph-cache")
             _worker("edgediff", {**args, "repeat": 1, "warmup": 0})

@@ -58,14 +58,27 @@ def _variant(spec: str, reference: str) -> tuple[str, str | None]:
     return bundle or reference, decoder
 
 
+def _shipped_model_scoring():
+    """The checker-based scoring of the shipped model's domain, which lives with its training code in the
+    repository's training/ folder (not installed): this benchmark runs from a source checkout."""
+    try:
+        from training.evaluate import adherence, eval_prompts
+    except ModuleNotFoundError as exc:
+        if exc.name != "training":  # training/ is there but something it needs is not: that error says what
+            raise
+        raise ImportError("the quality benchmark scores images with the shipped model's checker (training/ in "
+                          "edgediff's repository): run it from a source checkout's root") from exc
+    return adherence, eval_prompts
+
+
 def compare(reference: str, variants: dict[str, str], n: int, threads: int | None = None,
             reference_decoder: str | None = None, provider: str = "cpu",
             provider_options: dict | None = None) -> list[dict]:
     from PIL import Image
 
-    from edgediff.models.evaluate import adherence, eval_prompts
     from edgediff.runtime import Bundle, Pipeline
 
+    adherence, eval_prompts = _shipped_model_scoring()
     scenes = eval_prompts(n)
     ref_pipe = Pipeline.from_bundle(reference, provider="cpu", threads=threads)
     ref_images, ref_ms = _generate(ref_pipe, scenes, reference_decoder)

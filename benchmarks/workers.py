@@ -21,7 +21,7 @@ def peak_rss_bytes() -> int | None:
     """This process's peak resident memory. On Linux the kernel's high-water mark of this address space
     (VmHWM), not getrusage: Linux carries a process's ru_maxrss over exec from the address space it
     replaces, so a worker spawned by a harness that had held 1 GiB reported at least 1 GiB
-    (tests/test_bench.py; benchmarks/README.md, "Peak memory: a correction")."""
+    (tests/test_bench.py)."""
     try:
         with open("/proc/self/status") as status:
             for line in status:
@@ -54,20 +54,17 @@ def _run_stats(runs: list[dict]) -> list[dict]:
 
 def edgediff(a: dict) -> dict:
     t0 = time.perf_counter()
-    from edgediff.runtime import Pipeline
+    from edgediff.runtime import Pipeline, RuntimeOptions
 
     if a.get("cache_dir"):  # the graph cache's folder for this run (cold start with a warm cache)
         os.environ["EDGEDIFF_CACHE_DIR"] = a["cache_dir"]
-    pipe = Pipeline.from_bundle(a["bundle"], provider=a["provider"], threads=a["threads"], verify="size",
-                                cache=bool(a.get("cache_dir")), low_memory=a.get("low_memory", False),
-                                decoder=a.get("decoder", "full"), provider_options=a.get("provider_options"),
-                                cuda_graph=a.get("cuda_graph", False))
+    options = RuntimeOptions.from_dict(a["options"]).replace(cache=bool(a.get("cache_dir")))
+    pipe = Pipeline.from_bundle(a["bundle"], options, verify="size")
     load = time.perf_counter() - t0
     runs = []
     for i in range(a["warmup"] + a["repeat"] + 1):
         out = pipe(PROMPT, num_inference_steps=a["steps"], height=a["size"], width=a["size"],
-                   latents=_latents(pipe.manifest, a["size"], i), seed=i, output_type="np",
-                   decode_tile=a.get("decode_tile"))
+                   latents=_latents(pipe.manifest, a["size"], i), seed=i, output_type="np")
         runs.append(dict(out.timings))
     report = pipe.provider_report()  # read without opening anything (low-memory mode keeps only the last graph)
     graphs = report["graphs"]
@@ -116,7 +113,7 @@ def _reference_runs(pipe, timer, manifest, a, torch_mode: bool, device: str = "c
 def _same_scheduler(pipe, manifest):
     import diffusers
 
-    from edgediff.export.bundle_writer import SAMPLER_TO_DIFFUSERS_CLASS
+    from edgediff.runtime.schedulers import SAMPLER_TO_DIFFUSERS_CLASS
 
     cls = getattr(diffusers, SAMPLER_TO_DIFFUSERS_CLASS[manifest.scheduler["name"]])
     pipe.scheduler = cls.from_config(manifest.scheduler["config"])

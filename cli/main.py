@@ -20,6 +20,8 @@ except ModuleNotFoundError as exc:  # no onnxruntime build installed: the runtim
         raise
     sys.exit(f"error: {exc}")
 
+from .options import export_options, runtime_options  # noqa: E402  (after the onnxruntime check above)
+
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
 
@@ -65,14 +67,7 @@ def cli(verbose: bool) -> None:
 @click.option("--width", type=int, default=None)
 @click.option("--height", type=int, default=None)
 @click.option("--negative-prompt", default=None)
-@click.option("--sampler", default=None, help="euler, euler_ancestral, ddim, lcm or tcd (default: the bundle's).")
 @click.option("--num-images", type=int, default=1, show_default=True)
-@click.option("--provider", default="auto", show_default=True, help="auto, cpu, cuda, directml, coreml, openvino, qnn, ...")
-@click.option("--fallback", is_flag=True, help="Fall back to the best available provider instead of failing.")
-@click.option("--provider-option", "provider_options", multiple=True, metavar="KEY=VALUE",
-              help="onnxruntime provider option over edgediff's (repeatable), e.g. cudnn_conv_algo_search=EXHAUSTIVE.")
-@click.option("--cuda-graph", is_flag=True,
-              help="CUDA/TensorRT: capture each graph's kernel launches once per image size and replay them.")
 @click.option("--image", "init_image", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Image-to-image: start from this image (its size, rounded to 8, unless --width/--height).")
 @click.option("--strength", type=float, default=None,
@@ -81,51 +76,35 @@ def cli(verbose: bool) -> None:
               help="Inpainting: white areas of this image are repainted (with --image).")
 @click.option("--outpaint", default=None, metavar="LEFT,TOP,RIGHT,BOTTOM",
               help="Outpainting: grow --image by these many pixels per side and paint the new area.")
-@click.option("--decoder", type=click.Choice(["full", "tiny"]), default="full", show_default=True,
-              help="tiny: the bundle's AutoencoderTiny decoder (fast, slightly softer).")
-@click.option("--decode-tile", type=int, default=None, help="Decode in tiles of this many latent cells (bounded memory).")
-@click.option("--low-memory", is_flag=True, help="Keep one graph in memory at a time (slower, smallest peak).")
-@click.option("--compute-units", type=click.Choice(["all", "cpu_and_ne", "cpu_and_gpu", "cpu_only"]), default="all",
-              show_default=True, help="Core ML bundles: where Core ML may run them.")
-@click.option("--cache/--no-cache", default=True, show_default=True,
-              help="Keep onnxruntime's optimised graphs in the per-user cache (faster second start).")
+@runtime_options()
 @click.option("-o", "--output", default="edgediff.png", show_default=True, type=click.Path(),
               help="Image file; with --num-images N, files get _0.._N-1 suffixes.")
-def generate(prompt, model, steps, guidance, seed, width, height, negative_prompt, sampler, num_images, provider,
-             fallback, provider_options, cuda_graph, init_image, strength, mask, outpaint, decoder, decode_tile, low_memory, compute_units, cache, output):
+def generate(prompt, model, steps, guidance, seed, width, height, negative_prompt, num_images, init_image, strength,
+             mask, outpaint, options, output):
     """Generate an image from PROMPT."""
-    from pathlib import Path
-
     from tqdm.auto import tqdm
 
     from edgediff.runtime import Pipeline
     from edgediff.runtime.catalog import resolve_bundle
     from edgediff.runtime.image import check_writable, save_image
-    from edgediff.runtime.providers import parse_options
 
-    keep_unmasked = False
+    margins = None
     if outpaint:
-        from edgediff.runtime.inpaint import outpaint_canvas
-
         if not init_image or mask:
             raise click.UsageError("--outpaint needs --image (and makes its own mask)")
         try:
-            margins = [int(v) for v in outpaint.split(",")]
+            margins = tuple(int(v) for v in outpaint.split(","))
             if len(margins) != 4:
                 raise ValueError
         except ValueError:
             raise click.UsageError("--outpaint takes four integers: LEFT,TOP,RIGHT,BOTTOM") from None
-        init_image, mask = outpaint_canvas(init_image, *margins)
-        keep_unmasked = True  # the original pixels stay exactly as they were
     elif mask and not init_image:
         raise click.UsageError("--mask needs --image")
     targets = [Path(output)] if num_images == 1 else [
         Path(output).with_name(f"{Path(output).stem}_{i}{Path(output).suffix}") for i in range(num_images)]
     for target in targets:  # fail before minutes of work, not after
         check_writable(target)
-    pipe = Pipeline.from_bundle(resolve_bundle(model), provider=provider, sampler=sampler, fallback=fallback,
-                                low_memory=low_memory, decoder=decoder, cache=cache, compute_units=compute_units,
-                                provider_options=parse_options(provider_options), cuda_graph=cuda_graph)
+    pipe = Pipeline.from_bundle(resolve_bundle(model), options)
     bars = []  # created at the first step, so that argument errors print without a bar
 
     def progress(event):
@@ -135,8 +114,7 @@ def generate(prompt, model, steps, guidance, seed, width, height, negative_promp
 
     result = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
                   height=height, width=width, seed=seed, num_images_per_prompt=num_images, callback=progress,
-                  decode_tile=decode_tile, image=init_image, strength=strength, mask_image=mask,
-                  keep_unmasked=keep_unmasked or bool(mask))
+                  image=init_image, strength=strength, mask_image=mask, keep_unmasked=bool(mask), outpaint=margins)
     for bar in bars:
         bar.close()
     for image, target, image_seed in zip(result.images, targets, result.seeds):
@@ -189,7 +167,7 @@ def info(bundle, verify):
 @cli.command()
 def families():
     """List the model families export detects and the runtime defaults each bundle of them gets."""
-    from edgediff.models.registry import FAMILIES
+    from edgediff.export.families import FAMILIES
 
     click.echo(f"{'family':<16}{'sampler':<17}{'steps':>5}{'guidance':>10}  description")
     for f in FAMILIES:
@@ -232,12 +210,12 @@ def providers(model, provider, fallback, provider_options):
 def _show_placement(model: str, provider: str, fallback: bool, options: dict) -> None:
     """Opens the bundle as `generate` would and prints what runs where: the issue's 'any graph that fell back
     to the CPU is shown', before a minutes-long generation finds out."""
-    from edgediff.runtime import Pipeline
+    from edgediff.runtime import Pipeline, RuntimeOptions
     from edgediff.runtime import providers as prov
     from edgediff.runtime.catalog import resolve_bundle
 
     path = resolve_bundle(model)
-    with Pipeline.from_bundle(path, provider=provider, fallback=fallback, provider_options=options) as pipe:
+    with Pipeline.from_bundle(path, RuntimeOptions(provider=provider, fallback=fallback, provider_options=options)) as pipe:
         report = pipe.provider_report()
     short = {p.ort_name: name for name, p in prov.REGISTRY.items()}
     asked = f" (asked for {report['requested']}: not available here)" if report["fell_back"] else ""
@@ -286,64 +264,12 @@ def cache_clear():
 @cli.command()
 @click.argument("source")
 @click.argument("out", type=click.Path())
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "int8-static", "int4"]), default="fp32",
-              show_default=True, help="int8: dynamic int8 MatMul/Gemm; int8-static: calibrated QDQ int8 UNet "
-              "(convolutions too); int4: 4-bit weight-only MatMul. The VAE stays fp32.")
-@click.option("--keep", default="none", show_default=True,
-              help="int8/int4: blocks left in fp32: none, auto (sensitivity pass), or comma-separated block names.")
-@click.option("--calibration-prompts", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="int8/int4: a text file of prompts (one per line) to calibrate on.")
-@click.option("--height", type=int, default=None, help="Default height recorded in the bundle (and checked at).")
-@click.option("--width", type=int, default=None)
-@click.option("--family", default=None, help="Override family detection (see models/registry.py).")
-@click.option("--default-steps", type=int, default=None, help="Steps the bundle defaults to (default: the family's).")
-@click.option("--default-guidance", type=float, default=None, help="Guidance the bundle defaults to (default: the family's).")
-@click.option("--tiny-decoder", default=None,
-              help="AutoencoderTiny folder or hub id to add as the fast decoder (e.g. madebyollin/taesd).")
-@click.option("--vae", default=None,
-              help="AutoencoderKL folder or hub id replacing the model's VAE (e.g. madebyollin/sdxl-vae-fp16-fix "
-                   "for fp16 SDXL bundles).")
-@click.option("--optimize", type=click.Choice(["cpu", "gpu"]), is_flag=False, flag_value="cpu", default=None,
-              help="Apply onnxruntime's transformer fusions (checked against PyTorch); `--optimize gpu` adds the "
-                   "CUDA-only ones (checked on CUDA; the bundle then needs the CUDA provider).")
-@click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
-              help="LoRA safetensors fused into the weights before export (repeatable; scale defaults to 1).")
-@click.option("--target", type=click.Choice(["onnx", "coreml"]), default="onnx", show_default=True,
-              help="coreml: ML program packages (fp16, static shapes) for Macs and the Neural Engine.")
-@click.option("--palettize", type=click.Choice(["8", "6", "4"]), default=None,
-              help="coreml: k-means palettised weights with this many bits.")
-@click.option("--attention", type=click.Choice(["original", "sliced", "split_einsum"]), default="original",
-              show_default=True, help="UNet attention: sliced computes one head at a time (lower peak memory, same "
-                                      "result); split_einsum (coreml): per head in the Neural Engine's layout.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT once the new bundle is complete.")
-def export(source, out, precision, keep, calibration_prompts, height, width, family, default_steps, default_guidance,
-           tiny_decoder, vae, optimize, loras, target, palettize, attention, overwrite):
+@export_options
+def export(source, out, options):
     """Export a diffusers model (folder or hub id) SOURCE into a bundle at OUT."""
-    from edgediff.export import export_bundle
-    from edgediff.export.lora import parse_lora
+    from edgediff.export import export as export_to
 
-    if target == "coreml":
-        from edgediff.export.coreml import export_coreml
-
-        if precision != "fp32" or tiny_decoder or optimize or keep != "none" or loras or vae:
-            raise click.UsageError("--target coreml is fp16 (or --palettize); --precision, --keep, --tiny-decoder, "
-                                   "--vae, --optimize and --lora apply to ONNX bundles")
-        path = export_coreml(source, out, height=height, width=width, palettize=int(palettize) if palettize else None,
-                             attention=attention, family=family, overwrite=overwrite, default_steps=default_steps,
-                             default_guidance=default_guidance)
-        click.echo(str(path))
-        return
-    if palettize or attention == "split_einsum":
-        raise click.UsageError("--palettize and --attention split_einsum apply to --target coreml")
-    prompts = None
-    if calibration_prompts:
-        prompts = [line.strip() for line in Path(calibration_prompts).read_text(encoding="utf-8").splitlines() if line.strip()]
-    path = export_bundle(source, out, precision=precision, height=height, width=width, family=family,
-                         overwrite=overwrite, default_steps=default_steps, default_guidance=default_guidance,
-                         tiny_decoder=tiny_decoder, keep=keep if keep in ("none", "auto") else keep.split(","),
-                         calibration_prompts=prompts, optimize=optimize, loras=[parse_lora(x) for x in loras], vae=vae,
-                         attention=attention)
-    click.echo(str(path))
+    click.echo(str(export_to(source, out, options)))
 
 
 def _csv_ints(value: str | None) -> list:
@@ -352,45 +278,33 @@ def _csv_ints(value: str | None) -> list:
 
 @cli.group(invoke_without_command=True)
 @click.option("--model", "models", multiple=True, type=click.Path(), help="Bundle to measure (repeatable).")
-@click.option("--provider", "providers", multiple=True, help="Execution provider (repeatable; default auto).")
 @click.option("--steps", default="1", show_default=True, help="Comma-separated step counts.")
 @click.option("--size", default=None, help="Comma-separated square sizes (default: each bundle's).")
-@click.option("--repeat", type=int, default=3, show_default=True, help="Warm runs per process.")
-@click.option("--warmup", type=int, default=1, show_default=True, help="Warm-up runs per process.")
-@click.option("--rounds", type=int, default=2, show_default=True, help="Fresh processes per system, interleaved.")
+@click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True, help="Warm runs per process.")
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Warm-up runs per process.")
+@click.option("--rounds", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Fresh processes per system, interleaved.")
 @click.option("--compare", default="", help="Peers: diffusers,optimum (need --source).")
 @click.option("--source", type=click.Path(), default=None, help="The diffusers folder the bundle came from.")
-@click.option("--threads", type=int, default=None, help="Intra-op threads (default: physical cores).")
 @click.option("--out", type=click.Path(), default="bench-out", show_default=True)
-@click.option("--low-memory", is_flag=True, help="edgediff: one graph loaded at a time (peak memory).")
-@click.option("--decoder", type=click.Choice(["full", "tiny"]), default="full", show_default=True,
-              help="edgediff: the VAE decoder or the bundle's tiny decoder.")
-@click.option("--decode-tile", type=int, default=None, help="edgediff: decode in tiles of this many latent cells.")
-@click.option("--provider-option", "provider_options", multiple=True, metavar="KEY=VALUE",
-              help="edgediff: onnxruntime provider option over edgediff's (repeatable), e.g. cudnn_conv_algo_search=EXHAUSTIVE.")
-@click.option("--cuda-graph", is_flag=True,
-              help="edgediff on CUDA/TensorRT: capture each graph's kernel launches once per image size and replay them.")
 @click.option("--graph-cache", is_flag=True,
               help="edgediff: start from a graph cache one unmeasured start filled (a user's usual start); "
-                   "without it every start optimises its graphs, as a first-ever start does.")
+                   "without it every start optimizes its graphs, as a first-ever start does.")
+@runtime_options(multiple_providers=True)
 @click.pass_context
-def bench(ctx, models, providers, steps, size, repeat, warmup, rounds, compare, source, threads, out, low_memory,
-          decoder, decode_tile, provider_options, cuda_graph, graph_cache):
-    """Measure seconds per image per stage, cold and warm, with memory; `bench merge` joins machines."""
+def bench(ctx, models, steps, size, repeat, warmup, rounds, compare, source, out, graph_cache, providers, options):
+    """Measure seconds per image per stage, cold and warm, with memory; `bench merge` joins machines.
+    The runtime options apply to edgediff's rows; peers run as they come."""
     if ctx.invoked_subcommand:
         return
     from edgediff.benchmarks.harness import BenchConfig, run_bench
     from edgediff.benchmarks.report import write_outputs
     from edgediff.runtime.catalog import resolve_bundle
-    from edgediff.runtime.providers import parse_options
 
-    if min(repeat, rounds) < 1 or warmup < 0:
-        raise click.UsageError("--repeat and --rounds must be >= 1, --warmup >= 0")
-    cfg = BenchConfig(bundles=[str(resolve_bundle(m)) for m in models or [None]], providers=list(providers) or ["auto"],
+    cfg = BenchConfig(bundles=[str(resolve_bundle(m)) for m in models or [None]], providers=providers,
                       steps=_csv_ints(steps), sizes=_csv_ints(size) or [None], repeat=repeat, warmup=warmup,
-                      rounds=rounds, compare=[c for c in compare.split(",") if c], source=source, threads=threads,
-                      out=out, low_memory=low_memory, decoder=decoder, decode_tile=decode_tile,
-                      provider_options=parse_options(provider_options), cuda_graph=cuda_graph, graph_cache=graph_cache)
+                      rounds=rounds, compare=[c for c in compare.split(",") if c], source=source, out=out,
+                      runtime=options, graph_cache=graph_cache)
     data = run_bench(cfg)
     for note in data["notes"]:
         click.echo(f"note: {note}", err=True)

@@ -2,7 +2,7 @@
 
 The default attention materialises every head's (tokens x tokens) score matrix at once: at 512x512
 the first UNet block's self-attention is 5 heads x 4096 x 4096 scores, 335 MB in fp32, and it is what
-sets the UNet's peak memory (full-size SD-Turbo int8: 0.94 GiB at a 16x16 latent, 1.80 GiB at 64x64).
+sets the UNet's peak memory (docs/benchmarks.md).
 This processor computes one head at a time, so only one head's scores need be alive. Heads are a fixed
 count, so batch and image size stay dynamic in the graph. Same arithmetic as diffusers' attention
 (checked in tests/test_export.py); hand-written because no library processor slices heads with static
@@ -16,8 +16,6 @@ attention is rewritten, and the layers around it stay as diffusers writes them.
 """
 
 from __future__ import annotations
-
-ATTENTION_MODES = ("original", "sliced")
 
 
 class PerHeadAttnProcessor:

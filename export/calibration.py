@@ -1,4 +1,4 @@
-"""Calibration inputs for quantisation: real prompts through the real text encoder and sampler.
+"""Calibration inputs for quantization: real prompts through the real text encoder and sampler.
 
 The fp32 bundle (already checked against PyTorch) generates from each prompt while every graph's
 inputs are recorded, so each component is calibrated on what it sees at run time: UNet inputs at
@@ -7,6 +7,7 @@ every step of the bundle's own sampler, each decoder's (full VAE, tiny) inputs f
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -30,19 +31,49 @@ def record_feeds(bundle_dir: Path, prompts=CALIBRATION_PROMPTS, components: list
     from edgediff.runtime.pipeline import DECODERS, text_to_image_components
 
     pipe = Pipeline(Bundle.open(bundle_dir, verify="none"), provider="cpu", cache=False)
-    recorded: dict[str, list[dict]] = {name: [] for name in (text_to_image_components(pipe.manifest) if components is None else components)}
+    names = text_to_image_components(pipe.manifest) if components is None else components
     # decoders whose inputs are wanted (full VAE, tiny decoder): each decodes the same sampled latents
-    decoders = [d for d, component in DECODERS.items() if component in recorded]
-    for name in recorded:
-        session = pipe.sessions.get(name)
-        session.observers.append(lambda feeds, name=name: recorded[name].append({k: np.array(v) for k, v in feeds.items()}))
-    for i, prompt in enumerate(prompts):
-        latents = pipe(prompt, seed=seed + i, output_type="latent").images
-        for decoder in decoders:  # a decode (seconds at 512) runs only when its inputs are wanted
-            pipe.decode(latents, decoder=decoder, output_type="np")
-    pipe.close()
+    decoders = [d for d, component in DECODERS.items() if component in names]
+    try:
+        with recording({name: pipe.sessions.get(name) for name in names}) as recorded:
+            for i, prompt in enumerate(prompts):
+                latents = pipe(prompt, seed=seed + i, output_type="latent").images
+                for decoder in decoders:  # a decode (seconds at 512) runs only when its inputs are wanted
+                    pipe.decode(latents, decoder=decoder, output_type="np")
+    finally:
+        pipe.close()
     out = {}
     for name, feeds in recorded.items():
         stride = max(1, len(feeds) // MAX_CALIBRATION_FEEDS)
         out[name] = feeds[::stride][:MAX_CALIBRATION_FEEDS]
     return out
+
+
+@contextmanager
+def recording(sessions: dict):
+    """Records every run of these graph sessions (name -> GraphSession) while the block runs, and yields
+    name -> the feeds of each run, as the graph checked them (the dtypes it declares). Each session's own `run`
+    is back in place afterwards: recording is the exporter's business, not the runtime's."""
+    recorded: dict[str, list[dict]] = {name: [] for name in sessions}
+    own = {name: vars(session).get("run") for name, session in sessions.items()}  # a run already set on the object
+    for name, session in sessions.items():
+        session.run = _recording_run(session, recorded[name])  # an instance attribute over the class's method
+    try:
+        yield recorded
+    finally:
+        for name, session in sessions.items():
+            if own[name] is None:
+                del session.run
+            else:
+                session.run = own[name]
+
+
+def _recording_run(session, into: list[dict]):
+    real = session.run
+
+    def run(run_options=None, **feeds):
+        checked = session.check_inputs(feeds)
+        into.append({name: np.array(value) for name, value in checked.items()})
+        return real(run_options, **checked)
+
+    return run

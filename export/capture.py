@@ -1,7 +1,6 @@
 """Graph edits that let onnxruntime's CUDA provider capture a whole graph as a CUDA graph.
 
-Capture needs every node on the GPU (runtime/binding.py). On an H100 (session 8, benchmarks/README.md)
-the UNet and the VAE decoder captured, and the text encoder was refused: the pooled output of CLIP picks
+Capture needs every node on the GPU (runtime/binding.py). On an H100 the UNet and the VAE decoder captured, and the text encoder was refused: the pooled output of CLIP picks
 the end-of-text token with an ArgMax over integers, and onnxruntime's CUDA ArgMax takes floats only, so
 that node ran on the CPU behind a copy.
 """

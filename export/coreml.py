@@ -16,15 +16,16 @@ from pathlib import Path
 import numpy as np
 
 from edgediff.runtime.bundle import sha256_file
-from edgediff.runtime.errors import ExportError, ExportValidationError
+from edgediff.runtime.errors import ExportError, ExportOptionsError, ExportValidationError
 from edgediff.runtime.manifest import MANIFEST_NAME, ComponentSpec, TensorSpec
 
-from .attention import PROCESSORS, use_attention
-from .bundle_writer import _quiet_tracing, build_manifest, prepare_source, staged, write_text_conditioning
+from .attention import use_attention
+from .manifest_builder import build_manifest, recorded_path, write_text_conditioning
+from .options import ExportOptions
+from .source import prepare_source
+from .staging import staged
+from .tracing import quiet_tracing
 
-PALETTE_BITS = (8, 6, 4)  # coremltools' k-means palettisation: 2**bits weight values per tensor
-# "sliced": one head at a time; "split_einsum": per head in the Neural Engine's (B, C, 1, S) layout (attention.py)
-ATTENTION_MODES = ("original", *PROCESSORS)
 COREML_TOLERANCE = 5e-2  # fp16 ML program vs PyTorch fp32, relative to the output range (checked on macOS)
 DEPLOYMENT_TARGET = "macOS14"  # ML programs with k-means palettisation
 
@@ -91,7 +92,7 @@ def _convert(module, inputs: dict, outputs: list[str]):
                       outputs=[ct.TensorType(name=n) for n in outputs])
 
 
-def _palettise(mlmodel, bits: int):
+def _palettize(mlmodel, bits: int):
     from coremltools.optimize.coreml import OpPalettizerConfig, OptimizationConfig, palettize_weights
 
     # constants with -inf (CLIP's causal mask) cannot be clustered: their consumers are left alone
@@ -160,24 +161,21 @@ def _check(name: str, package: Path, mlmodel, module, inputs: dict, outputs: lis
     return {k: d for k, (d, _) in diffs.items()}
 
 
-def export_coreml(source: str, out: str | Path, height: int | None = None, width: int | None = None,
-                  palettize: int | None = None, attention: str = "original", family: str | None = None,
-                  overwrite: bool = False, default_steps: int | None = None,
-                  default_guidance: float | None = None) -> Path:
-    """Exports `source` into a Core ML bundle at `out` (atomic, like export_bundle)."""
-    if palettize is not None and palettize not in PALETTE_BITS:
-        raise ValueError(f"palettize must be one of {PALETTE_BITS}, got {palettize}")
-    if attention not in ATTENTION_MODES:
-        raise ExportError("export_source", source=source,
-                          detail=f"unknown attention {attention!r} (available: {', '.join(ATTENTION_MODES)})")
+def write_coreml_bundle(source: str, out: str | Path, options: ExportOptions, progress: bool = True) -> Path:
+    """Exports `source` into a Core ML bundle at `out` (atomic, like the ONNX target); returns `out`."""
+    from tqdm.auto import tqdm
+
+    if options.target != "coreml":  # edgediff.export.export picks the writer for the target
+        raise ExportOptionsError("export_choice", option="target", value=options.target, available="coreml")
     try:
         import coremltools  # noqa: F401
     except ImportError:
         raise ImportError('Core ML export needs coremltools: pip install "edgediff[coreml]"') from None
+    palettize, attention, default_guidance = options.palettize, options.attention, options.default_guidance
     out = Path(out)
-    _quiet_tracing()
-    with staged(out, overwrite) as staging:
-        pipe, fam, ctx = prepare_source(source, height, width, family)
+    quiet_tracing()
+    with staged(out, options.overwrite) as staging:
+        pipe, fam, ctx = prepare_source(source, options.height, options.width, options.family)
         if ctx.pooled_dim is not None:
             raise ExportError("export_source", source=source,
                               detail="the Core ML target converts SD 1.x / 2.x families; SDXL is ONNX-only for now")
@@ -187,13 +185,14 @@ def export_coreml(source: str, out: str | Path, height: int | None = None, width
         cfg_batch = 1 if (fam.guidance_embedding or (default_guidance if default_guidance is not None
                                                      else fam.default_guidance) <= 1.0) else 2
         components, checks = {}, {}
-        for name, module, inputs, outputs in _modules(pipe, ctx, cfg_batch):
+        for name, module, inputs, outputs in tqdm(_modules(pipe, ctx, cfg_batch), desc="export", unit="component",
+                                                  disable=not progress):
             mlmodel = _convert(module, inputs, outputs)
             attributes = {"compute_precision": "fp16", "deployment_target": DEPLOYMENT_TARGET, "attention": attention}
             if name == "unet":
                 attributes["attention_layers"] = attention_layers  # layers given the processor (attention.py)
             if palettize:
-                mlmodel = _palettise(mlmodel, palettize)
+                mlmodel = _palettize(mlmodel, palettize)
                 attributes["palettized_bits"] = palettize
             package = staging / f"{name}.mlpackage"
             mlmodel.save(str(package))
@@ -205,8 +204,19 @@ def export_coreml(source: str, out: str | Path, height: int | None = None, width
                 files={str(p.relative_to(staging)): {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in files},
                 precision=f"palette{palettize}" if palettize else "fp16", inputs=declared_in, outputs=declared_out,
                 attributes=attributes)
-        manifest = build_manifest(pipe, fam, ctx, text, components, default_steps, default_guidance, {
-            "source": source, "precision": f"palette{palettize}" if palettize else "fp16",
-            "export_check": {"tolerance": COREML_TOLERANCE, "max_rel_diff": checks}}, target="coreml")
+        manifest = build_manifest(pipe, fam, ctx, text, components, options, {
+            "source": recorded_path(source, out), "precision": f"palette{palettize}" if palettize else "fp16",
+            "export_check": {"tolerance": COREML_TOLERANCE, "max_rel_diff": checks}})
         (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
     return out
+
+
+def export_coreml(source: str, out: str | Path, height: int | None = None, width: int | None = None,
+                  palettize: int | None = None, attention: str = "original", family: str | None = None,
+                  overwrite: bool = False, default_steps: int | None = None,
+                  default_guidance: float | None = None) -> Path:
+    """write_coreml_bundle with the options as keywords (ExportOptions says what each is for)."""
+    options = ExportOptions(target="coreml", height=height, width=width, palettize=palettize, attention=attention,
+                            family=family, overwrite=overwrite, default_steps=default_steps,
+                            default_guidance=default_guidance)
+    return write_coreml_bundle(source, out, options, progress=False)

@@ -1,6 +1,6 @@
 """onnxruntime's transformer optimiser (attention, LayerNorm, GELU fusions) for the bundle's graphs.
 
-Off by default: adopted per provider only where measured faster (benchmarks/README.md). The fused
+Off by default: adopted per provider only where measured faster (docs/benchmarks.md). The fused
 graph is checked against PyTorch like any exported graph. For any provider (`--optimize`, `cpu`) the
 GPU-only fusions (NHWC convolutions, GroupNorm, BiasSplitGelu, packed QKV, BiasAdd) are switched off:
 they produce contrib ops onnxruntime runs only on CUDA. `--optimize gpu` keeps them (its graphs are
@@ -46,7 +46,7 @@ def _num_heads(fusion, reshape_q, is_torch2: bool = False) -> int:
     return heads if heads > 0 else 0
 
 
-def optimise_graph(src: Path, dst: Path, component: str, gpu: bool = False, external_data: bool = False) -> dict:
+def optimize_graph(src: Path, dst: Path, component: str, gpu: bool = False, external_data: bool = False) -> dict:
     """Writes the fused graph to `dst` and returns the fused-operator counts for the manifest; when the
     optimiser cannot handle the graph, writes nothing and returns the reason (the plain graph stays)."""
     from onnxruntime.transformers.fusion_options import FusionOptions

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-PRECISIONS = ("fp32", "fp16", "int8", "int8-static", "int4")
-QUANTISED = ("int8", "int8-static", "int4")  # made from the checked fp32 graphs, after the bundle is otherwise complete
 # Kept in fp32 inside fp16 graphs: Resize's scale constants must stay fp32 (the converter otherwise
 # breaks the graph, FIELD_NOTES), and normalisations overflow in half precision.
 FP16_OP_BLOCK_LIST = ["Resize", "Upsample", "GroupNormalization", "InstanceNormalization", "LayerNormalization",

@@ -2,7 +2,7 @@
 
 Schemes (per component, chosen in QUANT_POLICY by bundle precision):
 - int8: dynamic int8, per-channel weights, on MatMul/Gemm (onnxruntime's quantize_dynamic). Conv is
-  left alone: its dynamic form (ConvInteger) measured 2.3x slower than fp32 on this CPU (issue 5).
+  left alone: its dynamic form (ConvInteger) ran slower than fp32 on CPUs.
 - int8-static: static int8 in QDQ form on Conv/MatMul/Gemm of the UNet (and tiny decoder), activation
   ranges calibrated on recorded inputs (MinMax), so convolutions run as int8 kernels; the text encoder
   takes dynamic int8.
@@ -52,8 +52,8 @@ SCHEMES = {
 # bundle precision -> component -> scheme (None: the component stays fp32)
 _FP32 = {"vae_decoder": None, "vae_decoder_tiny": None, "vae_encoder": None}
 QUANT_POLICY = {
-    # the VAE decoder in static int8 lost 0.16 relative error on the shipped model and ran slower: fp32;
-    # the tiny decoder's plain 3x3 convolutions ran 2.9x faster as QLinearConv (benchmarks/README.md)
+    # the VAE decoder in static int8 lost too much accuracy on the shipped model and ran slower: fp32;
+    # the tiny decoder's plain 3x3 convolutions run faster as QLinearConv
     "int8-static": {"text_encoder": "int8-dynamic", "text_encoder_2": "int8-dynamic", "unet": "int8-static",
                     **_FP32, "vae_decoder_tiny": "int8-static"},
     "int8": {"text_encoder": "int8-dynamic", "text_encoder_2": "int8-dynamic", "unet": "int8-dynamic", **_FP32},
@@ -75,7 +75,7 @@ def block_of(node_name: str) -> str:
     return "/".join(parts[:2]) if len(parts) > 2 else (parts[0] if parts else node_name)
 
 
-def quantisable_nodes(model, scheme: Scheme) -> list[str]:
+def quantizable_nodes(model, scheme: Scheme) -> list[str]:
     """Nodes of the scheme's op types whose second input is a weight (an initializer)."""
     weights = {t.name for t in model.graph.initializer}
     return [n.name for n in model.graph.node if n.op_type in scheme.op_types and len(n.input) > 1 and n.input[1] in weights]
@@ -91,7 +91,7 @@ class _Reader:
         return next(self._it, None)
 
 
-def quantise(src: Path, dst: Path, scheme: Scheme, exclude: list[str], feeds: list[dict] | None = None) -> None:
+def quantize(src: Path, dst: Path, scheme: Scheme, exclude: list[str], feeds: list[dict] | None = None) -> None:
     """Writes the quantised graph of `src` to `dst`, leaving the `exclude` nodes in fp32 (`feeds`:
     calibration inputs, for static schemes). Graphs past protobuf's 2 GB (and the calibrator's
     augmented copy) keep their weights in external data beside them."""
@@ -119,9 +119,9 @@ def quantise(src: Path, dst: Path, scheme: Scheme, exclude: list[str], feeds: li
                         calibrate_method=CalibrationMethod.MinMax, use_external_data_format=large,
                         extra_options={"ActivationSymmetric": False, "WeightSymmetric": True, **default_type,
                                        # MatMul outputs stay float: otherwise onnxruntime fuses each attention
-                                       # softmax between Q/DQ pairs into QLinearSoftmax, whose CPU kernel took
-                                       # 26% of the full-size UNet call (6x the float Softmax); the MatMuls
-                                       # then run as MatMulIntegerToFloat (benchmarks/README.md)
+                                       # softmax between Q/DQ pairs into QLinearSoftmax, whose CPU kernel is far
+                                       # slower than the float Softmax; the MatMuls then run as
+                                       # MatMulIntegerToFloat
                                        "OpTypesToExcludeOutputQuantization": ["MatMul"]})
     elif scheme.name == "int4-weight-only":
         root_level = logging.getLogger().level
@@ -152,7 +152,7 @@ def _outputs(path: Path, feeds: list[dict]) -> list[np.ndarray]:
     return [session.run(None, f)[0] for f in feeds]
 
 
-def quantise_component(src: Path, dst: Path, scheme: Scheme, feeds: list[dict], keep: str | list[str] = "none",
+def quantize_component(src: Path, dst: Path, scheme: Scheme, feeds: list[dict], keep: str | list[str] = "none",
                        budget: float = SENSITIVITY_BUDGET) -> dict:
     """Quantises one graph; returns the manifest record (scheme, blocks kept in fp32 and why, errors).
 
@@ -161,7 +161,7 @@ def quantise_component(src: Path, dst: Path, scheme: Scheme, feeds: list[dict], 
     import onnx
 
     model = onnx.load(str(src))
-    nodes = quantisable_nodes(model, scheme)
+    nodes = quantizable_nodes(model, scheme)
     del model
     blocks: dict[str, list[str]] = {}
     for name in nodes:
@@ -173,7 +173,7 @@ def quantise_component(src: Path, dst: Path, scheme: Scheme, feeds: list[dict], 
         trial = Path(tmp) / "trial.onnx"
 
         def error_without(kept: set[str]) -> float:
-            quantise(src, trial, scheme, [n for b in kept for n in blocks[b]], feeds)
+            quantize(src, trial, scheme, [n for b in kept for n in blocks[b]], feeds)
             return _rel_rms(_outputs(trial, feeds), ref)
 
         kept: set[str] = set()
@@ -194,7 +194,7 @@ def quantise_component(src: Path, dst: Path, scheme: Scheme, feeds: list[dict], 
                 raise ValueError(f"no quantisable block named {sorted(unknown)}; blocks: {sorted(blocks)}")
             kept = set(keep)
             record["kept_fp32"] = {b: "asked" for b in kept}
-        quantise(src, dst, scheme, [n for b in kept for n in blocks[b]], feeds)
+        quantize(src, dst, scheme, [n for b in kept for n in blocks[b]], feeds)
     record["error"] = round(_rel_rms(_outputs(dst, feeds), ref), 6)
     log.info("%s: %s, %d blocks kept fp32, output error %.4f", src.stem, scheme.name, len(kept), record["error"])
     return record

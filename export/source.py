@@ -1,11 +1,15 @@
-"""Loading the source: a local diffusers folder or a hub id, and the facts the registry detects from."""
+"""Loading the source: a local diffusers folder or a hub id, the facts its family is detected from
+(families.py), and the sizes it is exported at."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
-from edgediff.models.registry import SourceFacts
 from edgediff.runtime.errors import ExportError
+
+from .families import SourceFacts, detect_family, get_family
+from .specs import ExportContext
 
 
 def has_second_text_encoder(model_index: dict) -> bool:
@@ -68,3 +72,33 @@ def load_vae(source: str, latent_channels: int):
         raise ExportError("export_source", source=source,
                           detail=f"VAE has {vae.config.latent_channels} latent channels, the model {latent_channels}")
     return vae
+
+
+def prepare_source(source: str, height: int | None, width: int | None, family: str | None, vae: str | None = None):
+    """The diffusers pipeline (with `vae` replacing its VAE when given), its family row and the export
+    context (sizes checked)."""
+    pipe = load_pipeline(source)
+    if vae:
+        pipe.register_modules(vae=load_vae(vae, int(pipe.vae.config.latent_channels)))
+    fam = get_family(family) if family else detect_family(source_facts(pipe, source))
+    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    native = fam.default_size or int(pipe.unet.config.sample_size) * vae_scale
+    default_h, default_w = height or native, width or native
+    for what, value in (("height", default_h), ("width", default_w)):
+        if value % 8:
+            raise ExportError("export_source", source=source, detail=f"{what} {value} is not a multiple of 8")
+    ctx = ExportContext(
+        height=default_h, width=default_w, latent_channels=int(pipe.vae.config.latent_channels),
+        unet_in_channels=int(pipe.unet.config.in_channels),
+        vae_scale_factor=vae_scale, vae_scaling_factor=float(pipe.vae.config.scaling_factor),
+        max_length=int(pipe.tokenizer.model_max_length),
+        vocab_size=int(pipe.text_encoder.config.vocab_size),
+        cross_attention_dim=int(pipe.unet.config.cross_attention_dim),
+        time_cond_proj_dim=pipe.unet.config.time_cond_proj_dim,
+    )
+    text_encoder_2 = getattr(pipe, "text_encoder_2", None)
+    if text_encoder_2 is not None:  # SDXL
+        ctx = dataclasses.replace(
+            ctx, vocab_size_2=int(text_encoder_2.config.vocab_size), pooled_dim=int(text_encoder_2.config.projection_dim),
+            time_ids_dim=5 if getattr(pipe.config, "requires_aesthetics_score", False) else 6)
+    return pipe, fam, ctx

@@ -5,7 +5,7 @@ and the shipped bundle, with no Python needed beside it.
     python packaging/freeze.py [--dist dist] [--work build/freeze]
     dist/edgediff/edgediff generate "a large red circle on a blue background" -o out.png
 
-The export and benchmark commands need PyTorch and are left out (they say so if called). The
+The export and benchmark commands need PyTorch, which is left out (they say so if called). The
 repository maps top-level folders into the `edgediff` namespace at install time, which PyInstaller's
 import analysis cannot follow through an editable install, so the torch-free packages are first
 copied into a staging tree laid out as `edgediff/...`.
@@ -19,11 +19,15 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FROZEN_PACKAGES = ("runtime", "cli", "models")  # torch-free: what `edgediff generate/list/info` needs
-# Heavy stacks that only export/benchmarks use; excluded so an environment that has them stays lean.
-EXCLUDED = ("torch", "diffusers", "transformers", "optimum", "onnx", "safetensors", "accelerate", "matplotlib",
-            "edgediff.export", "edgediff.benchmarks", "edgediff.models.train", "edgediff.models.random_init",
-            "edgediff.models.ship", "tkinter", "PySide6", "IPython", "pytest", "scipy", "pandas", "sympy")
+# torch-free: what `edgediff generate/list/info` needs, and export's tables (`edgediff families`, the export
+# command's choices), whose modules import PyTorch only inside the functions that export
+FROZEN_PACKAGES = ("runtime", "cli", "models", "export")
+# Heavy stacks that only export/benchmarks/training use; excluded so an environment that has them stays lean
+# (`training` is not installed, but a build from the repository root could otherwise find it).
+EXCLUDED = ("torch", "diffusers", "transformers", "optimum", "onnx", "safetensors", "accelerate", "peft", "coremltools",
+            "sklearn", "matplotlib", "edgediff.benchmarks", "edgediff.models.random_init",
+            "edgediff.models.tokenizer_build", "training", "tkinter", "PySide6", "IPython", "pytest", "scipy", "pandas",
+            "sympy")
 
 
 def stage_sources(staging: Path) -> Path:
@@ -34,7 +38,7 @@ def stage_sources(staging: Path) -> Path:
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text('"""edgediff (frozen)."""\n')
     for name in FROZEN_PACKAGES:
-        shutil.copytree(ROOT / name, pkg / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "checkpoints"))
+        shutil.copytree(ROOT / name, pkg / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     return staging
 
 

@@ -17,11 +17,12 @@ from .errors import (
     PipelineClosed, ProviderError, SchemaVersionError,
 )
 from .manifest import SCHEMA_VERSION, Manifest
+from .options import RuntimeOptions
 from .pipeline import Pipeline, PipelineOutput, StepEvent
 from .tokenizer import PromptTruncatedWarning
 
 __all__ = [
     "Bundle", "BundleError", "CancelToken", "Cancelled", "ChecksumError", "EdgediffError", "InputError", "Manifest", "NaNOutputError",
-    "OutputPathError", "Pipeline", "PipelineClosed", "PipelineOutput", "PromptTruncatedWarning", "ProviderError", "SCHEMA_VERSION",
+    "OutputPathError", "Pipeline", "PipelineClosed", "PipelineOutput", "PromptTruncatedWarning", "ProviderError", "RuntimeOptions", "SCHEMA_VERSION",
     "SchemaVersionError", "StepEvent", "list_bundles", "models_dir", "resolve_bundle",
 ]

@@ -11,7 +11,7 @@ Hand-written over onnxruntime's IOBinding and OrtValue: onnxruntime's own helper
 Capture needs every node of a graph on the GPU. With symbolic dimensions onnxruntime computes shapes on
 the CPU and copies them over (Memcpy nodes), and refuses to capture; so a captured graph is a session
 opened for one input shape, its free dimensions fixed (`static_dims`), where those shape computations fold
-away. See GraphSession's capture mode (session.py).
+away. See shape_sessions.py.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import threading
 
 import numpy as np
 import onnxruntime as ort
+
+from .session_states import BindingState
 
 # onnxruntime's run option naming the captured graph a run replays; -1 runs without capture
 GRAPH_ID_ENTRY = "gpu_graph_id"
@@ -50,6 +52,33 @@ def _contiguous(value: np.ndarray) -> np.ndarray:
 
 class DeviceUnsupported(RuntimeError):
     """This onnxruntime build cannot place buffers on the provider's device (its Python binding lacks it)."""
+
+
+class Binding:
+    """Whether a graph's runs go through I/O binding on its provider's device (`device_type`; None: host memory,
+    nothing to bind), and the runners that do it. A build that cannot place buffers there refuses it for good."""
+
+    def __init__(self, device_type: str | None, device_id: int = 0, wanted: bool = True):
+        self.device_type = device_type
+        self.device_id = device_id
+        self.state = BindingState.ON if device_type and wanted else BindingState.OFF
+        self.refusal = ""  # why, once REFUSED
+
+    @property
+    def on(self) -> bool:
+        return self.state is BindingState.ON
+
+    @property
+    def text(self) -> str:
+        """As the provider report says it: "on", "off" or "refused: <why>"."""
+        return self.state.with_detail(self.refusal)
+
+    def runner(self, session: ort.InferenceSession, graph_id: int | None = None) -> "BoundRunner | None":
+        """The session's bound runner (replaying captured graph `graph_id`), or None where runs go unbound."""
+        return BoundRunner(session, self.device_type, self.device_id, graph_id) if self.on else None
+
+    def refuse(self, reason: str) -> None:
+        self.state, self.refusal = BindingState.REFUSED, reason
 
 
 class BoundRunner:

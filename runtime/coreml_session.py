@@ -12,8 +12,8 @@ import numpy as np
 
 from .errors import ProviderError
 from .manifest import ComponentSpec
-
-COMPUTE_UNITS = {"all": "ALL", "cpu_and_ne": "CPU_AND_NE", "cpu_and_gpu": "CPU_AND_GPU", "cpu_only": "CPU_ONLY"}
+from .options import COMPUTE_UNITS
+from .session_states import CacheStatus
 
 
 def check_available(compute_units: str) -> None:
@@ -35,8 +35,7 @@ class CoreMLSession:
         self.model = ct.models.MLModel(str(package), compute_units=getattr(ct.ComputeUnit, COMPUTE_UNITS[compute_units]))
         self.inputs = {t.name: t for t in spec.inputs}
         self.output_names = [t.name for t in spec.outputs]
-        self.observers: list = []
-        self.cache = "off"
+        self.cache = CacheStatus.OFF
         self.fell_back_to_cpu = compute_units == "cpu_only"
 
     @property
@@ -58,7 +57,5 @@ class CoreMLSession:
                 for i in range(chunks)]
 
     def run(self, run_options=None, **feeds) -> list[np.ndarray]:
-        for observe in self.observers:
-            observe(feeds)
         results = [self.model.predict(chunk) for chunk in self._feeds(feeds)]
         return [np.concatenate([np.asarray(r[n], dtype=np.float32) for r in results]) for n in self.output_names]

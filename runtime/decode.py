@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import InputError
+from .options import MIN_TILE
 from .session import GraphSession
 
-MIN_TILE = 4  # latent cells; smaller tiles lose too much context in the decoder's mid-block
 DEFAULT_OVERLAP_FRACTION = 0.25  # of the tile, on each shared side
 
 

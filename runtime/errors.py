@@ -47,6 +47,8 @@ MESSAGES = {
     "capture_low_memory": "cuda_graph and low_memory do not combine: low-memory mode closes each graph after use, so nothing would stay captured",
     "decoder_missing": "bundle {path} has no {name} decoder (export it with --tiny-decoder)",
     "tile_size": "decode tile size must be at least {minimum} latent cells, got {value}",
+    "outpaint_image": "outpaint needs image= (the picture to grow) and makes its own mask (no mask_image=)",
+    "outpaint_margins": "outpaint takes four pixel counts >= 0 (left, top, right, bottom), got {value!r}",
     # embedding
     "cancelled": "generation cancelled at step {step} of {total}",
     "closed": "this pipeline was closed; open the bundle again",
@@ -57,6 +59,12 @@ MESSAGES = {
     "export_exists": "{path} already exists; choose a new output folder or pass --overwrite",
     "export_source": "cannot load a diffusers model from {source!r}: {detail}",
     "export_validation": "{component}: exported graph differs from PyTorch beyond tolerance: {detail}",
+    "export_choice": "{option} must be one of {available}, got {value!r}",
+    "export_attention": "unknown attention {value!r} for --target {target} (available: {available})",
+    "export_default_steps": "default steps must be >= 1, got {value}",
+    "export_keep": "keep is \"none\", \"auto\" or comma-separated block names, got {value!r}",
+    "export_onnx_only": "--target coreml writes fp16 packages (or palettized ones, --palettize); {options} apply to --target onnx",
+    "export_coreml_only": "{options} apply to --target coreml",
 }
 
 
@@ -107,6 +115,10 @@ class PipelineClosed(EdgediffError):
 
 class ExportError(EdgediffError):
     """An export failed; nothing was left at its output folder."""
+
+
+class ExportOptionsError(ExportError, ValueError):
+    """Export options with an unknown value, or that do not combine (export/options.py); raised before any work."""
 
 
 class ExportValidationError(ExportError):

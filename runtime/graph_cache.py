@@ -1,16 +1,17 @@
-"""An on-disk cache of onnxruntime-optimised graphs, so that the second start skips the optimiser.
+"""An on-disk cache of onnxruntime-optimized graphs, so that the second start skips the optimizer.
 
-onnxruntime can save the graph it optimised (fusions, constant folding, layout changes) and load it
-back with optimisation off. The saved graph may suit only this machine and provider, so the key is
+onnxruntime can save the graph it optimized (fusions, constant folding, layout changes) and load it
+back with optimization off. The saved graph may suit only this machine and provider, so the key is
 the graph's sha256 (from the manifest) with the file's size and mtime, the provider, onnxruntime's
 version and the CPU architecture. Files live in platformdirs' per-user cache folder (EDGEDIFF_CACHE_DIR overrides); a
 cached graph that fails to load is deleted and rebuilt.
 
 The cache stays bounded, because each new bundle file, provider option set or onnxruntime upgrade adds entries
-(a developer's cache reached 16 GB here, and a full disk then failed CI's install): after each save the least
-recently used entries go until the total is under the limit (EDGEDIFF_CACHE_MAX_GB), a save that would leave
-the disk nearly full is skipped, and a save that fails leaves the session running uncached. The cache never
-makes a generation fail.
+(an unbounded one once filled a disk and failed CI's install): after each save the least recently used entries
+go until the total is under the limit (EDGEDIFF_CACHE_MAX_GB), a save that would leave the disk nearly full is
+skipped, and a save that fails leaves the session running uncached. The cache never makes a generation fail.
+Compiling providers' own caches live in folders beside ours (providers.py `cache_option`), listed, evicted and
+cleared with the rest.
 """
 
 from __future__ import annotations
@@ -32,24 +33,23 @@ import onnxruntime as ort
 
 from .errors import InputError
 from .provider_loading import new_session
+from .providers import REGISTRY
+from .session_states import CacheStatus
 
 log = logging.getLogger("edgediff.cache")
 
 CACHE_DIR_ENV = "EDGEDIFF_CACHE_DIR"
 # A cached graph keeps its weights in a .data file beside it, whatever its size: graphs past 2 GB need that, and
-# onnxruntime reads weights from a .data file far faster than it parses them inline from protobuf (full-size
-# SD-Turbo fp32's 1.36 GB text encoder: cached sessions in 1.1-1.2 s instead of 3.0-3.1 s; all three graphs
-# 2.5 s instead of 4.2-4.9 s, peak 2.28 GiB instead of 2.94 GiB; /work/runs/s9/par). The .data name carries a
-# token of its save: two processes saving the same graph at once never write into one file.
+# onnxruntime reads weights from a file faster, and with a lower peak, than it parses them inline from protobuf
+# (docs/benchmarks.md). The .data name carries a token of its save: two processes saving the same graph at once
+# never write into one file.
 EXTERNAL_MIN_BYTES = 1024  # initializers at least this big go to the .data file
 LIMIT_ENV = "EDGEDIFF_CACHE_MAX_GB"
-# Full-size SD-Turbo fp32 caches 4.7 GiB of optimised graphs on the CPU provider (measured): the default keeps a few
-# full-size models. An evicted graph costs one slower start (optimise and save again).
+# Room for the optimized graphs of a few full-size models (README.md gives one's size). An evicted graph costs one
+# slower start (optimize and save again).
 DEFAULT_LIMIT_BYTES = 20 * 2**30
 FREE_SPACE_RESERVE = 2 * 2**30  # a save must leave this much of the disk free: the cache never fills a disk
 STALE_PARTIAL_S = 3600  # a .partial file untouched this long is a crashed save (a live one's mtime moves as it is written)
-# The provider folders compiling providers keep beside ours (providers.py `cache_options`): listed and cleared too
-PROVIDER_FOLDERS = ("openvino", "tensorrt")
 # What `clear` and eviction may delete: only names this module writes, so that EDGEDIFF_CACHE_DIR pointing at a
 # folder of the user's own never loses anything else
 _ENTRY_FILE = re.compile(
@@ -66,6 +66,11 @@ def cache_dir() -> Path:
     from platformdirs import user_cache_path
 
     return user_cache_path("edgediff", appauthor=False) / "graphs"
+
+
+def provider_folders() -> frozenset[str]:
+    """The folders compiling providers keep their own caches in, beside our entries (providers.py `cache_option`)."""
+    return frozenset(p.cache_folder for p in REGISTRY.values() if p.cache_folder)
 
 
 def cache_limit() -> int:
@@ -113,11 +118,12 @@ def entries(folder: Path) -> list[Entry]:
         return []
     grouped: dict[str, list[Path]] = {}
     found = []
+    own_caches = provider_folders()
     for path in folder.iterdir():
         match = _ENTRY_FILE.match(path.name)
         if match and path.is_file():
             grouped.setdefault(match["key"], []).append(path)
-        elif path.name in PROVIDER_FOLDERS and path.is_dir():
+        elif path.name in own_caches and path.is_dir():
             size, used = _folder_stats(path)
             found.append(Entry(path.name + "/", (path,), size, used))
     for key, paths in grouped.items():
@@ -196,19 +202,19 @@ def cache_key(component: str, sha256: str, provider: str, path: Path) -> str:
 
 def open_cached(path: Path, key: str, graph_bytes: int, options_factory, providers, folder: Path,
                 save: str = "graph"):
-    """(session, status): the cached optimised graph if there is one ("hit"), else `path` optimised now and
-    saved for next time ("miss"), or run unsaved when the disk is short of room or the save fails ("skipped").
+    """(session, status): the cached optimized graph if there is one (HIT), else `path` optimized now and
+    saved for next time (MISS), or run unsaved when the disk is short of room or the save fails (SKIPPED).
     save="context": what a compiling provider compiled, as an EPContext model (QNN), instead of onnxruntime's
-    optimised graph, which it cannot write for compiled nodes."""
+    optimized graph, which it cannot write for compiled nodes."""
     limit = cache_limit()  # read first: a bad EDGEDIFF_CACHE_MAX_GB is an error even on a hit
 
-    def uncached():  # the graph optimised now and not saved
+    def uncached():  # the graph optimized now and not saved
         return new_session(path, options_factory(), providers)
 
     cached = folder / f"{key}.onnx"
     if cached.is_file():
         opts = options_factory()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # already optimised
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # already optimized
         try:
             session = new_session(cached, opts, providers)
         except Exception as exc:  # onnxruntime's own error types: a truncated or stale file
@@ -216,24 +222,23 @@ def open_cached(path: Path, key: str, graph_bytes: int, options_factory, provide
             _remove(Entry(key, tuple(_key_files(folder, key)), 0, 0.0))
         else:
             os.utime(cached)  # marks the use for eviction: access times are often off (noatime, relatime)
-            return session, "hit"
+            return session, CacheStatus.HIT
     try:
         folder.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(folder).free
     except OSError as exc:  # an unwritable or vanished cache folder costs speed, never the image
         log.warning("graph cache folder %s is unusable (%s); %s runs uncached", folder, exc, path.name)
-        return uncached(), "skipped"
+        return uncached(), CacheStatus.SKIPPED
     if free - graph_bytes < FREE_SPACE_RESERVE:
         log.warning("not caching %s: %.1f GiB free at %s, and a save must leave %.0f GiB", path.name, free / 2**30,
                     folder, FREE_SPACE_RESERVE / 2**30)
-        return uncached(), "skipped"
+        return uncached(), CacheStatus.SKIPPED
     partial = folder / f".{key}.{os.getpid()}.partial.onnx"
     weights = folder / f"{key}.onnx.{secrets.token_hex(4)}.data"  # named in the saved graph, relative to it
     opts = options_factory()
     if save == "context":
         # one file, the compiled binary inside it, so that it is replaced whole (beside it, the binary's name would
-        # follow the partial file's); measured on QNN's simulator: shipped int8-static UNet opened in 2.1-2.3 s
-        # compiling, 0.06 s from its context model
+        # follow the partial file's)
         opts.add_session_config_entry("ep.context_enable", "1")
         opts.add_session_config_entry("ep.context_file_path", str(partial))
         opts.add_session_config_entry("ep.context_embed_mode", "1")
@@ -248,22 +253,22 @@ def open_cached(path: Path, key: str, graph_bytes: int, options_factory, provide
         _discard(partial, weights)
         # loaded again without the save: a broken graph raises here as it would uncached
         session = uncached()
-        log.warning("could not save the optimised %s (%s); it runs uncached", path.name, str(exc).splitlines()[0])
-        return session, "skipped"
+        log.warning("could not save the optimized %s (%s); it runs uncached", path.name, str(exc).splitlines()[0])
+        return session, CacheStatus.SKIPPED
     if not partial.is_file():
-        return session, "skipped"
+        return session, CacheStatus.SKIPPED
     # whole or absent: a crash mid-write leaves only a .partial file (and a .data file no graph names, which
     # goes with its entry); a graph saved meanwhile by another process is replaced by this one, whole
     try:
         os.replace(partial, cached)
     except OSError as exc:  # Windows: another process has that graph open; its copy stays, this one goes
-        log.warning("could not keep the optimised %s (%s); the cached copy stays as it was", path.name, exc)
+        log.warning("could not keep the optimized %s (%s); the cached copy stays as it was", path.name, exc)
         _discard(partial, weights)
-        return session, "skipped"
-    log.info("cached %s %s as %s", "compiled" if save == "context" else "optimised", path.name, cached.name)
+        return session, CacheStatus.SKIPPED
+    log.info("cached %s %s as %s", "compiled" if save == "context" else "optimized", path.name, cached.name)
     try:
         with _PRUNING:
             prune(folder, limit, keep=frozenset({key}))
     except OSError as exc:  # the folder changed under us (another process): the next save prunes again
         log.warning("graph cache eviction stopped (%s)", exc)
-    return session, "miss"
+    return session, CacheStatus.MISS

@@ -35,7 +35,7 @@ def _planes_to_pil(planes: np.ndarray) -> list[Image.Image]:
 
     Hand-written for speed: numpy's NCHW -> NHWC transpose of the float image took 2-4 ms at 512x512, a tenth
     of a 40 ms image on an H100. Here the arithmetic runs on contiguous planes and PIL interleaves the three
-    uint8 channels (0.7 ms in all; benchmarks/README.md, "CUDA under 40 ms")."""
+    uint8 channels."""
     scaled = np.multiply(planes, 255, dtype=np.float32)
     np.rint(scaled, out=scaled)
     return [Image.merge("RGB", [Image.fromarray(channel) for channel in image]) for image in scaled.astype(np.uint8)]

@@ -45,7 +45,7 @@ class ComponentSpec:
 
 @dataclass
 class Manifest:
-    family: str  # row of edgediff.models.registry
+    family: str  # row of edgediff.export.families
     prediction_type: str  # epsilon | v_prediction | sample
     scheduler: dict  # {"name": sampler name, "config": ScheduleConfig as dict}
     defaults: dict  # {"steps", "guidance", "height", "width"}

@@ -23,10 +23,11 @@ from .bundle import Bundle
 from .cancel import CancelToken
 from .errors import BundleError, Cancelled, InputError, NaNOutputError, PipelineClosed, ProviderError
 from .image import latents_to_images, load_image, to_model_input, to_pil
-from .inpaint import overlay, prepare_mask
+from .inpaint import outpaint_canvas, overlay, prepare_mask
 from .conditioning import TextConditioner
 from .coreml_session import CoreMLSession
 from .coreml_session import check_available as check_coreml
+from .options import DECODERS, RuntimeOptions
 from .providers import REGISTRY, Provider, Resolution, resolve
 from .schedulers import SAMPLERS, make_sampler
 from .session import GraphSession, SessionPool
@@ -34,8 +35,6 @@ from .session import GraphSession, SessionPool
 log = logging.getLogger("edgediff.pipeline")
 
 SIZE_MULTIPLE = 8  # as diffusers: the latent grid must stay whole through the VAE
-# decoder choice -> bundle component; "tiny" is the optional AutoencoderTiny (TAESD-style) decoder
-DECODERS = {"full": "vae_decoder", "tiny": "vae_decoder_tiny"}
 
 
 @dataclass
@@ -120,58 +119,52 @@ class Pipeline:
     Use as a context manager, or call close(), to give the sessions' memory back.
     """
 
-    def __init__(self, bundle: Bundle, provider: str = "auto", sampler: str | None = None,
-                 fallback: bool = False, threads: int | None = None, low_memory: bool = False,
-                 decoder: str = "full", cache: bool = True, compute_units: str = "all",
-                 provider_options: dict | None = None, io_binding: bool | None = None, cuda_graph: bool = False):
+    def __init__(self, bundle: Bundle, options: RuntimeOptions | None = None, **overrides):
+        """`options`: how to run the bundle (RuntimeOptions); keyword overrides change single fields of it,
+        e.g. `Pipeline(bundle, provider="cpu")`."""
+        self.options = o = RuntimeOptions.with_overrides(options, overrides)
         self.bundle = bundle
         self.manifest = m = bundle.manifest
-        # optimised graphs are cached per user (graph_cache.py); the bundle folder itself is never written
-        cache_folder = graph_cache.cache_dir() if cache else None
+        # optimized graphs are cached per user (graph_cache.py); the bundle folder itself is never written
+        cache_folder = graph_cache.cache_dir() if o.cache else None
         if m.target == "coreml":  # Core ML packages run through coremltools, on macOS (compute_units applies)
-            check_coreml(compute_units)
-            self.resolution = Resolution(REGISTRY["coreml"], provider, False)
+            check_coreml(o.compute_units)
+            self.resolution = Resolution(REGISTRY["coreml"], o.provider, False)
 
             def opener(name):
-                return CoreMLSession(name, bundle.component_path(name), m.components[name], compute_units)
+                return CoreMLSession(name, bundle.component_path(name), m.components[name], o.compute_units)
         else:
-            self.resolution = resolve(provider, fallback=fallback, options=provider_options)
+            self.resolution = resolve(o.provider, fallback=o.fallback, options=o.provider_options)
             _check_gpu_only_graphs(bundle, self.resolution.provider)
             _note_precision(bundle, self.resolution.provider)
             self.resolution.provider.prepare()
-            if cuda_graph and low_memory:
-                raise InputError("capture_low_memory")
-            capture = cuda_graph and _can_capture(self.resolution)
+            capture = o.cuda_graph and _can_capture(self.resolution)
 
             def opener(name):
                 return GraphSession(name, bundle.component_path(name), m.components[name], self.resolution,
-                                    bundle.path, threads, cache_folder, low_memory, io_binding, capture)
+                                    bundle.path, o.threads, cache_folder, o.low_memory, o.io_binding, capture)
         self.providers = self.resolution.names
-        self.sampler_name = sampler or m.scheduler["name"]
+        self.sampler_name = o.sampler or m.scheduler["name"]
         if self.sampler_name not in SAMPLERS:
             raise InputError("sampler_unknown", name=self.sampler_name, available=", ".join(SAMPLERS))
-        self.decoder = self._check_decoder(decoder)
+        self.decoder = self._check_decoder(o.decoder)
         # opened up front: what every call needs; the VAE encoder and the other decoder open on first use
         names = [*text_to_image_components(m), *([DECODERS[self.decoder]] if self.decoder != "full" else [])]
         parallel = m.target != "coreml" and self.resolution.provider.opens_in_parallel  # (not Core ML packages)
-        self.sessions = SessionPool(opener, names, low_memory=low_memory, parallel=parallel)
+        self.sessions = SessionPool(opener, names, low_memory=o.low_memory, parallel=parallel)
         self.text = TextConditioner(bundle, self.sessions)
         # low-memory mode swaps sessions within a call, so calls take turns; otherwise a no-op lock
-        self._turns = threading.Lock() if low_memory else _NoLock()
+        self._turns = threading.Lock() if o.low_memory else _NoLock()
         self._closed = False
         log.info("bundle %s on %s%s%s", bundle.path, self.resolution.provider.name,
-                 f" (fell back from {provider})" if self.resolution.fell_back else "",
-                 " (low memory)" if low_memory else "")
+                 f" (fell back from {o.provider})" if self.resolution.fell_back else "",
+                 " (low memory)" if o.low_memory else "")
 
     @classmethod
-    def from_bundle(cls, path: str | Path, provider: str = "auto", sampler: str | None = None,
-                    verify: str = "full", fallback: bool = False, threads: int | None = None,
-                    low_memory: bool = False, decoder: str = "full", cache: bool = True,
-                    compute_units: str = "all", provider_options: dict | None = None,
-                    io_binding: bool | None = None, cuda_graph: bool = False) -> "Pipeline":
-        return cls(Bundle.open(path, verify=verify), provider=provider, sampler=sampler, fallback=fallback,
-                   threads=threads, low_memory=low_memory, decoder=decoder, cache=cache, compute_units=compute_units,
-                   provider_options=provider_options, io_binding=io_binding, cuda_graph=cuda_graph)
+    def from_bundle(cls, path: str | Path, options: RuntimeOptions | None = None, verify: str = "full",
+                    **overrides) -> "Pipeline":
+        """Opens the bundle at `path` (checking every file's sha256 unless verify="size") and a pipeline over it."""
+        return cls(Bundle.open(path, verify=verify), options, **overrides)
 
     def provider_report(self) -> dict:
         """What runs where: the chosen provider, its options, and per loaded graph its providers, whether
@@ -249,34 +242,56 @@ class Pipeline:
         strength: float | None = None,
         mask_image=None,
         keep_unmasked: bool = False,
+        outpaint: tuple[int, int, int, int] | None = None,
     ) -> PipelineOutput:
         """Generates images; see README "Embedding" for callbacks, previews, cancel and threads.
 
         preview: the callback's event carries images of the current estimate (tiny decoder when the bundle
         has one). cancel: a CancelToken; cancelling raises Cancelled within one denoiser call. decoder:
-        "full" or "tiny" (default: the pipeline's). decode_tile: decode in tiles of this many latent cells.
+        "full" or "tiny" (default: the pipeline's). decode_tile: decode in tiles of this many latent cells
+        (default: the pipeline's options).
         image, strength: image-to-image (diffusers' img2img): start from `image` noised to `strength`
         (0: unchanged, 1: pure noise; default 0.8), running the last strength * steps steps.
         mask_image: inpainting (white is repainted; default strength 1.0): inpainting UNets (9 input
         channels) see the mask and the masked image; others get the known region blended back in latent
         space after each step (diffusers' StableDiffusionInpaintPipeline). keep_unmasked: paste the
         original pixels back outside the mask (the VAE round trip otherwise softens them).
+        outpaint: (left, top, right, bottom) pixels to grow `image` by; the new area is painted and the
+        original pixels are kept exactly (the canvas grows to the latent grid's multiple).
         """
         if self._closed:
             raise PipelineClosed("closed")
         decoder = self.decoder if decoder is None else self._check_decoder(decoder)
+        if outpaint is not None:
+            image, mask_image = self._outpaint_canvas(image, mask_image, outpaint)
+            keep_unmasked = True  # the original pixels stay exactly as they were
+        call = _Call(prompt=prompt, negative_prompt=negative_prompt, steps=num_inference_steps,
+                     guidance=guidance_scale, height=height, width=width, seed=seed, latents=latents,
+                     images_per_prompt=num_images_per_prompt, output_type=output_type, callback=callback,
+                     generator=generator, preview=preview, cancel=cancel or CancelToken(), decoder=decoder,
+                     decode_tile=self.options.decode_tile if decode_tile is None else decode_tile, image=image,
+                     strength=strength, mask_image=mask_image, keep_unmasked=keep_unmasked)
         with self._turns:
-            return self._generate(prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, seed,
-                                  latents, num_images_per_prompt, output_type, callback, generator, preview, cancel,
-                                  decoder, decode_tile, image, strength, mask_image, keep_unmasked)
+            return self._generate(call)
 
-    def _generate(self, prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, seed, latents,
-                  num_images_per_prompt, output_type, callback, generator, preview, cancel, decoder, decode_tile,
-                  image, strength, mask_image, keep_unmasked):
+    def _outpaint_canvas(self, image, mask_image, margins):
+        if image is None or mask_image is not None:
+            raise InputError("outpaint_image")
+        try:
+            left, top, right, bottom = (int(v) for v in margins)
+        except (TypeError, ValueError):
+            raise InputError("outpaint_margins", value=margins) from None
+        if min(left, top, right, bottom) < 0:
+            raise InputError("outpaint_margins", value=margins)
+        multiple = max(SIZE_MULTIPLE, self.manifest.vae_scale_factor)
+        return outpaint_canvas(image, left, top, right, bottom, multiple=multiple)
+
+    def _generate(self, call: "_Call") -> PipelineOutput:
         m = self.manifest
-        if mask_image is not None and image is None:
+        image, height, width, cancel = call.image, call.height, call.width, call.cancel
+        if call.mask_image is not None and image is None:
             raise InputError("mask_without_image")
-        strength = (1.0 if mask_image is not None else 0.8) if strength is None else strength
+        strength = (1.0 if call.mask_image is not None else 0.8) if call.strength is None else call.strength
         if image is not None:  # the image's size (rounded down to the latent grid) unless asked otherwise
             image = load_image(image)
             multiple = max(SIZE_MULTIPLE, m.vae_scale_factor)
@@ -284,31 +299,30 @@ class Pipeline:
             width = width or image.width // multiple * multiple
         start = time.perf_counter()
         timings: dict = {"unet": []}
-        cancel = cancel or CancelToken()  # a token nobody cancels keeps the loop below simple
         # 1. Resolve defaults from the manifest and check the arguments.
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        steps = m.defaults["steps"] if num_inference_steps is None else num_inference_steps
-        guidance = m.defaults["guidance"] if guidance_scale is None else float(guidance_scale)
+        prompts = [call.prompt] if isinstance(call.prompt, str) else list(call.prompt)
+        steps = m.defaults["steps"] if call.steps is None else call.steps
+        guidance = m.defaults["guidance"] if call.guidance is None else float(call.guidance)
         height = m.defaults["height"] if height is None else height
         width = m.defaults["width"] if width is None else width
-        self._check_args(height, width, steps, num_images_per_prompt)
+        self._check_args(height, width, steps, call.images_per_prompt)
         if image is not None and image.size != (width, height):
             image = image.resize((width, height), Image.LANCZOS)  # as diffusers' image processor resamples
         if not prompts:
             raise InputError("batch", what="number of prompts", value=0)
-        if decode_tile is not None and decode_tile < decoding.MIN_TILE:
-            raise InputError("tile_size", minimum=decoding.MIN_TILE, value=decode_tile)
-        batch = len(prompts) * num_images_per_prompt
+        if call.decode_tile is not None and call.decode_tile < decoding.MIN_TILE:
+            raise InputError("tile_size", minimum=decoding.MIN_TILE, value=call.decode_tile)
+        batch = len(prompts) * call.images_per_prompt
         embedded_guidance = m.guidance_embedding_dim is not None
         do_cfg = guidance > 1.0 and not embedded_guidance
 
         # 2. Encode the prompts into the UNet's text inputs (SDXL: pooled text and size conditions too); with
         #    classifier-free guidance, the negative prompts go first in one batch.
-        negatives = None if negative_prompt is None else (
-            [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt))
+        negative = call.negative_prompt
+        negatives = None if negative is None else ([negative] * len(prompts) if isinstance(negative, str) else list(negative))
         if negatives is not None and len(negatives) != len(prompts):
             raise InputError("batch", what="negative prompts (one per prompt)", value=len(negatives))
-        text_feeds = self.text(prompts, negatives, do_cfg, num_images_per_prompt, height, width, timings)
+        text_feeds = self.text(prompts, negatives, do_cfg, call.images_per_prompt, height, width, timings)
 
         # 3. Set the sampler's timesteps; image-to-image starts part-way (diffusers' get_timesteps).
         sampler = make_sampler(self.sampler_name, m.scheduler["config"])
@@ -327,17 +341,18 @@ class Pipeline:
         #    per image (image i of seed s uses seed s + i).
         shape = (batch, m.latent_channels, height // m.vae_scale_factor, width // m.vae_scale_factor)
         seeds: list[int | None] = [None] * batch
-        if generator is not None:
-            noise_sources = [generator] * batch
+        if call.generator is not None:
+            noise_sources = [call.generator] * batch
         else:
-            base = int(np.random.SeedSequence().generate_state(1)[0] >> 1) if seed is None else int(seed)
+            base = int(np.random.SeedSequence().generate_state(1)[0] >> 1) if call.seed is None else int(call.seed)
             seeds = [base + i for i in range(batch)]
             noise_sources = [np.random.default_rng(s) for s in seeds]
         step_noise = _BatchNoise(noise_sources)
         unet_channels = next(t.shape[1] for t in m.components["unet"].inputs if t.name == "sample")
         inpaint = None
+        latents = call.latents
         if image is not None:
-            latents, inpaint = self._start_from_image(sampler, timesteps, image, mask_image, strength, shape,
+            latents, inpaint = self._start_from_image(sampler, timesteps, image, call.mask_image, strength, shape,
                                                       unet_channels, step_noise, cancel)
         elif unet_channels != m.latent_channels:
             raise InputError("inpaint_unet", channels=unet_channels)
@@ -377,29 +392,29 @@ class Pipeline:
                 known = inpaint.image_latents if i == total - 1 else sampler.add_noise(
                     inpaint.image_latents, inpaint.noise, timesteps[i + 1])
                 latents = ((1 - inpaint.mask_lat) * known + inpaint.mask_lat * latents).astype(np.float32)
-            if callback is not None:
+            if call.callback is not None:
                 images = None
-                if preview:
+                if call.preview:
                     estimate = latents if out.denoised is None else out.denoised
                     images = latents_to_images(self._decode(estimate, self._preview_decoder(), None, cancel, i, total), "pil")
-                callback(StepEvent(step=i, total=total, timestep=float(t), latents=latents, preview=images))
+                call.callback(StepEvent(step=i, total=total, timestep=float(t), latents=latents, preview=images))
         if not np.isfinite(latents).all():
             raise NaNOutputError("nan_output", component="denoiser (unet)", hint=" (try an fp32 bundle)")
-        if output_type == "latent":
+        if call.output_type == "latent":
             timings["total"] = time.perf_counter() - start
             return PipelineOutput(images=latents, seeds=seeds, timings=timings)
 
         # 7. Decode one image at a time (or tile by tile): peak memory stays that of a single decode.
         t0 = time.perf_counter()
-        decoded = self._decode_checked(latents, decoder, decode_tile, cancel, total)
+        decoded = self._decode_checked(latents, call.decoder, call.decode_tile, cancel, total)
         timings["vae_decoder"] = time.perf_counter() - t0
 
         # 8. To [0, 1] images, as diffusers' image processor does (with the original kept outside the mask).
-        if inpaint is not None and keep_unmasked:
+        if inpaint is not None and call.keep_unmasked:
             images = overlay(latents_to_images(decoded, "np"), image, inpaint.mask_px)
-            images = images if output_type == "np" else to_pil(images)
+            images = images if call.output_type == "np" else to_pil(images)
         else:
-            images = latents_to_images(decoded, output_type)
+            images = latents_to_images(decoded, call.output_type)
         timings["total"] = time.perf_counter() - start
         return PipelineOutput(images=images, seeds=seeds, timings=timings)
 
@@ -442,8 +457,9 @@ class Pipeline:
         if self._closed:
             raise PipelineClosed("closed")
         decoder = self.decoder if decoder is None else self._check_decoder(decoder)
+        tile = self.options.decode_tile if decode_tile is None else decode_tile
         with self._turns:
-            decoded = self._decode_checked(np.asarray(latents, dtype=np.float32), decoder, decode_tile, CancelToken(), 0)
+            decoded = self._decode_checked(np.asarray(latents, dtype=np.float32), decoder, tile, CancelToken(), 0)
         return latents_to_images(decoded, output_type)
 
     def _decode_checked(self, latents, decoder: str, tile, cancel: CancelToken, total: int) -> np.ndarray:
@@ -481,6 +497,32 @@ def _cancellable(cancel: CancelToken, step: int, total: int):
             if cancel.cancelled:
                 raise Cancelled("cancelled", step=step, total=total) from None
             raise
+
+
+@dataclass
+class _Call:
+    """One call's arguments, as __call__ received them (defaults are resolved in _generate's step 1)."""
+
+    prompt: str | list[str]
+    negative_prompt: str | list[str] | None
+    steps: int | None
+    guidance: float | None
+    height: int | None
+    width: int | None
+    seed: int | None
+    latents: np.ndarray | None
+    images_per_prompt: int
+    output_type: str
+    callback: StepCallback | None
+    generator: object
+    preview: bool
+    cancel: CancelToken
+    decoder: str
+    decode_tile: int | None
+    image: object
+    strength: float | None
+    mask_image: object
+    keep_unmasked: bool
 
 
 @dataclass

@@ -38,17 +38,20 @@ class Provider:
     device_type: str | None = None
     # the provider option that records a graph's kernel launches once and replays them (CUDA graphs); None: no such thing
     graph_capture_option: str | None = None
-    # the provider compiles the nodes it takes (OpenVINO, TensorRT, Core ML, QNN): onnxruntime cannot save such a
-    # graph (graph_cache.py), so these use their own caches instead, where they have one (`cache_options`)
+    # the provider compiles the nodes it takes (OpenVINO, TensorRT, MIGraphX, Core ML, QNN): onnxruntime cannot
+    # save such a graph (graph_cache.py), so these use their own caches instead, where they have one (`cache_option`)
     compiles: bool = False
+    # the provider option naming the folder a compiling provider keeps its compiled cache in; that folder is
+    # `cache_folder` inside the graph cache, which lists, evicts and clears it with the rest. None: no such cache
+    cache_option: str | None = None
     # the Python module of a plugin package (onnxruntime 1.23+ loads such a provider from a library it is given,
     # and takes it through the session options' devices, not by name); None: the provider is built in
     plugin: str | None = None
     # a compiling provider that can write what it compiled as an EPContext model (onnxruntime's ep.context_* session
-    # entries): the graph cache keeps that model like an optimised graph, and the next start skips the compiler
+    # entries): the graph cache keeps that model like an optimized graph, and the next start skips the compiler
     saves_context: bool = False
     # compiles for fixed shapes only (NPUs): each graph is reopened with its dimensions fixed for each new input shape
-    # (session.py); with symbolic ones the QNN provider validated next to nothing ("Cannot get shape")
+    # (shape_sessions.py); with symbolic ones the QNN provider validated next to nothing ("Cannot get shape")
     static_shapes: bool = False
     # a pipeline may open its graphs side by side (session.py SessionPool): only where that was checked. DirectML
     # is reported to crash with sessions used from several threads; compilers (OpenVINO, TensorRT) each want memory
@@ -59,6 +62,11 @@ class Provider:
     def install(self) -> str:
         """How to get it, for messages."""
         return f'pip install "edgediff[{self.extra}]"' + (f" ({self.needs})" if self.needs else "")
+
+    @property
+    def cache_folder(self) -> str | None:
+        """The folder inside the graph cache where it keeps its own compiled cache: named after the provider."""
+        return self.name if self.cache_option else None
 
     @property
     def can_capture(self) -> bool:
@@ -83,8 +91,8 @@ class Provider:
         return dict(self.options)
 
     def cache_options(self, folder) -> dict:
-        """Provider options that keep a compiling provider's own cache in `folder` (none by default)."""
-        return {}
+        """Provider options that keep a compiling provider's own cache inside the graph cache `folder`."""
+        return {self.cache_option: str(folder / self.cache_folder)} if self.cache_option else {}
 
     def auto_eligible(self) -> bool:
         """Whether `auto` may pick it when it is available (measured reasons where it may not)."""
@@ -123,18 +131,14 @@ class OpenVINO(Provider):
             return {**self.options, "device_type": found[0] if found else "CPU"}  # text encoder that CPU compiles)
         return {**self.options, "device_type": f"{kind}:{','.join(found)}"}
 
-    def cache_options(self, folder) -> dict:
-        return {"cache_dir": str(folder / "openvino")}  # compiled blobs: the second start skips compilation
-
     def prepare(self) -> None:
         super().prepare()
         provider_loading.openvino_windows_libraries()
 
     def auto_eligible(self) -> bool:
-        # Picked by `auto` for an Intel GPU or NPU only. On a CPU alone it is a choice, not a default: on an
-        # AVX-512 BF16 CPU it ran full-size SD-Turbo fp32 within 4% of the CPU provider (1.84x only in bf16,
-        # through AUTO: 52.8 dB against fp32), int8-static 0.88x, with slower starts and more memory; on an
-        # AVX2 CPU it was reported 1.8x slower (benchmarks/README.md, "OpenVINO on a CPU").
+        # Picked by `auto` for an Intel GPU or NPU only. On a CPU alone it is a choice, not a default: it was no
+        # faster than the CPU provider there except in bf16, with slower starts and more memory
+        # (docs/benchmarks.md, "OpenVINO on a CPU").
         present = openvino_devices()
         return present is None or any(p.split(".")[0] in ("GPU", "NPU") for p in present)
 
@@ -143,18 +147,6 @@ class CUDA(Provider):
     def prepare(self) -> None:
         super().prepare()
         provider_loading.preload_cuda_libraries()
-
-
-class TensorRT(CUDA):
-    def cache_options(self, folder) -> dict:
-        return {"trt_engine_cache_path": str(folder / "tensorrt")}  # else engines land in the working directory
-
-
-class MIGraphX(Provider):
-    def cache_options(self, folder) -> dict:
-        # its compiled programs (.mxr): compiling takes minutes at full size. The option is in AMD's
-        # onnxruntime-migraphx 1.23.0 and 1.27.1 (read off their provider libraries)
-        return {"migraphx_model_cache_dir": str(folder / "migraphx")}
 
 
 class WebGPU(Provider):
@@ -183,20 +175,23 @@ REGISTRY: dict[str, Provider] = {p.name: p for p in (
     Provider("cpu", "CPUExecutionProvider", ("fp32", "int8", "int4"), extra="cpu",
              opens_in_parallel=True),
     CUDA("cuda", "CUDAExecutionProvider", ("fp16", "fp32"), extra="cuda",
-             platforms=("linux", "win"), gpu=True, cuda_kernels=True, device_type="cuda",
-             graph_capture_option="enable_cuda_graph",
-             options={"device_id": 0, "cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": True}),
-    TensorRT("tensorrt", "TensorrtExecutionProvider", ("fp16", "fp32"), compiles=True,
-             extra="cuda", needs="and the TensorRT libraries", platforms=("linux", "win"), gpu=True,
-             cuda_kernels=True,  # nodes TensorRT cannot take run on its CUDA fallback
-             device_type="cuda", graph_capture_option="trt_cuda_graph_enable",
-             options={"trt_fp16_enable": True, "trt_engine_cache_enable": True}),
+         platforms=("linux", "win"), gpu=True, cuda_kernels=True, device_type="cuda",
+         graph_capture_option="enable_cuda_graph",
+         options={"device_id": 0, "cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": True}),
+    CUDA("tensorrt", "TensorrtExecutionProvider", ("fp16", "fp32"), compiles=True,
+         cache_option="trt_engine_cache_path",  # its engines in our cache: else they land in the working directory
+         extra="cuda", needs="and the TensorRT libraries", platforms=("linux", "win"), gpu=True,
+         cuda_kernels=True,  # nodes TensorRT cannot take run on its CUDA fallback
+         device_type="cuda", graph_capture_option="trt_cuda_graph_enable",
+         options={"trt_fp16_enable": True, "trt_engine_cache_enable": True}),
     # AMD GPUs (Linux, ROCm installed). onnxruntime 1.23 removed its ROCm provider in favour of MIGraphX, which
     # compiles the graphs it takes. Not run on AMD hardware: with the wheel but no ROCm, onnxruntime cannot load
-    # the provider and every graph runs on the CPU, logged (checked with onnxruntime-migraphx 1.27.1)
-    MIGraphX("migraphx", "MIGraphXExecutionProvider", ("fp16", "fp32"), compiles=True,
-             extra="migraphx", needs="and AMD's ROCm", platforms=("linux",), gpu=True,
-             options={"device_id": 0}),
+    # the provider and every graph runs on the CPU, logged (checked with onnxruntime-migraphx 1.27.1). Its compiled
+    # programs (.mxr) are cached, as compiling takes minutes at full size; the cache option is in AMD's
+    # onnxruntime-migraphx 1.23.0 and 1.27.1 (read off their provider libraries)
+    Provider("migraphx", "MIGraphXExecutionProvider", ("fp16", "fp32"), compiles=True,
+             cache_option="migraphx_model_cache_dir", extra="migraphx", needs="and AMD's ROCm", platforms=("linux",),
+             gpu=True, options={"device_id": 0}),
     # the same GPUs through onnxruntime 1.22 and older (onnxruntime-rocm); kept for those builds
     Provider("rocm", "ROCMExecutionProvider", ("fp16", "fp32"), extra="rocm", needs="and AMD's ROCm",
              platforms=("linux",), gpu=True),
@@ -211,8 +206,9 @@ REGISTRY: dict[str, Provider] = {p.name: p for p in (
     WebGPU("webgpu", "WebGpuExecutionProvider", ("fp16", "fp32"), extra="webgpu", gpu=True),
     Provider("coreml", "CoreMLExecutionProvider", ("fp16", "fp32"), extra="cpu", needs="its macOS wheels have it",
              platforms=("darwin",), compiles=True, options={"ModelFormat": "MLProgram", "MLComputeUnits": "ALL"}),
-    OpenVINO("openvino", "OpenVINOExecutionProvider", ("fp16", "int8", "fp32"), extra="openvino",
-             compiles=True, options={"device_type": "AUTO:GPU,NPU,CPU"}),
+    OpenVINO("openvino", "OpenVINOExecutionProvider", ("fp16", "int8", "fp32"), extra="openvino", compiles=True,
+             cache_option="cache_dir",  # its compiled blobs: the second start skips compilation
+             options={"device_type": "AUTO:GPU,NPU,CPU"}),
     # Snapdragon NPUs (HTP). onnxruntime-qnn 2 is a plugin beside the CPU build; 1.x builds had it built in
     Provider("qnn", "QNNExecutionProvider", ("int8", "fp16"), extra="qnn", compiles=True, plugin="onnxruntime_qnn",
              static_shapes=True, saves_context=True, platforms=("win", "linux"), options={"backend_type": "htp"}),
@@ -254,11 +250,11 @@ class Resolution:
 
     @property
     def cache_tag(self) -> str:
-        """The provider as the graph cache keys it: options such as prefer_nhwc change the optimised graph."""
+        """The provider as the graph cache keys it: options such as prefer_nhwc change the optimized graph."""
         return f"{self.provider.name}-{_digest(self.overrides)}" if self.overrides else self.provider.name
 
     def cache_tag_fixed(self, fixed: dict) -> str:
-        """The tag of a shape-fixed session: its fixed dimensions and capture option change the optimised graph."""
+        """The tag of a shape-fixed session: its fixed dimensions and capture option change the optimized graph."""
         return f"{self.cache_tag}-fixed{_digest(fixed)}"
 
     @property

@@ -15,6 +15,7 @@ from edgediff.benchmarks.harness import STAGE_SUM_MARGIN, BenchConfig, merge, pe
 from edgediff.benchmarks.macs import count_macs
 from edgediff.benchmarks.report import write_outputs
 from edgediff.cli.main import cli
+from edgediff.runtime import RuntimeOptions
 
 PARENT_HOLDS_BYTES = 1 << 30  # far above a bare worker's import of numpy and edgediff (~100 MB)
 
@@ -59,8 +60,8 @@ def test_mac_counter_agrees_with_a_hand_count(tmp_path):
 def bench_results(models_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     cfg = BenchConfig(bundles=[str(tiny_bundle("tiny-sd1", models_root))], steps=[2], repeat=2, warmup=1, rounds=2,
-                      compare=["diffusers", "optimum"], source=str(tiny_source("tiny-sd1", models_root)), threads=2,
-                      out=str(out))
+                      compare=["diffusers", "optimum"], source=str(tiny_source("tiny-sd1", models_root)),
+                      runtime=RuntimeOptions(threads=2), out=str(out))
     return run_bench(cfg, progress=False), out
 
 
@@ -207,8 +208,8 @@ def test_macs_are_counted_once_per_graph_and_size(tmp_path, monkeypatch):
     calls = []
     real = harness._worker
     monkeypatch.setattr(harness, "_worker", lambda system, args: calls.append(system) or real(system, args))
-    cfg = BenchConfig(bundles=[str(default_bundle())], steps=[1, 2], repeat=1, warmup=0, rounds=1, threads=2,
-                      out=str(tmp_path))
+    cfg = BenchConfig(bundles=[str(default_bundle())], steps=[1, 2], repeat=1, warmup=0, rounds=1,
+                      runtime=RuntimeOptions(threads=2), out=str(tmp_path))
     data = run_bench(cfg, progress=False)
     assert calls == ["edgediff", "macs", "edgediff"]  # counted after the first step count, reused for the second
     one, two = (row["systems"][0]["achieved"] for row in data["results"])
@@ -219,9 +220,10 @@ def test_memory_modes_are_run_and_recorded(tmp_path):
     from edgediff.benchmarks.report import row_label
     from edgediff.models.shipped import default_bundle
 
-    cfg = BenchConfig(bundles=[str(default_bundle())], steps=[1], repeat=1, warmup=0, rounds=1, threads=2,
-                      out=str(tmp_path), low_memory=True, decoder="tiny", decode_tile=8,
-                      provider_options={"arena_extend_strategy": "kSameAsRequested"})
+    cfg = BenchConfig(bundles=[str(default_bundle())], steps=[1], repeat=1, warmup=0, rounds=1,
+                      out=str(tmp_path), runtime=RuntimeOptions(
+                          threads=2, low_memory=True, decoder="tiny", decode_tile=8,
+                          provider_options={"arena_extend_strategy": "kSameAsRequested"}))
     data = run_bench(cfg, progress=False)
     jsonschema.validate(data, _schema())
     row = data["results"][0]
@@ -246,7 +248,8 @@ def test_peers_run_once_for_bundles_of_one_source(models_root, tmp_path, monkeyp
     monkeypatch.setattr(harness, "_worker", lambda system, args: calls.append((system, args["bundle"])) or real(system, args))
     fp32, int8 = tiny_bundle("tiny-sd1", models_root), tiny_bundle("tiny-sd1", models_root, "int8")
     cfg = BenchConfig(bundles=[str(fp32), str(int8)], steps=[1], repeat=1, warmup=0, rounds=1, compare=["diffusers"],
-                      source=str(tiny_source("tiny-sd1", models_root)), threads=2, out=str(tmp_path))
+                      source=str(tiny_source("tiny-sd1", models_root)), runtime=RuntimeOptions(threads=2),
+                      out=str(tmp_path))
     data = run_bench(cfg, progress=False)
     jsonschema.validate(data, _schema())
     measured = [system for system, _ in calls if system != "macs"]  # MACs are counted in a process of their own
@@ -271,8 +274,8 @@ def test_bench_can_start_from_a_filled_graph_cache(tmp_path):
     from edgediff.benchmarks.report import row_label
     from edgediff.models.shipped import default_bundle
 
-    cfg = BenchConfig(bundles=[str(default_bundle())], steps=[1], repeat=1, warmup=0, rounds=2, threads=2,
-                      out=str(tmp_path), graph_cache=True)
+    cfg = BenchConfig(bundles=[str(default_bundle())], steps=[1], repeat=1, warmup=0, rounds=2,
+                      runtime=RuntimeOptions(threads=2), out=str(tmp_path), graph_cache=True)
     data = run_bench(cfg, progress=False)
     jsonschema.validate(data, _schema())
     row = data["results"][0]

@@ -8,16 +8,17 @@ ours: buffers follow new inputs, shapes rebind, refusals fall back. Capture itse
 """
 
 import dataclasses
+import json
 import logging
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 
-from edgediff.runtime import Bundle, InputError, Pipeline, ProviderError
+from edgediff.runtime import Bundle, InputError, Pipeline, ProviderError, graph_loader, session_config
 from edgediff.runtime import providers as prov
-from edgediff.runtime import session as session_module
 from edgediff.runtime.session import GraphSession
+from edgediff.runtime.session_states import BindingState, CacheStatus, CaptureState, ShapeState
 
 from tiny_models import tiny_bundle
 
@@ -58,7 +59,7 @@ def test_bound_runs_follow_new_inputs_in_fixed_buffers(models_root):
     for got, feeds in zip(out, (first, second, first)):
         assert np.abs(got - _plain(unet, feeds)).max() <= BOUND_ATOL
     assert np.abs(out[0] - out[1]).max() > 1e-3  # the second run saw its own inputs, not the first's buffers
-    assert unet._runner.replays == 2  # bound once, then the same buffers twice
+    assert unet.runner.replays == 2  # bound once, then the same buffers twice
     other = _feeds(unet, 2, side=16)  # a new shape binds new buffers
     assert np.abs(unet.run(**other)[0] - _plain(unet, other)).max() <= BOUND_ATOL
 
@@ -93,7 +94,7 @@ def test_a_failing_first_bound_run_is_raised_and_binding_stays_on(models_root):
     bad = {**feeds, "encoder_hidden_states": np.concatenate([feeds["encoder_hidden_states"]] * 3)}
     with pytest.raises(Exception, match="(?i)shape|dimension|broadcast"):
         unet.run(**bad)
-    assert unet.binding_state == "on" and unet._runner is not None
+    assert unet.binding.state is BindingState.ON and unet.binding_state == "on" and unet.runner is not None
     assert np.abs(unet.run(**feeds)[0] - _plain(unet, feeds)).max() <= BOUND_ATOL
 
 
@@ -104,22 +105,24 @@ def test_capture_opens_one_shape_fixed_session_per_input_shape(models_root):
     for feeds in (small, small, large, small):
         assert np.abs(unet.run(**feeds)[0] - _plain(unet, feeds)).max() <= BOUND_ATOL
     assert unet.session is not dynamic  # replaced: one copy of the weights at a time
-    assert unet.capture_state.startswith("captured") and "sample 1x4x8x8" in unet.capture_state
-    assert unet._runner.graph_id == 0 and unet._runner.replays == 0  # reopened for the last shape change
+    assert unet.captured is CaptureState.CAPTURED and unet.shape_state is ShapeState.FIXED
+    assert unet.capture_state.startswith("captured ") and "sample 1x4x8x8" in unet.capture_state
+    assert unet.runner.graph_id == 0 and unet.runner.replays == 0  # reopened for the last shape change
     unet.run(**small)
-    assert unet._runner.replays == 1
+    assert unet.runner.replays == 1
 
 
 def test_shape_fixed_graphs_come_from_the_graph_cache_on_the_next_start(models_root, tmp_path):
-    """A captured graph's session is opened per image size; its optimised form is cached under its own key (the
-    fixed dimensions and the capture option), so the next start at that size skips the optimiser."""
+    """A captured graph's session is opened per image size; its optimized form is cached under its own key (the
+    fixed dimensions and the capture option), so the next start at that size skips the optimizer."""
     from edgediff.runtime import graph_cache
 
-    first = _unet(models_root, capture=True, cache_dir=tmp_path)
+    first = _unet(models_root, capture=True, cache_folder=tmp_path)
     feeds = _feeds(first, 5)
     expected = first.run(**feeds)[0]
-    assert first.cache == "miss" and len(graph_cache.entries(tmp_path)) == 2  # the dynamic graph and this size's
-    second = _unet(models_root, capture=True, cache_dir=tmp_path)
+    assert first.cache is CacheStatus.MISS and first.cache == "miss"  # the report's word
+    assert len(graph_cache.entries(tmp_path)) == 2  # the dynamic graph and this size's
+    second = _unet(models_root, capture=True, cache_folder=tmp_path)
     assert second.cache == "hit"  # the dynamic graph
     got = second.run(**feeds)[0]
     assert second.cache == "hit" and second.capture_state.startswith("captured")
@@ -137,15 +140,16 @@ def test_a_refused_capture_runs_bound_on_the_dynamic_graph_and_says_why(models_r
             raise RuntimeError("This session cannot use the graph capture feature as requested by the user")
         return real(path, sess_options=sess_options, providers=providers, **kw)
 
-    monkeypatch.setattr(session_module.ort, "InferenceSession", refusing)
+    monkeypatch.setattr(ort, "InferenceSession", refusing)
     unet = _unet(models_root, capture=True)
     feeds = _feeds(unet, 3)
     with caplog.at_level(logging.WARNING, logger="edgediff.session"):
         got = [unet.run(**feeds)[0], unet.run(**feeds)[0]]
     assert "no captured graph for" in caplog.text and "cannot use the graph capture feature" in caplog.text
+    assert unet.captured is CaptureState.REFUSED and unet.shape_state is ShapeState.REFUSED
     assert unet.capture_state.startswith("refused: This session cannot use the graph capture feature")
     assert caplog.text.count("no captured graph") == 1  # refused once per shape, not tried again each call
-    monkeypatch.setattr(session_module.ort, "InferenceSession", real)
+    monkeypatch.setattr(ort, "InferenceSession", real)
     for out in got:
         assert np.abs(out - _plain(unet, feeds)).max() <= BOUND_ATOL
 
@@ -251,15 +255,25 @@ def test_bound_pipeline_is_safe_from_several_threads(models_root, monkeypatch):
         assert np.abs(image - make(plain, seed)).max() <= BOUND_ATOL
 
 
-def test_onnxruntime_errors_keep_their_cause_in_one_line():
-    from edgediff.runtime.session import _summary
+def test_states_read_as_the_reports_words():
+    """The states are enums whose values are provider_report()'s words, so its JSON, the CLI's table and the
+    benchmarks' files read as before."""
+    report = {"cache": CacheStatus.HIT, "io_binding": BindingState.ON}
+    assert json.dumps(report) == '{"cache": "hit", "io_binding": "on"}'
+    assert str(ShapeState.DYNAMIC) == "dynamic" and f"{CacheStatus.MISS:<6}|" == "miss  |"
+    assert {CacheStatus.MISS, CaptureState.OFF} == {"miss", "off"}
+    assert BindingState.REFUSED.with_detail("no dml") == "refused: no dml" and BindingState.ON.with_detail("") == "on"
+    assert ShapeState.FIXED.with_detail("sample 1x4x8x8") == "fixed sample 1x4x8x8"
 
+
+def test_onnxruntime_errors_keep_their_cause_in_one_line():
     trace = RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Exception during initialization: core.cpp:114:\n"
                          "Exception from plugin.cpp:53:\n[AUTO] compile model failed\n"
                          "Supported precisions set is not available for Constant operation.\n; ")
-    assert _summary(trace) == ("[ONNXRuntimeError] : 1 : FAIL : Exception during initialization: core.cpp:114: ... "
-                               "Supported precisions set is not available for Constant operation.")
-    assert _summary(RuntimeError("one line")) == "one line"
+    assert graph_loader.summarize(trace) == (
+        "[ONNXRuntimeError] : 1 : FAIL : Exception during initialization: core.cpp:114: ... "
+        "Supported precisions set is not available for Constant operation.")
+    assert graph_loader.summarize(RuntimeError("one line")) == "one line"
 
 
 def test_a_static_shape_provider_gets_one_shape_fixed_session_per_input_shape_unbound(models_root, monkeypatch):
@@ -268,17 +282,19 @@ def test_a_static_shape_provider_gets_one_shape_fixed_session_per_input_shape_un
     static = dataclasses.replace(prov.REGISTRY["cpu"], name="npu", static_shapes=True)
     bundle = Bundle.open(tiny_bundle("tiny-sd-turbo", models_root), verify="size")
     opened = []
-    real = session_module.session_options
-    monkeypatch.setattr(session_module, "session_options",
+    real = session_config.session_options
+    monkeypatch.setattr(session_config, "session_options",
                         lambda threads, resolution, low_memory, dims: opened.append(dims) or real(threads, resolution,
                                                                                                low_memory, dims))
     unet = GraphSession("unet", bundle.component_path("unet"), bundle.manifest.components["unet"],
                         prov.Resolution(static, "npu", False), bundle.path)
-    assert unet.shapes == "dynamic" and not unet.capture and unet._runner is None
+    assert unet.shape_state is ShapeState.DYNAMIC and unet.shapes == "dynamic"
+    assert not unet.capture and unet.runner is None
     small, large = _feeds(unet, 0), _feeds(unet, 1, side=16)
     for feeds in (small, small, large, small):
         assert np.abs(unet.run(**feeds)[0] - _plain(unet, feeds)).max() <= BOUND_ATOL
         assert "sample 1x4x" + ("16x16" if feeds is large else "8x8") in unet.shapes
-    assert unet.capture_state == "off" and unet._runner is None
+    assert unet.shape_state is ShapeState.FIXED and unet.shapes.startswith("fixed ")
+    assert unet.captured is CaptureState.OFF and unet.capture_state == "off" and unet.runner is None
     fixed = [dims for dims in opened if dims]
     assert len(fixed) == 3 and fixed[0]["height"] == 8 and fixed[1]["height"] == 16  # one open per shape change

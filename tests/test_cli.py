@@ -68,7 +68,7 @@ def test_info_and_providers(models_root):
 
 
 def test_families_and_sdxl_info(models_root):
-    from edgediff.models.registry import FAMILIES
+    from edgediff.export.families import FAMILIES
 
     result = CliRunner().invoke(cli, ["families"])
     assert result.exit_code == 0
@@ -134,7 +134,7 @@ def test_generate_with_tiny_decoder_low_memory_and_tiles(tmp_path):
 
 
 def test_generate_image_to_image(tmp_path):
-    from edgediff.models import checker
+    from training import checker
 
     start = tmp_path / "start.png"
     Image.new("RGB", (64, 64), (30, 60, 220)).save(start)  # plain blue

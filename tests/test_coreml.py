@@ -60,7 +60,7 @@ def test_palettised_weights_have_the_asked_bit_width_and_size(coreml_bundles):
 
 def test_shipped_model_exports_to_coreml_palettised(tmp_path):
     from edgediff.export.coreml import export_coreml, palette_sizes
-    from edgediff.models.ship import DEFAULT_STEPS, STUDENT_DIR
+    from training.ship import DEFAULT_STEPS, STUDENT_DIR
 
     out = export_coreml(str(STUDENT_DIR), tmp_path / "shipped-coreml", palettize=6, default_steps=DEFAULT_STEPS,
                         default_guidance=4.0)

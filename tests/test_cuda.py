@@ -2,7 +2,7 @@
 
 Runs only where onnxruntime offers CUDAExecutionProvider (`pip install "edgediff[cuda]"` on an NVIDIA machine);
 CI has no GPU, so there every test here is skipped with that reason. Results from a lent GPU are in
-benchmarks/README.md ("CUDA").
+docs/benchmarks.md ("CUDA").
 """
 
 import numpy as np
@@ -108,7 +108,7 @@ def test_cuda_graphs_replay_each_calls_own_inputs(models_root, precision):
     report = captured.provider_report()["graphs"]
     print({name: g["cuda_graph"] for name, g in report.items()})
     assert all(g["cuda_graph"].startswith("captured") for g in report.values()), report
-    assert all(captured.sessions.get(name)._runner.replays >= 2 for name in report)
+    assert all(captured.sessions.get(name).runner.replays >= 2 for name in report)
 
     # a second start: each shape-fixed graph comes from the graph cache, and is captured again
     captured.close()

@@ -101,7 +101,7 @@ def test_asking_for_a_decoder_the_bundle_lacks_is_a_clear_error(models_root):
 
 
 def test_shipped_tiny_decoder_draws_the_same_scene():
-    from edgediff.models import checker
+    from training import checker
 
     pipe = Pipeline.from_bundle(default_bundle(), provider="cpu")
     prompt = "a large red circle on a blue background"

@@ -51,7 +51,7 @@ def app_and_window():
 
 
 def test_type_click_generate_and_screenshot(app_and_window, tmp_path):
-    from edgediff.models import checker
+    from training import checker
 
     module, app, window = app_and_window
     steps_seen = []

@@ -221,14 +221,14 @@ def test_gpu_optimised_graphs_need_cuda(models_root, tmp_path, monkeypatch):
 def test_gpu_fusions_leave_out_what_their_kernels_may_refuse(models_root, tmp_path):
     """--optimize gpu's graph rewrite runs anywhere (its check needs CUDA): the CUDA-only fusions are there,
     but not BiasSplitGelu, whose kernel takes only a few widths (the tiny UNet's is not one of them)."""
-    from edgediff.export.optimize import optimise_graph
+    from edgediff.export.optimize import optimize_graph
 
     unet = Bundle.open(tiny_bundle("tiny-sd1", models_root)).component_path("unet")
-    record = optimise_graph(unet, tmp_path / "fused.onnx", "unet", gpu=True)
+    record = optimize_graph(unet, tmp_path / "fused.onnx", "unet", gpu=True)
     fused = record["fused_ops"]
     assert {"NhwcConv", "GroupNorm", "MultiHeadAttention"} <= set(fused), fused
     assert "BiasSplitGelu" not in fused
-    plain = optimise_graph(unet, tmp_path / "cpu.onnx", "unet", gpu=False)["fused_ops"]
+    plain = optimize_graph(unet, tmp_path / "cpu.onnx", "unet", gpu=False)["fused_ops"]
     assert not {"NhwcConv", "GroupNorm", "BiasSplitGelu"} & set(plain)
 
 
@@ -239,11 +239,11 @@ def test_gpu_fused_graphs_convert_to_fp16_with_typed_casts(models_root, tmp_path
     (an InstanceNormalization) with an fp16 input: onnxruntime refused the graph (seen on an H100)."""
     import onnx
 
-    from edgediff.export.optimize import optimise_graph
+    from edgediff.export.optimize import optimize_graph
     from edgediff.export.precision import FP16_OP_BLOCK_LIST, to_fp16
 
     graph = Bundle.open(tiny_bundle("tiny-sd1", models_root)).component_path(component)
-    assert optimise_graph(graph, tmp_path / "fused.onnx", component, gpu=True)["fused_ops"].get("NhwcConv")
+    assert optimize_graph(graph, tmp_path / "fused.onnx", component, gpu=True)["fused_ops"].get("NhwcConv")
     model = to_fp16(tmp_path / "fused.onnx")
     types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.value_info]}
     types.update({t.name: t.data_type for t in model.graph.initializer})

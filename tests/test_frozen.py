@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from edgediff.models import checker
+from training import checker
 
 ROOT = Path(__file__).resolve().parents[1]
 

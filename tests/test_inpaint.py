@@ -67,7 +67,7 @@ def test_outpainting_keeps_the_original_pixels(models_root):
 
 
 def test_inpainting_the_shipped_model_changes_the_shape_and_keeps_the_rest():
-    from edgediff.models import checker
+    from training import checker
     from edgediff.models.shipped import default_bundle
 
     pipe = Pipeline.from_bundle(default_bundle(), provider="cpu")

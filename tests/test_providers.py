@@ -1,4 +1,4 @@
-"""Provider registry, the auto order and fallback, and the on-disk cache of optimised graphs."""
+"""Provider registry, the auto order and fallback, and the on-disk cache of optimized graphs."""
 
 import dataclasses
 import logging
@@ -129,7 +129,7 @@ def test_each_provider_states_options_precisions_and_session_needs():
 
 
 def test_session_settings_for_shared_consumer_cpus():
-    """Idle threads sleep rather than spin (benchmarks/README.md: the shipped model 55.8 -> 33.7 ms on 2 cores),
+    """Idle threads sleep rather than spin (spinning threads fight the Python thread on few cores),
     in every mode; threads default to the physical cores."""
     from edgediff.runtime.session import physical_cores, session_options
 
@@ -147,7 +147,7 @@ def test_provider_report_says_what_runs_where(models_root):
     assert all(g["providers"][0] == CPU and not g["cpu_fallback"] for g in report["graphs"].values())
 
 
-def test_graph_cache_second_start_reuses_the_optimised_graph(models_root, tmp_path, monkeypatch, caplog):
+def test_graph_cache_second_start_reuses_the_optimized_graph(models_root, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("EDGEDIFF_CACHE_DIR", str(tmp_path / "cache"))
     bundle = tiny_bundle("tiny-sd1", models_root)
     uncached = Pipeline.from_bundle(bundle, cache=False)
@@ -190,7 +190,7 @@ def _cache_names(folder):
 
 
 def test_graph_cache_evicts_least_recently_used_entries_past_its_limit(models_root, tmp_path, monkeypatch):
-    """Each new bundle, provider option set or onnxruntime version adds entries (16 GB here): a save evicts the
+    """Each new bundle, provider option set or onnxruntime version adds entries: a save evicts the
     least recently used until the total is within EDGEDIFF_CACHE_MAX_GB, and a hit counts as a use."""
     import os
     import time
@@ -356,6 +356,42 @@ def test_cache_command_lists_and_clears_only_its_own_files(models_root, tmp_path
     assert "0 entries" in CliRunner().invoke(cli, ["cache", "list"]).output
 
 
+def test_every_providers_own_cache_folder_is_listed_counted_evicted_and_cleared(tmp_path, monkeypatch):
+    """The registry is the one place that says which providers keep a compiled cache, and where
+    (Provider.cache_option): MIGraphX's programs are listed, counted, evicted and cleared like OpenVINO's blobs
+    and TensorRT's engines."""
+    import os
+    import time
+    from pathlib import Path
+
+    from edgediff.runtime import graph_cache
+
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("EDGEDIFF_CACHE_DIR", str(folder))
+    own = {name: p for name, p in prov.REGISTRY.items() if p.cache_option}
+    assert set(own) == {"openvino", "tensorrt", "migraphx"}
+    assert graph_cache.provider_folders() == {p.cache_folder for p in own.values()}
+    past = time.time() - 3600
+    for age, name in enumerate(("migraphx", "openvino", "tensorrt")):  # migraphx least recently used
+        where = Path(own[name].cache_options(folder)[own[name].cache_option])  # where the provider is told to write
+        assert where.parent == folder
+        where.mkdir(parents=True)
+        (where / "compiled.bin").write_bytes(b"x" * 4096)
+        for path in (where / "compiled.bin", where):
+            os.utime(path, (past + age, past + age))
+    assert {e.name: e.size for e in graph_cache.entries(folder)} == {"migraphx/": 4096, "openvino/": 4096,
+                                                                     "tensorrt/": 4096}
+    listed = CliRunner().invoke(cli, ["cache", "list"])
+    assert listed.exit_code == 0 and "3 entries" in listed.output and "migraphx/" in listed.output, listed.output
+    assert [e.name for e in graph_cache.prune(folder, limit=2 * 4096)] == ["migraphx/"]
+    assert not (folder / "migraphx").exists()
+    (folder / "migraphx").mkdir()
+    (folder / "migraphx" / "compiled.bin").write_bytes(b"x" * 4096)
+    cleared = CliRunner().invoke(cli, ["cache", "clear"])
+    assert cleared.exit_code == 0 and "removed 3 entries" in cleared.output, cleared.output
+    assert not list(folder.iterdir())
+
+
 def test_providers_command_lists_the_registry():
     result = CliRunner().invoke(cli, ["providers"])
     assert result.exit_code == 0, result.output
@@ -402,29 +438,29 @@ def test_openvino_names_only_the_devices_present(monkeypatch, present, expected)
 
 def test_a_compiling_provider_keeps_its_own_cache_and_never_ours(models_root, tmp_path, monkeypatch):
     """onnxruntime cannot save a graph whose nodes a provider compiled ("Unable to serialize model as it
-    contains compiled nodes", onnxruntime-openvino 1.24 with our cache on): OpenVINO and TensorRT get their own
-    cache folder beside ours instead, and the caller's own option wins."""
-    from edgediff.runtime import Bundle
-    from edgediff.runtime import session as session_module
+    contains compiled nodes", onnxruntime-openvino 1.24 with our cache on): OpenVINO, TensorRT and MIGraphX get
+    their own cache folder beside ours instead, and the caller's own option wins."""
+    from edgediff.runtime import Bundle, graph_cache
     from edgediff.runtime.session import GraphSession
 
     assert {n for n, p in prov.REGISTRY.items() if p.compiles} == {"tensorrt", "migraphx", "coreml", "openvino", "qnn"}
+    assert prov.REGISTRY["openvino"].cache_options(tmp_path) == {"cache_dir": str(tmp_path / "openvino")}
     assert prov.REGISTRY["tensorrt"].cache_options(tmp_path) == {"trt_engine_cache_path": str(tmp_path / "tensorrt")}
     assert prov.REGISTRY["migraphx"].cache_options(tmp_path) == {"migraphx_model_cache_dir": str(tmp_path / "migraphx")}
     # OpenVINO's behaviour on the CPU provider (which ignores the options): what reaches onnxruntime is checked
     seen, real = [], ort.InferenceSession
-    monkeypatch.setattr(session_module.ort, "InferenceSession",
+    monkeypatch.setattr(ort, "InferenceSession",
                         lambda path, sess_options=None, providers=None: seen.append((sess_options, providers)) or real(
                             path, sess_options=sess_options, providers=["CPUExecutionProvider"]))
-    monkeypatch.setattr(session_module.graph_cache, "open_cached", lambda *a, **k: pytest.fail("our cache was used"))
-    compiling = prov.OpenVINO("openvino", CPU, ("fp32",), extra="openvino", compiles=True,
-                             options={"device_type": "AUTO:GPU,NPU,CPU"})
+    monkeypatch.setattr(graph_cache, "open_cached", lambda *a, **k: pytest.fail("our cache was used"))
+    compiling = prov.OpenVINO("openvino", CPU, ("fp32",), extra="openvino", compiles=True, cache_option="cache_dir",
+                              options={"device_type": "AUTO:GPU,NPU,CPU"})
     monkeypatch.setattr(prov, "openvino_devices", lambda: ["CPU"])
     bundle = Bundle.open(tiny_bundle("tiny-sd-turbo", models_root), verify="size")
     for overrides, expected in (({}, str(tmp_path / "openvino")), ({"cache_dir": "/elsewhere"}, "/elsewhere")):
         resolution = prov.Resolution(compiling, "openvino", False, overrides)
         unet = GraphSession("unet", bundle.component_path("unet"), bundle.manifest.components["unet"], resolution,
-                            bundle.path, cache_dir=tmp_path)
+                            bundle.path, cache_folder=tmp_path)
         opts, providers = seen[-1]
         assert providers[0] == (CPU, {"device_type": "CPU", "cache_dir": expected})
         assert not opts.optimized_model_filepath and unet.cache == "provider"
@@ -435,7 +471,7 @@ def test_a_compiling_provider_keeps_its_own_cache_and_never_ours(models_root, tm
                                               (["CPU", "GPU.0"], "openvino"), (None, "openvino")])
 def test_auto_takes_openvino_for_an_intel_gpu_or_npu_only(monkeypatch, present, expected):
     """On a CPU alone OpenVINO trades exactness for speed (bf16) or loses to the CPU provider, by CPU
-    (benchmarks/README.md): `auto` keeps the CPU provider there; `--provider openvino` still chooses it."""
+    (docs/benchmarks.md): `auto` keeps the CPU provider there; `--provider openvino` still chooses it."""
     monkeypatch.setattr(prov, "openvino_devices", lambda: present)
     offered = {CPU, "OpenVINOExecutionProvider"}
     assert prov.resolve("auto", offered=offered).provider.name == expected

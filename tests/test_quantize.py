@@ -11,8 +11,7 @@ from tiny_models import tiny_bundle, tiny_source
 pytest.importorskip("torch")
 
 # Shipped model, each precision's images vs fp32's from the same seeds: mean PSNR over EVAL_IMAGES
-# eval prompts (issue 5's floor). Measured on 100 prompts, fifth run (benchmarks/README.md): int8 60.7 dB,
-# int8-static 46.6 dB, int8-static through its int8 tiny decoder vs fp32's tiny decoder 42.2 dB, int4 44.0 dB.
+# eval prompts: the floor every quantised bundle must hold (measured figures: docs/benchmarks.md).
 PSNR_FLOOR_DB = 30.0
 EVAL_IMAGES = 16
 
@@ -25,9 +24,9 @@ def _psnr(a, b) -> float:
 @pytest.fixture(scope="module")
 def shipped_quantised(tmp_path_factory):
     from edgediff.export import export_bundle
-    from edgediff.models.evaluate import eval_prompts
-    from edgediff.models.ship import DEFAULT_STEPS, STUDENT_DIR, TINY_DECODER_DIR
-    from edgediff.models.shipped_config import ShippedConfig
+    from training.evaluate import eval_prompts
+    from training.ship import DEFAULT_STEPS, STUDENT_DIR, TINY_DECODER_DIR
+    from training.shipped_config import ShippedConfig
 
     root = tmp_path_factory.mktemp("quantised")
     prompts = [s.caption for s in eval_prompts(8, seed=123)]  # calibration: domain captions, not the eval ones
@@ -93,30 +92,30 @@ def test_int8_static_tiny_decoder_is_quantised_layer_by_layer(models_root, tmp_p
 
 def test_sensitivity_keeps_blocks_until_the_budget_holds(models_root, tmp_path):
     from edgediff.export.calibration import record_feeds
-    from edgediff.export.quantize import SCHEMES, quantise_component
+    from edgediff.export.quantize import SCHEMES, quantize_component
 
     bundle = tiny_bundle("tiny-sd1", models_root)
     feeds = record_feeds(bundle, prompts=["a cat", "a dog"])["unet"]
     src = bundle / "unet.onnx"
-    everything = quantise_component(src, tmp_path / "all.onnx", SCHEMES["int4-weight-only"], feeds, keep="none")
+    everything = quantize_component(src, tmp_path / "all.onnx", SCHEMES["int4-weight-only"], feeds, keep="none")
     assert everything["kept_fp32"] == {} and everything["error"] > 0
-    strict = quantise_component(src, tmp_path / "strict.onnx", SCHEMES["int4-weight-only"], feeds, keep="auto", budget=0.0)
+    strict = quantize_component(src, tmp_path / "strict.onnx", SCHEMES["int4-weight-only"], feeds, keep="auto", budget=0.0)
     assert set(strict["kept_fp32"]) == set(strict["block_errors"]) and strict["error"] == 0.0
-    loose = quantise_component(src, tmp_path / "loose.onnx", SCHEMES["int4-weight-only"], feeds, keep="auto", budget=1.0)
+    loose = quantize_component(src, tmp_path / "loose.onnx", SCHEMES["int4-weight-only"], feeds, keep="auto", budget=1.0)
     assert loose["kept_fp32"] == {} and loose["error"] == pytest.approx(everything["error"])
     worst = next(iter(strict["block_errors"]))  # sorted worst first
-    middle = quantise_component(src, tmp_path / "mid.onnx", SCHEMES["int4-weight-only"], feeds, keep="auto",
+    middle = quantize_component(src, tmp_path / "mid.onnx", SCHEMES["int4-weight-only"], feeds, keep="auto",
                                 budget=everything["error"] * 0.999)
     assert worst in middle["kept_fp32"] and middle["error"] <= everything["error"] * 0.999
     with pytest.raises(ValueError, match="no quantisable block named"):
-        quantise_component(src, tmp_path / "x.onnx", SCHEMES["int8-dynamic"], feeds, keep=["no_such_block"])
+        quantize_component(src, tmp_path / "x.onnx", SCHEMES["int8-dynamic"], feeds, keep=["no_such_block"])
 
 
 # int8-static through the tiny decoder (both in static int8) is judged against fp32's own tiny decoder
 @pytest.mark.parametrize("precision,decoder", [("int8", "full"), ("int8-static", "full"), ("int8-static", "tiny"),
                                                ("int4", "full")])
 def test_shipped_model_quantised_images_stay_above_the_psnr_floor(shipped_quantised, precision, decoder):
-    from edgediff.models.evaluate import eval_prompts
+    from training.evaluate import eval_prompts
     from edgediff.models.shipped import default_bundle
 
     manifest = Bundle.open(shipped_quantised[precision]).manifest

@@ -62,8 +62,8 @@ def test_sdxl_matches_diffusers(models_root, monkeypatch, arch, sampler, steps, 
 
 
 def test_sdxl_manifest_and_families(models_root):
+    from edgediff.export.families import detect_family
     from edgediff.export.source import load_pipeline, source_facts
-    from edgediff.models.registry import detect_family
 
     m = Bundle.open(tiny_bundle("tiny-sdxl", models_root)).manifest
     assert m.family == "sdxl" and m.defaults["guidance"] == 5.0
@@ -156,4 +156,4 @@ def test_fp16_bundle_keeps_an_overflowing_vae_in_fp32_and_takes_a_fixed_one(mode
                                       vae=str(fixed_vae)))
     assert fixed.manifest.components["vae_decoder"].precision == "fp16"
     assert "fp16" not in fixed.manifest.components["vae_decoder"].attributes
-    assert fixed.manifest.provenance["vae"] == str(fixed_vae)
+    assert (fixed.path / fixed.manifest.provenance["vae"]).resolve() == fixed_vae.resolve()  # relative to the bundle

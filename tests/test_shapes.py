@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from edgediff.models import checker, shapes
+from training import checker, shapes
 
 CHECKER_FLOOR = 0.97  # on the generator's own images; the model's figures are measured with the same reader
 
@@ -41,8 +41,8 @@ def test_checker_on_a_blank_image_finds_no_shape():
 
 def test_every_domain_word_is_one_token(tmp_path):
     transformers = __import__("pytest").importorskip("transformers")
-    from edgediff.models.shipped_config import VOCABULARY
     from edgediff.models.tokenizer_build import build_clip_tokenizer
+    from training.shipped_config import VOCABULARY
 
     tok = transformers.CLIPTokenizer.from_pretrained(build_clip_tokenizer(tmp_path, VOCABULARY, max_length=16))
     for word in VOCABULARY:

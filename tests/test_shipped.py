@@ -6,16 +6,16 @@ from click.testing import CliRunner
 from PIL import Image
 
 from edgediff.cli.main import cli
-from edgediff.models import checker
 from edgediff.models.shipped import default_bundle
 from edgediff.runtime import Bundle, Pipeline
+from training import checker
 
-SHIPPED_MAX_MB = 50  # issue 3: diffusers folder + bundles together well under this
+SHIPPED_MAX_MB = 50  # diffusers folder + bundles together: small enough to ship inside the package
 REEXPORT_ATOL = 1e-5  # a fresh export runs the same weights through the same exporter
 
 
 def test_shipped_bundle_is_whole_and_small():
-    from edgediff.models.ship import STUDENT_DIR, TINY_DECODER_DIR
+    from training.ship import STUDENT_DIR, TINY_DECODER_DIR
 
     bundle = Bundle.open(default_bundle())  # sizes and checksums
     assert bundle.manifest.family == "lcm-sd1" and bundle.manifest.defaults["steps"] == 4
@@ -33,7 +33,7 @@ def test_generate_with_no_model_draws_what_it_is_asked(tmp_path):
 
 def test_shipped_bundle_equals_a_fresh_export_of_the_shipped_weights(tmp_path):
     pytest.importorskip("torch")
-    from edgediff.models.ship import export_shipped
+    from training.ship import export_shipped
 
     fresh = Bundle.open(export_shipped(tmp_path / "fresh", overwrite=False))
     shipped = Bundle.open(default_bundle())
@@ -54,7 +54,7 @@ def test_shipped_bundle_equals_a_fresh_export_of_the_shipped_weights(tmp_path):
 
 @pytest.mark.parametrize("position", ["left", "right", "top", "bottom", "center"])
 def test_shipped_model_puts_the_shape_where_it_is_asked(position):
-    """Position, the attribute the second training run could not learn (issue 3), read back by the checker."""
+    """Position, the hardest attribute for the model to learn, read back by the checker."""
     pipe = Pipeline.from_bundle(default_bundle())
     image = pipe(f"a large yellow square at the {position} on a purple background", seed=1).images[0]
     reading = checker.read(image)

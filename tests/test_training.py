@@ -8,8 +8,8 @@ pytest.importorskip("diffusers")
 
 def test_every_stage_runs_resumes_and_assembles_an_exportable_model(tmp_path):
     from edgediff.export import export_bundle
-    from edgediff.models.train import STAGES, run_stages, smoke_config
     from edgediff.runtime import Pipeline
+    from training.train import STAGES, run_stages, smoke_config
 
     cfg = smoke_config()
     run = tmp_path / "run"
@@ -52,9 +52,9 @@ def test_training_targets_agree_with_the_runtime_parametrisation(prediction_type
     import numpy as np
     import torch
 
-    from edgediff.models.shipped_config import ShippedConfig
-    from edgediff.models.train import _alphas, _target, _x0_eps
     from edgediff.runtime.schedulers.parametrization import predict_x0_eps
+    from training.shipped_config import ShippedConfig
+    from training.train import _alphas, _target, _x0_eps
 
     cfg = ShippedConfig()
     cfg.scheduler = {**cfg.scheduler, "prediction_type": prediction_type,
@@ -79,8 +79,8 @@ def test_consistency_pairs_reach_the_boundary_where_the_target_is_the_teachers_s
     scalings make the target exactly the teacher's DDIM step (c_skip = 1, c_out = 0): the chain's anchor."""
     import numpy as np
 
-    from edgediff.models.shipped_config import ShippedConfig
-    from edgediff.models.train import _boundary, _lcd_pairs
+    from training.shipped_config import ShippedConfig
+    from training.train import _boundary, _lcd_pairs
 
     cfg = ShippedConfig()
     t, s = _lcd_pairs(np.random.default_rng(0), 20000, cfg)

@@ -20,6 +20,8 @@ DIFFUSERS_CLASS_TO_SAMPLER = {
     "LCMScheduler": "lcm",
     "TCDScheduler": "tcd",
 }
+# and back: the diffusers class for a bundle's sampler (export resolves its config; benchmarks compare with it)
+SAMPLER_TO_DIFFUSERS_CLASS = {v: k for k, v in DIFFUSERS_CLASS_TO_SAMPLER.items()}
 
 
 def make_sampler(name: str, config: dict | ScheduleConfig) -> Sampler:
@@ -31,6 +33,6 @@ def make_sampler(name: str, config: dict | ScheduleConfig) -> Sampler:
 
 
 __all__ = [
-    "SAMPLERS", "DIFFUSERS_CLASS_TO_SAMPLER", "Sampler", "SchedulerOutput", "NoiseSchedule", "ScheduleConfig",
-    "make_sampler", "DDIMSampler", "EulerSampler", "EulerAncestralSampler", "LCMSampler", "TCDSampler",
+    "SAMPLERS", "DIFFUSERS_CLASS_TO_SAMPLER", "SAMPLER_TO_DIFFUSERS_CLASS", "Sampler", "SchedulerOutput",
+    "NoiseSchedule", "ScheduleConfig", "make_sampler", "DDIMSampler", "EulerSampler", "EulerAncestralSampler", "LCMSampler", "TCDSampler",
 ]

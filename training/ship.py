@@ -1,6 +1,6 @@
 """Puts a trained run into models/shipped/: the diffusers folders (safetensors) and the exported bundle.
 
-    python -m edgediff.models.ship --run runs/shipped
+    python -m training.ship --run runs/shipped
 
 Weights are stored in fp16 safetensors (half the size; diffusers upcasts them on load) and the
 bundle is exported from exactly those stored weights, so a fresh export reproduces it.
@@ -9,18 +9,31 @@ bundle is exported from exactly those stored weights, so a fresh export reproduc
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 from pathlib import Path
 
-from .shipped import DEFAULT_BUNDLE, SHIPPED_DIR
+from edgediff.models.shipped import DEFAULT_BUNDLE, SHIPPED_DIR
+
 from .shipped_config import ShippedConfig
 
 STUDENT_DIR = SHIPPED_DIR / "diffusers"
-# Not shipped in the package: the teacher UNet, kept in the repository so that a later session can
-# re-distill or keep training without the hour the teacher costs (fp16, ~8 MB).
-TEACHER_UNET_DIR = SHIPPED_DIR.parent / "checkpoints" / "teacher_unet"
+# Not shipped in the package: the teacher UNet, kept in the repository so that a later run can
+# re-distill or keep training without the hour the teacher costs.
+TEACHER_UNET_DIR = Path(__file__).parent / "checkpoints" / "teacher_unet"
 TINY_DECODER_DIR = SHIPPED_DIR / "tiny_decoder"
 DEFAULT_STEPS = 4  # the student's quality/speed point (see MODEL_CARD.md)
+
+
+def strip_local_paths(folder: Path) -> None:
+    """Drops `_name_or_path` from every config under `folder`: diffusers records the folder a model was
+    loaded from, a path on the machine that saved it that means nothing anywhere else."""
+    for path in folder.rglob("*.json"):
+        config = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(config, dict) and "_name_or_path" in config:
+            del config["_name_or_path"]
+            # as diffusers writes its configs, so that the files differ only by the dropped key
+            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _save_half(src: Path, dst: Path) -> None:
@@ -29,16 +42,17 @@ def _save_half(src: Path, dst: Path) -> None:
 
     pipe = DiffusionPipeline.from_pretrained(src, torch_dtype=torch.float16)
     pipe.save_pretrained(dst, safe_serialization=True)
+    strip_local_paths(dst)
 
 
 def export_shipped(out: Path = DEFAULT_BUNDLE, source: Path = STUDENT_DIR, overwrite: bool = True) -> Path:
     """The shipped bundle, exported from the shipped diffusers folder with the model card's defaults and
     the shipped tiny decoder."""
-    from edgediff.export import export_bundle
+    from edgediff.export import ExportOptions, export
 
-    cfg = ShippedConfig()
-    return export_bundle(str(source), out, overwrite=overwrite, progress=False, default_steps=DEFAULT_STEPS,
-                         default_guidance=cfg.default_guidance, tiny_decoder=str(TINY_DECODER_DIR))
+    options = ExportOptions(overwrite=overwrite, default_steps=DEFAULT_STEPS,
+                            default_guidance=ShippedConfig().default_guidance, tiny_decoder=str(TINY_DECODER_DIR))
+    return export(str(source), out, options, progress=False)
 
 
 def main() -> None:
@@ -53,9 +67,11 @@ def main() -> None:
     _save_half(assembled / "student", STUDENT_DIR)
     shutil.rmtree(TINY_DECODER_DIR, ignore_errors=True)
     AutoencoderTiny.from_pretrained(assembled / "tiny_decoder").to(torch.float16).save_pretrained(TINY_DECODER_DIR)
+    strip_local_paths(TINY_DECODER_DIR)
     shutil.copy(assembled / "training_config.json", SHIPPED_DIR / "training_config.json")
     shutil.rmtree(TEACHER_UNET_DIR, ignore_errors=True)
     UNet2DConditionModel.from_pretrained(assembled / "teacher" / "unet").to(torch.float16).save_pretrained(TEACHER_UNET_DIR)
+    strip_local_paths(TEACHER_UNET_DIR)
     print(export_shipped())
 
 

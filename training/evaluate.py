@@ -1,6 +1,6 @@
 """Measures what the shipped model draws: prompts from unseen seeds, images read back by the checker.
 
-    python -m edgediff.models.evaluate --bundle models/shipped/bundle-fp32 --steps 1,2,4 --n 200
+    python -m training.evaluate --bundle models/shipped/bundle-fp32 --steps 1,2,4 --n 200
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Configuration of the model that ships with edgediff (nanoGPT-style: each field with its reason).
 
 A standard diffusers Stable Diffusion layout, scaled to the coloured-shapes domain so that the
-whole recipe (VAE, teacher, LCM distillation, tiny decoder) trains in about 3 hours on 2 CPU cores.
+whole recipe (VAE, teacher, LCM distillation, tiny decoder) trains in a few hours on 2 CPU cores.
+The runs behind these choices and their figures are in models/MODEL_CARD.md.
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ VOCABULARY = ["a", "at", "the", "on", "background", *COLOURS, *SHAPES, *SIZES, *
 
 @dataclass
 class ShippedConfig:
-    image_size: int = 64  # the domain's images; small enough for CPU training and 50 ms inference
+    image_size: int = 64  # the domain's images; small enough for CPU training and fast inference
     max_length: int = 16  # the longest caption is 13 tokens with BOS/EOS; 77 would only cost attention time
     # --- VAE (AutoencoderKL) ---
     vae_channels: tuple = (16, 32, 64)  # three levels: downsampling by 4, a 16x16x4 latent; 16 wide at 64x64 keeps it fast
     vae_layers_per_block: int = 1  # flat colours need little depth
     vae_kl_weight: float = 1e-6  # as SD's VAE: a nearly deterministic latent, just regularised
-    vae_steps: int = 4500  # 1500 left halos and corner blotches (25 dB); 0.31 s/step on 2 cores
+    vae_steps: int = 4500  # a third of this left halos and corner blotches
     vae_batch: int = 16
     vae_lr: float = 1e-3
     # --- text encoder (CLIPTextModel), trained jointly with the teacher ---
@@ -33,8 +34,7 @@ class ShippedConfig:
     unet_channels: tuple = (32, 64, 128)  # 16x16 (no attention) -> 8x8 -> 4x4 (cross-attention); 4.1 M parameters
     unet_attention_head_dim: int = 8
     unet_layers_per_block: int = 1
-    teacher_steps: int = 12000  # 0.46 s/step at batch 64 on 2 cores: ~92 min; at 6,000 it drew squares with
-    #                             rounded corners (shape 78% at 25 steps), at 12,000 89.5%
+    teacher_steps: int = 12000  # at half this it still drew squares with rounded corners
     teacher_batch: int = 64
     teacher_lr: float = 6e-4
     cfg_dropout: float = 0.1  # classifier-free guidance: the empty prompt this often
@@ -44,10 +44,8 @@ class ShippedConfig:
     offset_noise: float = 0.0  # per-channel constant added to the noise; zero terminal SNR makes it unneeded
     # --- LCM distillation (Luo et al. 2023, Algorithm 1) ---
     guidance_embedding_dim: int = 64  # time_cond_proj_dim: w enters as a sinusoidal embedding
-    # ~0.56 s a step (teacher, student, target): ~5 min. Run 5 read students along one recipe on validation
-    # prompts: 4-step shape 87.5 / 84 / 79 / 76 / 75 / 73.5 / 67.5% at 250 / 500 / 750 / 1000 / 1500 / 2250 /
-    # 3000 steps. Longer distillation sharpens 1 step but adds spikes (circles read as triangles, triangles
-    # as stars) to 4 steps. 500 is the best at 1, 2 and 4 steps together (MODEL_CARD.md, run 5).
+    # Longer distillation sharpens 1 step but adds spikes (circles read as triangles, triangles as stars) to
+    # 4 steps; 500 reads best at 1, 2 and 4 steps together (students compared along one recipe: MODEL_CARD.md).
     distill_steps: int = 500
     distill_batch: int = 32
     distill_lr: float = 1e-4
@@ -55,7 +53,7 @@ class ShippedConfig:
     skip_steps: int = 20  # k: the teacher's DDIM jump = 1000 / original_inference_steps (50)
     ema_decay: float = 0.95  # target network, as LCM
     # --- VAE decoder fine-tune (frozen encoder) ---
-    decoder_steps: int = 6000  # the VAE's own 4,500 steps left rounded corners: reconstructions read 82.5% -> 91.5% shape
+    decoder_steps: int = 6000  # the VAE's own training left rounded corners that the checker misreads
     decoder_batch: int = 16
     decoder_lr: float = 3e-4
     # --- tiny decoder (AutoencoderTiny-style) ---
@@ -68,9 +66,9 @@ class ShippedConfig:
     seed: int = 0
     default_guidance: float = 4.0  # guidance_scale the bundle defaults to (w = 3)
     # SD's training schedule rescaled to zero terminal SNR, with v-prediction (arXiv:2305.08891). With SD's own
-    # schedule the last timestep keeps 6.8% of the image, so in training the shape's place can be read from the
-    # noisy input: models v1-v2 learnt to take it from the noise and ignored "at the left" (position at chance,
-    # 22% even for the teacher). At zero SNR the first step sees pure noise and must take the place from the text.
+    # schedule the last timestep keeps some of the image, so in training the shape's place can be read from the
+    # noisy input: earlier models learnt to take it from the noise and ignored "at the left". At zero SNR the
+    # first step sees pure noise and must take the place from the text.
     scheduler: dict = field(default_factory=lambda: {
         "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
         "rescale_betas_zero_snr": True, "prediction_type": "v_prediction",

@@ -1,7 +1,7 @@
 """Trains the shipped model, stage by stage, resumable: data -> vae -> teacher -> distill -> decoder -> tiny -> assemble.
 
-    python -m edgediff.models.train all --run runs/shipped          # or one stage: vae, teacher, ...
-    python -m edgediff.models.train all --run /tmp/smoke --smoke    # a few steps of each (tests)
+    python -m training.train all --run runs/shipped          # or one stage: vae, teacher, ...
+    python -m training.train all --run runs/smoke --smoke    # a few steps of each (tests)
 
 Each stage checkpoints to RUN/<stage>/ckpt.pt every few minutes and resumes from it; a finished
 stage leaves RUN/<stage>/done and is skipped. Fixed seeds throughout; uses a GPU when there is one.
@@ -22,7 +22,7 @@ from .shapes import Scene, render
 from .shipped_config import VOCABULARY, ShippedConfig
 
 log = logging.getLogger("edgediff.train")
-CHECKPOINT_SECONDS = 180  # a session ending loses at most this much training
+CHECKPOINT_SECONDS = 180  # an interrupted run loses at most this much training
 STAGES = ("data", "vae", "teacher", "distill", "decoder", "tiny", "assemble")
 
 
@@ -175,7 +175,7 @@ def stage_vae(cfg: ShippedConfig, run: Path) -> None:
 def build_tokenizer(cfg: ShippedConfig, out: Path):
     from transformers import CLIPTokenizer
 
-    from .tokenizer_build import build_clip_tokenizer
+    from edgediff.models.tokenizer_build import build_clip_tokenizer
 
     return CLIPTokenizer.from_pretrained(build_clip_tokenizer(out, VOCABULARY, max_length=cfg.max_length))
 
@@ -488,7 +488,14 @@ def stage_tiny(cfg: ShippedConfig, run: Path) -> None:
 
 def stage_assemble(cfg: ShippedConfig, run: Path, out: Path | None = None) -> Path:
     """Writes the diffusers folders: the student (LCM) pipeline, the teacher pipeline, the tiny decoder."""
-    from diffusers import AutoencoderKL, AutoencoderTiny, LCMScheduler, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        AutoencoderTiny,
+        DDIMScheduler,
+        LCMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextModel, CLIPTokenizer
 
     out = out or run / "assembled"

@@ -1,0 +1,345 @@
+"""Regenerates the tables in docs/benchmarks.md from the result files in benchmarks/results/.
+
+    python -m edgediff.benchmarks.docs_tables            # rewrite the doc's generated blocks
+    python -m edgediff.benchmarks.docs_tables --check    # exit 1 when the doc is stale
+
+Each table sits between `<!-- table:NAME -->` and `<!-- /table:NAME -->`; the text around the markers is
+written by hand and left alone. Which result files (and which of their rows) feed a table is set in TABLES
+below; every row of a table links to its file, and `<!-- table:sources -->` lists every file with the
+command that measured it. Result files follow results.schema.json (`edgediff bench` writes them).
+
+Runs from a source checkout (the docs and the results are not installed); `--root` names one elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DOC = Path("docs") / "benchmarks.md"
+RESULTS = Path("benchmarks") / "results"
+MARKER = re.compile(r"(<!-- table:(?P<name>[a-z0-9-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.DOTALL)
+
+FAMILIES = {"sd-turbo": "SD-Turbo", "sdxl-turbo": "SDXL-Turbo", "lcm-sd1": "shipped model"}
+# what the bundle name says and the manifest's precisions do not
+BUNDLE_LABELS = {"sd-turbo-sliced-int8s": "int8-static, head-sliced attention", "sd-turbo-fp32-opt": "fp32, `--optimize`"}
+TINY_DECODERS = {"sd-turbo-int8s-fmm": "fp32 tiny decoder", "sd-turbo-int8-static-taesd": "fp32 tiny decoder",
+                 "sd-turbo-int8s-tiny8": "int8 tiny decoder", "sd-turbo-int8-static-tiny-int8": "int8 tiny decoder"}
+PEERS = {"optimum": "optimum-onnx"}
+CACHE_STARTS = {"off": "no cache", "miss": "first start (optimise and save)", "hit": "from the graph cache"}
+
+
+@dataclass(frozen=True)
+class Source:
+    path: str  # relative to benchmarks/results
+    rows: tuple[int, ...] | None = None  # which of its rows, in this order (None: all)
+
+
+@dataclass(frozen=True)
+class Table:
+    columns: tuple[str, ...]
+    sources: tuple[Source, ...]
+    unit: str = "s"  # of stage and whole-image times ("s" or "ms"); start times are always in seconds
+    p90: bool = False  # whole image as "median (p90)"
+    full_decoder: bool = False  # name the full VAE decoder in the configuration, not only the tiny one
+    headers: dict = field(default_factory=dict)  # column -> header, over HEADERS
+
+
+E, A, G = "epyc-2c-avx512/", "x86-2c-avx2/", "nvidia-h100-80gb/"
+TABLES = {
+    "cpu-fp32": Table(
+        ("model", "steps", "system", "total", "text_encoder", "unet_call", "vae_decoder", "rss", "vs_diffusers", "data"),
+        (Source(E + "2026-11-25-sd-turbo-fp32.json"), Source(E + "2026-11-25-sdxl-turbo-fp32.json"))),
+    "cpu-fastest": Table(
+        ("machine", "config", "system", "total", "text_encoder", "unet_call", "vae_decoder", "rss", "vs_diffusers", "data"),
+        (Source(E + "2026-11-26-int8-static-tiny-int8.json"), Source(E + "2026-11-26-int8-static-tiny-int8-rerun.json"),
+         Source(A + "2026-12-02-int8-static-tiny-int8.json")),
+        headers={"vae_decoder": "decoder", "vs_diffusers": "diffusers fp32 time / this"}),
+    "cpu-optimize": Table(
+        ("config", "total", "unet_call", "vae_decoder", "cold", "rss", "data"),
+        (Source(E + "2026-11-26-optimize-fp32.json"),)),
+    "cpu-int8-unet": Table(
+        ("machine", "config", "unet_call", "vs_fp32", "data"),
+        (Source(E + "2026-11-26-int8-static-unet.json"), Source(A + "2026-12-02-int8-static-unet-1.json"),
+         Source(A + "2026-12-02-int8-static-unet-2.json"))),
+    "openvino-cpu": Table(
+        ("config", "provider", "total", "text_encoder", "unet_call", "vae_decoder", "cold", "rss", "data"),
+        (Source(E + "2026-11-26-openvino-auto-cpu.json", (1,)), Source(E + "2026-11-26-openvino-cpu.json"),
+         Source(E + "2026-11-26-openvino-auto-cpu.json", (0,)), Source(E + "2026-11-26-openvino-accuracy.json"),
+         Source(E + "2026-11-26-openvino-int8-static-tiny.json", (1, 0))),
+        headers={"vae_decoder": "decoder"}),
+    "low-memory": Table(
+        ("config", "total", "text_encoder", "unet_call", "rss", "data"),
+        (Source(E + "2026-11-26-low-memory.json", (2,)), Source(E + "2026-11-26-low-memory-graph-cache.json"),
+         Source(E + "2026-11-26-low-memory.json", (1,)), Source(E + "2026-11-26-low-memory-sliced.json")),
+        full_decoder=True, headers={"total": "whole image (opening each graph included)"}),
+    "cold-start": Table(
+        ("start", "system", "load", "first_image", "total", "rss", "data"),
+        (Source(E + "2026-11-26-cold-start.json"), Source(E + "2026-11-26-cold-start-repeat3.json"),
+         Source(E + "2026-11-26-graph-cache-vs-diffusers.json")),
+        headers={"total": "warm image"}),
+    "nvidia": Table(
+        ("steps", "config", "system", "total", "text_encoder", "unet_call", "vae_decoder", "cold", "vs_diffusers", "data"),
+        (Source(G + "2026-11-26-sd-turbo-fp16-cuda-graph.json", (0,)), Source(G + "2026-11-26-sd-turbo-fp16-cuda-graph-nhwc.json"),
+         Source(G + "2026-11-26-sd-turbo-fp16-cuda-graph-tiny.json"), Source(G + "2026-11-26-sd-turbo-fp16-vs-diffusers.json", (0,)),
+         Source(G + "2026-11-26-sd-turbo-fp16-cuda-graph.json", (1,)), Source(G + "2026-11-26-sd-turbo-fp16-vs-diffusers.json", (1,))),
+        unit="ms", p90=True, headers={"vae_decoder": "decoder"}),
+    "shipped": Table(
+        ("machine", "provider", "config", "steps", "system", "total", "unet_call", "vae_decoder", "cold", "rss", "vs_diffusers", "data"),
+        (Source(E + "2026-11-26-shipped.json"), Source(E + "2026-11-26-shipped-fp16-cpu.json"),
+         Source(G + "2026-11-26-shipped-cuda-graph.json")),
+        unit="ms"),
+}
+
+HEADERS = {"machine": "machine", "model": "model", "config": "bundle and mode", "provider": "provider", "steps": "steps",
+           "system": "system", "total": "whole image", "text_encoder": "text encoder", "unet_call": "UNet call",
+           "vae_decoder": "VAE decode", "cold": "load + first image", "load": "load", "first_image": "first image",
+           "rss": "peak RSS", "vs_diffusers": "diffusers time / this", "vs_fp32": "fp32 time / this", "start": "start",
+           "data": "data"}
+
+
+# ------------------------------------------------------------------------------------------ formatting
+
+def _num(x: float) -> str:
+    return f"{round(x, 6):g}"
+
+
+def _time(summary: dict | None, unit: str, p90: bool = False) -> str:
+    if not summary:
+        return "-"
+    scale = 1000 if unit == "ms" else 1
+    if "median" not in summary:  # a range of runs: both ends to the same decimals
+        ends = [_num(summary[k] * scale) for k in ("min", "max")]
+        places = max(len(e.partition(".")[2]) for e in ends)
+        return "-".join(f"{summary[k] * scale:.{places}f}" for k in ("min", "max")) + f" {unit}"
+    text = f"{_num(summary['median'] * scale)} {unit}"
+    return text + (f" ({_num(summary['p90'] * scale)})" if p90 and "p90" in summary else "")
+
+
+def _gib(b: int | None) -> str:
+    return f"{b / 2**30:.2f} GiB" if b else "-"
+
+
+def machine_label(m: dict) -> str:
+    if m.get("gpus"):
+        return m["gpus"][0].split(",")[0]
+    isa = set(m.get("isa") or ())
+    if "avx512_vnni" in isa:
+        tag = "AVX-512 VNNI"
+    elif "avx_vnni" in isa:
+        tag = "AVX-VNNI"
+    elif "avx2" in isa:
+        tag = "AVX2 only" if not isa & {"avx512f", "avx512_vnni", "avx_vnni"} else "AVX2"
+    else:
+        tag = ", ".join(sorted(isa)) or "ISA not recorded"
+    return f"{m['physical_cores']}-core {m['cpu'].split(',')[0]}, {tag}"
+
+
+def machine_line(m: dict) -> str:
+    parts = [f"{m['physical_cores']}-core {m['cpu']}"]
+    if m.get("isa"):
+        parts.append(" ".join(m["isa"]))
+    if m.get("memory_gib"):
+        parts.append(f"{_num(m['memory_gib'])} GiB")
+    parts += list(m.get("gpus") or ())
+    if m.get("onnxruntime"):
+        parts.append(f"onnxruntime {m['onnxruntime']}")
+    return ", ".join(parts)
+
+
+def config_label(row: dict, sysrow: dict, table: Table) -> str:
+    name = Path(row["bundle"]).name
+    precision = row["precision"]
+    label = BUNDLE_LABELS.get(name) or next((p for p in ("int8-static", "int8", "int4", "fp16") if p in precision), "fp32")
+    if sysrow["system"] != "edgediff":  # peers run the source model in their own precision
+        return f"source model, {sysrow.get('dtype', 'float32').replace('float', 'fp')}"
+    mode = row.get("mode") or {}
+    parts = [label]
+    if mode.get("low_memory"):
+        parts.append("low memory")
+    elif table.full_decoder:
+        parts.append("all graphs open")
+    if mode.get("decoder") == "tiny":
+        parts.append(TINY_DECODERS.get(name, "tiny decoder"))
+    elif table.full_decoder:
+        parts.append("full VAE decoder")
+    if mode.get("decode_tile"):
+        parts.append(f"tiles of {mode['decode_tile']}")
+    if mode.get("cuda_graph"):
+        parts.append("`--cuda-graph`")
+    if mode.get("graph_cache") and "start" not in table.columns:
+        parts.append("graph cache")
+    if mode.get("provider_options") and not (sysrow.get("provider_report") or {}).get("options"):
+        parts += [f"`{k}={v}`" for k, v in mode["provider_options"].items()]
+    return ", ".join(parts)
+
+
+def _provider(row: dict, sysrow: dict) -> str:
+    options = (sysrow.get("provider_report") or {}).get("options") or {}
+    return row["provider"] + (f" (`{', '.join(f'{k}={v}' for k, v in options.items())}`)" if options else "")
+
+
+def _system(sysrow: dict) -> str:
+    tags = [t for t in (sysrow.get("device"), sysrow.get("dtype")) if t and t not in ("cpu", "float32")]
+    return PEERS.get(sysrow["system"], sysrow["system"]) + (f" ({', '.join(tags)})" if tags else "")
+
+
+def _start(row: dict, sysrow: dict) -> str:
+    if sysrow["system"] != "edgediff":
+        return "-"
+    states = {g.get("cache") for g in ((sysrow.get("provider_report") or {}).get("graphs") or {}).values()}
+    if len(states) == 1:
+        return CACHE_STARTS.get(states.pop(), "?")
+    return CACHE_STARTS["hit" if (row.get("mode") or {}).get("graph_cache") else "off"]
+
+
+def _median(summary: dict | None) -> float | None:
+    return (summary or {}).get("median")
+
+
+def _ratio(base: float | None, this: float | None) -> str:
+    return f"{base / this:.2f}x" if base and this else "-"
+
+
+def _cell(col: str, table: Table, data: dict, row: dict, sysrow: dict, ref: int) -> str:
+    st, cold = sysrow.get("stages") or {}, sysrow.get("cold") or {}
+    if col == "machine":
+        return machine_label(row.get("machine") or data["machine"])
+    if col == "model":
+        return f"{FAMILIES.get(row['family'], row['family'])} {row['size']}"
+    if col == "config":
+        return config_label(row, sysrow, table)
+    if col == "provider":
+        return _provider(row, sysrow)
+    if col == "steps":
+        return str(row["steps"])
+    if col == "system":
+        return _system(sysrow)
+    if col in ("total", "text_encoder", "unet_call", "vae_decoder"):
+        return _time(st.get(col), table.unit, p90=table.p90 and col == "total")
+    if col == "cold":
+        if "load_s" not in cold:
+            return "-"
+        return _time(cold["load_s"], "s") + (f" + {_time(cold['first_image_s'], 's')}" if "first_image_s" in cold else "")
+    if col == "load":
+        return _time(cold.get("load_s"), "s")
+    if col == "first_image":
+        return _time(cold.get("first_image_s"), "s")
+    if col == "rss":
+        return _gib(sysrow.get("peak_rss_bytes"))
+    if col == "start":
+        return _start(row, sysrow)
+    if col == "vs_diffusers":
+        peer = next((s for s in row["systems"] if s["system"] == "diffusers"), None)
+        return _ratio(_median((peer or {}).get("stages", {}).get("total")), _median(st.get("total")))
+    if col == "vs_fp32":
+        fp32 = next((r for r in data["results"] if r["precision"] == ["fp32"] and r["steps"] == row["steps"]
+                     and r["size"] == row["size"]), None)
+        base = next((s for s in (fp32 or {}).get("systems", []) if s["system"] == sysrow["system"]), {})
+        return _ratio(_median(base.get("stages", {}).get("unet_call")), _median(st.get("unet_call")))
+    if col == "data":  # the file's number in the list under the table
+        return str(ref)
+    raise KeyError(col)
+
+
+# ------------------------------------------------------------------------------------------ tables
+
+def load_results(root: Path) -> dict[str, dict]:
+    """Every result file under benchmarks/results, by its path relative to that folder (posix)."""
+    base = root / RESULTS
+    return {p.relative_to(base).as_posix(): json.loads(p.read_text(encoding="utf-8"))
+            for p in sorted(base.rglob("*.json"))}
+
+
+def _link(rel: str) -> str:
+    return f"[`{rel}`](../{(RESULTS / rel).as_posix()})"
+
+
+def render_table(name: str, results: dict[str, dict]) -> str:
+    table = TABLES[name]
+    headers = {**HEADERS, **table.headers}
+    lines = ["| " + " | ".join(headers[c] + (" (p90)" if c == "total" and table.p90 else "") for c in table.columns) + " |",
+             "|" + "---|" * len(table.columns)]
+    files: list[str] = []
+    for src in table.sources:
+        if src.path not in results:
+            raise FileNotFoundError(f"table {name}: {RESULTS / src.path} is missing")
+        data = results[src.path]
+        if src.path not in files:
+            files.append(src.path)
+        ref = files.index(src.path) + 1
+        picked = [data["results"][i] for i in src.rows] if src.rows is not None else data["results"]
+        for row in picked:
+            for sysrow in row["systems"]:
+                if sysrow.get("measured_with"):  # a peer measured once for bundles of one source: shown with the first
+                    continue
+                lines.append("| " + " | ".join(_cell(c, table, data, row, sysrow, ref) for c in table.columns) + " |")
+    lines += ["", "Data:", ""]
+    for i, rel in enumerate(files, 1):
+        data = results[rel]
+        lines.append(f"{i}. {_link(rel)}: {machine_line(data['machine'])}, {data.get('date', '?')}")
+    return "\n".join(lines) + "\n"
+
+
+def render_sources(results: dict[str, dict]) -> str:
+    lines = ["| file | machine | date | measured with | transcribed from |", "|---|---|---|---|---|"]
+    for rel, data in results.items():
+        prov = data.get("provenance") or {}
+        command = prov.get("command")
+        command = f"`{command}`" if command else "not recorded (see the file's notes)"
+        origin = prov.get("transcribed_from", "")
+        origin = f"commit {origin[:10]}" if re.fullmatch(r"[0-9a-f]{40}", origin) else (origin or "-")
+        lines.append(f"| {_link(rel)} | {machine_label(data['machine'])} | {data.get('date', '?')} | "
+                     f"{command.replace('|', '&#124;')} | {origin} |")
+    return "\n".join(lines) + "\n"
+
+
+def render(doc: str, results: dict[str, dict]) -> str:
+    """The doc with every marked block regenerated; an unknown block name is an error."""
+    def block(m: re.Match) -> str:
+        name = m.group("name")
+        if name == "sources":
+            body = render_sources(results)
+        elif name in TABLES:
+            body = render_table(name, results)
+        else:
+            raise KeyError(f"{DOC}: no table named {name!r} (known: {', '.join(sorted(TABLES))}, sources)")
+        return m.group(1) + body + m.group(4)
+
+    missing = set(TABLES) - {m.group("name") for m in MARKER.finditer(doc)}
+    if missing:
+        raise KeyError(f"{DOC} has no block for {', '.join(sorted(missing))}")
+    return MARKER.sub(block, doc)
+
+
+def _default_root() -> Path:
+    here = Path(__file__).resolve().parent.parent  # the checkout, when installed editable or run in place
+    return here if (here / DOC).exists() else Path.cwd()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 when docs/benchmarks.md is not what the results make")
+    parser.add_argument("--root", type=Path, default=None, help="the repository checkout (default: this one)")
+    args = parser.parse_args(argv)
+    root = args.root or _default_root()
+    path = root / DOC
+    doc = path.read_text(encoding="utf-8")
+    new = render(doc, load_results(root))
+    if args.check:
+        if new != doc:
+            print(f"{path} is stale: run python -m edgediff.benchmarks.docs_tables", file=sys.stderr)
+            return 1
+        return 0
+    if new != doc:
+        path.write_text(new, encoding="utf-8")
+        print(f"rewrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""The manifest both targets write: the family's defaults, the resolved scheduler, the text conditioning
+(with its tokenizer files) and the provenance."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from importlib import metadata
+from pathlib import Path
+
+from edgediff.runtime.manifest import TOKENIZER_2_NAME, TOKENIZER_NAME, Manifest
+from edgediff.runtime.schedulers import DIFFUSERS_CLASS_TO_SAMPLER, SAMPLER_TO_DIFFUSERS_CLASS, ScheduleConfig
+
+from .options import ExportOptions
+from .specs import ExportContext
+from .tokenizer import write_tokenizer_json
+
+# the distributions whose versions decide what an export writes, recorded for reproducing it
+RECORDED_VERSIONS = ("edgediff", "torch", "diffusers", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime")
+
+
+def versions() -> dict:
+    out = {}
+    for dist in RECORDED_VERSIONS:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def recorded_path(source: str | None, out: Path) -> str | None:
+    """How provenance names a source: a hub id as given; a local folder or file relative to the bundle
+    (an absolute path would name one machine's folders, and a bundle moved with its sources keeps the link)."""
+    if source is None:
+        return None
+    local = Path(source).expanduser()
+    if not local.exists():
+        return source
+    try:
+        return Path(os.path.relpath(local.resolve(), Path(out).resolve())).as_posix()
+    except ValueError:  # on another Windows drive than the bundle: no relative path exists
+        return local.resolve().name
+
+
+def resolve_scheduler(pipe, family) -> dict:
+    """Our sampler and its fully resolved diffusers config (defaults filled in by diffusers itself)."""
+    import diffusers
+
+    ours = DIFFUSERS_CLASS_TO_SAMPLER.get(type(pipe.scheduler).__name__)
+    sampler = family.sampler if family.guidance_embedding or ours is None else ours
+    resolved = getattr(diffusers, SAMPLER_TO_DIFFUSERS_CLASS[sampler]).from_config(pipe.scheduler.config)
+    config = {**dict(resolved.config), **dict(family.scheduler_overrides)}
+    return {"name": sampler, "config": ScheduleConfig.from_dict(config).to_dict()}
+
+
+def write_text_conditioning(pipe, staging: Path) -> tuple[dict, dict]:
+    """Writes each text encoder's tokenizer; returns the manifest's `tokenizer` entry and its `conditioning`:
+    which encoders run, which output each gives the UNet, and SDXL's pooled text and micro-conditioning."""
+    tokenizer_entry = write_tokenizer_json(pipe.tokenizer, staging / TOKENIZER_NAME)
+    if getattr(pipe, "text_encoder_2", None) is None:
+        return tokenizer_entry, {"encoders": [{"component": "text_encoder", "tokenizer": tokenizer_entry,
+                                               "output": "last_hidden_state"}]}
+    tokenizer_2_entry = write_tokenizer_json(pipe.tokenizer_2, staging / TOKENIZER_2_NAME)
+    # as StableDiffusionXLPipeline (clip_skip None): each encoder's penultimate layer, concatenated, and the
+    # second encoder's projected pooled output
+    penultimate = [f"hidden_states.{int(enc.config.num_hidden_layers) - 1}" for enc in (pipe.text_encoder, pipe.text_encoder_2)]
+    return tokenizer_entry, {
+        "encoders": [{"component": "text_encoder", "tokenizer": tokenizer_entry, "output": penultimate[0]},
+                     {"component": "text_encoder_2", "tokenizer": tokenizer_2_entry, "output": penultimate[1],
+                      "pooled": "text_embeds"}],
+        "zero_negative": bool(pipe.config.get("force_zeros_for_empty_prompt", False)),
+        "time_ids": "size-crop-target",
+    }
+
+
+def build_manifest(pipe, fam, ctx: ExportContext, text: tuple[dict, dict], components: dict, options: ExportOptions,
+                   provenance: dict) -> Manifest:
+    """The manifest of a bundle whose components are written; `provenance` is the target's own record
+    (source, checks), to which the date and tool versions are added."""
+    tokenizer_entry, conditioning = text
+    return Manifest(
+        family=fam.name,
+        prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
+        scheduler=resolve_scheduler(pipe, fam),
+        defaults={"steps": options.default_steps or fam.default_steps,
+                  "guidance": fam.default_guidance if options.default_guidance is None else options.default_guidance,
+                  "height": ctx.height, "width": ctx.width},
+        latent_channels=ctx.latent_channels,
+        vae_scaling_factor=float(pipe.vae.config.scaling_factor),
+        vae_scale_factor=ctx.vae_scale_factor,
+        tokenizer=tokenizer_entry,
+        conditioning=conditioning,
+        guidance_embedding_dim=ctx.time_cond_proj_dim,
+        components=components,
+        target=options.target,
+        provenance={**provenance, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    "versions": versions()},
+    )

@@ -1,0 +1,158 @@
+"""What an export makes: one options object for the library and the CLI, with the choices each option
+takes and the combinations refused.
+
+    export("stabilityai/sd-turbo", "out/sd-turbo", ExportOptions(precision="fp16", optimize="cpu"))
+
+Adding an export option means one field here (and one click option in the CLI); both targets and
+`edgediff export` take this object. It imports no torch: the CLI reads its tables before any export.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+from edgediff.runtime.errors import ExportOptionsError
+
+from .attention import PROCESSORS
+from .lora import parse_lora
+
+# onnx: graphs for any onnxruntime provider; coreml: ML program packages for Macs and the Neural Engine
+TARGETS = ("onnx", "coreml")
+# ONNX bundles' precisions; Core ML packages are fp16 (or palettized, PALETTE_BITS)
+PRECISIONS = ("fp32", "fp16", "int8", "int8-static", "int4")
+# made from the checked fp32 graphs, after the bundle is otherwise complete (quantize.py)
+QUANTIZED = ("int8", "int8-static", "int4")
+# onnxruntime's transformer fusions (optimize.py): "cpu" runs on any provider, "gpu" adds CUDA-only ones
+OPTIMIZE_TARGETS = ("cpu", "gpu")
+# coremltools' k-means palettization: 2**bits weight values per tensor
+PALETTE_BITS = (8, 6, 4)
+# UNet attention per target (attention.py): split_einsum is laid out for the Neural Engine, so Core ML only
+ATTENTION_MODES = {"onnx": ("original", "sliced"), "coreml": ("original", *PROCESSORS)}
+# `keep` besides block names: quantize every eligible node, or let the sensitivity pass choose
+KEEP_MODES = ("none", "auto")
+# options only one target uses: the other refuses them rather than silently ignoring them
+ONNX_ONLY = ("precision", "keep", "calibration_prompts", "tiny_decoder", "vae", "optimize", "loras")
+COREML_ONLY = ("palettize",)
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    # which runtime the bundle is for: ONNX graphs for onnxruntime, or Core ML packages for Apple devices
+    target: str = "onnx"
+    # weights and compute of the ONNX graphs: fp16 halves the size; int8 / int4 are quantized from checked fp32
+    precision: str = "fp32"
+    # quantized bundles: blocks left in fp32, "none", "auto" (sensitivity pass) or block names (a tuple)
+    keep: str | tuple[str, ...] = "none"
+    # quantized bundles: prompts whose recorded inputs calibrate and rank blocks; None: calibration.py's own
+    calibration_prompts: tuple[str, ...] | None = None
+    # the size the bundle defaults to and is checked at; None: the family's native size
+    height: int | None = None
+    width: int | None = None
+    # the family row (families.py) when detection from the source's configs would pick the wrong one
+    family: str | None = None
+    # steps the bundle defaults to; None: the family's (a distilled model's few steps)
+    default_steps: int | None = None
+    # guidance the bundle defaults to; None: the family's (<= 1 turns classifier-free guidance off)
+    default_guidance: float | None = None
+    # an AutoencoderTiny (folder or hub id) added as the fast decoder for previews and `--decoder tiny`
+    tiny_decoder: str | None = None
+    # an AutoencoderKL (folder or hub id) replacing the model's own, e.g. one that stays finite in fp16
+    vae: str | None = None
+    # onnxruntime's fusions, checked like the plain graphs: "cpu" (any provider), "gpu" (CUDA only), None
+    optimize: str | None = None
+    # (file, scale) LoRAs fused into the weights before export, so the graphs stay plain and fast
+    loras: tuple[tuple[str, float], ...] = ()
+    # Core ML: weights palettized to this many bits (smaller packages); None keeps fp16 weights
+    palettize: int | None = None
+    # UNet attention: "sliced" lowers peak memory (same result); "split_einsum" suits the Neural Engine
+    attention: str = "original"
+    # replace an existing bundle at the output folder, once the new one is whole
+    overwrite: bool = False
+
+    def __post_init__(self):
+        # accepted as Python callers pass them: keep "a,b" or a list, loras "FILE[:SCALE]" or pairs,
+        # optimize True / False (export_bundle's older spelling), prompts as any sequence
+        object.__setattr__(self, "keep", parse_keep(self.keep))
+        object.__setattr__(self, "loras", tuple(parse_lora(x) if isinstance(x, str) else (str(x[0]), float(x[1]))
+                                                for x in self.loras or ()))
+        if isinstance(self.optimize, bool):
+            object.__setattr__(self, "optimize", "cpu" if self.optimize else None)
+        if self.calibration_prompts is not None:
+            object.__setattr__(self, "calibration_prompts", tuple(self.calibration_prompts))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raises ExportOptionsError for an unknown value or options that do not combine (before any work)."""
+        for option, value, available in (("target", self.target, TARGETS), ("precision", self.precision, PRECISIONS),
+                                          ("optimize", self.optimize, (None, *OPTIMIZE_TARGETS)),
+                                          ("palettize", self.palettize, (None, *PALETTE_BITS))):
+            if value not in available:
+                raise ExportOptionsError("export_choice", option=option, value=value,
+                                         available=", ".join(str(a) for a in available))
+        if self.default_steps is not None and self.default_steps < 1:
+            raise ExportOptionsError("export_default_steps", value=self.default_steps)
+        if not any(self.attention in modes for modes in ATTENTION_MODES.values()):
+            raise ExportOptionsError("export_attention", value=self.attention, target=self.target,
+                                     available=", ".join(ATTENTION_MODES[self.target]))
+        if self.target == "coreml":
+            given = self._set(ONNX_ONLY)
+            if given:
+                raise ExportOptionsError("export_onnx_only", options=_listing(given))
+        else:
+            given = self._set(COREML_ONLY)
+            if self.attention not in ATTENTION_MODES[self.target]:
+                given.append(f"--attention {self.attention}")
+            if given:
+                raise ExportOptionsError("export_coreml_only", options=_listing(given))
+
+    def _set(self, names) -> list[str]:
+        """The options among `names` that differ from their defaults, as the CLI spells them."""
+        defaults = {f.name: f.default for f in fields(self)}
+        return [_flag(name) for name in names if getattr(self, name) != defaults[name]]
+
+    @property
+    def quantized(self) -> bool:
+        return self.precision in QUANTIZED
+
+    def replace(self, **changes) -> "ExportOptions":
+        """A copy with these fields changed (checked again)."""
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_cli(cls, *, palettize: str | int | None = None, calibration_prompts: str | Path | None = None,
+                 **values) -> "ExportOptions":
+        """Options as `edgediff export` spells them: --palettize as text, --calibration-prompts a text file
+        of prompts (one per line); --keep and --lora are parsed by the constructor."""
+        prompts = read_prompts(calibration_prompts) if calibration_prompts is not None else None
+        return cls(palettize=int(palettize) if palettize is not None else None, calibration_prompts=prompts,
+                   **values)
+
+
+def parse_keep(keep) -> str | tuple[str, ...]:
+    """"none" / "auto" as they are; block names from "a,b" or a sequence, as a tuple."""
+    if isinstance(keep, str) and keep in KEEP_MODES:
+        return keep
+    names = tuple(name.strip() for name in (keep.split(",") if isinstance(keep, str) else keep) if name and name.strip())
+    if not names:
+        raise ExportOptionsError("export_keep", value=keep)
+    return names
+
+
+def read_prompts(path: str | Path) -> tuple[str, ...]:
+    """A text file's non-blank lines, stripped: one prompt each."""
+    return tuple(line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip())
+
+
+def _flag(name: str) -> str:
+    return "--lora" if name == "loras" else "--" + name.replace("_", "-")
+
+
+def _listing(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
+FIELD_NAMES = tuple(f.name for f in fields(ExportOptions))

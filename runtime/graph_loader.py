@@ -1,0 +1,83 @@
+"""Opening one graph's onnxruntime sessions: through our graph cache, or a compiling provider's own, and saying
+when the chosen provider did not take the graph (it then runs on the CPU)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import onnxruntime as ort
+
+from . import graph_cache, session_config
+from .errors import BundleError, EdgediffError
+from .manifest import ComponentSpec
+from .provider_loading import new_session
+from .providers import Resolution
+from .session_states import CacheStatus
+
+log = logging.getLogger("edgediff.session")
+
+
+def summarize(exc: Exception) -> str:
+    """onnxruntime's message in one line: its first line, and its last when the cause is there (OpenVINO's
+    compile errors put the reason at the end of a long trace)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip(" ;")]
+    if not lines:
+        return type(exc).__name__
+    return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+
+
+class GraphLoader:
+    """Opens sessions of one graph of a bundle. `cache_folder`: keep optimized forms there (graph_cache.py);
+    None: no cache."""
+
+    def __init__(self, name: str, path: Path, spec: ComponentSpec, resolution: Resolution, bundle_path,
+                 threads: int | None = None, low_memory: bool = False, cache_folder: Path | None = None):
+        self.name, self.path, self.spec, self.resolution = name, path, spec, resolution
+        self.bundle_path = bundle_path
+        self.threads, self.low_memory, self.cache_folder = threads, low_memory, cache_folder
+
+    def open_dynamic(self) -> tuple[ort.InferenceSession, CacheStatus]:
+        """The graph as exported; one that onnxruntime cannot load is the bundle's error."""
+        try:
+            return self.open()
+        except EdgediffError:
+            raise  # ours already says what is wrong (a bad EDGEDIFF_CACHE_MAX_GB)
+        except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
+            hint = self.resolution.provider.load_hint(self.spec.precision)
+            raise BundleError("graph_unloadable", path=self.bundle_path, file=self.path.name,
+                              detail=summarize(exc) + hint) from exc
+
+    def open(self, dims: dict[str, int] | None = None,
+             capture: bool = False) -> tuple[ort.InferenceSession, CacheStatus]:
+        """A session of this graph and where it came from. `dims`: fixed dimensions (a shape-fixed session);
+        `capture`: with the provider's graph capture option on. Both key the cache: a shape-fixed graph's
+        optimized form differs from the dynamic one's, and a cached one spares each new image size its optimizer
+        run. onnxruntime's own errors are raised as they are."""
+        resolution, provider = self.resolution, self.resolution.provider
+        extra = {provider.graph_capture_option: "1"} if capture else {}
+
+        def options() -> ort.SessionOptions:
+            return session_config.session_options(self.threads, resolution, self.low_memory, dims)
+
+        if self.cache_folder is None or (provider.compiles and not provider.saves_context):
+            # a compiling provider keeps its own cache, where it has one (onnxruntime cannot save its compiled graph)
+            own_cache = provider.cache_options(self.cache_folder) if self.cache_folder is not None else {}
+            status = CacheStatus.PROVIDER if own_cache else CacheStatus.OFF
+            own_cache = {k: v for k, v in own_cache.items() if k not in resolution.overrides}  # the caller's win
+            session = new_session(self.path, options(), resolution.ort_providers_with(**own_cache, **extra))
+        else:
+            tag = (resolution.cache_tag_fixed({"dims": dims or {}, "options": extra}) if dims or extra
+                   else resolution.cache_tag)
+            key = graph_cache.cache_key(self.name, self.spec.files[self.spec.graph_file]["sha256"], tag, self.path)
+            session, status = graph_cache.open_cached(self.path, key, self.spec.size, options,
+                                                      resolution.ort_providers_with(**extra), self.cache_folder,
+                                                      save="context" if provider.compiles else "graph")
+        if self.falls_back(session):
+            log.warning("%s: %s did not take this graph; it runs on the CPU", self.name, provider.name)
+        return session, status
+
+    def falls_back(self, session: ort.InferenceSession) -> bool:
+        """Whether the chosen provider left this session to the CPU provider alone."""
+        provider = self.resolution.provider
+        return provider.name != "cpu" and session.get_providers()[0] != provider.ort_name

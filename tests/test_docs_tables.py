@@ -1,0 +1,63 @@
+"""docs/benchmarks.md is what its generator makes from the committed result files, and every result file
+follows the bench results schema."""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from edgediff.benchmarks import docs_tables
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / docs_tables.RESULTS
+FILES = sorted(RESULTS.rglob("*.json"))
+
+jsonschema = pytest.importorskip("jsonschema")
+
+
+def _schema() -> dict:
+    return json.loads((ROOT / "benchmarks" / "results.schema.json").read_text(encoding="utf-8"))
+
+
+def test_the_committed_doc_is_what_the_results_make():
+    doc = (ROOT / docs_tables.DOC).read_text(encoding="utf-8")
+    assert docs_tables.render(doc, docs_tables.load_results(ROOT)) == doc, (
+        "docs/benchmarks.md is stale: run python -m edgediff.benchmarks.docs_tables")
+    assert docs_tables.main(["--check", "--root", str(ROOT)]) == 0
+
+
+def test_check_fails_on_a_stale_doc(tmp_path):
+    (tmp_path / "docs").mkdir()
+    shutil.copytree(RESULTS, tmp_path / docs_tables.RESULTS)
+    doc = (ROOT / docs_tables.DOC).read_text(encoding="utf-8")
+    stale = re.sub(r"(<!-- table:cpu-fp32 -->\n).*?(<!-- /table:cpu-fp32 -->)", r"\1| old |\n\2", doc, flags=re.DOTALL)
+    assert stale != doc
+    (tmp_path / docs_tables.DOC).write_text(stale, encoding="utf-8")
+    assert docs_tables.main(["--check", "--root", str(tmp_path)]) == 1
+    assert docs_tables.main(["--root", str(tmp_path)]) == 0  # regenerates the block, keeps the prose
+    assert (tmp_path / docs_tables.DOC).read_text(encoding="utf-8") == doc
+
+
+def test_every_table_has_its_block_and_every_source_exists():
+    doc = (ROOT / docs_tables.DOC).read_text(encoding="utf-8")
+    for name, table in docs_tables.TABLES.items():
+        assert f"<!-- table:{name} -->" in doc and f"<!-- /table:{name} -->" in doc, name
+        for source in table.sources:
+            assert (RESULTS / source.path).is_file(), source.path
+    assert "<!-- table:sources -->" in doc
+
+
+@pytest.mark.parametrize("path", FILES, ids=[p.relative_to(RESULTS).as_posix() for p in FILES])
+def test_result_files_follow_the_schema(path):
+    data = json.loads(path.read_text(encoding="utf-8"))
+    jsonschema.validate(data, _schema())
+    # benchmarks/results/<machine>/<date>-<what>.json, the date the file's own
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}-[a-z0-9-]+\.json", path.name), path.name
+    assert path.parent.parent == RESULTS
+    assert str(data.get("date", "")).startswith(path.name[:10])
+
+
+def test_there_are_result_files():
+    assert FILES, f"no result files under {RESULTS}"

@@ -1,0 +1,74 @@
+"""Export options: the choices each takes, the combinations refused before any work, and how provenance
+names the sources."""
+
+import pytest
+
+from edgediff.export.manifest_builder import recorded_path
+from edgediff.export.options import ATTENTION_MODES, FIELD_NAMES, ExportOptions
+from edgediff.runtime.errors import ExportError, ExportOptionsError
+
+
+def test_cli_spellings_are_parsed():
+    options = ExportOptions(keep="down_blocks.1/attentions.0, mid_block", loras=["style.safetensors:0.5", ("b", 1)],
+                            optimize=True, calibration_prompts=["a cat"])
+    assert options.keep == ("down_blocks.1/attentions.0", "mid_block")
+    assert options.loras == (("style.safetensors", 0.5), ("b", 1.0))
+    assert options.optimize == "cpu" and options.calibration_prompts == ("a cat",)
+    assert ExportOptions(keep="auto").keep == "auto" and ExportOptions(optimize=False).optimize is None
+
+
+def test_from_cli_reads_the_prompt_file_and_palette_bits(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\n  a blue square  \n", encoding="utf-8")
+    options = ExportOptions.from_cli(precision="int8", calibration_prompts=str(prompts), keep="none", loras=())
+    assert options.calibration_prompts == ("a red circle", "a blue square")
+    assert ExportOptions.from_cli(target="coreml", palettize="6").palettize == 6
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"precision": "int3"}, "precision must be one of"),
+    ({"target": "tflite"}, "target must be one of"),
+    ({"optimize": "npu"}, "optimize must be one of"),
+    ({"target": "coreml", "palettize": 5}, "palettize must be one of"),
+    ({"attention": "diagonal"}, "unknown attention 'diagonal' for --target onnx"),
+    ({"default_steps": 0}, "default steps must be >= 1"),
+    ({"keep": " , "}, "block names"),
+    ({"palettize": 6}, "--palettize apply to --target coreml"),
+    ({"attention": "split_einsum"}, "--attention split_einsum apply to --target coreml"),
+    ({"target": "coreml", "precision": "int8", "loras": ["a.safetensors"]}, "--precision and --lora apply to --target onnx"),
+    ({"target": "coreml", "tiny_decoder": "t", "vae": "v", "optimize": "cpu", "keep": "auto"},
+     "--keep, --tiny-decoder, --vae and --optimize apply to --target onnx"),
+])
+def test_refused_values_and_combinations(values, message):
+    with pytest.raises(ExportOptionsError, match=message) as err:
+        ExportOptions(**values)
+    assert isinstance(err.value, ExportError) and isinstance(err.value, ValueError)
+
+
+def test_every_target_has_its_attention_modes_and_options_copy_with_checks():
+    assert set(ATTENTION_MODES) == {"onnx", "coreml"} and "split_einsum" in ATTENTION_MODES["coreml"]
+    options = ExportOptions(target="coreml", attention="split_einsum", palettize=4)
+    assert options.replace(palettize=8).palettize == 8
+    with pytest.raises(ExportOptionsError):
+        options.replace(target="onnx")
+    assert set(options.to_dict()) == set(FIELD_NAMES)
+
+
+def test_provenance_names_local_sources_relative_to_the_bundle(tmp_path):
+    source = tmp_path / "models" / "src"
+    source.mkdir(parents=True)
+    assert recorded_path(str(source), tmp_path / "bundles" / "b") == "../../models/src"
+    assert recorded_path("stabilityai/sd-turbo", tmp_path / "b") == "stabilityai/sd-turbo"
+    assert recorded_path(None, tmp_path / "b") is None
+
+
+def test_exported_manifest_records_no_absolute_path(models_root):
+    pytest.importorskip("torch")
+    pytest.importorskip("optimum")
+    from tiny_models import tiny_bundle, tiny_source
+
+    from edgediff.runtime import Bundle
+
+    bundle = Bundle.open(tiny_bundle("tiny-sd1", models_root))
+    recorded = bundle.manifest.provenance["source"]
+    assert not recorded.startswith("/") and (bundle.path / recorded).resolve() == tiny_source("tiny-sd1", models_root).resolve()
