@@ -34,12 +34,28 @@ print(json.dumps({"load_s": load, "first_image_s": time.perf_counter() - t0 - lo
 
 
 def _start(bundle: str, cache: bool, threads: int, env: dict, provider: str, cuda_graph: bool) -> dict:
-    out = subprocess.run([sys.executable, "-c", _CHILD, bundle, "1" if cache else "0", str(threads), provider,
-                          "1" if cuda_graph else "0"], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _CHILD,
+            bundle,
+            "1" if cache else "0",
+            str(threads),
+            provider,
+            "1" if cuda_graph else "0",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure(bundle: str, repeat: int = 3, threads: int = 0, provider: str = "cpu", cuda_graph: bool = False) -> list[dict]:
+def measure(
+    bundle: str, repeat: int = 3, threads: int = 0, provider: str = "cpu", cuda_graph: bool = False
+) -> list[dict]:
     import os
 
     rows = []
@@ -50,9 +66,15 @@ def measure(bundle: str, repeat: int = 3, threads: int = 0, provider: str = "cpu
         first = [start(True)]
         cached = [start(True) for _ in range(repeat)]
     for label, runs in (("no cache", no_cache), ("first start (cache empty)", first), ("cached", cached)):
-        rows.append({"start": label, "cache": runs[0]["cache"], "n": len(runs),
-                     "load_s": statistics.median(r["load_s"] for r in runs),
-                     "first_image_s": statistics.median(r["first_image_s"] for r in runs)})
+        rows.append(
+            {
+                "start": label,
+                "cache": runs[0]["cache"],
+                "n": len(runs),
+                "load_s": statistics.median(r["load_s"] for r in runs),
+                "first_image_s": statistics.median(r["first_image_s"] for r in runs),
+            }
+        )
     return rows
 
 

@@ -26,9 +26,16 @@ MARKER = re.compile(r"(<!-- table:(?P<name>[a-z0-9-]+) -->\n)(?P<body>.*?)(<!-- 
 
 FAMILIES = {"sd-turbo": "SD-Turbo", "sdxl-turbo": "SDXL-Turbo", "lcm-sd1": "shipped model"}
 # what the bundle name says and the manifest's precisions do not
-BUNDLE_LABELS = {"sd-turbo-sliced-int8s": "int8-static, head-sliced attention", "sd-turbo-fp32-opt": "fp32, `--optimize`"}
-TINY_DECODERS = {"sd-turbo-int8s-fmm": "fp32 tiny decoder", "sd-turbo-int8-static-taesd": "fp32 tiny decoder",
-                 "sd-turbo-int8s-tiny8": "int8 tiny decoder", "sd-turbo-int8-static-tiny-int8": "int8 tiny decoder"}
+BUNDLE_LABELS = {
+    "sd-turbo-sliced-int8s": "int8-static, head-sliced attention",
+    "sd-turbo-fp32-opt": "fp32, `--optimize`",
+}
+TINY_DECODERS = {
+    "sd-turbo-int8s-fmm": "fp32 tiny decoder",
+    "sd-turbo-int8-static-taesd": "fp32 tiny decoder",
+    "sd-turbo-int8s-tiny8": "int8 tiny decoder",
+    "sd-turbo-int8-static-tiny-int8": "int8 tiny decoder",
+}
 PEERS = {"optimum": "optimum-onnx"}
 CACHE_STARTS = {"off": "no cache", "miss": "first start (optimise and save)", "hit": "from the graph cache"}
 
@@ -52,57 +59,156 @@ class Table:
 E, A, G = "epyc-2c-avx512/", "x86-2c-avx2/", "nvidia-h100-80gb/"
 TABLES = {
     "cpu-fp32": Table(
-        ("model", "steps", "system", "total", "text_encoder", "unet_call", "vae_decoder", "rss", "vs_diffusers", "data"),
-        (Source(E + "2026-11-25-sd-turbo-fp32.json"), Source(E + "2026-11-25-sdxl-turbo-fp32.json"))),
+        (
+            "model",
+            "steps",
+            "system",
+            "total",
+            "text_encoder",
+            "unet_call",
+            "vae_decoder",
+            "rss",
+            "vs_diffusers",
+            "data",
+        ),
+        (Source(E + "2026-11-25-sd-turbo-fp32.json"), Source(E + "2026-11-25-sdxl-turbo-fp32.json")),
+    ),
     "cpu-fastest": Table(
-        ("machine", "config", "system", "total", "text_encoder", "unet_call", "vae_decoder", "rss", "vs_diffusers", "data"),
-        (Source(E + "2026-11-26-int8-static-tiny-int8.json"), Source(E + "2026-11-26-int8-static-tiny-int8-rerun.json"),
-         Source(A + "2026-12-02-int8-static-tiny-int8.json")),
-        headers={"vae_decoder": "decoder", "vs_diffusers": "diffusers fp32 time / this"}),
+        (
+            "machine",
+            "config",
+            "system",
+            "total",
+            "text_encoder",
+            "unet_call",
+            "vae_decoder",
+            "rss",
+            "vs_diffusers",
+            "data",
+        ),
+        (
+            Source(E + "2026-11-26-int8-static-tiny-int8.json"),
+            Source(E + "2026-11-26-int8-static-tiny-int8-rerun.json"),
+            Source(A + "2026-12-02-int8-static-tiny-int8.json"),
+        ),
+        headers={"vae_decoder": "decoder", "vs_diffusers": "diffusers fp32 time / this"},
+    ),
     "cpu-optimize": Table(
         ("config", "total", "unet_call", "vae_decoder", "cold", "rss", "data"),
-        (Source(E + "2026-11-26-optimize-fp32.json"),)),
+        (Source(E + "2026-11-26-optimize-fp32.json"),),
+    ),
     "cpu-int8-unet": Table(
         ("machine", "config", "unet_call", "vs_fp32", "data"),
-        (Source(E + "2026-11-26-int8-static-unet.json"), Source(A + "2026-12-02-int8-static-unet-1.json"),
-         Source(A + "2026-12-02-int8-static-unet-2.json"))),
+        (
+            Source(E + "2026-11-26-int8-static-unet.json"),
+            Source(A + "2026-12-02-int8-static-unet-1.json"),
+            Source(A + "2026-12-02-int8-static-unet-2.json"),
+        ),
+    ),
     "openvino-cpu": Table(
         ("config", "provider", "total", "text_encoder", "unet_call", "vae_decoder", "cold", "rss", "data"),
-        (Source(E + "2026-11-26-openvino-auto-cpu.json", (1,)), Source(E + "2026-11-26-openvino-cpu.json"),
-         Source(E + "2026-11-26-openvino-auto-cpu.json", (0,)), Source(E + "2026-11-26-openvino-accuracy.json"),
-         Source(E + "2026-11-26-openvino-int8-static-tiny.json", (1, 0))),
-        headers={"vae_decoder": "decoder"}),
+        (
+            Source(E + "2026-11-26-openvino-auto-cpu.json", (1,)),
+            Source(E + "2026-11-26-openvino-cpu.json"),
+            Source(E + "2026-11-26-openvino-auto-cpu.json", (0,)),
+            Source(E + "2026-11-26-openvino-accuracy.json"),
+            Source(E + "2026-11-26-openvino-int8-static-tiny.json", (1, 0)),
+        ),
+        headers={"vae_decoder": "decoder"},
+    ),
     "low-memory": Table(
         ("config", "total", "text_encoder", "unet_call", "rss", "data"),
-        (Source(E + "2026-11-26-low-memory.json", (2,)), Source(E + "2026-11-26-low-memory-graph-cache.json"),
-         Source(E + "2026-11-26-low-memory.json", (1,)), Source(E + "2026-11-26-low-memory-sliced.json")),
-        full_decoder=True, headers={"total": "whole image (opening each graph included)"}),
+        (
+            Source(E + "2026-11-26-low-memory.json", (2,)),
+            Source(E + "2026-11-26-low-memory-graph-cache.json"),
+            Source(E + "2026-11-26-low-memory.json", (1,)),
+            Source(E + "2026-11-26-low-memory-sliced.json"),
+        ),
+        full_decoder=True,
+        headers={"total": "whole image (opening each graph included)"},
+    ),
     "cold-start": Table(
         ("start", "system", "load", "first_image", "total", "rss", "data"),
-        (Source(E + "2026-11-26-cold-start.json"), Source(E + "2026-11-26-cold-start-repeat3.json"),
-         Source(E + "2026-11-26-graph-cache-vs-diffusers.json")),
-        headers={"total": "warm image"}),
+        (
+            Source(E + "2026-11-26-cold-start.json"),
+            Source(E + "2026-11-26-cold-start-repeat3.json"),
+            Source(E + "2026-11-26-graph-cache-vs-diffusers.json"),
+        ),
+        headers={"total": "warm image"},
+    ),
     "nvidia": Table(
-        ("steps", "config", "system", "total", "text_encoder", "unet_call", "vae_decoder", "cold", "vs_diffusers", "data"),
-        (Source(G + "2026-11-26-sd-turbo-fp16-cuda-graph.json", (0,)), Source(G + "2026-11-26-sd-turbo-fp16-cuda-graph-nhwc.json"),
-         Source(G + "2026-11-26-sd-turbo-fp16-cuda-graph-tiny.json"), Source(G + "2026-11-26-sd-turbo-fp16-vs-diffusers.json", (0,)),
-         Source(G + "2026-11-26-sd-turbo-fp16-cuda-graph.json", (1,)), Source(G + "2026-11-26-sd-turbo-fp16-vs-diffusers.json", (1,))),
-        unit="ms", p90=True, headers={"vae_decoder": "decoder"}),
+        (
+            "steps",
+            "config",
+            "system",
+            "total",
+            "text_encoder",
+            "unet_call",
+            "vae_decoder",
+            "cold",
+            "vs_diffusers",
+            "data",
+        ),
+        (
+            Source(G + "2026-11-26-sd-turbo-fp16-cuda-graph.json", (0,)),
+            Source(G + "2026-11-26-sd-turbo-fp16-cuda-graph-nhwc.json"),
+            Source(G + "2026-11-26-sd-turbo-fp16-cuda-graph-tiny.json"),
+            Source(G + "2026-11-26-sd-turbo-fp16-vs-diffusers.json", (0,)),
+            Source(G + "2026-11-26-sd-turbo-fp16-cuda-graph.json", (1,)),
+            Source(G + "2026-11-26-sd-turbo-fp16-vs-diffusers.json", (1,)),
+        ),
+        unit="ms",
+        p90=True,
+        headers={"vae_decoder": "decoder"},
+    ),
     "shipped": Table(
-        ("machine", "provider", "config", "steps", "system", "total", "unet_call", "vae_decoder", "cold", "rss", "vs_diffusers", "data"),
-        (Source(E + "2026-11-26-shipped.json"), Source(E + "2026-11-26-shipped-fp16-cpu.json"),
-         Source(G + "2026-11-26-shipped-cuda-graph.json")),
-        unit="ms"),
+        (
+            "machine",
+            "provider",
+            "config",
+            "steps",
+            "system",
+            "total",
+            "unet_call",
+            "vae_decoder",
+            "cold",
+            "rss",
+            "vs_diffusers",
+            "data",
+        ),
+        (
+            Source(E + "2026-11-26-shipped.json"),
+            Source(E + "2026-11-26-shipped-fp16-cpu.json"),
+            Source(G + "2026-11-26-shipped-cuda-graph.json"),
+        ),
+        unit="ms",
+    ),
 }
 
-HEADERS = {"machine": "machine", "model": "model", "config": "bundle and mode", "provider": "provider", "steps": "steps",
-           "system": "system", "total": "whole image", "text_encoder": "text encoder", "unet_call": "UNet call",
-           "vae_decoder": "VAE decode", "cold": "load + first image", "load": "load", "first_image": "first image",
-           "rss": "peak RSS", "vs_diffusers": "diffusers time / this", "vs_fp32": "fp32 time / this", "start": "start",
-           "data": "data"}
+HEADERS = {
+    "machine": "machine",
+    "model": "model",
+    "config": "bundle and mode",
+    "provider": "provider",
+    "steps": "steps",
+    "system": "system",
+    "total": "whole image",
+    "text_encoder": "text encoder",
+    "unet_call": "UNet call",
+    "vae_decoder": "VAE decode",
+    "cold": "load + first image",
+    "load": "load",
+    "first_image": "first image",
+    "rss": "peak RSS",
+    "vs_diffusers": "diffusers time / this",
+    "vs_fp32": "fp32 time / this",
+    "start": "start",
+    "data": "data",
+}
 
 
 # ------------------------------------------------------------------------------------------ formatting
+
 
 def _num(x: float) -> str:
     return f"{round(x, 6):g}"
@@ -154,7 +260,9 @@ def machine_line(m: dict) -> str:
 def config_label(row: dict, sysrow: dict, table: Table) -> str:
     name = Path(row["bundle"]).name
     precision = row["precision"]
-    label = BUNDLE_LABELS.get(name) or next((p for p in ("int8-static", "int8", "int4", "fp16") if p in precision), "fp32")
+    label = BUNDLE_LABELS.get(name) or next(
+        (p for p in ("int8-static", "int8", "int4", "fp16") if p in precision), "fp32"
+    )
     if sysrow["system"] != "edgediff":  # peers run the source model in their own precision
         return f"source model, {sysrow.get('dtype', 'float32').replace('float', 'fp')}"
     mode = row.get("mode") or {}
@@ -224,7 +332,9 @@ def _cell(col: str, table: Table, data: dict, row: dict, sysrow: dict, ref: int)
     if col == "cold":
         if "load_s" not in cold:
             return "-"
-        return _time(cold["load_s"], "s") + (f" + {_time(cold['first_image_s'], 's')}" if "first_image_s" in cold else "")
+        return _time(cold["load_s"], "s") + (
+            f" + {_time(cold['first_image_s'], 's')}" if "first_image_s" in cold else ""
+        )
     if col == "load":
         return _time(cold.get("load_s"), "s")
     if col == "first_image":
@@ -237,8 +347,14 @@ def _cell(col: str, table: Table, data: dict, row: dict, sysrow: dict, ref: int)
         peer = next((s for s in row["systems"] if s["system"] == "diffusers"), None)
         return _ratio(_median((peer or {}).get("stages", {}).get("total")), _median(st.get("total")))
     if col == "vs_fp32":
-        fp32 = next((r for r in data["results"] if r["precision"] == ["fp32"] and r["steps"] == row["steps"]
-                     and r["size"] == row["size"]), None)
+        fp32 = next(
+            (
+                r
+                for r in data["results"]
+                if r["precision"] == ["fp32"] and r["steps"] == row["steps"] and r["size"] == row["size"]
+            ),
+            None,
+        )
         base = next((s for s in (fp32 or {}).get("systems", []) if s["system"] == sysrow["system"]), {})
         return _ratio(_median(base.get("stages", {}).get("unet_call")), _median(st.get("unet_call")))
     if col == "data":  # the file's number in the list under the table
@@ -248,11 +364,13 @@ def _cell(col: str, table: Table, data: dict, row: dict, sysrow: dict, ref: int)
 
 # ------------------------------------------------------------------------------------------ tables
 
+
 def load_results(root: Path) -> dict[str, dict]:
     """Every result file under benchmarks/results, by its path relative to that folder (posix)."""
     base = root / RESULTS
-    return {p.relative_to(base).as_posix(): json.loads(p.read_text(encoding="utf-8"))
-            for p in sorted(base.rglob("*.json"))}
+    return {
+        p.relative_to(base).as_posix(): json.loads(p.read_text(encoding="utf-8")) for p in sorted(base.rglob("*.json"))
+    }
 
 
 def _link(rel: str) -> str:
@@ -262,8 +380,10 @@ def _link(rel: str) -> str:
 def render_table(name: str, results: dict[str, dict]) -> str:
     table = TABLES[name]
     headers = {**HEADERS, **table.headers}
-    lines = ["| " + " | ".join(headers[c] + (" (p90)" if c == "total" and table.p90 else "") for c in table.columns) + " |",
-             "|" + "---|" * len(table.columns)]
+    lines = [
+        "| " + " | ".join(headers[c] + (" (p90)" if c == "total" and table.p90 else "") for c in table.columns) + " |",
+        "|" + "---|" * len(table.columns),
+    ]
     files: list[str] = []
     for src in table.sources:
         if src.path not in results:
@@ -293,13 +413,16 @@ def render_sources(results: dict[str, dict]) -> str:
         command = f"`{command}`" if command else "not recorded (see the file's notes)"
         origin = prov.get("transcribed_from", "")
         origin = f"commit {origin[:10]}" if re.fullmatch(r"[0-9a-f]{40}", origin) else (origin or "-")
-        lines.append(f"| {_link(rel)} | {machine_label(data['machine'])} | {data.get('date', '?')} | "
-                     f"{command.replace('|', '&#124;')} | {origin} |")
+        lines.append(
+            f"| {_link(rel)} | {machine_label(data['machine'])} | {data.get('date', '?')} | "
+            f"{command.replace('|', '&#124;')} | {origin} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def render(doc: str, results: dict[str, dict]) -> str:
     """The doc with every marked block regenerated; an unknown block name is an error."""
+
     def block(m: re.Match) -> str:
         name = m.group("name")
         if name == "sources":
@@ -323,7 +446,9 @@ def _default_root() -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 when docs/benchmarks.md is not what the results make")
+    parser.add_argument(
+        "--check", action="store_true", help="exit 1 when docs/benchmarks.md is not what the results make"
+    )
     parser.add_argument("--root", type=Path, default=None, help="the repository checkout (default: this one)")
     args = parser.parse_args(argv)
     root = args.root or _default_root()

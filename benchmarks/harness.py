@@ -56,14 +56,20 @@ class BenchConfig:
     def mode(self) -> dict:
         """What the report labels a row by: edgediff's memory and GPU modes."""
         r = self.runtime
-        return {"low_memory": r.low_memory, "decoder": r.decoder, "decode_tile": r.decode_tile,
-                "provider_options": dict(r.provider_options), "cuda_graph": r.cuda_graph,
-                "graph_cache": self.graph_cache}
+        return {
+            "low_memory": r.low_memory,
+            "decoder": r.decoder,
+            "decode_tile": r.decode_tile,
+            "provider_options": dict(r.provider_options),
+            "cuda_graph": r.cuda_graph,
+            "graph_cache": self.graph_cache,
+        }
 
 
 def _worker(system: str, args: dict) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "edgediff.benchmarks.workers", system, json.dumps(args)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgediff.benchmarks.workers", system, json.dumps(args)], capture_output=True, text=True
+    )
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
         raise RuntimeError(f"{system} worker failed: {tail[0]}")
@@ -99,11 +105,16 @@ def _aggregate(system: str, procs: list[dict]) -> dict:
     stages["untimed"] = summarise([max(0.0, r["total"] - sum(r[k] for k in ("tokenize", *STAGES))) for r in runs])
     rss = [p["peak_rss_bytes"] for p in procs if p.get("peak_rss_bytes")]
     return {
-        "system": system, "stages": stages,
-        "cold": {"load_s": summarise([p["load_s"] for p in procs]),
-                 "first_image_s": summarise([p["first_image_s"] for p in procs])},
-        "peak_rss_bytes": max(rss) if rss else None, "processes": len(procs),
-        "providers": procs[0].get("providers"), "provider_report": procs[0].get("provider_report"),
+        "system": system,
+        "stages": stages,
+        "cold": {
+            "load_s": summarise([p["load_s"] for p in procs]),
+            "first_image_s": summarise([p["first_image_s"] for p in procs]),
+        },
+        "peak_rss_bytes": max(rss) if rss else None,
+        "processes": len(procs),
+        "providers": procs[0].get("providers"),
+        "provider_report": procs[0].get("provider_report"),
         # peers: where they ran (torch device or onnxruntime provider) and torch's dtype
         **{k: procs[0][k] for k in ("device", "dtype") if procs[0].get(k)},
     }
@@ -121,8 +132,12 @@ def _graph_macs(bundle, size: int, guidance_batch: int, decoder: str = "full") -
     seq = m.tokenizer["max_length"]
     shapes = {
         "text_encoder": {"input_ids": (1, seq)},
-        "unet": {"sample": (guidance_batch, m.latent_channels, lat, lat), "timestep": (),
-                 "encoder_hidden_states": (guidance_batch, seq, _hidden(m)), "timestep_cond": (guidance_batch, m.guidance_embedding_dim or 0)},
+        "unet": {
+            "sample": (guidance_batch, m.latent_channels, lat, lat),
+            "timestep": (),
+            "encoder_hidden_states": (guidance_batch, seq, _hidden(m)),
+            "timestep_cond": (guidance_batch, m.guidance_embedding_dim or 0),
+        },
         "vae_decoder": {"latent_sample": (1, m.latent_channels, lat, lat)},
     }
     graphs = {**{name: name for name in STAGES}, "vae_decoder": DECODERS[decoder]}
@@ -170,7 +185,9 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
     for peer in cfg.compare:
         if peer not in PEERS:
             raise ValueError(f"unknown peer {peer!r}; choose from {', '.join(PEERS)}")
-        why = peer_available(peer) or (None if cfg.source else f"{peer} skipped: --source (the diffusers folder) not given")
+        why = peer_available(peer) or (
+            None if cfg.source else f"{peer} skipped: --source (the diffusers folder) not given"
+        )
         (notes.append(why) if why else peers.append(peer))
     # the MatMul peak per provider and dtype: fp32 everywhere, fp16 too on GPUs (fp16 bundles are held to it)
     chosen = {p: resolve(p).provider for p in cfg.providers}
@@ -183,8 +200,13 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
             notes.append("peak MatMul rate not measured: the onnx package is not installed")
             break
     bundles = [Bundle.open(b, verify="size") for b in cfg.bundles]
-    configs = [(b, p, st, sz or b.manifest.defaults["height"])
-               for b in bundles for p in cfg.providers for st in cfg.steps for sz in cfg.sizes]
+    configs = [
+        (b, p, st, sz or b.manifest.defaults["height"])
+        for b in bundles
+        for p in cfg.providers
+        for st in cfg.steps
+        for sz in cfg.sizes
+    ]
     optimum_dirs = {}
     if "optimum" in peers:
         digest = hashlib.sha256(str(Path(cfg.source).resolve()).encode()).hexdigest()[:10]
@@ -205,10 +227,20 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
         on_gpu = chosen[provider].gpu
         half_on_gpu = on_gpu and m.components["unet"].precision == "fp16"
         # peers read provider and threads; edgediff's worker reads its whole RuntimeOptions
-        args = {"bundle": str(bundle.path), "provider": provider, "steps": steps, "size": size, "repeat": cfg.repeat,
-                "warmup": cfg.warmup, "threads": threads, "source": cfg.source,
-                "optimum_dir": optimum_dirs.get(cfg.source), "peer_gpu": on_gpu, "peer_half": half_on_gpu,
-                "options": cfg.runtime.replace(provider=provider, threads=threads).to_dict()}
+        args = {
+            "bundle": str(bundle.path),
+            "provider": provider,
+            "steps": steps,
+            "size": size,
+            "repeat": cfg.repeat,
+            "warmup": cfg.warmup,
+            "threads": threads,
+            "source": cfg.source,
+            "optimum_dir": optimum_dirs.get(cfg.source),
+            "peer_gpu": on_gpu,
+            "peer_half": half_on_gpu,
+            "options": cfg.runtime.replace(provider=provider, threads=threads).to_dict(),
+        }
         if cfg.graph_cache:  # a folder of this run's own, filled by one start that is not measured
             args["cache_dir"] = str(out / "graph-cache")
             _worker("edgediff", {**args, "repeat": 1, "warmup": 0})
@@ -240,20 +272,42 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
         if macs:
             ours = rows[0]["stages"]
             rows[0]["achieved"] = {
-                s: {"macs": macs[s], "macs_per_second": macs[s] / ours["unet_call" if s == "unet" else s]["median"],
-                    "fraction_of_peak": (macs[s] / ours["unet_call" if s == "unet" else s]["median"] / peak["macs_per_second"]) if peak else None}
-                for s in STAGES}
-        results.append({"bundle": str(bundle.path), "family": m.family,
-                        "precision": sorted({c.precision for c in m.components.values()}),
-                        "bundle_bytes": bundle.size_on_disk, "provider": provider, "steps": steps, "size": size,
-                        "guidance": m.defaults["guidance"], "mode": cfg.mode, "systems": rows})
+                s: {
+                    "macs": macs[s],
+                    "macs_per_second": macs[s] / ours["unet_call" if s == "unet" else s]["median"],
+                    "fraction_of_peak": (
+                        macs[s] / ours["unet_call" if s == "unet" else s]["median"] / peak["macs_per_second"]
+                    )
+                    if peak
+                    else None,
+                }
+                for s in STAGES
+            }
+        results.append(
+            {
+                "bundle": str(bundle.path),
+                "family": m.family,
+                "precision": sorted({c.precision for c in m.components.values()}),
+                "bundle_bytes": bundle.size_on_disk,
+                "provider": provider,
+                "steps": steps,
+                "size": size,
+                "guidance": m.defaults["guidance"],
+                "mode": cfg.mode,
+                "systems": rows,
+            }
+        )
     bar.close()
     return {
         "schema_version": RESULTS_SCHEMA_VERSION,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": describe(), "threads": threads, "peak": peaks.get(_peak_key(cfg.providers[0], False)), "peaks": peaks,
+        "machine": describe(),
+        "threads": threads,
+        "peak": peaks.get(_peak_key(cfg.providers[0], False)),
+        "peaks": peaks,
         "config": asdict(cfg),
-        "notes": notes, "results": results,
+        "notes": notes,
+        "results": results,
     }
 
 

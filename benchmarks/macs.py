@@ -12,13 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-
-SMALL_CONSTANT_ELEMENTS = 1 << 16  # up to this size (biases, reshape targets) read for shape inference; big weights never
+SMALL_CONSTANT_ELEMENTS = (
+    1 << 16
+)  # up to this size (biases, reshape targets) read for shape inference; big weights never
 
 
 def _static_model(path: Path, input_shapes: dict[str, tuple]):
     import onnx
-
     from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
     model = onnx.load(str(path), load_external_data=False)  # structure only: weights' dims are in the proto
@@ -68,8 +68,17 @@ def count_macs(path: str | Path, input_shapes: dict[str, tuple]) -> dict:
     uncounted = []
     for node in model.graph.node:
         op = node.op_type
-        if op not in ("Conv", "ConvTranspose", "MatMul", "Gemm", "QLinearConv", "ConvInteger", "MatMulInteger",
-                      "QLinearMatMul", "MatMulNBits"):
+        if op not in (
+            "Conv",
+            "ConvTranspose",
+            "MatMul",
+            "Gemm",
+            "QLinearConv",
+            "ConvInteger",
+            "MatMulInteger",
+            "QLinearMatMul",
+            "MatMulNBits",
+        ):
             continue
         out = shapes.get(node.output[0])
         if out is None:

@@ -15,8 +15,9 @@ PEAK_SIZE = 2048  # large enough to be compute-bound on CPUs, small enough to ta
 GPU_PEAK_SIZE = 8192  # a GPU needs a much larger product to be compute-bound (8192^3 MACs: ~1 ms at 1 PMAC/s)
 
 
-def matmul_peak(threads: int | None = None, provider: str = "CPUExecutionProvider", repeat: int = 5,
-                half: bool = False) -> dict:
+def matmul_peak(
+    threads: int | None = None, provider: str = "CPUExecutionProvider", repeat: int = 5, half: bool = False
+) -> dict:
     """`half`: an fp16 MatMul (a GPU's tensor cores; what fp16 bundles are measured against)."""
     import onnxruntime as ort
     from onnx import TensorProto, helper  # only to build the one-node graph
@@ -27,15 +28,21 @@ def matmul_peak(threads: int | None = None, provider: str = "CPUExecutionProvide
     n = GPU_PEAK_SIZE if on_cuda else PEAK_SIZE
     elem, dtype = (TensorProto.FLOAT16, np.float16) if half else (TensorProto.FLOAT, np.float32)
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["a", "b"], ["c"])], "peak",
+        [helper.make_node("MatMul", ["a", "b"], ["c"])],
+        "peak",
         [helper.make_tensor_value_info("a", elem, [n, n]), helper.make_tensor_value_info("b", elem, [n, n])],
-        [helper.make_tensor_value_info("c", elem, [n, n])])
+        [helper.make_tensor_value_info("c", elem, [n, n])],
+    )
     # IR version 10: what onnxruntime 1.17+ reads (newer onnx packages default to newer IR versions)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
-    session = ort.InferenceSession(model.SerializeToString(), sess_options=session_options(threads), providers=[provider])
+    session = ort.InferenceSession(
+        model.SerializeToString(), sess_options=session_options(threads), providers=[provider]
+    )
     rng = np.random.default_rng(0)
-    feeds = {"a": rng.standard_normal((n, n), dtype=np.float32).astype(dtype),
-             "b": rng.standard_normal((n, n), dtype=np.float32).astype(dtype)}
+    feeds = {
+        "a": rng.standard_normal((n, n), dtype=np.float32).astype(dtype),
+        "b": rng.standard_normal((n, n), dtype=np.float32).astype(dtype),
+    }
     if on_cuda:
         # operands and result stay on the GPU: the rate of the multiply, not of PCIe copies
         binding = session.io_binding()
@@ -47,8 +54,10 @@ def matmul_peak(threads: int | None = None, provider: str = "CPUExecutionProvide
             session.run_with_iobinding(binding)
             binding.synchronize_outputs()
     else:
+
         def call():
             session.run(None, feeds)
+
     call()
     times = []
     for _ in range(repeat):
@@ -56,5 +65,10 @@ def matmul_peak(threads: int | None = None, provider: str = "CPUExecutionProvide
         call()
         times.append(time.perf_counter() - t0)
     best = min(times)
-    return {"size": n, "seconds": best, "macs_per_second": n**3 / best, "provider": provider,
-            "dtype": "float16" if half else "float32"}
+    return {
+        "size": n,
+        "seconds": best,
+        "macs_per_second": n**3 / best,
+        "provider": provider,
+        "dtype": "float16" if half else "float32",
+    }

@@ -19,28 +19,7 @@ import time
 
 import numpy as np
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
-
-
-def ssim(a: np.ndarray, b: np.ndarray, window: int = 7) -> float:
-    """Mean SSIM (Wang et al. 2004) over RGB with a uniform window; images in [0, 1], HWC.
-    Hand-written (a few lines of numpy) to keep scikit-image out of the dependencies for one metric."""
-    from numpy.lib.stride_tricks import sliding_window_view
-
-    c1, c2 = 0.01**2, 0.03**2
-    a, b = a.astype(np.float64), b.astype(np.float64)
-
-    def local_mean(x):
-        return sliding_window_view(x, (window, window), axis=(0, 1)).mean(axis=(-2, -1))
-
-    mu_a, mu_b = local_mean(a), local_mean(b)
-    var_a = local_mean(a * a) - mu_a**2
-    var_b = local_mean(b * b) - mu_b**2
-    cov = local_mean(a * b) - mu_a * mu_b
-    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    return float(s.mean())
+from .metrics import psnr, ssim
 
 
 def _generate(pipe, scenes, decoder: str | None):
@@ -66,14 +45,22 @@ def _shipped_model_scoring():
     except ModuleNotFoundError as exc:
         if exc.name != "training":  # training/ is there but something it needs is not: that error says what
             raise
-        raise ImportError("the quality benchmark scores images with the shipped model's checker (training/ in "
-                          "edgediff's repository): run it from a source checkout's root") from exc
+        raise ImportError(
+            "the quality benchmark scores images with the shipped model's checker (training/ in "
+            "edgediff's repository): run it from a source checkout's root"
+        ) from exc
     return adherence, eval_prompts
 
 
-def compare(reference: str, variants: dict[str, str], n: int, threads: int | None = None,
-            reference_decoder: str | None = None, provider: str = "cpu",
-            provider_options: dict | None = None) -> list[dict]:
+def compare(
+    reference: str,
+    variants: dict[str, str],
+    n: int,
+    threads: int | None = None,
+    reference_decoder: str | None = None,
+    provider: str = "cpu",
+    provider_options: dict | None = None,
+) -> list[dict]:
     from PIL import Image
 
     from edgediff.runtime import Bundle, Pipeline
@@ -87,26 +74,50 @@ def compare(reference: str, variants: dict[str, str], n: int, threads: int | Non
         return [Image.fromarray((np.clip(x, 0, 1) * 255).round().astype(np.uint8)) for x in images]
 
     label = f"fp32 (reference, {reference_decoder} decoder)" if reference_decoder else "fp32 (reference)"
-    rows = [{"variant": label, "psnr": float("inf"), "psnr_min": float("inf"), "ssim": 1.0,
-             "ms": ref_ms, "bytes": Bundle.open(reference, verify="size").size_on_disk, **adherence(pil(ref_images), scenes)}]
+    rows = [
+        {
+            "variant": label,
+            "psnr": float("inf"),
+            "psnr_min": float("inf"),
+            "ssim": 1.0,
+            "ms": ref_ms,
+            "bytes": Bundle.open(reference, verify="size").size_on_disk,
+            **adherence(pil(ref_images), scenes),
+        }
+    ]
     for name, path in variants.items():
         bundle, decoder = _variant(path, reference)
         same = bundle == reference and provider == "cpu" and not provider_options
-        pipe = ref_pipe if same else Pipeline.from_bundle(bundle, provider=provider, threads=threads,
-                                                           provider_options=provider_options)
+        pipe = (
+            ref_pipe
+            if same
+            else Pipeline.from_bundle(bundle, provider=provider, threads=threads, provider_options=provider_options)
+        )
         images, ms = _generate(pipe, scenes, decoder)
         scores = [psnr(a, b) for a, b in zip(images, ref_images)]
-        rows.append({"variant": name, "psnr": float(np.mean(scores)), "psnr_min": float(np.min(scores)),
-                     "ssim": float(np.mean([ssim(a, b) for a, b in zip(images, ref_images)])), "ms": ms,
-                     "bytes": Bundle.open(bundle, verify="size").size_on_disk, **adherence(pil(images), scenes)})
+        rows.append(
+            {
+                "variant": name,
+                "psnr": float(np.mean(scores)),
+                "psnr_min": float(np.min(scores)),
+                "ssim": float(np.mean([ssim(a, b) for a, b in zip(images, ref_images)])),
+                "ms": ms,
+                "bytes": Bundle.open(bundle, verify="size").size_on_disk,
+                **adherence(pil(images), scenes),
+            }
+        )
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reference", required=True)
-    parser.add_argument("--variant", action="append", default=[],
-                        help="NAME=BUNDLE, NAME=BUNDLE@DECODER, or NAME=@tiny for the reference's tiny decoder")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="NAME=BUNDLE, NAME=BUNDLE@DECODER, or NAME=@tiny for the reference's tiny decoder",
+    )
     parser.add_argument("--reference-decoder", choices=("full", "tiny"), default=None)
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--threads", type=int, default=None)
@@ -116,14 +127,25 @@ def main() -> None:
     from edgediff.runtime.providers import parse_options
 
     variants = dict(v.split("=", 1) for v in args.variant)
-    rows = compare(args.reference, variants, args.n, args.threads, args.reference_decoder, args.provider,
-                   parse_options(args.provider_option))
-    print("| variant | PSNR vs fp32 (mean / min) | SSIM | colour | background | shape | size | position | ms/image | MiB |")
+    rows = compare(
+        args.reference,
+        variants,
+        args.n,
+        args.threads,
+        args.reference_decoder,
+        args.provider,
+        parse_options(args.provider_option),
+    )
+    print(
+        "| variant | PSNR vs fp32 (mean / min) | SSIM | colour | background | shape | size | position | ms/image | MiB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r['psnr']:.1f} / {r['psnr_min']:.1f} dB | {r['ssim']:.3f} | {r['colour']:.1%} | "
-              f"{r['background']:.1%} | {r['shape']:.1%} | {r['size']:.1%} | {r['position']:.1%} | {r['ms']:.0f} | "
-              f"{r['bytes'] / 2**20:.1f} |")
+        print(
+            f"| {r['variant']} | {r['psnr']:.1f} / {r['psnr_min']:.1f} dB | {r['ssim']:.3f} | {r['colour']:.1%} | "
+            f"{r['background']:.1%} | {r['shape']:.1%} | {r['size']:.1%} | {r['position']:.1%} | {r['ms']:.0f} | "
+            f"{r['bytes'] / 2**20:.1f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -21,7 +20,7 @@ def peak_rss_bytes() -> int | None:
     """This process's peak resident memory. On Linux the kernel's high-water mark of this address space
     (VmHWM), not getrusage: Linux carries a process's ru_maxrss over exec from the address space it
     replaces, so a worker spawned by a harness that had held 1 GiB reported at least 1 GiB
-    (tests/test_bench.py)."""
+    (tests/bench/test_bench.py)."""
     try:
         with open("/proc/self/status") as status:
             for line in status:
@@ -48,8 +47,17 @@ def _latents(manifest, size: int, seed: int) -> np.ndarray:
 
 
 def _run_stats(runs: list[dict]) -> list[dict]:
-    return [{"tokenize": r.get("tokenize", 0.0), "text_encoder": r["text_encoder"], "unet_calls": r["unet"],
-             "unet": sum(r["unet"]), "vae_decoder": r["vae_decoder"], "total": r["total"]} for r in runs]
+    return [
+        {
+            "tokenize": r.get("tokenize", 0.0),
+            "text_encoder": r["text_encoder"],
+            "unet_calls": r["unet"],
+            "unet": sum(r["unet"]),
+            "vae_decoder": r["vae_decoder"],
+            "total": r["total"],
+        }
+        for r in runs
+    ]
 
 
 def edgediff(a: dict) -> dict:
@@ -63,13 +71,25 @@ def edgediff(a: dict) -> dict:
     load = time.perf_counter() - t0
     runs = []
     for i in range(a["warmup"] + a["repeat"] + 1):
-        out = pipe(PROMPT, num_inference_steps=a["steps"], height=a["size"], width=a["size"],
-                   latents=_latents(pipe.manifest, a["size"], i), seed=i, output_type="np")
+        out = pipe(
+            PROMPT,
+            num_inference_steps=a["steps"],
+            height=a["size"],
+            width=a["size"],
+            latents=_latents(pipe.manifest, a["size"], i),
+            seed=i,
+            output_type="np",
+        )
         runs.append(dict(out.timings))
     report = pipe.provider_report()  # read without opening anything (low-memory mode keeps only the last graph)
     graphs = report["graphs"]
-    return {"load_s": load, "first_image_s": runs[0]["total"], "runs": _run_stats(runs[1 + a["warmup"]:]),
-            "providers": graphs.get("unet", next(iter(graphs.values()), {})).get("providers"), "provider_report": report}
+    return {
+        "load_s": load,
+        "first_image_s": runs[0]["total"],
+        "runs": _run_stats(runs[1 + a["warmup"] :]),
+        "providers": graphs.get("unet", next(iter(graphs.values()), {})).get("providers"),
+        "provider_report": report,
+    }
 
 
 class _Timer:
@@ -88,6 +108,7 @@ class _Timer:
             self.sync()
             self.marks.setdefault(name, []).append(time.perf_counter() - start)
             return out
+
         return timed
 
 
@@ -102,11 +123,24 @@ def _reference_runs(pipe, timer, manifest, a, torch_mode: bool, device: str = "c
             latents = torch.from_numpy(latents).to(device, dtype or torch.float32)
         timer.sync()
         start = time.perf_counter()
-        pipe(PROMPT, num_inference_steps=a["steps"], guidance_scale=manifest.defaults["guidance"], height=a["size"],
-             width=a["size"], latents=latents, output_type="np")
+        pipe(
+            PROMPT,
+            num_inference_steps=a["steps"],
+            guidance_scale=manifest.defaults["guidance"],
+            height=a["size"],
+            width=a["size"],
+            latents=latents,
+            output_type="np",
+        )
         m = timer.marks
-        runs.append({"text_encoder": sum(m.get("text_encoder", [])), "unet": m.get("unet", []),
-                     "vae_decoder": sum(m.get("vae_decoder", [])), "total": time.perf_counter() - start})
+        runs.append(
+            {
+                "text_encoder": sum(m.get("text_encoder", [])),
+                "unet": m.get("unet", []),
+                "vae_decoder": sum(m.get("vae_decoder", [])),
+                "total": time.perf_counter() - start,
+            }
+        )
     return runs
 
 
@@ -149,8 +183,13 @@ def diffusers(a: dict) -> dict:
     pipe.vae.decode = timer.wrap("vae_decoder", pipe.vae.decode)
     with torch.inference_mode():
         runs = _reference_runs(pipe, timer, manifest, a, torch_mode=True, device=device, dtype=dtype)
-    return {"device": device, "dtype": str(dtype).removeprefix("torch."), "load_s": load,
-            "first_image_s": runs[0]["total"], "runs": _run_stats(runs[1 + a["warmup"]:])}
+    return {
+        "device": device,
+        "dtype": str(dtype).removeprefix("torch."),
+        "load_s": load,
+        "first_image_s": runs[0]["total"],
+        "runs": _run_stats(runs[1 + a["warmup"] :]),
+    }
 
 
 def optimum(a: dict) -> dict:
@@ -169,12 +208,19 @@ def optimum(a: dict) -> dict:
     _same_scheduler(pipe, manifest)
     load = time.perf_counter() - t0
     timer = _Timer()
-    parts = [("text_encoder", enc) for enc in _text_encoders(pipe)] + [("unet", pipe.unet), ("vae_decoder", pipe.vae_decoder)]
+    parts = [("text_encoder", enc) for enc in _text_encoders(pipe)] + [
+        ("unet", pipe.unet),
+        ("vae_decoder", pipe.vae_decoder),
+    ]
     for name, part in parts:
         part.forward = timer.wrap(name, part.forward)
     runs = _reference_runs(pipe, timer, manifest, a, torch_mode=True)  # its scheduler steps in torch
-    return {"device": provider, "load_s": load, "first_image_s": runs[0]["total"],
-            "runs": _run_stats(runs[1 + a["warmup"]:])}
+    return {
+        "device": provider,
+        "load_s": load,
+        "first_image_s": runs[0]["total"],
+        "runs": _run_stats(runs[1 + a["warmup"] :]),
+    }
 
 
 def _optimum_class(folder: str):

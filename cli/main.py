@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 import sys
 import warnings
+from pathlib import Path
 
 import click
 
@@ -59,8 +59,9 @@ def cli(verbose: bool) -> None:
 
 @cli.command()
 @click.argument("prompt")
-@click.option("--model", "model", default=None,
-              help="Bundle folder, or a name from `edgediff list` (default: the shipped model).")
+@click.option(
+    "--model", "model", default=None, help="Bundle folder, or a name from `edgediff list` (default: the shipped model)."
+)
 @click.option("--steps", type=int, default=None, help="Denoising steps (default: the bundle's).")
 @click.option("--guidance", type=float, default=None, help="Guidance scale (default: the bundle's).")
 @click.option("--seed", type=int, default=None, help="Seed; image i of a batch uses seed + i.")
@@ -68,19 +69,58 @@ def cli(verbose: bool) -> None:
 @click.option("--height", type=int, default=None)
 @click.option("--negative-prompt", default=None)
 @click.option("--num-images", type=int, default=1, show_default=True)
-@click.option("--image", "init_image", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Image-to-image: start from this image (its size, rounded to 8, unless --width/--height).")
-@click.option("--strength", type=float, default=None,
-              help="Image-to-image: how much to change, 0 keeps the image, 1 ignores it (default 0.8; inpainting 1.0).")
-@click.option("--mask", "mask", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Inpainting: white areas of this image are repainted (with --image).")
-@click.option("--outpaint", default=None, metavar="LEFT,TOP,RIGHT,BOTTOM",
-              help="Outpainting: grow --image by these many pixels per side and paint the new area.")
+@click.option(
+    "--image",
+    "init_image",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Image-to-image: start from this image (its size, rounded to 8, unless --width/--height).",
+)
+@click.option(
+    "--strength",
+    type=float,
+    default=None,
+    help="Image-to-image: how much to change, 0 keeps the image, 1 ignores it (default 0.8; inpainting 1.0).",
+)
+@click.option(
+    "--mask",
+    "mask",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Inpainting: white areas of this image are repainted (with --image).",
+)
+@click.option(
+    "--outpaint",
+    default=None,
+    metavar="LEFT,TOP,RIGHT,BOTTOM",
+    help="Outpainting: grow --image by these many pixels per side and paint the new area.",
+)
 @runtime_options()
-@click.option("-o", "--output", default="edgediff.png", show_default=True, type=click.Path(),
-              help="Image file; with --num-images N, files get _0.._N-1 suffixes.")
-def generate(prompt, model, steps, guidance, seed, width, height, negative_prompt, num_images, init_image, strength,
-             mask, outpaint, options, output):
+@click.option(
+    "-o",
+    "--output",
+    default="edgediff.png",
+    show_default=True,
+    type=click.Path(),
+    help="Image file; with --num-images N, files get _0.._N-1 suffixes.",
+)
+def generate(
+    prompt,
+    model,
+    steps,
+    guidance,
+    seed,
+    width,
+    height,
+    negative_prompt,
+    num_images,
+    init_image,
+    strength,
+    mask,
+    outpaint,
+    options,
+    output,
+):
     """Generate an image from PROMPT."""
     from tqdm.auto import tqdm
 
@@ -100,8 +140,11 @@ def generate(prompt, model, steps, guidance, seed, width, height, negative_promp
             raise click.UsageError("--outpaint takes four integers: LEFT,TOP,RIGHT,BOTTOM") from None
     elif mask and not init_image:
         raise click.UsageError("--mask needs --image")
-    targets = [Path(output)] if num_images == 1 else [
-        Path(output).with_name(f"{Path(output).stem}_{i}{Path(output).suffix}") for i in range(num_images)]
+    targets = (
+        [Path(output)]
+        if num_images == 1
+        else [Path(output).with_name(f"{Path(output).stem}_{i}{Path(output).suffix}") for i in range(num_images)]
+    )
     for target in targets:  # fail before minutes of work, not after
         check_writable(target)
     pipe = Pipeline.from_bundle(resolve_bundle(model), options)
@@ -112,9 +155,22 @@ def generate(prompt, model, steps, guidance, seed, width, height, negative_promp
             bars.append(tqdm(total=event.total, desc="denoising", unit="step"))
         bars[0].update(1)
 
-    result = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
-                  height=height, width=width, seed=seed, num_images_per_prompt=num_images, callback=progress,
-                  image=init_image, strength=strength, mask_image=mask, keep_unmasked=bool(mask), outpaint=margins)
+    result = pipe(
+        prompt,
+        negative_prompt=negative_prompt,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        height=height,
+        width=width,
+        seed=seed,
+        num_images_per_prompt=num_images,
+        callback=progress,
+        image=init_image,
+        strength=strength,
+        mask_image=mask,
+        keep_unmasked=bool(mask),
+        outpaint=margins,
+    )
     for bar in bars:
         bar.close()
     for image, target, image_seed in zip(result.images, targets, result.seeds):
@@ -135,8 +191,10 @@ def list_():
         m = e.manifest
         precisions = "/".join(sorted({c.precision for c in m.components.values()}))
         decoders = "full+tiny" if "vae_decoder_tiny" in m.components else "full"
-        click.echo(f"{e.name:<20}{m.family:<10}{precisions:<10}{m.defaults['width']}x{m.defaults['height']:<6}"
-                   f"{decoders:<11}{e.size / 2**20:8.1f} MiB  {e.path}")
+        click.echo(
+            f"{e.name:<20}{m.family:<10}{precisions:<10}{m.defaults['width']}x{m.defaults['height']:<6}"
+            f"{decoders:<11}{e.size / 2**20:8.1f} MiB  {e.path}"
+        )
 
 
 @cli.command()
@@ -155,8 +213,10 @@ def info(bundle, verify):
     d = m.defaults
     click.echo(f"defaults      {d['steps']} steps, guidance {d['guidance']}, {d['width']}x{d['height']}")
     click.echo(f"source        {m.provenance.get('source', '?')} ({m.provenance.get('date', '?')})")
-    text = " + ".join(f"{e['component']} ({e['output']}" + (f", pooled {e['pooled']})" if e.get("pooled") else ")")
-                      for e in m.text_encoders)
+    text = " + ".join(
+        f"{e['component']} ({e['output']}" + (f", pooled {e['pooled']})" if e.get("pooled") else ")")
+        for e in m.text_encoders
+    )
     click.echo(f"text          {text}" + ("; size/crop conditions" if m.conditioning.get("time_ids") else ""))
     for name, comp in m.components.items():
         shapes = ", ".join(f"{t.name}{list(t.shape)}:{t.dtype}" for t in comp.inputs)
@@ -176,12 +236,18 @@ def families():
 
 
 @cli.command()
-@click.option("--model", default=None,
-              help="Also open this bundle (folder or name) and show where each of its graphs runs.")
+@click.option(
+    "--model", default=None, help="Also open this bundle (folder or name) and show where each of its graphs runs."
+)
 @click.option("--provider", default="auto", show_default=True, help="With --model: the provider to open it on.")
 @click.option("--fallback", is_flag=True, help="With --model: fall back to the best available provider.")
-@click.option("--provider-option", "provider_options", multiple=True, metavar="KEY=VALUE",
-              help="With --model: onnxruntime provider option over edgediff's (repeatable).")
+@click.option(
+    "--provider-option",
+    "provider_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="With --model: onnxruntime provider option over edgediff's (repeatable).",
+)
 def providers(model, provider, fallback, provider_options):
     """List the execution providers edgediff knows, which this onnxruntime offers, and what `auto` picks;
     with --model, where each of that bundle's graphs runs."""
@@ -215,7 +281,9 @@ def _show_placement(model: str, provider: str, fallback: bool, options: dict) ->
     from edgediff.runtime.catalog import resolve_bundle
 
     path = resolve_bundle(model)
-    with Pipeline.from_bundle(path, RuntimeOptions(provider=provider, fallback=fallback, provider_options=options)) as pipe:
+    with Pipeline.from_bundle(
+        path, RuntimeOptions(provider=provider, fallback=fallback, provider_options=options)
+    ) as pipe:
         report = pipe.provider_report()
     short = {p.ort_name: name for name, p in prov.REGISTRY.items()}
     asked = f" (asked for {report['requested']}: not available here)" if report["fell_back"] else ""
@@ -247,8 +315,10 @@ def cache_list():
         used = datetime.fromtimestamp(entry.last_used).strftime("%Y-%m-%d %H:%M")
         click.echo(f"{entry.size / 2**20:10.1f} MiB  {used}  {entry.name}")
     total = sum(e.size for e in found)
-    click.echo(f"{len(found)} entries, {total / 2**30:.2f} GiB of {limit / 2**30:.1f} GiB "
-               f"({graph_cache.LIMIT_ENV}) in {folder}")
+    click.echo(
+        f"{len(found)} entries, {total / 2**30:.2f} GiB of {limit / 2**30:.1f} GiB "
+        f"({graph_cache.LIMIT_ENV}) in {folder}"
+    )
 
 
 @cache.command("clear")
@@ -282,14 +352,22 @@ def _csv_ints(value: str | None) -> list:
 @click.option("--size", default=None, help="Comma-separated square sizes (default: each bundle's).")
 @click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True, help="Warm runs per process.")
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Warm-up runs per process.")
-@click.option("--rounds", type=click.IntRange(min=1), default=2, show_default=True,
-              help="Fresh processes per system, interleaved.")
+@click.option(
+    "--rounds",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Fresh processes per system, interleaved.",
+)
 @click.option("--compare", default="", help="Peers: diffusers,optimum (need --source).")
 @click.option("--source", type=click.Path(), default=None, help="The diffusers folder the bundle came from.")
 @click.option("--out", type=click.Path(), default="bench-out", show_default=True)
-@click.option("--graph-cache", is_flag=True,
-              help="edgediff: start from a graph cache one unmeasured start filled (a user's usual start); "
-                   "without it every start optimizes its graphs, as a first-ever start does.")
+@click.option(
+    "--graph-cache",
+    is_flag=True,
+    help="edgediff: start from a graph cache one unmeasured start filled (a user's usual start); "
+    "without it every start optimizes its graphs, as a first-ever start does.",
+)
 @runtime_options(multiple_providers=True)
 @click.pass_context
 def bench(ctx, models, steps, size, repeat, warmup, rounds, compare, source, out, graph_cache, providers, options):
@@ -301,10 +379,20 @@ def bench(ctx, models, steps, size, repeat, warmup, rounds, compare, source, out
     from edgediff.benchmarks.report import write_outputs
     from edgediff.runtime.catalog import resolve_bundle
 
-    cfg = BenchConfig(bundles=[str(resolve_bundle(m)) for m in models or [None]], providers=providers,
-                      steps=_csv_ints(steps), sizes=_csv_ints(size) or [None], repeat=repeat, warmup=warmup,
-                      rounds=rounds, compare=[c for c in compare.split(",") if c], source=source, out=out,
-                      runtime=options, graph_cache=graph_cache)
+    cfg = BenchConfig(
+        bundles=[str(resolve_bundle(m)) for m in models or [None]],
+        providers=providers,
+        steps=_csv_ints(steps),
+        sizes=_csv_ints(size) or [None],
+        repeat=repeat,
+        warmup=warmup,
+        rounds=rounds,
+        compare=[c for c in compare.split(",") if c],
+        source=source,
+        out=out,
+        runtime=options,
+        graph_cache=graph_cache,
+    )
     data = run_bench(cfg)
     for note in data["notes"]:
         click.echo(f"note: {note}", err=True)

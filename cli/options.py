@@ -29,36 +29,65 @@ def _sampler_names() -> str:
 # RuntimeOptions field -> its click option (help texts for users; the dataclass says why each exists)
 _RUNTIME_CLICK = {
     "provider": lambda multiple: click.option(
-        "--provider", "provider", multiple=multiple, default=() if multiple else "auto", show_default=not multiple,
-        help=f"Execution provider: {_provider_names()}" + (" (repeatable; default auto)." if multiple else ".")),
+        "--provider",
+        "provider",
+        multiple=multiple,
+        default=() if multiple else "auto",
+        show_default=not multiple,
+        help=f"Execution provider: {_provider_names()}" + (" (repeatable; default auto)." if multiple else "."),
+    ),
     "fallback": lambda _: click.option(
-        "--fallback", is_flag=True, help="Fall back to the best available provider instead of failing."),
+        "--fallback", is_flag=True, help="Fall back to the best available provider instead of failing."
+    ),
     "provider_options": lambda _: click.option(
-        "--provider-option", "provider_options", multiple=True, metavar="KEY=VALUE",
-        help="onnxruntime provider option over edgediff's (repeatable), e.g. cudnn_conv_algo_search=EXHAUSTIVE."),
+        "--provider-option",
+        "provider_options",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="onnxruntime provider option over edgediff's (repeatable), e.g. cudnn_conv_algo_search=EXHAUSTIVE.",
+    ),
     "threads": lambda _: click.option(
-        "--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads (default: physical cores)."),
+        "--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads (default: physical cores)."
+    ),
     "low_memory": lambda _: click.option(
-        "--low-memory", is_flag=True, help="Keep one graph in memory at a time (slower, smallest peak)."),
+        "--low-memory", is_flag=True, help="Keep one graph in memory at a time (slower, smallest peak)."
+    ),
     "decoder": lambda _: click.option(
-        "--decoder", type=click.Choice(list(DECODERS)), default="full", show_default=True,
-        help="tiny: the bundle's AutoencoderTiny decoder (fast, slightly softer)."),
+        "--decoder",
+        type=click.Choice(list(DECODERS)),
+        default="full",
+        show_default=True,
+        help="tiny: the bundle's AutoencoderTiny decoder (fast, slightly softer).",
+    ),
     "decode_tile": lambda _: click.option(
-        "--decode-tile", type=int, default=None, help="Decode in tiles of this many latent cells (bounded memory)."),
+        "--decode-tile", type=int, default=None, help="Decode in tiles of this many latent cells (bounded memory)."
+    ),
     "cache": lambda _: click.option(
-        "--cache/--no-cache", default=True, show_default=True,
-        help="Keep onnxruntime's optimized graphs in the per-user cache (faster second start)."),
+        "--cache/--no-cache",
+        default=True,
+        show_default=True,
+        help="Keep onnxruntime's optimized graphs in the per-user cache (faster second start).",
+    ),
     "io_binding": lambda _: click.option(
-        "--io-binding/--no-io-binding", default=None,
-        help="GPUs: inputs and outputs in device buffers (default: wherever the provider supports it)."),
+        "--io-binding/--no-io-binding",
+        default=None,
+        help="GPUs: inputs and outputs in device buffers (default: wherever the provider supports it).",
+    ),
     "cuda_graph": lambda _: click.option(
-        "--cuda-graph", is_flag=True,
-        help="CUDA/TensorRT: capture each graph's kernel launches once per image size and replay them."),
+        "--cuda-graph",
+        is_flag=True,
+        help="CUDA/TensorRT: capture each graph's kernel launches once per image size and replay them.",
+    ),
     "compute_units": lambda _: click.option(
-        "--compute-units", type=click.Choice(list(COMPUTE_UNITS)), default="all", show_default=True,
-        help="Core ML bundles: where Core ML may run them."),
+        "--compute-units",
+        type=click.Choice(list(COMPUTE_UNITS)),
+        default="all",
+        show_default=True,
+        help="Core ML bundles: where Core ML may run them.",
+    ),
     "sampler": lambda _: click.option(
-        "--sampler", default=None, help=f"Sampler: {_sampler_names()} (default: the bundle's)."),
+        "--sampler", default=None, help=f"Sampler: {_sampler_names()} (default: the bundle's)."
+    ),
 }
 if set(_RUNTIME_CLICK) != set(FIELD_NAMES):
     raise RuntimeError("every RuntimeOptions field needs its click option")
@@ -93,49 +122,87 @@ def _export_click():
 
     return {
         "target": click.option(
-            "--target", type=click.Choice(eo.TARGETS), default="onnx", show_default=True,
-            help="coreml: ML program packages (fp16, static shapes) for Macs and the Neural Engine."),
+            "--target",
+            type=click.Choice(eo.TARGETS),
+            default="onnx",
+            show_default=True,
+            help="coreml: ML program packages (fp16, static shapes) for Macs and the Neural Engine.",
+        ),
         "precision": click.option(
-            "--precision", type=click.Choice(eo.PRECISIONS), default="fp32", show_default=True,
+            "--precision",
+            type=click.Choice(eo.PRECISIONS),
+            default="fp32",
+            show_default=True,
             help="int8: dynamic int8 MatMul/Gemm; int8-static: calibrated QDQ int8 UNet (convolutions too); "
-                 "int4: 4-bit weight-only MatMul. The VAE stays fp32."),
+            "int4: 4-bit weight-only MatMul. The VAE stays fp32.",
+        ),
         "keep": click.option(
-            "--keep", default="none", show_default=True,
-            help="int8/int4: blocks left in fp32: none, auto (sensitivity pass), or comma-separated block names."),
+            "--keep",
+            default="none",
+            show_default=True,
+            help="int8/int4: blocks left in fp32: none, auto (sensitivity pass), or comma-separated block names.",
+        ),
         "calibration_prompts": click.option(
-            "--calibration-prompts", type=click.Path(exists=True, dir_okay=False), default=None,
-            help="int8/int4: a text file of prompts (one per line) to calibrate on."),
-        "height": click.option("--height", type=int, default=None,
-                               help="Default height recorded in the bundle (and checked at)."),
+            "--calibration-prompts",
+            type=click.Path(exists=True, dir_okay=False),
+            default=None,
+            help="int8/int4: a text file of prompts (one per line) to calibrate on.",
+        ),
+        "height": click.option(
+            "--height", type=int, default=None, help="Default height recorded in the bundle (and checked at)."
+        ),
         "width": click.option("--width", type=int, default=None),
-        "family": click.option("--family", default=None,
-                               help="Override family detection (see `edgediff families`)."),
-        "default_steps": click.option("--default-steps", type=int, default=None,
-                                      help="Steps the bundle defaults to (default: the family's)."),
-        "default_guidance": click.option("--default-guidance", type=float, default=None,
-                                         help="Guidance the bundle defaults to (default: the family's)."),
+        "family": click.option("--family", default=None, help="Override family detection (see `edgediff families`)."),
+        "default_steps": click.option(
+            "--default-steps", type=int, default=None, help="Steps the bundle defaults to (default: the family's)."
+        ),
+        "default_guidance": click.option(
+            "--default-guidance",
+            type=float,
+            default=None,
+            help="Guidance the bundle defaults to (default: the family's).",
+        ),
         "tiny_decoder": click.option(
-            "--tiny-decoder", default=None,
-            help="AutoencoderTiny folder or hub id to add as the fast decoder (e.g. madebyollin/taesd)."),
+            "--tiny-decoder",
+            default=None,
+            help="AutoencoderTiny folder or hub id to add as the fast decoder (e.g. madebyollin/taesd).",
+        ),
         "vae": click.option(
-            "--vae", default=None,
+            "--vae",
+            default=None,
             help="AutoencoderKL folder or hub id replacing the model's VAE (e.g. madebyollin/sdxl-vae-fp16-fix "
-                 "for fp16 SDXL bundles)."),
+            "for fp16 SDXL bundles).",
+        ),
         "optimize": click.option(
-            "--optimize", type=click.Choice(eo.OPTIMIZE_TARGETS), is_flag=False, flag_value="cpu", default=None,
+            "--optimize",
+            type=click.Choice(eo.OPTIMIZE_TARGETS),
+            is_flag=False,
+            flag_value="cpu",
+            default=None,
             help="Apply onnxruntime's transformer fusions (checked against PyTorch); `--optimize gpu` adds the "
-                 "CUDA-only ones (checked on CUDA; the bundle then needs the CUDA provider)."),
+            "CUDA-only ones (checked on CUDA; the bundle then needs the CUDA provider).",
+        ),
         "loras": click.option(
-            "--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
-            help="LoRA safetensors fused into the weights before export (repeatable; scale defaults to 1)."),
+            "--lora",
+            "loras",
+            multiple=True,
+            metavar="FILE[:SCALE]",
+            help="LoRA safetensors fused into the weights before export (repeatable; scale defaults to 1).",
+        ),
         "palettize": click.option(
-            "--palettize", type=click.Choice([str(b) for b in eo.PALETTE_BITS]), default=None,
-            help="coreml: k-means palettized weights with this many bits."),
+            "--palettize",
+            type=click.Choice([str(b) for b in eo.PALETTE_BITS]),
+            default=None,
+            help="coreml: k-means palettized weights with this many bits.",
+        ),
         "attention": click.option(
-            "--attention", type=click.Choice(sorted({m for modes in eo.ATTENTION_MODES.values() for m in modes})),
-            default="original", show_default=True,
+            "--attention",
+            type=click.Choice(sorted({m for modes in eo.ATTENTION_MODES.values() for m in modes})),
+            default="original",
+            show_default=True,
             help="UNet attention: sliced computes one head at a time (lower peak memory, same result); "
-                 "split_einsum (coreml): per head in the Neural Engine's layout."),
+            "split_einsum (coreml): per head in the Neural Engine's layout.",
+        ),
         "overwrite": click.option("--overwrite", is_flag=True, help="Replace OUT once the new bundle is complete."),
     }
 

@@ -5,7 +5,7 @@ the first UNet block's self-attention is 5 heads x 4096 x 4096 scores, 335 MB in
 sets the UNet's peak memory (docs/benchmarks.md).
 This processor computes one head at a time, so only one head's scores need be alive. Heads are a fixed
 count, so batch and image size stay dynamic in the graph. Same arithmetic as diffusers' attention
-(checked in tests/test_export.py); hand-written because no library processor slices heads with static
+(checked in tests/export/test_export.py); hand-written because no library processor slices heads with static
 bounds (diffusers' SlicedAttnProcessor loops over batch x heads, which would bake the batch size in).
 
 `split_einsum` (Core ML target only) is the same per-head arithmetic in the layout Apple's Neural Engine
@@ -22,7 +22,9 @@ class PerHeadAttnProcessor:
     """diffusers' AttnProcessor2_0 with its scaled-dot-product attention computed one head at a time
     (`_heads`, per subclass)."""
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs
+    ):
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -41,7 +43,7 @@ class PerHeadAttnProcessor:
         value = attn.to_v(encoder_hidden_states)
 
         head_dim = attn.to_k.out_features // attn.heads  # a Python int: the slices below are static
-        scale = head_dim ** -0.5  # scaled_dot_product_attention's default, as AttnProcessor2_0 uses
+        scale = head_dim**-0.5  # scaled_dot_product_attention's default, as AttnProcessor2_0 uses
         parts = [slice(h * head_dim, (h + 1) * head_dim) for h in range(attn.heads)]
         # scale folded into q (tokens x d) rather than applied to the scores (tokens x tokens): one multiply
         # over tokens x d instead of tokens x tokens, and int8-static graphs go from the score MatMul
@@ -64,8 +66,10 @@ class HeadSlicedAttnProcessor(PerHeadAttnProcessor):
     def _heads(query, key, value, parts):
         import torch
 
-        heads = [torch.matmul(torch.matmul(query[..., p], key[..., p].transpose(-1, -2)).softmax(dim=-1), value[..., p])
-                 for p in parts]
+        heads = [
+            torch.matmul(torch.matmul(query[..., p], key[..., p].transpose(-1, -2)).softmax(dim=-1), value[..., p])
+            for p in parts
+        ]
         return torch.cat(heads, dim=-1)
 
 
@@ -79,8 +83,10 @@ class SplitEinsumAttnProcessor(PerHeadAttnProcessor):
 
         q, v = (t.transpose(1, 2).unsqueeze(2) for t in (query, value))  # (b, c, 1, tokens)
         k = key.unsqueeze(2)  # (b, keys, 1, c): the key operand's layout in Apple's einsum
-        heads = [torch.einsum("bkhq,bchk->bchq", torch.einsum("bchq,bkhc->bkhq", q[:, p], k[..., p]).softmax(dim=1),
-                              v[:, p]) for p in parts]
+        heads = [
+            torch.einsum("bkhq,bchk->bchq", torch.einsum("bchq,bkhc->bkhq", q[:, p], k[..., p]).softmax(dim=1), v[:, p])
+            for p in parts
+        ]
         return torch.cat(heads, dim=1).squeeze(2).transpose(1, 2)  # back to (b, tokens, c)
 
 
@@ -95,8 +101,13 @@ def use_attention(module, mode: str) -> int:
 
     count = 0
     for layer in module.modules():
-        if isinstance(layer, Attention) and layer.heads > 1 and layer.norm_q is None and layer.norm_k is None \
-                and getattr(layer, "add_k_proj", None) is None:
+        if (
+            isinstance(layer, Attention)
+            and layer.heads > 1
+            and layer.norm_q is None
+            and layer.norm_k is None
+            and getattr(layer, "add_k_proj", None) is None
+        ):
             layer.set_processor(PROCESSORS[mode]())
             count += 1
     return count

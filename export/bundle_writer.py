@@ -1,7 +1,7 @@
 """The ONNX target: graphs via optimum, each checked against PyTorch, written atomically into a bundle.
 
-    export(source, "out/bundle", ExportOptions(precision="fp16"))      # edgediff.export.export
-    export_bundle("path/or/hub-id", "out/bundle", precision="fp32")   # the same, options as keywords
+export(source, "out/bundle", ExportOptions(precision="fp16"))      # edgediff.export.export
+export_bundle("path/or/hub-id", "out/bundle", precision="fp32")   # the same, options as keywords
 """
 
 from __future__ import annotations
@@ -53,8 +53,14 @@ def _save_graph(model, out_dir: Path, name: str) -> dict[str, dict]:
     # Weight bytes decide (the serialised size can't even be asked for past 2 GB).
     big = sum(len(t.raw_data) for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
     data_file = f"{name}.onnx.data"
-    onnx.save_model(model, str(out_dir / graph_file), save_as_external_data=big, all_tensors_to_one_file=True,
-                    location=data_file, size_threshold=1024)
+    onnx.save_model(
+        model,
+        str(out_dir / graph_file),
+        save_as_external_data=big,
+        all_tensors_to_one_file=True,
+        location=data_file,
+        size_threshold=1024,
+    )
     names = [graph_file] + ([data_file] if big else [])
     return {n: {"size": (out_dir / n).stat().st_size, "sha256": sha256_file(out_dir / n)} for n in names}
 
@@ -81,15 +87,18 @@ def _check_providers(optimize_for: str | None) -> list[str]:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
-def _validate(component, reference: tuple[dict, list[np.ndarray]], graph_path: Path, tolerance: float,
-              providers: list[str]) -> dict[str, float]:
+def _validate(
+    component, reference: tuple[dict, list[np.ndarray]], graph_path: Path, tolerance: float, providers: list[str]
+) -> dict[str, float]:
     """Runs the graph in onnxruntime on the reference's inputs and compares with PyTorch's outputs."""
     import onnxruntime as ort
 
     inputs, torch_out = reference
     session = ort.InferenceSession(str(graph_path), providers=providers)
     declared = {i.name: i.type for i in session.get_inputs()}
-    feeds = {k: (v.astype(np.int32) if declared.get(k) == "tensor(int32)" else v) for k, v in inputs.items() if k in declared}
+    feeds = {
+        k: (v.astype(np.int32) if declared.get(k) == "tensor(int32)" else v) for k, v in inputs.items() if k in declared
+    }
     onnx_out = session.run(None, feeds)
     names = [o.name for o in session.get_outputs()]
     del session
@@ -116,8 +125,12 @@ def _write_checked(component, raw_graph: Path, staging: Path, precision: str, re
     files = _save_graph(model, staging, component.name)
     inputs, outputs = _tensor_specs(model.graph.input), _tensor_specs(model.graph.output)
     del model
-    return files, inputs, outputs, _validate(component, reference, staging / f"{component.name}.onnx",
-                                             TOLERANCES[precision], providers)
+    return (
+        files,
+        inputs,
+        outputs,
+        _validate(component, reference, staging / f"{component.name}.onnx", TOLERANCES[precision], providers),
+    )
 
 
 def _release(module) -> None:
@@ -161,9 +174,16 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
         optimum_models = get_diffusion_models_for_export(pipe, exporter="onnx")
         components, checks = {}, {}
         raw_dir = staging / "_raw"
-        work = [(c, optimum_models.pop(c.name), pipe,
-                 {"attention": {"mode": attention, "sliced_layers": sliced_layers}} if c.name == "unet" else {})
-                for c in COMPONENTS if c.name in optimum_models]
+        work = [
+            (
+                c,
+                optimum_models.pop(c.name),
+                pipe,
+                {"attention": {"mode": attention, "sliced_layers": sliced_layers}} if c.name == "unet" else {},
+            )
+            for c in COMPONENTS
+            if c.name in optimum_models
+        ]
         steps.total += len(work) - len(COMPONENTS)
         if options.tiny_decoder:
             tiny = load_tiny_decoder(options.tiny_decoder, ctx.latent_channels)
@@ -173,8 +193,11 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
             component, (module, export_config), modules, attributes = work.pop(0)
             steps.set_postfix_str(component.name)
             reference = _torch_reference(component, modules, ctx)
-            export_models({component.name: (module, export_config)}, output_dir=raw_dir / component.name,
-                          output_names=["model.onnx"])
+            export_models(
+                {component.name: (module, export_config)},
+                output_dir=raw_dir / component.name,
+                output_names=["model.onnx"],
+            )
             _release(module)  # optimum's own module (the VAE parts are copies of the pipeline's VAE)
             del module, export_config
             if component.module and not any(c.module == component.module for c, *_ in work):
@@ -189,7 +212,8 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
             comp_precision = "fp16" if precision == "fp16" else "fp32"
             try:
                 files, inputs, outputs, checks[component.name] = _write_checked(
-                    component, raw_graph, staging, comp_precision, reference, check_providers)
+                    component, raw_graph, staging, comp_precision, reference, check_providers
+                )
             except ExportValidationError as exc:
                 if comp_precision != "fp16" or not component.fp16_may_overflow:
                     raise
@@ -197,19 +221,33 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
                 attributes = {**attributes, "fp16": f"kept fp32: the fp16 graph failed its check ({exc})"}
                 comp_precision = "fp32"
                 files, inputs, outputs, checks[component.name] = _write_checked(
-                    component, raw_graph, staging, comp_precision, reference, check_providers)
+                    component, raw_graph, staging, comp_precision, reference, check_providers
+                )
             shutil.rmtree(raw_dir / component.name)
-            components[component.name] = ComponentSpec(files=files, precision=comp_precision, inputs=inputs,
-                                                       outputs=outputs, attributes=attributes)
+            components[component.name] = ComponentSpec(
+                files=files, precision=comp_precision, inputs=inputs, outputs=outputs, attributes=attributes
+            )
             steps.update()
         shutil.rmtree(raw_dir, ignore_errors=True)
 
-        manifest = build_manifest(pipe, fam, ctx, text, components, options, {
-            "source": recorded_path(source, out), "vae": recorded_path(options.vae, out), "precision": precision,
-            "tiny_decoder": recorded_path(options.tiny_decoder, out),
-            "optimized": bool(optimize_for), "optimized_for": optimize_for,
-            "loras": lora_records,
-            "export_check": {"tolerances": TOLERANCES, "max_rel_diff": checks}})
+        manifest = build_manifest(
+            pipe,
+            fam,
+            ctx,
+            text,
+            components,
+            options,
+            {
+                "source": recorded_path(source, out),
+                "vae": recorded_path(options.vae, out),
+                "precision": precision,
+                "tiny_decoder": recorded_path(options.tiny_decoder, out),
+                "optimized": bool(optimize_for),
+                "optimized_for": optimize_for,
+                "loras": lora_records,
+                "export_check": {"tolerances": TOLERANCES, "max_rel_diff": checks},
+            },
+        )
         (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
         if options.quantized:
             steps.set_postfix_str(f"quantizing ({precision})")
@@ -221,20 +259,44 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
     return out
 
 
-def export_bundle(source: str, out: str | Path, precision: str = "fp32", height: int | None = None,
-                  width: int | None = None, family: str | None = None, overwrite: bool = False,
-                  progress: bool = True, default_steps: int | None = None,
-                  default_guidance: float | None = None, tiny_decoder: str | None = None,
-                  keep: str | list[str] = "none", calibration_prompts: list[str] | None = None,
-                  optimize: bool | str | None = False, loras: list[tuple[str, float]] | None = None,
-                  vae: str | None = None, attention: str = "original") -> Path:
+def export_bundle(
+    source: str,
+    out: str | Path,
+    precision: str = "fp32",
+    height: int | None = None,
+    width: int | None = None,
+    family: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    default_steps: int | None = None,
+    default_guidance: float | None = None,
+    tiny_decoder: str | None = None,
+    keep: str | list[str] = "none",
+    calibration_prompts: list[str] | None = None,
+    optimize: bool | str | None = False,
+    loras: list[tuple[str, float]] | None = None,
+    vae: str | None = None,
+    attention: str = "original",
+) -> Path:
     """write_onnx_bundle with the options as keywords (ExportOptions says what each is for); `optimize`
     also takes True (= "cpu") and False."""
     options = ExportOptions(
-        target="onnx", precision=precision, keep=keep, calibration_prompts=calibration_prompts, height=height,
-        width=width, family=family, default_steps=default_steps, default_guidance=default_guidance,
-        tiny_decoder=tiny_decoder, vae=vae, optimize=optimize, loras=tuple(loras or ()), attention=attention,
-        overwrite=overwrite)
+        target="onnx",
+        precision=precision,
+        keep=keep,
+        calibration_prompts=calibration_prompts,
+        height=height,
+        width=width,
+        family=family,
+        default_steps=default_steps,
+        default_guidance=default_guidance,
+        tiny_decoder=tiny_decoder,
+        vae=vae,
+        optimize=optimize,
+        loras=tuple(loras or ()),
+        attention=attention,
+        overwrite=overwrite,
+    )
     return write_onnx_bundle(source, out, options, progress)
 
 

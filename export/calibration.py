@@ -16,15 +16,20 @@ from .quantize import MAX_CALIBRATION_FEEDS
 
 # Generic prompts for models of the photo/art world; the shipped model passes its own domain's captions.
 CALIBRATION_PROMPTS = (
-    "a photo of a cat sitting on a windowsill", "a mountain lake at sunrise, mist over the water",
-    "portrait of an old fisherman, dramatic light", "a bowl of fruit on a wooden table, still life",
-    "a futuristic city street at night, neon signs", "a watercolor painting of a red fox in the snow",
-    "an astronaut riding a horse on the moon", "a cozy living room with a fireplace, interior design",
+    "a photo of a cat sitting on a windowsill",
+    "a mountain lake at sunrise, mist over the water",
+    "portrait of an old fisherman, dramatic light",
+    "a bowl of fruit on a wooden table, still life",
+    "a futuristic city street at night, neon signs",
+    "a watercolor painting of a red fox in the snow",
+    "an astronaut riding a horse on the moon",
+    "a cozy living room with a fireplace, interior design",
 )
 
 
-def record_feeds(bundle_dir: Path, prompts=CALIBRATION_PROMPTS, components: list[str] | None = None,
-                 seed: int = 0) -> dict[str, list[dict]]:
+def record_feeds(
+    bundle_dir: Path, prompts=CALIBRATION_PROMPTS, components: list[str] | None = None, seed: int = 0
+) -> dict[str, list[dict]]:
     """Per component (default: all that a text-to-image call runs), up to MAX_CALIBRATION_FEEDS input
     dicts recorded while generating `prompts`."""
     from edgediff.runtime import Bundle, Pipeline

@@ -31,8 +31,9 @@ def float_argmax(model) -> int:
         if node.op_type != "ArgMax" or types.get(node.input[0]) not in integer:
             continue
         as_float = f"{node.input[0]}_as_float_for_argmax_{rewritten}"
-        cast = helper.make_node("Cast", [node.input[0]], [as_float], to=TensorProto.FLOAT,
-                                name=f"{node.name or 'ArgMax'}_float_input")
+        cast = helper.make_node(
+            "Cast", [node.input[0]], [as_float], to=TensorProto.FLOAT, name=f"{node.name or 'ArgMax'}_float_input"
+        )
         graph.node.insert(list(graph.node).index(node), cast)  # before its consumer: the order stays topological
         node.input[0] = as_float
         rewritten += 1

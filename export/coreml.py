@@ -60,13 +60,20 @@ def _modules(pipe, ctx, unet_batch: int):
             return self.m.decode(latent_sample, return_dict=False)[0]
 
     h, w = ctx.height // ctx.vae_scale_factor, ctx.width // ctx.vae_scale_factor
-    unet_inputs = {"sample": torch.randn(unet_batch, ctx.unet_in_channels, h, w), "timestep": torch.tensor([500.0]),
-                   "encoder_hidden_states": torch.randn(unet_batch, ctx.max_length, ctx.cross_attention_dim)}
+    unet_inputs = {
+        "sample": torch.randn(unet_batch, ctx.unet_in_channels, h, w),
+        "timestep": torch.tensor([500.0]),
+        "encoder_hidden_states": torch.randn(unet_batch, ctx.max_length, ctx.cross_attention_dim),
+    }
     if ctx.time_cond_proj_dim is not None:
         unet_inputs["timestep_cond"] = torch.randn(unet_batch, ctx.time_cond_proj_dim)
     return [
-        ("text_encoder", TextEncoder(pipe.text_encoder), {"input_ids": torch.zeros(1, ctx.max_length, dtype=torch.int32)},
-         ["last_hidden_state", "pooler_output"]),
+        (
+            "text_encoder",
+            TextEncoder(pipe.text_encoder),
+            {"input_ids": torch.zeros(1, ctx.max_length, dtype=torch.int32)},
+            ["last_hidden_state", "pooler_output"],
+        ),
         ("unet", Unet(pipe.unet), unet_inputs, ["out_sample"]),
         ("vae_decoder", VaeDecoder(pipe.vae), {"latent_sample": torch.randn(1, ctx.latent_channels, h, w)}, ["sample"]),
     ]
@@ -87,9 +94,13 @@ def _convert(module, inputs: dict, outputs: list[str]):
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
     program.graph_module.recompile()
-    return ct.convert(program, convert_to="mlprogram", compute_precision=ct.precision.FLOAT16,
-                      minimum_deployment_target=getattr(ct.target, DEPLOYMENT_TARGET),
-                      outputs=[ct.TensorType(name=n) for n in outputs])
+    return ct.convert(
+        program,
+        convert_to="mlprogram",
+        compute_precision=ct.precision.FLOAT16,
+        minimum_deployment_target=getattr(ct.target, DEPLOYMENT_TARGET),
+        outputs=[ct.TensorType(name=n) for n in outputs],
+    )
 
 
 def _palettize(mlmodel, bits: int):
@@ -98,8 +109,12 @@ def _palettize(mlmodel, bits: int):
     # constants with -inf (CLIP's causal mask) cannot be clustered: their consumers are left alone
     skip = {}
     for op in mlmodel._mil_program.functions["main"].operations:
-        if op.op_type == "const" and op.val.val is not None and np.issubdtype(np.asarray(op.val.val).dtype, np.floating) \
-                and not np.isfinite(op.val.val).all():
+        if (
+            op.op_type == "const"
+            and op.val.val is not None
+            and np.issubdtype(np.asarray(op.val.val).dtype, np.floating)
+            and not np.isfinite(op.val.val).all()
+        ):
             skip.update({child.name: None for child in op.outputs[0].child_ops})
     config = OptimizationConfig(global_config=OpPalettizerConfig(mode="kmeans", nbits=bits), op_name_configs=skip)
     return palettize_weights(mlmodel, config)
@@ -115,8 +130,14 @@ def package_io(package: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     spec = ct.utils.load_spec(str(package))
 
     def specs(items):
-        return [TensorSpec(i.name, _ARRAY_DTYPES.get(i.type.multiArrayType.dataType, "unknown"),
-                           [int(d) for d in i.type.multiArrayType.shape]) for i in items]
+        return [
+            TensorSpec(
+                i.name,
+                _ARRAY_DTYPES.get(i.type.multiArrayType.dataType, "unknown"),
+                [int(d) for d in i.type.multiArrayType.shape],
+            )
+            for i in items
+        ]
 
     return specs(spec.description.input), specs(spec.description.output)
 
@@ -177,16 +198,26 @@ def write_coreml_bundle(source: str, out: str | Path, options: ExportOptions, pr
     with staged(out, options.overwrite) as staging:
         pipe, fam, ctx = prepare_source(source, options.height, options.width, options.family)
         if ctx.pooled_dim is not None:
-            raise ExportError("export_source", source=source,
-                              detail="the Core ML target converts SD 1.x / 2.x families; SDXL is ONNX-only for now")
+            raise ExportError(
+                "export_source",
+                source=source,
+                detail="the Core ML target converts SD 1.x / 2.x families; SDXL is ONNX-only for now",
+            )
         text = write_text_conditioning(pipe, staging)
         attention_layers = use_attention(pipe.unet, attention) if attention != "original" else 0
         # static shapes: classifier-free guidance runs the UNet on (uncond, cond) at once
-        cfg_batch = 1 if (fam.guidance_embedding or (default_guidance if default_guidance is not None
-                                                     else fam.default_guidance) <= 1.0) else 2
+        cfg_batch = (
+            1
+            if (
+                fam.guidance_embedding
+                or (default_guidance if default_guidance is not None else fam.default_guidance) <= 1.0
+            )
+            else 2
+        )
         components, checks = {}, {}
-        for name, module, inputs, outputs in tqdm(_modules(pipe, ctx, cfg_batch), desc="export", unit="component",
-                                                  disable=not progress):
+        for name, module, inputs, outputs in tqdm(
+            _modules(pipe, ctx, cfg_batch), desc="export", unit="component", disable=not progress
+        ):
             mlmodel = _convert(module, inputs, outputs)
             attributes = {"compute_precision": "fp16", "deployment_target": DEPLOYMENT_TARGET, "attention": attention}
             if name == "unet":
@@ -201,22 +232,53 @@ def write_coreml_bundle(source: str, out: str | Path, options: ExportOptions, pr
             files.sort(key=lambda p: p.name != "Manifest.json")  # the package's own manifest names it
             declared_in, declared_out = package_io(package)
             components[name] = ComponentSpec(
-                files={str(p.relative_to(staging)): {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in files},
-                precision=f"palette{palettize}" if palettize else "fp16", inputs=declared_in, outputs=declared_out,
-                attributes=attributes)
-        manifest = build_manifest(pipe, fam, ctx, text, components, options, {
-            "source": recorded_path(source, out), "precision": f"palette{palettize}" if palettize else "fp16",
-            "export_check": {"tolerance": COREML_TOLERANCE, "max_rel_diff": checks}})
+                files={
+                    str(p.relative_to(staging)): {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in files
+                },
+                precision=f"palette{palettize}" if palettize else "fp16",
+                inputs=declared_in,
+                outputs=declared_out,
+                attributes=attributes,
+            )
+        manifest = build_manifest(
+            pipe,
+            fam,
+            ctx,
+            text,
+            components,
+            options,
+            {
+                "source": recorded_path(source, out),
+                "precision": f"palette{palettize}" if palettize else "fp16",
+                "export_check": {"tolerance": COREML_TOLERANCE, "max_rel_diff": checks},
+            },
+        )
         (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
     return out
 
 
-def export_coreml(source: str, out: str | Path, height: int | None = None, width: int | None = None,
-                  palettize: int | None = None, attention: str = "original", family: str | None = None,
-                  overwrite: bool = False, default_steps: int | None = None,
-                  default_guidance: float | None = None) -> Path:
+def export_coreml(
+    source: str,
+    out: str | Path,
+    height: int | None = None,
+    width: int | None = None,
+    palettize: int | None = None,
+    attention: str = "original",
+    family: str | None = None,
+    overwrite: bool = False,
+    default_steps: int | None = None,
+    default_guidance: float | None = None,
+) -> Path:
     """write_coreml_bundle with the options as keywords (ExportOptions says what each is for)."""
-    options = ExportOptions(target="coreml", height=height, width=width, palettize=palettize, attention=attention,
-                            family=family, overwrite=overwrite, default_steps=default_steps,
-                            default_guidance=default_guidance)
+    options = ExportOptions(
+        target="coreml",
+        height=height,
+        width=width,
+        palettize=palettize,
+        attention=attention,
+        family=family,
+        overwrite=overwrite,
+        default_steps=default_steps,
+        default_guidance=default_guidance,
+    )
     return write_coreml_bundle(source, out, options, progress=False)

@@ -14,7 +14,7 @@ from edgediff.runtime.errors import ExportError
 
 
 def parse_lora(spec: str) -> tuple[str, float]:
-    """"FILE[:SCALE]" -> (file, scale); a Windows drive's colon is not a scale."""
+    """ "FILE[:SCALE]" -> (file, scale); a Windows drive's colon is not a scale."""
     head, sep, tail = spec.rpartition(":")
     if sep and head and not (len(head) == 1 and head.isalpha()):
         try:

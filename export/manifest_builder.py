@@ -59,23 +59,33 @@ def write_text_conditioning(pipe, staging: Path) -> tuple[dict, dict]:
     which encoders run, which output each gives the UNet, and SDXL's pooled text and micro-conditioning."""
     tokenizer_entry = write_tokenizer_json(pipe.tokenizer, staging / TOKENIZER_NAME)
     if getattr(pipe, "text_encoder_2", None) is None:
-        return tokenizer_entry, {"encoders": [{"component": "text_encoder", "tokenizer": tokenizer_entry,
-                                               "output": "last_hidden_state"}]}
+        return tokenizer_entry, {
+            "encoders": [{"component": "text_encoder", "tokenizer": tokenizer_entry, "output": "last_hidden_state"}]
+        }
     tokenizer_2_entry = write_tokenizer_json(pipe.tokenizer_2, staging / TOKENIZER_2_NAME)
     # as StableDiffusionXLPipeline (clip_skip None): each encoder's penultimate layer, concatenated, and the
     # second encoder's projected pooled output
-    penultimate = [f"hidden_states.{int(enc.config.num_hidden_layers) - 1}" for enc in (pipe.text_encoder, pipe.text_encoder_2)]
+    penultimate = [
+        f"hidden_states.{int(enc.config.num_hidden_layers) - 1}" for enc in (pipe.text_encoder, pipe.text_encoder_2)
+    ]
     return tokenizer_entry, {
-        "encoders": [{"component": "text_encoder", "tokenizer": tokenizer_entry, "output": penultimate[0]},
-                     {"component": "text_encoder_2", "tokenizer": tokenizer_2_entry, "output": penultimate[1],
-                      "pooled": "text_embeds"}],
+        "encoders": [
+            {"component": "text_encoder", "tokenizer": tokenizer_entry, "output": penultimate[0]},
+            {
+                "component": "text_encoder_2",
+                "tokenizer": tokenizer_2_entry,
+                "output": penultimate[1],
+                "pooled": "text_embeds",
+            },
+        ],
         "zero_negative": bool(pipe.config.get("force_zeros_for_empty_prompt", False)),
         "time_ids": "size-crop-target",
     }
 
 
-def build_manifest(pipe, fam, ctx: ExportContext, text: tuple[dict, dict], components: dict, options: ExportOptions,
-                   provenance: dict) -> Manifest:
+def build_manifest(
+    pipe, fam, ctx: ExportContext, text: tuple[dict, dict], components: dict, options: ExportOptions, provenance: dict
+) -> Manifest:
     """The manifest of a bundle whose components are written; `provenance` is the target's own record
     (source, checks), to which the date and tool versions are added."""
     tokenizer_entry, conditioning = text
@@ -83,9 +93,12 @@ def build_manifest(pipe, fam, ctx: ExportContext, text: tuple[dict, dict], compo
         family=fam.name,
         prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
         scheduler=resolve_scheduler(pipe, fam),
-        defaults={"steps": options.default_steps or fam.default_steps,
-                  "guidance": fam.default_guidance if options.default_guidance is None else options.default_guidance,
-                  "height": ctx.height, "width": ctx.width},
+        defaults={
+            "steps": options.default_steps or fam.default_steps,
+            "guidance": fam.default_guidance if options.default_guidance is None else options.default_guidance,
+            "height": ctx.height,
+            "width": ctx.width,
+        },
         latent_channels=ctx.latent_channels,
         vae_scaling_factor=float(pipe.vae.config.scaling_factor),
         vae_scale_factor=ctx.vae_scale_factor,
@@ -94,6 +107,9 @@ def build_manifest(pipe, fam, ctx: ExportContext, text: tuple[dict, dict], compo
         guidance_embedding_dim=ctx.time_cond_proj_dim,
         components=components,
         target=options.target,
-        provenance={**provenance, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                    "versions": versions()},
+        provenance={
+            **provenance,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "versions": versions(),
+        },
     )

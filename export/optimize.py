@@ -17,8 +17,15 @@ log = logging.getLogger("edgediff.export")
 
 # bundle component -> the optimiser's model type for Stable Diffusion parts
 MODEL_TYPES = {"text_encoder": "clip", "unet": "unet", "vae_decoder": "vae"}
-GPU_ONLY_FUSIONS = ("enable_nhwc_conv", "enable_group_norm", "enable_skip_group_norm", "enable_bias_splitgelu",
-                    "enable_packed_qkv", "enable_packed_kv", "enable_bias_add")
+GPU_ONLY_FUSIONS = (
+    "enable_nhwc_conv",
+    "enable_group_norm",
+    "enable_skip_group_norm",
+    "enable_bias_splitgelu",
+    "enable_packed_qkv",
+    "enable_packed_kv",
+    "enable_bias_add",
+)
 # Off on GPUs too: the optimiser writes BiasSplitGelu for any width, but its CUDA kernel takes only a few
 # (2560, 5120, 6144, 10240, 12288) and fails at run time on others (seen on an H200, onnxruntime 1.31.1)
 UNCHECKED_FUSIONS = ("enable_bias_splitgelu",)
@@ -56,7 +63,7 @@ def optimize_graph(src: Path, dst: Path, component: str, gpu: bool = False, exte
     sys.modules["fusion_attention_unet"].FusionAttentionUnet.get_num_heads = _num_heads  # see _num_heads
     model_type = MODEL_TYPES[component]
     options = FusionOptions(model_type)
-    for name in (GPU_ONLY_FUSIONS if not gpu else UNCHECKED_FUSIONS):
+    for name in GPU_ONLY_FUSIONS if not gpu else UNCHECKED_FUSIONS:
         setattr(options, name, False)
     try:
         # opt_level 0: only the Python fusions; onnxruntime's own optimiser still runs at load time
@@ -64,10 +71,19 @@ def optimize_graph(src: Path, dst: Path, component: str, gpu: bool = False, exte
     except (TypeError, ValueError, KeyError, IndexError, AssertionError) as exc:
         # its pattern matchers assume particular exporter output (e.g. onnxruntime 1.32's UNet attention
         # fusion fails on optimum-onnx 0.1.0's graphs): keep the plain graph and say why
-        log.warning("%s: onnxruntime's %s optimiser failed (%s: %s); keeping the plain graph",
-                    component, model_type, type(exc).__name__, exc)
-        return {"tool": "onnxruntime.transformers.optimizer", "model_type": model_type, "gpu": gpu,
-                "skipped": f"{type(exc).__name__}: {exc}"}
+        log.warning(
+            "%s: onnxruntime's %s optimiser failed (%s: %s); keeping the plain graph",
+            component,
+            model_type,
+            type(exc).__name__,
+            exc,
+        )
+        return {
+            "tool": "onnxruntime.transformers.optimizer",
+            "model_type": model_type,
+            "gpu": gpu,
+            "skipped": f"{type(exc).__name__}: {exc}",
+        }
     model.save_model_to_file(str(dst), use_external_data_format=external_data, all_tensors_to_one_file=True)
     counts = {}
     for node in model.model.graph.node:

@@ -74,8 +74,11 @@ class ExportOptions:
         # accepted as Python callers pass them: keep "a,b" or a list, loras "FILE[:SCALE]" or pairs,
         # optimize True / False (export_bundle's older spelling), prompts as any sequence
         object.__setattr__(self, "keep", parse_keep(self.keep))
-        object.__setattr__(self, "loras", tuple(parse_lora(x) if isinstance(x, str) else (str(x[0]), float(x[1]))
-                                                for x in self.loras or ()))
+        object.__setattr__(
+            self,
+            "loras",
+            tuple(parse_lora(x) if isinstance(x, str) else (str(x[0]), float(x[1])) for x in self.loras or ()),
+        )
         if isinstance(self.optimize, bool):
             object.__setattr__(self, "optimize", "cpu" if self.optimize else None)
         if self.calibration_prompts is not None:
@@ -84,17 +87,25 @@ class ExportOptions:
 
     def validate(self) -> None:
         """Raises ExportOptionsError for an unknown value or options that do not combine (before any work)."""
-        for option, value, available in (("target", self.target, TARGETS), ("precision", self.precision, PRECISIONS),
-                                          ("optimize", self.optimize, (None, *OPTIMIZE_TARGETS)),
-                                          ("palettize", self.palettize, (None, *PALETTE_BITS))):
+        for option, value, available in (
+            ("target", self.target, TARGETS),
+            ("precision", self.precision, PRECISIONS),
+            ("optimize", self.optimize, (None, *OPTIMIZE_TARGETS)),
+            ("palettize", self.palettize, (None, *PALETTE_BITS)),
+        ):
             if value not in available:
-                raise ExportOptionsError("export_choice", option=option, value=value,
-                                         available=", ".join(str(a) for a in available))
+                raise ExportOptionsError(
+                    "export_choice", option=option, value=value, available=", ".join(str(a) for a in available)
+                )
         if self.default_steps is not None and self.default_steps < 1:
             raise ExportOptionsError("export_default_steps", value=self.default_steps)
         if not any(self.attention in modes for modes in ATTENTION_MODES.values()):
-            raise ExportOptionsError("export_attention", value=self.attention, target=self.target,
-                                     available=", ".join(ATTENTION_MODES[self.target]))
+            raise ExportOptionsError(
+                "export_attention",
+                value=self.attention,
+                target=self.target,
+                available=", ".join(ATTENTION_MODES[self.target]),
+            )
         if self.target == "coreml":
             given = self._set(ONNX_ONLY)
             if given:
@@ -123,20 +134,22 @@ class ExportOptions:
         return asdict(self)
 
     @classmethod
-    def from_cli(cls, *, palettize: str | int | None = None, calibration_prompts: str | Path | None = None,
-                 **values) -> "ExportOptions":
+    def from_cli(
+        cls, *, palettize: str | int | None = None, calibration_prompts: str | Path | None = None, **values
+    ) -> "ExportOptions":
         """Options as `edgediff export` spells them: --palettize as text, --calibration-prompts a text file
         of prompts (one per line); --keep and --lora are parsed by the constructor."""
         prompts = read_prompts(calibration_prompts) if calibration_prompts is not None else None
-        return cls(palettize=int(palettize) if palettize is not None else None, calibration_prompts=prompts,
-                   **values)
+        return cls(palettize=int(palettize) if palettize is not None else None, calibration_prompts=prompts, **values)
 
 
 def parse_keep(keep) -> str | tuple[str, ...]:
-    """"none" / "auto" as they are; block names from "a,b" or a sequence, as a tuple."""
+    """ "none" / "auto" as they are; block names from "a,b" or a sequence, as a tuple."""
     if isinstance(keep, str) and keep in KEEP_MODES:
         return keep
-    names = tuple(name.strip() for name in (keep.split(",") if isinstance(keep, str) else keep) if name and name.strip())
+    names = tuple(
+        name.strip() for name in (keep.split(",") if isinstance(keep, str) else keep) if name and name.strip()
+    )
     if not names:
         raise ExportOptionsError("export_keep", value=keep)
     return names

@@ -6,8 +6,17 @@ from pathlib import Path
 
 # Kept in fp32 inside fp16 graphs: Resize's scale constants must stay fp32 (the converter otherwise
 # breaks the graph, FIELD_NOTES), and normalisations overflow in half precision.
-FP16_OP_BLOCK_LIST = ["Resize", "Upsample", "GroupNormalization", "InstanceNormalization", "LayerNormalization",
-                      "RandomNormalLike", "RandomUniformLike", "Range", "CumSum"]
+FP16_OP_BLOCK_LIST = [
+    "Resize",
+    "Upsample",
+    "GroupNormalization",
+    "InstanceNormalization",
+    "LayerNormalization",
+    "RandomNormalLike",
+    "RandomUniformLike",
+    "Range",
+    "CumSum",
+]
 
 
 # protobuf cannot serialise a message past 2 GiB, and onnx's in-memory shape inference serialises the model
@@ -43,8 +52,9 @@ def to_fp16(graph_path: Path):
     else:
         load_external_data_for_model(model, str(graph_path.parent))
         typed = False  # the converter infers the types in memory
-    model = convert_float_to_float16(model, keep_io_types=True, op_block_list=FP16_OP_BLOCK_LIST,
-                                     disable_shape_infer=typed)
+    model = convert_float_to_float16(
+        model, keep_io_types=True, op_block_list=FP16_OP_BLOCK_LIST, disable_shape_infer=typed
+    )
     return _drop_repeated_nodes(model)
 
 

@@ -9,7 +9,7 @@ Schemes (per component, chosen in QUANT_POLICY by bundle precision):
 - int4: 4-bit weight-only MatMul (MatMulNBits, symmetric, blocks of 32), activations stay fp32.
 The VAE decoder stays fp32: it is convolutions only and overflow-prone, and its quality loss shows
 directly in the pixels. The tiny decoder takes static int8 in int8-static bundles, where it is the fast
-option anyway; its floor is checked on the shipped model (tests/test_quantize.py).
+option anyway; its floor is checked on the shipped model (tests/export/test_quantize.py).
 
 Sensitivity (`keep="auto"`): each block of the graph (e.g. `down_blocks.1/attentions.0`) is quantised
 alone and its output error measured on calibration inputs recorded from real prompts run through
@@ -54,11 +54,20 @@ _FP32 = {"vae_decoder": None, "vae_decoder_tiny": None, "vae_encoder": None}
 QUANT_POLICY = {
     # the VAE decoder in static int8 lost too much accuracy on the shipped model and ran slower: fp32;
     # the tiny decoder's plain 3x3 convolutions run faster as QLinearConv
-    "int8-static": {"text_encoder": "int8-dynamic", "text_encoder_2": "int8-dynamic", "unet": "int8-static",
-                    **_FP32, "vae_decoder_tiny": "int8-static"},
+    "int8-static": {
+        "text_encoder": "int8-dynamic",
+        "text_encoder_2": "int8-dynamic",
+        "unet": "int8-static",
+        **_FP32,
+        "vae_decoder_tiny": "int8-static",
+    },
     "int8": {"text_encoder": "int8-dynamic", "text_encoder_2": "int8-dynamic", "unet": "int8-dynamic", **_FP32},
-    "int4": {"text_encoder": "int4-weight-only", "text_encoder_2": "int4-weight-only", "unet": "int4-weight-only",
-             **_FP32},
+    "int4": {
+        "text_encoder": "int4-weight-only",
+        "text_encoder_2": "int4-weight-only",
+        "unet": "int4-weight-only",
+        **_FP32,
+    },
 }
 
 
@@ -78,7 +87,9 @@ def block_of(node_name: str) -> str:
 def quantizable_nodes(model, scheme: Scheme) -> list[str]:
     """Nodes of the scheme's op types whose second input is a weight (an initializer)."""
     weights = {t.name for t in model.graph.initializer}
-    return [n.name for n in model.graph.node if n.op_type in scheme.op_types and len(n.input) > 1 and n.input[1] in weights]
+    return [
+        n.name for n in model.graph.node if n.op_type in scheme.op_types and len(n.input) > 1 and n.input[1] in weights
+    ]
 
 
 class _Reader:
@@ -105,24 +116,44 @@ def quantize(src: Path, dst: Path, scheme: Scheme, exclude: list[str], feeds: li
     if scheme.name == "int8-dynamic":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        quantize_dynamic(str(src), str(dst), op_types_to_quantize=list(scheme.op_types), per_channel=True,
-                         weight_type=QuantType.QInt8, nodes_to_exclude=exclude, use_external_data_format=large,
-                         extra_options=default_type)
+        quantize_dynamic(
+            str(src),
+            str(dst),
+            op_types_to_quantize=list(scheme.op_types),
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=exclude,
+            use_external_data_format=large,
+            extra_options=default_type,
+        )
     elif scheme.name == "int8-static":
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
         if not feeds:
             raise ValueError("static int8 needs calibration inputs")
-        quantize_static(str(src), str(dst), _Reader(feeds), quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=list(scheme.op_types), per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
-                        calibrate_method=CalibrationMethod.MinMax, use_external_data_format=large,
-                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True, **default_type,
-                                       # MatMul outputs stay float: otherwise onnxruntime fuses each attention
-                                       # softmax between Q/DQ pairs into QLinearSoftmax, whose CPU kernel is far
-                                       # slower than the float Softmax; the MatMuls then run as
-                                       # MatMulIntegerToFloat
-                                       "OpTypesToExcludeOutputQuantization": ["MatMul"]})
+        quantize_static(
+            str(src),
+            str(dst),
+            _Reader(feeds),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(scheme.op_types),
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=exclude,
+            calibrate_method=CalibrationMethod.MinMax,
+            use_external_data_format=large,
+            extra_options={
+                "ActivationSymmetric": False,
+                "WeightSymmetric": True,
+                **default_type,
+                # MatMul outputs stay float: otherwise onnxruntime fuses each attention
+                # softmax between Q/DQ pairs into QLinearSoftmax, whose CPU kernel is far
+                # slower than the float Softmax; the MatMuls then run as
+                # MatMulIntegerToFloat
+                "OpTypesToExcludeOutputQuantization": ["MatMul"],
+            },
+        )
     elif scheme.name == "int4-weight-only":
         root_level = logging.getLogger().level
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -130,11 +161,22 @@ def quantize(src: Path, dst: Path, scheme: Scheme, exclude: list[str], feeds: li
         # that module configures logging at import and logs every node at INFO: keep the user's settings
         logging.getLogger().setLevel(root_level)
         logging.getLogger(MatMulNBitsQuantizer.__module__).setLevel(logging.WARNING)
-        quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=INT4_BLOCK_SIZE, is_symmetric=True,
-                                         nodes_to_exclude=exclude, op_types_to_quantize=scheme.op_types)
+        quantizer = MatMulNBitsQuantizer(
+            onnx.load(str(src)),
+            bits=4,
+            block_size=INT4_BLOCK_SIZE,
+            is_symmetric=True,
+            nodes_to_exclude=exclude,
+            op_types_to_quantize=scheme.op_types,
+        )
         quantizer.process()
-        onnx.save_model(quantizer.model.model, str(dst), save_as_external_data=large, all_tensors_to_one_file=True,
-                        location=f"{dst.name}.data")
+        onnx.save_model(
+            quantizer.model.model,
+            str(dst),
+            save_as_external_data=large,
+            all_tensors_to_one_file=True,
+            location=f"{dst.name}.data",
+        )
     else:
         raise ValueError(f"unknown quantisation scheme {scheme.name!r}")
 
@@ -152,8 +194,14 @@ def _outputs(path: Path, feeds: list[dict]) -> list[np.ndarray]:
     return [session.run(None, f)[0] for f in feeds]
 
 
-def quantize_component(src: Path, dst: Path, scheme: Scheme, feeds: list[dict], keep: str | list[str] = "none",
-                       budget: float = SENSITIVITY_BUDGET) -> dict:
+def quantize_component(
+    src: Path,
+    dst: Path,
+    scheme: Scheme,
+    feeds: list[dict],
+    keep: str | list[str] = "none",
+    budget: float = SENSITIVITY_BUDGET,
+) -> dict:
     """Quantises one graph; returns the manifest record (scheme, blocks kept in fp32 and why, errors).
 
     keep: "none" (quantise every eligible node), "auto" (sensitivity pass), or a list of block names.
@@ -167,8 +215,13 @@ def quantize_component(src: Path, dst: Path, scheme: Scheme, feeds: list[dict], 
     for name in nodes:
         blocks.setdefault(block_of(name), []).append(name)
     ref = _outputs(src, feeds)
-    record: dict = {"scheme": scheme.name, "op_types": list(scheme.op_types), "quantised_nodes": len(nodes),
-                    "budget": budget, "kept_fp32": {}}
+    record: dict = {
+        "scheme": scheme.name,
+        "op_types": list(scheme.op_types),
+        "quantised_nodes": len(nodes),
+        "budget": budget,
+        "kept_fp32": {},
+    }
     with tempfile.TemporaryDirectory(prefix="edgediff-quant-", dir=dst.parent) as tmp:
         trial = Path(tmp) / "trial.onnx"
 

@@ -34,8 +34,9 @@ def load_pipeline(source: str):
             # no invisible watermark: it would change the pixels the export check compares
             pipe = StableDiffusionXLPipeline.from_pretrained(where, torch_dtype=torch.float32, add_watermarker=False)
         else:
-            pipe = StableDiffusionPipeline.from_pretrained(where, torch_dtype=torch.float32,
-                                                           safety_checker=None, requires_safety_checker=False)
+            pipe = StableDiffusionPipeline.from_pretrained(
+                where, torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False
+            )
     except (OSError, ValueError, EnvironmentError) as exc:
         raise ExportError("export_source", source=source, detail=str(exc).splitlines()[0]) from exc
     pipe.set_progress_bar_config(disable=True)
@@ -69,8 +70,11 @@ def load_vae(source: str, latent_channels: int):
     except (OSError, ValueError, EnvironmentError) as exc:
         raise ExportError("export_source", source=source, detail=f"VAE: {str(exc).splitlines()[0]}") from exc
     if int(vae.config.latent_channels) != latent_channels:
-        raise ExportError("export_source", source=source,
-                          detail=f"VAE has {vae.config.latent_channels} latent channels, the model {latent_channels}")
+        raise ExportError(
+            "export_source",
+            source=source,
+            detail=f"VAE has {vae.config.latent_channels} latent channels, the model {latent_channels}",
+        )
     return vae
 
 
@@ -88,9 +92,12 @@ def prepare_source(source: str, height: int | None, width: int | None, family: s
         if value % 8:
             raise ExportError("export_source", source=source, detail=f"{what} {value} is not a multiple of 8")
     ctx = ExportContext(
-        height=default_h, width=default_w, latent_channels=int(pipe.vae.config.latent_channels),
+        height=default_h,
+        width=default_w,
+        latent_channels=int(pipe.vae.config.latent_channels),
         unet_in_channels=int(pipe.unet.config.in_channels),
-        vae_scale_factor=vae_scale, vae_scaling_factor=float(pipe.vae.config.scaling_factor),
+        vae_scale_factor=vae_scale,
+        vae_scaling_factor=float(pipe.vae.config.scaling_factor),
         max_length=int(pipe.tokenizer.model_max_length),
         vocab_size=int(pipe.text_encoder.config.vocab_size),
         cross_attention_dim=int(pipe.unet.config.cross_attention_dim),
@@ -99,6 +106,9 @@ def prepare_source(source: str, height: int | None, width: int | None, family: s
     text_encoder_2 = getattr(pipe, "text_encoder_2", None)
     if text_encoder_2 is not None:  # SDXL
         ctx = dataclasses.replace(
-            ctx, vocab_size_2=int(text_encoder_2.config.vocab_size), pooled_dim=int(text_encoder_2.config.projection_dim),
-            time_ids_dim=5 if getattr(pipe.config, "requires_aesthetics_score", False) else 6)
+            ctx,
+            vocab_size_2=int(text_encoder_2.config.vocab_size),
+            pooled_dim=int(text_encoder_2.config.projection_dim),
+            time_ids_dim=5 if getattr(pipe.config, "requires_aesthetics_score", False) else 6,
+        )
     return pipe, fam, ctx

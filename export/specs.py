@@ -61,14 +61,18 @@ def _unet_inputs(ctx: ExportContext, rng):
     inputs = {
         "sample": rng.standard_normal((VALIDATION_BATCH, ctx.unet_in_channels, h, w)).astype(np.float32),
         "timestep": np.array(rng.integers(1, 1000), dtype=np.float32),
-        "encoder_hidden_states": rng.standard_normal((VALIDATION_BATCH, ctx.max_length, ctx.cross_attention_dim)).astype(np.float32),
+        "encoder_hidden_states": rng.standard_normal(
+            (VALIDATION_BATCH, ctx.max_length, ctx.cross_attention_dim)
+        ).astype(np.float32),
     }
     if ctx.time_cond_proj_dim is not None:
         inputs["timestep_cond"] = rng.standard_normal((VALIDATION_BATCH, ctx.time_cond_proj_dim)).astype(np.float32)
     if ctx.pooled_dim is not None:  # SDXL's added conditions, at the magnitudes they take at run time
         inputs["text_embeds"] = rng.standard_normal((VALIDATION_BATCH, ctx.pooled_dim)).astype(np.float32)
-        inputs["time_ids"] = np.tile(np.array([ctx.height, ctx.width, 0, 0, ctx.height, ctx.width][:ctx.time_ids_dim],
-                                              dtype=np.float32), (VALIDATION_BATCH, 1))
+        inputs["time_ids"] = np.tile(
+            np.array([ctx.height, ctx.width, 0, 0, ctx.height, ctx.width][: ctx.time_ids_dim], dtype=np.float32),
+            (VALIDATION_BATCH, 1),
+        )
     return inputs
 
 
@@ -96,7 +100,9 @@ def _vae_encoder_call(pipe, x):
 
 def _text_call(pipe, x):
     # outputs in optimum's order; SDXL bundles also carry every layer's hidden state (it reads the penultimate)
-    out = pipe.text_encoder(input_ids=x["input_ids"], output_hidden_states=pipe.text_encoder.config.output_hidden_states)
+    out = pipe.text_encoder(
+        input_ids=x["input_ids"], output_hidden_states=pipe.text_encoder.config.output_hidden_states
+    )
     return [out.last_hidden_state, out.pooler_output, *(out.hidden_states or ())]
 
 
@@ -107,8 +113,15 @@ def _text_2_call(pipe, x):
 
 def _unet_call(pipe, x):
     added = {"text_embeds": x["text_embeds"], "time_ids": x["time_ids"]} if "text_embeds" in x else None
-    return [pipe.unet(x["sample"], x["timestep"], x["encoder_hidden_states"], timestep_cond=x.get("timestep_cond"),
-                      added_cond_kwargs=added).sample]
+    return [
+        pipe.unet(
+            x["sample"],
+            x["timestep"],
+            x["encoder_hidden_states"],
+            timestep_cond=x.get("timestep_cond"),
+            added_cond_kwargs=added,
+        ).sample
+    ]
 
 
 def _vae_decoder_call(pipe, x):

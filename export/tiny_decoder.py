@@ -22,10 +22,15 @@ def load_tiny_decoder(source: str, latent_channels: int):
         sub = "vae" if (local / "vae" / "config.json").is_file() else None
         tiny = AutoencoderTiny.from_pretrained(source, subfolder=sub)
     except (OSError, ValueError) as exc:
-        raise ExportError("export_source", source=source, detail=f"not an AutoencoderTiny: {str(exc).splitlines()[0]}") from None
+        raise ExportError(
+            "export_source", source=source, detail=f"not an AutoencoderTiny: {str(exc).splitlines()[0]}"
+        ) from None
     if tiny.config.latent_channels != latent_channels:
-        raise ExportError("export_source", source=source,
-                          detail=f"tiny decoder takes {tiny.config.latent_channels} latent channels, the model makes {latent_channels}")
+        raise ExportError(
+            "export_source",
+            source=source,
+            detail=f"tiny decoder takes {tiny.config.latent_channels} latent channels, the model makes {latent_channels}",
+        )
     return tiny.float().eval()
 
 

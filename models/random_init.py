@@ -15,123 +15,286 @@ from .tokenizer_build import build_clip_tokenizer
 
 # Scheduler settings of the published models these architectures stand for.
 SD15_SCHEDULER = {
-    "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
-    "clip_sample": False, "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
+    "_class_name": "PNDMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
     "steps_offset": 1,
 }
-SD21_V_SCHEDULER = {"_class_name": "DDIMScheduler", **{k: v for k, v in SD15_SCHEDULER.items() if k != "_class_name"},
-                    "prediction_type": "v_prediction"}
-SD_TURBO_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", **{k: v for k, v in SD15_SCHEDULER.items() if k != "_class_name"},
-                      "interpolation_type": "linear", "prediction_type": "epsilon", "timestep_spacing": "trailing",
-                      "use_karras_sigmas": False}
-LCM_SCHEDULER = {"_class_name": "LCMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
-                 "clip_sample": False, "num_train_timesteps": 1000, "original_inference_steps": 50,
-                 "prediction_type": "epsilon", "set_alpha_to_one": True, "steps_offset": 1, "timestep_scaling": 10.0,
-                 "timestep_spacing": "leading"}
+SD21_V_SCHEDULER = {
+    "_class_name": "DDIMScheduler",
+    **{k: v for k, v in SD15_SCHEDULER.items() if k != "_class_name"},
+    "prediction_type": "v_prediction",
+}
+SD_TURBO_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler",
+    **{k: v for k, v in SD15_SCHEDULER.items() if k != "_class_name"},
+    "interpolation_type": "linear",
+    "prediction_type": "epsilon",
+    "timestep_spacing": "trailing",
+    "use_karras_sigmas": False,
+}
+LCM_SCHEDULER = {
+    "_class_name": "LCMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "original_inference_steps": 50,
+    "prediction_type": "epsilon",
+    "set_alpha_to_one": True,
+    "steps_offset": 1,
+    "timestep_scaling": 10.0,
+    "timestep_spacing": "leading",
+}
 
 TINY_UNET = dict(  # diffusers' tiny test UNet, a little wider so images carry signal
-    block_out_channels=(8, 16), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-    cross_attention_dim=32, norm_num_groups=4, attention_head_dim=2,
+    block_out_channels=(8, 16),
+    layers_per_block=1,
+    sample_size=32,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=32,
+    norm_num_groups=4,
+    attention_head_dim=2,
 )
 TINY_VAE = dict(
-    block_out_channels=(8, 16), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-    up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4, sample_size=32,
+    block_out_channels=(8, 16),
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    latent_channels=4,
+    norm_num_groups=4,
+    sample_size=32,
 )
-TINY_TEXT = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=1000,
-                 max_position_embeddings=77, projection_dim=32)
-SDXL_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", **{k: v for k, v in SD15_SCHEDULER.items() if k != "_class_name"},
-                  "interpolation_type": "linear", "prediction_type": "epsilon", "timestep_spacing": "leading",
-                  "use_karras_sigmas": False}
-SDXL_TURBO_SCHEDULER = {**SDXL_SCHEDULER, "_class_name": "EulerAncestralDiscreteScheduler", "timestep_spacing": "trailing"}
+TINY_TEXT = dict(
+    hidden_size=32,
+    intermediate_size=37,
+    num_attention_heads=4,
+    num_hidden_layers=2,
+    vocab_size=1000,
+    max_position_embeddings=77,
+    projection_dim=32,
+)
+SDXL_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler",
+    **{k: v for k, v in SD15_SCHEDULER.items() if k != "_class_name"},
+    "interpolation_type": "linear",
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
+    "use_karras_sigmas": False,
+}
+SDXL_TURBO_SCHEDULER = {
+    **SDXL_SCHEDULER,
+    "_class_name": "EulerAncestralDiscreteScheduler",
+    "timestep_spacing": "trailing",
+}
 # SDXL: the second text encoder (OpenCLIP-bigG stand-in) differs in width from the first, so that a mix-up of
 # the two, or of hidden and pooled outputs, changes shapes; the UNet's cross-attention takes both (32 + 48).
-TINY_TEXT_2 = dict(TINY_TEXT, hidden_size=48, num_attention_heads=4, num_hidden_layers=3, projection_dim=24,
-                   hidden_act="gelu")
+TINY_TEXT_2 = dict(
+    TINY_TEXT, hidden_size=48, num_attention_heads=4, num_hidden_layers=3, projection_dim=24, hidden_act="gelu"
+)
 TINY_SDXL_UNET = dict(
-    TINY_UNET, cross_attention_dim=32 + 48, use_linear_projection=True, transformer_layers_per_block=(1, 2),
-    addition_embed_type="text_time", addition_time_embed_dim=8,
+    TINY_UNET,
+    cross_attention_dim=32 + 48,
+    use_linear_projection=True,
+    transformer_layers_per_block=(1, 2),
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
     projection_class_embeddings_input_dim=6 * 8 + 24,  # 6 micro-conditions (size, crop, target) + pooled text
 )
 TINY_SDXL_VAE = dict(TINY_VAE, scaling_factor=0.13025, force_upcast=True)
 
 ARCHS = {
     "tiny-sd1": dict(unet=TINY_UNET, vae=TINY_VAE, text=TINY_TEXT, scheduler=SD15_SCHEDULER),
-    "tiny-sd2-v": dict(unet={**TINY_UNET, "use_linear_projection": True}, vae=TINY_VAE,
-                       text={**TINY_TEXT, "hidden_act": "gelu"}, scheduler=SD21_V_SCHEDULER),
-    "tiny-sd-turbo": dict(unet={**TINY_UNET, "use_linear_projection": True}, vae=TINY_VAE,
-                          text={**TINY_TEXT, "hidden_act": "gelu"}, scheduler=SD_TURBO_SCHEDULER),
-    "tiny-lcm": dict(unet={**TINY_UNET, "time_cond_proj_dim": 16}, vae=TINY_VAE, text=TINY_TEXT, scheduler=LCM_SCHEDULER),
+    "tiny-sd2-v": dict(
+        unet={**TINY_UNET, "use_linear_projection": True},
+        vae=TINY_VAE,
+        text={**TINY_TEXT, "hidden_act": "gelu"},
+        scheduler=SD21_V_SCHEDULER,
+    ),
+    "tiny-sd-turbo": dict(
+        unet={**TINY_UNET, "use_linear_projection": True},
+        vae=TINY_VAE,
+        text={**TINY_TEXT, "hidden_act": "gelu"},
+        scheduler=SD_TURBO_SCHEDULER,
+    ),
+    "tiny-lcm": dict(
+        unet={**TINY_UNET, "time_cond_proj_dim": 16}, vae=TINY_VAE, text=TINY_TEXT, scheduler=LCM_SCHEDULER
+    ),
     # BK-SDM-style pruned UNet: no mid-block, one fewer resnet per up block than per down block
-    "tiny-bk-sdm": dict(unet={**TINY_UNET, "mid_block_type": None, "layers_per_block": 1,
-                              "block_out_channels": (8, 16, 16),
-                              "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                              "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")},
-                        vae=TINY_VAE, text=TINY_TEXT, scheduler=SD15_SCHEDULER),
+    "tiny-bk-sdm": dict(
+        unet={
+            **TINY_UNET,
+            "mid_block_type": None,
+            "layers_per_block": 1,
+            "block_out_channels": (8, 16, 16),
+            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        },
+        vae=TINY_VAE,
+        text=TINY_TEXT,
+        scheduler=SD15_SCHEDULER,
+    ),
     # SDXS-style one-step student: cross-attention only in the innermost block, Turbo-like schedule
-    "tiny-sdxs": dict(unet={**TINY_UNET, "block_out_channels": (8, 8, 16),
-                            "down_block_types": ("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
-                            "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-                            "use_linear_projection": True},
-                      vae=TINY_VAE, text=TINY_TEXT, scheduler=SD_TURBO_SCHEDULER),
+    "tiny-sdxs": dict(
+        unet={
+            **TINY_UNET,
+            "block_out_channels": (8, 8, 16),
+            "down_block_types": ("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+            "use_linear_projection": True,
+        },
+        vae=TINY_VAE,
+        text=TINY_TEXT,
+        scheduler=SD_TURBO_SCHEDULER,
+    ),
     # an inpainting UNet: latents + mask + masked-image latents in (4 + 1 + 4 channels), as SD-inpainting
-    "tiny-sd1-inpaint": dict(unet={**TINY_UNET, "in_channels": 9}, vae=TINY_VAE, text=TINY_TEXT, scheduler=SD15_SCHEDULER),
+    "tiny-sd1-inpaint": dict(
+        unet={**TINY_UNET, "in_channels": 9}, vae=TINY_VAE, text=TINY_TEXT, scheduler=SD15_SCHEDULER
+    ),
     # SDXL: two text encoders, pooled text and size/crop micro-conditioning into the UNet
-    "tiny-sdxl": dict(unet=TINY_SDXL_UNET, vae=TINY_SDXL_VAE, text=TINY_TEXT, text_2=TINY_TEXT_2, scheduler=SDXL_SCHEDULER),
-    "tiny-sdxl-turbo": dict(unet=TINY_SDXL_UNET, vae=TINY_SDXL_VAE, text=TINY_TEXT, text_2=TINY_TEXT_2,
-                            scheduler=SDXL_TURBO_SCHEDULER),
+    "tiny-sdxl": dict(
+        unet=TINY_SDXL_UNET, vae=TINY_SDXL_VAE, text=TINY_TEXT, text_2=TINY_TEXT_2, scheduler=SDXL_SCHEDULER
+    ),
+    "tiny-sdxl-turbo": dict(
+        unet=TINY_SDXL_UNET, vae=TINY_SDXL_VAE, text=TINY_TEXT, text_2=TINY_TEXT_2, scheduler=SDXL_TURBO_SCHEDULER
+    ),
     # SDXL inpainting UNet (as diffusers/stable-diffusion-xl-1.0-inpainting-0.1): 4 + 1 + 4 input channels
-    "tiny-sdxl-inpaint": dict(unet={**TINY_SDXL_UNET, "in_channels": 9}, vae=TINY_SDXL_VAE, text=TINY_TEXT,
-                              text_2=TINY_TEXT_2, scheduler=SDXL_SCHEDULER),
+    "tiny-sdxl-inpaint": dict(
+        unet={**TINY_SDXL_UNET, "in_channels": 9},
+        vae=TINY_SDXL_VAE,
+        text=TINY_TEXT,
+        text_2=TINY_TEXT_2,
+        scheduler=SDXL_SCHEDULER,
+    ),
     # SDXL-Lightning's published scheduler: Euler with trailing timesteps (its name picks the family)
-    "tiny-sdxl-lightning": dict(unet=TINY_SDXL_UNET, vae=TINY_SDXL_VAE, text=TINY_TEXT, text_2=TINY_TEXT_2,
-                                scheduler={**SDXL_SCHEDULER, "timestep_spacing": "trailing"}),
-    "tiny-sdxl-lcm": dict(unet={**TINY_SDXL_UNET, "time_cond_proj_dim": 16}, vae=TINY_SDXL_VAE, text=TINY_TEXT,
-                          text_2=TINY_TEXT_2, scheduler=LCM_SCHEDULER),
+    "tiny-sdxl-lightning": dict(
+        unet=TINY_SDXL_UNET,
+        vae=TINY_SDXL_VAE,
+        text=TINY_TEXT,
+        text_2=TINY_TEXT_2,
+        scheduler={**SDXL_SCHEDULER, "timestep_spacing": "trailing"},
+    ),
+    "tiny-sdxl-lcm": dict(
+        unet={**TINY_SDXL_UNET, "time_cond_proj_dim": 16},
+        vae=TINY_SDXL_VAE,
+        text=TINY_TEXT,
+        text_2=TINY_TEXT_2,
+        scheduler=LCM_SCHEDULER,
+    ),
     # SDXL-Turbo at full size (~2.6 B UNet parameters; its UNet is SDXL base's), as published by Stability AI.
     "sdxl-turbo": dict(
-        unet=dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                  attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048,
-                  use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-                  projection_class_embeddings_input_dim=2816),
-        vae=dict(block_out_channels=(128, 256, 512, 512), in_channels=3, out_channels=3, latent_channels=4,
-                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                 layers_per_block=2, sample_size=1024, scaling_factor=0.13025, force_upcast=True),
-        text=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-                  hidden_act="quick_gelu", projection_dim=768, vocab_size=49408, max_position_embeddings=77),
-        text_2=dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
-                    hidden_act="gelu", projection_dim=1280, vocab_size=49408, max_position_embeddings=77),
+        unet=dict(
+            sample_size=64,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=2,
+            block_out_channels=(320, 640, 1280),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(5, 10, 20),
+            transformer_layers_per_block=(1, 2, 10),
+            cross_attention_dim=2048,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+        ),
+        vae=dict(
+            block_out_channels=(128, 256, 512, 512),
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2,
+            sample_size=1024,
+            scaling_factor=0.13025,
+            force_upcast=True,
+        ),
+        text=dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_attention_heads=12,
+            num_hidden_layers=12,
+            hidden_act="quick_gelu",
+            projection_dim=768,
+            vocab_size=49408,
+            max_position_embeddings=77,
+        ),
+        text_2=dict(
+            hidden_size=1280,
+            intermediate_size=5120,
+            num_attention_heads=20,
+            num_hidden_layers=32,
+            hidden_act="gelu",
+            projection_dim=1280,
+            vocab_size=49408,
+            max_position_embeddings=77,
+        ),
         scheduler=SDXL_TURBO_SCHEDULER,
     ),
     # SD 2.1-base / SD-Turbo at full size (~0.87 B UNet parameters).
     "sd-turbo": dict(
-        unet=dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-                  block_out_channels=(320, 640, 1280, 1280),
-                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-                  attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True),
-        vae=dict(block_out_channels=(128, 256, 512, 512), in_channels=3, out_channels=3, latent_channels=4,
-                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                 layers_per_block=2, sample_size=768, scaling_factor=0.18215),
-        text=dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23,
-                  hidden_act="gelu", projection_dim=512, vocab_size=49408, max_position_embeddings=77),
+        unet=dict(
+            sample_size=64,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=2,
+            block_out_channels=(320, 640, 1280, 1280),
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            attention_head_dim=(5, 10, 20, 20),
+            cross_attention_dim=1024,
+            use_linear_projection=True,
+        ),
+        vae=dict(
+            block_out_channels=(128, 256, 512, 512),
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2,
+            sample_size=768,
+            scaling_factor=0.18215,
+        ),
+        text=dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_attention_heads=16,
+            num_hidden_layers=23,
+            hidden_act="gelu",
+            projection_dim=512,
+            vocab_size=49408,
+            max_position_embeddings=77,
+        ),
         scheduler=SD_TURBO_SCHEDULER,
     ),
 }
 
 # Words the built tokenizer knows whole (the rest falls back to bytes).
-WORDS = "a an the of on at in with and photo picture red green blue yellow orange purple white black " \
-        "circle square triangle star small large left right top bottom center background cat dog".split()
+WORDS = (
+    "a an the of on at in with and photo picture red green blue yellow orange purple white black "
+    "circle square triangle star small large left right top bottom center background cat dog".split()
+)
 
 
 def build_random_pipeline(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
     """Saves a StableDiffusionPipeline (StableDiffusionXLPipeline when `arch` has a second text encoder)
     folder with random weights for `arch` (see ARCHS)."""
+    import diffusers
     import torch
     from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
-    import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     if arch not in ARCHS:
@@ -145,27 +308,49 @@ def build_random_pipeline(arch: str, out_dir: str | Path, seed: int = 0) -> Path
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(**spec["vae"])
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        **spec["text"]))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **spec["text"],
+        )
+    )
     sched_cfg = dict(spec["scheduler"])
     scheduler = getattr(diffusers, sched_cfg.pop("_class_name")).from_config(sched_cfg)
     if "text_2" in spec:
         tok_dir_2 = build_clip_tokenizer(out / "_tokenizer_2_src", WORDS, pad_token="!")
         tokenizer_2 = CLIPTokenizer.from_pretrained(tok_dir_2)
         torch.manual_seed(seed + 3)
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
-            bos_token_id=tokenizer_2.bos_token_id, eos_token_id=tokenizer_2.eos_token_id,
-            pad_token_id=tokenizer_2.pad_token_id, **spec["text_2"]))
+        text_encoder_2 = CLIPTextModelWithProjection(
+            CLIPTextConfig(
+                bos_token_id=tokenizer_2.bos_token_id,
+                eos_token_id=tokenizer_2.eos_token_id,
+                pad_token_id=tokenizer_2.pad_token_id,
+                **spec["text_2"],
+            )
+        )
         pipe = StableDiffusionXLPipeline(
-            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-            tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, add_watermarker=False,
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            unet=unet,
+            scheduler=scheduler,
+            add_watermarker=False,
         )
     else:
         tok_dir_2 = None
         pipe = StableDiffusionPipeline(
-            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
         )
     pipe.save_pretrained(out)
     import shutil

@@ -61,6 +61,8 @@ def build_clip_tokenizer(out_dir: str | Path, words: list[str], max_length: int 
     vocab_list += [BOS, EOS]
     (out / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab_list)}, ensure_ascii=False))
     (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    tok = CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"), model_max_length=max_length, pad_token=pad_token)
+    tok = CLIPTokenizer(
+        str(out / "vocab.json"), str(out / "merges.txt"), model_max_length=max_length, pad_token=pad_token
+    )
     tok.save_pretrained(out)
     return out

@@ -24,10 +24,30 @@ ROOT = Path(__file__).resolve().parents[1]
 FROZEN_PACKAGES = ("runtime", "cli", "models", "export")
 # Heavy stacks that only export/benchmarks/training use; excluded so an environment that has them stays lean
 # (`training` is not installed, but a build from the repository root could otherwise find it).
-EXCLUDED = ("torch", "diffusers", "transformers", "optimum", "onnx", "safetensors", "accelerate", "peft", "coremltools",
-            "sklearn", "matplotlib", "edgediff.benchmarks", "edgediff.models.random_init",
-            "edgediff.models.tokenizer_build", "training", "tkinter", "PySide6", "IPython", "pytest", "scipy", "pandas",
-            "sympy")
+EXCLUDED = (
+    "torch",
+    "diffusers",
+    "transformers",
+    "optimum",
+    "onnx",
+    "safetensors",
+    "accelerate",
+    "peft",
+    "coremltools",
+    "sklearn",
+    "matplotlib",
+    "edgediff.benchmarks",
+    "edgediff.models.random_init",
+    "edgediff.models.tokenizer_build",
+    "training",
+    "tkinter",
+    "PySide6",
+    "IPython",
+    "pytest",
+    "scipy",
+    "pandas",
+    "sympy",
+)
 
 
 def stage_sources(staging: Path) -> Path:
@@ -48,13 +68,29 @@ def build(dist: Path, work: Path) -> Path:
     staging = stage_sources(work / "src")
     shipped = staging / "edgediff" / "models" / "shipped"
     args = [
-        str(ROOT / "packaging" / "entry.py"), "--name", "edgediff", "--onedir", "--noconfirm", "--clean",
-        "--distpath", str(dist), "--workpath", str(work / "pyinstaller"), "--specpath", str(work),
-        "--paths", str(staging),
-        "--collect-submodules", "edgediff",
-        "--collect-binaries", "onnxruntime", "--collect-data", "onnxruntime",
+        str(ROOT / "packaging" / "entry.py"),
+        "--name",
+        "edgediff",
+        "--onedir",
+        "--noconfirm",
+        "--clean",
+        "--distpath",
+        str(dist),
+        "--workpath",
+        str(work / "pyinstaller"),
+        "--specpath",
+        str(work),
+        "--paths",
+        str(staging),
+        "--collect-submodules",
+        "edgediff",
+        "--collect-binaries",
+        "onnxruntime",
+        "--collect-data",
+        "onnxruntime",
         # the shipped bundle only: the diffusers weights and tiny decoder source are for export
-        "--add-data", f"{shipped / 'bundle-fp32'}:edgediff/models/shipped/bundle-fp32",
+        "--add-data",
+        f"{shipped / 'bundle-fp32'}:edgediff/models/shipped/bundle-fp32",
         *[a for m in EXCLUDED for a in ("--exclude-module", m)],
     ]
     PyInstaller.__main__.run(args)

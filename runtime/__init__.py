@@ -13,8 +13,16 @@ from .bundle import Bundle
 from .cancel import CancelToken
 from .catalog import list_bundles, models_dir, resolve_bundle
 from .errors import (
-    BundleError, Cancelled, ChecksumError, EdgediffError, InputError, NaNOutputError, OutputPathError,
-    PipelineClosed, ProviderError, SchemaVersionError,
+    BundleError,
+    Cancelled,
+    ChecksumError,
+    EdgediffError,
+    InputError,
+    NaNOutputError,
+    OutputPathError,
+    PipelineClosed,
+    ProviderError,
+    SchemaVersionError,
 )
 from .manifest import SCHEMA_VERSION, Manifest
 from .options import RuntimeOptions
@@ -22,7 +30,26 @@ from .pipeline import Pipeline, PipelineOutput, StepEvent
 from .tokenizer import PromptTruncatedWarning
 
 __all__ = [
-    "Bundle", "BundleError", "CancelToken", "Cancelled", "ChecksumError", "EdgediffError", "InputError", "Manifest", "NaNOutputError",
-    "OutputPathError", "Pipeline", "PipelineClosed", "PipelineOutput", "PromptTruncatedWarning", "ProviderError", "RuntimeOptions", "SCHEMA_VERSION",
-    "SchemaVersionError", "StepEvent", "list_bundles", "models_dir", "resolve_bundle",
+    "Bundle",
+    "BundleError",
+    "CancelToken",
+    "Cancelled",
+    "ChecksumError",
+    "EdgediffError",
+    "InputError",
+    "Manifest",
+    "NaNOutputError",
+    "OutputPathError",
+    "Pipeline",
+    "PipelineClosed",
+    "PipelineOutput",
+    "PromptTruncatedWarning",
+    "ProviderError",
+    "RuntimeOptions",
+    "SCHEMA_VERSION",
+    "SchemaVersionError",
+    "StepEvent",
+    "list_bundles",
+    "models_dir",
+    "resolve_bundle",
 ]

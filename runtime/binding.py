@@ -90,8 +90,9 @@ class BoundRunner:
     One call at a time: the buffers are shared.
     """
 
-    def __init__(self, session: ort.InferenceSession, device_type: str, device_id: int = 0,
-                 graph_id: int | None = None):
+    def __init__(
+        self, session: ort.InferenceSession, device_type: str, device_id: int = 0, graph_id: int | None = None
+    ):
         self.session = session
         self.device_type = device_type
         self.device_id = device_id
@@ -142,8 +143,10 @@ class BoundRunner:
         self.session.run_with_iobinding(binding, run_options)
         results = self._to_host(binding.get_outputs())
         # fixed output buffers from now on: a captured graph writes to the addresses it was captured with
-        outputs = [ort.OrtValue.ortvalue_from_shape_and_type(r.shape, r.dtype.type, self.device_type, self.device_id)
-                   for r in results]
+        outputs = [
+            ort.OrtValue.ortvalue_from_shape_and_type(r.shape, r.dtype.type, self.device_type, self.device_id)
+            for r in results
+        ]
         binding.clear_binding_outputs()
         for name, value in zip(self.output_names, outputs):
             binding.bind_ortvalue_output(name, value)

@@ -88,4 +88,6 @@ class Bundle:
                 if verify == "full":
                     digest = sha256_file(path)
                     if digest != meta["sha256"]:
-                        raise ChecksumError("checksum", path=self.path, file=name, found=digest[:12], expected=meta["sha256"][:12])
+                        raise ChecksumError(
+                            "checksum", path=self.path, file=name, found=digest[:12], expected=meta["sha256"][:12]
+                        )

@@ -31,8 +31,14 @@ class TextConditioner:
     def __init__(self, bundle, sessions):
         m = bundle.manifest
         self.encoders = [
-            _TextEncoder(e["component"], PromptTokenizer(bundle.tokenizer_file(e["tokenizer"]), e["tokenizer"]["max_length"],
-                                                         e["tokenizer"]["pad_id"]), e["output"], e.get("pooled"))
+            _TextEncoder(
+                e["component"],
+                PromptTokenizer(
+                    bundle.tokenizer_file(e["tokenizer"]), e["tokenizer"]["max_length"], e["tokenizer"]["pad_id"]
+                ),
+                e["output"],
+                e.get("pooled"),
+            )
             for e in m.text_encoders
         ]
         # SDXL's force_zeros_for_empty_prompt: without a negative prompt, the unconditional input is zeros
@@ -64,12 +70,21 @@ class TextConditioner:
             timings["tokenize"] = timings.get("tokenize", 0.0) + t1 - t0
             timings["text_encoder"] = timings.get("text_encoder", 0.0) + time.perf_counter() - t1
             if not np.isfinite(hidden[-1]).all() or (pooled is not None and not np.isfinite(pooled).all()):
-                raise NaNOutputError("nan_output", component=enc.component.replace("_", " "),
-                                     hint=" (fp16 overflow? try an fp32 bundle)")
+                raise NaNOutputError(
+                    "nan_output", component=enc.component.replace("_", " "), hint=" (fp16 overflow? try an fp32 bundle)"
+                )
         return np.concatenate(hidden, axis=-1), pooled
 
-    def __call__(self, prompts: list[str], negatives: list[str] | None, do_cfg: bool, repeat: int,
-                 height: int, width: int, timings: dict) -> dict[str, np.ndarray]:
+    def __call__(
+        self,
+        prompts: list[str],
+        negatives: list[str] | None,
+        do_cfg: bool,
+        repeat: int,
+        height: int,
+        width: int,
+        timings: dict,
+    ) -> dict[str, np.ndarray]:
         """The UNet's text feeds for a batch of len(prompts) * repeat images; with classifier-free guidance
         the unconditional half comes first, as in diffusers."""
         cond, pooled = self.encode(prompts, timings)
@@ -79,8 +94,11 @@ class TextConditioner:
             else:
                 uncond, uncond_pooled = self.encode(negatives or [""] * len(prompts), timings)
             cond = np.concatenate([np.repeat(uncond, repeat, 0), np.repeat(cond, repeat, 0)])
-            pooled = None if pooled is None else np.concatenate([np.repeat(uncond_pooled, repeat, 0),
-                                                                 np.repeat(pooled, repeat, 0)])
+            pooled = (
+                None
+                if pooled is None
+                else np.concatenate([np.repeat(uncond_pooled, repeat, 0), np.repeat(pooled, repeat, 0)])
+            )
         else:
             cond = np.repeat(cond, repeat, 0)
             pooled = None if pooled is None else np.repeat(pooled, repeat, 0)

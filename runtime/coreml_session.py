@@ -18,11 +18,16 @@ from .session_states import CacheStatus
 
 def check_available(compute_units: str) -> None:
     if compute_units not in COMPUTE_UNITS:
-        raise ProviderError("provider_unknown", name=f"coreml:{compute_units}",
-                            known=", ".join(f"coreml:{c}" for c in COMPUTE_UNITS))
+        raise ProviderError(
+            "provider_unknown", name=f"coreml:{compute_units}", known=", ".join(f"coreml:{c}" for c in COMPUTE_UNITS)
+        )
     if sys.platform != "darwin":
-        raise ProviderError("provider_unavailable", name="coreml", available="onnx bundles only on this OS",
-                            install="Core ML bundles run on macOS; export an ONNX bundle for this machine")
+        raise ProviderError(
+            "provider_unavailable",
+            name="coreml",
+            available="onnx bundles only on this OS",
+            install="Core ML bundles run on macOS; export an ONNX bundle for this machine",
+        )
 
 
 class CoreMLSession:
@@ -32,7 +37,9 @@ class CoreMLSession:
         check_available(compute_units)
         self.name = name
         self.spec = spec
-        self.model = ct.models.MLModel(str(package), compute_units=getattr(ct.ComputeUnit, COMPUTE_UNITS[compute_units]))
+        self.model = ct.models.MLModel(
+            str(package), compute_units=getattr(ct.ComputeUnit, COMPUTE_UNITS[compute_units])
+        )
         self.inputs = {t.name: t for t in spec.inputs}
         self.output_names = [t.name for t in spec.outputs]
         self.cache = CacheStatus.OFF
@@ -53,8 +60,13 @@ class CoreMLSession:
             else:
                 batched[name] = value
                 chunks = max(chunks, value.shape[0] // t.shape[0])
-        return [{**fixed, **{k: v[i * self.inputs[k].shape[0]:(i + 1) * self.inputs[k].shape[0]] for k, v in batched.items()}}
-                for i in range(chunks)]
+        return [
+            {
+                **fixed,
+                **{k: v[i * self.inputs[k].shape[0] : (i + 1) * self.inputs[k].shape[0]] for k, v in batched.items()},
+            }
+            for i in range(chunks)
+        ]
 
     def run(self, run_options=None, **feeds) -> list[np.ndarray]:
         results = [self.model.predict(chunk) for chunk in self._feeds(feeds)]

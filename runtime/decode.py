@@ -30,20 +30,27 @@ def _ramp(size: int, fade_in: int, fade_out: int) -> np.ndarray:
     if fade_in:
         w[:fade_in] = (np.arange(fade_in, dtype=np.float32) + 0.5) / fade_in
     if fade_out:
-        w[size - fade_out:] = np.minimum(w[size - fade_out:], ((np.arange(fade_out, dtype=np.float32) + 0.5) / fade_out)[::-1])
+        w[size - fade_out :] = np.minimum(
+            w[size - fade_out :], ((np.arange(fade_out, dtype=np.float32) + 0.5) / fade_out)[::-1]
+        )
     return w
 
 
-def decode(session: GraphSession, latents: np.ndarray, tile: int | None = None, overlap: int | None = None,
-           run_options=None) -> np.ndarray:
+def decode(
+    session: GraphSession, latents: np.ndarray, tile: int | None = None, overlap: int | None = None, run_options=None
+) -> np.ndarray:
     """Decodes (B, C, h, w) latents to (B, 3, H, W), one image at a time; `tile` in latent cells enables tiling."""
     if tile is None:
-        return np.concatenate([session.run(run_options, latent_sample=latents[j : j + 1])[0] for j in range(len(latents))])
+        return np.concatenate(
+            [session.run(run_options, latent_sample=latents[j : j + 1])[0] for j in range(len(latents))]
+        )
     if tile < MIN_TILE:
         raise InputError("tile_size", minimum=MIN_TILE, value=tile)
     overlap = max(1, int(tile * DEFAULT_OVERLAP_FRACTION)) if overlap is None else overlap
     overlap = min(overlap, tile - 1)
-    return np.concatenate([_decode_tiled(session, latents[j : j + 1], tile, overlap, run_options) for j in range(len(latents))])
+    return np.concatenate(
+        [_decode_tiled(session, latents[j : j + 1], tile, overlap, run_options) for j in range(len(latents))]
+    )
 
 
 def _decode_tiled(session, latent, tile, overlap, run_options) -> np.ndarray:

@@ -21,7 +21,7 @@ MESSAGES = {
     "provider_unknown": "unknown provider {name!r}; known: {known}",
     "provider_unavailable": "provider {name!r} is not available in this onnxruntime build (available: {available}); to get it: {install}; or pass --fallback",
     "provider_option": "provider options are KEY=VALUE, got {value!r}",
-    "openvino_libraries": "onnxruntime-openvino on Windows needs OpenVINO's own libraries, which `pip install \"edgediff[openvino]\"` installs ({detail})",
+    "openvino_libraries": 'onnxruntime-openvino on Windows needs OpenVINO\'s own libraries, which `pip install "edgediff[openvino]"` installs ({detail})',
     "plugin_unloadable": "provider {name!r} from {module}: onnxruntime cannot load its library ({detail})",
     "plugin_no_device": "provider {name!r} is installed but found no device to run on; choose another with --provider",
     "builds_clash": "provider {name!r} is not available: {count} onnxruntime builds are installed ({builds}) and they overwrite each other's files; keep one: {fix}",
@@ -62,7 +62,7 @@ MESSAGES = {
     "export_choice": "{option} must be one of {available}, got {value!r}",
     "export_attention": "unknown attention {value!r} for --target {target} (available: {available})",
     "export_default_steps": "default steps must be >= 1, got {value}",
-    "export_keep": "keep is \"none\", \"auto\" or comma-separated block names, got {value!r}",
+    "export_keep": 'keep is "none", "auto" or comma-separated block names, got {value!r}',
     "export_onnx_only": "--target coreml writes fp16 packages (or palettized ones, --palettize); {options} apply to --target onnx",
     "export_coreml_only": "{options} apply to --target coreml",
 }
@@ -127,5 +127,7 @@ class ExportValidationError(ExportError):
     def __init__(self, component: str, diffs: dict[str, tuple[float, float]]):
         self.component = component
         self.diffs = diffs  # output name -> (max abs difference, tolerance)
-        detail = ", ".join(f"{k}: max |diff| {d:.3g} > {tol:g}" if d > tol else f"{k}: {d:.3g} ok" for k, (d, tol) in diffs.items())
+        detail = ", ".join(
+            f"{k}: max |diff| {d:.3g} > {tol:g}" if d > tol else f"{k}: {d:.3g} ok" for k, (d, tol) in diffs.items()
+        )
         super().__init__("export_validation", component=component, detail=detail)

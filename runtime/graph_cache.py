@@ -49,11 +49,14 @@ LIMIT_ENV = "EDGEDIFF_CACHE_MAX_GB"
 # slower start (optimize and save again).
 DEFAULT_LIMIT_BYTES = 20 * 2**30
 FREE_SPACE_RESERVE = 2 * 2**30  # a save must leave this much of the disk free: the cache never fills a disk
-STALE_PARTIAL_S = 3600  # a .partial file untouched this long is a crashed save (a live one's mtime moves as it is written)
+STALE_PARTIAL_S = (
+    3600  # a .partial file untouched this long is a crashed save (a live one's mtime moves as it is written)
+)
 # What `clear` and eviction may delete: only names this module writes, so that EDGEDIFF_CACHE_DIR pointing at a
 # folder of the user's own never loses anything else
 _ENTRY_FILE = re.compile(
-    r"^(?P<key>[a-z0-9_]+-[0-9a-f]{16}-[0-9a-f]{8}-.+-ort[^-]+-[a-z0-9_]+)\.onnx(?:(?:\.[0-9a-f]{8})?\.data)?$")
+    r"^(?P<key>[a-z0-9_]+-[0-9a-f]{16}-[0-9a-f]{8}-.+-ort[^-]+-[a-z0-9_]+)\.onnx(?:(?:\.[0-9a-f]{8})?\.data)?$"
+)
 _PARTIAL_FILE = re.compile(r"^\.[a-z0-9_]+-[0-9a-f]{16}-.+\.\d+\.partial\.onnx(\.data)?$")
 
 _PRUNING = threading.Lock()  # a pipeline opens its graphs in parallel: one eviction pass at a time
@@ -129,7 +132,9 @@ def entries(folder: Path) -> list[Entry]:
     for key, paths in grouped.items():
         stats = [st for st in map(_stat, paths) if st is not None]
         if stats:
-            found.append(Entry(key, tuple(sorted(paths)), sum(st.st_size for st in stats), max(st.st_mtime for st in stats)))
+            found.append(
+                Entry(key, tuple(sorted(paths)), sum(st.st_size for st in stats), max(st.st_mtime for st in stats))
+            )
     return sorted(found, key=lambda e: e.last_used)
 
 
@@ -187,8 +192,13 @@ def prune(folder: Path, limit: int, keep: frozenset[str] = frozenset()) -> list[
         total -= entry.size
         evicted.append(entry)
     if evicted:
-        log.info("graph cache over its %.1f GiB limit (%s): evicted %d least recently used entries (%.1f MiB)",
-                 limit / 2**30, LIMIT_ENV, len(evicted), sum(e.size for e in evicted) / 2**20)
+        log.info(
+            "graph cache over its %.1f GiB limit (%s): evicted %d least recently used entries (%.1f MiB)",
+            limit / 2**30,
+            LIMIT_ENV,
+            len(evicted),
+            sum(e.size for e in evicted) / 2**20,
+        )
     return evicted
 
 
@@ -200,8 +210,7 @@ def cache_key(component: str, sha256: str, provider: str, path: Path) -> str:
     return f"{component}-{sha256[:16]}-{stamp}-{provider}-ort{ort.__version__}-{platform.machine().lower()}"
 
 
-def open_cached(path: Path, key: str, graph_bytes: int, options_factory, providers, folder: Path,
-                save: str = "graph"):
+def open_cached(path: Path, key: str, graph_bytes: int, options_factory, providers, folder: Path, save: str = "graph"):
     """(session, status): the cached optimized graph if there is one (HIT), else `path` optimized now and
     saved for next time (MISS), or run unsaved when the disk is short of room or the save fails (SKIPPED).
     save="context": what a compiling provider compiled, as an EPContext model (QNN), instead of onnxruntime's
@@ -230,8 +239,13 @@ def open_cached(path: Path, key: str, graph_bytes: int, options_factory, provide
         log.warning("graph cache folder %s is unusable (%s); %s runs uncached", folder, exc, path.name)
         return uncached(), CacheStatus.SKIPPED
     if free - graph_bytes < FREE_SPACE_RESERVE:
-        log.warning("not caching %s: %.1f GiB free at %s, and a save must leave %.0f GiB", path.name, free / 2**30,
-                    folder, FREE_SPACE_RESERVE / 2**30)
+        log.warning(
+            "not caching %s: %.1f GiB free at %s, and a save must leave %.0f GiB",
+            path.name,
+            free / 2**30,
+            folder,
+            FREE_SPACE_RESERVE / 2**30,
+        )
         return uncached(), CacheStatus.SKIPPED
     partial = folder / f".{key}.{os.getpid()}.partial.onnx"
     weights = folder / f"{key}.onnx.{secrets.token_hex(4)}.data"  # named in the saved graph, relative to it
@@ -245,8 +259,9 @@ def open_cached(path: Path, key: str, graph_bytes: int, options_factory, provide
     else:
         opts.optimized_model_filepath = str(partial)
         opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", weights.name)
-        opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
-                                      str(EXTERNAL_MIN_BYTES))
+        opts.add_session_config_entry(
+            "session.optimized_model_external_initializers_min_size_in_bytes", str(EXTERNAL_MIN_BYTES)
+        )
     try:
         session = new_session(path, opts, providers)
     except Exception as exc:  # onnxruntime's own types; the save (disk full, folder gone) or the graph itself

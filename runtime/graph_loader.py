@@ -31,8 +31,17 @@ class GraphLoader:
     """Opens sessions of one graph of a bundle. `cache_folder`: keep optimized forms there (graph_cache.py);
     None: no cache."""
 
-    def __init__(self, name: str, path: Path, spec: ComponentSpec, resolution: Resolution, bundle_path,
-                 threads: int | None = None, low_memory: bool = False, cache_folder: Path | None = None):
+    def __init__(
+        self,
+        name: str,
+        path: Path,
+        spec: ComponentSpec,
+        resolution: Resolution,
+        bundle_path,
+        threads: int | None = None,
+        low_memory: bool = False,
+        cache_folder: Path | None = None,
+    ):
         self.name, self.path, self.spec, self.resolution = name, path, spec, resolution
         self.bundle_path = bundle_path
         self.threads, self.low_memory, self.cache_folder = threads, low_memory, cache_folder
@@ -45,11 +54,13 @@ class GraphLoader:
             raise  # ours already says what is wrong (a bad EDGEDIFF_CACHE_MAX_GB)
         except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
             hint = self.resolution.provider.load_hint(self.spec.precision)
-            raise BundleError("graph_unloadable", path=self.bundle_path, file=self.path.name,
-                              detail=summarize(exc) + hint) from exc
+            raise BundleError(
+                "graph_unloadable", path=self.bundle_path, file=self.path.name, detail=summarize(exc) + hint
+            ) from exc
 
-    def open(self, dims: dict[str, int] | None = None,
-             capture: bool = False) -> tuple[ort.InferenceSession, CacheStatus]:
+    def open(
+        self, dims: dict[str, int] | None = None, capture: bool = False
+    ) -> tuple[ort.InferenceSession, CacheStatus]:
         """A session of this graph and where it came from. `dims`: fixed dimensions (a shape-fixed session);
         `capture`: with the provider's graph capture option on. Both key the cache: a shape-fixed graph's
         optimized form differs from the dynamic one's, and a cached one spares each new image size its optimizer
@@ -67,12 +78,21 @@ class GraphLoader:
             own_cache = {k: v for k, v in own_cache.items() if k not in resolution.overrides}  # the caller's win
             session = new_session(self.path, options(), resolution.ort_providers_with(**own_cache, **extra))
         else:
-            tag = (resolution.cache_tag_fixed({"dims": dims or {}, "options": extra}) if dims or extra
-                   else resolution.cache_tag)
+            tag = (
+                resolution.cache_tag_fixed({"dims": dims or {}, "options": extra})
+                if dims or extra
+                else resolution.cache_tag
+            )
             key = graph_cache.cache_key(self.name, self.spec.files[self.spec.graph_file]["sha256"], tag, self.path)
-            session, status = graph_cache.open_cached(self.path, key, self.spec.size, options,
-                                                      resolution.ort_providers_with(**extra), self.cache_folder,
-                                                      save="context" if provider.compiles else "graph")
+            session, status = graph_cache.open_cached(
+                self.path,
+                key,
+                self.spec.size,
+                options,
+                resolution.ort_providers_with(**extra),
+                self.cache_folder,
+                save="context" if provider.compiles else "graph",
+            )
         if self.falls_back(session):
             log.warning("%s: %s did not take this graph; it runs on the CPU", self.name, provider.name)
         return session, status

@@ -13,8 +13,11 @@ from .errors import BundleError, InputError
 from .manifest import ComponentSpec
 
 ORT_TO_NUMPY = {
-    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-    "tensor(int64)": np.int64, "tensor(int32)": np.int32,
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
 }
 
 
@@ -22,8 +25,12 @@ def check_manifest(name: str, spec: ComponentSpec, inputs: dict[str, ort.NodeArg
     """The graph's inputs must be the ones its manifest lists: the pipeline builds its feeds from the manifest."""
     declared = {t.name for t in spec.inputs}
     if declared != set(inputs):
-        raise BundleError("graph_mismatch", path=bundle_path, component=name,
-                          detail=f"graph inputs {sorted(inputs)} but manifest lists {sorted(declared)}")
+        raise BundleError(
+            "graph_mismatch",
+            path=bundle_path,
+            component=name,
+            detail=f"graph inputs {sorted(inputs)} but manifest lists {sorted(declared)}",
+        )
 
 
 class InputCheck:

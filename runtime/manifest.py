@@ -27,7 +27,9 @@ class TensorSpec:
 
 @dataclass
 class ComponentSpec:
-    files: dict[str, dict]  # file name -> {"size": bytes, "sha256": hex}; the first is the graph, the rest its external data
+    files: dict[
+        str, dict
+    ]  # file name -> {"size": bytes, "sha256": hex}; the first is the graph, the rest its external data
     precision: str  # fp32 | fp16
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
@@ -97,15 +99,28 @@ class Manifest:
                 )
                 for name, c in raw["components"].items()
             }
-            fields_ = {k: raw[k] for k in (
-                "family", "prediction_type", "scheduler", "defaults", "latent_channels", "vae_scaling_factor",
-                "vae_scale_factor", "tokenizer", "guidance_embedding_dim")}
+            fields_ = {
+                k: raw[k]
+                for k in (
+                    "family",
+                    "prediction_type",
+                    "scheduler",
+                    "defaults",
+                    "latent_channels",
+                    "vae_scaling_factor",
+                    "vae_scale_factor",
+                    "tokenizer",
+                    "guidance_embedding_dim",
+                )
+            }
         except (KeyError, TypeError) as exc:
             raise BundleError("manifest_invalid", path=bundle_dir, detail=f"missing or malformed field {exc}") from None
         conditioning = raw.get("conditioning", {})
         encoders = conditioning.get("encoders", []) if isinstance(conditioning, dict) else None
-        if not isinstance(encoders, list) or not all(isinstance(e, dict) and isinstance(e.get("tokenizer"), dict)
-                                                     and "component" in e and "output" in e for e in encoders):
+        if not isinstance(encoders, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("tokenizer"), dict) and "component" in e and "output" in e
+            for e in encoders
+        ):
             raise BundleError("manifest_invalid", path=bundle_dir, detail="malformed conditioning")
         for required in ("text_encoder", "unet", "vae_decoder", *(e["component"] for e in encoders)):
             if required not in components:
@@ -113,11 +128,22 @@ class Manifest:
         target = raw.get("target", "onnx")
         if target not in TARGETS:
             raise BundleError("manifest_invalid", path=bundle_dir, detail=f"unknown target {target!r}")
-        return cls(**fields_, components=components, conditioning=conditioning, provenance=raw.get("provenance", {}),
-                   target=target, schema_version=version)
+        return cls(
+            **fields_,
+            components=components,
+            conditioning=conditioning,
+            provenance=raw.get("provenance", {}),
+            target=target,
+            schema_version=version,
+        )
 
     @property
     def text_encoders(self) -> list[dict]:
         """Each text encoder's component, tokenizer entry and the output the UNet takes (pre-SDXL bundles: one)."""
         return self.conditioning.get("encoders") or [
-            {"component": "text_encoder", "tokenizer": self.tokenizer, "output": self.components["text_encoder"].outputs[0].name}]
+            {
+                "component": "text_encoder",
+                "tokenizer": self.tokenizer,
+                "output": self.components["text_encoder"].outputs[0].name,
+            }
+        ]

@@ -17,9 +17,14 @@ from importlib import metadata
 
 # the edgediff extra that installs each build (pyproject.toml); onnxruntime-qnn 1.x was a build, 2.x is a plugin
 BUILDS = {
-    "onnxruntime": "cpu", "onnxruntime-gpu": "cuda", "onnxruntime-directml": "directml",
-    "onnxruntime-openvino": "openvino", "onnxruntime-qnn": "qnn", "onnxruntime-webgpu": "webgpu",
-    "onnxruntime-migraphx": "migraphx", "onnxruntime-rocm": "rocm",
+    "onnxruntime": "cpu",
+    "onnxruntime-gpu": "cuda",
+    "onnxruntime-directml": "directml",
+    "onnxruntime-openvino": "openvino",
+    "onnxruntime-qnn": "qnn",
+    "onnxruntime-webgpu": "webgpu",
+    "onnxruntime-migraphx": "migraphx",
+    "onnxruntime-rocm": "rocm",
 }
 
 
@@ -53,8 +58,10 @@ def clash() -> str | None:
     builds = installed()
     if len(builds) < 2:
         return None
-    return (f"{len(builds)} onnxruntime builds are installed ({describe(builds)}) and overwrite each other's files, "
-            f"so providers may be missing; keep one: {one_build(builds, likely_extra(builds))}")
+    return (
+        f"{len(builds)} onnxruntime builds are installed ({describe(builds)}) and overwrite each other's files, "
+        f"so providers may be missing; keep one: {one_build(builds, likely_extra(builds))}"
+    )
 
 
 def likely_extra(builds: dict[str, str]) -> str:
@@ -64,5 +71,7 @@ def likely_extra(builds: dict[str, str]) -> str:
 
 def missing_message() -> str:
     others = ", ".join(f'"edgediff[{extra}]"' for extra in BUILDS.values() if extra != "cpu")
-    return (f'edgediff needs an onnxruntime build: pip install "edgediff[cpu]" (on a Mac it has Core ML too), or one '
-            f'for a GPU or NPU: {others} (README, "Platforms and execution providers")')
+    return (
+        f'edgediff needs an onnxruntime build: pip install "edgediff[cpu]" (on a Mac it has Core ML too), or one '
+        f'for a GPU or NPU: {others} (README, "Platforms and execution providers")'
+    )

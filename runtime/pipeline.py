@@ -21,12 +21,12 @@ from . import decode as decoding
 from . import graph_cache
 from .bundle import Bundle
 from .cancel import CancelToken
-from .errors import BundleError, Cancelled, InputError, NaNOutputError, PipelineClosed, ProviderError
-from .image import latents_to_images, load_image, to_model_input, to_pil
-from .inpaint import outpaint_canvas, overlay, prepare_mask
 from .conditioning import TextConditioner
 from .coreml_session import CoreMLSession
 from .coreml_session import check_available as check_coreml
+from .errors import BundleError, Cancelled, InputError, NaNOutputError, PipelineClosed, ProviderError
+from .image import latents_to_images, load_image, to_model_input, to_pil
+from .inpaint import outpaint_canvas, overlay, prepare_mask
 from .options import DECODERS, RuntimeOptions
 from .providers import REGISTRY, Provider, Resolution, resolve
 from .schedulers import SAMPLERS, make_sampler
@@ -107,9 +107,15 @@ def _note_precision(bundle: Bundle, provider: Provider) -> None:
     unet = bundle.manifest.components.get("unet")
     if unet is None or unet.precision != "fp16" or "fp16" in provider.precisions:
         return
-    log.warning("%s: its UNet is %s, which the %s provider does not run natively (it suits %s); for speed there, "
-                "export with --precision %s", bundle.path, unet.precision, provider.name, ", ".join(provider.precisions),
-                provider.precisions[0])
+    log.warning(
+        "%s: its UNet is %s, which the %s provider does not run natively (it suits %s); for speed there, "
+        "export with --precision %s",
+        bundle.path,
+        unet.precision,
+        provider.name,
+        ", ".join(provider.precisions),
+        provider.precisions[0],
+    )
 
 
 class Pipeline:
@@ -141,8 +147,19 @@ class Pipeline:
             capture = o.cuda_graph and _can_capture(self.resolution)
 
             def opener(name):
-                return GraphSession(name, bundle.component_path(name), m.components[name], self.resolution,
-                                    bundle.path, o.threads, cache_folder, o.low_memory, o.io_binding, capture)
+                return GraphSession(
+                    name,
+                    bundle.component_path(name),
+                    m.components[name],
+                    self.resolution,
+                    bundle.path,
+                    o.threads,
+                    cache_folder,
+                    o.low_memory,
+                    o.io_binding,
+                    capture,
+                )
+
         self.providers = self.resolution.names
         self.sampler_name = o.sampler or m.scheduler["name"]
         if self.sampler_name not in SAMPLERS:
@@ -156,13 +173,18 @@ class Pipeline:
         # low-memory mode swaps sessions within a call, so calls take turns; otherwise a no-op lock
         self._turns = threading.Lock() if o.low_memory else _NoLock()
         self._closed = False
-        log.info("bundle %s on %s%s%s", bundle.path, self.resolution.provider.name,
-                 f" (fell back from {o.provider})" if self.resolution.fell_back else "",
-                 " (low memory)" if o.low_memory else "")
+        log.info(
+            "bundle %s on %s%s%s",
+            bundle.path,
+            self.resolution.provider.name,
+            f" (fell back from {o.provider})" if self.resolution.fell_back else "",
+            " (low memory)" if o.low_memory else "",
+        )
 
     @classmethod
-    def from_bundle(cls, path: str | Path, options: RuntimeOptions | None = None, verify: str = "full",
-                    **overrides) -> "Pipeline":
+    def from_bundle(
+        cls, path: str | Path, options: RuntimeOptions | None = None, verify: str = "full", **overrides
+    ) -> "Pipeline":
         """Opens the bundle at `path` (checking every file's sha256 unless verify="size") and a pipeline over it."""
         return cls(Bundle.open(path, verify=verify), options, **overrides)
 
@@ -170,13 +192,21 @@ class Pipeline:
         """What runs where: the chosen provider, its options, and per loaded graph its providers, whether
         it fell back to the CPU and whether its optimised form came from the cache."""
         return {
-            "provider": self.resolution.provider.name, "requested": self.resolution.requested,
-            "fell_back": self.resolution.fell_back, "options": self.resolution.options,
-            "graphs": {name: {"providers": s.providers, "cpu_fallback": s.fell_back_to_cpu, "cache": s.cache,
-                              "io_binding": getattr(s, "binding_state", "off"),
-                              "cuda_graph": getattr(s, "capture_state", "off"),
-                              "shapes": getattr(s, "shapes", "dynamic")}
-                       for name, s in ((n, self.sessions.get(n)) for n in self.sessions.loaded)},
+            "provider": self.resolution.provider.name,
+            "requested": self.resolution.requested,
+            "fell_back": self.resolution.fell_back,
+            "options": self.resolution.options,
+            "graphs": {
+                name: {
+                    "providers": s.providers,
+                    "cpu_fallback": s.fell_back_to_cpu,
+                    "cache": s.cache,
+                    "io_binding": getattr(s, "binding_state", "off"),
+                    "cuda_graph": getattr(s, "capture_state", "off"),
+                    "shapes": getattr(s, "shapes", "dynamic"),
+                }
+                for name, s in ((n, self.sessions.get(n)) for n in self.sessions.loaded)
+            },
         }
 
     @property
@@ -265,12 +295,28 @@ class Pipeline:
         if outpaint is not None:
             image, mask_image = self._outpaint_canvas(image, mask_image, outpaint)
             keep_unmasked = True  # the original pixels stay exactly as they were
-        call = _Call(prompt=prompt, negative_prompt=negative_prompt, steps=num_inference_steps,
-                     guidance=guidance_scale, height=height, width=width, seed=seed, latents=latents,
-                     images_per_prompt=num_images_per_prompt, output_type=output_type, callback=callback,
-                     generator=generator, preview=preview, cancel=cancel or CancelToken(), decoder=decoder,
-                     decode_tile=self.options.decode_tile if decode_tile is None else decode_tile, image=image,
-                     strength=strength, mask_image=mask_image, keep_unmasked=keep_unmasked)
+        call = _Call(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            steps=num_inference_steps,
+            guidance=guidance_scale,
+            height=height,
+            width=width,
+            seed=seed,
+            latents=latents,
+            images_per_prompt=num_images_per_prompt,
+            output_type=output_type,
+            callback=callback,
+            generator=generator,
+            preview=preview,
+            cancel=cancel or CancelToken(),
+            decoder=decoder,
+            decode_tile=self.options.decode_tile if decode_tile is None else decode_tile,
+            image=image,
+            strength=strength,
+            mask_image=mask_image,
+            keep_unmasked=keep_unmasked,
+        )
         with self._turns:
             return self._generate(call)
 
@@ -319,7 +365,9 @@ class Pipeline:
         # 2. Encode the prompts into the UNet's text inputs (SDXL: pooled text and size conditions too); with
         #    classifier-free guidance, the negative prompts go first in one batch.
         negative = call.negative_prompt
-        negatives = None if negative is None else ([negative] * len(prompts) if isinstance(negative, str) else list(negative))
+        negatives = (
+            None if negative is None else ([negative] * len(prompts) if isinstance(negative, str) else list(negative))
+        )
         if negatives is not None and len(negatives) != len(prompts):
             raise InputError("batch", what="negative prompts (one per prompt)", value=len(negatives))
         text_feeds = self.text(prompts, negatives, do_cfg, call.images_per_prompt, height, width, timings)
@@ -352,8 +400,9 @@ class Pipeline:
         inpaint = None
         latents = call.latents
         if image is not None:
-            latents, inpaint = self._start_from_image(sampler, timesteps, image, call.mask_image, strength, shape,
-                                                      unet_channels, step_noise, cancel)
+            latents, inpaint = self._start_from_image(
+                sampler, timesteps, image, call.mask_image, strength, shape, unet_channels, step_noise, cancel
+            )
         elif unet_channels != m.latent_channels:
             raise InputError("inpaint_unet", channels=unet_channels)
         elif latents is None:
@@ -379,8 +428,9 @@ class Pipeline:
             if do_cfg:
                 model_in = np.concatenate([model_in, model_in])
             t0 = time.perf_counter()
-            noise_pred = self._run_cancellable(cancel, i, total, "unet", sample=model_in,
-                                               timestep=np.array(t, dtype=np.float32), **text_feeds, **extra)[0]
+            noise_pred = self._run_cancellable(
+                cancel, i, total, "unet", sample=model_in, timestep=np.array(t, dtype=np.float32), **text_feeds, **extra
+            )[0]
             timings["unet"].append(time.perf_counter() - t0)
             if do_cfg:
                 uncond_pred, cond_pred = np.split(noise_pred, 2)
@@ -389,14 +439,19 @@ class Pipeline:
             latents = out.prev_sample
             if inpaint is not None and not inpaint.channels_in_unet:
                 # ordinary UNets: the known region comes back, noised to where the next step starts
-                known = inpaint.image_latents if i == total - 1 else sampler.add_noise(
-                    inpaint.image_latents, inpaint.noise, timesteps[i + 1])
+                known = (
+                    inpaint.image_latents
+                    if i == total - 1
+                    else sampler.add_noise(inpaint.image_latents, inpaint.noise, timesteps[i + 1])
+                )
                 latents = ((1 - inpaint.mask_lat) * known + inpaint.mask_lat * latents).astype(np.float32)
             if call.callback is not None:
                 images = None
                 if call.preview:
                     estimate = latents if out.denoised is None else out.denoised
-                    images = latents_to_images(self._decode(estimate, self._preview_decoder(), None, cancel, i, total), "pil")
+                    images = latents_to_images(
+                        self._decode(estimate, self._preview_decoder(), None, cancel, i, total), "pil"
+                    )
                 call.callback(StepEvent(step=i, total=total, timestep=float(t), latents=latents, preview=images))
         if not np.isfinite(latents).all():
             raise NaNOutputError("nan_output", component="denoiser (unet)", hint=" (try an fp32 bundle)")
@@ -425,8 +480,11 @@ class Pipeline:
         batch, height, width = shape[0], shape[2] * m.vae_scale_factor, shape[3] * m.vae_scale_factor
         full_noise = mask_image is not None and strength >= 1.0
         # an inpainting UNet at full strength never needs the image's latents (and diffusers draws no sample)
-        encoded = None if full_noise and unet_channels > m.latent_channels else \
-            self._encode_input(to_model_input(image), batch, noise, cancel)
+        encoded = (
+            None
+            if full_noise and unet_channels > m.latent_channels
+            else self._encode_input(to_model_input(image), batch, noise, cancel)
+        )
         start_noise = noise.standard_normal(shape)
         if full_noise:
             latents = start_noise * np.float32(sampler.init_noise_sigma)
@@ -436,8 +494,14 @@ class Pipeline:
             return latents, None
         mask_px, mask_lat = prepare_mask(mask_image, height, width, m.vae_scale_factor)
         masked_latents = self._encode_input(to_model_input(image) * (mask_px < 0.5), batch, noise, cancel)
-        return latents, _Inpaint(encoded, start_noise, np.repeat(mask_lat, batch, 0), masked_latents, mask_px,
-                                 channels_in_unet=unet_channels > m.latent_channels)
+        return latents, _Inpaint(
+            encoded,
+            start_noise,
+            np.repeat(mask_lat, batch, 0),
+            masked_latents,
+            mask_px,
+            channels_in_unet=unet_channels > m.latent_channels,
+        )
 
     def _encode_input(self, model_input: np.ndarray, batch: int, noise, cancel) -> np.ndarray:
         """(B, C, h, w) scaled latents of a (1, 3, H, W) image, one sample of the encoder's distribution per image."""
@@ -451,8 +515,9 @@ class Pipeline:
         sample = mean + std * noise.standard_normal(mean.shape)
         return (sample * np.float32(self.manifest.vae_scaling_factor)).astype(np.float32)
 
-    def decode(self, latents: np.ndarray, decoder: str | None = None, output_type: str = "pil",
-               decode_tile: int | None = None):
+    def decode(
+        self, latents: np.ndarray, decoder: str | None = None, output_type: str = "pil", decode_tile: int | None = None
+    ):
         """Images from latents as `output_type="latent"` returns them (decoder: "full" or "tiny")."""
         if self._closed:
             raise PipelineClosed("closed")
@@ -465,7 +530,9 @@ class Pipeline:
     def _decode_checked(self, latents, decoder: str, tile, cancel: CancelToken, total: int) -> np.ndarray:
         decoded = self._decode(latents, decoder, tile, cancel, total, total)
         if not np.isfinite(decoded).all():
-            raise NaNOutputError("nan_output", component=f"{decoder} VAE decoder", hint=" (fp16 overflow? use an fp32 decoder)")
+            raise NaNOutputError(
+                "nan_output", component=f"{decoder} VAE decoder", hint=" (fp16 overflow? use an fp32 decoder)"
+            )
         return decoded
 
     def _preview_decoder(self) -> str:

@@ -154,8 +154,10 @@ class WebGPU(Provider):
         # seen through a software Vulkan device: "Program Transpose requires f16 but the device does not support it"
         if precision != "fp16":
             return ""
-        return (" (fp16 graphs need a GPU with WebGPU's shader-f16 feature; for one without it, export the bundle "
-                "with --precision fp32)")
+        return (
+            " (fp16 graphs need a GPU with WebGPU's shader-f16 feature; for one without it, export the bundle "
+            "with --precision fp32)"
+        )
 
 
 @functools.lru_cache(maxsize=1)  # asked at each resolve and session open; the devices do not change in a process
@@ -170,49 +172,116 @@ def openvino_devices() -> list[str] | None:
     return list(lister()) if lister else None
 
 
-REGISTRY: dict[str, Provider] = {p.name: p for p in (
-    # x86 CPUs have no fp16 kernels (onnxruntime inserts casts): fp32, or int8/int4 weights
-    Provider("cpu", "CPUExecutionProvider", ("fp32", "int8", "int4"), extra="cpu",
-             opens_in_parallel=True),
-    CUDA("cuda", "CUDAExecutionProvider", ("fp16", "fp32"), extra="cuda",
-         platforms=("linux", "win"), gpu=True, cuda_kernels=True, device_type="cuda",
-         graph_capture_option="enable_cuda_graph",
-         options={"device_id": 0, "cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": True}),
-    CUDA("tensorrt", "TensorrtExecutionProvider", ("fp16", "fp32"), compiles=True,
-         cache_option="trt_engine_cache_path",  # its engines in our cache: else they land in the working directory
-         extra="cuda", needs="and the TensorRT libraries", platforms=("linux", "win"), gpu=True,
-         cuda_kernels=True,  # nodes TensorRT cannot take run on its CUDA fallback
-         device_type="cuda", graph_capture_option="trt_cuda_graph_enable",
-         options={"trt_fp16_enable": True, "trt_engine_cache_enable": True}),
-    # AMD GPUs (Linux, ROCm installed). onnxruntime 1.23 removed its ROCm provider in favour of MIGraphX, which
-    # compiles the graphs it takes. Not run on AMD hardware: with the wheel but no ROCm, onnxruntime cannot load
-    # the provider and every graph runs on the CPU, logged (checked with onnxruntime-migraphx 1.27.1). Its compiled
-    # programs (.mxr) are cached, as compiling takes minutes at full size; the cache option is in AMD's
-    # onnxruntime-migraphx 1.23.0 and 1.27.1 (read off their provider libraries)
-    Provider("migraphx", "MIGraphXExecutionProvider", ("fp16", "fp32"), compiles=True,
-             cache_option="migraphx_model_cache_dir", extra="migraphx", needs="and AMD's ROCm", platforms=("linux",),
-             gpu=True, options={"device_id": 0}),
-    # the same GPUs through onnxruntime 1.22 and older (onnxruntime-rocm); kept for those builds
-    Provider("rocm", "ROCMExecutionProvider", ("fp16", "fp32"), extra="rocm", needs="and AMD's ROCm",
-             platforms=("linux",), gpu=True),
-    # I/O binding on "dml" buffers: onnxruntime-directml 1.17+ (an older build fails the first bind, and the graph
-    # then runs unbound, logged); built from onnxruntime's API, not yet run on Windows hardware
-    DirectML("directml", "DmlExecutionProvider", ("fp16", "fp32"), extra="directml",
-             platforms=("win",), gpu=True, device_type="dml", options={"device_id": 0}),
-    # any GPU through WebGPU: Direct3D 12 on Windows, Metal on macOS, Vulkan on Linux (onnxruntime-webgpu: wheels
-    # for Windows x64, macOS arm64, Linux x64). Its Python binding cannot place buffers on the device ("Can't
-    # allocate memory on the device using this package", 1.27), so graphs run unbound. Checked on Linux through
-    # a software Vulkan device (tests/test_webgpu.py); not yet on a GPU
-    WebGPU("webgpu", "WebGpuExecutionProvider", ("fp16", "fp32"), extra="webgpu", gpu=True),
-    Provider("coreml", "CoreMLExecutionProvider", ("fp16", "fp32"), extra="cpu", needs="its macOS wheels have it",
-             platforms=("darwin",), compiles=True, options={"ModelFormat": "MLProgram", "MLComputeUnits": "ALL"}),
-    OpenVINO("openvino", "OpenVINOExecutionProvider", ("fp16", "int8", "fp32"), extra="openvino", compiles=True,
-             cache_option="cache_dir",  # its compiled blobs: the second start skips compilation
-             options={"device_type": "AUTO:GPU,NPU,CPU"}),
-    # Snapdragon NPUs (HTP). onnxruntime-qnn 2 is a plugin beside the CPU build; 1.x builds had it built in
-    Provider("qnn", "QNNExecutionProvider", ("int8", "fp16"), extra="qnn", compiles=True, plugin="onnxruntime_qnn",
-             static_shapes=True, saves_context=True, platforms=("win", "linux"), options={"backend_type": "htp"}),
-)}
+REGISTRY: dict[str, Provider] = {
+    p.name: p
+    for p in (
+        # x86 CPUs have no fp16 kernels (onnxruntime inserts casts): fp32, or int8/int4 weights
+        Provider("cpu", "CPUExecutionProvider", ("fp32", "int8", "int4"), extra="cpu", opens_in_parallel=True),
+        CUDA(
+            "cuda",
+            "CUDAExecutionProvider",
+            ("fp16", "fp32"),
+            extra="cuda",
+            platforms=("linux", "win"),
+            gpu=True,
+            cuda_kernels=True,
+            device_type="cuda",
+            graph_capture_option="enable_cuda_graph",
+            options={"device_id": 0, "cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": True},
+        ),
+        CUDA(
+            "tensorrt",
+            "TensorrtExecutionProvider",
+            ("fp16", "fp32"),
+            compiles=True,
+            cache_option="trt_engine_cache_path",  # its engines in our cache: else they land in the working directory
+            extra="cuda",
+            needs="and the TensorRT libraries",
+            platforms=("linux", "win"),
+            gpu=True,
+            cuda_kernels=True,  # nodes TensorRT cannot take run on its CUDA fallback
+            device_type="cuda",
+            graph_capture_option="trt_cuda_graph_enable",
+            options={"trt_fp16_enable": True, "trt_engine_cache_enable": True},
+        ),
+        # AMD GPUs (Linux, ROCm installed). onnxruntime 1.23 removed its ROCm provider in favour of MIGraphX, which
+        # compiles the graphs it takes. Not run on AMD hardware: with the wheel but no ROCm, onnxruntime cannot load
+        # the provider and every graph runs on the CPU, logged (checked with onnxruntime-migraphx 1.27.1). Its compiled
+        # programs (.mxr) are cached, as compiling takes minutes at full size; the cache option is in AMD's
+        # onnxruntime-migraphx 1.23.0 and 1.27.1 (read off their provider libraries)
+        Provider(
+            "migraphx",
+            "MIGraphXExecutionProvider",
+            ("fp16", "fp32"),
+            compiles=True,
+            cache_option="migraphx_model_cache_dir",
+            extra="migraphx",
+            needs="and AMD's ROCm",
+            platforms=("linux",),
+            gpu=True,
+            options={"device_id": 0},
+        ),
+        # the same GPUs through onnxruntime 1.22 and older (onnxruntime-rocm); kept for those builds
+        Provider(
+            "rocm",
+            "ROCMExecutionProvider",
+            ("fp16", "fp32"),
+            extra="rocm",
+            needs="and AMD's ROCm",
+            platforms=("linux",),
+            gpu=True,
+        ),
+        # I/O binding on "dml" buffers: onnxruntime-directml 1.17+ (an older build fails the first bind, and the graph
+        # then runs unbound, logged); built from onnxruntime's API, not yet run on Windows hardware
+        DirectML(
+            "directml",
+            "DmlExecutionProvider",
+            ("fp16", "fp32"),
+            extra="directml",
+            platforms=("win",),
+            gpu=True,
+            device_type="dml",
+            options={"device_id": 0},
+        ),
+        # any GPU through WebGPU: Direct3D 12 on Windows, Metal on macOS, Vulkan on Linux (onnxruntime-webgpu: wheels
+        # for Windows x64, macOS arm64, Linux x64). Its Python binding cannot place buffers on the device ("Can't
+        # allocate memory on the device using this package", 1.27), so graphs run unbound. Checked on Linux through
+        # a software Vulkan device (tests/runtime/test_webgpu.py); not yet on a GPU
+        WebGPU("webgpu", "WebGpuExecutionProvider", ("fp16", "fp32"), extra="webgpu", gpu=True),
+        Provider(
+            "coreml",
+            "CoreMLExecutionProvider",
+            ("fp16", "fp32"),
+            extra="cpu",
+            needs="its macOS wheels have it",
+            platforms=("darwin",),
+            compiles=True,
+            options={"ModelFormat": "MLProgram", "MLComputeUnits": "ALL"},
+        ),
+        OpenVINO(
+            "openvino",
+            "OpenVINOExecutionProvider",
+            ("fp16", "int8", "fp32"),
+            extra="openvino",
+            compiles=True,
+            cache_option="cache_dir",  # its compiled blobs: the second start skips compilation
+            options={"device_type": "AUTO:GPU,NPU,CPU"},
+        ),
+        # Snapdragon NPUs (HTP). onnxruntime-qnn 2 is a plugin beside the CPU build; 1.x builds had it built in
+        Provider(
+            "qnn",
+            "QNNExecutionProvider",
+            ("int8", "fp16"),
+            extra="qnn",
+            compiles=True,
+            plugin="onnxruntime_qnn",
+            static_shapes=True,
+            saves_context=True,
+            platforms=("win", "linux"),
+            options={"backend_type": "htp"},
+        ),
+    )
+}
 # kept for callers that only need names
 PROVIDERS = {name: p.ort_name for name, p in REGISTRY.items()}
 # `auto` picks the first available: GPUs, then NPUs, then the CPU. TensorRT is left to explicit
@@ -266,8 +335,9 @@ def _digest(values: dict) -> str:
     return hashlib.sha1(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
 
 
-def resolve(name: str = "auto", fallback: bool = False, offered: set[str] | None = None,
-            options: dict | None = None) -> Resolution:
+def resolve(
+    name: str = "auto", fallback: bool = False, offered: set[str] | None = None, options: dict | None = None
+) -> Resolution:
     """The provider to use: `auto` -> best available; an unavailable explicit one is an error unless
     `fallback`, then the best available (logged). CPU always backs up nodes a provider cannot run.
     `options`: provider options over the chosen provider's own (onnxruntime checks their names); they are
@@ -287,14 +357,24 @@ def resolve(name: str = "auto", fallback: bool = False, offered: set[str] | None
     if key not in have:
         builds = ort_builds.installed()
         if len(builds) > 1:  # not a choice to fall back from: the install is broken (ort_builds.py)
-            raise ProviderError("builds_clash", name=name, count=len(builds), builds=ort_builds.describe(builds),
-                                fix=ort_builds.one_build(builds, REGISTRY[key].extra))
+            raise ProviderError(
+                "builds_clash",
+                name=name,
+                count=len(builds),
+                builds=ort_builds.describe(builds),
+                fix=ort_builds.one_build(builds, REGISTRY[key].extra),
+            )
         if not fallback:
-            raise ProviderError("provider_unavailable", name=name, available=", ".join(have),
-                                install=REGISTRY[key].install)
+            raise ProviderError(
+                "provider_unavailable", name=name, available=", ".join(have), install=REGISTRY[key].install
+            )
         chosen = _auto(have)
-        log.warning("provider %s is not available; falling back to %s%s", name, chosen,
-                    f" without its options ({', '.join(overrides)})" if overrides else "")
+        log.warning(
+            "provider %s is not available; falling back to %s%s",
+            name,
+            chosen,
+            f" without its options ({', '.join(overrides)})" if overrides else "",
+        )
         return Resolution(REGISTRY[chosen], name, True)
     return Resolution(REGISTRY[key], name, False, overrides)
 

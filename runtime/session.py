@@ -43,22 +43,36 @@ class GraphSession:
     NPUs) get the same per-shape sessions, without capture.
     """
 
-    def __init__(self, name: str, path: Path, spec: ComponentSpec, resolution: Resolution | None, bundle_path,
-                 threads: int | None = None, cache_folder: Path | None = None, low_memory: bool = False,
-                 io_binding: bool | None = None, capture: bool = False):
+    def __init__(
+        self,
+        name: str,
+        path: Path,
+        spec: ComponentSpec,
+        resolution: Resolution | None,
+        bundle_path,
+        threads: int | None = None,
+        cache_folder: Path | None = None,
+        low_memory: bool = False,
+        io_binding: bool | None = None,
+        capture: bool = False,
+    ):
         self.name = name
         self.path = path
         self.spec = spec
         self.bundle_path = bundle_path
         self.resolution = resolution = resolution or resolve("cpu")
         provider = resolution.provider
-        self.binding = Binding(provider.device_type, int(resolution.options.get("device_id", 0)),
-                               wanted=io_binding is None or bool(io_binding))
+        self.binding = Binding(
+            provider.device_type,
+            int(resolution.options.get("device_id", 0)),
+            wanted=io_binding is None or bool(io_binding),
+        )
         self._loader = GraphLoader(name, path, spec, resolution, bundle_path, threads, low_memory, cache_folder)
         # a captured graph replays on fixed buffer addresses: bound runs only
         capture = bool(capture) and self.binding.on and provider.can_capture
-        self._sessions = ShapeSessions(name, self._loader, self.binding,
-                                       per_shape=capture or provider.static_shapes, capture=capture)
+        self._sessions = ShapeSessions(
+            name, self._loader, self.binding, per_shape=capture or provider.static_shapes, capture=capture
+        )
         self.inputs = self._sessions.inputs
         self.output_names = self._sessions.output_names
         check_manifest(name, spec, self.inputs, bundle_path)
@@ -96,7 +110,7 @@ class GraphSession:
 
     @property
     def binding_state(self) -> str:
-        """"on", "off", or "refused: <why>" after a failed first bind."""
+        """ "on", "off", or "refused: <why>" after a failed first bind."""
         return self.binding.text
 
     @property
@@ -109,7 +123,7 @@ class GraphSession:
 
     @property
     def capture_state(self) -> str:
-        """"off", "captured <dims>", or why onnxruntime would not capture."""
+        """ "off", "captured <dims>", or why onnxruntime would not capture."""
         return self._sessions.capture_state
 
     @property
@@ -118,7 +132,7 @@ class GraphSession:
 
     @property
     def shapes(self) -> str:
-        """"dynamic", "fixed <dims>", or why onnxruntime would not fix them."""
+        """ "dynamic", "fixed <dims>", or why onnxruntime would not fix them."""
         return self._sessions.shapes
 
 
@@ -152,8 +166,9 @@ class SessionPool:
     the largest graph rather than the sum (text encoder, then denoiser, then decoder).
     """
 
-    def __init__(self, opener: Callable[[str], GraphSession], names: list[str], low_memory: bool = False,
-                 parallel: bool = False):
+    def __init__(
+        self, opener: Callable[[str], GraphSession], names: list[str], low_memory: bool = False, parallel: bool = False
+    ):
         self._opener = opener
         self.low_memory = low_memory
         self._open: dict[str, GraphSession] = {}

@@ -22,8 +22,12 @@ def physical_cores() -> int:
         return os.cpu_count() or 1
 
 
-def session_options(threads: int | None = None, resolution: Resolution | None = None,
-                    low_memory: bool = False, dims: dict[str, int] | None = None) -> ort.SessionOptions:
+def session_options(
+    threads: int | None = None,
+    resolution: Resolution | None = None,
+    low_memory: bool = False,
+    dims: dict[str, int] | None = None,
+) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or physical_cores()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

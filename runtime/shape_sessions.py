@@ -35,8 +35,9 @@ class ShapeSessions:
     Otherwise the dynamic session serves every shape.
     """
 
-    def __init__(self, name: str, loader: GraphLoader, binding: Binding, per_shape: bool = False,
-                 capture: bool = False):
+    def __init__(
+        self, name: str, loader: GraphLoader, binding: Binding, per_shape: bool = False, capture: bool = False
+    ):
         self.name = name
         self.per_shape = per_shape or capture
         self.capture = capture
@@ -92,8 +93,9 @@ class ShapeSessions:
                 # came in onnxruntime 1.17): run unbound, and say so. Any other failure is the run's own and is
                 # raised as it is
                 reason = summarize(exc)
-                log.warning("%s: I/O binding on %r failed (%s); it runs unbound", self.name,
-                            self._binding.device_type, reason)
+                log.warning(
+                    "%s: I/O binding on %r failed (%s); it runs unbound", self.name, self._binding.device_type, reason
+                )
                 self._binding.refuse(reason)
                 self.runner = None
         return self.session.run(self.output_names, feeds, run_options)
@@ -116,9 +118,14 @@ class ShapeSessions:
             raise
         except Exception as exc:  # onnxruntime's own types; e.g. "cannot use the graph capture feature"
             reason = summarize(exc)
-            log.warning("%s: no %s graph for %s (%s); it runs on the dynamic one%s", self.name,
-                        "captured" if self.capture else "shape-fixed", dims_text(key), reason,
-                        ", bound, without capture" if self.capture else "")
+            log.warning(
+                "%s: no %s graph for %s (%s); it runs on the dynamic one%s",
+                self.name,
+                "captured" if self.capture else "shape-fixed",
+                dims_text(key),
+                reason,
+                ", bound, without capture" if self.capture else "",
+            )
             self._refused[key] = reason
             self._use_dynamic()
             self.state, self._key = ShapeState.REFUSED, key

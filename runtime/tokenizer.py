@@ -36,6 +36,7 @@ class PromptTokenizer:
                 warnings.warn(
                     f"prompt is {len(full.ids)} tokens, the text encoder takes {self.max_length}; "
                     f"truncated to {kept!r}, dropping {removed!r}",
-                    PromptTruncatedWarning, stacklevel=3,
+                    PromptTruncatedWarning,
+                    stacklevel=3,
                 )
         return np.array([e.ids for e in encoded], dtype=np.int64)

@@ -54,3 +54,14 @@ def _private_graph_cache(tmp_path_factory):
         os.environ.pop("EDGEDIFF_CACHE_DIR", None)
     else:
         os.environ["EDGEDIFF_CACHE_DIR"] = old
+
+
+_EXPORT_TIERS = ("export", "training")  # tiers that run PyTorch themselves
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tier markers from the folder: `-m "not export"` leaves out the tiers that export or train."""
+    for item in items:
+        tier = item.path.parent.name
+        if tier in _EXPORT_TIERS:
+            item.add_marker(pytest.mark.export)

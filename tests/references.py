@@ -5,15 +5,25 @@ from __future__ import annotations
 
 import importlib
 
-from conftest import patch_diffusers_noise
+import numpy as np
+from conftest import ReplayNoise, patch_diffusers_noise
+
+PIXEL_ATOL = 2 / 255  # the parity bound per pixel, images in [0, 1]: two 8-bit steps
+PROMPTS = ["a red circle on a blue background", "a large green star at the left"]
 
 SCHEDULER_MODULES = {
-    "euler": "scheduling_euler_discrete", "euler_ancestral": "scheduling_euler_ancestral_discrete",
-    "ddim": "scheduling_ddim", "lcm": "scheduling_lcm", "tcd": "scheduling_tcd",
+    "euler": "scheduling_euler_discrete",
+    "euler_ancestral": "scheduling_euler_ancestral_discrete",
+    "ddim": "scheduling_ddim",
+    "lcm": "scheduling_lcm",
+    "tcd": "scheduling_tcd",
 }
 DIFFUSERS_CLASSES = {
-    "euler": "EulerDiscreteScheduler", "euler_ancestral": "EulerAncestralDiscreteScheduler", "ddim": "DDIMScheduler",
-    "lcm": "LCMScheduler", "tcd": "TCDScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_ancestral": "EulerAncestralDiscreteScheduler",
+    "ddim": "DDIMScheduler",
+    "lcm": "LCMScheduler",
+    "tcd": "TCDScheduler",
 }
 _SD, _XL = "diffusers.pipelines.stable_diffusion.", "diffusers.pipelines.stable_diffusion_xl."
 # (task, SDXL?) -> (pipeline class, the module whose randn_tensor draws the pipeline's own noise)
@@ -40,6 +50,70 @@ def reference_pipeline(task: str, source, manifest, sampler: str, noises, monkey
     pipe = getattr(diffusers, class_name).from_pretrained(str(source), **extra)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = getattr(diffusers, DIFFUSERS_CLASSES[sampler]).from_config(manifest.scheduler["config"])
-    patch_diffusers_noise(monkeypatch, importlib.import_module(f"diffusers.schedulers.{SCHEDULER_MODULES[sampler]}"),
-                          noises, vae_module, importlib.import_module(module_name))
+    patch_diffusers_noise(
+        monkeypatch,
+        importlib.import_module(f"diffusers.schedulers.{SCHEDULER_MODULES[sampler]}"),
+        noises,
+        vae_module,
+        importlib.import_module(module_name),
+    )
     return pipe
+
+
+def text_to_image_reference(
+    source, sampler, manifest, prompt, steps, guidance, latents, monkeypatch, noises, negative=None
+):
+    """diffusers' text-to-image images for these prompts, latents and sampler noise."""
+    import torch
+
+    pipe = reference_pipeline("text2img", source, manifest, sampler, noises, monkeypatch)
+    # StableDiffusionPipeline passes its own eta (0.0) to any step that takes one; TCD's default gamma is 0.3.
+    eta = {"tcd": 0.3}.get(sampler, 0.0)
+    out = pipe(
+        prompt,
+        negative_prompt=negative,
+        eta=eta,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        latents=torch.from_numpy(latents),
+        output_type="np",
+        height=manifest.defaults["height"],
+        width=manifest.defaults["width"],
+    )
+    return out.images
+
+
+def ours_and_diffusers(pipe, source, sampler, steps, guidance, monkeypatch):
+    """The pipeline's images and diffusers' on the same prompts, initial latents and sampler noise."""
+    from edgediff.runtime.schedulers import SAMPLERS
+
+    m = pipe.manifest
+    shape = (
+        len(PROMPTS),
+        m.latent_channels,
+        m.defaults["height"] // m.vae_scale_factor,
+        m.defaults["width"] // m.vae_scale_factor,
+    )
+    rng = np.random.default_rng(steps)
+    latents = rng.standard_normal(shape).astype(np.float32)
+    noises = (
+        [rng.standard_normal(shape).astype(np.float32) for _ in range(steps)] if SAMPLERS[sampler].stochastic else []
+    )
+    ours = pipe(
+        PROMPTS,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        latents=latents,
+        output_type="np",
+        generator=ReplayNoise(noises),
+    ).images
+    theirs = text_to_image_reference(source, sampler, m, PROMPTS, steps, guidance, latents, monkeypatch, noises)
+    return ours, theirs
+
+
+def gradient_image(size: int, seed: int = 0) -> np.ndarray:
+    """A smooth RGB gradient with a little noise, (size, size, 3) in [0, 1]: an input image for img2img."""
+    rng = np.random.default_rng(seed)
+    base = np.linspace(0, 1, size, dtype=np.float32)
+    img = np.stack([np.outer(base, base), np.outer(base[::-1], base), np.full((size, size), 0.3, np.float32)], -1)
+    return np.clip(img + rng.normal(0, 0.05, img.shape).astype(np.float32), 0, 1)

@@ -27,8 +27,14 @@ def tiny_bundle(arch: str, root: Path, precision: str = "fp32") -> Path:
     key = (precision, arch)
     if key not in _CACHE:
         size = TINY_SIZE.get(arch)
-        _CACHE[key] = export_bundle(str(tiny_source(arch, root)), root / f"bundle-{arch}-{precision}",
-                                    precision=precision, progress=False, height=size, width=size)
+        _CACHE[key] = export_bundle(
+            str(tiny_source(arch, root)),
+            root / f"bundle-{arch}-{precision}",
+            precision=precision,
+            progress=False,
+            height=size,
+            width=size,
+        )
     return _CACHE[key]
 
 
@@ -40,9 +46,14 @@ def tiny_autoencoder_tiny(root: Path) -> Path:
         from diffusers import AutoencoderTiny
 
         torch.manual_seed(0)
-        tiny = AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
-                               num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1), latent_channels=4,
-                               upsampling_scaling_factor=2)
+        tiny = AutoencoderTiny(
+            encoder_block_out_channels=(8, 8),
+            decoder_block_out_channels=(8, 8),
+            num_encoder_blocks=(1, 1),
+            num_decoder_blocks=(1, 1),
+            latent_channels=4,
+            upsampling_scaling_factor=2,
+        )
         tiny.save_pretrained(root / "tiny-autoencoder")
         _CACHE[key] = root / "tiny-autoencoder"
     return _CACHE[key]
@@ -54,6 +65,10 @@ def tiny_bundle_with_tiny_decoder(root: Path) -> Path:
 
     key = ("fp32", "tiny-sd1", "tiny-decoder")
     if key not in _CACHE:
-        _CACHE[key] = export_bundle(str(tiny_source("tiny-sd1", root)), root / "bundle-sd1-tiny-decoder",
-                                    tiny_decoder=str(tiny_autoencoder_tiny(root)), progress=False)
+        _CACHE[key] = export_bundle(
+            str(tiny_source("tiny-sd1", root)),
+            root / "bundle-sd1-tiny-decoder",
+            tiny_decoder=str(tiny_autoencoder_tiny(root)),
+            progress=False,
+        )
     return _CACHE[key]

@@ -1,6 +1,6 @@
 """Measures what the shipped model draws: prompts from unseen seeds, images read back by the checker.
 
-    python -m training.evaluate --bundle models/shipped/bundle-fp32 --steps 1,2,4 --n 200
+python -m training.evaluate --bundle models/shipped/bundle-fp32 --steps 1,2,4 --n 200
 """
 
 from __future__ import annotations
@@ -84,8 +84,11 @@ def main() -> None:
         r = score(pipe, scenes, steps, args.guidance)
         r["ms_batch1"] = latency_ms(pipe, steps)
         rows.append(r)
-        print(f"| {steps} | {r['colour']:.1%} | {r['background']:.1%} | {r['shape']:.1%} | {r['size']:.1%} | "
-              f"{r['position']:.1%} | {r['ms_batch1']:.1f} |", flush=True)
+        print(
+            f"| {steps} | {r['colour']:.1%} | {r['background']:.1%} | {r['shape']:.1%} | {r['size']:.1%} | "
+            f"{r['position']:.1%} | {r['ms_batch1']:.1f} |",
+            flush=True,
+        )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"bundle": args.bundle, "rows": rows}, fh, indent=2)

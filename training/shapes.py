@@ -14,8 +14,14 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 COLOURS = {
-    "red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 220), "yellow": (240, 220, 30),
-    "orange": (245, 140, 20), "purple": (140, 40, 180), "white": (245, 245, 245), "black": (15, 15, 15),
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 60, 220),
+    "yellow": (240, 220, 30),
+    "orange": (245, 140, 20),
+    "purple": (140, 40, 180),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
 }
 SHAPES = ("circle", "square", "triangle", "star")
 SIZES = {"small": 0.16, "large": 0.30}  # radius as a fraction of the image side
@@ -47,9 +53,13 @@ def random_scene(rng: np.random.Generator, p_omit: float = 0.3) -> Scene:
     """A scene with every attribute drawn; size and position are left out of the caption with probability p_omit."""
     colour, background = rng.choice(list(COLOURS), size=2, replace=False)
     return Scene(
-        colour=str(colour), background=str(background), shape=str(rng.choice(SHAPES)),
-        size=str(rng.choice(list(SIZES))), position=str(rng.choice(list(POSITIONS))),
-        say_size=bool(rng.random() >= p_omit), say_position=bool(rng.random() >= p_omit),
+        colour=str(colour),
+        background=str(background),
+        shape=str(rng.choice(SHAPES)),
+        size=str(rng.choice(list(SIZES))),
+        position=str(rng.choice(list(POSITIONS))),
+        say_size=bool(rng.random() >= p_omit),
+        say_position=bool(rng.random() >= p_omit),
     )
 
 

@@ -50,8 +50,12 @@ def export_shipped(out: Path = DEFAULT_BUNDLE, source: Path = STUDENT_DIR, overw
     the shipped tiny decoder."""
     from edgediff.export import ExportOptions, export
 
-    options = ExportOptions(overwrite=overwrite, default_steps=DEFAULT_STEPS,
-                            default_guidance=ShippedConfig().default_guidance, tiny_decoder=str(TINY_DECODER_DIR))
+    options = ExportOptions(
+        overwrite=overwrite,
+        default_steps=DEFAULT_STEPS,
+        default_guidance=ShippedConfig().default_guidance,
+        tiny_decoder=str(TINY_DECODER_DIR),
+    )
     return export(str(source), out, options, progress=False)
 
 
@@ -70,7 +74,9 @@ def main() -> None:
     strip_local_paths(TINY_DECODER_DIR)
     shutil.copy(assembled / "training_config.json", SHIPPED_DIR / "training_config.json")
     shutil.rmtree(TEACHER_UNET_DIR, ignore_errors=True)
-    UNet2DConditionModel.from_pretrained(assembled / "teacher" / "unet").to(torch.float16).save_pretrained(TEACHER_UNET_DIR)
+    UNet2DConditionModel.from_pretrained(assembled / "teacher" / "unet").to(torch.float16).save_pretrained(
+        TEACHER_UNET_DIR
+    )
     strip_local_paths(TEACHER_UNET_DIR)
     print(export_shipped())
 

@@ -20,7 +20,11 @@ class ShippedConfig:
     image_size: int = 64  # the domain's images; small enough for CPU training and fast inference
     max_length: int = 16  # the longest caption is 13 tokens with BOS/EOS; 77 would only cost attention time
     # --- VAE (AutoencoderKL) ---
-    vae_channels: tuple = (16, 32, 64)  # three levels: downsampling by 4, a 16x16x4 latent; 16 wide at 64x64 keeps it fast
+    vae_channels: tuple = (
+        16,
+        32,
+        64,
+    )  # three levels: downsampling by 4, a 16x16x4 latent; 16 wide at 64x64 keeps it fast
     vae_layers_per_block: int = 1  # flat colours need little depth
     vae_kl_weight: float = 1e-6  # as SD's VAE: a nearly deterministic latent, just regularised
     vae_steps: int = 4500  # a third of this left halos and corner blotches
@@ -69,12 +73,22 @@ class ShippedConfig:
     # schedule the last timestep keeps some of the image, so in training the shape's place can be read from the
     # noisy input: earlier models learnt to take it from the noise and ignored "at the left". At zero SNR the
     # first step sees pure noise and must take the place from the text.
-    scheduler: dict = field(default_factory=lambda: {
-        "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-        "rescale_betas_zero_snr": True, "prediction_type": "v_prediction",
-        "clip_sample": False, "set_alpha_to_one": True, "steps_offset": 1,
-        "original_inference_steps": 50, "timestep_scaling": 10.0,
-        "timestep_spacing": "trailing"})  # trailing: the teacher's DDIM starts at the pure-noise step too
+    scheduler: dict = field(
+        default_factory=lambda: {
+            "num_train_timesteps": 1000,
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+            "beta_schedule": "scaled_linear",
+            "rescale_betas_zero_snr": True,
+            "prediction_type": "v_prediction",
+            "clip_sample": False,
+            "set_alpha_to_one": True,
+            "steps_offset": 1,
+            "original_inference_steps": 50,
+            "timestep_scaling": 10.0,
+            "timestep_spacing": "trailing",
+        }
+    )  # trailing: the teacher's DDIM starts at the pure-noise step too
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -39,6 +39,7 @@ def _device():
 
 # ----------------------------------------------------------------------------- data
 
+
 def stage_data(cfg: ShippedConfig, run: Path) -> None:
     """Renders the training images once (deterministic by seed) with their scenes."""
     rng = np.random.default_rng(cfg.seed)
@@ -49,7 +50,9 @@ def stage_data(cfg: ShippedConfig, run: Path) -> None:
     out = run / "data"
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "images.npy", images)
-    (out / "scenes.json").write_text(json.dumps([[s.colour, s.shape, s.background, s.size, s.position] for s in scenes]))
+    (out / "scenes.json").write_text(
+        json.dumps([[s.colour, s.shape, s.background, s.size, s.position] for s in scenes])
+    )
 
 
 def _load_data(run: Path):
@@ -64,6 +67,7 @@ def _to_tensor(images_uint8):
 
 
 # ----------------------------------------------------------------------------- checkpoints
+
 
 class Checkpointer:
     """Saves {modules, optimisers, step} every CHECKPOINT_SECONDS and on finish; resumes from the last save."""
@@ -115,14 +119,21 @@ class Progress:
 
 # ----------------------------------------------------------------------------- vae
 
+
 def build_vae(cfg: ShippedConfig):
     from diffusers import AutoencoderKL
 
     n = len(cfg.vae_channels)
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=cfg.vae_channels,
-        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-        layers_per_block=cfg.vae_layers_per_block, norm_num_groups=16, sample_size=cfg.image_size,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=cfg.vae_channels,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        layers_per_block=cfg.vae_layers_per_block,
+        norm_num_groups=16,
+        sample_size=cfg.image_size,
     )
 
 
@@ -172,6 +183,7 @@ def stage_vae(cfg: ShippedConfig, run: Path) -> None:
 
 # ----------------------------------------------------------------------------- text + unet
 
+
 def build_tokenizer(cfg: ShippedConfig, out: Path):
     from transformers import CLIPTokenizer
 
@@ -183,22 +195,37 @@ def build_tokenizer(cfg: ShippedConfig, out: Path):
 def build_text_encoder(cfg: ShippedConfig, tokenizer):
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    return CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=cfg.text_hidden, intermediate_size=cfg.text_hidden * 4,
-        num_attention_heads=cfg.text_heads, num_hidden_layers=cfg.text_layers, max_position_embeddings=cfg.max_length,
-        projection_dim=cfg.text_hidden, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, hidden_act="gelu"))
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=cfg.text_hidden,
+            intermediate_size=cfg.text_hidden * 4,
+            num_attention_heads=cfg.text_heads,
+            num_hidden_layers=cfg.text_layers,
+            max_position_embeddings=cfg.max_length,
+            projection_dim=cfg.text_hidden,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            hidden_act="gelu",
+        )
+    )
 
 
 def build_unet(cfg: ShippedConfig, guidance_embedding: bool = False):
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=cfg.image_size // 2 ** (len(cfg.vae_channels) - 1), in_channels=4, out_channels=4,
-        block_out_channels=cfg.unet_channels, layers_per_block=cfg.unet_layers_per_block,
+        sample_size=cfg.image_size // 2 ** (len(cfg.vae_channels) - 1),
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=cfg.unet_channels,
+        layers_per_block=cfg.unet_layers_per_block,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=cfg.text_hidden, attention_head_dim=cfg.unet_attention_head_dim, norm_num_groups=16,
+        cross_attention_dim=cfg.text_hidden,
+        attention_head_dim=cfg.unet_attention_head_dim,
+        norm_num_groups=16,
         time_cond_proj_dim=cfg.guidance_embedding_dim if guidance_embedding else None,
     )
 
@@ -210,15 +237,24 @@ def _captions(scenes, idx, rng, cfg: ShippedConfig, dropout: float):
         if rng.random() < dropout:
             out.append("")
             continue
-        out.append(Scene(s.colour, s.shape, s.background, s.size, s.position,
-                         say_size=bool(rng.random() >= cfg.caption_omit),
-                         say_position=bool(rng.random() >= cfg.caption_omit)).caption)
+        out.append(
+            Scene(
+                s.colour,
+                s.shape,
+                s.background,
+                s.size,
+                s.position,
+                say_size=bool(rng.random() >= cfg.caption_omit),
+                say_position=bool(rng.random() >= cfg.caption_omit),
+            ).caption
+        )
     return out
 
 
 def _encode_text(tokenizer, text_encoder, captions, dev):
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids.to(dev)
+    ids = tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(dev)
     return text_encoder(ids).last_hidden_state
 
 
@@ -226,7 +262,11 @@ def _latents(run: Path, cfg: ShippedConfig):
     from diffusers import AutoencoderKL
 
     scaling = AutoencoderKL.load_config(run / "vae" / "final")["scaling_factor"]
-    return np.load(run / "vae" / "latent_mean.npy", mmap_mode="r"), np.load(run / "vae" / "latent_std.npy", mmap_mode="r"), scaling
+    return (
+        np.load(run / "vae" / "latent_mean.npy", mmap_mode="r"),
+        np.load(run / "vae" / "latent_std.npy", mmap_mode="r"),
+        scaling,
+    )
 
 
 def _alphas(cfg: ShippedConfig):
@@ -298,7 +338,11 @@ def stage_teacher(cfg: ShippedConfig, run: Path) -> None:
         noisy = a.sqrt() * z + (1 - a).sqrt() * noise
         pred = unet(noisy, t, cond).sample
         loss = (_loss_weight(alphas[t], cfg) * ((pred - _target(z, noise, a, cfg)) ** 2).mean(dim=(1, 2, 3))).mean()
-        lr = cfg.teacher_lr * min(1.0, step / 300) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.teacher_steps)))
+        lr = (
+            cfg.teacher_lr
+            * min(1.0, step / 300)
+            * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.teacher_steps)))
+        )
         for g in opt.param_groups:
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
@@ -314,6 +358,7 @@ def stage_teacher(cfg: ShippedConfig, run: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- LCM distillation
+
 
 def _guidance_embedding(w, dim):
     # the runtime's own embedding, so that training and inference cannot drift apart
@@ -414,8 +459,21 @@ def stage_distill(cfg: ShippedConfig, run: Path) -> None:
 
 # ----------------------------------------------------------------------------- decoders
 
-def _fit_decoder(cfg: ShippedConfig, run: Path, stage: str, key: str, model, params, seed: int, steps: int,
-                 batch: int, lr_at, scaled: bool, l1: bool) -> None:
+
+def _fit_decoder(
+    cfg: ShippedConfig,
+    run: Path,
+    stage: str,
+    key: str,
+    model,
+    params,
+    seed: int,
+    steps: int,
+    batch: int,
+    lr_at,
+    scaled: bool,
+    l1: bool,
+) -> None:
     """The loop both decoder stages share: (latent, image) pairs from the encoded training set (latents times
     the scaling factor when `scaled`: the pipeline's), a pixel loss (MSE, plus L1 when `l1`), the learning rate
     `lr_at(step)`, checkpointed under `key` in RUN/<stage>/."""
@@ -462,8 +520,20 @@ def stage_decoder(cfg: ShippedConfig, run: Path) -> None:
     def lr_at(step):
         return cfg.decoder_lr * min(1.0, step / 100) * 0.5 * (1 + math.cos(math.pi * step / cfg.decoder_steps))
 
-    _fit_decoder(cfg, run, "decoder", "vae", vae, [*vae.post_quant_conv.parameters(), *vae.decoder.parameters()],
-                 cfg.seed + 5, cfg.decoder_steps, cfg.decoder_batch, lr_at, scaled=False, l1=True)
+    _fit_decoder(
+        cfg,
+        run,
+        "decoder",
+        "vae",
+        vae,
+        [*vae.post_quant_conv.parameters(), *vae.decoder.parameters()],
+        cfg.seed + 5,
+        cfg.decoder_steps,
+        cfg.decoder_batch,
+        lr_at,
+        scaled=False,
+        l1=True,
+    )
 
 
 def build_tiny(cfg: ShippedConfig):
@@ -471,8 +541,11 @@ def build_tiny(cfg: ShippedConfig):
 
     n = len(cfg.tiny_channels)
     return AutoencoderTiny(
-        encoder_block_out_channels=cfg.tiny_channels, decoder_block_out_channels=cfg.tiny_channels,
-        num_encoder_blocks=(1,) * n, num_decoder_blocks=(1,) * n, latent_channels=4,
+        encoder_block_out_channels=cfg.tiny_channels,
+        decoder_block_out_channels=cfg.tiny_channels,
+        num_encoder_blocks=(1,) * n,
+        num_decoder_blocks=(1,) * n,
+        latent_channels=4,
     )
 
 
@@ -480,11 +553,24 @@ def stage_tiny(cfg: ShippedConfig, run: Path) -> None:
     """A tiny decoder (as TAESD is to SD) from the pipeline's (scaled) latents straight to pixels."""
     _torch().manual_seed(cfg.seed + 4)
     tiny = build_tiny(cfg).to(_device())
-    _fit_decoder(cfg, run, "tiny", "tiny", tiny, tiny.decoder.parameters(), cfg.seed + 4, cfg.tiny_steps,
-                 cfg.tiny_batch, lambda step: cfg.tiny_lr, scaled=True, l1=False)
+    _fit_decoder(
+        cfg,
+        run,
+        "tiny",
+        "tiny",
+        tiny,
+        tiny.decoder.parameters(),
+        cfg.seed + 4,
+        cfg.tiny_steps,
+        cfg.tiny_batch,
+        lambda step: cfg.tiny_lr,
+        scaled=True,
+        l1=False,
+    )
 
 
 # ----------------------------------------------------------------------------- assemble
+
 
 def stage_assemble(cfg: ShippedConfig, run: Path, out: Path | None = None) -> Path:
     """Writes the diffusers folders: the student (LCM) pipeline, the teacher pipeline, the tiny decoder."""
@@ -500,28 +586,57 @@ def stage_assemble(cfg: ShippedConfig, run: Path, out: Path | None = None) -> Pa
 
     out = out or run / "assembled"
     tokenizer = CLIPTokenizer.from_pretrained(run / "teacher" / "tokenizer")
-    common = dict(vae=AutoencoderKL.from_pretrained(run / "decoder" / "final"), tokenizer=tokenizer,
-                  text_encoder=CLIPTextModel.from_pretrained(run / "teacher" / "text_encoder"),
-                  safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    student = StableDiffusionPipeline(unet=UNet2DConditionModel.from_pretrained(run / "distill" / "unet"),
-                                      scheduler=LCMScheduler.from_config(cfg.scheduler), **common)
+    common = dict(
+        vae=AutoencoderKL.from_pretrained(run / "decoder" / "final"),
+        tokenizer=tokenizer,
+        text_encoder=CLIPTextModel.from_pretrained(run / "teacher" / "text_encoder"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    student = StableDiffusionPipeline(
+        unet=UNet2DConditionModel.from_pretrained(run / "distill" / "unet"),
+        scheduler=LCMScheduler.from_config(cfg.scheduler),
+        **common,
+    )
     student.save_pretrained(out / "student")
     AutoencoderTiny.from_pretrained(run / "tiny" / "final").save_pretrained(out / "tiny_decoder")
-    teacher = StableDiffusionPipeline(unet=UNet2DConditionModel.from_pretrained(run / "teacher" / "unet"),
-                                      scheduler=DDIMScheduler.from_config(cfg.scheduler), **common)
+    teacher = StableDiffusionPipeline(
+        unet=UNet2DConditionModel.from_pretrained(run / "teacher" / "unet"),
+        scheduler=DDIMScheduler.from_config(cfg.scheduler),
+        **common,
+    )
     teacher.save_pretrained(out / "teacher")
     (out / "training_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     return out
 
 
-RUNNERS = {"data": stage_data, "vae": stage_vae, "teacher": stage_teacher, "distill": stage_distill,
-           "decoder": stage_decoder, "tiny": stage_tiny, "assemble": stage_assemble}
+RUNNERS = {
+    "data": stage_data,
+    "vae": stage_vae,
+    "teacher": stage_teacher,
+    "distill": stage_distill,
+    "decoder": stage_decoder,
+    "tiny": stage_tiny,
+    "assemble": stage_assemble,
+}
 
 
 def smoke_config() -> ShippedConfig:
     """A few steps of everything, on a few images: keeps the scripts alive in CI."""
-    return ShippedConfig(train_images=64, vae_steps=3, vae_batch=4, teacher_steps=3, teacher_batch=4,
-                         distill_steps=3, distill_batch=4, decoder_steps=3, decoder_batch=4, tiny_steps=3, tiny_batch=4)
+    return ShippedConfig(
+        train_images=64,
+        vae_steps=3,
+        vae_batch=4,
+        teacher_steps=3,
+        teacher_batch=4,
+        distill_steps=3,
+        distill_batch=4,
+        decoder_steps=3,
+        decoder_batch=4,
+        tiny_steps=3,
+        tiny_batch=4,
+    )
 
 
 def run_stages(stages, run: Path, cfg: ShippedConfig) -> None:

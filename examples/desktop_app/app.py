@@ -18,11 +18,20 @@ import time
 from PySide6.QtCore import QObject, Qt, Signal
 from PySide6.QtGui import QImage, QPixmap
 from PySide6.QtWidgets import (
-    QApplication, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QMainWindow, QProgressBar, QPushButton, QSpinBox,
-    QVBoxLayout, QWidget,
+    QApplication,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QMainWindow,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
 )
 
-from edgediff.runtime import CancelToken, Cancelled, EdgediffError, Pipeline, resolve_bundle
+from edgediff.runtime import Cancelled, CancelToken, EdgediffError, Pipeline, resolve_bundle
 
 VIEW_SIZE = 320  # pixels on screen; the shipped model draws 64x64, shown enlarged without smoothing
 
@@ -112,8 +121,14 @@ class GeneratorWindow(QMainWindow):
         # runs on the worker thread: only signals touch the GUI
         start = time.perf_counter()
         try:
-            out = self.pipeline(prompt, num_inference_steps=steps, seed=seed, cancel=self.token, preview=True,
-                                callback=lambda e: self.signals.step.emit(e.step, e.total, e.preview[0]))
+            out = self.pipeline(
+                prompt,
+                num_inference_steps=steps,
+                seed=seed,
+                cancel=self.token,
+                preview=True,
+                callback=lambda e: self.signals.step.emit(e.step, e.total, e.preview[0]),
+            )
             self.signals.done.emit(out.images[0], seed, time.perf_counter() - start)
         except Cancelled as exc:
             self.signals.cancelled.emit(exc.fields["step"], exc.fields["total"])
@@ -122,8 +137,11 @@ class GeneratorWindow(QMainWindow):
 
     def _show(self, image) -> None:
         pixmap = QPixmap.fromImage(to_qimage(image))
-        self.view.setPixmap(pixmap.scaled(VIEW_SIZE, VIEW_SIZE, Qt.AspectRatioMode.KeepAspectRatio,
-                                          Qt.TransformationMode.FastTransformation))
+        self.view.setPixmap(
+            pixmap.scaled(
+                VIEW_SIZE, VIEW_SIZE, Qt.AspectRatioMode.KeepAspectRatio, Qt.TransformationMode.FastTransformation
+            )
+        )
 
     def _idle(self) -> None:
         self.generate_button.setEnabled(True)

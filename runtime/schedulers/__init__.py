@@ -33,6 +33,17 @@ def make_sampler(name: str, config: dict | ScheduleConfig) -> Sampler:
 
 
 __all__ = [
-    "SAMPLERS", "DIFFUSERS_CLASS_TO_SAMPLER", "SAMPLER_TO_DIFFUSERS_CLASS", "Sampler", "SchedulerOutput",
-    "NoiseSchedule", "ScheduleConfig", "make_sampler", "DDIMSampler", "EulerSampler", "EulerAncestralSampler", "LCMSampler", "TCDSampler",
+    "SAMPLERS",
+    "DIFFUSERS_CLASS_TO_SAMPLER",
+    "SAMPLER_TO_DIFFUSERS_CLASS",
+    "Sampler",
+    "SchedulerOutput",
+    "NoiseSchedule",
+    "ScheduleConfig",
+    "make_sampler",
+    "DDIMSampler",
+    "EulerSampler",
+    "EulerAncestralSampler",
+    "LCMSampler",
+    "TCDSampler",
 ]

@@ -67,7 +67,9 @@ class Sampler:
         a = np.float32(self.schedule.alpha(int(timestep)))
         return (np.sqrt(a) * original + np.sqrt(np.float32(1) - a) * noise).astype(np.float32)
 
-    def step(self, model_output: np.ndarray, timestep, sample: np.ndarray, noise: NoiseSource | None = None) -> SchedulerOutput:
+    def step(
+        self, model_output: np.ndarray, timestep, sample: np.ndarray, noise: NoiseSource | None = None
+    ) -> SchedulerOutput:
         """Advances one step; `noise` is required when `stochastic` (the pipeline passes its seeded generator)."""
         out = self._step(model_output.astype(np.float32), timestep, sample.astype(np.float32), noise)
         self.step_index += 1

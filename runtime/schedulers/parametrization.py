@@ -12,7 +12,9 @@ import numpy as np
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
-def predict_x0_eps(prediction_type: str, model_output: np.ndarray, sample: np.ndarray, alpha_prod_t) -> tuple[np.ndarray, np.ndarray]:
+def predict_x0_eps(
+    prediction_type: str, model_output: np.ndarray, sample: np.ndarray, alpha_prod_t
+) -> tuple[np.ndarray, np.ndarray]:
     """Returns (x_0, epsilon) from the model output at a point whose cumulative alpha is `alpha_prod_t`."""
     # float64 inside: the latents are small, and it keeps us within float32 rounding of diffusers
     # even where Euler's first sigma (~15) amplifies it.

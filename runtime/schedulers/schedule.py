@@ -60,7 +60,9 @@ class ScheduleConfig:
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"scheduler {name}={getattr(self, name)!r} is not supported; expected one of {allowed}")
+                raise ValueError(
+                    f"scheduler {name}={getattr(self, name)!r} is not supported; expected one of {allowed}"
+                )
 
 
 def _linspace_f32(start: float, end: float, n: int) -> np.ndarray:
@@ -81,9 +83,7 @@ def _cosine_betas(n: int, max_beta: float = 0.999) -> np.ndarray:
     def alpha_bar(t: float) -> float:
         return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
 
-    return np.array(
-        [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta) for i in range(n)], dtype=np.float32
-    )
+    return np.array([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta) for i in range(n)], dtype=np.float32)
 
 
 def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:

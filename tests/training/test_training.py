@@ -57,8 +57,11 @@ def test_training_targets_agree_with_the_runtime_parametrisation(prediction_type
     from training.train import _alphas, _target, _x0_eps
 
     cfg = ShippedConfig()
-    cfg.scheduler = {**cfg.scheduler, "prediction_type": prediction_type,
-                     "rescale_betas_zero_snr": prediction_type == "v_prediction"}
+    cfg.scheduler = {
+        **cfg.scheduler,
+        "prediction_type": prediction_type,
+        "rescale_betas_zero_snr": prediction_type == "v_prediction",
+    }
     alphas = _alphas(cfg)
     z, noise = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.randn(3, 4, 8, 8)
     t = torch.tensor([0, 500, 999 if prediction_type == "v_prediction" else 998])

@@ -1,7 +1,7 @@
 """Slow, on demand: the full-size SD-Turbo and SDXL-Turbo architectures (random weights) through export
 and runtime, against diffusers at 512x512, 1 step.
 
-    python -m pytest -m slow tests/test_full_size.py
+    python -m pytest -m slow tests/export/test_full_size.py
 Set EDGEDIFF_FULL_SIZE_DIR to keep the sources and bundles between runs (~10 GB SD-Turbo, ~27 GB SDXL-Turbo).
 """
 
@@ -53,6 +53,13 @@ def test_full_size_512_one_step_matches_diffusers(root, arch, family):
 
     ref = load_pipeline(str(source))  # StableDiffusion(XL)Pipeline
     ref.scheduler = type(ref.scheduler).from_config(b.manifest.scheduler["config"])
-    theirs = ref("a photo of a cat", num_inference_steps=1, guidance_scale=0.0, latents=torch.from_numpy(latents),
-                 output_type="np", height=512, width=512).images
+    theirs = ref(
+        "a photo of a cat",
+        num_inference_steps=1,
+        guidance_scale=0.0,
+        latents=torch.from_numpy(latents),
+        output_type="np",
+        height=512,
+        width=512,
+    ).images
     assert np.abs(ours.images - theirs).max() <= PIXEL_ATOL

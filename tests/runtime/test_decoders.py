@@ -2,22 +2,17 @@
 
 import numpy as np
 import pytest
+from tiny_models import tiny_autoencoder_tiny, tiny_bundle_with_tiny_decoder, tiny_source
 
+from edgediff.benchmarks.metrics import psnr
 from edgediff.models.shipped import default_bundle
 from edgediff.runtime import Bundle, InputError, Pipeline
-
-from tiny_models import tiny_autoencoder_tiny, tiny_bundle_with_tiny_decoder, tiny_source
 
 TINY_DECODER_ATOL = 1e-4  # fp32 graph vs PyTorch on pixels in [-1, 1]
 # Tiled vs whole decode, shipped tiny decoder at 128x128 (32x32 latents, 16-cell tiles, 4 overlap):
 # each tile's border pixels lack part of their receptive field; the blend keeps them this close
 # (measured 35.1 dB; 8-cell tiles give 25.6 dB).
 TILED_PSNR_FLOOR_DB = 30.0
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
 @pytest.fixture(scope="module")
@@ -67,14 +62,19 @@ def test_calibration_records_each_decoders_inputs_from_the_same_latents(bundle_w
 
     monkeypatch.setattr(calibration, "MAX_CALIBRATION_FEEDS", 1000)  # every recorded feed, not a sample
     manifest = Bundle.open(bundle_with_tiny).manifest
-    feeds = record_feeds(bundle_with_tiny, prompts=["a cat", "a dog"], components=["unet", "vae_decoder", "vae_decoder_tiny"])
+    feeds = record_feeds(
+        bundle_with_tiny, prompts=["a cat", "a dog"], components=["unet", "vae_decoder", "vae_decoder_tiny"]
+    )
     assert len(feeds["unet"]) == 2 * manifest.defaults["steps"]
     assert len(feeds["vae_decoder"]) == len(feeds["vae_decoder_tiny"]) == 2
     for full, tiny in zip(feeds["vae_decoder"], feeds["vae_decoder_tiny"]):
         # the full VAE takes latents / its scaling factor, the tiny decoder latents / 1.0
-        np.testing.assert_allclose(next(iter(full.values())) * manifest.vae_scaling_factor, next(iter(tiny.values())),
-                                   rtol=1e-5, atol=1e-6)
-    assert not np.allclose(next(iter(feeds["vae_decoder_tiny"][0].values())), next(iter(feeds["vae_decoder_tiny"][1].values())))
+        np.testing.assert_allclose(
+            next(iter(full.values())) * manifest.vae_scaling_factor, next(iter(tiny.values())), rtol=1e-5, atol=1e-6
+        )
+    assert not np.allclose(
+        next(iter(feeds["vae_decoder_tiny"][0].values())), next(iter(feeds["vae_decoder_tiny"][1].values()))
+    )
 
 
 def test_a_tiny_decoder_with_other_latent_channels_is_refused(models_root, tmp_path):
@@ -83,11 +83,20 @@ def test_a_tiny_decoder_with_other_latent_channels_is_refused(models_root, tmp_p
     from edgediff.export import export_bundle
     from edgediff.runtime.errors import ExportError
 
-    AutoencoderTiny(encoder_block_out_channels=(8,), decoder_block_out_channels=(8,), num_encoder_blocks=(1,),
-                    num_decoder_blocks=(1,), latent_channels=16).save_pretrained(tmp_path / "wrong")
+    AutoencoderTiny(
+        encoder_block_out_channels=(8,),
+        decoder_block_out_channels=(8,),
+        num_encoder_blocks=(1,),
+        num_decoder_blocks=(1,),
+        latent_channels=16,
+    ).save_pretrained(tmp_path / "wrong")
     with pytest.raises(ExportError, match="16 latent channels"):
-        export_bundle(str(tiny_source("tiny-sd1", models_root)), tmp_path / "out", tiny_decoder=str(tmp_path / "wrong"),
-                      progress=False)
+        export_bundle(
+            str(tiny_source("tiny-sd1", models_root)),
+            tmp_path / "out",
+            tiny_decoder=str(tmp_path / "wrong"),
+            progress=False,
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -135,7 +144,7 @@ def test_tiled_decode_matches_whole_decode():
     tiled = pipe("a small yellow star at the left on a purple background", decode_tile=16, **kwargs).images
     assert whole.shape == tiled.shape == (1, 128, 128, 3)
     assert not np.array_equal(whole, tiled)  # it really decoded in tiles
-    assert _psnr(whole, tiled) >= TILED_PSNR_FLOOR_DB
+    assert psnr(whole, tiled) >= TILED_PSNR_FLOOR_DB
 
 
 def test_tile_size_too_small_is_refused():
@@ -164,7 +173,9 @@ def test_decoded_pixels_become_the_images_diffusers_makes():
         assert [im.mode for im in ours] == ["RGB", "RGB"] and ours[0].size == (40, 24)
         for a, b in zip(ours, theirs):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-        np.testing.assert_array_equal(latents_to_images(array, "np"), processor.postprocess(reference, output_type="np"))
+        np.testing.assert_array_equal(
+            latents_to_images(array, "np"), processor.postprocess(reference, output_type="np")
+        )
         nhwc = latents_to_images(array, "np")
         for a, b in zip(to_pil(nhwc), ours):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from tiny_models import tiny_bundle, tiny_source
 
 from edgediff.benchmarks.harness import STAGE_SUM_MARGIN, BenchConfig, merge, peer_available, run_bench
@@ -41,11 +40,17 @@ def test_mac_counter_agrees_with_a_hand_count(tmp_path):
         helper.make_node("Gemm", ["g", "wg"], ["h"]),  # (2,10) x (10,5)
         helper.make_node("Relu", ["y"], ["z"]),  # not counted
     ]
-    graph = helper.make_graph(nodes, "hand", [
-        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, "h", "w"]),
-        helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 16, 32]),
-        helper.make_tensor_value_info("g", TensorProto.FLOAT, [2, 10])],
-        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in ("z", "b", "h")], [w_conv, w_mm, w_gemm])
+    graph = helper.make_graph(
+        nodes,
+        "hand",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, "h", "w"]),
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 16, 32]),
+            helper.make_tensor_value_info("g", TensorProto.FLOAT, [2, 10]),
+        ],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in ("z", "b", "h")],
+        [w_conv, w_mm, w_gemm],
+    )
     path = tmp_path / "hand.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     result = count_macs(path, {"x": (1, 3, 8, 8)})
@@ -59,9 +64,17 @@ def test_mac_counter_agrees_with_a_hand_count(tmp_path):
 @pytest.fixture(scope="module")
 def bench_results(models_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    cfg = BenchConfig(bundles=[str(tiny_bundle("tiny-sd1", models_root))], steps=[2], repeat=2, warmup=1, rounds=2,
-                      compare=["diffusers", "optimum"], source=str(tiny_source("tiny-sd1", models_root)),
-                      runtime=RuntimeOptions(threads=2), out=str(out))
+    cfg = BenchConfig(
+        bundles=[str(tiny_bundle("tiny-sd1", models_root))],
+        steps=[2],
+        repeat=2,
+        warmup=1,
+        rounds=2,
+        compare=["diffusers", "optimum"],
+        source=str(tiny_source("tiny-sd1", models_root)),
+        runtime=RuntimeOptions(threads=2),
+        out=str(out),
+    )
     return run_bench(cfg, progress=False), out
 
 
@@ -146,17 +159,21 @@ def test_a_graph_whose_macs_cannot_be_counted_is_reported_not_fatal(models_root,
 
 def test_mac_count_follows_the_decoder_that_was_timed(models_root):
     """With --decoder tiny the decoder stage's rate divides the tiny decoder's MACs, not the full VAE's."""
+    from tiny_models import tiny_bundle_with_tiny_decoder
+
     from edgediff.benchmarks.harness import _graph_macs
     from edgediff.runtime import Bundle
-
-    from tiny_models import tiny_bundle_with_tiny_decoder
 
     bundle = Bundle.open(tiny_bundle_with_tiny_decoder(models_root))
     full, tiny = (_graph_macs(bundle, 64, 1, decoder) for decoder in ("full", "tiny"))
     side = 64 // bundle.manifest.vae_scale_factor
     lat = {"latent_sample": (1, bundle.manifest.latent_channels, side, side)}
     assert full["vae_decoder"] == count_macs(bundle.component_path("vae_decoder"), lat)["total"]
-    assert tiny["vae_decoder"] == count_macs(bundle.component_path("vae_decoder_tiny"), lat)["total"] != full["vae_decoder"]
+    assert (
+        tiny["vae_decoder"]
+        == count_macs(bundle.component_path("vae_decoder_tiny"), lat)["total"]
+        != full["vae_decoder"]
+    )
     assert tiny["unet"] == full["unet"] > 0
 
 
@@ -170,8 +187,9 @@ def test_merge_keeps_every_machines_rows(bench_results, tmp_path):
     jsonschema.validate(merged, _schema())
     cpus = [r["machine"]["cpu"] for r in merged["results"]]
     assert len(cpus) == 2 and cpus[1] == "Apple M3 (pretend)" and len(merged["merged_from"]) == 2
-    result = CliRunner().invoke(cli, ["bench", "merge", str(tmp_path / "0.json"), str(tmp_path / "1.json"),
-                                      "--out", str(tmp_path / "m")])
+    result = CliRunner().invoke(
+        cli, ["bench", "merge", str(tmp_path / "0.json"), str(tmp_path / "1.json"), "--out", str(tmp_path / "m")]
+    )
     assert result.exit_code == 0, result.output
     assert "Apple M3 (pretend)" in (tmp_path / "m" / "results.md").read_text()
 
@@ -180,10 +198,20 @@ def test_missing_peer_is_reported_and_skipped(models_root, tmp_path, monkeypatch
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "optimum.onnxruntime" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "optimum.onnxruntime" else real(name, *a)
+    )
     assert "optimum skipped" in peer_available("optimum")
-    cfg = BenchConfig(bundles=[str(tiny_bundle("tiny-sd1", models_root))], steps=[1], repeat=1, warmup=0, rounds=1,
-                      compare=["optimum"], source=str(tiny_source("tiny-sd1", models_root)), out=str(tmp_path))
+    cfg = BenchConfig(
+        bundles=[str(tiny_bundle("tiny-sd1", models_root))],
+        steps=[1],
+        repeat=1,
+        warmup=0,
+        rounds=1,
+        compare=["optimum"],
+        source=str(tiny_source("tiny-sd1", models_root)),
+        out=str(tmp_path),
+    )
     data = run_bench(cfg, progress=False)
     assert any("optimum skipped" in n for n in data["notes"])
     assert [s["system"] for s in data["results"][0]["systems"]] == ["edgediff"]
@@ -208,8 +236,15 @@ def test_macs_are_counted_once_per_graph_and_size(tmp_path, monkeypatch):
     calls = []
     real = harness._worker
     monkeypatch.setattr(harness, "_worker", lambda system, args: calls.append(system) or real(system, args))
-    cfg = BenchConfig(bundles=[str(default_bundle())], steps=[1, 2], repeat=1, warmup=0, rounds=1,
-                      runtime=RuntimeOptions(threads=2), out=str(tmp_path))
+    cfg = BenchConfig(
+        bundles=[str(default_bundle())],
+        steps=[1, 2],
+        repeat=1,
+        warmup=0,
+        rounds=1,
+        runtime=RuntimeOptions(threads=2),
+        out=str(tmp_path),
+    )
     data = run_bench(cfg, progress=False)
     assert calls == ["edgediff", "macs", "edgediff"]  # counted after the first step count, reused for the second
     one, two = (row["systems"][0]["achieved"] for row in data["results"])
@@ -220,16 +255,32 @@ def test_memory_modes_are_run_and_recorded(tmp_path):
     from edgediff.benchmarks.report import row_label
     from edgediff.models.shipped import default_bundle
 
-    cfg = BenchConfig(bundles=[str(default_bundle())], steps=[1], repeat=1, warmup=0, rounds=1,
-                      out=str(tmp_path), runtime=RuntimeOptions(
-                          threads=2, low_memory=True, decoder="tiny", decode_tile=8,
-                          provider_options={"arena_extend_strategy": "kSameAsRequested"}))
+    cfg = BenchConfig(
+        bundles=[str(default_bundle())],
+        steps=[1],
+        repeat=1,
+        warmup=0,
+        rounds=1,
+        out=str(tmp_path),
+        runtime=RuntimeOptions(
+            threads=2,
+            low_memory=True,
+            decoder="tiny",
+            decode_tile=8,
+            provider_options={"arena_extend_strategy": "kSameAsRequested"},
+        ),
+    )
     data = run_bench(cfg, progress=False)
     jsonschema.validate(data, _schema())
     row = data["results"][0]
-    assert row["mode"] == {"low_memory": True, "decoder": "tiny", "decode_tile": 8,
-                           "provider_options": {"arena_extend_strategy": "kSameAsRequested"}, "cuda_graph": False,
-                           "graph_cache": False}
+    assert row["mode"] == {
+        "low_memory": True,
+        "decoder": "tiny",
+        "decode_tile": 8,
+        "provider_options": {"arena_extend_strategy": "kSameAsRequested"},
+        "cuda_graph": False,
+        "graph_cache": False,
+    }
     report = row["systems"][0]["provider_report"]
     # low-memory mode: only the decoder's session is alive once the image is done
     assert list(report["graphs"]) == ["vae_decoder_tiny"]
@@ -245,11 +296,21 @@ def test_peers_run_once_for_bundles_of_one_source(models_root, tmp_path, monkeyp
 
     calls = []
     real = harness._worker
-    monkeypatch.setattr(harness, "_worker", lambda system, args: calls.append((system, args["bundle"])) or real(system, args))
+    monkeypatch.setattr(
+        harness, "_worker", lambda system, args: calls.append((system, args["bundle"])) or real(system, args)
+    )
     fp32, int8 = tiny_bundle("tiny-sd1", models_root), tiny_bundle("tiny-sd1", models_root, "int8")
-    cfg = BenchConfig(bundles=[str(fp32), str(int8)], steps=[1], repeat=1, warmup=0, rounds=1, compare=["diffusers"],
-                      source=str(tiny_source("tiny-sd1", models_root)), runtime=RuntimeOptions(threads=2),
-                      out=str(tmp_path))
+    cfg = BenchConfig(
+        bundles=[str(fp32), str(int8)],
+        steps=[1],
+        repeat=1,
+        warmup=0,
+        rounds=1,
+        compare=["diffusers"],
+        source=str(tiny_source("tiny-sd1", models_root)),
+        runtime=RuntimeOptions(threads=2),
+        out=str(tmp_path),
+    )
     data = run_bench(cfg, progress=False)
     jsonschema.validate(data, _schema())
     measured = [system for system, _ in calls if system != "macs"]  # MACs are counted in a process of their own
@@ -265,7 +326,10 @@ def test_cold_start_reads_each_start_from_a_fresh_process(models_root):
 
     rows = measure(str(tiny_bundle("tiny-sd-turbo", models_root)), repeat=1, threads=1)
     assert [(r["start"], r["cache"]) for r in rows] == [
-        ("no cache", ["off"]), ("first start (cache empty)", ["miss"]), ("cached", ["hit"])]
+        ("no cache", ["off"]),
+        ("first start (cache empty)", ["miss"]),
+        ("cached", ["hit"]),
+    ]
     assert all(r["load_s"] > 0 and r["first_image_s"] > 0 for r in rows)
 
 
@@ -274,8 +338,16 @@ def test_bench_can_start_from_a_filled_graph_cache(tmp_path):
     from edgediff.benchmarks.report import row_label
     from edgediff.models.shipped import default_bundle
 
-    cfg = BenchConfig(bundles=[str(default_bundle())], steps=[1], repeat=1, warmup=0, rounds=2,
-                      runtime=RuntimeOptions(threads=2), out=str(tmp_path), graph_cache=True)
+    cfg = BenchConfig(
+        bundles=[str(default_bundle())],
+        steps=[1],
+        repeat=1,
+        warmup=0,
+        rounds=2,
+        runtime=RuntimeOptions(threads=2),
+        out=str(tmp_path),
+        graph_cache=True,
+    )
     data = run_bench(cfg, progress=False)
     jsonschema.validate(data, _schema())
     row = data["results"][0]

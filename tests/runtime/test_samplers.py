@@ -71,12 +71,15 @@ def test_sampler_matches_diffusers(monkeypatch, config, sampler_name, steps):
         np.testing.assert_allclose(
             ours.scale_model_input(sample, t_ours),
             theirs.scale_model_input(theirs_sample, t_theirs).numpy(),
-            atol=SAMPLER_ATOL, rtol=SAMPLER_RTOL,
+            atol=SAMPLER_ATOL,
+            rtol=SAMPLER_RTOL,
         )
         model_output = rng.standard_normal(shape).astype(np.float32)
         ours_out = ours.step(model_output, t_ours, sample, noise=our_noise)
         theirs_out = theirs.step(torch.from_numpy(model_output), t_theirs, theirs_sample)
-        np.testing.assert_allclose(ours_out.prev_sample, theirs_out.prev_sample.numpy(), atol=SAMPLER_ATOL, rtol=SAMPLER_RTOL)
+        np.testing.assert_allclose(
+            ours_out.prev_sample, theirs_out.prev_sample.numpy(), atol=SAMPLER_ATOL, rtol=SAMPLER_RTOL
+        )
         sample, theirs_sample = ours_out.prev_sample, theirs_out.prev_sample
     if sampler_name == "lcm":
         np.testing.assert_allclose(ours_out.denoised, theirs_out.denoised.numpy(), atol=SAMPLER_ATOL, rtol=SAMPLER_RTOL)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from edgediff.models.shipped import default_bundle
-from edgediff.runtime import CancelToken, Cancelled, Pipeline, PipelineClosed, StepEvent
+from edgediff.runtime import Cancelled, CancelToken, Pipeline, PipelineClosed, StepEvent
 
 PROMPT = "a large red circle on a blue background"
 # Resident memory may grow this much between image 20 and image 200 of one process (allocator noise;

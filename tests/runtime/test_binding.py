@@ -4,7 +4,7 @@ CI has no GPU, so the binding code runs here against host memory: a CPU provider
 "cpu" takes the same path as CUDA (OrtValues, IOBinding, fixed buffers, one session per input shape with
 its dimensions fixed). onnxruntime's CPU provider ignores the capture option, so what is checked here is
 ours: buffers follow new inputs, shapes rebind, refusals fall back. Capture itself is checked on CUDA
-(tests/test_cuda.py), where a GPU is lent.
+(tests/runtime/test_cuda.py), where a GPU is lent.
 """
 
 import dataclasses
@@ -14,13 +14,12 @@ import logging
 import numpy as np
 import onnxruntime as ort
 import pytest
+from tiny_models import tiny_bundle
 
 from edgediff.runtime import Bundle, InputError, Pipeline, ProviderError, graph_loader, session_config
 from edgediff.runtime import providers as prov
 from edgediff.runtime.session import GraphSession
 from edgediff.runtime.session_states import BindingState, CacheStatus, CaptureState, ShapeState
-
-from tiny_models import tiny_bundle
 
 # bound and plain runs use the same CPU kernels on the same numbers
 BOUND_ATOL = 1e-6
@@ -31,17 +30,21 @@ HOST_BOUND = dataclasses.replace(prov.REGISTRY["cpu"], device_type="cpu", graph_
 def _unet(models_root, **kwargs) -> GraphSession:
     bundle = Bundle.open(tiny_bundle("tiny-sd-turbo", models_root), verify="size")
     resolution = prov.Resolution(HOST_BOUND, "cpu", False)
-    return GraphSession("unet", bundle.component_path("unet"), bundle.manifest.components["unet"], resolution,
-                        bundle.path, **kwargs)
+    return GraphSession(
+        "unet", bundle.component_path("unet"), bundle.manifest.components["unet"], resolution, bundle.path, **kwargs
+    )
 
 
 def _feeds(session: GraphSession, seed: int, side: int = 8, batch: int = 1) -> dict:
     rng = np.random.default_rng(seed)
     hidden = session.inputs["encoder_hidden_states"].shape
-    return {"sample": rng.standard_normal((batch, 4, side, side), dtype=np.float32),
-            "timestep": np.array(500.0 + seed, dtype=np.float32),
-            "encoder_hidden_states": rng.standard_normal((batch, hidden[1] if isinstance(hidden[1], int) else 77,
-                                                          hidden[2]), dtype=np.float32)}
+    return {
+        "sample": rng.standard_normal((batch, 4, side, side), dtype=np.float32),
+        "timestep": np.array(500.0 + seed, dtype=np.float32),
+        "encoder_hidden_states": rng.standard_normal(
+            (batch, hidden[1] if isinstance(hidden[1], int) else 77, hidden[2]), dtype=np.float32
+        ),
+    }
 
 
 def _plain(session: GraphSession, feeds: dict) -> np.ndarray:
@@ -78,8 +81,9 @@ def test_a_device_this_onnxruntime_cannot_bind_to_runs_unbound_and_says_so(model
     assert len(states) == 1 and states.pop().startswith("refused: ") and "runs unbound" in caplog.text
     monkeypatch.undo()
     plain = Pipeline.from_bundle(tiny_bundle("tiny-sd-turbo", models_root), provider="cpu", io_binding=False)
-    np.testing.assert_allclose(image, plain("a cat", seed=4, num_inference_steps=2, output_type="np").images,
-                               atol=BOUND_ATOL)
+    np.testing.assert_allclose(
+        image, plain("a cat", seed=4, num_inference_steps=2, output_type="np").images, atol=BOUND_ATOL
+    )
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="edgediff.session"):
         pipe("a cat", seed=4, num_inference_steps=2, output_type="np")
@@ -163,8 +167,9 @@ def test_pipeline_with_binding_and_shape_fixed_sessions_matches_the_plain_pipeli
     side = m.defaults["height"] // m.vae_scale_factor
     for seed in (0, 1):
         latents = np.random.default_rng(seed).standard_normal((1, m.latent_channels, side, side)).astype(np.float32)
-        images = [p("a red circle", num_inference_steps=2, latents=latents, output_type="np").images
-                  for p in (plain, bound)]
+        images = [
+            p("a red circle", num_inference_steps=2, latents=latents, output_type="np").images for p in (plain, bound)
+        ]
         assert np.abs(images[0] - images[1]).max() <= BOUND_ATOL
     report = bound.provider_report()["graphs"]
     assert all(g["io_binding"] == "on" and g["cuda_graph"].startswith("captured") for g in report.values()), report
@@ -187,8 +192,10 @@ def test_provider_options_override_the_providers_own_and_key_the_graph_cache():
     offered = {"CPUExecutionProvider", "CUDAExecutionProvider"}
     plain = prov.resolve("cuda", offered=offered)
     tuned = prov.resolve("cuda", offered=offered, options={"cudnn_conv_algo_search": "EXHAUSTIVE", "prefer_nhwc": 1})
-    assert tuned.ort_providers[0] == ("CUDAExecutionProvider", {**prov.REGISTRY["cuda"].options,
-                                                                 "cudnn_conv_algo_search": "EXHAUSTIVE", "prefer_nhwc": "1"})
+    assert tuned.ort_providers[0] == (
+        "CUDAExecutionProvider",
+        {**prov.REGISTRY["cuda"].options, "cudnn_conv_algo_search": "EXHAUSTIVE", "prefer_nhwc": "1"},
+    )
     assert plain.cache_tag == "cuda" and tuned.cache_tag.startswith("cuda-") and tuned.cache_tag != plain.cache_tag
     # options are for the provider asked for: a fallback drops them
     fallen = prov.resolve("cuda", fallback=True, offered={"CPUExecutionProvider"}, options={"prefer_nhwc": "1"})
@@ -208,8 +215,10 @@ def test_integer_argmax_is_cast_to_float_with_the_same_result():
 
     ids = helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 77])
     out = helper.make_tensor_value_info("pick", TensorProto.INT64, [2])
-    nodes = [helper.make_node("Cast", ["ids"], ["as_int"], to=TensorProto.INT32),
-             helper.make_node("ArgMax", ["as_int"], ["pick"], axis=-1, keepdims=0)]
+    nodes = [
+        helper.make_node("Cast", ["ids"], ["as_int"], to=TensorProto.INT32),
+        helper.make_node("ArgMax", ["as_int"], ["pick"], axis=-1, keepdims=0),
+    ]
     model = helper.make_model(helper.make_graph(nodes, "g", [ids], [out]), opset_imports=[helper.make_opsetid("", 17)])
     rng = np.random.default_rng(0)
     feeds = {"ids": rng.integers(0, 49408, (2, 77)).astype(np.int64)}
@@ -267,12 +276,15 @@ def test_states_read_as_the_reports_words():
 
 
 def test_onnxruntime_errors_keep_their_cause_in_one_line():
-    trace = RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Exception during initialization: core.cpp:114:\n"
-                         "Exception from plugin.cpp:53:\n[AUTO] compile model failed\n"
-                         "Supported precisions set is not available for Constant operation.\n; ")
+    trace = RuntimeError(
+        "[ONNXRuntimeError] : 1 : FAIL : Exception during initialization: core.cpp:114:\n"
+        "Exception from plugin.cpp:53:\n[AUTO] compile model failed\n"
+        "Supported precisions set is not available for Constant operation.\n; "
+    )
     assert graph_loader.summarize(trace) == (
         "[ONNXRuntimeError] : 1 : FAIL : Exception during initialization: core.cpp:114: ... "
-        "Supported precisions set is not available for Constant operation.")
+        "Supported precisions set is not available for Constant operation."
+    )
     assert graph_loader.summarize(RuntimeError("one line")) == "one line"
 
 
@@ -283,11 +295,20 @@ def test_a_static_shape_provider_gets_one_shape_fixed_session_per_input_shape_un
     bundle = Bundle.open(tiny_bundle("tiny-sd-turbo", models_root), verify="size")
     opened = []
     real = session_config.session_options
-    monkeypatch.setattr(session_config, "session_options",
-                        lambda threads, resolution, low_memory, dims: opened.append(dims) or real(threads, resolution,
-                                                                                               low_memory, dims))
-    unet = GraphSession("unet", bundle.component_path("unet"), bundle.manifest.components["unet"],
-                        prov.Resolution(static, "npu", False), bundle.path)
+    monkeypatch.setattr(
+        session_config,
+        "session_options",
+        lambda threads, resolution, low_memory, dims: (
+            opened.append(dims) or real(threads, resolution, low_memory, dims)
+        ),
+    )
+    unet = GraphSession(
+        "unet",
+        bundle.component_path("unet"),
+        bundle.manifest.components["unet"],
+        prov.Resolution(static, "npu", False),
+        bundle.path,
+    )
     assert unet.shape_state is ShapeState.DYNAMIC and unet.shapes == "dynamic"
     assert not unet.capture and unet.runner is None
     small, large = _feeds(unet, 0), _feeds(unet, 1, side=16)

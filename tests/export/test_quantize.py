@@ -3,10 +3,10 @@ image metrics against fp32 on the shipped model."""
 
 import numpy as np
 import pytest
-
-from edgediff.runtime import Bundle, Pipeline
-
 from tiny_models import tiny_bundle, tiny_source
+
+from edgediff.benchmarks.metrics import psnr
+from edgediff.runtime import Bundle, Pipeline
 
 pytest.importorskip("torch")
 
@@ -14,11 +14,6 @@ pytest.importorskip("torch")
 # eval prompts: the floor every quantised bundle must hold (measured figures: docs/benchmarks.md).
 PSNR_FLOOR_DB = 30.0
 EVAL_IMAGES = 16
-
-
-def _psnr(a, b) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +25,20 @@ def shipped_quantised(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("quantised")
     prompts = [s.caption for s in eval_prompts(8, seed=123)]  # calibration: domain captions, not the eval ones
-    return {p: export_bundle(str(STUDENT_DIR), root / p, precision=p, progress=False, default_steps=DEFAULT_STEPS,
-                             default_guidance=ShippedConfig().default_guidance, tiny_decoder=str(TINY_DECODER_DIR),
-                             keep="auto", calibration_prompts=prompts)
-            for p in ("int8", "int8-static", "int4")}
+    return {
+        p: export_bundle(
+            str(STUDENT_DIR),
+            root / p,
+            precision=p,
+            progress=False,
+            default_steps=DEFAULT_STEPS,
+            default_guidance=ShippedConfig().default_guidance,
+            tiny_decoder=str(TINY_DECODER_DIR),
+            keep="auto",
+            calibration_prompts=prompts,
+        )
+        for p in ("int8", "int8-static", "int4")
+    }
 
 
 @pytest.mark.parametrize("precision", ["int8", "int8-static", "int4"])
@@ -49,7 +54,9 @@ def test_quantised_bundle_exports_loads_and_generates(models_root, precision):
         assert spec.precision == SCHEMES[record["scheme"]].precision
     assert manifest.components["vae_decoder"].precision == "fp32"
     assert manifest.components["vae_decoder"].attributes["quantization"]["scheme"] is None
-    fp32 = Pipeline.from_bundle(tiny_bundle("tiny-sd1", models_root))("a cat", seed=0, num_inference_steps=2, output_type="np")
+    fp32 = Pipeline.from_bundle(tiny_bundle("tiny-sd1", models_root))(
+        "a cat", seed=0, num_inference_steps=2, output_type="np"
+    )
     out = Pipeline.from_bundle(path)("a cat", seed=0, num_inference_steps=2, output_type="np")
     assert np.isfinite(out.images).all() and out.images.shape == fp32.images.shape
     assert not np.array_equal(out.images, fp32.images)  # really a different graph
@@ -63,8 +70,11 @@ def test_int8_static_attention_softmax_stays_float(models_root, tmp_path):
 
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
-    ort.InferenceSession(str(tiny_bundle("tiny-sd1", models_root, precision="int8-static") / "unet.onnx"), options,
-                         providers=["CPUExecutionProvider"])
+    ort.InferenceSession(
+        str(tiny_bundle("tiny-sd1", models_root, precision="int8-static") / "unet.onnx"),
+        options,
+        providers=["CPUExecutionProvider"],
+    )
     ops = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
     assert "Softmax" in ops and "QLinearSoftmax" not in ops
     assert "QLinearConv" in ops and "MatMulIntegerToFloat" in ops
@@ -73,19 +83,26 @@ def test_int8_static_attention_softmax_stays_float(models_root, tmp_path):
 def test_int8_static_tiny_decoder_is_quantised_layer_by_layer(models_root, tmp_path):
     """int8-static bundles quantise the tiny decoder too (its 3x3 convolutions run as QLinearConv), calibrated
     on the latents it decodes, with the sensitivity pass ranking each of its layers, not the whole decoder."""
-    from edgediff.export import export_bundle
-
     from tiny_models import tiny_autoencoder_tiny, tiny_bundle_with_tiny_decoder
 
-    path = export_bundle(str(tiny_source("tiny-sd1", models_root)), tmp_path / "int8s", precision="int8-static",
-                         tiny_decoder=str(tiny_autoencoder_tiny(models_root)), keep="auto", progress=False)
+    from edgediff.export import export_bundle
+
+    path = export_bundle(
+        str(tiny_source("tiny-sd1", models_root)),
+        tmp_path / "int8s",
+        precision="int8-static",
+        tiny_decoder=str(tiny_autoencoder_tiny(models_root)),
+        keep="auto",
+        progress=False,
+    )
     spec = Bundle.open(path).manifest.components["vae_decoder_tiny"]
     record = spec.attributes["quantization"]
     assert spec.precision == "int8-static" and record["scheme"] == "int8-static" and record["quantised_nodes"] > 0
     blocks = list(record["block_errors"])
     assert len(blocks) > 1 and all(b.startswith("decoder/layers.") for b in blocks), blocks
-    fp32 = Pipeline.from_bundle(tiny_bundle_with_tiny_decoder(models_root))("a cat", seed=0, num_inference_steps=2,
-                                                                          output_type="np", decoder="tiny")
+    fp32 = Pipeline.from_bundle(tiny_bundle_with_tiny_decoder(models_root))(
+        "a cat", seed=0, num_inference_steps=2, output_type="np", decoder="tiny"
+    )
     out = Pipeline.from_bundle(path)("a cat", seed=0, num_inference_steps=2, output_type="np", decoder="tiny")
     assert np.isfinite(out.images).all() and not np.array_equal(out.images, fp32.images)
 
@@ -99,31 +116,41 @@ def test_sensitivity_keeps_blocks_until_the_budget_holds(models_root, tmp_path):
     src = bundle / "unet.onnx"
     everything = quantize_component(src, tmp_path / "all.onnx", SCHEMES["int4-weight-only"], feeds, keep="none")
     assert everything["kept_fp32"] == {} and everything["error"] > 0
-    strict = quantize_component(src, tmp_path / "strict.onnx", SCHEMES["int4-weight-only"], feeds, keep="auto", budget=0.0)
+    strict = quantize_component(
+        src, tmp_path / "strict.onnx", SCHEMES["int4-weight-only"], feeds, keep="auto", budget=0.0
+    )
     assert set(strict["kept_fp32"]) == set(strict["block_errors"]) and strict["error"] == 0.0
-    loose = quantize_component(src, tmp_path / "loose.onnx", SCHEMES["int4-weight-only"], feeds, keep="auto", budget=1.0)
+    loose = quantize_component(
+        src, tmp_path / "loose.onnx", SCHEMES["int4-weight-only"], feeds, keep="auto", budget=1.0
+    )
     assert loose["kept_fp32"] == {} and loose["error"] == pytest.approx(everything["error"])
     worst = next(iter(strict["block_errors"]))  # sorted worst first
-    middle = quantize_component(src, tmp_path / "mid.onnx", SCHEMES["int4-weight-only"], feeds, keep="auto",
-                                budget=everything["error"] * 0.999)
+    middle = quantize_component(
+        src, tmp_path / "mid.onnx", SCHEMES["int4-weight-only"], feeds, keep="auto", budget=everything["error"] * 0.999
+    )
     assert worst in middle["kept_fp32"] and middle["error"] <= everything["error"] * 0.999
     with pytest.raises(ValueError, match="no quantisable block named"):
         quantize_component(src, tmp_path / "x.onnx", SCHEMES["int8-dynamic"], feeds, keep=["no_such_block"])
 
 
 # int8-static through the tiny decoder (both in static int8) is judged against fp32's own tiny decoder
-@pytest.mark.parametrize("precision,decoder", [("int8", "full"), ("int8-static", "full"), ("int8-static", "tiny"),
-                                               ("int4", "full")])
+@pytest.mark.parametrize(
+    "precision,decoder", [("int8", "full"), ("int8-static", "full"), ("int8-static", "tiny"), ("int4", "full")]
+)
 def test_shipped_model_quantised_images_stay_above_the_psnr_floor(shipped_quantised, precision, decoder):
-    from training.evaluate import eval_prompts
     from edgediff.models.shipped import default_bundle
+    from training.evaluate import eval_prompts
 
     manifest = Bundle.open(shipped_quantised[precision]).manifest
     assert "block_errors" in manifest.components["unet"].attributes["quantization"]  # keep=auto ran
     ref, quant = Pipeline.from_bundle(default_bundle()), Pipeline.from_bundle(shipped_quantised[precision])
-    scores = [_psnr(ref(s.caption, seed=i, output_type="np", decoder=decoder).images,
-                    quant(s.caption, seed=i, output_type="np", decoder=decoder).images)
-              for i, s in enumerate(eval_prompts(EVAL_IMAGES))]
+    scores = [
+        psnr(
+            ref(s.caption, seed=i, output_type="np", decoder=decoder).images,
+            quant(s.caption, seed=i, output_type="np", decoder=decoder).images,
+        )
+        for i, s in enumerate(eval_prompts(EVAL_IMAGES))
+    ]
     assert np.mean(scores) >= PSNR_FLOOR_DB, f"mean PSNR {np.mean(scores):.1f} dB (min {np.min(scores):.1f})"
 
 

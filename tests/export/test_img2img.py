@@ -10,31 +10,30 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from conftest import ReplayNoise  # noqa: E402
-from references import reference_pipeline  # noqa: E402
+from references import PIXEL_ATOL, reference_pipeline  # noqa: E402
+from references import gradient_image as _image  # noqa: E402
 from tiny_models import tiny_bundle, tiny_source  # noqa: E402
 
 from edgediff.runtime import InputError, Pipeline  # noqa: E402
 from edgediff.runtime.schedulers import SAMPLERS  # noqa: E402
 
-from test_parity import PIXEL_ATOL  # noqa: E402
-
-CASES = [("tiny-sd1", "euler", 4, 0.6, 7.5), ("tiny-sd1", "ddim", 5, 0.5, 5.0), ("tiny-sd-turbo", "euler", 2, 0.5, 0.0),
-         ("tiny-lcm", "lcm", 4, 0.75, 8.0), ("tiny-sdxl", "euler", 4, 0.6, 5.0), ("tiny-sdxl-turbo", "euler_ancestral", 2, 0.5, 0.0)]
+CASES = [
+    ("tiny-sd1", "euler", 4, 0.6, 7.5),
+    ("tiny-sd1", "ddim", 5, 0.5, 5.0),
+    ("tiny-sd-turbo", "euler", 2, 0.5, 0.0),
+    ("tiny-lcm", "lcm", 4, 0.75, 8.0),
+    ("tiny-sdxl", "euler", 4, 0.6, 5.0),
+    ("tiny-sdxl-turbo", "euler_ancestral", 2, 0.5, 0.0),
+]
 # the reference pipeline per family kind (SDXL: two text encoders), and the module whose noise it draws
-
-
-def _image(size: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    base = np.linspace(0, 1, size, dtype=np.float32)
-    img = np.stack([np.outer(base, base), np.outer(base[::-1], base), np.full((size, size), 0.3, np.float32)], -1)
-    return np.clip(img + rng.normal(0, 0.05, img.shape).astype(np.float32), 0, 1)
 
 
 def _reference(monkeypatch, source, sampler, manifest, image, prompt, steps, strength, guidance, noises):
     pipe = reference_pipeline("img2img", source, manifest, sampler, noises, monkeypatch)
     image_t = torch.from_numpy(image.transpose(2, 0, 1)[None].copy())  # [0, 1], already at size: no resampling
-    return pipe(prompt, image=image_t, strength=strength, num_inference_steps=steps, guidance_scale=guidance,
-                output_type="np").images
+    return pipe(
+        prompt, image=image_t, strength=strength, num_inference_steps=steps, guidance_scale=guidance, output_type="np"
+    ).images
 
 
 @pytest.mark.parametrize("arch,sampler,steps,strength,guidance", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
@@ -46,11 +45,31 @@ def test_img2img_matches_diffusers(models_root, monkeypatch, arch, sampler, step
     lat = (1, m.latent_channels, size // m.vae_scale_factor, size // m.vae_scale_factor)
     rng = np.random.default_rng(7)
     run_steps = min(int(steps * strength), steps)
-    noises = [rng.standard_normal(lat).astype(np.float32) for _ in range(2 + (run_steps if SAMPLERS[sampler].stochastic else 0))]
-    ours = pipe("a red circle", image=image, strength=strength, num_inference_steps=steps, guidance_scale=guidance,
-                output_type="np", generator=ReplayNoise(noises)).images
-    theirs = _reference(monkeypatch, tiny_source(arch, models_root), sampler, m, image, "a red circle", steps, strength,
-                        guidance, noises)
+    noises = [
+        rng.standard_normal(lat).astype(np.float32)
+        for _ in range(2 + (run_steps if SAMPLERS[sampler].stochastic else 0))
+    ]
+    ours = pipe(
+        "a red circle",
+        image=image,
+        strength=strength,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        output_type="np",
+        generator=ReplayNoise(noises),
+    ).images
+    theirs = _reference(
+        monkeypatch,
+        tiny_source(arch, models_root),
+        sampler,
+        m,
+        image,
+        "a red circle",
+        steps,
+        strength,
+        guidance,
+        noises,
+    )
     assert ours.shape == theirs.shape
     assert np.abs(ours - theirs).max() <= PIXEL_ATOL
     plain = pipe("a red circle", num_inference_steps=steps, guidance_scale=guidance, output_type="np", seed=0).images

@@ -8,12 +8,19 @@ import stat
 
 import numpy as np
 import pytest
-
 from tiny_models import tiny_bundle, tiny_source
 
 from edgediff.runtime import (
-    Bundle, BundleError, ChecksumError, InputError, NaNOutputError, OutputPathError, Pipeline, ProviderError,
-    PromptTruncatedWarning, SchemaVersionError,
+    Bundle,
+    BundleError,
+    ChecksumError,
+    InputError,
+    NaNOutputError,
+    OutputPathError,
+    Pipeline,
+    PromptTruncatedWarning,
+    ProviderError,
+    SchemaVersionError,
 )
 from edgediff.runtime.bundle import sha256_file
 from edgediff.runtime.image import save_image
@@ -34,8 +41,11 @@ def _rewrite_manifest(bundle, edit):
 
 def _refresh_file_entry(bundle, component, name):
     def edit(raw):
-        raw["components"][component]["files"][name] = {"size": (bundle / name).stat().st_size,
-                                                       "sha256": sha256_file(bundle / name)}
+        raw["components"][component]["files"][name] = {
+            "size": (bundle / name).stat().st_size,
+            "sha256": sha256_file(bundle / name),
+        }
+
     _rewrite_manifest(bundle, edit)
 
 
@@ -103,6 +113,7 @@ def test_manifest_path_leaving_the_bundle(bundle, tmp_path):
     def edit(raw):
         files = raw["components"]["unet"]["files"]
         raw["components"]["unet"]["files"] = {"../secret.onnx": {"size": 1, "sha256": "0"}, **files}
+
     _rewrite_manifest(bundle, edit)
     with pytest.raises(BundleError, match="outside its folder"):
         Bundle.open(bundle)
@@ -119,8 +130,9 @@ def test_symlink_leaving_the_bundle(bundle, tmp_path):
 def test_external_data_outside_the_bundle_is_refused(bundle, tmp_path):
     onnx = pytest.importorskip("onnx")
     model = onnx.load(str(bundle / "vae_decoder.onnx"))
-    onnx.save_model(model, str(bundle / "vae_decoder.onnx"), save_as_external_data=True, location="w.bin",
-                    size_threshold=0)
+    onnx.save_model(
+        model, str(bundle / "vae_decoder.onnx"), save_as_external_data=True, location="w.bin", size_threshold=0
+    )
     shutil.move(bundle / "w.bin", tmp_path / "w.bin")
     model = onnx.load(str(bundle / "vae_decoder.onnx"), load_external_data=False)
     for tensor in model.graph.initializer:
@@ -156,15 +168,18 @@ def test_unavailable_provider_is_an_error_unless_fallback(bundle, caplog):
     assert pipe.sessions.get("unet").providers[0] != "DmlExecutionProvider"
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"width": 30}, "width must be a positive multiple of 8"),
-    ({"height": 12}, "height must be a positive multiple of 8"),
-    ({"height": 0}, "height must be a positive multiple of 8"),
-    ({"num_inference_steps": 0}, "num_inference_steps must be >= 1"),
-    ({"num_inference_steps": -3}, "num_inference_steps must be >= 1"),
-    ({"num_images_per_prompt": 0}, "num_images_per_prompt must be >= 1"),
-    ({"latents": np.zeros((1, 4, 3, 3), np.float32)}, "latents must have shape"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"width": 30}, "width must be a positive multiple of 8"),
+        ({"height": 12}, "height must be a positive multiple of 8"),
+        ({"height": 0}, "height must be a positive multiple of 8"),
+        ({"num_inference_steps": 0}, "num_inference_steps must be >= 1"),
+        ({"num_inference_steps": -3}, "num_inference_steps must be >= 1"),
+        ({"num_images_per_prompt": 0}, "num_images_per_prompt must be >= 1"),
+        ({"latents": np.zeros((1, 4, 3, 3), np.float32)}, "latents must have shape"),
+    ],
+)
 def test_bad_generation_arguments(bundle, kwargs, match):
     pipe = Pipeline.from_bundle(bundle)
     with pytest.raises(InputError, match=match):
@@ -187,23 +202,34 @@ def test_nan_output_is_an_error(bundle):
     from onnx import TensorProto, helper
 
     # A decoder whose output is sqrt(-(|x| + 1)): NaN everywhere, as an fp16 overflow would give.
-    nodes = [helper.make_node("Abs", ["latent_sample"], ["a"]), helper.make_node("Neg", ["a"], ["n"]),
-             helper.make_node("Sqrt", ["n"], ["sample"])]
+    nodes = [
+        helper.make_node("Abs", ["latent_sample"], ["a"]),
+        helper.make_node("Neg", ["a"], ["n"]),
+        helper.make_node("Sqrt", ["n"], ["sample"]),
+    ]
     graph = helper.make_graph(
-        nodes, "nan", [helper.make_tensor_value_info("latent_sample", TensorProto.FLOAT, ["b", 4, "h", "w"])],
-        [helper.make_tensor_value_info("sample", TensorProto.FLOAT, ["b", 4, "h", "w"])])
-    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(bundle / "vae_decoder.onnx"))
+        nodes,
+        "nan",
+        [helper.make_tensor_value_info("latent_sample", TensorProto.FLOAT, ["b", 4, "h", "w"])],
+        [helper.make_tensor_value_info("sample", TensorProto.FLOAT, ["b", 4, "h", "w"])],
+    )
+    onnx.save_model(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(bundle / "vae_decoder.onnx")
+    )
     _refresh_file_entry(bundle, "vae_decoder", "vae_decoder.onnx")
     pipe = Pipeline.from_bundle(bundle)
     with pytest.raises(NaNOutputError, match="VAE decoder produced NaN"):
         pipe("a red circle", num_inference_steps=1, seed=0)
 
 
-@pytest.mark.parametrize("name,match", [
-    ("not-a-folder.txt/out.png", "does not exist"),
-    ("out.gif2", "unknown image format"),
-    ("a-folder", "unknown image format"),
-])
+@pytest.mark.parametrize(
+    "name,match",
+    [
+        ("not-a-folder.txt/out.png", "does not exist"),
+        ("out.gif2", "unknown image format"),
+        ("a-folder", "unknown image format"),
+    ],
+)
 def test_unwritable_output_path(tmp_path, name, match):
     from PIL import Image
 
@@ -240,8 +266,10 @@ def test_output_path_that_is_a_folder(tmp_path):
         save_image(Image.new("RGB", (8, 8)), tmp_path / "x.png")
 
 
-@pytest.mark.parametrize("component,named", [
-    ("text_encoder", "text encoder"), ("unet", "denoiser (unet)"), ("vae_decoder", "full VAE decoder")])
+@pytest.mark.parametrize(
+    "component,named",
+    [("text_encoder", "text encoder"), ("unet", "denoiser (unet)"), ("vae_decoder", "full VAE decoder")],
+)
 def test_nan_in_any_stage_is_named(models_root, component, named):
     pipe = Pipeline.from_bundle(tiny_bundle("tiny-sd1", models_root))
     session = pipe.sessions.get(component)

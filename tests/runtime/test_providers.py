@@ -7,29 +7,30 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
+from tiny_models import tiny_bundle
 
 from edgediff.cli.main import cli
-from edgediff.runtime import Pipeline, ProviderError
-from edgediff.runtime import provider_loading
+from edgediff.runtime import Pipeline, ProviderError, provider_loading
 from edgediff.runtime import providers as prov
-
-from tiny_models import tiny_bundle
 
 CPU = "CPUExecutionProvider"
 
 
-@pytest.mark.parametrize("offered,expected", [
-    ({CPU}, "cpu"),
-    ({CPU, "CUDAExecutionProvider", "TensorrtExecutionProvider"}, "cuda"),  # TensorRT only when asked
-    ({CPU, "DmlExecutionProvider"}, "directml"),
-    ({CPU, "CoreMLExecutionProvider"}, "coreml"),
-    ({CPU, "OpenVINOExecutionProvider", "DmlExecutionProvider"}, "directml"),  # GPUs before NPUs
-    ({CPU, "QNNExecutionProvider"}, "cpu"),  # QNN only when asked (it wants QDQ int8 graphs)
-    ({CPU, "MIGraphXExecutionProvider"}, "migraphx"),  # AMD GPUs since onnxruntime 1.23
-    ({CPU, "ROCMExecutionProvider"}, "rocm"),  # the same through onnxruntime 1.22 and older
-    ({CPU, "WebGpuExecutionProvider"}, "webgpu"),
-    ({CPU, "WebGpuExecutionProvider", "CoreMLExecutionProvider"}, "webgpu"),  # a GPU before the Neural Engine
-])
+@pytest.mark.parametrize(
+    "offered,expected",
+    [
+        ({CPU}, "cpu"),
+        ({CPU, "CUDAExecutionProvider", "TensorrtExecutionProvider"}, "cuda"),  # TensorRT only when asked
+        ({CPU, "DmlExecutionProvider"}, "directml"),
+        ({CPU, "CoreMLExecutionProvider"}, "coreml"),
+        ({CPU, "OpenVINOExecutionProvider", "DmlExecutionProvider"}, "directml"),  # GPUs before NPUs
+        ({CPU, "QNNExecutionProvider"}, "cpu"),  # QNN only when asked (it wants QDQ int8 graphs)
+        ({CPU, "MIGraphXExecutionProvider"}, "migraphx"),  # AMD GPUs since onnxruntime 1.23
+        ({CPU, "ROCMExecutionProvider"}, "rocm"),  # the same through onnxruntime 1.22 and older
+        ({CPU, "WebGpuExecutionProvider"}, "webgpu"),
+        ({CPU, "WebGpuExecutionProvider", "CoreMLExecutionProvider"}, "webgpu"),  # a GPU before the Neural Engine
+    ],
+)
 def test_auto_picks_the_best_offered_provider(offered, expected, monkeypatch):
     monkeypatch.setattr(prov, "openvino_devices", lambda: ["CPU", "GPU.0"])
     chosen = prov.resolve("auto", offered=offered)
@@ -55,14 +56,15 @@ def test_each_provider_is_one_onnxruntime_knows_and_comes_from_an_extra_that_ins
     exists in pyproject.toml and installs the build that has it. The runtime itself depends on no build: they
     overwrite each other (ort_builds.py)."""
     import re
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     from edgediff.runtime import ort_builds
 
     unknown = {n for n, p in prov.REGISTRY.items() if p.ort_name not in ort.get_all_providers()}
     assert unknown <= {"rocm"}, unknown  # onnxruntime 1.23 removed ROCm's provider; kept for 1.22 and older
-    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
 
     def names(requirements):
@@ -74,7 +76,9 @@ def test_each_provider_is_one_onnxruntime_knows_and_comes_from_an_extra_that_ins
     assert {p.extra for p in prov.REGISTRY.values()} <= set(ort_builds.BUILDS.values())
     # the tests' own install (cpu,export,dev) brings the CPU build only: optimum-onnx without its [onnxruntime], and
     # onnxruntime-qnn 2 or newer, a plugin beside it (1.x was a build)
-    beside = [r.split(";")[0].replace(" ", "") for name in ("export", "dev") for r in extras[name] if "onnxruntime" in r]
+    beside = [
+        r.split(";")[0].replace(" ", "") for name in ("export", "dev") for r in extras[name] if "onnxruntime" in r
+    ]
     assert beside == ["onnxruntime-qnn>=2"] and extras["qnn"] == ["onnxruntime-qnn>=2"]
 
 
@@ -85,9 +89,12 @@ def test_two_onnxruntime_builds_are_named_with_the_way_back_to_one(monkeypatch, 
 
     two = {"onnxruntime": "1.32.0", "onnxruntime-webgpu": "1.27.0"}
     monkeypatch.setattr(ort_builds, "installed", lambda: two)
-    with pytest.raises(ProviderError, match=r"'webgpu' is not available: 2 onnxruntime builds .*onnxruntime-webgpu "
-                                            r"1\.27\.0.*pip uninstall -y onnxruntime onnxruntime-webgpu && "
-                                            r'pip install "edgediff\[webgpu\]"'):
+    with pytest.raises(
+        ProviderError,
+        match=r"'webgpu' is not available: 2 onnxruntime builds .*onnxruntime-webgpu "
+        r"1\.27\.0.*pip uninstall -y onnxruntime onnxruntime-webgpu && "
+        r'pip install "edgediff\[webgpu\]"',
+    ):
         prov.resolve("webgpu", fallback=True, offered={CPU})  # not a fallback case: the install is broken
     with caplog.at_level(logging.WARNING, logger="edgediff.providers"):
         assert prov.resolve("auto", offered={CPU}).provider.name == "cpu"
@@ -100,10 +107,13 @@ def test_two_onnxruntime_builds_are_named_with_the_way_back_to_one(monkeypatch, 
     assert "builds are installed" not in CliRunner().invoke(cli, ["providers"]).output
 
 
-@pytest.mark.parametrize("entry", [
-    "import edgediff.runtime",
-    "from edgediff.cli.main import main; main(['generate', 'a red circle'])",
-])
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "import edgediff.runtime",
+        "from edgediff.cli.main import main; main(['generate', 'a red circle'])",
+    ],
+)
 def test_without_onnxruntime_the_runtime_says_which_build_to_install(entry):
     import subprocess
     import sys
@@ -172,7 +182,9 @@ def test_graph_cache_second_start_reuses_the_optimized_graph(models_root, tmp_pa
         third = Pipeline.from_bundle(bundle)
     assert "unusable" in caplog.text and third.provider_report()["graphs"]["unet"]["cache"] == "miss"
     assert len(list((tmp_path / "cache").glob(f"{unet_file.name}.*.data"))) == 1  # the damaged one's weights went too
-    np.testing.assert_allclose(third("a cat", seed=3, num_inference_steps=2, output_type="np").images, images[0], atol=1e-6)
+    np.testing.assert_allclose(
+        third("a cat", seed=3, num_inference_steps=2, output_type="np").images, images[0], atol=1e-6
+    )
 
 
 def test_graph_cache_key_follows_the_graph(models_root, tmp_path, monkeypatch):
@@ -221,8 +233,11 @@ def test_graph_cache_evicts_least_recently_used_entries_past_its_limit(models_ro
     pipe = Pipeline.from_bundle(tiny_bundle("tiny-sd-turbo", models_root))
     assert len(_cache_names(folder)) == 1
     uncached = Pipeline.from_bundle(tiny_bundle("tiny-sd-turbo", models_root), cache=False)
-    np.testing.assert_allclose(pipe("a cat", seed=1, num_inference_steps=1, output_type="np").images,
-                               uncached("a cat", seed=1, num_inference_steps=1, output_type="np").images, atol=1e-6)
+    np.testing.assert_allclose(
+        pipe("a cat", seed=1, num_inference_steps=1, output_type="np").images,
+        uncached("a cat", seed=1, num_inference_steps=1, output_type="np").images,
+        atol=1e-6,
+    )
 
 
 def test_eviction_passes_over_a_graph_another_process_holds_open(models_root, tmp_path, monkeypatch):
@@ -257,8 +272,9 @@ def test_a_crashed_save_is_removed_once_stale(tmp_path):
 
     from edgediff.runtime import graph_cache
 
-    stale, fresh = (tmp_path / f".unet-0123456789abcdef-01234567-cpu-ort1.32.0-x86_64.{pid}.partial.onnx"
-                    for pid in (123, 456))
+    stale, fresh = (
+        tmp_path / f".unet-0123456789abcdef-01234567-cpu-ort1.32.0-x86_64.{pid}.partial.onnx" for pid in (123, 456)
+    )
     for path in (stale, fresh):
         path.write_bytes(b"half a graph")
     old = time.time() - graph_cache.STALE_PARTIAL_S - 60
@@ -287,8 +303,9 @@ def _disk_nearly_full(monkeypatch):
     from edgediff.runtime import graph_cache
 
     real = shutil.disk_usage
-    monkeypatch.setattr(graph_cache.shutil, "disk_usage",
-                        lambda p: real(p)._replace(free=graph_cache.FREE_SPACE_RESERVE + 1024))
+    monkeypatch.setattr(
+        graph_cache.shutil, "disk_usage", lambda p: real(p)._replace(free=graph_cache.FREE_SPACE_RESERVE + 1024)
+    )
 
 
 def _save_fails(monkeypatch, folder, bundle_path):
@@ -307,9 +324,15 @@ def _cache_is_a_file(monkeypatch, folder, bundle_path):
     folder.write_text("not a folder")
 
 
-@pytest.mark.parametrize("trouble,logged", [("disk nearly full", "not caching"), ("save fails", "could not save"),
-                                            ("cache path is a file", "is unusable"),
-                                            ("saved graph cannot take its place", "could not keep")])
+@pytest.mark.parametrize(
+    "trouble,logged",
+    [
+        ("disk nearly full", "not caching"),
+        ("save fails", "could not save"),
+        ("cache path is a file", "is unusable"),
+        ("saved graph cannot take its place", "could not keep"),
+    ],
+)
 def test_the_graph_cache_never_fails_a_generation(models_root, tmp_path, monkeypatch, caplog, trouble, logged):
     """A cache that cannot take a graph costs a slower next start, never the image, and never fills the disk."""
     folder = tmp_path / "cache"
@@ -335,8 +358,11 @@ def test_the_graph_cache_never_fails_a_generation(models_root, tmp_path, monkeyp
     assert not _cache_names(folder) if folder.is_dir() else folder.read_text() == "not a folder"
     assert not folder.is_dir() or not [p for p in folder.iterdir() if p.is_file()]  # no half-saved leftovers
     uncached = Pipeline.from_bundle(bundle, cache=False)
-    np.testing.assert_allclose(pipe("a cat", seed=2, num_inference_steps=2, output_type="np").images,
-                               uncached("a cat", seed=2, num_inference_steps=2, output_type="np").images, atol=1e-6)
+    np.testing.assert_allclose(
+        pipe("a cat", seed=2, num_inference_steps=2, output_type="np").images,
+        uncached("a cat", seed=2, num_inference_steps=2, output_type="np").images,
+        atol=1e-6,
+    )
 
 
 def test_cache_command_lists_and_clears_only_its_own_files(models_root, tmp_path, monkeypatch):
@@ -379,8 +405,11 @@ def test_every_providers_own_cache_folder_is_listed_counted_evicted_and_cleared(
         (where / "compiled.bin").write_bytes(b"x" * 4096)
         for path in (where / "compiled.bin", where):
             os.utime(path, (past + age, past + age))
-    assert {e.name: e.size for e in graph_cache.entries(folder)} == {"migraphx/": 4096, "openvino/": 4096,
-                                                                     "tensorrt/": 4096}
+    assert {e.name: e.size for e in graph_cache.entries(folder)} == {
+        "migraphx/": 4096,
+        "openvino/": 4096,
+        "tensorrt/": 4096,
+    }
     listed = CliRunner().invoke(cli, ["cache", "list"])
     assert listed.exit_code == 0 and "3 entries" in listed.output and "migraphx/" in listed.output, listed.output
     assert [e.name for e in graph_cache.prune(folder, limit=2 * 4096)] == ["migraphx/"]
@@ -420,13 +449,16 @@ def test_providers_command_shows_where_each_graph_of_a_bundle_runs(models_root, 
     assert sum("cpu (cuda refused it)" in line for line in result.output.splitlines()) == 3, result.output
 
 
-@pytest.mark.parametrize("present,expected", [
-    (["CPU"], "CPU"),  # AUTO over one device adds nothing, and failed where CPU alone compiled
-    (["CPU", "GPU.0", "GPU.1", "NPU"], "AUTO:GPU,NPU,CPU"),
-    (["NPU", "CPU"], "AUTO:NPU,CPU"),
-    ([], "CPU"),
-    (None, "AUTO"),  # a build that cannot list its devices: OpenVINO's AUTO picks among all it finds
-])
+@pytest.mark.parametrize(
+    "present,expected",
+    [
+        (["CPU"], "CPU"),  # AUTO over one device adds nothing, and failed where CPU alone compiled
+        (["CPU", "GPU.0", "GPU.1", "NPU"], "AUTO:GPU,NPU,CPU"),
+        (["NPU", "CPU"], "AUTO:NPU,CPU"),
+        ([], "CPU"),
+        (None, "AUTO"),  # a build that cannot list its devices: OpenVINO's AUTO picks among all it finds
+    ],
+)
 def test_openvino_names_only_the_devices_present(monkeypatch, present, expected):
     """onnxruntime-openvino 1.24 refuses "AUTO:GPU,NPU,CPU" on a machine without an Intel GPU and then runs
     every graph on its CPU provider, silently (seen here): the device list follows what is present."""
@@ -449,26 +481,46 @@ def test_a_compiling_provider_keeps_its_own_cache_and_never_ours(models_root, tm
     assert prov.REGISTRY["migraphx"].cache_options(tmp_path) == {"migraphx_model_cache_dir": str(tmp_path / "migraphx")}
     # OpenVINO's behaviour on the CPU provider (which ignores the options): what reaches onnxruntime is checked
     seen, real = [], ort.InferenceSession
-    monkeypatch.setattr(ort, "InferenceSession",
-                        lambda path, sess_options=None, providers=None: seen.append((sess_options, providers)) or real(
-                            path, sess_options=sess_options, providers=["CPUExecutionProvider"]))
+    monkeypatch.setattr(
+        ort,
+        "InferenceSession",
+        lambda path, sess_options=None, providers=None: (
+            seen.append((sess_options, providers))
+            or real(path, sess_options=sess_options, providers=["CPUExecutionProvider"])
+        ),
+    )
     monkeypatch.setattr(graph_cache, "open_cached", lambda *a, **k: pytest.fail("our cache was used"))
-    compiling = prov.OpenVINO("openvino", CPU, ("fp32",), extra="openvino", compiles=True, cache_option="cache_dir",
-                              options={"device_type": "AUTO:GPU,NPU,CPU"})
+    compiling = prov.OpenVINO(
+        "openvino",
+        CPU,
+        ("fp32",),
+        extra="openvino",
+        compiles=True,
+        cache_option="cache_dir",
+        options={"device_type": "AUTO:GPU,NPU,CPU"},
+    )
     monkeypatch.setattr(prov, "openvino_devices", lambda: ["CPU"])
     bundle = Bundle.open(tiny_bundle("tiny-sd-turbo", models_root), verify="size")
     for overrides, expected in (({}, str(tmp_path / "openvino")), ({"cache_dir": "/elsewhere"}, "/elsewhere")):
         resolution = prov.Resolution(compiling, "openvino", False, overrides)
-        unet = GraphSession("unet", bundle.component_path("unet"), bundle.manifest.components["unet"], resolution,
-                            bundle.path, cache_folder=tmp_path)
+        unet = GraphSession(
+            "unet",
+            bundle.component_path("unet"),
+            bundle.manifest.components["unet"],
+            resolution,
+            bundle.path,
+            cache_folder=tmp_path,
+        )
         opts, providers = seen[-1]
         assert providers[0] == (CPU, {"device_type": "CPU", "cache_dir": expected})
         assert not opts.optimized_model_filepath and unet.cache == "provider"
     assert not list(tmp_path.glob("*.onnx"))
 
 
-@pytest.mark.parametrize("present,expected", [(["CPU"], "cpu"), (["CPU", "NPU"], "openvino"),
-                                              (["CPU", "GPU.0"], "openvino"), (None, "openvino")])
+@pytest.mark.parametrize(
+    "present,expected",
+    [(["CPU"], "cpu"), (["CPU", "NPU"], "openvino"), (["CPU", "GPU.0"], "openvino"), (None, "openvino")],
+)
 def test_auto_takes_openvino_for_an_intel_gpu_or_npu_only(monkeypatch, present, expected):
     """On a CPU alone OpenVINO trades exactness for speed (bf16) or loses to the CPU provider, by CPU
     (docs/benchmarks.md): `auto` keeps the CPU provider there; `--provider openvino` still chooses it."""
@@ -493,6 +545,7 @@ def test_a_pipeline_opens_its_graphs_side_by_side(models_root, monkeypatch):
         def meeting(name):
             met.wait()  # raises BrokenBarrierError if the graphs open one after another
             return opener(name)
+
         assert parallel and len(names) == 3
         return real_pool(meeting, names, low_memory=low_memory, parallel=parallel)
 
@@ -501,8 +554,11 @@ def test_a_pipeline_opens_its_graphs_side_by_side(models_root, monkeypatch):
     assert set(pipe.sessions.loaded) == {"text_encoder", "unet", "vae_decoder"}
     monkeypatch.setattr(pipeline_module, "SessionPool", real_pool)
     plain = Pipeline.from_bundle(tiny_bundle("tiny-sd-turbo", models_root))
-    np.testing.assert_allclose(pipe("a cat", seed=5, num_inference_steps=1, output_type="np").images,
-                               plain("a cat", seed=5, num_inference_steps=1, output_type="np").images, atol=1e-6)
+    np.testing.assert_allclose(
+        pipe("a cat", seed=5, num_inference_steps=1, output_type="np").images,
+        plain("a cat", seed=5, num_inference_steps=1, output_type="np").images,
+        atol=1e-6,
+    )
 
 
 def test_parallel_opening_raises_the_first_graphs_error_and_is_only_where_checked(models_root, monkeypatch):
@@ -519,9 +575,13 @@ def test_parallel_opening_raises_the_first_graphs_error_and_is_only_where_checke
         SessionPool(opener, ["text_encoder", "unet", "vae_decoder"], parallel=True)
 
     seen = []
-    monkeypatch.setattr(pipeline_module, "SessionPool",
-                        lambda opener, names, low_memory=False, parallel=False: seen.append(parallel) or SessionPool(
-                            opener, names, low_memory=low_memory, parallel=parallel))
+    monkeypatch.setattr(
+        pipeline_module,
+        "SessionPool",
+        lambda opener, names, low_memory=False, parallel=False: (
+            seen.append(parallel) or SessionPool(opener, names, low_memory=low_memory, parallel=parallel)
+        ),
+    )
     assert [n for n, p in prov.REGISTRY.items() if p.opens_in_parallel] == ["cpu"]  # where it was checked
     unchecked = dataclasses.replace(prov.REGISTRY["cpu"], opens_in_parallel=False)
     monkeypatch.setitem(prov.REGISTRY, "cpu", unchecked)
@@ -581,9 +641,13 @@ def test_openvino_on_windows_puts_openvino_libraries_on_the_search_path_first(mo
 
         helper.add_openvino_libs_to_path = no_openvino
         provider_loading.openvino_windows_libraries.cache_clear()
-        with pytest.raises(ProviderError, match=r"needs OpenVINO's own libraries.*edgediff\[openvino\].*OPENVINO_LIB_PATHS"):
+        with pytest.raises(
+            ProviderError, match=r"needs OpenVINO's own libraries.*edgediff\[openvino\].*OPENVINO_LIB_PATHS"
+        ):
             prov.REGISTRY["openvino"].prepare()
-        monkeypatch.setattr(provider_loading.sys, "platform", "linux")  # elsewhere the wheels carry OpenVINO: nothing to do
+        monkeypatch.setattr(
+            provider_loading.sys, "platform", "linux"
+        )  # elsewhere the wheels carry OpenVINO: nothing to do
         provider_loading.openvino_windows_libraries.cache_clear()
         prov.REGISTRY["openvino"].prepare()
     finally:

@@ -12,7 +12,7 @@ pytest.importorskip("optimum")
 from tiny_models import tiny_bundle, tiny_source  # noqa: E402
 
 from edgediff.export import bundle_writer, export_bundle  # noqa: E402
-from edgediff.runtime import Bundle, SCHEMA_VERSION  # noqa: E402
+from edgediff.runtime import SCHEMA_VERSION, Bundle  # noqa: E402
 from edgediff.runtime.errors import ExportError, ExportValidationError  # noqa: E402
 
 SLICED_ATOL = 1e-5  # one head at a time vs scaled_dot_product_attention: fp32 summation order only
@@ -22,12 +22,15 @@ def _leftovers(folder):
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
 
 
-@pytest.mark.parametrize("arch,family,sampler,embedding", [
-    ("tiny-sd1", "sd1", "euler", None),
-    ("tiny-sd2-v", "sd2-v", "ddim", None),
-    ("tiny-sd-turbo", "sd-turbo", "euler", None),
-    ("tiny-lcm", "lcm-sd1", "lcm", 16),
-])
+@pytest.mark.parametrize(
+    "arch,family,sampler,embedding",
+    [
+        ("tiny-sd1", "sd1", "euler", None),
+        ("tiny-sd2-v", "sd2-v", "ddim", None),
+        ("tiny-sd-turbo", "sd-turbo", "euler", None),
+        ("tiny-lcm", "lcm-sd1", "lcm", 16),
+    ],
+)
 def test_manifest_describes_the_bundle(models_root, arch, family, sampler, embedding):
     bundle = Bundle.open(tiny_bundle(arch, models_root))  # full checksum verification
     m = bundle.manifest
@@ -74,20 +77,23 @@ def test_fp16_export_stays_close(models_root):
 def test_fp16_past_protobuf_limit_infers_types_from_the_file(models_root, tmp_path, monkeypatch):
     """Graphs past 2 GiB (full-size UNets) cannot be shape-inferred in memory; the converter then gets the
     types inferred from the file. Forced here on a tiny UNet: the same fp16 graph either way."""
-    from edgediff.export import precision
-
     import shutil
+
+    from edgediff.export import precision
 
     graph = tmp_path / "unet.onnx"
     shutil.copy(Bundle.open(tiny_bundle("tiny-sd1", models_root)).component_path("unet"), graph)
     in_memory = precision.to_fp16(graph)
     monkeypatch.setattr(precision, "PROTOBUF_LIMIT", 0)
     from_file = precision.to_fp16(graph)
+
     def wiring(model):
         return [(n.op_type, list(n.input), list(n.output)) for n in model.graph.node]
 
     assert wiring(from_file) == wiring(in_memory)
-    assert {i.name: i.data_type for i in from_file.graph.initializer} == {i.name: i.data_type for i in in_memory.graph.initializer}
+    assert {i.name: i.data_type for i in from_file.graph.initializer} == {
+        i.name: i.data_type for i in in_memory.graph.initializer
+    }
     assert sorted(p.name for p in tmp_path.iterdir()) == ["unet.onnx"]  # the inferred copy is gone
 
 
@@ -99,10 +105,18 @@ def test_repeated_casts_are_dropped():
     from edgediff.export.precision import _drop_repeated_nodes
 
     cast = dict(inputs=["x"], outputs=["x32"], to=TensorProto.FLOAT, name="x_cast_to_fp32_node")
-    nodes = [helper.make_node("Cast", **cast), helper.make_node("Cast", **cast),
-             helper.make_node("Relu", ["x32"], ["a"], name="relu"), helper.make_node("Neg", ["x32"], ["b"], name="neg")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [2])],
-                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2]) for n in ("a", "b")])
+    nodes = [
+        helper.make_node("Cast", **cast),
+        helper.make_node("Cast", **cast),
+        helper.make_node("Relu", ["x32"], ["a"], name="relu"),
+        helper.make_node("Neg", ["x32"], ["b"], name="neg"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [2])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2]) for n in ("a", "b")],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(onnx.checker.ValidationError):
         onnx.checker.check_model(model)
@@ -134,10 +148,13 @@ def test_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch):
 
 def _break_unet_check(monkeypatch):
     """The PyTorch side now disagrees with the graph, as a faulty export would."""
+
     def shifted(pipe, x, _orig=next(c for c in bundle_writer.COMPONENTS if c.name == "unet").torch_call):
         return [y + 1.0 for y in _orig(pipe, x)]
 
-    broken = tuple(dataclasses.replace(c, torch_call=shifted) if c.name == "unet" else c for c in bundle_writer.COMPONENTS)
+    broken = tuple(
+        dataclasses.replace(c, torch_call=shifted) if c.name == "unet" else c for c in bundle_writer.COMPONENTS
+    )
     monkeypatch.setattr(bundle_writer, "COMPONENTS", broken)
 
 
@@ -186,21 +203,25 @@ def test_optimize_fuses_what_it_can_and_stays_checked(models_root, tmp_path):
 
     out = export_bundle(str(tiny_source("tiny-sd1", models_root)), tmp_path / "fused", optimize=True, progress=False)
     manifest = Bundle.open(out).manifest
-    records = {name: manifest.components[name].attributes["optimizer"] for name in ("text_encoder", "unet", "vae_decoder")}
+    records = {
+        name: manifest.components[name].attributes["optimizer"] for name in ("text_encoder", "unet", "vae_decoder")
+    }
     assert records["text_encoder"]["fused_ops"]  # LayerNorm/GELU fusions on the CLIP text encoder
     for record in records.values():  # every graph either fused or says why it was left alone
         assert "fused_ops" in record or record["skipped"]
     assert manifest.provenance["optimized"] is True and manifest.provenance["optimized_for"] == "cpu"
     assert "fused_ops" in records["unet"]  # the UNet's attention fusion (see export/optimize._num_heads)
     assert {"Attention", "MultiHeadAttention"} & set(records["unet"]["fused_ops"])
-    plain = Pipeline.from_bundle(tiny_bundle("tiny-sd1", models_root))("a cat", seed=0, num_inference_steps=2, output_type="np")
+    plain = Pipeline.from_bundle(tiny_bundle("tiny-sd1", models_root))(
+        "a cat", seed=0, num_inference_steps=2, output_type="np"
+    )
     fused = Pipeline.from_bundle(out)("a cat", seed=0, num_inference_steps=2, output_type="np")
     np.testing.assert_allclose(fused.images, plain.images, atol=2 / 255)
 
 
 def test_gpu_optimised_graphs_need_cuda(models_root, tmp_path, monkeypatch):
     """--optimize gpu writes CUDA-only operators: exporting it is refused where CUDA cannot check them, and a
-    bundle holding them refuses other providers with a clear error (tests/test_cuda.py runs one on CUDA)."""
+    bundle holding them refuses other providers with a clear error (tests/runtime/test_cuda.py runs one on CUDA)."""
     import onnxruntime as ort
 
     from edgediff.runtime import Pipeline
@@ -267,8 +288,11 @@ def _assert_attention_matches_diffusers(source, mode: str, rng, timestep: float)
     from edgediff.export.attention import use_attention
 
     unet = UNet2DConditionModel.from_pretrained(source / "unet").eval()
-    args = (torch.from_numpy(rng.standard_normal((2, 4, 32, 32)).astype(np.float32)), torch.tensor(timestep),
-            torch.from_numpy(rng.standard_normal((2, 77, 32)).astype(np.float32)))
+    args = (
+        torch.from_numpy(rng.standard_normal((2, 4, 32, 32)).astype(np.float32)),
+        torch.tensor(timestep),
+        torch.from_numpy(rng.standard_normal((2, 77, 32)).astype(np.float32)),
+    )
     with torch.no_grad():
         reference = unet(*args).sample
         assert use_attention(unet, mode) == 8
@@ -278,9 +302,10 @@ def _assert_attention_matches_diffusers(source, mode: str, rng, timestep: float)
 
 def test_split_einsum_attention_is_the_same_arithmetic(models_root):
     """--attention split_einsum (Core ML): the Neural Engine's (batch, channels, 1, tokens) layout, same outputs
-    as diffusers' attention in PyTorch (the packages themselves: tests/test_coreml.py)."""
-    _assert_attention_matches_diffusers(tiny_source("tiny-sd-turbo", models_root), "split_einsum",
-                                        np.random.default_rng(1), 300.0)
+    as diffusers' attention in PyTorch (the packages themselves: tests/export/test_coreml.py)."""
+    _assert_attention_matches_diffusers(
+        tiny_source("tiny-sd-turbo", models_root), "split_einsum", np.random.default_rng(1), 300.0
+    )
 
 
 def test_sliced_attention_is_the_same_arithmetic(models_root, tmp_path):
@@ -296,6 +321,7 @@ def test_sliced_attention_is_the_same_arithmetic(models_root, tmp_path):
     assert bundle.manifest.components["unet"].attributes["attention"] == {"mode": "sliced", "sliced_layers": 8}
     latents = rng.standard_normal((1, 4, 32, 32)).astype(np.float32)
     ours = Pipeline(bundle)("a red circle", latents=latents, output_type="np").images
-    plain = Pipeline.from_bundle(tiny_bundle("tiny-sd-turbo", models_root))("a red circle", latents=latents,
-                                                                            output_type="np").images
+    plain = Pipeline.from_bundle(tiny_bundle("tiny-sd-turbo", models_root))(
+        "a red circle", latents=latents, output_type="np"
+    ).images
     assert np.abs(ours - plain).max() <= 1 / 255

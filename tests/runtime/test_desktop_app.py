@@ -16,7 +16,7 @@ from PySide6.QtCore import Qt  # noqa: E402
 from PySide6.QtTest import QTest  # noqa: E402
 from PySide6.QtWidgets import QApplication  # noqa: E402
 
-APP_PATH = Path(__file__).resolve().parents[1] / "examples" / "desktop_app" / "app.py"
+APP_PATH = Path(__file__).resolve().parents[2] / "examples" / "desktop_app" / "app.py"
 WAIT_SECONDS = 60  # a 4-step 64x64 image takes well under a second; generous for a loaded CI machine
 BLANK_STD = 5.0  # a screenshot whose pixel values vary less than this is blank
 

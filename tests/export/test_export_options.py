@@ -9,8 +9,12 @@ from edgediff.runtime.errors import ExportError, ExportOptionsError
 
 
 def test_cli_spellings_are_parsed():
-    options = ExportOptions(keep="down_blocks.1/attentions.0, mid_block", loras=["style.safetensors:0.5", ("b", 1)],
-                            optimize=True, calibration_prompts=["a cat"])
+    options = ExportOptions(
+        keep="down_blocks.1/attentions.0, mid_block",
+        loras=["style.safetensors:0.5", ("b", 1)],
+        optimize=True,
+        calibration_prompts=["a cat"],
+    )
     assert options.keep == ("down_blocks.1/attentions.0", "mid_block")
     assert options.loras == (("style.safetensors", 0.5), ("b", 1.0))
     assert options.optimize == "cpu" and options.calibration_prompts == ("a cat",)
@@ -25,20 +29,28 @@ def test_from_cli_reads_the_prompt_file_and_palette_bits(tmp_path):
     assert ExportOptions.from_cli(target="coreml", palettize="6").palettize == 6
 
 
-@pytest.mark.parametrize("values,message", [
-    ({"precision": "int3"}, "precision must be one of"),
-    ({"target": "tflite"}, "target must be one of"),
-    ({"optimize": "npu"}, "optimize must be one of"),
-    ({"target": "coreml", "palettize": 5}, "palettize must be one of"),
-    ({"attention": "diagonal"}, "unknown attention 'diagonal' for --target onnx"),
-    ({"default_steps": 0}, "default steps must be >= 1"),
-    ({"keep": " , "}, "block names"),
-    ({"palettize": 6}, "--palettize apply to --target coreml"),
-    ({"attention": "split_einsum"}, "--attention split_einsum apply to --target coreml"),
-    ({"target": "coreml", "precision": "int8", "loras": ["a.safetensors"]}, "--precision and --lora apply to --target onnx"),
-    ({"target": "coreml", "tiny_decoder": "t", "vae": "v", "optimize": "cpu", "keep": "auto"},
-     "--keep, --tiny-decoder, --vae and --optimize apply to --target onnx"),
-])
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"precision": "int3"}, "precision must be one of"),
+        ({"target": "tflite"}, "target must be one of"),
+        ({"optimize": "npu"}, "optimize must be one of"),
+        ({"target": "coreml", "palettize": 5}, "palettize must be one of"),
+        ({"attention": "diagonal"}, "unknown attention 'diagonal' for --target onnx"),
+        ({"default_steps": 0}, "default steps must be >= 1"),
+        ({"keep": " , "}, "block names"),
+        ({"palettize": 6}, "--palettize apply to --target coreml"),
+        ({"attention": "split_einsum"}, "--attention split_einsum apply to --target coreml"),
+        (
+            {"target": "coreml", "precision": "int8", "loras": ["a.safetensors"]},
+            "--precision and --lora apply to --target onnx",
+        ),
+        (
+            {"target": "coreml", "tiny_decoder": "t", "vae": "v", "optimize": "cpu", "keep": "auto"},
+            "--keep, --tiny-decoder, --vae and --optimize apply to --target onnx",
+        ),
+    ],
+)
 def test_refused_values_and_combinations(values, message):
     with pytest.raises(ExportOptionsError, match=message) as err:
         ExportOptions(**values)
@@ -71,4 +83,7 @@ def test_exported_manifest_records_no_absolute_path(models_root):
 
     bundle = Bundle.open(tiny_bundle("tiny-sd1", models_root))
     recorded = bundle.manifest.provenance["source"]
-    assert not recorded.startswith("/") and (bundle.path / recorded).resolve() == tiny_source("tiny-sd1", models_root).resolve()
+    assert (
+        not recorded.startswith("/")
+        and (bundle.path / recorded).resolve() == tiny_source("tiny-sd1", models_root).resolve()
+    )

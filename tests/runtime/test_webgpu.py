@@ -42,7 +42,7 @@ def _why_not() -> str | None:
 REASON = _why_not()
 if REASON and os.environ.get("EDGEDIFF_REQUIRE_WEBGPU") == "1":
     pytest.fail(f"EDGEDIFF_REQUIRE_WEBGPU=1 but {REASON}", pytrace=False)
-pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
+pytestmark = [pytest.mark.hardware, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
 
 
 def _bundles() -> list[Path]:
@@ -53,14 +53,24 @@ def _bundles() -> list[Path]:
 
 def _latents(pipe: Pipeline, seed: int) -> np.ndarray:
     m = pipe.manifest
-    shape = (1, m.latent_channels, m.defaults["height"] // m.vae_scale_factor, m.defaults["width"] // m.vae_scale_factor)
+    shape = (
+        1,
+        m.latent_channels,
+        m.defaults["height"] // m.vae_scale_factor,
+        m.defaults["width"] // m.vae_scale_factor,
+    )
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
 def _image(pipe: Pipeline, latents: np.ndarray, seed: int = 0) -> np.ndarray:
     # the seed too: LCM and TCD draw fresh noise between steps
-    return pipe("a large red circle at the top on a blue background", num_inference_steps=2, latents=latents,
-                seed=seed, output_type="np").images
+    return pipe(
+        "a large red circle at the top on a blue background",
+        num_inference_steps=2,
+        latents=latents,
+        seed=seed,
+        output_type="np",
+    ).images
 
 
 @pytest.mark.parametrize("bundle", _bundles(), ids=lambda p: p.name)

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 pytest.importorskip("onnxruntime_qnn")
+pytestmark = pytest.mark.hardware  # an NPU, here Qualcomm's simulator of one
 
+from edgediff.benchmarks.metrics import psnr
 from edgediff.runtime import Pipeline  # noqa: E402
 
 QNN = "QNNExecutionProvider"
@@ -27,12 +29,12 @@ QNN_PSNR_FLOOR_DB = 30.0
 def shipped_int8(tmp_path_factory):
     from edgediff.export import export_bundle
 
-    return export_bundle("models/shipped/diffusers", tmp_path_factory.mktemp("qnn") / "shipped-int8-static",
-                         precision="int8-static", progress=False)
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    return float(10 * np.log10(1.0 / np.mean((a.astype(np.float64) - b) ** 2)))
+    return export_bundle(
+        "models/shipped/diffusers",
+        tmp_path_factory.mktemp("qnn") / "shipped-int8-static",
+        precision="int8-static",
+        progress=False,
+    )
 
 
 def test_qnn_runs_every_graph_shape_fixed_on_the_npu_close_to_the_cpu(shipped_int8):
@@ -48,10 +50,10 @@ def test_qnn_runs_every_graph_shape_fixed_on_the_npu_close_to_the_cpu(shipped_in
     # the plugin was registered and handed over (given by name, onnxruntime runs everything on the CPU), and each
     # graph was opened for its shapes (with symbolic ones the NPU validated next to nothing)
     assert all(g["providers"][0] == QNN and g["shapes"].startswith("fixed") for g in report.values()), report
-    psnr = _psnr(ours, reference)
-    print(f"QNN (HTP simulator) against the CPU provider: {psnr:.1f} dB, max {np.abs(ours - reference).max():.3f}")
-    assert psnr >= QNN_PSNR_FLOOR_DB
-    assert _psnr(ours, reference[:, ::-1]) < QNN_PSNR_FLOOR_DB  # the comparison can fail
+    score = psnr(ours, reference)
+    print(f"QNN (HTP simulator) against the CPU provider: {score:.1f} dB, max {np.abs(ours - reference).max():.3f}")
+    assert score >= QNN_PSNR_FLOOR_DB
+    assert psnr(ours, reference[:, ::-1]) < QNN_PSNR_FLOOR_DB  # the comparison can fail
     # onnxruntime lists the provider even where it took no node: an image that differs from the CPU's shows the
     # NPU's arithmetic ran
     assert np.abs(ours - reference).max() > 1e-3

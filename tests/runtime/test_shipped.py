@@ -19,13 +19,17 @@ def test_shipped_bundle_is_whole_and_small():
 
     bundle = Bundle.open(default_bundle())  # sizes and checksums
     assert bundle.manifest.family == "lcm-sd1" and bundle.manifest.defaults["steps"] == 4
-    total = sum(p.stat().st_size for d in (default_bundle(), STUDENT_DIR, TINY_DECODER_DIR) for p in d.rglob("*") if p.is_file())
+    total = sum(
+        p.stat().st_size for d in (default_bundle(), STUDENT_DIR, TINY_DECODER_DIR) for p in d.rglob("*") if p.is_file()
+    )
     assert total < SHIPPED_MAX_MB * 2**20
 
 
 def test_generate_with_no_model_draws_what_it_is_asked(tmp_path):
     out = tmp_path / "out.png"
-    result = CliRunner().invoke(cli, ["generate", "a large red circle on a blue background", "--seed", "0", "-o", str(out)])
+    result = CliRunner().invoke(
+        cli, ["generate", "a large red circle on a blue background", "--seed", "0", "-o", str(out)]
+    )
     assert result.exit_code == 0, result.output
     reading = checker.read(Image.open(out))
     assert (reading.colour, reading.background) == ("red", "blue")
@@ -38,15 +42,26 @@ def test_shipped_bundle_equals_a_fresh_export_of_the_shipped_weights(tmp_path):
     fresh = Bundle.open(export_shipped(tmp_path / "fresh", overwrite=False))
     shipped = Bundle.open(default_bundle())
     assert set(fresh.manifest.components) == set(shipped.manifest.components) >= {"vae_decoder_tiny"}
-    same_files = all(fresh.manifest.components[c].files == shipped.manifest.components[c].files
-                     for c in shipped.manifest.components)
+    same_files = all(
+        fresh.manifest.components[c].files == shipped.manifest.components[c].files for c in shipped.manifest.components
+    )
     if not same_files:  # exporter versions may serialise differently: then the outputs must agree
         latents = np.random.default_rng(0).standard_normal((1, 4, 16, 16)).astype(np.float32)
         for decoder in ("full", "tiny"):
-            a = Pipeline(fresh)("a small green star at the top on a black background", latents=latents, seed=0,
-                                output_type="np", decoder=decoder)
-            b = Pipeline(shipped)("a small green star at the top on a black background", latents=latents, seed=0,
-                                  output_type="np", decoder=decoder)
+            a = Pipeline(fresh)(
+                "a small green star at the top on a black background",
+                latents=latents,
+                seed=0,
+                output_type="np",
+                decoder=decoder,
+            )
+            b = Pipeline(shipped)(
+                "a small green star at the top on a black background",
+                latents=latents,
+                seed=0,
+                output_type="np",
+                decoder=decoder,
+            )
             assert np.abs(a.images - b.images).max() <= REEXPORT_ATOL
     assert fresh.manifest.defaults == shipped.manifest.defaults
     assert fresh.manifest.scheduler == shipped.manifest.scheduler

@@ -9,11 +9,13 @@ import pytest
 pytest.importorskip("coremltools")
 pytest.importorskip("torch")
 
-from edgediff.runtime import Bundle, InputError, Pipeline, ProviderError  # noqa: E402
-
 from tiny_models import tiny_source  # noqa: E402
 
-MACOS_ONLY = pytest.mark.skipif(sys.platform != "darwin", reason="Core ML predictions need macOS (coremltools' runtime)")
+from edgediff.runtime import Bundle, InputError, Pipeline, ProviderError  # noqa: E402
+
+MACOS_ONLY = pytest.mark.skipif(
+    sys.platform != "darwin", reason="Core ML predictions need macOS (coremltools' runtime)"
+)
 # package size against fp16. Only tensors of 2048+ weights are palettised (coremltools' default), so a
 # tiny random model shrinks less than a real one: the shipped UNet measured 0.40 at 6 bits.
 PALETTE_SIZE_RATIO_MAX = {"tiny, 4 bits": 0.75, "shipped, 6 bits": 0.55}
@@ -24,8 +26,10 @@ def coreml_bundles(models_root):
     from edgediff.export.coreml import export_coreml
 
     src = str(tiny_source("tiny-sd1", models_root))
-    return {"fp16": export_coreml(src, models_root / "coreml-sd1"),
-            "palette4": export_coreml(src, models_root / "coreml-sd1-p4", palettize=4)}
+    return {
+        "fp16": export_coreml(src, models_root / "coreml-sd1"),
+        "palette4": export_coreml(src, models_root / "coreml-sd1-p4", palettize=4),
+    }
 
 
 def test_packages_match_their_specs_and_the_manifest(coreml_bundles):
@@ -44,7 +48,10 @@ def test_packages_match_their_specs_and_the_manifest(coreml_bundles):
     assert unet_in["sample"].shape == [2, m.latent_channels, h, w]  # static, with the CFG pair (guidance 7.5)
     assert unet_in["sample"].dtype == "float32" and m.components["text_encoder"].inputs[0].dtype == "int32"
     assert m.provenance["export_check"]["max_rel_diff"]["unet"] == (
-        {"numeric": "skipped: Core ML predictions need macOS"} if sys.platform != "darwin" else m.provenance["export_check"]["max_rel_diff"]["unet"])
+        {"numeric": "skipped: Core ML predictions need macOS"}
+        if sys.platform != "darwin"
+        else m.provenance["export_check"]["max_rel_diff"]["unet"]
+    )
 
 
 def test_palettised_weights_have_the_asked_bit_width_and_size(coreml_bundles):
@@ -62,8 +69,9 @@ def test_shipped_model_exports_to_coreml_palettised(tmp_path):
     from edgediff.export.coreml import export_coreml, palette_sizes
     from training.ship import DEFAULT_STEPS, STUDENT_DIR
 
-    out = export_coreml(str(STUDENT_DIR), tmp_path / "shipped-coreml", palettize=6, default_steps=DEFAULT_STEPS,
-                        default_guidance=4.0)
+    out = export_coreml(
+        str(STUDENT_DIR), tmp_path / "shipped-coreml", palettize=6, default_steps=DEFAULT_STEPS, default_guidance=4.0
+    )
     m = Bundle.open(out).manifest
     assert m.family == "lcm-sd1" and m.defaults["steps"] == DEFAULT_STEPS
     unet_in = {t.name: t for t in m.components["unet"].inputs}
@@ -81,14 +89,20 @@ def test_split_einsum_package_holds_the_neural_engine_layout(models_root, tmp_pa
 
     from edgediff.export.coreml import export_coreml, package_io
 
-    bundle = Bundle.open(export_coreml(str(tiny_source("tiny-sd1", models_root)), tmp_path / "se", attention="split_einsum"))
+    bundle = Bundle.open(
+        export_coreml(str(tiny_source("tiny-sd1", models_root)), tmp_path / "se", attention="split_einsum")
+    )
     unet = bundle.manifest.components["unet"]
     assert unet.attributes["attention"] == "split_einsum" and unet.attributes["attention_layers"] > 0
     assert package_io(bundle.component_path("unet")) == (unet.inputs, unet.outputs)
     spec = ct.models.MLModel(str(bundle.component_path("unet")), skip_model_load=True).get_spec()
-    shapes = [[d.constant.size for d in op.outputs[0].type.tensorType.dimensions]
-              for function in spec.mlProgram.functions.values() for block in function.block_specializations.values()
-              for op in block.operations if op.type == "softmax"]
+    shapes = [
+        [d.constant.size for d in op.outputs[0].type.tensorType.dimensions]
+        for function in spec.mlProgram.functions.values()
+        for block in function.block_specializations.values()
+        for op in block.operations
+        if op.type == "softmax"
+    ]
     assert len(shapes) >= unet.attributes["attention_layers"]  # one per head
     assert all(len(s) == 4 and s[2] == 1 for s in shapes), shapes
 
@@ -112,7 +126,9 @@ def test_running_a_coreml_bundle_off_macos_is_a_clear_error(coreml_bundles):
 def test_coreml_pipeline_matches_the_onnx_one(models_root, coreml_bundles):
     from tiny_models import tiny_bundle
 
-    onnx = Pipeline.from_bundle(tiny_bundle("tiny-sd1", models_root))("a cat", seed=0, num_inference_steps=2, output_type="np")
+    onnx = Pipeline.from_bundle(tiny_bundle("tiny-sd1", models_root))(
+        "a cat", seed=0, num_inference_steps=2, output_type="np"
+    )
     coreml = Pipeline.from_bundle(coreml_bundles["fp16"], compute_units="cpu_only")
     out = coreml("a cat", seed=0, num_inference_steps=2, output_type="np")
     assert np.abs(out.images - onnx.images).max() <= 8 / 255  # fp16 packages vs fp32 graphs
@@ -125,6 +141,10 @@ def test_split_einsum_package_predicts_what_the_original_does(models_root, corem
     from edgediff.export.coreml import export_coreml
 
     split = export_coreml(str(tiny_source("tiny-sd1", models_root)), tmp_path / "se", attention="split_einsum")
-    images = [Pipeline.from_bundle(b, compute_units="cpu_only")("a cat", seed=0, num_inference_steps=2, output_type="np").images
-              for b in (coreml_bundles["fp16"], split)]
+    images = [
+        Pipeline.from_bundle(b, compute_units="cpu_only")(
+            "a cat", seed=0, num_inference_steps=2, output_type="np"
+        ).images
+        for b in (coreml_bundles["fp16"], split)
+    ]
     assert np.abs(images[0] - images[1]).max() <= 4 / 255  # fp16 arithmetic in another order

@@ -10,7 +10,7 @@ import pytest
 
 from edgediff.benchmarks import docs_tables
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / docs_tables.RESULTS
 FILES = sorted(RESULTS.rglob("*.json"))
 
@@ -24,7 +24,8 @@ def _schema() -> dict:
 def test_the_committed_doc_is_what_the_results_make():
     doc = (ROOT / docs_tables.DOC).read_text(encoding="utf-8")
     assert docs_tables.render(doc, docs_tables.load_results(ROOT)) == doc, (
-        "docs/benchmarks.md is stale: run python -m edgediff.benchmarks.docs_tables")
+        "docs/benchmarks.md is stale: run python -m edgediff.benchmarks.docs_tables"
+    )
     assert docs_tables.main(["--check", "--root", str(ROOT)]) == 0
 
 

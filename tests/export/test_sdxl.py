@@ -11,20 +11,32 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from conftest import ReplayNoise  # noqa: E402
-from references import reference_pipeline  # noqa: E402
-from test_parity import PIXEL_ATOL, PROMPTS  # noqa: E402
+from references import (  # noqa: E402
+    PIXEL_ATOL,
+    PROMPTS,
+    reference_pipeline,  # noqa: E402
+)
 from tiny_models import tiny_bundle, tiny_source  # noqa: E402
 
 from edgediff.runtime import Bundle, BundleError, Pipeline  # noqa: E402
 from edgediff.runtime.schedulers import SAMPLERS  # noqa: E402
 
 
-def _reference(source, sampler, manifest, steps, guidance, latents, noises, monkeypatch, height, width, negative=None,
-               per_prompt=1):
+def _reference(
+    source, sampler, manifest, steps, guidance, latents, noises, monkeypatch, height, width, negative=None, per_prompt=1
+):
     pipe = reference_pipeline("text2img", source, manifest, sampler, noises, monkeypatch)
-    return pipe(PROMPTS, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
-                latents=torch.from_numpy(latents), output_type="np", height=height, width=width,
-                num_images_per_prompt=per_prompt).images
+    return pipe(
+        PROMPTS,
+        negative_prompt=negative,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        latents=torch.from_numpy(latents),
+        output_type="np",
+        height=height,
+        width=width,
+        num_images_per_prompt=per_prompt,
+    ).images
 
 
 CASES = [
@@ -40,8 +52,11 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("arch,sampler,steps,guidance,negative,size,per_prompt", CASES,
-                         ids=[f"{c[0]}-{c[1]}-{c[2]}-{i}" for i, c in enumerate(CASES)])
+@pytest.mark.parametrize(
+    "arch,sampler,steps,guidance,negative,size,per_prompt",
+    CASES,
+    ids=[f"{c[0]}-{c[1]}-{c[2]}-{i}" for i, c in enumerate(CASES)],
+)
 def test_sdxl_matches_diffusers(models_root, monkeypatch, arch, sampler, steps, guidance, negative, size, per_prompt):
     pipe = Pipeline.from_bundle(tiny_bundle(arch, models_root), provider="cpu", sampler=sampler)
     m = pipe.manifest
@@ -49,13 +64,36 @@ def test_sdxl_matches_diffusers(models_root, monkeypatch, arch, sampler, steps, 
     shape = (len(PROMPTS) * per_prompt, m.latent_channels, height // m.vae_scale_factor, width // m.vae_scale_factor)
     rng = np.random.default_rng(steps)
     latents = rng.standard_normal(shape).astype(np.float32)
-    noises = [rng.standard_normal(shape).astype(np.float32) for _ in range(steps)] if SAMPLERS[sampler].stochastic else []
+    noises = (
+        [rng.standard_normal(shape).astype(np.float32) for _ in range(steps)] if SAMPLERS[sampler].stochastic else []
+    )
 
-    ours = pipe(PROMPTS, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance, latents=latents,
-                output_type="np", height=height, width=width, num_images_per_prompt=per_prompt,
-                generator=ReplayNoise(noises)).images
-    theirs = _reference(tiny_source(arch, models_root), sampler, m, steps, guidance, latents, noises, monkeypatch,
-                        height, width, negative, per_prompt)
+    ours = pipe(
+        PROMPTS,
+        negative_prompt=negative,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        latents=latents,
+        output_type="np",
+        height=height,
+        width=width,
+        num_images_per_prompt=per_prompt,
+        generator=ReplayNoise(noises),
+    ).images
+    theirs = _reference(
+        tiny_source(arch, models_root),
+        sampler,
+        m,
+        steps,
+        guidance,
+        latents,
+        noises,
+        monkeypatch,
+        height,
+        width,
+        negative,
+        per_prompt,
+    )
     assert ours.shape == theirs.shape == (shape[0], height, width, 3)
     assert np.abs(ours - theirs).max() <= PIXEL_ATOL
     assert np.abs(ours - ours[::-1]).max() > PIXEL_ATOL  # different prompts and latents: different images
@@ -68,9 +106,16 @@ def test_sdxl_manifest_and_families(models_root):
     m = Bundle.open(tiny_bundle("tiny-sdxl", models_root)).manifest
     assert m.family == "sdxl" and m.defaults["guidance"] == 5.0
     first, second = m.conditioning["encoders"]
-    assert (first["component"], second["component"], second["pooled"]) == ("text_encoder", "text_encoder_2", "text_embeds")
+    assert (first["component"], second["component"], second["pooled"]) == (
+        "text_encoder",
+        "text_encoder_2",
+        "text_embeds",
+    )
     # OpenCLIP-bigG's tokenizer pads with "!" (id 0), CLIP-L's with its end token: each keeps its own
-    assert second["tokenizer"]["file"] == "tokenizer_2.json" and second["tokenizer"]["pad_id"] != first["tokenizer"]["pad_id"]
+    assert (
+        second["tokenizer"]["file"] == "tokenizer_2.json"
+        and second["tokenizer"]["pad_id"] != first["tokenizer"]["pad_id"]
+    )
     assert m.conditioning["zero_negative"] is True
     unet_inputs = {t.name: t.shape for t in m.components["unet"].inputs}
     assert unet_inputs["text_embeds"][1] == 24 and unet_inputs["time_ids"][1] == 6
@@ -85,7 +130,10 @@ def test_sdxl_manifest_and_families(models_root):
     assert (lightning.family, lightning.defaults["steps"], lightning.defaults["guidance"]) == ("sdxl-lightning", 4, 0.0)
     facts = source_facts(load_pipeline(str(tiny_source("tiny-sdxl", models_root))), "stabilityai/sdxl-turbo")
     assert detect_family(facts).name == "sdxl-turbo" and detect_family(facts).default_size == 512
-    assert detect_family(facts.__class__(**{**facts.__dict__, "name": "ByteDance/SDXL-Lightning"})).name == "sdxl-lightning"
+    assert (
+        detect_family(facts.__class__(**{**facts.__dict__, "name": "ByteDance/SDXL-Lightning"})).name
+        == "sdxl-lightning"
+    )
 
 
 def test_sdxl_conditioning_reaches_the_unet(models_root):
@@ -97,13 +145,18 @@ def test_sdxl_conditioning_reaches_the_unet(models_root):
     assert np.abs(base - with_neg).max() > PIXEL_ATOL
     feeds = pipe.text(["a red circle"], None, False, 1, 64, 64, {})
     other = pipe.text(["a red circle"], None, False, 1, 48, 64, {})
-    assert feeds["time_ids"].tolist() == [[64, 64, 0, 0, 64, 64]] and other["time_ids"].tolist() == [[48, 64, 0, 0, 48, 64]]
+    assert feeds["time_ids"].tolist() == [[64, 64, 0, 0, 64, 64]] and other["time_ids"].tolist() == [
+        [48, 64, 0, 0, 48, 64]
+    ]
     unet = pipe.sessions.get("unet")
     sample = latents
     out_a = unet.run(sample=sample, timestep=np.array(500, np.float32), **feeds)[0]
     out_b = unet.run(sample=sample, timestep=np.array(500, np.float32), **other)[0]
-    out_c = unet.run(sample=sample, timestep=np.array(500, np.float32),
-                     **{**feeds, "text_embeds": np.zeros_like(feeds["text_embeds"])})[0]
+    out_c = unet.run(
+        sample=sample,
+        timestep=np.array(500, np.float32),
+        **{**feeds, "text_embeds": np.zeros_like(feeds["text_embeds"])},
+    )[0]
     assert np.abs(out_a - out_b).max() > 1e-4 and np.abs(out_a - out_c).max() > 1e-4
 
 
@@ -152,8 +205,9 @@ def test_fp16_bundle_keeps_an_overflowing_vae_in_fp32_and_takes_a_fixed_one(mode
     assert np.isfinite(image).all()
 
     fixed_vae = tiny_source("tiny-sdxl", models_root) / "vae"
-    fixed = Bundle.open(export_bundle(str(source), tmp_path / "fp16-fixed", precision="fp16", progress=False,
-                                      vae=str(fixed_vae)))
+    fixed = Bundle.open(
+        export_bundle(str(source), tmp_path / "fp16-fixed", precision="fp16", progress=False, vae=str(fixed_vae))
+    )
     assert fixed.manifest.components["vae_decoder"].precision == "fp16"
     assert "fp16" not in fixed.manifest.components["vae_decoder"].attributes
     assert (fixed.path / fixed.manifest.provenance["vae"]).resolve() == fixed_vae.resolve()  # relative to the bundle

@@ -12,13 +12,18 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from test_parity import PIXEL_ATOL, ours_and_diffusers  # noqa: E402
+from references import PIXEL_ATOL, ours_and_diffusers  # noqa: E402
 from tiny_models import tiny_bundle, tiny_source  # noqa: E402
 
 from edgediff.runtime import Pipeline  # noqa: E402
 
-pytestmark = pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(),
-                                reason="onnxruntime has no CUDA provider here (needs onnxruntime-gpu and an NVIDIA GPU)")
+pytestmark = [
+    pytest.mark.hardware,
+    pytest.mark.skipif(
+        "CUDAExecutionProvider" not in ort.get_available_providers(),
+        reason="onnxruntime has no CUDA provider here (needs onnxruntime-gpu and an NVIDIA GPU)",
+    ),
+]
 
 # fp16 weights and activations against diffusers' fp32 reference: half precision's rounding, measured on the
 # tiny models (a pixel is 1/255 = 0.0039)
@@ -36,8 +41,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("arch,precision,sampler,steps,guidance", CASES,
-                         ids=[f"{a}-{p}-{s}-{n}" for a, p, s, n, _ in CASES])
+@pytest.mark.parametrize(
+    "arch,precision,sampler,steps,guidance", CASES, ids=[f"{a}-{p}-{s}-{n}" for a, p, s, n, _ in CASES]
+)
 def test_cuda_matches_diffusers(models_root, monkeypatch, arch, precision, sampler, steps, guidance):
     bundle = tiny_bundle(arch, models_root, precision)
     pipe = Pipeline.from_bundle(bundle, provider="cuda", sampler=sampler)
@@ -71,8 +77,13 @@ def test_gpu_optimised_bundle_on_cuda(models_root, tmp_path, monkeypatch, precis
     from edgediff.export import export_bundle
 
     arch, sampler, steps, guidance = "tiny-sd1", "euler", 2, 7.5
-    out = export_bundle(str(tiny_source(arch, models_root)), tmp_path / f"gpu-{precision}", precision=precision,
-                        optimize="gpu", progress=False)
+    out = export_bundle(
+        str(tiny_source(arch, models_root)),
+        tmp_path / f"gpu-{precision}",
+        precision=precision,
+        optimize="gpu",
+        progress=False,
+    )
     pipe = Pipeline.from_bundle(out, provider="cuda", sampler=sampler)
     m = pipe.manifest
     assert m.provenance["optimized_for"] == "gpu"
@@ -98,8 +109,10 @@ def test_cuda_graphs_replay_each_calls_own_inputs(models_root, precision):
     images = []
     for seed in range(4):  # onnxruntime runs a graph uncaptured before it captures it: later calls replay
         latents = np.random.default_rng(seed).standard_normal((1, m.latent_channels, side, side)).astype(np.float32)
-        pair = [p(f"a red circle {seed}", num_inference_steps=2, latents=latents, output_type="np").images
-                for p in (plain, captured)]
+        pair = [
+            p(f"a red circle {seed}", num_inference_steps=2, latents=latents, output_type="np").images
+            for p in (plain, captured)
+        ]
         diff = np.abs(pair[0] - pair[1]).max()
         print(f"{precision} call {seed}: max |captured - plain| = {diff:.2e}")
         assert diff <= atol
@@ -115,8 +128,10 @@ def test_cuda_graphs_replay_each_calls_own_inputs(models_root, precision):
     again = Pipeline.from_bundle(bundle, provider="cuda", cuda_graph=True)
     for seed in (0, 1, 2):
         latents = np.random.default_rng(seed).standard_normal((1, m.latent_channels, side, side)).astype(np.float32)
-        diff = np.abs(again(f"a red circle {seed}", num_inference_steps=2, latents=latents, output_type="np").images
-                      - images[seed]).max()
+        diff = np.abs(
+            again(f"a red circle {seed}", num_inference_steps=2, latents=latents, output_type="np").images
+            - images[seed]
+        ).max()
         print(f"{precision} cached capture, call {seed}: max |diff| = {diff:.2e}")
         assert diff <= atol
     report = again.provider_report()["graphs"]

@@ -9,32 +9,48 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from conftest import ReplayNoise  # noqa: E402
-from references import reference_pipeline  # noqa: E402
+from references import (
+    PIXEL_ATOL,  # noqa: E402
+    reference_pipeline,  # noqa: E402
+)
+from references import gradient_image as _image  # noqa: E402
 from tiny_models import tiny_bundle, tiny_source  # noqa: E402
 
 from edgediff.runtime import InputError, Pipeline  # noqa: E402
 from edgediff.runtime.inpaint import outpaint_canvas  # noqa: E402
 
-from test_img2img import _image  # noqa: E402
-from test_parity import PIXEL_ATOL  # noqa: E402
-
-CASES = [("tiny-sd1", "euler", 4, 1.0), ("tiny-sd1", "ddim", 4, 0.7), ("tiny-sd1-inpaint", "euler", 3, 1.0),
-         ("tiny-sd1-inpaint", "ddim", 4, 0.75), ("tiny-sdxl", "euler", 4, 1.0), ("tiny-sdxl", "euler", 4, 0.7),
-         ("tiny-sdxl-inpaint", "euler", 3, 1.0), ("tiny-sdxl-inpaint", "euler", 4, 0.75)]
+CASES = [
+    ("tiny-sd1", "euler", 4, 1.0),
+    ("tiny-sd1", "ddim", 4, 0.7),
+    ("tiny-sd1-inpaint", "euler", 3, 1.0),
+    ("tiny-sd1-inpaint", "ddim", 4, 0.75),
+    ("tiny-sdxl", "euler", 4, 1.0),
+    ("tiny-sdxl", "euler", 4, 0.7),
+    ("tiny-sdxl-inpaint", "euler", 3, 1.0),
+    ("tiny-sdxl-inpaint", "euler", 4, 0.75),
+]
 
 
 def _mask(size: int) -> Image.Image:
     mask = np.zeros((size, size), np.uint8)
-    mask[size // 4: 3 * size // 4, size // 8: size // 2] = 255  # repaint a block, keep the rest
+    mask[size // 4 : 3 * size // 4, size // 8 : size // 2] = 255  # repaint a block, keep the rest
     return Image.fromarray(mask)
 
 
 def _reference(monkeypatch, source, sampler, manifest, image, mask, steps, strength, noises):
     pipe = reference_pipeline("inpaint", source, manifest, sampler, noises, monkeypatch)
     size = manifest.defaults["height"]
-    return pipe("a red circle", image=Image.fromarray((image * 255).round().astype(np.uint8)), mask_image=mask,
-                strength=strength, num_inference_steps=steps, guidance_scale=7.5, height=size, width=size,
-                output_type="np").images
+    return pipe(
+        "a red circle",
+        image=Image.fromarray((image * 255).round().astype(np.uint8)),
+        mask_image=mask,
+        strength=strength,
+        num_inference_steps=steps,
+        guidance_scale=7.5,
+        height=size,
+        width=size,
+        output_type="np",
+    ).images
 
 
 @pytest.mark.parametrize("arch,sampler,steps,strength", CASES, ids=[f"{c[0]}-{c[1]}-{c[3]}" for c in CASES])
@@ -47,8 +63,16 @@ def test_inpaint_matches_diffusers(models_root, monkeypatch, arch, sampler, step
     rng = np.random.default_rng(3)
     noises = [rng.standard_normal(lat).astype(np.float32) for _ in range(3)]
     mask = _mask(size)
-    ours = pipe("a red circle", image=image, mask_image=mask, strength=strength, num_inference_steps=steps,
-                guidance_scale=7.5, output_type="np", generator=ReplayNoise(noises)).images
+    ours = pipe(
+        "a red circle",
+        image=image,
+        mask_image=mask,
+        strength=strength,
+        num_inference_steps=steps,
+        guidance_scale=7.5,
+        output_type="np",
+        generator=ReplayNoise(noises),
+    ).images
     theirs = _reference(monkeypatch, tiny_source(arch, models_root), sampler, m, image, mask, steps, strength, noises)
     assert ours.shape == theirs.shape
     assert np.abs(ours - theirs).max() <= PIXEL_ATOL
@@ -59,16 +83,23 @@ def test_outpainting_keeps_the_original_pixels(models_root):
     original = Image.fromarray((np.round(_image(40) * 255)).astype(np.uint8))
     canvas, mask = outpaint_canvas(original, 8, 4, 10, 12)
     assert canvas.size == (64, 56)  # 40 + 8 + 10 = 58, grown to 64; 40 + 4 + 12 = 56
-    out = pipe("a landscape", image=canvas, mask_image=mask, num_inference_steps=2, seed=0, keep_unmasked=True,
-               output_type="np").images[0]
+    out = pipe(
+        "a landscape",
+        image=canvas,
+        mask_image=mask,
+        num_inference_steps=2,
+        seed=0,
+        keep_unmasked=True,
+        output_type="np",
+    ).images[0]
     kept = out[4:44, 8:48]
     np.testing.assert_allclose(kept, np.asarray(original, dtype=np.float32) / 255, atol=1 / 255)
     assert np.abs(out[46:, :] - 127 / 255).max() > 0.05  # the new area was painted, not left grey
 
 
 def test_inpainting_the_shipped_model_changes_the_shape_and_keeps_the_rest():
-    from training import checker
     from edgediff.models.shipped import default_bundle
+    from training import checker
 
     pipe = Pipeline.from_bundle(default_bundle(), provider="cpu")
     start = pipe("a large red circle on a blue background", seed=0).images[0]
@@ -77,8 +108,14 @@ def test_inpainting_the_shipped_model_changes_the_shape_and_keeps_the_rest():
     region = checker.shape_mask(start)
     mask[region] = 255
     grown = Image.fromarray(mask).filter(ImageFilter.MaxFilter(9))  # the shape and a margin around it
-    edited = pipe("a large yellow circle on a blue background", image=start, mask_image=grown, seed=1,
-                  keep_unmasked=True, output_type="np").images[0]
+    edited = pipe(
+        "a large yellow circle on a blue background",
+        image=start,
+        mask_image=grown,
+        seed=1,
+        keep_unmasked=True,
+        output_type="np",
+    ).images[0]
     keep = np.asarray(grown) < 128
     np.testing.assert_allclose(edited[keep], (np.asarray(start, dtype=np.float32) / 255)[keep], atol=2 / 255)
     inside = edited[np.asarray(grown) >= 128]
