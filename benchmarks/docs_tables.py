@@ -20,6 +20,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .report import work, work_difference
+
 DOC = Path("docs") / "benchmarks.md"
 RESULTS = Path("benchmarks") / "results"
 MARKER = re.compile(r"(<!-- table:(?P<name>[a-z0-9-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.DOTALL)
@@ -263,8 +265,9 @@ def config_label(row: dict, sysrow: dict, table: Table) -> str:
     label = BUNDLE_LABELS.get(name) or next(
         (p for p in ("int8-static", "int8", "int4", "fp16") if p in precision), "fp32"
     )
-    if sysrow["system"] != "edgediff":  # peers run the source model in their own precision
-        return f"source model, {sysrow.get('dtype', 'float32').replace('float', 'fp')}"
+    if sysrow["system"] != "edgediff":  # what the peer ran: the source model, in its own precision and VAE
+        w = work(row, sysrow)
+        return f"source model, {w['precision']}, {'tiny decoder' if w['decoder'] == 'tiny' else 'full VAE'}"
     mode = row.get("mode") or {}
     parts = [label]
     if mode.get("low_memory"):
@@ -345,7 +348,10 @@ def _cell(col: str, table: Table, data: dict, row: dict, sysrow: dict, ref: int)
         return _start(row, sysrow)
     if col == "vs_diffusers":
         peer = next((s for s in row["systems"] if s["system"] == "diffusers"), None)
-        return _ratio(_median((peer or {}).get("stages", {}).get("total")), _median(st.get("total")))
+        ratio = _ratio(_median((peer or {}).get("stages", {}).get("total")), _median(st.get("total")))
+        differs = work_difference(work(row, sysrow), work(row, peer)) if peer and ratio != "-" else []
+        # a ratio between different work (a tiny decoder, int8) is not a like-for-like speed-up: say so beside it
+        return ratio + (f" (different work: {', '.join(differs)})" if differs else "")
     if col == "vs_fp32":
         fp32 = next(
             (

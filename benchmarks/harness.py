@@ -18,12 +18,16 @@ from pathlib import Path
 
 from edgediff.runtime.options import DECODERS, RuntimeOptions
 
+from .quality import PSNR_FLOOR_DB, is_shipped_model
+
 log = logging.getLogger("edgediff.bench")
 RESULTS_SCHEMA_VERSION = 1
 PEERS = ("diffusers", "optimum")
 STAGES = ("text_encoder", "unet", "vae_decoder")
 # What a stage-sum may miss of the whole image (tokenising, sampler arithmetic, post-processing).
 STAGE_SUM_MARGIN = 0.10
+# precisions whose graphs run int8 kernels on CPUs (int4: MatMulNBits' int8 path): held to the int8 reference
+INT_PRECISIONS = ("int8", "int8-static", "int4")
 
 
 @dataclass
@@ -43,6 +47,8 @@ class BenchConfig:
     # edgediff's starts from a graph cache one unmeasured start filled (a user's every start after the first);
     # off, each process optimizes its graphs, as a first-ever start does
     graph_cache: bool = False
+    # a bundle whose images (CPU provider, same latents and prompt) every row's images are scored against
+    quality: str | None = None
 
     @property
     def threads(self) -> int | None:
@@ -164,8 +170,167 @@ def _hidden(manifest) -> int:
     return int(spec.shape[-1])
 
 
-def _peak_key(provider: str, half: bool) -> str:
-    return f"{provider}/{'float16' if half else 'float32'}"
+def _peak_key(provider: str, dtype: str) -> str:
+    return f"{provider}/{dtype}"
+
+
+def _reference_dtype(precision: str, gpu: bool, half_on_gpu: bool) -> str:
+    """Which measured reference a stage is held to: on GPUs the UNet's precision (fp16 or fp32); on CPUs the
+    int8 MatMul for quantised graphs (their kernels' own ceiling, well above fp32's), else fp32."""
+    if gpu:
+        return "float16" if half_on_gpu else "float32"
+    return "int8" if precision in INT_PRECISIONS else "float32"
+
+
+def _stage_graphs(decoder: str) -> dict[str, str]:
+    return {**{name: name for name in STAGES}, "vae_decoder": DECODERS[decoder]}
+
+
+def _references(cfg: BenchConfig, bundles, chosen: dict, threads: int, notes: list) -> dict:
+    """The measured MatMul references this run needs, per provider and dtype, each with the ISA's theoretical
+    peak where the provider computes on this CPU and the flags and clock can be read."""
+    from edgediff.runtime.session import physical_cores
+
+    from .machine import theoretical_peak
+    from .peak import PeakReference
+
+    graphs = _stage_graphs(cfg.decoder)
+    quantised = any(
+        b.manifest.components[g].precision in INT_PRECISIONS
+        for b in bundles
+        for g in graphs.values()
+        if g in b.manifest.components
+    )
+    refs = {}
+    for provider in cfg.providers:
+        info = chosen[provider]
+        on_cpu = info.ort_name == "CPUExecutionProvider"
+        dtypes = ("float32", "float16") if info.gpu else ("float32", "int8") if quantised and on_cpu else ("float32",)
+        for dtype in dtypes:
+            theory = theoretical_peak(dtype, min(threads, physical_cores())) if on_cpu else None
+            ref = PeakReference(threads, info.ort_name, dtype, theory)
+            try:
+                ref.sample("before")
+            except ImportError:  # building the one-node graph needs onnx
+                notes.append("MatMul reference not measured: the onnx package is not installed")
+                return {}
+            except Exception as exc:  # a provider without this dtype's MatMul: hold stages to fp32's instead
+                if dtype == "float32":
+                    raise
+                notes.append(f"{dtype} MatMul reference not measured on {provider}: {str(exc).splitlines()[0]}")
+                continue
+            refs[_peak_key(provider, dtype)] = ref
+    return refs
+
+
+def _achieved(macs: dict, stages: dict, precisions: dict, refs: dict, provider: str, gpu: bool, half: bool) -> dict:
+    """Each stage's MACs per second, against the measured reference (best over the run) and the ISA's
+    theoretical peak; above 100% of the latter the measurement is off, and the report says so."""
+    out = {}
+    for s in STAGES:
+        rate = macs[s] / stages["unet_call" if s == "unet" else s]["median"]
+        key = _peak_key(provider, _reference_dtype(precisions.get(s, "fp32"), gpu, half))
+        if key not in refs:  # no int8 reference (another provider, or it failed): fp32's
+            key = _peak_key(provider, "float32")
+        ref = refs.get(key)
+        measured = ref.summary() if ref else None
+        theory = (measured or {}).get("theoretical")
+        of_theory = rate / theory["macs_per_second"] if theory else None
+        out[s] = {
+            "macs": macs[s],
+            "macs_per_second": rate,
+            "reference": key if ref else None,
+            "fraction_of_peak": rate / measured["macs_per_second"] if measured else None,
+            "fraction_of_theoretical": of_theory,
+            "above_theoretical": bool(of_theory and of_theory > 1),
+        }
+    return out
+
+
+def _ran(system: str, bundle, cfg: BenchConfig, half_on_gpu: bool) -> dict:
+    """What a row's system ran: its model, precision and decoder (peers: the source, in fp32 or fp16 on a
+    GPU, through the source's own full VAE)."""
+    if system == "edgediff":
+        components = bundle.manifest.components
+        decoder = DECODERS[cfg.decoder]
+        return {
+            "model": bundle.path.name,
+            "precision": components["unet"].precision,
+            "decoder": cfg.decoder,
+            "decoder_precision": components[decoder].precision if decoder in components else None,
+        }
+    half = system == "diffusers" and half_on_gpu  # optimum runs its own fp32 export everywhere
+    return {
+        "model": Path(cfg.source).name if cfg.source else None,
+        "precision": "fp16" if half else "fp32",
+        "decoder": "full",
+        "decoder_precision": "fp16" if half else "fp32",
+    }
+
+
+def _quality_reference(cfg, ref_bundle, steps: int, size: int, threads: int, images: Path, cache: dict) -> Path:
+    """The reference bundle's warm images at this size and step count, on the CPU provider with default
+    options: run once per (size, steps), from the same latents and prompt as every system."""
+    key = (size, steps)
+    if key not in cache:
+        path = images / f"reference-{ref_bundle.path.name}-{steps}step-{size}px.npy"
+        options = RuntimeOptions(provider="cpu", threads=threads)
+        args = {
+            "bundle": str(ref_bundle.path),
+            "provider": "cpu",
+            "steps": steps,
+            "size": size,
+            "repeat": cfg.repeat,
+            "warmup": cfg.warmup,
+            "threads": threads,
+            "options": options.to_dict(),
+            "images_to": str(path),
+        }
+        _worker("edgediff", args)
+        cache[key] = path
+    return cache[key]
+
+
+def _score(sysrow: dict, images: str | None, reference: Path, shipped: bool, notes: list) -> None:
+    """The row's quality against the reference images, in place (sysrow["quality"])."""
+    import numpy as np
+
+    from .quality import prompt_adherence, score_images
+    from .workers import PROMPT
+
+    if not images:
+        return
+    ours, ref = np.load(images), np.load(reference)
+    try:
+        quality = score_images(ours, ref)
+    except ValueError as exc:  # another image size or latent shape: no like-for-like comparison
+        sysrow["quality"] = {"why": str(exc)}
+        return
+    quality["images"] = Path(images).name
+    quality["below_floor"] = bool(quality["psnr"] < PSNR_FLOOR_DB)
+    if shipped:
+        try:
+            quality["adherence"] = prompt_adherence(ours, PROMPT)
+        except ImportError:
+            note = "adherence not scored: the shapes checker is in training/, only in a source checkout"
+            if note not in notes:
+                notes.append(note)
+    sysrow["quality"] = quality
+
+
+def _mark_faster_below_floor(results: list[dict]) -> None:
+    """A row below the PSNR floor that is faster than every row at or above it (same size, steps and
+    provider) bought its speed with quality: marked, so that no speed claim rests on it unseen."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in results:
+        for sysrow in row["systems"]:
+            if "psnr" in (sysrow.get("quality") or {}):
+                groups.setdefault((row["size"], row["steps"], row["provider"]), []).append(sysrow)
+    for rows in groups.values():
+        kept = [r["stages"]["total"]["median"] for r in rows if not r["quality"]["below_floor"]]
+        for r in rows:
+            q = r["quality"]
+            q["faster_below_floor"] = bool(q["below_floor"] and kept and r["stages"]["total"]["median"] < min(kept))
 
 
 def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
@@ -176,7 +341,6 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
     from edgediff.runtime.session import physical_cores
 
     from .machine import describe
-    from .peak import matmul_peak
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -189,17 +353,16 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
             None if cfg.source else f"{peer} skipped: --source (the diffusers folder) not given"
         )
         (notes.append(why) if why else peers.append(peer))
-    # the MatMul peak per provider and dtype: fp32 everywhere, fp16 too on GPUs (fp16 bundles are held to it)
     chosen = {p: resolve(p).provider for p in cfg.providers}
-    peaks: dict[str, dict] = {}
-    for provider in cfg.providers:
-        try:
-            for half in (False, True) if chosen[provider].gpu else (False,):
-                peaks[_peak_key(provider, half)] = matmul_peak(threads, chosen[provider].ort_name, half=half)
-        except ImportError:  # building the one-node graph needs onnx
-            notes.append("peak MatMul rate not measured: the onnx package is not installed")
-            break
     bundles = [Bundle.open(b, verify="size") for b in cfg.bundles]
+    # the MatMul references, sampled before, between and after the systems: one timing taken while the machine
+    # was busy made every stage read as far above "peak"
+    refs = _references(cfg, bundles, chosen, threads, notes)
+    ref_bundle = Bundle.open(cfg.quality, verify="size") if cfg.quality else None
+    images_dir = out / "images"
+    if ref_bundle:
+        images_dir.mkdir(exist_ok=True)
+        reference_images: dict[tuple, Path] = {}
     configs = [
         (b, p, st, sz or b.manifest.defaults["height"])
         for b in bundles
@@ -215,13 +378,14 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
             _worker("prepare-optimum", {"source": cfg.source, "optimum_dir": str(optimum_dir)})
         optimum_dirs[cfg.source] = str(optimum_dir)
 
-    results = []
+    results, pending = [], []
     # A peer's work depends on the source, steps, size and the bundle's sampler and guidance, not on the
     # bundle's precision: bundles of one source (fp32, int8, ...) share their peers' runs.
     peer_runs: dict[tuple, tuple[str, list[dict]]] = {}
     macs_by_graph: dict[tuple, dict | None] = {}  # the step count changes the calls, not the MACs per call
     bar = tqdm(total=len(configs) * (1 + len(peers)) * cfg.rounds, desc="bench", unit="process", disable=not progress)
-    for bundle, provider, steps, size in configs:
+    first_round = True
+    for index, (bundle, provider, steps, size) in enumerate(configs):
         m = bundle.manifest
         # peers run where edgediff runs; on a GPU in the bundle's precision (fp16 or fp32), part of their work too
         on_gpu = chosen[provider].gpu
@@ -244,13 +408,25 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
         if cfg.graph_cache:  # a folder of this run's own, filled by one start that is not measured
             args["cache_dir"] = str(out / "graph-cache")
             _worker("edgediff", {**args, "repeat": 1, "warmup": 0})
+        reference = (
+            _quality_reference(cfg, ref_bundle, steps, size, threads, images_dir, reference_images)
+            if ref_bundle
+            else None
+        )
         work_key = (steps, size, json.dumps(m.scheduler, sort_keys=True), m.defaults["guidance"], provider, half_on_gpu)
         reused = {s: peer_runs[(s, *work_key)] for s in peers if (s, *work_key) in peer_runs}
         procs: dict[str, list[dict]] = {s: [] for s in ("edgediff", *peers) if s not in reused}
-        for _ in range(cfg.rounds):  # A B A B: drift hits every system alike
+        for round_ in range(cfg.rounds):  # A B A B: drift hits every system alike
+            if not first_round:
+                for ref in refs.values():
+                    ref.sample("between")
+            first_round = False
             for system in procs:
                 bar.set_postfix_str(f"{bundle.path.name} {provider} {steps} step {size}px {system}")
-                procs[system].append(_worker(system, args))
+                # the first process of each system saves its warm images (the same latents in every round)
+                keep = ref_bundle is not None and round_ == 0
+                slug = f"{index:02d}-{bundle.path.name}-{provider}-{steps}step-{size}px-{system}.npy"
+                procs[system].append(_worker(system, {**args, "images_to": str(images_dir / slug) if keep else None}))
                 bar.update()
         bar.update(len(reused) * cfg.rounds)
         for system in peers:
@@ -264,30 +440,23 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
             macs_by_graph[graph_key] = _macs_in_worker(bundle, size, cfg_batch, cfg.decoder)
         macs = macs_by_graph[graph_key]
         rows = [_aggregate(s, procs[s]) for s in ("edgediff", *peers)]
+        for row in rows:
+            row["ran"] = _ran(row["system"], bundle, cfg, half_on_gpu)
+            if reference is not None:
+                _score(row, procs[row["system"]][0].get("images"), reference, is_shipped_model(bundle.path), notes)
         for row in rows[1:]:
             if row["system"] in reused:  # measured once, beside the first bundle of this source
                 row["measured_with"] = reused[row["system"]][0]
-        # each row against its own provider's peak, in its UNet's precision on GPUs
-        peak = peaks.get(_peak_key(provider, half_on_gpu))
-        if macs:
-            ours = rows[0]["stages"]
-            rows[0]["achieved"] = {
-                s: {
-                    "macs": macs[s],
-                    "macs_per_second": macs[s] / ours["unet_call" if s == "unet" else s]["median"],
-                    "fraction_of_peak": (
-                        macs[s] / ours["unet_call" if s == "unet" else s]["median"] / peak["macs_per_second"]
-                    )
-                    if peak
-                    else None,
-                }
-                for s in STAGES
-            }
+        graphs = _stage_graphs(cfg.decoder)
+        precisions = {s: m.components[g].precision for s, g in graphs.items() if g in m.components}
+        if macs:  # rated once the run is over, against the references' best sample
+            pending.append((rows[0], macs, precisions, provider, on_gpu, half_on_gpu))
         results.append(
             {
                 "bundle": str(bundle.path),
                 "family": m.family,
                 "precision": sorted({c.precision for c in m.components.values()}),
+                "component_precision": {name: c.precision for name, c in m.components.items()},
                 "bundle_bytes": bundle.size_on_disk,
                 "provider": provider,
                 "steps": steps,
@@ -298,13 +467,35 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
             }
         )
     bar.close()
+    for ref in refs.values():
+        ref.sample("after")
+    for ours, macs, precisions, provider, on_gpu, half in pending:
+        ours["achieved"] = _achieved(macs, ours["stages"], precisions, refs, provider, on_gpu, half)
+    if ref_bundle:
+        _mark_faster_below_floor(results)
+    peaks = {key: ref.summary() for key, ref in refs.items()}
+    noisy = sorted(key for key, p in peaks.items() if p["noisy"])
     return {
         "schema_version": RESULTS_SCHEMA_VERSION,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": describe(),
         "threads": threads,
-        "peak": peaks.get(_peak_key(cfg.providers[0], False)),
+        "peak": peaks.get(_peak_key(cfg.providers[0], "float32")),
         "peaks": peaks,
+        # the measured reference moved by more than NOISE_LIMIT somewhere: the machine's speed changed under the run
+        "noisy": bool(noisy),
+        **(
+            {
+                "quality_reference": {
+                    "bundle": str(ref_bundle.path),
+                    "provider": "cpu",
+                    "floor_db": PSNR_FLOOR_DB,
+                    "shipped_model": is_shipped_model(ref_bundle.path),
+                }
+            }
+            if ref_bundle
+            else {}
+        ),
         "config": asdict(cfg),
         "notes": notes,
         "results": results,
@@ -314,14 +505,22 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
 def merge(files: list[str]) -> dict:
     """Several machines' results.json in one: every row keeps its machine."""
     merged = {"schema_version": RESULTS_SCHEMA_VERSION, "merged_from": [], "results": [], "notes": []}
+    references = []
     for name in files:
         data = json.loads(Path(name).read_text())
         if data.get("schema_version", 0) > RESULTS_SCHEMA_VERSION:
             raise ValueError(f"{name}: results schema {data.get('schema_version')} is newer than this edgediff")
         rows = data.get("results", [])
-        sources = data.get("merged_from") or [{"file": name, "machine": data["machine"], "date": data["date"]}]
+        # a noisy run stays marked once merged, with how far each of its references moved
+        moved = {k: p["spread"] for k, p in (data.get("peaks") or {}).items() if p and p.get("noisy")}
+        own = {"file": name, "machine": data["machine"], "date": data["date"]}
+        sources = data.get("merged_from") or [{**own, **({"noisy": moved} if moved else {})}]
         merged["merged_from"].extend(sources)
         for row in rows:
             merged["results"].append({**row, "machine": row.get("machine", data.get("machine"))})
         merged["notes"].extend(data.get("notes", []))
+        if data.get("quality_reference"):
+            references.append(data["quality_reference"])
+    if references and all(r == references[0] for r in references):  # one reference: its floor and name hold
+        merged["quality_reference"] = references[0]
     return merged

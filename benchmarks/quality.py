@@ -15,11 +15,18 @@ bf16 on CPUs that have it, say).
 from __future__ import annotations
 
 import argparse
+import re
+import sys
 import time
+import warnings
+from pathlib import Path
 
 import numpy as np
 
 from .metrics import psnr, ssim
+
+# The floor below which a variant's images are judged changed, not kept (the quantisation tests' floor too).
+PSNR_FLOOR_DB = 30.0
 
 
 def _generate(pipe, scenes, decoder: str | None):
@@ -45,11 +52,77 @@ def _shipped_model_scoring():
     except ModuleNotFoundError as exc:
         if exc.name != "training":  # training/ is there but something it needs is not: that error says what
             raise
+        checkout = Path(__file__).resolve().parent.parent  # an editable install run from another folder
+        if (checkout / "training" / "evaluate.py").is_file() and str(checkout) not in sys.path:
+            sys.path.append(str(checkout))
+            return _shipped_model_scoring()
         raise ImportError(
             "the quality benchmark scores images with the shipped model's checker (training/ in "
             "edgediff's repository): run it from a source checkout's root"
         ) from exc
     return adherence, eval_prompts
+
+
+def score_images(images: np.ndarray, reference: np.ndarray) -> dict:
+    """A row's images against the reference's, both uint8 (N, H, W, 3) from the same latents: PSNR over all
+    the images together (infinite only when every pixel agrees), the worst image's PSNR, and mean SSIM."""
+    if images.shape != reference.shape:
+        raise ValueError(f"images {images.shape} and reference images {reference.shape} differ in shape")
+    a, b = images.astype(np.float64) / 255, reference.astype(np.float64) / 255
+    per_image = [psnr(x, y) for x, y in zip(a, b)]
+    return {
+        "psnr": float(psnr(a, b)),
+        "psnr_min": float(min(per_image)),
+        "ssim": float(np.mean([ssim(x, y) for x, y in zip(a, b)])),
+        "n": int(len(a)),
+    }
+
+
+_CAPTION = re.compile(
+    r"a (?:(?P<size>small|large) )?(?P<colour>\w+) (?P<shape>\w+)(?: at the (?P<position>\w+))? "
+    r"on a (?P<background>\w+) background"
+)
+
+
+def prompt_adherence(images: np.ndarray, prompt: str) -> dict:
+    """The shipped model's checker on images of one prompt: the share of images whose colour, background,
+    shape (and size and position, where the prompt names them) it reads as the prompt says. Raises
+    ImportError outside a source checkout (the checker lives in training/), ValueError for another prompt."""
+    adherence, _ = _shipped_model_scoring()  # first: it finds training/ in the checkout
+    from training.shapes import Scene
+
+    m = _CAPTION.fullmatch(prompt)
+    if not m:
+        raise ValueError(f"not a prompt of the shapes domain: {prompt!r}")
+    scene = Scene(
+        colour=m["colour"],
+        shape=m["shape"],
+        background=m["background"],
+        size=m["size"] or "large",
+        position=m["position"] or "center",
+        say_size=bool(m["size"]),
+        say_position=bool(m["position"]),
+    )
+    with warnings.catch_warnings():  # an attribute the prompt does not name has no images: its mean is NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        scores = adherence(list(images), [scene] * len(images))
+    return {k: v for k, v in scores.items() if not np.isnan(v)}
+
+
+def is_shipped_model(bundle_path) -> bool:
+    """The shipped model's bundle, or a bundle exported from its diffusers folder (another precision, say)."""
+    import json
+
+    from edgediff.models.shipped import SHIPPED_DIR
+
+    path = Path(bundle_path).resolve()
+    if path == (SHIPPED_DIR / "bundle-fp32").resolve():
+        return True
+    try:
+        source = json.loads((path / "manifest.json").read_text())["provenance"]["source"]
+    except (OSError, KeyError, TypeError, ValueError):
+        return False
+    return bool(source) and (path / source).resolve() == (SHIPPED_DIR / "diffusers").resolve()
 
 
 def compare(

@@ -1,7 +1,8 @@
 """One benchmark worker per process: loads one system, times cold start, then warm images per stage.
 
 Run as `python -m edgediff.benchmarks.workers SYSTEM JSON_ARGS`; prints one JSON line. Every system
-gets the same prompt, size, steps, guidance, sampler settings and initial latents.
+gets the same prompt, size, steps, guidance, sampler settings and initial latents. With `images_to` (a .npy
+path) a worker also saves its warm images there, as uint8 (repeat, H, W, 3), for the harness to score.
 """
 
 from __future__ import annotations
@@ -46,6 +47,16 @@ def _latents(manifest, size: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((1, manifest.latent_channels, h, h)).astype(np.float32)
 
 
+def _save_images(a: dict, images: list) -> str | None:
+    """The warm images as uint8 in one .npy (a few KiB to MiB): what the quality column scores. None unless asked."""
+    if not a.get("images_to"):
+        return None
+    warm = [np.asarray(x, dtype=np.float32) for x in images[1 + a["warmup"] :]]
+    stacked = np.stack([(np.clip(x, 0, 1) * 255).round().astype(np.uint8) for x in warm])
+    np.save(a["images_to"], stacked)
+    return a["images_to"]
+
+
 def _run_stats(runs: list[dict]) -> list[dict]:
     return [
         {
@@ -69,7 +80,7 @@ def edgediff(a: dict) -> dict:
     options = RuntimeOptions.from_dict(a["options"]).replace(cache=bool(a.get("cache_dir")))
     pipe = Pipeline.from_bundle(a["bundle"], options, verify="size")
     load = time.perf_counter() - t0
-    runs = []
+    runs, images = [], []
     for i in range(a["warmup"] + a["repeat"] + 1):
         out = pipe(
             PROMPT,
@@ -81,6 +92,8 @@ def edgediff(a: dict) -> dict:
             output_type="np",
         )
         runs.append(dict(out.timings))
+        if a.get("images_to"):  # kept only when asked: a worker's peak memory stays its pipeline's own
+            images.append(out.images[0])
     report = pipe.provider_report()  # read without opening anything (low-memory mode keeps only the last graph)
     graphs = report["graphs"]
     return {
@@ -89,6 +102,7 @@ def edgediff(a: dict) -> dict:
         "runs": _run_stats(runs[1 + a["warmup"] :]),
         "providers": graphs.get("unet", next(iter(graphs.values()), {})).get("providers"),
         "provider_report": report,
+        "images": _save_images(a, images),
     }
 
 
@@ -112,8 +126,11 @@ class _Timer:
         return timed
 
 
-def _reference_runs(pipe, timer, manifest, a, torch_mode: bool, device: str = "cpu", dtype=None) -> list[dict]:
-    runs = []
+def _reference_runs(
+    pipe, timer, manifest, a, torch_mode: bool, device: str = "cpu", dtype=None
+) -> tuple[list[dict], list]:
+    """The peer's runs, timed per stage, and its images (float, HWC)."""
+    runs, images = [], []
     for i in range(a["warmup"] + a["repeat"] + 1):
         timer.marks.clear()
         latents = _latents(manifest, a["size"], i)
@@ -123,7 +140,7 @@ def _reference_runs(pipe, timer, manifest, a, torch_mode: bool, device: str = "c
             latents = torch.from_numpy(latents).to(device, dtype or torch.float32)
         timer.sync()
         start = time.perf_counter()
-        pipe(
+        out = pipe(
             PROMPT,
             num_inference_steps=a["steps"],
             guidance_scale=manifest.defaults["guidance"],
@@ -141,7 +158,16 @@ def _reference_runs(pipe, timer, manifest, a, torch_mode: bool, device: str = "c
                 "total": time.perf_counter() - start,
             }
         )
-    return runs
+        if a.get("images_to"):
+            images.append(_numpy_image(out.images[0]))
+    return runs, images
+
+
+def _numpy_image(image) -> np.ndarray:
+    """A peer's image as numpy (diffusers may hand back a torch tensor on the GPU in fp16)."""
+    if hasattr(image, "detach"):
+        image = image.detach().float().cpu().numpy()
+    return np.asarray(image, dtype=np.float32)
 
 
 def _same_scheduler(pipe, manifest):
@@ -182,13 +208,14 @@ def diffusers(a: dict) -> dict:
     pipe.unet.forward = timer.wrap("unet", pipe.unet.forward)
     pipe.vae.decode = timer.wrap("vae_decoder", pipe.vae.decode)
     with torch.inference_mode():
-        runs = _reference_runs(pipe, timer, manifest, a, torch_mode=True, device=device, dtype=dtype)
+        runs, images = _reference_runs(pipe, timer, manifest, a, torch_mode=True, device=device, dtype=dtype)
     return {
         "device": device,
         "dtype": str(dtype).removeprefix("torch."),
         "load_s": load,
         "first_image_s": runs[0]["total"],
         "runs": _run_stats(runs[1 + a["warmup"] :]),
+        "images": _save_images(a, images),
     }
 
 
@@ -214,12 +241,13 @@ def optimum(a: dict) -> dict:
     ]
     for name, part in parts:
         part.forward = timer.wrap(name, part.forward)
-    runs = _reference_runs(pipe, timer, manifest, a, torch_mode=True)  # its scheduler steps in torch
+    runs, images = _reference_runs(pipe, timer, manifest, a, torch_mode=True)  # its scheduler steps in torch
     return {
         "device": provider,
         "load_s": load,
         "first_image_s": runs[0]["total"],
         "runs": _run_stats(runs[1 + a["warmup"] :]),
+        "images": _save_images(a, images),
     }
 
 

@@ -368,9 +368,20 @@ def _csv_ints(value: str | None) -> list:
     help="edgediff: start from a graph cache one unmeasured start filled (a user's usual start); "
     "without it every start optimizes its graphs, as a first-ever start does.",
 )
+@click.option(
+    "--quality",
+    "quality",
+    type=click.Path(),
+    default=None,
+    metavar="REFERENCE_BUNDLE",
+    help="Score every row's images against this bundle's (CPU provider, same latents and prompt): PSNR, SSIM, "
+    "and the shapes checker's adherence for the shipped model; rows below 30 dB are marked.",
+)
 @runtime_options(multiple_providers=True)
 @click.pass_context
-def bench(ctx, models, steps, size, repeat, warmup, rounds, compare, source, out, graph_cache, providers, options):
+def bench(
+    ctx, models, steps, size, repeat, warmup, rounds, compare, source, out, graph_cache, quality, providers, options
+):
     """Measure seconds per image per stage, cold and warm, with memory; `bench merge` joins machines.
     The runtime options apply to edgediff's rows; peers run as they come."""
     if ctx.invoked_subcommand:
@@ -392,6 +403,7 @@ def bench(ctx, models, steps, size, repeat, warmup, rounds, compare, source, out
         out=out,
         runtime=options,
         graph_cache=graph_cache,
+        quality=str(resolve_bundle(quality)) if quality else None,
     )
     data = run_bench(cfg)
     for note in data["notes"]:

@@ -130,7 +130,7 @@ def _export_click():
         ),
         "precision": click.option(
             "--precision",
-            type=click.Choice(eo.PRECISIONS),
+            type=click.Choice([eo.AUTO, *eo.PRECISIONS]),
             default="fp32",
             show_default=True,
             help="int8: dynamic int8 MatMul/Gemm; int8-static: calibrated QDQ int8 UNet (convolutions too); "

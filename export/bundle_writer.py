@@ -6,6 +6,7 @@ export_bundle("path/or/hub-id", "out/bundle", precision="fp32")   # the same, op
 
 from __future__ import annotations
 
+import gc
 import logging
 import shutil
 from pathlib import Path
@@ -26,7 +27,14 @@ from .optimize import optimize_graph
 from .options import ExportOptions
 from .precision import to_fp16
 from .source import prepare_source
-from .specs import COMPONENTS, TINY_DECODER, TOLERANCES, ExportContext
+from .specs import (
+    COMPONENTS,
+    TINY_DECODER,
+    TOLERANCES,
+    ExportContext,
+    check_context,
+    has_dynamic_spatial_axes,
+)
 from .staging import staged
 from .tiny_decoder import load_tiny_decoder, tiny_attributes, tiny_decoder_for_export
 from .tracing import quiet_tracing
@@ -139,15 +147,23 @@ def _release(module) -> None:
     module.to("meta")
 
 
+def _millions(module) -> float:
+    """A torch module's parameters, in millions: the weight of its stages on the progress bar."""
+    return max(sum(p.numel() for p in module.parameters()) / 1e6, 0.01)
+
+
 def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, progress: bool = True) -> Path:
     """Exports `source` (diffusers folder or hub id) into an ONNX bundle folder at `out`; returns `out`.
 
     Each graph is exported by optimum, optionally fused (options.optimize) and converted to fp16, and
-    checked against the PyTorch module on random inputs. fp16: the VAE parts are kept fp32 (reason in
-    the manifest) when their fp16 graphs overflow or fail the check. int8 / int8-static / int4: the
-    fp32 graphs are exported and checked first, then quantized (quantize.py) with calibration inputs
-    recorded from options.calibration_prompts. LoRAs are fused first, so the graphs are checked against
-    the fused model. "gpu" fusions are checked on CUDA, so they need onnxruntime's CUDA provider here.
+    checked against the PyTorch module on random inputs: graphs whose height and width are dynamic on a
+    smaller latent grid (specs.check_context; the manifest's export_check says which size). fp16: the VAE
+    parts are kept fp32 (reason in the manifest) when their fp16 graphs overflow or fail the check, which
+    they then take at the bundle's size. int8 / int8-static / int4: the fp32 graphs are exported and
+    checked first, then quantized one at a time (quantize.py) with calibration inputs recorded from
+    options.calibration_prompts, once the PyTorch model is released. LoRAs are fused first, so the graphs
+    are checked against the fused model. "gpu" fusions are checked on CUDA, so they need onnxruntime's CUDA
+    provider here.
 
     Atomic: everything is built in a temporary folder beside `out` and renamed at the end; on any
     failure (validation included) nothing is left at `out`.
@@ -156,23 +172,24 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
         raise ExportOptionsError("export_choice", option="target", value=options.target, available="onnx")
     from optimum.exporters.onnx import export_models
     from optimum.exporters.utils import get_diffusion_models_for_export
-    from tqdm.auto import tqdm
+
+    from .progress import STAGE_COST, Stages
 
     optimize_for, precision, attention = options.optimize, options.precision, options.attention
     check_providers = _check_providers(optimize_for)  # before any work: a GPU-optimized export needs CUDA here
     out = Path(out)
     quiet_tracing()
     with staged(out, options.overwrite) as staging:
-        steps = tqdm(total=2 + len(COMPONENTS), desc="export", disable=not progress, unit="step")
-        steps.set_postfix_str("loading source")
-        pipe, fam, ctx = prepare_source(source, options.height, options.width, options.family, options.vae)
-        lora_records = fuse_loras(pipe, list(options.loras))
-        sliced_layers = use_attention(pipe.unet, "sliced") if attention == "sliced" else 0
-        steps.update()
+        stages = Stages(progress)
+        stages.plan("loading the source", 1.0)
+        with stages.stage("loading the source"):
+            pipe, fam, ctx = prepare_source(source, options.height, options.width, options.family, options.vae)
+            lora_records = fuse_loras(pipe, list(options.loras))
+            sliced_layers = use_attention(pipe.unet, "sliced") if attention == "sliced" else 0
 
         text = write_text_conditioning(pipe, staging)
         optimum_models = get_diffusion_models_for_export(pipe, exporter="onnx")
-        components, checks = {}, {}
+        components, checks, check_sizes = {}, {}, {}
         raw_dir = staging / "_raw"
         work = [
             (
@@ -184,50 +201,69 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
             for c in COMPONENTS
             if c.name in optimum_models
         ]
-        steps.total += len(work) - len(COMPONENTS)
         if options.tiny_decoder:
             tiny = load_tiny_decoder(options.tiny_decoder, ctx.latent_channels)
             work.append((TINY_DECODER, tiny_decoder_for_export(tiny), tiny, tiny_attributes(tiny)))
-            steps.total += 1
+            del tiny
+        sizes = {c.name: _millions(module) for c, (module, _), *_ in work}
+        for name, millions in sizes.items():
+            stages.plan(f"{name}: export", STAGE_COST["export"] * millions)
+            stages.plan(f"{name}: check", STAGE_COST["check"] * millions)
+        if options.quantized:
+            _plan_quantization(stages, sizes, precision, options.keep, options.calibration_prompts)
         while work:  # popped as done, so that each torch module can be freed after its export
             component, (module, export_config), modules, attributes = work.pop(0)
-            steps.set_postfix_str(component.name)
-            reference = _torch_reference(component, modules, ctx)
-            export_models(
-                {component.name: (module, export_config)},
-                output_dir=raw_dir / component.name,
-                output_names=["model.onnx"],
-            )
-            _release(module)  # optimum's own module (the VAE parts are copies of the pipeline's VAE)
-            del module, export_config
-            if component.module and not any(c.module == component.module for c, *_ in work):
-                _release(getattr(modules, component.module))
-            raw_graph = raw_dir / component.name / "model.onnx"
-            if optimize_for and component.name in FUSABLE:
-                fused = raw_graph.with_name("fused.onnx")
-                big = sum(f.stat().st_size for f in raw_graph.parent.iterdir()) > EXTERNAL_DATA_THRESHOLD
-                record = optimize_graph(raw_graph, fused, component.name, gpu=optimize_for == "gpu", external_data=big)
-                attributes = {**attributes, "optimizer": record}
-                raw_graph = fused if fused.is_file() else raw_graph
+            # dynamic-size graphs are checked on a smaller grid; fp16 graphs that may overflow at the bundle's size
+            spatial = has_dynamic_spatial_axes(export_config)
+            reduced = spatial and not (precision == "fp16" and component.fp16_may_overflow)
+            check_ctx = check_context(ctx, reduced)
+            with stages.stage(f"{component.name}: export"):
+                reference = _torch_reference(component, modules, check_ctx)
+                export_models(
+                    {component.name: (module, export_config)},
+                    output_dir=raw_dir / component.name,
+                    output_names=["model.onnx"],
+                )
+                _release(module)  # optimum's own module (the VAE parts are copies of the pipeline's VAE)
+                del module, export_config
+                if component.module and not any(c.module == component.module for c, *_ in work):
+                    _release(getattr(modules, component.module))
+                modules = None
+                gc.collect()
+                raw_graph = raw_dir / component.name / "model.onnx"
+                if optimize_for and component.name in FUSABLE:
+                    fused = raw_graph.with_name("fused.onnx")
+                    big = sum(f.stat().st_size for f in raw_graph.parent.iterdir()) > EXTERNAL_DATA_THRESHOLD
+                    record = optimize_graph(
+                        raw_graph, fused, component.name, gpu=optimize_for == "gpu", external_data=big
+                    )
+                    attributes = {**attributes, "optimizer": record}
+                    raw_graph = fused if fused.is_file() else raw_graph
             comp_precision = "fp16" if precision == "fp16" else "fp32"
-            try:
-                files, inputs, outputs, checks[component.name] = _write_checked(
-                    component, raw_graph, staging, comp_precision, reference, check_providers
-                )
-            except ExportValidationError as exc:
-                if comp_precision != "fp16" or not component.fp16_may_overflow:
-                    raise
-                log.warning("%s: the fp16 graph fails its check (%s); keeping it in fp32", component.name, exc)
-                attributes = {**attributes, "fp16": f"kept fp32: the fp16 graph failed its check ({exc})"}
-                comp_precision = "fp32"
-                files, inputs, outputs, checks[component.name] = _write_checked(
-                    component, raw_graph, staging, comp_precision, reference, check_providers
-                )
+            with stages.stage(f"{component.name}: check"):
+                try:
+                    files, inputs, outputs, checks[component.name] = _write_checked(
+                        component, raw_graph, staging, comp_precision, reference, check_providers
+                    )
+                except ExportValidationError as exc:
+                    if comp_precision != "fp16" or not component.fp16_may_overflow:
+                        raise
+                    log.warning("%s: the fp16 graph fails its check (%s); keeping it in fp32", component.name, exc)
+                    attributes = {**attributes, "fp16": f"kept fp32: the fp16 graph failed its check ({exc})"}
+                    comp_precision = "fp32"
+                    files, inputs, outputs, checks[component.name] = _write_checked(
+                        component, raw_graph, staging, comp_precision, reference, check_providers
+                    )
+            check_sizes[component.name] = (
+                {"height": check_ctx.height, "width": check_ctx.width, "full_size": check_ctx == ctx}
+                if spatial
+                else {"full_size": True}
+            )
+            del reference
             shutil.rmtree(raw_dir / component.name)
             components[component.name] = ComponentSpec(
                 files=files, precision=comp_precision, inputs=inputs, outputs=outputs, attributes=attributes
             )
-            steps.update()
         shutil.rmtree(raw_dir, ignore_errors=True)
 
         manifest = build_manifest(
@@ -245,17 +281,17 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
                 "optimized": bool(optimize_for),
                 "optimized_for": optimize_for,
                 "loras": lora_records,
-                "export_check": {"tolerances": TOLERANCES, "max_rel_diff": checks},
+                "export_check": {"tolerances": TOLERANCES, "max_rel_diff": checks, "size": check_sizes},
             },
         )
         (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
+        # the PyTorch model goes before quantisation opens graphs and sessions
+        del pipe, optimum_models, work
+        gc.collect()
         if options.quantized:
-            steps.set_postfix_str(f"quantizing ({precision})")
-            _quantize_bundle(staging, manifest, precision, options.keep, options.calibration_prompts)
+            _quantize_bundle(staging, manifest, precision, options.keep, options.calibration_prompts, stages)
             (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
-        steps.set_postfix_str("done")
-        steps.update()
-        steps.close()
+        stages.close()
     return out
 
 
@@ -300,30 +336,76 @@ def export_bundle(
     return write_onnx_bundle(source, out, options, progress)
 
 
-def _quantize_bundle(staging: Path, manifest: Manifest, precision: str, keep, prompts) -> None:
-    """Replaces the components the policy names with quantized graphs, recording how in the manifest."""
-    import onnx
-
-    from .calibration import CALIBRATION_PROMPTS, record_feeds
-    from .quantize import QUANT_POLICY, SCHEMES, quantize_component
+def _plan_quantization(stages, sizes: dict[str, float], precision: str, keep, prompts) -> None:
+    """Adds the quantisation stages to the progress bar: recording the calibration inputs, then per quantised
+    component calibration (static schemes), the sensitivity pass (keep="auto"), quantising and checking."""
+    from .calibration import CALIBRATION_PROMPTS
+    from .progress import STAGE_COST
+    from .quantize import MAX_CALIBRATION_FEEDS, QUANT_POLICY, SCHEMES, SENSITIVITY_FEEDS
 
     policy = QUANT_POLICY[precision]
-    feeds = record_feeds(staging, prompts or CALIBRATION_PROMPTS, [n for n in manifest.components if policy.get(n)])
+    stages.plan(
+        "recording calibration inputs", STAGE_COST["record"] * sum(sizes.values()) * len(prompts or CALIBRATION_PROMPTS)
+    )
+    for name, millions in sizes.items():
+        if policy.get(name) is None:
+            continue
+        if SCHEMES[policy[name]].calibrated:
+            stages.plan(f"{name}: calibrate", STAGE_COST["calibrate"] * millions * MAX_CALIBRATION_FEEDS)
+        if keep == "auto":
+            stages.plan(f"{name}: sensitivity", STAGE_COST["sensitivity"] * millions * SENSITIVITY_FEEDS)
+        stages.plan(f"{name}: quantize", STAGE_COST["quantize"] * millions)
+        stages.plan(f"{name}: final check", STAGE_COST["final check"] * millions * MAX_CALIBRATION_FEEDS)
+
+
+def _quantize_bundle(staging: Path, manifest: Manifest, precision: str, keep, prompts, stages=None) -> None:
+    """Replaces the components the policy names with quantized graphs, one at a time, recording how in the
+    manifest."""
+    from .calibration import CALIBRATION_PROMPTS, record_feeds
+    from .progress import NoStages
+    from .quantize import QUANT_POLICY, SCHEMES, quantize_component
+
+    stages = stages or NoStages()
+    policy = QUANT_POLICY[precision]
+    with stages.stage("recording calibration inputs"):
+        feeds = record_feeds(staging, prompts or CALIBRATION_PROMPTS, [n for n in manifest.components if policy.get(n)])
+    gc.collect()
     for name, spec in manifest.components.items():
         scheme_name = policy.get(name)
         if scheme_name is None:
             spec.attributes["quantization"] = {"scheme": None, "why": "kept fp32 by policy (export/quantize.py)"}
             continue
-        src = staging / spec.graph_file
-        dst = staging / f".{name}.quantized.onnx"
-        record = quantize_component(src, dst, SCHEMES[scheme_name], feeds[name], keep)
+        work = staging / f".quantized-{name}"
+        work.mkdir()
+        dst = work / f"{name}.onnx"  # its external data, if any, is f"{name}.onnx.data": the bundle's names
+        record = quantize_component(
+            staging / spec.graph_file, dst, SCHEMES[scheme_name], feeds.pop(name), keep, stages=stages
+        )
         for old in spec.files:  # the fp32 graph and any external data it had
             (staging / old).unlink()
-        # re-saved under the component's own names (weights beside it only past 2 GB, as at export)
-        quantized = onnx.load(str(dst))
-        for leftover in staging.glob(f"{dst.name}*"):
-            leftover.unlink()
-        spec.files = _save_graph(quantized, staging, name)
-        del quantized
+        spec.files = _place_quantized(dst, staging, name)
+        shutil.rmtree(work)
         spec.precision = SCHEMES[scheme_name].precision
         spec.attributes["quantization"] = record
+        gc.collect()
+
+
+def _place_quantized(dst: Path, staging: Path, name: str) -> dict[str, dict]:
+    """Moves a quantized graph into the bundle under the component's names; returns its manifest `files`.
+    Weights stay beside it only past 2 GB, as at export: a graph quantised from a large one with external
+    data, but now smaller, is re-saved whole (the only time it is loaded)."""
+    import onnx
+
+    data = dst.with_name(f"{dst.name}.data")
+    total = dst.stat().st_size + (data.stat().st_size if data.exists() else 0)
+    if data.exists() and total <= EXTERNAL_DATA_THRESHOLD:
+        model = onnx.load(str(dst))
+        files = _save_graph(model, staging, name)
+        del model
+        return files
+    names = []
+    for f in (dst, data):
+        if f.exists():
+            f.replace(staging / f.name)
+            names.append(f.name)
+    return {n: {"size": (staging / n).stat().st_size, "sha256": sha256_file(staging / n)} for n in names}

@@ -11,15 +11,21 @@ The VAE decoder stays fp32: it is convolutions only and overflow-prone, and its 
 directly in the pixels. The tiny decoder takes static int8 in int8-static bundles, where it is the fast
 option anyway; its floor is checked on the shipped model (tests/export/test_quantize.py).
 
-Sensitivity (`keep="auto"`): each block of the graph (e.g. `down_blocks.1/attentions.0`) is quantised
-alone and its output error measured on calibration inputs recorded from real prompts run through
-the fp32 bundle; then the worst blocks are kept in fp32, one at a time, until the whole graph's
-error is within SENSITIVITY_BUDGET. The manifest records every block's error and what was kept.
+Sensitivity (`keep="auto"`): activation ranges are calibrated once per graph; the fp32 graph runs once over
+a few recorded feeds keeping the tensors at every block's boundary (blocks.py), and each block (e.g.
+`down_blocks.1/attentions.0`) is quantised alone and run on those tensors: its own output error ranks it.
+The worst blocks are kept in fp32 until the whole-graph error predicted from those errors is within
+SENSITIVITY_BUDGET; the quantised graph is then checked whole, and more blocks are kept only if that check
+fails. The manifest records every block's error, what was kept and why, and each whole-graph check.
 """
 
 from __future__ import annotations
 
+import gc
+import inspect
 import logging
+import math
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +38,8 @@ log = logging.getLogger("edgediff.export")
 # `keep="auto"`; 0.02 keeps the shipped model's int8 and int4 images above 30 dB PSNR against fp32.
 SENSITIVITY_BUDGET = 0.02
 INT4_BLOCK_SIZE = 32  # weights per scale: smaller blocks keep more precision, 32 is llama.cpp's q4_0
-MAX_CALIBRATION_FEEDS = 16  # per component; enough to rank blocks, cheap to run per block
+MAX_CALIBRATION_FEEDS = 16  # per component: the feeds that calibrate ranges and check the whole graph
+SENSITIVITY_FEEDS = 4  # per component: the feeds whose block-boundary tensors rank the blocks (spread out)
 LARGE_GRAPH_BYTES = 1_800_000_000  # beyond this, quantiser inputs/outputs use external data (protobuf's 2 GB)
 
 
@@ -41,6 +48,11 @@ class Scheme:
     name: str  # recorded in the manifest
     precision: str  # the component's precision label
     op_types: tuple[str, ...]
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether activations take static ranges, calibrated on recorded inputs."""
+        return self.name == "int8-static"
 
 
 SCHEMES = {
@@ -92,6 +104,29 @@ def quantizable_nodes(model, scheme: Scheme) -> list[str]:
     ]
 
 
+def quantizable_blocks(model, scheme: Scheme) -> dict[str, list[str]]:
+    """Block -> the nodes a block kept in fp32 leaves alone: every node of the scheme's op types in it, the
+    activation-by-activation MatMuls of attention (which static int8 quantises too) included. Blocks are
+    those holding at least one quantizable weight."""
+    weighted = {block_of(name) for name in quantizable_nodes(model, scheme)}
+    blocks: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        if node.op_type in scheme.op_types and block_of(node.name) in weighted:
+            blocks.setdefault(block_of(node.name), []).append(node.name)
+    return blocks
+
+
+# quantize_static's options for our static scheme, kept when the quantiser runs on precomputed ranges
+STATIC_OPTIONS = {
+    "ActivationSymmetric": False,
+    "WeightSymmetric": True,
+    # MatMul outputs stay float: otherwise onnxruntime fuses each attention softmax between Q/DQ pairs
+    # into QLinearSoftmax, whose CPU kernel is far slower than the float Softmax; the MatMuls then run
+    # as MatMulIntegerToFloat
+    "OpTypesToExcludeOutputQuantization": ["MatMul"],
+}
+
+
 class _Reader:
     """onnxruntime's CalibrationDataReader over recorded feeds."""
 
@@ -102,17 +137,84 @@ class _Reader:
         return next(self._it, None)
 
 
-def quantize(src: Path, dst: Path, scheme: Scheme, exclude: list[str], feeds: list[dict] | None = None) -> None:
-    """Writes the quantised graph of `src` to `dst`, leaving the `exclude` nodes in fp32 (`feeds`:
-    calibration inputs, for static schemes). Graphs past protobuf's 2 GB (and the calibrator's
-    augmented copy) keep their weights in external data beside them."""
+def _large(src: Path) -> bool:
+    src = Path(src)
+    return sum(f.stat().st_size for f in src.parent.glob(f"{src.name}*")) > LARGE_GRAPH_BYTES
+
+
+def _default_type() -> dict:
     import onnx
 
-    large = sum(f.stat().st_size for f in src.parent.glob(f"{src.name}*")) > LARGE_GRAPH_BYTES
     # onnx's type inference knows no com.microsoft operators (graphs from `--optimize`); every tensor the
     # quantiser cannot type is fp32 in our graphs
-    default_type = {"DefaultTensorType": onnx.TensorProto.FLOAT}
+    return {"DefaultTensorType": onnx.TensorProto.FLOAT}
 
+
+def calibrate(src: Path, scheme: Scheme, feeds: list[dict], workdir: Path):
+    """Activation ranges (MinMax) of the tensors around the scheme's op types, from one run of the graph over
+    `feeds`, as onnxruntime.quantization.TensorsData. onnxruntime's calibrator, fed one input at a time:
+    it merges each input's ranges into its running ones, so that it never holds more than one input's."""
+    from onnxruntime.quantization.calibrate import MinMaxCalibrater
+
+    if not feeds:
+        raise ValueError("static int8 needs calibration inputs")
+    augmented = Path(workdir) / "augmented.onnx"
+    calibrator = MinMaxCalibrater(
+        Path(src),
+        op_types_to_calibrate=list(scheme.op_types),
+        augmented_model_path=str(augmented),
+        use_external_data_format=_large(src),
+    )
+    calibrator.augment_graph()
+    # the graph it loaded is saved, augmented: let it go before onnxruntime loads its own copy
+    calibrator.model = None
+    gc.collect()
+    calibrator.create_inference_session()
+    for feed in feeds:
+        calibrator.collect_data(_Reader([feed]))
+    ranges = calibrator.compute_data()
+    del calibrator
+    gc.collect()
+    for f in augmented.parent.glob(f"{augmented.name}*"):
+        f.unlink()
+    return ranges
+
+
+def _qdq_quantizer(model, scheme: Scheme, exclude: list[str], ranges):
+    """onnxruntime's QDQ quantizer as quantize_static builds it (QDQ format, per-channel int8 weights, uint8
+    activations, STATIC_OPTIONS), on ranges calibrated beforehand."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData
+    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+    from onnxruntime.quantization.quant_utils import QuantizationMode, QuantType, update_opset_version
+
+    model = update_opset_version(model, QuantType.QInt8)
+    present = {t for node in model.graph.node for t in (*node.input, *node.output)}
+    # a table of its own per graph: the quantizer adjusts entries in place
+    table = TensorsData(CalibrationMethod.MinMax, {k: v for k, v in ranges.items() if k in present})
+    # onnxruntime < 1.18 also took the mode and whether it is static
+    older = "static" in inspect.signature(QDQQuantizer).parameters
+    return QDQQuantizer(
+        model,
+        per_channel=True,
+        reduce_range=False,
+        weight_qType=QuantType.QInt8,
+        activation_qType=QuantType.QUInt8,
+        tensors_range=table,
+        nodes_to_quantize=[],
+        nodes_to_exclude=list(exclude),
+        op_types_to_quantize=list(scheme.op_types),
+        extra_options={**STATIC_OPTIONS, **_default_type()},
+        **({"mode": QuantizationMode.QLinearOps, "static": True} if older else {}),
+    )
+
+
+def quantize(src: Path, dst: Path, scheme: Scheme, exclude: list[str], ranges=None) -> None:
+    """Writes the quantised graph of `src` to `dst`, leaving the `exclude` nodes in fp32 (`ranges`: the
+    activation ranges calibrate() computed, for static schemes). Graphs past protobuf's 2 GB keep their
+    weights in external data beside them (`dst`'s name + ".data")."""
+    import onnx
+
+    large = _large(src)
     if scheme.name == "int8-dynamic":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -124,36 +226,16 @@ def quantize(src: Path, dst: Path, scheme: Scheme, exclude: list[str], feeds: li
             weight_type=QuantType.QInt8,
             nodes_to_exclude=exclude,
             use_external_data_format=large,
-            extra_options=default_type,
+            extra_options=_default_type(),
         )
-    elif scheme.name == "int8-static":
-        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    elif scheme.calibrated:
+        from onnxruntime.quantization.quant_utils import load_model_with_shape_infer
 
-        if not feeds:
-            raise ValueError("static int8 needs calibration inputs")
-        quantize_static(
-            str(src),
-            str(dst),
-            _Reader(feeds),
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=list(scheme.op_types),
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            nodes_to_exclude=exclude,
-            calibrate_method=CalibrationMethod.MinMax,
-            use_external_data_format=large,
-            extra_options={
-                "ActivationSymmetric": False,
-                "WeightSymmetric": True,
-                **default_type,
-                # MatMul outputs stay float: otherwise onnxruntime fuses each attention
-                # softmax between Q/DQ pairs into QLinearSoftmax, whose CPU kernel is far
-                # slower than the float Softmax; the MatMuls then run as
-                # MatMulIntegerToFloat
-                "OpTypesToExcludeOutputQuantization": ["MatMul"],
-            },
-        )
+        if ranges is None:
+            raise ValueError("static int8 needs activation ranges (calibrate)")
+        quantizer = _qdq_quantizer(load_model_with_shape_infer(Path(src)), scheme, exclude, ranges)
+        quantizer.quantize_model()
+        quantizer.model.save_model_to_file(str(dst), large)
     elif scheme.name == "int4-weight-only":
         root_level = logging.getLogger().level
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -194,6 +276,109 @@ def _outputs(path: Path, feeds: list[dict]) -> list[np.ndarray]:
     return [session.run(None, f)[0] for f in feeds]
 
 
+def _remove(graph: Path) -> None:
+    for f in (graph, graph.with_name(f"{graph.name}.data")):
+        f.unlink(missing_ok=True)
+
+
+def spread(feeds: list, count: int) -> list:
+    """`count` of `feeds`, evenly spread (recorded feeds run prompt by prompt, step by step)."""
+    if len(feeds) <= count:
+        return list(feeds)
+    return [feeds[i] for i in sorted(set(np.linspace(0, len(feeds) - 1, count).round().astype(int).tolist()))]
+
+
+def block_errors(
+    src: Path, structure, blocks: dict[str, list[str]], scheme: Scheme, ranges, feeds: list[dict], workdir: Path
+):
+    """Each block's own quantisation error: the relative RMS error of its outputs when it alone is quantised
+    and run on the fp32 graph's tensors at its inputs (recorded once, for `feeds`), against the fp32 graph's
+    tensors at its outputs. Returns the errors and the probe (blocks.BlockProbe) holding the recordings."""
+    import onnx
+
+    from .blocks import BlockProbe, split_blocks
+
+    probe = BlockProbe(src, structure, split_blocks(structure.graph, blocks, block_of), workdir / "boundaries")
+    probe.record(feeds)
+    errors = {}
+    fp32, quantised = workdir / "block.onnx", workdir / "block-quantised.onnx"
+    for name in blocks:
+        onnx.save_model(probe.model(name), str(fp32))
+        quantize(fp32, quantised, scheme, [], ranges)
+        errors[name] = probe.error(name, quantised)
+        _remove(fp32)
+        _remove(quantised)
+    return errors, probe
+
+
+def keep_until_within(blocks: list[str], power, check, budget: float, release=None, max_runs: int | None = None):
+    """Keeps blocks in fp32, those whose quantisation costs the output most first, until `check(kept)`, the
+    whole quantised graph's error, is within `budget`. Returns the kept blocks, their error, every check,
+    why each block was kept and the output error of each block measured alone.
+
+    `power(group)`: the output's relative error power when that group's blocks alone are quantised (to first
+    order: BlockProbe.output_power), taken to add up over blocks. The graph is checked with none kept first;
+    past the budget, groups of blocks (in graph order) are halved where the power is, so that the blocks
+    that cost most are found in a few runs, and kept until the error predicted from what is left (scaled to
+    the last check) is within budget; then the graph is checked once, and more blocks kept only if that check
+    fails. After `max_runs` (default: one per block) a group is kept whole. `release()` runs before each check
+    (BlockProbe.close: the whole graph is not held twice)."""
+    import heapq
+
+    release = release or (lambda: None)
+    max_runs = len(blocks) if max_runs is None else max_runs
+    error = check([])
+    checks = [{"kept": 0, "error": round(error, 6)}]
+    kept: list[str] = []
+    why: dict[str, str] = {}
+    alone: dict[str, float] = {}
+    if error <= budget or not blocks:
+        return kept, error, checks, why, alone
+    total = power(list(blocks))
+    runs = 1
+    scale = error**2 / total if total > 0 else 1.0
+    heap = [(-total, 0, tuple(blocks))]  # groups, largest power first (ties: graph order)
+    removed = 0.0  # power of the blocks kept so far
+
+    def predicted() -> float:
+        return math.sqrt(max(scale * (total - removed), 0.0))
+
+    while True:
+        before = len(kept)
+        while heap and (predicted() > budget or len(kept) == before):
+            neg, first, group = heapq.heappop(heap)
+            if len(group) > 1 and runs < max_runs:
+                half = group[: len(group) // 2]
+                measured = power(list(half))
+                runs += 1
+                heapq.heappush(heap, (-measured, first, half))
+                heapq.heappush(heap, (-max(-neg - measured, 0.0), first + len(half), group[len(half) :]))
+                continue
+            shown_error = error
+            removed += -neg
+            for b in group:
+                kept.append(b)
+                cost = math.sqrt(max(scale * -neg, 0.0))
+                if len(group) == 1:
+                    alone[b] = round(cost, 6)
+                what = (
+                    f"alone {cost:.4f} at the output" if len(group) == 1 else f"with {len(group) - 1} more {cost:.4f}"
+                )
+                why[b] = (
+                    f"{what}; whole graph {shown_error:.4f} > budget {budget} with {before} kept, "
+                    f"predicted {predicted():.4f} with {len(kept)}"
+                )
+        release()
+        expected = predicted()
+        error = check(kept)
+        checks.append({"kept": len(kept), "error": round(error, 6), "predicted": round(expected, 6)})
+        if error <= budget or not heap:
+            return kept, error, checks, why, alone
+        # the check failed: what is still quantised costs more than predicted
+        if total - removed > 0:
+            scale = error**2 / (total - removed)
+
+
 def quantize_component(
     src: Path,
     dst: Path,
@@ -201,20 +386,27 @@ def quantize_component(
     feeds: list[dict],
     keep: str | list[str] = "none",
     budget: float = SENSITIVITY_BUDGET,
+    stages=None,
 ) -> dict:
     """Quantises one graph; returns the manifest record (scheme, blocks kept in fp32 and why, errors).
 
     keep: "none" (quantise every eligible node), "auto" (sensitivity pass), or a list of block names.
+    Ranges are calibrated once; one graph is in memory at a time (the fp32 graph's structure aside).
+    stages: progress.Stages to report to (its stages are named after `src`'s stem).
     """
     import onnx
 
-    model = onnx.load(str(src))
-    nodes = quantizable_nodes(model, scheme)
-    del model
-    blocks: dict[str, list[str]] = {}
-    for name in nodes:
-        blocks.setdefault(block_of(name), []).append(name)
-    ref = _outputs(src, feeds)
+    from .progress import NoStages
+
+    src, dst = Path(src), Path(dst)
+    stages, label = stages or NoStages(), src.stem
+    structure = onnx.load(str(src), load_external_data=False)  # weights stay on disk (large graphs)
+    nodes = quantizable_nodes(structure, scheme)
+    blocks = quantizable_blocks(structure, scheme)
+    if keep not in ("none", "auto"):
+        unknown = set(keep) - set(blocks)
+        if unknown:
+            raise ValueError(f"no quantisable block named {sorted(unknown)}; blocks: {sorted(blocks)}")
     record: dict = {
         "scheme": scheme.name,
         "op_types": list(scheme.op_types),
@@ -223,31 +415,54 @@ def quantize_component(
         "kept_fp32": {},
     }
     with tempfile.TemporaryDirectory(prefix="edgediff-quant-", dir=dst.parent) as tmp:
-        trial = Path(tmp) / "trial.onnx"
-
-        def error_without(kept: set[str]) -> float:
-            quantize(src, trial, scheme, [n for b in kept for n in blocks[b]], feeds)
-            return _rel_rms(_outputs(trial, feeds), ref)
-
-        kept: set[str] = set()
+        tmp = Path(tmp)
+        ranges = None
+        if scheme.calibrated:
+            with stages.stage(f"{label}: calibrate"):
+                ranges = calibrate(src, scheme, feeds, tmp)
+            record["calibration"] = {"method": "MinMax", "feeds": len(feeds), "tensors": len(list(ranges.keys()))}
         if keep == "auto":
-            # each block quantised alone: its own contribution to the output error
-            alone = {b: error_without(set(blocks) - {b}) for b in blocks}
-            record["block_errors"] = {b: round(e, 6) for b, e in sorted(alone.items(), key=lambda kv: -kv[1])}
-            error = error_without(kept)
-            for block in sorted(alone, key=alone.get, reverse=True):
-                if error <= budget:
-                    break
-                kept.add(block)
-                record["kept_fp32"][block] = f"alone {alone[block]:.4f}; whole graph {error:.4f} > budget {budget}"
-                error = error_without(kept)
-        elif keep != "none":
-            unknown = set(keep) - set(blocks)
-            if unknown:
-                raise ValueError(f"no quantisable block named {sorted(unknown)}; blocks: {sorted(blocks)}")
-            kept = set(keep)
+            ranked = spread(feeds, SENSITIVITY_FEEDS)
+            with stages.stage(f"{label}: sensitivity"):
+                errors, probe = block_errors(src, structure, blocks, scheme, ranges, ranked, tmp)
+            record["block_errors"] = {b: round(e, 6) for b, e in sorted(errors.items(), key=lambda kv: -kv[1])}
+        del structure
+        ref = _outputs(src, feeds)
+        candidate = tmp / dst.name
+
+        def check(kept: list[str]) -> float:
+            _remove(candidate)
+            with stages.stage(f"{label}: quantize"):
+                quantize(src, candidate, scheme, [n for b in kept for n in blocks[b]], ranges)
+                gc.collect()
+            with stages.stage(f"{label}: final check"):
+                return _rel_rms(_outputs(candidate, feeds), ref)
+
+        if keep == "auto":
+            runs = []
+
+            def power(group: list[str]) -> float:
+                runs.append(len(group))
+                with stages.stage(f"{label}: sensitivity"):
+                    return probe.output_power(group)
+
+            kept, error, record["checks"], record["kept_fp32"], alone = keep_until_within(
+                list(blocks), power, check, budget, probe.close
+            )
+            probe.close()
+            record["sensitivity"] = {
+                "method": "block-local errors; output error of block groups, halved where it is",
+                "feeds": len(ranked),
+                "output_runs": len(runs),
+                "output_errors": dict(sorted(alone.items(), key=lambda kv: -kv[1])),
+            }
+        else:
+            kept = [] if keep == "none" else list(keep)
             record["kept_fp32"] = {b: "asked" for b in kept}
-        quantize(src, dst, scheme, [n for b in kept for n in blocks[b]], feeds)
-    record["error"] = round(_rel_rms(_outputs(dst, feeds), ref), 6)
-    log.info("%s: %s, %d blocks kept fp32, output error %.4f", src.stem, scheme.name, len(kept), record["error"])
+            error = check(kept)
+        for f in (candidate, candidate.with_name(f"{candidate.name}.data")):
+            if f.exists():
+                os.replace(f, dst.with_name(f.name.replace(candidate.name, dst.name, 1)))
+    record["error"] = round(error, 6)
+    log.info("%s: %s, %d blocks kept fp32, output error %.4f", label, scheme.name, len(kept), record["error"])
     return record

@@ -6,6 +6,7 @@ check, and random inputs for that check. The ONNX graph itself comes from optimu
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -16,6 +17,11 @@ FP32_TOLERANCE = 2e-3  # fp32 kernels differ in summation order and fused attent
 FP16_TOLERANCE = 5e-2  # fp16 graphs keep fp32 I/O; half-precision accumulations across a full UNet
 TOLERANCES = {"fp32": FP32_TOLERANCE, "fp16": FP16_TOLERANCE}
 VALIDATION_BATCH = 2  # a batch of two catches graphs that baked batch 1 in
+# Graphs with dynamic spatial axes are checked on a smaller latent grid than the bundle's: each side a
+# quarter, in multiples of 8 cells (three 2x downsamplings stay whole), at least 8 cells, never more than
+# the bundle's own. The same graph runs at every size; the check's cost falls with the grid's area.
+CHECK_SIDE_FRACTION = 4
+CHECK_CELL_MULTIPLE = 8
 
 
 @dataclass(frozen=True)
@@ -144,3 +150,25 @@ COMPONENTS: tuple[ComponentExport, ...] = (
 
 # Optional: exported only when a tiny decoder is given (its torch_call takes the AutoencoderTiny itself).
 TINY_DECODER = ComponentExport("vae_decoder_tiny", _tiny_decoder_call, _tiny_decoder_inputs, fp16_may_overflow=True)
+
+
+def check_side(cells: int) -> int:
+    """The latent cells one side of a dynamic-size graph is checked at, for a bundle side of `cells`."""
+    reduced = cells // CHECK_SIDE_FRACTION // CHECK_CELL_MULTIPLE * CHECK_CELL_MULTIPLE
+    return min(cells, max(CHECK_CELL_MULTIPLE, reduced))
+
+
+def has_dynamic_spatial_axes(export_config) -> bool:
+    """Whether optimum exports some image-like input (batch, channels, height, width) of this graph with
+    named, so dynamic, height and width axes."""
+    return any({2, 3} <= set(axes) for axes in export_config.inputs.values())
+
+
+def check_context(ctx: ExportContext, spatial: bool) -> ExportContext:
+    """The context a graph's check runs in: the bundle's size, or a smaller grid for dynamic-size graphs."""
+    if not spatial:
+        return ctx
+    scale = ctx.vae_scale_factor
+    return dataclasses.replace(
+        ctx, height=check_side(ctx.height // scale) * scale, width=check_side(ctx.width // scale) * scale
+    )

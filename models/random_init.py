@@ -361,13 +361,30 @@ def build_random_pipeline(arch: str, out_dir: str | Path, seed: int = 0) -> Path
     return out
 
 
+def build_random_taesd(out_dir: str | Path, seed: int = 0) -> Path:
+    """Saves an AutoencoderTiny with TAESD's architecture (diffusers' defaults) and random weights: the
+    full-size tiny decoder for benchmarks (`--tiny-decoder OUT_DIR` at export)."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    AutoencoderTiny().save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+TAESD = "taesd"  # the architecture name main() takes for build_random_taesd
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("arch", choices=sorted(ARCHS))
+    parser.add_argument("arch", choices=sorted([*ARCHS, TAESD]))
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    print(build_random_pipeline(args.arch, args.out_dir, args.seed))
+    if args.arch == TAESD:
+        print(build_random_taesd(args.out_dir, args.seed))
+    else:
+        print(build_random_pipeline(args.arch, args.out_dir, args.seed))
 
 
 if __name__ == "__main__":

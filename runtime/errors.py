@@ -31,6 +31,7 @@ MESSAGES = {
     "size_multiple": "{what} must be a positive multiple of {multiple}, got {value}",
     "steps": "num_inference_steps must be >= 1, got {value}",
     "sampler_unknown": "unknown sampler {name!r}; available: {available}",
+    "sampler_mismatch": "{detail}",
     "batch": "{what} must be >= 1, got {value}",
     "latents_shape": "latents must have shape {expected}, got {found}",
     "graph_input": "{component}: input {name!r} {detail}",

@@ -7,7 +7,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .schedule import NoiseSchedule, ScheduleConfig
+from .schedule import FLOW_PREDICTION_TYPES, FlowScheduleConfig, NoiseSchedule, ScheduleConfig
 
 
 class NoiseSource(Protocol):
@@ -28,6 +28,15 @@ class Sampler:
     name: str = ""
     #: whether `step` draws fresh noise (ancestral / consistency samplers)
     stochastic: bool = False
+    #: the family of models it drives: "diffusion" (a VP/VE noise schedule; UNets, PixArt) or "flow" (flow
+    #: matching: SD3, FLUX, SANA); a pipeline must not pair a sampler with a model of the other kind
+    kind: str = "diffusion"
+    #: the model prediction types (manifest `prediction_type`) it can drive
+    predictions: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
+    #: the settings it is built from (a bundle's scheduler config is this class's to_dict())
+    config_class: type = ScheduleConfig
+    #: the diffusers class's defaults where they differ from config_class's (for configs that omit them)
+    config_defaults: dict = {}
 
     def __init__(self, config: ScheduleConfig):
         self.config = config
@@ -37,8 +46,21 @@ class Sampler:
         self.step_index = 0
 
     @classmethod
-    def from_config(cls, config: dict | ScheduleConfig) -> "Sampler":
-        return cls(config if isinstance(config, ScheduleConfig) else ScheduleConfig.from_dict(config))
+    def from_config(cls, config: dict | ScheduleConfig | FlowScheduleConfig) -> "Sampler":
+        if isinstance(config, dict):
+            return cls(cls.config_class.from_dict({**cls.config_defaults, **config}))
+        if not isinstance(config, cls.config_class):
+            raise ValueError(f"the {cls.name} sampler takes a {cls.config_class.__name__}, not {type(config).__name__}")
+        return cls(config)
+
+    def model_timestep(self, timestep):
+        """The timestep the denoiser is conditioned on at `timestep` (a sampler with its own time variable,
+        SCM's angle, converts it)."""
+        return timestep
+
+    def final_latents(self, sample: np.ndarray) -> np.ndarray:
+        """The latents to decode after the last step (SCM works in sigma_data units)."""
+        return sample
 
     @property
     def init_noise_sigma(self) -> float:
@@ -82,3 +104,42 @@ class Sampler:
         if noise is None:
             raise ValueError(f"the {self.name} sampler is stochastic: pass a noise source (a numpy Generator)")
         return np.asarray(noise.standard_normal(shape, dtype=np.float32), dtype=np.float32)
+
+
+# the flow samplers for each flow prediction type, for error messages (the registry imports this module)
+_FLOW_SAMPLERS_FOR = {"flow_prediction": "flow_euler or flow_dpmpp", "trigflow": "scm"}
+assert set(_FLOW_SAMPLERS_FOR) == set(FLOW_PREDICTION_TYPES)
+
+
+class FlowSampler(Sampler):
+    """Base for flow-matching samplers: no VP noise schedule; sigmas in [0, 1] from a FlowScheduleConfig."""
+
+    kind = "flow"
+    predictions: tuple[str, ...] = ("flow_prediction",)
+    config_class = FlowScheduleConfig
+
+    def __init__(self, config: FlowScheduleConfig):
+        if config.prediction_type not in self.predictions:
+            other = _FLOW_SAMPLERS_FOR.get(config.prediction_type, "a diffusion sampler (euler, ddim, ...)")
+            raise ValueError(
+                f"the {self.name} sampler drives {' / '.join(self.predictions)} models; this scheduler config's"
+                f" prediction_type is {config.prediction_type!r} (use {other})"
+            )
+        self.config = config
+        self.schedule = None  # flow samplers keep their sigmas themselves
+        self.timesteps = np.zeros(0)
+        self.sigmas = np.zeros(0, np.float32)
+        self.num_inference_steps = 0
+        self.step_index = 0
+
+    def _check_steps(self, num_inference_steps) -> int:
+        if num_inference_steps is None or int(num_inference_steps) < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        return int(num_inference_steps)
+
+    def _index_of(self, timestep) -> int:
+        """The step at `timestep` (its first occurrence), for add_noise: the step a pipeline begins at."""
+        hits = np.nonzero(np.isclose(np.asarray(self.timesteps, np.float64), float(timestep), rtol=0, atol=1e-4))[0]
+        if len(hits) == 0:
+            raise ValueError(f"timestep {timestep} is not one of this sampler's timesteps (call set_timesteps first)")
+        return int(hits[0])

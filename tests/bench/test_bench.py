@@ -110,6 +110,11 @@ def test_outputs_are_written(bench_results, tmp_path):
     md = (tmp_path / "o" / "results.md").read_text()
     assert "| edgediff |" in md and "| diffusers |" in md and "GMAC/s" in md
     assert "fell back to CPU" not in md
+    # each row says what its system ran; both peers did the fp32 bundle's work (full VAE, fp32)
+    assert "| edgediff bundle-tiny-sd1-fp32, fp32, full VAE |" in md
+    assert "| diffusers fp32, full VAE (source src-tiny-sd1) |" in md
+    assert "| optimum-onnx fp32, full VAE (source src-tiny-sd1) |" in md
+    assert md.count("x time (same work) |") == 2 and "different work" not in md
 
 
 def test_graphs_that_fell_back_to_the_cpu_are_shown_in_the_table(bench_results):
@@ -288,7 +293,9 @@ def test_memory_modes_are_run_and_recorded(tmp_path):
     label = "(low memory, tiny decoder, tiles of 8, arena_extend_strategy=kSameAsRequested)"
     assert row_label(row).endswith(label)
     write_outputs(data, tmp_path / "o")
-    assert label in (tmp_path / "o" / "results.md").read_text()
+    # the table labels the row by what ran: the bundle, its precision, the decoder, then the modes
+    ran = "edgediff bundle-fp32, fp32, tiny decoder, low memory, tiles of 8, arena_extend_strategy=kSameAsRequested"
+    assert f"| {ran} |" in (tmp_path / "o" / "results.md").read_text()
 
 
 def test_peers_run_once_for_bundles_of_one_source(models_root, tmp_path, monkeypatch):

@@ -87,3 +87,24 @@ def test_exported_manifest_records_no_absolute_path(models_root):
         not recorded.startswith("/")
         and (bundle.path / recorded).resolve() == tiny_source("tiny-sd1", models_root).resolve()
     )
+
+
+def test_auto_precision_follows_the_cpus_int8_instructions(monkeypatch):
+    from edgediff.runtime import cpu_features
+
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f", "avx512_vnni"}))
+    assert ExportOptions(precision="auto").precision == "int8-static"
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert ExportOptions(precision="auto").precision == "fp32"
+    # Core ML packages are fp16 whatever the CPU: auto leaves the precision option unset there
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: frozenset({"avx512_vnni"}))
+    assert ExportOptions(target="coreml", precision="auto").precision == "fp32"
+
+
+def test_cpu_features_name_the_int8_instructions():
+    from edgediff.runtime.cpu_features import int8_dot_product, int8_is_faster
+
+    assert int8_dot_product(frozenset({"avx2", "avx_vnni"})) == "avx_vnni"
+    assert int8_dot_product(frozenset({"avx2", "fma"})) is None
+    assert not int8_is_faster(frozenset({"avx2", "avx_vnni"}))  # unmeasured there: not claimed
+    assert int8_is_faster(frozenset({"avx512_vnni"}))

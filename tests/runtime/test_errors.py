@@ -150,6 +150,11 @@ def test_unknown_sampler(bundle):
         Pipeline.from_bundle(bundle, sampler="pndm")
 
 
+def test_a_flow_sampler_on_a_noise_predicting_unet_is_refused_at_open(bundle):
+    with pytest.raises(InputError, match="sampler 'flow_euler' .* cannot drive a model that predicts 'epsilon'"):
+        Pipeline.from_bundle(bundle, sampler="flow_euler")
+
+
 def test_unknown_provider(bundle):
     with pytest.raises(ProviderError, match="unknown provider 'warp-drive'"):
         Pipeline.from_bundle(bundle, provider="warp-drive")

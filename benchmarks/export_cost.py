@@ -1,0 +1,110 @@
+"""What an export costs: wall time and peak memory of `edgediff export` configurations, each in a fresh process,
+one after another on the same machine (so that their ratios compare like with like).
+
+    python -m edgediff.benchmarks.export_cost SRC --out export-cost.json \\
+        --config "fp32=" --config "fastest=--precision int8-static --keep auto --tiny-decoder TAESD"
+
+Each CONFIG is NAME=ARGS, the arguments `edgediff export SRC OUT` would take. The JSON records per
+configuration the seconds, the peak resident memory (the export process's own high-water mark), the bundle's
+size on disk and the manifest's quantization records (blocks kept in fp32, output error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS_KIND = "export-cost"  # the results file's "kind": docs_tables tells it from `edgediff bench` results
+
+
+def _child(source: str, out: str, args: list[str]) -> None:
+    """Runs `edgediff export` as this process's only child and prints one JSON line: its seconds and peak RSS
+    (the largest resident set among this process's children, which is that one export)."""
+    import resource
+
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgediff.cli", "export", source, out, *args], capture_output=True, text=True
+    )
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        print(json.dumps({"error": proc.stderr.strip().splitlines()[-1:]}))
+        sys.exit(1)
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux, bytes on macOS
+    print(json.dumps({"seconds": seconds, "peak_rss_bytes": peak if sys.platform == "darwin" else peak * 1024}))
+
+
+def measure(source: str, configs: dict[str, list[str]], work: Path) -> list[dict]:
+    """Each configuration exported once, in a fresh process, into `work`; the bundle is removed after."""
+    from edgediff.runtime import Bundle
+
+    rows = []
+    for name, args in configs.items():
+        out = work / name
+        proc = subprocess.run(
+            [sys.executable, "-m", "edgediff.benchmarks.export_cost", "--child", source, str(out), *args],
+            capture_output=True,
+            text=True,
+        )
+        lines = proc.stdout.strip().splitlines()
+        record = json.loads(lines[-1]) if lines else {"error": proc.stderr.strip().splitlines()[-1:]}
+        row = {"config": name, "args": args, **record}
+        if proc.returncode == 0:
+            bundle = Bundle.open(out, verify="size")
+            row["bundle_bytes"] = bundle.size_on_disk
+            row["components"] = {
+                c: {"precision": spec.precision, "quantization": spec.attributes.get("quantization")}
+                for c, spec in bundle.manifest.components.items()
+            }
+            row["export_check"] = bundle.manifest.provenance.get("export_check")
+        rows.append(row)
+        shutil.rmtree(out, ignore_errors=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--child":
+        _child(argv[1], argv[2], argv[3:])
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("source", help="diffusers folder or hub id")
+    parser.add_argument("--config", action="append", required=True, metavar="NAME=ARGS")
+    parser.add_argument("--out", default="export-cost.json")
+    parser.add_argument("--work", default=None, help="where the bundles are written (default: a temporary folder)")
+    args = parser.parse_args(argv)
+    configs = {}
+    for spec in args.config:
+        name, sep, rest = spec.partition("=")
+        if not sep or not name:
+            parser.error(f"--config takes NAME=ARGS, got {spec!r}")
+        configs[name] = shlex.split(rest)
+    from .machine import describe
+
+    with tempfile.TemporaryDirectory(prefix="edgediff-export-cost-", dir=args.work) as work:
+        rows = measure(args.source, configs, Path(work))
+    data = {
+        "kind": RESULTS_KIND,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": describe(),
+        "source": Path(args.source).name,
+        "results": rows,
+    }
+    Path(args.out).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    for row in rows:
+        if "seconds" in row:
+            print(f"{row['config']:<16}{row['seconds']:8.1f} s  peak {row['peak_rss_bytes'] / 2**30:6.2f} GiB")
+        else:
+            print(f"{row['config']:<16}failed: {row.get('error')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""A graph's blocks as graphs of their own, the fp32 tensors at their boundaries, and what a block's error
+does to the graph's output.
+
+The sensitivity pass (quantize.py) measures each block's quantisation error on the inputs the fp32 graph
+really gives it: the whole graph runs once per feed with every block-boundary tensor as an extra output
+(kept on disk), then each block runs alone, quantised, on those tensors (a run of its own nodes, its own
+weights loaded, nothing else). The difference it makes to its outputs can then be added to the fp32 graph
+at those outputs, for any set of blocks at once: one whole-graph run says what that set's quantisation
+does to the graph's output, with no graph quantised.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Block:
+    name: str
+    nodes: tuple[int, ...]  # indices into the graph's nodes, in graph order (the constants it reads included)
+    inputs: tuple[str, ...]  # tensors it reads from outside itself: graph inputs, other nodes' outputs
+    outputs: tuple[str, ...]  # tensors it hands to other nodes or to the graph's outputs
+    initializers: tuple[str, ...]
+
+
+def _reads(node) -> Iterator[str]:
+    """The tensors a node reads, outer-scope names in its subgraphs (If, Loop) included."""
+    yield from node.input
+    for attr in node.attribute:
+        for graph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            own = {o for n in graph.node for o in n.output} | {v.name for v in graph.input}
+            own |= {t.name for t in graph.initializer}
+            for inner in graph.node:
+                yield from (name for name in _reads(inner) if name not in own)
+
+
+def split_blocks(graph, names: Iterable[str], block_of: Callable[[str], str]) -> dict[str, Block]:
+    """The blocks `names` of `graph`: each block's nodes are those whose block_of(node name) is its name."""
+    wanted = set(names)
+    initializers = {t.name for t in graph.initializer}
+    graph_outputs = {o.name for o in graph.output}
+    producer: dict[str, int] = {}
+    consumers: dict[str, set[int]] = defaultdict(set)
+    members: dict[str, set[int]] = defaultdict(set)
+    for i, node in enumerate(graph.node):
+        producer.update((o, i) for o in node.output)
+        for t in _reads(node):
+            consumers[t].add(i)
+        if block_of(node.name) in wanted:
+            members[block_of(node.name)].add(i)
+    blocks = {}
+    for name, inside in members.items():
+        # constants the block reads travel with it (the exporter names many at the root scope)
+        for i in list(inside):
+            for t in _reads(graph.node[i]):
+                j = producer.get(t)
+                if j is not None and graph.node[j].op_type == "Constant" and not graph.node[j].input:
+                    inside.add(j)
+        order = sorted(inside)
+        produced = {o for i in order for o in graph.node[i].output}
+        reads = dict.fromkeys(t for i in order for t in _reads(graph.node[i]) if t and t not in produced)
+        # what it hands on (a constant read elsewhere too is no output: it is the same in any precision)
+        outputs = [
+            t
+            for i in order
+            if graph.node[i].op_type != "Constant"
+            for t in graph.node[i].output
+            if t and (t in graph_outputs or consumers[t] - inside)
+        ]
+        blocks[name] = Block(
+            name,
+            tuple(order),
+            tuple(t for t in reads if t not in initializers),
+            tuple(outputs),
+            tuple(t for t in reads if t in initializers),
+        )
+    return blocks
+
+
+class BlockProbe:
+    """Blocks of one fp32 graph: the tensors at their boundaries, recorded once for a few feeds; each block
+    quantised alone, its output error and its difference from fp32 (its delta); and whole-graph runs with
+    the deltas of chosen blocks added (`output_power`).
+
+    `structure` is the graph loaded without its external data (onnx.load(..., load_external_data=False));
+    each block's weights are read from `src`'s folder when that block is built.
+    """
+
+    def __init__(self, src: Path, structure, blocks: dict[str, Block], workdir: Path):
+        self.src, self.structure, self.blocks, self.workdir = Path(src), structure, blocks, Path(workdir)
+        graph_inputs = {v.name for v in structure.graph.input}
+        self.boundary = list(
+            dict.fromkeys(t for b in blocks.values() for t in (*b.inputs, *b.outputs) if t not in graph_inputs)
+        )
+        self._index = {name: i for i, name in enumerate(self.boundary)}
+        self._initializers = {t.name: t for t in structure.graph.initializer}
+        self._feeds: list[dict] = []
+        self.dtypes: dict[str, np.dtype] = {}
+        self._session = None
+        self._clean: list[np.ndarray] = []  # the graph's first output per feed, from the injection graph
+
+    def _save_beside_source(self, model, tag: str) -> Path:
+        """Saves a variant of the structure beside the source graph, where its external-data paths hold."""
+        import onnx
+
+        path = self.src.with_name(f".{self.src.stem}.{tag}.onnx")
+        onnx.save_model(model, str(path))
+        return path
+
+    def _open(self, model, tag: str):
+        import onnxruntime as ort
+
+        path = self._save_beside_source(model, tag)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # the deltas are overridable initializers on purpose: no warning for each
+        try:
+            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        finally:
+            path.unlink(missing_ok=True)
+
+    def record(self, feeds: list[dict]) -> None:
+        """Runs the fp32 graph on `feeds` with every boundary tensor as an output, keeping them on disk."""
+        graph = self.structure.graph
+        own_outputs = len(graph.output)
+        present = {o.name for o in graph.output}
+        for name in self.boundary:
+            if name not in present:
+                graph.output.add().name = name  # untyped: onnxruntime infers the type
+        try:
+            session = self._open(self.structure, "probe")
+        finally:
+            del graph.output[own_outputs:]
+        for k, feed in enumerate(feeds):
+            folder = self.workdir / f"feed-{k}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, value in enumerate(session.run(self.boundary, feed)):
+                np.save(folder / f"{i}.npy", value)
+                self.dtypes.setdefault(self.boundary[i], value.dtype)
+            for name, value in feed.items():
+                self.dtypes.setdefault(name, np.asarray(value).dtype)
+        del session
+        self._feeds = list(feeds)
+
+    def value(self, name: str, k: int) -> np.ndarray:
+        """Tensor `name` of recorded feed `k`: a graph input or a boundary tensor (memory-mapped)."""
+        if name in self._feeds[k]:
+            return self._feeds[k][name]
+        return np.load(self.workdir / f"feed-{k}" / f"{self._index[name]}.npy", mmap_mode="r")
+
+    def _delta_path(self, name: str, k: int) -> Path:
+        return self.workdir / f"feed-{k}" / f"delta-{self._index[name]}.npy"
+
+    def float_outputs(self, block: str) -> list[str]:
+        return [t for t in self.blocks[block].outputs if np.issubdtype(self.dtypes[t], np.floating)]
+
+    def model(self, block: str):
+        """The block as a model of its own (its weights loaded), typed from the recorded tensors."""
+        import onnx
+        from onnx import helper
+        from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+        b, graph = self.blocks[block], self.structure.graph
+        weights = []
+        for name in b.initializers:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(self._initializers[name])
+            if uses_external_data(tensor):
+                load_external_data_for_tensor(tensor, str(self.src.parent))
+                tensor.data_location = onnx.TensorProto.DEFAULT
+                del tensor.external_data[:]
+            weights.append(tensor)
+
+        def typed(name):
+            return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(self.dtypes[name]), None)
+
+        sub = helper.make_graph(
+            [graph.node[i] for i in b.nodes],
+            f"block {block}",
+            [typed(t) for t in b.inputs],
+            [typed(t) for t in b.outputs],
+            weights,
+        )
+        model = helper.make_model(sub, opset_imports=list(self.structure.opset_import))
+        model.ir_version = self.structure.ir_version
+        model.functions.extend(self.structure.functions)
+        return onnx.shape_inference.infer_shapes(model)
+
+    def error(self, block: str, model_path: Path) -> float:
+        """Relative RMS error of the block's float outputs, run from `model_path` (the block quantised),
+        against the fp32 graph's; keeps the differences (the block's deltas) for output_power."""
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+        names = self.float_outputs(block)
+        num = den = 0.0
+        for k in range(len(self._feeds)):
+            got = session.run(names, {t: self.value(t, k) for t in self.blocks[block].inputs})
+            for name, g in zip(names, got):
+                ref = np.asarray(self.value(name, k))
+                delta = g - ref
+                np.save(self._delta_path(name, k), delta)
+                num += float(np.sum(delta.astype(np.float64) ** 2))
+                den += float(np.sum(ref.astype(np.float64) ** 2))
+        return float(np.sqrt(num / max(den, 1e-30)))
+
+    def output_power(self, blocks: list[str]) -> float:
+        """The graph's output error, squared and relative to the fp32 output (as the whole-graph check
+        measures it), with the deltas of `blocks` added at their outputs: their quantisation's effect, to
+        first order, with every other block in fp32. Opens the injection graph on first use (close())."""
+        if self._session is None:
+            self._open_injection()
+        num = den = 0.0
+        for k, clean in enumerate(self._clean):
+            feed = dict(self._feeds[k])
+            for b in blocks:
+                for name in self.float_outputs(b):
+                    feed[_DELTA + name] = np.load(self._delta_path(name, k), mmap_mode="r")
+            got = self._session.run([self._output], feed)[0]
+            num += float(np.sum((got.astype(np.float64) - clean) ** 2))
+            den += float(np.sum(clean.astype(np.float64) ** 2))
+        return num / max(den, 1e-30)
+
+    def _open_injection(self) -> None:
+        """The fp32 graph with an Add after every float block output: output + delta, where delta is an
+        input defaulting to a scalar 0 (an initializer of the same name), so that unfed blocks stay fp32."""
+        import onnx
+        from onnx import helper, numpy_helper
+
+        model = onnx.ModelProto()
+        model.CopyFrom(self.structure)
+        graph = model.graph
+        self._output = graph.output[0].name
+        injected = {t: self.dtypes[t] for b in self.blocks for t in self.float_outputs(b)}
+        nodes = []
+        for original in graph.node:
+            node = onnx.NodeProto()
+            node.CopyFrom(original)
+            nodes.append(node)
+            for i, name in enumerate(node.output):
+                if name in injected:  # the producer's output renamed; the Add makes the name its readers read
+                    node.output[i] = _FP32 + name
+                    nodes.append(helper.make_node("Add", [_FP32 + name, _DELTA + name], [name], name=_DELTA + name))
+                    elem = helper.np_dtype_to_tensor_dtype(injected[name])
+                    graph.input.append(helper.make_tensor_value_info(_DELTA + name, elem, None))
+                    graph.initializer.append(numpy_helper.from_array(np.zeros((), injected[name]), _DELTA + name))
+        del graph.node[:]
+        graph.node.extend(nodes)
+        self._session = self._open(model, "injection")
+        del model
+        if not self._clean:
+            self._clean = [self._session.run([self._output], feed)[0] for feed in self._feeds]
+
+    def close(self) -> None:
+        """Lets the injection graph's session go (it holds the fp32 weights)."""
+        self._session = None
+
+
+_FP32, _DELTA = "edgediff_fp32/", "edgediff_delta/"

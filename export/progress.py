@@ -1,0 +1,67 @@
+"""One progress bar over an export's stages, with the time left.
+
+Stages are planned up front with a weight each (their rough cost: a graph's parameter count times what the
+stage does with it), so that tqdm's rate, and so its estimate of the time left, averages over unlike stages.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+# Rough cost per million parameters of each stage, relative to exporting a graph; runs scale with the feeds.
+STAGE_COST = {
+    "export": 1.0,
+    "check": 0.3,
+    "record": 0.2,  # per prompt, the whole fp32 pipeline
+    "calibrate": 0.05,  # per feed
+    "sensitivity": 0.1,  # per feed whose boundaries are recorded, plus quantising every block once
+    "quantize": 0.5,
+    "final check": 0.02,  # per feed
+}
+
+
+class Stages:
+    """A tqdm bar whose steps are named, weighted stages; a stage not planned shows its name and counts for
+    nothing (an extra whole-graph check, say)."""
+
+    def __init__(self, enabled: bool = True, desc: str = "export"):
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(
+            total=0,
+            desc=desc,
+            disable=not enabled,
+            bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}",
+        )
+        self._planned: dict[str, float] = {}
+
+    def plan(self, name: str, weight: float) -> None:
+        weight = max(float(weight), 1e-3)
+        self._planned[name] = self._planned.get(name, 0.0) + weight
+        self._bar.total += weight
+        self._bar.refresh()
+
+    @contextmanager
+    def stage(self, name: str):
+        self._bar.set_postfix_str(name)
+        yield
+        self._bar.update(self._planned.pop(name, 0.0))
+
+    def close(self, note: str = "done") -> None:
+        self._bar.set_postfix_str(note)
+        self._bar.update(self._bar.total - self._bar.n)
+        self._bar.close()
+
+
+class NoStages:
+    """Stages that show nothing (library calls without a bar)."""
+
+    def plan(self, name: str, weight: float) -> None:
+        pass
+
+    @contextmanager
+    def stage(self, name: str):
+        yield
+
+    def close(self, note: str = "done") -> None:
+        pass

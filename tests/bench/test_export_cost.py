@@ -1,0 +1,41 @@
+"""The export-cost benchmark: each configuration in a process of its own, its time, peak and bundle recorded."""
+
+import json
+
+import pytest
+
+pytest.importorskip("torch")
+
+from tiny_models import tiny_source
+
+from edgediff.benchmarks import export_cost
+
+
+def test_export_cost_records_time_peak_and_what_was_made(models_root, tmp_path):
+    source = str(tiny_source("tiny-sd1", models_root))
+    out = tmp_path / "cost.json"
+    export_cost.main(
+        [
+            source,
+            "--config",
+            "fp32=",
+            "--config",
+            "int8=--precision int8",
+            "--config",
+            "bad=--precision int8 --keep no_such_block",
+            "--out",
+            str(out),
+            "--work",
+            str(tmp_path),
+        ]
+    )
+    data = json.loads(out.read_text())
+    assert data["kind"] == export_cost.RESULTS_KIND and data["machine"]["isa"] is not None
+    rows = {r["config"]: r for r in data["results"]}
+    for name in ("fp32", "int8"):
+        assert rows[name]["seconds"] > 0 and rows[name]["peak_rss_bytes"] > 50 * 2**20, rows[name]
+    assert rows["fp32"]["components"]["unet"]["precision"] == "fp32"
+    assert rows["int8"]["components"]["unet"]["quantization"]["scheme"] == "int8-dynamic"
+    assert rows["int8"]["bundle_bytes"] > 0  # (tiny graphs grow when quantized: scales outweigh their weights)
+    assert "error" in rows["bad"] and "seconds" not in rows["bad"]  # a failed export is recorded, not raised
+    assert not any(p.name in rows for p in tmp_path.iterdir() if p.is_dir())  # bundles removed after measuring

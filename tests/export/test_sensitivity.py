@@ -1,0 +1,185 @@
+"""The sensitivity pass of `keep="auto"`: ranges calibrated once, blocks measured on recorded block-boundary
+tensors, the kept set checked on the whole graph (quantize.py, blocks.py)."""
+
+import math
+
+import numpy as np
+import pytest
+from tiny_models import tiny_bundle
+
+pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def unet_feeds(models_root):
+    from edgediff.export.calibration import record_feeds
+
+    bundle = tiny_bundle("tiny-sd1", models_root)
+    return bundle / "unet.onnx", record_feeds(bundle, prompts=["a cat", "a dog"])["unet"]
+
+
+def _count_calls(monkeypatch, cls, method: str) -> list:
+    calls = []
+    real = getattr(cls, method)
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, method, counted)
+    return calls
+
+
+def test_ranges_are_calibrated_once_however_many_blocks_are_tried(unet_feeds, tmp_path, monkeypatch):
+    """One calibration session per component; every block trial and whole-graph check only places QDQ nodes
+    on those ranges (and quantize_static, which calibrates again each time, is never called)."""
+    import onnxruntime.quantization as ortq
+    from onnxruntime.quantization.calibrate import MinMaxCalibrater
+    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+
+    from edgediff.export.quantize import SCHEMES, quantize_component
+
+    src, feeds = unet_feeds
+    everything = quantize_component(src, tmp_path / "all.onnx", SCHEMES["int8-static"], feeds)
+    sessions = _count_calls(monkeypatch, MinMaxCalibrater, "create_inference_session")
+    placements = _count_calls(monkeypatch, QDQQuantizer, "quantize_model")
+    monkeypatch.setattr(ortq, "quantize_static", lambda *a, **k: pytest.fail("quantize_static calibrates again"))
+    record = quantize_component(
+        src, tmp_path / "auto.onnx", SCHEMES["int8-static"], feeds, keep="auto", budget=everything["error"] / 2
+    )
+    assert len(sessions) == 1 and record["calibration"]["feeds"] == len(feeds)
+    assert len(record["block_errors"]) > 3 and len(record["checks"]) >= 2 and record["kept_fp32"]
+    assert len(placements) == len(record["block_errors"]) + len(record["checks"])
+    assert record["checks"][0] == {"kept": 0, "error": everything["error"]}
+    assert record["error"] <= everything["error"] / 2
+
+
+def test_block_errors_rank_a_damaged_block_first_and_it_is_kept(unet_feeds, tmp_path):
+    """A convolution whose weights cannot survive per-channel int8 (one weight 300x the others in an output
+    channel: the rest of that channel rounds to zero) makes its block the worst, and the first one kept."""
+    import onnx
+    from onnx import numpy_helper
+
+    from edgediff.export.quantize import SCHEMES, block_of, quantize_component
+
+    src, feeds = unet_feeds
+    baseline = quantize_component(src, tmp_path / "base.onnx", SCHEMES["int8-static"], feeds, keep="auto", budget=1)
+    damaged = list(baseline["block_errors"])[-1]  # the block least hurt by quantisation
+    model = onnx.load(str(src))
+    weights = {t.name: t for t in model.graph.initializer}
+    conv = next(n for n in model.graph.node if n.op_type == "Conv" and block_of(n.name) == damaged)
+    w = numpy_helper.to_array(weights[conv.input[1]]).copy()
+    w.flat[0] = 300 * np.abs(w).max()
+    weights[conv.input[1]].CopyFrom(numpy_helper.from_array(w, conv.input[1]))
+    onnx.save(model, str(tmp_path / "damaged.onnx"))
+    none = quantize_component(tmp_path / "damaged.onnx", tmp_path / "none.onnx", SCHEMES["int8-static"], feeds)
+    record = quantize_component(
+        tmp_path / "damaged.onnx",
+        tmp_path / "auto.onnx",
+        SCHEMES["int8-static"],
+        feeds,
+        keep="auto",
+        budget=none["error"] / 4,
+    )
+    assert next(iter(record["block_errors"])) == damaged
+    assert next(iter(record["kept_fp32"])) == damaged
+    assert next(iter(record["sensitivity"]["output_errors"])) == damaged
+    assert record["error"] <= none["error"] / 4
+
+
+def _synthetic(powers: dict[str, float], real_over_predicted: float):
+    """power(group) adds the blocks' powers; check(kept) is the real error, `real_over_predicted` times the
+    predicted power once blocks are kept (blocks interact more than the sum says)."""
+    calls = {"power": 0, "check": []}
+
+    def power(group):
+        calls["power"] += 1
+        return sum(powers[b] for b in group)
+
+    def check(kept):
+        calls["check"].append(list(kept))
+        rest = sum(p for b, p in powers.items() if b not in kept)
+        return math.sqrt(rest * (real_over_predicted if kept else 1.0))
+
+    return power, check, calls
+
+
+def test_a_failed_whole_graph_check_keeps_more_blocks():
+    from edgediff.export.quantize import keep_until_within
+
+    powers = {"a": 1e-4, "b": 9e-4, "c": 1e-5, "d": 4e-4, "e": 1e-6, "f": 2e-5}
+    power, check, calls = _synthetic(powers, real_over_predicted=4.0)
+    kept, error, checks, why, alone = keep_until_within(list(powers), power, check, budget=0.02)
+    # predicted within budget with b and d kept; the check says otherwise, so a is kept too
+    assert calls["check"] == [[], ["b", "d"], ["b", "d", "a"]]
+    assert checks[1]["predicted"] <= 0.02 < checks[1]["error"]
+    assert kept == ["b", "d", "a"] and error <= 0.02 and checks[-1]["error"] == round(error, 6)
+    assert set(why) == set(kept) and set(alone) == set(kept)
+    assert alone["b"] == pytest.approx(math.sqrt(9e-4), rel=1e-4)
+    assert calls["power"] <= len(powers)  # halving finds the costly blocks without a run per block
+
+
+def test_a_passing_check_keeps_nothing_and_measures_nothing():
+    from edgediff.export.quantize import keep_until_within
+
+    power, check, calls = _synthetic({"a": 1e-5, "b": 2e-5}, real_over_predicted=1.0)
+    kept, error, checks, why, alone = keep_until_within(["a", "b"], power, check, budget=0.02)
+    assert kept == [] and calls["power"] == 0 and len(checks) == 1 and why == alone == {}
+
+
+def test_past_the_run_limit_groups_are_kept_whole():
+    from edgediff.export.quantize import keep_until_within
+
+    powers = {f"x{i}": 1e-4 for i in range(8)}
+    power, check, calls = _synthetic(powers, real_over_predicted=1.0)
+    kept, error, checks, why, alone = keep_until_within(list(powers), power, check, budget=0.0, max_runs=2)
+    assert sorted(kept) == sorted(powers) and error == 0.0 and calls["power"] == 2
+
+
+def test_explicit_blocks_stay_fp32(unet_feeds, tmp_path):
+    """keep=[names]: those blocks' nodes read no dequantised tensors; the rest is quantised as with keep="none"."""
+    import onnx
+
+    from edgediff.export.quantize import SCHEMES, block_of, quantizable_blocks, quantize_component
+
+    src, feeds = unet_feeds
+    block = next(iter(quantizable_blocks(onnx.load(str(src)), SCHEMES["int8-static"])))
+    record = quantize_component(src, tmp_path / "kept.onnx", SCHEMES["int8-static"], feeds, keep=[block])
+    assert record["kept_fp32"] == {block: "asked"} and record["error"] > 0
+    graph = onnx.load(str(tmp_path / "kept.onnx")).graph
+    dequantised = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    ops = [n for n in graph.node if n.op_type in ("Conv", "MatMul", "Gemm")]
+    assert all(not set(n.input) & dequantised for n in ops if block_of(n.name) == block)
+    assert any(set(n.input) & dequantised for n in ops if block_of(n.name) != block)
+
+
+def test_graphs_with_external_data_quantise_the_same(unet_feeds, tmp_path, monkeypatch):
+    """Graphs past 2 GB (full-size UNets) keep their weights beside them: the structure alone is loaded for
+    the blocks, each block's weights read from the data file, the quantised graph written with external data
+    and re-saved whole in the bundle when it is small enough. Forced here on the tiny UNet."""
+    import onnx
+
+    from edgediff.export import bundle_writer, quantize
+
+    src, feeds = unet_feeds
+    inline = quantize.quantize_component(
+        src, tmp_path / "inline.onnx", quantize.SCHEMES["int8-static"], feeds, keep="auto", budget=0.01
+    )
+    big = tmp_path / "big"
+    big.mkdir()
+    onnx.save(onnx.load(str(src)), str(big / "unet.onnx"), save_as_external_data=True, location="unet.onnx.data")
+    monkeypatch.setattr(quantize, "LARGE_GRAPH_BYTES", 0)
+    out = tmp_path / "out"
+    out.mkdir()
+    record = quantize.quantize_component(
+        big / "unet.onnx", out / "unet.onnx", quantize.SCHEMES["int8-static"], feeds, keep="auto", budget=0.01
+    )
+    assert record["block_errors"] == pytest.approx(inline["block_errors"], abs=1e-6)
+    assert record["kept_fp32"].keys() == inline["kept_fp32"].keys()
+    assert record["error"] == pytest.approx(inline["error"], abs=1e-6)
+    assert sorted(p.name for p in out.iterdir()) == ["unet.onnx", "unet.onnx.data"]
+    assert sorted(p.name for p in big.iterdir()) == ["unet.onnx", "unet.onnx.data"]  # no probe left beside it
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    files = bundle_writer._place_quantized(out / "unet.onnx", bundle, "unet")
+    assert list(files) == ["unet.onnx"] and sorted(p.name for p in bundle.iterdir()) == ["unet.onnx"]
