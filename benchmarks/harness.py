@@ -1,7 +1,10 @@
 """`edgediff bench`: seconds per image across bundles, providers, steps and sizes, per stage, with peers.
 
 Each system runs in its own fresh process (its memory is its own), interleaved A B A B over
-`rounds`; results go to results.json (schema: results.schema.json), results.md and chart.png.
+`rounds`; results go to results.json (schema: results.schema.json), results.md and chart.png. Each stage's
+rate is held to a MatMul reference sampled before, between and after the systems, and to the ISA's
+theoretical peak. With `quality`, every row's warm images are scored against a reference bundle's from the
+same latents (speed_quality.png).
 """
 
 from __future__ import annotations
@@ -291,6 +294,17 @@ def _quality_reference(cfg, ref_bundle, steps: int, size: int, threads: int, ima
     return cache[key]
 
 
+def _unlike_latents(reference, bundle) -> str | None:
+    """Why the reference's images do not start from the bundle's latents (another latent shape), or None."""
+    a, b = reference.manifest, bundle.manifest
+    if (a.latent_channels, a.vae_scale_factor) != (b.latent_channels, b.vae_scale_factor):
+        return (
+            f"the reference's latents ({a.latent_channels} channels, 1/{a.vae_scale_factor} scale) are not "
+            f"this bundle's ({b.latent_channels}, 1/{b.vae_scale_factor}): not the same starting point"
+        )
+    return None
+
+
 def _score(sysrow: dict, images: str | None, reference: Path, shipped: bool, notes: list) -> None:
     """The row's quality against the reference images, in place (sysrow["quality"])."""
     import numpy as np
@@ -440,9 +454,12 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
             macs_by_graph[graph_key] = _macs_in_worker(bundle, size, cfg_batch, cfg.decoder)
         macs = macs_by_graph[graph_key]
         rows = [_aggregate(s, procs[s]) for s in ("edgediff", *peers)]
+        unlike = _unlike_latents(ref_bundle, bundle) if ref_bundle else None
         for row in rows:
             row["ran"] = _ran(row["system"], bundle, cfg, half_on_gpu)
-            if reference is not None:
+            if unlike:
+                row["quality"] = {"why": unlike}
+            elif reference is not None:
                 _score(row, procs[row["system"]][0].get("images"), reference, is_shipped_model(bundle.path), notes)
         for row in rows[1:]:
             if row["system"] in reused:  # measured once, beside the first bundle of this source
