@@ -424,6 +424,51 @@ def bench_merge(files, out):
         click.echo(str(path))
 
 
+@cli.command()
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    metavar="NAME",
+    help="A bundle name from `edgediff list` to serve (repeatable; default: every readable one, shipped first).",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on; others need --api-key.")
+@click.option("--port", type=click.IntRange(0, 65535), default=7860, show_default=True, help="0: any free port.")
+@click.option(
+    "--api-key",
+    envvar="EDGEDIFF_API_KEY",
+    default=None,
+    help="Require `Authorization: Bearer KEY` on every request (or set EDGEDIFF_API_KEY: keeps it out of `ps`).",
+)
+@click.option("--queue-size", type=click.IntRange(min=0), default=16, show_default=True, help="Jobs that may wait.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Jobs generated at once.")
+@click.option(
+    "--idle-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=300.0,
+    show_default=True,
+    help="Close a model's pipeline after this many seconds unused.",
+)
+@runtime_options()
+def serve(models, host, port, api_key, queue_size, workers, idle_timeout, options):
+    """Serve images over HTTP: OpenAI's images API, AUTOMATIC1111's API and a web page (docs/server.md)."""
+    try:
+        from edgediff.server import ServerConfig
+        from edgediff.server import serve as run_server
+    except ImportError as exc:  # starlette, uvicorn or python-multipart: the serve extra
+        raise click.ClickException(f"{exc}; `edgediff serve` needs `pip install 'edgediff[cpu,serve]'`") from None
+
+    config = ServerConfig(
+        models=models,
+        runtime=options,
+        api_key=api_key,
+        queue_size=queue_size,
+        workers=workers,
+        idle_seconds=idle_timeout,
+    )
+    run_server(config, host=host, port=port)
+
+
 def main() -> None:
     cli(prog_name="edgediff")
 

@@ -32,6 +32,7 @@ MESSAGES = {
     "steps": "num_inference_steps must be >= 1, got {value}",
     "sampler_unknown": "unknown sampler {name!r}; available: {available}",
     "sampler_mismatch": "{detail}",
+    "sampler_steps": "sampler {sampler!r} cannot take these steps: {detail}",
     "batch": "{what} must be >= 1, got {value}",
     "latents_shape": "latents must have shape {expected}, got {found}",
     "graph_input": "{component}: input {name!r} {detail}",

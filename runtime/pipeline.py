@@ -386,7 +386,10 @@ class Pipeline:
 
         # 3. Set the sampler's timesteps; image-to-image starts part-way (diffusers' get_timesteps).
         sampler = make_sampler(self.sampler_name, m.scheduler["config"])
-        sampler.set_timesteps(steps)
+        try:  # e.g. more steps than a distilled model's timestep grid has
+            sampler.set_timesteps(steps)
+        except ValueError as exc:
+            raise InputError("sampler_steps", sampler=self.sampler_name, detail=str(exc)) from None
         timesteps = sampler.timesteps
         if image is not None:
             if not 0.0 < float(strength) <= 1.0:

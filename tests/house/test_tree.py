@@ -22,6 +22,7 @@ MUST_NOT_IMPORT = {
     # from a source checkout (training/ is not installed)
     "benchmarks": {"cli"},
     "models": {"export", "benchmarks", "cli", "training"},
+    "server": {"export", "benchmarks", "cli", "training"},
 }
 
 

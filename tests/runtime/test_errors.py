@@ -150,6 +150,13 @@ def test_unknown_sampler(bundle):
         Pipeline.from_bundle(bundle, sampler="pndm")
 
 
+def test_more_steps_than_a_distilled_grid_is_an_input_error():
+    from edgediff.models.shipped import default_bundle
+
+    with pytest.raises(InputError, match="sampler 'lcm' cannot take these steps: .*exceeds"):
+        Pipeline.from_bundle(default_bundle())("a red circle", num_inference_steps=500)
+
+
 def test_a_flow_sampler_on_a_noise_predicting_unet_is_refused_at_open(bundle):
     with pytest.raises(InputError, match="sampler 'flow_euler' .* cannot drive a model that predicts 'epsilon'"):
         Pipeline.from_bundle(bundle, sampler="flow_euler")
