@@ -35,15 +35,18 @@ def _child(source: str, out: str, args: list[str]) -> None:
         [sys.executable, "-m", "edgediff.cli", "export", source, out, *args], capture_output=True, text=True
     )
     seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        print(json.dumps({"error": proc.stderr.strip().splitlines()[-1:]}))
+    if proc.returncode != 0:  # the CLI's one-line error, not the progress bar's last frame
+        lines = proc.stderr.replace("\r", "\n").splitlines()
+        errors = [line for line in lines if line.startswith("error:") or "Error" in line]
+        print(json.dumps({"error": (errors or lines)[-1:]}))
         sys.exit(1)
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux, bytes on macOS
     print(json.dumps({"seconds": seconds, "peak_rss_bytes": peak if sys.platform == "darwin" else peak * 1024}))
 
 
-def measure(source: str, configs: dict[str, list[str]], work: Path) -> list[dict]:
-    """Each configuration exported once, in a fresh process, into `work`; the bundle is removed after."""
+def measure(source: str, configs: dict[str, list[str]], work: Path, keep_bundles: bool = False) -> list[dict]:
+    """Each configuration exported once, in a fresh process, into `work/NAME`; the bundle is removed after
+    unless `keep_bundles` (to run or benchmark it next)."""
     from edgediff.runtime import Bundle
 
     rows = []
@@ -66,7 +69,8 @@ def measure(source: str, configs: dict[str, list[str]], work: Path) -> list[dict
             }
             row["export_check"] = bundle.manifest.provenance.get("export_check")
         rows.append(row)
-        shutil.rmtree(out, ignore_errors=True)
+        if not keep_bundles:
+            shutil.rmtree(out, ignore_errors=True)
     return rows
 
 
@@ -80,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", action="append", required=True, metavar="NAME=ARGS")
     parser.add_argument("--out", default="export-cost.json")
     parser.add_argument("--work", default=None, help="where the bundles are written (default: a temporary folder)")
+    parser.add_argument("--keep-bundles", action="store_true", help="keep the bundles in --work/NAME")
     args = parser.parse_args(argv)
     configs = {}
     for spec in args.config:
@@ -89,8 +94,13 @@ def main(argv: list[str] | None = None) -> None:
         configs[name] = shlex.split(rest)
     from .machine import describe
 
-    with tempfile.TemporaryDirectory(prefix="edgediff-export-cost-", dir=args.work) as work:
-        rows = measure(args.source, configs, Path(work))
+    if args.keep_bundles:
+        if not args.work:
+            parser.error("--keep-bundles needs --work")
+        rows = measure(args.source, configs, Path(args.work), keep_bundles=True)
+    else:
+        with tempfile.TemporaryDirectory(prefix="edgediff-export-cost-", dir=args.work) as work:
+            rows = measure(args.source, configs, Path(work))
     data = {
         "kind": RESULTS_KIND,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
