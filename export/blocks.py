@@ -11,6 +11,7 @@ does to the graph's output, with no graph quantised.
 
 from __future__ import annotations
 
+import gc
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,8 +88,9 @@ class BlockProbe:
     quantised alone, its output error and its difference from fp32 (its delta); and whole-graph runs with
     the deltas of chosen blocks added (`output_power`).
 
-    `structure` is the graph loaded without its external data (onnx.load(..., load_external_data=False));
-    each block's weights are read from `src`'s folder when that block is built.
+    `structure` is the graph with its weights in external data, not loaded (onnx.load(...,
+    load_external_data=False)): variants of it are saved beside `src` and opened, and each block's weights are
+    read from `src`'s folder when that block is built.
     """
 
     def __init__(self, src: Path, structure, blocks: dict[str, Block], workdir: Path):
@@ -144,6 +146,7 @@ class BlockProbe:
             for name, value in feed.items():
                 self.dtypes.setdefault(name, np.asarray(value).dtype)
         del session
+        gc.collect()
         self._feeds = list(feeds)
 
     def value(self, name: str, k: int) -> np.ndarray:
@@ -257,7 +260,10 @@ class BlockProbe:
 
     def close(self) -> None:
         """Lets the injection graph's session go (it holds the fp32 weights)."""
+        from .quantize import release_memory
+
         self._session = None
+        release_memory()
 
 
 _FP32, _DELTA = "edgediff_fp32/", "edgediff_delta/"

@@ -26,6 +26,7 @@ from .optimize import MODEL_TYPES as FUSABLE
 from .optimize import optimize_graph
 from .options import ExportOptions
 from .precision import to_fp16
+from .quantize import release_memory
 from .source import prepare_source
 from .specs import (
     COMPONENTS,
@@ -181,8 +182,7 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
     quiet_tracing()
     with staged(out, options.overwrite) as staging:
         stages = Stages(progress)
-        stages.plan("loading the source", 1.0)
-        with stages.stage("loading the source"):
+        with stages.stage("loading the source"):  # unweighted: the sizes that weigh stages are known after it
             pipe, fam, ctx = prepare_source(source, options.height, options.width, options.family, options.vae)
             lora_records = fuse_loras(pipe, list(options.loras))
             sliced_layers = use_attention(pipe.unet, "sliced") if attention == "sliced" else 0
@@ -287,7 +287,7 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
         (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
         # the PyTorch model goes before quantisation opens graphs and sessions
         del pipe, optimum_models, work
-        gc.collect()
+        release_memory()
         if options.quantized:
             _quantize_bundle(staging, manifest, precision, options.keep, options.calibration_prompts, stages)
             (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
@@ -369,7 +369,7 @@ def _quantize_bundle(staging: Path, manifest: Manifest, precision: str, keep, pr
     policy = QUANT_POLICY[precision]
     with stages.stage("recording calibration inputs"):
         feeds = record_feeds(staging, prompts or CALIBRATION_PROMPTS, [n for n in manifest.components if policy.get(n)])
-    gc.collect()
+    release_memory()
     for name, spec in manifest.components.items():
         scheme_name = policy.get(name)
         if scheme_name is None:
@@ -387,7 +387,7 @@ def _quantize_bundle(staging: Path, manifest: Manifest, precision: str, keep, pr
         shutil.rmtree(work)
         spec.precision = SCHEMES[scheme_name].precision
         spec.attributes["quantization"] = record
-        gc.collect()
+        release_memory()
 
 
 def _place_quantized(dst: Path, staging: Path, name: str) -> dict[str, dict]:

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-# Rough cost per million parameters of each stage, relative to exporting a graph; runs scale with the feeds.
+# Rough cost per million parameters of each stage, relative to exporting a graph (estimates for full-size
+# graphs, where the bar's time left matters); runs scale with the feeds.
 STAGE_COST = {
     "export": 1.0,
-    "check": 0.3,
-    "record": 0.2,  # per prompt, the whole fp32 pipeline
+    "check": 0.3,  # on a reduced grid (specs.check_context)
+    "record": 0.05,  # per prompt: the whole fp32 pipeline, sized by all its graphs
     "calibrate": 0.05,  # per feed
-    "sensitivity": 0.1,  # per feed whose boundaries are recorded, plus quantising every block once
+    "sensitivity": 0.5,  # per feed whose block boundaries are recorded: blocks quantised, groups measured
     "quantize": 0.5,
-    "final check": 0.02,  # per feed
+    "final check": 0.03,  # per feed
 }
 
 
@@ -31,7 +32,7 @@ class Stages:
             total=0,
             desc=desc,
             disable=not enabled,
-            bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}",
+            bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}",
         )
         self._planned: dict[str, float] = {}
 

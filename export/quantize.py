@@ -11,12 +11,17 @@ The VAE decoder stays fp32: it is convolutions only and overflow-prone, and its 
 directly in the pixels. The tiny decoder takes static int8 in int8-static bundles, where it is the fast
 option anyway; its floor is checked on the shipped model (tests/export/test_quantize.py).
 
-Sensitivity (`keep="auto"`): activation ranges are calibrated once per graph; the fp32 graph runs once over
-a few recorded feeds keeping the tensors at every block's boundary (blocks.py), and each block (e.g.
-`down_blocks.1/attentions.0`) is quantised alone and run on those tensors: its own output error ranks it.
-The worst blocks are kept in fp32 until the whole-graph error predicted from those errors is within
-SENSITIVITY_BUDGET; the quantised graph is then checked whole, and more blocks are kept only if that check
-fails. The manifest records every block's error, what was kept and why, and each whole-graph check.
+Sensitivity (`keep="auto"`): activation ranges are calibrated once per graph, and every trial only places
+QDQ nodes on them. The fp32 graph runs once over a few recorded feeds keeping the tensors at every block's
+boundary (blocks.py); each block (e.g. `down_blocks.1/attentions.0`) is quantised alone and run on those
+tensors: its error at its own outputs is recorded, and its difference from fp32 is kept. The graph is
+checked quantised whole; past SENSITIVITY_BUDGET, those differences are added to the fp32 graph, a group of
+blocks at a time, halving the groups where the output error is, so that a few whole-graph runs (no graph
+quantised) find the blocks that cost the output most. They are kept in fp32 until the predicted error is
+within budget, the graph is checked once, and more blocks are kept only if that check fails. A block's own
+error alone ranks blocks poorly: where a block sits decides how much of its error reaches the output. The
+manifest records every block's error, the output error of the blocks measured alone, what was kept and
+why, and each whole-graph check.
 """
 
 from __future__ import annotations
@@ -39,7 +44,9 @@ log = logging.getLogger("edgediff.export")
 SENSITIVITY_BUDGET = 0.02
 INT4_BLOCK_SIZE = 32  # weights per scale: smaller blocks keep more precision, 32 is llama.cpp's q4_0
 MAX_CALIBRATION_FEEDS = 16  # per component: the feeds that calibrate ranges and check the whole graph
-SENSITIVITY_FEEDS = 4  # per component: the feeds whose block-boundary tensors rank the blocks (spread out)
+SENSITIVITY_FEEDS = 2  # per component: the feeds whose block-boundary tensors rank the blocks (spread out)
+# per component: whole-graph runs (over SENSITIVITY_FEEDS feeds) that measure groups of blocks' output error
+MAX_OUTPUT_RUNS = 12
 LARGE_GRAPH_BYTES = 1_800_000_000  # beyond this, quantiser inputs/outputs use external data (protobuf's 2 GB)
 
 
@@ -127,6 +134,32 @@ STATIC_OPTIONS = {
 }
 
 
+def release_memory() -> None:
+    """Collects garbage and, with glibc, hands freed heap memory back to the system: each stage's graphs and
+    sessions are gone before the next is loaded, but glibc keeps their pages, and the next stage's buffers,
+    sized differently, do not all fit in them (resident memory then grows stage after stage)."""
+    import ctypes
+    import sys
+
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl, ...)
+            pass
+
+
+class _Without(logging.Filter):
+    """Drops log records whose message contains `text`."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
 class _Reader:
     """onnxruntime's CalibrationDataReader over recorded feeds."""
 
@@ -154,6 +187,7 @@ def calibrate(src: Path, scheme: Scheme, feeds: list[dict], workdir: Path):
     """Activation ranges (MinMax) of the tensors around the scheme's op types, from one run of the graph over
     `feeds`, as onnxruntime.quantization.TensorsData. onnxruntime's calibrator, fed one input at a time:
     it merges each input's ranges into its running ones, so that it never holds more than one input's."""
+    import onnxruntime as ort
     from onnxruntime.quantization.calibrate import MinMaxCalibrater
 
     if not feeds:
@@ -168,13 +202,20 @@ def calibrate(src: Path, scheme: Scheme, feeds: list[dict], workdir: Path):
     calibrator.augment_graph()
     # the graph it loaded is saved, augmented: let it go before onnxruntime loads its own copy
     calibrator.model = None
-    gc.collect()
-    calibrator.create_inference_session()
+    release_memory()
+    # its own session (as create_inference_session makes it) without the memory pattern: that plans one buffer
+    # for every activation of the unoptimised graph, the largest allocation of the whole quantisation
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.enable_mem_pattern = False
+    calibrator.infer_session = ort.InferenceSession(
+        calibrator.augmented_model_path, options, providers=calibrator.execution_providers
+    )
     for feed in feeds:
         calibrator.collect_data(_Reader([feed]))
     ranges = calibrator.compute_data()
     del calibrator
-    gc.collect()
+    release_memory()
     for f in augmented.parent.glob(f"{augmented.name}*"):
         f.unlink()
     return ranges
@@ -218,16 +259,22 @@ def quantize(src: Path, dst: Path, scheme: Scheme, exclude: list[str], ranges=No
     if scheme.name == "int8-dynamic":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        quantize_dynamic(
-            str(src),
-            str(dst),
-            op_types_to_quantize=list(scheme.op_types),
-            per_channel=True,
-            weight_type=QuantType.QInt8,
-            nodes_to_exclude=exclude,
-            use_external_data_format=large,
-            extra_options=_default_type(),
-        )
+        # its advice to pre-process (shape inference it runs anyway) would repeat for every block tried
+        quiet = _Without("pre-process")
+        logging.getLogger().addFilter(quiet)
+        try:
+            quantize_dynamic(
+                str(src),
+                str(dst),
+                op_types_to_quantize=list(scheme.op_types),
+                per_channel=True,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=exclude,
+                use_external_data_format=large,
+                extra_options=_default_type(),
+            )
+        finally:
+            logging.getLogger().removeFilter(quiet)
     elif scheme.calibrated:
         from onnxruntime.quantization.quant_utils import load_model_with_shape_infer
 
@@ -295,9 +342,18 @@ def block_errors(
     and run on the fp32 graph's tensors at its inputs (recorded once, for `feeds`), against the fp32 graph's
     tensors at its outputs. Returns the errors and the probe (blocks.BlockProbe) holding the recordings."""
     import onnx
+    from onnx.external_data_helper import uses_external_data
 
     from .blocks import BlockProbe, split_blocks
 
+    if not any(uses_external_data(t) for t in structure.graph.initializer):
+        # weights inside the graph file: written beside a copy once, so that the structure the probe edits and
+        # saves (record, injection) holds none of them (onnx moves them out of the message as it saves)
+        (workdir / "fp32").mkdir()
+        src = workdir / "fp32" / src.name
+        onnx.save_model(
+            structure, str(src), save_as_external_data=True, all_tensors_to_one_file=True, location=f"{src.name}.data"
+        )
     probe = BlockProbe(src, structure, split_blocks(structure.graph, blocks, block_of), workdir / "boundaries")
     probe.record(feeds)
     errors = {}
@@ -311,22 +367,30 @@ def block_errors(
     return errors, probe
 
 
-def keep_until_within(blocks: list[str], power, check, budget: float, release=None, max_runs: int | None = None):
+def keep_until_within(
+    blocks: list[str],
+    power,
+    check,
+    budget: float,
+    release=None,
+    prior: dict[str, float] | None = None,
+    max_runs: int = MAX_OUTPUT_RUNS,
+):
     """Keeps blocks in fp32, those whose quantisation costs the output most first, until `check(kept)`, the
     whole quantised graph's error, is within `budget`. Returns the kept blocks, their error, every check,
     why each block was kept and the output error of each block measured alone.
 
     `power(group)`: the output's relative error power when that group's blocks alone are quantised (to first
     order: BlockProbe.output_power), taken to add up over blocks. The graph is checked with none kept first;
-    past the budget, groups of blocks (in graph order) are halved where the power is, so that the blocks
-    that cost most are found in a few runs, and kept until the error predicted from what is left (scaled to
-    the last check) is within budget; then the graph is checked once, and more blocks kept only if that check
-    fails. After `max_runs` (default: one per block) a group is kept whole. `release()` runs before each check
-    (BlockProbe.close: the whole graph is not held twice)."""
+    past the budget, groups of blocks (in graph order) are halved where the power is, so that the blocks that
+    cost most are found in a few runs, and kept until the error predicted from what is left (scaled to the
+    last check) is within budget; then the graph is checked once, and more blocks are kept only if that check
+    fails. After `max_runs` calls of `power`, a group's power is shared among its blocks in proportion to
+    `prior` (their block-local errors, squared). `release()` runs before each check (BlockProbe.close: the
+    whole graph is not held twice)."""
     import heapq
 
     release = release or (lambda: None)
-    max_runs = len(blocks) if max_runs is None else max_runs
     error = check([])
     checks = [{"kept": 0, "error": round(error, 6)}]
     kept: list[str] = []
@@ -337,7 +401,8 @@ def keep_until_within(blocks: list[str], power, check, budget: float, release=No
     total = power(list(blocks))
     runs = 1
     scale = error**2 / total if total > 0 else 1.0
-    heap = [(-total, 0, tuple(blocks))]  # groups, largest power first (ties: graph order)
+    # groups by power, largest first (ties: graph order); whether that power was measured or shared out
+    heap = [(-total, 0, tuple(blocks), True)]
     removed = 0.0  # power of the blocks kept so far
 
     def predicted() -> float:
@@ -346,28 +411,32 @@ def keep_until_within(blocks: list[str], power, check, budget: float, release=No
     while True:
         before = len(kept)
         while heap and (predicted() > budget or len(kept) == before):
-            neg, first, group = heapq.heappop(heap)
+            neg, first, group, measured = heapq.heappop(heap)
             if len(group) > 1 and runs < max_runs:
                 half = group[: len(group) // 2]
-                measured = power(list(half))
+                part = power(list(half))
                 runs += 1
-                heapq.heappush(heap, (-measured, first, half))
-                heapq.heappush(heap, (-max(-neg - measured, 0.0), first + len(half), group[len(half) :]))
+                heapq.heappush(heap, (-part, first, half, True))
+                heapq.heappush(heap, (-max(-neg - part, 0.0), first + len(half), group[len(half) :], measured))
                 continue
-            shown_error = error
+            if len(group) > 1:  # out of runs: shared out by the blocks' own errors
+                weights = [(prior or {}).get(b, 0.0) ** 2 for b in group]
+                whole = sum(weights)
+                for i, (b, w) in enumerate(zip(group, weights)):
+                    share = w / whole if whole > 0 else 1 / len(group)
+                    heapq.heappush(heap, (neg * share, first + i, (b,), False))
+                continue
+            (b,) = group
             removed += -neg
-            for b in group:
-                kept.append(b)
-                cost = math.sqrt(max(scale * -neg, 0.0))
-                if len(group) == 1:
-                    alone[b] = round(cost, 6)
-                what = (
-                    f"alone {cost:.4f} at the output" if len(group) == 1 else f"with {len(group) - 1} more {cost:.4f}"
-                )
-                why[b] = (
-                    f"{what}; whole graph {shown_error:.4f} > budget {budget} with {before} kept, "
-                    f"predicted {predicted():.4f} with {len(kept)}"
-                )
+            kept.append(b)
+            cost = math.sqrt(max(scale * -neg, 0.0))
+            if measured:
+                alone[b] = round(cost, 6)
+            what = f"alone {cost:.4f} at the output" if measured else f"about {cost:.4f} at the output (estimated)"
+            why[b] = (
+                f"{what}; whole graph {error:.4f} > budget {budget} with {before} kept, "
+                f"predicted {predicted():.4f} with {len(kept)}"
+            )
         release()
         expected = predicted()
         error = check(kept)
@@ -425,18 +494,22 @@ def quantize_component(
             ranked = spread(feeds, SENSITIVITY_FEEDS)
             with stages.stage(f"{label}: sensitivity"):
                 errors, probe = block_errors(src, structure, blocks, scheme, ranges, ranked, tmp)
+                release_memory()
             record["block_errors"] = {b: round(e, 6) for b, e in sorted(errors.items(), key=lambda kv: -kv[1])}
         del structure
         ref = _outputs(src, feeds)
+        release_memory()
         candidate = tmp / dst.name
 
         def check(kept: list[str]) -> float:
             _remove(candidate)
             with stages.stage(f"{label}: quantize"):
                 quantize(src, candidate, scheme, [n for b in kept for n in blocks[b]], ranges)
-                gc.collect()
+                release_memory()
             with stages.stage(f"{label}: final check"):
-                return _rel_rms(_outputs(candidate, feeds), ref)
+                error = _rel_rms(_outputs(candidate, feeds), ref)
+            release_memory()
+            return error
 
         if keep == "auto":
             runs = []
@@ -447,11 +520,11 @@ def quantize_component(
                     return probe.output_power(group)
 
             kept, error, record["checks"], record["kept_fp32"], alone = keep_until_within(
-                list(blocks), power, check, budget, probe.close
+                list(blocks), power, check, budget, probe.close, prior=errors
             )
             probe.close()
             record["sensitivity"] = {
-                "method": "block-local errors; output error of block groups, halved where it is",
+                "method": "block errors on recorded boundaries; output errors of block groups, halved where large",
                 "feeds": len(ranked),
                 "output_runs": len(runs),
                 "output_errors": dict(sorted(alone.items(), key=lambda kv: -kv[1])),

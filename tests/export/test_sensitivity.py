@@ -3,7 +3,6 @@ tensors, the kept set checked on the whole graph (quantize.py, blocks.py)."""
 
 import math
 
-import numpy as np
 import pytest
 from tiny_models import tiny_bundle
 
@@ -31,8 +30,8 @@ def _count_calls(monkeypatch, cls, method: str) -> list:
 
 
 def test_ranges_are_calibrated_once_however_many_blocks_are_tried(unet_feeds, tmp_path, monkeypatch):
-    """One calibration session per component; every block trial and whole-graph check only places QDQ nodes
-    on those ranges (and quantize_static, which calibrates again each time, is never called)."""
+    """One calibration per component; every block trial and whole-graph check only places QDQ nodes on those
+    ranges (and quantize_static, which calibrates again each time, is never called)."""
     import onnxruntime.quantization as ortq
     from onnxruntime.quantization.calibrate import MinMaxCalibrater
     from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
@@ -41,13 +40,15 @@ def test_ranges_are_calibrated_once_however_many_blocks_are_tried(unet_feeds, tm
 
     src, feeds = unet_feeds
     everything = quantize_component(src, tmp_path / "all.onnx", SCHEMES["int8-static"], feeds)
-    sessions = _count_calls(monkeypatch, MinMaxCalibrater, "create_inference_session")
+    augmented = _count_calls(monkeypatch, MinMaxCalibrater, "augment_graph")
+    collected = _count_calls(monkeypatch, MinMaxCalibrater, "collect_data")
     placements = _count_calls(monkeypatch, QDQQuantizer, "quantize_model")
     monkeypatch.setattr(ortq, "quantize_static", lambda *a, **k: pytest.fail("quantize_static calibrates again"))
     record = quantize_component(
         src, tmp_path / "auto.onnx", SCHEMES["int8-static"], feeds, keep="auto", budget=everything["error"] / 2
     )
-    assert len(sessions) == 1 and record["calibration"]["feeds"] == len(feeds)
+    # one calibration graph, run once over the feeds (one at a time: ranges merged as they come)
+    assert len(augmented) == 1 and len(collected) == len(feeds) == record["calibration"]["feeds"]
     assert len(record["block_errors"]) > 3 and len(record["checks"]) >= 2 and record["kept_fp32"]
     assert len(placements) == len(record["block_errors"]) + len(record["checks"])
     assert record["checks"][0] == {"kept": 0, "error": everything["error"]}
@@ -55,22 +56,44 @@ def test_ranges_are_calibrated_once_however_many_blocks_are_tried(unet_feeds, tm
 
 
 def test_block_errors_rank_a_damaged_block_first_and_it_is_kept(unet_feeds, tmp_path):
-    """A convolution whose weights cannot survive per-channel int8 (one weight 300x the others in an output
-    channel: the rest of that channel rounds to zero) makes its block the worst, and the first one kept."""
+    """An outlier feature static int8 cannot survive: one feature into an attention block's feed-forward output
+    projection made ~1000x the others (its gate's bias) while that projection ignores it (zero weights). The
+    fp32 graph hardly notices, but the feature stretches the per-tensor activation range until the others
+    round to zero: the block's error is the worst, and it is the first block kept."""
     import onnx
     from onnx import numpy_helper
 
     from edgediff.export.quantize import SCHEMES, block_of, quantize_component
 
     src, feeds = unet_feeds
-    baseline = quantize_component(src, tmp_path / "base.onnx", SCHEMES["int8-static"], feeds, keep="auto", budget=1)
-    damaged = list(baseline["block_errors"])[-1]  # the block least hurt by quantisation
     model = onnx.load(str(src))
     weights = {t.name: t for t in model.graph.initializer}
-    conv = next(n for n in model.graph.node if n.op_type == "Conv" and block_of(n.name) == damaged)
-    w = numpy_helper.to_array(weights[conv.input[1]]).copy()
-    w.flat[0] = 300 * np.abs(w).max()
-    weights[conv.input[1]].CopyFrom(numpy_helper.from_array(w, conv.input[1]))
+    project = next(n for n in model.graph.node if n.name.endswith("ff/net.2/MatMul"))
+    gate = next(
+        n
+        for n in model.graph.node
+        if n.name.endswith("ff/net.0/proj/Add") and block_of(n.name) == block_of(project.name)
+    )
+    damaged = block_of(project.name)
+
+    def edit(name, change):
+        array = numpy_helper.to_array(weights[name]).copy()
+        change(array)
+        weights[name].CopyFrom(numpy_helper.from_array(array, name))
+
+    hidden = numpy_helper.to_array(weights[project.input[1]]).shape[0]
+
+    def outlier(bias):
+        bias[0] += 30.0  # the feature's value
+        bias[hidden] = 1000.0  # its gate, wide open
+
+    edit(next(i for i in gate.input if i in weights), outlier)
+
+    def ignored(w):
+        w[0] = 0.0
+        w *= 4.0  # and what the projection adds to the block's output weighs more
+
+    edit(project.input[1], ignored)
     onnx.save(model, str(tmp_path / "damaged.onnx"))
     none = quantize_component(tmp_path / "damaged.onnx", tmp_path / "none.onnx", SCHEMES["int8-static"], feeds)
     record = quantize_component(
@@ -81,7 +104,8 @@ def test_block_errors_rank_a_damaged_block_first_and_it_is_kept(unet_feeds, tmp_
         keep="auto",
         budget=none["error"] / 4,
     )
-    assert next(iter(record["block_errors"])) == damaged
+    errors = list(record["block_errors"].values())
+    assert next(iter(record["block_errors"])) == damaged and errors[0] > 3 * errors[1], record["block_errors"]
     assert next(iter(record["kept_fp32"])) == damaged
     assert next(iter(record["sensitivity"]["output_errors"])) == damaged
     assert record["error"] <= none["error"] / 4
@@ -127,13 +151,17 @@ def test_a_passing_check_keeps_nothing_and_measures_nothing():
     assert kept == [] and calls["power"] == 0 and len(checks) == 1 and why == alone == {}
 
 
-def test_past_the_run_limit_groups_are_kept_whole():
+def test_past_the_run_limit_a_groups_error_is_shared_by_block_errors():
+    """Out of whole-graph runs, a measured group's power is shared among its blocks by their block-local
+    errors, and the largest shares are kept."""
     from edgediff.export.quantize import keep_until_within
 
-    powers = {f"x{i}": 1e-4 for i in range(8)}
+    powers = {f"x{i}": 1e-4 for i in range(4)} | {"y": 8e-4, "z": 1e-5}
+    prior = {b: 0.01 for b in powers} | {"y": 0.05}
     power, check, calls = _synthetic(powers, real_over_predicted=1.0)
-    kept, error, checks, why, alone = keep_until_within(list(powers), power, check, budget=0.0, max_runs=2)
-    assert sorted(kept) == sorted(powers) and error == 0.0 and calls["power"] == 2
+    kept, error, checks, why, alone = keep_until_within(list(powers), power, check, 0.02, prior=prior, max_runs=1)
+    assert calls["power"] == 1 and kept[0] == "y" and error <= 0.02 and alone == {}
+    assert why["y"].startswith("about") and "(estimated)" in why["y"]
 
 
 def test_explicit_blocks_stay_fp32(unet_feeds, tmp_path):
