@@ -456,7 +456,7 @@ def serve(models, host, port, api_key, queue_size, workers, idle_timeout, option
         from edgediff.server import ServerConfig
         from edgediff.server import serve as run_server
     except ImportError as exc:  # starlette, uvicorn or python-multipart: the serve extra
-        raise click.ClickException(f"{exc}; `edgediff serve` needs `pip install 'edgediff[cpu,serve]'`") from None
+        _fail(f"{exc}; `edgediff serve` needs `pip install 'edgediff[cpu,serve]'`")
 
     config = ServerConfig(
         models=models,
