@@ -209,7 +209,10 @@ def info(bundle, verify):
     m = b.manifest
     click.echo(f"bundle        {b.path}")
     click.echo(f"family        {m.family} ({m.prediction_type})")
-    click.echo(f"sampler       {m.scheduler['name']} ({m.scheduler['config'].get('timestep_spacing')} spacing)")
+    config = m.scheduler["config"]
+    # flow-matching configs (SD3) have no timestep spacing: their grid is set by the shift
+    grid = f"{config['timestep_spacing']} spacing" if "timestep_spacing" in config else f"shift {config.get('shift')}"
+    click.echo(f"sampler       {m.scheduler['name']} ({grid})")
     d = m.defaults
     click.echo(f"defaults      {d['steps']} steps, guidance {d['guidance']}, {d['width']}x{d['height']}")
     click.echo(f"source        {m.provenance.get('source', '?')} ({m.provenance.get('date', '?')})")

@@ -189,6 +189,13 @@ def _export_click():
             metavar="FILE[:SCALE]",
             help="LoRA safetensors fused into the weights before export (repeatable; scale defaults to 1).",
         ),
+        "t5": click.option(
+            "--t5/--no-t5",
+            default=True,
+            show_default=True,
+            help="SD3: export the T5 text encoder; --no-t5 leaves it out (zeros in its place, as diffusers "
+            "without text_encoder_3): a much smaller bundle.",
+        ),
         "palettize": click.option(
             "--palettize",
             type=click.Choice([str(b) for b in eo.PALETTE_BITS]),

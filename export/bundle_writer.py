@@ -183,21 +183,27 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
     with staged(out, options.overwrite) as staging:
         stages = Stages(progress)
         with stages.stage("loading the source"):  # unweighted: the sizes that weigh stages are known after it
-            pipe, fam, ctx = prepare_source(source, options.height, options.width, options.family, options.vae)
+            pipe, fam, ctx = prepare_source(
+                source, options.height, options.width, options.family, options.vae, t5=options.t5
+            )
+            unet = getattr(pipe, "unet", None)
+            if unet is None and attention == "sliced":  # slicing is written for the UNet's attention (SD3: MMDiT)
+                raise ExportOptionsError("export_family_option", option="--attention sliced", family=fam.name)
             lora_records = fuse_loras(pipe, list(options.loras))
-            sliced_layers = use_attention(pipe.unet, "sliced") if attention == "sliced" else 0
+            sliced_layers = use_attention(unet, "sliced") if attention == "sliced" else 0
 
         text = write_text_conditioning(pipe, staging)
         optimum_models = get_diffusion_models_for_export(pipe, exporter="onnx")
         components, checks, check_sizes = {}, {}, {}
         raw_dir = staging / "_raw"
+        transformer = getattr(pipe, "transformer", None)
+        component_attributes = {
+            "unet": {"attention": {"mode": attention, "sliced_layers": sliced_layers}},
+            # SD3: latent cells per token along each side; image sides are multiples of it x the VAE's factor
+            "transformer": {"patch_size": None if transformer is None else int(transformer.config.patch_size)},
+        }
         work = [
-            (
-                c,
-                optimum_models.pop(c.name),
-                pipe,
-                {"attention": {"mode": attention, "sliced_layers": sliced_layers}} if c.name == "unet" else {},
-            )
+            (c, optimum_models.pop(c.name), pipe, component_attributes.get(c.name, {}))
             for c in COMPONENTS
             if c.name in optimum_models
         ]

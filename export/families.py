@@ -22,6 +22,9 @@ class SourceFacts:
     name: str = ""  # hub id or folder name, only as a hint for Turbo / Lightning / SDXS models
     text_encoders: int = 1  # 2 for SDXL (CLIP-L + OpenCLIP-bigG, pooled text and micro-conditioning)
     mid_block: bool = True  # BK-SDM and small-sd prune the UNet's mid-block away
+    # the denoiser's class when it is a transformer (SD3Transformer2DModel); None for UNets
+    transformer_class: str | None = None
+    qk_norm: str | None = None  # the transformer's query-key normalisation: SD3.5 has "rms_norm", SD3 none
 
 
 def _named(f: SourceFacts, *hints: str) -> bool:
@@ -44,8 +47,41 @@ class Family:
     default_size: int | None = None
 
 
+def _sd3(f: SourceFacts) -> bool:
+    return f.transformer_class == "SD3Transformer2DModel"
+
+
 FAMILIES: tuple[Family, ...] = (
-    # SDXL rows first: two text encoders is the fact that sets them apart.
+    # SD3 rows first: their MMDiT denoiser sets them apart (with T5 left out they have two text encoders, as SDXL).
+    # Flow matching: the Euler flow sampler with the model's own shift (its scheduler config, recorded as it is).
+    Family(
+        name="sd3.5-turbo",
+        description="SD3.5-large-turbo (adversarial diffusion distillation), 4 steps, no guidance",
+        sampler="flow_euler",
+        default_steps=4,
+        default_guidance=0.0,
+        guidance_embedding=False,
+        matches=lambda f: _sd3(f) and _named(f, "turbo"),
+    ),
+    Family(
+        name="sd3.5",
+        description="SD3.5 medium / large (MMDiT with QK-normalisation), flow matching, 28 steps, 1024x1024",
+        sampler="flow_euler",
+        default_steps=28,
+        default_guidance=4.5,
+        guidance_embedding=False,
+        matches=lambda f: _sd3(f) and f.qk_norm is not None,
+    ),
+    Family(
+        name="sd3",
+        description="SD3-medium (MMDiT, CLIP-L + CLIP-G + optional T5), flow matching, 28 steps, 1024x1024",
+        sampler="flow_euler",
+        default_steps=28,
+        default_guidance=7.0,
+        guidance_embedding=False,
+        matches=_sd3,
+    ),
+    # SDXL rows next: two text encoders is the fact that sets them apart.
     Family(
         name="sdxl-lcm",
         description="LCM-distilled SDXL UNet (latent-consistency/lcm-sdxl), guidance as an embedding, 2-8 steps",

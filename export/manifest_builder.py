@@ -8,8 +8,8 @@ import os
 from importlib import metadata
 from pathlib import Path
 
-from edgediff.runtime.manifest import TOKENIZER_2_NAME, TOKENIZER_NAME, Manifest
-from edgediff.runtime.schedulers import DIFFUSERS_CLASS_TO_SAMPLER, SAMPLER_TO_DIFFUSERS_CLASS, ScheduleConfig
+from edgediff.runtime.manifest import TOKENIZER_2_NAME, TOKENIZER_3_NAME, TOKENIZER_NAME, Manifest
+from edgediff.runtime.schedulers import DIFFUSERS_CLASS_TO_SAMPLER, SAMPLER_TO_DIFFUSERS_CLASS, SAMPLERS
 
 from .options import ExportOptions
 from .specs import ExportContext
@@ -51,13 +51,16 @@ def resolve_scheduler(pipe, family) -> dict:
     sampler = family.sampler if family.guidance_embedding or ours is None else ours
     resolved = getattr(diffusers, SAMPLER_TO_DIFFUSERS_CLASS[sampler]).from_config(pipe.scheduler.config)
     config = {**dict(resolved.config), **dict(family.scheduler_overrides)}
-    return {"name": sampler, "config": ScheduleConfig.from_dict(config).to_dict()}
+    # diffusion samplers keep a ScheduleConfig, flow samplers a FlowScheduleConfig (SD3's shift among it)
+    return {"name": sampler, "config": SAMPLERS[sampler].config_class.from_dict(config).to_dict()}
 
 
 def write_text_conditioning(pipe, staging: Path) -> tuple[dict, dict]:
     """Writes each text encoder's tokenizer; returns the manifest's `tokenizer` entry and its `conditioning`:
     which encoders run, which output each gives the UNet, and SDXL's pooled text and micro-conditioning."""
     tokenizer_entry = write_tokenizer_json(pipe.tokenizer, staging / TOKENIZER_NAME)
+    if getattr(pipe, "transformer", None) is not None:
+        return tokenizer_entry, _sd3_conditioning(pipe, staging, tokenizer_entry)
     if getattr(pipe, "text_encoder_2", None) is None:
         return tokenizer_entry, {
             "encoders": [{"component": "text_encoder", "tokenizer": tokenizer_entry, "output": "last_hidden_state"}]
@@ -83,16 +86,49 @@ def write_text_conditioning(pipe, staging: Path) -> tuple[dict, dict]:
     }
 
 
+def _sd3_conditioning(pipe, staging: Path, tokenizer_entry: dict) -> dict:
+    """SD3's conditioning, as StableDiffusion3Pipeline.encode_prompt (clip_skip None): both CLIPs' penultimate
+    hidden states side by side, zero-padded to the transformer's joint width, then T5's last hidden state (zeros
+    when the bundle has no T5) along the sequence; both CLIPs' projected pooled outputs side by side."""
+    from .source import SD3_MAX_SEQUENCE_LENGTH
+
+    encoders = [
+        {
+            "component": name,
+            "tokenizer": entry,
+            "output": f"hidden_states.{int(enc.config.num_hidden_layers) - 1}",
+            "pooled": "text_embeds",
+        }
+        for name, enc, entry in (
+            ("text_encoder", pipe.text_encoder, tokenizer_entry),
+            ("text_encoder_2", pipe.text_encoder_2, write_tokenizer_json(pipe.tokenizer_2, staging / TOKENIZER_2_NAME)),
+        )
+    ]
+    t5 = getattr(pipe, "text_encoder_3", None) is not None
+    if t5:
+        entry = write_tokenizer_json(pipe.tokenizer_3, staging / TOKENIZER_3_NAME, SD3_MAX_SEQUENCE_LENGTH)
+        encoders.append({"component": "text_encoder_3", "tokenizer": entry, "output": "last_hidden_state"})
+    return {
+        "encoders": encoders,
+        "joint": "sd3",  # how the runtime combines the encoders' outputs (runtime/denoisers/sd3.py)
+        "t5": t5,
+        "max_sequence_length": SD3_MAX_SEQUENCE_LENGTH,
+        "joint_attention_dim": int(pipe.transformer.config.joint_attention_dim),
+    }
+
+
 def build_manifest(
     pipe, fam, ctx: ExportContext, text: tuple[dict, dict], components: dict, options: ExportOptions, provenance: dict
 ) -> Manifest:
     """The manifest of a bundle whose components are written; `provenance` is the target's own record
     (source, checks), to which the date and tool versions are added."""
     tokenizer_entry, conditioning = text
+    scheduler = resolve_scheduler(pipe, fam)
     return Manifest(
         family=fam.name,
-        prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
-        scheduler=resolve_scheduler(pipe, fam),
+        # as the resolved scheduler says it: flow schedulers' configs carry none, so theirs is "flow_prediction"
+        prediction_type=scheduler["config"]["prediction_type"],
+        scheduler=scheduler,
         defaults={
             "steps": options.default_steps or fam.default_steps,
             "guidance": fam.default_guidance if options.default_guidance is None else options.default_guidance,
@@ -101,6 +137,7 @@ def build_manifest(
         },
         latent_channels=ctx.latent_channels,
         vae_scaling_factor=float(pipe.vae.config.scaling_factor),
+        vae_shift_factor=float(pipe.vae.config.get("shift_factor") or 0.0),
         vae_scale_factor=ctx.vae_scale_factor,
         tokenizer=tokenizer_entry,
         conditioning=conditioning,

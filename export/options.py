@@ -34,7 +34,7 @@ ATTENTION_MODES = {"onnx": ("original", "sliced"), "coreml": ("original", *PROCE
 # `keep` besides block names: quantize every eligible node, or let the sensitivity pass choose
 KEEP_MODES = ("none", "auto")
 # options only one target uses: the other refuses them rather than silently ignoring them
-ONNX_ONLY = ("precision", "keep", "calibration_prompts", "tiny_decoder", "vae", "optimize", "loras")
+ONNX_ONLY = ("precision", "keep", "calibration_prompts", "tiny_decoder", "vae", "optimize", "loras", "t5")
 COREML_ONLY = ("palettize",)
 
 
@@ -69,6 +69,9 @@ class ExportOptions:
     palettize: int | None = None
     # UNet attention: "sliced" lowers peak memory (same result); "split_einsum" suits the Neural Engine
     attention: str = "original"
+    # SD3: export the T5 text encoder (most of SD3's weights); without it the runtime feeds zeros in its place,
+    # as diffusers does when text_encoder_3 is None (smaller and faster, weaker on long or typographic prompts)
+    t5: bool = True
     # replace an existing bundle at the output folder, once the new one is whole
     overwrite: bool = False
 
@@ -186,7 +189,7 @@ def read_prompts(path: str | Path) -> tuple[str, ...]:
 
 
 def _flag(name: str) -> str:
-    return "--lora" if name == "loras" else "--" + name.replace("_", "-")
+    return {"loras": "--lora", "t5": "--no-t5"}.get(name) or "--" + name.replace("_", "-")
 
 
 def _listing(items: list[str]) -> str:

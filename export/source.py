@@ -11,6 +11,10 @@ from edgediff.runtime.errors import ExportError
 from .families import SourceFacts, detect_family, get_family
 from .specs import ExportContext
 
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+# SD3 prompts: T5 takes this many tokens unless the caller says otherwise (StableDiffusion3Pipeline's default)
+SD3_MAX_SEQUENCE_LENGTH = 256
+
 
 def has_second_text_encoder(model_index: dict) -> bool:
     """SDXL-style folders list a second text encoder (CLIP-L + OpenCLIP-bigG); read from model_index.json,
@@ -19,18 +23,34 @@ def has_second_text_encoder(model_index: dict) -> bool:
     return isinstance(entry, (list, tuple)) and entry[-1] is not None
 
 
-def load_pipeline(source: str):
-    """A diffusers StableDiffusionPipeline (or StableDiffusionXLPipeline for folders with a second text
-    encoder) in fp32 on the CPU; hub ids need the network (or the HF cache)."""
+def transformer_class(model_index: dict) -> str | None:
+    """The denoiser's class when the folder's denoiser is a transformer (SD3Transformer2DModel), else None."""
+    entry = model_index.get("transformer")
+    return entry[-1] if isinstance(entry, (list, tuple)) and entry[-1] is not None else None
+
+
+def load_pipeline(source: str, t5: bool = True):
+    """A diffusers StableDiffusionPipeline (StableDiffusionXLPipeline for folders with a second text encoder,
+    StableDiffusion3Pipeline for folders whose denoiser is an SD3 transformer) in fp32 on the CPU; hub ids need
+    the network (or the HF cache). `t5=False` leaves SD3's T5 encoder unloaded (it is most of SD3's weights)."""
     import torch
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import (
+        DiffusionPipeline,
+        StableDiffusion3Pipeline,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+    )
 
     local = Path(source)
     if not local.exists() and (source.startswith((".", "/", "~")) or source.count("/") != 1):
         raise ExportError("export_source", source=source, detail="no such folder, and not a hub id (owner/name)")
     where = str(local) if local.exists() else source
     try:
-        if has_second_text_encoder(DiffusionPipeline.load_config(where)):
+        model_index = DiffusionPipeline.load_config(where)
+        if transformer_class(model_index) == "SD3Transformer2DModel":
+            without_t5 = {} if t5 else {"text_encoder_3": None, "tokenizer_3": None}
+            pipe = StableDiffusion3Pipeline.from_pretrained(where, torch_dtype=torch.float32, **without_t5)
+        elif has_second_text_encoder(model_index):
             # no invisible watermark: it would change the pixels the export check compares
             pipe = StableDiffusionXLPipeline.from_pretrained(where, torch_dtype=torch.float32, add_watermarker=False)
         else:
@@ -43,7 +63,25 @@ def load_pipeline(source: str):
     return pipe
 
 
+def denoiser(pipe):
+    """The pipeline's denoiser: its UNet, or its transformer (SD3)."""
+    return pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+
+
 def source_facts(pipe, source: str) -> SourceFacts:
+    if getattr(pipe, "transformer", None) is not None:
+        config = pipe.transformer.config
+        return SourceFacts(
+            scheduler_class=type(pipe.scheduler).__name__,
+            prediction_type=pipe.scheduler.config.get("prediction_type", "flow_prediction"),
+            timestep_spacing=pipe.scheduler.config.get("timestep_spacing"),
+            cross_attention_dim=int(config.joint_attention_dim),
+            time_cond_proj_dim=None,
+            text_encoders=sum(getattr(pipe, n, None) is not None for n in TEXT_ENCODERS),
+            name=source,
+            transformer_class=type(pipe.transformer).__name__,
+            qk_norm=config.get("qk_norm"),
+        )
     return SourceFacts(
         scheduler_class=type(pipe.scheduler).__name__,
         prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
@@ -78,33 +116,47 @@ def load_vae(source: str, latent_channels: int):
     return vae
 
 
-def prepare_source(source: str, height: int | None, width: int | None, family: str | None, vae: str | None = None):
-    """The diffusers pipeline (with `vae` replacing its VAE when given), its family row and the export
-    context (sizes checked)."""
-    pipe = load_pipeline(source)
+def prepare_source(
+    source: str, height: int | None, width: int | None, family: str | None, vae: str | None = None, t5: bool = True
+):
+    """The diffusers pipeline (with `vae` replacing its VAE when given; SD3 without T5 when `t5` is False), its
+    family row and the export context (sizes checked)."""
+    pipe = load_pipeline(source, t5=t5)
     if vae:
         pipe.register_modules(vae=load_vae(vae, int(pipe.vae.config.latent_channels)))
     fam = get_family(family) if family else detect_family(source_facts(pipe, source))
+    net = denoiser(pipe)
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    native = fam.default_size or int(pipe.unet.config.sample_size) * vae_scale
+    patch = int(net.config.get("patch_size", 1))  # a transformer's latent cells per token along each side
+    native = fam.default_size or int(net.config.sample_size) * vae_scale
     default_h, default_w = height or native, width or native
+    multiple = max(8, vae_scale * patch)
     for what, value in (("height", default_h), ("width", default_w)):
-        if value % 8:
-            raise ExportError("export_source", source=source, detail=f"{what} {value} is not a multiple of 8")
+        if value % multiple:
+            raise ExportError("export_source", source=source, detail=f"{what} {value} is not a multiple of {multiple}")
     ctx = ExportContext(
         height=default_h,
         width=default_w,
         latent_channels=int(pipe.vae.config.latent_channels),
-        unet_in_channels=int(pipe.unet.config.in_channels),
+        unet_in_channels=int(net.config.in_channels),
         vae_scale_factor=vae_scale,
         vae_scaling_factor=float(pipe.vae.config.scaling_factor),
         max_length=int(pipe.tokenizer.model_max_length),
         vocab_size=int(pipe.text_encoder.config.vocab_size),
-        cross_attention_dim=int(pipe.unet.config.cross_attention_dim),
-        time_cond_proj_dim=pipe.unet.config.time_cond_proj_dim,
+        cross_attention_dim=int(net.config.get("cross_attention_dim") or net.config.get("joint_attention_dim")),
+        time_cond_proj_dim=net.config.get("time_cond_proj_dim"),
     )
     text_encoder_2 = getattr(pipe, "text_encoder_2", None)
-    if text_encoder_2 is not None:  # SDXL
+    if getattr(pipe, "transformer", None) is not None:  # SD3: pooled text of both CLIPs, T5 tokens after CLIP's
+        text_encoder_3 = getattr(pipe, "text_encoder_3", None)
+        ctx = dataclasses.replace(
+            ctx,
+            vocab_size_2=int(text_encoder_2.config.vocab_size),
+            pooled_dim=int(net.config.pooled_projection_dim),
+            vocab_size_3=None if text_encoder_3 is None else int(text_encoder_3.config.vocab_size),
+            max_sequence_length=SD3_MAX_SEQUENCE_LENGTH,
+        )
+    elif text_encoder_2 is not None:  # SDXL
         ctx = dataclasses.replace(
             ctx,
             vocab_size_2=int(text_encoder_2.config.vocab_size),

@@ -40,6 +40,9 @@ class ExportContext:
     vocab_size_2: int | None = None
     pooled_dim: int | None = None
     time_ids_dim: int | None = None  # 6: original size, crop top-left, target size (5 for the refiner)
+    # SD3: T5's vocabulary (None when T5 is left out) and the T5 tokens that follow CLIP's in the joint sequence
+    vocab_size_3: int | None = None
+    max_sequence_length: int | None = None
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,25 @@ def _text_inputs(ctx: ExportContext, rng):
 
 def _text_2_inputs(ctx: ExportContext, rng):
     return {"input_ids": rng.integers(0, ctx.vocab_size_2, (VALIDATION_BATCH, ctx.max_length), dtype=np.int64)}
+
+
+def _text_3_inputs(ctx: ExportContext, rng):
+    shape = (VALIDATION_BATCH, ctx.max_sequence_length)
+    return {"input_ids": rng.integers(0, ctx.vocab_size_3, shape, dtype=np.int64)}
+
+
+def _transformer_inputs(ctx: ExportContext, rng):
+    h, w = ctx.height // ctx.vae_scale_factor, ctx.width // ctx.vae_scale_factor
+    tokens = ctx.max_length + ctx.max_sequence_length  # CLIP's tokens, then T5's (zeros without T5)
+    return {
+        "hidden_states": rng.standard_normal((VALIDATION_BATCH, ctx.latent_channels, h, w)).astype(np.float32),
+        "encoder_hidden_states": rng.standard_normal((VALIDATION_BATCH, tokens, ctx.cross_attention_dim)).astype(
+            np.float32
+        ),
+        "pooled_projections": rng.standard_normal((VALIDATION_BATCH, ctx.pooled_dim)).astype(np.float32),
+        # flow timesteps are sigma * 1000, one per batch row as StableDiffusion3Pipeline passes them
+        "timestep": rng.uniform(1, 1000, (VALIDATION_BATCH,)).astype(np.float32),
+    }
 
 
 def _unet_inputs(ctx: ExportContext, rng):
@@ -105,16 +127,34 @@ def _vae_encoder_call(pipe, x):
 
 
 def _text_call(pipe, x):
-    # outputs in optimum's order; SDXL bundles also carry every layer's hidden state (it reads the penultimate)
+    # outputs in optimum's order; SDXL and SD3 bundles also carry every layer's hidden state (they read the
+    # penultimate); SD3's first encoder is a CLIP with projection, whose pooled output is `text_embeds`
     out = pipe.text_encoder(
         input_ids=x["input_ids"], output_hidden_states=pipe.text_encoder.config.output_hidden_states
     )
+    if hasattr(out, "text_embeds"):
+        return [out.text_embeds, out.last_hidden_state, *(out.hidden_states or ())]
     return [out.last_hidden_state, out.pooler_output, *(out.hidden_states or ())]
 
 
 def _text_2_call(pipe, x):
     out = pipe.text_encoder_2(input_ids=x["input_ids"], output_hidden_states=True)
     return [out.text_embeds, out.last_hidden_state, *out.hidden_states]
+
+
+def _text_3_call(pipe, x):
+    return [pipe.text_encoder_3(input_ids=x["input_ids"]).last_hidden_state]
+
+
+def _transformer_call(pipe, x):
+    return [
+        pipe.transformer(
+            hidden_states=x["hidden_states"],
+            encoder_hidden_states=x["encoder_hidden_states"],
+            pooled_projections=x["pooled_projections"],
+            timestep=x["timestep"],
+        ).sample
+    ]
 
 
 def _unet_call(pipe, x):
@@ -138,11 +178,15 @@ def _tiny_decoder_call(tiny, x):
     return [tiny.decode(x["latent_sample"]).sample]
 
 
-# Exported when the source pipeline has the module (optimum lists it): text_encoder_2 for SDXL only.
+# Exported when the source pipeline has the module (optimum lists it): text_encoder_2 for SDXL and SD3,
+# text_encoder_3 (T5) and transformer for SD3 only.
 COMPONENTS: tuple[ComponentExport, ...] = (
     ComponentExport("text_encoder", _text_call, _text_inputs, module="text_encoder"),
     ComponentExport("text_encoder_2", _text_2_call, _text_2_inputs, module="text_encoder_2"),
+    # T5's activations overflow fp16 (its feed-forward outputs pass 65504 in the large models)
+    ComponentExport("text_encoder_3", _text_3_call, _text_3_inputs, fp16_may_overflow=True, module="text_encoder_3"),
     ComponentExport("unet", _unet_call, _unet_inputs, module="unet"),
+    ComponentExport("transformer", _transformer_call, _transformer_inputs, module="transformer"),
     ComponentExport("vae_decoder", _vae_decoder_call, _vae_decoder_inputs, fp16_may_overflow=True, module="vae"),
     # image-to-image and inpainting start from an encoded image
     ComponentExport("vae_encoder", _vae_encoder_call, _vae_encoder_inputs, fp16_may_overflow=True, module="vae"),

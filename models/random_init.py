@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .tokenizer_build import build_clip_tokenizer
+from .tokenizer_build import build_clip_tokenizer, build_t5_tokenizer
 
 # Scheduler settings of the published models these architectures stand for.
 SD15_SCHEDULER = {
@@ -113,6 +113,41 @@ TINY_SDXL_UNET = dict(
 )
 TINY_SDXL_VAE = dict(TINY_VAE, scaling_factor=0.13025, force_upcast=True)
 
+# SD3 / SD3.5: a flow-matching MMDiT over 16-channel latents, two CLIP encoders with projection (pooled text) and
+# T5. Widths differ so that mix-ups change shapes: CLIP 32 + 48 side by side, padded to T5's 96 (the joint width);
+# pooled 32 + 24. qk_norm and a dual-attention layer are SD3.5's; patch 2 x VAE 8 makes sizes multiples of 16.
+SD3_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+TINY_SD3_TRANSFORMER = dict(
+    sample_size=8,
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=2,
+    attention_head_dim=8,
+    num_attention_heads=4,
+    joint_attention_dim=96,
+    caption_projection_dim=32,
+    pooled_projection_dim=32 + 24,
+    pos_embed_max_size=16,
+    qk_norm="rms_norm",
+    dual_attention_layers=(0,),
+)
+TINY_SD3_VAE = dict(
+    TINY_VAE,
+    block_out_channels=(8, 8, 8, 8),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    latent_channels=16,
+    sample_size=64,
+    scaling_factor=1.5305,
+    shift_factor=0.0609,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+)
+TINY_T5 = dict(
+    d_model=96, d_kv=8, d_ff=37, num_layers=2, num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0
+)
+
 ARCHS = {
     "tiny-sd1": dict(unet=TINY_UNET, vae=TINY_VAE, text=TINY_TEXT, scheduler=SD15_SCHEDULER),
     "tiny-sd2-v": dict(
@@ -190,6 +225,14 @@ ARCHS = {
         text=TINY_TEXT,
         text_2=TINY_TEXT_2,
         scheduler=LCM_SCHEDULER,
+    ),
+    "tiny-sd3": dict(
+        transformer=TINY_SD3_TRANSFORMER,
+        vae=TINY_SD3_VAE,
+        text=TINY_TEXT,
+        text_2=TINY_TEXT_2,
+        t5=TINY_T5,
+        scheduler=SD3_SCHEDULER,
     ),
     # SDXL-Turbo at full size (~2.6 B UNet parameters; its UNet is SDXL base's), as published by Stability AI.
     "sdxl-turbo": dict(
@@ -300,6 +343,8 @@ def build_random_pipeline(arch: str, out_dir: str | Path, seed: int = 0) -> Path
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHS)}")
     spec = ARCHS[arch]
+    if "transformer" in spec:
+        return build_random_sd3_pipeline(spec, out_dir, seed)
     out = Path(out_dir)
     tok_dir = build_clip_tokenizer(out / "_tokenizer_src", WORDS)
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
@@ -358,6 +403,69 @@ def build_random_pipeline(arch: str, out_dir: str | Path, seed: int = 0) -> Path
     for folder in (tok_dir, tok_dir_2):
         if folder is not None:
             shutil.rmtree(folder)
+    return out
+
+
+def build_random_sd3_pipeline(spec: dict, out_dir: str | Path, seed: int = 0) -> Path:
+    """Saves a StableDiffusion3Pipeline folder with random weights for an ARCHS entry with a `transformer`."""
+    import shutil
+
+    import diffusers
+    import torch
+    from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+        T5Config,
+        T5EncoderModel,
+        T5TokenizerFast,
+    )
+
+    out = Path(out_dir)
+    folders = [
+        build_clip_tokenizer(out / "_tokenizer_src", WORDS),
+        build_clip_tokenizer(out / "_tokenizer_2_src", WORDS, pad_token="!"),  # CLIP-G pads with "!", as SDXL's
+        build_t5_tokenizer(out / "_tokenizer_3_src", WORDS),
+    ]
+    tokenizers = [CLIPTokenizer.from_pretrained(folders[0]), CLIPTokenizer.from_pretrained(folders[1])]
+    encoders = []
+    for i, (tok, text) in enumerate(zip(tokenizers, (spec["text"], spec["text_2"]))):
+        torch.manual_seed(seed + 2 + i)
+        config = CLIPTextConfig(
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **text
+        )
+        encoders.append(CLIPTextModelWithProjection(config))
+    tokenizer_3 = T5TokenizerFast.from_pretrained(folders[2])
+    torch.manual_seed(seed + 4)
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_3),
+            pad_token_id=tokenizer_3.pad_token_id,
+            eos_token_id=tokenizer_3.eos_token_id,
+            **spec["t5"],
+        )
+    )
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(**spec["transformer"])
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**spec["vae"])
+    sched_cfg = dict(spec["scheduler"])
+    scheduler = getattr(diffusers, sched_cfg.pop("_class_name")).from_config(sched_cfg)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=encoders[0],
+        tokenizer=tokenizers[0],
+        text_encoder_2=encoders[1],
+        tokenizer_2=tokenizers[1],
+        text_encoder_3=t5,
+        tokenizer_3=tokenizer_3,
+    )
+    pipe.save_pretrained(out)
+    for folder in folders:
+        shutil.rmtree(folder)
     return out
 
 

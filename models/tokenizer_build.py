@@ -66,3 +66,41 @@ def build_clip_tokenizer(out_dir: str | Path, words: list[str], max_length: int 
     )
     tok.save_pretrained(out)
     return out
+
+
+T5_PAD, T5_EOS, T5_UNK = "<pad>", "</s>", "<unk>"
+_SPACE = "\u2581"  # SentencePiece's word-start marker
+
+
+def build_t5_tokenizer(out_dir: str | Path, words: list[str], max_length: int = 512) -> Path:
+    """Writes a T5TokenizerFast (tokenizer.json + configs) to `out_dir` and returns it.
+
+    A SentencePiece-style Unigram model built with `tokenizers` (no sentencepiece file, no download): each listed
+    word is one piece, anything else falls back to single characters; ids 0, 1, 2 are pad, end and unknown as in
+    T5's own vocabulary, and an end token closes every sequence.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"))
+    pieces = [(T5_PAD, 0.0), (T5_EOS, 0.0), (T5_UNK, 0.0), (_SPACE, -2.0)]
+    pieces += [(_SPACE + w.lower(), -1.0) for w in dict.fromkeys(words)]
+    pieces += [(c, -5.0) for c in chars]
+    backend = Tokenizer(models.Unigram(pieces, unk_id=2))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement=_SPACE, prepend_scheme="always")
+    backend.decoder = decoders.Metaspace(replacement=_SPACE, prepend_scheme="always")
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"$A {T5_EOS}", pair=f"$A {T5_EOS} $B {T5_EOS}", special_tokens=[(T5_EOS, 1)]
+    )
+    tok = T5TokenizerFast(
+        tokenizer_object=backend,
+        eos_token=T5_EOS,
+        unk_token=T5_UNK,
+        pad_token=T5_PAD,
+        extra_ids=0,
+        model_max_length=max_length,
+    )
+    tok.save_pretrained(out)
+    return out

@@ -25,22 +25,38 @@ class _TextEncoder:
     pooled: str | None  # the graph output given as text_embeds (SDXL's second encoder)
 
 
+def text_encoders(bundle) -> list[_TextEncoder]:
+    """The bundle's text encoders as the manifest lists them, each with its tokenizer."""
+    return [
+        _TextEncoder(
+            e["component"],
+            PromptTokenizer(
+                bundle.tokenizer_file(e["tokenizer"]), e["tokenizer"]["max_length"], e["tokenizer"]["pad_id"]
+            ),
+            e["output"],
+            e.get("pooled"),
+        )
+        for e in bundle.manifest.text_encoders
+    ]
+
+
+def run_encoder(enc: _TextEncoder, session, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """One text encoder's outputs by name for token ids; NaN or inf (an fp16 overflow) is an error."""
+    outputs = dict(zip(session.output_names, session.run(input_ids=ids)))
+    for name in (enc.output, enc.pooled):
+        if name is not None and not np.isfinite(outputs[name]).all():
+            raise NaNOutputError(
+                "nan_output", component=enc.component.replace("_", " "), hint=" (fp16 overflow? try an fp32 bundle)"
+            )
+    return outputs
+
+
 class TextConditioner:
     """Encodes prompts into the UNet's text inputs; `sessions` is the pipeline's SessionPool."""
 
     def __init__(self, bundle, sessions):
         m = bundle.manifest
-        self.encoders = [
-            _TextEncoder(
-                e["component"],
-                PromptTokenizer(
-                    bundle.tokenizer_file(e["tokenizer"]), e["tokenizer"]["max_length"], e["tokenizer"]["pad_id"]
-                ),
-                e["output"],
-                e.get("pooled"),
-            )
-            for e in m.text_encoders
-        ]
+        self.encoders = text_encoders(bundle)
         # SDXL's force_zeros_for_empty_prompt: without a negative prompt, the unconditional input is zeros
         self.zero_negative = bool(m.conditioning.get("zero_negative", False))
         self.time_ids = m.conditioning.get("time_ids")  # "size-crop-target" for SDXL
@@ -62,17 +78,12 @@ class TextConditioner:
             t0 = time.perf_counter()
             ids = enc.tokenizer(prompts)
             t1 = time.perf_counter()
-            session = self.sessions.get(enc.component)
-            outputs = dict(zip(session.output_names, session.run(input_ids=ids)))
+            outputs = run_encoder(enc, self.sessions.get(enc.component), ids)
             hidden.append(outputs[enc.output].astype(np.float32))
             if enc.pooled:
                 pooled = outputs[enc.pooled].astype(np.float32)
             timings["tokenize"] = timings.get("tokenize", 0.0) + t1 - t0
             timings["text_encoder"] = timings.get("text_encoder", 0.0) + time.perf_counter() - t1
-            if not np.isfinite(hidden[-1]).all() or (pooled is not None and not np.isfinite(pooled).all()):
-                raise NaNOutputError(
-                    "nan_output", component=enc.component.replace("_", " "), hint=" (fp16 overflow? try an fp32 bundle)"
-                )
         return np.concatenate(hidden, axis=-1), pooled
 
     def __call__(

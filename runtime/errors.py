@@ -29,6 +29,9 @@ MESSAGES = {
     "cache_limit": "{env} must be a size in GiB (a number >= 0), got {value!r}",
     # generation inputs
     "size_multiple": "{what} must be a positive multiple of {multiple}, got {value}",
+    "size_patch": "{what} must be a multiple of {multiple} for this bundle (its transformer's patch of {patch} latent cells x the VAE's factor {vae}), got {value}; nearest valid: {nearest}",
+    "max_sequence_length": "max_sequence_length must be between 1 and {limit} (T5 tokens), got {value}",
+    "family_task": "{task} is not available for {family} bundles yet: they do text-to-image only",
     "steps": "num_inference_steps must be >= 1, got {value}",
     "sampler_unknown": "unknown sampler {name!r}; available: {available}",
     "sampler_mismatch": "{detail}",
@@ -63,6 +66,7 @@ MESSAGES = {
     "export_validation": "{component}: exported graph differs from PyTorch beyond tolerance: {detail}",
     "export_choice": "{option} must be one of {available}, got {value!r}",
     "export_attention": "unknown attention {value!r} for --target {target} (available: {available})",
+    "export_family_option": "{option} is not available for {family} models",
     "export_default_steps": "default steps must be >= 1, got {value}",
     "export_keep": 'keep is "none", "auto" or comma-separated block names, got {value!r}',
     "export_onnx_only": "--target coreml writes fp16 packages (or palettized ones, --palettize); {options} apply to --target onnx",

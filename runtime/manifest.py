@@ -14,7 +14,9 @@ from .errors import BundleError, SchemaVersionError
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_NAME = "tokenizer.json"
-TOKENIZER_2_NAME = "tokenizer_2.json"  # SDXL's second (OpenCLIP-bigG) tokenizer
+TOKENIZER_2_NAME = "tokenizer_2.json"  # SDXL's and SD3's second (OpenCLIP-bigG) tokenizer
+TOKENIZER_3_NAME = "tokenizer_3.json"  # SD3's T5 tokenizer
+DENOISERS = ("unet", "transformer")  # the denoiser component a bundle holds: a UNet, or SD3's MMDiT
 TARGETS = ("onnx", "coreml")
 
 
@@ -63,6 +65,8 @@ class Manifest:
     conditioning: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)  # source model, tool versions, date
     target: str = "onnx"  # onnx (onnxruntime graphs) | coreml (ML program packages, macOS)
+    # added to latents after dividing by vae_scaling_factor, before decoding (SD3's VAE: 0.0609); 0 before SD3
+    vae_shift_factor: float = 0.0
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> str:
@@ -122,9 +126,14 @@ class Manifest:
             for e in encoders
         ):
             raise BundleError("manifest_invalid", path=bundle_dir, detail="malformed conditioning")
-        for required in ("text_encoder", "unet", "vae_decoder", *(e["component"] for e in encoders)):
+        for required in ("text_encoder", "vae_decoder", *(e["component"] for e in encoders)):
             if required not in components:
                 raise BundleError("manifest_invalid", path=bundle_dir, detail=f"no {required} component")
+        if not any(d in components for d in DENOISERS):
+            raise BundleError("manifest_invalid", path=bundle_dir, detail=f"no {' or '.join(DENOISERS)} component")
+        shift = raw.get("vae_shift_factor", 0.0)
+        if not isinstance(shift, (int, float)):
+            raise BundleError("manifest_invalid", path=bundle_dir, detail="vae_shift_factor is not a number")
         target = raw.get("target", "onnx")
         if target not in TARGETS:
             raise BundleError("manifest_invalid", path=bundle_dir, detail=f"unknown target {target!r}")
@@ -134,8 +143,14 @@ class Manifest:
             conditioning=conditioning,
             provenance=raw.get("provenance", {}),
             target=target,
+            vae_shift_factor=float(shift),
             schema_version=version,
         )
+
+    @property
+    def denoiser(self) -> str:
+        """The denoiser's component name: "unet", or "transformer" (SD3)."""
+        return next(d for d in DENOISERS if d in self.components)
 
     @property
     def text_encoders(self) -> list[dict]:

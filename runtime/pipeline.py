@@ -1,7 +1,8 @@
 """The text-to-image pipeline over a bundle: numpy + onnxruntime + tokenizers + pillow, never torch.
 
 Names follow diffusers' StableDiffusionPipeline so its users feel at home; `None` arguments take
-the bundle manifest's defaults.
+the bundle manifest's defaults. One sampling loop serves every family: what differs between a UNet and
+SD3's transformer (conditioning, graph inputs, valid sizes) sits behind the denoiser (runtime/denoisers).
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from . import decode as decoding
 from . import graph_cache
 from .bundle import Bundle
 from .cancel import CancelToken
-from .conditioning import TextConditioner
 from .coreml_session import CoreMLSession
 from .coreml_session import check_available as check_coreml
 from .cpu_features import int8_dot_product
+from .denoisers import SIZE_MULTIPLE, make_denoiser, size_multiple
+from .denoisers.base import check_size
+from .denoisers.unet import guidance_embedding  # noqa: F401  (training and older callers import it from here)
 from .errors import BundleError, Cancelled, InputError, NaNOutputError, PipelineClosed, ProviderError
 from .image import latents_to_images, load_image, to_model_input, to_pil
 from .inpaint import outpaint_canvas, overlay, prepare_mask
@@ -35,7 +38,7 @@ from .session import GraphSession, SessionPool
 
 log = logging.getLogger("edgediff.pipeline")
 
-SIZE_MULTIPLE = 8  # as diffusers: the latent grid must stay whole through the VAE
+__all__ = ["SIZE_MULTIPLE", "Pipeline", "PipelineOutput", "StepEvent", "text_to_image_components"]
 
 
 @dataclass
@@ -56,25 +59,14 @@ StepCallback = Callable[[StepEvent], None]
 class PipelineOutput:
     images: list  # PIL images, or a float array (B, H, W, 3) in [0, 1] for output_type="np", or latents
     seeds: list[int | None]  # the seed of each image, to reproduce it alone
-    # seconds per stage: tokenize, text_encoder, unet (one entry per call), vae_decoder, total
+    # seconds per stage: tokenize, text_encoder, the denoiser's ("unet" or "transformer": one entry per call),
+    # vae_decoder, total
     timings: dict = field(default_factory=dict)
 
 
 def text_to_image_components(manifest) -> list[str]:
-    """The graphs every text-to-image call runs: the text encoder(s), the UNet and the full VAE decoder."""
-    return [*(e["component"] for e in manifest.text_encoders), "unet", "vae_decoder"]
-
-
-def guidance_embedding(w: np.ndarray, dim: int) -> np.ndarray:
-    """LCM's guidance-scale embedding (sinusoidal, as diffusers' get_guidance_scale_embedding)."""
-    w = w.astype(np.float32) * 1000.0
-    half = dim // 2
-    freqs = np.exp(np.arange(half, dtype=np.float32) * -(np.log(np.float32(10000.0)) / (half - 1)))
-    emb = w[:, None] * freqs[None, :]
-    emb = np.concatenate([np.sin(emb), np.cos(emb)], axis=1)
-    if dim % 2 == 1:
-        emb = np.pad(emb, ((0, 0), (0, 1)))
-    return emb.astype(np.float32)
+    """The graphs every text-to-image call runs: the text encoder(s), the denoiser and the full VAE decoder."""
+    return [*(e["component"] for e in manifest.text_encoders), manifest.denoiser, "vae_decoder"]
 
 
 def _can_capture(resolution: Resolution) -> bool:
@@ -105,24 +97,25 @@ def _note_precision(bundle: Bundle, provider: Provider) -> None:
     the CPU provider runs slower than fp32 (x86 CPUs have no fp16 kernels, so onnxruntime inserts casts);
     int8-static on a CPU without int8 dot-product instructions runs about as fast as fp32 (it buys size
     only). Other mismatches (int8 or int4 on a GPU) are not measured, so not flagged."""
-    unet = bundle.manifest.components.get("unet")
-    if unet is None:
-        return
-    if unet.precision == "fp16" and "fp16" not in provider.precisions:
+    denoiser = bundle.manifest.components[bundle.manifest.denoiser]
+    name = {"unet": "UNet"}.get(bundle.manifest.denoiser, bundle.manifest.denoiser)
+    if denoiser.precision == "fp16" and "fp16" not in provider.precisions:
         log.warning(
-            "%s: its UNet is %s, which the %s provider does not run natively (it suits %s); for speed there, "
+            "%s: its %s is %s, which the %s provider does not run natively (it suits %s); for speed there, "
             "export with --precision %s",
             bundle.path,
-            unet.precision,
+            name,
+            denoiser.precision,
             provider.name,
             ", ".join(provider.precisions),
             provider.precisions[0],
         )
-    elif unet.precision == "int8-static" and provider.name == "cpu" and not int8_dot_product():
+    elif denoiser.precision == "int8-static" and provider.name == "cpu" and not int8_dot_product():
         log.info(
-            "%s: its UNet is int8-static, but this CPU has no int8 dot-product instructions (VNNI): it runs about "
+            "%s: its %s is int8-static, but this CPU has no int8 dot-product instructions (VNNI): it runs about "
             "as fast as fp32 here (smaller, not faster; see `edgediff export --precision auto`)",
             bundle.path,
+            name,
         )
 
 
@@ -181,7 +174,8 @@ class Pipeline:
         names = [*text_to_image_components(m), *([DECODERS[self.decoder]] if self.decoder != "full" else [])]
         parallel = m.target != "coreml" and self.resolution.provider.opens_in_parallel  # (not Core ML packages)
         self.sessions = SessionPool(opener, names, low_memory=o.low_memory, parallel=parallel)
-        self.text = TextConditioner(bundle, self.sessions)
+        self.denoiser = make_denoiser(bundle, self.sessions)
+        self.text = self.denoiser.text  # the prompt conditioner (TextConditioner for UNets)
         # low-memory mode swaps sessions within a call, so calls take turns; otherwise a no-op lock
         self._turns = threading.Lock() if o.low_memory else _NoLock()
         self._closed = False
@@ -250,10 +244,8 @@ class Pipeline:
         return self.text.tokenizer
 
     def _check_args(self, height, width, steps, batch):
-        multiple = max(SIZE_MULTIPLE, self.manifest.vae_scale_factor)
         for what, value in (("height", height), ("width", width)):
-            if not isinstance(value, (int, np.integer)) or value <= 0 or value % multiple:
-                raise InputError("size_multiple", what=what, multiple=multiple, value=value)
+            check_size(self.manifest, what, value)
         d = self.manifest.defaults
         if self.manifest.target == "coreml" and (height, width) != (d["height"], d["width"]):
             raise InputError("static_size", width=d["width"], height=d["height"])
@@ -285,6 +277,7 @@ class Pipeline:
         mask_image=None,
         keep_unmasked: bool = False,
         outpaint: tuple[int, int, int, int] | None = None,
+        max_sequence_length: int | None = None,
     ) -> PipelineOutput:
         """Generates images; see README "Embedding" for callbacks, previews, cancel and threads.
 
@@ -300,6 +293,8 @@ class Pipeline:
         original pixels back outside the mask (the VAE round trip otherwise softens them).
         outpaint: (left, top, right, bottom) pixels to grow `image` by; the new area is painted and the
         original pixels are kept exactly (the canvas grows to the latent grid's multiple).
+        max_sequence_length: SD3 bundles: the T5 tokens of the joint text (default: the bundle's, 256 as
+        diffusers); other bundles ignore it.
         """
         if self._closed:
             raise PipelineClosed("closed")
@@ -328,6 +323,7 @@ class Pipeline:
             strength=strength,
             mask_image=mask_image,
             keep_unmasked=keep_unmasked,
+            max_sequence_length=max_sequence_length,
         )
         with self._turns:
             return self._generate(call)
@@ -341,7 +337,7 @@ class Pipeline:
             raise InputError("outpaint_margins", value=margins) from None
         if min(left, top, right, bottom) < 0:
             raise InputError("outpaint_margins", value=margins)
-        multiple = max(SIZE_MULTIPLE, self.manifest.vae_scale_factor)
+        multiple = size_multiple(self.manifest)
         return outpaint_canvas(image, left, top, right, bottom, multiple=multiple)
 
     def _generate(self, call: "_Call") -> PipelineOutput:
@@ -350,13 +346,16 @@ class Pipeline:
         if call.mask_image is not None and image is None:
             raise InputError("mask_without_image")
         strength = (1.0 if call.mask_image is not None else 0.8) if call.strength is None else call.strength
+        denoiser = self.denoiser
+        if image is not None and not denoiser.image_tasks:
+            raise InputError("family_task", task="image= (image-to-image, inpainting, outpainting)", family=m.family)
         if image is not None:  # the image's size (rounded down to the latent grid) unless asked otherwise
             image = load_image(image)
-            multiple = max(SIZE_MULTIPLE, m.vae_scale_factor)
+            multiple = size_multiple(m)
             height = height or image.height // multiple * multiple
             width = width or image.width // multiple * multiple
         start = time.perf_counter()
-        timings: dict = {"unet": []}
+        timings: dict = {denoiser.component: []}
         # 1. Resolve defaults from the manifest and check the arguments.
         prompts = [call.prompt] if isinstance(call.prompt, str) else list(call.prompt)
         steps = m.defaults["steps"] if call.steps is None else call.steps
@@ -371,18 +370,28 @@ class Pipeline:
         if call.decode_tile is not None and call.decode_tile < decoding.MIN_TILE:
             raise InputError("tile_size", minimum=decoding.MIN_TILE, value=call.decode_tile)
         batch = len(prompts) * call.images_per_prompt
-        embedded_guidance = m.guidance_embedding_dim is not None
-        do_cfg = guidance > 1.0 and not embedded_guidance
+        do_cfg = guidance > 1.0 and not denoiser.guidance_embedded
 
-        # 2. Encode the prompts into the UNet's text inputs (SDXL: pooled text and size conditions too); with
-        #    classifier-free guidance, the negative prompts go first in one batch.
+        # 2. Encode the prompts into the denoiser's fixed inputs (SDXL: pooled text and size conditions too; LCM:
+        #    the guidance embedding; SD3: joint CLIP + T5 text and pooled text); with classifier-free guidance,
+        #    the negative prompts go first in one batch.
         negative = call.negative_prompt
         negatives = (
             None if negative is None else ([negative] * len(prompts) if isinstance(negative, str) else list(negative))
         )
         if negatives is not None and len(negatives) != len(prompts):
             raise InputError("batch", what="negative prompts (one per prompt)", value=len(negatives))
-        text_feeds = self.text(prompts, negatives, do_cfg, call.images_per_prompt, height, width, timings)
+        fixed = denoiser.condition(
+            prompts,
+            negatives,
+            do_cfg,
+            call.images_per_prompt,
+            height,
+            width,
+            guidance,
+            timings,
+            call.max_sequence_length,
+        )
 
         # 3. Set the sampler's timesteps; image-to-image starts part-way (diffusers' get_timesteps).
         sampler = make_sampler(self.sampler_name, m.scheduler["config"])
@@ -411,7 +420,7 @@ class Pipeline:
             seeds = [base + i for i in range(batch)]
             noise_sources = [np.random.default_rng(s) for s in seeds]
         step_noise = _BatchNoise(noise_sources)
-        unet_channels = next(t.shape[1] for t in m.components["unet"].inputs if t.name == "sample")
+        unet_channels = denoiser.in_channels
         inpaint = None
         latents = call.latents
         if image is not None:
@@ -428,13 +437,7 @@ class Pipeline:
         else:
             latents = latents.astype(np.float32) * np.float32(sampler.init_noise_sigma)
 
-        # 5. LCM: guidance enters the UNet as an embedding of (w - 1), not as a second batch.
-        extra = {}
-        if embedded_guidance:
-            w = np.full((batch,), guidance - 1.0, dtype=np.float32)
-            extra["timestep_cond"] = guidance_embedding(w, m.guidance_embedding_dim)
-
-        # 6. Denoising loop; a cancel lands before the next call or aborts the one in flight.
+        # 5. Denoising loop; a cancel lands before the next call or aborts the one in flight.
         total = len(timesteps)
         for i, t in enumerate(timesteps):
             model_in = sampler.scale_model_input(latents, t)
@@ -444,9 +447,9 @@ class Pipeline:
                 model_in = np.concatenate([model_in, model_in])
             t0 = time.perf_counter()
             noise_pred = self._run_cancellable(
-                cancel, i, total, "unet", sample=model_in, timestep=np.array(t, dtype=np.float32), **text_feeds, **extra
+                cancel, i, total, denoiser.component, **denoiser.feeds(model_in, t, fixed)
             )[0]
-            timings["unet"].append(time.perf_counter() - t0)
+            timings[denoiser.component].append(time.perf_counter() - t0)
             if do_cfg:
                 uncond_pred, cond_pred = np.split(noise_pred, 2)
                 noise_pred = uncond_pred + np.float32(guidance) * (cond_pred - uncond_pred)
@@ -469,17 +472,19 @@ class Pipeline:
                     )
                 call.callback(StepEvent(step=i, total=total, timestep=float(t), latents=latents, preview=images))
         if not np.isfinite(latents).all():
-            raise NaNOutputError("nan_output", component="denoiser (unet)", hint=" (try an fp32 bundle)")
+            raise NaNOutputError(
+                "nan_output", component=f"denoiser ({denoiser.component})", hint=" (try an fp32 bundle)"
+            )
         if call.output_type == "latent":
             timings["total"] = time.perf_counter() - start
             return PipelineOutput(images=latents, seeds=seeds, timings=timings)
 
-        # 7. Decode one image at a time (or tile by tile): peak memory stays that of a single decode.
+        # 6. Decode one image at a time (or tile by tile): peak memory stays that of a single decode.
         t0 = time.perf_counter()
         decoded = self._decode_checked(latents, call.decoder, call.decode_tile, cancel, total)
         timings["vae_decoder"] = time.perf_counter() - t0
 
-        # 8. To [0, 1] images, as diffusers' image processor does (with the original kept outside the mask).
+        # 7. To [0, 1] images, as diffusers' image processor does (with the original kept outside the mask).
         if inpaint is not None and call.keep_unmasked:
             images = overlay(latents_to_images(decoded, "np"), image, inpaint.mask_px)
             images = images if call.output_type == "np" else to_pil(images)
@@ -528,7 +533,8 @@ class Pipeline:
         std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))  # diffusers' DiagonalGaussianDistribution
         mean, std = np.repeat(mean, batch, axis=0), np.repeat(std, batch, axis=0)
         sample = mean + std * noise.standard_normal(mean.shape)
-        return (sample * np.float32(self.manifest.vae_scaling_factor)).astype(np.float32)
+        shift = np.float32(self.manifest.vae_shift_factor)
+        return ((sample - shift) * np.float32(self.manifest.vae_scaling_factor)).astype(np.float32)
 
     def decode(
         self, latents: np.ndarray, decoder: str | None = None, output_type: str = "pil", decode_tile: int | None = None
@@ -555,11 +561,17 @@ class Pipeline:
 
     def _decode(self, latents, decoder: str, tile, cancel: CancelToken, step: int, total: int) -> np.ndarray:
         component = DECODERS[decoder]
-        # the full VAE takes unscaled latents; a tiny decoder records its own factor (TAESD's is 1.0)
-        scaling = self.manifest.components[component].attributes.get("scaling_factor", self.manifest.vae_scaling_factor)
+        # the full VAE takes unscaled (SD3: and shifted) latents; a tiny decoder records its own factor (TAESD's
+        # is 1.0) and shift (none)
+        attributes = self.manifest.components[component].attributes
+        full = component == DECODERS["full"]
+        scaling = attributes.get("scaling_factor", self.manifest.vae_scaling_factor)
+        shift = attributes.get("shift_factor", self.manifest.vae_shift_factor if full else 0.0)
         session = self.sessions.get(component)
         with _cancellable(cancel, step, total) as options:
-            return decoding.decode(session, latents / np.float32(scaling), tile, run_options=options)
+            return decoding.decode(
+                session, latents / np.float32(scaling) + np.float32(shift), tile, run_options=options
+            )
 
     def _run_cancellable(self, cancel: CancelToken, step: int, total: int, component: str, **feeds):
         session = self.sessions.get(component)
@@ -605,6 +617,7 @@ class _Call:
     strength: float | None
     mask_image: object
     keep_unmasked: bool
+    max_sequence_length: int | None = None
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 from PIL import Image
 from starlette.requests import Request
 
-from edgediff.runtime.pipeline import SIZE_MULTIPLE
+from edgediff.runtime.denoisers import size_multiple
 from edgediff.runtime.schedulers import make_sampler
 
 from .config import Limits
@@ -188,10 +188,10 @@ def build_request(
     if not 1 <= n <= limits.max_images:
         raise bad_request(f"n must be between 1 and {limits.max_images}, got {n}", "n")
     if size is None and image is not None:  # the image's own size, rounded down to the latent grid
-        multiple = max(SIZE_MULTIPLE, manifest.vae_scale_factor)
+        multiple = size_multiple(manifest)
         size = (image.width // multiple * multiple, image.height // multiple * multiple)
     width, height = size or (manifest.defaults["width"], manifest.defaults["height"])
-    multiple = max(SIZE_MULTIPLE, manifest.vae_scale_factor)
+    multiple = size_multiple(manifest)
     for value in (width, height):
         if not multiple <= value <= limits.max_side or value % multiple:
             raise bad_request(

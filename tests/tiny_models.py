@@ -72,3 +72,18 @@ def tiny_bundle_with_tiny_decoder(root: Path) -> Path:
             progress=False,
         )
     return _CACHE[key]
+
+
+def tiny_sd3_bundle(root: Path, t5: bool = True) -> Path:
+    """The tiny SD3 model's bundle, with its T5 encoder or without it (`--no-t5`)."""
+    from edgediff.export import ExportOptions, export
+
+    key = ("fp32", "tiny-sd3", t5)
+    if key not in _CACHE:
+        _CACHE[key] = export(
+            str(tiny_source("tiny-sd3", root)),
+            root / f"bundle-sd3-{'t5' if t5 else 'no-t5'}",
+            ExportOptions(t5=t5),
+            progress=False,
+        )
+    return _CACHE[key]

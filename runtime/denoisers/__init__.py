@@ -1,0 +1,22 @@
+"""The denoiser a bundle holds, behind one small interface, so that Pipeline._generate keeps one sampling loop.
+
+A denoiser turns prompts into the conditioning its graph takes (fixed over the steps) and builds each step's
+feeds (its own input names and timestep form); it also says which image sizes and tasks it takes.
+unet.py: the UNet families (SD 1.x / 2.x, SDXL, LCM, Turbo); sd3.py: SD3 / SD3.5's MMDiT transformer.
+"""
+
+from __future__ import annotations
+
+from .base import SIZE_MULTIPLE, Denoiser, size_multiple
+from .sd3 import SD3Denoiser
+from .unet import UNetDenoiser
+
+DENOISER_CLASSES = {"unet": UNetDenoiser, "transformer": SD3Denoiser}  # by the manifest's denoiser component
+
+
+def make_denoiser(bundle, sessions) -> Denoiser:
+    """The denoiser for `bundle`'s denoiser component; `sessions` is the pipeline's SessionPool."""
+    return DENOISER_CLASSES[bundle.manifest.denoiser](bundle, sessions)
+
+
+__all__ = ["SIZE_MULTIPLE", "Denoiser", "SD3Denoiser", "UNetDenoiser", "make_denoiser", "size_multiple"]

@@ -1,0 +1,75 @@
+"""What every denoiser offers the pipeline, and the image-size rule they share."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from ..errors import InputError
+
+SIZE_MULTIPLE = 8  # as diffusers: the latent grid must stay whole through the VAE
+
+
+def size_multiple(manifest) -> int:
+    """Image sides must be multiples of this: the VAE's factor (at least 8), times a transformer's patch size."""
+    patch = _patch_size(manifest)
+    return max(SIZE_MULTIPLE, manifest.vae_scale_factor) * patch
+
+
+def _patch_size(manifest) -> int:
+    spec = manifest.components.get("transformer")
+    return int((spec.attributes.get("patch_size") if spec is not None else None) or 1)
+
+
+def check_size(manifest, what: str, value) -> None:
+    """Raises InputError unless `value` is a valid image side for this bundle; a transformer's error names the
+    nearest valid sides (its multiple, 16 for SD3, is easy to miss)."""
+    multiple = size_multiple(manifest)
+    if not isinstance(value, (int, np.integer)) or value <= 0:
+        raise InputError("size_multiple", what=what, multiple=multiple, value=value)
+    if value % multiple == 0:
+        return
+    patch = _patch_size(manifest)
+    if patch == 1:
+        raise InputError("size_multiple", what=what, multiple=multiple, value=value)
+    below = value // multiple * multiple
+    nearest = " or ".join(str(v) for v in (below, below + multiple) if v > 0)
+    raise InputError(
+        "size_patch",
+        what=what,
+        multiple=multiple,
+        patch=patch,
+        vae=manifest.vae_scale_factor,
+        value=value,
+        nearest=nearest,
+    )
+
+
+class Denoiser(Protocol):
+    component: str  # the graph the sampling loop calls once per step (and per CFG batch)
+    text: object  # the prompt conditioner: .components (its graphs), .tokenizer (the first one)
+    in_channels: int  # the graph's latent input channels (9 for inpainting UNets)
+    guidance_embedded: bool  # LCM: guidance enters as an embedding, never as a second (unconditional) batch
+    image_tasks: bool  # whether image-to-image and inpainting are available
+
+    def condition(
+        self,
+        prompts: list[str],
+        negatives: list[str] | None,
+        do_cfg: bool,
+        repeat: int,
+        height: int,
+        width: int,
+        guidance: float,
+        timings: dict,
+        max_sequence_length: int | None = None,
+    ) -> dict[str, np.ndarray]:
+        """The feeds that stay fixed over the steps (text, pooled text, size or guidance conditions), for
+        len(prompts) * repeat images; with CFG the unconditional half comes first, as in diffusers."""
+        ...
+
+    def feeds(self, model_in: np.ndarray, timestep, fixed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One step's graph inputs: the latents (with any CFG batch), the timestep in the graph's form, and
+        the fixed feeds."""
+        ...

@@ -1,0 +1,44 @@
+"""The UNet families' denoiser (SD 1.x / 2.x, SDXL, LCM, Turbo): text feeds from the TextConditioner, the
+timestep as one scalar for the whole batch, and LCM's guidance as an embedding."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..conditioning import TextConditioner
+
+
+def guidance_embedding(w: np.ndarray, dim: int) -> np.ndarray:
+    """LCM's guidance-scale embedding (sinusoidal, as diffusers' get_guidance_scale_embedding)."""
+    w = w.astype(np.float32) * 1000.0
+    half = dim // 2
+    freqs = np.exp(np.arange(half, dtype=np.float32) * -(np.log(np.float32(10000.0)) / (half - 1)))
+    emb = w[:, None] * freqs[None, :]
+    emb = np.concatenate([np.sin(emb), np.cos(emb)], axis=1)
+    if dim % 2 == 1:
+        emb = np.pad(emb, ((0, 0), (0, 1)))
+    return emb.astype(np.float32)
+
+
+class UNetDenoiser:
+    component = "unet"
+    image_tasks = True
+
+    def __init__(self, bundle, sessions):
+        m = bundle.manifest
+        self.text = TextConditioner(bundle, sessions)
+        self.in_channels = next(t.shape[1] for t in m.components["unet"].inputs if t.name == "sample")
+        self.embedding_dim = m.guidance_embedding_dim
+        self.guidance_embedded = self.embedding_dim is not None
+
+    def condition(
+        self, prompts, negatives, do_cfg, repeat, height, width, guidance, timings, max_sequence_length=None
+    ) -> dict[str, np.ndarray]:
+        fixed = self.text(prompts, negatives, do_cfg, repeat, height, width, timings)
+        if self.guidance_embedded:  # LCM: an embedding of (w - 1), no second batch
+            w = np.full((len(prompts) * repeat,), guidance - 1.0, dtype=np.float32)
+            fixed["timestep_cond"] = guidance_embedding(w, self.embedding_dim)
+        return fixed
+
+    def feeds(self, model_in, timestep, fixed) -> dict[str, np.ndarray]:
+        return {"sample": model_in, "timestep": np.array(timestep, dtype=np.float32), **fixed}

@@ -1,0 +1,146 @@
+"""SD3 family: MMDiT transformer, CLIP-L + CLIP-G with pooled text, optional T5, 16-channel VAE with a shift,
+flow-matching Euler; against diffusers' StableDiffusion3Pipeline on a tiny random model (with T5 and without)."""
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from references import PIXEL_ATOL, PROMPTS  # noqa: E402
+from tiny_models import tiny_sd3_bundle, tiny_source  # noqa: E402
+
+from edgediff.runtime import Bundle, InputError, Pipeline  # noqa: E402
+
+
+def _reference(source, manifest, t5: bool, latents, **call):
+    """diffusers' images from the same folder (T5 left out as the bundle was), with the bundle's scheduler config."""
+    without_t5 = {} if t5 else {"text_encoder_3": None, "tokenizer_3": None}
+    pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(str(source), **without_t5)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(manifest.scheduler["config"])
+    return pipe(latents=torch.from_numpy(latents), output_type="np", **call).images
+
+
+CASES = [
+    # t5, steps, guidance, negative prompts, (height, width), images per prompt, max_sequence_length
+    (True, 2, 5.0, None, (64, 64), 1, None),  # CFG: "" through all three encoders as the unconditional input
+    (True, 1, 0.0, None, (64, 64), 1, None),  # no CFG (the turbo setting)
+    (True, 1, 4.5, ["blurry", "dark"], (48, 64), 2, 32),  # non-square, negatives, a batch per prompt, short T5
+    (False, 2, 5.0, None, (64, 64), 1, None),  # --no-t5: zeros in T5's place, as diffusers without text_encoder_3
+    (False, 1, 0.0, None, (64, 32), 1, None),
+]
+
+
+@pytest.mark.parametrize(
+    "t5,steps,guidance,negative,size,per_prompt,max_sequence_length",
+    CASES,
+    ids=[f"{'t5' if c[0] else 'no-t5'}-{c[1]}-cfg{c[2]:g}-{c[4][0]}x{c[4][1]}" for c in CASES],
+)
+def test_sd3_matches_diffusers(models_root, t5, steps, guidance, negative, size, per_prompt, max_sequence_length):
+    pipe = Pipeline.from_bundle(tiny_sd3_bundle(models_root, t5), provider="cpu")
+    m = pipe.manifest
+    height, width = size
+    shape = (len(PROMPTS) * per_prompt, 16, height // m.vae_scale_factor, width // m.vae_scale_factor)
+    latents = np.random.default_rng(steps).standard_normal(shape).astype(np.float32)
+    call = dict(
+        negative_prompt=negative,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        height=height,
+        width=width,
+        num_images_per_prompt=per_prompt,
+    )
+    length = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+    ours = pipe(PROMPTS, latents=latents, output_type="np", **call, **length).images
+    theirs = _reference(tiny_source("tiny-sd3", models_root), m, t5, latents, prompt=PROMPTS, **call, **length)
+    assert ours.shape == theirs.shape == (shape[0], height, width, 3)
+    assert np.abs(ours - theirs).max() <= PIXEL_ATOL
+    assert np.abs(ours - ours[::-1]).max() > PIXEL_ATOL  # different prompts and latents: different images
+
+
+def test_sd3_manifest_records_what_the_runtime_needs(models_root):
+    m = Bundle.open(tiny_sd3_bundle(models_root)).manifest
+    assert (m.family, m.prediction_type, m.latent_channels, m.denoiser) == (
+        "sd3.5",  # the tiny transformer has SD3.5's QK-normalisation
+        "flow_prediction",
+        16,
+        "transformer",
+    )
+    assert m.scheduler["name"] == "flow_euler" and m.scheduler["config"]["shift"] == 3.0  # the model's own shift
+    assert (m.defaults["steps"], m.defaults["guidance"]) == (28, 4.5)
+    assert (m.vae_scaling_factor, m.vae_shift_factor) == (1.5305, 0.0609)
+    c = m.conditioning
+    assert (c["t5"], c["max_sequence_length"], c["joint_attention_dim"]) == (True, 256, 96)
+    clip_l, clip_g, t5 = c["encoders"]
+    # the penultimate hidden state of each CLIP (2 and 3 layers) and both pooled outputs
+    assert (clip_l["output"], clip_g["output"]) == ("hidden_states.1", "hidden_states.2")
+    assert clip_l["pooled"] == clip_g["pooled"] == "text_embeds" and "pooled" not in t5
+    assert (t5["component"], t5["tokenizer"]["file"], t5["tokenizer"]["max_length"]) == (
+        "text_encoder_3",
+        "tokenizer_3.json",
+        256,
+    )
+    transformer = m.components["transformer"]
+    assert transformer.attributes["patch_size"] == 2
+    inputs = {t.name: t.shape for t in transformer.inputs}
+    assert inputs["hidden_states"][1] == 16 and inputs["pooled_projections"][1] == 32 + 24
+    assert inputs["encoder_hidden_states"][2] == 96
+
+    without = Bundle.open(tiny_sd3_bundle(models_root, t5=False))
+    assert "text_encoder_3" not in without.manifest.components
+    assert without.manifest.conditioning["t5"] is False and len(without.manifest.conditioning["encoders"]) == 2
+    assert not (without.path / "tokenizer_3.json").exists()
+    assert json.loads((without.path / "manifest.json").read_text())["provenance"]["source"]
+
+
+def test_sd3_families_are_detected_from_configs(models_root):
+    from edgediff.export.families import detect_family
+    from edgediff.export.source import load_pipeline, source_facts
+
+    facts = source_facts(load_pipeline(str(tiny_source("tiny-sd3", models_root)), t5=False), "my/sd3")
+    assert facts.transformer_class == "SD3Transformer2DModel" and facts.text_encoders == 2
+    assert detect_family(facts).name == "sd3.5"
+    sd3_medium = facts.__class__(**{**facts.__dict__, "qk_norm": None})
+    assert detect_family(sd3_medium).name == "sd3" and detect_family(sd3_medium).default_guidance == 7.0
+    turbo = detect_family(facts.__class__(**{**facts.__dict__, "name": "stabilityai/stable-diffusion-3.5-large-turbo"}))
+    assert (turbo.name, turbo.sampler, turbo.default_steps, turbo.default_guidance) == (
+        "sd3.5-turbo",
+        "flow_euler",
+        4,
+        0,
+    )
+
+
+def test_sd3_sizes_must_be_multiples_of_16(models_root):
+    pipe = Pipeline.from_bundle(tiny_sd3_bundle(models_root, t5=False), provider="cpu")
+    with pytest.raises(InputError, match=r"width must be a multiple of 16 .*got 56; nearest valid: 48 or 64"):
+        pipe("a red circle", width=56, num_inference_steps=1)
+    with pytest.raises(InputError, match=r"height must be a multiple of 16 .*got 8; nearest valid: 16$"):
+        pipe("a red circle", height=8, num_inference_steps=1)
+    with pytest.raises(InputError, match="height must be a positive multiple of 16, got 0"):
+        pipe("a red circle", height=0, num_inference_steps=1)
+    with pytest.raises(InputError, match="max_sequence_length must be between 1 and 512"):
+        pipe("a red circle", max_sequence_length=600, num_inference_steps=1)
+    with pytest.raises(
+        InputError, match=r"image= \(image-to-image, inpainting, outpainting\) is not available for sd3.5 bundles"
+    ):
+        pipe("a red circle", image=np.zeros((64, 64, 3), np.float32), num_inference_steps=1)
+
+
+def test_no_t5_option_and_refusals(models_root, tmp_path):
+    from click.testing import CliRunner
+
+    from edgediff.cli.main import cli
+    from edgediff.export import ExportOptions, export
+    from edgediff.runtime.errors import ExportOptionsError
+
+    assert ExportOptions().t5 and not ExportOptions.from_cli(t5=False).t5
+    with pytest.raises(ExportOptionsError, match="--no-t5 apply to --target onnx"):
+        ExportOptions(target="coreml", t5=False)
+    assert "--no-t5" in CliRunner().invoke(cli, ["export", "--help"]).output
+    with pytest.raises(ExportOptionsError, match="--attention sliced is not available for sd3.5 models"):
+        export(str(tiny_source("tiny-sd3", models_root)), tmp_path / "b", ExportOptions(attention="sliced"), False)
+    assert not (tmp_path / "b").exists()
