@@ -6,7 +6,6 @@ export_bundle("path/or/hub-id", "out/bundle", precision="fp32")   # the same, op
 
 from __future__ import annotations
 
-import gc
 import logging
 import shutil
 from pathlib import Path
@@ -38,7 +37,7 @@ from .specs import (
 )
 from .staging import staged
 from .tiny_decoder import load_tiny_decoder, tiny_attributes, tiny_decoder_for_export
-from .tracing import quiet_tracing
+from .tracing import quiet_tracing, trace_context, trace_on_inputs
 
 log = logging.getLogger("edgediff.export")
 
@@ -225,18 +224,26 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
             check_ctx = check_context(ctx, reduced)
             with stages.stage(f"{component.name}: export"):
                 reference = _torch_reference(component, modules, check_ctx)
+                if spatial:
+                    trace_ctx = trace_context(check_context(ctx, True))
+                    trace_on_inputs(export_config, component.random_inputs(trace_ctx, np.random.default_rng(1)))
                 export_models(
                     {component.name: (module, export_config)},
                     output_dir=raw_dir / component.name,
                     output_names=["model.onnx"],
+                    # optimum's fix opens the graph in onnxruntime: run below, once the module is gone, so that
+                    # the weights are never held by PyTorch and onnxruntime at once (the export's peak)
+                    disable_dynamic_axes_fix=True,
                 )
                 _release(module)  # optimum's own module (the VAE parts are copies of the pipeline's VAE)
-                del module, export_config
+                del module
                 if component.module and not any(c.module == component.module for c, *_ in work):
                     _release(getattr(modules, component.module))
                 modules = None
-                gc.collect()
+                release_memory()
                 raw_graph = raw_dir / component.name / "model.onnx"
+                export_config.fix_dynamic_axes(raw_graph)
+                del export_config
                 if optimize_for and component.name in FUSABLE:
                     fused = raw_graph.with_name("fused.onnx")
                     big = sum(f.stat().st_size for f in raw_graph.parent.iterdir()) > EXTERNAL_DATA_THRESHOLD
@@ -384,8 +391,15 @@ def _quantize_bundle(staging: Path, manifest: Manifest, precision: str, keep, pr
         work = staging / f".quantized-{name}"
         work.mkdir()
         dst = work / f"{name}.onnx"  # its external data, if any, is f"{name}.onnx.data": the bundle's names
+        recorded = feeds.pop(name)
         record = quantize_component(
-            staging / spec.graph_file, dst, SCHEMES[scheme_name], feeds.pop(name), keep, stages=stages
+            staging / spec.graph_file,
+            dst,
+            SCHEMES[scheme_name],
+            recorded,
+            keep,
+            stages=stages,
+            references=recorded.outputs,
         )
         for old in spec.files:  # the fp32 graph and any external data it had
             (staging / old).unlink()

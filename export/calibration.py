@@ -3,6 +3,8 @@
 The fp32 bundle (already checked against PyTorch) generates from each prompt while every graph's
 inputs are recorded, so each component is calibrated on what it sees at run time: UNet inputs at
 every step of the bundle's own sampler, each decoder's (full VAE, tiny) inputs from finished latents.
+Each graph's first output is kept beside its inputs: the fp32 reference the quantised graph is checked
+against, so that the fp32 graph need not run over the feeds a second time.
 """
 
 from __future__ import annotations
@@ -27,11 +29,19 @@ CALIBRATION_PROMPTS = (
 )
 
 
+class RecordedFeeds(list):
+    """A graph's recorded input dicts, with `outputs`: its first output for each, in the same order."""
+
+    def __init__(self, feeds=(), outputs=()):
+        super().__init__(feeds)
+        self.outputs = list(outputs)
+
+
 def record_feeds(
     bundle_dir: Path, prompts=CALIBRATION_PROMPTS, components: list[str] | None = None, seed: int = 0
-) -> dict[str, list[dict]]:
+) -> dict[str, RecordedFeeds]:
     """Per component (default: all that a text-to-image call runs), up to MAX_CALIBRATION_FEEDS input
-    dicts recorded while generating `prompts`."""
+    dicts recorded while generating `prompts`, with the graph's output for each."""
     from edgediff.runtime import Bundle, Pipeline
     from edgediff.runtime.pipeline import DECODERS, text_to_image_components
 
@@ -50,16 +60,19 @@ def record_feeds(
     out = {}
     for name, feeds in recorded.items():
         stride = max(1, len(feeds) // MAX_CALIBRATION_FEEDS)
-        out[name] = feeds[::stride][:MAX_CALIBRATION_FEEDS]
+        out[name] = RecordedFeeds(
+            feeds[::stride][:MAX_CALIBRATION_FEEDS], feeds.outputs[::stride][:MAX_CALIBRATION_FEEDS]
+        )
     return out
 
 
 @contextmanager
 def recording(sessions: dict):
     """Records every run of these graph sessions (name -> GraphSession) while the block runs, and yields
-    name -> the feeds of each run, as the graph checked them (the dtypes it declares). Each session's own `run`
-    is back in place afterwards: recording is the exporter's business, not the runtime's."""
-    recorded: dict[str, list[dict]] = {name: [] for name in sessions}
+    name -> the feeds of each run, as the graph checked them (the dtypes it declares), with its first output.
+    Each session's own `run` is back in place afterwards: recording is the exporter's business, not the
+    runtime's."""
+    recorded: dict[str, RecordedFeeds] = {name: RecordedFeeds() for name in sessions}
     own = {name: vars(session).get("run") for name, session in sessions.items()}  # a run already set on the object
     for name, session in sessions.items():
         session.run = _recording_run(session, recorded[name])  # an instance attribute over the class's method
@@ -73,12 +86,14 @@ def recording(sessions: dict):
                 session.run = own[name]
 
 
-def _recording_run(session, into: list[dict]):
+def _recording_run(session, into: RecordedFeeds):
     real = session.run
 
     def run(run_options=None, **feeds):
         checked = session.check_inputs(feeds)
+        outputs = real(run_options, **checked)
         into.append({name: np.array(value) for name, value in checked.items()})
-        return real(run_options, **checked)
+        into.outputs.append(np.array(outputs[0]))
+        return outputs
 
     return run

@@ -28,6 +28,39 @@ def test_check_context_keeps_full_size_without_spatial_axes():
     assert (small.height, small.width) == (128, 192) and small.latent_channels == ctx.latent_channels
 
 
+def test_graphs_are_traced_past_the_check_size_in_whole_multiples_of_8_cells():
+    from edgediff.export.specs import ExportContext, check_context
+    from edgediff.export.tracing import trace_context
+
+    for height, width, traced in ((512, 768, (192, 256)), (64, 32, (128, 128)), (1024, 1024, (320, 320))):
+        checked = check_context(ExportContext(height, width, 4, 4, 8, 0.18215, 77, 1000, 768, None), spatial=True)
+        ctx = trace_context(checked)
+        assert (ctx.height, ctx.width) == traced
+        assert ctx.height != checked.height and ctx.width != checked.width  # the check runs at another size
+        assert ctx.height % 64 == 0 and ctx.width % 64 == 0  # 8 cells of 8 pixels
+
+
+def test_tracing_takes_our_inputs_for_the_dynamic_size_ones_only():
+    import numpy as np
+    import torch
+
+    from edgediff.export.tracing import trace_on_inputs
+
+    class Config:  # the part of optimum's OnnxConfig that trace_on_inputs uses
+        inputs = {"sample": {0: "batch_size", 2: "height", 3: "width"}, "timestep": {0: "steps"}}
+
+        def generate_dummy_inputs(self, framework="pt", **shapes):
+            return {"sample": torch.zeros(2, 4, 96, 96), "timestep": torch.ones(1)}
+
+    config = Config()
+    ours = {"sample": np.ones((2, 4, 24, 24), np.float32), "timestep": np.zeros(1, np.float32)}
+    trace_on_inputs(config, ours)
+    traced = config.generate_dummy_inputs(framework="pt")
+    assert tuple(traced["sample"].shape) == (2, 4, 24, 24) and float(traced["sample"].mean()) == 1.0
+    assert float(traced["timestep"][0]) == 1.0  # not a spatial input: optimum's own
+    assert isinstance(config.generate_dummy_inputs(framework="np")["sample"], np.ndarray)
+
+
 def test_the_manifest_says_what_size_each_graph_was_checked_at(models_root):
     from edgediff.export.specs import check_side
 
