@@ -210,8 +210,12 @@ def info(bundle, verify):
     click.echo(f"bundle        {b.path}")
     click.echo(f"family        {m.family} ({m.prediction_type})")
     config = m.scheduler["config"]
-    # flow-matching configs (SD3) have no timestep spacing: their grid is set by the shift
-    grid = f"{config['timestep_spacing']} spacing" if "timestep_spacing" in config else f"shift {config.get('shift')}"
+    # flow-matching configs (SD3, FLUX) have no timestep spacing: their grid is set by the shift, which FLUX.1-dev
+    # takes per call from the image's token count
+    if "timestep_spacing" in config:
+        grid = f"{config['timestep_spacing']} spacing"
+    else:
+        grid = "dynamic shift" if config.get("use_dynamic_shifting") else f"shift {config.get('shift')}"
     click.echo(f"sampler       {m.scheduler['name']} ({grid})")
     d = m.defaults
     click.echo(f"defaults      {d['steps']} steps, guidance {d['guidance']}, {d['width']}x{d['height']}")

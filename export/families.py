@@ -25,6 +25,7 @@ class SourceFacts:
     # the denoiser's class when it is a transformer (SD3Transformer2DModel); None for UNets
     transformer_class: str | None = None
     qk_norm: str | None = None  # the transformer's query-key normalisation: SD3.5 has "rms_norm", SD3 none
+    guidance_embeds: bool = False  # FLUX.1-dev: the guidance scale enters the transformer as an embedding
 
 
 def _named(f: SourceFacts, *hints: str) -> bool:
@@ -45,13 +46,45 @@ class Family:
     # Default image side in pixels when the family is trained at another size than its UNet's sample_size
     # says (SDXL-Turbo: the SDXL UNet, distilled at 512); None: sample_size x the VAE's scale.
     default_size: int | None = None
+    # the T5 tokens prompts take by default (FLUX: schnell 256, dev 512); None: the pipeline's own constant
+    max_sequence_length: int | None = None
 
 
 def _sd3(f: SourceFacts) -> bool:
     return f.transformer_class == "SD3Transformer2DModel"
 
 
+def _flux(f: SourceFacts) -> bool:
+    return f.transformer_class == "FluxTransformer2DModel"
+
+
 FAMILIES: tuple[Family, ...] = (
+    # FLUX.1 rows: its transformer class sets them apart; dev's transformer embeds the guidance (guidance-distilled,
+    # no unconditional batch), schnell's has no guidance at all (timestep-distilled, 1-4 steps). Flow matching: the
+    # Euler flow sampler on FluxPipeline's sigmas, shifted as the model's scheduler config says (dev: by the
+    # image's token count).
+    Family(
+        name="flux-dev",
+        description="FLUX.1-dev (guidance-distilled MMDiT, CLIP-L pooled + T5), 28 steps, guidance 3.5, 1024x1024",
+        sampler="flow_euler",
+        default_steps=28,
+        default_guidance=3.5,
+        guidance_embedding=True,
+        matches=lambda f: _flux(f) and f.guidance_embeds,
+        default_size=1024,
+        max_sequence_length=512,
+    ),
+    Family(
+        name="flux-schnell",
+        description="FLUX.1-schnell (timestep-distilled MMDiT, CLIP-L pooled + T5), 1-4 steps, no guidance, 1024x1024",
+        sampler="flow_euler",
+        default_steps=4,
+        default_guidance=0.0,
+        guidance_embedding=False,
+        matches=_flux,
+        default_size=1024,
+        max_sequence_length=256,
+    ),
     # SD3 rows first: their MMDiT denoiser sets them apart (with T5 left out they have two text encoders, as SDXL).
     # Flow matching: the Euler flow sampler with the model's own shift (its scheduler config, recorded as it is).
     Family(

@@ -12,6 +12,7 @@ from edgediff.runtime.manifest import TOKENIZER_2_NAME, TOKENIZER_3_NAME, TOKENI
 from edgediff.runtime.schedulers import DIFFUSERS_CLASS_TO_SAMPLER, SAMPLER_TO_DIFFUSERS_CLASS, SAMPLERS
 
 from .options import ExportOptions
+from .source import FLUX_MAX_SEQUENCE_LENGTH, is_flux
 from .specs import ExportContext
 from .tokenizer import write_tokenizer_json
 
@@ -59,6 +60,8 @@ def write_text_conditioning(pipe, staging: Path) -> tuple[dict, dict]:
     """Writes each text encoder's tokenizer; returns the manifest's `tokenizer` entry and its `conditioning`:
     which encoders run, which output each gives the UNet, and SDXL's pooled text and micro-conditioning."""
     tokenizer_entry = write_tokenizer_json(pipe.tokenizer, staging / TOKENIZER_NAME)
+    if is_flux(pipe):
+        return tokenizer_entry, _flux_conditioning(pipe, staging, tokenizer_entry)
     if getattr(pipe, "transformer", None) is not None:
         return tokenizer_entry, _sd3_conditioning(pipe, staging, tokenizer_entry)
     if getattr(pipe, "text_encoder_2", None) is None:
@@ -117,6 +120,30 @@ def _sd3_conditioning(pipe, staging: Path, tokenizer_entry: dict) -> dict:
     }
 
 
+def _flux_conditioning(pipe, staging: Path, tokenizer_entry: dict) -> dict:
+    """FLUX's conditioning, as FluxPipeline.encode_prompt: CLIP-L's pooled output is the pooled text, T5's last
+    hidden state (max_sequence_length tokens; FLUX's T5 is its text_encoder_2) the transformer's text tokens.
+    Position ids: (0, row, col) per packed image token, zeros per text token. build_manifest sets the family's
+    max_sequence_length."""
+    t5_entry = write_tokenizer_json(pipe.tokenizer_2, staging / TOKENIZER_2_NAME, FLUX_MAX_SEQUENCE_LENGTH)
+    return {
+        "encoders": [
+            {
+                "component": "text_encoder",
+                "tokenizer": tokenizer_entry,
+                "output": "pooler_output",
+                "pooled": "pooler_output",
+            },
+            {"component": "text_encoder_2", "tokenizer": t5_entry, "output": "last_hidden_state"},
+        ],
+        "joint": "flux",  # how the runtime combines the encoders' outputs (runtime/denoisers/flux.py)
+        "max_sequence_length": FLUX_MAX_SEQUENCE_LENGTH,
+        # dev: the guidance scale is a transformer input (embedded), never an unconditional batch
+        "guidance_embedding": bool(pipe.transformer.config.guidance_embeds),
+        "ids": {"image": "zero-row-col", "text": "zeros"},
+    }
+
+
 def build_manifest(
     pipe, fam, ctx: ExportContext, text: tuple[dict, dict], components: dict, options: ExportOptions, provenance: dict
 ) -> Manifest:
@@ -124,6 +151,8 @@ def build_manifest(
     (source, checks), to which the date and tool versions are added."""
     tokenizer_entry, conditioning = text
     scheduler = resolve_scheduler(pipe, fam)
+    if conditioning.get("joint") == "flux":  # the family's T5 length (schnell 256, dev 512)
+        conditioning = {**conditioning, "max_sequence_length": ctx.max_sequence_length}
     return Manifest(
         family=fam.name,
         # as the resolved scheduler says it: flow schedulers' configs carry none, so theirs is "flow_prediction"
@@ -139,6 +168,7 @@ def build_manifest(
         vae_scaling_factor=float(pipe.vae.config.scaling_factor),
         vae_shift_factor=float(pipe.vae.config.get("shift_factor") or 0.0),
         vae_scale_factor=ctx.vae_scale_factor,
+        latent_packing=ctx.packing,
         tokenizer=tokenizer_entry,
         conditioning=conditioning,
         guidance_embedding_dim=ctx.time_cond_proj_dim,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from edgediff.runtime.errors import ExportError
+from edgediff.runtime.errors import ExportError, ExportOptionsError
 
 from .families import SourceFacts, detect_family, get_family
 from .specs import ExportContext
@@ -14,6 +14,9 @@ from .specs import ExportContext
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 # SD3 prompts: T5 takes this many tokens unless the caller says otherwise (StableDiffusion3Pipeline's default)
 SD3_MAX_SEQUENCE_LENGTH = 256
+# FLUX prompts: FluxPipeline's own default, for families whose row names none (schnell's is 256: trained so)
+FLUX_MAX_SEQUENCE_LENGTH = 512
+FLUX_PACKING = 2  # FluxPipeline._pack_latents: each transformer token is a 2x2 patch of latent cells
 
 
 def has_second_text_encoder(model_index: dict) -> bool:
@@ -24,18 +27,21 @@ def has_second_text_encoder(model_index: dict) -> bool:
 
 
 def transformer_class(model_index: dict) -> str | None:
-    """The denoiser's class when the folder's denoiser is a transformer (SD3Transformer2DModel), else None."""
+    """The denoiser's class when the folder's denoiser is a transformer (SD3Transformer2DModel,
+    FluxTransformer2DModel), else None."""
     entry = model_index.get("transformer")
     return entry[-1] if isinstance(entry, (list, tuple)) and entry[-1] is not None else None
 
 
 def load_pipeline(source: str, t5: bool = True):
     """A diffusers StableDiffusionPipeline (StableDiffusionXLPipeline for folders with a second text encoder,
-    StableDiffusion3Pipeline for folders whose denoiser is an SD3 transformer) in fp32 on the CPU; hub ids need
-    the network (or the HF cache). `t5=False` leaves SD3's T5 encoder unloaded (it is most of SD3's weights)."""
+    StableDiffusion3Pipeline / FluxPipeline for folders whose denoiser is an SD3 / FLUX transformer) in fp32 on
+    the CPU; hub ids need the network (or the HF cache). `t5=False` leaves SD3's T5 encoder unloaded (it is most
+    of SD3's weights); FLUX cannot do without its T5."""
     import torch
     from diffusers import (
         DiffusionPipeline,
+        FluxPipeline,
         StableDiffusion3Pipeline,
         StableDiffusionPipeline,
         StableDiffusionXLPipeline,
@@ -47,7 +53,11 @@ def load_pipeline(source: str, t5: bool = True):
     where = str(local) if local.exists() else source
     try:
         model_index = DiffusionPipeline.load_config(where)
-        if transformer_class(model_index) == "SD3Transformer2DModel":
+        if transformer_class(model_index) == "FluxTransformer2DModel":
+            if not t5:  # T5 gives FLUX all of its text tokens: there is nothing to stand in for it
+                raise ExportOptionsError("export_family_option", option="--no-t5", family="FLUX")
+            pipe = FluxPipeline.from_pretrained(where, torch_dtype=torch.float32)
+        elif transformer_class(model_index) == "SD3Transformer2DModel":
             without_t5 = {} if t5 else {"text_encoder_3": None, "tokenizer_3": None}
             pipe = StableDiffusion3Pipeline.from_pretrained(where, torch_dtype=torch.float32, **without_t5)
         elif has_second_text_encoder(model_index):
@@ -57,10 +67,16 @@ def load_pipeline(source: str, t5: bool = True):
             pipe = StableDiffusionPipeline.from_pretrained(
                 where, torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False
             )
+    except ExportOptionsError:
+        raise
     except (OSError, ValueError, EnvironmentError) as exc:
         raise ExportError("export_source", source=source, detail=str(exc).splitlines()[0]) from exc
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def is_flux(pipe) -> bool:
+    return type(getattr(pipe, "transformer", None)).__name__ == "FluxTransformer2DModel"
 
 
 def denoiser(pipe):
@@ -81,6 +97,7 @@ def source_facts(pipe, source: str) -> SourceFacts:
             name=source,
             transformer_class=type(pipe.transformer).__name__,
             qk_norm=config.get("qk_norm"),
+            guidance_embeds=bool(config.get("guidance_embeds", False)),
         )
     return SourceFacts(
         scheduler_class=type(pipe.scheduler).__name__,
@@ -126,8 +143,10 @@ def prepare_source(
         pipe.register_modules(vae=load_vae(vae, int(pipe.vae.config.latent_channels)))
     fam = get_family(family) if family else detect_family(source_facts(pipe, source))
     net = denoiser(pipe)
+    flux = is_flux(pipe)
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    patch = int(net.config.get("patch_size", 1))  # a transformer's latent cells per token along each side
+    # a transformer's latent cells per token along each side: its own patch (SD3), or FluxPipeline's packing
+    patch = int(net.config.get("patch_size", 1)) * (FLUX_PACKING if flux else 1)
     native = fam.default_size or int(net.config.sample_size) * vae_scale
     default_h, default_w = height or native, width or native
     multiple = max(8, vae_scale * patch)
@@ -147,7 +166,17 @@ def prepare_source(
         time_cond_proj_dim=net.config.get("time_cond_proj_dim"),
     )
     text_encoder_2 = getattr(pipe, "text_encoder_2", None)
-    if getattr(pipe, "transformer", None) is not None:  # SD3: pooled text of both CLIPs, T5 tokens after CLIP's
+    if flux:  # CLIP-L's pooled output and T5's tokens (FLUX's text_encoder_2); packed latents, ids, guidance
+        ctx = dataclasses.replace(
+            ctx,
+            vocab_size_2=int(text_encoder_2.config.vocab_size),
+            pooled_dim=int(net.config.pooled_projection_dim),
+            max_sequence_length=fam.max_sequence_length or FLUX_MAX_SEQUENCE_LENGTH,
+            text_2_length=fam.max_sequence_length or FLUX_MAX_SEQUENCE_LENGTH,
+            packing=FLUX_PACKING,
+            guidance_embeds=bool(net.config.guidance_embeds),
+        )
+    elif getattr(pipe, "transformer", None) is not None:  # SD3: pooled text of both CLIPs, T5 tokens after CLIP's
         text_encoder_3 = getattr(pipe, "text_encoder_3", None)
         ctx = dataclasses.replace(
             ctx,

@@ -43,6 +43,11 @@ class ExportContext:
     # SD3: T5's vocabulary (None when T5 is left out) and the T5 tokens that follow CLIP's in the joint sequence
     vocab_size_3: int | None = None
     max_sequence_length: int | None = None
+    # FLUX: the second encoder is T5 and takes this many tokens (None: CLIP's max_length); latents reach the
+    # transformer packed as packing x packing patches, with position ids; dev's transformer embeds the guidance
+    text_2_length: int | None = None
+    packing: int = 1
+    guidance_embeds: bool = False
 
 
 @dataclass(frozen=True)
@@ -62,7 +67,8 @@ def _text_inputs(ctx: ExportContext, rng):
 
 
 def _text_2_inputs(ctx: ExportContext, rng):
-    return {"input_ids": rng.integers(0, ctx.vocab_size_2, (VALIDATION_BATCH, ctx.max_length), dtype=np.int64)}
+    length = ctx.text_2_length or ctx.max_length  # FLUX's second encoder is T5
+    return {"input_ids": rng.integers(0, ctx.vocab_size_2, (VALIDATION_BATCH, length), dtype=np.int64)}
 
 
 def _text_3_inputs(ctx: ExportContext, rng):
@@ -70,7 +76,32 @@ def _text_3_inputs(ctx: ExportContext, rng):
     return {"input_ids": rng.integers(0, ctx.vocab_size_3, shape, dtype=np.int64)}
 
 
+def _flux_transformer_inputs(ctx: ExportContext, rng):
+    """FLUX's inputs as FluxPipeline feeds them: packed latents, T5's tokens alone, CLIP-L's pooled text, the
+    timestep as sigma (t / 1000), position ids (0, row, col) per image token and zeros per text token; dev adds
+    the guidance scale (its transformer scales timestep and guidance by 1000 itself)."""
+    rows, cols = ctx.height // ctx.vae_scale_factor // ctx.packing, ctx.width // ctx.vae_scale_factor // ctx.packing
+    width = ctx.latent_channels * ctx.packing**2
+    image_ids = np.zeros((rows, cols, 3), dtype=np.int64)
+    image_ids[..., 1], image_ids[..., 2] = np.arange(rows)[:, None], np.arange(cols)[None, :]
+    inputs = {
+        "hidden_states": rng.standard_normal((VALIDATION_BATCH, rows * cols, width)).astype(np.float32),
+        "encoder_hidden_states": rng.standard_normal(
+            (VALIDATION_BATCH, ctx.max_sequence_length, ctx.cross_attention_dim)
+        ).astype(np.float32),
+        "pooled_projections": rng.standard_normal((VALIDATION_BATCH, ctx.pooled_dim)).astype(np.float32),
+        "timestep": rng.uniform(0, 1, (VALIDATION_BATCH,)).astype(np.float32),
+        "img_ids": image_ids.reshape(rows * cols, 3),
+        "txt_ids": np.zeros((ctx.max_sequence_length, 3), dtype=np.int64),
+    }
+    if ctx.guidance_embeds:
+        inputs["guidance"] = rng.uniform(1, 10, (VALIDATION_BATCH,)).astype(np.float32)
+    return inputs
+
+
 def _transformer_inputs(ctx: ExportContext, rng):
+    if ctx.packing > 1:
+        return _flux_transformer_inputs(ctx, rng)
     h, w = ctx.height // ctx.vae_scale_factor, ctx.width // ctx.vae_scale_factor
     tokens = ctx.max_length + ctx.max_sequence_length  # CLIP's tokens, then T5's (zeros without T5)
     return {
@@ -138,6 +169,8 @@ def _text_call(pipe, x):
 
 
 def _text_2_call(pipe, x):
+    if not hasattr(pipe.text_encoder_2, "text_projection"):  # FLUX's second encoder is T5: its last hidden state
+        return [pipe.text_encoder_2(input_ids=x["input_ids"]).last_hidden_state]
     out = pipe.text_encoder_2(input_ids=x["input_ids"], output_hidden_states=True)
     return [out.text_embeds, out.last_hidden_state, *out.hidden_states]
 
@@ -147,6 +180,8 @@ def _text_3_call(pipe, x):
 
 
 def _transformer_call(pipe, x):
+    if "img_ids" in x:  # FLUX
+        return [pipe.transformer(**x).sample]
     return [
         pipe.transformer(
             hidden_states=x["hidden_states"],
@@ -178,8 +213,8 @@ def _tiny_decoder_call(tiny, x):
     return [tiny.decode(x["latent_sample"]).sample]
 
 
-# Exported when the source pipeline has the module (optimum lists it): text_encoder_2 for SDXL and SD3,
-# text_encoder_3 (T5) and transformer for SD3 only.
+# Exported when the source pipeline has the module (optimum lists it): text_encoder_2 for SDXL and SD3 (CLIP)
+# and FLUX (T5), text_encoder_3 (T5) for SD3 only, transformer for SD3 and FLUX.
 COMPONENTS: tuple[ComponentExport, ...] = (
     ComponentExport("text_encoder", _text_call, _text_inputs, module="text_encoder"),
     ComponentExport("text_encoder_2", _text_2_call, _text_2_inputs, module="text_encoder_2"),

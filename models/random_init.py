@@ -148,6 +148,35 @@ TINY_T5 = dict(
     d_model=96, d_kv=8, d_ff=37, num_layers=2, num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0
 )
 
+# FLUX.1: a flow-matching MMDiT (double- and single-stream blocks) over 16-channel latents packed 2x2 into 64-wide
+# tokens (patch_size 1: the pipeline packs), CLIP-L's pooled output (32) and T5's hidden states (96) as the text;
+# rotary position ids over (0, row, col), axes 4 + 4 + 8 = the head width. dev embeds the guidance scale.
+# Schedulers as published: schnell a static shift of 1, dev shifted by the image's token count.
+FLUX_SCHNELL_SCHEDULER = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "use_dynamic_shifting": False,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+FLUX_DEV_SCHEDULER = {**FLUX_SCHNELL_SCHEDULER, "shift": 3.0, "use_dynamic_shifting": True}
+TINY_FLUX_TRANSFORMER = dict(
+    patch_size=1,
+    in_channels=16 * 4,
+    num_layers=1,
+    num_single_layers=1,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=96,
+    pooled_projection_dim=32,
+    guidance_embeds=False,
+    axes_dims_rope=(4, 4, 8),
+)
+TINY_FLUX_VAE = dict(TINY_SD3_VAE, scaling_factor=0.3611, shift_factor=0.1159)  # FLUX.1's VAE factors
+
 ARCHS = {
     "tiny-sd1": dict(unet=TINY_UNET, vae=TINY_VAE, text=TINY_TEXT, scheduler=SD15_SCHEDULER),
     "tiny-sd2-v": dict(
@@ -233,6 +262,16 @@ ARCHS = {
         text_2=TINY_TEXT_2,
         t5=TINY_T5,
         scheduler=SD3_SCHEDULER,
+    ),
+    "tiny-flux-schnell": dict(
+        flux=TINY_FLUX_TRANSFORMER, vae=TINY_FLUX_VAE, text=TINY_TEXT, t5=TINY_T5, scheduler=FLUX_SCHNELL_SCHEDULER
+    ),
+    "tiny-flux-dev": dict(
+        flux={**TINY_FLUX_TRANSFORMER, "guidance_embeds": True},
+        vae=TINY_FLUX_VAE,
+        text=TINY_TEXT,
+        t5=TINY_T5,
+        scheduler=FLUX_DEV_SCHEDULER,
     ),
     # SDXL-Turbo at full size (~2.6 B UNet parameters; its UNet is SDXL base's), as published by Stability AI.
     "sdxl-turbo": dict(
@@ -345,6 +384,8 @@ def build_random_pipeline(arch: str, out_dir: str | Path, seed: int = 0) -> Path
     spec = ARCHS[arch]
     if "transformer" in spec:
         return build_random_sd3_pipeline(spec, out_dir, seed)
+    if "flux" in spec:
+        return build_random_flux_pipeline(spec, out_dir, seed)
     out = Path(out_dir)
     tok_dir = build_clip_tokenizer(out / "_tokenizer_src", WORDS)
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
@@ -413,14 +454,7 @@ def build_random_sd3_pipeline(spec: dict, out_dir: str | Path, seed: int = 0) ->
     import diffusers
     import torch
     from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import (
-        CLIPTextConfig,
-        CLIPTextModelWithProjection,
-        CLIPTokenizer,
-        T5Config,
-        T5EncoderModel,
-        T5TokenizerFast,
-    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5TokenizerFast
 
     out = Path(out_dir)
     folders = [
@@ -437,15 +471,7 @@ def build_random_sd3_pipeline(spec: dict, out_dir: str | Path, seed: int = 0) ->
         )
         encoders.append(CLIPTextModelWithProjection(config))
     tokenizer_3 = T5TokenizerFast.from_pretrained(folders[2])
-    torch.manual_seed(seed + 4)
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer_3),
-            pad_token_id=tokenizer_3.pad_token_id,
-            eos_token_id=tokenizer_3.eos_token_id,
-            **spec["t5"],
-        )
-    )
+    t5 = _t5_encoder(spec["t5"], tokenizer_3, seed + 4)
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(**spec["transformer"])
     torch.manual_seed(seed + 1)
@@ -462,6 +488,62 @@ def build_random_sd3_pipeline(spec: dict, out_dir: str | Path, seed: int = 0) ->
         tokenizer_2=tokenizers[1],
         text_encoder_3=t5,
         tokenizer_3=tokenizer_3,
+    )
+    pipe.save_pretrained(out)
+    for folder in folders:
+        shutil.rmtree(folder)
+    return out
+
+
+def _t5_encoder(spec: dict, tokenizer, seed: int):
+    """A random T5 encoder for `tokenizer`'s vocabulary (SD3's text_encoder_3, FLUX's text_encoder_2)."""
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **spec
+        )
+    )
+
+
+def build_random_flux_pipeline(spec: dict, out_dir: str | Path, seed: int = 0) -> Path:
+    """Saves a FluxPipeline folder with random weights for an ARCHS entry with a `flux` transformer."""
+    import shutil
+
+    import diffusers
+    import torch
+    from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5TokenizerFast
+
+    out = Path(out_dir)
+    folders = [build_clip_tokenizer(out / "_tokenizer_src", WORDS), build_t5_tokenizer(out / "_tokenizer_2_src", WORDS)]
+    tokenizer, tokenizer_2 = CLIPTokenizer.from_pretrained(folders[0]), T5TokenizerFast.from_pretrained(folders[1])
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **spec["text"],
+        )
+    )
+    text_encoder_2 = _t5_encoder(spec["t5"], tokenizer_2, seed + 4)
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(**spec["flux"])
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**spec["vae"])
+    sched_cfg = dict(spec["scheduler"])
+    scheduler = getattr(diffusers, sched_cfg.pop("_class_name")).from_config(sched_cfg)
+    pipe = FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
     )
     pipe.save_pretrained(out)
     for folder in folders:

@@ -1,4 +1,5 @@
-"""Prompts to the UNet's conditioning, driven by the manifest's `conditioning` entry.
+"""Prompts to the UNet's conditioning, driven by the manifest's `conditioning` entry; the helpers the transformer
+denoisers (runtime/denoisers) share: timed encoder runs, T5 tokenizers per max_sequence_length.
 
 SD 1.x / 2.x: one CLIP text encoder's last hidden state. SDXL (as diffusers' StableDiffusionXLPipeline
 with clip_skip None): both encoders' penultimate hidden states side by side, the second encoder's
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import NaNOutputError
+from .errors import InputError, NaNOutputError
 from .tokenizer import PromptTokenizer
 
 
@@ -51,6 +52,43 @@ def run_encoder(enc: _TextEncoder, session, ids: np.ndarray) -> dict[str, np.nda
     return outputs
 
 
+def run_timed(enc: _TextEncoder, tokenizer: PromptTokenizer, session, prompts: list[str], timings: dict) -> dict:
+    """Tokenizes `prompts` and runs one encoder on them, adding to the call's tokenize / text_encoder timings."""
+    t0 = time.perf_counter()
+    ids = tokenizer(prompts)
+    t1 = time.perf_counter()
+    outputs = run_encoder(enc, session, ids)
+    timings["tokenize"] = timings.get("tokenize", 0.0) + t1 - t0
+    timings["text_encoder"] = timings.get("text_encoder", 0.0) + time.perf_counter() - t1
+    return outputs
+
+
+# StableDiffusion3Pipeline and FluxPipeline refuse more T5 tokens
+MAX_SEQUENCE_LENGTH = 512
+
+
+def sequence_length(value, default: int) -> int:
+    """A call's T5 token count: `value`, or the bundle's `default` when None; InputError outside 1..512."""
+    length = default if value is None else value
+    if not isinstance(length, (int, np.integer)) or not 1 <= length <= MAX_SEQUENCE_LENGTH:
+        raise InputError("max_sequence_length", limit=MAX_SEQUENCE_LENGTH, value=length)
+    return int(length)
+
+
+class LengthTokenizers:
+    """One encoder's tokenizer padding to a call's max_sequence_length (T5's), made once per length."""
+
+    def __init__(self, bundle, enc: _TextEncoder):
+        self._entry = next(e["tokenizer"] for e in bundle.manifest.text_encoders if e["component"] == enc.component)
+        self._file = bundle.tokenizer_file(self._entry)
+        self._made = {enc.tokenizer.max_length: enc.tokenizer}
+
+    def __call__(self, length: int) -> PromptTokenizer:
+        if length not in self._made:
+            self._made[length] = PromptTokenizer(self._file, length, self._entry["pad_id"])
+        return self._made[length]
+
+
 class TextConditioner:
     """Encodes prompts into the UNet's text inputs; `sessions` is the pipeline's SessionPool."""
 
@@ -75,15 +113,10 @@ class TextConditioner:
         """(hidden states (B, T, D), pooled (B, P) or None) for `prompts`."""
         hidden, pooled = [], None
         for enc in self.encoders:
-            t0 = time.perf_counter()
-            ids = enc.tokenizer(prompts)
-            t1 = time.perf_counter()
-            outputs = run_encoder(enc, self.sessions.get(enc.component), ids)
+            outputs = run_timed(enc, enc.tokenizer, self.sessions.get(enc.component), prompts, timings)
             hidden.append(outputs[enc.output].astype(np.float32))
             if enc.pooled:
                 pooled = outputs[enc.pooled].astype(np.float32)
-            timings["tokenize"] = timings.get("tokenize", 0.0) + t1 - t0
-            timings["text_encoder"] = timings.get("text_encoder", 0.0) + time.perf_counter() - t1
         return np.concatenate(hidden, axis=-1), pooled
 
     def __call__(

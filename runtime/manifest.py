@@ -14,9 +14,9 @@ from .errors import BundleError, SchemaVersionError
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_NAME = "tokenizer.json"
-TOKENIZER_2_NAME = "tokenizer_2.json"  # SDXL's and SD3's second (OpenCLIP-bigG) tokenizer
+TOKENIZER_2_NAME = "tokenizer_2.json"  # SDXL's and SD3's second (OpenCLIP-bigG) tokenizer; FLUX's T5 tokenizer
 TOKENIZER_3_NAME = "tokenizer_3.json"  # SD3's T5 tokenizer
-DENOISERS = ("unet", "transformer")  # the denoiser component a bundle holds: a UNet, or SD3's MMDiT
+DENOISERS = ("unet", "transformer")  # the denoiser component a bundle holds: a UNet, or SD3's / FLUX's MMDiT
 TARGETS = ("onnx", "coreml")
 
 
@@ -67,6 +67,9 @@ class Manifest:
     target: str = "onnx"  # onnx (onnxruntime graphs) | coreml (ML program packages, macOS)
     # added to latents after dividing by vae_scaling_factor, before decoding (SD3's VAE: 0.0609); 0 before SD3
     vae_shift_factor: float = 0.0
+    # FLUX: latents reach the transformer as packing x packing patches of latent cells, one token each
+    # (FluxPipeline._pack_latents: 2); 1 for every other family
+    latent_packing: int = 1
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> str:
@@ -134,6 +137,9 @@ class Manifest:
         shift = raw.get("vae_shift_factor", 0.0)
         if not isinstance(shift, (int, float)):
             raise BundleError("manifest_invalid", path=bundle_dir, detail="vae_shift_factor is not a number")
+        packing = raw.get("latent_packing", 1)
+        if not isinstance(packing, int) or isinstance(packing, bool) or packing < 1:
+            raise BundleError("manifest_invalid", path=bundle_dir, detail="latent_packing is not a positive integer")
         target = raw.get("target", "onnx")
         if target not in TARGETS:
             raise BundleError("manifest_invalid", path=bundle_dir, detail=f"unknown target {target!r}")
@@ -144,6 +150,7 @@ class Manifest:
             provenance=raw.get("provenance", {}),
             target=target,
             vae_shift_factor=float(shift),
+            latent_packing=packing,
             schema_version=version,
         )
 

@@ -293,8 +293,11 @@ class Pipeline:
         original pixels back outside the mask (the VAE round trip otherwise softens them).
         outpaint: (left, top, right, bottom) pixels to grow `image` by; the new area is painted and the
         original pixels are kept exactly (the canvas grows to the latent grid's multiple).
-        max_sequence_length: SD3 bundles: the T5 tokens of the joint text (default: the bundle's, 256 as
-        diffusers); other bundles ignore it.
+        max_sequence_length: SD3 and FLUX bundles: the T5 tokens of the text (default: the bundle's; SD3 256 as
+        diffusers, FLUX.1-schnell 256, FLUX.1-dev 512); other bundles ignore it.
+        latents: the starting noise, (B, C, h, w); FLUX bundles take FluxPipeline's packed form, (B, h/2 * w/2,
+        C * 4). output_type="latent" and step callbacks give (B, C, h, w) for every family (what decode() takes).
+        guidance_scale: for FLUX.1-dev the embedded guidance (as FluxPipeline); FLUX.1-schnell ignores it.
         """
         if self._closed:
             raise PipelineClosed("closed")
@@ -396,7 +399,7 @@ class Pipeline:
         # 3. Set the sampler's timesteps; image-to-image starts part-way (diffusers' get_timesteps).
         sampler = make_sampler(self.sampler_name, m.scheduler["config"])
         try:  # e.g. more steps than a distilled model's timestep grid has
-            sampler.set_timesteps(steps)
+            sampler.set_timesteps(steps, **denoiser.schedule(sampler, steps, height, width))
         except ValueError as exc:
             raise InputError("sampler_steps", sampler=self.sampler_name, detail=str(exc)) from None
         timesteps = sampler.timesteps
@@ -410,8 +413,10 @@ class Pipeline:
             timesteps = timesteps[start_index:]
 
         # 4. Initial latents: from an image (img2img, inpainting), given, or pure noise; one seeded generator
-        #    per image (image i of seed s uses seed s + i).
+        #    per image (image i of seed s uses seed s + i). The loop runs on the denoiser's form of them (FLUX:
+        #    packed into tokens), which is what `latents=` takes; noise is drawn on the grid, then packed.
         shape = (batch, m.latent_channels, height // m.vae_scale_factor, width // m.vae_scale_factor)
+        loop_shape = denoiser.latent_shape(shape)
         seeds: list[int | None] = [None] * batch
         if call.generator is not None:
             noise_sources = [call.generator] * batch
@@ -431,9 +436,9 @@ class Pipeline:
             raise InputError("inpaint_unet", channels=unet_channels)
         elif latents is None:
             latents = np.stack([src.standard_normal(shape[1:], dtype=np.float32) for src in noise_sources])
-            latents = latents * np.float32(sampler.init_noise_sigma)
-        elif tuple(latents.shape) != shape:
-            raise InputError("latents_shape", expected=shape, found=tuple(latents.shape))
+            latents = denoiser.pack(latents) * np.float32(sampler.init_noise_sigma)
+        elif tuple(latents.shape) != loop_shape:
+            raise InputError("latents_shape", expected=loop_shape, found=tuple(latents.shape))
         else:
             latents = latents.astype(np.float32) * np.float32(sampler.init_noise_sigma)
 
@@ -463,18 +468,20 @@ class Pipeline:
                     else sampler.add_noise(inpaint.image_latents, inpaint.noise, timesteps[i + 1])
                 )
                 latents = ((1 - inpaint.mask_lat) * known + inpaint.mask_lat * latents).astype(np.float32)
-            if call.callback is not None:
+            if call.callback is not None:  # on the (B, C, h, w) grid, whatever the denoiser's form
                 images = None
                 if call.preview:
-                    estimate = latents if out.denoised is None else out.denoised
+                    estimate = denoiser.unpack(latents if out.denoised is None else out.denoised, height, width)
                     images = latents_to_images(
                         self._decode(estimate, self._preview_decoder(), None, cancel, i, total), "pil"
                     )
-                call.callback(StepEvent(step=i, total=total, timestep=float(t), latents=latents, preview=images))
+                grid = denoiser.unpack(latents, height, width)
+                call.callback(StepEvent(step=i, total=total, timestep=float(t), latents=grid, preview=images))
         if not np.isfinite(latents).all():
             raise NaNOutputError(
                 "nan_output", component=f"denoiser ({denoiser.component})", hint=" (try an fp32 bundle)"
             )
+        latents = denoiser.unpack(latents, height, width)  # (B, C, h, w): what decode() takes
         if call.output_type == "latent":
             timings["total"] = time.perf_counter() - start
             return PipelineOutput(images=latents, seeds=seeds, timings=timings)

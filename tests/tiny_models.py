@@ -16,9 +16,9 @@ def tiny_source(arch: str, root: Path) -> Path:
     return _CACHE[key]
 
 
-# Families trained at another size than their UNet's sample_size (SDXL-Turbo: 512) are exported at the tiny
-# models' own size, so that tests stay fast.
-TINY_SIZE = {"tiny-sdxl-turbo": 64}
+# Families trained at another size than their UNet's sample_size (SDXL-Turbo: 512, FLUX: 1024) are exported at
+# the tiny models' own size, so that tests stay fast.
+TINY_SIZE = {"tiny-sdxl-turbo": 64, "tiny-flux-schnell": 64, "tiny-flux-dev": 64}
 
 
 def tiny_bundle(arch: str, root: Path, precision: str = "fp32") -> Path:

@@ -2,21 +2,35 @@
 
 A denoiser turns prompts into the conditioning its graph takes (fixed over the steps) and builds each step's
 feeds (its own input names and timestep form); it also says which image sizes and tasks it takes.
-unet.py: the UNet families (SD 1.x / 2.x, SDXL, LCM, Turbo); sd3.py: SD3 / SD3.5's MMDiT transformer.
+unet.py: the UNet families (SD 1.x / 2.x, SDXL, LCM, Turbo); sd3.py: SD3 / SD3.5's MMDiT transformer; flux.py:
+FLUX.1's transformer over packed latents.
 """
 
 from __future__ import annotations
 
 from .base import SIZE_MULTIPLE, Denoiser, size_multiple
+from .flux import FluxDenoiser
 from .sd3 import SD3Denoiser
 from .unet import UNetDenoiser
 
 DENOISER_CLASSES = {"unet": UNetDenoiser, "transformer": SD3Denoiser}  # by the manifest's denoiser component
+# transformers whose text joins otherwise, by the manifest's conditioning "joint"
+JOINT_CLASSES = {"flux": FluxDenoiser}
 
 
 def make_denoiser(bundle, sessions) -> Denoiser:
     """The denoiser for `bundle`'s denoiser component; `sessions` is the pipeline's SessionPool."""
-    return DENOISER_CLASSES[bundle.manifest.denoiser](bundle, sessions)
+    m = bundle.manifest
+    cls = JOINT_CLASSES.get(m.conditioning.get("joint")) or DENOISER_CLASSES[m.denoiser]
+    return cls(bundle, sessions)
 
 
-__all__ = ["SIZE_MULTIPLE", "Denoiser", "SD3Denoiser", "UNetDenoiser", "make_denoiser", "size_multiple"]
+__all__ = [
+    "SIZE_MULTIPLE",
+    "Denoiser",
+    "FluxDenoiser",
+    "SD3Denoiser",
+    "UNetDenoiser",
+    "make_denoiser",
+    "size_multiple",
+]

@@ -18,8 +18,10 @@ def size_multiple(manifest) -> int:
 
 
 def _patch_size(manifest) -> int:
+    """Latent cells per transformer token along each side: SD3's patch, FLUX's packing (its patch_size is 1)."""
     spec = manifest.components.get("transformer")
-    return int((spec.attributes.get("patch_size") if spec is not None else None) or 1)
+    patch = int((spec.attributes.get("patch_size") if spec is not None else None) or 1)
+    return patch * int(getattr(manifest, "latent_packing", 1))
 
 
 def check_size(manifest, what: str, value) -> None:
@@ -73,3 +75,36 @@ class Denoiser(Protocol):
         """One step's graph inputs: the latents (with any CFG batch), the timestep in the graph's form, and
         the fixed feeds."""
         ...
+
+    def latent_shape(self, grid: tuple[int, ...]) -> tuple[int, ...]:
+        """The sampling loop's latent shape (what `latents=` takes) for a (B, C, h, w) grid."""
+        ...
+
+    def pack(self, grid: np.ndarray) -> np.ndarray:
+        """The sampling loop's latents from (B, C, h, w) latents (FLUX: packed into tokens)."""
+        ...
+
+    def unpack(self, latents: np.ndarray, height: int, width: int) -> np.ndarray:
+        """(B, C, h, w) latents, for the VAE, from the sampling loop's."""
+        ...
+
+    def schedule(self, sampler, steps: int, height: int, width: int) -> dict:
+        """Keyword arguments for sampler.set_timesteps besides the step count (FLUX: its sigmas and mu)."""
+        ...
+
+
+class DenoiserBase:
+    """Defaults for denoisers whose sampling loop runs on the (B, C, h, w) latent grid with the sampler's own
+    timesteps (the UNets, SD3)."""
+
+    def latent_shape(self, grid: tuple[int, ...]) -> tuple[int, ...]:
+        return grid
+
+    def pack(self, grid: np.ndarray) -> np.ndarray:
+        return grid
+
+    def unpack(self, latents: np.ndarray, height: int, width: int) -> np.ndarray:
+        return latents
+
+    def schedule(self, sampler, steps: int, height: int, width: int) -> dict:
+        return {}

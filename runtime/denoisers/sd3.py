@@ -9,15 +9,11 @@ by side. The timestep goes in once per batch row.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
-from ..conditioning import run_encoder, text_encoders
-from ..errors import InputError
+from ..conditioning import LengthTokenizers, run_timed, sequence_length, text_encoders
 from ..tokenizer import PromptTokenizer
-
-MAX_SEQUENCE_LENGTH = 512  # StableDiffusion3Pipeline refuses more T5 tokens
+from .base import DenoiserBase
 
 
 class SD3Conditioner:
@@ -30,8 +26,8 @@ class SD3Conditioner:
         self.t5 = next((e for e in encoders if not e.pooled), None)  # None: exported with --no-t5
         self.joint_width = int(c["joint_attention_dim"])
         self.max_sequence_length = int(c["max_sequence_length"])
-        self._bundle, self.sessions = bundle, sessions
-        self._t5_tokenizers = {} if self.t5 is None else {self.t5.tokenizer.max_length: self.t5.tokenizer}
+        self.sessions = sessions
+        self._t5_tokenizer = None if self.t5 is None else LengthTokenizers(bundle, self.t5)
 
     @property
     def components(self) -> list[str]:
@@ -42,29 +38,11 @@ class SD3Conditioner:
         """The first CLIP's tokenizer (prompt length checks, token counts)."""
         return self.clips[0].tokenizer
 
-    def _t5_tokenizer(self, length: int) -> PromptTokenizer:
-        """T5's tokenizer padding to `length` tokens (a call's max_sequence_length), made once per length."""
-        if length not in self._t5_tokenizers:
-            entry = next(
-                e["tokenizer"] for e in self._bundle.manifest.text_encoders if e["component"] == "text_encoder_3"
-            )
-            self._t5_tokenizers[length] = PromptTokenizer(self._bundle.tokenizer_file(entry), length, entry["pad_id"])
-        return self._t5_tokenizers[length]
-
-    def _run(self, enc, tokenizer, prompts, timings) -> dict[str, np.ndarray]:
-        t0 = time.perf_counter()
-        ids = tokenizer(prompts)
-        t1 = time.perf_counter()
-        outputs = run_encoder(enc, self.sessions.get(enc.component), ids)
-        timings["tokenize"] = timings.get("tokenize", 0.0) + t1 - t0
-        timings["text_encoder"] = timings.get("text_encoder", 0.0) + time.perf_counter() - t1
-        return outputs
-
     def encode(self, prompts: list[str], max_sequence_length: int, timings: dict) -> tuple[np.ndarray, np.ndarray]:
         """(joint text (B, clip tokens + max_sequence_length, joint width), pooled (B, P)) for `prompts`."""
         hidden, pooled = [], []
         for enc in self.clips:
-            outputs = self._run(enc, enc.tokenizer, prompts, timings)
+            outputs = run_timed(enc, enc.tokenizer, self.sessions.get(enc.component), prompts, timings)
             hidden.append(outputs[enc.output].astype(np.float32))
             pooled.append(outputs[enc.pooled].astype(np.float32))
         clip = np.concatenate(hidden, axis=-1)
@@ -72,7 +50,8 @@ class SD3Conditioner:
         if self.t5 is None:
             t5 = np.zeros((len(prompts), max_sequence_length, self.joint_width), dtype=np.float32)
         else:
-            outputs = self._run(self.t5, self._t5_tokenizer(max_sequence_length), prompts, timings)
+            tokenizer = self._t5_tokenizer(max_sequence_length)
+            outputs = run_timed(self.t5, tokenizer, self.sessions.get(self.t5.component), prompts, timings)
             t5 = outputs[self.t5.output].astype(np.float32)
         return np.concatenate([clip, t5], axis=1), np.concatenate(pooled, axis=-1)
 
@@ -87,7 +66,7 @@ class SD3Conditioner:
         return {"encoder_hidden_states": cond, "pooled_projections": pooled}
 
 
-class SD3Denoiser:
+class SD3Denoiser(DenoiserBase):
     component = "transformer"
     guidance_embedded = False
     image_tasks = False  # image-to-image and inpainting are not wired for SD3 bundles yet
@@ -100,10 +79,8 @@ class SD3Denoiser:
     def condition(
         self, prompts, negatives, do_cfg, repeat, height, width, guidance, timings, max_sequence_length=None
     ) -> dict[str, np.ndarray]:
-        length = self.text.max_sequence_length if max_sequence_length is None else max_sequence_length
-        if not isinstance(length, (int, np.integer)) or not 1 <= length <= MAX_SEQUENCE_LENGTH:
-            raise InputError("max_sequence_length", limit=MAX_SEQUENCE_LENGTH, value=length)
-        return self.text(prompts, negatives, do_cfg, repeat, int(length), timings)
+        length = sequence_length(max_sequence_length, self.text.max_sequence_length)
+        return self.text(prompts, negatives, do_cfg, repeat, length, timings)
 
     def feeds(self, model_in, timestep, fixed) -> dict[str, np.ndarray]:
         # one timestep per batch row, as StableDiffusion3Pipeline's t.expand(batch)

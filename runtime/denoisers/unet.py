@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..conditioning import TextConditioner
+from .base import DenoiserBase
 
 
 def guidance_embedding(w: np.ndarray, dim: int) -> np.ndarray:
@@ -20,7 +21,7 @@ def guidance_embedding(w: np.ndarray, dim: int) -> np.ndarray:
     return emb.astype(np.float32)
 
 
-class UNetDenoiser:
+class UNetDenoiser(DenoiserBase):
     component = "unet"
     image_tasks = True
 
