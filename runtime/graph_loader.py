@@ -17,6 +17,10 @@ from .session_states import CacheStatus
 
 log = logging.getLogger("edgediff.session")
 
+# graphs whose kernels need onnxruntime's layout rewrites even in low-memory mode: static int8's QLinearConv runs
+# on the NHWC form they make
+LAYOUT_PRECISIONS = frozenset({"int8-static"})
+
 
 def summarize(exc: Exception) -> str:
     """onnxruntime's message in one line: its first line, and its last when the cause is there (OpenVINO's
@@ -69,7 +73,8 @@ class GraphLoader:
         extra = {provider.graph_capture_option: "1"} if capture else {}
 
         def options() -> ort.SessionOptions:
-            return session_config.session_options(self.threads, resolution, self.low_memory, dims)
+            opts = session_config.session_options(self.threads, resolution, self.low_memory, dims)
+            return session_config.skip_layout_changes(opts) if self.keeps_layout else opts
 
         if self.cache_folder is None or (provider.compiles and not provider.saves_context):
             # a compiling provider keeps its own cache, where it has one (onnxruntime cannot save its compiled graph)
@@ -83,6 +88,8 @@ class GraphLoader:
                 if dims or extra
                 else resolution.cache_tag
             )
+            if self.keeps_layout:  # optimised differently: an entry of its own
+                tag += "-keeplayout"
             key = graph_cache.cache_key(self.name, self.spec.files[self.spec.graph_file]["sha256"], tag, self.path)
             session, status = graph_cache.open_cached(
                 self.path,
@@ -96,6 +103,13 @@ class GraphLoader:
         if self.falls_back(session):
             log.warning("%s: %s did not take this graph; it runs on the CPU", self.name, provider.name)
         return session, status
+
+    @property
+    def keeps_layout(self) -> bool:
+        """Whether this graph opens without onnxruntime's layout rewrites (session_config.skip_layout_changes)."""
+        return (
+            self.low_memory and self.spec.precision not in LAYOUT_PRECISIONS and self.resolution.provider.name == "cpu"
+        )
 
     def falls_back(self, session: ort.InferenceSession) -> bool:
         """Whether the chosen provider left this session to the CPU provider alone."""

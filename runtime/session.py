@@ -96,6 +96,11 @@ class GraphSession:
         return self.session.get_providers()
 
     @property
+    def keeps_layout(self) -> bool:
+        """Opened without onnxruntime's layout rewrites (low memory on the CPU: session_config.py)."""
+        return self._loader.keeps_layout
+
+    @property
     def fell_back_to_cpu(self) -> bool:
         """The chosen provider did not take this graph: it runs on the CPU alone."""
         return self._loader.falls_back(self.session)

@@ -22,6 +22,18 @@ def physical_cores() -> int:
         return os.cpu_count() or 1
 
 
+def skip_layout_changes(opts: ort.SessionOptions) -> ort.SessionOptions:
+    """Low memory on the CPU, graphs with float convolutions: every optimisation but the layout ones. Those
+    rewrite convolutions into blocked (NCHWc) form, with reordered copies of their weights (anonymous memory,
+    where the originals are memory-mapped from external data) and reorder buffers around every block. Full-size
+    SD-Turbo at 512x512: the VAE decoder opens at 0.27 instead of 0.45 GB and peaks at 0.94 instead of 1.07 GB;
+    an int4 UNet (float convolutions) opens at 0.09 instead of 2.36 GB, with 0.22 instead of 2.48 GB anonymous
+    at its peak; neither runs slower (docs/benchmarks.md, "Low memory"). Static int8 graphs keep them
+    (graph_loader.LAYOUT_PRECISIONS)."""
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    return opts
+
+
 def session_options(
     threads: int | None = None,
     resolution: Resolution | None = None,
