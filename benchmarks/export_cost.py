@@ -6,7 +6,8 @@ one after another on the same machine (so that their ratios compare like with li
 
 Each CONFIG is NAME=ARGS, the arguments `edgediff export SRC OUT` would take. The JSON records per
 configuration the seconds, the peak resident memory (the export process's own high-water mark), the bundle's
-size on disk and the manifest's quantization records (blocks kept in fp32, output error).
+size on disk, the manifest's quantization records (blocks kept in fp32, output error) and each stage of the
+export with its seconds and the peak memory when it ended (the stage that raised it set the peak).
 """
 
 from __future__ import annotations
@@ -28,20 +29,31 @@ RESULTS_KIND = "export-cost"  # the results file's "kind": docs_tables tells it 
 def _child(source: str, out: str, args: list[str]) -> None:
     """Runs `edgediff export` as this process's only child and prints one JSON line: its seconds and peak RSS
     (the largest resident set among this process's children, which is that one export)."""
+    import os
     import resource
 
+    from edgediff.export.progress import STAGES_LOG_ENV
+
+    stages_log = Path(out).with_name(f".{Path(out).name}.stages.jsonl")
+    stages_log.unlink(missing_ok=True)
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "edgediff.cli", "export", source, out, *args], capture_output=True, text=True
+        [sys.executable, "-m", "edgediff.cli", "export", source, out, *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, STAGES_LOG_ENV: str(stages_log)},
     )
     seconds = time.perf_counter() - start
+    stages = [json.loads(line) for line in stages_log.read_text().splitlines()] if stages_log.exists() else []
+    stages_log.unlink(missing_ok=True)
     if proc.returncode != 0:  # the CLI's one-line error, not the progress bar's last frame
         lines = proc.stderr.replace("\r", "\n").splitlines()
         errors = [line for line in lines if line.startswith("error:") or "Error" in line]
         print(json.dumps({"error": (errors or lines)[-1:]}))
         sys.exit(1)
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux, bytes on macOS
-    print(json.dumps({"seconds": seconds, "peak_rss_bytes": peak if sys.platform == "darwin" else peak * 1024}))
+    peak = peak if sys.platform == "darwin" else peak * 1024
+    print(json.dumps({"seconds": seconds, "peak_rss_bytes": peak, "stages": stages}))
 
 
 def measure(source: str, configs: dict[str, list[str]], work: Path, keep_bundles: bool = False) -> list[dict]:

@@ -211,6 +211,10 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
             work.append((TINY_DECODER, tiny_decoder_for_export(tiny), tiny, tiny_attributes(tiny)))
             del tiny
         sizes = {c.name: _millions(module) for c, (module, _), *_ in work}
+        # smallest first: the denoiser, the largest graph, is traced with the others' weights (optimum's VAE
+        # parts are copies of the pipeline's VAE) already freed; its export sets the fp32 export's peak
+        listed = [c.name for c, *_ in work]  # the manifest keeps this order
+        work.sort(key=lambda item: sizes[item[0].name])
         for name, millions in sizes.items():
             stages.plan(f"{name}: export", STAGE_COST["export"] * millions)
             stages.plan(f"{name}: check", STAGE_COST["check"] * millions)
@@ -278,6 +282,7 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
                 files=files, precision=comp_precision, inputs=inputs, outputs=outputs, attributes=attributes
             )
         shutil.rmtree(raw_dir, ignore_errors=True)
+        components = {name: components[name] for name in listed}
 
         manifest = build_manifest(
             pipe,

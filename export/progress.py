@@ -6,7 +6,15 @@ stage does with it), so that tqdm's rate, and so its estimate of the time left, 
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+import time
 from contextlib import contextmanager
+
+# A file to append one JSON line per finished stage to (its seconds and the process's peak memory so far):
+# how benchmarks/export_cost.py learns what each stage of an export in another process cost.
+STAGES_LOG_ENV = "EDGEDIFF_EXPORT_STAGES"
 
 # Rough cost per million parameters of each stage, relative to exporting a graph (estimates for full-size
 # graphs, where the bar's time left matters); runs scale with the feeds.
@@ -35,6 +43,7 @@ class Stages:
             bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}",
         )
         self._planned: dict[str, float] = {}
+        self._log = os.environ.get(STAGES_LOG_ENV) or None
 
     def plan(self, name: str, weight: float) -> None:
         weight = max(float(weight), 1e-3)
@@ -45,8 +54,13 @@ class Stages:
     @contextmanager
     def stage(self, name: str):
         self._bar.set_postfix_str(name)
+        start = time.perf_counter()
         yield
         self._bar.update(self._planned.pop(name, 0.0))
+        if self._log:
+            record = {"stage": name, "seconds": round(time.perf_counter() - start, 3), "peak_rss_bytes": _peak_rss()}
+            with open(self._log, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
 
     def close(self, note: str = "done") -> None:
         self._bar.set_postfix_str(note)
@@ -66,3 +80,13 @@ class NoStages:
 
     def close(self, note: str = "done") -> None:
         pass
+
+
+def _peak_rss() -> int | None:
+    """This process's peak resident memory so far, in bytes: the stage that raised it set the export's peak."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux

@@ -37,5 +37,10 @@ def test_export_cost_records_time_peak_and_what_was_made(models_root, tmp_path):
     assert rows["fp32"]["components"]["unet"]["precision"] == "fp32"
     assert rows["int8"]["components"]["unet"]["quantization"]["scheme"] == "int8-dynamic"
     assert rows["int8"]["bundle_bytes"] > 0  # (tiny graphs grow when quantized: scales outweigh their weights)
+    stages = [s["stage"] for s in rows["int8"]["stages"]]  # each stage of the export, in order, with its cost
+    assert stages[:2] == ["loading the source", "text_encoder: export"] and "unet: quantize" in stages
+    assert all(s["seconds"] >= 0 and s["peak_rss_bytes"] > 0 for s in rows["int8"]["stages"])
+    peaks = [s["peak_rss_bytes"] for s in rows["int8"]["stages"]]
+    assert peaks == sorted(peaks) and peaks[-1] <= rows["int8"]["peak_rss_bytes"]  # high-water marks
     assert "error" in rows["bad"] and "seconds" not in rows["bad"]  # a failed export is recorded, not raised
     assert not any(p.name in rows for p in tmp_path.iterdir() if p.is_dir())  # bundles removed after measuring
