@@ -74,21 +74,24 @@ SCHEMES = {
 }
 # bundle precision -> component -> scheme (None: the component stays fp32)
 _FP32 = {"vae_decoder": None, "vae_decoder_tiny": None, "vae_encoder": None}
+# every text encoder (CLIP, OpenCLIP, T5) takes the same scheme
+_TEXT = ("text_encoder", "text_encoder_2", "text_encoder_3")
 QUANT_POLICY = {
     # the VAE decoder in static int8 lost too much accuracy on the shipped model and ran slower: fp32;
-    # the tiny decoder's plain 3x3 convolutions run faster as QLinearConv
+    # the tiny decoder's plain 3x3 convolutions run faster as QLinearConv. A transformer denoiser (SD3, FLUX) is
+    # MatMuls: dynamic int8, as for int8 bundles (static ranges around its adaptive norms are not measured yet)
     "int8-static": {
-        "text_encoder": "int8-dynamic",
-        "text_encoder_2": "int8-dynamic",
+        **dict.fromkeys(_TEXT, "int8-dynamic"),
         "unet": "int8-static",
+        "transformer": "int8-dynamic",
         **_FP32,
         "vae_decoder_tiny": "int8-static",
     },
-    "int8": {"text_encoder": "int8-dynamic", "text_encoder_2": "int8-dynamic", "unet": "int8-dynamic", **_FP32},
+    "int8": {**dict.fromkeys(_TEXT, "int8-dynamic"), "unet": "int8-dynamic", "transformer": "int8-dynamic", **_FP32},
     "int4": {
-        "text_encoder": "int4-weight-only",
-        "text_encoder_2": "int4-weight-only",
+        **dict.fromkeys(_TEXT, "int4-weight-only"),
         "unet": "int4-weight-only",
+        "transformer": "int4-weight-only",
         **_FP32,
     },
 }

@@ -1,0 +1,60 @@
+"""Quantised bundles of the transformer families (SD3, FLUX): every text encoder and the transformer take the
+precision's scheme, `--keep auto` ranks their blocks, and the images stay near fp32's from the same seed."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from tiny_models import tiny_bundle, tiny_source  # noqa: E402
+
+from edgediff.benchmarks.metrics import psnr  # noqa: E402
+from edgediff.runtime import Bundle, Pipeline  # noqa: E402
+
+pytestmark = pytest.mark.export
+
+# Mean PSNR against the fp32 bundle's image, on tiny random models (whose outputs are near noise, so this
+# only catches a broken graph or a scheme applied wrongly; quality floors are judged on the shipped model)
+TINY_QUANTISED_PSNR_FLOOR = 20.0
+SIZE = {"tiny-sd3": 32, "tiny-flux-schnell": 64}
+
+
+def _image(bundle, arch):
+    with Pipeline.from_bundle(bundle, provider="cpu") as pipe:
+        out = pipe("a red circle", seed=3, num_inference_steps=2, height=SIZE[arch], width=SIZE[arch], output_type="np")
+    return out.images[0]
+
+
+@pytest.mark.parametrize(
+    "arch,precision,keep",
+    [("tiny-sd3", "int8", "auto"), ("tiny-sd3", "int4", "none"), ("tiny-flux-schnell", "int8-static", "auto")],
+)
+def test_transformer_bundles_quantise_every_text_encoder_and_the_transformer(
+    models_root, tmp_path, arch, precision, keep
+):
+    from edgediff.export import ExportOptions, export
+
+    size = SIZE[arch]
+    options = ExportOptions(precision=precision, keep=keep, height=size, width=size)
+    bundle = export(str(tiny_source(arch, models_root)), tmp_path / precision, options, progress=False)
+    m = Bundle.open(bundle).manifest
+    text = [e["component"] for e in m.text_encoders]
+    assert "transformer" in m.components and len(text) >= 2
+    for name in (*text, "transformer"):
+        q = m.components[name].attributes["quantization"]
+        assert q["scheme"] in ("int8-dynamic", "int4-weight-only") and q["quantised_nodes"] > 0, (name, q)
+        assert q["error"] <= q["budget"] or keep == "none", (name, q)
+        if keep == "auto":
+            assert q["block_errors"], name  # the blocks were found and ranked
+    assert m.components["vae_decoder"].attributes["quantization"]["scheme"] is None
+    reference = tiny_bundle(arch, models_root) if arch != "tiny-sd3" else None
+    if reference is None:
+        reference = export(
+            str(tiny_source(arch, models_root)),
+            tmp_path / "fp32",
+            ExportOptions(height=size, width=size),
+            progress=False,
+        )
+    fp32, quantised = _image(reference, arch), _image(bundle, arch)
+    assert np.isfinite(quantised).all()
+    assert psnr(quantised, fp32) >= TINY_QUANTISED_PSNR_FLOOR
