@@ -211,9 +211,13 @@ def info(bundle, verify):
     click.echo(f"family        {m.family} ({m.prediction_type})")
     config = m.scheduler["config"]
     # flow-matching configs (SD3, FLUX) have no timestep spacing: their grid is set by the shift, which FLUX.1-dev
-    # takes per call from the image's token count
+    # takes per call from the image's token count; SANA's DPM-Solver++ reads flow_shift, SCM its fixed angles
     if "timestep_spacing" in config:
         grid = f"{config['timestep_spacing']} spacing"
+    elif m.scheduler["name"] == "scm":
+        grid = f"sigma_data {config.get('sigma_data')}"
+    elif config.get("use_flow_sigmas"):
+        grid = f"flow shift {config.get('flow_shift')}"
     else:
         grid = "dynamic shift" if config.get("use_dynamic_shifting") else f"shift {config.get('shift')}"
     click.echo(f"sampler       {m.scheduler['name']} ({grid})")

@@ -26,6 +26,7 @@ from .optimize import optimize_graph
 from .options import ExportOptions
 from .precision import to_fp16
 from .quantize import release_memory
+from .sana import models_for_export
 from .source import prepare_source
 from .specs import (
     COMPONENTS,
@@ -171,7 +172,6 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
     if options.target != "onnx":  # edgediff.export.export picks the writer for the target
         raise ExportOptionsError("export_choice", option="target", value=options.target, available="onnx")
     from optimum.exporters.onnx import export_models
-    from optimum.exporters.utils import get_diffusion_models_for_export
 
     from .progress import STAGE_COST, Stages
 
@@ -192,7 +192,7 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
             sliced_layers = use_attention(unet, "sliced") if attention == "sliced" else 0
 
         text = write_text_conditioning(pipe, staging)
-        optimum_models = get_diffusion_models_for_export(pipe, exporter="onnx")
+        optimum_models = models_for_export(pipe)  # optimum's, or SANA's set up in sana.py
         components, checks, check_sizes = {}, {}, {}
         raw_dir = staging / "_raw"
         transformer = getattr(pipe, "transformer", None)

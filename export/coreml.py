@@ -197,11 +197,11 @@ def write_coreml_bundle(source: str, out: str | Path, options: ExportOptions, pr
     quiet_tracing()
     with staged(out, options.overwrite) as staging:
         pipe, fam, ctx = prepare_source(source, options.height, options.width, options.family)
-        if ctx.pooled_dim is not None:
+        if ctx.pooled_dim is not None or getattr(pipe, "transformer", None) is not None:
             raise ExportError(
                 "export_source",
                 source=source,
-                detail="the Core ML target converts SD 1.x / 2.x families; SDXL, SD3 and FLUX are ONNX-only for now",
+                detail="the Core ML target converts SD 1.x / 2.x families; SDXL, SD3, FLUX and SANA are ONNX-only for now",
             )
         text = write_text_conditioning(pipe, staging)
         attention_layers = use_attention(pipe.unet, attention) if attention != "original" else 0

@@ -58,7 +58,34 @@ def _flux(f: SourceFacts) -> bool:
     return f.transformer_class == "FluxTransformer2DModel"
 
 
+def _sana(f: SourceFacts) -> bool:
+    return f.transformer_class == "SanaTransformer2DModel"
+
+
 FAMILIES: tuple[Family, ...] = (
+    # SANA rows: its linear-attention DiT sets them apart (600M / 1.6B, 512 / 1024 px: the size is the transformer's
+    # sample_size x DC-AE's 32). Sprint's transformer embeds the guidance (SanaSprintPipeline: no unconditional
+    # batch) and its scheduler is SCM's, 1-4 steps; SANA's is the flow DPM-Solver++ its scheduler config names.
+    Family(
+        name="sana-sprint",
+        description="SANA-Sprint (sCM-distilled SANA, Gemma-2 text, DC-AE), 1-4 steps, embedded guidance 4.5",
+        sampler="scm",
+        default_steps=2,
+        default_guidance=4.5,
+        guidance_embedding=True,
+        matches=lambda f: _sana(f) and (f.guidance_embeds or f.scheduler_class == "SCMScheduler"),
+        max_sequence_length=300,
+    ),
+    Family(
+        name="sana",
+        description="SANA 600M / 1.6B (linear-attention DiT, Gemma-2 text, DC-AE f32), flow DPM-Solver++, 20 steps",
+        sampler="flow_dpmpp",
+        default_steps=20,
+        default_guidance=4.5,
+        guidance_embedding=False,
+        matches=_sana,
+        max_sequence_length=300,
+    ),
     # FLUX.1 rows: its transformer class sets them apart; dev's transformer embeds the guidance (guidance-distilled,
     # no unconditional batch), schnell's has no guidance at all (timestep-distilled, 1-4 steps). Flow matching: the
     # Euler flow sampler on FluxPipeline's sigmas, shifted as the model's scheduler config says (dev: by the

@@ -9,9 +9,10 @@ from importlib import metadata
 from pathlib import Path
 
 from edgediff.runtime.manifest import TOKENIZER_2_NAME, TOKENIZER_3_NAME, TOKENIZER_NAME, Manifest
-from edgediff.runtime.schedulers import DIFFUSERS_CLASS_TO_SAMPLER, SAMPLER_TO_DIFFUSERS_CLASS, SAMPLERS
+from edgediff.runtime.schedulers import SAMPLER_TO_DIFFUSERS_CLASS, SAMPLERS, sampler_for_scheduler
 
 from .options import ExportOptions
+from .sana import SANA_MAX_SEQUENCE_LENGTH, is_sana
 from .source import FLUX_MAX_SEQUENCE_LENGTH, is_flux
 from .specs import ExportContext
 from .tokenizer import write_tokenizer_json
@@ -48,7 +49,8 @@ def resolve_scheduler(pipe, family) -> dict:
     """Our sampler and its fully resolved diffusers config (defaults filled in by diffusers itself)."""
     import diffusers
 
-    ours = DIFFUSERS_CLASS_TO_SAMPLER.get(type(pipe.scheduler).__name__)
+    # SANA's DPMSolverMultistepScheduler is ours only in its flow form: the config decides
+    ours = sampler_for_scheduler(type(pipe.scheduler).__name__, dict(pipe.scheduler.config))
     sampler = family.sampler if family.guidance_embedding or ours is None else ours
     resolved = getattr(diffusers, SAMPLER_TO_DIFFUSERS_CLASS[sampler]).from_config(pipe.scheduler.config)
     config = {**dict(resolved.config), **dict(family.scheduler_overrides)}
@@ -59,6 +61,9 @@ def resolve_scheduler(pipe, family) -> dict:
 def write_text_conditioning(pipe, staging: Path) -> tuple[dict, dict]:
     """Writes each text encoder's tokenizer; returns the manifest's `tokenizer` entry and its `conditioning`:
     which encoders run, which output each gives the UNet, and SDXL's pooled text and micro-conditioning."""
+    if is_sana(pipe):  # Gemma's tokenizer pads to the call's length (the instruction prefix's tokens added)
+        tokenizer_entry = write_tokenizer_json(pipe.tokenizer, staging / TOKENIZER_NAME, SANA_MAX_SEQUENCE_LENGTH)
+        return tokenizer_entry, _sana_conditioning(pipe, tokenizer_entry)
     tokenizer_entry = write_tokenizer_json(pipe.tokenizer, staging / TOKENIZER_NAME)
     if is_flux(pipe):
         return tokenizer_entry, _flux_conditioning(pipe, staging, tokenizer_entry)
@@ -141,6 +146,29 @@ def _flux_conditioning(pipe, staging: Path, tokenizer_entry: dict) -> dict:
         # dev: the guidance scale is a transformer input (embedded), never an unconditional batch
         "guidance_embedding": bool(pipe.transformer.config.guidance_embeds),
         "ids": {"image": "zero-row-col", "text": "zeros"},
+    }
+
+
+def _sana_conditioning(pipe, tokenizer_entry: dict) -> dict:
+    """SANA's conditioning, as SanaPipeline.encode_prompt (clean_caption False): prompts lower-cased and stripped,
+    the pipeline's default complex-human-instruction prefix before each prompt (not before negative prompts),
+    Gemma-2's last hidden state on the masked tokens, of which the first and the last max_sequence_length - 1 are
+    kept, with their mask as the transformer's encoder_attention_mask. The timestep goes in times timestep_scale
+    (SANA) or as SCM's flow time (Sprint, whose transformer embeds guidance x guidance_embeds_scale)."""
+    import inspect
+
+    instruction = inspect.signature(type(pipe).__call__).parameters["complex_human_instruction"].default
+    config = pipe.transformer.config
+    return {
+        "encoders": [
+            {"component": "text_encoder", "tokenizer": tokenizer_entry, "output": "last_hidden_state", "mask": True}
+        ],
+        "joint": "sana",  # how the runtime conditions the transformer (runtime/denoisers/sana.py)
+        "max_sequence_length": SANA_MAX_SEQUENCE_LENGTH,
+        "instruction": "\n".join(instruction or []),
+        "timestep_scale": float(config.get("timestep_scale", 1.0)),
+        "guidance_embedding": bool(config.get("guidance_embeds", False)),
+        "guidance_embeds_scale": float(config.get("guidance_embeds_scale", 0.1)),
     }
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from edgediff.runtime.errors import ExportError, ExportOptionsError
 
 from .families import SourceFacts, detect_family, get_family
+from .sana import SANA_MAX_SEQUENCE_LENGTH, SANA_TRANSFORMER, dc_ae_scale_factor, is_sana
 from .specs import ExportContext
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
@@ -53,7 +54,12 @@ def load_pipeline(source: str, t5: bool = True):
     where = str(local) if local.exists() else source
     try:
         model_index = DiffusionPipeline.load_config(where)
-        if transformer_class(model_index) == "FluxTransformer2DModel":
+        if transformer_class(model_index) == SANA_TRANSFORMER:
+            if not t5:  # Gemma-2 is SANA's one text encoder
+                raise ExportOptionsError("export_family_option", option="--no-t5", family="SANA")
+            # SanaPipeline or SanaSprintPipeline, as the folder's model_index names it
+            pipe = DiffusionPipeline.from_pretrained(where, torch_dtype=torch.float32)
+        elif transformer_class(model_index) == "FluxTransformer2DModel":
             if not t5:  # T5 gives FLUX all of its text tokens: there is nothing to stand in for it
                 raise ExportOptionsError("export_family_option", option="--no-t5", family="FLUX")
             pipe = FluxPipeline.from_pretrained(where, torch_dtype=torch.float32)
@@ -91,7 +97,8 @@ def source_facts(pipe, source: str) -> SourceFacts:
             scheduler_class=type(pipe.scheduler).__name__,
             prediction_type=pipe.scheduler.config.get("prediction_type", "flow_prediction"),
             timestep_spacing=pipe.scheduler.config.get("timestep_spacing"),
-            cross_attention_dim=int(config.joint_attention_dim),
+            # the text tokens' width: SD3 / FLUX's joint attention, SANA's caption channels (Gemma-2's hidden size)
+            cross_attention_dim=int(config.get("joint_attention_dim") or config.get("caption_channels")),
             time_cond_proj_dim=None,
             text_encoders=sum(getattr(pipe, n, None) is not None for n in TEXT_ENCODERS),
             name=source,
@@ -143,8 +150,8 @@ def prepare_source(
         pipe.register_modules(vae=load_vae(vae, int(pipe.vae.config.latent_channels)))
     fam = get_family(family) if family else detect_family(source_facts(pipe, source))
     net = denoiser(pipe)
-    flux = is_flux(pipe)
-    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    flux, sana = is_flux(pipe), is_sana(pipe)
+    vae_scale = dc_ae_scale_factor(pipe.vae) if sana else 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     # a transformer's latent cells per token along each side: its own patch (SD3), or FluxPipeline's packing
     patch = int(net.config.get("patch_size", 1)) * (FLUX_PACKING if flux else 1)
     native = fam.default_size or int(net.config.sample_size) * vae_scale
@@ -166,7 +173,16 @@ def prepare_source(
         time_cond_proj_dim=net.config.get("time_cond_proj_dim"),
     )
     text_encoder_2 = getattr(pipe, "text_encoder_2", None)
-    if flux:  # CLIP-L's pooled output and T5's tokens (FLUX's text_encoder_2); packed latents, ids, guidance
+    if sana:  # Gemma-2's hidden states (caption_channels wide) and mask, checked at SanaPipeline's token count
+        ctx = dataclasses.replace(
+            ctx,
+            max_length=SANA_MAX_SEQUENCE_LENGTH,
+            max_sequence_length=SANA_MAX_SEQUENCE_LENGTH,
+            cross_attention_dim=int(net.config.caption_channels),
+            attention_mask=True,
+            guidance_embeds=bool(net.config.get("guidance_embeds", False)),
+        )
+    elif flux:  # CLIP-L's pooled output and T5's tokens (FLUX's text_encoder_2); packed latents, ids, guidance
         ctx = dataclasses.replace(
             ctx,
             vocab_size_2=int(text_encoder_2.config.vocab_size),

@@ -48,6 +48,9 @@ class ExportContext:
     text_2_length: int | None = None
     packing: int = 1
     guidance_embeds: bool = False
+    # SANA: Gemma-2 takes an attention mask with its tokens, and the transformer the same mask over the text tokens
+    # (max_sequence_length of them, caption width cross_attention_dim); Sprint embeds guidance too
+    attention_mask: bool = False
 
 
 @dataclass(frozen=True)
@@ -62,8 +65,17 @@ class ComponentExport:
     module: str | None = None
 
 
+def _padding_mask(rng, length: int) -> np.ndarray:
+    """(batch, length) right-padded attention masks, rows of differing lengths (the first full)."""
+    kept = np.concatenate([[length], rng.integers(1, length + 1, VALIDATION_BATCH - 1)])
+    return (np.arange(length)[None, :] < kept[:, None]).astype(np.int64)
+
+
 def _text_inputs(ctx: ExportContext, rng):
-    return {"input_ids": rng.integers(0, ctx.vocab_size, (VALIDATION_BATCH, ctx.max_length), dtype=np.int64)}
+    inputs = {"input_ids": rng.integers(0, ctx.vocab_size, (VALIDATION_BATCH, ctx.max_length), dtype=np.int64)}
+    if ctx.attention_mask:  # Gemma-2 (SANA): padded prompts with their mask
+        inputs["attention_mask"] = _padding_mask(rng, ctx.max_length)
+    return inputs
 
 
 def _text_2_inputs(ctx: ExportContext, rng):
@@ -99,9 +111,29 @@ def _flux_transformer_inputs(ctx: ExportContext, rng):
     return inputs
 
 
+def _sana_transformer_inputs(ctx: ExportContext, rng):
+    """SANA's inputs as SanaPipeline feeds them: latents, Gemma's selected hidden states with their mask, the
+    timestep (SANA: t * timestep_scale, up to 1000; Sprint: the flow time in [0, 1]) and Sprint's guidance."""
+    h, w = ctx.height // ctx.vae_scale_factor, ctx.width // ctx.vae_scale_factor
+    tokens = ctx.max_sequence_length
+    inputs = {
+        "hidden_states": rng.standard_normal((VALIDATION_BATCH, ctx.latent_channels, h, w)).astype(np.float32),
+        "encoder_hidden_states": rng.standard_normal((VALIDATION_BATCH, tokens, ctx.cross_attention_dim)).astype(
+            np.float32
+        ),
+        "encoder_attention_mask": _padding_mask(rng, tokens),
+        "timestep": rng.uniform(0, 1 if ctx.guidance_embeds else 1000, (VALIDATION_BATCH,)).astype(np.float32),
+    }
+    if ctx.guidance_embeds:  # 4.5 x guidance_embeds_scale (0.1) by default
+        inputs["guidance"] = rng.uniform(0, 1, (VALIDATION_BATCH,)).astype(np.float32)
+    return inputs
+
+
 def _transformer_inputs(ctx: ExportContext, rng):
     if ctx.packing > 1:
         return _flux_transformer_inputs(ctx, rng)
+    if ctx.attention_mask:
+        return _sana_transformer_inputs(ctx, rng)
     h, w = ctx.height // ctx.vae_scale_factor, ctx.width // ctx.vae_scale_factor
     tokens = ctx.max_length + ctx.max_sequence_length  # CLIP's tokens, then T5's (zeros without T5)
     return {
@@ -160,6 +192,8 @@ def _vae_encoder_call(pipe, x):
 def _text_call(pipe, x):
     # outputs in optimum's order; SDXL and SD3 bundles also carry every layer's hidden state (they read the
     # penultimate); SD3's first encoder is a CLIP with projection, whose pooled output is `text_embeds`
+    if "attention_mask" in x:  # SANA's Gemma-2: its last hidden state, on the masked tokens
+        return [pipe.text_encoder(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).last_hidden_state]
     out = pipe.text_encoder(
         input_ids=x["input_ids"], output_hidden_states=pipe.text_encoder.config.output_hidden_states
     )
@@ -180,7 +214,7 @@ def _text_3_call(pipe, x):
 
 
 def _transformer_call(pipe, x):
-    if "img_ids" in x:  # FLUX
+    if "img_ids" in x or "encoder_attention_mask" in x:  # FLUX, SANA: the graph's inputs are the call's
         return [pipe.transformer(**x).sample]
     return [
         pipe.transformer(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .tokenizer_build import build_clip_tokenizer, build_t5_tokenizer
+from .tokenizer_build import build_clip_tokenizer, build_gemma_tokenizer, build_t5_tokenizer
 
 # Scheduler settings of the published models these architectures stand for.
 SD15_SCHEDULER = {
@@ -177,6 +177,73 @@ TINY_FLUX_TRANSFORMER = dict(
 )
 TINY_FLUX_VAE = dict(TINY_SD3_VAE, scaling_factor=0.3611, shift_factor=0.1159)  # FLUX.1's VAE factors
 
+# SANA: a linear-attention DiT over DC-AE latents (32x compression: six stages, five 2x downsamplings), Gemma-2's
+# last hidden state (caption_channels wide) as the text. Tiny widths with the real structure: ResBlock stages then
+# EfficientViT stages, pixel (un)shuffle resampling, RMS-norm decoder. Schedulers as published: SANA's flow
+# DPM-Solver++ (flow_shift 3), SANA-Sprint's SCM (whose transformer embeds the guidance and normalises q and k).
+SANA_SCHEDULER = {
+    "_class_name": "DPMSolverMultistepScheduler",
+    "algorithm_type": "dpmsolver++",
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "beta_start": 0.0001,
+    "euler_at_final": False,
+    "final_sigmas_type": "zero",
+    "flow_shift": 3.0,
+    "lower_order_final": True,
+    "num_train_timesteps": 1000,
+    "prediction_type": "flow_prediction",
+    "solver_order": 2,
+    "solver_type": "midpoint",
+    "steps_offset": 0,
+    "timestep_spacing": "linspace",
+    "use_flow_sigmas": True,
+}
+SANA_SPRINT_SCHEDULER = {
+    "_class_name": "SCMScheduler",
+    "num_train_timesteps": 1000,
+    "prediction_type": "trigflow",
+    "sigma_data": 0.5,
+}
+TINY_SANA_TRANSFORMER = dict(
+    patch_size=1,
+    in_channels=8,
+    out_channels=8,
+    num_layers=2,
+    num_attention_heads=2,
+    attention_head_dim=8,
+    num_cross_attention_heads=2,
+    cross_attention_head_dim=8,
+    cross_attention_dim=16,
+    caption_channels=24,
+    sample_size=4,  # latent cells: 128 px over the 32x DC-AE
+)
+TINY_SANA_SPRINT_TRANSFORMER = dict(TINY_SANA_TRANSFORMER, qk_norm="rms_norm_across_heads", guidance_embeds=True)
+TINY_DC_AE = dict(
+    in_channels=3,
+    latent_channels=8,
+    attention_head_dim=4,
+    encoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
+    decoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
+    encoder_block_out_channels=(8, 8, 8, 8, 16, 16),
+    decoder_block_out_channels=(8, 8, 8, 8, 16, 16),
+    encoder_layers_per_block=(1,) * 6,
+    decoder_layers_per_block=(1,) * 6,
+    encoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)),
+    decoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)),
+    scaling_factor=0.41407,  # DC-AE f32c32's
+)
+TINY_GEMMA2 = dict(
+    hidden_size=24,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=12,
+    max_position_embeddings=4096,
+    sliding_window=64,
+)
+
 ARCHS = {
     "tiny-sd1": dict(unet=TINY_UNET, vae=TINY_VAE, text=TINY_TEXT, scheduler=SD15_SCHEDULER),
     "tiny-sd2-v": dict(
@@ -272,6 +339,10 @@ ARCHS = {
         text=TINY_TEXT,
         t5=TINY_T5,
         scheduler=FLUX_DEV_SCHEDULER,
+    ),
+    "tiny-sana": dict(sana=TINY_SANA_TRANSFORMER, vae=TINY_DC_AE, text=TINY_GEMMA2, scheduler=SANA_SCHEDULER),
+    "tiny-sana-sprint": dict(
+        sana=TINY_SANA_SPRINT_TRANSFORMER, vae=TINY_DC_AE, text=TINY_GEMMA2, scheduler=SANA_SPRINT_SCHEDULER
     ),
     # SDXL-Turbo at full size (~2.6 B UNet parameters; its UNet is SDXL base's), as published by Stability AI.
     "sdxl-turbo": dict(
@@ -386,6 +457,8 @@ def build_random_pipeline(arch: str, out_dir: str | Path, seed: int = 0) -> Path
         return build_random_sd3_pipeline(spec, out_dir, seed)
     if "flux" in spec:
         return build_random_flux_pipeline(spec, out_dir, seed)
+    if "sana" in spec:
+        return build_random_sana_pipeline(spec, out_dir, seed)
     out = Path(out_dir)
     tok_dir = build_clip_tokenizer(out / "_tokenizer_src", WORDS)
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
@@ -548,6 +621,45 @@ def build_random_flux_pipeline(spec: dict, out_dir: str | Path, seed: int = 0) -
     pipe.save_pretrained(out)
     for folder in folders:
         shutil.rmtree(folder)
+    return out
+
+
+def build_random_sana_pipeline(spec: dict, out_dir: str | Path, seed: int = 0) -> Path:
+    """Saves a SanaPipeline folder (SanaSprintPipeline for an SCM scheduler) with random weights for an ARCHS entry
+    with a `sana` transformer."""
+    import shutil
+
+    import diffusers
+    import torch
+    from diffusers import AutoencoderDC, SanaPipeline, SanaSprintPipeline, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model, GemmaTokenizerFast
+
+    out = Path(out_dir)
+    folder = build_gemma_tokenizer(out / "_tokenizer_src", WORDS)
+    tokenizer = GemmaTokenizerFast.from_pretrained(folder)
+    torch.manual_seed(seed + 2)
+    text_encoder = Gemma2Model(
+        Gemma2Config(
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            attn_implementation="eager",
+            **spec["text"],
+        )
+    )
+    torch.manual_seed(seed)
+    transformer = SanaTransformer2DModel(**spec["sana"])
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderDC(**spec["vae"])
+    sched_cfg = dict(spec["scheduler"])
+    scheduler = getattr(diffusers, sched_cfg.pop("_class_name")).from_config(sched_cfg)
+    pipeline = SanaSprintPipeline if type(scheduler).__name__ == "SCMScheduler" else SanaPipeline
+    pipe = pipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+    )
+    pipe.save_pretrained(out)
+    shutil.rmtree(folder)
     return out
 
 

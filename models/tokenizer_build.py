@@ -104,3 +104,43 @@ def build_t5_tokenizer(out_dir: str | Path, words: list[str], max_length: int = 
     )
     tok.save_pretrained(out)
     return out
+
+
+GEMMA_PAD, GEMMA_EOS, GEMMA_BOS, GEMMA_UNK = "<pad>", "<eos>", "<bos>", "<unk>"
+
+
+def build_gemma_tokenizer(out_dir: str | Path, words: list[str], max_length: int = 8192) -> Path:
+    """Writes a GemmaTokenizerFast (tokenizer.json + configs) to `out_dir` and returns it.
+
+    Built as build_t5_tokenizer builds T5's (a Unigram model, each listed word one piece, other text falling back
+    to single characters or the unknown token), with Gemma's special ids (pad 0, end 1, start 2, unknown 3) and
+    Gemma's template: a start token opens every sequence, none closes it. Upper-case letters and the punctuation
+    of SANA's instruction prefix are pieces too, so that the prefix tokenizes to more than unknown tokens.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import GemmaTokenizerFast
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;!?'\"-()>\n"))
+    pieces = [(GEMMA_PAD, 0.0), (GEMMA_EOS, 0.0), (GEMMA_BOS, 0.0), (GEMMA_UNK, 0.0), (_SPACE, -2.0)]
+    pieces += [(_SPACE + w.lower(), -1.0) for w in dict.fromkeys(words)]
+    pieces += [(c, -5.0) for c in chars]
+    backend = Tokenizer(models.Unigram(pieces, unk_id=3))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement=_SPACE, prepend_scheme="first")
+    backend.decoder = decoders.Metaspace(replacement=_SPACE, prepend_scheme="first")
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{GEMMA_BOS} $A", pair=f"{GEMMA_BOS} $A $B", special_tokens=[(GEMMA_BOS, 2)]
+    )
+    tok = GemmaTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=GEMMA_BOS,
+        eos_token=GEMMA_EOS,
+        unk_token=GEMMA_UNK,
+        pad_token=GEMMA_PAD,
+        add_bos_token=True,
+        add_eos_token=False,
+        model_max_length=max_length,
+    )
+    tok.save_pretrained(out)
+    return out

@@ -41,9 +41,11 @@ def text_encoders(bundle) -> list[_TextEncoder]:
     ]
 
 
-def run_encoder(enc: _TextEncoder, session, ids: np.ndarray) -> dict[str, np.ndarray]:
-    """One text encoder's outputs by name for token ids; NaN or inf (an fp16 overflow) is an error."""
-    outputs = dict(zip(session.output_names, session.run(input_ids=ids)))
+def run_encoder(enc: _TextEncoder, session, ids: np.ndarray, mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """One text encoder's outputs by name for token ids (and their attention mask, for encoders that take one:
+    SANA's Gemma-2); NaN or inf (an fp16 overflow) is an error."""
+    feeds = {"input_ids": ids} if mask is None else {"input_ids": ids, "attention_mask": mask}
+    outputs = dict(zip(session.output_names, session.run(**feeds)))
     for name in (enc.output, enc.pooled):
         if name is not None and not np.isfinite(outputs[name]).all():
             raise NaNOutputError(
@@ -52,18 +54,23 @@ def run_encoder(enc: _TextEncoder, session, ids: np.ndarray) -> dict[str, np.nda
     return outputs
 
 
-def run_timed(enc: _TextEncoder, tokenizer: PromptTokenizer, session, prompts: list[str], timings: dict) -> dict:
-    """Tokenizes `prompts` and runs one encoder on them, adding to the call's tokenize / text_encoder timings."""
+def run_timed(
+    enc: _TextEncoder, tokenizer: PromptTokenizer, session, prompts: list[str], timings: dict, mask: bool = False
+) -> dict:
+    """Tokenizes `prompts` and runs one encoder on them, adding to the call's tokenize / text_encoder timings.
+    `mask`: the encoder takes the attention mask too, and the outputs carry it as "attention_mask"."""
     t0 = time.perf_counter()
-    ids = tokenizer(prompts)
+    ids, attention_mask = tokenizer.encode(prompts)
     t1 = time.perf_counter()
-    outputs = run_encoder(enc, session, ids)
+    outputs = run_encoder(enc, session, ids, attention_mask if mask else None)
+    if mask:
+        outputs["attention_mask"] = attention_mask
     timings["tokenize"] = timings.get("tokenize", 0.0) + t1 - t0
     timings["text_encoder"] = timings.get("text_encoder", 0.0) + time.perf_counter() - t1
     return outputs
 
 
-# StableDiffusion3Pipeline and FluxPipeline refuse more T5 tokens
+# StableDiffusion3Pipeline and FluxPipeline refuse more T5 tokens (SANA's Gemma-2 takes the same bound)
 MAX_SEQUENCE_LENGTH = 512
 
 

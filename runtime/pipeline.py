@@ -294,10 +294,12 @@ class Pipeline:
         outpaint: (left, top, right, bottom) pixels to grow `image` by; the new area is painted and the
         original pixels are kept exactly (the canvas grows to the latent grid's multiple).
         max_sequence_length: SD3 and FLUX bundles: the T5 tokens of the text (default: the bundle's; SD3 256 as
-        diffusers, FLUX.1-schnell 256, FLUX.1-dev 512); other bundles ignore it.
+        diffusers, FLUX.1-schnell 256, FLUX.1-dev 512); SANA bundles: Gemma-2's (300, the instruction prefix aside);
+        other bundles ignore it.
         latents: the starting noise, (B, C, h, w); FLUX bundles take FluxPipeline's packed form, (B, h/2 * w/2,
         C * 4). output_type="latent" and step callbacks give (B, C, h, w) for every family (what decode() takes).
-        guidance_scale: for FLUX.1-dev the embedded guidance (as FluxPipeline); FLUX.1-schnell ignores it.
+        guidance_scale: for FLUX.1-dev the embedded guidance (as FluxPipeline); FLUX.1-schnell ignores it; for
+        SANA-Sprint the embedded guidance (as SanaSprintPipeline).
         """
         if self._closed:
             raise PipelineClosed("closed")
@@ -445,19 +447,21 @@ class Pipeline:
         # 5. Denoising loop; a cancel lands before the next call or aborts the one in flight.
         total = len(timesteps)
         for i, t in enumerate(timesteps):
-            model_in = sampler.scale_model_input(latents, t)
+            model_in = sampler_in = sampler.scale_model_input(latents, t)
             if inpaint is not None and inpaint.channels_in_unet:  # 9-channel UNets: + mask + masked image
                 model_in = np.concatenate([model_in, inpaint.mask_lat, inpaint.masked_latents], axis=1)
             if do_cfg:
                 model_in = np.concatenate([model_in, model_in])
             t0 = time.perf_counter()
             noise_pred = self._run_cancellable(
-                cancel, i, total, denoiser.component, **denoiser.feeds(model_in, t, fixed)
+                cancel, i, total, denoiser.component, **denoiser.feeds(model_in, sampler.model_timestep(t), fixed)
             )[0]
             timings[denoiser.component].append(time.perf_counter() - t0)
             if do_cfg:
                 uncond_pred, cond_pred = np.split(noise_pred, 2)
                 noise_pred = uncond_pred + np.float32(guidance) * (cond_pred - uncond_pred)
+            # SCM: the transformer's flow velocity becomes TrigFlow's (SanaSprintPipeline); others: as it is
+            noise_pred = sampler.model_prediction(noise_pred, sampler_in, t)
             out = sampler.step(noise_pred, t, latents, noise=step_noise)
             latents = out.prev_sample
             if inpaint is not None and not inpaint.channels_in_unet:
@@ -471,7 +475,8 @@ class Pipeline:
             if call.callback is not None:  # on the (B, C, h, w) grid, whatever the denoiser's form
                 images = None
                 if call.preview:
-                    estimate = denoiser.unpack(latents if out.denoised is None else out.denoised, height, width)
+                    estimate = latents if out.denoised is None else sampler.final_latents(out.denoised)
+                    estimate = denoiser.unpack(estimate, height, width)
                     images = latents_to_images(
                         self._decode(estimate, self._preview_decoder(), None, cancel, i, total), "pil"
                     )
@@ -481,7 +486,8 @@ class Pipeline:
             raise NaNOutputError(
                 "nan_output", component=f"denoiser ({denoiser.component})", hint=" (try an fp32 bundle)"
             )
-        latents = denoiser.unpack(latents, height, width)  # (B, C, h, w): what decode() takes
+        # (B, C, h, w) in the VAE's units (SCM's loop runs in sigma_data units): what decode() takes
+        latents = denoiser.unpack(sampler.final_latents(latents), height, width)
         if call.output_type == "latent":
             timings["total"] = time.perf_counter() - start
             return PipelineOutput(images=latents, seeds=seeds, timings=timings)

@@ -25,6 +25,10 @@ class PromptTokenizer:
 
     def __call__(self, prompts: list[str]) -> np.ndarray:
         """Token ids of shape (len(prompts), max_length), padded and truncated as the CLIP pipeline does."""
+        return self.encode(prompts)[0]
+
+    def encode(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(token ids, attention mask), each (len(prompts), max_length): 1 for a prompt's tokens, 0 for padding."""
         encoded = self._fixed.encode_batch(prompts)
         for prompt, enc in zip(prompts, encoded):
             if sum(enc.attention_mask) < self.max_length:  # padded, so nothing was cut: skip the second encode
@@ -39,4 +43,9 @@ class PromptTokenizer:
                     PromptTruncatedWarning,
                     stacklevel=3,
                 )
-        return np.array([e.ids for e in encoded], dtype=np.int64)
+        ids = np.array([e.ids for e in encoded], dtype=np.int64)
+        return ids, np.array([e.attention_mask for e in encoded], dtype=np.int64)
+
+    def count(self, text: str) -> int:
+        """The tokens `text` takes, special tokens included, unpadded (as transformers' len(tokenizer.encode))."""
+        return len(self._full.encode(text).ids)

@@ -25,18 +25,20 @@ def _patch_size(manifest) -> int:
 
 
 def check_size(manifest, what: str, value) -> None:
-    """Raises InputError unless `value` is a valid image side for this bundle; a transformer's error names the
-    nearest valid sides (its multiple, 16 for SD3, is easy to miss)."""
+    """Raises InputError unless `value` is a valid image side for this bundle; where the multiple is not the usual
+    8 (a transformer's patch, 16 for SD3; DC-AE's 32 for SANA) the error names the nearest valid sides."""
     multiple = size_multiple(manifest)
     if not isinstance(value, (int, np.integer)) or value <= 0:
         raise InputError("size_multiple", what=what, multiple=multiple, value=value)
     if value % multiple == 0:
         return
     patch = _patch_size(manifest)
-    if patch == 1:
+    if multiple == SIZE_MULTIPLE:
         raise InputError("size_multiple", what=what, multiple=multiple, value=value)
     below = value // multiple * multiple
     nearest = " or ".join(str(v) for v in (below, below + multiple) if v > 0)
+    if patch == 1:
+        raise InputError("size_vae", what=what, multiple=multiple, value=value, nearest=nearest)
     raise InputError(
         "size_patch",
         what=what,
@@ -91,6 +93,11 @@ class Denoiser(Protocol):
     def schedule(self, sampler, steps: int, height: int, width: int) -> dict:
         """Keyword arguments for sampler.set_timesteps besides the step count (FLUX: its sigmas and mu)."""
         ...
+
+
+def per_row(model_in: np.ndarray, value) -> np.ndarray:
+    """A transformer's timestep (or guidance) input: `value` once per batch row, as the pipelines' t.expand(batch)."""
+    return np.full((model_in.shape[0],), value, np.float32)
 
 
 class DenoiserBase:

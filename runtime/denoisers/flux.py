@@ -18,6 +18,7 @@ import numpy as np
 from ..conditioning import LengthTokenizers, run_timed, sequence_length, text_encoders
 from ..errors import InputError
 from ..tokenizer import PromptTokenizer
+from .base import per_row
 
 
 def pack_latents(grid: np.ndarray, packing: int) -> np.ndarray:
@@ -110,7 +111,7 @@ class FluxDenoiser:
     def feeds(self, model_in, timestep, fixed) -> dict[str, np.ndarray]:
         # FluxPipeline feeds t / 1000 per batch row (the transformer scales it back)
         t = np.float32(timestep) / np.float32(1000)
-        return {"hidden_states": model_in, "timestep": np.full((model_in.shape[0],), t, np.float32), **fixed}
+        return {"hidden_states": model_in, "timestep": per_row(model_in, t), **fixed}
 
     def latent_shape(self, grid: tuple[int, ...]) -> tuple[int, ...]:
         b, c, h, w = grid

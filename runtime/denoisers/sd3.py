@@ -13,7 +13,7 @@ import numpy as np
 
 from ..conditioning import LengthTokenizers, run_timed, sequence_length, text_encoders
 from ..tokenizer import PromptTokenizer
-from .base import DenoiserBase
+from .base import DenoiserBase, per_row
 
 
 class SD3Conditioner:
@@ -84,4 +84,4 @@ class SD3Denoiser(DenoiserBase):
 
     def feeds(self, model_in, timestep, fixed) -> dict[str, np.ndarray]:
         # one timestep per batch row, as StableDiffusion3Pipeline's t.expand(batch)
-        return {"hidden_states": model_in, "timestep": np.full((model_in.shape[0],), timestep, np.float32), **fixed}
+        return {"hidden_states": model_in, "timestep": per_row(model_in, timestep), **fixed}

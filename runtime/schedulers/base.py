@@ -58,6 +58,10 @@ class Sampler:
         SCM's angle, converts it)."""
         return timestep
 
+    def model_prediction(self, output: np.ndarray, model_input: np.ndarray, timestep) -> np.ndarray:
+        """What `step` takes, from the denoiser's output on `model_input` (SCM converts a flow velocity)."""
+        return output
+
     def final_latents(self, sample: np.ndarray) -> np.ndarray:
         """The latents to decode after the last step (SCM works in sigma_data units)."""
         return sample

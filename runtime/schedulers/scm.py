@@ -90,6 +90,9 @@ class SCMSampler(FlowSampler):
         conversion): TrigFlow's F, in sigma_data units."""
         return flow_to_trigflow(velocity, model_input, self.model_timestep(timestep)) * self.sigma_data
 
+    def model_prediction(self, output: np.ndarray, model_input: np.ndarray, timestep) -> np.ndarray:
+        return self.from_velocity(output, model_input, timestep)
+
     def final_latents(self, sample: np.ndarray) -> np.ndarray:
         return (sample / self.sigma_data).astype(np.float32)
 

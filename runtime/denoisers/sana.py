@@ -1,0 +1,107 @@
+"""SANA's and SANA-Sprint's denoiser: the linear-attention DiT over DC-AE latents, conditioned as diffusers'
+SanaPipeline / SanaSprintPipeline do (clean_caption False).
+
+Text (encode_prompt): prompts lower-cased and stripped; each prompt follows the complex-human-instruction prefix the
+manifest records and is padded to the prefix's tokens + max_sequence_length - 2; Gemma-2 runs on the tokens with their
+attention mask, and the first token and the last max_sequence_length - 1 are kept, hidden states and mask alike (the
+mask goes to the transformer as encoder_attention_mask). Negative prompts (SANA's CFG) take no prefix and
+max_sequence_length tokens. Timestep: SANA's is the sampler's times timestep_scale, once per batch row; Sprint's is
+SCM's flow time (the sampler's model_timestep, unscaled, as SanaSprintPipeline), with guidance_scale x
+guidance_embeds_scale as the transformer's guidance input and no unconditional batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..conditioning import LengthTokenizers, run_timed, sequence_length, text_encoders
+from ..errors import InputError
+from ..tokenizer import PromptTokenizer
+from .base import DenoiserBase, per_row
+
+
+def preprocess(prompt: str) -> str:
+    """SanaPipeline._text_preprocessing without caption cleaning."""
+    return prompt.lower().strip()
+
+
+class SanaConditioner:
+    """Prompts to the transformer's encoder_hidden_states and encoder_attention_mask."""
+
+    def __init__(self, bundle, sessions):
+        c = bundle.manifest.conditioning
+        self.gemma = text_encoders(bundle)[0]
+        self.max_sequence_length = int(c["max_sequence_length"])
+        self.instruction = c.get("instruction", "")
+        self.sessions = sessions
+        self._tokenizers = LengthTokenizers(bundle, self.gemma)
+        # as SanaPipeline counts it: len(tokenizer.encode(instruction)), its start token included
+        self._instruction_tokens = self.gemma.tokenizer.count(self.instruction) if self.instruction else 0
+
+    @property
+    def components(self) -> list[str]:
+        return [self.gemma.component]
+
+    @property
+    def tokenizer(self) -> PromptTokenizer:
+        return self.gemma.tokenizer
+
+    def encode(self, prompts: list[str], length: int, instruct: bool, timings: dict):
+        """(hidden states (B, length, D), mask (B, length)) for `prompts`, with the instruction prefix or not."""
+        prompts = [preprocess(p) for p in prompts]
+        total = length
+        if instruct and self.instruction:
+            prompts = [self.instruction + p for p in prompts]
+            total = self._instruction_tokens + length - 2
+        outputs = run_timed(
+            self.gemma, self._tokenizers(total), self.sessions.get(self.gemma.component), prompts, timings, mask=True
+        )
+        hidden, mask = outputs[self.gemma.output].astype(np.float32), outputs["attention_mask"]
+        # SanaPipeline.encode_prompt's select_index: [0] + the last length - 1 (all of them without the prefix)
+        keep = [0, *range(total - length + 1, total)]
+        return hidden[:, keep], mask[:, keep]
+
+    def __call__(self, prompts, negatives, do_cfg, repeat, length, timings) -> dict[str, np.ndarray]:
+        cond, mask = self.encode(prompts, length, True, timings)
+        cond, mask = np.repeat(cond, repeat, 0), np.repeat(mask, repeat, 0)
+        if do_cfg:  # SanaPipeline's default negative prompt is "", without the instruction prefix
+            uncond, uncond_mask = self.encode(negatives or [""] * len(prompts), length, False, timings)
+            cond = np.concatenate([np.repeat(uncond, repeat, 0), cond])
+            mask = np.concatenate([np.repeat(uncond_mask, repeat, 0), mask])
+        return {"encoder_hidden_states": cond, "encoder_attention_mask": mask}
+
+
+class SanaDenoiser(DenoiserBase):
+    component = "transformer"
+    image_tasks = False  # image-to-image (SanaSprintImg2ImgPipeline) is not wired for SANA bundles yet
+
+    def __init__(self, bundle, sessions):
+        m = bundle.manifest
+        c = m.conditioning
+        self.text = SanaConditioner(bundle, sessions)
+        self.family = m.family
+        spec = m.components["transformer"]
+        self.in_channels = next(t.shape[1] for t in spec.inputs if t.name == "hidden_states")
+        # Sprint: guidance is the transformer's input, never an unconditional batch
+        self.guidance_embedded = bool(c.get("guidance_embedding"))
+        self.guidance_scale = np.float32(c.get("guidance_embeds_scale", 0.1))
+        # SanaSprintPipeline feeds SCM's flow time as it is; SanaPipeline scales its timesteps
+        self.timestep_scale = np.float32(1.0 if self.guidance_embedded else c.get("timestep_scale", 1.0))
+
+    def condition(
+        self, prompts, negatives, do_cfg, repeat, height, width, guidance, timings, max_sequence_length=None
+    ) -> dict[str, np.ndarray]:
+        if negatives is not None and self.guidance_embedded:
+            raise InputError("negative_prompt_embedded", family=self.family)
+        length = sequence_length(max_sequence_length, self.text.max_sequence_length)
+        fixed = self.text(prompts, negatives, do_cfg, repeat, length, timings)
+        if self.guidance_embedded:  # float32 as the pipeline's guidance tensor, then x guidance_embeds_scale
+            fixed["guidance"] = per_row(fixed["encoder_hidden_states"], np.float32(guidance) * self.guidance_scale)
+        return fixed
+
+    def feeds(self, model_in, timestep, fixed) -> dict[str, np.ndarray]:
+        return {
+            "hidden_states": model_in,
+            "timestep": per_row(model_in, np.float32(timestep) * self.timestep_scale),
+            **fixed,
+        }
