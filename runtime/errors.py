@@ -32,7 +32,7 @@ MESSAGES = {
     "size_patch": "{what} must be a multiple of {multiple} for this bundle (its transformer's patch of {patch} latent cells x the VAE's factor {vae}), got {value}; nearest valid: {nearest}",
     "size_vae": "{what} must be a multiple of {multiple} for this bundle (its VAE's factor: {multiple} pixels per latent cell), got {value}; nearest valid: {nearest}",
     "max_sequence_length": "max_sequence_length must be between 1 and {limit} (T5 / Gemma tokens), got {value}",
-    "family_task": "{task} is not available for {family} bundles yet: they do text-to-image only",
+    "family_task": "{task} is not available for {family} bundles yet: they do {tasks} only",
     "negative_prompt_family": "negative_prompt is not available for {family} bundles: FLUX.1 is guidance-distilled (no unconditional batch; guidance_scale is dev's embedded guidance) and true CFG with a negative prompt is not supported",
     "negative_prompt_embedded": "negative_prompt is not available for {family} bundles: the transformer embeds the guidance scale (no unconditional batch to take a negative prompt)",
     "steps": "num_inference_steps must be >= 1, got {value}",

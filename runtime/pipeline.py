@@ -26,7 +26,7 @@ from .coreml_session import CoreMLSession
 from .coreml_session import check_available as check_coreml
 from .cpu_features import int8_dot_product
 from .denoisers import SIZE_MULTIPLE, make_denoiser, size_multiple
-from .denoisers.base import check_size
+from .denoisers.base import IMAGE_TASKS, check_size
 from .denoisers.unet import guidance_embedding  # noqa: F401  (training and older callers import it from here)
 from .errors import BundleError, Cancelled, InputError, NaNOutputError, PipelineClosed, ProviderError
 from .image import latents_to_images, load_image, to_model_input, to_pil
@@ -286,10 +286,11 @@ class Pipeline:
         "full" or "tiny" (default: the pipeline's). decode_tile: decode in tiles of this many latent cells
         (default: the pipeline's options).
         image, strength: image-to-image (diffusers' img2img): start from `image` noised to `strength`
-        (0: unchanged, 1: pure noise; default 0.8), running the last strength * steps steps.
+        (0: unchanged, 1: pure noise; default 0.8), running the last strength * steps steps (SD3 and FLUX bundles:
+        as StableDiffusion3Img2ImgPipeline and FluxImg2ImgPipeline, which round that count up, not down).
         mask_image: inpainting (white is repainted; default strength 1.0): inpainting UNets (9 input
         channels) see the mask and the masked image; others get the known region blended back in latent
-        space after each step (diffusers' StableDiffusionInpaintPipeline). keep_unmasked: paste the
+        space after each step (diffusers' StableDiffusionInpaintPipeline); UNet bundles only. keep_unmasked: paste the
         original pixels back outside the mask (the VAE round trip otherwise softens them).
         outpaint: (left, top, right, bottom) pixels to grow `image` by; the new area is painted and the
         original pixels are kept exactly (the canvas grows to the latent grid's multiple).
@@ -345,6 +346,18 @@ class Pipeline:
         multiple = size_multiple(self.manifest)
         return outpaint_canvas(image, left, top, right, bottom, multiple=multiple)
 
+    def _check_task(self, image, mask_image) -> None:
+        """Refuses image= or mask_image= on a bundle whose denoiser does not take them, naming what it does."""
+        tasks = self.denoiser.image_tasks
+        does = " and ".join(["text-to-image", *(IMAGE_TASKS[t] for t in tasks)])
+        if image is not None and "img2img" not in tasks:
+            task = "image= (image-to-image, inpainting, outpainting)"
+        elif mask_image is not None and "inpaint" not in tasks:
+            task = "mask_image= (inpainting, outpainting)"
+        else:
+            return
+        raise InputError("family_task", task=task, family=self.manifest.family, tasks=does)
+
     def _generate(self, call: "_Call") -> PipelineOutput:
         m = self.manifest
         image, height, width, cancel = call.image, call.height, call.width, call.cancel
@@ -352,8 +365,7 @@ class Pipeline:
             raise InputError("mask_without_image")
         strength = (1.0 if call.mask_image is not None else 0.8) if call.strength is None else call.strength
         denoiser = self.denoiser
-        if image is not None and not denoiser.image_tasks:
-            raise InputError("family_task", task="image= (image-to-image, inpainting, outpainting)", family=m.family)
+        self._check_task(image, call.mask_image)
         if image is not None:  # the image's size (rounded down to the latent grid) unless asked otherwise
             image = load_image(image)
             multiple = size_multiple(m)
@@ -408,7 +420,7 @@ class Pipeline:
         if image is not None:
             if not 0.0 < float(strength) <= 1.0:
                 raise InputError("strength", value=strength)
-            start_index = steps - min(int(steps * strength), steps)
+            start_index = denoiser.start_index(steps, strength)  # UNet and flow pipelines round differently
             if start_index >= steps:
                 raise InputError("strength_steps", strength=strength, steps=steps)
             sampler.begin(start_index)
@@ -523,8 +535,8 @@ class Pipeline:
             latents = start_noise * np.float32(sampler.init_noise_sigma)
         else:
             latents = sampler.add_noise(encoded, start_noise, timesteps[0])
-        if mask_image is None:
-            return latents, None
+        if mask_image is None:  # (FLUX: noised on the grid, then packed, as FluxImg2ImgPipeline)
+            return self.denoiser.pack(latents), None
         mask_px, mask_lat = prepare_mask(mask_image, height, width, m.vae_scale_factor)
         masked_latents = self._encode_input(to_model_input(image) * (mask_px < 0.5), batch, noise, cancel)
         return latents, _Inpaint(

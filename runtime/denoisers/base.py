@@ -55,7 +55,7 @@ class Denoiser(Protocol):
     text: object  # the prompt conditioner: .components (its graphs), .tokenizer (the first one)
     in_channels: int  # the graph's latent input channels (9 for inpainting UNets)
     guidance_embedded: bool  # LCM: guidance enters as an embedding, never as a second (unconditional) batch
-    image_tasks: bool  # whether image-to-image and inpainting are available
+    image_tasks: tuple[str, ...]  # of IMAGE_TASKS, what `image=` may do ("img2img", "inpaint"); () for none
 
     def condition(
         self,
@@ -94,6 +94,27 @@ class Denoiser(Protocol):
         """Keyword arguments for sampler.set_timesteps besides the step count (FLUX: its sigmas and mu)."""
         ...
 
+    def start_index(self, steps: int, strength: float) -> int:
+        """Image-to-image: the first of the set timesteps to run at `strength` (the pipeline's get_timesteps)."""
+        ...
+
+
+# image tasks by the name a denoiser lists them under, as error messages call them
+IMAGE_TASKS = {"img2img": "image-to-image", "inpaint": "inpainting"}
+
+
+def unet_start_index(steps: int, strength: float) -> int:
+    """StableDiffusionImg2ImgPipeline.get_timesteps: the strength's share of the steps is rounded down, so a low
+    strength may run no step (the pipeline says so)."""
+    return steps - min(int(steps * strength), steps)
+
+
+def flow_start_index(steps: int, strength: float) -> int:
+    """StableDiffusion3Img2ImgPipeline / FluxImg2ImgPipeline.get_timesteps: the skipped share is rounded down
+    instead, so one more step may run than for UNets (4 steps at 0.6: 3, where UNets run 2) and at least one
+    always does. The float expression is theirs on purpose, so that products such as 10 * 0.7 round as there."""
+    return int(max(steps - min(steps * strength, steps), 0))
+
 
 def per_row(model_in: np.ndarray, value) -> np.ndarray:
     """A transformer's timestep (or guidance) input: `value` once per batch row, as the pipelines' t.expand(batch)."""
@@ -115,3 +136,6 @@ class DenoiserBase:
 
     def schedule(self, sampler, steps: int, height: int, width: int) -> dict:
         return {}
+
+    def start_index(self, steps: int, strength: float) -> int:
+        return unet_start_index(steps, strength)

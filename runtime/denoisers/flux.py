@@ -18,7 +18,7 @@ import numpy as np
 from ..conditioning import LengthTokenizers, run_timed, sequence_length, text_encoders
 from ..errors import InputError
 from ..tokenizer import PromptTokenizer
-from .base import per_row
+from .base import flow_start_index, per_row
 
 
 def pack_latents(grid: np.ndarray, packing: int) -> np.ndarray:
@@ -78,7 +78,8 @@ class FluxDenoiser:
     component = "transformer"
     # no unconditional batch: dev's guidance is an input of the transformer, schnell has none
     guidance_embedded = True
-    image_tasks = False  # image-to-image and inpainting are not wired for FLUX bundles yet
+    # FluxImg2ImgPipeline; inpainting (FluxInpaintPipeline) is not wired yet
+    image_tasks = ("img2img",)
 
     def __init__(self, bundle, sessions):
         m = bundle.manifest
@@ -134,3 +135,6 @@ class FluxDenoiser:
         if "sigmas" in accepted and not sampler.config.use_flow_sigmas:
             options["sigmas"] = np.linspace(1.0, 1 / steps, steps)
         return options
+
+    def start_index(self, steps: int, strength: float) -> int:
+        return flow_start_index(steps, strength)

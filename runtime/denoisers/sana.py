@@ -73,7 +73,7 @@ class SanaConditioner:
 
 class SanaDenoiser(DenoiserBase):
     component = "transformer"
-    image_tasks = False  # image-to-image (SanaSprintImg2ImgPipeline) is not wired for SANA bundles yet
+    image_tasks = ()  # image-to-image (SanaSprintImg2ImgPipeline) is not wired for SANA bundles yet
 
     def __init__(self, bundle, sessions):
         m = bundle.manifest

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..conditioning import LengthTokenizers, run_timed, sequence_length, text_encoders
 from ..tokenizer import PromptTokenizer
-from .base import DenoiserBase, per_row
+from .base import DenoiserBase, flow_start_index, per_row
 
 
 class SD3Conditioner:
@@ -69,7 +69,8 @@ class SD3Conditioner:
 class SD3Denoiser(DenoiserBase):
     component = "transformer"
     guidance_embedded = False
-    image_tasks = False  # image-to-image and inpainting are not wired for SD3 bundles yet
+    # StableDiffusion3Img2ImgPipeline; inpainting (StableDiffusion3InpaintPipeline) is not wired yet
+    image_tasks = ("img2img",)
 
     def __init__(self, bundle, sessions):
         self.text = SD3Conditioner(bundle, sessions)
@@ -85,3 +86,6 @@ class SD3Denoiser(DenoiserBase):
     def feeds(self, model_in, timestep, fixed) -> dict[str, np.ndarray]:
         # one timestep per batch row, as StableDiffusion3Pipeline's t.expand(batch)
         return {"hidden_states": model_in, "timestep": per_row(model_in, timestep), **fixed}
+
+    def start_index(self, steps: int, strength: float) -> int:
+        return flow_start_index(steps, strength)

@@ -23,7 +23,7 @@ def guidance_embedding(w: np.ndarray, dim: int) -> np.ndarray:
 
 class UNetDenoiser(DenoiserBase):
     component = "unet"
-    image_tasks = True
+    image_tasks = ("img2img", "inpaint")
 
     def __init__(self, bundle, sessions):
         m = bundle.manifest

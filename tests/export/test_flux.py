@@ -182,8 +182,9 @@ def test_flux_refusals(models_root, tmp_path):
         pipe("a red circle", max_sequence_length=600, num_inference_steps=1)
     with pytest.raises(InputError, match=r"latents must have shape \(1, 16, 64\), got \(1, 16, 8, 8\)"):
         pipe("a red circle", latents=np.zeros((1, 16, 8, 8), np.float32), height=64, width=64, num_inference_steps=1)
-    with pytest.raises(InputError, match=r"image= .* is not available for flux-schnell bundles"):
-        pipe("a red circle", image=np.zeros((64, 64, 3), np.float32), num_inference_steps=1)
+    image = np.zeros((64, 64, 3), np.float32)
+    with pytest.raises(InputError, match=r"mask_image= .* is not available for flux-schnell bundles"):
+        pipe("a red circle", image=image, mask_image=image[..., 0], num_inference_steps=1)
 
     from edgediff.export import ExportOptions, export
     from edgediff.runtime.errors import ExportOptionsError

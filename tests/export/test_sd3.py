@@ -124,10 +124,9 @@ def test_sd3_sizes_must_be_multiples_of_16(models_root):
         pipe("a red circle", height=0, num_inference_steps=1)
     with pytest.raises(InputError, match="max_sequence_length must be between 1 and 512"):
         pipe("a red circle", max_sequence_length=600, num_inference_steps=1)
-    with pytest.raises(
-        InputError, match=r"image= \(image-to-image, inpainting, outpainting\) is not available for sd3.5 bundles"
-    ):
-        pipe("a red circle", image=np.zeros((64, 64, 3), np.float32), num_inference_steps=1)
+    image = np.zeros((64, 64, 3), np.float32)
+    with pytest.raises(InputError, match=r"mask_image= \(inpainting, outpainting\) is not available for sd3.5 bundles"):
+        pipe("a red circle", image=image, mask_image=image[..., 0], num_inference_steps=1)
 
 
 def test_no_t5_option_and_refusals(models_root, tmp_path):
