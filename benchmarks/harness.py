@@ -26,6 +26,8 @@ from .quality import PSNR_FLOOR_DB, is_shipped_model
 log = logging.getLogger("edgediff.bench")
 RESULTS_SCHEMA_VERSION = 1
 PEERS = ("diffusers", "optimum")
+# "unet" is the key of the denoiser's stage in results files, whatever the family (a UNet or a transformer): the
+# files under benchmarks/results/ and the docs tables read it; a row's `denoiser` names the component that ran.
 STAGES = ("text_encoder", "unet", "vae_decoder")
 # What a stage-sum may miss of the whole image (tokenising, sampler arithmetic, post-processing).
 STAGE_SUM_MARGIN = 0.10
@@ -130,33 +132,100 @@ def _aggregate(system: str, procs: list[dict]) -> dict:
 
 
 def _graph_macs(bundle, size: int, guidance_batch: int, decoder: str = "full") -> dict | None:
-    """MACs per stage call at this size, counted from the bundle's graphs (needs the onnx package); the
-    vae_decoder stage is the decoder that was timed (`decoder`: "full" or "tiny")."""
+    """MACs per stage call at this size, counted from the bundle's graphs (needs the onnx package): the text
+    encoders' summed (SDXL: two, SD3: three, each at its own token count), the denoiser's, and the decoder that was
+    timed (`decoder`: "full" or "tiny"). Raises ValueError where the manifest does not give every input's shape."""
     try:
         from .macs import count_macs
     except ImportError:
         return None
     m = bundle.manifest
     lat = size // m.vae_scale_factor
-    seq = m.tokenizer["max_length"]
-    shapes = {
-        "text_encoder": {"input_ids": (1, seq)},
-        "unet": {
+    encoders, text_tokens = _text_tokens(m)
+    if m.denoiser == "unet":
+        denoiser = {
             "sample": (guidance_batch, m.latent_channels, lat, lat),
             "timestep": (),
-            "encoder_hidden_states": (guidance_batch, seq, _hidden(m)),
+            "encoder_hidden_states": (guidance_batch, text_tokens, _hidden(m)),
             "timestep_cond": (guidance_batch, m.guidance_embedding_dim or 0),
-        },
-        "vae_decoder": {"latent_sample": (1, m.latent_channels, lat, lat)},
-    }
-    graphs = {**{name: name for name in STAGES}, "vae_decoder": DECODERS[decoder]}
+        }
+    else:
+        packed = (lat // m.latent_packing) ** 2
+        dims = {
+            "batch_size": guidance_batch,
+            "step": guidance_batch,  # one timestep per batch row
+            "height": lat,
+            "width": lat,
+            "packed_height_width": packed,
+            "sequence_length": text_tokens,
+        }
+        denoiser = _resolve(m.components[m.denoiser].inputs, dims, m.denoiser)
     try:
-        return {name: count_macs(bundle.component_path(graphs[name]), shapes[name])["total"] for name in STAGES}
+        text = sum(_count(count_macs, bundle, name, {"input_ids": (1, tokens)}) for name, tokens in encoders)
+        return {
+            "text_encoder": text,
+            "unet": _count(count_macs, bundle, m.denoiser, denoiser),
+            "vae_decoder": _count(
+                count_macs, bundle, DECODERS[decoder], {"latent_sample": (1, m.latent_channels, lat, lat)}
+            ),
+        }
     except ImportError:
         return None
 
 
-def _macs_in_worker(bundle, size: int, guidance_batch: int, decoder: str) -> dict | None:
+def _count(count_macs, bundle, component: str, shapes: dict) -> int:
+    """One graph's MACs; ValueError naming the graph when its shapes cannot be inferred (onnxruntime's symbolic
+    shape inference stops on some graphs, FLUX's transformer among them)."""
+    try:
+        return count_macs(bundle.component_path(component), shapes)["total"]
+    except ImportError:
+        raise
+    except Exception as exc:
+        detail = (str(exc).splitlines() or [""])[0]
+        raise ValueError(f"{component} graph: {type(exc).__name__}{': ' + detail if detail else ''}") from exc
+
+
+def _text_tokens(manifest) -> tuple[list[tuple[str, int]], int]:
+    """Each text encoder's (component, tokens per call) and the denoiser's text tokens, as the runtime feeds them."""
+    c = manifest.conditioning
+    joint = c.get("joint")
+    if joint is None and manifest.denoiser == "unet":
+        return [(e["component"], e["tokenizer"]["max_length"]) for e in manifest.text_encoders], manifest.tokenizer[
+            "max_length"
+        ]
+    if joint not in ("sd3", "flux"):
+        # SANA: Gemma-2 runs on an instruction prefix's tokens too, a count the manifest does not record
+        raise ValueError(f"the {manifest.family} family's text token counts are not in its manifest")
+    long = int(c["max_sequence_length"])
+    # T5 (the encoder without a pooled output) runs on max_sequence_length tokens, the CLIPs on their own length
+    encoders = [
+        (e["component"], e["tokenizer"]["max_length"] if "pooled" in e else long) for e in manifest.text_encoders
+    ]
+    # SD3: CLIP's tokens, then T5's (zeros without T5); FLUX: T5's alone
+    clip = manifest.text_encoders[0]["tokenizer"]["max_length"]
+    return encoders, (clip + long if joint == "sd3" else long)
+
+
+def _guidance_batch(manifest) -> int:
+    """The denoiser's batch per image: 2 with classifier-free guidance; 1 where guidance is embedded (LCM, FLUX,
+    SANA-Sprint) or off, as the runtime's denoisers decide."""
+    c = manifest.conditioning
+    embedded = manifest.guidance_embedding_dim is not None or c.get("joint") == "flux" or c.get("guidance_embedding")
+    return 2 if manifest.defaults["guidance"] > 1 and not embedded else 1
+
+
+def _resolve(inputs, dims: dict, component: str) -> dict[str, tuple]:
+    """A graph's input shapes with its named dimensions filled in; ValueError for a name not in `dims`."""
+    shapes = {}
+    for spec in inputs:
+        unknown = [d for d in spec.shape if isinstance(d, str) and d not in dims]
+        if unknown:
+            raise ValueError(f"{component} input {spec.name}: dimension {unknown[0]!r} has no known size")
+        shapes[spec.name] = tuple(dims[d] if isinstance(d, str) else int(d) for d in spec.shape)
+    return shapes
+
+
+def _macs_in_worker(bundle, size: int, guidance_batch: int, decoder: str, notes: list | None = None) -> dict | None:
     """_graph_macs in a process of its own: counting a full-size graph took the harness to 5.8 GiB, and on
     Linux every worker spawned after that reported at least that as its own peak (workers.peak_rss_bytes)."""
     try:
@@ -165,6 +234,8 @@ def _macs_in_worker(bundle, size: int, guidance_batch: int, decoder: str) -> dic
         out = {"macs": None, "why": str(exc)}
     if out.get("why"):  # shape inference fails on some graphs: report, never lose the timings
         log.warning("MACs not counted for %s: %s", bundle.path, out["why"])
+        if notes is not None:  # the report says so: no achieved-compute rows rather than invented ones
+            notes.append(f"MACs not counted for {bundle.path.name} at {size}px: {out['why']}")
     return out["macs"]
 
 
@@ -178,15 +249,16 @@ def _peak_key(provider: str, dtype: str) -> str:
 
 
 def _reference_dtype(precision: str, gpu: bool, half_on_gpu: bool) -> str:
-    """Which measured reference a stage is held to: on GPUs the UNet's precision (fp16 or fp32); on CPUs the
+    """Which measured reference a stage is held to: on GPUs the denoiser's precision (fp16 or fp32); on CPUs the
     int8 MatMul for quantised graphs (their kernels' own ceiling, well above fp32's), else fp32."""
     if gpu:
         return "float16" if half_on_gpu else "float32"
     return "int8" if precision in INT_PRECISIONS else "float32"
 
 
-def _stage_graphs(decoder: str) -> dict[str, str]:
-    return {**{name: name for name in STAGES}, "vae_decoder": DECODERS[decoder]}
+def _stage_graphs(decoder: str, denoiser: str = "unet") -> dict[str, str]:
+    """Each stage's graph: the first text encoder's, the denoiser's (UNet or transformer) and the timed decoder's."""
+    return {"text_encoder": "text_encoder", "unet": denoiser, "vae_decoder": DECODERS[decoder]}
 
 
 def _references(cfg: BenchConfig, bundles, chosen: dict, threads: int, notes: list) -> dict:
@@ -197,11 +269,10 @@ def _references(cfg: BenchConfig, bundles, chosen: dict, threads: int, notes: li
     from .machine import theoretical_peak
     from .peak import PeakReference
 
-    graphs = _stage_graphs(cfg.decoder)
     quantised = any(
         b.manifest.components[g].precision in INT_PRECISIONS
         for b in bundles
-        for g in graphs.values()
+        for g in _stage_graphs(cfg.decoder, b.manifest.denoiser).values()
         if g in b.manifest.components
     )
     refs = {}
@@ -251,14 +322,14 @@ def _achieved(macs: dict, stages: dict, precisions: dict, refs: dict, provider: 
 
 
 def _ran(system: str, bundle, cfg: BenchConfig, half_on_gpu: bool) -> dict:
-    """What a row's system ran: its model, precision and decoder (peers: the source, in fp32 or fp16 on a
+    """What a row's system ran: its model, its denoiser's precision and decoder (peers: the source, in fp32 or fp16 on a
     GPU, through the source's own full VAE)."""
     if system == "edgediff":
         components = bundle.manifest.components
         decoder = DECODERS[cfg.decoder]
         return {
             "model": bundle.path.name,
-            "precision": components["unet"].precision,
+            "precision": components[bundle.manifest.denoiser].precision,
             "decoder": cfg.decoder,
             "decoder_precision": components[decoder].precision if decoder in components else None,
         }
@@ -369,6 +440,12 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
         (notes.append(why) if why else peers.append(peer))
     chosen = {p: resolve(p).provider for p in cfg.providers}
     bundles = [Bundle.open(b, verify="size") for b in cfg.bundles]
+    if "optimum" in peers and any(b.manifest.denoiser != "unet" for b in bundles):
+        # optimum's pipelines here are SD and SDXL's (workers._optimum_class): a transformer source has none
+        peers.remove("optimum")
+        notes.append(
+            "optimum skipped: it is run for UNet families (SD, SDXL) only, and a bundle here has a transformer"
+        )
     # the MatMul references, sampled before, between and after the systems: one timing taken while the machine
     # was busy made every stage read as far above "peak"
     refs = _references(cfg, bundles, chosen, threads, notes)
@@ -403,7 +480,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
         m = bundle.manifest
         # peers run where edgediff runs; on a GPU in the bundle's precision (fp16 or fp32), part of their work too
         on_gpu = chosen[provider].gpu
-        half_on_gpu = on_gpu and m.components["unet"].precision == "fp16"
+        half_on_gpu = on_gpu and m.components[m.denoiser].precision == "fp16"
         # peers read provider and threads; edgediff's worker reads its whole RuntimeOptions
         args = {
             "bundle": str(bundle.path),
@@ -448,10 +525,10 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
                 procs[system] = reused[system][1]
             else:
                 peer_runs[(system, *work_key)] = (str(bundle.path), procs[system])
-        cfg_batch = 2 if (m.defaults["guidance"] > 1 and m.guidance_embedding_dim is None) else 1
+        cfg_batch = _guidance_batch(m)
         graph_key = (str(bundle.path), size, cfg_batch)
         if graph_key not in macs_by_graph:
-            macs_by_graph[graph_key] = _macs_in_worker(bundle, size, cfg_batch, cfg.decoder)
+            macs_by_graph[graph_key] = _macs_in_worker(bundle, size, cfg_batch, cfg.decoder, notes)
         macs = macs_by_graph[graph_key]
         rows = [_aggregate(s, procs[s]) for s in ("edgediff", *peers)]
         unlike = _unlike_latents(ref_bundle, bundle) if ref_bundle else None
@@ -464,7 +541,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
         for row in rows[1:]:
             if row["system"] in reused:  # measured once, beside the first bundle of this source
                 row["measured_with"] = reused[row["system"]][0]
-        graphs = _stage_graphs(cfg.decoder)
+        graphs = _stage_graphs(cfg.decoder, m.denoiser)
         precisions = {s: m.components[g].precision for s, g in graphs.items() if g in m.components}
         if macs:  # rated once the run is over, against the references' best sample
             pending.append((rows[0], macs, precisions, provider, on_gpu, half_on_gpu))
@@ -472,6 +549,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
             {
                 "bundle": str(bundle.path),
                 "family": m.family,
+                "denoiser": m.denoiser,  # the component behind the "unet" stage keys: "unet" or "transformer"
                 "precision": sorted({c.precision for c in m.components.values()}),
                 "component_precision": {name: c.precision for name, c in m.components.items()},
                 "bundle_bytes": bundle.size_on_disk,

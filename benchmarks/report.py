@@ -11,7 +11,8 @@ import json
 import math
 from pathlib import Path
 
-STACK = (("text_encoder", "text encoder"), ("unet", "UNet (all calls)"), ("vae_decoder", "VAE decoder"))
+# the stages by their results keys ("unet": the denoiser's, whatever the family); the denoiser's label is the row's
+STACK = (("text_encoder", "text encoder"), ("unet", "{denoiser} (all calls)"), ("vae_decoder", "VAE decoder"))
 PEER_NAMES = {"optimum": "optimum-onnx"}
 QUANTISED = ("int8-static", "int8", "int4", "fp16")  # what a bundle's precision list says first, when mixed
 
@@ -31,6 +32,17 @@ def _machine_line(machine: dict) -> str:
         f"{machine['memory_gib']:.0f} GiB, {machine['os']}, Python {machine['python']}, onnxruntime "
         f"{machine['onnxruntime']}{gpus}"
     )
+
+
+def denoiser_name(row: dict) -> str:
+    """The row's denoiser as a person reads it: "UNet" or "transformer" (rows written before transformers: UNet)."""
+    component = row.get("denoiser") or "unet"
+    return {"unet": "UNet"}.get(component, component)
+
+
+def _stack_label(key: str, name: str, rows: list[dict]) -> str:
+    names = dict.fromkeys(denoiser_name(r) for r in rows)  # one label per denoiser the chart's rows ran
+    return name.format(denoiser=" / ".join(names) or "UNet") if key == "unet" else name
 
 
 def _where(sysrow: dict) -> str:
@@ -54,14 +66,14 @@ def _provider(row: dict, sysrow: dict) -> str:
 
 
 def work(row: dict, sysrow: dict, source: str | None = None) -> dict:
-    """What a system ran in this row: model, precision (the UNet's), decoder ("full" or "tiny") and the
+    """What a system ran in this row: model, precision (the denoiser's), decoder ("full" or "tiny") and the
     decoder's precision. From the row's `ran` record; inferred for files written before it existed."""
     if sysrow.get("ran"):
         return sysrow["ran"]
     if sysrow["system"] == "edgediff":
         mode = row.get("mode") or {}
-        unet = (row.get("component_precision") or {}).get("unet")
-        precision = unet or next((p for p in QUANTISED if p in row.get("precision", ())), "fp32")
+        denoiser = (row.get("component_precision") or {}).get(row.get("denoiser") or "unet")
+        precision = denoiser or next((p for p in QUANTISED if p in row.get("precision", ())), "fp32")
         return {
             "model": Path(row["bundle"]).name,
             "precision": precision,
@@ -320,7 +332,7 @@ def to_markdown(data: dict) -> str:
         "system",
         "whole image (median / p90 / min / max)",
         "text enc",
-        "UNet call",
+        "denoiser call",
         "VAE dec",
         "cold: load + first image",
         "peak RSS",
@@ -342,7 +354,7 @@ def to_markdown(data: dict) -> str:
                 f"{sysrow['system']}{_where(sysrow)}",
                 f"{_s(tot['median'])} / {_s(tot['p90'])} / {_s(tot['min'])} / {_s(tot['max'])}",
                 _s(st["text_encoder"]["median"]),
-                _s(st["unet_call"]["median"]),
+                f"{_s(st['unet_call']['median'])} ({denoiser_name(row)})",
                 _s(st["vae_decoder"]["median"]),
                 f"{_s(sysrow['cold']['load_s']['median'])} + {_s(sysrow['cold']['first_image_s']['median'])}",
                 _gib(sysrow["peak_rss_bytes"]),
@@ -362,8 +374,9 @@ def to_markdown(data: dict) -> str:
         ]
         for row, ours in achieved:
             for stage, a in ours["achieved"].items():
+                shown = f"{denoiser_name(row)} call" if stage == "unet" else stage
                 lines.append(
-                    f"| {system_label(row, ours, source)} | {row['size']} | {stage} | {a['macs'] / 1e9:.2f} | "
+                    f"| {system_label(row, ours, source)} | {row['size']} | {shown} | {a['macs'] / 1e9:.2f} | "
                     f"{a['macs_per_second'] / 1e9:.1f} | {_of_measured(a)} | {_of_theoretical(a)} |"
                 )
     if scored:
@@ -409,7 +422,7 @@ def chart(data: dict, path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(labels)), 5))
     bottom = [0.0] * len(labels)
     for key, name in STACK:
-        ax.bar(labels, stacks[key], bottom=bottom, label=name)
+        ax.bar(labels, stacks[key], bottom=bottom, label=_stack_label(key, name, data["results"]))
         bottom = [b + v for b, v in zip(bottom, stacks[key])]
     ax.bar(labels, others, bottom=bottom, label="other")
     ax.set_ylabel("seconds per image (median, warm)")

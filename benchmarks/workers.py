@@ -43,8 +43,12 @@ def peak_rss_bytes() -> int | None:
 
 
 def _latents(manifest, size: int, seed: int) -> np.ndarray:
+    """The initial latents in the form every system's `latents=` takes: the grid, packed into tokens for FLUX."""
+    from edgediff.runtime.denoisers.flux import pack_latents
+
     h = size // manifest.vae_scale_factor
-    return np.random.default_rng(seed).standard_normal((1, manifest.latent_channels, h, h)).astype(np.float32)
+    grid = np.random.default_rng(seed).standard_normal((1, manifest.latent_channels, h, h)).astype(np.float32)
+    return pack_latents(grid, manifest.latent_packing) if manifest.latent_packing > 1 else grid
 
 
 def _save_images(a: dict, images: list) -> str | None:
@@ -57,13 +61,15 @@ def _save_images(a: dict, images: list) -> str | None:
     return a["images_to"]
 
 
-def _run_stats(runs: list[dict]) -> list[dict]:
+def _run_stats(runs: list[dict], calls: str) -> list[dict]:
+    """Per run, the stages under the results' keys; `calls`: the run's key of the denoiser's calls (edgediff's
+    timings name the component, "unet" or "transformer"), written under "unet" whatever the family."""
     return [
         {
             "tokenize": r.get("tokenize", 0.0),
             "text_encoder": r["text_encoder"],
-            "unet_calls": r["unet"],
-            "unet": sum(r["unet"]),
+            "unet_calls": r[calls],
+            "unet": sum(r[calls]),
             "vae_decoder": r["vae_decoder"],
             "total": r["total"],
         }
@@ -96,11 +102,12 @@ def edgediff(a: dict) -> dict:
             images.append(out.images[0])
     report = pipe.provider_report()  # read without opening anything (low-memory mode keeps only the last graph)
     graphs = report["graphs"]
+    denoiser = pipe.manifest.denoiser
     return {
         "load_s": load,
         "first_image_s": runs[0]["total"],
-        "runs": _run_stats(runs[1 + a["warmup"] :]),
-        "providers": graphs.get("unet", next(iter(graphs.values()), {})).get("providers"),
+        "runs": _run_stats(runs[1 + a["warmup"] :], denoiser),
+        "providers": graphs.get(denoiser, next(iter(graphs.values()), {})).get("providers"),
         "provider_report": report,
         "images": _save_images(a, images),
     }
@@ -148,12 +155,13 @@ def _reference_runs(
             width=a["size"],
             latents=latents,
             output_type="np",
+            **_text_length(pipe, manifest),
         )
         m = timer.marks
         runs.append(
             {
                 "text_encoder": sum(m.get("text_encoder", [])),
-                "unet": m.get("unet", []),
+                "denoiser": m.get("denoiser", []),
                 "vae_decoder": sum(m.get("vae_decoder", [])),
                 "total": time.perf_counter() - start,
             }
@@ -170,25 +178,38 @@ def _numpy_image(image) -> np.ndarray:
     return np.asarray(image, dtype=np.float32)
 
 
+def _text_length(pipe, manifest) -> dict:
+    """The text tokens the bundle runs on (SD3, FLUX, SANA: max_sequence_length), where the pipeline takes them:
+    FluxPipeline's default (512) is not the bundle's."""
+    import inspect
+
+    length = manifest.conditioning.get("max_sequence_length")
+    takes = "max_sequence_length" in inspect.signature(pipe.__call__).parameters
+    return {"max_sequence_length": int(length)} if length and takes else {}
+
+
 def _same_scheduler(pipe, manifest):
     import diffusers
 
     from edgediff.runtime.schedulers import SAMPLER_TO_DIFFUSERS_CLASS
 
-    cls = getattr(diffusers, SAMPLER_TO_DIFFUSERS_CLASS[manifest.scheduler["name"]])
-    pipe.scheduler = cls.from_config(manifest.scheduler["config"])
+    name = SAMPLER_TO_DIFFUSERS_CLASS.get(manifest.scheduler["name"])
+    if name is None or not hasattr(diffusers, name):  # no diffusers twin: the source's own scheduler stays
+        return
+    pipe.scheduler = getattr(diffusers, name).from_config(manifest.scheduler["config"])
 
 
 def _text_encoders(pipe) -> list:
-    """The pipeline's text encoders (SDXL has two; both count as the text-encoder stage)."""
-    return [enc for enc in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if enc is not None]
+    """The pipeline's text encoders (SDXL: two, SD3: three, FLUX: CLIP and T5): all count as the text-encoder stage."""
+    names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    return [enc for enc in (getattr(pipe, n, None) for n in names) if enc is not None]
 
 
 def diffusers(a: dict) -> dict:
     t0 = time.perf_counter()
     import torch
 
-    from edgediff.export.source import load_pipeline  # StableDiffusion(XL)Pipeline, as the export loads it
+    from edgediff.export.source import denoiser, load_pipeline  # each family's pipeline, as the export loads it
     from edgediff.runtime import Bundle
 
     torch.set_num_threads(a["threads"])
@@ -196,7 +217,7 @@ def diffusers(a: dict) -> dict:
     # where and in what precision peers run is decided once, by the harness (peer_gpu, peer_half)
     device = "cuda" if a.get("peer_gpu") else "cpu"
     dtype = torch.float16 if a.get("peer_half") else torch.float32
-    pipe = load_pipeline(a["source"]).to(device, dtype)
+    pipe = load_pipeline(a["source"], t5=_runs_t5(a["source"], manifest)).to(device, dtype)
     _same_scheduler(pipe, manifest)
     sync = torch.cuda.synchronize if device == "cuda" else None
     if sync:
@@ -205,7 +226,8 @@ def diffusers(a: dict) -> dict:
     timer = _Timer(sync)
     for encoder in _text_encoders(pipe):
         encoder.forward = timer.wrap("text_encoder", encoder.forward)
-    pipe.unet.forward = timer.wrap("unet", pipe.unet.forward)
+    net = denoiser(pipe)  # its UNet or transformer
+    net.forward = timer.wrap("denoiser", net.forward)
     pipe.vae.decode = timer.wrap("vae_decoder", pipe.vae.decode)
     with torch.inference_mode():
         runs, images = _reference_runs(pipe, timer, manifest, a, torch_mode=True, device=device, dtype=dtype)
@@ -214,9 +236,17 @@ def diffusers(a: dict) -> dict:
         "dtype": str(dtype).removeprefix("torch."),
         "load_s": load,
         "first_image_s": runs[0]["total"],
-        "runs": _run_stats(runs[1 + a["warmup"] :]),
+        "runs": _run_stats(runs[1 + a["warmup"] :], "denoiser"),
         "images": _save_images(a, images),
     }
+
+
+def _runs_t5(source: str, manifest) -> bool:
+    """Whether the peer loads SD3's T5: not when the bundle was exported without it (`--no-t5`), so that both
+    systems run the same encoders. FLUX's T5 (its text_encoder_2) is always there."""
+    from diffusers import DiffusionPipeline
+
+    return "text_encoder_3" in manifest.components or "text_encoder_3" not in DiffusionPipeline.load_config(source)
 
 
 def optimum(a: dict) -> dict:
@@ -236,7 +266,7 @@ def optimum(a: dict) -> dict:
     load = time.perf_counter() - t0
     timer = _Timer()
     parts = [("text_encoder", enc) for enc in _text_encoders(pipe)] + [
-        ("unet", pipe.unet),
+        ("denoiser", pipe.unet),
         ("vae_decoder", pipe.vae_decoder),
     ]
     for name, part in parts:
@@ -246,7 +276,7 @@ def optimum(a: dict) -> dict:
         "device": provider,
         "load_s": load,
         "first_image_s": runs[0]["total"],
-        "runs": _run_stats(runs[1 + a["warmup"] :]),
+        "runs": _run_stats(runs[1 + a["warmup"] :], "denoiser"),
         "images": _save_images(a, images),
     }
 

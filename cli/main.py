@@ -370,7 +370,11 @@ def _csv_ints(value: str | None) -> list:
     show_default=True,
     help="Fresh processes per system, interleaved.",
 )
-@click.option("--compare", default="", help="Peers: diffusers,optimum (need --source).")
+@click.option(
+    "--compare",
+    default="",
+    help="Peers: diffusers (every family), optimum (SD and SDXL); both need --source.",
+)
 @click.option("--source", type=click.Path(), default=None, help="The diffusers folder the bundle came from.")
 @click.option("--out", type=click.Path(), default="bench-out", show_default=True)
 @click.option(

@@ -38,7 +38,9 @@ def test_export_cost_records_time_peak_and_what_was_made(models_root, tmp_path):
     assert rows["int8"]["components"]["unet"]["quantization"]["scheme"] == "int8-dynamic"
     assert rows["int8"]["bundle_bytes"] > 0  # (tiny graphs grow when quantized: scales outweigh their weights)
     stages = [s["stage"] for s in rows["int8"]["stages"]]  # each stage of the export, in order, with its cost
-    assert stages[:2] == ["loading the source", "text_encoder: export"] and "unet: quantize" in stages
+    assert stages[0] == "loading the source" and "unet: quantize" in stages
+    # smallest graphs first: the UNet is traced with the others' weights freed
+    assert stages.index("vae_decoder: export") < stages.index("text_encoder: export") < stages.index("unet: export")
     assert all(s["seconds"] >= 0 and s["peak_rss_bytes"] > 0 for s in rows["int8"]["stages"])
     peaks = [s["peak_rss_bytes"] for s in rows["int8"]["stages"]]
     assert peaks == sorted(peaks) and peaks[-1] <= rows["int8"]["peak_rss_bytes"]  # high-water marks
