@@ -201,7 +201,10 @@ def write_coreml_bundle(source: str, out: str | Path, options: ExportOptions, pr
             raise ExportError(
                 "export_source",
                 source=source,
-                detail="the Core ML target converts SD 1.x / 2.x families; SDXL, SD3, FLUX and SANA are ONNX-only for now",
+                detail=(
+                    "the Core ML target converts SD 1.x / 2.x families; SDXL, SD3, FLUX, SANA and PixArt are ONNX-only"
+                    " for now"
+                ),
             )
         text = write_text_conditioning(pipe, staging)
         attention_layers = use_attention(pipe.unet, attention) if attention != "original" else 0

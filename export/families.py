@@ -62,7 +62,24 @@ def _sana(f: SourceFacts) -> bool:
     return f.transformer_class == "SanaTransformer2DModel"
 
 
+def _pixart(f: SourceFacts) -> bool:
+    return f.transformer_class == "PixArtTransformer2DModel"
+
+
 FAMILIES: tuple[Family, ...] = (
+    # PixArt-Sigma: a DiT with cross-attention to T5 (masked, 300 tokens) over the SD VAE's latents, patch 2 (sizes
+    # multiples of 16); epsilon with a learned variance, sampled with the VP DPM-Solver++ its scheduler config names.
+    # Its native size is the transformer's sample_size x 8 (1024 for PixArt-Sigma-XL-2-1024-MS).
+    Family(
+        name="pixart-sigma",
+        description="PixArt-Sigma (DiT, T5 text with its mask, SDXL VAE), DPM-Solver++, 20 steps, guidance 4.5",
+        sampler="dpmpp",
+        default_steps=20,
+        default_guidance=4.5,
+        guidance_embedding=False,
+        matches=_pixart,
+        max_sequence_length=300,
+    ),
     # SANA rows: its linear-attention DiT sets them apart (600M / 1.6B, 512 / 1024 px: the size is the transformer's
     # sample_size x DC-AE's 32). Sprint's transformer embeds the guidance (SanaSprintPipeline: no unconditional
     # batch) and its scheduler is SCM's, 1-4 steps; SANA's is the flow DPM-Solver++ its scheduler config names.

@@ -12,6 +12,7 @@ from edgediff.runtime.manifest import TOKENIZER_2_NAME, TOKENIZER_3_NAME, TOKENI
 from edgediff.runtime.schedulers import SAMPLER_TO_DIFFUSERS_CLASS, SAMPLERS, sampler_for_scheduler
 
 from .options import ExportOptions
+from .pixart import PIXART_MAX_SEQUENCE_LENGTH, is_pixart
 from .sana import SANA_MAX_SEQUENCE_LENGTH, is_sana
 from .source import FLUX_MAX_SEQUENCE_LENGTH, is_flux
 from .specs import ExportContext
@@ -49,7 +50,7 @@ def resolve_scheduler(pipe, family) -> dict:
     """Our sampler and its fully resolved diffusers config (defaults filled in by diffusers itself)."""
     import diffusers
 
-    # SANA's DPMSolverMultistepScheduler is ours only in its flow form: the config decides
+    # DPMSolverMultistepScheduler is SANA's flow form or PixArt's VP form: the config decides
     ours = sampler_for_scheduler(type(pipe.scheduler).__name__, dict(pipe.scheduler.config))
     sampler = family.sampler if family.guidance_embedding or ours is None else ours
     resolved = getattr(diffusers, SAMPLER_TO_DIFFUSERS_CLASS[sampler]).from_config(pipe.scheduler.config)
@@ -64,6 +65,9 @@ def write_text_conditioning(pipe, staging: Path) -> tuple[dict, dict]:
     if is_sana(pipe):  # Gemma's tokenizer pads to the call's length (the instruction prefix's tokens added)
         tokenizer_entry = write_tokenizer_json(pipe.tokenizer, staging / TOKENIZER_NAME, SANA_MAX_SEQUENCE_LENGTH)
         return tokenizer_entry, _sana_conditioning(pipe, tokenizer_entry)
+    if is_pixart(pipe):  # T5's tokenizer pads to the call's length
+        tokenizer_entry = write_tokenizer_json(pipe.tokenizer, staging / TOKENIZER_NAME, PIXART_MAX_SEQUENCE_LENGTH)
+        return tokenizer_entry, _pixart_conditioning(tokenizer_entry)
     tokenizer_entry = write_tokenizer_json(pipe.tokenizer, staging / TOKENIZER_NAME)
     if is_flux(pipe):
         return tokenizer_entry, _flux_conditioning(pipe, staging, tokenizer_entry)
@@ -169,6 +173,20 @@ def _sana_conditioning(pipe, tokenizer_entry: dict) -> dict:
         "timestep_scale": float(config.get("timestep_scale", 1.0)),
         "guidance_embedding": bool(config.get("guidance_embeds", False)),
         "guidance_embeds_scale": float(config.get("guidance_embeds_scale", 0.1)),
+    }
+
+
+def _pixart_conditioning(tokenizer_entry: dict) -> dict:
+    """PixArt-Sigma's conditioning, as PixArtSigmaPipeline.encode_prompt (clean_caption False): prompts and negative
+    prompts lower-cased and stripped, T5's last hidden state on max_sequence_length masked tokens, the mask going to
+    the transformer as encoder_attention_mask; the timestep as the sampler's. SANA's conditioning without its
+    instruction prefix (runtime/denoisers/pixart.py)."""
+    return {
+        "encoders": [
+            {"component": "text_encoder", "tokenizer": tokenizer_entry, "output": "last_hidden_state", "mask": True}
+        ],
+        "joint": "pixart",
+        "max_sequence_length": PIXART_MAX_SEQUENCE_LENGTH,
     }
 
 

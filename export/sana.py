@@ -26,7 +26,8 @@ def dc_ae_scale_factor(vae) -> int:
     return 2 ** (len(vae.config.encoder_block_out_channels) - 1)
 
 
-def _transformer_config(transformer):
+def transformer_config(transformer):
+    """optimum's SANA transformer config for `transformer`'s inputs (PixArt's take the same set)."""
     from optimum.exporters.onnx.model_configs import SanaTransformerOnnxConfig
     from optimum.utils import DummyInputGenerator, NormalizedConfig
 
@@ -90,15 +91,20 @@ def sana_models_for_export(pipe) -> dict:
     decoder.forward = lambda latent_sample: decoder.decode(latent_sample)
     return {
         "text_encoder": (text_encoder, Gemma2TextEncoderOnnxConfig(text_encoder.config, task="feature-extraction")),
-        "transformer": (pipe.transformer, _transformer_config(pipe.transformer)),
+        "transformer": (pipe.transformer, transformer_config(pipe.transformer)),
         "vae_decoder": (decoder, _decoder_config(pipe.vae)),
     }
 
 
 def models_for_export(pipe) -> dict:
-    """The modules and optimum export configs of `pipe`'s graphs: SANA's from here, the others' from optimum."""
+    """The modules and optimum export configs of `pipe`'s graphs: SANA's from here, PixArt's from pixart.py, the
+    others' from optimum."""
+    from .pixart import is_pixart, pixart_models_for_export  # pixart.py builds on this module's configs
+
     if is_sana(pipe):
         return sana_models_for_export(pipe)
+    if is_pixart(pipe):
+        return pixart_models_for_export(pipe)
     from optimum.exporters.utils import get_diffusion_models_for_export
 
     return get_diffusion_models_for_export(pipe, exporter="onnx")

@@ -9,6 +9,7 @@ from pathlib import Path
 from edgediff.runtime.errors import ExportError, ExportOptionsError
 
 from .families import SourceFacts, detect_family, get_family
+from .pixart import PIXART_MAX_SEQUENCE_LENGTH, PIXART_TRANSFORMER, is_pixart
 from .sana import SANA_MAX_SEQUENCE_LENGTH, SANA_TRANSFORMER, dc_ae_scale_factor, is_sana
 from .specs import ExportContext
 
@@ -54,7 +55,11 @@ def load_pipeline(source: str, t5: bool = True):
     where = str(local) if local.exists() else source
     try:
         model_index = DiffusionPipeline.load_config(where)
-        if transformer_class(model_index) == SANA_TRANSFORMER:
+        if transformer_class(model_index) == PIXART_TRANSFORMER:
+            if not t5:  # T5 is PixArt's one text encoder
+                raise ExportOptionsError("export_family_option", option="--no-t5", family="PixArt")
+            pipe = DiffusionPipeline.from_pretrained(where, torch_dtype=torch.float32)  # PixArtSigmaPipeline
+        elif transformer_class(model_index) == SANA_TRANSFORMER:
             if not t5:  # Gemma-2 is SANA's one text encoder
                 raise ExportOptionsError("export_family_option", option="--no-t5", family="SANA")
             # SanaPipeline or SanaSprintPipeline, as the folder's model_index names it
@@ -97,7 +102,7 @@ def source_facts(pipe, source: str) -> SourceFacts:
             scheduler_class=type(pipe.scheduler).__name__,
             prediction_type=pipe.scheduler.config.get("prediction_type", "flow_prediction"),
             timestep_spacing=pipe.scheduler.config.get("timestep_spacing"),
-            # the text tokens' width: SD3 / FLUX's joint attention, SANA's caption channels (Gemma-2's hidden size)
+            # the text tokens' width: SD3 / FLUX's joint attention, SANA's / PixArt's caption channels (Gemma-2's / T5's)
             cross_attention_dim=int(config.get("joint_attention_dim") or config.get("caption_channels")),
             time_cond_proj_dim=None,
             text_encoders=sum(getattr(pipe, n, None) is not None for n in TEXT_ENCODERS),
@@ -173,11 +178,14 @@ def prepare_source(
         time_cond_proj_dim=net.config.get("time_cond_proj_dim"),
     )
     text_encoder_2 = getattr(pipe, "text_encoder_2", None)
-    if sana:  # Gemma-2's hidden states (caption_channels wide) and mask, checked at SanaPipeline's token count
+    if sana or is_pixart(pipe):
+        # Gemma-2's (SANA) or T5's (PixArt) hidden states, caption_channels wide, and their mask, checked at the
+        # pipeline's token count
+        length = SANA_MAX_SEQUENCE_LENGTH if sana else PIXART_MAX_SEQUENCE_LENGTH
         ctx = dataclasses.replace(
             ctx,
-            max_length=SANA_MAX_SEQUENCE_LENGTH,
-            max_sequence_length=SANA_MAX_SEQUENCE_LENGTH,
+            max_length=length,
+            max_sequence_length=length,
             cross_attention_dim=int(net.config.caption_channels),
             attention_mask=True,
             guidance_embeds=bool(net.config.get("guidance_embeds", False)),

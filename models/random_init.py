@@ -244,6 +244,48 @@ TINY_GEMMA2 = dict(
     sliding_window=64,
 )
 
+# PixArt-Sigma: a DiT with cross-attention to T5's masked hidden states (caption_channels wide) over the SD VAE's
+# 4 latent channels, patch 2; it predicts epsilon and a learned variance (out_channels 8, the pipeline keeps the
+# first 4). Scheduler as published: a VP-schedule DPM-Solver++ (PixArt-alpha/PixArt-Sigma-XL-2-1024-MS); its VAE
+# is SDXL's (scaling factor 0.13025).
+PIXART_SIGMA_SCHEDULER = {
+    "_class_name": "DPMSolverMultistepScheduler",
+    "algorithm_type": "dpmsolver++",
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "beta_start": 0.0001,
+    "euler_at_final": False,
+    "lower_order_final": True,
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "solver_order": 2,
+    "solver_type": "midpoint",
+    "steps_offset": 0,
+    "timestep_spacing": "linspace",
+}
+TINY_PIXART_TRANSFORMER = dict(
+    num_attention_heads=2,
+    attention_head_dim=8,
+    in_channels=4,
+    out_channels=8,
+    num_layers=2,
+    cross_attention_dim=16,  # the inner width: heads x head_dim
+    caption_channels=TINY_T5["d_model"],
+    sample_size=8,  # latent cells: 64 px over the 8x VAE
+    patch_size=2,
+    norm_type="ada_norm_single",
+    use_additional_conditions=False,  # Sigma's: no resolution / aspect-ratio embedding
+)
+# 8x like the real one (four stages), so that sides are multiples of 16 as PixArt's (patch 2 x VAE 8)
+TINY_PIXART_VAE = dict(
+    TINY_VAE,
+    block_out_channels=(8, 8, 8, 8),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    sample_size=64,
+    scaling_factor=0.13025,
+)
+
 ARCHS = {
     "tiny-sd1": dict(unet=TINY_UNET, vae=TINY_VAE, text=TINY_TEXT, scheduler=SD15_SCHEDULER),
     "tiny-sd2-v": dict(
@@ -343,6 +385,9 @@ ARCHS = {
     "tiny-sana": dict(sana=TINY_SANA_TRANSFORMER, vae=TINY_DC_AE, text=TINY_GEMMA2, scheduler=SANA_SCHEDULER),
     "tiny-sana-sprint": dict(
         sana=TINY_SANA_SPRINT_TRANSFORMER, vae=TINY_DC_AE, text=TINY_GEMMA2, scheduler=SANA_SPRINT_SCHEDULER
+    ),
+    "tiny-pixart-sigma": dict(
+        pixart=TINY_PIXART_TRANSFORMER, vae=TINY_PIXART_VAE, t5=TINY_T5, scheduler=PIXART_SIGMA_SCHEDULER
     ),
     # SDXL-Turbo at full size (~2.6 B UNet parameters; its UNet is SDXL base's), as published by Stability AI.
     "sdxl-turbo": dict(
@@ -459,6 +504,8 @@ def build_random_pipeline(arch: str, out_dir: str | Path, seed: int = 0) -> Path
         return build_random_flux_pipeline(spec, out_dir, seed)
     if "sana" in spec:
         return build_random_sana_pipeline(spec, out_dir, seed)
+    if "pixart" in spec:
+        return build_random_pixart_pipeline(spec, out_dir, seed)
     out = Path(out_dir)
     tok_dir = build_clip_tokenizer(out / "_tokenizer_src", WORDS)
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
@@ -656,6 +703,33 @@ def build_random_sana_pipeline(spec: dict, out_dir: str | Path, seed: int = 0) -
     scheduler = getattr(diffusers, sched_cfg.pop("_class_name")).from_config(sched_cfg)
     pipeline = SanaSprintPipeline if type(scheduler).__name__ == "SCMScheduler" else SanaPipeline
     pipe = pipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+    )
+    pipe.save_pretrained(out)
+    shutil.rmtree(folder)
+    return out
+
+
+def build_random_pixart_pipeline(spec: dict, out_dir: str | Path, seed: int = 0) -> Path:
+    """Saves a PixArtSigmaPipeline folder with random weights for an ARCHS entry with a `pixart` transformer."""
+    import shutil
+
+    import diffusers
+    import torch
+    from diffusers import AutoencoderKL, PixArtSigmaPipeline, PixArtTransformer2DModel
+    from transformers import T5TokenizerFast
+
+    out = Path(out_dir)
+    folder = build_t5_tokenizer(out / "_tokenizer_src", WORDS)
+    tokenizer = T5TokenizerFast.from_pretrained(folder)
+    text_encoder = _t5_encoder(spec["t5"], tokenizer, seed + 2)
+    torch.manual_seed(seed)
+    transformer = PixArtTransformer2DModel(**spec["pixart"])
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**spec["vae"])
+    sched_cfg = dict(spec["scheduler"])
+    scheduler = getattr(diffusers, sched_cfg.pop("_class_name")).from_config(sched_cfg)
+    pipe = PixArtSigmaPipeline(
         tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
     )
     pipe.save_pretrained(out)

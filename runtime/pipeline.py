@@ -469,6 +469,7 @@ class Pipeline:
                 cancel, i, total, denoiser.component, **denoiser.feeds(model_in, sampler.model_timestep(t), fixed)
             )[0]
             timings[denoiser.component].append(time.perf_counter() - t0)
+            noise_pred = denoiser.prediction(noise_pred)  # PixArt: without its learned-variance channels
             if do_cfg:
                 uncond_pred, cond_pred = np.split(noise_pred, 2)
                 noise_pred = uncond_pred + np.float32(guidance) * (cond_pred - uncond_pred)

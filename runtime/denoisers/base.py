@@ -78,6 +78,10 @@ class Denoiser(Protocol):
         the fixed feeds."""
         ...
 
+    def prediction(self, output: np.ndarray) -> np.ndarray:
+        """The model prediction the sampler takes from the graph's output (PixArt drops its variance channels)."""
+        ...
+
     def latent_shape(self, grid: tuple[int, ...]) -> tuple[int, ...]:
         """The sampling loop's latent shape (what `latents=` takes) for a (B, C, h, w) grid."""
         ...
@@ -124,6 +128,9 @@ def per_row(model_in: np.ndarray, value) -> np.ndarray:
 class DenoiserBase:
     """Defaults for denoisers whose sampling loop runs on the (B, C, h, w) latent grid with the sampler's own
     timesteps (the UNets, SD3)."""
+
+    def prediction(self, output: np.ndarray) -> np.ndarray:
+        return output
 
     def latent_shape(self, grid: tuple[int, ...]) -> tuple[int, ...]:
         return grid

@@ -114,6 +114,9 @@ class FluxDenoiser:
         t = np.float32(timestep) / np.float32(1000)
         return {"hidden_states": model_in, "timestep": per_row(model_in, t), **fixed}
 
+    def prediction(self, output: np.ndarray) -> np.ndarray:
+        return output
+
     def latent_shape(self, grid: tuple[int, ...]) -> tuple[int, ...]:
         b, c, h, w = grid
         return (b, (h // self.packing) * (w // self.packing), c * self.packing**2)

@@ -7,6 +7,7 @@ PixArt), "flow" samplers drive flow-matching models (SD3, FLUX, SANA, SANA-Sprin
 
 from .base import FlowSampler, Sampler, SchedulerOutput
 from .ddim import DDIMSampler
+from .dpmsolver import DPMSolverSampler
 from .euler import EulerSampler
 from .euler_ancestral import EulerAncestralSampler
 from .flow_dpmsolver import FlowDPMSolverSampler
@@ -24,6 +25,7 @@ SAMPLERS: dict[str, type[Sampler]] = {
         DDIMSampler,
         LCMSampler,
         TCDSampler,
+        DPMSolverSampler,
         FlowEulerSampler,
         FlowDPMSolverSampler,
         SCMSampler,
@@ -31,8 +33,8 @@ SAMPLERS: dict[str, type[Sampler]] = {
 }
 
 # diffusers scheduler class -> our sampler, to carry a source model's own choice into its bundle. Only classes
-# that name one sampler whatever their config: DPMSolverMultistepScheduler drives VP models (PixArt-Sigma, SD)
-# as well as SANA's flow, so it is resolved from its config by sampler_for_scheduler.
+# that name one sampler whatever their config: DPMSolverMultistepScheduler drives VP models (PixArt-Sigma, SD:
+# dpmpp) as well as SANA's flow (flow_dpmpp), so it is resolved from its config by sampler_for_scheduler.
 DIFFUSERS_CLASS_TO_SAMPLER = {
     "EulerDiscreteScheduler": "euler",
     "EulerAncestralDiscreteScheduler": "euler_ancestral",
@@ -46,6 +48,7 @@ DIFFUSERS_CLASS_TO_SAMPLER = {
 SAMPLER_TO_DIFFUSERS_CLASS = {
     **{v: k for k, v in DIFFUSERS_CLASS_TO_SAMPLER.items()},
     "flow_dpmpp": "DPMSolverMultistepScheduler",
+    "dpmpp": "DPMSolverMultistepScheduler",
 }
 
 
@@ -53,7 +56,10 @@ def sampler_for_scheduler(class_name: str, config: dict) -> str | None:
     """Our sampler for a diffusers scheduler of `class_name` with `config`, or None when there is none."""
     if class_name == "DPMSolverMultistepScheduler":
         flow = config.get("use_flow_sigmas") and config.get("prediction_type") == "flow_prediction"
-        return "flow_dpmpp" if flow else None
+        if flow:
+            return "flow_dpmpp"
+        # the VP form; diffusers' noise-prediction variants (dpmsolver, sde-dpmsolver) have no sampler here
+        return "dpmpp" if config.get("algorithm_type", "dpmsolver++") in ("dpmsolver++", "sde-dpmsolver++") else None
     return DIFFUSERS_CLASS_TO_SAMPLER.get(class_name)
 
 
@@ -105,6 +111,7 @@ __all__ = [
     "EulerAncestralSampler",
     "LCMSampler",
     "TCDSampler",
+    "DPMSolverSampler",
     "FlowEulerSampler",
     "FlowDPMSolverSampler",
     "SCMSampler",

@@ -45,6 +45,24 @@ def predict_x0_eps(
     return x0.astype(np.float32), eps.astype(np.float32)
 
 
+def predict_x0_scaled(
+    prediction_type: str, model_output: np.ndarray, sample: np.ndarray, alpha_t, sigma_t
+) -> np.ndarray:
+    """x_0 from the model output at a point x_t = alpha_t x_0 + sigma_t eps, in float32 throughout: DPM-Solver++
+    feeds x_0 back into its multistep update, and there 1 / alpha_t (~150 at a VP grid's noisy end) makes
+    any other rounding than diffusers' visible."""
+    alpha_t, sigma_t = np.float32(alpha_t), np.float32(sigma_t)
+    if prediction_type == "epsilon":
+        x0 = (sample - sigma_t * model_output) / alpha_t
+    elif prediction_type == "v_prediction":
+        x0 = alpha_t * sample - sigma_t * model_output
+    elif prediction_type == "sample":
+        x0 = model_output
+    else:
+        raise ValueError(f"prediction_type {prediction_type!r} is not one of {PREDICTION_TYPES}")
+    return x0.astype(np.float32)
+
+
 def flow_x0_eps(velocity: np.ndarray, sample: np.ndarray, sigma) -> tuple[np.ndarray, np.ndarray]:
     """Returns (x_0, epsilon) from a flow model's velocity at noise level `sigma`: x_0 = x_t - sigma v,
     eps = x_t + (1 - sigma) v."""

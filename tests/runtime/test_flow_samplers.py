@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from conftest import ReplayNoise, patch_diffusers_noise  # noqa: E402
-from scheduler_configs import SD15  # noqa: E402
+from scheduler_configs import PIXART_SIGMA, SD15  # noqa: E402
 
 from edgediff.runtime import schedulers  # noqa: E402
 from edgediff.runtime.schedulers import (  # noqa: E402
@@ -101,28 +101,6 @@ SANA_SPRINT = {  # Efficient-Large-Model/Sana_Sprint_1.6B_1024px_diffusers, SCMS
     "num_train_timesteps": 1000,
     "prediction_type": "trigflow",
     "sigma_data": 0.5,
-}
-PIXART_SIGMA = {  # PixArt-alpha/PixArt-Sigma-XL-2-1024-MS: a VP (epsilon) DPM-Solver++, not a flow model
-    "algorithm_type": "dpmsolver++",
-    "beta_end": 0.02,
-    "beta_schedule": "linear",
-    "beta_start": 0.0001,
-    "dynamic_thresholding_ratio": 0.995,
-    "euler_at_final": False,
-    "lambda_min_clipped": -math.inf,
-    "lower_order_final": True,
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "sample_max_value": 1.0,
-    "solver_order": 2,
-    "solver_type": "midpoint",
-    "steps_offset": 0,
-    "thresholding": False,
-    "timestep_spacing": "linspace",
-    "trained_betas": None,
-    "use_karras_sigmas": False,
-    "use_lu_lambdas": False,
-    "variance_type": None,
 }
 
 MODULES = {
@@ -568,7 +546,12 @@ PUBLISHED = [
     ("FlowMatchEulerDiscreteScheduler", FLUX1_DEV, "flow_euler"),
     ("DPMSolverMultistepScheduler", SANA_1600M_1024PX, "flow_dpmpp"),
     ("SCMScheduler", SANA_SPRINT, "scm"),
-    ("DPMSolverMultistepScheduler", PIXART_SIGMA, None),  # a VP model: no flow sampler, whatever the class
+    ("DPMSolverMultistepScheduler", PIXART_SIGMA, "dpmpp"),  # a VP model: the diffusion form, whatever the class
+    (
+        "DPMSolverMultistepScheduler",
+        {**PIXART_SIGMA, "algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"},
+        None,
+    ),
 ]
 
 

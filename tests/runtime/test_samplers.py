@@ -11,7 +11,7 @@ from scheduler_configs import LCM_DREAMSHAPER_V7, SD15, SD21, SD_TURBO  # noqa: 
 
 from edgediff.runtime.schedulers import make_sampler  # noqa: E402
 
-SAMPLER_ATOL = 1e-5  # the issue's bound between our sampler and diffusers' on identical inputs
+SAMPLER_ATOL = 1e-5  # the required bound between our sampler and diffusers' on identical inputs
 SAMPLER_RTOL = 1e-6  # float32 rounding on latents of magnitude ~15 (Euler's first sigma)
 
 DIFFUSERS = {
