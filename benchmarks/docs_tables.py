@@ -211,6 +211,13 @@ HEADERS = {
 }
 
 
+# Export cost (benchmarks/export_cost.py's files): per table, the file; "export-cost" lists each configuration,
+# "export-stages" the stages of one configuration of the same file.
+EXPORT_COST = E + "2026-12-02-export-cost.json"
+EXPORT_STAGES_OF = "fastest"
+EXPORT_TABLES = ("export-cost", "export-stages")
+
+
 # ------------------------------------------------------------------------------------------ formatting
 
 
@@ -413,6 +420,51 @@ def render_table(name: str, results: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _minutes(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest} s" if minutes else f"{rest} s"
+
+
+def render_export_cost(name: str, results: dict[str, dict]) -> str:
+    """The export-cost table (each configuration: time, its ratio to fp32's, peak and the stage that set it,
+    bundle size) or the export-stages table (one configuration's stages, repeated stages summed)."""
+    if EXPORT_COST not in results:
+        raise FileNotFoundError(f"table {name}: {RESULTS / EXPORT_COST} is missing")
+    data = results[EXPORT_COST]
+    rows = [r for r in data["results"] if "seconds" in r]
+    fp32 = next((r["seconds"] for r in rows if r["config"] == "fp32"), None)
+
+    def peak_stage(row: dict) -> str:
+        stages = row.get("stages") or []
+        first = next((s for s in stages if s.get("peak_rss_bytes") == row["peak_rss_bytes"]), None)
+        return first["stage"] if first else "-"
+
+    if name == "export-cost":
+        lines = [
+            "| export | arguments | wall time | wall time / fp32's | peak RSS | set by | bundle |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            args = f"`{' '.join(r['args'])}`" if r["args"] else "-"
+            ratio = f"{r['seconds'] / fp32:.2f}x" if fp32 else "-"
+            lines.append(
+                f"| {r['config']} | {args} | {_minutes(r['seconds'])} | {ratio} | {_gib(r['peak_rss_bytes'])} | "
+                f"{peak_stage(r)} | {_gib(r.get('bundle_bytes'))} |"
+            )
+    else:
+        row = next(r for r in rows if r["config"] == EXPORT_STAGES_OF)
+        totals: dict[str, list] = {}
+        for stage in row.get("stages") or []:
+            seconds, peak, count = totals.setdefault(stage["stage"], [0.0, 0, 0])
+            totals[stage["stage"]] = [seconds + stage["seconds"], max(peak, stage["peak_rss_bytes"] or 0), count + 1]
+        lines = ["| stage | seconds | runs | peak RSS when it ended |", "|---|---|---|---|"]
+        for stage, (seconds, peak, count) in totals.items():
+            lines.append(f"| {stage} | {seconds:.1f} | {count} | {_gib(peak)} |")
+        lines.append(f"| whole export | {row['seconds']:.1f} | | {_gib(row['peak_rss_bytes'])} |")
+    lines += ["", f"Data: {_link(EXPORT_COST)}: {machine_line(data['machine'])}, {data.get('date', '?')}"]
+    return "\n".join(lines) + "\n"
+
+
 def render_sources(results: dict[str, dict]) -> str:
     lines = ["| file | machine | date | measured with | transcribed from |", "|---|---|---|---|---|"]
     for rel, data in results.items():
@@ -437,11 +489,15 @@ def render(doc: str, results: dict[str, dict]) -> str:
             body = render_sources(results)
         elif name in TABLES:
             body = render_table(name, results)
+        elif name in EXPORT_TABLES:
+            body = render_export_cost(name, results)
         else:
-            raise KeyError(f"{DOC}: no table named {name!r} (known: {', '.join(sorted(TABLES))}, sources)")
+            raise KeyError(
+                f"{DOC}: no table named {name!r} (known: {', '.join(sorted({*TABLES, *EXPORT_TABLES}))}, sources)"
+            )
         return m.group(1) + body + m.group(4)
 
-    missing = set(TABLES) - {m.group("name") for m in MARKER.finditer(doc)}
+    missing = {*TABLES, *EXPORT_TABLES} - {m.group("name") for m in MARKER.finditer(doc)}
     if missing:
         raise KeyError(f"{DOC} has no block for {', '.join(sorted(missing))}")
     return MARKER.sub(block, doc)

@@ -65,3 +65,29 @@ def test_result_files_follow_the_schema(path):
 
 def test_there_are_result_files():
     assert FILES, f"no result files under {RESULTS}"
+
+
+def test_export_cost_tables_show_the_ratio_to_fp32_and_the_stage_that_set_the_peak():
+    data = {
+        "machine": {"cpu": "CPU", "physical_cores": 2, "isa": ["avx2"]},
+        "date": "2026-01-01",
+        "results": [
+            {"config": "fp32", "args": [], "seconds": 100.0, "peak_rss_bytes": 4 * 2**30, "stages": []},
+            {
+                "config": docs_tables.EXPORT_STAGES_OF,
+                "args": ["--precision", "int8"],
+                "seconds": 150.0,
+                "peak_rss_bytes": 6 * 2**30,
+                "stages": [
+                    {"stage": "unet: export", "seconds": 50.0, "peak_rss_bytes": 6 * 2**30},
+                    {"stage": "unet: sensitivity", "seconds": 10.0, "peak_rss_bytes": 6 * 2**30},
+                    {"stage": "unet: sensitivity", "seconds": 5.0, "peak_rss_bytes": 6 * 2**30},
+                ],
+            },
+        ],
+    }
+    results = {docs_tables.EXPORT_COST: data}
+    cost = docs_tables.render_export_cost("export-cost", results)
+    assert "| 1.50x | 6.00 GiB | unet: export |" in cost and "| 1 min 40 s |" in cost
+    stages = docs_tables.render_export_cost("export-stages", results)
+    assert "| unet: sensitivity | 15.0 | 2 | 6.00 GiB |" in stages and "| whole export | 150.0 |" in stages
