@@ -490,10 +490,9 @@ WORDS = (
 def build_random_pipeline(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
     """Saves a StableDiffusionPipeline (StableDiffusionXLPipeline when `arch` has a second text encoder)
     folder with random weights for `arch` (see ARCHS)."""
-    import diffusers
     import torch
     from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHS)}")
@@ -513,29 +512,12 @@ def build_random_pipeline(arch: str, out_dir: str | Path, seed: int = 0) -> Path
     unet = UNet2DConditionModel(**spec["unet"])
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(**spec["vae"])
-    torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            **spec["text"],
-        )
-    )
-    sched_cfg = dict(spec["scheduler"])
-    scheduler = getattr(diffusers, sched_cfg.pop("_class_name")).from_config(sched_cfg)
+    text_encoder = _clip_encoder(CLIPTextModel, spec["text"], tokenizer, seed + 2)
+    scheduler = _scheduler(spec)
     if "text_2" in spec:
         tok_dir_2 = build_clip_tokenizer(out / "_tokenizer_2_src", WORDS, pad_token="!")
         tokenizer_2 = CLIPTokenizer.from_pretrained(tok_dir_2)
-        torch.manual_seed(seed + 3)
-        text_encoder_2 = CLIPTextModelWithProjection(
-            CLIPTextConfig(
-                bos_token_id=tokenizer_2.bos_token_id,
-                eos_token_id=tokenizer_2.eos_token_id,
-                pad_token_id=tokenizer_2.pad_token_id,
-                **spec["text_2"],
-            )
-        )
+        text_encoder_2 = _clip_encoder(CLIPTextModelWithProjection, spec["text_2"], tokenizer_2, seed + 3)
         pipe = StableDiffusionXLPipeline(
             vae=vae,
             text_encoder=text_encoder,
@@ -558,23 +540,15 @@ def build_random_pipeline(arch: str, out_dir: str | Path, seed: int = 0) -> Path
             feature_extractor=None,
             requires_safety_checker=False,
         )
-    pipe.save_pretrained(out)
-    import shutil
-
-    for folder in (tok_dir, tok_dir_2):
-        if folder is not None:
-            shutil.rmtree(folder)
-    return out
+    return _save(pipe, out, [f for f in (tok_dir, tok_dir_2) if f is not None])
 
 
 def build_random_sd3_pipeline(spec: dict, out_dir: str | Path, seed: int = 0) -> Path:
     """Saves a StableDiffusion3Pipeline folder with random weights for an ARCHS entry with a `transformer`."""
-    import shutil
 
-    import diffusers
     import torch
     from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5TokenizerFast
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5TokenizerFast
 
     out = Path(out_dir)
     folders = [
@@ -583,21 +557,17 @@ def build_random_sd3_pipeline(spec: dict, out_dir: str | Path, seed: int = 0) ->
         build_t5_tokenizer(out / "_tokenizer_3_src", WORDS),
     ]
     tokenizers = [CLIPTokenizer.from_pretrained(folders[0]), CLIPTokenizer.from_pretrained(folders[1])]
-    encoders = []
-    for i, (tok, text) in enumerate(zip(tokenizers, (spec["text"], spec["text_2"]))):
-        torch.manual_seed(seed + 2 + i)
-        config = CLIPTextConfig(
-            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **text
-        )
-        encoders.append(CLIPTextModelWithProjection(config))
+    encoders = [
+        _clip_encoder(CLIPTextModelWithProjection, spec[key], tok, seed + 2 + i)
+        for i, (tok, key) in enumerate(zip(tokenizers, ("text", "text_2")))
+    ]
     tokenizer_3 = T5TokenizerFast.from_pretrained(folders[2])
     t5 = _t5_encoder(spec["t5"], tokenizer_3, seed + 4)
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(**spec["transformer"])
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(**spec["vae"])
-    sched_cfg = dict(spec["scheduler"])
-    scheduler = getattr(diffusers, sched_cfg.pop("_class_name")).from_config(sched_cfg)
+    scheduler = _scheduler(spec)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=scheduler,
@@ -609,8 +579,39 @@ def build_random_sd3_pipeline(spec: dict, out_dir: str | Path, seed: int = 0) ->
         text_encoder_3=t5,
         tokenizer_3=tokenizer_3,
     )
+    return _save(pipe, out, folders)
+
+
+def _clip_encoder(model_class, spec: dict, tokenizer, seed: int):
+    """A random CLIP text encoder (`model_class`: with or without projection) for `tokenizer`'s special ids."""
+    import torch
+    from transformers import CLIPTextConfig
+
+    torch.manual_seed(seed)
+    return model_class(
+        CLIPTextConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **spec,
+        )
+    )
+
+
+def _scheduler(spec: dict):
+    """The ARCHS entry's scheduler, from its config with the class name diffusers writes."""
+    import diffusers
+
+    config = dict(spec["scheduler"])
+    return getattr(diffusers, config.pop("_class_name")).from_config(config)
+
+
+def _save(pipe, out: Path, tokenizer_folders: list[Path]) -> Path:
+    """Saves the pipeline to `out` and removes the tokenizer sources it was built from."""
+    import shutil
+
     pipe.save_pretrained(out)
-    for folder in folders:
+    for folder in tokenizer_folders:
         shutil.rmtree(folder)
     return out
 
@@ -630,32 +631,21 @@ def _t5_encoder(spec: dict, tokenizer, seed: int):
 
 def build_random_flux_pipeline(spec: dict, out_dir: str | Path, seed: int = 0) -> Path:
     """Saves a FluxPipeline folder with random weights for an ARCHS entry with a `flux` transformer."""
-    import shutil
 
-    import diffusers
     import torch
     from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5TokenizerFast
+    from transformers import CLIPTextModel, CLIPTokenizer, T5TokenizerFast
 
     out = Path(out_dir)
     folders = [build_clip_tokenizer(out / "_tokenizer_src", WORDS), build_t5_tokenizer(out / "_tokenizer_2_src", WORDS)]
     tokenizer, tokenizer_2 = CLIPTokenizer.from_pretrained(folders[0]), T5TokenizerFast.from_pretrained(folders[1])
-    torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            **spec["text"],
-        )
-    )
+    text_encoder = _clip_encoder(CLIPTextModel, spec["text"], tokenizer, seed + 2)
     text_encoder_2 = _t5_encoder(spec["t5"], tokenizer_2, seed + 4)
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(**spec["flux"])
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(**spec["vae"])
-    sched_cfg = dict(spec["scheduler"])
-    scheduler = getattr(diffusers, sched_cfg.pop("_class_name")).from_config(sched_cfg)
+    scheduler = _scheduler(spec)
     pipe = FluxPipeline(
         scheduler=scheduler,
         vae=vae,
@@ -665,18 +655,13 @@ def build_random_flux_pipeline(spec: dict, out_dir: str | Path, seed: int = 0) -
         tokenizer_2=tokenizer_2,
         transformer=transformer,
     )
-    pipe.save_pretrained(out)
-    for folder in folders:
-        shutil.rmtree(folder)
-    return out
+    return _save(pipe, out, folders)
 
 
 def build_random_sana_pipeline(spec: dict, out_dir: str | Path, seed: int = 0) -> Path:
     """Saves a SanaPipeline folder (SanaSprintPipeline for an SCM scheduler) with random weights for an ARCHS entry
     with a `sana` transformer."""
-    import shutil
 
-    import diffusers
     import torch
     from diffusers import AutoencoderDC, SanaPipeline, SanaSprintPipeline, SanaTransformer2DModel
     from transformers import Gemma2Config, Gemma2Model, GemmaTokenizerFast
@@ -699,22 +684,17 @@ def build_random_sana_pipeline(spec: dict, out_dir: str | Path, seed: int = 0) -
     transformer = SanaTransformer2DModel(**spec["sana"])
     torch.manual_seed(seed + 1)
     vae = AutoencoderDC(**spec["vae"])
-    sched_cfg = dict(spec["scheduler"])
-    scheduler = getattr(diffusers, sched_cfg.pop("_class_name")).from_config(sched_cfg)
+    scheduler = _scheduler(spec)
     pipeline = SanaSprintPipeline if type(scheduler).__name__ == "SCMScheduler" else SanaPipeline
     pipe = pipeline(
         tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
     )
-    pipe.save_pretrained(out)
-    shutil.rmtree(folder)
-    return out
+    return _save(pipe, out, [folder])
 
 
 def build_random_pixart_pipeline(spec: dict, out_dir: str | Path, seed: int = 0) -> Path:
     """Saves a PixArtSigmaPipeline folder with random weights for an ARCHS entry with a `pixart` transformer."""
-    import shutil
 
-    import diffusers
     import torch
     from diffusers import AutoencoderKL, PixArtSigmaPipeline, PixArtTransformer2DModel
     from transformers import T5TokenizerFast
@@ -727,14 +707,11 @@ def build_random_pixart_pipeline(spec: dict, out_dir: str | Path, seed: int = 0)
     transformer = PixArtTransformer2DModel(**spec["pixart"])
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(**spec["vae"])
-    sched_cfg = dict(spec["scheduler"])
-    scheduler = getattr(diffusers, sched_cfg.pop("_class_name")).from_config(sched_cfg)
+    scheduler = _scheduler(spec)
     pipe = PixArtSigmaPipeline(
         tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
     )
-    pipe.save_pretrained(out)
-    shutil.rmtree(folder)
-    return out
+    return _save(pipe, out, [folder])
 
 
 def build_random_taesd(out_dir: str | Path, seed: int = 0) -> Path:
