@@ -235,18 +235,20 @@ def calibrate(src: Path, scheme: Scheme, feeds: list[dict], workdir: Path):
 
 def _qdq_quantizer(model, scheme: Scheme, exclude: list[str], ranges):
     """onnxruntime's QDQ quantizer as quantize_static builds it (QDQ format, per-channel int8 weights, uint8
-    activations, STATIC_OPTIONS), on ranges calibrated beforehand."""
+    activations, STATIC_OPTIONS), on ranges calibrated beforehand; its weight scales found over whole arrays
+    (weight_quant.py)."""
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData
-    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
     from onnxruntime.quantization.quant_utils import QuantizationMode, QuantType, update_opset_version
+
+    from .weight_quant import FastQDQQuantizer
 
     model = update_opset_version(model, QuantType.QInt8)
     present = {t for node in model.graph.node for t in (*node.input, *node.output)}
     # a table of its own per graph: the quantizer adjusts entries in place
     table = TensorsData(CalibrationMethod.MinMax, {k: v for k, v in ranges.items() if k in present})
     # onnxruntime < 1.18 also took the mode and whether it is static
-    older = "static" in inspect.signature(QDQQuantizer).parameters
-    return QDQQuantizer(
+    older = "static" in inspect.signature(FastQDQQuantizer).parameters
+    return FastQDQQuantizer(
         model,
         per_channel=True,
         reduce_range=False,
@@ -267,6 +269,8 @@ def quantize(src: Path, dst: Path, scheme: Scheme, exclude: list[str], ranges=No
     weights in external data beside them (`dst`'s name + ".data")."""
     import onnx
 
+    from .weight_quant import vectorised
+
     large = _large(src)
     if scheme.name == "int8-dynamic":
         from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -275,16 +279,17 @@ def quantize(src: Path, dst: Path, scheme: Scheme, exclude: list[str], ranges=No
         quiet = _Without("pre-process")
         logging.getLogger().addFilter(quiet)
         try:
-            quantize_dynamic(
-                str(src),
-                str(dst),
-                op_types_to_quantize=list(scheme.op_types),
-                per_channel=True,
-                weight_type=QuantType.QInt8,
-                nodes_to_exclude=exclude,
-                use_external_data_format=large,
-                extra_options=_default_type(),
-            )
+            with vectorised():
+                quantize_dynamic(
+                    str(src),
+                    str(dst),
+                    op_types_to_quantize=list(scheme.op_types),
+                    per_channel=True,
+                    weight_type=QuantType.QInt8,
+                    nodes_to_exclude=exclude,
+                    use_external_data_format=large,
+                    extra_options=_default_type(),
+                )
         finally:
             logging.getLogger().removeFilter(quiet)
     elif scheme.calibrated:
@@ -293,7 +298,8 @@ def quantize(src: Path, dst: Path, scheme: Scheme, exclude: list[str], ranges=No
         if ranges is None:
             raise ValueError("static int8 needs activation ranges (calibrate)")
         quantizer = _qdq_quantizer(load_model_with_shape_infer(Path(src)), scheme, exclude, ranges)
-        quantizer.quantize_model()
+        with vectorised():
+            quantizer.quantize_model()
         quantizer.model.save_model_to_file(str(dst), large)
     elif scheme.name == "int4-weight-only":
         root_level = logging.getLogger().level
@@ -529,12 +535,12 @@ def quantize_component(
             return error
 
         if keep == "auto":
-            runs = []
+            runs: list[float] = []  # the power of each group measured; the first is every block's
 
             def power(group: list[str]) -> float:
-                runs.append(len(group))
                 with stages.stage(f"{label}: sensitivity"):
-                    return probe.output_power(group)
+                    runs.append(probe.output_power(group))
+                return runs[-1]
 
             kept, error, record["checks"], record["kept_fp32"], alone = keep_until_within(
                 list(blocks), power, check, budget, probe.close, prior=errors
@@ -544,6 +550,8 @@ def quantize_component(
                 "method": "block errors on recorded boundaries; output errors of block groups, halved where large",
                 "feeds": len(ranked),
                 "output_runs": len(runs),
+                # every block's difference added at once: the whole graph's error to first order, beside its check
+                "first_order_error": round(math.sqrt(runs[0]), 6) if runs else None,
                 "output_errors": dict(sorted(alone.items(), key=lambda kv: -kv[1])),
             }
         else:

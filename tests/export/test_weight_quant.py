@@ -1,0 +1,86 @@
+"""Per-channel weights quantised over whole arrays (export/weight_quant.py) give exactly onnxruntime's own
+scales, zero points and quantised weights: the parameters channel by channel, and whole graphs byte for byte."""
+
+from contextlib import nullcontext
+
+import numpy as np
+import pytest
+from tiny_models import tiny_bundle
+
+pytest.importorskip("torch")
+
+
+def _weights(shape, axis, seed=0):
+    rng = np.random.default_rng(seed)
+    spread = rng.uniform(1e-3, 3, shape[axis]).reshape([-1 if i == axis else 1 for i in range(len(shape))])
+    w = (rng.standard_normal(shape) * spread).astype(np.float32)
+    index = [slice(None)] * len(shape)
+    index[axis] = 0
+    w[tuple(index)] = 0.0  # an all-zero channel: onnxruntime's degenerate scale of 1
+    index[axis] = 1
+    w[tuple(index)] = -np.abs(w[tuple(index)])  # negative only
+    index[axis] = 2
+    w[tuple(index)] = 1e-40  # subnormal: below float32's smallest normal range
+    return w
+
+
+@pytest.mark.parametrize(("shape", "axis"), [((64, 48), 1), ((48, 64), 0), ((32, 16, 3, 3), 0)])
+def test_channel_parameters_and_values_equal_onnxruntimes(shape, axis):
+    from onnx import TensorProto
+    from onnxruntime.quantization.quant_utils import compute_data_quant_params, quantize_nparray
+
+    from edgediff.export.weight_quant import channel_params, quantize_channels
+
+    w = _weights(shape, axis)
+    zero_points, scales = channel_params(w, axis, TensorProto.INT8)
+    quantised = quantize_channels(w, axis, TensorProto.INT8, zero_points, scales)
+    for i in range(w.shape[axis]):
+        channel = w.take(i, axis).ravel()
+        zp, scale = compute_data_quant_params(channel, TensorProto.INT8, symmetric=True)
+        assert zero_points[i] == zp and zero_points.dtype == zp.dtype
+        assert scales[i].tobytes() == scale.tobytes() and scales.dtype == scale.dtype == np.float32
+        expected = quantize_nparray(TensorProto.INT8, channel, scale, zp)
+        np.testing.assert_array_equal(quantised.take(i, axis).ravel(), expected)
+    assert scales[0] == 1.0 and scales[2] == 1.0  # the degenerate channels, as onnxruntime sets them
+
+
+@pytest.fixture(scope="module")
+def feeds(models_root):
+    from edgediff.export.calibration import record_feeds
+
+    bundle = tiny_bundle("tiny-sd1", models_root)
+    return bundle, record_feeds(bundle, prompts=["a cat", "a dog"], components=["text_encoder", "unet"])
+
+
+def _graph_bytes(path):
+    import onnx
+
+    model = onnx.load(str(path))
+    return (
+        [(n.op_type, list(n.input), list(n.output)) for n in model.graph.node],
+        {t.name: (t.data_type, list(t.dims), onnx.numpy_helper.to_array(t).tobytes()) for t in model.graph.initializer},
+    )
+
+
+@pytest.mark.parametrize(("component", "scheme"), [("unet", "int8-static"), ("text_encoder", "int8-dynamic")])
+def test_quantised_graphs_are_onnxruntimes_own(feeds, tmp_path, monkeypatch, component, scheme):
+    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+
+    from edgediff.export import weight_quant
+    from edgediff.export.quantize import SCHEMES, calibrate, quantize
+
+    bundle, recorded = feeds
+    src, chosen = bundle / f"{component}.onnx", SCHEMES[scheme]
+    ranges = calibrate(src, chosen, recorded[component], tmp_path) if chosen.calibrated else None
+    used, real = [], weight_quant.channel_params
+    monkeypatch.setattr(weight_quant, "channel_params", lambda *a: used.append(1) or real(*a))
+    quantize(src, tmp_path / "fast.onnx", chosen, [], ranges)
+    assert used  # the whole-array path ran
+    monkeypatch.setattr(weight_quant, "vectorised", nullcontext)
+    monkeypatch.setattr(weight_quant, "FastQDQQuantizer", QDQQuantizer)
+    quantize(src, tmp_path / "own.onnx", chosen, [], ranges)
+    fast_nodes, fast_weights = _graph_bytes(tmp_path / "fast.onnx")
+    own_nodes, own_weights = _graph_bytes(tmp_path / "own.onnx")
+    assert fast_nodes == own_nodes
+    assert fast_weights.keys() == own_weights.keys() and any(t[0] == 3 for t in own_weights.values())  # int8 there
+    assert fast_weights == own_weights
