@@ -95,6 +95,21 @@ def cli(verbose: bool) -> None:
     metavar="LEFT,TOP,RIGHT,BOTTOM",
     help="Outpainting: grow --image by these many pixels per side and paint the new area.",
 )
+@click.option(
+    "--control",
+    "controls",
+    multiple=True,
+    metavar="NAME=IMAGE[:SCALE]",
+    help="ControlNet NAME of the bundle (see `edgediff info`) steered by IMAGE, resized to the output size "
+    "(repeatable; scale defaults to 1). Canny edges: `edgediff canny IN OUT`.",
+)
+@click.option(
+    "--lora",
+    "loras",
+    multiple=True,
+    metavar="NAME[:WEIGHT]",
+    help="Run-time LoRA of the bundle (`edgediff lora list`; repeatable, weight defaults to 1).",
+)
 @runtime_options()
 @click.option(
     "-o",
@@ -118,6 +133,8 @@ def generate(
     strength,
     mask,
     outpaint,
+    controls,
+    loras,
     options,
     output,
 ):
@@ -127,6 +144,7 @@ def generate(
     from edgediff.runtime import Pipeline
     from edgediff.runtime.catalog import resolve_bundle
     from edgediff.runtime.image import check_writable, save_image
+    from edgediff.runtime.lora_adapters import parse_lora_weight
 
     margins = None
     if outpaint:
@@ -140,6 +158,8 @@ def generate(
             raise click.UsageError("--outpaint takes four integers: LEFT,TOP,RIGHT,BOTTOM") from None
     elif mask and not init_image:
         raise click.UsageError("--mask needs --image")
+    control = parse_controls(controls)
+    lora_weights = dict(parse_lora_weight(spec) for spec in loras)
     targets = (
         [Path(output)]
         if num_images == 1
@@ -170,12 +190,83 @@ def generate(
         mask_image=mask,
         keep_unmasked=bool(mask),
         outpaint=margins,
+        **control,
+        loras=lora_weights,
     )
     for bar in bars:
         bar.close()
     for image, target, image_seed in zip(result.images, targets, result.seeds):
         save_image(image, target)
         click.echo(f"{target} (seed {image_seed})")
+
+
+def parse_controls(values) -> dict:
+    """--control NAME=IMAGE[:SCALE] options -> the pipeline's control_image and controlnet_conditioning_scale."""
+    from edgediff.runtime.errors import InputError
+
+    images, scales = {}, {}
+    for value in values:
+        name, sep, rest = value.partition("=")
+        image, scale = rest, 1.0
+        head, colon, tail = rest.rpartition(":")
+        if colon and head and tail and "/" not in tail and "\\" not in tail:
+            try:
+                image, scale = head, float(tail)
+            except ValueError:
+                raise InputError("control_option", value=value) from None
+        if not sep or not name or not image:
+            raise InputError("control_option", value=value)
+        images[name], scales[name] = image, scale
+    return {"control_image": images, "controlnet_conditioning_scale": scales} if images else {}
+
+
+@cli.command()
+@click.argument("image", type=click.Path(exists=True, dir_okay=False))
+@click.argument("output", type=click.Path())
+@click.option("--low", "low_threshold", type=float, default=100, show_default=True, help="Lower hysteresis threshold.")
+@click.option(
+    "--high", "high_threshold", type=float, default=200, show_default=True, help="Upper hysteresis threshold."
+)
+def canny(image, output, low_threshold, high_threshold):
+    """Write IMAGE's Canny edge map to OUTPUT: a control image for canny ControlNets."""
+    from edgediff.runtime.image import save_image
+    from edgediff.runtime.preprocess import canny_image
+
+    save_image(canny_image(image, low_threshold, high_threshold), output)
+    click.echo(output)
+
+
+@cli.group()
+def lora():
+    """Run-time LoRAs of bundles exported with --lora-slots."""
+
+
+@lora.command("convert")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--model", required=True, help="The bundle (folder or name) the LoRA is for.")
+@click.option("--name", default=None, help="The LoRA's name for --lora NAME (default: the file's stem).")
+@click.option("--overwrite", is_flag=True, help="Replace an adapter of that name.")
+def lora_convert(file, model, name, overwrite):
+    """Convert a LoRA FILE (kohya, diffusers or PEFT safetensors) into an adapter in the bundle's loras/ folder."""
+    from edgediff.export.lora_convert import convert_lora
+    from edgediff.runtime.catalog import resolve_bundle
+
+    click.echo(str(convert_lora(file, resolve_bundle(model), name, overwrite)))
+
+
+@lora.command("list")
+@click.option("--model", default=None, help="Bundle folder or name (default: the shipped model).")
+def lora_list(model):
+    """List the run-time LoRAs a bundle has."""
+    from edgediff.runtime import Bundle
+    from edgediff.runtime.catalog import resolve_bundle
+    from edgediff.runtime.lora_adapters import RuntimeLoras
+
+    loras = RuntimeLoras(Bundle.open(resolve_bundle(model), verify="size"))
+    if not loras.slots:
+        click.echo(f"{loras.path}: no LoRA slots (export with --lora-slots)")
+    for name in loras.known():
+        click.echo(name)
 
 
 @cli.command("list")

@@ -189,6 +189,21 @@ def _export_click():
             metavar="FILE[:SCALE]",
             help="LoRA safetensors fused into the weights before export (repeatable; scale defaults to 1).",
         ),
+        "lora_slots": click.option(
+            "--lora-slots",
+            type=click.Choice(list(eo.LAYER_SETS)),
+            default=None,
+            help="Layers that take LoRAs at run time (`edgediff lora convert`, then generate --lora NAME): "
+            "attention, transformer (+ projections and feed-forward; most LoRAs) or all (+ convolutions).",
+        ),
+        "controlnets": click.option(
+            "--controlnet",
+            "controlnets",
+            multiple=True,
+            metavar="SOURCE[:NAME]",
+            help="ControlNetModel folder or hub id added as a graph of its own (repeatable; NAME defaults to the "
+            "conditioning type its name says, e.g. canny); generate with --control NAME=IMAGE.",
+        ),
         "t5": click.option(
             "--t5/--no-t5",
             default=True,

@@ -19,7 +19,18 @@ from edgediff.runtime.schedulers import SAMPLER_TO_DIFFUSERS_CLASS  # noqa: F401
 
 from .attention import use_attention
 from .capture import float_argmax
+from .controlnet import (
+    controlnet_attributes,
+    controlnet_component,
+    controlnet_for_export,
+    load_controlnets,
+    manifest_entries,
+    residual_attributes,
+    unet_for_export,
+    with_residuals,
+)
 from .lora import fuse_loras
+from .lora_slots import SLOT_COMPONENTS, slot_graph
 from .manifest_builder import build_manifest, recorded_path, write_text_conditioning
 from .optimize import MODEL_TYPES as FUSABLE
 from .optimize import optimize_graph
@@ -188,16 +199,26 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
             unet = getattr(pipe, "unet", None)
             if unet is None and attention == "sliced":  # slicing is written for the UNet's attention (SD3: MMDiT)
                 raise ExportOptionsError("export_family_option", option="--attention sliced", family=fam.name)
+            if unet is None and options.lora_slots:  # slots follow diffusers' UNet and CLIP LoRA layer names
+                raise ExportOptionsError("export_family_option", option="--lora-slots", family=fam.name)
             lora_records = fuse_loras(pipe, list(options.loras))
+            controlnets = load_controlnets(options.controlnets, pipe, ctx)
+            ctx = with_residuals(ctx, controlnets)  # the UNet then takes their residuals as inputs
             sliced_layers = use_attention(unet, "sliced") if attention == "sliced" else 0
 
         text = write_text_conditioning(pipe, staging)
         optimum_models = models_for_export(pipe)  # optimum's, or SANA's set up in sana.py
+        trace_ctx = trace_context(check_context(ctx, True))
+        if controlnets:
+            optimum_models["unet"] = unet_for_export(pipe.unet, ctx, trace_ctx)
         components, checks, check_sizes = {}, {}, {}
         raw_dir = staging / "_raw"
         transformer = getattr(pipe, "transformer", None)
         component_attributes = {
-            "unet": {"attention": {"mode": attention, "sliced_layers": sliced_layers}},
+            "unet": {
+                "attention": {"mode": attention, "sliced_layers": sliced_layers},
+                **(residual_attributes(ctx) if controlnets else {}),
+            },
             # SD3: latent cells per token along each side; image sides are multiples of it x the VAE's factor
             "transformer": {"patch_size": None if transformer is None else int(transformer.config.patch_size)},
         }
@@ -210,6 +231,10 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
             tiny = load_tiny_decoder(options.tiny_decoder, ctx.latent_channels)
             work.append((TINY_DECODER, tiny_decoder_for_export(tiny), tiny, tiny_attributes(tiny)))
             del tiny
+        for c in controlnets:  # torch_call takes the ControlNetModel itself
+            work.append(
+                (controlnet_component(c), controlnet_for_export(c, ctx, trace_ctx), c.model, controlnet_attributes(c))
+            )
         sizes = {c.name: _millions(module) for c, (module, _), *_ in work}
         # smallest first: the denoiser, the largest graph, is traced with the others' weights (optimum's VAE
         # parts are copies of the pipeline's VAE) already freed; its export sets the fp32 export's peak
@@ -271,6 +296,11 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
                     files, inputs, outputs, checks[component.name] = _write_checked(
                         component, raw_graph, staging, comp_precision, reference, check_providers
                     )
+                if options.lora_slots and component.name in SLOT_COMPONENTS:  # side paths for run-time LoRAs
+                    files, slots = slot_graph(
+                        component.name, staging, options.lora_slots, reference[0], comp_precision, _save_graph
+                    )
+                    attributes = {**attributes, "lora_slots": slots}
             check_sizes[component.name] = (
                 {"height": check_ctx.height, "width": check_ctx.width, "full_size": check_ctx == ctx}
                 if spatial
@@ -301,6 +331,7 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
                 "loras": lora_records,
                 "export_check": {"tolerances": TOLERANCES, "max_rel_diff": checks, "size": check_sizes},
             },
+            controlnets=manifest_entries(controlnets, out),
         )
         (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
         # the PyTorch model goes before quantisation opens graphs and sessions

@@ -191,10 +191,18 @@ def _pixart_conditioning(tokenizer_entry: dict) -> dict:
 
 
 def build_manifest(
-    pipe, fam, ctx: ExportContext, text: tuple[dict, dict], components: dict, options: ExportOptions, provenance: dict
+    pipe,
+    fam,
+    ctx: ExportContext,
+    text: tuple[dict, dict],
+    components: dict,
+    options: ExportOptions,
+    provenance: dict,
+    controlnets: list[dict] | None = None,
 ) -> Manifest:
     """The manifest of a bundle whose components are written; `provenance` is the target's own record
-    (source, checks), to which the date and tool versions are added."""
+    (source, checks), to which the date and tool versions are added; `controlnets` lists the bundle's ControlNet
+    graphs (export/controlnet.py manifest_entries)."""
     tokenizer_entry, conditioning = text
     scheduler = resolve_scheduler(pipe, fam)
     if conditioning.get("joint") == "flux":  # the family's T5 length (schnell 256, dev 512)
@@ -220,6 +228,7 @@ def build_manifest(
         guidance_embedding_dim=ctx.time_cond_proj_dim,
         components=components,
         target=options.target,
+        controlnets=list(controlnets or []),
         provenance={
             **provenance,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

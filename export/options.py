@@ -15,7 +15,9 @@ from pathlib import Path
 from edgediff.runtime.errors import ExportOptionsError
 
 from .attention import PROCESSORS
+from .controlnet import parse_controlnet
 from .lora import parse_lora
+from .lora_slots import LAYER_SETS
 
 # onnx: graphs for any onnxruntime provider; coreml: ML program packages for Macs and the Neural Engine
 TARGETS = ("onnx", "coreml")
@@ -34,8 +36,25 @@ ATTENTION_MODES = {"onnx": ("original", "sliced"), "coreml": ("original", *PROCE
 # `keep` besides block names: quantize every eligible node, or let the sensitivity pass choose
 KEEP_MODES = ("none", "auto")
 # options only one target uses: the other refuses them rather than silently ignoring them
-ONNX_ONLY = ("precision", "keep", "calibration_prompts", "tiny_decoder", "vae", "optimize", "loras", "t5")
+ONNX_ONLY = (
+    "precision",
+    "keep",
+    "calibration_prompts",
+    "tiny_decoder",
+    "vae",
+    "optimize",
+    "loras",
+    "t5",
+    "controlnets",
+    "lora_slots",
+)
 COREML_ONLY = ("palettize",)
+# why --lora-slots refuses these (docs/loras.md, "Quantised bundles")
+LORA_SLOTS_REFUSED = {
+    "precision": "the quantisers do not keep the LoRA slots (int8 and int8-static fail on their empty defaults, int4 "
+    "folds most of them into constants); export fp32 or fp16 for run-time LoRAs, or fuse the LoRA with --lora",
+    "optimize": "onnxruntime's attention fusions would swallow the slotted layers; export without --optimize",
+}
 
 
 @dataclass(frozen=True)
@@ -65,6 +84,10 @@ class ExportOptions:
     optimize: str | None = None
     # (file, scale) LoRAs fused into the weights before export, so the graphs stay plain and fast
     loras: tuple[tuple[str, float], ...] = ()
+    # layers that take LoRAs at run time ("attention", "transformer", "all": lora_slots.py); None: plain graphs
+    lora_slots: str | None = None
+    # (source, name) ControlNets exported as graphs of their own; the UNet then takes their residuals as inputs
+    controlnets: tuple[tuple[str, str], ...] = ()
     # Core ML: weights palettized to this many bits (smaller packages); None keeps fp16 weights
     palettize: int | None = None
     # UNet attention: "sliced" lowers peak memory (same result); "split_einsum" suits the Neural Engine
@@ -86,6 +109,13 @@ class ExportOptions:
             "loras",
             tuple(parse_lora(x) if isinstance(x, str) else (str(x[0]), float(x[1])) for x in self.loras or ()),
         )
+        object.__setattr__(
+            self,
+            "controlnets",
+            tuple(
+                parse_controlnet(x) if isinstance(x, str) else (str(x[0]), str(x[1])) for x in self.controlnets or ()
+            ),
+        )
         if isinstance(self.optimize, bool):
             object.__setattr__(self, "optimize", "cpu" if self.optimize else None)
         if self.calibration_prompts is not None:
@@ -99,6 +129,7 @@ class ExportOptions:
             ("precision", self.precision, PRECISIONS),
             ("optimize", self.optimize, (None, *OPTIMIZE_TARGETS)),
             ("palettize", self.palettize, (None, *PALETTE_BITS)),
+            ("lora_slots", self.lora_slots, (None, *LAYER_SETS)),
         ):
             if value not in available:
                 raise ExportOptionsError(
@@ -113,6 +144,14 @@ class ExportOptions:
                 target=self.target,
                 available=", ".join(ATTENTION_MODES[self.target]),
             )
+        if self.controlnets and self.precision == "int8-static":
+            # its activation ranges would be calibrated on calls without control (zero residuals)
+            raise ExportOptionsError("export_controlnet_static")
+        if self.lora_slots and (self.quantized or self.optimize):
+            # measured in docs/loras.md ("Quantised bundles"); fused graphs: attention ops swallow the slotted layers
+            why = LORA_SLOTS_REFUSED["precision" if self.quantized else "optimize"]
+            option = f"--precision {self.precision}" if self.quantized else "--optimize"
+            raise ExportOptionsError("export_lora_slots", option=option, why=why)
         if self.target == "coreml":
             given = self._set(ONNX_ONLY)
             if given:
@@ -189,7 +228,8 @@ def read_prompts(path: str | Path) -> tuple[str, ...]:
 
 
 def _flag(name: str) -> str:
-    return {"loras": "--lora", "t5": "--no-t5"}.get(name) or "--" + name.replace("_", "-")
+    flags = {"loras": "--lora", "t5": "--no-t5", "controlnets": "--controlnet"}
+    return flags.get(name) or "--" + name.replace("_", "-")
 
 
 def _listing(items: list[str]) -> str:

@@ -123,19 +123,28 @@ def source_facts(pipe, source: str) -> SourceFacts:
     )
 
 
-def load_vae(source: str, latent_channels: int):
-    """An AutoencoderKL to replace the model's own (e.g. madebyollin/sdxl-vae-fp16-fix, which stays finite
-    in fp16 where SDXL's VAE overflows); a folder or hub id holding the VAE itself."""
+def load_part(cls, source: str, what: str):
+    """A diffusers model class's `from_pretrained` on a local folder or a hub id (owner/name), in fp32; anything
+    else, or what diffusers cannot load, is an export error naming `what` it was meant to be."""
     import torch
-    from diffusers import AutoencoderKL
 
     local = Path(source)
     if not local.exists() and (source.startswith((".", "/", "~")) or source.count("/") != 1):
-        raise ExportError("export_source", source=source, detail="VAE: no such folder, and not a hub id (owner/name)")
+        raise ExportError(
+            "export_source", source=source, detail=f"{what}: no such folder, and not a hub id (owner/name)"
+        )
     try:
-        vae = AutoencoderKL.from_pretrained(str(local) if local.exists() else source, torch_dtype=torch.float32)
+        return cls.from_pretrained(str(local) if local.exists() else source, torch_dtype=torch.float32)
     except (OSError, ValueError, EnvironmentError) as exc:
-        raise ExportError("export_source", source=source, detail=f"VAE: {str(exc).splitlines()[0]}") from exc
+        raise ExportError("export_source", source=source, detail=f"{what}: {str(exc).splitlines()[0]}") from exc
+
+
+def load_vae(source: str, latent_channels: int):
+    """An AutoencoderKL to replace the model's own (e.g. madebyollin/sdxl-vae-fp16-fix, which stays finite
+    in fp16 where SDXL's VAE overflows); a folder or hub id holding the VAE itself."""
+    from diffusers import AutoencoderKL
+
+    vae = load_part(AutoencoderKL, source, "VAE")
     if int(vae.config.latent_channels) != latent_channels:
         raise ExportError(
             "export_source",

@@ -51,6 +51,9 @@ class ExportContext:
     # SANA: Gemma-2 takes an attention mask with its tokens, and the transformer the same mask over the text tokens
     # (max_sequence_length of them, caption width cross_attention_dim); Sprint embeds guidance too
     attention_mask: bool = False
+    # bundles with ControlNets: (level, channels) of each residual the UNet takes (down ones, then the mid one),
+    # level counting the downsamplings below the latent grid (export/controlnet.py); () without ControlNets
+    controlnet_residuals: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,10 @@ def _unet_inputs(ctx: ExportContext, rng):
             np.array([ctx.height, ctx.width, 0, 0, ctx.height, ctx.width][: ctx.time_ids_dim], dtype=np.float32),
             (VALIDATION_BATCH, 1),
         )
+    if ctx.controlnet_residuals:
+        from .controlnet import residual_inputs
+
+        inputs.update(residual_inputs(ctx, rng))
     return inputs
 
 
@@ -227,6 +234,8 @@ def _transformer_call(pipe, x):
 
 
 def _unet_call(pipe, x):
+    from .controlnet import unet_residual_kwargs
+
     added = {"text_embeds": x["text_embeds"], "time_ids": x["time_ids"]} if "text_embeds" in x else None
     return [
         pipe.unet(
@@ -235,6 +244,7 @@ def _unet_call(pipe, x):
             x["encoder_hidden_states"],
             timestep_cond=x.get("timestep_cond"),
             added_cond_kwargs=added,
+            **unet_residual_kwargs(x),  # a bundle with ControlNets: their residuals
         ).sample
     ]
 

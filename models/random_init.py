@@ -725,6 +725,35 @@ def build_random_taesd(out_dir: str | Path, seed: int = 0) -> Path:
     return Path(out_dir)
 
 
+# ControlNets' zero convolutions start at zero (training grows them); random ones get this spread, so that control
+# visibly changes a tiny model's images
+CONTROLNET_ZERO_CONV_STD = 0.3
+
+
+def build_random_controlnet(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
+    """Saves a ControlNetModel for `arch`'s UNet (ControlNetModel.from_unet on the UNet build_random_pipeline makes
+    with the same seed): the UNet's encoder weights, a conditioning embedding downsampling as the VAE does, and
+    random zero convolutions."""
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    spec = ARCHS[arch]
+    if "unet" not in spec:
+        raise ValueError(f"{arch!r} has no UNet: ControlNets are for the UNet families")
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**spec["unet"])
+    vae_downsamplings = len(spec["vae"]["block_out_channels"]) - 1
+    torch.manual_seed(seed + 10)
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8,) * (vae_downsamplings + 1))
+    with torch.no_grad():
+        zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]
+        for conv in [*zero_convs, controlnet.controlnet_cond_embedding.conv_out]:
+            conv.weight.normal_(0.0, CONTROLNET_ZERO_CONV_STD)
+            conv.bias.normal_(0.0, CONTROLNET_ZERO_CONV_STD)
+    controlnet.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
 TAESD = "taesd"  # the architecture name main() takes for build_random_taesd
 
 

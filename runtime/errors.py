@@ -57,6 +57,20 @@ MESSAGES = {
     "tile_size": "decode tile size must be at least {minimum} latent cells, got {value}",
     "outpaint_image": "outpaint needs image= (the picture to grow) and makes its own mask (no mask_image=)",
     "outpaint_margins": "outpaint takes four pixel counts >= 0 (left, top, right, bottom), got {value!r}",
+    "controlnet_missing": "bundle {path} has no ControlNet, so control_image cannot be used (export one with --controlnet SOURCE[:NAME])",
+    "controlnet_unknown": "unknown ControlNet {name!r}; this bundle has: {known}",
+    "controlnet_which": "this bundle has {count} ControlNets ({known}): pass control_image as a list (one image each, in this order) or a dict {{name: image}}",
+    "controlnet_count": "{what} has {found} entries for {count} ControlNets ({known})",
+    "controlnet_guidance": "control_guidance_start must be >= 0 and below control_guidance_end, which must be <= 1; got {start} and {end}",
+    "controlnet_image": "control image for {name!r} cannot be read: {detail}",
+    "control_option": "--control takes NAME=IMAGE[:SCALE], got {value!r}",
+    # run-time LoRAs (runtime/lora_adapters.py, export/lora_convert.py)
+    "lora_argument": "loras must be a dict of LoRA names to weights, e.g. {{'style': 0.7}}, got {value!r}",
+    "lora_weight": "LoRA {name!r}: the weight must be a finite number, got {value!r}",
+    "lora_no_slots": "bundle {path} takes no run-time LoRAs: export it with --lora-slots (or fuse a LoRA at export with --lora)",
+    "lora_unknown": "no LoRA named {name!r} for bundle {path}; known: {known} (add one with `edgediff lora convert FILE --model BUNDLE`)",
+    "lora_unreadable": "{path} is not a LoRA adapter edgediff wrote ({detail}); convert the LoRA again",
+    "lora_mismatch": "LoRA {name!r} does not fit bundle {path} (a LoRA for another architecture, or layers exported without slots): {count} layers do not match: {layers}",
     # embedding
     "cancelled": "generation cancelled at step {step} of {total}",
     "closed": "this pipeline was closed; open the bundle again",
@@ -74,6 +88,11 @@ MESSAGES = {
     "export_keep": 'keep is "none", "auto" or comma-separated block names, got {value!r}',
     "export_onnx_only": "--target coreml writes fp16 packages (or palettized ones, --palettize); {options} apply to --target onnx",
     "export_coreml_only": "{options} apply to --target coreml",
+    "export_lora_slots": "--lora-slots does not combine with {option}: {why}",
+    "lora_convert": "cannot convert {file} for {path}: {detail}",
+    "export_controlnet_name": "--controlnet takes SOURCE[:NAME] with a NAME of letters, digits, '-' and '_', got {value!r}",
+    "export_controlnet_duplicate": "--controlnet names must differ, got {names} (name them with SOURCE:NAME)",
+    "export_controlnet_static": "--controlnet does not combine with --precision int8-static: the UNet's activation ranges would be calibrated without control; use fp32, fp16, int8 or int4",
 }
 
 

@@ -70,6 +70,9 @@ class Manifest:
     # FLUX: latents reach the transformer as packing x packing patches of latent cells, one token each
     # (FluxPipeline._pack_latents: 2); 1 for every other family
     latent_packing: int = 1
+    # ControlNets (export --controlnet), each a graph of its own: [{"name", "component", "conditioning_channels",
+    # "conditioning_type" (None when unknown), "source"}]; the UNet then takes their residuals (runtime/control.py)
+    controlnets: list = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> str:
@@ -140,6 +143,12 @@ class Manifest:
         packing = raw.get("latent_packing", 1)
         if not isinstance(packing, int) or isinstance(packing, bool) or packing < 1:
             raise BundleError("manifest_invalid", path=bundle_dir, detail="latent_packing is not a positive integer")
+        controlnets = raw.get("controlnets", [])
+        if not isinstance(controlnets, list) or not all(
+            isinstance(c, dict) and isinstance(c.get("name"), str) and c.get("component") in components
+            for c in controlnets
+        ):
+            raise BundleError("manifest_invalid", path=bundle_dir, detail="malformed controlnets")
         target = raw.get("target", "onnx")
         if target not in TARGETS:
             raise BundleError("manifest_invalid", path=bundle_dir, detail=f"unknown target {target!r}")
@@ -151,6 +160,7 @@ class Manifest:
             target=target,
             vae_shift_factor=float(shift),
             latent_packing=packing,
+            controlnets=controlnets,
             schema_version=version,
         )
 

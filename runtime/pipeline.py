@@ -22,6 +22,7 @@ from . import decode as decoding
 from . import graph_cache
 from .bundle import Bundle
 from .cancel import CancelToken
+from .control import ControlNets
 from .coreml_session import CoreMLSession
 from .coreml_session import check_available as check_coreml
 from .cpu_features import int8_dot_product
@@ -31,6 +32,8 @@ from .denoisers.unet import guidance_embedding  # noqa: F401  (training and olde
 from .errors import BundleError, Cancelled, InputError, NaNOutputError, PipelineClosed, ProviderError
 from .image import latents_to_images, load_image, to_model_input, to_pil
 from .inpaint import outpaint_canvas, overlay, prepare_mask
+from .lora_adapters import RuntimeLoras
+from .lora_adapters import active as active_loras
 from .options import DECODERS, RuntimeOptions
 from .providers import REGISTRY, Provider, Resolution, resolve
 from .schedulers import SAMPLERS, check_sampler_fits, make_sampler
@@ -175,7 +178,9 @@ class Pipeline:
         parallel = m.target != "coreml" and self.resolution.provider.opens_in_parallel  # (not Core ML packages)
         self.sessions = SessionPool(opener, names, low_memory=o.low_memory, parallel=parallel)
         self.denoiser = make_denoiser(bundle, self.sessions)
+        self.controlnets = ControlNets(m, bundle.path)  # opened on first use, like the VAE encoder
         self.text = self.denoiser.text  # the prompt conditioner (TextConditioner for UNets)
+        self.loras = RuntimeLoras(bundle)  # run-time LoRAs: each call's mix, built on first use
         # low-memory mode swaps sessions within a call, so calls take turns; otherwise a no-op lock
         self._turns = threading.Lock() if o.low_memory else _NoLock()
         self._closed = False
@@ -231,6 +236,7 @@ class Pipeline:
         """Releases every session (and its memory); the pipeline cannot be used afterwards."""
         self._closed = True
         self.sessions.close()
+        self.loras.close()
 
     def __enter__(self) -> "Pipeline":
         return self
@@ -278,6 +284,11 @@ class Pipeline:
         keep_unmasked: bool = False,
         outpaint: tuple[int, int, int, int] | None = None,
         max_sequence_length: int | None = None,
+        control_image=None,
+        controlnet_conditioning_scale: float | list | dict = 1.0,
+        control_guidance_start: float | list | dict = 0.0,
+        control_guidance_end: float | list | dict = 1.0,
+        loras: dict[str, float] | None = None,
     ) -> PipelineOutput:
         """Generates images; see README "Embedding" for callbacks, previews, cancel and threads.
 
@@ -301,6 +312,11 @@ class Pipeline:
         C * 4). output_type="latent" and step callbacks give (B, C, h, w) for every family (what decode() takes).
         guidance_scale: for FLUX.1-dev the embedded guidance (as FluxPipeline); FLUX.1-schnell ignores it; for
         SANA-Sprint the embedded guidance (as SanaSprintPipeline).
+        control_image, controlnet_conditioning_scale, control_guidance_start, control_guidance_end: bundles exported
+        with --controlnet, as diffusers' ControlNet pipelines: an image (one ControlNet), a list (one per ControlNet,
+        in the manifest's order) or a dict by name; each of the others a float, a list or a dict (runtime/control.py).
+        loras: {name: weight} of run-time LoRAs (bundles exported with --lora-slots; `edgediff lora convert`), any
+        number at once; None or {} runs the plain graphs (runtime/lora_adapters.py).
         """
         if self._closed:
             raise PipelineClosed("closed")
@@ -330,8 +346,10 @@ class Pipeline:
             mask_image=mask_image,
             keep_unmasked=keep_unmasked,
             max_sequence_length=max_sequence_length,
+            control=(control_image, controlnet_conditioning_scale, control_guidance_start, control_guidance_end),
         )
-        with self._turns:
+        adapters = self.loras.adapters(loras)
+        with self._turns, active_loras(adapters):
             return self._generate(call)
 
     def _outpaint_canvas(self, image, mask_image, margins):
@@ -425,6 +443,7 @@ class Pipeline:
                 raise InputError("strength_steps", strength=strength, steps=steps)
             sampler.begin(start_index)
             timesteps = timesteps[start_index:]
+        control = self.controlnets.prepare(*call.control, height, width, batch, do_cfg, timings)
 
         # 4. Initial latents: from an image (img2img, inpainting), given, or pure noise; one seeded generator
         #    per image (image i of seed s uses seed s + i). The loop runs on the denoiser's form of them (FLUX:
@@ -464,10 +483,13 @@ class Pipeline:
                 model_in = np.concatenate([model_in, inpaint.mask_lat, inpaint.masked_latents], axis=1)
             if do_cfg:
                 model_in = np.concatenate([model_in, model_in])
+            feeds = denoiser.feeds(model_in, sampler.model_timestep(t), fixed)
+            if control is not None:  # active ControlNets' residuals in place of the UNet's zeros
+                feeds.update(
+                    control.residuals(i, total, feeds, lambda c, **f: self._run_cancellable(cancel, i, total, c, **f))
+                )
             t0 = time.perf_counter()
-            noise_pred = self._run_cancellable(
-                cancel, i, total, denoiser.component, **denoiser.feeds(model_in, sampler.model_timestep(t), fixed)
-            )[0]
+            noise_pred = self._run_cancellable(cancel, i, total, denoiser.component, **feeds)[0]
             timings[denoiser.component].append(time.perf_counter() - t0)
             noise_pred = denoiser.prediction(noise_pred)  # PixArt: without its learned-variance channels
             if do_cfg:
@@ -644,6 +666,7 @@ class _Call:
     mask_image: object
     keep_unmasked: bool
     max_sequence_length: int | None = None
+    control: tuple = (None, 1.0, 0.0, 1.0)  # control_image and its scale, guidance start and end
 
 
 @dataclass

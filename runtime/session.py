@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 import onnxruntime as ort
 
+from . import lora_adapters
 from .binding import Binding, BoundRunner
 from .graph_loader import GraphLoader
 from .input_check import InputCheck, check_manifest
@@ -80,7 +81,8 @@ class GraphSession:
         self.check_inputs = InputCheck(name, self.inputs)
 
     def run(self, run_options: ort.RunOptions | None = None, **feeds) -> list[np.ndarray]:
-        return self._sessions.run(self.check_inputs(feeds), run_options)
+        # the calling thread's run-time LoRA adapter for this graph, if its call has one (lora_adapters.py)
+        return self._sessions.run(self.check_inputs(feeds), lora_adapters.run_options_for(self.name, run_options))
 
     @property
     def session(self) -> ort.InferenceSession:

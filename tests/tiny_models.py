@@ -87,3 +87,30 @@ def tiny_sd3_bundle(root: Path, t5: bool = True) -> Path:
             progress=False,
         )
     return _CACHE[key]
+
+
+def tiny_controlnet(arch: str, root: Path, seed: int = 0) -> Path:
+    """A random ControlNet for `arch`'s UNet, named after its conditioning type ("canny" or "depth" by seed)."""
+    from edgediff.models.random_init import build_random_controlnet
+
+    key = ("controlnet", arch, seed)
+    if key not in _CACHE:
+        kind = ("canny", "depth")[seed % 2]
+        _CACHE[key] = build_random_controlnet(arch, root / f"controlnet-{kind}-{arch}-{seed}", seed)
+    return _CACHE[key]
+
+
+def tiny_controlnet_bundle(arch: str, root: Path, count: int = 2) -> Path:
+    """`arch`'s bundle with `count` random ControlNets (canny, then depth), at the tiny models' size."""
+    from edgediff.export.bundle_writer import write_onnx_bundle
+    from edgediff.export.options import ExportOptions
+
+    key = ("fp32", arch, "controlnets", count)
+    if key not in _CACHE:
+        size = TINY_SIZE.get(arch)
+        controlnets = tuple(str(tiny_controlnet(arch, root, seed)) for seed in range(count))
+        options = ExportOptions(height=size, width=size, controlnets=controlnets)
+        _CACHE[key] = write_onnx_bundle(
+            str(tiny_source(arch, root)), root / f"bundle-{arch}-controlnets-{count}", options, progress=False
+        )
+    return _CACHE[key]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..conditioning import TextConditioner
+from ..control import residual_inputs, zero_residuals
 from .base import DenoiserBase
 
 
@@ -31,6 +32,7 @@ class UNetDenoiser(DenoiserBase):
         self.in_channels = next(t.shape[1] for t in m.components["unet"].inputs if t.name == "sample")
         self.embedding_dim = m.guidance_embedding_dim
         self.guidance_embedded = self.embedding_dim is not None
+        self.residuals = residual_inputs(m.components["unet"])  # a bundle with ControlNets: their residual inputs
 
     def condition(
         self, prompts, negatives, do_cfg, repeat, height, width, guidance, timings, max_sequence_length=None
@@ -42,4 +44,7 @@ class UNetDenoiser(DenoiserBase):
         return fixed
 
     def feeds(self, model_in, timestep, fixed) -> dict[str, np.ndarray]:
-        return {"sample": model_in, "timestep": np.array(timestep, dtype=np.float32), **fixed}
+        feeds = {"sample": model_in, "timestep": np.array(timestep, dtype=np.float32), **fixed}
+        if self.residuals:  # zeros: no control (the pipeline puts active ControlNets' residuals in their place)
+            feeds.update(zero_residuals(self.residuals, model_in))
+        return feeds

@@ -1,0 +1,367 @@
+"""ControlNets as graphs of their own, and the UNet graph that takes their residuals as inputs.
+
+`--controlnet SOURCE[:NAME]` loads a diffusers ControlNetModel (folder or hub id). Its graph takes what the UNet
+takes (sample, timestep, text, SDXL's pooled text and size conditions) plus `controlnet_cond`, the control image in
+[0, 1] at the image's size, and gives one residual per UNet down-path output and one for the mid-block, unscaled:
+the runtime multiplies them by `controlnet_conditioning_scale` and sums several ControlNets, as diffusers'
+ControlNetModel and MultiControlNetModel do. The UNet of a bundle with ControlNets takes those residuals as inputs
+(zeros when a call has no control), so one UNet graph serves calls with and without control.
+
+Both graphs go through optimum's exporter on wrapper modules whose arguments are flat tensors (optimum names graph
+inputs after the forward signature; diffusers takes the residuals as a tuple).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgediff.runtime.errors import ExportError, ExportOptionsError
+
+from .specs import VALIDATION_BATCH, ComponentExport, ExportContext, _unet_inputs
+
+COMPONENT_PREFIX = "controlnet_"  # bundle component "controlnet_<name>"
+# graph names of the residuals: the ControlNet's outputs and the UNet's inputs, index by index
+DOWN_OUTPUT, MID_OUTPUT = "down_block_res_sample_{}", "mid_block_res_sample"
+DOWN_INPUT, MID_INPUT = "down_block_additional_residual_{}", "mid_block_additional_residual"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # a ControlNet's name becomes part of file names
+# conditioning types recognised in a source's name (lllyasviel/sd-controlnet-canny, diffusers/controlnet-depth-sdxl-1.0,
+# thibaud/controlnet-openpose-sdxl-1.0, ...); others are recorded as unknown
+CONDITIONING_TYPES = (
+    "canny",
+    "depth",
+    "openpose",
+    "pose",
+    "scribble",
+    "seg",
+    "normal",
+    "lineart",
+    "mlsd",
+    "softedge",
+    "hed",
+    "tile",
+    "inpaint",
+    "shuffle",
+    "qrcode",
+)
+_CONDITIONING_ALIASES = {"openpose": "pose"}
+
+
+@dataclass(frozen=True)
+class ControlNetSource:
+    source: str
+    name: str
+    model: object  # the ControlNetModel
+    levels: tuple[int, ...]  # per residual (the down ones, then the mid one): downsamplings below the latent grid
+    channels: tuple[int, ...]
+    conditioning_type: str | None
+
+    @property
+    def component(self) -> str:
+        return COMPONENT_PREFIX + self.name
+
+
+def parse_controlnet(spec: str) -> tuple[str, str]:
+    """ "SOURCE[:NAME]" -> (source, name); the name defaults to the conditioning type the source's name says, else
+    to its last path part (a Windows drive's colon is not a name separator)."""
+    source, sep, name = spec.rpartition(":")
+    if not sep or not name or "/" in name or "\\" in name or (len(source) == 1 and source.isalpha()):
+        source, name = spec, ""
+    name = name or conditioning_type(source) or re.split(r"[/\\]", source.rstrip("/\\"))[-1]
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", name).strip("-_")
+    if not NAME_PATTERN.match(name):
+        raise ExportOptionsError("export_controlnet_name", value=spec)
+    return source, name
+
+
+def conditioning_type(source: str) -> str | None:
+    """The conditioning a ControlNet was trained on, when its source's name says it."""
+    words = re.split(r"[^a-z0-9]+", Path(source.rstrip("/\\")).as_posix().lower())
+    for kind in CONDITIONING_TYPES:
+        if kind in words:
+            return _CONDITIONING_ALIASES.get(kind, kind)
+    return None
+
+
+def residual_layout(config) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(levels, channels) of the residuals a UNet's down path (or its ControlNet) gives: conv_in's output, each
+    resnet's and each downsampler's, then the mid-block's; levels count the stride-2 downsamplings above them."""
+    widths = list(config.block_out_channels)
+    per_block = config.layers_per_block
+    per_block = list(per_block) if isinstance(per_block, (list, tuple)) else [per_block] * len(widths)
+    levels, channels = [0], [widths[0]]
+    for b, width in enumerate(widths):
+        levels += [b] * per_block[b]
+        channels += [width] * per_block[b]
+        if b < len(widths) - 1:
+            levels.append(b + 1)
+            channels.append(width)
+    return (*levels, len(widths) - 1), (*channels, widths[-1])
+
+
+def residual_side(cells: int, level: int) -> int:
+    """A residual's side in cells: each stride-2 downsampling (3x3, padding 1) rounds up."""
+    for _ in range(level):
+        cells = (cells + 1) // 2
+    return cells
+
+
+def load_controlnets(specs, pipe, ctx: ExportContext) -> list[ControlNetSource]:
+    """The ControlNetModels `specs` ((source, name) pairs) name, each checked to fit the pipeline's UNet."""
+    if not specs:
+        return []
+    unet = getattr(pipe, "unet", None)
+    if unet is None:
+        raise ExportOptionsError("export_family_option", option="--controlnet", family="transformer (SD3, FLUX, ...)")
+    names = [name for _, name in specs]
+    if len(set(names)) != len(names):
+        raise ExportOptionsError("export_controlnet_duplicate", names=", ".join(names))
+    layout = residual_layout(unet.config)
+    out = []
+    for source, name in specs:
+        model = _load(source)
+        config = model.config
+        levels, channels = residual_layout(config)
+        problems = []
+        if getattr(unet, "mid_block", None) is None:
+            problems.append("the UNet has no mid-block")
+        if (levels, channels) != layout:
+            problems.append(f"residual channels {list(channels)}, the UNet's {list(layout[1])}")
+        if int(config.cross_attention_dim) != ctx.cross_attention_dim:
+            problems.append(f"text width {config.cross_attention_dim}, the UNet's {ctx.cross_attention_dim}")
+        if ctx.unet_in_channels != ctx.latent_channels:
+            problems.append(f"the UNet is an inpainting UNet ({ctx.unet_in_channels} input channels)")
+        if int(config.in_channels) != ctx.latent_channels:
+            problems.append(f"{config.in_channels} latent channels, the model's {ctx.latent_channels}")
+        if (config.addition_embed_type == "text_time") != (ctx.pooled_dim is not None):
+            problems.append("SDXL size conditions on one side only (an SD 1.x/2.x ControlNet with SDXL, or back)")
+        embedding = config.conditioning_embedding_out_channels
+        if 2 ** (len(embedding) - 1) != ctx.vae_scale_factor:
+            problems.append(
+                f"control images downsampled {2 ** (len(embedding) - 1)}x, the VAE's {ctx.vae_scale_factor}x"
+            )
+        if problems:
+            raise ExportError("export_source", source=source, detail=f"ControlNet does not fit: {'; '.join(problems)}")
+        out.append(ControlNetSource(source, name, model, levels, channels, conditioning_type(source)))
+    return out
+
+
+def _load(source: str):
+    from diffusers import ControlNetModel
+
+    from .source import load_part
+
+    return load_part(ControlNetModel, source, "ControlNet").eval()
+
+
+def with_residuals(ctx: ExportContext, controlnets: list[ControlNetSource]) -> ExportContext:
+    """The context whose UNet inputs include the residuals (all ControlNets share the UNet's layout)."""
+    if not controlnets:
+        return ctx
+    first = controlnets[0]
+    return dataclasses.replace(ctx, controlnet_residuals=tuple(zip(first.levels, first.channels)))
+
+
+def residual_attributes(ctx: ExportContext) -> dict:
+    """The UNet's manifest attributes for its residual inputs: name, channels and level each, so that the runtime
+    can feed zeros of the right shapes when a call has no control."""
+    *down, mid = ctx.controlnet_residuals
+    entries = [{"name": DOWN_INPUT.format(i), "level": lv, "channels": ch} for i, (lv, ch) in enumerate(down)]
+    return {"controlnet_residuals": [*entries, {"name": MID_INPUT, "level": mid[0], "channels": mid[1]}]}
+
+
+def manifest_entries(controlnets: list[ControlNetSource], out: Path) -> list[dict]:
+    from .manifest_builder import recorded_path
+
+    return [
+        {
+            "name": c.name,
+            "component": c.component,
+            "conditioning_channels": int(c.model.config.conditioning_channels),
+            "conditioning_type": c.conditioning_type,
+            "source": recorded_path(c.source, out),
+        }
+        for c in controlnets
+    ]
+
+
+# --- the check's inputs and PyTorch calls -------------------------------------------------------------------------
+
+
+def residual_inputs(ctx: ExportContext, rng) -> dict[str, np.ndarray]:
+    """Random residuals at the UNet's sample size, at the magnitudes trained ControlNets give (about unit)."""
+    h, w = ctx.height // ctx.vae_scale_factor, ctx.width // ctx.vae_scale_factor
+    *down, mid = ctx.controlnet_residuals
+    names = [DOWN_INPUT.format(i) for i in range(len(down))] + [MID_INPUT]
+    return {
+        name: rng.standard_normal(
+            (VALIDATION_BATCH, channels, residual_side(h, level), residual_side(w, level))
+        ).astype(np.float32)
+        for name, (level, channels) in zip(names, ctx.controlnet_residuals)
+    }
+
+
+def unet_residual_kwargs(x: dict) -> dict:
+    """diffusers' UNet keyword arguments for the residuals among a check's inputs (empty without them)."""
+    if MID_INPUT not in x:
+        return {}
+    count = sum(1 for name in x if name.startswith(DOWN_INPUT.format("")))
+    return {
+        "down_block_additional_residuals": tuple(x[DOWN_INPUT.format(i)] for i in range(count)),
+        "mid_block_additional_residual": x[MID_INPUT],
+    }
+
+
+def controlnet_component(c: ControlNetSource) -> ComponentExport:
+    def inputs(ctx: ExportContext, rng):
+        x = {k: v for k, v in _unet_inputs(ctx, rng).items() if k != "timestep_cond"}  # ControlNets take no LCM w
+        x["controlnet_cond"] = rng.uniform(
+            0, 1, (VALIDATION_BATCH, int(c.model.config.conditioning_channels), ctx.height, ctx.width)
+        ).astype(np.float32)
+        return x
+
+    def call(model, x):
+        added = {"text_embeds": x["text_embeds"], "time_ids": x["time_ids"]} if "text_embeds" in x else None
+        down, mid = model(
+            x["sample"],
+            x["timestep"],
+            encoder_hidden_states=x["encoder_hidden_states"],
+            controlnet_cond=x["controlnet_cond"],
+            added_cond_kwargs=added,
+            return_dict=False,
+        )
+        return [*down, mid]
+
+    return ComponentExport(c.component, call, inputs)
+
+
+# --- optimum export configs on flat wrapper modules ---------------------------------------------------------------
+
+
+def _flat_module(model, names: list[str], call):
+    """`model` behind a module whose forward takes `names` as separate tensors (optimum and the tracer read the
+    signature) and returns call(model, inputs) as a tuple."""
+    import torch
+
+    class Flat(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+            self.config = model.config  # optimum sets return_dict on it
+
+    module = Flat()
+
+    def forward(*args):
+        return tuple(call(model, dict(zip(names, args))))
+
+    forward.__signature__ = inspect.Signature(
+        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names]
+    )
+    module.forward = forward  # an instance attribute over the class's method, as tiny_decoder.py does
+    return module
+
+
+def _spatial(level: int) -> dict[int, str]:
+    if level == 0:
+        return {0: "batch_size", 2: "height", 3: "width"}
+    return {0: "batch_size", 2: f"height_down{level}", 3: f"width_down{level}"}
+
+
+def _export_config(model_config, inputs: dict, outputs: dict, dummies):
+    """An optimum config (on its UNet one) with these inputs and outputs, tracing on `dummies()` (name -> array)."""
+    from optimum.exporters.onnx.model_configs import UNetOnnxConfig
+
+    class FlatConfig(UNetOnnxConfig):
+        @property
+        def inputs(self):
+            return dict(inputs)
+
+        @property
+        def outputs(self):
+            return dict(outputs)
+
+        @property
+        def torch_to_onnx_output_map(self):
+            return {}
+
+        def generate_dummy_inputs(self, framework: str = "pt", **shapes):
+            import torch
+
+            values = dummies()
+            return {k: torch.from_numpy(v) for k, v in values.items()} if framework == "pt" else values
+
+        def ordered_inputs(self, model):
+            return {name: inputs[name] for name in inspect.signature(model.forward).parameters}
+
+    return FlatConfig(model_config, task="semantic-segmentation")
+
+
+def _input_axes(x: dict[str, np.ndarray], residual_levels: dict[str, int]) -> dict[str, dict[int, str]]:
+    axes = {}
+    for name, value in x.items():
+        if name in residual_levels:
+            axes[name] = _spatial(residual_levels[name])
+        elif name == "timestep":
+            axes[name] = {}
+        elif name == "sample":
+            axes[name] = _spatial(0)
+        elif name == "controlnet_cond":
+            axes[name] = {0: "batch_size", 2: "image_height", 3: "image_width"}
+        elif name == "encoder_hidden_states":
+            axes[name] = {0: "batch_size", 1: "sequence_length"}
+        else:
+            axes[name] = {0: "batch_size"}
+    return axes
+
+
+def unet_for_export(unet, ctx: ExportContext, trace_ctx: ExportContext):
+    """(module, optimum config) of the UNet taking the residuals as inputs."""
+    from types import SimpleNamespace
+
+    from .specs import _unet_call
+
+    example = _unet_inputs(ctx, np.random.default_rng(1))
+    names = list(example)
+    levels = {e["name"]: e["level"] for e in residual_attributes(ctx)["controlnet_residuals"]}
+    module = _flat_module(unet, names, lambda model, x: _unet_call(SimpleNamespace(unet=model), x))
+    config = _export_config(
+        unet.config,
+        _input_axes(example, levels),
+        {"out_sample": _spatial(0)},
+        lambda: _unet_inputs(trace_ctx, np.random.default_rng(1)),
+    )
+    return module, config
+
+
+def controlnet_for_export(c: ControlNetSource, ctx: ExportContext, trace_ctx: ExportContext):
+    """(module, optimum config) of one ControlNet's graph: its residuals unscaled, down ones then the mid one."""
+    component = controlnet_component(c)
+    example = component.random_inputs(ctx, np.random.default_rng(1))
+    names = list(example)
+    *down, mid = c.levels
+    outputs = {DOWN_OUTPUT.format(i): _spatial(level) for i, level in enumerate(down)}
+    outputs[MID_OUTPUT] = _spatial(mid)
+    module = _flat_module(c.model, names, component.torch_call)
+    config = _export_config(
+        c.model.config,
+        _input_axes(example, {}),
+        outputs,
+        lambda: component.random_inputs(trace_ctx, np.random.default_rng(1)),
+    )
+    return module, config
+
+
+def controlnet_attributes(c: ControlNetSource) -> dict:
+    return {
+        "controlnet": {
+            "name": c.name,
+            "conditioning_channels": int(c.model.config.conditioning_channels),
+            "conditioning_type": c.conditioning_type,
+            "global_pool_conditions": bool(c.model.config.global_pool_conditions),
+        }
+    }
