@@ -6,7 +6,8 @@ Schemes (per component, chosen in QUANT_POLICY by bundle precision):
 - int8-static: static int8 in QDQ form on Conv/MatMul/Gemm of the UNet (and tiny decoder), activation
   ranges calibrated on recorded inputs (MinMax), so convolutions run as int8 kernels; the text encoder
   takes dynamic int8.
-- int4: 4-bit weight-only MatMul (MatMulNBits, symmetric, blocks of 32), activations stay fp32.
+- int4: 4-bit weights, activations stay fp32: MatMuls as MatMulNBits (symmetric, blocks of 32), convolutions
+  with int4 weights in blocks of 32 input channels dequantised in front of the fp32 Conv (int4_conv.py).
 The VAE decoder stays fp32: it is convolutions only and overflow-prone, and its quality loss shows
 directly in the pixels. The tiny decoder takes static int8 in int8-static bundles, where it is the fast
 option anyway; its floor is checked on the shipped model (tests/export/test_quantize.py).
@@ -70,7 +71,7 @@ SCHEMES = {
     "int8-dynamic": Scheme("int8-dynamic", "int8", ("MatMul", "Gemm")),
     # static QDQ with calibrated activation ranges: convolutions become QLinearConv-style int8 kernels
     "int8-static": Scheme("int8-static", "int8-static", ("Conv", "MatMul", "Gemm")),
-    "int4-weight-only": Scheme("int4-weight-only", "int4", ("MatMul",)),
+    "int4-weight-only": Scheme("int4-weight-only", "int4", ("MatMul", "Conv")),
 }
 # bundle precision -> component -> scheme (None: the component stays fp32)
 _FP32 = {"vae_decoder": None, "vae_decoder_tiny": None, "vae_encoder": None}
@@ -111,10 +112,21 @@ def block_of(node_name: str) -> str:
 
 
 def quantizable_nodes(model, scheme: Scheme) -> list[str]:
-    """Nodes of the scheme's op types whose second input is a weight (an initializer)."""
-    weights = {t.name for t in model.graph.initializer}
+    """Nodes of the scheme's op types whose second input is a weight (an initializer), that the scheme changes."""
+    from .int4_conv import takes
+
+    weights = {t.name: t for t in model.graph.initializer}
+
+    def changed(node) -> bool:
+        # int4 convolutions: only those with a whole block of input channels (int4_conv.py)
+        return not (scheme.name == "int4-weight-only" and node.op_type == "Conv") or takes(
+            weights[node.input[1]], INT4_BLOCK_SIZE
+        )
+
     return [
-        n.name for n in model.graph.node if n.op_type in scheme.op_types and len(n.input) > 1 and n.input[1] in weights
+        n.name
+        for n in model.graph.node
+        if n.op_type in scheme.op_types and len(n.input) > 1 and n.input[1] in weights and changed(n)
     ]
 
 
@@ -314,9 +326,13 @@ def quantize(src: Path, dst: Path, scheme: Scheme, exclude: list[str], ranges=No
             block_size=INT4_BLOCK_SIZE,
             is_symmetric=True,
             nodes_to_exclude=exclude,
-            op_types_to_quantize=scheme.op_types,
+            op_types_to_quantize=tuple(t for t in scheme.op_types if t != "Conv"),
         )
         quantizer.process()
+        if "Conv" in scheme.op_types:
+            from .int4_conv import quantize_conv_weights
+
+            quantize_conv_weights(quantizer.model.model, set(exclude), INT4_BLOCK_SIZE)
         onnx.save_model(
             quantizer.model.model,
             str(dst),
