@@ -23,6 +23,7 @@ import logging
 import shutil
 import tempfile
 import threading
+import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
@@ -225,6 +226,8 @@ class RuntimeLoras:
                 ups.append((up * weight).astype(up.dtype))
         if self._workdir is None:
             self._workdir = Path(tempfile.mkdtemp(prefix="edgediff-loras-"))
+            # a pipeline never closed still leaves no files: the folder goes when this object does, or at exit
+            self._cleanup = weakref.finalize(self, shutil.rmtree, self._workdir, True)
         adapters, files = {}, []
         for component, modules in parts.items():
             values = {}
@@ -260,5 +263,5 @@ class RuntimeLoras:
             self._files.clear()
             self._arrays.clear()
             if self._workdir is not None:
-                shutil.rmtree(self._workdir, ignore_errors=True)  # a mapped file may outlive us on Windows
+                self._cleanup()  # rmtree, errors ignored: a mapped file may outlive us on Windows
                 self._workdir = None
