@@ -31,7 +31,7 @@ FAMILIES = {"sd-turbo": "SD-Turbo", "sdxl-turbo": "SDXL-Turbo", "lcm-sd1": "ship
 BUNDLE_LABELS = {
     "sd-turbo-sliced-int8s": "int8-static, head-sliced attention",
     "sd-turbo-fp32-opt": "fp32, `--optimize`",
-    "sd-turbo-int4conv-sliced": "int4 convolutions and MatMuls (prototype), head-sliced attention",
+    "sd-turbo-int4-sliced": "int4 (4-bit MatMuls and convolutions), head-sliced attention",
 }
 TINY_DECODERS = {
     "sd-turbo-int8s-fmm": "fp32 tiny decoder",
@@ -126,7 +126,7 @@ TABLES = {
             Source(E + "2026-11-26-low-memory-graph-cache.json"),
             Source(E + "2026-11-26-low-memory.json", (1,)),
             Source(E + "2026-11-26-low-memory-sliced.json"),
-            Source(E + "2026-12-02-low-memory-int4conv.json"),
+            Source(E + "2026-12-02-low-memory-int4.json"),
         ),
         full_decoder=True,
         headers={"total": "whole image (opening each graph included)"},
@@ -222,7 +222,7 @@ EXPORT_TABLES = ("export-cost", "export-stages")
 
 
 def _num(x: float) -> str:
-    return f"{round(x, 6):g}"
+    return f"{x:.4g}"  # four significant digits: what a timing on a shared machine can claim
 
 
 def _time(summary: dict | None, unit: str, p90: bool = False) -> str:

@@ -65,13 +65,14 @@ def _tensor_specs(values) -> list[TensorSpec]:
     return specs
 
 
-def _save_graph(model, out_dir: Path, name: str) -> dict[str, dict]:
-    """Saves one graph (with external data inside the bundle past 2 GB); returns its manifest `files`."""
+def _save_graph(model, out_dir: Path, name: str, external: bool = False) -> dict[str, dict]:
+    """Saves one graph (with external data inside the bundle past 2 GB, or when `external`); returns its
+    manifest `files`."""
     import onnx
 
     graph_file = f"{name}.onnx"
     # Weight bytes decide (the serialised size can't even be asked for past 2 GB).
-    big = sum(len(t.raw_data) for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
+    big = external or sum(len(t.raw_data) for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
     data_file = f"{name}.onnx.data"
     onnx.save_model(
         model,
@@ -439,24 +440,27 @@ def _quantize_bundle(staging: Path, manifest: Manifest, precision: str, keep, pr
         )
         for old in spec.files:  # the fp32 graph and any external data it had
             (staging / old).unlink()
-        spec.files = _place_quantized(dst, staging, name)
+        # 4-bit bundles are the low-memory choice: their weights memory-mapped (0.91 against 1.15 GiB at the
+        # peak for full-size SD-Turbo at 512 in low-memory mode, docs/benchmarks.md)
+        spec.files = _place_quantized(dst, staging, name, external=SCHEMES[scheme_name].precision == "int4")
         shutil.rmtree(work)
         spec.precision = SCHEMES[scheme_name].precision
         spec.attributes["quantization"] = record
         release_memory()
 
 
-def _place_quantized(dst: Path, staging: Path, name: str) -> dict[str, dict]:
+def _place_quantized(dst: Path, staging: Path, name: str, external: bool = False) -> dict[str, dict]:
     """Moves a quantized graph into the bundle under the component's names; returns its manifest `files`.
-    Weights stay beside it only past 2 GB, as at export: a graph quantised from a large one with external
-    data, but now smaller, is re-saved whole (the only time it is loaded)."""
+    Weights stay beside it past 2 GB, as at export, and when `external` (4-bit graphs: onnxruntime memory-maps
+    weights beside a graph instead of copying them into its heap, which low-memory mode needs); otherwise a
+    graph quantised from a large one with external data, but now smaller, is re-saved whole."""
     import onnx
 
     data = dst.with_name(f"{dst.name}.data")
     total = dst.stat().st_size + (data.stat().st_size if data.exists() else 0)
-    if data.exists() and total <= EXTERNAL_DATA_THRESHOLD:
+    if data.exists() != (external or total > EXTERNAL_DATA_THRESHOLD):  # the weights are not where they belong
         model = onnx.load(str(dst))
-        files = _save_graph(model, staging, name)
+        files = _save_graph(model, staging, name, external=external)
         del model
         return files
     names = []
