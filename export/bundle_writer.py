@@ -32,9 +32,10 @@ from .controlnet import (
 from .lora import fuse_loras
 from .lora_slots import SLOT_COMPONENTS, slot_graph
 from .manifest_builder import build_manifest, recorded_path, write_text_conditioning
+from .memory_plan import check_source
 from .optimize import MODEL_TYPES as FUSABLE
 from .optimize import optimize_graph
-from .options import ExportOptions
+from .options import QUANTIZED, ExportOptions
 from .precision import to_fp16
 from .quantize import release_memory
 from .sana import models_for_export
@@ -189,6 +190,8 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
 
     optimize_for, precision, attention = options.optimize, options.precision, options.attention
     check_providers = _check_providers(optimize_for)  # before any work: a GPU-optimized export needs CUDA here
+    # before anything is loaded: a model this machine cannot hold is refused, not killed half way
+    check_source(source, t5=options.t5, quantised=precision in QUANTIZED)
     out = Path(out)
     quiet_tracing()
     with staged(out, options.overwrite) as staging:

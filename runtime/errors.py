@@ -80,6 +80,10 @@ MESSAGES = {
     "bundle_needs_gpu": "bundle {path}: its {component} graph was optimised for GPUs (--optimize gpu) and needs the CUDA provider, not {provider}",
     "export_exists": "{path} already exists; choose a new output folder or pass --overwrite",
     "export_source": "cannot load a diffusers model from {source!r}: {detail}",
+    "export_memory": (
+        "this export needs about {need} GiB at its peak ({stage}) and {free} GiB of memory is free: {advice} "
+        "(the estimate is export/memory_plan.py's; {env}=1 exports anyway)"
+    ),
     "export_validation": "{component}: exported graph differs from PyTorch beyond tolerance: {detail}",
     "export_choice": "{option} must be one of {available}, got {value!r}",
     "export_attention": "unknown attention {value!r} for --target {target} (available: {available})",
