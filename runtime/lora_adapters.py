@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .errors import InputError
+from .errors import BundleError, InputError
 
 log = logging.getLogger("edgediff.lora")
 
@@ -193,6 +193,8 @@ class RuntimeLoras:
         if name in self._arrays:
             return self._arrays[name]
         file = self.folder / f"{name}{ADAPTER_SUFFIX}"
+        if not file.resolve().is_relative_to(self.path.resolve()):  # a bundle is data: nothing outside it is read
+            raise BundleError("file_outside", path=self.path, file=f"{LORA_FOLDER}/{file.name}")
         try:
             params = read_adapter(file)
         except Exception as exc:  # onnxruntime raises its own types for a file that is not an adapter

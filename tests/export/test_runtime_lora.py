@@ -184,6 +184,36 @@ def test_bad_lora_arguments(setup, models_root):
         _ours(plain, {"attn": 1.0})
 
 
+def test_a_pipeline_never_closed_leaves_no_mix_files(setup):
+    import gc
+
+    bundle, _ = setup
+    pipe = Pipeline.from_bundle(bundle, provider="cpu")
+    _ours(pipe, {"attn": 0.7})
+    workdir = pipe.loras._workdir
+    assert workdir is not None and any(workdir.iterdir())
+    del pipe
+    gc.collect()
+    assert not workdir.exists()
+
+
+def test_an_adapter_linked_from_outside_the_bundle_is_not_read(setup, tmp_path):
+    """A bundle is data: an adapter symlinked to a file outside the bundle is refused, not read."""
+    from edgediff.runtime.errors import BundleError
+
+    bundle, _ = setup
+    outside = tmp_path / f"elsewhere{ADAPTER_SUFFIX}"
+    outside.write_bytes((bundle / LORA_FOLDER / f"attn{ADAPTER_SUFFIX}").read_bytes())
+    link = bundle / LORA_FOLDER / f"linked{ADAPTER_SUFFIX}"
+    link.symlink_to(outside)
+    try:
+        pipe = Pipeline.from_bundle(bundle, provider="cpu")
+        with pytest.raises(BundleError, match="outside its folder"):
+            _ours(pipe, {"linked": 1.0})
+    finally:
+        link.unlink()
+
+
 def test_lora_for_another_architecture_is_refused_naming_layers(setup, tmp_path):
     from safetensors.torch import save_file
 
