@@ -104,6 +104,19 @@ def cli(verbose: bool) -> None:
     "(repeatable; scale defaults to 1). Canny edges: `edgediff canny IN OUT`.",
 )
 @click.option(
+    "--ip-adapter-image",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Reference image for a bundle exported with --ip-adapter.",
+)
+@click.option(
+    "--ip-adapter-scale",
+    default=1.0,
+    show_default=True,
+    type=float,
+    help="How strongly --ip-adapter-image steers (0: not at all).",
+)
+@click.option(
     "--lora",
     "loras",
     multiple=True,
@@ -134,6 +147,8 @@ def generate(
     mask,
     outpaint,
     controls,
+    ip_adapter_image,
+    ip_adapter_scale,
     loras,
     options,
     output,
@@ -191,6 +206,8 @@ def generate(
         keep_unmasked=bool(mask),
         outpaint=margins,
         **control,
+        ip_adapter_image=ip_adapter_image,
+        ip_adapter_scale=ip_adapter_scale,
         loras=lora_weights,
     )
     for bar in bars:

@@ -204,6 +204,19 @@ def _export_click():
             help="ControlNetModel folder or hub id added as a graph of its own (repeatable; NAME defaults to the "
             "conditioning type its name says, e.g. canny); generate with --control NAME=IMAGE.",
         ),
+        "ip_adapter": click.option(
+            "--ip-adapter",
+            default=None,
+            metavar="SOURCE",
+            help="IP-Adapter weights (.safetensors or .bin, or a folder holding one) whose reference image the UNet "
+            "attends to; its CLIP vision encoder is the image_encoder folder beside them.",
+        ),
+        "ip_adapter_image_encoder": click.option(
+            "--ip-adapter-image-encoder",
+            default=None,
+            metavar="FOLDER",
+            help="The IP-Adapter's CLIPVisionModelWithProjection folder, when not image_encoder beside the weights.",
+        ),
         "t5": click.option(
             "--t5/--no-t5",
             default=True,

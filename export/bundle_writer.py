@@ -17,6 +17,7 @@ from edgediff.runtime.errors import ExportError, ExportOptionsError, ExportValid
 from edgediff.runtime.manifest import MANIFEST_NAME, ComponentSpec, Manifest, TensorSpec
 from edgediff.runtime.schedulers import SAMPLER_TO_DIFFUSERS_CLASS  # noqa: F401  (older callers import it from here)
 
+from . import ip_adapter as ipa
 from .attention import use_attention
 from .capture import float_argmax
 from .controlnet import (
@@ -208,12 +209,16 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
             lora_records = fuse_loras(pipe, list(options.loras))
             controlnets = load_controlnets(options.controlnets, pipe, ctx)
             ctx = with_residuals(ctx, controlnets)  # the UNet then takes their residuals as inputs
+            ip_adapter = ipa.load_ip_adapter(options.ip_adapter, options.ip_adapter_image_encoder, pipe, ctx)
+            ctx = ipa.with_image_embeds(ctx, ip_adapter)  # the UNet then takes image embeddings and a scale
             sliced_layers = use_attention(unet, "sliced") if attention == "sliced" else 0
 
         text = write_text_conditioning(pipe, staging)
         optimum_models = models_for_export(pipe)  # optimum's, or SANA's set up in sana.py
         trace_ctx = trace_context(check_context(ctx, True))
-        if controlnets:
+        if ip_adapter is not None:  # the UNet's inputs besides optimum's (and any ControlNet residuals)
+            optimum_models["unet"] = ipa.unet_for_export(pipe.unet, ctx, trace_ctx)
+        elif controlnets:
             optimum_models["unet"] = unet_for_export(pipe.unet, ctx, trace_ctx)
         components, checks, check_sizes = {}, {}, {}
         raw_dir = staging / "_raw"
@@ -222,6 +227,7 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
             "unet": {
                 "attention": {"mode": attention, "sliced_layers": sliced_layers},
                 **(residual_attributes(ctx) if controlnets else {}),
+                **(ipa.unet_attributes(ip_adapter) if ip_adapter is not None else {}),
             },
             # SD3: latent cells per token along each side; image sides are multiples of it x the VAE's factor
             "transformer": {"patch_size": None if transformer is None else int(transformer.config.patch_size)},
@@ -239,6 +245,8 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
             work.append(
                 (controlnet_component(c), controlnet_for_export(c, ctx, trace_ctx), c.model, controlnet_attributes(c))
             )
+        if ip_adapter is not None:  # torch_call takes the CLIPVisionModelWithProjection itself
+            work.append((ipa.encoder_component(ip_adapter), ipa.encoder_for_export(ip_adapter), ip_adapter.encoder, {}))
         sizes = {c.name: _millions(module) for c, (module, _), *_ in work}
         # smallest first: the denoiser, the largest graph, is traced with the others' weights (optimum's VAE
         # parts are copies of the pipeline's VAE) already freed; its export sets the fp32 export's peak
@@ -336,6 +344,7 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
                 "export_check": {"tolerances": TOLERANCES, "max_rel_diff": checks, "size": check_sizes},
             },
             controlnets=manifest_entries(controlnets, out),
+            ip_adapter=ipa.manifest_entry(ip_adapter, out),
         )
         (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
         # the PyTorch model goes before quantisation opens graphs and sessions

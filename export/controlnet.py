@@ -128,6 +128,8 @@ def load_controlnets(specs, pipe, ctx: ExportContext) -> list[ControlNetSource]:
         config = model.config
         levels, channels = residual_layout(config)
         problems = []
+        if getattr(config, "global_pool_conditions", False):  # diffusers then runs it in guess mode
+            problems.append("it pools its conditions (a shuffle-style ControlNet), which needs guess mode, not run yet")
         if getattr(unet, "mid_block", None) is None:
             problems.append("the UNet has no mid-block")
         if (levels, channels) != layout:
@@ -243,7 +245,7 @@ def controlnet_component(c: ControlNetSource) -> ComponentExport:
 # --- optimum export configs on flat wrapper modules ---------------------------------------------------------------
 
 
-def _flat_module(model, names: list[str], call):
+def flat_module(model, names: list[str], call):
     """`model` behind a module whose forward takes `names` as separate tensors (optimum and the tracer read the
     signature) and returns call(model, inputs) as a tuple."""
     import torch
@@ -266,13 +268,13 @@ def _flat_module(model, names: list[str], call):
     return module
 
 
-def _spatial(level: int) -> dict[int, str]:
+def spatial_axes(level: int) -> dict[int, str]:
     if level == 0:
         return {0: "batch_size", 2: "height", 3: "width"}
     return {0: "batch_size", 2: f"height_down{level}", 3: f"width_down{level}"}
 
 
-def _export_config(model_config, inputs: dict, outputs: dict, dummies):
+def export_config(model_config, inputs: dict, outputs: dict, dummies):
     """An optimum config (on its UNet one) with these inputs and outputs, tracing on `dummies()` (name -> array)."""
     from optimum.exporters.onnx.model_configs import UNetOnnxConfig
 
@@ -301,15 +303,15 @@ def _export_config(model_config, inputs: dict, outputs: dict, dummies):
     return FlatConfig(model_config, task="semantic-segmentation")
 
 
-def _input_axes(x: dict[str, np.ndarray], residual_levels: dict[str, int]) -> dict[str, dict[int, str]]:
+def input_axes(x: dict[str, np.ndarray], residual_levels: dict[str, int]) -> dict[str, dict[int, str]]:
     axes = {}
     for name, value in x.items():
         if name in residual_levels:
-            axes[name] = _spatial(residual_levels[name])
+            axes[name] = spatial_axes(residual_levels[name])
         elif name == "timestep":
             axes[name] = {}
         elif name == "sample":
-            axes[name] = _spatial(0)
+            axes[name] = spatial_axes(0)
         elif name == "controlnet_cond":
             axes[name] = {0: "batch_size", 2: "image_height", 3: "image_width"}
         elif name == "encoder_hidden_states":
@@ -328,11 +330,11 @@ def unet_for_export(unet, ctx: ExportContext, trace_ctx: ExportContext):
     example = _unet_inputs(ctx, np.random.default_rng(1))
     names = list(example)
     levels = {e["name"]: e["level"] for e in residual_attributes(ctx)["controlnet_residuals"]}
-    module = _flat_module(unet, names, lambda model, x: _unet_call(SimpleNamespace(unet=model), x))
-    config = _export_config(
+    module = flat_module(unet, names, lambda model, x: _unet_call(SimpleNamespace(unet=model), x))
+    config = export_config(
         unet.config,
-        _input_axes(example, levels),
-        {"out_sample": _spatial(0)},
+        input_axes(example, levels),
+        {"out_sample": spatial_axes(0)},
         lambda: _unet_inputs(trace_ctx, np.random.default_rng(1)),
     )
     return module, config
@@ -344,12 +346,12 @@ def controlnet_for_export(c: ControlNetSource, ctx: ExportContext, trace_ctx: Ex
     example = component.random_inputs(ctx, np.random.default_rng(1))
     names = list(example)
     *down, mid = c.levels
-    outputs = {DOWN_OUTPUT.format(i): _spatial(level) for i, level in enumerate(down)}
-    outputs[MID_OUTPUT] = _spatial(mid)
-    module = _flat_module(c.model, names, component.torch_call)
-    config = _export_config(
+    outputs = {DOWN_OUTPUT.format(i): spatial_axes(level) for i, level in enumerate(down)}
+    outputs[MID_OUTPUT] = spatial_axes(mid)
+    module = flat_module(c.model, names, component.torch_call)
+    config = export_config(
         c.model.config,
-        _input_axes(example, {}),
+        input_axes(example, {}),
         outputs,
         lambda: component.random_inputs(trace_ctx, np.random.default_rng(1)),
     )

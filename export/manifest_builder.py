@@ -199,10 +199,11 @@ def build_manifest(
     options: ExportOptions,
     provenance: dict,
     controlnets: list[dict] | None = None,
+    ip_adapter: dict | None = None,
 ) -> Manifest:
     """The manifest of a bundle whose components are written; `provenance` is the target's own record
     (source, checks), to which the date and tool versions are added; `controlnets` lists the bundle's ControlNet
-    graphs (export/controlnet.py manifest_entries)."""
+    graphs (export/controlnet.py manifest_entries); `ip_adapter` the IP-Adapter's (export/ip_adapter.py)."""
     tokenizer_entry, conditioning = text
     scheduler = resolve_scheduler(pipe, fam)
     if conditioning.get("joint") == "flux":  # the family's T5 length (schnell 256, dev 512)
@@ -229,6 +230,7 @@ def build_manifest(
         components=components,
         target=options.target,
         controlnets=list(controlnets or []),
+        ip_adapter=ip_adapter,
         provenance={
             **provenance,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -54,11 +54,14 @@ def safetensors_elements(path: Path) -> tuple[int, int]:
 
 def component_bytes(folder: Path) -> int:
     """A component folder's weights as loaded for export, in fp32. Safetensors files are counted from their
-    headers (stored fp16 / bf16 weights count double); other weight files by their size on disk. Where a
-    folder has both (diffusers' variants), the safetensors count."""
+    headers (stored fp16 / bf16 weights count double); other weight files by their size on disk. Variants
+    beside the plain weights (`.fp16.`, `.non_ema.`) are not loaded, so not counted; where a folder has both
+    safetensors and other files, the safetensors count."""
     files = [f for f in folder.iterdir() if f.is_file() and f.name.endswith(_WEIGHT_SUFFIXES)]
-    safetensors = [f for f in files if f.suffix == ".safetensors" and ".fp16." not in f.name]
-    safetensors = safetensors or [f for f in files if f.suffix == ".safetensors"]
+    # diffusers loads the plain weights (shards included), not the variants beside them (.fp16, .non_ema)
+    plain = [f for f in files if "." not in f.name.rsplit(".", 1)[0]]
+    files = plain or files
+    safetensors = [f for f in files if f.suffix == ".safetensors"]
     if safetensors:
         total = 0
         for f in safetensors:
@@ -90,12 +93,12 @@ def export_stages(weights: dict[str, int], quantised: bool) -> list[Stage]:
 def available_bytes() -> int | None:
     """Memory this process can still take without swapping: psutil's `available`, else Linux's MemAvailable;
     None where neither says."""
-    try:
+    import importlib.util
+
+    if importlib.util.find_spec("psutil") is not None:  # optional (the bench extra)
         import psutil
 
         return int(psutil.virtual_memory().available)
-    except ImportError:
-        pass
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):

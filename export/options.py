@@ -47,6 +47,8 @@ ONNX_ONLY = (
     "t5",
     "controlnets",
     "lora_slots",
+    "ip_adapter",
+    "ip_adapter_image_encoder",
 )
 COREML_ONLY = ("palettize",)
 # why --lora-slots refuses these (docs/loras.md, "Quantised bundles")
@@ -88,6 +90,10 @@ class ExportOptions:
     lora_slots: str | None = None
     # (source, name) ControlNets exported as graphs of their own; the UNet then takes their residuals as inputs
     controlnets: tuple[tuple[str, str], ...] = ()
+    # IP-Adapter weights (a file, or a folder holding one) whose reference image the UNet then attends to; its CLIP
+    # vision encoder is the `image_encoder` folder beside them unless named (export/ip_adapter.py)
+    ip_adapter: str | None = None
+    ip_adapter_image_encoder: str | None = None
     # Core ML: weights palettized to this many bits (smaller packages); None keeps fp16 weights
     palettize: int | None = None
     # UNet attention: "sliced" lowers peak memory (same result); "split_einsum" suits the Neural Engine
@@ -147,6 +153,10 @@ class ExportOptions:
         if self.controlnets and self.precision == "int8-static":
             # its activation ranges would be calibrated on calls without control (zero residuals)
             raise ExportOptionsError("export_controlnet_static")
+        if self.ip_adapter and self.precision == "int8-static":
+            raise ExportOptionsError("export_ip_adapter_static")  # calibrated on calls without a reference image
+        if self.ip_adapter and self.attention != "original":
+            raise ExportOptionsError("export_ip_adapter_attention", value=self.attention)
         if self.lora_slots and (self.quantized or self.optimize):
             # measured in docs/loras.md ("Quantised bundles"); fused graphs: attention ops swallow the slotted layers
             why = LORA_SLOTS_REFUSED["precision" if self.quantized else "optimize"]

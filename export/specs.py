@@ -54,6 +54,9 @@ class ExportContext:
     # bundles with ControlNets: (level, channels) of each residual the UNet takes (down ones, then the mid one),
     # level counting the downsamplings below the latent grid (export/controlnet.py); () without ControlNets
     controlnet_residuals: tuple[tuple[int, int], ...] = ()
+    # bundles with an IP-Adapter: the width of the image embeddings the UNet takes with its scale
+    # (export/ip_adapter.py); None without one
+    ip_adapter_embeds_dim: int | None = None
 
 
 @dataclass(frozen=True)
@@ -171,6 +174,10 @@ def _unet_inputs(ctx: ExportContext, rng):
         from .controlnet import residual_inputs
 
         inputs.update(residual_inputs(ctx, rng))
+    if ctx.ip_adapter_embeds_dim is not None:
+        from .ip_adapter import embeds_inputs
+
+        inputs.update(embeds_inputs(ctx, rng))
     return inputs
 
 
@@ -235,8 +242,12 @@ def _transformer_call(pipe, x):
 
 def _unet_call(pipe, x):
     from .controlnet import unet_residual_kwargs
+    from .ip_adapter import unet_ip_kwargs
 
     added = {"text_embeds": x["text_embeds"], "time_ids": x["time_ids"]} if "text_embeds" in x else None
+    image = unet_ip_kwargs(pipe.unet, x)  # a bundle with an IP-Adapter: the image embeddings, at its scale
+    if image:
+        added = {**(added or {}), **image}
     return [
         pipe.unet(
             x["sample"],

@@ -754,6 +754,64 @@ def build_random_controlnet(arch: str, out_dir: str | Path, seed: int = 0) -> Pa
     return Path(out_dir)
 
 
+# A CLIP vision encoder as small as the tiny text encoders; its image size is what diffusers' load_ip_adapter sizes
+# the CLIPImageProcessor it creates to (224 for the published encoders)
+TINY_IMAGE_ENCODER = dict(
+    hidden_size=32,
+    intermediate_size=37,
+    num_attention_heads=4,
+    num_hidden_layers=2,
+    image_size=32,
+    patch_size=8,
+    projection_dim=24,
+)
+IP_ADAPTER_TOKENS = 4  # the plain IP-Adapter's image tokens (diffusers fixes them at 4 for "proj.weight")
+IP_ADAPTER_WEIGHT_NAME = "ip-adapter_tiny.safetensors"
+IP_ADAPTER_SUBFOLDER = "models"  # as h94/IP-Adapter: models/<weights> beside models/image_encoder
+
+
+def build_random_ip_adapter(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
+    """Saves a random plain IP-Adapter for `arch`'s UNet as diffusers' load_ip_adapter finds one:
+    <out_dir>/models/ip-adapter_tiny.safetensors ("image_proj." and "ip_adapter." keys, the original numbering of
+    the cross-attention layers) beside <out_dir>/models/image_encoder (a CLIPVisionModelWithProjection)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    spec = ARCHS[arch]
+    if "unet" not in spec:
+        raise ValueError(f"{arch!r} has no UNet: IP-Adapters are for the UNet families")
+    folder = Path(out_dir) / IP_ADAPTER_SUBFOLDER
+    torch.manual_seed(seed)
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_IMAGE_ENCODER))
+    encoder.save_pretrained(folder / "image_encoder")
+    unet = UNet2DConditionModel(**spec["unet"])
+    cross, embed = unet.config.cross_attention_dim, TINY_IMAGE_ENCODER["projection_dim"]
+    generator = torch.Generator().manual_seed(seed + 20)
+
+    def rand(*shape, std=0.3):
+        return torch.randn(*shape, generator=generator) * std
+
+    weights = {
+        "image_proj.proj.weight": rand(IP_ADAPTER_TOKENS * cross, embed),
+        "image_proj.proj.bias": rand(IP_ADAPTER_TOKENS * cross),
+        "image_proj.norm.weight": 1.0 + rand(cross, std=0.1),
+        "image_proj.norm.bias": rand(cross, std=0.1),
+    }
+    modules = dict(unet.named_modules())
+    key_id = 1  # diffusers' numbering: every attention layer counted, the cross-attention ones odd
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        hidden = modules[name.removesuffix(".processor")].to_k.weight.shape[0]
+        weights[f"ip_adapter.{key_id}.to_k_ip.weight"] = rand(hidden, cross)
+        weights[f"ip_adapter.{key_id}.to_v_ip.weight"] = rand(hidden, cross)
+        key_id += 2
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / IP_ADAPTER_WEIGHT_NAME))
+    return Path(out_dir)
+
+
 TAESD = "taesd"  # the architecture name main() takes for build_random_taesd
 
 

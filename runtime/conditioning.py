@@ -18,6 +18,53 @@ from .errors import InputError, NaNOutputError
 from .tokenizer import PromptTokenizer
 
 
+class Prompts(list):
+    """A batch's prompts (the list itself: every encoder's unless told otherwise) and, per text encoder component,
+    the prompts that encoder takes instead: diffusers' prompt_2 / prompt_3 (SDXL's second CLIP, SD3's CLIP-G and
+    T5, FLUX's T5)."""
+
+    def __init__(self, prompts, by_encoder: dict[str, list[str]] | None = None, main_given: bool = True):
+        super().__init__(prompts)
+        self.by_encoder = dict(by_encoder or {})
+        self.main_given = main_given  # False: negatives with only an encoder's own given (SDXL then zeroes them)
+
+
+def main_absent(prompts: list[str] | None) -> bool:
+    """No prompt of the main kind was given (negative_prompt=None, whatever negative_prompt_2 says)."""
+    return prompts is None or (isinstance(prompts, Prompts) and not prompts.main_given)
+
+
+def prompts_for(prompts: list[str], component: str) -> list[str]:
+    """What the encoder `component` takes from a batch's prompts."""
+    return prompts.by_encoder.get(component, prompts) if isinstance(prompts, Prompts) else prompts
+
+
+# diffusers' argument -> the text encoder component it is for
+PROMPT_ARGUMENTS = {"prompt_2": "text_encoder_2", "prompt_3": "text_encoder_3"}
+NEGATIVE_ARGUMENTS = {"negative_prompt_2": "text_encoder_2", "negative_prompt_3": "text_encoder_3"}
+
+
+def per_encoder(main: list[str] | None, given: dict, components: list[str], count: int) -> list[str] | None:
+    """`main` with the encoder-specific prompts in `given` (argument name -> str, list or None) as Prompts; an
+    argument for an encoder the bundle lacks, or a list of another length than the batch's, is an InputError.
+    As diffusers (`prompt_2 = prompt_2 or prompt`), an argument left None or empty falls back to `main`; with
+    `main` None (no negative prompt) and an encoder's own given, the others take ""."""
+    chosen = {}
+    for argument, value in given.items():
+        if not value:
+            continue
+        component = {**PROMPT_ARGUMENTS, **NEGATIVE_ARGUMENTS}[argument]
+        if component not in components:
+            raise InputError("prompt_encoder", argument=argument, component=component, have=", ".join(components))
+        values = [value] * count if isinstance(value, str) else list(value)
+        if len(values) != count:
+            raise InputError("prompt_count", argument=argument, count=len(values), batch=count)
+        chosen[component] = values
+    if not chosen:
+        return main
+    return Prompts(main if main is not None else [""] * count, chosen, main_given=main is not None)
+
+
 @dataclass
 class _TextEncoder:
     component: str
@@ -120,7 +167,9 @@ class TextConditioner:
         """(hidden states (B, T, D), pooled (B, P) or None) for `prompts`."""
         hidden, pooled = [], None
         for enc in self.encoders:
-            outputs = run_timed(enc, enc.tokenizer, self.sessions.get(enc.component), prompts, timings)
+            outputs = run_timed(
+                enc, enc.tokenizer, self.sessions.get(enc.component), prompts_for(prompts, enc.component), timings
+            )
             hidden.append(outputs[enc.output].astype(np.float32))
             if enc.pooled:
                 pooled = outputs[enc.pooled].astype(np.float32)
@@ -140,7 +189,8 @@ class TextConditioner:
         the unconditional half comes first, as in diffusers."""
         cond, pooled = self.encode(prompts, timings)
         if do_cfg:
-            if negatives is None and self.zero_negative:
+            # as StableDiffusionXLPipeline: zeros when negative_prompt is None, whatever negative_prompt_2 is
+            if main_absent(negatives) and self.zero_negative:
                 uncond, uncond_pooled = np.zeros_like(cond), None if pooled is None else np.zeros_like(pooled)
             else:
                 uncond, uncond_pooled = self.encode(negatives or [""] * len(prompts), timings)

@@ -105,7 +105,12 @@ class ControlNets:
         ends = self._per_net(end, names, "control_guidance_end")
         nets = []
         for name in names:
-            s, e = float(starts[name]), float(ends[name])
+            try:
+                s, e, weight = float(starts[name]), float(ends[name]), float(scales[name])
+            except (TypeError, ValueError):
+                raise InputError(
+                    "controlnet_value", name=name, scale=scales[name], start=starts[name], end=ends[name]
+                ) from None
             if not 0.0 <= s < e <= 1.0:
                 raise InputError("controlnet_guidance", start=s, end=e)
             channels = int(self.entries[name].get("conditioning_channels", 3))
@@ -113,7 +118,7 @@ class ControlNets:
                 image = prepare_control_image(images[name], height, width, batch, do_cfg, channels)
             except (OSError, ValueError, TypeError) as exc:
                 raise InputError("controlnet_image", name=name, detail=exc) from None
-            nets.append(_Net(name, self.entries[name]["component"], image, float(scales[name]), s, e))
+            nets.append(_Net(name, self.entries[name]["component"], image, weight, s, e))
         return ControlCall(nets, self.residuals, self.components, timings)
 
     def _known(self) -> str:

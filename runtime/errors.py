@@ -64,6 +64,10 @@ MESSAGES = {
     "controlnet_guidance": "control_guidance_start must be >= 0 and below control_guidance_end, which must be <= 1; got {start} and {end}",
     "controlnet_image": "control image for {name!r} cannot be read: {detail}",
     "control_option": "--control takes NAME=IMAGE[:SCALE], got {value!r}",
+    # IP-Adapter (runtime/ip_adapter.py)
+    "ip_adapter_missing": "bundle {path} has no IP-Adapter, so ip_adapter_image cannot be used (export one with --ip-adapter SOURCE)",
+    "ip_adapter_image": "ip_adapter_image cannot be read: {detail}",
+    "ip_adapter_scale": "ip_adapter_scale must be a finite number, got {value!r}",
     # run-time LoRAs (runtime/lora_adapters.py, export/lora_convert.py)
     "lora_argument": "loras must be a dict of LoRA names to weights, e.g. {{'style': 0.7}}, got {value!r}",
     "lora_weight": "LoRA {name!r}: the weight must be a finite number, got {value!r}",
@@ -80,6 +84,10 @@ MESSAGES = {
     "bundle_needs_gpu": "bundle {path}: its {component} graph was optimised for GPUs (--optimize gpu) and needs the CUDA provider, not {provider}",
     "export_exists": "{path} already exists; choose a new output folder or pass --overwrite",
     "export_source": "cannot load a diffusers model from {source!r}: {detail}",
+    "controlnet_value": "ControlNet {name!r}: scale, guidance start and end must be numbers, got {scale!r}, {start!r}, {end!r}",
+    "lora_capture": "run-time LoRAs do not run in captured CUDA graphs: open the pipeline without cuda_graph",
+    "prompt_encoder": "{argument} is for {component}, which this bundle does not have (its text encoders: {have})",
+    "prompt_count": "{argument}: {count} prompts for {batch} prompts (give one per prompt, or one string for all)",
     "export_memory": (
         "this export needs about {need} GiB at its peak ({stage}) and {free} GiB of memory is free: {advice} "
         "(the estimate is export/memory_plan.py's; {env}=1 exports anyway)"
@@ -97,6 +105,8 @@ MESSAGES = {
     "export_controlnet_name": "--controlnet takes SOURCE[:NAME] with a NAME of letters, digits, '-' and '_', got {value!r}",
     "export_controlnet_duplicate": "--controlnet names must differ, got {names} (name them with SOURCE:NAME)",
     "export_controlnet_static": "--controlnet does not combine with --precision int8-static: the UNet's activation ranges would be calibrated without control; use fp32, fp16, int8 or int4",
+    "export_ip_adapter_static": "--ip-adapter does not combine with --precision int8-static: the UNet's activation ranges would be calibrated without a reference image; use fp32, fp16, int8 or int4",
+    "export_ip_adapter_attention": "--ip-adapter does not combine with --attention {value}: the IP-Adapter's attention processors replace the UNet's",
 }
 
 

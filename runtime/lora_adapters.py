@@ -120,6 +120,12 @@ def active(adapters: dict[str, ort.LoraAdapter] | None):
         _ACTIVE.reset(token)
 
 
+def has_active(component: str) -> bool:
+    """Whether the current call has an adapter for `component`."""
+    adapters = _ACTIVE.get()
+    return bool(adapters) and adapters.get(component) is not None
+
+
 def run_options_for(component: str, run_options: ort.RunOptions | None) -> ort.RunOptions | None:
     """`run_options` with the active adapter for `component` added, if the current call has one."""
     adapters = _ACTIVE.get()

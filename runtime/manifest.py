@@ -73,6 +73,9 @@ class Manifest:
     # ControlNets (export --controlnet), each a graph of its own: [{"name", "component", "conditioning_channels",
     # "conditioning_type" (None when unknown), "source"}]; the UNet then takes their residuals (runtime/control.py)
     controlnets: list = field(default_factory=list)
+    # IP-Adapter (export --ip-adapter): {"component" (the image encoder), "image_embeds" and "scale" (the UNet's
+    # inputs), "embeds_dim", "tokens", "image_size", "image_mean", "image_std", sources}; None without one
+    ip_adapter: dict | None = None
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> str:
@@ -149,6 +152,9 @@ class Manifest:
             for c in controlnets
         ):
             raise BundleError("manifest_invalid", path=bundle_dir, detail="malformed controlnets")
+        ip_adapter = raw.get("ip_adapter")
+        if ip_adapter is not None and not (isinstance(ip_adapter, dict) and ip_adapter.get("component") in components):
+            raise BundleError("manifest_invalid", path=bundle_dir, detail="malformed ip_adapter")
         target = raw.get("target", "onnx")
         if target not in TARGETS:
             raise BundleError("manifest_invalid", path=bundle_dir, detail=f"unknown target {target!r}")
@@ -161,6 +167,7 @@ class Manifest:
             vae_shift_factor=float(shift),
             latent_packing=packing,
             controlnets=controlnets,
+            ip_adapter=ip_adapter,
             schema_version=version,
         )
 

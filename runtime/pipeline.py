@@ -22,6 +22,7 @@ from . import decode as decoding
 from . import graph_cache
 from .bundle import Bundle
 from .cancel import CancelToken
+from .conditioning import NEGATIVE_ARGUMENTS, PROMPT_ARGUMENTS, per_encoder
 from .control import ControlNets
 from .coreml_session import CoreMLSession
 from .coreml_session import check_available as check_coreml
@@ -32,6 +33,7 @@ from .denoisers.unet import guidance_embedding  # noqa: F401  (training and olde
 from .errors import BundleError, Cancelled, InputError, NaNOutputError, PipelineClosed, ProviderError
 from .image import latents_to_images, load_image, to_model_input, to_pil
 from .inpaint import outpaint_canvas, overlay, prepare_mask
+from .ip_adapter import IPAdapter
 from .lora_adapters import RuntimeLoras
 from .lora_adapters import active as active_loras
 from .options import DECODERS, RuntimeOptions
@@ -179,6 +181,7 @@ class Pipeline:
         self.sessions = SessionPool(opener, names, low_memory=o.low_memory, parallel=parallel)
         self.denoiser = make_denoiser(bundle, self.sessions)
         self.controlnets = ControlNets(m, bundle.path)  # opened on first use, like the VAE encoder
+        self.ip_adapter = IPAdapter(m, bundle.path)  # its image encoder graph opens on first use too
         self.text = self.denoiser.text  # the prompt conditioner (TextConditioner for UNets)
         self.loras = RuntimeLoras(bundle)  # run-time LoRAs: each call's mix, built on first use
         # low-memory mode swaps sessions within a call, so calls take turns; otherwise a no-op lock
@@ -284,11 +287,17 @@ class Pipeline:
         keep_unmasked: bool = False,
         outpaint: tuple[int, int, int, int] | None = None,
         max_sequence_length: int | None = None,
+        prompt_2: str | list[str] | None = None,
+        prompt_3: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        negative_prompt_3: str | list[str] | None = None,
         control_image=None,
         controlnet_conditioning_scale: float | list | dict = 1.0,
         control_guidance_start: float | list | dict = 0.0,
         control_guidance_end: float | list | dict = 1.0,
         loras: dict[str, float] | None = None,
+        ip_adapter_image=None,
+        ip_adapter_scale: float = 1.0,
     ) -> PipelineOutput:
         """Generates images; see README "Embedding" for callbacks, previews, cancel and threads.
 
@@ -308,6 +317,9 @@ class Pipeline:
         max_sequence_length: SD3 and FLUX bundles: the T5 tokens of the text (default: the bundle's; SD3 256 as
         diffusers, FLUX.1-schnell 256, FLUX.1-dev 512); SANA bundles: Gemma-2's (300, the instruction prefix aside);
         other bundles ignore it.
+        prompt_2, prompt_3, negative_prompt_2, negative_prompt_3: as diffusers, what the second and third text
+        encoders read instead of the prompt (SDXL's second CLIP; SD3's CLIP-G and T5; FLUX's T5), each falling
+        back to prompt / negative_prompt; a bundle without that encoder refuses them.
         latents: the starting noise, (B, C, h, w); FLUX bundles take FluxPipeline's packed form, (B, h/2 * w/2,
         C * 4). output_type="latent" and step callbacks give (B, C, h, w) for every family (what decode() takes).
         guidance_scale: for FLUX.1-dev the embedded guidance (as FluxPipeline); FLUX.1-schnell ignores it; for
@@ -317,6 +329,9 @@ class Pipeline:
         in the manifest's order) or a dict by name; each of the others a float, a list or a dict (runtime/control.py).
         loras: {name: weight} of run-time LoRAs (bundles exported with --lora-slots; `edgediff lora convert`), any
         number at once; None or {} runs the plain graphs (runtime/lora_adapters.py).
+        ip_adapter_image, ip_adapter_scale: bundles exported with --ip-adapter, as diffusers with load_ip_adapter and
+        set_ip_adapter_scale: a reference image (PIL image, path or array) and how strongly it steers (default 1.0;
+        0 gives the image without it) (runtime/ip_adapter.py).
         """
         if self._closed:
             raise PipelineClosed("closed")
@@ -346,9 +361,18 @@ class Pipeline:
             mask_image=mask_image,
             keep_unmasked=keep_unmasked,
             max_sequence_length=max_sequence_length,
+            encoder_prompts={
+                "prompt_2": prompt_2,
+                "prompt_3": prompt_3,
+                "negative_prompt_2": negative_prompt_2,
+                "negative_prompt_3": negative_prompt_3,
+            },
             control=(control_image, controlnet_conditioning_scale, control_guidance_start, control_guidance_end),
+            ip_adapter=(ip_adapter_image, ip_adapter_scale),
         )
         adapters = self.loras.adapters(loras)
+        if adapters is not None and self.options.cuda_graph:  # a captured graph replays bound runs only
+            raise InputError("lora_capture")
         with self._turns, active_loras(adapters):
             return self._generate(call)
 
@@ -416,9 +440,10 @@ class Pipeline:
         )
         if negatives is not None and len(negatives) != len(prompts):
             raise InputError("batch", what="negative prompts (one per prompt)", value=len(negatives))
+        encoders, given = denoiser.text.components, call.encoder_prompts
         fixed = denoiser.condition(
-            prompts,
-            negatives,
+            per_encoder(prompts, {k: v for k, v in given.items() if k in PROMPT_ARGUMENTS}, encoders, len(prompts)),
+            per_encoder(negatives, {k: v for k, v in given.items() if k in NEGATIVE_ARGUMENTS}, encoders, len(prompts)),
             do_cfg,
             call.images_per_prompt,
             height,
@@ -444,6 +469,15 @@ class Pipeline:
             sampler.begin(start_index)
             timesteps = timesteps[start_index:]
         control = self.controlnets.prepare(*call.control, height, width, batch, do_cfg, timings)
+        fixed.update(  # the reference image's embeddings in place of the UNet's zeros
+            self.ip_adapter.feeds(
+                *call.ip_adapter,
+                batch,
+                do_cfg,
+                timings,
+                lambda c, **f: self._run_cancellable(cancel, 0, len(timesteps), c, **f),
+            )
+        )
 
         # 4. Initial latents: from an image (img2img, inpainting), given, or pure noise; one seeded generator
         #    per image (image i of seed s uses seed s + i). The loop runs on the denoiser's form of them (FLUX:
@@ -666,7 +700,9 @@ class _Call:
     mask_image: object
     keep_unmasked: bool
     max_sequence_length: int | None = None
+    encoder_prompts: dict = field(default_factory=dict)  # prompt_2, prompt_3 and their negatives, as given
     control: tuple = (None, 1.0, 0.0, 1.0)  # control_image and its scale, guidance start and end
+    ip_adapter: tuple = (None, 1.0)  # ip_adapter_image and ip_adapter_scale
 
 
 @dataclass

@@ -54,20 +54,22 @@ def _neighbour(a: np.ndarray, dy: int, dx: int) -> np.ndarray:
 
 
 def _local_maxima(m: np.ndarray, gx: np.ndarray, gy: np.ndarray) -> np.ndarray:
-    """Where the magnitude is a maximum across the gradient direction, quantised to 0, 45, 90 or 135 degrees; of
-    two equal neighbours the first wins (OpenCV's `>` on one side, `>=` on the other), so edges stay one pixel wide."""
+    """Where the magnitude is a maximum across the gradient direction, quantised to 0, 45, 90 or 135 degrees. As
+    OpenCV: along x and y, of two equal neighbours the first wins (`>` on one side, `>=` on the other), so edges
+    stay one pixel wide; along the diagonals both comparisons are strict."""
     ax, ay = np.abs(gx), np.abs(gy)
     horizontal = ay <= ax * _TAN_22_5  # gradient along x: compare left and right
     vertical = ax <= ay * _TAN_22_5
     same_sign = (gx * gy) > 0  # diagonal direction: down-right when gx and gy agree in sign (y grows downwards)
     keep = np.zeros(m.shape, bool)
-    for where, (dy, dx) in (
-        (horizontal, (0, 1)),
-        (vertical, (1, 0)),
-        (~horizontal & ~vertical & same_sign, (1, 1)),
-        (~horizontal & ~vertical & ~same_sign, (1, -1)),
+    for where, (dy, dx), strict in (
+        (horizontal, (0, 1), False),
+        (vertical, (1, 0), False),
+        (~horizontal & ~vertical & same_sign, (1, 1), True),
+        (~horizontal & ~vertical & ~same_sign, (1, -1), True),
     ):
-        keep |= where & (m > _neighbour(m, -dy, -dx)) & (m >= _neighbour(m, dy, dx))
+        after = _neighbour(m, dy, dx)
+        keep |= where & (m > _neighbour(m, -dy, -dx)) & ((m > after) if strict else (m >= after))
     return keep
 
 

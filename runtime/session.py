@@ -81,8 +81,11 @@ class GraphSession:
         self.check_inputs = InputCheck(name, self.inputs)
 
     def run(self, run_options: ort.RunOptions | None = None, **feeds) -> list[np.ndarray]:
-        # the calling thread's run-time LoRA adapter for this graph, if its call has one (lora_adapters.py)
-        return self._sessions.run(self.check_inputs(feeds), lora_adapters.run_options_for(self.name, run_options))
+        # the calling thread's run-time LoRA adapter for this graph, if its call has one (lora_adapters.py); such a
+        # run goes unbound: onnxruntime's I/O-bound runs ignore active adapters (it only logs a warning)
+        bound = not lora_adapters.has_active(self.name)
+        options = lora_adapters.run_options_for(self.name, run_options)
+        return self._sessions.run(self.check_inputs(feeds), options, bound=bound)
 
     @property
     def session(self) -> ort.InferenceSession:

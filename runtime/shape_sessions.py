@@ -76,15 +76,19 @@ class ShapeSessions:
             return dims_text(self._key)
         return self._refused[self._key] if self.state is ShapeState.REFUSED else ""
 
-    def run(self, feeds: dict[str, np.ndarray], run_options: ort.RunOptions | None) -> list[np.ndarray]:
+    def run(
+        self, feeds: dict[str, np.ndarray], run_options: ort.RunOptions | None, bound: bool = True
+    ) -> list[np.ndarray]:
+        """`bound=False`: a plain run even where I/O binding is on (onnxruntime's bound runs ignore active LoRA
+        adapters)."""
         if not self.per_shape:
-            return self._run(feeds, run_options)
+            return self._run(feeds, run_options, bound)
         with self._lock:  # one call at a time: a new shape swaps the session under the lock
             self._follow(shape_key(feeds), feeds)
-            return self._run(feeds, run_options)
+            return self._run(feeds, run_options, bound)
 
-    def _run(self, feeds: dict[str, np.ndarray], run_options) -> list[np.ndarray]:
-        runner = self.runner
+    def _run(self, feeds: dict[str, np.ndarray], run_options, bound: bool = True) -> list[np.ndarray]:
+        runner = self.runner if bound else None
         if runner is not None:
             try:
                 return runner.run(feeds, run_options)

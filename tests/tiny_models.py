@@ -114,3 +114,31 @@ def tiny_controlnet_bundle(arch: str, root: Path, count: int = 2) -> Path:
             str(tiny_source(arch, root)), root / f"bundle-{arch}-controlnets-{count}", options, progress=False
         )
     return _CACHE[key]
+
+
+def tiny_ip_adapter(arch: str, root: Path) -> Path:
+    """A random plain IP-Adapter for `arch`'s UNet in h94/IP-Adapter's layout: models/<weights> beside
+    models/image_encoder (edgediff.models.random_init.build_random_ip_adapter)."""
+    from edgediff.models.random_init import build_random_ip_adapter
+
+    key = ("ip-adapter", arch)
+    if key not in _CACHE:
+        _CACHE[key] = build_random_ip_adapter(arch, root / f"ip-adapter-{arch}")
+    return _CACHE[key]
+
+
+def tiny_ip_adapter_bundle(arch: str, root: Path) -> Path:
+    """`arch`'s bundle with the random IP-Adapter, at the tiny models' size."""
+    from edgediff.export.bundle_writer import write_onnx_bundle
+    from edgediff.export.options import ExportOptions
+    from edgediff.models.random_init import IP_ADAPTER_SUBFOLDER, IP_ADAPTER_WEIGHT_NAME
+
+    key = ("fp32", arch, "ip-adapter")
+    if key not in _CACHE:
+        size = TINY_SIZE.get(arch)
+        weights = tiny_ip_adapter(arch, root) / IP_ADAPTER_SUBFOLDER / IP_ADAPTER_WEIGHT_NAME
+        options = ExportOptions(height=size, width=size, ip_adapter=str(weights))
+        _CACHE[key] = write_onnx_bundle(
+            str(tiny_source(arch, root)), root / f"bundle-{arch}-ip-adapter", options, progress=False
+        )
+    return _CACHE[key]

@@ -15,7 +15,7 @@ import inspect
 
 import numpy as np
 
-from ..conditioning import LengthTokenizers, run_timed, sequence_length, text_encoders
+from ..conditioning import LengthTokenizers, prompts_for, run_timed, sequence_length, text_encoders
 from ..errors import InputError
 from ..tokenizer import PromptTokenizer
 from .base import flow_start_index, per_row
@@ -67,7 +67,8 @@ class FluxConditioner:
     def __call__(self, prompts: list[str], repeat: int, max_sequence_length: int, timings: dict) -> dict:
         clip = run_timed(self.clip, self.clip.tokenizer, self.sessions.get(self.clip.component), prompts, timings)
         t5_tokenizer = self._t5_tokenizer(max_sequence_length)
-        t5 = run_timed(self.t5, t5_tokenizer, self.sessions.get(self.t5.component), prompts, timings)
+        text = prompts_for(prompts, self.t5.component)  # prompt_2: T5's, as FluxPipeline
+        t5 = run_timed(self.t5, t5_tokenizer, self.sessions.get(self.t5.component), text, timings)
         return {
             "encoder_hidden_states": np.repeat(t5[self.t5.output].astype(np.float32), repeat, 0),
             "pooled_projections": np.repeat(clip[self.clip.pooled].astype(np.float32), repeat, 0),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..conditioning import LengthTokenizers, run_timed, sequence_length, text_encoders
+from ..conditioning import LengthTokenizers, prompts_for, run_timed, sequence_length, text_encoders
 from ..tokenizer import PromptTokenizer
 from .base import DenoiserBase, flow_start_index, per_row
 
@@ -42,7 +42,8 @@ class SD3Conditioner:
         """(joint text (B, clip tokens + max_sequence_length, joint width), pooled (B, P)) for `prompts`."""
         hidden, pooled = [], []
         for enc in self.clips:
-            outputs = run_timed(enc, enc.tokenizer, self.sessions.get(enc.component), prompts, timings)
+            text = prompts_for(prompts, enc.component)  # prompt_2: CLIP-G's
+            outputs = run_timed(enc, enc.tokenizer, self.sessions.get(enc.component), text, timings)
             hidden.append(outputs[enc.output].astype(np.float32))
             pooled.append(outputs[enc.pooled].astype(np.float32))
         clip = np.concatenate(hidden, axis=-1)
@@ -51,7 +52,8 @@ class SD3Conditioner:
             t5 = np.zeros((len(prompts), max_sequence_length, self.joint_width), dtype=np.float32)
         else:
             tokenizer = self._t5_tokenizer(max_sequence_length)
-            outputs = run_timed(self.t5, tokenizer, self.sessions.get(self.t5.component), prompts, timings)
+            text = prompts_for(prompts, self.t5.component)  # prompt_3
+            outputs = run_timed(self.t5, tokenizer, self.sessions.get(self.t5.component), text, timings)
             t5 = outputs[self.t5.output].astype(np.float32)
         return np.concatenate([clip, t5], axis=1), np.concatenate(pooled, axis=-1)
 

@@ -7,6 +7,7 @@ import numpy as np
 
 from ..conditioning import TextConditioner
 from ..control import residual_inputs, zero_residuals
+from ..ip_adapter import idle_feeds
 from .base import DenoiserBase
 
 
@@ -33,6 +34,7 @@ class UNetDenoiser(DenoiserBase):
         self.embedding_dim = m.guidance_embedding_dim
         self.guidance_embedded = self.embedding_dim is not None
         self.residuals = residual_inputs(m.components["unet"])  # a bundle with ControlNets: their residual inputs
+        self.ip_adapter = m.ip_adapter  # a bundle with an IP-Adapter: the UNet takes image embeddings and a scale
 
     def condition(
         self, prompts, negatives, do_cfg, repeat, height, width, guidance, timings, max_sequence_length=None
@@ -41,6 +43,8 @@ class UNetDenoiser(DenoiserBase):
         if self.guidance_embedded:  # LCM: an embedding of (w - 1), no second batch
             w = np.full((len(prompts) * repeat,), guidance - 1.0, dtype=np.float32)
             fixed["timestep_cond"] = guidance_embedding(w, self.embedding_dim)
+        if self.ip_adapter:  # no reference image unless the pipeline puts one in their place
+            fixed.update(idle_feeds(self.ip_adapter, len(fixed["encoder_hidden_states"])))
         return fixed
 
     def feeds(self, model_in, timestep, fixed) -> dict[str, np.ndarray]:

@@ -27,6 +27,18 @@ def test_half_precision_files_count_as_fp32(tmp_path):
     assert component_bytes(tmp_path) == 10 * 20 * 4 + 3 * 8
 
 
+def test_variants_beside_the_weights_are_not_counted(tmp_path):
+    """diffusers loads diffusion_pytorch_model.safetensors, not the .non_ema / .fp16 variants beside it."""
+    from safetensors.numpy import save_file
+
+    from edgediff.export.memory_plan import component_bytes
+
+    save_file({"w": np.zeros(100, np.float32)}, tmp_path / "diffusion_pytorch_model.safetensors")
+    save_file({"w": np.zeros(100, np.float32)}, tmp_path / "diffusion_pytorch_model.non_ema.safetensors")
+    save_file({"w": np.zeros(100, np.float16)}, tmp_path / "diffusion_pytorch_model.fp16.safetensors")
+    assert component_bytes(tmp_path) == 400
+
+
 def test_stages_free_each_component_after_its_export():
     from edgediff.export.memory_plan import BASE_BYTES, EXPORT_COPIES, export_stages
 

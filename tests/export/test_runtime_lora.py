@@ -184,6 +184,28 @@ def test_bad_lora_arguments(setup, models_root):
         _ours(plain, {"attn": 1.0})
 
 
+def test_a_call_with_a_lora_runs_its_graphs_unbound(setup, monkeypatch):
+    """onnxruntime's I/O-bound runs (GPUs) ignore active adapters: a graph with one runs unbound, the others
+    as they would."""
+    from edgediff.runtime.shape_sessions import ShapeSessions
+
+    bound = {}
+    real = ShapeSessions.run
+
+    def run(self, feeds, run_options, bound_run=True, **kwargs):
+        bound.setdefault(self.name, set()).add(kwargs.get("bound", bound_run))
+        return real(self, feeds, run_options, kwargs.get("bound", bound_run))
+
+    monkeypatch.setattr(ShapeSessions, "run", run)
+    bundle, _ = setup
+    pipe = Pipeline.from_bundle(bundle, provider="cpu")
+    _ours(pipe, {"attn": 0.7})
+    assert bound["unet"] == {False} and bound["vae_decoder"] == {True}
+    bound.clear()
+    _ours(pipe, None)
+    assert bound["unet"] == {True}
+
+
 def test_a_pipeline_never_closed_leaves_no_mix_files(setup):
     import gc
 
