@@ -45,8 +45,10 @@ def _peft_layers(file: Path, sdxl: bool) -> dict[str, tuple[dict, dict]]:
         part = {k.removeprefix(f"{prefix}."): v for k, v in state_dict.items() if k.startswith(f"{prefix}.")}
         if not part:
             continue
-        if prefix == "unet":  # as UNet2DConditionModel.load_lora_adapter
-            part = part if "lora_A" in next(iter(part)) else convert_unet_state_dict_to_peft(part)
+        if prefix == "unet":  # as UNet2DConditionModel.load_lora_adapter, but for every key: diffusers' training
+            # scripts save files whose keys mix PEFT's names and its own (`...lora.down.weight`), and diffusers
+            # decides from the first key alone; PEFT keys pass through the conversion unchanged
+            part = convert_unet_state_dict_to_peft(part)
         else:  # as _load_lora_into_text_encoder
             part = convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
         meta = {k.removeprefix(f"{prefix}."): v for k, v in (metadata or {}).items() if k.startswith(f"{prefix}.")}

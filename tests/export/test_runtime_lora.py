@@ -184,6 +184,35 @@ def test_bad_lora_arguments(setup, models_root):
         _ours(plain, {"attn": 1.0})
 
 
+def test_a_file_mixing_peft_and_diffusers_key_names_converts_as_the_peft_one(setup, tmp_path):
+    """diffusers' training scripts save UNet keys in both PEFT's names and the older `lora.down` ones."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from edgediff.runtime.lora_adapters import ADAPTER_SUFFIX, LORA_FOLDER, read_adapter
+
+    bundle, files = setup
+    name = next(iter(files))
+    weights = load_file(files[name])
+    modules = sorted({k.rsplit(".lora_", 1)[0] for k in weights if k.startswith("unet.")})
+    renamed = set(modules[1::2])  # every other UNet layer in the older names; the first stays PEFT's
+    mixed = {}
+    for key, value in weights.items():
+        old = key.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up.")
+        mixed[old if key.rsplit(".lora_", 1)[0] in renamed else key] = value
+    assert any(".lora.down." in k for k in mixed) and any(".lora_A." in k for k in mixed)
+    with safe_open(files[name], "pt") as f:  # the LoRA configs (alphas) travel in the file's metadata
+        metadata = f.metadata()
+    save_file(mixed, tmp_path / "mixed.safetensors", metadata=metadata)
+    convert_lora(tmp_path / "mixed.safetensors", bundle, "mixed")
+    try:
+        got = read_adapter(bundle / LORA_FOLDER / f"mixed{ADAPTER_SUFFIX}")
+        want = read_adapter(bundle / LORA_FOLDER / f"{name}{ADAPTER_SUFFIX}")
+        assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+    finally:
+        (bundle / LORA_FOLDER / f"mixed{ADAPTER_SUFFIX}").unlink()
+
+
 def test_a_call_with_a_lora_runs_its_graphs_unbound(setup, monkeypatch):
     """onnxruntime's I/O-bound runs (GPUs) ignore active adapters: a graph with one runs unbound, the others
     as they would."""
