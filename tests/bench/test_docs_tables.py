@@ -53,7 +53,7 @@ def test_every_table_has_its_block_and_every_source_exists():
 @pytest.mark.parametrize("path", FILES, ids=[p.relative_to(RESULTS).as_posix() for p in FILES])
 def test_result_files_follow_the_schema(path):
     data = json.loads(path.read_text(encoding="utf-8"))
-    if data.get("kind") == "export-cost":  # benchmarks/export_cost.py's records: one row per export
+    if data.get("kind") in ("export-cost", "adapter-cost"):  # export_cost.py's and adapter_cost.py's records
         assert {"machine", "date", "results"} <= set(data) and all("config" in r for r in data["results"])
     else:
         jsonschema.validate(data, _schema())
