@@ -132,3 +132,40 @@ def with_caption(scene: Scene, rng, cfg: ShippedConfig) -> str:
     return replace(
         scene, say_size=bool(rng.random() >= cfg.caption_omit), say_position=bool(rng.random() >= cfg.caption_omit)
     ).caption
+
+
+def optimizer_step(opt, params, loss, cfg, step: int) -> float:
+    """One step of an adapter trainer: warm-up then cosine decay of cfg.lr (over cfg.warmup and cfg.steps),
+    gradients clipped to norm 1; returns the learning rate used."""
+    import math
+
+    torch = _torch()
+    lr = cfg.lr * min(1.0, step / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return lr
+
+
+def run_trainer(train, config, smoke_config, default_run: str, out_help: str) -> None:
+    """The command line both adapter trainers share: --run, --out, --smoke, --threads."""
+    import argparse
+    import logging
+    import sys
+    import time
+
+    parser = argparse.ArgumentParser(description=(sys.modules[train.__module__].__doc__ or "").splitlines()[0])
+    parser.add_argument("--run", type=Path, default=Path(default_run), help="data cache, checkpoint, log")
+    parser.add_argument("--out", type=Path, required=True, help=out_help)
+    parser.add_argument("--smoke", action="store_true", help="a few steps (for tests)")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.threads:
+        _torch().set_num_threads(args.threads)
+    t0 = time.time()
+    out = train(smoke_config() if args.smoke else config(), args.run, args.out)
+    logging.getLogger("edgediff.training").info("wrote %s in %.0f s", out, time.time() - t0)

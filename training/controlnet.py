@@ -14,12 +14,9 @@ to RUN/controlnet/ckpt.pt, and a rerun resumes. The folder is written in fp16 sa
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
-import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -184,13 +181,7 @@ def train(cfg: ControlNetTrainConfig, run: Path, out: Path) -> Path:
             mid_block_additional_residual=mid,
         ).sample
         loss = adapters.diffusion_loss(pred, z, noise, t, alphas, shipped)
-        lr = cfg.lr * min(1.0, step / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        lr = adapters.optimizer_step(opt, params, loss, cfg, step)
         metrics = {"loss": loss.item(), "lr": lr}
         if step % cfg.eval_every == 0 or step == cfg.steps:
             with torch.no_grad():
@@ -209,18 +200,9 @@ def train(cfg: ControlNetTrainConfig, run: Path, out: Path) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, default=Path("runs/controlnet-canny"), help="data cache, checkpoint, log")
-    parser.add_argument("--out", type=Path, required=True, help="the diffusers ControlNet folder to write")
-    parser.add_argument("--smoke", action="store_true", help="a few steps (for tests)")
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    if args.threads:
-        _torch().set_num_threads(args.threads)
-    t0 = time.time()
-    out = train(smoke_config() if args.smoke else ControlNetTrainConfig(), args.run, args.out)
-    log.info("wrote %s in %.0f s", out, time.time() - t0)
+    adapters.run_trainer(
+        train, ControlNetTrainConfig, smoke_config, "runs/controlnet-canny", "the diffusers ControlNet folder to write"
+    )
 
 
 if __name__ == "__main__":

@@ -13,11 +13,8 @@ in PEFT's layout with its LoraConfig as metadata, which diffusers' load_lora_wei
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -131,13 +128,7 @@ def train(cfg: LoraTrainConfig, run: Path, out: Path) -> Path:
         x_t, noise, _ = adapters.noisy_batch(z, t, alphas, rng)
         pred = unet(x_t, t, cond, timestep_cond=adapters.guidance_cond(rng, len(idx), shipped)).sample
         loss = adapters.diffusion_loss(pred, z, noise, t, alphas, shipped)
-        lr = cfg.lr * min(1.0, step / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        lr = adapters.optimizer_step(opt, params, loss, cfg, step)
         progress(step, loss=loss.item(), lr=lr)
         ckpt.maybe_save(step)
     ckpt.maybe_save(cfg.steps, force=True)
@@ -162,18 +153,9 @@ def train(cfg: LoraTrainConfig, run: Path, out: Path) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, default=Path("runs/lora-green"), help="data cache, checkpoint, log")
-    parser.add_argument("--out", type=Path, required=True, help="the LoRA file to write (.safetensors)")
-    parser.add_argument("--smoke", action="store_true", help="a few steps (for tests)")
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    if args.threads:
-        _torch().set_num_threads(args.threads)
-    t0 = time.time()
-    out = train(smoke_config() if args.smoke else LoraTrainConfig(), args.run, args.out)
-    log.info("wrote %s in %.0f s", out, time.time() - t0)
+    adapters.run_trainer(
+        train, LoraTrainConfig, smoke_config, "runs/lora-green", "the LoRA file to write (.safetensors)"
+    )
 
 
 if __name__ == "__main__":
