@@ -176,6 +176,8 @@ def _graph_macs(bundle, size: int, guidance_batch: int, decoder: str = "full") -
 def _count(count_macs, bundle, component: str, shapes: dict) -> int:
     """One graph's MACs; ValueError naming the graph when its shapes cannot be inferred (onnxruntime's symbolic
     shape inference stops on some graphs, FLUX's transformer among them)."""
+    if bundle.manifest.components[component].segments:  # a segment's inputs have no sizes to infer from
+        raise ValueError(f"{component} graph: exported in segments, whose MACs are not counted")
     try:
         return count_macs(bundle.component_path(component), shapes)["total"]
     except ImportError:

@@ -238,6 +238,15 @@ def _export_click():
             help="UNet attention: sliced computes one head at a time (lower peak memory, same result); "
             "split_einsum (coreml): per head in the Neural Engine's layout.",
         ),
+        "segments": click.option(
+            "--segments",
+            type=int,
+            default=1,
+            show_default=True,
+            metavar="N",
+            help="Write the denoiser as N graphs run in turn, checked against the whole one: with --low-memory "
+            "only one segment's weights are held at a time.",
+        ),
         "overwrite": click.option("--overwrite", is_flag=True, help="Replace OUT once the new bundle is complete."),
     }
 

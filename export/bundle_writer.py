@@ -14,7 +14,7 @@ import numpy as np
 
 from edgediff.runtime.bundle import sha256_file
 from edgediff.runtime.errors import ExportError, ExportOptionsError, ExportValidationError
-from edgediff.runtime.manifest import MANIFEST_NAME, ComponentSpec, Manifest, TensorSpec
+from edgediff.runtime.manifest import DENOISERS, MANIFEST_NAME, ComponentSpec, Manifest, TensorSpec
 from edgediff.runtime.schedulers import SAMPLER_TO_DIFFUSERS_CLASS  # noqa: F401  (older callers import it from here)
 
 from . import ip_adapter as ipa
@@ -40,6 +40,7 @@ from .options import QUANTIZED, ExportOptions
 from .precision import to_fp16
 from .quantize import release_memory
 from .sana import models_for_export
+from .segments import segment_graph
 from .source import prepare_source
 from .specs import (
     COMPONENTS,
@@ -318,6 +319,8 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
                 if spatial
                 else {"full_size": True}
             )
+            if component.name in DENOISERS:  # the segments' check runs on the same inputs as the denoiser's
+                denoiser_inputs = reference[0]
             del reference
             shutil.rmtree(raw_dir / component.name)
             components[component.name] = ComponentSpec(
@@ -352,6 +355,14 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
         release_memory()
         if options.quantized:
             _quantize_bundle(staging, manifest, precision, options.keep, options.calibration_prompts, stages)
+            (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
+        if options.segments > 1:  # last: the segments are cut from the denoiser as the bundle keeps it
+            spec = manifest.components[manifest.denoiser]
+            with stages.stage(f"{manifest.denoiser}: segments"):
+                spec.files, attribute = segment_graph(
+                    staging, manifest.denoiser, spec.graph_file, options.segments, denoiser_inputs, _save_graph
+                )
+            spec.attributes.update(attribute)
             (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
         stages.close()
     return out

@@ -49,6 +49,7 @@ ONNX_ONLY = (
     "lora_slots",
     "ip_adapter",
     "ip_adapter_image_encoder",
+    "segments",
 )
 COREML_ONLY = ("palettize",)
 # why --lora-slots refuses these (docs/loras.md, "Quantised bundles")
@@ -101,6 +102,9 @@ class ExportOptions:
     # SD3: export the T5 text encoder (most of SD3's weights); without it the runtime feeds zeros in its place,
     # as diffusers does when text_encoder_3 is None (smaller and faster, weaker on long or typographic prompts)
     t5: bool = True
+    # the denoiser as this many graphs run in turn: low-memory mode then holds one segment's weights at a time
+    # (segments.py); 1 keeps it whole
+    segments: int = 1
     # replace an existing bundle at the output folder, once the new one is whole
     overwrite: bool = False
 
@@ -157,6 +161,10 @@ class ExportOptions:
             raise ExportOptionsError("export_ip_adapter_static")  # calibrated on calls without a reference image
         if self.ip_adapter and self.attention != "original":
             raise ExportOptionsError("export_ip_adapter_attention", value=self.attention)
+        if isinstance(self.segments, bool) or not isinstance(self.segments, int) or self.segments < 1:
+            raise ExportOptionsError("export_segments_value", value=self.segments)
+        if self.segments > 1 and self.lora_slots:
+            raise ExportOptionsError("export_segments_slots")
         if self.lora_slots and (self.quantized or self.optimize):
             # measured in docs/loras.md ("Quantised bundles"); fused graphs: attention ops swallow the slotted layers
             why = LORA_SLOTS_REFUSED["precision" if self.quantized else "optimize"]

@@ -46,6 +46,20 @@ class ComponentSpec:
     def size(self) -> int:
         return sum(f["size"] for f in self.files.values())
 
+    @property
+    def segments(self) -> list["ComponentSpec"]:
+        """A denoiser exported in segments (export --segments): each segment's graph as a component of its own,
+        run in this order (runtime/segmented_session.py); [] for a graph in one piece."""
+        return [
+            ComponentSpec(
+                files={name: self.files[name] for name in seg["files"]},
+                precision=self.precision,
+                inputs=[TensorSpec(**t) for t in seg["inputs"]],
+                outputs=[TensorSpec(**t) for t in seg["outputs"]],
+            )
+            for seg in self.attributes.get("segments", [])
+        ]
+
 
 @dataclass
 class Manifest:
@@ -126,6 +140,8 @@ class Manifest:
                     "guidance_embedding_dim",
                 )
             }
+            for c in components.values():
+                c.segments  # noqa: B018  (a malformed entry raises here, not when the graph opens)
         except (KeyError, TypeError) as exc:
             raise BundleError("manifest_invalid", path=bundle_dir, detail=f"missing or malformed field {exc}") from None
         conditioning = raw.get("conditioning", {})

@@ -7,6 +7,7 @@ SD3's transformer (conditioning, graph inputs, valid sizes) sits behind the deno
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -39,6 +40,7 @@ from .lora_adapters import active as active_loras
 from .options import DECODERS, RuntimeOptions
 from .providers import REGISTRY, Provider, Resolution, resolve
 from .schedulers import SAMPLERS, check_sampler_fits, make_sampler
+from .segmented_session import SegmentedSession
 from .session import GraphSession, SessionPool
 
 log = logging.getLogger("edgediff.pipeline")
@@ -152,11 +154,11 @@ class Pipeline:
             self.resolution.provider.prepare()
             capture = o.cuda_graph and _can_capture(self.resolution)
 
-            def opener(name):
+            def open_graph(name, spec):
                 return GraphSession(
                     name,
-                    bundle.component_path(name),
-                    m.components[name],
+                    bundle.file(spec.graph_file),
+                    spec,
                     self.resolution,
                     bundle.path,
                     o.threads,
@@ -165,6 +167,13 @@ class Pipeline:
                     o.io_binding,
                     capture,
                 )
+
+            def opener(name):
+                spec = m.components[name]
+                if not spec.segments:
+                    return open_graph(name, spec)
+                parts = [functools.partial(open_graph, f"{name}.{k}", s) for k, s in enumerate(spec.segments)]
+                return SegmentedSession(name, spec, parts, bundle.path, o.low_memory)
 
         self.providers = self.resolution.names
         self.sampler_name = o.sampler or m.scheduler["name"]
