@@ -68,6 +68,12 @@ def cli(verbose: bool) -> None:
 @click.option("--width", type=int, default=None)
 @click.option("--height", type=int, default=None)
 @click.option("--negative-prompt", default=None)
+@click.option(
+    "--true-cfg-scale",
+    type=float,
+    default=None,
+    help="FLUX.1: true classifier-free guidance with --negative-prompt, above 1 (FluxPipeline's true_cfg_scale).",
+)
 @click.option("--num-images", type=int, default=1, show_default=True)
 @click.option(
     "--image",
@@ -141,6 +147,7 @@ def generate(
     width,
     height,
     negative_prompt,
+    true_cfg_scale,
     num_images,
     init_image,
     strength,
@@ -193,6 +200,7 @@ def generate(
     result = pipe(
         prompt,
         negative_prompt=negative_prompt,
+        true_cfg_scale=true_cfg_scale,
         num_inference_steps=steps,
         guidance_scale=guidance,
         height=height,

@@ -4,8 +4,9 @@ on optimum's own classes, and the rest of the export (tracing, checks, bundle) i
 
 Gemma-2: optimum's text-encoder config (input_ids + attention_mask -> last_hidden_state). The transformer: optimum's
 SANA config (hidden_states, encoder_hidden_states, encoder_attention_mask, timestep), with `guidance` added when the
-transformer embeds it (Sprint). DC-AE: the decoder only; its encoder gives a latent, not the distribution the
-runtime's image-to-image reads, and SANA bundles do text-to-image only.
+transformer embeds it (Sprint). DC-AE: the decoder, and for Sprint the encoder too, for image-to-image
+(SanaSprintImg2ImgPipeline; SANA itself has no image-to-image pipeline). The encoder is deterministic, so its graph
+gives the latent itself (`latent`), not a distribution's parameters.
 """
 
 from __future__ import annotations
@@ -81,6 +82,19 @@ def _decoder_config(vae):
     return DCAEDecoderConfig(vae.config, task="semantic-segmentation")
 
 
+def _encoder_config(vae):
+    from optimum.exporters.onnx.model_configs import VaeEncoderOnnxConfig
+
+    factor = dc_ae_scale_factor(vae)
+
+    class DCAEEncoderConfig(VaeEncoderOnnxConfig):
+        @property
+        def outputs(self):  # the latent itself (no latent_dist); optimum's counts down_block_types, which DC-AE lacks
+            return {"latent": {0: "batch_size", 2: f"sample_height / {factor}", 3: f"sample_width / {factor}"}}
+
+    return DCAEEncoderConfig(vae.config, task="semantic-segmentation")
+
+
 def sana_models_for_export(pipe) -> dict:
     """{component: (module, optimum export config)}, as optimum's get_diffusion_models_for_export returns them."""
     from optimum.exporters.onnx.model_configs import Gemma2TextEncoderOnnxConfig
@@ -89,11 +103,16 @@ def sana_models_for_export(pipe) -> dict:
     text_encoder.config.use_cache = False  # hidden states only: no key-value cache among the outputs
     decoder = copy.deepcopy(pipe.vae)
     decoder.forward = lambda latent_sample: decoder.decode(latent_sample)
-    return {
+    models = {
         "text_encoder": (text_encoder, Gemma2TextEncoderOnnxConfig(text_encoder.config, task="feature-extraction")),
         "transformer": (pipe.transformer, transformer_config(pipe.transformer)),
         "vae_decoder": (decoder, _decoder_config(pipe.vae)),
     }
+    if pipe.transformer.config.get("guidance_embeds", False):  # Sprint, as the manifest's guidance_embedding says
+        encoder = copy.deepcopy(pipe.vae)
+        encoder.forward = lambda sample: {"latent": encoder.encode(sample).latent}
+        models["vae_encoder"] = (encoder, _encoder_config(pipe.vae))
+    return models
 
 
 def models_for_export(pipe) -> dict:

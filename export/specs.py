@@ -200,7 +200,10 @@ def _vae_encoder_inputs(ctx: ExportContext, rng):
 
 
 def _vae_encoder_call(pipe, x):
-    return [pipe.vae.encode(x["sample"]).latent_dist.parameters]  # mean and log-variance, as optimum exports them
+    encoded = pipe.vae.encode(x["sample"])
+    if not hasattr(encoded, "latent_dist"):  # SANA's DC-AE: deterministic, the latent itself (export/sana.py)
+        return [encoded.latent]
+    return [encoded.latent_dist.parameters]  # mean and log-variance, as optimum exports them
 
 
 def _text_call(pipe, x):

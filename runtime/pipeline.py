@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import threading
 import time
 from contextlib import contextmanager
@@ -300,6 +301,7 @@ class Pipeline:
         prompt_3: str | list[str] | None = None,
         negative_prompt_2: str | list[str] | None = None,
         negative_prompt_3: str | list[str] | None = None,
+        true_cfg_scale: float | None = None,
         control_image=None,
         controlnet_conditioning_scale: float | list | dict = 1.0,
         control_guidance_start: float | list | dict = 0.0,
@@ -315,8 +317,9 @@ class Pipeline:
         "full" or "tiny" (default: the pipeline's). decode_tile: decode in tiles of this many latent cells
         (default: the pipeline's options).
         image, strength: image-to-image (diffusers' img2img): start from `image` noised to `strength`
-        (0: unchanged, 1: pure noise; default 0.8), running the last strength * steps steps (SD3 and FLUX bundles:
-        as StableDiffusion3Img2ImgPipeline and FluxImg2ImgPipeline, which round that count up, not down).
+        (0: unchanged, 1: pure noise; default 0.8), running the last strength * steps steps (SD3, FLUX and SANA-Sprint
+        bundles: as StableDiffusion3Img2ImgPipeline, FluxImg2ImgPipeline and SanaSprintImg2ImgPipeline, which round
+        that count up, not down).
         mask_image: inpainting (white is repainted; default strength 1.0): inpainting UNets (9 input
         channels) see the mask and the masked image; others get the known region blended back in latent
         space after each step (diffusers' StableDiffusionInpaintPipeline); UNet bundles only. keep_unmasked: paste the
@@ -329,6 +332,9 @@ class Pipeline:
         prompt_2, prompt_3, negative_prompt_2, negative_prompt_3: as diffusers, what the second and third text
         encoders read instead of the prompt (SDXL's second CLIP; SD3's CLIP-G and T5; FLUX's T5), each falling
         back to prompt / negative_prompt; a bundle without that encoder refuses them.
+        true_cfg_scale: FLUX bundles, as FluxPipeline: above 1 with a negative_prompt, the transformer also runs on the
+        negative prompt and the prediction is neg + true_cfg_scale * (pos - neg), dev's embedded guidance kept (default
+        1: off; without negative_prompt it does nothing, as there); other bundles refuse it.
         latents: the starting noise, (B, C, h, w); FLUX bundles take FluxPipeline's packed form, (B, h/2 * w/2,
         C * 4). output_type="latent" and step callbacks give (B, C, h, w) for every family (what decode() takes).
         guidance_scale: for FLUX.1-dev the embedded guidance (as FluxPipeline); FLUX.1-schnell ignores it; for
@@ -376,6 +382,7 @@ class Pipeline:
                 "negative_prompt_2": negative_prompt_2,
                 "negative_prompt_3": negative_prompt_3,
             },
+            true_cfg_scale=true_cfg_scale,
             control=(control_image, controlnet_conditioning_scale, control_guidance_start, control_guidance_end),
             ip_adapter=(ip_adapter_image, ip_adapter_scale),
         )
@@ -409,6 +416,19 @@ class Pipeline:
             return
         raise InputError("family_task", task=task, family=self.manifest.family, tasks=does)
 
+    def _true_cfg(self, scale, negative_given: bool) -> float | None:
+        """FluxPipeline's true_cfg_scale, checked: the scale to run true CFG at, or None where it does not run
+        (as there: a scale of 1, or no negative_prompt)."""
+        if scale is None:
+            return None
+        if not self.denoiser.true_cfg:
+            raise InputError("true_cfg_family", family=self.manifest.family)
+        # below 1 FluxPipeline silently ignores it, and at inf its images turn NaN: refuse both
+        number = isinstance(scale, (int, float, np.integer, np.floating)) and not isinstance(scale, bool)
+        if not number or not math.isfinite(scale) or scale < 1:
+            raise InputError("true_cfg_scale", value=scale)
+        return float(scale) if scale > 1 and negative_given else None
+
     def _generate(self, call: "_Call") -> PipelineOutput:
         m = self.manifest
         image, height, width, cancel = call.image, call.height, call.width, call.cancel
@@ -438,7 +458,10 @@ class Pipeline:
         if call.decode_tile is not None and call.decode_tile < decoding.MIN_TILE:
             raise InputError("tile_size", minimum=decoding.MIN_TILE, value=call.decode_tile)
         batch = len(prompts) * call.images_per_prompt
-        do_cfg = guidance > 1.0 and not denoiser.guidance_embedded
+        # FLUX's true CFG rides on the same negative-first batch as CFG, at its own scale
+        true_cfg = self._true_cfg(call.true_cfg_scale, call.negative_prompt is not None)
+        do_cfg = true_cfg is not None or (guidance > 1.0 and not denoiser.guidance_embedded)
+        cfg_scale = guidance if true_cfg is None else true_cfg
 
         # 2. Encode the prompts into the denoiser's fixed inputs (SDXL: pooled text and size conditions too; LCM:
         #    the guidance embedding; SD3: joint CLIP + T5 text and pooled text); with classifier-free guidance,
@@ -537,7 +560,7 @@ class Pipeline:
             noise_pred = denoiser.prediction(noise_pred)  # PixArt: without its learned-variance channels
             if do_cfg:
                 uncond_pred, cond_pred = np.split(noise_pred, 2)
-                noise_pred = uncond_pred + np.float32(guidance) * (cond_pred - uncond_pred)
+                noise_pred = uncond_pred + np.float32(cfg_scale) * (cond_pred - uncond_pred)
             # SCM: the transformer's flow velocity becomes TrigFlow's (SanaSprintPipeline); others: as it is
             noise_pred = sampler.model_prediction(noise_pred, sampler_in, t)
             out = sampler.step(noise_pred, t, latents, noise=step_noise)
@@ -620,10 +643,13 @@ class Pipeline:
             raise InputError("encoder_missing", path=self.bundle.path)
         with _cancellable(cancel, 0, 0) as options:
             params = self.sessions.get("vae_encoder").run(options, sample=model_input.astype(np.float32))[0]
-        mean, logvar = np.split(params, 2, axis=1)
-        std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))  # diffusers' DiagonalGaussianDistribution
-        mean, std = np.repeat(mean, batch, axis=0), np.repeat(std, batch, axis=0)
-        sample = mean + std * noise.standard_normal(mean.shape)
+        if params.shape[1] == self.manifest.latent_channels:  # a deterministic encoder (SANA's DC-AE): no sample
+            sample = np.repeat(params, batch, axis=0)
+        else:
+            mean, logvar = np.split(params, 2, axis=1)
+            std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))  # diffusers' DiagonalGaussianDistribution
+            mean, std = np.repeat(mean, batch, axis=0), np.repeat(std, batch, axis=0)
+            sample = mean + std * noise.standard_normal(mean.shape)
         shift = np.float32(self.manifest.vae_shift_factor)
         return ((sample - shift) * np.float32(self.manifest.vae_scaling_factor)).astype(np.float32)
 
@@ -710,6 +736,7 @@ class _Call:
     keep_unmasked: bool
     max_sequence_length: int | None = None
     encoder_prompts: dict = field(default_factory=dict)  # prompt_2, prompt_3 and their negatives, as given
+    true_cfg_scale: float | None = None  # FLUX's second batch on the negative prompt (None: not given)
     control: tuple = (None, 1.0, 0.0, 1.0)  # control_image and its scale, guidance start and end
     ip_adapter: tuple = (None, 1.0)  # ip_adapter_image and ip_adapter_scale
 

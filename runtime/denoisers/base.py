@@ -56,6 +56,7 @@ class Denoiser(Protocol):
     in_channels: int  # the graph's latent input channels (9 for inpainting UNets)
     guidance_embedded: bool  # LCM: guidance enters as an embedding, never as a second (unconditional) batch
     image_tasks: tuple[str, ...]  # of IMAGE_TASKS, what `image=` may do ("img2img", "inpaint"); () for none
+    true_cfg: bool  # FLUX: a negative-prompt batch on top of embedded guidance (FluxPipeline's true_cfg_scale)
 
     def condition(
         self,
@@ -128,6 +129,8 @@ def per_row(model_in: np.ndarray, value) -> np.ndarray:
 class DenoiserBase:
     """Defaults for denoisers whose sampling loop runs on the (B, C, h, w) latent grid with the sampler's own
     timesteps (the UNets, SD3)."""
+
+    true_cfg = False
 
     def prediction(self, output: np.ndarray) -> np.ndarray:
         return output

@@ -6,7 +6,9 @@ tokens (FluxPipeline.encode_prompt). Latents: the sampling loop runs on FluxPipe
 a 2x2 patch of latent cells (_pack_latents), unpacked for the VAE; rotary position ids are (0, row, col) per image
 token and zeros per text token. Timesteps: FluxPipeline's sigmas, linspace(1, 1/steps, steps), shifted as the
 scheduler config says (dev: by mu from the image's token count), fed as t / 1000 once per batch row. Guidance:
-dev's transformer embeds guidance_scale; schnell has no guidance. Neither runs an unconditional batch.
+dev's transformer embeds guidance_scale; schnell has no guidance. Neither runs an unconditional batch unless asked
+for FluxPipeline's true CFG (true_cfg_scale > 1 with a negative prompt): then the negative prompt's conditioning
+goes first in the batch, as CFG's does, and the embedded guidance stays.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import inspect
 import numpy as np
 
 from ..conditioning import LengthTokenizers, prompts_for, run_timed, sequence_length, text_encoders
-from ..errors import InputError
 from ..tokenizer import PromptTokenizer
 from .base import flow_start_index, per_row
 
@@ -77,15 +78,15 @@ class FluxConditioner:
 
 class FluxDenoiser:
     component = "transformer"
-    # no unconditional batch: dev's guidance is an input of the transformer, schnell has none
+    # no unconditional batch for guidance_scale: dev's guidance is an input of the transformer, schnell has none
     guidance_embedded = True
+    true_cfg = True  # FluxPipeline's true_cfg_scale: a negative-prompt batch besides the embedded guidance
     # FluxImg2ImgPipeline; inpainting (FluxInpaintPipeline) is not wired yet
     image_tasks = ("img2img",)
 
     def __init__(self, bundle, sessions):
         m = bundle.manifest
         self.text = FluxConditioner(bundle, sessions)
-        self.family = m.family
         self.packing = int(m.latent_packing)
         self.vae_scale = int(m.vae_scale_factor)
         self.embeds_guidance = bool(m.conditioning.get("guidance_embedding"))
@@ -99,15 +100,17 @@ class FluxDenoiser:
     def condition(
         self, prompts, negatives, do_cfg, repeat, height, width, guidance, timings, max_sequence_length=None
     ) -> dict[str, np.ndarray]:
-        if negatives is not None:  # FluxPipeline's true_cfg_scale (a second transformer call) is not wired
-            raise InputError("negative_prompt_family", family=self.family)
+        # negatives without true CFG are ignored, as FluxPipeline ignores them at true_cfg_scale 1
         length = sequence_length(max_sequence_length, self.text.max_sequence_length)
         fixed = self.text(prompts, repeat, length, timings)
+        if do_cfg:  # true CFG: the negative prompt's half first, as CFG's unconditional half
+            negative = self.text(negatives, repeat, length, timings)
+            fixed = {name: np.concatenate([negative[name], fixed[name]]) for name in fixed}
         rows, cols = self._tokens(height, width)
         fixed["img_ids"] = image_ids(rows, cols)
         fixed["txt_ids"] = np.zeros((length, 3), dtype=np.float32)
         if self.embeds_guidance:  # the scale itself: the transformer multiplies it by 1000
-            fixed["guidance"] = np.full((len(prompts) * repeat,), guidance, dtype=np.float32)
+            fixed["guidance"] = np.full((len(fixed["pooled_projections"]),), guidance, dtype=np.float32)
         return fixed
 
     def feeds(self, model_in, timestep, fixed) -> dict[str, np.ndarray]:

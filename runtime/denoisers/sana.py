@@ -7,7 +7,9 @@ attention mask, and the first token and the last max_sequence_length - 1 are kep
 mask goes to the transformer as encoder_attention_mask). Negative prompts (SANA's CFG) take no prefix and
 max_sequence_length tokens. Timestep: SANA's is the sampler's times timestep_scale, once per batch row; Sprint's is
 SCM's flow time (the sampler's model_timestep, unscaled, as SanaSprintPipeline), with guidance_scale x
-guidance_embeds_scale as the transformer's guidance input and no unconditional batch.
+guidance_embeds_scale as the transformer's guidance input and no unconditional batch. Image-to-image: Sprint's, as
+SanaSprintImg2ImgPipeline (DC-AE's latent noised to the first angle by the SCM sampler, steps cut as SD3's); SANA
+itself has no image-to-image pipeline in diffusers.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 from ..conditioning import LengthTokenizers, run_timed, sequence_length, text_encoders
 from ..errors import InputError
 from ..tokenizer import PromptTokenizer
-from .base import DenoiserBase, per_row
+from .base import DenoiserBase, flow_start_index, per_row
 
 
 def preprocess(prompt: str) -> str:
@@ -73,7 +75,6 @@ class SanaConditioner:
 
 class SanaDenoiser(DenoiserBase):
     component = "transformer"
-    image_tasks = ()  # image-to-image (SanaSprintImg2ImgPipeline) is not wired for SANA bundles yet
 
     def __init__(self, bundle, sessions):
         m = bundle.manifest
@@ -84,6 +85,8 @@ class SanaDenoiser(DenoiserBase):
         self.in_channels = next(t.shape[1] for t in spec.inputs if t.name == "hidden_states")
         # Sprint: guidance is the transformer's input, never an unconditional batch
         self.guidance_embedded = bool(c.get("guidance_embedding"))
+        # Sprint: SanaSprintImg2ImgPipeline (needs the DC-AE encoder: older bundles lack it and say so)
+        self.image_tasks = ("img2img",) if self.guidance_embedded else ()
         self.guidance_scale = np.float32(c.get("guidance_embeds_scale", 0.1))
         # SanaSprintPipeline feeds SCM's flow time as it is; SanaPipeline scales its timesteps
         self.timestep_scale = np.float32(1.0 if self.guidance_embedded else c.get("timestep_scale", 1.0))
@@ -105,3 +108,7 @@ class SanaDenoiser(DenoiserBase):
             "timestep": per_row(model_in, np.float32(timestep) * self.timestep_scale),
             **fixed,
         }
+
+    def start_index(self, steps: int, strength: float) -> int:
+        # Sprint's (SANA and PixArt take no image): SanaSprintImg2ImgPipeline.get_timesteps is SD3's
+        return flow_start_index(steps, strength)

@@ -1,6 +1,7 @@
 """FLUX.1 family (schnell, dev): MMDiT transformer over packed 16-channel latents, CLIP-L pooled + T5 text, position
 ids, dev's embedded guidance, 16-channel VAE with a shift, flow-matching Euler on FluxPipeline's sigmas (dynamic
-shift for dev); against diffusers' FluxPipeline on tiny random models from the same packed latents."""
+shift for dev), true CFG with a negative prompt; against diffusers' FluxPipeline on tiny random models from the same
+packed latents."""
 
 import json
 
@@ -65,6 +66,76 @@ def test_flux_matches_diffusers(models_root, variant, steps, guidance, size, per
     assert ours.shape == theirs.shape == (batch, height, width, 3)
     assert np.abs(ours - theirs).max() <= PIXEL_ATOL
     assert np.abs(ours - ours[::-1]).max() > PIXEL_ATOL  # different prompts and latents: different images
+
+
+NEGATIVES = ["blurry", "a yellow square"]
+TRUE_CFG_CASES = [
+    # variant, steps, guidance, true_cfg_scale, images per prompt, negative_prompt_2
+    ("dev", 2, 3.5, 2.0, 1, None),  # true CFG on top of dev's embedded guidance
+    ("schnell", 2, 0.0, 3.0, 2, ["low quality", "noise"]),  # a batch per prompt; T5's own negatives
+]
+
+
+@pytest.mark.parametrize(
+    "variant,steps,guidance,true_cfg_scale,per_prompt,negative_2",
+    TRUE_CFG_CASES,
+    ids=[f"{c[0]}-{c[1]}-g{c[2]:g}-true{c[3]:g}-x{c[4]}" for c in TRUE_CFG_CASES],
+)
+def test_true_cfg_matches_diffusers(models_root, variant, steps, guidance, true_cfg_scale, per_prompt, negative_2):
+    pipe = _pipeline(models_root, variant)
+    batch = len(PROMPTS) * per_prompt
+    latents = np.random.default_rng(5).standard_normal((batch, 16, 64)).astype(np.float32)  # 64x64 pixels
+    call = dict(
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        height=64,
+        width=64,
+        num_images_per_prompt=per_prompt,
+        max_sequence_length=32,
+    )
+    negative = dict(negative_prompt=NEGATIVES, negative_prompt_2=negative_2, true_cfg_scale=true_cfg_scale)
+    ours = pipe(PROMPTS, latents=latents, output_type="np", **call, **negative).images
+    source = tiny_source(VARIANTS[variant], models_root)
+    theirs = _reference(source, latents, prompt=PROMPTS, **call, **negative)
+    assert ours.shape == theirs.shape == (batch, 64, 64, 3)
+    assert np.abs(ours - theirs).max() <= PIXEL_ATOL
+    plain = pipe(PROMPTS, latents=latents, output_type="np", **call).images
+    assert np.abs(ours - plain).max() > PIXEL_ATOL  # the negative batch changed the images
+
+
+def test_true_cfg_runs_only_as_in_flux_pipeline(models_root):
+    """As FluxPipeline: no negative_prompt (negative_prompt_2 alone included), or a scale of 1, leaves the images
+    as they are without true CFG."""
+    pipe = _pipeline(models_root, "dev")
+    latents = np.random.default_rng(0).standard_normal((1, 16, 64)).astype(np.float32)
+    call = dict(latents=latents, num_inference_steps=1, height=64, width=64, output_type="np", max_sequence_length=32)
+    plain = pipe("a red circle", **call).images
+    for options in (
+        dict(true_cfg_scale=4.0),
+        dict(true_cfg_scale=4.0, negative_prompt_2="blurry"),
+        dict(true_cfg_scale=1.0, negative_prompt="blurry"),
+        dict(negative_prompt="blurry"),
+    ):
+        assert np.array_equal(pipe("a red circle", **call, **options).images, plain), options
+
+
+def test_true_cfg_refusals(models_root, tmp_path):
+    from click.testing import CliRunner
+
+    from edgediff.cli.main import cli
+
+    pipe = _pipeline(models_root, "schnell")
+    for value in (0.5, 0.0, -2.0, float("inf"), float("nan"), "2", True):
+        with pytest.raises(InputError, match=r"true_cfg_scale must be a finite number >= 1 .*got"):
+            pipe("a red circle", negative_prompt="blurry", true_cfg_scale=value, num_inference_steps=1)
+    bundle = str(tiny_bundle(VARIANTS["schnell"], models_root))
+    args = ["generate", "x", "--model", bundle, "--negative-prompt", "blurry", "--true-cfg-scale", "0.5"]
+    result = CliRunner().invoke(cli, [*args, "-o", str(tmp_path / "x.png")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert (
+        "error: true_cfg_scale must be a finite number >= 1 (1: off; above 1 it runs with a negative_prompt), got 0.5"
+        in (result.output)
+    )
 
 
 def test_guidance_is_embedded_for_dev_and_ignored_by_schnell(models_root):
@@ -176,8 +247,6 @@ def test_flux_refusals(models_root, tmp_path):
         pipe("a red circle", width=56, num_inference_steps=1)
     with pytest.raises(InputError, match=r"height must be a multiple of 16 .*got 8; nearest valid: 16$"):
         pipe("a red circle", height=8, num_inference_steps=1)
-    with pytest.raises(InputError, match="negative_prompt is not available for flux-schnell bundles"):
-        pipe("a red circle", negative_prompt="blurry", num_inference_steps=1)
     with pytest.raises(InputError, match="max_sequence_length must be between 1 and 512"):
         pipe("a red circle", max_sequence_length=600, num_inference_steps=1)
     with pytest.raises(InputError, match=r"latents must have shape \(1, 16, 64\), got \(1, 16, 8, 8\)"):

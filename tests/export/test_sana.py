@@ -1,7 +1,7 @@
 """SANA and SANA-Sprint: the linear-attention DiT over 32x DC-AE latents, Gemma-2 text with the complex-human-
 instruction prefix and its attention mask, SANA's flow DPM-Solver++ with CFG and Sprint's SCM with embedded guidance;
 against diffusers' SanaPipeline / SanaSprintPipeline on tiny random models from the same latents (and, for SCM's
-re-noising, the same step noise)."""
+re-noising, the same step noise); Sprint's image-to-image against SanaSprintImg2ImgPipeline through the DC-AE encoder."""
 
 import json
 
@@ -12,10 +12,11 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from conftest import ReplayNoise, patch_diffusers_noise  # noqa: E402
-from references import PIXEL_ATOL, PROMPTS  # noqa: E402
+from references import PIXEL_ATOL, PROMPTS, gradient_image  # noqa: E402
 from tiny_models import tiny_bundle, tiny_source  # noqa: E402
 
 from edgediff.runtime import Bundle, InputError, Pipeline  # noqa: E402
+from edgediff.runtime.denoisers.base import flow_start_index  # noqa: E402
 
 VARIANTS = {"sana": "tiny-sana", "sprint": "tiny-sana-sprint"}
 LATENT_CHANNELS, DC_AE_FACTOR = 8, 32  # the tiny models' (models/random_init.py)
@@ -108,6 +109,60 @@ def test_sana_sprint_matches_diffusers(models_root, monkeypatch, steps, guidance
     assert np.abs(ours - ours[::-1]).max() > PIXEL_ATOL
 
 
+IMG2IMG_CASES = [
+    # steps, strength, (height, width), images per prompt
+    (2, 0.5, (64, 64), 1),  # one step, from the intermediate angle 1.3
+    (4, 0.6, (96, 128), 2),  # 3 of 4 steps, non-square, a batch per prompt from one image
+]
+
+
+@pytest.mark.parametrize(
+    "steps,strength,size,per_prompt",
+    IMG2IMG_CASES,
+    ids=[f"{c[0]}-s{c[1]:g}-{c[2][0]}x{c[2][1]}-x{c[3]}" for c in IMG2IMG_CASES],
+)
+def test_sana_sprint_img2img_matches_diffusers(models_root, monkeypatch, steps, strength, size, per_prompt):
+    import diffusers.pipelines.sana.pipeline_sana_sprint_img2img as img2img_module
+
+    pipe = _pipeline(models_root, "sprint")
+    height, width = size
+    batch = len(PROMPTS) * per_prompt
+    # 8-bit pixels, so that both sides see the same values (our runtime reads images as 8-bit)
+    image = (gradient_image(max(size))[:height, :width] * 255).round().astype(np.uint8)
+    shape = (batch, LATENT_CHANNELS, height // DC_AE_FACTOR, width // DC_AE_FACTOR)
+    rng = np.random.default_rng(steps)
+    runs = steps - flow_start_index(steps, strength)
+    # the start noise, then SCM's re-noising at every step run (DC-AE's encoder draws no sample)
+    noises = [rng.standard_normal(shape).astype(np.float32) for _ in range(1 + runs)]
+    call = dict(
+        strength=strength,
+        num_inference_steps=steps,
+        guidance_scale=4.5,
+        height=height,
+        width=width,
+        num_images_per_prompt=per_prompt,
+        max_sequence_length=pipe.manifest.conditioning["max_sequence_length"],
+    )
+    seen = []
+    ours = pipe(
+        PROMPTS, image=image, generator=ReplayNoise(noises), callback=seen.append, output_type="np", **call
+    ).images
+
+    reference = diffusers.SanaSprintImg2ImgPipeline.from_pretrained(str(tiny_source(VARIANTS["sprint"], models_root)))
+    reference.set_progress_bar_config(disable=True)
+    patch_diffusers_noise(monkeypatch, img2img_module, noises, diffusers.schedulers.scheduling_scm)
+    image_t = torch.from_numpy(image.transpose(2, 0, 1)[None].astype(np.float32) / 255)  # [0, 1], at size
+    intermediate = {} if steps == 2 else {"intermediate_timesteps": None}
+    theirs = reference(
+        PROMPTS, image=image_t, output_type="np", use_resolution_binning=False, **call, **intermediate
+    ).images
+    assert len(seen) == runs
+    assert ours.shape == theirs.shape == (batch, height, width, 3)
+    assert np.abs(ours - theirs).max() <= PIXEL_ATOL
+    plain = pipe(PROMPTS, seed=0, output_type="np", **call | {"strength": None}).images
+    assert np.abs(ours - plain).max() > PIXEL_ATOL  # the image really steered the result
+
+
 def test_sana_sprint_guidance_is_embedded(models_root):
     pipe = _pipeline(models_root, "sprint")
     latents = _latents(1, 64, 64, 0)
@@ -152,9 +207,14 @@ def test_sana_manifests_record_what_the_runtime_needs(models_root):
         inputs = {t.name: t for t in m.components["transformer"].inputs}
         assert inputs["encoder_attention_mask"].dtype == "int64" and inputs["encoder_hidden_states"].shape[2] == 24
         assert ("guidance" in inputs) is (variant == "sprint")
-        assert set(m.components) == {"text_encoder", "transformer", "vae_decoder"}  # no DC-AE encoder: text-to-image
+        # DC-AE's encoder for Sprint's image-to-image (SANA has none in diffusers)
+        parts = {"text_encoder", "transformer", "vae_decoder", *(["vae_encoder"] if variant == "sprint" else [])}
+        assert set(m.components) == parts
+        if variant == "sprint":  # deterministic: its graph gives the latent itself, not mean and log-variance
+            (latent,) = m.components["vae_encoder"].outputs
+            assert (latent.name, latent.shape[1]) == ("latent", LATENT_CHANNELS)
         checks = json.loads((b.path / "manifest.json").read_text())["provenance"]["export_check"]["max_rel_diff"]
-        assert set(checks) == {"text_encoder", "transformer", "vae_decoder"}
+        assert set(checks) == parts
 
 
 def test_sana_families_are_detected_from_configs(models_root):
@@ -194,6 +254,13 @@ def test_sana_refusals(models_root, tmp_path):
     sprint = _pipeline(models_root, "sprint")
     with pytest.raises(InputError, match="negative_prompt is not available for sana-sprint bundles"):
         sprint("a red circle", negative_prompt="blurry", num_inference_steps=1)
+    with pytest.raises(InputError, match="true_cfg_scale is not available for sana-sprint bundles: it is FluxPipeline"):
+        sprint("a red circle", true_cfg_scale=2.0, num_inference_steps=1)
+    for strength in (0.0, 1.5):
+        with pytest.raises(InputError, match="strength must be in"):
+            sprint("a red circle", image=np.zeros((64, 64, 3), np.uint8), strength=strength, num_inference_steps=2)
+    with pytest.raises(InputError, match=r"mask_image= .* is not available for sana-sprint bundles yet: they do "):
+        sprint("a red circle", image=np.zeros((64, 64, 3), np.uint8), mask_image=np.ones((64, 64), np.uint8))
 
     from edgediff.export import ExportOptions, export
     from edgediff.runtime.errors import ExportOptionsError
