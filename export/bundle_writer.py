@@ -24,10 +24,10 @@ from .controlnet import (
     controlnet_attributes,
     controlnet_component,
     controlnet_for_export,
+    denoiser_for_export,
     load_controlnets,
     manifest_entries,
     residual_attributes,
-    unet_for_export,
     with_residuals,
 )
 from .lora import fuse_loras
@@ -41,7 +41,7 @@ from .precision import to_fp16
 from .quantize import release_memory
 from .sana import models_for_export
 from .segments import segment_graph
-from .source import prepare_source
+from .source import as_fp32, prepare_source
 from .specs import (
     COMPONENTS,
     TINY_DECODER,
@@ -193,14 +193,22 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
     optimize_for, precision, attention = options.optimize, options.precision, options.attention
     check_providers = _check_providers(optimize_for)  # before any work: a GPU-optimized export needs CUDA here
     # before anything is loaded: a model this machine cannot hold is refused, not killed half way
-    check_source(source, t5=options.t5, quantised=precision in QUANTIZED)
+    # LoRAs fuse into fp32 weights: a model they change loads in fp32, not in its stored half precision
+    stored = not options.loras
+    check_source(
+        source,
+        t5=options.t5,
+        quantised=precision in QUANTIZED,
+        keep_stored=stored,
+        controlnets=[c[0] for c in options.controlnets],
+    )
     out = Path(out)
     quiet_tracing()
     with staged(out, options.overwrite) as staging:
         stages = Stages(progress)
         with stages.stage("loading the source"):  # unweighted: the sizes that weigh stages are known after it
             pipe, fam, ctx = prepare_source(
-                source, options.height, options.width, options.family, options.vae, t5=options.t5
+                source, options.height, options.width, options.family, options.vae, t5=options.t5, stored_dtype=stored
             )
             unet = getattr(pipe, "unet", None)
             if unet is None and attention == "sliced":  # slicing is written for the UNet's attention (SD3: MMDiT)
@@ -219,8 +227,8 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
         trace_ctx = trace_context(check_context(ctx, True))
         if ip_adapter is not None:  # the UNet's inputs besides optimum's (and any ControlNet residuals)
             optimum_models["unet"] = ipa.unet_for_export(pipe.unet, ctx, trace_ctx)
-        elif controlnets:
-            optimum_models["unet"] = unet_for_export(pipe.unet, ctx, trace_ctx)
+        elif controlnets:  # the UNet or SD3 transformer taking their residuals
+            optimum_models.update(denoiser_for_export(pipe, optimum_models, ctx, trace_ctx))
         components, checks, check_sizes = {}, {}, {}
         raw_dir = staging / "_raw"
         transformer = getattr(pipe, "transformer", None)
@@ -231,7 +239,10 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
                 **(ipa.unet_attributes(ip_adapter) if ip_adapter is not None else {}),
             },
             # SD3: latent cells per token along each side; image sides are multiples of it x the VAE's factor
-            "transformer": {"patch_size": None if transformer is None else int(transformer.config.patch_size)},
+            "transformer": {
+                "patch_size": None if transformer is None else int(transformer.config.patch_size),
+                **(residual_attributes(ctx) if controlnets else {}),
+            },
         }
         work = [
             (c, optimum_models.pop(c.name), pipe, component_attributes.get(c.name, {}))
@@ -265,6 +276,8 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
             reduced = spatial and not (precision == "fp16" and component.fp16_may_overflow)
             check_ctx = check_context(ctx, reduced)
             with stages.stage(f"{component.name}: export"):
+                as_fp32(module)  # loaded in its stored precision (load_pipeline): widened for its own export only
+                as_fp32(getattr(modules, component.module) if component.module else modules)
                 reference = _torch_reference(component, modules, check_ctx)
                 if spatial:
                     trace_ctx = trace_context(check_context(ctx, True))

@@ -1,9 +1,10 @@
 """Whether an export fits this machine's memory, estimated from the source's files before anything is loaded.
 
-An export loads the whole pipeline in fp32, then exports its components one at a time, smallest first, each
-freed once its graph is written; quantised precisions then run the fp32 bundle once to record calibration
-inputs. The estimate follows those stages, from each component's weights (counted from the safetensors
-headers, in fp32 as loaded), with factors measured on the full-size SD-Turbo architecture (docs/benchmarks.md,
+An export loads the whole pipeline, each component in the half precision its weights are stored in (fp32 when they
+are stored so, mixed, or not in safetensors), then exports its components one at a time, smallest first, each
+widened to fp32 for its own export and freed once its graph is written; quantised precisions then run the fp32
+bundle once to record calibration inputs. The estimate follows those stages, from each component's weights
+(counted from the safetensors headers), with factors measured on the full-size SD-Turbo architecture (docs/benchmarks.md,
 "Export cost"): the fp32 export peaked at 7.72 GB against 7.77 estimated, int8-static at 8.31 GB against 8.76.
 A model that cannot fit is refused before any of it is loaded, naming the stage, the estimate and what to
 do, instead of being killed half way (the bundle is atomic either way: nothing is left at the output).
@@ -29,46 +30,91 @@ EXPORT_COPIES = 1.1
 RECORDING_COPIES = 1.6
 IGNORE_ENV = "EDGEDIFF_IGNORE_MEMORY_ESTIMATE"  # "1": export even when the estimate exceeds free memory
 
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 _ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 
 
 def safetensors_elements(path: Path) -> tuple[int, int]:
     """(floating-point elements, other bytes) of a safetensors file, from its header alone."""
+    floats, other, _ = _header_counts(path)
+    return floats, other
+
+
+def _header_counts(path: Path) -> tuple[int, int, dict[str, int]]:
+    """(floating-point elements, other bytes, floating-point elements per stored dtype) from a safetensors header."""
     with open(path, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(length))
     floats = other = 0
+    by_dtype: dict[str, int] = {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
         count = 1
         for d in entry["shape"]:
             count *= d
-        if entry["dtype"] in ("F64", "F32", "F16", "BF16"):
+        if entry["dtype"] in FLOAT_DTYPES:
             floats += count
+            by_dtype[entry["dtype"]] = by_dtype.get(entry["dtype"], 0) + count
         else:
             other += count * _ITEM_BYTES.get(entry["dtype"], 8)
-    return floats, other
+    return floats, other, by_dtype
 
 
-def component_bytes(folder: Path) -> int:
-    """A component folder's weights as loaded for export, in fp32. Safetensors files are counted from their
-    headers (stored fp16 / bf16 weights count double); other weight files by their size on disk. Variants
-    beside the plain weights (`.fp16.`, `.non_ema.`) are not loaded, so not counted; where a folder has both
-    safetensors and other files, the safetensors count."""
+@dataclass(frozen=True)
+class Weights:
+    """A component's weights: as loaded (`stored`: in their stored dtype where the export keeps it, see
+    stored_dtype) and as exported (`fp32`)."""
+
+    stored: int
+    fp32: int
+
+
+def _weight_files(folder: Path) -> list[Path]:
     files = [f for f in folder.iterdir() if f.is_file() and f.name.endswith(_WEIGHT_SUFFIXES)]
     # diffusers loads the plain weights (shards included), not the variants beside them (.fp16, .non_ema)
     plain = [f for f in files if "." not in f.name.rsplit(".", 1)[0]]
-    files = plain or files
+    return plain or files
+
+
+def stored_dtype(folder: Path) -> str | None:
+    """ "F16" or "BF16" when every floating-point weight of a component folder's safetensors is stored in that one
+    half-precision dtype (the export then loads it so, and widens it to fp32 only for its own export); None
+    otherwise (fp32, mixed, or not safetensors: loaded in fp32)."""
+    if not folder.is_dir():
+        return None
+    files = [f for f in _weight_files(folder) if f.suffix == ".safetensors"]
+    if not files or len(files) != len(_weight_files(folder)):
+        return None
+    dtypes: set[str] = set()
+    for f in files:
+        dtypes.update(_header_counts(f)[2])
+    return dtypes.pop() if len(dtypes) == 1 and dtypes <= {"F16", "BF16"} else None
+
+
+def component_weights(folder: Path, keep_stored: bool = True) -> Weights:
+    """A component folder's weights as loaded for export (in their stored half precision when `keep_stored` and
+    stored_dtype says so, else fp32) and in fp32. Safetensors files are counted from their headers; other
+    weight files by their size on disk. Variants beside the plain weights (`.fp16.`, `.non_ema.`) are not loaded,
+    so not counted; where a folder has both safetensors and other files, the safetensors count."""
+    files = _weight_files(folder)
     safetensors = [f for f in files if f.suffix == ".safetensors"]
-    if safetensors:
-        total = 0
-        for f in safetensors:
-            floats, other = safetensors_elements(f)
-            total += floats * 4 + other
-        return total
-    return sum(f.stat().st_size for f in files)
+    if not safetensors:
+        size = sum(f.stat().st_size for f in files)
+        return Weights(size, size)
+    floats = other = 0
+    for f in safetensors:
+        n, o, _ = _header_counts(f)
+        floats, other = floats + n, other + o
+    half = keep_stored and stored_dtype(folder) is not None
+    return Weights(floats * (2 if half else 4) + other, floats * 4 + other)
+
+
+def component_bytes(folder: Path) -> int:
+    """A component folder's weights in fp32, as the export's graphs hold them (stored fp16 / bf16 weights count
+    double); see component_weights."""
+    return component_weights(folder).fp32
 
 
 @dataclass(frozen=True)
@@ -77,15 +123,17 @@ class Stage:
     bytes: int
 
 
-def export_stages(weights: dict[str, int], quantised: bool) -> list[Stage]:
-    """The export's stages with their estimated peaks, for components of these fp32 weight bytes."""
-    total = sum(weights.values())
-    stages = [Stage("loading the source", BASE_BYTES + total)]
-    held = total
-    for name, size in sorted(weights.items(), key=lambda kv: kv[1]):  # smallest first, each freed after it
-        stages.append(Stage(f"{name}: export", BASE_BYTES + held + int(EXPORT_COPIES * size)))
-        held -= size
+def export_stages(weights: dict[str, int | Weights], quantised: bool) -> list[Stage]:
+    """The export's stages with their estimated peaks, for components of these weights (ints: fp32 bytes, loaded
+    as such). Components are loaded as stored, and each is widened to fp32 for its own export only."""
+    weights = {k: w if isinstance(w, Weights) else Weights(w, w) for k, w in weights.items()}
+    stages = [Stage("loading the source", BASE_BYTES + sum(w.stored for w in weights.values()))]
+    held = sum(w.stored for w in weights.values())
+    for name, w in sorted(weights.items(), key=lambda kv: kv[1].fp32):  # smallest first, each freed after it
+        stages.append(Stage(f"{name}: export", BASE_BYTES + held - w.stored + int((1 + EXPORT_COPIES) * w.fp32)))
+        held -= w.stored
     if quantised:
+        total = sum(w.fp32 for w in weights.values())
         stages.append(Stage("recording calibration inputs", BASE_BYTES + int(RECORDING_COPIES * total)))
     return stages
 
@@ -112,33 +160,44 @@ def available_bytes() -> int | None:
 LOADED = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 
-def check_source(source: str, t5: bool = True, quantised: bool = False) -> list[Stage] | None:
+def check_source(
+    source: str, t5: bool = True, quantised: bool = False, keep_stored: bool = True, controlnets=()
+) -> list[Stage] | None:
     """check_fits for a local diffusers folder (hub ids are not on disk yet: None). SD3 without T5 leaves
-    text_encoder_3 unloaded, as load_pipeline does."""
+    text_encoder_3 unloaded, as load_pipeline does. `keep_stored`: half-precision weights stay so until their
+    own export (load_pipeline's stored_dtype). `controlnets`: their sources; local folders are counted (in fp32,
+    as they are loaded) as components of their own."""
     folder = Path(source)
     index = folder / "model_index.json"
     if not index.is_file():
         return None
     model_index = json.loads(index.read_text(encoding="utf-8"))
-    components = [
-        name
+    components = {
+        name: folder / name
         for name in LOADED
         if isinstance(model_index.get(name), list)
         and model_index[name][-1] is not None
         and not (name == "text_encoder_3" and not t5)
-    ]
+    }
+    for k, cn in enumerate(controlnets):
+        if Path(cn).is_dir():
+            components[f"controlnet {k + 1}"] = Path(cn)
     if "text_encoder_3" in components:
         advice = "export without T5 (--no-t5: most of SD3's weights), or on a machine with more memory"
     else:
         advice = "close other programs, or export on a machine with more memory"
-    return check_fits(folder, components, quantised, advice)
+    return check_fits(components, quantised, advice, keep_stored)
 
 
-def check_fits(folder: Path, components: list[str], quantised: bool, advice: str) -> list[Stage]:
+def check_fits(components: dict[str, Path], quantised: bool, advice: str, keep_stored: bool = True) -> list[Stage]:
     """Raises ExportError("export_memory") when the largest estimated stage exceeds the memory available now;
-    returns the stages. `components`: the folders the export loads. Skipped when IGNORE_ENV is "1" or the
-    available memory is unknown."""
-    weights = {name: component_bytes(folder / name) for name in components if (folder / name).is_dir()}
+    returns the stages. `components`: the folders the export loads, by name. Skipped when IGNORE_ENV is "1" or
+    the available memory is unknown."""
+    weights = {
+        name: component_weights(path, keep_stored=keep_stored and not name.startswith("controlnet"))
+        for name, path in components.items()
+        if path.is_dir()
+    }
     stages = export_stages(weights, quantised)
     free = available_bytes()
     if free is None or os.environ.get(IGNORE_ENV) == "1":

@@ -35,11 +35,34 @@ def transformer_class(model_index: dict) -> str | None:
     return entry[-1] if isinstance(entry, (list, tuple)) and entry[-1] is not None else None
 
 
-def load_pipeline(source: str, t5: bool = True):
+def stored_dtypes(folder: Path) -> dict:
+    """diffusers' per-component torch_dtype for a local folder: components whose weights are all stored in fp16
+    or bf16 stay so (memory_plan.stored_dtype), the rest load in fp32."""
+    import torch
+
+    from .memory_plan import LOADED, stored_dtype
+
+    half = {"F16": torch.float16, "BF16": torch.bfloat16}
+    dtypes = {name: half[d] for name in LOADED if (d := stored_dtype(folder / name)) is not None}
+    return {"default": torch.float32, **dtypes}
+
+
+def as_fp32(module) -> None:
+    """Widens a module loaded in its stored half precision to fp32, in place, just before its export (parameter by
+    parameter, so the half and fp32 copies of the whole module are never held together)."""
+    import torch
+
+    if isinstance(module, torch.nn.Module) and any(p.dtype != torch.float32 for p in module.parameters()):
+        module.float()
+
+
+def load_pipeline(source: str, t5: bool = True, stored_dtype: bool = False):
     """A diffusers StableDiffusionPipeline (StableDiffusionXLPipeline for folders with a second text encoder,
-    StableDiffusion3Pipeline / FluxPipeline for folders whose denoiser is an SD3 / FLUX transformer) in fp32 on
-    the CPU; hub ids need the network (or the HF cache). `t5=False` leaves SD3's T5 encoder unloaded (it is most
-    of SD3's weights); FLUX cannot do without its T5."""
+    StableDiffusion3Pipeline / FluxPipeline for folders whose denoiser is an SD3 / FLUX transformer) on the CPU, in
+    fp32, or with `stored_dtype` (local folders) each component in the half precision its weights are stored in
+    (as_fp32 widens it for its export: a bf16 model's loading peak is half the fp32 one); hub ids need the network
+    (or the HF cache). `t5=False` leaves SD3's T5 encoder unloaded (it is most of SD3's weights); FLUX cannot do
+    without its T5."""
     import torch
     from diffusers import (
         DiffusionPipeline,
@@ -53,30 +76,31 @@ def load_pipeline(source: str, t5: bool = True):
     if not local.exists() and (source.startswith((".", "/", "~")) or source.count("/") != 1):
         raise ExportError("export_source", source=source, detail="no such folder, and not a hub id (owner/name)")
     where = str(local) if local.exists() else source
+    dtype = stored_dtypes(local) if stored_dtype and local.is_dir() else torch.float32
     try:
         model_index = DiffusionPipeline.load_config(where)
         if transformer_class(model_index) == PIXART_TRANSFORMER:
             if not t5:  # T5 is PixArt's one text encoder
                 raise ExportOptionsError("export_family_option", option="--no-t5", family="PixArt")
-            pipe = DiffusionPipeline.from_pretrained(where, torch_dtype=torch.float32)  # PixArtSigmaPipeline
+            pipe = DiffusionPipeline.from_pretrained(where, torch_dtype=dtype)  # PixArtSigmaPipeline
         elif transformer_class(model_index) == SANA_TRANSFORMER:
             if not t5:  # Gemma-2 is SANA's one text encoder
                 raise ExportOptionsError("export_family_option", option="--no-t5", family="SANA")
             # SanaPipeline or SanaSprintPipeline, as the folder's model_index names it
-            pipe = DiffusionPipeline.from_pretrained(where, torch_dtype=torch.float32)
+            pipe = DiffusionPipeline.from_pretrained(where, torch_dtype=dtype)
         elif transformer_class(model_index) == "FluxTransformer2DModel":
             if not t5:  # T5 gives FLUX all of its text tokens: there is nothing to stand in for it
                 raise ExportOptionsError("export_family_option", option="--no-t5", family="FLUX")
-            pipe = FluxPipeline.from_pretrained(where, torch_dtype=torch.float32)
+            pipe = FluxPipeline.from_pretrained(where, torch_dtype=dtype)
         elif transformer_class(model_index) == "SD3Transformer2DModel":
             without_t5 = {} if t5 else {"text_encoder_3": None, "tokenizer_3": None}
-            pipe = StableDiffusion3Pipeline.from_pretrained(where, torch_dtype=torch.float32, **without_t5)
+            pipe = StableDiffusion3Pipeline.from_pretrained(where, torch_dtype=dtype, **without_t5)
         elif has_second_text_encoder(model_index):
             # no invisible watermark: it would change the pixels the export check compares
-            pipe = StableDiffusionXLPipeline.from_pretrained(where, torch_dtype=torch.float32, add_watermarker=False)
+            pipe = StableDiffusionXLPipeline.from_pretrained(where, torch_dtype=dtype, add_watermarker=False)
         else:
             pipe = StableDiffusionPipeline.from_pretrained(
-                where, torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False
+                where, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
             )
     except ExportOptionsError:
         raise
@@ -155,11 +179,18 @@ def load_vae(source: str, latent_channels: int):
 
 
 def prepare_source(
-    source: str, height: int | None, width: int | None, family: str | None, vae: str | None = None, t5: bool = True
+    source: str,
+    height: int | None,
+    width: int | None,
+    family: str | None,
+    vae: str | None = None,
+    t5: bool = True,
+    stored_dtype: bool = False,
 ):
-    """The diffusers pipeline (with `vae` replacing its VAE when given; SD3 without T5 when `t5` is False), its
-    family row and the export context (sizes checked)."""
-    pipe = load_pipeline(source, t5=t5)
+    """The diffusers pipeline (with `vae` replacing its VAE when given; SD3 without T5 when `t5` is False; with
+    `stored_dtype`, components in their stored half precision: load_pipeline), its family row and the export
+    context (sizes checked)."""
+    pipe = load_pipeline(source, t5=t5, stored_dtype=stored_dtype)
     if vae:
         pipe.register_modules(vae=load_vae(vae, int(pipe.vae.config.latent_channels)))
     fam = get_family(family) if family else detect_family(source_facts(pipe, source))

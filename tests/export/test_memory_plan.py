@@ -74,3 +74,57 @@ def test_sd3_advice_names_no_t5_and_no_t5_leaves_it_out(models_root, monkeypatch
     monkeypatch.setattr(memory_plan, "available_bytes", lambda: 1)
     with pytest.raises(ExportError, match="--no-t5"):
         memory_plan.check_source(source)
+
+
+def test_half_precision_weights_load_as_stored_and_are_widened_for_their_own_export(models_root, tmp_path):
+    """A source stored in bf16 loads in bf16 (half the loading peak) and exports the same graphs as the same
+    weights stored in fp32: each component is widened to fp32 just before its export."""
+    import torch
+
+    from edgediff.export import export_bundle, memory_plan
+    from edgediff.export.source import load_pipeline
+    from edgediff.runtime import Pipeline
+
+    fp32 = load_pipeline(str(tiny_source("tiny-sd1", models_root)))
+    half = tmp_path / "bf16"
+    fp32.to(torch.bfloat16).save_pretrained(half)
+    widened = tmp_path / "fp32"
+    fp32.to(torch.float32).save_pretrained(widened)  # the bf16-rounded values, stored in fp32
+
+    assert memory_plan.stored_dtype(half / "unet") == "BF16" and memory_plan.stored_dtype(widened / "unet") is None
+    w = memory_plan.component_weights(half / "unet")
+    assert w.stored * 2 == w.fp32 == memory_plan.component_weights(widened / "unet").fp32
+    loaded = load_pipeline(str(half), stored_dtype=True)
+    assert loaded.unet.dtype == torch.bfloat16 and load_pipeline(str(half)).unet.dtype == torch.float32
+    stages = {s.name: s.bytes for s in memory_plan.check_source(str(half))}
+    assert stages["loading the source"] < {s.name: s.bytes for s in memory_plan.check_source(str(widened))}[
+        "loading the source"
+    ]
+
+    images = []
+    for source in (half, widened):
+        bundle = export_bundle(str(source), tmp_path / f"bundle-{source.name}", progress=False)
+        with Pipeline.from_bundle(bundle, provider="cpu") as pipe:
+            images.append(pipe("a cat", seed=0, num_inference_steps=2, output_type="np").images)
+    np.testing.assert_array_equal(images[0], images[1])
+
+
+def test_stages_hold_other_components_as_stored_and_this_one_in_fp32():
+    from edgediff.export.memory_plan import BASE_BYTES, EXPORT_COPIES, Weights, export_stages
+
+    stages = {s.name: s.bytes for s in export_stages({"unet": Weights(150, 300), "vae": Weights(50, 100)}, False)}
+    assert stages["loading the source"] == BASE_BYTES + 200
+    assert stages["vae: export"] == BASE_BYTES + 150 + int((1 + EXPORT_COPIES) * 100)  # the UNet still in bf16
+    assert stages["unet: export"] == BASE_BYTES + int((1 + EXPORT_COPIES) * 300)
+
+
+def test_controlnets_count_as_components_of_their_own(models_root):
+    from edgediff.export import memory_plan
+
+    source = tiny_source("tiny-sd1", models_root)
+    plain = {s.name: s.bytes for s in memory_plan.check_source(str(source))}
+    # any diffusers model folder stands in for a ControlNet's: its weights are what is counted
+    with_net = {s.name: s.bytes for s in memory_plan.check_source(str(source), controlnets=[str(source / "unet")])}
+    assert "controlnet 1: export" in with_net and "controlnet 1: export" not in plain
+    assert with_net["loading the source"] > plain["loading the source"]
+    assert memory_plan.check_source(str(source), controlnets=["some/hub-id"]) is not None  # not on disk: not counted
