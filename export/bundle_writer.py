@@ -52,7 +52,7 @@ from .specs import (
 )
 from .staging import staged
 from .tiny_decoder import load_tiny_decoder, tiny_attributes, tiny_decoder_for_export
-from .tracing import quiet_tracing, trace_context, trace_on_inputs
+from .tracing import quiet_tracing, released_after_export, trace_context, trace_on_inputs
 
 log = logging.getLogger("edgediff.export")
 
@@ -282,18 +282,24 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
                 if spatial:
                     trace_ctx = trace_context(check_context(ctx, True))
                     trace_on_inputs(export_config, component.random_inputs(trace_ctx, np.random.default_rng(1)))
-                export_models(
-                    {component.name: (module, export_config)},
-                    output_dir=raw_dir / component.name,
-                    output_names=["model.onnx"],
-                    # optimum's fix opens the graph in onnxruntime: run below, once the module is gone, so that
-                    # the weights are never held by PyTorch and onnxruntime at once (the export's peak)
-                    disable_dynamic_axes_fix=True,
-                )
-                _release(module)  # optimum's own module (the VAE parts are copies of the pipeline's VAE)
-                del module
-                if component.module and not any(c.module == component.module for c, *_ in work):
-                    _release(getattr(modules, component.module))
+                last_use = component.module and not any(c.module == component.module for c, *_ in work)
+
+                def release(module=module, modules=modules, last_use=last_use):
+                    _release(module)  # optimum's own module (the VAE parts are copies of the pipeline's VAE)
+                    if last_use:
+                        _release(getattr(modules, component.module))
+                    release_memory()
+
+                with released_after_export(release):
+                    export_models(
+                        {component.name: (module, export_config)},
+                        output_dir=raw_dir / component.name,
+                        output_names=["model.onnx"],
+                        # optimum's fix opens the graph in onnxruntime: run below, once the module is gone, so that
+                        # the weights are never held by PyTorch and onnxruntime at once (the export's peak)
+                        disable_dynamic_axes_fix=True,
+                    )
+                del module, release
                 modules = None
                 release_memory()
                 raw_graph = raw_dir / component.name / "model.onnx"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 
 def quiet_tracing() -> None:
     """Silences the tracer's notes about Python control flow in diffusers' modules: they say nothing to
@@ -48,3 +50,27 @@ def trace_on_inputs(export_config, inputs: dict) -> None:
         return dummies
 
     export_config.generate_dummy_inputs = generate  # an instance attribute over the class's method
+
+
+@contextmanager
+def released_after_export(release):
+    """Runs `release()` (freeing the module's weights) as soon as PyTorch has written a graph inside optimum's
+    export_models, before optimum gathers a large graph's external data into one file: that step loads every
+    weight of the graph, and with the module still alive the stage would hold its weights twice (the fp32
+    export's peak: the UNet's stage of full-size SD-Turbo). Scoped: torch.onnx.export is restored on exit.
+    Hand-written because optimum offers no hook between its two steps."""
+    import torch
+
+    original = torch.onnx.export
+
+    def export_then_release(*args, **kwargs):
+        try:
+            return original(*args, **kwargs)
+        finally:
+            release()
+
+    torch.onnx.export = export_then_release
+    try:
+        yield
+    finally:
+        torch.onnx.export = original

@@ -325,3 +325,30 @@ def test_sliced_attention_is_the_same_arithmetic(models_root, tmp_path):
         "a red circle", latents=latents, output_type="np"
     ).images
     assert np.abs(ours - plain).max() <= 1 / 255
+
+
+def test_the_module_is_released_once_pytorch_has_written_its_graph(monkeypatch):
+    """optimum then loads a large graph's weights to gather them into one file: the module's own must be gone by
+    then (export/tracing.py), whether PyTorch's export succeeded or not, and torch.onnx.export is restored."""
+    import torch
+
+    from edgediff.export.tracing import released_after_export
+
+    calls = []
+
+    def fake_export(*args, **kwargs):
+        calls.append("export")
+
+    def failing_export(*args, **kwargs):
+        raise RuntimeError("trace failed")
+
+    for exporter in (fake_export, failing_export):
+        monkeypatch.setattr(torch.onnx, "export", exporter)
+        calls.clear()
+        try:
+            with released_after_export(lambda: calls.append("release")):
+                torch.onnx.export(None, ())
+        except RuntimeError:
+            assert exporter is failing_export
+        assert calls == (["export", "release"] if exporter is fake_export else ["release"])
+        assert torch.onnx.export is exporter  # restored on leaving the context
