@@ -1,4 +1,4 @@
-"""ControlNets as graphs of their own, and the UNet graph that takes their residuals as inputs.
+"""ControlNets as graphs of their own, and the denoiser graph that takes their residuals as inputs.
 
 `--controlnet SOURCE[:NAME]` loads a diffusers ControlNetModel (folder or hub id). Its graph takes what the UNet
 takes (sample, timestep, text, SDXL's pooled text and size conditions) plus `controlnet_cond`, the control image in
@@ -6,6 +6,13 @@ takes (sample, timestep, text, SDXL's pooled text and size conditions) plus `con
 the runtime multiplies them by `controlnet_conditioning_scale` and sums several ControlNets, as diffusers'
 ControlNetModel and MultiControlNetModel do. The UNet of a bundle with ControlNets takes those residuals as inputs
 (zeros when a call has no control), so one UNet graph serves calls with and without control.
+
+SD3 / SD3.5 (`SD3ControlNetModel`, as StableDiffusion3ControlNetPipeline): the graph takes the transformer's inputs
+plus `controlnet_cond`, the control image's VAE latents (shifted and scaled by the runtime), and gives one block
+sample per ControlNet block, (batch, image tokens, width), unscaled; the transformer takes them as
+`block_controlnet_hidden_states` (zeros without control) and adds each to the blocks diffusers maps it to. ControlNets
+that force zeros for the pooled text (InstantX's) get them inside their graph; SD3.5's, which have no patch embedding
+of their own, get the transformer's, as the pipeline gives them.
 
 Both graphs go through optimum's exporter on wrapper modules whose arguments are flat tensors (optimum names graph
 inputs after the forward signature; diffusers takes the residuals as a tuple).
@@ -23,12 +30,14 @@ import numpy as np
 
 from edgediff.runtime.errors import ExportError, ExportOptionsError
 
-from .specs import VALIDATION_BATCH, ComponentExport, ExportContext, _unet_inputs
+from .specs import VALIDATION_BATCH, ComponentExport, ExportContext, _transformer_inputs, _unet_inputs
 
 COMPONENT_PREFIX = "controlnet_"  # bundle component "controlnet_<name>"
 # graph names of the residuals: the ControlNet's outputs and the UNet's inputs, index by index
 DOWN_OUTPUT, MID_OUTPUT = "down_block_res_sample_{}", "mid_block_res_sample"
 DOWN_INPUT, MID_INPUT = "down_block_additional_residual_{}", "mid_block_additional_residual"
+# SD3: the ControlNet's block samples and the transformer's inputs for them
+BLOCK_OUTPUT, BLOCK_INPUT = "controlnet_block_sample_{}", "block_controlnet_hidden_states_{}"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # a ControlNet's name becomes part of file names
 # conditioning types recognised in a source's name (lllyasviel/sd-controlnet-canny, diffusers/controlnet-depth-sdxl-1.0,
 # thibaud/controlnet-openpose-sdxl-1.0, ...); others are recorded as unknown
@@ -60,6 +69,13 @@ class ControlNetSource:
     levels: tuple[int, ...]  # per residual (the down ones, then the mid one): downsamplings below the latent grid
     channels: tuple[int, ...]
     conditioning_type: str | None
+    # SD3: the control image enters as VAE latents, (sample - this shift) * the VAE's scaling factor; None: as an image
+    latent_shift: float | None = None
+
+    @property
+    def tokens(self) -> bool:
+        """Whether its outputs are a transformer's block samples (SD3), not UNet residuals."""
+        return self.latent_shift is not None
 
     @property
     def component(self) -> str:
@@ -112,15 +128,30 @@ def residual_side(cells: int, level: int) -> int:
 
 
 def load_controlnets(specs, pipe, ctx: ExportContext) -> list[ControlNetSource]:
-    """The ControlNetModels `specs` ((source, name) pairs) name, each checked to fit the pipeline's UNet."""
+    """The ControlNets `specs` ((source, name) pairs) name, each checked to fit the pipeline's UNet or SD3
+    transformer."""
     if not specs:
         return []
     unet = getattr(pipe, "unet", None)
-    if unet is None:
-        raise ExportOptionsError("export_family_option", option="--controlnet", family="transformer (SD3, FLUX, ...)")
+    transformer = getattr(pipe, "transformer", None)
+    sd3 = unet is None and type(transformer).__name__ == "SD3Transformer2DModel"
+    if unet is None and not sd3:
+        raise ExportOptionsError("export_family_option", option="--controlnet", family="FLUX, SANA or PixArt")
     names = [name for _, name in specs]
     if len(set(names)) != len(names):
         raise ExportOptionsError("export_controlnet_duplicate", names=", ".join(names))
+    if sd3:
+        out = [_fit_sd3(source, name, pipe, ctx) for source, name in specs]
+        first = out[0]
+        for c in out[1:]:  # all of them feed the same transformer inputs
+            if len(c.channels) != len(first.channels):
+                raise ExportError(
+                    "export_source",
+                    source=c.source,
+                    detail=f"ControlNet does not fit: {len(c.channels)} blocks, the first ControlNet's "
+                    f"{len(first.channels)} (the ControlNets of one bundle feed the same transformer inputs)",
+                )
+        return out
     layout = residual_layout(unet.config)
     out = []
     for source, name in specs:
@@ -153,25 +184,92 @@ def load_controlnets(specs, pipe, ctx: ExportContext) -> list[ControlNetSource]:
     return out
 
 
-def _load(source: str):
+def _fit_sd3(source: str, name: str, pipe, ctx: ExportContext) -> ControlNetSource:
+    """An SD3ControlNetModel checked against the pipeline's SD3 transformer, with the transformer's patch embedding
+    when it has none of its own (SD3.5's), as StableDiffusion3ControlNetPipeline gives it."""
+    from diffusers import SD3ControlNetModel
+
+    transformer = pipe.transformer
+    t, model = transformer.config, _load(source, SD3ControlNetModel, "SD3ControlNetModel")
+    config = model.config
+    width, blocks = int(config.num_attention_heads) * int(config.attention_head_dim), int(config.num_layers)
+    problems = []
+    if width != transformer.inner_dim:
+        problems.append(f"width {width}, the transformer's {transformer.inner_dim}")
+    if blocks > len(transformer.transformer_blocks):
+        problems.append(f"{blocks} blocks, more than the transformer's {len(transformer.transformer_blocks)}")
+    for key, what in (("in_channels", "latent channels"), ("patch_size", "patch size")):
+        if int(config[key]) != int(t[key]):
+            problems.append(f"{what} {config[key]}, the transformer's {t[key]}")
+    if config.extra_conditioning_channels:
+        problems.append(
+            f"{config.extra_conditioning_channels} extra conditioning channels (an inpainting ControlNet), which "
+            "StableDiffusion3ControlNetPipeline does not feed"
+        )
+    if config.joint_attention_dim is not None and int(config.joint_attention_dim) != int(t.joint_attention_dim):
+        problems.append(f"text width {config.joint_attention_dim}, the transformer's {t.joint_attention_dim}")
+    if int(config.pooled_projection_dim) != int(t.pooled_projection_dim):
+        problems.append(
+            f"pooled text width {config.pooled_projection_dim}, the transformer's {t.pooled_projection_dim}"
+        )
+    patch = int(t.patch_size)
+    needed = max(ctx.height, ctx.width) // ctx.vae_scale_factor // patch
+    if config.use_pos_embed and config.pos_embed_max_size is not None and int(config.pos_embed_max_size) < needed:
+        problems.append(f"positions up to {config.pos_embed_max_size} patches a side, the bundle's size needs {needed}")
+    if patch & (patch - 1):
+        problems.append(f"patch size {patch}, not a power of 2")
+    if problems:
+        raise ExportError("export_source", source=source, detail=f"ControlNet does not fit: {'; '.join(problems)}")
+    if not config.use_pos_embed:
+        model.pos_embed = model._get_pos_embed_from_transformer(transformer)
+    # InstantX's ControlNets (zeros for the pooled text) take latents without the VAE's shift, as the pipeline
+    shift = (
+        0.0 if config.force_zeros_for_pooled_projection else float(getattr(pipe.vae.config, "shift_factor", 0.0) or 0.0)
+    )
+    level = patch.bit_length() - 1  # a token per patch: the sides shrink as after this many 2x downsamplings
+    return ControlNetSource(
+        source, name, model, (level,) * blocks, (width,) * blocks, conditioning_type(source), latent_shift=shift
+    )
+
+
+def _load(source: str, cls=None, class_name: str = "ControlNetModel"):
+    """The model at `source`, refused when its config names another ControlNet class (an SD3 one for a UNet, or
+    back), which from_pretrained would otherwise fill with random weights."""
     from diffusers import ControlNetModel
 
     from .source import load_part
 
-    return load_part(ControlNetModel, source, "ControlNet").eval()
+    cls = cls or ControlNetModel
+    try:
+        declared = cls.load_config(source).get("_class_name")
+    except (OSError, ValueError, EnvironmentError):
+        declared = None  # load_part says what is wrong with the source
+    if declared and declared != class_name and declared.endswith("ControlNetModel"):
+        raise ExportError("export_source", source=source, detail=f"a {declared}, not the {class_name} this model takes")
+    return load_part(cls, source, "ControlNet").eval()
 
 
 def with_residuals(ctx: ExportContext, controlnets: list[ControlNetSource]) -> ExportContext:
-    """The context whose UNet inputs include the residuals (all ControlNets share the UNet's layout)."""
+    """The context whose denoiser inputs include the residuals (all ControlNets share the denoiser's layout)."""
     if not controlnets:
         return ctx
     first = controlnets[0]
-    return dataclasses.replace(ctx, controlnet_residuals=tuple(zip(first.levels, first.channels)))
+    return dataclasses.replace(
+        ctx, controlnet_residuals=tuple(zip(first.levels, first.channels)), controlnet_tokens=first.tokens
+    )
 
 
 def residual_attributes(ctx: ExportContext) -> dict:
-    """The UNet's manifest attributes for its residual inputs: name, channels and level each, so that the runtime
-    can feed zeros of the right shapes when a call has no control."""
+    """The denoiser's manifest attributes for its residual inputs: name, channels and level each (SD3: "tokens",
+    (batch, tokens, channels) with a token per 2**level latent cells a side), so that the runtime can feed zeros of
+    the right shapes when a call has no control."""
+    if ctx.controlnet_tokens:
+        return {
+            "controlnet_residuals": [
+                {"name": BLOCK_INPUT.format(i), "level": lv, "channels": ch, "tokens": True}
+                for i, (lv, ch) in enumerate(ctx.controlnet_residuals)
+            ]
+        }
     *down, mid = ctx.controlnet_residuals
     entries = [{"name": DOWN_INPUT.format(i), "level": lv, "channels": ch} for i, (lv, ch) in enumerate(down)]
     return {"controlnet_residuals": [*entries, {"name": MID_INPUT, "level": mid[0], "channels": mid[1]}]}
@@ -180,24 +278,34 @@ def residual_attributes(ctx: ExportContext) -> dict:
 def manifest_entries(controlnets: list[ControlNetSource], out: Path) -> list[dict]:
     from .manifest_builder import recorded_path
 
-    return [
-        {
+    entries = []
+    for c in controlnets:
+        entry = {
             "name": c.name,
             "component": c.component,
-            "conditioning_channels": int(c.model.config.conditioning_channels),
+            "conditioning_channels": 3 if c.tokens else int(c.model.config.conditioning_channels),
             "conditioning_type": c.conditioning_type,
             "source": recorded_path(c.source, out),
         }
-        for c in controlnets
-    ]
+        if c.tokens:  # the runtime encodes the control image with the bundle's VAE encoder
+            entry["control_latents"] = {"shift_factor": c.latent_shift}
+        entries.append(entry)
+    return entries
 
 
 # --- the check's inputs and PyTorch calls -------------------------------------------------------------------------
 
 
 def residual_inputs(ctx: ExportContext, rng) -> dict[str, np.ndarray]:
-    """Random residuals at the UNet's sample size, at the magnitudes trained ControlNets give (about unit)."""
+    """Random residuals at the denoiser's sample size, at the magnitudes trained ControlNets give (about unit)."""
     h, w = ctx.height // ctx.vae_scale_factor, ctx.width // ctx.vae_scale_factor
+    if ctx.controlnet_tokens:
+        return {
+            BLOCK_INPUT.format(i): rng.standard_normal(
+                (VALIDATION_BATCH, residual_side(h, level) * residual_side(w, level), channels)
+            ).astype(np.float32)
+            for i, (level, channels) in enumerate(ctx.controlnet_residuals)
+        }
     *down, mid = ctx.controlnet_residuals
     names = [DOWN_INPUT.format(i) for i in range(len(down))] + [MID_INPUT]
     return {
@@ -219,7 +327,48 @@ def unet_residual_kwargs(x: dict) -> dict:
     }
 
 
+def transformer_block_kwargs(x: dict) -> dict:
+    """diffusers' SD3 transformer keyword argument for the block samples among a check's inputs (empty without)."""
+    count = sum(1 for name in x if name.startswith(BLOCK_INPUT.format("")))
+    return {"block_controlnet_hidden_states": [x[BLOCK_INPUT.format(i)] for i in range(count)]} if count else {}
+
+
+def _sd3_controlnet_component(c: ControlNetSource) -> ComponentExport:
+    config = c.model.config
+
+    def inputs(ctx: ExportContext, rng):
+        base = _transformer_inputs(dataclasses.replace(ctx, controlnet_residuals=()), rng)
+        x = {"hidden_states": base["hidden_states"], "timestep": base["timestep"]}
+        if config.joint_attention_dim is not None:  # SD3.5's ControlNets read no text
+            x["encoder_hidden_states"] = base["encoder_hidden_states"]
+        if not config.force_zeros_for_pooled_projection:  # InstantX's: zeros, inside the graph
+            x["pooled_projections"] = base["pooled_projections"]
+        # the control image's latents, scaled as the pipeline scales them (about unit variance)
+        x["controlnet_cond"] = rng.standard_normal(base["hidden_states"].shape).astype(np.float32)
+        return x
+
+    def call(model, x):
+        hidden = x["hidden_states"]
+        pooled = x.get("pooled_projections")
+        if pooled is None:
+            pooled = hidden.new_zeros((hidden.shape[0], int(config.pooled_projection_dim)))
+        (samples,) = model(
+            hidden_states=hidden,
+            controlnet_cond=x["controlnet_cond"],
+            encoder_hidden_states=x.get("encoder_hidden_states"),
+            pooled_projections=pooled,
+            timestep=x["timestep"],
+            return_dict=False,
+        )
+        return list(samples)
+
+    return ComponentExport(c.component, call, inputs)
+
+
 def controlnet_component(c: ControlNetSource) -> ComponentExport:
+    if c.tokens:
+        return _sd3_controlnet_component(c)
+
     def inputs(ctx: ExportContext, rng):
         x = {k: v for k, v in _unet_inputs(ctx, rng).items() if k != "timestep_cond"}  # ControlNets take no LCM w
         x["controlnet_cond"] = rng.uniform(
@@ -340,18 +489,73 @@ def unet_for_export(unet, ctx: ExportContext, trace_ctx: ExportContext):
     return module, config
 
 
+TOKEN_AXES = {0: "batch_size", 1: "image_tokens"}  # SD3's block samples
+
+
+def denoiser_for_export(pipe, optimum_models: dict, ctx: ExportContext, trace_ctx: ExportContext) -> dict:
+    """{denoiser component: (module, optimum config)} of the UNet or SD3 transformer taking the residuals."""
+    if getattr(pipe, "unet", None) is not None:
+        return {"unet": unet_for_export(pipe.unet, ctx, trace_ctx)}
+    return {"transformer": transformer_for_export(pipe.transformer, optimum_models["transformer"][1], ctx, trace_ctx)}
+
+
+def used_blocks(transformer, count: int) -> set[int]:
+    """The block samples (of `count`) the SD3 transformer adds, by diffusers' mapping of its blocks onto them; the
+    last block adds none, so a ControlNet as deep as the transformer gives one that no block reads."""
+    blocks = transformer.transformer_blocks
+    interval = len(blocks) / count
+    return {int(i / interval) for i, block in enumerate(blocks) if block.context_pre_only is False}
+
+
+def transformer_for_export(transformer, optimum_config, ctx: ExportContext, trace_ctx: ExportContext):
+    """(module, optimum config) of the SD3 transformer taking the ControlNet block samples it adds as inputs (the
+    exporter would drop one that no block reads); its other inputs and its output keep optimum's names and axes."""
+    from types import SimpleNamespace
+
+    from .specs import _transformer_call
+
+    count = len(ctx.controlnet_residuals)
+    unused = {BLOCK_INPUT.format(i) for i in set(range(count)) - used_blocks(transformer, count)}
+    example = _transformer_inputs(ctx, np.random.default_rng(1))
+    names = [name for name in example if name not in unused]
+    axes = {name: dict(optimum_config.inputs.get(name) or TOKEN_AXES) for name in names}
+
+    def call(model, x):
+        read = next(x[name] for name in names if name.startswith(BLOCK_INPUT.format("")))
+        filled = {**x, **dict.fromkeys(unused, read)}  # placeholders: diffusers counts them, no block reads them
+        return _transformer_call(SimpleNamespace(transformer=model), filled)
+
+    def dummies():
+        return {k: v for k, v in _transformer_inputs(trace_ctx, np.random.default_rng(1)).items() if k in names}
+
+    module = flat_module(transformer, names, call)
+    return module, export_config(transformer.config, axes, dict(optimum_config.outputs), dummies)
+
+
 def controlnet_for_export(c: ControlNetSource, ctx: ExportContext, trace_ctx: ExportContext):
-    """(module, optimum config) of one ControlNet's graph: its residuals unscaled, down ones then the mid one."""
+    """(module, optimum config) of one ControlNet's graph: its residuals unscaled, down ones then the mid one (SD3:
+    its block samples)."""
     component = controlnet_component(c)
     example = component.random_inputs(ctx, np.random.default_rng(1))
     names = list(example)
-    *down, mid = c.levels
-    outputs = {DOWN_OUTPUT.format(i): spatial_axes(level) for i, level in enumerate(down)}
-    outputs[MID_OUTPUT] = spatial_axes(mid)
+    if c.tokens:
+        outputs = {BLOCK_OUTPUT.format(i): dict(TOKEN_AXES) for i in range(len(c.levels))}
+        axes = {
+            n: {0: "batch_size", 2: "height", 3: "width"} if v.ndim == 4 else {0: "batch_size"}
+            for n, v in example.items()
+        }
+        axes["timestep"] = {0: "step"}  # as optimum's SD3 transformer
+        if "encoder_hidden_states" in axes:
+            axes["encoder_hidden_states"] = {0: "batch_size", 1: "sequence_length"}
+    else:
+        *down, mid = c.levels
+        outputs = {DOWN_OUTPUT.format(i): spatial_axes(level) for i, level in enumerate(down)}
+        outputs[MID_OUTPUT] = spatial_axes(mid)
+        axes = input_axes(example, {})
     module = flat_module(c.model, names, component.torch_call)
     config = export_config(
         c.model.config,
-        input_axes(example, {}),
+        axes,
         outputs,
         lambda: component.random_inputs(trace_ctx, np.random.default_rng(1)),
     )
@@ -359,6 +563,17 @@ def controlnet_for_export(c: ControlNetSource, ctx: ExportContext, trace_ctx: Ex
 
 
 def controlnet_attributes(c: ControlNetSource) -> dict:
+    if c.tokens:
+        config = c.model.config
+        return {
+            "controlnet": {
+                "name": c.name,
+                "conditioning_type": c.conditioning_type,
+                "blocks": len(c.levels),
+                "force_zeros_for_pooled_projection": bool(config.force_zeros_for_pooled_projection),
+                "reads_text": config.joint_attention_dim is not None,
+            }
+        }
     return {
         "controlnet": {
             "name": c.name,

@@ -54,6 +54,9 @@ class ExportContext:
     # bundles with ControlNets: (level, channels) of each residual the UNet takes (down ones, then the mid one),
     # level counting the downsamplings below the latent grid (export/controlnet.py); () without ControlNets
     controlnet_residuals: tuple[tuple[int, int], ...] = ()
+    # SD3: the residuals are the transformer's block samples, (batch, tokens, channels) with a token per 2**level
+    # latent cells a side
+    controlnet_tokens: bool = False
     # bundles with an IP-Adapter: the width of the image embeddings the UNet takes with its scale
     # (export/ip_adapter.py); None without one
     ip_adapter_embeds_dim: int | None = None
@@ -142,7 +145,7 @@ def _transformer_inputs(ctx: ExportContext, rng):
         return _sana_transformer_inputs(ctx, rng)
     h, w = ctx.height // ctx.vae_scale_factor, ctx.width // ctx.vae_scale_factor
     tokens = ctx.max_length + ctx.max_sequence_length  # CLIP's tokens, then T5's (zeros without T5)
-    return {
+    inputs = {
         "hidden_states": rng.standard_normal((VALIDATION_BATCH, ctx.latent_channels, h, w)).astype(np.float32),
         "encoder_hidden_states": rng.standard_normal((VALIDATION_BATCH, tokens, ctx.cross_attention_dim)).astype(
             np.float32
@@ -151,6 +154,11 @@ def _transformer_inputs(ctx: ExportContext, rng):
         # flow timesteps are sigma * 1000, one per batch row as StableDiffusion3Pipeline passes them
         "timestep": rng.uniform(1, 1000, (VALIDATION_BATCH,)).astype(np.float32),
     }
+    if ctx.controlnet_residuals:  # a bundle with ControlNets: their block samples
+        from .controlnet import residual_inputs
+
+        inputs.update(residual_inputs(ctx, rng))
+    return inputs
 
 
 def _unet_inputs(ctx: ExportContext, rng):
@@ -231,6 +239,8 @@ def _text_3_call(pipe, x):
 
 
 def _transformer_call(pipe, x):
+    from .controlnet import transformer_block_kwargs
+
     if "img_ids" in x or "encoder_attention_mask" in x:  # FLUX, SANA: the graph's inputs are the call's
         return [pipe.transformer(**x).sample]
     return [
@@ -239,6 +249,7 @@ def _transformer_call(pipe, x):
             encoder_hidden_states=x["encoder_hidden_states"],
             pooled_projections=x["pooled_projections"],
             timestep=x["timestep"],
+            **transformer_block_kwargs(x),  # a bundle with ControlNets: their block samples
         ).sample
     ]
 

@@ -1,9 +1,11 @@
-"""ControlNets at run time, as diffusers' StableDiffusionControlNetPipeline and StableDiffusionXLControlNetPipeline.
+"""ControlNets at run time, as diffusers' StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline and
+StableDiffusion3ControlNetPipeline.
 
-A bundle exported with `--controlnet` holds each ControlNet as a graph of its own, and a UNet that takes their
-residuals as inputs (zeros when a call has no control: UNetDenoiser.feeds). Per step, each active ControlNet runs on
-the UNet's own feeds plus its control image; its residuals are scaled by its `controlnet_conditioning_scale` and
-summed over the ControlNets (MultiControlNetModel), then replace the zeros.
+A bundle exported with `--controlnet` holds each ControlNet as a graph of its own, and a UNet (SD3: a transformer)
+that takes their residuals (block samples) as inputs (zeros when a call has no control: UNetDenoiser.feeds,
+SD3Denoiser.feeds). Per step, each active ControlNet runs on the denoiser's own feeds plus its control image; its
+residuals are scaled by its `controlnet_conditioning_scale` and summed over the ControlNets (MultiControlNetModel,
+SD3MultiControlNetModel), then replace the zeros.
 
     pipe(prompt, control_image=edges)                                    # a bundle with one ControlNet
     pipe(prompt, control_image={"canny": edges, "depth": depth},         # several, by name
@@ -11,7 +13,10 @@ summed over the ControlNets (MultiControlNetModel), then replace the zeros.
 
 Control images are preprocessed as diffusers' control image processor does: RGB, resized to the output size with
 Lanczos (any size is accepted), scaled to [0, 1] (not [-1, 1]), repeated for every image of the batch and again for
-the unconditional half of classifier-free guidance.
+the unconditional half of classifier-free guidance. SD3's ControlNets take the control image's VAE latents instead:
+the image in [-1, 1] through the bundle's VAE encoder, one sample per image of the batch drawn from the call's noise
+(diffusers draws it from torch's global generator), then (sample - shift) * the VAE's scaling factor, where the shift
+is the VAE's, or 0 for ControlNets that force zeros for the pooled text (InstantX's), as the pipeline does.
 """
 
 from __future__ import annotations
@@ -28,18 +33,30 @@ from .image import load_image
 
 
 def residual_inputs(unet_spec) -> list[dict]:
-    """The UNet's residual inputs as the manifest records them ({"name", "level", "channels"}, down ones then the
-    mid one), or [] for a UNet without them."""
+    """The denoiser's residual inputs as the manifest records them ({"name", "level", "channels"}, down ones then
+    the mid one; SD3: one per ControlNet block, with "tokens"), or [] for a denoiser without them."""
     return list(unet_spec.attributes.get("controlnet_residuals") or [])
 
 
+def taken_residuals(spec) -> list[dict]:
+    """Of residual_inputs, those the graph takes: a block sample that no SD3 transformer block adds (the last
+    block's, when a ControlNet has as many blocks as the transformer) is left out of the graph at export."""
+    names = {t.name for t in spec.inputs}
+    return [r for r in residual_inputs(spec) if r["name"] in names]
+
+
 def zero_residuals(residuals: list[dict], sample: np.ndarray) -> dict[str, np.ndarray]:
-    """Zeros for each residual input at `sample`'s batch and size: the UNet then runs as without ControlNets."""
+    """Zeros for each residual input at `sample`'s batch and size: the denoiser then runs as without ControlNets
+    (SD3's block samples: (batch, tokens, channels))."""
     batch, _, h, w = sample.shape
-    return {
-        r["name"]: np.zeros((batch, r["channels"], _side(h, r["level"]), _side(w, r["level"])), np.float32)
-        for r in residuals
-    }
+    return {r["name"]: np.zeros(_residual_shape(r, batch, h, w), np.float32) for r in residuals}
+
+
+def _residual_shape(r: dict, batch: int, h: int, w: int) -> tuple[int, ...]:
+    sides = _side(h, r["level"]), _side(w, r["level"])
+    if r.get("tokens"):
+        return (batch, sides[0] * sides[1], r["channels"])
+    return (batch, r["channels"], *sides)
 
 
 def _side(cells: int, level: int) -> int:
@@ -70,6 +87,7 @@ class _Net:
     scale: float
     start: float
     end: float
+    latent_shift: float | None = None  # SD3: `image` is the control image in [-1, 1], to be VAE-encoded
 
     def scale_at(self, step: int, total: int) -> float:
         """The scale this step, as diffusers' controlnet_keep: 0 outside [start, end] of the steps."""
@@ -78,12 +96,15 @@ class _Net:
 
 
 class ControlNets:
-    """A bundle's ControlNets (by name, in the manifest's order) and the UNet residual inputs they feed."""
+    """A bundle's ControlNets (by name, in the manifest's order) and the denoiser's residual inputs they feed."""
 
     def __init__(self, manifest, bundle_path):
         self.path = bundle_path
+        self.vae = (float(manifest.vae_shift_factor), float(manifest.vae_scaling_factor))
         self.entries = {c["name"]: c for c in manifest.controlnets}
-        self.residuals = residual_inputs(manifest.components[manifest.denoiser]) if self.entries else []
+        denoiser = manifest.components[manifest.denoiser]
+        self.residuals = residual_inputs(denoiser) if self.entries else []
+        self.taken = {r["name"] for r in taken_residuals(denoiser)}
         self.components = {name: manifest.components[c["component"]] for name, c in self.entries.items()}
 
     @property
@@ -91,9 +112,21 @@ class ControlNets:
         return list(self.entries)
 
     def prepare(
-        self, control_image, scale, start, end, height: int, width: int, batch: int, do_cfg: bool, timings: dict
+        self,
+        control_image,
+        scale,
+        start,
+        end,
+        height: int,
+        width: int,
+        batch: int,
+        do_cfg: bool,
+        timings: dict,
+        encode: Callable | None = None,
     ) -> "ControlCall | None":
-        """One call's ControlNets with their images, scales and guidance windows; None without control_image."""
+        """One call's ControlNets with their images, scales and guidance windows; None without control_image.
+        `encode(image)`: (batch, C, h, w) latents of a (1, 3, H, W) image in [-1, 1], (sample - the VAE's shift) *
+        its scale, called on the first step (SD3's ControlNets)."""
         if control_image is None:
             return None
         if not self.entries:
@@ -114,12 +147,17 @@ class ControlNets:
             if not 0.0 <= s < e <= 1.0:
                 raise InputError("controlnet_guidance", start=s, end=e)
             channels = int(self.entries[name].get("conditioning_channels", 3))
+            latents = self.entries[name].get("control_latents")
             try:
-                image = prepare_control_image(images[name], height, width, batch, do_cfg, channels)
+                if latents is None:
+                    image = prepare_control_image(images[name], height, width, batch, do_cfg, channels)
+                else:  # one image in [-1, 1] for the VAE encoder
+                    image = prepare_control_image(images[name], height, width, 1, False) * 2.0 - 1.0
             except (OSError, ValueError, TypeError) as exc:
                 raise InputError("controlnet_image", name=name, detail=exc) from None
-            nets.append(_Net(name, self.entries[name]["component"], image, weight, s, e))
-        return ControlCall(nets, self.residuals, self.components, timings)
+            shift = None if latents is None else float(latents["shift_factor"])
+            nets.append(_Net(name, self.entries[name]["component"], image, weight, s, e, shift))
+        return ControlCall(nets, self.residuals, self.components, timings, encode, self.vae, do_cfg, self.taken)
 
     def _known(self) -> str:
         return ", ".join(self.entries)
@@ -163,18 +201,42 @@ class ControlNets:
 
 
 class ControlCall:
-    """One call's active ControlNets: per step, the summed, scaled residuals the UNet takes."""
+    """One call's active ControlNets: per step, the summed, scaled residuals the denoiser takes."""
 
-    def __init__(self, nets: list[_Net], residuals: list[dict], components: dict, timings: dict):
+    def __init__(
+        self,
+        nets: list[_Net],
+        residuals: list[dict],
+        components: dict,
+        timings: dict,
+        encode: Callable | None = None,
+        vae: tuple[float, float] = (0.0, 1.0),
+        do_cfg: bool = False,
+        taken: set | None = None,
+    ):
         self.nets = nets
-        self.residual_names = [r["name"] for r in residuals]
-        # each graph takes the UNet's feeds it names, besides its control image
+        self.residual_names = [r["name"] for r in residuals]  # the ControlNets' outputs, in order
+        self.taken = set(self.residual_names) if taken is None else taken  # those the denoiser takes
+        # each graph takes the denoiser's feeds it names, besides its control image
         self.inputs = {net.name: [t.name for t in components[net.name].inputs] for net in nets}
         self.timings = timings.setdefault("controlnet", [])
+        self._encode, self._vae, self._do_cfg = encode, vae, do_cfg
+        self._to_encode = [net for net in nets if net.latent_shift is not None]  # SD3's, until the first step
+
+    def _encode_images(self) -> None:
+        """SD3: every ControlNet's image to latents, once, in the ControlNets' order."""
+        shift, scaling = self._vae
+        for net in self._to_encode:
+            latents = self._encode(net.image.astype(np.float32))  # (sample - the VAE's shift) * scaling
+            # this ControlNet's own shift (0 for InstantX's), as StableDiffusion3ControlNetPipeline
+            latents = latents + np.float32((shift - net.latent_shift) * scaling)
+            net.image = np.concatenate([latents, latents]) if self._do_cfg else latents
+        self._to_encode = []
 
     def residuals(self, step: int, total: int, feeds: dict, run: Callable) -> dict[str, np.ndarray]:
-        """The residual feeds for this step, or {} when no ControlNet is active (the UNet keeps its zeros).
+        """The residual feeds for this step, or {} when no ControlNet is active (the denoiser keeps its zeros).
         `run(component, **feeds)` runs a graph (cancellable)."""
+        self._encode_images()
         summed = None
         for net in self.nets:
             scale = net.scale_at(step, total)
@@ -186,4 +248,6 @@ class ControlCall:
             self.timings.append(time.perf_counter() - t0)
             scaled = [o.astype(np.float32) * np.float32(scale) for o in outputs]
             summed = scaled if summed is None else [a + b for a, b in zip(summed, scaled)]
-        return {} if summed is None else dict(zip(self.residual_names, summed))
+        if summed is None:
+            return {}
+        return {name: value for name, value in zip(self.residual_names, summed) if name in self.taken}

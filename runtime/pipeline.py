@@ -500,7 +500,22 @@ class Pipeline:
                 raise InputError("strength_steps", strength=strength, steps=steps)
             sampler.begin(start_index)
             timesteps = timesteps[start_index:]
-        control = self.controlnets.prepare(*call.control, height, width, batch, do_cfg, timings)
+
+        # one seeded generator per image (image i of seed s uses seed s + i): the latents, each step's noise and SD3's
+        # control images' VAE samples draw from it
+        seeds: list[int | None] = [None] * batch
+        if call.generator is not None:
+            noise_sources = [call.generator] * batch
+        else:
+            base = int(np.random.SeedSequence().generate_state(1)[0] >> 1) if call.seed is None else int(call.seed)
+            seeds = [base + i for i in range(batch)]
+            noise_sources = [np.random.default_rng(s) for s in seeds]
+        step_noise = _BatchNoise(noise_sources)
+
+        def encode_control(x):  # SD3's ControlNets: the control images' VAE samples, drawn at step 0
+            return self._encode_input(x, batch, step_noise, cancel)
+
+        control = self.controlnets.prepare(*call.control, height, width, batch, do_cfg, timings, encode_control)
         fixed.update(  # the reference image's embeddings in place of the UNet's zeros
             self.ip_adapter.feeds(
                 *call.ip_adapter,
@@ -511,19 +526,11 @@ class Pipeline:
             )
         )
 
-        # 4. Initial latents: from an image (img2img, inpainting), given, or pure noise; one seeded generator
-        #    per image (image i of seed s uses seed s + i). The loop runs on the denoiser's form of them (FLUX:
-        #    packed into tokens), which is what `latents=` takes; noise is drawn on the grid, then packed.
+        # 4. Initial latents: from an image (img2img, inpainting), given, or pure noise from the generators above.
+        #    The loop runs on the denoiser's form of them (FLUX: packed into tokens), which is what `latents=`
+        #    takes; noise is drawn on the grid, then packed.
         shape = (batch, m.latent_channels, height // m.vae_scale_factor, width // m.vae_scale_factor)
         loop_shape = denoiser.latent_shape(shape)
-        seeds: list[int | None] = [None] * batch
-        if call.generator is not None:
-            noise_sources = [call.generator] * batch
-        else:
-            base = int(np.random.SeedSequence().generate_state(1)[0] >> 1) if call.seed is None else int(call.seed)
-            seeds = [base + i for i in range(batch)]
-            noise_sources = [np.random.default_rng(s) for s in seeds]
-        step_noise = _BatchNoise(noise_sources)
         unet_channels = denoiser.in_channels
         inpaint = None
         latents = call.latents

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..conditioning import LengthTokenizers, prompts_for, run_timed, sequence_length, text_encoders
+from ..control import taken_residuals, zero_residuals
 from ..tokenizer import PromptTokenizer
 from .base import DenoiserBase, flow_start_index, per_row
 
@@ -78,6 +79,7 @@ class SD3Denoiser(DenoiserBase):
         self.text = SD3Conditioner(bundle, sessions)
         spec = bundle.manifest.components["transformer"]
         self.in_channels = next(t.shape[1] for t in spec.inputs if t.name == "hidden_states")
+        self.residuals = taken_residuals(spec)  # a bundle with ControlNets: the block samples it takes
 
     def condition(
         self, prompts, negatives, do_cfg, repeat, height, width, guidance, timings, max_sequence_length=None
@@ -87,7 +89,10 @@ class SD3Denoiser(DenoiserBase):
 
     def feeds(self, model_in, timestep, fixed) -> dict[str, np.ndarray]:
         # one timestep per batch row, as StableDiffusion3Pipeline's t.expand(batch)
-        return {"hidden_states": model_in, "timestep": per_row(model_in, timestep), **fixed}
+        feeds = {"hidden_states": model_in, "timestep": per_row(model_in, timestep), **fixed}
+        if self.residuals:  # zeros: no control (the pipeline puts active ControlNets' block samples in their place)
+            feeds.update(zero_residuals(self.residuals, model_in))
+        return feeds
 
     def start_index(self, steps: int, strength: float) -> int:
         return flow_start_index(steps, strength)
