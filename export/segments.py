@@ -157,7 +157,15 @@ def crossing_types(path: Path, names: list[str]) -> dict[str, tuple[int, list]]:
         found = {o.name: o for o in session.get_outputs()}
     finally:
         probe.unlink()
-    elem = {"tensor(float)": 1, "tensor(float16)": 10, "tensor(int64)": 7, "tensor(int32)": 6, "tensor(bool)": 9}
+    elem = {
+        "tensor(float)": 1,
+        "tensor(uint8)": 2,  # int8-static graphs: a quantised activation between its QuantizeLinear and DequantizeLinear
+        "tensor(int8)": 3,
+        "tensor(int32)": 6,
+        "tensor(int64)": 7,
+        "tensor(bool)": 9,
+        "tensor(float16)": 10,
+    }
     types = {}
     for name in names:
         arg = found[name]
@@ -214,7 +222,7 @@ def write_segments(path: Path, name: str, count: int, save) -> list[dict]:
 
 def _spec(value) -> dict:
     """A tensor's manifest entry (runtime/manifest.py TensorSpec): dims as ints, names, or None where unknown."""
-    _numpy = {1: "float32", 10: "float16", 7: "int64", 6: "int32", 9: "bool"}
+    _numpy = {1: "float32", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 9: "bool", 10: "float16"}
     dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in value.type.tensor_type.shape.dim]
     return {"name": value.name, "dtype": _numpy.get(value.type.tensor_type.elem_type, "unknown"), "shape": dims}
 
