@@ -14,6 +14,12 @@ sample per ControlNet block, (batch, image tokens, width), unscaled; the transfo
 that force zeros for the pooled text (InstantX's) get them inside their graph; SD3.5's, which have no patch embedding
 of their own, get the transformer's, as the pipeline gives them.
 
+FLUX.1 (`FluxControlNetModel`, as FluxControlNetPipeline): the graph takes the transformer's inputs (packed latents,
+text, pooled text, t / 1000, position ids, dev's guidance) plus `controlnet_cond`, the control image's VAE latents
+shifted, scaled and packed by the runtime, and gives one sample per double-stream block, then one per single-stream
+block, unscaled; the transformer takes them as `controlnet_block_samples` / `controlnet_single_block_samples` (zeros
+without control), each stream's blocks sharing its samples as diffusers' `interval_control` does.
+
 Both graphs go through optimum's exporter on wrapper modules whose arguments are flat tensors (optimum names graph
 inputs after the forward signature; diffusers takes the residuals as a tuple).
 """
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +45,15 @@ DOWN_OUTPUT, MID_OUTPUT = "down_block_res_sample_{}", "mid_block_res_sample"
 DOWN_INPUT, MID_INPUT = "down_block_additional_residual_{}", "mid_block_additional_residual"
 # SD3: the ControlNet's block samples and the transformer's inputs for them
 BLOCK_OUTPUT, BLOCK_INPUT = "controlnet_block_sample_{}", "block_controlnet_hidden_states_{}"
+# FLUX: the double-stream blocks' samples (outputs BLOCK_OUTPUT), then the single-stream blocks'
+SINGLE_OUTPUT = "controlnet_single_block_sample_{}"
+FLUX_BLOCK_INPUT, FLUX_SINGLE_INPUT = "controlnet_block_samples_{}", "controlnet_single_block_samples_{}"
+# diffusers' transformer keyword argument (a list) for each kind of block-sample input
+BLOCK_KWARGS = {
+    "block_controlnet_hidden_states": BLOCK_INPUT,
+    "controlnet_block_samples": FLUX_BLOCK_INPUT,
+    "controlnet_single_block_samples": FLUX_SINGLE_INPUT,
+}
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # a ControlNet's name becomes part of file names
 # conditioning types recognised in a source's name (lllyasviel/sd-controlnet-canny, diffusers/controlnet-depth-sdxl-1.0,
 # thibaud/controlnet-openpose-sdxl-1.0, ...); others are recorded as unknown
@@ -69,13 +85,27 @@ class ControlNetSource:
     levels: tuple[int, ...]  # per residual (the down ones, then the mid one): downsamplings below the latent grid
     channels: tuple[int, ...]
     conditioning_type: str | None
-    # SD3: the control image enters as VAE latents, (sample - this shift) * the VAE's scaling factor; None: as an image
+    # SD3, FLUX: the control image enters as VAE latents, (sample - this shift) * the VAE's scaling factor; None: as
+    # an image
     latent_shift: float | None = None
+    flux: bool = False  # FLUX: its last `single` outputs are the single-stream blocks' samples
+    single: int = 0
 
     @property
     def tokens(self) -> bool:
-        """Whether its outputs are a transformer's block samples (SD3), not UNet residuals."""
+        """Whether its outputs are a transformer's block samples (SD3, FLUX), not UNet residuals."""
         return self.latent_shift is not None
+
+    @property
+    def outputs(self) -> list[str]:
+        """Its graph's output names (block samples)."""
+        double = len(self.levels) - self.single
+        return [BLOCK_OUTPUT.format(i) for i in range(double)] + [SINGLE_OUTPUT.format(i) for i in range(self.single)]
+
+    @property
+    def blocks(self) -> str:
+        double = len(self.levels) - self.single
+        return f"{double} blocks and {self.single} single blocks" if self.flux else f"{double} blocks"
 
     @property
     def component(self) -> str:
@@ -128,28 +158,29 @@ def residual_side(cells: int, level: int) -> int:
 
 
 def load_controlnets(specs, pipe, ctx: ExportContext) -> list[ControlNetSource]:
-    """The ControlNets `specs` ((source, name) pairs) name, each checked to fit the pipeline's UNet or SD3
+    """The ControlNets `specs` ((source, name) pairs) name, each checked to fit the pipeline's UNet, SD3 or FLUX
     transformer."""
     if not specs:
         return []
     unet = getattr(pipe, "unet", None)
-    transformer = getattr(pipe, "transformer", None)
-    sd3 = unet is None and type(transformer).__name__ == "SD3Transformer2DModel"
-    if unet is None and not sd3:
-        raise ExportOptionsError("export_family_option", option="--controlnet", family="FLUX, SANA or PixArt")
+    fit = {"SD3Transformer2DModel": _fit_sd3, "FluxTransformer2DModel": _fit_flux}.get(
+        type(getattr(pipe, "transformer", None)).__name__
+    )
+    if unet is None and fit is None:
+        raise ExportOptionsError("export_family_option", option="--controlnet", family="SANA or PixArt")
     names = [name for _, name in specs]
     if len(set(names)) != len(names):
         raise ExportOptionsError("export_controlnet_duplicate", names=", ".join(names))
-    if sd3:
-        out = [_fit_sd3(source, name, pipe, ctx) for source, name in specs]
+    if unet is None:
+        out = [fit(source, name, pipe, ctx) for source, name in specs]
         first = out[0]
         for c in out[1:]:  # all of them feed the same transformer inputs
-            if len(c.channels) != len(first.channels):
+            if (len(c.channels), c.single) != (len(first.channels), first.single):
                 raise ExportError(
                     "export_source",
                     source=c.source,
-                    detail=f"ControlNet does not fit: {len(c.channels)} blocks, the first ControlNet's "
-                    f"{len(first.channels)} (the ControlNets of one bundle feed the same transformer inputs)",
+                    detail=f"ControlNet does not fit: {c.blocks}, the first ControlNet's {first.blocks} (the "
+                    "ControlNets of one bundle feed the same transformer inputs)",
                 )
         return out
     layout = residual_layout(unet.config)
@@ -232,6 +263,55 @@ def _fit_sd3(source: str, name: str, pipe, ctx: ExportContext) -> ControlNetSour
     )
 
 
+def _fit_flux(source: str, name: str, pipe, ctx: ExportContext) -> ControlNetSource:
+    """A FluxControlNetModel checked against the pipeline's FLUX transformer (InstantX-style: the control image's
+    packed VAE latents through its own x embedder, as FluxControlNetPipeline feeds them)."""
+    from diffusers import FluxControlNetModel
+
+    transformer = pipe.transformer
+    t, model = transformer.config, _load(source, FluxControlNetModel, "FluxControlNetModel")
+    config = model.config
+    width = int(config.num_attention_heads) * int(config.attention_head_dim)
+    problems = []
+    if width != transformer.inner_dim:
+        problems.append(f"width {width}, the transformer's {transformer.inner_dim}")
+    for key, what in (
+        ("in_channels", "packed latent channels"),
+        ("joint_attention_dim", "text width"),
+        ("pooled_projection_dim", "pooled text width"),
+    ):
+        if int(config[key]) != int(t[key]):
+            problems.append(f"{what} {config[key]}, the transformer's {t[key]}")
+    if bool(config.guidance_embeds) != bool(t.guidance_embeds):  # the runtime feeds guidance as the transformer takes
+        problems.append(
+            f"guidance embedding {'on' if config.guidance_embeds else 'off'}, the transformer's "
+            f"{'on' if t.guidance_embeds else 'off'} (a ControlNet for FLUX.1-dev with schnell, or back)"
+        )
+    if config.num_mode is not None:
+        problems.append(f"a union ControlNet ({config.num_mode} control modes, controlnet_mode), not supported")
+    if config.conditioning_embedding_channels is not None:
+        problems.append(
+            "an XLabs-style ControlNet (the control image in pixels through its own hint block, its samples repeated "
+            "over the transformer's blocks), not supported"
+        )
+    if problems:
+        raise ExportError("export_source", source=source, detail=f"ControlNet does not fit: {'; '.join(problems)}")
+    shift = float(getattr(pipe.vae.config, "shift_factor", 0.0) or 0.0)  # the VAE's own, as the pipeline
+    count, single = int(config.num_layers) + int(config.num_single_layers), int(config.num_single_layers)
+    level = ctx.packing.bit_length() - 1  # a token per packing x packing latent cells
+    return ControlNetSource(
+        source,
+        name,
+        model,
+        (level,) * count,
+        (width,) * count,
+        conditioning_type(source),
+        latent_shift=shift,
+        flux=True,
+        single=single,
+    )
+
+
 def _load(source: str, cls=None, class_name: str = "ControlNetModel"):
     """The model at `source`, refused when its config names another ControlNet class (an SD3 one for a UNet, or
     back), which from_pretrained would otherwise fill with random weights."""
@@ -255,19 +335,34 @@ def with_residuals(ctx: ExportContext, controlnets: list[ControlNetSource]) -> E
         return ctx
     first = controlnets[0]
     return dataclasses.replace(
-        ctx, controlnet_residuals=tuple(zip(first.levels, first.channels)), controlnet_tokens=first.tokens
+        ctx,
+        controlnet_residuals=tuple(zip(first.levels, first.channels)),
+        controlnet_tokens=first.tokens,
+        controlnet_single_blocks=first.single,
     )
 
 
+def token_inputs(ctx: ExportContext) -> list[str]:
+    """The transformer's block-sample input names, in the ControlNets' output order (SD3's; FLUX's double-stream
+    blocks', then its single-stream blocks')."""
+    count = len(ctx.controlnet_residuals)
+    if ctx.packing == 1:
+        return [BLOCK_INPUT.format(i) for i in range(count)]
+    single = ctx.controlnet_single_blocks
+    return [FLUX_BLOCK_INPUT.format(i) for i in range(count - single)] + [
+        FLUX_SINGLE_INPUT.format(i) for i in range(single)
+    ]
+
+
 def residual_attributes(ctx: ExportContext) -> dict:
-    """The denoiser's manifest attributes for its residual inputs: name, channels and level each (SD3: "tokens",
-    (batch, tokens, channels) with a token per 2**level latent cells a side), so that the runtime can feed zeros of
-    the right shapes when a call has no control."""
+    """The denoiser's manifest attributes for its residual inputs: name, channels and level each (SD3, FLUX:
+    "tokens", (batch, tokens, channels) with a token per 2**level latent cells a side), so that the runtime can feed
+    zeros of the right shapes when a call has no control."""
     if ctx.controlnet_tokens:
         return {
             "controlnet_residuals": [
-                {"name": BLOCK_INPUT.format(i), "level": lv, "channels": ch, "tokens": True}
-                for i, (lv, ch) in enumerate(ctx.controlnet_residuals)
+                {"name": name, "level": lv, "channels": ch, "tokens": True}
+                for name, (lv, ch) in zip(token_inputs(ctx), ctx.controlnet_residuals)
             ]
         }
     *down, mid = ctx.controlnet_residuals
@@ -289,6 +384,8 @@ def manifest_entries(controlnets: list[ControlNetSource], out: Path) -> list[dic
         }
         if c.tokens:  # the runtime encodes the control image with the bundle's VAE encoder
             entry["control_latents"] = {"shift_factor": c.latent_shift}
+        if c.flux:  # with a negative batch (true CFG) it runs on the prompt's half alone, as FluxControlNetPipeline
+            entry["prompt_only"] = True
         entries.append(entry)
     return entries
 
@@ -301,10 +398,10 @@ def residual_inputs(ctx: ExportContext, rng) -> dict[str, np.ndarray]:
     h, w = ctx.height // ctx.vae_scale_factor, ctx.width // ctx.vae_scale_factor
     if ctx.controlnet_tokens:
         return {
-            BLOCK_INPUT.format(i): rng.standard_normal(
+            name: rng.standard_normal(
                 (VALIDATION_BATCH, residual_side(h, level) * residual_side(w, level), channels)
             ).astype(np.float32)
-            for i, (level, channels) in enumerate(ctx.controlnet_residuals)
+            for name, (level, channels) in zip(token_inputs(ctx), ctx.controlnet_residuals)
         }
     *down, mid = ctx.controlnet_residuals
     names = [DOWN_INPUT.format(i) for i in range(len(down))] + [MID_INPUT]
@@ -327,10 +424,19 @@ def unet_residual_kwargs(x: dict) -> dict:
     }
 
 
+def is_block_input(name: str) -> bool:
+    return any(name.startswith(pattern.format("")) for pattern in BLOCK_KWARGS.values())
+
+
 def transformer_block_kwargs(x: dict) -> dict:
-    """diffusers' SD3 transformer keyword argument for the block samples among a check's inputs (empty without)."""
-    count = sum(1 for name in x if name.startswith(BLOCK_INPUT.format("")))
-    return {"block_controlnet_hidden_states": [x[BLOCK_INPUT.format(i)] for i in range(count)]} if count else {}
+    """diffusers' transformer keyword arguments for the block samples among a check's inputs (empty without): SD3's
+    block_controlnet_hidden_states, FLUX's controlnet_block_samples and controlnet_single_block_samples."""
+    kwargs = {}
+    for kwarg, pattern in BLOCK_KWARGS.items():
+        count = sum(1 for name in x if name.startswith(pattern.format("")))
+        if count:
+            kwargs[kwarg] = [x[pattern.format(i)] for i in range(count)]
+    return kwargs
 
 
 def _sd3_controlnet_component(c: ControlNetSource) -> ComponentExport:
@@ -365,7 +471,24 @@ def _sd3_controlnet_component(c: ControlNetSource) -> ComponentExport:
     return ComponentExport(c.component, call, inputs)
 
 
+def _flux_controlnet_component(c: ControlNetSource) -> ComponentExport:
+    def inputs(ctx: ExportContext, rng):
+        base = _transformer_inputs(dataclasses.replace(ctx, controlnet_residuals=()), rng)
+        x = dict(base)  # the transformer's own inputs, guidance where it embeds it (matched at load)
+        # the control image's packed latents, scaled as the pipeline scales them (about unit variance)
+        x["controlnet_cond"] = rng.standard_normal(base["hidden_states"].shape).astype(np.float32)
+        return x
+
+    def call(model, x):
+        double, single = model(**x, return_dict=False)
+        return [*(double or ()), *(single or ())]
+
+    return ComponentExport(c.component, call, inputs)
+
+
 def controlnet_component(c: ControlNetSource) -> ComponentExport:
+    if c.flux:
+        return _flux_controlnet_component(c)
     if c.tokens:
         return _sd3_controlnet_component(c)
 
@@ -423,11 +546,14 @@ def spatial_axes(level: int) -> dict[int, str]:
     return {0: "batch_size", 2: f"height_down{level}", 3: f"width_down{level}"}
 
 
-def export_config(model_config, inputs: dict, outputs: dict, dummies):
-    """An optimum config (on its UNet one) with these inputs and outputs, tracing on `dummies()` (name -> array)."""
+def export_config(model_config, inputs: dict, outputs: dict, dummies, patcher=None):
+    """An optimum config (on its UNet one) with these inputs and outputs, tracing on `dummies()` (name -> array),
+    under `patcher` (optimum's model patcher; FLUX's makes the rotary embedding follow the token count)."""
     from optimum.exporters.onnx.model_configs import UNetOnnxConfig
 
     class FlatConfig(UNetOnnxConfig):
+        _MODEL_PATCHER = patcher or UNetOnnxConfig._MODEL_PATCHER
+
         @property
         def inputs(self):
             return dict(inputs)
@@ -490,6 +616,14 @@ def unet_for_export(unet, ctx: ExportContext, trace_ctx: ExportContext):
 
 
 TOKEN_AXES = {0: "batch_size", 1: "image_tokens"}  # SD3's block samples
+PACKED_AXES = {0: "batch_size", 1: "packed_height_width"}  # FLUX's tokens, as optimum names them
+FLUX_AXES = {  # a FLUX ControlNet's inputs, as optimum's FLUX transformer's; others {0: "batch_size"}
+    "hidden_states": PACKED_AXES,
+    "controlnet_cond": PACKED_AXES,
+    "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"},
+    "img_ids": {0: "packed_height_width"},
+    "txt_ids": {0: "sequence_length"},
+}
 
 
 def denoiser_for_export(pipe, optimum_models: dict, ctx: ExportContext, trace_ctx: ExportContext) -> dict:
@@ -499,29 +633,44 @@ def denoiser_for_export(pipe, optimum_models: dict, ctx: ExportContext, trace_ct
     return {"transformer": transformer_for_export(pipe.transformer, optimum_models["transformer"][1], ctx, trace_ctx)}
 
 
-def used_blocks(transformer, count: int) -> set[int]:
-    """The block samples (of `count`) the SD3 transformer adds, by diffusers' mapping of its blocks onto them; the
-    last block adds none, so a ControlNet as deep as the transformer gives one that no block reads."""
-    blocks = transformer.transformer_blocks
-    interval = len(blocks) / count
-    return {int(i / interval) for i, block in enumerate(blocks) if block.context_pre_only is False}
+def used_inputs(transformer, ctx: ExportContext) -> set[str]:
+    """The block-sample inputs the transformer adds, by diffusers' mapping of its blocks onto them. SD3: its last
+    block adds none, so a ControlNet as deep as the transformer gives one that no block reads; FLUX: each stream's
+    blocks take a sample every ceil(blocks / samples) blocks (interval_control), so samples past the last one are
+    left unread."""
+    names = token_inputs(ctx)
+    if ctx.packing == 1:
+        blocks = transformer.transformer_blocks
+        interval = len(blocks) / len(names)
+        return {names[int(i / interval)] for i, block in enumerate(blocks) if block.context_pre_only is False}
+    double = len(names) - ctx.controlnet_single_blocks
+    used = set()
+    for blocks, group in (
+        (transformer.transformer_blocks, names[:double]),
+        (transformer.single_transformer_blocks, names[double:]),
+    ):
+        if group:
+            interval = math.ceil(len(blocks) / len(group))
+            used |= {group[i // interval] for i in range(len(blocks))}
+    return used
 
 
 def transformer_for_export(transformer, optimum_config, ctx: ExportContext, trace_ctx: ExportContext):
-    """(module, optimum config) of the SD3 transformer taking the ControlNet block samples it adds as inputs (the
-    exporter would drop one that no block reads); its other inputs and its output keep optimum's names and axes."""
+    """(module, optimum config) of the SD3 or FLUX transformer taking the ControlNet block samples it adds as inputs
+    (the exporter would drop one that no block reads); its other inputs and its output keep optimum's names and
+    axes."""
     from types import SimpleNamespace
 
     from .specs import _transformer_call
 
-    count = len(ctx.controlnet_residuals)
-    unused = {BLOCK_INPUT.format(i) for i in set(range(count)) - used_blocks(transformer, count)}
+    unused = set(token_inputs(ctx)) - used_inputs(transformer, ctx)
     example = _transformer_inputs(ctx, np.random.default_rng(1))
     names = [name for name in example if name not in unused]
-    axes = {name: dict(optimum_config.inputs.get(name) or TOKEN_AXES) for name in names}
+    token_axes = PACKED_AXES if ctx.packing > 1 else TOKEN_AXES
+    axes = {name: dict(optimum_config.inputs.get(name) or token_axes) for name in names}
 
     def call(model, x):
-        read = next(x[name] for name in names if name.startswith(BLOCK_INPUT.format("")))
+        read = next(x[name] for name in names if is_block_input(name))
         filled = {**x, **dict.fromkeys(unused, read)}  # placeholders: diffusers counts them, no block reads them
         return _transformer_call(SimpleNamespace(transformer=model), filled)
 
@@ -529,7 +678,8 @@ def transformer_for_export(transformer, optimum_config, ctx: ExportContext, trac
         return {k: v for k, v in _transformer_inputs(trace_ctx, np.random.default_rng(1)).items() if k in names}
 
     module = flat_module(transformer, names, call)
-    return module, export_config(transformer.config, axes, dict(optimum_config.outputs), dummies)
+    patcher = type(optimum_config)._MODEL_PATCHER
+    return module, export_config(transformer.config, axes, dict(optimum_config.outputs), dummies, patcher)
 
 
 def controlnet_for_export(c: ControlNetSource, ctx: ExportContext, trace_ctx: ExportContext):
@@ -538,8 +688,11 @@ def controlnet_for_export(c: ControlNetSource, ctx: ExportContext, trace_ctx: Ex
     component = controlnet_component(c)
     example = component.random_inputs(ctx, np.random.default_rng(1))
     names = list(example)
-    if c.tokens:
-        outputs = {BLOCK_OUTPUT.format(i): dict(TOKEN_AXES) for i in range(len(c.levels))}
+    if c.flux:
+        outputs = {name: dict(PACKED_AXES) for name in c.outputs}
+        axes = {n: dict(FLUX_AXES.get(n, {0: "batch_size"})) for n in example}
+    elif c.tokens:
+        outputs = {name: dict(TOKEN_AXES) for name in c.outputs}
         axes = {
             n: {0: "batch_size", 2: "height", 3: "width"} if v.ndim == 4 else {0: "batch_size"}
             for n, v in example.items()
@@ -558,11 +711,28 @@ def controlnet_for_export(c: ControlNetSource, ctx: ExportContext, trace_ctx: Ex
         axes,
         outputs,
         lambda: component.random_inputs(trace_ctx, np.random.default_rng(1)),
+        _flux_patcher() if c.flux else None,
     )
     return module, config
 
 
+def _flux_patcher():
+    """optimum's FLUX transformer patcher: its blocks are the ControlNet's too."""
+    from optimum.exporters.onnx.model_configs import FluxTransformerOnnxConfig
+
+    return FluxTransformerOnnxConfig._MODEL_PATCHER
+
+
 def controlnet_attributes(c: ControlNetSource) -> dict:
+    if c.flux:
+        return {
+            "controlnet": {
+                "name": c.name,
+                "conditioning_type": c.conditioning_type,
+                "blocks": len(c.levels) - c.single,
+                "single_blocks": c.single,
+            }
+        }
     if c.tokens:
         config = c.model.config
         return {

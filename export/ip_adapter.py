@@ -14,8 +14,12 @@ one check against PyTorch covers the whole path. The scale is a graph input, not
 serves any scale; without a reference image the runtime feeds zero embeddings and scale 0, which adds exactly
 0 to each attention output: the plain UNet's image.
 
-Plain IP-Adapters only (ImageProjection, "proj.weight"): Plus, Full-face and FaceID variants (resamplers, hidden
-states, LoRAs) are refused, naming what was found.
+Two kinds, told apart by the projection's keys as diffusers' loader tells them apart:
+- plain ("proj.weight", ImageProjection): the encoder graph gives the projected `image_embeds` (B, D), 4 tokens;
+- Plus ("latents", "proj_in.weight", IPAdapterPlusImageProjection, a perceiver resampler): the encoder graph gives
+  the penultimate hidden state (B, N, H), as diffusers' encode_image takes it for any projection but ImageProjection,
+  and the UNet's `image_embeds` input has that shape; its tokens are the resampler's queries (16 in the published).
+Full-face and FaceID variants (FaceID needs insightface's face embeddings, not CLIP's) are refused, naming them.
 """
 
 from __future__ import annotations
@@ -31,6 +35,15 @@ from edgediff.runtime.errors import ExportError, ExportOptionsError
 from .specs import VALIDATION_BATCH, ComponentExport, ExportContext, _unet_inputs
 
 COMPONENT = "image_encoder"
+PLAIN, PLUS = "plain", "plus"
+# the encoder graph's output per kind: what diffusers' encode_image hands the projection
+ENCODER_OUTPUTS = {PLAIN: "image_embeds", PLUS: "penultimate_hidden_states"}
+# projections diffusers' loader knows but edgediff does not export, by the key that marks them (checked in order)
+UNSUPPORTED_KINDS = (
+    ("proj.3.weight", "Full-face"),
+    ("perceiver_resampler.proj_in.weight", "FaceID Plus (insightface face embeddings)"),
+    ("norm.weight", "FaceID (insightface face embeddings)"),
+)
 IMAGE_EMBEDS, SCALE_INPUT = "image_embeds", "ip_adapter_scale"  # the UNet's extra inputs
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 DEFAULT_IMAGE_ENCODER = "image_encoder"  # diffusers' image_encoder_folder default, beside the weights
@@ -45,10 +58,24 @@ class IPAdapterSource:
     image_encoder_folder: Path
     encoder: object  # the CLIPVisionModelWithProjection
     tokens: int  # image tokens per reference image
+    kind: str = PLAIN
 
     @property
     def embeds_dim(self) -> int:
-        return int(self.encoder.config.projection_dim)
+        """The width of what the encoder graph gives and the UNet takes."""
+        config = self.encoder.config
+        return int(config.hidden_size if self.kind == PLUS else config.projection_dim)
+
+    @property
+    def embeds_length(self) -> int | None:
+        """Plus: the encoder's hidden-state tokens per image (patches and CLS); None: one embedding per image."""
+        if self.kind != PLUS:
+            return None
+        return (self.image_size // int(self.encoder.config.patch_size)) ** 2 + 1
+
+    @property
+    def encoder_output(self) -> str:
+        return ENCODER_OUTPUTS[self.kind]
 
     @property
     def image_size(self) -> int:
@@ -101,21 +128,9 @@ def load_ip_adapter(source: str | None, image_encoder: str | None, pipe, ctx: Ex
     folder = Path(image_encoder).expanduser() if image_encoder else weights.parent / DEFAULT_IMAGE_ENCODER
     state = read_state_dict(weights)
     projection = state.get("image_proj") or {}
-    if "proj.weight" not in projection:
-        kinds = ", ".join(sorted(projection)[:4]) or "no image_proj keys"
-        raise ExportError(
-            "export_source",
-            source=source,
-            detail=f"IP-Adapter: only the plain IP-Adapter (image_proj.proj.weight) is supported; found {kinds}",
-        )
+    kind = adapter_kind(projection, source)
     encoder = _load_encoder(folder, source)
-    proj = projection["proj.weight"]
-    tokens = int(proj.shape[0]) // ctx.cross_attention_dim
-    problems = []
-    if int(proj.shape[1]) != int(encoder.config.projection_dim):
-        problems.append(f"image embeddings of {proj.shape[1]}, the image encoder's {encoder.config.projection_dim}")
-    if tokens * ctx.cross_attention_dim != int(proj.shape[0]):
-        problems.append(f"projection to {proj.shape[0]} values, not tokens of the text width {ctx.cross_attention_dim}")
+    tokens, problems = _fit(kind, projection, encoder.config, ctx.cross_attention_dim)
     if problems:
         raise ExportError("export_source", source=source, detail=f"IP-Adapter does not fit: {'; '.join(problems)}")
     try:
@@ -124,7 +139,42 @@ def load_ip_adapter(source: str | None, image_encoder: str | None, pipe, ctx: Ex
         detail = f"IP-Adapter does not fit the UNet: {str(exc).splitlines()[0]}"
         raise ExportError("export_source", source=source, detail=detail) from exc
     unet.eval()
-    return IPAdapterSource(weights, folder, encoder, tokens)
+    return IPAdapterSource(weights, folder, encoder, tokens, kind)
+
+
+def adapter_kind(projection: dict, source: str) -> str:
+    """PLAIN or PLUS from the image projection's keys, as diffusers' loader tells them apart; others refused."""
+    if "proj.weight" in projection:
+        return PLAIN
+    if "latents" in projection and "proj_in.weight" in projection:
+        return PLUS
+    found = next((name for key, name in UNSUPPORTED_KINDS if key in projection), None)
+    found = found or ", ".join(sorted(projection)[:4]) or "no image_proj keys"
+    detail = (
+        "IP-Adapter: the plain IP-Adapter (image_proj.proj.weight) and IP-Adapter Plus (image_proj.latents and "
+        f"proj_in) are supported; found {found}"
+    )
+    raise ExportError("export_source", source=source, detail=detail)
+
+
+def _fit(kind: str, projection: dict, encoder_config, cross: int) -> tuple[int, list[str]]:
+    """(image tokens, what does not fit) of the projection between this encoder and the UNet's text width."""
+    if kind == PLUS:  # a resampler: its queries are the tokens, proj_in reads the encoder's hidden states
+        tokens, width, reads = projection["latents"].shape[1], encoder_config.hidden_size, projection["proj_in.weight"]
+        out = projection.get("proj_out.weight")
+        values = None if out is None else int(out.shape[0])
+        fits = values == cross
+    else:  # one linear layer to `tokens` tokens of the text width
+        reads, width = projection["proj.weight"], encoder_config.projection_dim
+        values = int(reads.shape[0])
+        tokens = values // cross
+        fits = tokens > 0 and tokens * cross == values
+    problems = []
+    if int(reads.shape[1]) != int(width):
+        problems.append(f"image embeddings of {reads.shape[1]}, the image encoder's {width}")
+    if not fits:
+        problems.append(f"projection to {values} values, not tokens of the text width {cross}")
+    return int(tokens), problems
 
 
 def _load_encoder(folder: Path, source: str):
@@ -143,11 +193,14 @@ def _load_encoder(folder: Path, source: str):
 
 def with_image_embeds(ctx: ExportContext, ip: IPAdapterSource | None) -> ExportContext:
     """The context whose UNet inputs include the image embeddings and the scale."""
-    return ctx if ip is None else dataclasses.replace(ctx, ip_adapter_embeds_dim=ip.embeds_dim)
+    if ip is None:
+        return ctx
+    return dataclasses.replace(ctx, ip_adapter_embeds_dim=ip.embeds_dim, ip_adapter_embeds_length=ip.embeds_length)
 
 
 def unet_attributes(ip: IPAdapterSource) -> dict:
-    return {"ip_adapter": {"image_embeds": IMAGE_EMBEDS, "scale": SCALE_INPUT, "embeds_dim": ip.embeds_dim}}
+    entry = {"image_embeds": IMAGE_EMBEDS, "scale": SCALE_INPUT, "embeds_dim": ip.embeds_dim}
+    return {"ip_adapter": {**entry, "kind": ip.kind, "embeds_length": ip.embeds_length}}
 
 
 def manifest_entry(ip: IPAdapterSource | None, out: Path) -> dict | None:
@@ -157,9 +210,13 @@ def manifest_entry(ip: IPAdapterSource | None, out: Path) -> dict | None:
         return None
     return {
         "component": COMPONENT,
+        # which encoder output the UNet takes, and so the negative embeddings: plain zeros, Plus the zero image's
+        "kind": ip.kind,
+        "encoder_output": ip.encoder_output,
         "image_embeds": IMAGE_EMBEDS,
         "scale": SCALE_INPUT,
         "embeds_dim": ip.embeds_dim,
+        "embeds_length": ip.embeds_length,  # Plus: hidden-state tokens per image; None: one embedding
         "tokens": ip.tokens,
         # CLIPImageProcessor as diffusers' load_ip_adapter makes it: shortest side and centre crop to this size
         "image_size": ip.image_size,
@@ -174,9 +231,11 @@ def manifest_entry(ip: IPAdapterSource | None, out: Path) -> dict | None:
 
 
 def embeds_inputs(ctx: ExportContext, rng) -> dict[str, np.ndarray]:
-    """Random image embeddings (CLIP's projected embeddings are about unit per value) and a scale."""
+    """Random image embeddings at unit scale (the plain adapter's projected embeddings, or Plus's hidden states)
+    and a scale."""
+    length = () if ctx.ip_adapter_embeds_length is None else (ctx.ip_adapter_embeds_length,)
     return {
-        IMAGE_EMBEDS: rng.standard_normal((VALIDATION_BATCH, ctx.ip_adapter_embeds_dim)).astype(np.float32),
+        IMAGE_EMBEDS: rng.standard_normal((VALIDATION_BATCH, *length, ctx.ip_adapter_embeds_dim)).astype(np.float32),
         SCALE_INPUT: np.array(rng.uniform(0.3, 1.0), dtype=np.float32),
     }
 
@@ -189,7 +248,8 @@ def unet_ip_kwargs(unet, x: dict) -> dict:
     for processor in unet.attn_processors.values():
         if hasattr(processor, "to_k_ip"):
             processor.scale = [x[SCALE_INPUT]]
-    return {"image_embeds": [x[IMAGE_EMBEDS][:, None]]}  # one reference image per row, as the pipelines pass it
+    # one reference image per row, as the pipelines pass it: (B, 1, D) plain, (B, 1, N, H) Plus
+    return {"image_embeds": [x[IMAGE_EMBEDS][:, None]]}
 
 
 def _encoder_inputs(ip: IPAdapterSource):
@@ -200,24 +260,32 @@ def _encoder_inputs(ip: IPAdapterSource):
     return inputs
 
 
-def _encoder_call(encoder, x):
-    return [encoder(pixel_values=x["pixel_values"]).image_embeds]
+def _encoder_call(kind: str):
+    """diffusers' encode_image: the projected embedding, or for Plus the penultimate hidden state."""
+
+    def call(encoder, x):
+        if kind == PLUS:
+            return [encoder(pixel_values=x["pixel_values"], output_hidden_states=True).hidden_states[-2]]
+        return [encoder(pixel_values=x["pixel_values"]).image_embeds]
+
+    return call
 
 
 def encoder_component(ip: IPAdapterSource) -> ComponentExport:
-    return ComponentExport(COMPONENT, _encoder_call, _encoder_inputs(ip))
+    return ComponentExport(COMPONENT, _encoder_call(ip.kind), _encoder_inputs(ip))
 
 
 def encoder_for_export(ip: IPAdapterSource):
-    """(module, optimum config) of the image encoder graph: pixel_values -> image_embeds, at its fixed size."""
+    """(module, optimum config) of the image encoder graph: pixel_values -> its output for the kind, at its fixed
+    size."""
     from .controlnet import export_config, flat_module
 
     component = encoder_component(ip)
-    module = flat_module(ip.encoder, ["pixel_values"], _encoder_call)
+    module = flat_module(ip.encoder, ["pixel_values"], component.torch_call)
     config = export_config(
         ip.encoder.config,
         {"pixel_values": {0: "batch_size"}},
-        {IMAGE_EMBEDS: {0: "batch_size"}},
+        {ip.encoder_output: {0: "batch_size"}},
         lambda: component.random_inputs(None, np.random.default_rng(1)),
     )
     return module, config

@@ -57,9 +57,13 @@ class ExportContext:
     # SD3: the residuals are the transformer's block samples, (batch, tokens, channels) with a token per 2**level
     # latent cells a side
     controlnet_tokens: bool = False
+    # FLUX: the last this many of them are the single-stream blocks' samples, the others the double-stream blocks'
+    controlnet_single_blocks: int = 0
     # bundles with an IP-Adapter: the width of the image embeddings the UNet takes with its scale
     # (export/ip_adapter.py); None without one
     ip_adapter_embeds_dim: int | None = None
+    # IP-Adapter Plus: the encoder's hidden-state tokens per image the UNet takes; None: one embedding per image
+    ip_adapter_embeds_length: int | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,10 @@ def _flux_transformer_inputs(ctx: ExportContext, rng):
     }
     if ctx.guidance_embeds:
         inputs["guidance"] = rng.uniform(1, 10, (VALIDATION_BATCH,)).astype(np.float32)
+    if ctx.controlnet_residuals:  # a bundle with ControlNets: their block samples
+        from .controlnet import residual_inputs
+
+        inputs.update(residual_inputs(ctx, rng))
     return inputs
 
 
@@ -239,10 +247,11 @@ def _text_3_call(pipe, x):
 
 
 def _transformer_call(pipe, x):
-    from .controlnet import transformer_block_kwargs
+    from .controlnet import is_block_input, transformer_block_kwargs
 
     if "img_ids" in x or "encoder_attention_mask" in x:  # FLUX, SANA: the graph's inputs are the call's
-        return [pipe.transformer(**x).sample]
+        plain = {k: v for k, v in x.items() if not is_block_input(k)}  # FLUX's block samples go in as lists
+        return [pipe.transformer(**plain, **transformer_block_kwargs(x)).sample]
     return [
         pipe.transformer(
             hidden_states=x["hidden_states"],

@@ -1,11 +1,11 @@
-"""ControlNets at run time, as diffusers' StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline and
-StableDiffusion3ControlNetPipeline.
+"""ControlNets at run time, as diffusers' StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline,
+StableDiffusion3ControlNetPipeline and FluxControlNetPipeline.
 
-A bundle exported with `--controlnet` holds each ControlNet as a graph of its own, and a UNet (SD3: a transformer)
-that takes their residuals (block samples) as inputs (zeros when a call has no control: UNetDenoiser.feeds,
-SD3Denoiser.feeds). Per step, each active ControlNet runs on the denoiser's own feeds plus its control image; its
-residuals are scaled by its `controlnet_conditioning_scale` and summed over the ControlNets (MultiControlNetModel,
-SD3MultiControlNetModel), then replace the zeros.
+A bundle exported with `--controlnet` holds each ControlNet as a graph of its own, and a UNet (SD3, FLUX: a
+transformer) that takes their residuals (block samples) as inputs (zeros when a call has no control:
+UNetDenoiser.feeds, SD3Denoiser.feeds, FluxDenoiser.feeds). Per step, each active ControlNet runs on the denoiser's
+own feeds plus its control image; its residuals are scaled by its `controlnet_conditioning_scale` and summed over the
+ControlNets (MultiControlNetModel, SD3MultiControlNetModel, FluxMultiControlNetModel), then replace the zeros.
 
     pipe(prompt, control_image=edges)                                    # a bundle with one ControlNet
     pipe(prompt, control_image={"canny": edges, "depth": depth},         # several, by name
@@ -16,7 +16,9 @@ Lanczos (any size is accepted), scaled to [0, 1] (not [-1, 1]), repeated for eve
 the unconditional half of classifier-free guidance. SD3's ControlNets take the control image's VAE latents instead:
 the image in [-1, 1] through the bundle's VAE encoder, one sample per image of the batch drawn from the call's noise
 (diffusers draws it from torch's global generator), then (sample - shift) * the VAE's scaling factor, where the shift
-is the VAE's, or 0 for ControlNets that force zeros for the pooled text (InstantX's), as the pipeline does.
+is the VAE's, or 0 for ControlNets that force zeros for the pooled text (InstantX's), as the pipeline does. FLUX's
+take them shifted by the VAE's shift and packed into tokens as the latents are; with a negative batch (true CFG) they
+run on the prompt's half alone and their samples serve both halves, as FluxControlNetPipeline.
 """
 
 from __future__ import annotations
@@ -47,7 +49,10 @@ def taken_residuals(spec) -> list[dict]:
 
 def zero_residuals(residuals: list[dict], sample: np.ndarray) -> dict[str, np.ndarray]:
     """Zeros for each residual input at `sample`'s batch and size: the denoiser then runs as without ControlNets
-    (SD3's block samples: (batch, tokens, channels))."""
+    (SD3's block samples: (batch, tokens, channels); FLUX's `sample` is already packed, (batch, tokens, width), and
+    its block samples have its tokens)."""
+    if sample.ndim == 3:
+        return {r["name"]: np.zeros((*sample.shape[:2], r["channels"]), np.float32) for r in residuals}
     batch, _, h, w = sample.shape
     return {r["name"]: np.zeros(_residual_shape(r, batch, h, w), np.float32) for r in residuals}
 
@@ -87,7 +92,8 @@ class _Net:
     scale: float
     start: float
     end: float
-    latent_shift: float | None = None  # SD3: `image` is the control image in [-1, 1], to be VAE-encoded
+    latent_shift: float | None = None  # SD3, FLUX: `image` is the control image in [-1, 1], to be VAE-encoded
+    prompt_only: bool = False  # FLUX: with a negative batch, run on the prompt's half, its samples serving both
 
     def scale_at(self, step: int, total: int) -> float:
         """The scale this step, as diffusers' controlnet_keep: 0 outside [start, end] of the steps."""
@@ -126,7 +132,7 @@ class ControlNets:
     ) -> "ControlCall | None":
         """One call's ControlNets with their images, scales and guidance windows; None without control_image.
         `encode(image)`: (batch, C, h, w) latents of a (1, 3, H, W) image in [-1, 1], (sample - the VAE's shift) *
-        its scale, called on the first step (SD3's ControlNets)."""
+        its scale (FLUX: packed into tokens), called on the first step (SD3's and FLUX's ControlNets)."""
         if control_image is None:
             return None
         if not self.entries:
@@ -156,7 +162,8 @@ class ControlNets:
             except (OSError, ValueError, TypeError) as exc:
                 raise InputError("controlnet_image", name=name, detail=exc) from None
             shift = None if latents is None else float(latents["shift_factor"])
-            nets.append(_Net(name, self.entries[name]["component"], image, weight, s, e, shift))
+            prompt_only = bool(self.entries[name].get("prompt_only"))
+            nets.append(_Net(name, self.entries[name]["component"], image, weight, s, e, shift, prompt_only))
         return ControlCall(nets, self.residuals, self.components, timings, encode, self.vae, do_cfg, self.taken)
 
     def _known(self) -> str:
@@ -219,18 +226,24 @@ class ControlCall:
         self.taken = set(self.residual_names) if taken is None else taken  # those the denoiser takes
         # each graph takes the denoiser's feeds it names, besides its control image
         self.inputs = {net.name: [t.name for t in components[net.name].inputs] for net in nets}
+        # those with a batch axis: halved for a ControlNet that runs on the prompt's half alone
+        self.batched = {
+            net.name: {t.name for t in components[net.name].inputs if t.shape and t.shape[0] == "batch_size"}
+            for net in nets
+        }
         self.timings = timings.setdefault("controlnet", [])
         self._encode, self._vae, self._do_cfg = encode, vae, do_cfg
         self._to_encode = [net for net in nets if net.latent_shift is not None]  # SD3's, until the first step
 
     def _encode_images(self) -> None:
-        """SD3: every ControlNet's image to latents, once, in the ControlNets' order."""
+        """SD3, FLUX: every ControlNet's image to latents, once, in the ControlNets' order."""
         shift, scaling = self._vae
         for net in self._to_encode:
             latents = self._encode(net.image.astype(np.float32))  # (sample - the VAE's shift) * scaling
             # this ControlNet's own shift (0 for InstantX's), as StableDiffusion3ControlNetPipeline
             latents = latents + np.float32((shift - net.latent_shift) * scaling)
-            net.image = np.concatenate([latents, latents]) if self._do_cfg else latents
+            both = self._do_cfg and not net.prompt_only
+            net.image = np.concatenate([latents, latents]) if both else latents
         self._to_encode = []
 
     def residuals(self, step: int, total: int, feeds: dict, run: Callable) -> dict[str, np.ndarray]:
@@ -243,9 +256,15 @@ class ControlCall:
             if scale == 0.0:  # diffusers still runs it, and multiplies its residuals by 0
                 continue
             graph_feeds = {name: feeds[name] for name in self.inputs[net.name] if name != "controlnet_cond"}
+            halves = self._do_cfg and net.prompt_only
+            if halves:  # the prompt's half (the negative batch comes first)
+                batched = self.batched[net.name]
+                graph_feeds = {k: v[len(v) // 2 :] if k in batched else v for k, v in graph_feeds.items()}
             t0 = time.perf_counter()
             outputs = run(net.component, controlnet_cond=net.image, **graph_feeds)
             self.timings.append(time.perf_counter() - t0)
+            if halves:
+                outputs = [np.concatenate([o, o]) for o in outputs]
             scaled = [o.astype(np.float32) * np.float32(scale) for o in outputs]
             summed = scaled if summed is None else [a + b for a, b in zip(summed, scaled)]
         if summed is None:

@@ -4,8 +4,10 @@ with `load_ip_adapter`.
 A bundle exported with `--ip-adapter` holds the CLIP vision encoder as a graph of its own (`image_encoder`:
 normalised pixels -> image_embeds) and a UNet that takes `image_embeds` and `ip_adapter_scale` as inputs, the image
 projection inside it (export/ip_adapter.py). Per call the reference image is encoded once; classifier-free
-guidance's unconditional half gets zero embeddings, as diffusers' encode_image gives the plain IP-Adapter. Without
-a reference image the UNet gets zero embeddings at scale 0: exactly the plain model's image.
+guidance's unconditional half gets what diffusers' encode_image gives it: zero embeddings for the plain IP-Adapter,
+the encoder's penultimate hidden state of a zero image (zeros after CLIP's normalisation) for IP-Adapter Plus,
+encoded in the same run as the reference image. Without a reference image the UNet gets zero embeddings at scale 0:
+exactly the plain model's image.
 
     pipe(prompt, ip_adapter_image=reference, ip_adapter_scale=0.6)
 
@@ -42,12 +44,14 @@ def clip_pixels(image, size: int, mean, std) -> np.ndarray:
     return array.transpose(2, 0, 1)[None].astype(np.float32)
 
 
+PLUS = "plus"  # manifest.ip_adapter["kind"]; bundles before Plus have none and are plain
+
+
 def idle_feeds(entry: dict, rows: int) -> dict[str, np.ndarray]:
     """The UNet's IP-Adapter inputs when a call has no reference image: zero embeddings at scale 0."""
-    return {
-        entry["image_embeds"]: np.zeros((rows, int(entry["embeds_dim"])), np.float32),
-        entry["scale"]: np.array(0.0, np.float32),
-    }
+    length = entry.get("embeds_length")  # Plus: hidden-state tokens per image
+    shape = (rows, int(entry["embeds_dim"])) if length is None else (rows, int(length), int(entry["embeds_dim"]))
+    return {entry["image_embeds"]: np.zeros(shape, np.float32), entry["scale"]: np.array(0.0, np.float32)}
 
 
 class IPAdapter:
@@ -73,10 +77,14 @@ class IPAdapter:
             pixels = clip_pixels(image, int(e["image_size"]), e["image_mean"], e["image_std"])
         except (OSError, ValueError, TypeError) as exc:
             raise InputError("ip_adapter_image", detail=exc) from None
+        plus = e.get("kind") == PLUS
+        if plus and do_cfg:  # diffusers encodes torch.zeros_like(pixel_values) for Plus's negative
+            pixels = np.concatenate([pixels, np.zeros_like(pixels)])
         t0 = time.perf_counter()
-        embeds = run(e["component"], pixel_values=pixels)[0].astype(np.float32)
+        encoded = run(e["component"], pixel_values=pixels)[0].astype(np.float32)
         timings.setdefault(e["component"], []).append(time.perf_counter() - t0)
-        embeds = np.repeat(embeds, batch, axis=0)  # one reference image for every image of the call
+        embeds = np.repeat(encoded[:1], batch, axis=0)  # one reference image for every image of the call
         if do_cfg:
-            embeds = np.concatenate([np.zeros_like(embeds), embeds])
+            negative = np.repeat(encoded[1:], batch, axis=0) if plus else np.zeros_like(embeds)
+            embeds = np.concatenate([negative, embeds])
         return {e["image_embeds"]: embeds, e["scale"]: np.array(scale, np.float32)}

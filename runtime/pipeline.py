@@ -512,8 +512,8 @@ class Pipeline:
             noise_sources = [np.random.default_rng(s) for s in seeds]
         step_noise = _BatchNoise(noise_sources)
 
-        def encode_control(x):  # SD3's ControlNets: the control images' VAE samples, drawn at step 0
-            return self._encode_input(x, batch, step_noise, cancel)
+        def encode_control(x):  # SD3's and FLUX's ControlNets: the control images' VAE samples, drawn at step 0
+            return denoiser.pack(self._encode_input(x, batch, step_noise, cancel))
 
         control = self.controlnets.prepare(*call.control, height, width, batch, do_cfg, timings, encode_control)
         fixed.update(  # the reference image's embeddings in place of the UNet's zeros

@@ -18,6 +18,7 @@ import inspect
 import numpy as np
 
 from ..conditioning import LengthTokenizers, prompts_for, run_timed, sequence_length, text_encoders
+from ..control import taken_residuals, zero_residuals
 from ..tokenizer import PromptTokenizer
 from .base import flow_start_index, per_row
 
@@ -91,6 +92,7 @@ class FluxDenoiser:
         self.vae_scale = int(m.vae_scale_factor)
         self.embeds_guidance = bool(m.conditioning.get("guidance_embedding"))
         self.in_channels = m.latent_channels  # the latent grid's (the graph's tokens are packing^2 times wider)
+        self.residuals = taken_residuals(m.components["transformer"])  # with ControlNets: the block samples it takes
 
     def _tokens(self, height: int, width: int) -> tuple[int, int]:
         """The packed token grid (rows, cols) of an image of height x width pixels."""
@@ -116,7 +118,10 @@ class FluxDenoiser:
     def feeds(self, model_in, timestep, fixed) -> dict[str, np.ndarray]:
         # FluxPipeline feeds t / 1000 per batch row (the transformer scales it back)
         t = np.float32(timestep) / np.float32(1000)
-        return {"hidden_states": model_in, "timestep": per_row(model_in, t), **fixed}
+        feeds = {"hidden_states": model_in, "timestep": per_row(model_in, t), **fixed}
+        if self.residuals:  # zeros: no control (the pipeline puts active ControlNets' block samples in their place)
+            feeds.update(zero_residuals(self.residuals, model_in))
+        return feeds
 
     def prediction(self, output: np.ndarray) -> np.ndarray:
         return output

@@ -1,6 +1,7 @@
 """IP-Adapter bundles: a tiny random plain IP-Adapter (random image projection and cross-attention layers, a tiny
 CLIPVisionModelWithProjection) in h94/IP-Adapter's folder layout, loaded into diffusers with `load_ip_adapter` and
-exported with `--ip-adapter`, against diffusers from the same reference image and latents; scale 0; bad input."""
+exported with `--ip-adapter`, against diffusers from the same reference image and latents; the same for a tiny
+random IP-Adapter Plus (a perceiver resampler over the encoder's penultimate hidden state); scale 0; bad input."""
 
 import importlib
 
@@ -15,7 +16,12 @@ from PIL import Image, ImageDraw  # noqa: E402
 from references import PIXEL_ATOL, PROMPTS, text_to_image_reference  # noqa: E402
 from tiny_models import tiny_bundle, tiny_ip_adapter, tiny_ip_adapter_bundle, tiny_source  # noqa: E402
 
-from edgediff.models.random_init import IP_ADAPTER_SUBFOLDER, IP_ADAPTER_WEIGHT_NAME  # noqa: E402
+from edgediff.models.random_init import (  # noqa: E402
+    ARCHS,
+    IP_ADAPTER_SUBFOLDER,
+    IP_ADAPTER_WEIGHT_NAME,
+    TINY_IMAGE_ENCODER,
+)
 from edgediff.runtime import Bundle, InputError, Pipeline  # noqa: E402
 from edgediff.runtime.ip_adapter import clip_pixels  # noqa: E402
 
@@ -26,6 +32,10 @@ SCALE = 0.6
 IMAGES_PER_PROMPT = 2
 # CLIPImageProcessor rescales and normalises in float64 before casting; ours in float32
 PIXEL_VALUES_ATOL = 1e-5
+NO_CFG = 1.0  # diffusers guides only above 1
+# a tiny IP-Adapter Plus resampler: diffusers fixes 4 blocks of 64-wide heads; 16 queries as the published ones
+PLUS_TOKENS, PLUS_WIDTH, PLUS_HEADS, PLUS_DEPTH, HEAD_WIDTH, FFN_RATIO = 16, 48, 2, 4, 64, 4
+PLUS_WEIGHT_NAME = "ip-adapter-plus_tiny.safetensors"
 _PIPELINES = {
     False: ("StableDiffusionPipeline", "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion"),
     True: ("StableDiffusionXLPipeline", "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl"),
@@ -54,7 +64,86 @@ def _latents(manifest, seed=0):
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
-def _diffusers_images(arch, root, manifest, latents, monkeypatch):
+_PLUS: dict[tuple, object] = {}  # the Plus adapters and bundles, built once per run
+
+
+def _plus_adapter(arch: str, root):
+    """A random IP-Adapter Plus for `arch`'s UNet with the original resampler's key names, beside its own tiny
+    encoder, as load_ip_adapter(folder, subfolder="models", ...) reads it."""
+    key = ("adapter", arch)
+    if key in _PLUS:
+        return _PLUS[key]
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    folder = root / f"ip-adapter-plus-{arch}"
+    torch.manual_seed(5)
+    CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_IMAGE_ENCODER)).save_pretrained(
+        folder / IP_ADAPTER_SUBFOLDER / "image_encoder"
+    )
+    unet = UNet2DConditionModel(**ARCHS[arch]["unet"])
+    cross, width, inner = unet.config.cross_attention_dim, PLUS_WIDTH, PLUS_HEADS * HEAD_WIDTH
+    generator = torch.Generator().manual_seed(25)
+
+    def rand(*shape, std=None):  # linear layers at 1/sqrt(fan in), so that the resampler's values stay unit
+        return torch.randn(*shape, generator=generator) * (std if std is not None else shape[-1] ** -0.5)
+
+    def norm(prefix, size):
+        return {f"{prefix}.weight": 1.0 + rand(size, std=0.1), f"{prefix}.bias": rand(size, std=0.1)}
+
+    weights = {
+        "latents": rand(1, PLUS_TOKENS, width),
+        "proj_in.weight": rand(width, TINY_IMAGE_ENCODER["hidden_size"]),
+        "proj_in.bias": rand(width, std=0.1),
+        "proj_out.weight": rand(cross, width),
+        "proj_out.bias": rand(cross, std=0.1),
+        **norm("norm_out", cross),
+    }
+    for i in range(PLUS_DEPTH):  # [PerceiverAttention, FeedForward(LayerNorm, Linear, GELU, Linear)]
+        weights.update(
+            {
+                **norm(f"layers.{i}.0.norm1", width),
+                **norm(f"layers.{i}.0.norm2", width),
+                f"layers.{i}.0.to_q.weight": rand(inner, width),
+                f"layers.{i}.0.to_kv.weight": rand(2 * inner, width),
+                f"layers.{i}.0.to_out.weight": rand(width, inner),
+                **norm(f"layers.{i}.1.0", width),
+                f"layers.{i}.1.1.weight": rand(FFN_RATIO * width, width),
+                f"layers.{i}.1.3.weight": rand(width, FFN_RATIO * width),
+            }
+        )
+    weights = {f"image_proj.{k}": v for k, v in weights.items()}
+    modules = dict(unet.named_modules())
+    key_id = 1  # diffusers' numbering: every attention layer counted, the cross-attention ones odd
+    for name in unet.attn_processors:
+        if not name.endswith("attn1.processor"):
+            hidden = modules[name.removesuffix(".processor")].to_k.weight.shape[0]
+            weights[f"ip_adapter.{key_id}.to_k_ip.weight"] = rand(hidden, cross, std=0.3)
+            weights[f"ip_adapter.{key_id}.to_v_ip.weight"] = rand(hidden, cross, std=0.3)
+            key_id += 2
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / IP_ADAPTER_SUBFOLDER / PLUS_WEIGHT_NAME))
+    _PLUS[key] = folder
+    return folder
+
+
+def _plus_bundle(arch: str, root):
+    from edgediff.export.bundle_writer import write_onnx_bundle
+    from edgediff.export.options import ExportOptions
+
+    key = ("bundle", arch)
+    if key not in _PLUS:
+        weights = _plus_adapter(arch, root) / IP_ADAPTER_SUBFOLDER / PLUS_WEIGHT_NAME
+        _PLUS[key] = write_onnx_bundle(
+            str(tiny_source(arch, root)),
+            root / f"bundle-{arch}-ip-adapter-plus",
+            ExportOptions(ip_adapter=str(weights)),
+            progress=False,
+        )
+    return _PLUS[key]
+
+
+def _diffusers_images(arch, root, manifest, latents, monkeypatch, plus=False, guidance=GUIDANCE):
     from diffusers import EulerDiscreteScheduler
 
     sdxl = "text_encoder_2" in manifest.components
@@ -62,9 +151,9 @@ def _diffusers_images(arch, root, manifest, latents, monkeypatch):
     extra = {"add_watermarker": False} if sdxl else {"safety_checker": None, "requires_safety_checker": False}
     pipe = getattr(diffusers, class_name).from_pretrained(str(tiny_source(arch, root)), **extra)
     pipe.load_ip_adapter(
-        str(tiny_ip_adapter(arch, root)),
+        str(_plus_adapter(arch, root) if plus else tiny_ip_adapter(arch, root)),
         subfolder=IP_ADAPTER_SUBFOLDER,
-        weight_name=IP_ADAPTER_WEIGHT_NAME,
+        weight_name=PLUS_WEIGHT_NAME if plus else IP_ADAPTER_WEIGHT_NAME,
         image_encoder_folder="image_encoder",
     )
     pipe.set_ip_adapter_scale(SCALE)
@@ -76,7 +165,7 @@ def _diffusers_images(arch, root, manifest, latents, monkeypatch):
         ip_adapter_image=REFERENCE,
         num_images_per_prompt=IMAGES_PER_PROMPT,
         num_inference_steps=STEPS,
-        guidance_scale=GUIDANCE,
+        guidance_scale=guidance,
         latents=torch.from_numpy(latents),
         height=manifest.defaults["height"],
         width=manifest.defaults["width"],
@@ -102,6 +191,27 @@ def test_ip_adapter_matches_diffusers(models_root, monkeypatch, arch):
     assert np.abs(ours.images - theirs).max() <= PIXEL_ATOL
     assert np.abs(ours.images - plain).max() > 10 * PIXEL_ATOL  # the reference image changes the picture
     assert len(ours.timings["image_encoder"]) == 1  # encoded once per call
+
+
+@pytest.mark.parametrize(("arch", "guidance"), [("tiny-sd1", GUIDANCE), ("tiny-sd1", NO_CFG), ("tiny-sdxl", GUIDANCE)])
+def test_ip_adapter_plus_matches_diffusers(models_root, monkeypatch, arch, guidance):
+    """Plus: the resampler over the penultimate hidden state; with CFG the negative is the zero image's."""
+    pipe = Pipeline.from_bundle(_plus_bundle(arch, models_root), provider="cpu", sampler=SAMPLER)
+    latents = _latents(pipe.manifest)
+    common = dict(
+        num_images_per_prompt=IMAGES_PER_PROMPT,
+        num_inference_steps=STEPS,
+        guidance_scale=guidance,
+        latents=latents,
+        output_type="np",
+    )
+    ours = pipe(PROMPTS, ip_adapter_image=REFERENCE, ip_adapter_scale=SCALE, **common)
+    theirs = _diffusers_images(arch, models_root, pipe.manifest, latents, monkeypatch, plus=True, guidance=guidance)
+    plain = pipe(PROMPTS, **common).images  # no reference image: zero hidden states at scale 0
+    assert ours.images.shape == theirs.shape
+    assert np.abs(ours.images - theirs).max() <= PIXEL_ATOL
+    assert np.abs(ours.images - plain).max() > 10 * PIXEL_ATOL
+    assert len(ours.timings["image_encoder"]) == 1  # the reference and the zero image in one run
 
 
 def test_scale_zero_is_the_plain_image(models_root, monkeypatch):
@@ -153,6 +263,23 @@ def test_manifest_records_the_ip_adapter(models_root):
     assert entry["source"].endswith(IP_ADAPTER_WEIGHT_NAME)
 
 
+def test_manifest_records_the_plus_kind(models_root):
+    m = Bundle.open(_plus_bundle("tiny-sd1", models_root)).manifest
+    entry = m.ip_adapter
+    assert (entry["kind"], entry["tokens"], entry["encoder_output"]) == (
+        "plus",
+        PLUS_TOKENS,
+        "penultimate_hidden_states",
+    )
+    patches = (TINY_IMAGE_ENCODER["image_size"] // TINY_IMAGE_ENCODER["patch_size"]) ** 2
+    unet_inputs = {t.name: t.shape for t in m.components["unet"].inputs}
+    assert unet_inputs[entry["image_embeds"]][1:] == [patches + 1, TINY_IMAGE_ENCODER["hidden_size"]]
+    assert [t.name for t in m.components["image_encoder"].outputs] == [entry["encoder_output"]]
+    checks = m.provenance["export_check"]["max_rel_diff"]
+    assert set(checks["image_encoder"]) == {"penultimate_hidden_states"}
+    assert Bundle.open(tiny_ip_adapter_bundle("tiny-sd1", models_root)).manifest.ip_adapter["kind"] == "plain"
+
+
 # --- bad input ---------------------------------------------------------------------------------------------------
 
 
@@ -185,6 +312,28 @@ def test_export_options_that_do_not_combine(tmp_path):
         (tmp_path / name).write_bytes(b"")
     with pytest.raises(ExportError, match="name the weights file.*a.safetensors, b.bin"):
         find_weights(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("keys", "named"),
+    [
+        (["proj.0.weight", "proj.2.weight", "norm.weight"], "FaceID"),
+        (["perceiver_resampler.proj_in.weight", "proj.0.weight"], "FaceID Plus"),
+        (["proj.0.weight", "proj.3.weight"], "Full-face"),
+    ],
+)
+def test_unsupported_kinds_are_refused(tmp_path, keys, named):
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+
+    from edgediff.export.ip_adapter import load_ip_adapter
+    from edgediff.runtime.errors import ExportError
+
+    weights = tmp_path / "ip-adapter-other.safetensors"
+    save_file({f"image_proj.{k}": torch.zeros(2, 2) for k in keys}, str(weights))
+    with pytest.raises(ExportError, match=f"plain IP-Adapter.*IP-Adapter Plus.*supported; found {named}"):
+        load_ip_adapter(str(weights), None, SimpleNamespace(unet=object()), None)
 
 
 def test_cli_reference_image(models_root, tmp_path):
