@@ -639,7 +639,9 @@ def smoke_config() -> ShippedConfig:
     )
 
 
-def run_stages(stages, run: Path, cfg: ShippedConfig) -> None:
+def run_stages(stages, run: Path, cfg, runners=None) -> None:
+    """Runs `stages` in order under `run`, skipping those already done (RUNNERS, or a training script's own)."""
+    runners = RUNNERS if runners is None else runners
     run.mkdir(parents=True, exist_ok=True)
     for stage in stages:
         done = run / f"{stage}.done"
@@ -647,23 +649,28 @@ def run_stages(stages, run: Path, cfg: ShippedConfig) -> None:
             log.info("%s already done", stage)
             continue
         t0 = time.time()
-        RUNNERS[stage](cfg, run)
+        runners[stage](cfg, run)
         done.write_text(f"{time.time() - t0:.1f} seconds\n")
         log.info("%s done in %.0f s", stage, time.time() - t0)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("stage", choices=("all", *STAGES))
-    parser.add_argument("--run", type=Path, default=Path("runs/shipped"), help="checkpoints, logs, outputs")
+def command_line(doc: str, stages, runners, default_run: Path, config, smoke) -> None:
+    """The command line of a shipped model's training script: one stage or all, resumable, or a smoke run."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("stage", choices=("all", *stages))
+    parser.add_argument("--run", type=Path, default=default_run, help="checkpoints, logs, outputs")
     parser.add_argument("--smoke", action="store_true", help="a few steps of each stage (for tests)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
         _torch().set_num_threads(args.threads)
-    cfg = smoke_config() if args.smoke else ShippedConfig()
-    run_stages(STAGES if args.stage == "all" else (args.stage,), args.run, cfg)
+    cfg = smoke() if args.smoke else config()
+    run_stages(stages if args.stage == "all" else (args.stage,), args.run, cfg, runners)
+
+
+def main() -> None:
+    command_line(__doc__, STAGES, RUNNERS, Path("runs/shipped"), ShippedConfig, smoke_config)
 
 
 if __name__ == "__main__":

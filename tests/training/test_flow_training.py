@@ -1,0 +1,102 @@
+"""A few steps of every stage of the flow-matching (SD3-family) model's training, then its export: the assembled
+StableDiffusion3Pipeline folder loads in diffusers, exports with edgediff (T5 included), and the bundle draws what
+diffusers draws from the same latents."""
+
+import gc
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from references import PIXEL_ATOL  # noqa: E402
+
+PROMPT = "a large red circle at the left on a blue background"
+
+
+@pytest.fixture
+def one_thread():
+    """The smoke run's tensors are tiny: a second thread only adds synchronisation, and on a busy machine it made
+    this test three times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_every_flow_stage_runs_resumes_and_assembles_an_exportable_sd3_model(tmp_path, one_thread):
+    from edgediff.export import export_bundle
+    from edgediff.runtime import Pipeline
+    from training.flow import STAGES, run_stages, smoke_config
+
+    cfg = smoke_config()
+    run = tmp_path / "run"
+    run_stages(STAGES, run, cfg)
+    assert all((run / f"{s}.done").exists() for s in STAGES)
+    assert (run / "teacher" / "ckpt.pt").exists() and (run / "distill" / "ckpt.pt").exists()
+    assert len(list((run / "pairs").glob("chunk_*.npz"))) == 2  # 6 pairs in chunks of 4
+    # resuming a finished stage from its checkpoint does no more steps and still writes its outputs
+    (run / "distill.done").unlink()
+    run_stages(["distill"], run, cfg)
+    assert (run / "distill" / "transformer" / "config.json").exists()
+
+    _assert_pairs_are_the_teacher_pipelines_samples(run, cfg)
+
+    source = run / "assembled" / "student"
+    # what is alive now (torch, diffusers, the run's models) is no garbage: frozen, it is skipped by the export's
+    # many gc.collect() calls, which otherwise take a third of the export
+    gc.freeze()
+    try:
+        bundle = export_bundle(str(source), tmp_path / "bundle", progress=False, default_steps=1, default_guidance=0.0)
+    finally:
+        gc.unfreeze()
+    pipe = Pipeline.from_bundle(bundle, provider="cpu", threads=1)
+    m = pipe.manifest
+    assert m.denoiser == "transformer" and m.latent_channels == 4 and m.conditioning["t5"]
+    assert (m.vae_scale_factor, m.vae_shift_factor) == (4, 0.0)
+    call = dict(num_inference_steps=1, guidance_scale=0.0, max_sequence_length=cfg.t5_length)
+    image = pipe(PROMPT, seed=0, output_type="np", **call).images
+    assert image.shape == (1, cfg.image_size, cfg.image_size, 3) and np.isfinite(image).all()
+
+    # diffusers on the assembled folder and the bundle, from the same latents (as tests/export/test_sd3.py)
+    latents = np.random.default_rng(0).standard_normal((1, 4, 16, 16)).astype(np.float32)
+    ours = pipe(PROMPT, latents=latents, output_type="np", **call).images
+    reference = diffusers.StableDiffusion3Pipeline.from_pretrained(str(source))
+    reference.set_progress_bar_config(disable=True)
+    reference.scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(m.scheduler["config"])
+    theirs = reference(PROMPT, latents=torch.from_numpy(latents), output_type="np", **call).images
+    assert ours.shape == theirs.shape == (1, cfg.image_size, cfg.image_size, 3)
+    assert np.abs(ours - theirs).max() <= PIXEL_ATOL
+
+
+def _assert_pairs_are_the_teacher_pipelines_samples(run, cfg):
+    """A reflow pair's end is what the assembled teacher pipeline draws from its noise, prompt and guidance."""
+    chunk = np.load(run / "pairs" / "chunk_00000.npz")
+    teacher = diffusers.StableDiffusion3Pipeline.from_pretrained(str(run / "assembled" / "teacher"))
+    teacher.set_progress_bar_config(disable=True)
+    latents = teacher(
+        str(chunk["captions"][0]),
+        latents=torch.from_numpy(chunk["noise"][:1]),
+        num_inference_steps=cfg.pair_steps,
+        guidance_scale=cfg.guidance,
+        max_sequence_length=cfg.t5_length,
+        output_type="latent",
+    ).images
+    np.testing.assert_allclose(latents.numpy(), chunk["x0"][:1], atol=1e-4)
+
+
+def test_flow_targets_agree_with_the_runtime_parametrisation():
+    """What the teacher and the student learn to output (flow.flow_path) turns back into the same x_0 and noise
+    through the runtime's flow parametrisation, the one-step end t = 1 included."""
+    from edgediff.runtime.schedulers.parametrization import flow_x0_eps
+    from training.flow import flow_path
+
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 16, 16, generator=g), torch.randn(3, 4, 16, 16, generator=g)
+    t = torch.tensor([0.001, 0.5, 1.0])
+    x_t, velocity = flow_path(x0, noise, t)
+    for i in range(3):
+        x0_rt, eps_rt = flow_x0_eps(velocity[i].numpy(), x_t[i].numpy(), t[i].item())
+        np.testing.assert_allclose(x0_rt, x0[i].numpy(), atol=1e-5)
+        np.testing.assert_allclose(eps_rt, noise[i].numpy(), atol=1e-5)
