@@ -97,9 +97,10 @@ def test_half_precision_weights_load_as_stored_and_are_widened_for_their_own_exp
     loaded = load_pipeline(str(half), stored_dtype=True)
     assert loaded.unet.dtype == torch.bfloat16 and load_pipeline(str(half)).unet.dtype == torch.float32
     stages = {s.name: s.bytes for s in memory_plan.check_source(str(half))}
-    assert stages["loading the source"] < {s.name: s.bytes for s in memory_plan.check_source(str(widened))}[
-        "loading the source"
-    ]
+    assert (
+        stages["loading the source"]
+        < {s.name: s.bytes for s in memory_plan.check_source(str(widened))}["loading the source"]
+    )
 
     images = []
     for source in (half, widened):
