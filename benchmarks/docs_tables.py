@@ -32,6 +32,9 @@ BUNDLE_LABELS = {
     "sd-turbo-sliced-int8s": "int8-static, head-sliced attention",
     "sd-turbo-fp32-opt": "fp32, `--optimize`",
     "sd-turbo-int4-sliced": "int4 (4-bit MatMuls and convolutions), head-sliced attention",
+    "sd-turbo-int4-seg2": "int4, head-sliced attention, UNet in 2 segments",
+    "sd-turbo-int4-seg3": "int4, head-sliced attention, UNet in 3 segments",
+    "sd-turbo-int4-seg4": "int4, head-sliced attention, UNet in 4 segments",
 }
 TINY_DECODERS = {
     "sd-turbo-int8s-fmm": "fp32 tiny decoder",
@@ -127,6 +130,7 @@ TABLES = {
             Source(E + "2026-11-26-low-memory.json", (1,)),
             Source(E + "2026-11-26-low-memory-sliced.json"),
             Source(E + "2026-12-02-low-memory-int4.json"),
+            Source(E + "2026-12-02-low-memory-segments.json"),
         ),
         full_decoder=True,
         headers={"total": "whole image (opening each graph included)"},

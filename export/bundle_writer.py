@@ -222,7 +222,7 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
             ctx = ipa.with_image_embeds(ctx, ip_adapter)  # the UNet then takes image embeddings and a scale
             sliced_layers = use_attention(unet, "sliced") if attention == "sliced" else 0
 
-        text = write_text_conditioning(pipe, staging)
+        text = write_text_conditioning(pipe, staging, ctx.max_sequence_length)
         optimum_models = models_for_export(pipe)  # optimum's, or SANA's set up in sana.py
         trace_ctx = trace_context(check_context(ctx, True))
         if ip_adapter is not None:  # the UNet's inputs besides optimum's (and any ControlNet residuals)

@@ -59,9 +59,10 @@ def resolve_scheduler(pipe, family) -> dict:
     return {"name": sampler, "config": SAMPLERS[sampler].config_class.from_dict(config).to_dict()}
 
 
-def write_text_conditioning(pipe, staging: Path) -> tuple[dict, dict]:
+def write_text_conditioning(pipe, staging: Path, max_sequence_length: int | None = None) -> tuple[dict, dict]:
     """Writes each text encoder's tokenizer; returns the manifest's `tokenizer` entry and its `conditioning`:
-    which encoders run, which output each gives the UNet, and SDXL's pooled text and micro-conditioning."""
+    which encoders run, which output each gives the UNet, and SDXL's pooled text and micro-conditioning.
+    `max_sequence_length`: SD3's T5 tokens (source.sd3_max_sequence_length; None: the pipeline's default)."""
     if is_sana(pipe):  # Gemma's tokenizer pads to the call's length (the instruction prefix's tokens added)
         tokenizer_entry = write_tokenizer_json(pipe.tokenizer, staging / TOKENIZER_NAME, SANA_MAX_SEQUENCE_LENGTH)
         return tokenizer_entry, _sana_conditioning(pipe, tokenizer_entry)
@@ -72,7 +73,7 @@ def write_text_conditioning(pipe, staging: Path) -> tuple[dict, dict]:
     if is_flux(pipe):
         return tokenizer_entry, _flux_conditioning(pipe, staging, tokenizer_entry)
     if getattr(pipe, "transformer", None) is not None:
-        return tokenizer_entry, _sd3_conditioning(pipe, staging, tokenizer_entry)
+        return tokenizer_entry, _sd3_conditioning(pipe, staging, tokenizer_entry, max_sequence_length)
     if getattr(pipe, "text_encoder_2", None) is None:
         return tokenizer_entry, {
             "encoders": [{"component": "text_encoder", "tokenizer": tokenizer_entry, "output": "last_hidden_state"}]
@@ -98,12 +99,13 @@ def write_text_conditioning(pipe, staging: Path) -> tuple[dict, dict]:
     }
 
 
-def _sd3_conditioning(pipe, staging: Path, tokenizer_entry: dict) -> dict:
+def _sd3_conditioning(pipe, staging: Path, tokenizer_entry: dict, max_sequence_length: int | None = None) -> dict:
     """SD3's conditioning, as StableDiffusion3Pipeline.encode_prompt (clip_skip None): both CLIPs' penultimate
     hidden states side by side, zero-padded to the transformer's joint width, then T5's last hidden state (zeros
     when the bundle has no T5) along the sequence; both CLIPs' projected pooled outputs side by side."""
     from .source import SD3_MAX_SEQUENCE_LENGTH
 
+    length = max_sequence_length or SD3_MAX_SEQUENCE_LENGTH
     encoders = [
         {
             "component": name,
@@ -118,13 +120,13 @@ def _sd3_conditioning(pipe, staging: Path, tokenizer_entry: dict) -> dict:
     ]
     t5 = getattr(pipe, "text_encoder_3", None) is not None
     if t5:
-        entry = write_tokenizer_json(pipe.tokenizer_3, staging / TOKENIZER_3_NAME, SD3_MAX_SEQUENCE_LENGTH)
+        entry = write_tokenizer_json(pipe.tokenizer_3, staging / TOKENIZER_3_NAME, length)
         encoders.append({"component": "text_encoder_3", "tokenizer": entry, "output": "last_hidden_state"})
     return {
         "encoders": encoders,
         "joint": "sd3",  # how the runtime combines the encoders' outputs (runtime/denoisers/sd3.py)
         "t5": t5,
-        "max_sequence_length": SD3_MAX_SEQUENCE_LENGTH,
+        "max_sequence_length": length,
         "joint_attention_dim": int(pipe.transformer.config.joint_attention_dim),
     }
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 from edgediff.runtime.errors import ExportError, ExportOptionsError
@@ -19,6 +20,17 @@ SD3_MAX_SEQUENCE_LENGTH = 256
 # FLUX prompts: FluxPipeline's own default, for families whose row names none (schnell's is 256: trained so)
 FLUX_MAX_SEQUENCE_LENGTH = 512
 FLUX_PACKING = 2  # FluxPipeline._pack_latents: each transformer token is a 2x2 patch of latent cells
+
+
+def sd3_max_sequence_length(pipe, folder: Path | None) -> int:
+    """T5's tokens in an SD3 bundle: StableDiffusion3Pipeline's default, or fewer where the T5 tokenizer declares
+    fewer (`model_max_length`: a model trained on short prompts, whose T5 stand-in zeros must have its length
+    too, so the folder's tokenizer config is read when T5 is left out)."""
+    declared = getattr(getattr(pipe, "tokenizer_3", None), "model_max_length", None)
+    config = folder / "tokenizer_3" / "tokenizer_config.json" if folder is not None else None
+    if declared is None and config is not None and config.is_file():
+        declared = json.loads(config.read_text(encoding="utf-8")).get("model_max_length")
+    return min(SD3_MAX_SEQUENCE_LENGTH, int(declared)) if declared else SD3_MAX_SEQUENCE_LENGTH
 
 
 def has_second_text_encoder(model_index: dict) -> bool:
@@ -247,7 +259,7 @@ def prepare_source(
             vocab_size_2=int(text_encoder_2.config.vocab_size),
             pooled_dim=int(net.config.pooled_projection_dim),
             vocab_size_3=None if text_encoder_3 is None else int(text_encoder_3.config.vocab_size),
-            max_sequence_length=SD3_MAX_SEQUENCE_LENGTH,
+            max_sequence_length=sd3_max_sequence_length(pipe, Path(source) if Path(source).is_dir() else None),
         )
     elif text_encoder_2 is not None:  # SDXL
         ctx = dataclasses.replace(

@@ -55,9 +55,14 @@ def test_every_flow_stage_runs_resumes_and_assembles_an_exportable_sd3_model(tmp
     m = pipe.manifest
     assert m.denoiser == "transformer" and m.latent_channels == 4 and m.conditioning["t5"]
     assert (m.vae_scale_factor, m.vae_shift_factor) == (4, 0.0)
+    # the bundle takes T5's length from its tokenizer (trained at cfg.t5_length, not the pipeline's 256)
+    assert m.conditioning["max_sequence_length"] == cfg.t5_length
     call = dict(num_inference_steps=1, guidance_scale=0.0, max_sequence_length=cfg.t5_length)
     image = pipe(PROMPT, seed=0, output_type="np", **call).images
     assert image.shape == (1, cfg.image_size, cfg.image_size, 3) and np.isfinite(image).all()
+    assert np.array_equal(
+        pipe(PROMPT, seed=0, output_type="np", num_inference_steps=1, guidance_scale=0.0).images, image
+    )
 
     # diffusers on the assembled folder and the bundle, from the same latents (as tests/export/test_sd3.py)
     latents = np.random.default_rng(0).standard_normal((1, 4, 16, 16)).astype(np.float32)
