@@ -10,9 +10,10 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("optimum.exporters.onnx")
 
+from tiny_models import tiny_bundle, tiny_sd3_bundle, tiny_source  # noqa: E402
+
 from edgediff.runtime import Pipeline
 from edgediff.runtime.errors import BundleError, ExportOptionsError
-from tests.tiny_models import tiny_bundle, tiny_source
 
 # segmented and whole graphs run the same operators on the same weights; only fusions across a cut may differ
 SAME_IMAGE = 1e-4
@@ -76,7 +77,7 @@ def test_a_segmented_unet_draws_the_whole_graphs_image_in_either_mode(models_roo
 
 
 def test_a_segmented_transformer_draws_the_whole_graphs_image(models_root, tmp_path):
-    whole = tiny_bundle("tiny-sd3", models_root)
+    whole = tiny_sd3_bundle(models_root)
     path = _export(models_root, "tiny-sd3", "fp32", 2, tmp_path / "segmented")
     expected, _ = _image(whole)
     got, _ = _image(path)
