@@ -78,19 +78,31 @@ def _weight_files(folder: Path) -> list[Path]:
     return plain or files
 
 
+def _headers(folder: Path) -> tuple[list[Path], int, int, set[str]] | None:
+    """A component folder's weight files, their floating-point elements, other bytes and float dtypes, from the
+    safetensors headers; None when its weights are not all safetensors."""
+    files = _weight_files(folder)
+    if not files or any(f.suffix != ".safetensors" for f in files):
+        return None
+    floats = other = 0
+    dtypes: set[str] = set()
+    for f in files:
+        n, o, by_dtype = _header_counts(f)
+        floats, other = floats + n, other + o
+        dtypes.update(by_dtype)
+    return files, floats, other, dtypes
+
+
+def _half(dtypes: set[str]) -> str | None:
+    return next(iter(dtypes)) if len(dtypes) == 1 and dtypes <= {"F16", "BF16"} else None
+
+
 def stored_dtype(folder: Path) -> str | None:
     """ "F16" or "BF16" when every floating-point weight of a component folder's safetensors is stored in that one
     half-precision dtype (the export then loads it so, and widens it to fp32 only for its own export); None
     otherwise (fp32, mixed, or not safetensors: loaded in fp32)."""
-    if not folder.is_dir():
-        return None
-    files = [f for f in _weight_files(folder) if f.suffix == ".safetensors"]
-    if not files or len(files) != len(_weight_files(folder)):
-        return None
-    dtypes: set[str] = set()
-    for f in files:
-        dtypes.update(_header_counts(f)[2])
-    return dtypes.pop() if len(dtypes) == 1 and dtypes <= {"F16", "BF16"} else None
+    headers = _headers(folder) if folder.is_dir() else None
+    return None if headers is None else _half(headers[3])
 
 
 def component_weights(folder: Path, keep_stored: bool = True) -> Weights:
@@ -98,16 +110,18 @@ def component_weights(folder: Path, keep_stored: bool = True) -> Weights:
     stored_dtype says so, else fp32) and in fp32. Safetensors files are counted from their headers; other
     weight files by their size on disk. Variants beside the plain weights (`.fp16.`, `.non_ema.`) are not loaded,
     so not counted; where a folder has both safetensors and other files, the safetensors count."""
-    files = _weight_files(folder)
-    safetensors = [f for f in files if f.suffix == ".safetensors"]
-    if not safetensors:
-        size = sum(f.stat().st_size for f in files)
-        return Weights(size, size)
-    floats = other = 0
-    for f in safetensors:
-        n, o, _ = _header_counts(f)
-        floats, other = floats + n, other + o
-    half = keep_stored and stored_dtype(folder) is not None
+    headers = _headers(folder)
+    if headers is None:
+        files = _weight_files(folder)
+        safetensors = [f for f in files if f.suffix == ".safetensors"]
+        if not safetensors:
+            size = sum(f.stat().st_size for f in files)
+            return Weights(size, size)
+        counts = [_header_counts(f) for f in safetensors]  # mixed with other files: the safetensors count, in fp32
+        floats, other = sum(c[0] for c in counts), sum(c[1] for c in counts)
+        return Weights(floats * 4 + other, floats * 4 + other)
+    _, floats, other, dtypes = headers
+    half = keep_stored and _half(dtypes) is not None
     return Weights(floats * (2 if half else 4) + other, floats * 4 + other)
 
 

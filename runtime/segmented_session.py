@@ -55,10 +55,11 @@ class SegmentedSession:
         self._open: dict[int, GraphSession] = {}
         segments = spec.segments
         # each crossing tensor is dropped after its last reader: the UNet's skip connections do not pile up
-        self._last_reader = {}
-        for k, seg in enumerate(segments):
-            for t in seg.inputs:
-                self._last_reader[t.name] = k
+        last_reader = {t.name: k for k, seg in enumerate(segments) for t in seg.inputs}
+        outputs = {t.name for t in spec.outputs}
+        self._dropped_after = [
+            [n for n, last in last_reader.items() if last == k and n not in outputs] for k in range(len(segments))
+        ]
         made = {t.name for seg in segments for t in seg.outputs}
         missing = [t.name for t in spec.outputs if t.name not in made]
         if missing:
@@ -92,7 +93,7 @@ class SegmentedSession:
             session = self._segment(k)
             outputs = session.run(run_options, **{n: tensors[n] for n in session.inputs})
             tensors.update(zip(session.output_names, outputs))
-            for n in [n for n, last in self._last_reader.items() if last == k and n not in self.output_names]:
+            for n in self._dropped_after[k]:
                 tensors.pop(n, None)
         if self.low_memory:
             self._close()

@@ -117,3 +117,31 @@ def gradient_image(size: int, seed: int = 0) -> np.ndarray:
     base = np.linspace(0, 1, size, dtype=np.float32)
     img = np.stack([np.outer(base, base), np.outer(base[::-1], base), np.full((size, size), 0.3, np.float32)], -1)
     return np.clip(img + rng.normal(0, 0.05, img.shape).astype(np.float32), 0, 1)
+
+
+def control_pictures(names=("canny", "depth", "pose"), width: int = 80, height: int = 72) -> dict:
+    """Control images, one per name: shapes on a background, a different layout each, at another size than the
+    tiny models' output (80 x 72 for 64 x 64), so that both pipelines resize them."""
+    from PIL import Image, ImageDraw
+
+    pictures = {}
+    for seed, name in enumerate(names):
+        rng = np.random.default_rng(seed)
+        picture = Image.new("RGB", (width, height), tuple(int(v) for v in rng.integers(0, 255, 3)))
+        draw = ImageDraw.Draw(picture)
+        draw.rectangle([width // 8, height // 4, width // 2, 3 * height // 4], fill=(230, 40, 40))
+        draw.ellipse([5 * width // 8, height // 3, 7 * width // 8, 2 * height // 3], fill=(250, 250, 250))
+        pictures[name] = picture
+    return pictures
+
+
+def controlnet_arguments(images: list, scales, starts, ends, image_argument: str = "control_image") -> dict:
+    """A diffusers ControlNet pipeline's per-ControlNet arguments: values for one ControlNet, lists for several (its
+    MultiControlNetModel). `image_argument`: the UNet pipelines call the control image `image`."""
+    one = len(images) == 1
+    return {
+        image_argument: images[0] if one else list(images),
+        "controlnet_conditioning_scale": scales[0] if one else list(scales),
+        "control_guidance_start": starts[0] if one else list(starts),
+        "control_guidance_end": ends[0] if one else list(ends),
+    }

@@ -12,7 +12,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from conftest import patch_diffusers_noise  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
-from references import PIXEL_ATOL, PROMPTS, text_to_image_reference  # noqa: E402
+from references import PIXEL_ATOL, PROMPTS, controlnet_arguments, text_to_image_reference  # noqa: E402
 from tiny_models import tiny_controlnet, tiny_controlnet_bundle, tiny_source  # noqa: E402
 
 from edgediff.runtime import Bundle, InputError, Pipeline  # noqa: E402
@@ -62,13 +62,9 @@ def _diffusers_images(arch, root, manifest, names, scales, starts, ends, latents
     pipe.scheduler = EulerDiscreteScheduler.from_config(manifest.scheduler["config"])
     patch_diffusers_noise(monkeypatch, importlib.import_module(module_name), [])
     images = [CONTROL_IMAGES[n] for n in names]
-    single = len(names) == 1
     return pipe(
         PROMPTS,
-        image=images[0] if single else images,
-        controlnet_conditioning_scale=scales[0] if single else scales,
-        control_guidance_start=starts[0] if single else starts,
-        control_guidance_end=ends[0] if single else ends,
+        **controlnet_arguments(images, scales, starts, ends, image_argument="image"),
         num_inference_steps=STEPS,
         guidance_scale=guidance,
         latents=torch.from_numpy(latents),

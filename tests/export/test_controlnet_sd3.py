@@ -10,8 +10,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from conftest import ReplayNoise, patch_diffusers_noise  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
-from references import PIXEL_ATOL, PROMPTS  # noqa: E402
+from references import PIXEL_ATOL, PROMPTS, control_pictures, controlnet_arguments  # noqa: E402
 from tiny_models import _CACHE, tiny_sd3_bundle, tiny_source  # noqa: E402
 
 from edgediff.runtime import Bundle, Pipeline  # noqa: E402
@@ -77,17 +76,7 @@ def tiny_sd3_controlnet_bundle(root, names: tuple[str, ...]):
     return _CACHE[key]
 
 
-def _picture(width: int, height: int, seed: int) -> Image.Image:
-    """Shapes on a background, a different layout per seed: the control images (80 x 72, resized to the output)."""
-    rng = np.random.default_rng(seed)
-    picture = Image.new("RGB", (width, height), tuple(int(v) for v in rng.integers(0, 255, 3)))
-    draw = ImageDraw.Draw(picture)
-    draw.rectangle([width // 8, height // 4, width // 2, 3 * height // 4], fill=(230, 40, 40))
-    draw.ellipse([5 * width // 8, height // 3, 7 * width // 8, 2 * height // 3], fill=(250, 250, 250))
-    return picture
-
-
-CONTROL_IMAGES = {name: _picture(80, 72, i) for i, name in enumerate(("canny", "depth", "pose"))}
+CONTROL_IMAGES = control_pictures()
 
 
 def _latents(manifest, seed=0):
@@ -120,10 +109,7 @@ def _diffusers_images(root, manifest, names, scales, starts, ends, latents, nois
     images = [CONTROL_IMAGES[n] for n in names]
     return pipe(
         PROMPTS,
-        control_image=images[0] if single else images,
-        controlnet_conditioning_scale=scales[0] if single else scales,
-        control_guidance_start=starts[0] if single else starts,
-        control_guidance_end=ends[0] if single else ends,
+        **controlnet_arguments(images, scales, starts, ends),
         num_inference_steps=STEPS,
         guidance_scale=guidance,
         latents=torch.from_numpy(latents),
