@@ -201,6 +201,7 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
         quantised=precision in QUANTIZED,
         keep_stored=stored,
         controlnets=[c[0] for c in options.controlnets],
+        lora_slots=options.lora_slots,
     )
     out = Path(out)
     quiet_tracing()

@@ -3,7 +3,8 @@
 An export loads the whole pipeline, each component in the half precision its weights are stored in (fp32 when they
 are stored so, mixed, or not in safetensors), then exports its components one at a time, smallest first, each
 widened to fp32 for its own export and freed once its graph is written; quantised precisions then run the fp32
-bundle once to record calibration inputs. The estimate follows those stages, from each component's weights
+bundle once to record calibration inputs; with --lora-slots, the UNet's and text encoders' graphs are each slotted
+and checked right after their own export. The estimate follows those stages, from each component's weights
 (counted from the safetensors headers), with factors measured on the full-size SD-Turbo architecture (docs/benchmarks.md,
 "Export cost"): the fp32 export peaked at 7.72 GB against 7.77 estimated, int8-static at 8.31 GB against 8.76.
 A model that cannot fit is refused before any of it is loaded, naming the stage, the estimate and what to
@@ -20,6 +21,8 @@ from pathlib import Path
 
 from edgediff.runtime.errors import ExportError
 
+from .lora_slots import SLOT_COMPONENTS
+
 # The process before it loads anything (Python, torch, diffusers, optimum, onnxruntime).
 BASE_BYTES = 500_000_000
 # Exporting one component holds, beside every weight not yet freed, about this many copies of its own weights
@@ -28,6 +31,15 @@ EXPORT_COPIES = 1.1
 # Recording calibration inputs opens the whole fp32 bundle: its weights and about half as much again
 # (activations at the bundle's size, onnxruntime's prepacked weights): 8.31 GB measured for 5.16 GB of weights.
 RECORDING_COPIES = 1.6
+# Slotting a graph for run-time LoRAs (--lora-slots: lora_slots.slot_graph, once the component's export has freed its
+# PyTorch weights) peaks while the check fuses its random LoRA (lora_slots._random_lora), holding three copies of the
+# graph's weights: the plain graph loaded by onnx, the slotted graph open in onnxruntime, and the plain graph's copy
+# that the LoRA is fused into. Each fused weight replaces one of that copy's tensors, and the replaced bytes stay in
+# the copy's protobuf arena (upb frees them only with the message): up to one more copy when every weight has a slot.
+# Measured (peak RSS over the process before slot_graph) on synthetic 0.2 GB fp32 graphs of 48 MatMul or 3x3 Conv
+# layers, weights as external data as a UNet's are: 4.1 with every layer slotted ("all"), 3.6 with half of them; a
+# UNet's "attention" or "transformer" slots lie in between. fp16 graphs hold half as much (counted as fp32 here).
+LORA_SLOT_COPIES = 4.1
 IGNORE_ENV = "EDGEDIFF_IGNORE_MEMORY_ESTIMATE"  # "1": export even when the estimate exceeds free memory
 
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
@@ -137,19 +149,27 @@ class Stage:
     bytes: int
 
 
-def export_stages(weights: dict[str, int | Weights], quantised: bool) -> list[Stage]:
+def export_stages(weights: dict[str, int | Weights], quantised: bool, slotted=()) -> list[Stage]:
     """The export's stages with their estimated peaks, for components of these weights (ints: fp32 bytes, loaded
-    as such). Components are loaded as stored, and each is widened to fp32 for its own export only."""
+    as such). Components are loaded as stored, and each is widened to fp32 for its own export only. `slotted`:
+    the components whose graphs then get LoRA slots (--lora-slots), a stage of their own after their export."""
     weights = {k: w if isinstance(w, Weights) else Weights(w, w) for k, w in weights.items()}
     stages = [Stage("loading the source", BASE_BYTES + sum(w.stored for w in weights.values()))]
     held = sum(w.stored for w in weights.values())
     for name, w in sorted(weights.items(), key=lambda kv: kv[1].fp32):  # smallest first, each freed after it
         stages.append(Stage(f"{name}: export", BASE_BYTES + held - w.stored + int((1 + EXPORT_COPIES) * w.fp32)))
         held -= w.stored
+        if name in slotted:
+            stages.append(_slot_stage(name, w, held))
     if quantised:
         total = sum(w.fp32 for w in weights.values())
         stages.append(Stage("recording calibration inputs", BASE_BYTES + int(RECORDING_COPIES * total)))
     return stages
+
+
+def _slot_stage(name: str, w: Weights, held: int) -> Stage:
+    """Slotting a component's graph: its PyTorch weights are freed by then, the components after it still held."""
+    return Stage(f"{name}: LoRA slots", BASE_BYTES + held + int(LORA_SLOT_COPIES * w.fp32))
 
 
 def available_bytes() -> int | None:
@@ -175,12 +195,18 @@ LOADED = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_
 
 
 def check_source(
-    source: str, t5: bool = True, quantised: bool = False, keep_stored: bool = True, controlnets=()
+    source: str,
+    t5: bool = True,
+    quantised: bool = False,
+    keep_stored: bool = True,
+    controlnets=(),
+    lora_slots: str | None = None,
 ) -> list[Stage] | None:
     """check_fits for a local diffusers folder (hub ids are not on disk yet: None). SD3 without T5 leaves
     text_encoder_3 unloaded, as load_pipeline does. `keep_stored`: half-precision weights stay so until their
     own export (load_pipeline's stored_dtype). `controlnets`: their sources; local folders are counted (in fp32,
-    as they are loaded) as components of their own."""
+    as they are loaded) as components of their own. `lora_slots` (ExportOptions.lora_slots): the UNet's and text
+    encoders' graphs get slots (SLOT_COMPONENTS), a stage each."""
     folder = Path(source)
     index = folder / "model_index.json"
     if not index.is_file():
@@ -200,19 +226,21 @@ def check_source(
         advice = "export without T5 (--no-t5: most of SD3's weights), or on a machine with more memory"
     else:
         advice = "close other programs, or export on a machine with more memory"
-    return check_fits(components, quantised, advice, keep_stored)
+    return check_fits(components, quantised, advice, keep_stored, SLOT_COMPONENTS if lora_slots else ())
 
 
-def check_fits(components: dict[str, Path], quantised: bool, advice: str, keep_stored: bool = True) -> list[Stage]:
+def check_fits(
+    components: dict[str, Path], quantised: bool, advice: str, keep_stored: bool = True, slotted=()
+) -> list[Stage]:
     """Raises ExportError("export_memory") when the largest estimated stage exceeds the memory available now;
-    returns the stages. `components`: the folders the export loads, by name. Skipped when IGNORE_ENV is "1" or
-    the available memory is unknown."""
+    returns the stages. `components`: the folders the export loads, by name; `slotted`: those of them that get
+    LoRA slots. Skipped when IGNORE_ENV is "1" or the available memory is unknown."""
     weights = {
         name: component_weights(path, keep_stored=keep_stored and not name.startswith("controlnet"))
         for name, path in components.items()
         if path.is_dir()
     }
-    stages = export_stages(weights, quantised)
+    stages = export_stages(weights, quantised, slotted)
     free = available_bytes()
     if free is None or os.environ.get(IGNORE_ENV) == "1":
         return stages

@@ -129,3 +129,52 @@ def test_controlnets_count_as_components_of_their_own(models_root):
     assert "controlnet 1: export" in with_net and "controlnet 1: export" not in plain
     assert with_net["loading the source"] > plain["loading the source"]
     assert memory_plan.check_source(str(source), controlnets=["some/hub-id"]) is not None  # not on disk: not counted
+
+
+def test_lora_slots_are_a_stage_of_their_own_that_scales_with_the_slotted_weights():
+    from edgediff.export.memory_plan import BASE_BYTES, LORA_SLOT_COPIES, Weights, export_stages
+
+    weights = {"unet": Weights(1_700_000_000, 3_400_000_000), "text_encoder": Weights(250_000_000, 500_000_000)}
+    weights["vae"] = Weights(170_000_000, 340_000_000)
+    plain = {s.name: s.bytes for s in export_stages(weights, False)}
+    slotted = {s.name: s.bytes for s in export_stages(weights, False, slotted=("unet", "text_encoder"))}
+    assert list(slotted) == [
+        "loading the source",
+        "vae: export",
+        "text_encoder: export",
+        "text_encoder: LoRA slots",  # right after its own export, the UNet still held as stored
+        "unet: export",
+        "unet: LoRA slots",
+    ]
+    assert slotted["text_encoder: LoRA slots"] == BASE_BYTES + 1_700_000_000 + int(LORA_SLOT_COPIES * 500_000_000)
+    assert slotted["unet: LoRA slots"] == BASE_BYTES + int(LORA_SLOT_COPIES * 3_400_000_000)
+    assert {k: v for k, v in slotted.items() if "LoRA" not in k} == plain  # the other stages are unchanged
+    # the slotted UNet's graph is the export's peak, above the plain export's
+    assert max(slotted.values()) == slotted["unet: LoRA slots"] > max(plain.values())
+    doubled = {s.name: s.bytes for s in export_stages({"unet": Weights(1, 6_800_000_000)}, False, ("unet",))}
+    assert doubled["unet: LoRA slots"] - BASE_BYTES == pytest.approx(2 * (slotted["unet: LoRA slots"] - BASE_BYTES))
+
+
+def test_an_export_with_lora_slots_is_refused_naming_their_stage(models_root, tmp_path, monkeypatch):
+    """Memory for the plain export but not for slotting: --lora-slots is refused before loading, its stage named."""
+    import re
+
+    from edgediff.export import ExportOptions, export, memory_plan
+    from edgediff.runtime.errors import ExportError
+
+    monkeypatch.delenv(memory_plan.IGNORE_ENV, raising=False)
+    source = str(tiny_source("tiny-sd1", models_root))
+    plain = memory_plan.check_source(source)
+    slotted = memory_plan.check_source(source, lora_slots="attention")
+    assert {s.name for s in slotted} - {s.name for s in plain} == {"unet: LoRA slots", "text_encoder: LoRA slots"}
+    worst = max(slotted, key=lambda s: s.bytes)
+    assert worst.name.endswith(": LoRA slots") and worst.bytes > max(s.bytes for s in plain)
+
+    monkeypatch.setattr(memory_plan, "available_bytes", lambda: max(s.bytes for s in plain))
+    assert memory_plan.check_source(source) == plain  # the plain export fits
+    loaded = []
+    monkeypatch.setattr("edgediff.export.source.load_pipeline", lambda *a, **k: loaded.append(1))
+    out = tmp_path / "bundle"
+    with pytest.raises(ExportError, match=rf"needs about .* GiB at its peak \({re.escape(worst.name)}\)"):
+        export(source, out, ExportOptions(lora_slots="attention"), progress=False)
+    assert not loaded and not out.exists()
