@@ -133,7 +133,7 @@ def test_sensitivity_keeps_blocks_until_the_budget_holds(models_root, tmp_path):
     # the block whose quantisation costs the output most (measured alone) goes first
     costs = middle["sensitivity"]["output_errors"]
     assert next(iter(middle["kept_fp32"])) == max(costs, key=costs.get)
-    assert middle["error"] <= everything["error"] * 0.999 < middle["checks"][0]["error"]
+    assert middle["error"] <= everything["error"] * 0.999 and middle["kept_fp32"]
     with pytest.raises(ValueError, match="no quantisable block named"):
         quantize_component(src, tmp_path / "x.onnx", SCHEMES["int8-dynamic"], feeds, keep=["no_such_block"])
 
