@@ -29,6 +29,13 @@ log = logging.getLogger("edgediff.server")
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 FINISHED = (DONE, FAILED, CANCELLED)
 MAX_RETRY_AFTER = 60
+# the request field an InputError of the runtime is about, by its key (the others name no one field)
+INPUT_ERROR_FIELDS = {
+    "max_sequence_length": "max_sequence_length",
+    "true_cfg_family": "true_cfg_scale",
+    "true_cfg_scale": "true_cfg_scale",
+    "negative_prompt_embedded": "negative_prompt",
+}
 
 
 @dataclass
@@ -258,6 +265,7 @@ class JobQueue:
                     strength=r.strength if r.image is not None else None,
                     mask_image=r.mask,
                     keep_unmasked=r.mask is not None,  # outside the mask the original pixels stay exact
+                    **r.text_arguments(),  # prompt_2, ..., true_cfg_scale, max_sequence_length: those given
                 )
             results = []
             for index, (image, seed) in enumerate(zip(out.images, out.seeds)):
@@ -273,7 +281,7 @@ class JobQueue:
             job.state = CANCELLED
             job.error = ApiError(409, f"job {job.id} was cancelled at step {job.step} of {job.total}", code="cancelled")
         except (InputError, ValueError) as exc:  # what the pipeline refuses that the request checks let through
-            job.state, job.error = FAILED, ApiError(400, str(exc), code="invalid_value")
+            job.state, job.error = FAILED, ApiError(400, str(exc), code="invalid_value", param=_input_field(exc))
         except EdgediffError as exc:  # the bundle or the provider: the server's side, not the request's
             job.state = FAILED
             job.error = ApiError(503, f"model {r.model} cannot run here: {exc}", code="model_unavailable")
@@ -317,3 +325,12 @@ class JobQueue:
                 self.cache.close_idle()
             except Exception:  # a failing close must not end the reaper (the next round tries again)
                 log.exception("closing idle models failed")
+
+
+def _input_field(exc: Exception) -> str | None:
+    """The request field a refusal of the runtime is about (prompt_3 on a bundle without T5: prompt_3), or None."""
+    if not isinstance(exc, InputError):
+        return None
+    if exc.key in ("prompt_encoder", "prompt_count"):
+        return exc.fields.get("argument")
+    return INPUT_ERROR_FIELDS.get(exc.key)

@@ -1,7 +1,8 @@
 """OpenAI's images API, as its clients call it: /v1/images/generations, /v1/images/edits, /v1/models.
 
 Beyond OpenAI's fields, requests may carry edgediff's: seed, steps, guidance, negative_prompt (and strength
-for edits); each returned image also says its seed. response_format defaults to b64_json (as for OpenAI's
+for edits), and the transformer families' text-side arguments under diffusers' names (prompt_2, prompt_3,
+negative_prompt_2, negative_prompt_3, true_cfg_scale, max_sequence_length); each returned image also says its seed. response_format defaults to b64_json (as for OpenAI's
 gpt-image models); `url` links to this server's /images/NAME.
 """
 

@@ -12,7 +12,9 @@ from typing import Any, Mapping
 from PIL import Image
 from starlette.requests import Request
 
-from edgediff.runtime.denoisers import size_multiple
+from edgediff.runtime import InputError
+from edgediff.runtime.conditioning import MAX_SEQUENCE_LENGTH, NEGATIVE_ARGUMENTS, PROMPT_ARGUMENTS
+from edgediff.runtime.denoisers import DENOISER_CLASSES, JOINT_CLASSES, size_multiple
 from edgediff.runtime.schedulers import make_sampler
 
 from .config import Limits
@@ -22,6 +24,19 @@ from .models import ModelCatalog
 
 MAX_GUIDANCE = 50.0
 SEED_LIMIT = 2**32  # seeds are 32-bit, as AUTOMATIC1111's (image i of a request uses seed + i)
+# the runtime's text-side arguments of the transformer families, under diffusers' names in every API: what the
+# second and third text encoders read instead of the prompt (SDXL's second CLIP; SD3's CLIP-G and T5; FLUX's T5)
+ENCODER_PROMPTS = ("prompt_2", "prompt_3", "negative_prompt_2", "negative_prompt_3")
+TEXT_ARGUMENTS = (*ENCODER_PROMPTS, "true_cfg_scale", "max_sequence_length")
+# each one's name in the infotext (A1111 has none of them)
+_INFOTEXT_NAMES = {
+    "prompt_2": "Prompt 2",
+    "prompt_3": "Prompt 3",
+    "negative_prompt_2": "Negative prompt 2",
+    "negative_prompt_3": "Negative prompt 3",
+    "true_cfg_scale": "True CFG scale",
+    "max_sequence_length": "Max sequence length",
+}
 
 
 @dataclass
@@ -41,6 +56,17 @@ class GenerationRequest:
     strength: float | None = None
     preview: bool = False  # previews of the current estimate after each step (costs a small decode per step)
     output_format: str = "png"
+    prompt_2: str | None = None
+    prompt_3: str | None = None
+    negative_prompt_2: str | None = None
+    negative_prompt_3: str | None = None
+    true_cfg_scale: float | None = None  # FLUX bundles' true CFG (FluxPipeline's)
+    max_sequence_length: int | None = None  # T5 / Gemma tokens (SD3, FLUX, SANA, PixArt bundles)
+
+    def text_arguments(self) -> dict:
+        """The runtime's text-side arguments this request sets (for the pipeline call and the settings)."""
+        values = {name: getattr(self, name) for name in TEXT_ARGUMENTS}
+        return {name: value for name, value in values.items() if value is not None}
 
     def settings(self) -> dict:
         """What reproduces the image (the web page's gallery, A1111's info, the job API)."""
@@ -48,6 +74,7 @@ class GenerationRequest:
             "model": self.model,
             "prompt": self.prompt,
             "negative_prompt": self.negative_prompt,
+            **self.text_arguments(),
             "width": self.width,
             "height": self.height,
             "steps": self.steps,
@@ -64,11 +91,20 @@ class GenerationRequest:
         if self.negative_prompt:
             lines.append(f"Negative prompt: {self.negative_prompt}")
         extra = f", Denoising strength: {self.strength}" if self.image is not None and self.strength else ""
+        for name, value in self.text_arguments().items():
+            extra += f", {_INFOTEXT_NAMES[name]}: {_quote(value if isinstance(value, str) else f'{value:g}')}"
         lines.append(
             f"Steps: {self.steps}, Sampler: {self.sampler}, CFG scale: {self.guidance:g}, Seed: {self.seed + index}, "
             f"Size: {self.width}x{self.height}, Model: {self.model}{extra}, Version: edgediff"
         )
         return "\n".join(lines)
+
+
+def _quote(text: str) -> str:
+    """A value in the infotext's last line, as AUTOMATIC1111 quotes it (JSON when it has a comma, colon or newline)."""
+    if not any(c in text for c in ',:\n"'):
+        return text
+    return json.dumps(text, ensure_ascii=False)
 
 
 async def json_body(request: Request) -> dict:
@@ -181,6 +217,12 @@ def build_request(
     output_format: str = "png",
     size_param: str = "size",
     sampler: str | None = None,
+    prompt_2: str | None = None,
+    prompt_3: str | None = None,
+    negative_prompt_2: str | None = None,
+    negative_prompt_3: str | None = None,
+    true_cfg_scale: float | None = None,
+    max_sequence_length: int | None = None,
 ) -> GenerationRequest:
     """Fills the model's defaults in and checks what depends on the model (its size multiple)."""
     entry = catalog.get(model)
@@ -204,6 +246,14 @@ def build_request(
     sampler = sampler or manifest.scheduler["name"]
     steps = manifest.defaults["steps"] if steps is None else steps
     _check_steps(manifest, sampler, steps)
+    # as the runtime (diffusers' `prompt_2 or prompt`), an empty one falls back to the prompt / negative_prompt
+    encoder_prompts = {
+        "prompt_2": prompt_2 or None,
+        "prompt_3": prompt_3 or None,
+        "negative_prompt_2": negative_prompt_2 or None,
+        "negative_prompt_3": negative_prompt_3 or None,
+    }
+    _check_text_arguments(manifest, encoder_prompts, true_cfg_scale)
     return GenerationRequest(
         model=entry.name,
         prompt=prompt,
@@ -220,7 +270,26 @@ def build_request(
         strength=strength if strength is not None or image is None else (1.0 if mask is not None else 0.8),
         preview=preview,
         output_format=output_format,
+        **encoder_prompts,
+        true_cfg_scale=true_cfg_scale,
+        max_sequence_length=max_sequence_length,
     )
+
+
+def _check_text_arguments(manifest, encoder_prompts: dict, true_cfg_scale: float | None) -> None:
+    """What the bundle refuses of the text-side arguments, refused now (a 400 naming the field, in the runtime's
+    words) rather than by the worker: a prompt for a text encoder the bundle lacks (prompt_3 without T5), and
+    true_cfg_scale on a bundle without FLUX's true CFG."""
+    components = [encoder["component"] for encoder in manifest.text_encoders]
+    for name, value in encoder_prompts.items():
+        component = {**PROMPT_ARGUMENTS, **NEGATIVE_ARGUMENTS}[name]
+        if value is not None and component not in components:
+            error = InputError("prompt_encoder", argument=name, component=component, have=", ".join(components))
+            raise bad_request(str(error), name)
+    # the denoiser make_denoiser() would open for this bundle (its class says whether it takes true CFG)
+    denoiser = JOINT_CLASSES.get(manifest.conditioning.get("joint")) or DENOISER_CLASSES[manifest.denoiser]
+    if true_cfg_scale is not None and not denoiser.true_cfg:
+        raise bad_request(str(InputError("true_cfg_family", family=manifest.family)), "true_cfg_scale")
 
 
 def _check_steps(manifest, sampler: str, steps: int) -> None:
@@ -232,10 +301,23 @@ def _check_steps(manifest, sampler: str, steps: int) -> None:
         raise bad_request(f"steps: {exc}", "steps") from None
 
 
+def text_fields(fields: Fields, limits: Limits) -> dict:
+    """The runtime's text-side arguments, taken by every API that takes negative_prompt, under diffusers' names:
+    prompt_2, prompt_3, negative_prompt_2, negative_prompt_3 (bounded as prompts), true_cfg_scale (FLUX's true
+    CFG: 1, off, to MAX_GUIDANCE) and max_sequence_length (T5 / Gemma tokens, as the runtime bounds them)."""
+    return {
+        **{name: fields.text(name, limits.max_prompt_chars) for name in ENCODER_PROMPTS},
+        "true_cfg_scale": fields.number("true_cfg_scale", 1.0, MAX_GUIDANCE),
+        "max_sequence_length": fields.integer("max_sequence_length", 1, MAX_SEQUENCE_LENGTH),
+    }
+
+
 def common_fields(fields: Fields, limits: Limits) -> dict:
-    """edgediff's fields every API takes under the same names: seed, steps, guidance, negative_prompt."""
+    """edgediff's fields every API takes under the same names: seed, steps, guidance, negative_prompt and the
+    text-side arguments (text_fields)."""
     return {
         "negative_prompt": fields.text("negative_prompt", limits.max_prompt_chars),
+        **text_fields(fields, limits),
         "steps": fields.integer("steps", 1, limits.max_steps),
         "guidance": fields.number("guidance", 0.0, MAX_GUIDANCE),
         "seed": fields.integer("seed", 0, SEED_LIMIT - 1),

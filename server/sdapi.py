@@ -2,7 +2,9 @@
 
 Requests and answers keep A1111's names (cfg_scale, denoising_strength, batch_size * n_iter images, seed
 -1 for random, `info` as a JSON string); the model is chosen by override_settings.sd_model_checkpoint or
-POST /sdapi/v1/options. Like A1111, progress and interrupt concern the running job; an interrupted
+POST /sdapi/v1/options. A1111 has no fields for the transformer families' other text encoders: edgediff's extras
+keep the names the other APIs take (diffusers'): prompt_2, prompt_3, negative_prompt_2, negative_prompt_3,
+true_cfg_scale, max_sequence_length. Like A1111, progress and interrupt concern the running job; an interrupted
 request still answers 200, with the latest preview as its image (A1111 decodes what it has too).
 """
 
@@ -20,7 +22,7 @@ from edgediff.runtime.schedulers import SAMPLERS
 from .errors import bad_request
 from .images import b64, decode_base64_image
 from .jobs import CANCELLED, DONE, Job
-from .params import MAX_GUIDANCE, SEED_LIMIT, Fields, GenerationRequest, json_body
+from .params import MAX_GUIDANCE, SEED_LIMIT, Fields, GenerationRequest, json_body, text_fields
 
 IMG2IMG_STRENGTH = 0.75  # A1111's default denoising_strength
 
@@ -80,6 +82,7 @@ def _generation(state, body: dict, img2img: bool) -> tuple[GenerationRequest, di
         strength=strength,
         preview=True,  # progress' current_image
         size_param="width/height",
+        **text_fields(fields, limits),
     )
     return generation, {"batch_size": batch, "n_iter": iterations, "send_images": fields.get("send_images")}
 
@@ -114,6 +117,7 @@ def _info(job: Job, extra: dict) -> dict:
         "infotexts": [r.infotext(i) for i in range(n)],
         "interrupted": job.state == CANCELLED,
         "version": "edgediff",
+        **r.text_arguments(),  # edgediff's extras, when given
     }
 
 
