@@ -37,7 +37,7 @@ from .memory_plan import check_source
 from .optimize import MODEL_TYPES as FUSABLE
 from .optimize import optimize_graph
 from .options import QUANTIZED, ExportOptions
-from .precision import to_fp16
+from .precision import FP16_MAX, to_fp16
 from .quantize import release_memory
 from .sana import models_for_export
 from .segments import segment_graph
@@ -49,6 +49,7 @@ from .specs import (
     ExportContext,
     check_context,
     has_dynamic_spatial_axes,
+    may_overflow_fp16,
 )
 from .staging import staged
 from .tiny_decoder import load_tiny_decoder, tiny_attributes, tiny_decoder_for_export
@@ -89,14 +90,33 @@ def _save_graph(model, out_dir: Path, name: str, external: bool = False) -> dict
     return {n: {"size": (out_dir / n).stat().st_size, "sha256": sha256_file(out_dir / n)} for n in names}
 
 
-def _torch_reference(component, modules, ctx: ExportContext) -> tuple[dict, list[np.ndarray]]:
+def _torch_reference(
+    component, modules, ctx: ExportContext, peaks: dict | None = None
+) -> tuple[dict, list[np.ndarray]]:
     """The check's random inputs and the PyTorch module's outputs on them, taken before export so that the
-    module can be released before its graph is loaded (export/validation peak: the larger of the two)."""
+    module can be released before its graph is loaded (export/validation peak: the larger of the two).
+    `peaks`: given, it receives the largest magnitude entering or leaving any of the module's layers
+    (peaks["activation"]), which says whether its activations fit fp16."""
     import torch
 
     inputs = component.random_inputs(ctx, np.random.default_rng(0))
-    with torch.no_grad():
-        outputs = component.torch_call(modules, {k: torch.from_numpy(v) for k, v in inputs.items()})
+    handles = []
+    if peaks is not None:
+        peaks["activation"] = 0.0
+        held = getattr(modules, component.module) if component.module else modules
+
+        def seen(_layer, args, out):
+            for t in (*args, *(out if isinstance(out, (tuple, list)) else (out,))):
+                if torch.is_tensor(t) and t.is_floating_point() and t.numel():
+                    peaks["activation"] = max(peaks["activation"], float(t.detach().abs().max()))
+
+        handles = [m.register_forward_hook(seen) for m in held.modules() if next(m.children(), None) is None]
+    try:
+        with torch.no_grad():
+            outputs = component.torch_call(modules, {k: torch.from_numpy(v) for k, v in inputs.items()})
+    finally:
+        for h in handles:
+            h.remove()
     return inputs, [o.float().numpy() for o in outputs]
 
 
@@ -274,12 +294,14 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
             component, (module, export_config), modules, attributes = work.pop(0)
             # dynamic-size graphs are checked on a smaller grid; fp16 graphs that may overflow at the bundle's size
             spatial = has_dynamic_spatial_axes(export_config)
-            reduced = spatial and not (precision == "fp16" and component.fp16_may_overflow)
+            may_overflow = precision == "fp16" and may_overflow_fp16(component, modules)
+            reduced = spatial and not may_overflow
             check_ctx = check_context(ctx, reduced)
             with stages.stage(f"{component.name}: export"):
                 as_fp32(module)  # loaded in its stored precision (load_pipeline): widened for its own export only
                 as_fp32(getattr(modules, component.module) if component.module else modules)
-                reference = _torch_reference(component, modules, check_ctx)
+                peaks = {} if may_overflow else None
+                reference = _torch_reference(component, modules, check_ctx, peaks)
                 if spatial:
                     trace_ctx = trace_context(check_context(ctx, True))
                     trace_on_inputs(export_config, component.random_inputs(trace_ctx, np.random.default_rng(1)))
@@ -315,13 +337,20 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
                     attributes = {**attributes, "optimizer": record}
                     raw_graph = fused if fused.is_file() else raw_graph
             comp_precision = "fp16" if precision == "fp16" else "fp32"
+            if may_overflow and peaks["activation"] > FP16_MAX:
+                # seen in PyTorch, not left to the check: onnxruntime's CPU provider runs an fp16 graph's layers
+                # that lack fp16 kernels in fp32, so the check here passes graphs that overflow on a GPU
+                why = f"activations reach {peaks['activation']:.3g} in PyTorch, past fp16's {FP16_MAX:g}"
+                log.warning("%s: %s; keeping it in fp32", component.name, why)
+                attributes = {**attributes, "fp16": f"kept fp32: {why}"}
+                comp_precision = "fp32"
             with stages.stage(f"{component.name}: check"):
                 try:
                     files, inputs, outputs, checks[component.name] = _write_checked(
                         component, raw_graph, staging, comp_precision, reference, check_providers
                     )
                 except ExportValidationError as exc:
-                    if comp_precision != "fp16" or not component.fp16_may_overflow:
+                    if comp_precision != "fp16" or not may_overflow:
                         raise
                     log.warning("%s: the fp16 graph fails its check (%s); keeping it in fp32", component.name, exc)
                     attributes = {**attributes, "fp16": f"kept fp32: the fp16 graph failed its check ({exc})"}

@@ -19,6 +19,8 @@ FP16_OP_BLOCK_LIST = [
 ]
 
 
+FP16_MAX = 65504.0  # the largest finite half-precision value: activations past it overflow in fp16 graphs
+
 # protobuf cannot serialise a message past 2 GiB, and onnx's in-memory shape inference serialises the model
 PROTOBUF_LIMIT = 2**31 - 1
 

@@ -72,7 +72,8 @@ class ComponentExport:
     torch_call: Callable  # (pipeline, inputs as torch tensors) -> list of torch outputs, in graph output order
     random_inputs: Callable[[ExportContext, np.random.Generator], dict[str, np.ndarray]]
     # Lesson 3 of FIELD_NOTES (the SDXL VAE overflows in fp16): tried in fp16 in fp16 bundles, kept fp32, with
-    # the reason in the manifest, when the fp16 graph fails its check; other components' failures are errors.
+    # the reason in the manifest, when the fp16 graph fails its check; other components' failures are errors
+    # (text encoders: by the model they hold, may_overflow_fp16)
     fp16_may_overflow: bool = False
     # the pipeline attribute whose weights the torch_call reads; freed after the last component using it
     module: str | None = None
@@ -296,8 +297,7 @@ def _tiny_decoder_call(tiny, x):
 COMPONENTS: tuple[ComponentExport, ...] = (
     ComponentExport("text_encoder", _text_call, _text_inputs, module="text_encoder"),
     ComponentExport("text_encoder_2", _text_2_call, _text_2_inputs, module="text_encoder_2"),
-    # T5's activations overflow fp16 (its feed-forward outputs pass 65504 in the large models)
-    ComponentExport("text_encoder_3", _text_3_call, _text_3_inputs, fp16_may_overflow=True, module="text_encoder_3"),
+    ComponentExport("text_encoder_3", _text_3_call, _text_3_inputs, module="text_encoder_3"),
     ComponentExport("unet", _unet_call, _unet_inputs, module="unet"),
     ComponentExport("transformer", _transformer_call, _transformer_inputs, module="transformer"),
     ComponentExport("vae_decoder", _vae_decoder_call, _vae_decoder_inputs, fp16_may_overflow=True, module="vae"),
@@ -307,6 +307,19 @@ COMPONENTS: tuple[ComponentExport, ...] = (
 
 # Optional: exported only when a tiny decoder is given (its torch_call takes the AutoencoderTiny itself).
 TINY_DECODER = ComponentExport("vae_decoder_tiny", _tiny_decoder_call, _tiny_decoder_inputs, fp16_may_overflow=True)
+
+
+# Text encoders whose activations pass fp16's 65504: T5 v1.1 (the feed-forward outputs of the large models, which
+# is why transformers keeps T5's `wo` in fp32 under fp16) and Gemma-2 (trained in bf16, whose range it uses). The
+# component that holds one (SD3's text_encoder_3, FLUX's text_encoder_2, PixArt-Sigma's and SANA's text_encoder) is
+# tried in fp16 like the VAE, and kept fp32 when its fp16 graph fails the check.
+FP16_OVERFLOW_ENCODERS = ("T5EncoderModel", "UMT5EncoderModel", "Gemma2Model")
+
+
+def may_overflow_fp16(component: ComponentExport, pipeline) -> bool:
+    """Whether `component`'s fp16 graph may fail its check by overflowing: kept fp32 then, not an error."""
+    held = getattr(pipeline, component.module, None) if component.module else None
+    return component.fp16_may_overflow or type(held).__name__ in FP16_OVERFLOW_ENCODERS
 
 
 def check_side(cells: int) -> int:
