@@ -347,7 +347,7 @@ def info(bundle, verify):
     click.echo(f"text          {text}" + ("; size/crop conditions" if m.conditioning.get("time_ids") else ""))
     for name, comp in m.components.items():
         shapes = ", ".join(f"{t.name}{list(t.shape)}:{t.dtype}" for t in comp.inputs)
-        click.echo(f"{name:<16}{comp.precision:<6}{comp.size / 2**20:9.1f} MiB  {shapes}")
+        click.echo(f"{name:<17}{comp.precision:<6}{comp.size / 2**20:9.1f} MiB  {shapes}")  # vae_decoder_tiny: 16
     click.echo(f"total         {b.size_on_disk / 2**20:.1f} MiB on disk" + ("; checksums ok" if verify else ""))
 
 
