@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,7 @@ from .optimize import MODEL_TYPES as FUSABLE
 from .optimize import optimize_graph
 from .options import QUANTIZED, ExportOptions
 from .precision import FP16_MAX, to_fp16
-from .quantize import release_memory
+from .quantize import libraries_frozen, release_memory
 from .sana import models_for_export
 from .segments import segment_graph
 from .source import as_fp32, prepare_source
@@ -225,7 +226,7 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
     )
     out = Path(out)
     quiet_tracing()
-    with staged(out, options.overwrite) as staging:
+    with staged(out, options.overwrite) as staging, ExitStack() as loaded:
         stages = Stages(progress)
         with stages.stage("loading the source"):  # unweighted: the sizes that weigh stages are known after it
             pipe, fam, ctx = prepare_source(
@@ -242,6 +243,7 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
             ip_adapter = ipa.load_ip_adapter(options.ip_adapter, options.ip_adapter_image_encoder, pipe, ctx)
             ctx = ipa.with_image_embeds(ctx, ip_adapter)  # the UNet then takes image embeddings and a scale
             sliced_layers = use_attention(unet, "sliced") if attention == "sliced" else 0
+        loaded.enter_context(libraries_frozen())  # the libraries and the source are loaded: collections skip them
 
         text = write_text_conditioning(pipe, staging, ctx.max_sequence_length)
         optimum_models = models_for_export(pipe)  # optimum's, or SANA's set up in sana.py
