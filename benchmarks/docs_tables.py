@@ -217,7 +217,7 @@ HEADERS = {
 
 # Export cost (benchmarks/export_cost.py's files): per table, the file; "export-cost" lists each configuration,
 # "export-stages" the stages of one configuration of the same file.
-EXPORT_COST = E + "2026-12-02-export-cost-release.json"
+EXPORT_COST = E + "2026-12-02-export-cost-first-order.json"
 EXPORT_STAGES_OF = "fastest"
 EXPORT_TABLES = ("export-cost", "export-stages")
 
