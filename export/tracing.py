@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 
 
 def quiet_tracing() -> None:
@@ -55,22 +56,65 @@ def trace_on_inputs(export_config, inputs: dict) -> None:
 @contextmanager
 def released_after_export(release):
     """Runs `release()` (freeing the module's weights) as soon as PyTorch has written a graph inside optimum's
-    export_models, before optimum gathers a large graph's external data into one file: that step loads every
-    weight of the graph, and with the module still alive the stage would hold its weights twice (the fp32
-    export's peak: the UNet's stage of full-size SD-Turbo). Scoped: torch.onnx.export is restored on exit.
-    Hand-written because optimum offers no hook between its two steps."""
+    export_models, then gathers a large graph's external data (PyTorch writes one file per weight) into the one
+    file optimum would, tensor by tensor (gather_external_data). optimum's own gathering loads every weight of
+    the graph at once: with the module still alive the stage held its weights twice (the fp32 export's peak: the
+    UNet's stage of full-size SD-Turbo), and even without it, 1.6x a Gemma-2's. Scoped: torch.onnx.export and
+    optimum's external-data test are restored on exit. Hand-written because optimum offers no hook between its
+    two steps."""
     import torch
+    from optimum.exporters.onnx import convert
 
-    original = torch.onnx.export
+    original, uses_external = torch.onnx.export, convert.check_model_uses_external_data
 
     def export_then_release(*args, **kwargs):
         try:
-            return original(*args, **kwargs)
+            result = original(*args, **kwargs)
         finally:
             release()
+        f = kwargs.get("f", args[2] if len(args) > 2 else None)  # where the graph was written (optimum: a path)
+        if isinstance(f, (str, Path)):
+            gather_external_data(Path(f))
+        return result
 
     torch.onnx.export = export_then_release
+    # gathered already: optimum's test then finds nothing to gather (its graph loads with external data still)
+    convert.check_model_uses_external_data = lambda model: False
     try:
         yield
     finally:
-        torch.onnx.export = original
+        torch.onnx.export, convert.check_model_uses_external_data = original, uses_external
+
+
+def gather_external_data(graph: Path) -> None:
+    """Moves the external data of `graph`'s tensors (initializers and Constant attributes) into one file beside it,
+    `<graph name>_data` as optimum names it, one tensor in memory at a time; the files they came from are removed.
+    A graph without external data is left as it is."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    model = onnx.load(str(graph), load_external_data=False)
+    external = [t for t in _get_all_tensors(model) if uses_external_data(t)]
+    if not external:
+        return
+    name = f"{graph.name}_data"
+    gathered = graph.parent / f"{name}.gathering"  # not `name`: a source file may already bear it
+    sources = set()
+    with open(gathered, "wb") as out:
+        for tensor in external:
+            info = ExternalDataInfo(tensor)
+            with open(graph.parent / info.location, "rb") as f:
+                f.seek(info.offset or 0)
+                data = f.read(info.length) if info.length else f.read()
+            # onnx's set_external_data wants the bytes in the message: the entries are written as it writes them
+            del tensor.external_data[:]
+            for key, value in (("location", name), ("offset", str(out.tell())), ("length", str(len(data)))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            out.write(data)
+            sources.add(info.location)
+            del data
+    for source in sources:
+        (graph.parent / source).unlink()
+    gathered.replace(graph.parent / name)
+    onnx.save(model, str(graph))

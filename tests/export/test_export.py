@@ -327,14 +327,17 @@ def test_sliced_attention_is_the_same_arithmetic(models_root, tmp_path):
     assert np.abs(ours - plain).max() <= 1 / 255
 
 
-def test_the_module_is_released_once_pytorch_has_written_its_graph(monkeypatch):
-    """optimum then loads a large graph's weights to gather them into one file: the module's own must be gone by
-    then (export/tracing.py), whether PyTorch's export succeeded or not, and torch.onnx.export is restored."""
+def test_the_module_is_released_once_pytorch_has_written_its_graph(monkeypatch, tmp_path):
+    """The module's weights must be gone before a large graph's weights are gathered into one file
+    (export/tracing.py), whether PyTorch's export succeeded or not; torch.onnx.export and optimum's
+    external-data test are restored."""
     import torch
+    from optimum.exporters.onnx import convert
 
     from edgediff.export.tracing import released_after_export
 
     calls = []
+    uses_external = convert.check_model_uses_external_data
 
     def fake_export(*args, **kwargs):
         calls.append("export")
@@ -347,8 +350,62 @@ def test_the_module_is_released_once_pytorch_has_written_its_graph(monkeypatch):
         calls.clear()
         try:
             with released_after_export(lambda: calls.append("release")):
-                torch.onnx.export(None, ())
+                torch.onnx.export(None, (), f=None)
         except RuntimeError:
             assert exporter is failing_export
         assert calls == (["export", "release"] if exporter is fake_export else ["release"])
         assert torch.onnx.export is exporter  # restored on leaving the context
+        assert convert.check_model_uses_external_data is uses_external
+
+
+def _graph_with_a_file_per_weight(folder):
+    """A small graph saved as PyTorch saves one past 2 GB: each weight (and a Constant's tensor) in a file of its
+    own."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1, w2, c = (rng.standard_normal(s).astype(np.float32) for s in ((4, 8), (8, 3), (3,)))
+    nodes = [
+        helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(c, "c")),
+        helper.make_node("MatMul", ["x", "w1"], ["h"]),
+        helper.make_node("MatMul", ["h", "w2"], ["y0"]),
+        helper.make_node("Add", ["y0", "c"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
+    path = folder / "model.onnx"
+    onnx.save_model(
+        helper.make_model(graph),
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=False,
+        size_threshold=0,
+        convert_attribute=True,
+    )
+    return path
+
+
+def test_a_graphs_weights_are_gathered_into_one_file_a_tensor_at_a_time(tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    from edgediff.export.tracing import gather_external_data
+
+    path = _graph_with_a_file_per_weight(tmp_path)
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    before = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
+    assert len(list(tmp_path.iterdir())) == 4  # the graph and three tensors' files
+    gather_external_data(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx_data"]
+    structure = onnx.load(str(path), load_external_data=False)
+    locations = {e.value for t in structure.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"model.onnx_data"}
+    assert np.array_equal(ort.InferenceSession(str(path)).run(None, {"x": x})[0], before)
+    gather_external_data(path)  # gathered already: the same graph again
+    assert np.array_equal(ort.InferenceSession(str(path)).run(None, {"x": x})[0], before)
