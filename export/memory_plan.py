@@ -6,7 +6,8 @@ widened to fp32 for its own export and freed once its graph is written; quantise
 bundle once to record calibration inputs; with --lora-slots, the UNet's and text encoders' graphs are each slotted
 and checked right after their own export. The estimate follows those stages, from each component's weights
 (counted from the safetensors headers), with factors measured on the full-size SD-Turbo architecture (docs/benchmarks.md,
-"Export cost"): the fp32 export peaked at 7.72 GB against 7.77 estimated, int8-static at 8.31 GB against 8.76.
+"Export cost"): the fp32 export peaked at 6.21 GB (its text encoder's stage) against 6.82 estimated, int8-static
+at 8.48 GB against 8.76.
 A model that cannot fit is refused before any of it is loaded, naming the stage, the estimate and what to
 do, instead of being killed half way (the bundle is atomic either way: nothing is left at the output).
 """
@@ -28,6 +29,12 @@ BASE_BYTES = 500_000_000
 # Exporting one component holds, beside every weight not yet freed, about this many copies of its own weights
 # (the traced graph and the serialised protobuf): 1.09 for SD-Turbo's UNet, 0.8 for its text encoder.
 EXPORT_COPIES = 1.1
+# Past protobuf's 2 GB, PyTorch writes each weight to a file of its own and the export gathers them into one, a
+# tensor at a time (tracing.gather_external_data): beside its weights the stage holds the tracer's state and the
+# largest tensor. A 6-layer Gemma-2 (3.94 GiB) held 0.10 GiB over its weights when PyTorch had written the graph
+# and 2.24 GiB while gathering its 2.20 GiB embedding.
+LARGE_GRAPH_BYTES = 2**31
+LARGE_EXPORT_COPIES = 0.1
 # Recording calibration inputs opens the whole fp32 bundle: its weights and about half as much again
 # (activations at the bundle's size, onnxruntime's prepacked weights): 8.31 GB measured for 5.16 GB of weights.
 RECORDING_COPIES = 1.6
@@ -49,16 +56,17 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 
 def safetensors_elements(path: Path) -> tuple[int, int]:
     """(floating-point elements, other bytes) of a safetensors file, from its header alone."""
-    floats, other, _ = _header_counts(path)
+    floats, other, _, _ = _header_counts(path)
     return floats, other
 
 
-def _header_counts(path: Path) -> tuple[int, int, dict[str, int]]:
-    """(floating-point elements, other bytes, floating-point elements per stored dtype) from a safetensors header."""
+def _header_counts(path: Path) -> tuple[int, int, dict[str, int], int]:
+    """(floating-point elements, other bytes, floating-point elements per stored dtype, the largest floating-point
+    tensor's elements) from a safetensors header."""
     with open(path, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(length))
-    floats = other = 0
+    floats = other = largest = 0
     by_dtype: dict[str, int] = {}
     for name, entry in header.items():
         if name == "__metadata__":
@@ -68,19 +76,27 @@ def _header_counts(path: Path) -> tuple[int, int, dict[str, int]]:
             count *= d
         if entry["dtype"] in FLOAT_DTYPES:
             floats += count
+            largest = max(largest, count)
             by_dtype[entry["dtype"]] = by_dtype.get(entry["dtype"], 0) + count
         else:
             other += count * _ITEM_BYTES.get(entry["dtype"], 8)
-    return floats, other, by_dtype
+    return floats, other, by_dtype, largest
 
 
 @dataclass(frozen=True)
 class Weights:
     """A component's weights: as loaded (`stored`: in their stored dtype where the export keeps it, see
-    stored_dtype) and as exported (`fp32`)."""
+    stored_dtype) and as exported (`fp32`), and its largest tensor in fp32 (`largest`: 0 where unknown)."""
 
     stored: int
     fp32: int
+    largest: int = 0
+
+    def export_extra(self) -> int:
+        """What exporting the component holds beside its fp32 weights (EXPORT_COPIES, LARGE_EXPORT_COPIES)."""
+        if self.fp32 > LARGE_GRAPH_BYTES:
+            return int(LARGE_EXPORT_COPIES * self.fp32) + (self.largest or self.fp32)
+        return int(EXPORT_COPIES * self.fp32)
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -90,19 +106,20 @@ def _weight_files(folder: Path) -> list[Path]:
     return plain or files
 
 
-def _headers(folder: Path) -> tuple[list[Path], int, int, set[str]] | None:
-    """A component folder's weight files, their floating-point elements, other bytes and float dtypes, from the
-    safetensors headers; None when its weights are not all safetensors."""
+def _headers(folder: Path) -> tuple[list[Path], int, int, set[str], int] | None:
+    """A component folder's weight files, their floating-point elements, other bytes, float dtypes and largest
+    floating-point tensor's elements, from the safetensors headers; None when its weights are not all
+    safetensors."""
     files = _weight_files(folder)
     if not files or any(f.suffix != ".safetensors" for f in files):
         return None
-    floats = other = 0
+    floats = other = largest = 0
     dtypes: set[str] = set()
     for f in files:
-        n, o, by_dtype = _header_counts(f)
-        floats, other = floats + n, other + o
+        n, o, by_dtype, most = _header_counts(f)
+        floats, other, largest = floats + n, other + o, max(largest, most)
         dtypes.update(by_dtype)
-    return files, floats, other, dtypes
+    return files, floats, other, dtypes, largest
 
 
 def _half(dtypes: set[str]) -> str | None:
@@ -131,10 +148,10 @@ def component_weights(folder: Path, keep_stored: bool = True) -> Weights:
             return Weights(size, size)
         counts = [_header_counts(f) for f in safetensors]  # mixed with other files: the safetensors count, in fp32
         floats, other = sum(c[0] for c in counts), sum(c[1] for c in counts)
-        return Weights(floats * 4 + other, floats * 4 + other)
-    _, floats, other, dtypes = headers
+        return Weights(floats * 4 + other, floats * 4 + other, 4 * max(c[3] for c in counts))
+    _, floats, other, dtypes, largest = headers
     half = keep_stored and _half(dtypes) is not None
-    return Weights(floats * (2 if half else 4) + other, floats * 4 + other)
+    return Weights(floats * (2 if half else 4) + other, floats * 4 + other, 4 * largest)
 
 
 def component_bytes(folder: Path) -> int:
@@ -157,7 +174,7 @@ def export_stages(weights: dict[str, int | Weights], quantised: bool, slotted=()
     stages = [Stage("loading the source", BASE_BYTES + sum(w.stored for w in weights.values()))]
     held = sum(w.stored for w in weights.values())
     for name, w in sorted(weights.items(), key=lambda kv: kv[1].fp32):  # smallest first, each freed after it
-        stages.append(Stage(f"{name}: export", BASE_BYTES + held - w.stored + int((1 + EXPORT_COPIES) * w.fp32)))
+        stages.append(Stage(f"{name}: export", BASE_BYTES + held - w.stored + w.fp32 + w.export_extra()))
         held -= w.stored
         if name in slotted:
             stages.append(_slot_stage(name, w, held))
