@@ -478,6 +478,75 @@ ARCHS = {
         ),
         scheduler=SD_TURBO_SCHEDULER,
     ),
+    # SANA-Sprint 0.6B at 1024 px, as Efficient-Large-Model/Sana_Sprint_0.6B_1024px_diffusers: transformer 593.5 M
+    # parameters (SanaSprint_600M_P1_D28), DC-AE f32c32 sana-1.1 312.3 M, Gemma-2-2B-IT decoder 2614.3 M (589.8 M of
+    # it the 256000-token embedding).
+    "sana-sprint-0.6b": dict(
+        sana=dict(
+            in_channels=32,
+            out_channels=32,
+            num_layers=28,
+            num_attention_heads=36,
+            attention_head_dim=32,
+            num_cross_attention_heads=16,
+            cross_attention_head_dim=72,
+            cross_attention_dim=1152,
+            caption_channels=2304,
+            mlp_ratio=2.5,
+            dropout=0.0,
+            attention_bias=False,
+            sample_size=32,
+            patch_size=1,
+            norm_elementwise_affine=False,
+            norm_eps=1e-6,
+            interpolation_scale=None,
+            qk_norm="rms_norm_across_heads",
+            guidance_embeds=True,
+            guidance_embeds_scale=0.1,
+            timestep_scale=1.0,
+        ),
+        vae=dict(
+            in_channels=3,
+            latent_channels=32,
+            attention_head_dim=32,
+            encoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
+            decoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
+            encoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
+            decoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
+            encoder_layers_per_block=(2, 2, 2, 3, 3, 3),
+            decoder_layers_per_block=(3, 3, 3, 3, 3, 3),
+            encoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)),
+            decoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)),
+            upsample_block_type="interpolate",
+            downsample_block_type="Conv",
+            decoder_norm_types="rms_norm",
+            decoder_act_fns="silu",
+            encoder_out_shortcut=True,
+            decoder_in_shortcut=True,
+            decoder_conv_act_fn="relu",
+            scaling_factor=0.41407,
+        ),
+        text=dict(
+            vocab_size=256000,
+            hidden_size=2304,
+            intermediate_size=9216,
+            num_hidden_layers=26,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=256,
+            hidden_activation="gelu_pytorch_tanh",
+            max_position_embeddings=8192,
+            rms_norm_eps=1e-6,
+            rope_theta=10000.0,
+            attention_bias=False,
+            attention_dropout=0.0,
+            query_pre_attn_scalar=256,
+            sliding_window=4096,
+            final_logit_softcapping=30.0,
+            attn_logit_softcapping=50.0,
+        ),
+        scheduler=SANA_SPRINT_SCHEDULER,
+    ),
 }
 
 # Words the built tokenizer knows whole (the rest falls back to bytes).
@@ -670,14 +739,15 @@ def build_random_sana_pipeline(spec: dict, out_dir: str | Path, seed: int = 0) -
     folder = build_gemma_tokenizer(out / "_tokenizer_src", WORDS)
     tokenizer = GemmaTokenizerFast.from_pretrained(folder)
     torch.manual_seed(seed + 2)
+    # A spec's own vocab_size (the real one, so the embedding has its real size) wins over the tokenizer's length.
+    text = {"vocab_size": len(tokenizer), **spec["text"]}
     text_encoder = Gemma2Model(
         Gemma2Config(
-            vocab_size=len(tokenizer),
             pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             attn_implementation="eager",
-            **spec["text"],
+            **text,
         )
     )
     torch.manual_seed(seed)
