@@ -156,6 +156,7 @@ def _reference_runs(
             latents=latents,
             output_type="np",
             **_text_length(pipe, manifest),
+            **_scm_steps(pipe, a["steps"]),
         )
         m = timer.marks
         runs.append(
@@ -186,6 +187,15 @@ def _text_length(pipe, manifest) -> dict:
     length = manifest.conditioning.get("max_sequence_length")
     takes = "max_sequence_length" in inspect.signature(pipe.__call__).parameters
     return {"max_sequence_length": int(length)} if length and takes else {}
+
+
+def _scm_steps(pipe, steps: int) -> dict:
+    """SanaSprintPipeline's intermediate timestep (1.3) holds for 2 steps only; other counts need None, which
+    diffusers otherwise refuses (edgediff's SCM sampler does the same by itself)."""
+    import inspect
+
+    takes = "intermediate_timesteps" in inspect.signature(pipe.__call__).parameters
+    return {"intermediate_timesteps": None} if takes and steps != 2 else {}
 
 
 def _same_scheduler(pipe, manifest):
