@@ -31,6 +31,7 @@ from .controlnet import (
     residual_attributes,
     with_residuals,
 )
+from .gemma_prefix import write_prefix
 from .lora import fuse_loras
 from .lora_slots import SLOT_COMPONENTS, slot_graph
 from .manifest_builder import build_manifest, recorded_path, write_text_conditioning
@@ -302,6 +303,8 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
             with stages.stage(f"{component.name}: export"):
                 as_fp32(module)  # loaded in its stored precision (load_pipeline): widened for its own export only
                 as_fp32(getattr(modules, component.module) if component.module else modules)
+                if ctx.text_prefix and component.name == "text_encoder":  # from the fp32 module, before its release
+                    text[1]["prefix"] = write_prefix(modules, text[1]["instruction"], staging)
                 peaks = {} if may_overflow else None
                 reference = _torch_reference(component, modules, check_ctx, peaks)
                 if spatial:

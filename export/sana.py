@@ -2,7 +2,8 @@
 text encoder, nor SANA-Sprint's guidance input, nor DC-AE (AutoencoderDC), so the export configs are set up here,
 on optimum's own classes, and the rest of the export (tracing, checks, bundle) is the other families'.
 
-Gemma-2: optimum's text-encoder config (input_ids + attention_mask -> last_hidden_state). The transformer: optimum's
+Gemma-2: optimum's text-encoder config with the instruction prefix's keys and values as inputs (gemma_prefix.py:
+the prefix is computed once, at export). The transformer: optimum's
 SANA config (hidden_states, encoder_hidden_states, encoder_attention_mask, timestep), with `guidance` added when the
 transformer embeds it (Sprint). DC-AE: the decoder, and for Sprint the encoder too, for image-to-image
 (SanaSprintImg2ImgPipeline; SANA itself has no image-to-image pipeline). The encoder is deterministic, so its graph
@@ -97,14 +98,13 @@ def _encoder_config(vae):
 
 def sana_models_for_export(pipe) -> dict:
     """{component: (module, optimum export config)}, as optimum's get_diffusion_models_for_export returns them."""
-    from optimum.exporters.onnx.model_configs import Gemma2TextEncoderOnnxConfig
+    from .gemma_prefix import prefixed_text_encoder
 
-    text_encoder = pipe.text_encoder
-    text_encoder.config.use_cache = False  # hidden states only: no key-value cache among the outputs
     decoder = copy.deepcopy(pipe.vae)
     decoder.forward = lambda latent_sample: decoder.decode(latent_sample)
     models = {
-        "text_encoder": (text_encoder, Gemma2TextEncoderOnnxConfig(text_encoder.config, task="feature-extraction")),
+        # Gemma-2 after the instruction prefix, whose keys and values the bundle stores (gemma_prefix.py)
+        "text_encoder": prefixed_text_encoder(pipe.text_encoder),
         "transformer": (pipe.transformer, transformer_config(pipe.transformer)),
         "vae_decoder": (decoder, _decoder_config(pipe.vae)),
     }

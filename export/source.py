@@ -10,6 +10,7 @@ from pathlib import Path
 from edgediff.runtime.errors import ExportError, ExportOptionsError
 
 from .families import SourceFacts, detect_family, get_family
+from .gemma_prefix import prefix_shape
 from .pixart import PIXART_MAX_SEQUENCE_LENGTH, PIXART_TRANSFORMER, is_pixart
 from .sana import SANA_MAX_SEQUENCE_LENGTH, SANA_TRANSFORMER, dc_ae_scale_factor, is_sana
 from .specs import ExportContext
@@ -241,6 +242,7 @@ def prepare_source(
             cross_attention_dim=int(net.config.caption_channels),
             attention_mask=True,
             guidance_embeds=bool(net.config.get("guidance_embeds", False)),
+            text_prefix=prefix_shape(pipe.text_encoder) if sana else None,
         )
     elif flux:  # CLIP-L's pooled output and T5's tokens (FLUX's text_encoder_2); packed latents, ids, guidance
         ctx = dataclasses.replace(

@@ -51,6 +51,9 @@ class ExportContext:
     # SANA: Gemma-2 takes an attention mask with its tokens, and the transformer the same mask over the text tokens
     # (max_sequence_length of them, caption width cross_attention_dim); Sprint embeds guidance too
     attention_mask: bool = False
+    # SANA: Gemma-2 runs after a cached prefix: (layers, key-value heads, head dim) of its keys and values
+    # (export/gemma_prefix.py); None for other text encoders
+    text_prefix: tuple[int, int, int] | None = None
     # bundles with ControlNets: (level, channels) of each residual the UNet takes (down ones, then the mid one),
     # level counting the downsamplings below the latent grid (export/controlnet.py); () without ControlNets
     controlnet_residuals: tuple[tuple[int, int], ...] = ()
@@ -86,8 +89,12 @@ def _padding_mask(rng, length: int) -> np.ndarray:
 
 
 def _text_inputs(ctx: ExportContext, rng):
+    if ctx.text_prefix:  # SANA's Gemma-2: a random prefix, then padded prompts with their mask
+        from .gemma_prefix import random_prefixed_inputs
+
+        return random_prefixed_inputs(rng, VALIDATION_BATCH, ctx.max_length, ctx.text_prefix, ctx.vocab_size)
     inputs = {"input_ids": rng.integers(0, ctx.vocab_size, (VALIDATION_BATCH, ctx.max_length), dtype=np.int64)}
-    if ctx.attention_mask:  # Gemma-2 (SANA): padded prompts with their mask
+    if ctx.attention_mask:  # T5 (PixArt): padded prompts with their mask
         inputs["attention_mask"] = _padding_mask(rng, ctx.max_length)
     return inputs
 
@@ -226,7 +233,11 @@ def _vae_encoder_call(pipe, x):
 def _text_call(pipe, x):
     # outputs in optimum's order; SDXL and SD3 bundles also carry every layer's hidden state (they read the
     # penultimate); SD3's first encoder is a CLIP with projection, whose pooled output is `text_embeds`
-    if "attention_mask" in x:  # SANA's Gemma-2: its last hidden state, on the masked tokens
+    if "prefix_keys" in x:  # SANA's Gemma-2 after its cached prefix (export/gemma_prefix.py)
+        from .gemma_prefix import prefixed_call
+
+        return [prefixed_call(pipe.text_encoder, x)]
+    if "attention_mask" in x:  # PixArt's T5: its last hidden state, on the masked tokens
         return [pipe.text_encoder(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).last_hidden_state]
     out = pipe.text_encoder(
         input_ids=x["input_ids"], output_hidden_states=pipe.text_encoder.config.output_hidden_states

@@ -79,15 +79,18 @@ class Bundle:
             self.tokenizer_file(encoder["tokenizer"])
         if verify == "none":
             return
-        for spec in self.manifest.components.values():
-            for name, meta in spec.files.items():
-                path = self.file(name)
-                size = path.stat().st_size
-                if size != meta["size"]:
-                    raise BundleError("file_size", path=self.path, file=name, found=size, expected=meta["size"])
-                if verify == "full":
-                    digest = sha256_file(path)
-                    if digest != meta["sha256"]:
-                        raise ChecksumError(
-                            "checksum", path=self.path, file=name, found=digest[:12], expected=meta["sha256"][:12]
-                        )
+        files = [item for spec in self.manifest.components.values() for item in spec.files.items()]
+        prefix = self.manifest.conditioning.get("prefix")  # SANA's cached instruction prefix (denoisers/sana.py)
+        if prefix:
+            files.append((prefix["file"], prefix))
+        for name, meta in files:
+            path = self.file(name)
+            size = path.stat().st_size
+            if size != meta["size"]:
+                raise BundleError("file_size", path=self.path, file=name, found=size, expected=meta["size"])
+            if verify == "full":
+                digest = sha256_file(path)
+                if digest != meta["sha256"]:
+                    raise ChecksumError(
+                        "checksum", path=self.path, file=name, found=digest[:12], expected=meta["sha256"][:12]
+                    )

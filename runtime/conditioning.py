@@ -88,10 +88,13 @@ def text_encoders(bundle) -> list[_TextEncoder]:
     ]
 
 
-def run_encoder(enc: _TextEncoder, session, ids: np.ndarray, mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def run_encoder(
+    enc: _TextEncoder, session, ids: np.ndarray, mask: np.ndarray | None = None, extra: dict | None = None
+) -> dict[str, np.ndarray]:
     """One text encoder's outputs by name for token ids (and their attention mask, for encoders that take one:
-    SANA's Gemma-2); NaN or inf (an fp16 overflow) is an error."""
+    SANA's Gemma-2 and PixArt's T5; `extra`: other inputs); NaN or inf (an fp16 overflow) is an error."""
     feeds = {"input_ids": ids} if mask is None else {"input_ids": ids, "attention_mask": mask}
+    feeds.update(extra or {})
     outputs = dict(zip(session.output_names, session.run(**feeds)))
     for name in (enc.output, enc.pooled):
         if name is not None and not np.isfinite(outputs[name]).all():

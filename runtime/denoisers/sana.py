@@ -4,7 +4,9 @@ SanaPipeline / SanaSprintPipeline do (clean_caption False).
 Text (encode_prompt): prompts lower-cased and stripped; each prompt follows the complex-human-instruction prefix the
 manifest records and is padded to the prefix's tokens + max_sequence_length - 2; Gemma-2 runs on the tokens with their
 attention mask, and the first token and the last max_sequence_length - 1 are kept, hidden states and mask alike (the
-mask goes to the transformer as encoder_attention_mask). Negative prompts (SANA's CFG) take no prefix and
+mask goes to the transformer as encoder_attention_mask). Bundles store the instruction's keys and values
+(export/gemma_prefix.py): Gemma-2 then runs on the prompt's own tokens only, up to the longest prompt's last; the
+padding, which the transformer masks, gets zeros. Negative prompts (SANA's CFG) take no prefix and
 max_sequence_length tokens. Timestep: SANA's is the sampler's times timestep_scale, once per batch row; Sprint's is
 SCM's flow time (the sampler's model_timestep, unscaled, as SanaSprintPipeline), with guidance_scale x
 guidance_embeds_scale as the transformer's guidance input and no unconditional batch. Image-to-image: Sprint's, as
@@ -14,9 +16,11 @@ itself has no image-to-image pipeline in diffusers.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
-from ..conditioning import LengthTokenizers, run_timed, sequence_length, text_encoders
+from ..conditioning import LengthTokenizers, run_encoder, run_timed, sequence_length, text_encoders
 from ..errors import InputError
 from ..tokenizer import PromptTokenizer
 from .base import DenoiserBase, flow_start_index, per_row
@@ -39,6 +43,13 @@ class SanaConditioner:
         self._tokenizers = LengthTokenizers(bundle, self.gemma)
         # as SanaPipeline counts it: len(tokenizer.encode(instruction)), its start token included
         self._instruction_tokens = self.gemma.tokenizer.count(self.instruction) if self.instruction else 0
+        inputs = {t.name: t.shape for t in bundle.manifest.components[self.gemma.component].inputs}
+        # bundles made before the cached prefix run Gemma-2 over every token
+        self._prefixed = "prefix_keys" in inputs
+        self._empty = np.zeros([0 if isinstance(d, str) else d for d in inputs.get("prefix_keys", [])], np.float32)
+        entry = c.get("prefix")
+        self._prefix_file = bundle.file(entry["file"]) if entry else None
+        self._prefix = None  # read on first use
 
     @property
     def components(self) -> list[str]:
@@ -55,13 +66,48 @@ class SanaConditioner:
         if instruct and self.instruction:
             prompts = [self.instruction + p for p in prompts]
             total = self._instruction_tokens + length - 2
-        outputs = run_timed(
-            self.gemma, self._tokenizers(total), self.sessions.get(self.gemma.component), prompts, timings, mask=True
-        )
-        hidden, mask = outputs[self.gemma.output].astype(np.float32), outputs["attention_mask"]
+        session = self.sessions.get(self.gemma.component)
+        if self._prefixed:
+            hidden, mask = self._run_after_prefix(session, prompts, total, instruct, timings)
+        else:
+            outputs = run_timed(self.gemma, self._tokenizers(total), session, prompts, timings, mask=True)
+            hidden, mask = outputs[self.gemma.output].astype(np.float32), outputs["attention_mask"]
         # SanaPipeline.encode_prompt's select_index: [0] + the last length - 1 (all of them without the prefix)
         keep = [0, *range(total - length + 1, total)]
         return hidden[:, keep], mask[:, keep]
+
+    def _cached_prefix(self, ids: np.ndarray):
+        """The stored prefix when every row's tokens begin with its ids, else None (Gemma-2 then runs from the
+        first token: a prompt whose first characters merged with the instruction's last token)."""
+        if self._prefix_file is None:
+            return None
+        if self._prefix is None:
+            with np.load(self._prefix_file, allow_pickle=False) as data:  # data only: never pickled objects
+                self._prefix = {k: data[k] for k in data.files}
+        cached = self._prefix["ids"]
+        if ids.shape[1] <= len(cached) or not (ids[:, : len(cached)] == cached).all():
+            return None
+        return self._prefix
+
+    def _run_after_prefix(self, session, prompts, total, instruct, timings):
+        """Gemma-2 on each prompt's tokens after the stored prefix (all of them without one), up to the longest
+        prompt's last token; (hidden states (B, total, D) with zeros where not computed, mask (B, total))."""
+        t0 = time.perf_counter()
+        ids, mask = self._tokenizers(total).encode(prompts)
+        t1 = time.perf_counter()
+        prefix = self._cached_prefix(ids) if instruct else None
+        start = len(prefix["ids"]) if prefix else 0
+        used = max(int(mask.sum(axis=1).max()), start + 1)  # right-padded: the rest is padding in every row
+        past = (prefix["keys"], prefix["values"]) if prefix else (self._empty, self._empty)
+        extra = {"prefix_keys": past[0], "prefix_values": past[1]}
+        out = run_encoder(self.gemma, session, ids[:, start:used], mask[:, :used], extra)[self.gemma.output]
+        hidden = np.zeros((len(prompts), total, out.shape[-1]), np.float32)
+        hidden[:, start:used] = out
+        if prefix:  # the instruction's first token, which SanaPipeline keeps
+            hidden[:, 0] = prefix["first_hidden_state"]
+        timings["tokenize"] = timings.get("tokenize", 0.0) + t1 - t0
+        timings["text_encoder"] = timings.get("text_encoder", 0.0) + time.perf_counter() - t1
+        return hidden, mask
 
     def __call__(self, prompts, negatives, do_cfg, repeat, length, timings) -> dict[str, np.ndarray]:
         cond, mask = self.encode(prompts, length, True, timings)

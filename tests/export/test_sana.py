@@ -17,6 +17,7 @@ from tiny_models import tiny_bundle, tiny_source  # noqa: E402
 
 from edgediff.runtime import Bundle, InputError, Pipeline  # noqa: E402
 from edgediff.runtime.denoisers.base import flow_start_index  # noqa: E402
+from edgediff.runtime.tokenizer import PromptTokenizer  # noqa: E402
 
 VARIANTS = {"sana": "tiny-sana", "sprint": "tiny-sana-sprint"}
 LATENT_CHANNELS, DC_AE_FACTOR = 8, 32  # the tiny models' (models/random_init.py)
@@ -203,7 +204,12 @@ def test_sana_manifests_record_what_the_runtime_needs(models_root):
             True,
             0,
         )
-        assert [t.name for t in m.components["text_encoder"].inputs] == ["input_ids", "attention_mask"]
+        text_inputs = [t.name for t in m.components["text_encoder"].inputs]
+        assert text_inputs == ["input_ids", "attention_mask", "prefix_keys", "prefix_values"]
+        # the instruction's keys and values, all but its last token's (export/gemma_prefix.py)
+        instruction_tokens = b.tokenizer_file(gemma["tokenizer"])
+        assert c["prefix"]["tokens"] == PromptTokenizer(instruction_tokens, 1, 0).count(c["instruction"]) - 1
+        assert b.file(c["prefix"]["file"]).stat().st_size == c["prefix"]["size"]
         inputs = {t.name: t for t in m.components["transformer"].inputs}
         assert inputs["encoder_attention_mask"].dtype == "int64" and inputs["encoder_hidden_states"].shape[2] == 24
         assert ("guidance" in inputs) is (variant == "sprint")
