@@ -35,7 +35,7 @@ from .gemma_prefix import write_prefix
 from .lora import fuse_loras
 from .lora_slots import SLOT_COMPONENTS, slot_graph
 from .manifest_builder import build_manifest, recorded_path, write_text_conditioning
-from .memory_plan import check_source
+from .memory_plan import available_bytes, check_source, record_one_at_a_time
 from .optimize import MODEL_TYPES as FUSABLE
 from .optimize import optimize_graph
 from .options import QUANTIZED, ExportOptions
@@ -494,8 +494,13 @@ def _quantize_bundle(staging: Path, manifest: Manifest, precision: str, keep, pr
 
     stages = stages or NoStages()
     policy = QUANT_POLICY[precision]
+    # the graphs open together where they fit, else one at a time (the memory plan's rule)
+    alone = record_one_at_a_time([spec.size for spec in manifest.components.values()], available_bytes())
+    if alone:
+        log.info("recording calibration inputs one graph at a time: the fp32 graphs do not fit in memory together")
     with stages.stage("recording calibration inputs"):
-        feeds = record_feeds(staging, prompts or CALIBRATION_PROMPTS, [n for n in manifest.components if policy.get(n)])
+        names = [n for n in manifest.components if policy.get(n)]
+        feeds = record_feeds(staging, prompts or CALIBRATION_PROMPTS, names, one_at_a_time=alone)
     release_memory()
     for name, spec in manifest.components.items():
         scheme_name = policy.get(name)

@@ -38,19 +38,31 @@ class RecordedFeeds(list):
 
 
 def record_feeds(
-    bundle_dir: Path, prompts=CALIBRATION_PROMPTS, components: list[str] | None = None, seed: int = 0
+    bundle_dir: Path,
+    prompts=CALIBRATION_PROMPTS,
+    components: list[str] | None = None,
+    seed: int = 0,
+    one_at_a_time: bool = False,
 ) -> dict[str, RecordedFeeds]:
     """Per component (default: all that a text-to-image call runs), up to MAX_CALIBRATION_FEEDS input
-    dicts recorded while generating `prompts`, with the graph's output for each."""
+    dicts recorded while generating `prompts`, with the graph's output for each. `one_at_a_time`: the bundle runs
+    in low-memory mode, each graph opened when needed and closed before the next (memory_plan.
+    record_one_at_a_time: for bundles whose graphs do not fit in memory together; slower, as each prompt reopens
+    them)."""
     from edgediff.runtime import Bundle, Pipeline
     from edgediff.runtime.pipeline import DECODERS, text_to_image_components
 
-    pipe = Pipeline(Bundle.open(bundle_dir, verify="none"), provider="cpu", cache=False)
+    pipe = Pipeline(Bundle.open(bundle_dir, verify="none"), provider="cpu", cache=False, low_memory=one_at_a_time)
     names = text_to_image_components(pipe.manifest) if components is None else components
     # decoders whose inputs are wanted (full VAE, tiny decoder): each decodes the same sampled latents
     decoders = [d for d, component in DECODERS.items() if component in names]
+    watched = (
+        recording_opened(pipe.sessions, names)
+        if one_at_a_time
+        else recording({name: pipe.sessions.get(name) for name in names})
+    )
     try:
-        with recording({name: pipe.sessions.get(name) for name in names}) as recorded:
+        with watched as recorded:
             for i, prompt in enumerate(prompts):
                 latents = pipe(prompt, seed=seed + i, output_type="latent").images
                 for decoder in decoders:  # a decode (seconds at 512) runs only when its inputs are wanted
@@ -84,6 +96,25 @@ def recording(sessions: dict):
                 del session.run
             else:
                 session.run = own[name]
+
+
+@contextmanager
+def recording_opened(pool, names: list[str]):
+    """recording() for a low-memory SessionPool, whose sessions open and close in turn: every session of `names`
+    the pool opens while the block runs records its runs."""
+    recorded: dict[str, RecordedFeeds] = {name: RecordedFeeds() for name in names}
+
+    def open_recording(name: str):
+        session = previous(name)
+        if name in recorded:
+            session.run = _recording_run(session, recorded[name])
+        return session
+
+    previous = pool.set_opener(open_recording)
+    try:
+        yield recorded
+    finally:
+        pool.set_opener(previous)
 
 
 def _recording_run(session, into: RecordedFeeds):

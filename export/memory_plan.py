@@ -40,6 +40,7 @@ LARGE_EXPORT_COPIES = 0.1
 OPENED_COPIES = 1.75
 # Recording calibration inputs opens the whole fp32 bundle: its weights and about half as much again
 # (activations at the bundle's size, onnxruntime's prepacked weights): 8.31 GB measured for 5.16 GB of weights.
+# Where they do not fit together, it opens one graph at a time (record_one_at_a_time), the largest setting the peak.
 RECORDING_COPIES = 1.6
 # Slotting a graph for run-time LoRAs (--lora-slots: lora_slots.slot_graph, once the component's export has freed its
 # PyTorch weights) peaks while the check fuses its random LoRA (lora_slots._random_lora), holding three copies of the
@@ -170,10 +171,24 @@ class Stage:
     bytes: int
 
 
-def export_stages(weights: dict[str, int | Weights], quantised: bool, slotted=()) -> list[Stage]:
+def recording_bytes(graph_bytes: list[int], one_at_a_time: bool) -> int:
+    """Recording calibration inputs over fp32 graphs of these sizes: open together, or one at a time."""
+    return BASE_BYTES + int(RECORDING_COPIES * (max(graph_bytes, default=0) if one_at_a_time else sum(graph_bytes)))
+
+
+def record_one_at_a_time(graph_bytes: list[int], free: int | None) -> bool:
+    """Whether recording opens the graphs one at a time: only where they would not fit in `free` bytes together,
+    since each prompt then reopens them (SANA-Sprint's 10.5 GB Gemma-2: minutes)."""
+    return free is not None and recording_bytes(graph_bytes, False) > free
+
+
+def export_stages(
+    weights: dict[str, int | Weights], quantised: bool, slotted=(), free: int | None = None
+) -> list[Stage]:
     """The export's stages with their estimated peaks, for components of these weights (ints: fp32 bytes, loaded
     as such). Components are loaded as stored, and each is widened to fp32 for its own export only. `slotted`:
-    the components whose graphs then get LoRA slots (--lora-slots), a stage of their own after their export."""
+    the components whose graphs then get LoRA slots (--lora-slots), a stage of their own after their export.
+    `free`: the memory available, which decides how calibration inputs are recorded (record_one_at_a_time)."""
     weights = {k: w if isinstance(w, Weights) else Weights(w, w) for k, w in weights.items()}
     stages = [Stage("loading the source", BASE_BYTES + sum(w.stored for w in weights.values()))]
     held = sum(w.stored for w in weights.values())
@@ -183,8 +198,10 @@ def export_stages(weights: dict[str, int | Weights], quantised: bool, slotted=()
         if name in slotted:
             stages.append(_slot_stage(name, w, held))
     if quantised:
-        total = sum(w.fp32 for w in weights.values())
-        stages.append(Stage("recording calibration inputs", BASE_BYTES + int(RECORDING_COPIES * total)))
+        graphs = [w.fp32 for w in weights.values()]
+        alone = record_one_at_a_time(graphs, free)
+        name = "recording calibration inputs" + (", one graph at a time" if alone else "")
+        stages.append(Stage(name, recording_bytes(graphs, alone)))
     return stages
 
 
@@ -261,8 +278,8 @@ def check_fits(
         for name, path in components.items()
         if path.is_dir()
     }
-    stages = export_stages(weights, quantised, slotted)
     free = available_bytes()
+    stages = export_stages(weights, quantised, slotted, free)
     if free is None or os.environ.get(IGNORE_ENV) == "1":
         return stages
     worst = max(stages, key=lambda s: s.bytes)

@@ -208,6 +208,13 @@ class SessionPool:
     def loaded(self) -> list[str]:
         return list(self._open)
 
+    def set_opener(self, opener: Callable[[str], GraphSession]) -> Callable[[str], GraphSession]:
+        """Replaces how graphs open from now on; returns the previous opener. The exporter records the runs of
+        graphs a low-memory pool opens and closes in turn (export/calibration.py)."""
+        with self._lock:
+            previous, self._opener = self._opener, opener
+        return previous
+
     def close(self) -> None:
         with self._lock:
             self._open.clear()

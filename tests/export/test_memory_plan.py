@@ -208,3 +208,17 @@ def test_an_export_with_lora_slots_is_refused_naming_their_stage(models_root, tm
     with pytest.raises(ExportError, match=rf"needs about .* GiB at its peak \({re.escape(worst.name)}\)"):
         export(source, out, ExportOptions(lora_slots="attention"), progress=False)
     assert not loaded and not out.exists()
+
+
+def test_recording_opens_one_graph_at_a_time_only_where_they_do_not_fit_together():
+    from edgediff.export.memory_plan import BASE_BYTES, RECORDING_COPIES, export_stages, record_one_at_a_time
+
+    weights = {"gemma": 10 * 2**30, "transformer": 2 * 2**30, "vae": 2**30}
+    together = BASE_BYTES + int(RECORDING_COPIES * 13 * 2**30)
+    alone = BASE_BYTES + int(RECORDING_COPIES * 10 * 2**30)
+    assert not record_one_at_a_time(list(weights.values()), together) and not record_one_at_a_time([1], None)
+    assert record_one_at_a_time(list(weights.values()), together - 1)
+    roomy = export_stages(weights, quantised=True, free=together)[-1]
+    tight = export_stages(weights, quantised=True, free=together - 1)[-1]
+    assert (roomy.name, roomy.bytes) == ("recording calibration inputs", together)
+    assert (tight.name, tight.bytes) == ("recording calibration inputs, one graph at a time", alone)
