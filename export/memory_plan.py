@@ -3,7 +3,7 @@
 An export loads the whole pipeline, each component in the half precision its weights are stored in (fp32 when they
 are stored so, mixed, or not in safetensors), then exports its components one at a time, smallest first, each
 widened to fp32 for its own export and freed once its graph is written; quantised precisions then run the fp32
-bundle once to record calibration inputs; with --lora-slots, the UNet's and text encoders' graphs are each slotted
+bundle once to record calibration inputs and quantise its graphs one at a time; with --lora-slots, the UNet's and text encoders' graphs are each slotted
 and checked right after their own export. The estimate follows those stages, from each component's weights
 (counted from the safetensors headers), with factors measured on the full-size SD-Turbo architecture (docs/benchmarks.md,
 "Export cost"): the fp32 export peaked at 6.21 GB (its text encoder's stage) against 6.82 estimated, int8-static
@@ -42,6 +42,11 @@ OPENED_COPIES = 1.75
 # (activations at the bundle's size, onnxruntime's prepacked weights): 8.31 GB measured for 5.16 GB of weights.
 # Where they do not fit together, it opens one graph at a time (record_one_at_a_time), the largest setting the peak.
 RECORDING_COPIES = 1.6
+# Quantising a graph holds it whole (onnxruntime's quantisers load every weight), its quantised weights and the
+# quantiser's working copies. Full-size SANA-Sprint's Gemma-2 (10.46 GB in fp32) was killed past 23.25 GB in
+# onnxruntime's dynamic int8 quantiser, so at least 2.2x; SD-Turbo's UNet (3.46 GB) took its int8-static export
+# to no more than 8.48 GB. VAE graphs are not quantised (quantize.QUANT_POLICY keeps them fp32).
+QUANTIZE_COPIES = 2.3
 # Slotting a graph for run-time LoRAs (--lora-slots: lora_slots.slot_graph, once the component's export has freed its
 # PyTorch weights) peaks while the check fuses its random LoRA (lora_slots._random_lora), holding three copies of the
 # graph's weights: the plain graph loaded by onnx, the slotted graph open in onnxruntime, and the plain graph's copy
@@ -202,6 +207,9 @@ def export_stages(
         alone = record_one_at_a_time(graphs, free)
         name = "recording calibration inputs" + (", one graph at a time" if alone else "")
         stages.append(Stage(name, recording_bytes(graphs, alone)))
+        for name, w in weights.items():
+            if not name.startswith("vae"):
+                stages.append(Stage(f"{name}: quantize", BASE_BYTES + int(QUANTIZE_COPIES * w.fp32)))
     return stages
 
 

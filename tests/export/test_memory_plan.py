@@ -218,7 +218,20 @@ def test_recording_opens_one_graph_at_a_time_only_where_they_do_not_fit_together
     alone = BASE_BYTES + int(RECORDING_COPIES * 10 * 2**30)
     assert not record_one_at_a_time(list(weights.values()), together) and not record_one_at_a_time([1], None)
     assert record_one_at_a_time(list(weights.values()), together - 1)
-    roomy = export_stages(weights, quantised=True, free=together)[-1]
-    tight = export_stages(weights, quantised=True, free=together - 1)[-1]
+
+    def recording(free):
+        return next(s for s in export_stages(weights, quantised=True, free=free) if s.name.startswith("recording"))
+
+    roomy, tight = recording(together), recording(together - 1)
     assert (roomy.name, roomy.bytes) == ("recording calibration inputs", together)
     assert (tight.name, tight.bytes) == ("recording calibration inputs, one graph at a time", alone)
+
+
+def test_quantising_a_graph_holds_about_twice_its_weights_and_vae_graphs_stay_fp32():
+    from edgediff.export.memory_plan import BASE_BYTES, QUANTIZE_COPIES, export_stages
+
+    weights = {"text_encoder": 10 * 2**30, "transformer": 2 * 2**30, "vae": 2**30}
+    stages = {s.name: s.bytes for s in export_stages(weights, quantised=True)}
+    assert stages["text_encoder: quantize"] == BASE_BYTES + int(QUANTIZE_COPIES * 10 * 2**30)
+    assert "transformer: quantize" in stages and "vae: quantize" not in stages
+    assert not any(name.endswith("quantize") for name in (s.name for s in export_stages(weights, quantised=False)))
