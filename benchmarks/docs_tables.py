@@ -26,7 +26,12 @@ DOC = Path("docs") / "benchmarks.md"
 RESULTS = Path("benchmarks") / "results"
 MARKER = re.compile(r"(<!-- table:(?P<name>[a-z0-9-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.DOTALL)
 
-FAMILIES = {"sd-turbo": "SD-Turbo", "sdxl-turbo": "SDXL-Turbo", "lcm-sd1": "shipped model"}
+FAMILIES = {
+    "sd-turbo": "SD-Turbo",
+    "sdxl-turbo": "SDXL-Turbo",
+    "lcm-sd1": "shipped model",
+    "sana-sprint": "SANA-Sprint 0.6B",
+}
 # what the bundle name says and the manifest's precisions do not
 BUNDLE_LABELS = {
     "sd-turbo-sliced-int8s": "int8-static, head-sliced attention",
@@ -169,6 +174,25 @@ TABLES = {
         p90=True,
         headers={"vae_decoder": "decoder"},
     ),
+    "cpu-sana-sprint": Table(
+        (
+            "model",
+            "steps",
+            "config",
+            "system",
+            "total",
+            "text_encoder",
+            "unet_call",
+            "vae_decoder",
+            "cold",
+            "rss",
+            "vs_diffusers",
+            "data",
+        ),
+        (Source(E + "2026-12-03-sana-sprint.json"),),
+        full_decoder=True,
+        headers={"unet_call": "transformer call"},
+    ),
     "shipped": Table(
         (
             "machine",
@@ -215,11 +239,22 @@ HEADERS = {
 }
 
 
-# Export cost (benchmarks/export_cost.py's files): per table, the file; "export-cost" lists each configuration,
-# "export-stages" the stages of one configuration of the same file.
+@dataclass(frozen=True)
+class ExportTable:
+    """A table of one export_cost.py file: each configuration's time, peak and size, or one configuration's
+    stages (`stages_of`, its name)."""
+
+    file: str
+    stages_of: str | None = None
+
+
 EXPORT_COST = E + "2026-12-02-export-cost-first-order.json"
 EXPORT_STAGES_OF = "fastest"
-EXPORT_TABLES = ("export-cost", "export-stages")
+EXPORT_TABLES = {
+    "export-cost": ExportTable(EXPORT_COST),
+    "export-stages": ExportTable(EXPORT_COST, EXPORT_STAGES_OF),
+    "export-cost-sana-sprint": ExportTable(E + "2026-12-03-export-cost-sana-sprint.json"),
+}
 
 
 # ------------------------------------------------------------------------------------------ formatting
@@ -432,9 +467,10 @@ def _minutes(seconds: float) -> str:
 def render_export_cost(name: str, results: dict[str, dict]) -> str:
     """The export-cost table (each configuration: time, its ratio to fp32's, peak and the stage that set it,
     bundle size) or the export-stages table (one configuration's stages, repeated stages summed)."""
-    if EXPORT_COST not in results:
-        raise FileNotFoundError(f"table {name}: {RESULTS / EXPORT_COST} is missing")
-    data = results[EXPORT_COST]
+    table = EXPORT_TABLES[name]
+    if table.file not in results:
+        raise FileNotFoundError(f"table {name}: {RESULTS / table.file} is missing")
+    data = results[table.file]
     rows = [r for r in data["results"] if "seconds" in r]
     fp32 = next((r["seconds"] for r in rows if r["config"] == "fp32"), None)
 
@@ -443,7 +479,7 @@ def render_export_cost(name: str, results: dict[str, dict]) -> str:
         first = next((s for s in stages if s.get("peak_rss_bytes") == row["peak_rss_bytes"]), None)
         return first["stage"] if first else "-"
 
-    if name == "export-cost":
+    if table.stages_of is None:
         lines = [
             "| export | arguments | wall time | wall time / fp32's | peak RSS | set by | bundle |",
             "|---|---|---|---|---|---|---|",
@@ -456,7 +492,7 @@ def render_export_cost(name: str, results: dict[str, dict]) -> str:
                 f"{peak_stage(r)} | {_gib(r.get('bundle_bytes'))} |"
             )
     else:
-        row = next(r for r in rows if r["config"] == EXPORT_STAGES_OF)
+        row = next(r for r in rows if r["config"] == table.stages_of)
         totals: dict[str, list] = {}
         for stage in row.get("stages") or []:
             seconds, peak, count = totals.setdefault(stage["stage"], [0.0, 0, 0])
@@ -465,7 +501,7 @@ def render_export_cost(name: str, results: dict[str, dict]) -> str:
         for stage, (seconds, peak, count) in totals.items():
             lines.append(f"| {stage} | {seconds:.1f} | {count} | {_gib(peak)} |")
         lines.append(f"| whole export | {row['seconds']:.1f} | | {_gib(row['peak_rss_bytes'])} |")
-    lines += ["", f"Data: {_link(EXPORT_COST)}: {machine_line(data['machine'])}, {data.get('date', '?')}"]
+    lines += ["", f"Data: {_link(table.file)}: {machine_line(data['machine'])}, {data.get('date', '?')}"]
     return "\n".join(lines) + "\n"
 
 
