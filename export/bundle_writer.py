@@ -220,7 +220,7 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
     check_source(
         source,
         t5=options.t5,
-        quantised=precision in QUANTIZED,
+        quantised=precision if precision in QUANTIZED else False,
         keep_stored=stored,
         controlnets=[c[0] for c in options.controlnets],
         lora_slots=options.lora_slots,

@@ -47,6 +47,10 @@ RECORDING_COPIES = 1.6
 # onnxruntime's dynamic int8 quantiser, so at least 2.2x; SD-Turbo's UNet (3.46 GB) took its int8-static export
 # to no more than 8.48 GB. VAE graphs are not quantised (quantize.QUANT_POLICY keeps them fp32).
 QUANTIZE_COPIES = 2.3
+# int4 bundles quantise a graph past 2 GB a weight at a time (stream_quant.py): the packed weights (an eighth of their
+# fp32 bytes) and one fp32 weight while quantising, then the 4-bit graph open for its check, whose unquantised
+# weights (embeddings) stay fp32: counted as half the fp32 weights besides the largest tensor.
+STREAMED_QUANTIZE_COPIES = 0.5
 # Slotting a graph for run-time LoRAs (--lora-slots: lora_slots.slot_graph, once the component's export has freed its
 # PyTorch weights) peaks while the check fuses its random LoRA (lora_slots._random_lora), holding three copies of the
 # graph's weights: the plain graph loaded by onnx, the slotted graph open in onnxruntime, and the plain graph's copy
@@ -188,12 +192,13 @@ def record_one_at_a_time(graph_bytes: list[int], free: int | None) -> bool:
 
 
 def export_stages(
-    weights: dict[str, int | Weights], quantised: bool, slotted=(), free: int | None = None
+    weights: dict[str, int | Weights], quantised: bool | str, slotted=(), free: int | None = None
 ) -> list[Stage]:
     """The export's stages with their estimated peaks, for components of these weights (ints: fp32 bytes, loaded
     as such). Components are loaded as stored, and each is widened to fp32 for its own export only. `slotted`:
     the components whose graphs then get LoRA slots (--lora-slots), a stage of their own after their export.
-    `free`: the memory available, which decides how calibration inputs are recorded (record_one_at_a_time)."""
+    `free`: the memory available, which decides how calibration inputs are recorded (record_one_at_a_time).
+    `quantised`: the bundle's precision (or True: any quantised one), which decides how graphs are quantised."""
     weights = {k: w if isinstance(w, Weights) else Weights(w, w) for k, w in weights.items()}
     stages = [Stage("loading the source", BASE_BYTES + sum(w.stored for w in weights.values()))]
     held = sum(w.stored for w in weights.values())
@@ -208,8 +213,13 @@ def export_stages(
         name = "recording calibration inputs" + (", one graph at a time" if alone else "")
         stages.append(Stage(name, recording_bytes(graphs, alone)))
         for name, w in weights.items():
-            if not name.startswith("vae"):
-                stages.append(Stage(f"{name}: quantize", BASE_BYTES + int(QUANTIZE_COPIES * w.fp32)))
+            if name.startswith("vae"):
+                continue
+            if quantised == "int4" and w.fp32 > LARGE_GRAPH_BYTES:  # a weight at a time
+                held = int(STREAMED_QUANTIZE_COPIES * w.fp32) + (w.largest or w.fp32)
+            else:
+                held = int(QUANTIZE_COPIES * w.fp32)
+            stages.append(Stage(f"{name}: quantize", BASE_BYTES + held))
     return stages
 
 
@@ -243,7 +253,7 @@ LOADED = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_
 def check_source(
     source: str,
     t5: bool = True,
-    quantised: bool = False,
+    quantised: bool | str = False,
     keep_stored: bool = True,
     controlnets=(),
     lora_slots: str | None = None,
@@ -276,7 +286,7 @@ def check_source(
 
 
 def check_fits(
-    components: dict[str, Path], quantised: bool, advice: str, keep_stored: bool = True, slotted=()
+    components: dict[str, Path], quantised: bool | str, advice: str, keep_stored: bool = True, slotted=()
 ) -> list[Stage]:
     """Raises ExportError("export_memory") when the largest estimated stage exceeds the memory available now;
     returns the stages. `components`: the folders the export loads, by name; `slotted`: those of them that get

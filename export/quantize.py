@@ -328,6 +328,12 @@ def quantize(src: Path, dst: Path, scheme: Scheme, exclude: list[str], ranges=No
         with vectorised():
             quantizer.quantize_model()
         quantizer.model.save_model_to_file(str(dst), large)
+    elif scheme.name == "int4-weight-only" and large:
+        # a weight at a time (stream_quant.py): onnxruntime's quantiser holds the whole graph and its fp32 weights;
+        # convolutions stay fp32 there (graphs this large are transformers and text encoders: MatMuls)
+        from .stream_quant import quantize_int4_streaming
+
+        quantize_int4_streaming(src, dst, exclude, INT4_BLOCK_SIZE)
     elif scheme.name == "int4-weight-only":
         root_level = logging.getLogger().level
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer

@@ -235,3 +235,22 @@ def test_quantising_a_graph_holds_about_twice_its_weights_and_vae_graphs_stay_fp
     assert stages["text_encoder: quantize"] == BASE_BYTES + int(QUANTIZE_COPIES * 10 * 2**30)
     assert "transformer: quantize" in stages and "vae: quantize" not in stages
     assert not any(name.endswith("quantize") for name in (s.name for s in export_stages(weights, quantised=False)))
+
+
+def test_int4_quantises_a_graph_past_2gb_a_weight_at_a_time():
+    from edgediff.export.memory_plan import (
+        BASE_BYTES,
+        QUANTIZE_COPIES,
+        STREAMED_QUANTIZE_COPIES,
+        Weights,
+        export_stages,
+    )
+
+    large, small = 10 * 2**30, 2**30
+    weights = {"text_encoder": Weights(large, large, 2**31), "transformer": Weights(small, small, 2**24)}
+    int4 = {s.name: s.bytes for s in export_stages(weights, quantised="int4")}
+    int8 = {s.name: s.bytes for s in export_stages(weights, quantised="int8")}
+    assert int4["text_encoder: quantize"] == BASE_BYTES + int(STREAMED_QUANTIZE_COPIES * large) + 2**31
+    assert int8["text_encoder: quantize"] == BASE_BYTES + int(QUANTIZE_COPIES * large)
+    # below 2 GB onnxruntime's quantiser holds the whole graph, 4-bit or not
+    assert int4["transformer: quantize"] == int8["transformer: quantize"] == BASE_BYTES + int(QUANTIZE_COPIES * small)
