@@ -329,11 +329,10 @@ def quantize(src: Path, dst: Path, scheme: Scheme, exclude: list[str], ranges=No
             quantizer.quantize_model()
         quantizer.model.save_model_to_file(str(dst), large)
     elif scheme.name == "int4-weight-only" and large:
-        # a weight at a time (stream_quant.py): onnxruntime's quantiser holds the whole graph and its fp32 weights;
-        # convolutions stay fp32 there (graphs this large are transformers and text encoders: MatMuls)
+        # a weight at a time (stream_quant.py): onnxruntime's quantiser holds the whole graph and its fp32 weights
         from .stream_quant import quantize_int4_streaming
 
-        quantize_int4_streaming(src, dst, exclude, INT4_BLOCK_SIZE)
+        quantize_int4_streaming(src, dst, exclude, INT4_BLOCK_SIZE, convs="Conv" in scheme.op_types)
     elif scheme.name == "int4-weight-only":
         root_level = logging.getLogger().level
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer

@@ -17,9 +17,10 @@ from pathlib import Path
 log = logging.getLogger("edgediff.export")
 
 
-def quantize_int4_streaming(src: Path, dst: Path, exclude: list[str], block_size: int) -> int:
-    """Writes the 4-bit graph of `src` (weights in external data) to `dst` with its weights in `dst`.data; MatMuls
-    named in `exclude` stay fp32. Returns the number of MatMuls quantised."""
+def quantize_int4_streaming(src: Path, dst: Path, exclude: list[str], block_size: int, convs: bool = True) -> int:
+    """Writes the 4-bit graph of `src` (weights in external data) to `dst` with its weights in `dst`.data; nodes
+    named in `exclude` stay fp32. `convs`: convolutions' weights too, in 4-bit blocks (int4_conv.py; SANA's
+    transformer has its Mix-FFN's). Returns the number of nodes quantised."""
     import onnx
     from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
     from onnxruntime.quantization.matmul_nbits_quantizer import (
@@ -52,9 +53,34 @@ def quantize_int4_streaming(src: Path, dst: Path, exclude: list[str], block_size
             weight.ClearField("raw_data")
     del graph.node[:]
     graph.node.extend(nodes)
+    if convs:
+        done += _quantize_convs(model, src.parent, skip, block_size)
     _drop_unused_initializers(graph)
     _write_a_tensor_at_a_time(model, src.parent, dst)
     log.info("%s: %d MatMuls in 4 bits, a weight at a time", src.stem, done)
+    return done
+
+
+def _quantize_convs(model, source_dir: Path, skip: set[str], block_size: int) -> int:
+    """int4_conv's rewrite, a convolution at a time: each weight read just before its node is rewritten."""
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    from .int4_conv import quantize_conv_weights, takes
+
+    initializers = {t.name: t for t in model.graph.initializer}
+    convs = [n for n in model.graph.node if n.op_type == "Conv" and n.name not in skip and len(n.input) > 1]
+    convs = [n for n in convs if n.input[1] in initializers and takes(initializers[n.input[1]], block_size)]
+    names = {n.name for n in convs}
+    done = 0
+    for node in convs:
+        # the graph's own entry: each rewrite rebuilds the initializer list, so earlier references go stale
+        weight = next(t for t in model.graph.initializer if t.name == node.input[1])
+        if uses_external_data(weight):
+            load_external_data_for_tensor(weight, str(source_dir))
+            weight.data_location = onnx.TensorProto.DEFAULT
+            del weight.external_data[:]
+        done += quantize_conv_weights(model, skip | (names - {node.name}), block_size)  # drops the fp32 weight
     return done
 
 
