@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .report import work, work_difference
+from .report import quality_cell, work, work_difference
 
 DOC = Path("docs") / "benchmarks.md"
 RESULTS = Path("benchmarks") / "results"
@@ -187,9 +187,14 @@ TABLES = {
             "cold",
             "rss",
             "vs_diffusers",
+            "quality",
             "data",
         ),
-        (Source(E + "2026-12-03-sana-sprint.json"),),
+        (
+            Source(E + "2026-12-03-sana-sprint.json"),
+            Source(E + "2026-12-03-sana-sprint-int4.json"),
+            Source(E + "2026-12-03-sana-sprint-int4-low-memory.json"),
+        ),
         full_decoder=True,
         headers={"unet_call": "transformer call"},
     ),
@@ -234,6 +239,7 @@ HEADERS = {
     "rss": "peak RSS",
     "vs_diffusers": "diffusers time / this",
     "vs_fp32": "fp32 time / this",
+    "quality": "PSNR / SSIM against fp32",
     "start": "start",
     "data": "data",
 }
@@ -411,6 +417,8 @@ def _cell(col: str, table: Table, data: dict, row: dict, sysrow: dict, ref: int)
         )
         base = next((s for s in (fp32 or {}).get("systems", []) if s["system"] == sysrow["system"]), {})
         return _ratio(_median(base.get("stages", {}).get("unet_call")), _median(st.get("unet_call")))
+    if col == "quality":  # against the run's reference bundle (bench --quality): PSNR / SSIM
+        return quality_cell(sysrow, (data.get("quality_reference") or {}).get("floor_db", 30.0))
     if col == "data":  # the file's number in the list under the table
         return str(ref)
     raise KeyError(col)
