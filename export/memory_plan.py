@@ -3,8 +3,8 @@
 An export loads the whole pipeline, each component in the half precision its weights are stored in (fp32 when they
 are stored so, mixed, or not in safetensors), then exports its components one at a time, smallest first, each
 widened to fp32 for its own export and freed once its graph is written; quantised precisions then run the fp32
-bundle once to record calibration inputs and quantise its graphs one at a time; with --lora-slots, the UNet's and text encoders' graphs are each slotted
-and checked right after their own export. The estimate follows those stages, from each component's weights
+bundle once to record calibration inputs and quantise its graphs one at a time; with --lora-slots, the UNet's and
+text encoders' graphs are each slotted and checked right after their own export. The estimate follows those stages, from each component's weights
 (counted from the safetensors headers), with factors measured on the full-size SD-Turbo architecture (docs/benchmarks.md,
 "Export cost"): the fp32 export peaked at 6.21 GB (its text encoder's stage) against 6.82 estimated, int8-static
 at 8.48 GB against 8.76.
@@ -210,16 +210,16 @@ def export_stages(
     if quantised:
         graphs = [w.fp32 for w in weights.values()]
         alone = record_one_at_a_time(graphs, free)
-        name = "recording calibration inputs" + (", one graph at a time" if alone else "")
-        stages.append(Stage(name, recording_bytes(graphs, alone)))
+        label = "recording calibration inputs" + (", one graph at a time" if alone else "")
+        stages.append(Stage(label, recording_bytes(graphs, alone)))
         for name, w in weights.items():
             if name.startswith("vae"):
                 continue
             if quantised == "int4" and w.fp32 > LARGE_GRAPH_BYTES:  # a weight at a time
-                held = int(STREAMED_QUANTIZE_COPIES * w.fp32) + (w.largest or w.fp32)
+                quantising = int(STREAMED_QUANTIZE_COPIES * w.fp32) + (w.largest or w.fp32)
             else:
-                held = int(QUANTIZE_COPIES * w.fp32)
-            stages.append(Stage(f"{name}: quantize", BASE_BYTES + held))
+                quantising = int(QUANTIZE_COPIES * w.fp32)
+            stages.append(Stage(f"{name}: quantize", BASE_BYTES + quantising))
     return stages
 
 

@@ -22,7 +22,6 @@ def quantize_int4_streaming(src: Path, dst: Path, exclude: list[str], block_size
     named in `exclude` stay fp32. `convs`: convolutions' weights too, in 4-bit blocks (int4_conv.py; SANA's
     transformer has its Mix-FFN's). Returns the number of nodes quantised."""
     import onnx
-    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
         DefaultWeightOnlyQuantizer,
@@ -42,10 +41,7 @@ def quantize_int4_streaming(src: Path, dst: Path, exclude: list[str], block_size
         if weight is None or node.name in skip:
             nodes.append(node)
             continue
-        if uses_external_data(weight):  # read now, as onnx.load would have
-            load_external_data_for_tensor(weight, str(src.parent))
-            weight.data_location = onnx.TensorProto.DEFAULT
-            del weight.external_data[:]
+        _read_in(weight, src.parent)
         replaced = quantizer.quantize_matmul(node, [graph])
         nodes.extend(replaced)
         if replaced != [node]:  # the fp32 bytes go: the entry is dropped below, now unused
@@ -57,15 +53,23 @@ def quantize_int4_streaming(src: Path, dst: Path, exclude: list[str], block_size
         done += _quantize_convs(model, src.parent, skip, block_size)
     _drop_unused_initializers(graph)
     _write_a_tensor_at_a_time(model, src.parent, dst)
-    log.info("%s: %d MatMuls in 4 bits, a weight at a time", src.stem, done)
+    log.info("%s: %d MatMuls and convolutions in 4 bits, a weight at a time", src.stem, done)
     return done
+
+
+def _read_in(weight, folder: Path) -> None:
+    """Moves a weight's external data into the message, as onnx.load would have read it."""
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    if uses_external_data(weight):
+        load_external_data_for_tensor(weight, str(folder))
+        weight.data_location = onnx.TensorProto.DEFAULT
+        del weight.external_data[:]
 
 
 def _quantize_convs(model, source_dir: Path, skip: set[str], block_size: int) -> int:
     """int4_conv's rewrite, a convolution at a time: each weight read just before its node is rewritten."""
-    import onnx
-    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
-
     from .int4_conv import quantize_conv_weights, takes
 
     initializers = {t.name: t for t in model.graph.initializer}
@@ -75,11 +79,7 @@ def _quantize_convs(model, source_dir: Path, skip: set[str], block_size: int) ->
     done = 0
     for node in convs:
         # the graph's own entry: each rewrite rebuilds the initializer list, so earlier references go stale
-        weight = next(t for t in model.graph.initializer if t.name == node.input[1])
-        if uses_external_data(weight):
-            load_external_data_for_tensor(weight, str(source_dir))
-            weight.data_location = onnx.TensorProto.DEFAULT
-            del weight.external_data[:]
+        _read_in(next(t for t in model.graph.initializer if t.name == node.input[1]), source_dir)
         done += quantize_conv_weights(model, skip | (names - {node.name}), block_size)  # drops the fp32 weight
     return done
 
@@ -95,7 +95,9 @@ def _write_a_tensor_at_a_time(model, source_dir: Path, dst: Path) -> None:
     """Saves `model` to `dst` with every initializer in `dst`.data: those in memory as they are, those still in the
     source's external data copied from it, one at a time."""
     import onnx
-    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    from .tracing import external_bytes, place_external
 
     name = f"{dst.name}.data"
     initializers = {t.name for t in model.graph.initializer}
@@ -104,19 +106,12 @@ def _write_a_tensor_at_a_time(model, source_dir: Path, dst: Path) -> None:
             if not uses_external_data(tensor) and tensor.name not in initializers:
                 continue
             if uses_external_data(tensor):
-                info = ExternalDataInfo(tensor)
-                with open(source_dir / info.location, "rb") as f:
-                    f.seek(info.offset or 0)
-                    data = f.read(info.length) if info.length else f.read()
+                data = external_bytes(tensor, source_dir)
             else:
                 data = tensor.raw_data or onnx.numpy_helper.to_array(tensor).tobytes()
                 for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
                     tensor.ClearField(field)
-            del tensor.external_data[:]
-            tensor.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", name), ("offset", str(out.tell())), ("length", str(len(data)))):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, value
+            place_external(tensor, name, out.tell(), len(data))
             out.write(data)
             del data
     onnx.save(model, str(dst))

@@ -86,6 +86,28 @@ def released_after_export(release):
         torch.onnx.export, convert.check_model_uses_external_data = original, uses_external
 
 
+def external_bytes(tensor, folder: Path) -> bytes:
+    """The bytes of a tensor kept in external data, read from its file in `folder`."""
+    from onnx.external_data_helper import ExternalDataInfo
+
+    info = ExternalDataInfo(tensor)
+    with open(Path(folder) / info.location, "rb") as f:
+        f.seek(info.offset or 0)
+        return f.read(info.length) if info.length else f.read()
+
+
+def place_external(tensor, location: str, offset: int, length: int) -> None:
+    """Points a tensor at `length` bytes from `offset` of the file `location`, its data no longer in the message.
+    onnx's set_external_data wants the bytes in the message: the entries are written as it writes them."""
+    from onnx import TensorProto
+
+    del tensor.external_data[:]
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+
+
 def gather_external_data(graph: Path) -> None:
     """Moves the external data of `graph`'s tensors (initializers and Constant attributes) into one file beside it,
     `<graph name>_data` as optimum names it, one tensor in memory at a time; the files they came from are removed.
@@ -102,17 +124,10 @@ def gather_external_data(graph: Path) -> None:
     sources = set()
     with open(gathered, "wb") as out:
         for tensor in external:
-            info = ExternalDataInfo(tensor)
-            with open(graph.parent / info.location, "rb") as f:
-                f.seek(info.offset or 0)
-                data = f.read(info.length) if info.length else f.read()
-            # onnx's set_external_data wants the bytes in the message: the entries are written as it writes them
-            del tensor.external_data[:]
-            for key, value in (("location", name), ("offset", str(out.tell())), ("length", str(len(data)))):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, value
+            sources.add(ExternalDataInfo(tensor).location)
+            data = external_bytes(tensor, graph.parent)
+            place_external(tensor, name, out.tell(), len(data))
             out.write(data)
-            sources.add(info.location)
             del data
     for source in sources:
         (graph.parent / source).unlink()
