@@ -248,10 +248,11 @@ HEADERS = {
 @dataclass(frozen=True)
 class ExportTable:
     """A table of one export_cost.py file: each configuration's time, peak and size, or one configuration's
-    stages (`stages_of`, its name)."""
+    stages (`stages_of`, its name), or each configuration's memory estimate beside what it measured (`memory`)."""
 
     file: str
     stages_of: str | None = None
+    memory: bool = False
 
 
 EXPORT_COST = E + "2026-12-02-export-cost-first-order.json"
@@ -260,7 +261,10 @@ EXPORT_TABLES = {
     "export-cost": ExportTable(EXPORT_COST),
     "export-stages": ExportTable(EXPORT_COST, EXPORT_STAGES_OF),
     "export-cost-sana-sprint": ExportTable(E + "2026-12-03-export-cost-sana-sprint.json"),
+    "export-memory-flux": ExportTable(E + "2026-12-03-export-cost-flux-reduced.json", memory=True),
 }
+# export_plan.py files: estimates from shapes alone, for architectures too large to export here
+PLAN_TABLES = {"export-plan": "estimates/2026-12-03-export-plan.json"}
 
 
 # ------------------------------------------------------------------------------------------ formatting
@@ -487,7 +491,9 @@ def render_export_cost(name: str, results: dict[str, dict]) -> str:
         first = next((s for s in stages if s.get("peak_rss_bytes") == row["peak_rss_bytes"]), None)
         return first["stage"] if first else "-"
 
-    if table.stages_of is None:
+    if table.memory:
+        lines = _memory_lines(rows)
+    elif table.stages_of is None:
         lines = [
             "| export | arguments | wall time | wall time / fp32's | peak RSS | set by | bundle |",
             "|---|---|---|---|---|---|---|",
@@ -513,16 +519,85 @@ def render_export_cost(name: str, results: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# a measured stage's step -> the memory plan's phase it belongs to (the rest are the quantisation's: calibrate,
+# sensitivity, quantize, final check); LoRA slots are made and checked within the graph's check
+_PHASES = {"export": "export", "check": "export", "LoRA slots": "LoRA slots", "segments": "segments"}
+
+
+def _measured_phase(stage: str) -> tuple[str, str]:
+    """The memory plan's (component, phase) a measured stage belongs to: a graph's export and check are its
+    component's export (the VAE's two graphs are one component), the rest of its stages its quantisation.
+    ControlNets are named by folder when measured and by number when estimated: they do not meet."""
+    graph, sep, step = stage.partition(": ")
+    if not sep:
+        return stage.split(",")[0], ""
+    component = "vae" if graph.startswith("vae") else graph
+    return component, _PHASES.get(step, "quantize")
+
+
+def _memory_lines(rows: list[dict]) -> list[str]:
+    """Each configuration's estimated stages beside the process's measured peak when that stage's work ended
+    (a high-water mark: a stage cannot show less than the stages before it)."""
+    lines = ["| export | stage | estimated | measured peak so far |", "|---|---|---|---|"]
+    for r in rows:
+        measured: dict[tuple[str, str], int] = {}
+        for st in r.get("stages") or []:
+            key = _measured_phase(st["stage"])
+            measured[key] = max(measured.get(key, 0), st.get("peak_rss_bytes") or 0)
+        for est in r.get("estimate") or []:
+            key = _measured_phase(est["stage"])
+            lines.append(f"| {r['config']} | {est['stage']} | {_gib(est['bytes'])} | {_gib(measured.get(key))} |")
+        worst = max(r.get("estimate") or [{"bytes": None}], key=lambda e: e["bytes"] or 0)
+        lines.append(
+            f"| {r['config']} | **whole export** | **{_gib(worst['bytes'])}** | **{_gib(r['peak_rss_bytes'])}** |"
+        )
+    return lines
+
+
+def render_export_plan(name: str, results: dict[str, dict]) -> str:
+    """An export_plan.py file: each architecture and precision with, per amount of free memory, its estimated
+    peak, the stage that sets it, and whether it fits (how calibration inputs are recorded depends on the memory
+    free, so the peak may too)."""
+    rel = PLAN_TABLES[name]
+    if rel not in results:
+        raise FileNotFoundError(f"table {name}: {RESULTS / rel} is missing")
+    data = results[rel]
+    memories = sorted({r["memory_bytes"] for r in data["results"]})
+    lines = [
+        "| architecture | T5 | precision | weights in fp32 | "
+        + " | ".join(f"with {m / 2**30:.0f} GiB free" for m in memories)
+        + " |",
+        "|---|---|---|---|" + "---|" * len(memories),
+    ]
+    groups: dict[tuple, dict[int, dict]] = {}
+    for r in data["results"]:
+        groups.setdefault((r["arch"], r["t5"], r["precision"]), {})[r["memory_bytes"]] = r
+
+    def cell(r: dict | None) -> str:
+        if r is None:
+            return "-"
+        return f"{'fits' if r['fits'] else '**does not fit**'}: {_gib(r['peak_bytes'])} ({r['peak_stage']})"
+
+    for (arch, t5, precision), by_memory in groups.items():
+        weights = sum(next(iter(by_memory.values()))["weights_fp32_bytes"].values())
+        cells = " | ".join(cell(by_memory.get(m)) for m in memories)
+        t5_cell = "-" if t5 is None else "yes" if t5 else "no"
+        lines.append(f"| {arch} | {t5_cell} | {precision} | {_gib(weights)} | {cells} |")
+    lines += ["", f"Data: {_link(rel)}: estimates from shapes alone, {data.get('date', '?')}"]
+    return "\n".join(lines) + "\n"
+
+
 def render_sources(results: dict[str, dict]) -> str:
     lines = ["| file | machine | date | measured with | transcribed from |", "|---|---|---|---|---|"]
     for rel, data in results.items():
         prov = data.get("provenance") or {}
-        command = prov.get("command")
+        command = prov.get("command") or data.get("command")
         command = f"`{command}`" if command else "not recorded (see the file's notes)"
         origin = prov.get("transcribed_from", "")
         origin = f"commit {origin[:10]}" if re.fullmatch(r"[0-9a-f]{40}", origin) else (origin or "-")
         lines.append(
-            f"| {_link(rel)} | {machine_label(data['machine'])} | {data.get('date', '?')} | "
+            f"| {_link(rel)} | {machine_label(data['machine']) if 'machine' in data else 'none: estimates'} | "
+            f"{data.get('date', '?')} | "
             f"{command.replace('|', '&#124;')} | {origin} |"
         )
     return "\n".join(lines) + "\n"
@@ -539,13 +614,14 @@ def render(doc: str, results: dict[str, dict]) -> str:
             body = render_table(name, results)
         elif name in EXPORT_TABLES:
             body = render_export_cost(name, results)
+        elif name in PLAN_TABLES:
+            body = render_export_plan(name, results)
         else:
-            raise KeyError(
-                f"{DOC}: no table named {name!r} (known: {', '.join(sorted({*TABLES, *EXPORT_TABLES}))}, sources)"
-            )
+            known = ", ".join(sorted({*TABLES, *EXPORT_TABLES, *PLAN_TABLES}))
+            raise KeyError(f"{DOC}: no table named {name!r} (known: {known}, sources)")
         return m.group(1) + body + m.group(4)
 
-    missing = {*TABLES, *EXPORT_TABLES} - {m.group("name") for m in MARKER.finditer(doc)}
+    missing = {*TABLES, *EXPORT_TABLES, *PLAN_TABLES} - {m.group("name") for m in MARKER.finditer(doc)}
     if missing:
         raise KeyError(f"{DOC} has no block for {', '.join(sorted(missing))}")
     return MARKER.sub(block, doc)

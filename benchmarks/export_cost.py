@@ -7,7 +7,8 @@ one after another on the same machine (so that their ratios compare like with li
 Each CONFIG is NAME=ARGS, the arguments `edgediff export SRC OUT` would take. The JSON records per
 configuration the seconds, the peak resident memory (the export process's own high-water mark), the bundle's
 size on disk, the manifest's quantization records (blocks kept in fp32, output error) and each stage of the
-export with its seconds and the peak memory when it ended (the stage that raised it set the peak).
+export with its seconds and the peak memory when it ended (the stage that raised it set the peak), beside the
+memory plan's estimate of each stage (export/memory_plan.py), made before the export loaded anything.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ def _child(source: str, out: str, args: list[str]) -> None:
         env={**os.environ, STAGES_LOG_ENV: str(stages_log)},
     )
     seconds = time.perf_counter() - start
-    stages = [json.loads(line) for line in stages_log.read_text().splitlines()] if stages_log.exists() else []
+    records = [json.loads(line) for line in stages_log.read_text().splitlines()] if stages_log.exists() else []
+    stages = [r for r in records if "stage" in r]
+    estimate = next((r["estimate"] for r in records if "estimate" in r), None)
     stages_log.unlink(missing_ok=True)
     if proc.returncode != 0:  # the CLI's one-line error, not the progress bar's last frame
         lines = proc.stderr.replace("\r", "\n").splitlines()
@@ -53,7 +56,7 @@ def _child(source: str, out: str, args: list[str]) -> None:
         sys.exit(1)
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux, bytes on macOS
     peak = peak if sys.platform == "darwin" else peak * 1024
-    print(json.dumps({"seconds": seconds, "peak_rss_bytes": peak, "stages": stages}))
+    print(json.dumps({"seconds": seconds, "peak_rss_bytes": peak, "stages": stages, "estimate": estimate}))
 
 
 def measure(source: str, configs: dict[str, list[str]], work: Path, keep_bundles: bool = False) -> list[dict]:

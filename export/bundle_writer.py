@@ -210,14 +210,14 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
         raise ExportOptionsError("export_choice", option="target", value=options.target, available="onnx")
     from optimum.exporters.onnx import export_models
 
-    from .progress import STAGE_COST, Stages
+    from .progress import STAGE_COST, Stages, log_estimate
 
     optimize_for, precision, attention = options.optimize, options.precision, options.attention
     check_providers = _check_providers(optimize_for)  # before any work: a GPU-optimized export needs CUDA here
     # before anything is loaded: a model this machine cannot hold is refused, not killed half way
     # LoRAs fuse into fp32 weights: a model they change loads in fp32, not in its stored half precision
     stored = not options.loras
-    check_source(
+    estimate = check_source(
         source,
         t5=options.t5,
         quantised=precision if precision in QUANTIZED else False,
@@ -225,6 +225,7 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
         controlnets=[c[0] for c in options.controlnets],
         lora_slots=options.lora_slots,
     )
+    log_estimate(estimate)
     out = Path(out)
     quiet_tracing()
     with staged(out, options.overwrite) as staging, ExitStack() as loaded:

@@ -37,7 +37,7 @@ import numpy as np
 
 from edgediff.runtime.errors import ExportError, ExportOptionsError
 
-from .specs import VALIDATION_BATCH, ComponentExport, ExportContext, _transformer_inputs, _unet_inputs
+from .specs import PACKED_AXIS, VALIDATION_BATCH, ComponentExport, ExportContext, _transformer_inputs, _unet_inputs
 
 COMPONENT_PREFIX = "controlnet_"  # bundle component "controlnet_<name>"
 # graph names of the residuals: the ControlNet's outputs and the UNet's inputs, index by index
@@ -616,12 +616,12 @@ def unet_for_export(unet, ctx: ExportContext, trace_ctx: ExportContext):
 
 
 TOKEN_AXES = {0: "batch_size", 1: "image_tokens"}  # SD3's block samples
-PACKED_AXES = {0: "batch_size", 1: "packed_height_width"}  # FLUX's tokens, as optimum names them
+PACKED_AXES = {0: "batch_size", 1: PACKED_AXIS}  # FLUX's tokens, as optimum names them
 FLUX_AXES = {  # a FLUX ControlNet's inputs, as optimum's FLUX transformer's; others {0: "batch_size"}
     "hidden_states": PACKED_AXES,
     "controlnet_cond": PACKED_AXES,
     "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"},
-    "img_ids": {0: "packed_height_width"},
+    "img_ids": {0: PACKED_AXIS},
     "txt_ids": {0: "sequence_length"},
 }
 

@@ -4,16 +4,19 @@ An export loads the whole pipeline, each component in the half precision its wei
 are stored so, mixed, or not in safetensors), then exports its components one at a time, smallest first, each
 widened to fp32 for its own export and freed once its graph is written; quantised precisions then run the fp32
 bundle once to record calibration inputs and quantise its graphs one at a time; with --lora-slots, the UNet's and
-text encoders' graphs are each slotted and checked right after their own export. The estimate follows those stages, from each component's weights
-(counted from the safetensors headers), with factors measured on the full-size SD-Turbo architecture (docs/benchmarks.md,
-"Export cost"): the fp32 export peaked at 6.21 GB (its text encoder's stage) against 6.82 estimated, int8-static
-at 8.48 GB against 8.76.
+text encoders' graphs are each slotted and checked right after their own export. The estimate follows those stages,
+from each component's weights (counted from the safetensors headers), with factors measured on full-size
+architectures (docs/benchmarks.md, "Export cost" and "Models larger than the machine"): SD-Turbo's fp32 export peaked
+at 6.21 GB (its text encoder's stage) against 6.90 estimated and its int8-static one at 8.48 GB against 8.76;
+SANA-Sprint's fp32 at 17.59 GB against 18.80 (Gemma-2's stage); FLUX.1-schnell's at full width with 6 of its 57
+blocks at 9.43 GB against 10.23 (T5's stage).
 A model that cannot fit is refused before any of it is loaded, naming the stage, the estimate and what to
 do, instead of being killed half way (the bundle is atomic either way: nothing is left at the output).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import struct
@@ -26,9 +29,17 @@ from .lora_slots import SLOT_COMPONENTS
 
 # The process before it loads anything (Python, torch, diffusers, optimum, onnxruntime).
 BASE_BYTES = 500_000_000
-# Exporting one component holds, beside every weight not yet freed, about this many copies of its own weights
-# (the traced graph and the serialised protobuf): 1.09 for SD-Turbo's UNet, 0.8 for its text encoder.
-EXPORT_COPIES = 1.1
+# Weights loaded from safetensors in the dtype they are stored in stay memory-mapped until read: a component not yet
+# exported costs no memory the system cannot reclaim (loading full-size SANA-Sprint's 14 GB of fp32 safetensors
+# took the process to 0.57 GB, FLUX.1's 3.8 GB of bf16 to 0.53 GB). Weights converted as they load (a half-precision
+# source loaded in fp32 to fuse LoRAs, mixed dtypes, .bin files) are held in full from the start. Not counted:
+# modules transformers keeps in fp32 when loading half precision (T5's feed-forward output layers), and optimum's
+# copies of the VAE made at loading (the VAE is the smallest component, exported first).
+# Under protobuf's 2 GB, PyTorch's exporter holds the whole graph three times beside the module (its constant-folded
+# weights, the serialised protobuf, the bytes written): 3.02-3.06x the weights on synthetic MLPs of 0.38 and 1.50 GiB.
+# A whole stage (the check's PyTorch reference run included) measured 3.2x on full-size SD-Turbo's CLIP text encoder
+# (1.36 GB), 3.3x on T5-XXL's encoder cut to 2 layers (2.07 GB) and 3.7x on FLUX.1's CLIP-L (0.49 GB).
+EXPORT_COPIES = 3.7
 # Past protobuf's 2 GB, PyTorch writes each weight to a file of its own and the export gathers them into one, a
 # tensor at a time (tracing.gather_external_data): beside its weights the stage holds the tracer's state and the
 # largest tensor. A 6-layer Gemma-2 (3.94 GiB) held 0.10 GiB over its weights when PyTorch had written the graph
@@ -59,6 +70,7 @@ STREAMED_QUANTIZE_COPIES = 0.5
 # Measured (peak RSS over the process before slot_graph) on synthetic 0.2 GB fp32 graphs of 48 MatMul or 3x3 Conv
 # layers, weights as external data as a UNet's are: 4.1 with every layer slotted ("all"), 3.6 with half of them; a
 # UNet's "attention" or "transformer" slots lie in between. fp16 graphs hold half as much (counted as fp32 here).
+# Under 2 GB, a graph's export (1 + EXPORT_COPIES) costs more than its slotting; past it, slotting sets the peak.
 LORA_SLOT_COPIES = 4.1
 IGNORE_ENV = "EDGEDIFF_IGNORE_MEMORY_ESTIMATE"  # "1": export even when the estimate exceeds free memory
 
@@ -99,11 +111,18 @@ def _header_counts(path: Path) -> tuple[int, int, dict[str, int], int]:
 @dataclass(frozen=True)
 class Weights:
     """A component's weights: as loaded (`stored`: in their stored dtype where the export keeps it, see
-    stored_dtype) and as exported (`fp32`), and its largest tensor in fp32 (`largest`: 0 where unknown)."""
+    stored_dtype) and as exported (`fp32`), its largest tensor in fp32 (`largest`: 0 where unknown), and whether
+    they load memory-mapped (`mapped`: safetensors read in their stored dtype, see BASE_BYTES)."""
 
     stored: int
     fp32: int
     largest: int = 0
+    mapped: bool = False
+
+    @property
+    def resident(self) -> int:
+        """What the loaded component holds before its own export."""
+        return 0 if self.mapped else self.stored
 
     def export_extra(self) -> int:
         """What exporting the component holds beside its fp32 weights (EXPORT_COPIES, LARGE_EXPORT_COPIES)."""
@@ -165,7 +184,8 @@ def component_weights(folder: Path, keep_stored: bool = True) -> Weights:
         return Weights(floats * 4 + other, floats * 4 + other, 4 * max(c[3] for c in counts))
     _, floats, other, dtypes, largest = headers
     half = keep_stored and _half(dtypes) is not None
-    return Weights(floats * (2 if half else 4) + other, floats * 4 + other, 4 * largest)
+    as_stored = half or dtypes <= {"F32"}  # loaded without conversion, so memory-mapped
+    return Weights(floats * (2 if half else 4) + other, floats * 4 + other, 4 * largest, mapped=as_stored)
 
 
 def component_bytes(folder: Path) -> int:
@@ -200,11 +220,13 @@ def export_stages(
     `free`: the memory available, which decides how calibration inputs are recorded (record_one_at_a_time).
     `quantised`: the bundle's precision (or True: any quantised one), which decides how graphs are quantised."""
     weights = {k: w if isinstance(w, Weights) else Weights(w, w) for k, w in weights.items()}
-    stages = [Stage("loading the source", BASE_BYTES + sum(w.stored for w in weights.values()))]
-    held = sum(w.stored for w in weights.values())
+    held = sum(w.resident for w in weights.values())
+    stages = [Stage("loading the source", BASE_BYTES + held)]
     for name, w in sorted(weights.items(), key=lambda kv: kv[1].fp32):  # smallest first, each freed after it
-        stages.append(Stage(f"{name}: export", BASE_BYTES + held - w.stored + w.fp32 + w.export_extra()))
-        held -= w.stored
+        # the VAE's encoder and decoder graphs are traced from copies of it (optimum's wrappers): one more copy
+        copies = w.fp32 if name.startswith("vae") else 0
+        stages.append(Stage(f"{name}: export", BASE_BYTES + held - w.resident + w.fp32 + w.export_extra() + copies))
+        held -= w.resident
         if name in slotted:
             stages.append(_slot_stage(name, w, held))
     if quantised:
@@ -296,6 +318,11 @@ def check_fits(
         for name, path in components.items()
         if path.is_dir()
     }
+    if not keep_stored:  # LoRAs are fused into the denoiser's and text encoders' weights as they load: resident
+        weights = {
+            k: w if k.startswith(("vae", "controlnet")) else dataclasses.replace(w, mapped=False)
+            for k, w in weights.items()
+        }
     free = available_bytes()
     stages = export_stages(weights, quantised, slotted, free)
     if free is None or os.environ.get(IGNORE_ENV) == "1":

@@ -12,8 +12,9 @@ import sys
 import time
 from contextlib import contextmanager
 
-# A file to append one JSON line per finished stage to (its seconds and the process's peak memory so far):
-# how benchmarks/export_cost.py learns what each stage of an export in another process cost.
+# A file to append one JSON line per finished stage to (its seconds and the process's peak memory so far), and
+# one with the memory plan's estimate: how benchmarks/export_cost.py learns what each stage of an export in another
+# process cost, and what it was expected to.
 STAGES_LOG_ENV = "EDGEDIFF_EXPORT_STAGES"
 
 # Rough cost per million parameters of each stage, relative to exporting a graph (estimates for full-size
@@ -66,6 +67,15 @@ class Stages:
         self._bar.set_postfix_str(note)
         self._bar.update(self._bar.total - self._bar.n)
         self._bar.close()
+
+
+def log_estimate(stages) -> None:
+    """Writes the memory plan's estimate (memory_plan.Stage list) to the stages log, when one is asked for, so that
+    export_cost sets each estimate beside what was measured."""
+    log = os.environ.get(STAGES_LOG_ENV)
+    if log and stages:
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"estimate": [{"stage": s.name, "bytes": s.bytes} for s in stages]}) + "\n")
 
 
 class NoStages:

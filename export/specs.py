@@ -339,10 +339,19 @@ def check_side(cells: int) -> int:
     return min(cells, max(CHECK_CELL_MULTIPLE, reduced))
 
 
+# optimum's name for FLUX's image-token axis: the latent grid packed 2x2, so the image's height and width
+PACKED_AXIS = "packed_height_width"
+
+
+def is_spatial(axes: dict) -> bool:
+    """Whether an input's named (so dynamic) axes are an image's height and width (batch, channels, height,
+    width), or FLUX's packed image tokens."""
+    return {2, 3} <= set(axes) or PACKED_AXIS in axes.values()
+
+
 def has_dynamic_spatial_axes(export_config) -> bool:
-    """Whether optimum exports some image-like input (batch, channels, height, width) of this graph with
-    named, so dynamic, height and width axes."""
-    return any({2, 3} <= set(axes) for axes in export_config.inputs.values())
+    """Whether optimum exports some input of this graph with dynamic image size (is_spatial)."""
+    return any(is_spatial(axes) for axes in export_config.inputs.values())
 
 
 def check_context(ctx: ExportContext, spatial: bool) -> ExportContext:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 from pathlib import Path
 
+from .specs import is_spatial
+
 
 def quiet_tracing() -> None:
     """Silences the tracer's notes about Python control flow in diffusers' modules: they say nothing to
@@ -37,12 +39,13 @@ def trace_context(reduced):
 
 def trace_on_inputs(export_config, inputs: dict) -> None:
     """Makes optimum trace `export_config`'s graph on `inputs` (name -> numpy array, e.g. the component's
-    random inputs at trace_context) for its inputs with dynamic height and width, instead of its own dummy
+    random inputs at trace_context) for its inputs with dynamic height and width (specs.is_spatial: FLUX's packed
+    image tokens too, so that its position ids match them), instead of its own dummy
     inputs sized from the model's config. Other inputs keep optimum's dummies."""
     import torch
 
     original = export_config.generate_dummy_inputs
-    spatial = {name for name, axes in export_config.inputs.items() if {2, 3} <= set(axes) and name in inputs}
+    spatial = {name for name, axes in export_config.inputs.items() if is_spatial(axes) and name in inputs}
 
     def generate(framework: str = "pt", **shapes):
         dummies = original(framework=framework, **shapes)

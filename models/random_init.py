@@ -286,6 +286,70 @@ TINY_PIXART_VAE = dict(
     scaling_factor=0.13025,
 )
 
+# Full-size text encoders as published: CLIP ViT-L/14's (SD 1.x, SDXL's first, SD3's and FLUX.1's CLIP), OpenCLIP
+# ViT-bigG/14's (SDXL's second, SD3's CLIP-G), and T5 v1.1 XXL's encoder (SD3's and FLUX.1's T5: 4.76 B parameters).
+CLIP_L = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_attention_heads=12,
+    num_hidden_layers=12,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+    vocab_size=49408,
+    max_position_embeddings=77,
+)
+CLIP_G = dict(
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_attention_heads=20,
+    num_hidden_layers=32,
+    hidden_act="gelu",
+    projection_dim=1280,
+    vocab_size=49408,
+    max_position_embeddings=77,
+)
+T5_XXL = dict(
+    vocab_size=32128,
+    d_model=4096,
+    d_kv=64,
+    d_ff=10240,
+    num_layers=24,
+    num_heads=64,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    feed_forward_proj="gated-gelu",
+    layer_norm_epsilon=1e-6,
+    dropout_rate=0.0,
+    tie_word_embeddings=False,
+)
+# The 16-channel VAE of SD3 and FLUX.1 (their factors differ).
+VAE_16 = dict(
+    block_out_channels=(128, 256, 512, 512),
+    in_channels=3,
+    out_channels=3,
+    latent_channels=16,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=2,
+    sample_size=1024,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+    force_upcast=True,
+)
+# FLUX.1-schnell's transformer (11.9 B parameters: 19 double-stream and 38 single-stream blocks of width 3072).
+FLUX_SCHNELL = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=False,
+    axes_dims_rope=(16, 56, 56),
+)
+
 ARCHS = {
     "tiny-sd1": dict(unet=TINY_UNET, vae=TINY_VAE, text=TINY_TEXT, scheduler=SD15_SCHEDULER),
     "tiny-sd2-v": dict(
@@ -419,26 +483,8 @@ ARCHS = {
             scaling_factor=0.13025,
             force_upcast=True,
         ),
-        text=dict(
-            hidden_size=768,
-            intermediate_size=3072,
-            num_attention_heads=12,
-            num_hidden_layers=12,
-            hidden_act="quick_gelu",
-            projection_dim=768,
-            vocab_size=49408,
-            max_position_embeddings=77,
-        ),
-        text_2=dict(
-            hidden_size=1280,
-            intermediate_size=5120,
-            num_attention_heads=20,
-            num_hidden_layers=32,
-            hidden_act="gelu",
-            projection_dim=1280,
-            vocab_size=49408,
-            max_position_embeddings=77,
-        ),
+        text=CLIP_L,
+        text_2=CLIP_G,
         scheduler=SDXL_TURBO_SCHEDULER,
     ),
     # SD 2.1-base / SD-Turbo at full size (~0.87 B UNet parameters).
@@ -547,6 +593,52 @@ ARCHS = {
         ),
         scheduler=SANA_SPRINT_SCHEDULER,
     ),
+    # FLUX.1-schnell as black-forest-labs/FLUX.1-schnell, stored in bf16 as published: 11.9 B transformer, T5-XXL
+    # 4.76 B, CLIP-L 123 M, VAE 84 M. Too large to build here (24 GB in bf16); benchmarks.export_plan estimates its
+    # export from the shapes alone.
+    "flux-schnell": dict(
+        flux=FLUX_SCHNELL,
+        vae=dict(VAE_16, scaling_factor=0.3611, shift_factor=0.1159),
+        text=CLIP_L,
+        t5=T5_XXL,
+        scheduler=FLUX_SCHNELL_SCHEDULER,
+        stored="bfloat16",
+    ),
+    # The same at full width with 2 of its 19 double-stream blocks, 4 of its 38 single-stream ones and 2 of T5-XXL's
+    # 24 layers (1.30 B + 0.52 B parameters): the export's memory rule, measured where it fits.
+    "flux-schnell-reduced": dict(
+        flux=dict(FLUX_SCHNELL, num_layers=2, num_single_layers=4),
+        vae=dict(VAE_16, scaling_factor=0.3611, shift_factor=0.1159),
+        text=CLIP_L,
+        t5=dict(T5_XXL, num_layers=2),
+        scheduler=FLUX_SCHNELL_SCHEDULER,
+        stored="bfloat16",
+    ),
+    # SD3.5-medium as stabilityai/stable-diffusion-3.5-medium: MMDiT-X transformer 2.47 B (24 blocks of width 1536,
+    # the first 13 with a second self-attention), CLIP-L, CLIP-G, T5-XXL; stored in 16-bit floats as published.
+    "sd3.5-medium": dict(
+        transformer=dict(
+            sample_size=128,
+            patch_size=2,
+            in_channels=16,
+            out_channels=16,
+            num_layers=24,
+            attention_head_dim=64,
+            num_attention_heads=24,
+            joint_attention_dim=4096,
+            caption_projection_dim=1536,
+            pooled_projection_dim=2048,
+            pos_embed_max_size=384,
+            qk_norm="rms_norm",
+            dual_attention_layers=tuple(range(13)),
+        ),
+        vae=dict(VAE_16, scaling_factor=1.5305, shift_factor=0.0609),
+        text=CLIP_L,
+        text_2=CLIP_G,
+        t5=T5_XXL,
+        scheduler=SD3_SCHEDULER,
+        stored="bfloat16",
+    ),
 }
 
 # Words the built tokenizer knows whole (the rest falls back to bytes).
@@ -557,23 +649,41 @@ WORDS = (
 
 
 def build_random_pipeline(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
-    """Saves a StableDiffusionPipeline (StableDiffusionXLPipeline when `arch` has a second text encoder)
-    folder with random weights for `arch` (see ARCHS)."""
+    """Saves a diffusers pipeline folder with random weights for `arch` (see ARCHS), in the dtype its entry
+    says the published model is stored in (`stored`; fp32 where it says none)."""
+    import torch
+
+    pipe, tokenizer_folders = random_pipeline(arch, out_dir, seed)
+    if "stored" in ARCHS[arch]:
+        pipe.to(getattr(torch, ARCHS[arch]["stored"]))
+    return _save(pipe, Path(out_dir), tokenizer_folders)
+
+
+def random_pipeline(arch: str, out_dir: str | Path, seed: int = 0):
+    """(the pipeline with random weights for `arch`, the tokenizer sources built for it under `out_dir`).
+    Built under `torch.device("meta")`, its modules hold shapes and no weights (benchmarks.export_plan)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHS)}")
+    spec = ARCHS[arch]
+    families = (
+        ("transformer", _sd3_pipeline),
+        ("flux", _flux_pipeline),
+        ("sana", _sana_pipeline),
+        ("pixart", _pixart_pipeline),
+    )
+    for key, build in families:
+        if key in spec:
+            return build(spec, out_dir, seed)
+    return _sd_pipeline(spec, out_dir, seed)
+
+
+def _sd_pipeline(spec: dict, out_dir: str | Path, seed: int = 0):
+    """A StableDiffusionPipeline (StableDiffusionXLPipeline when `spec` has a second text encoder) with random
+    weights."""
     import torch
     from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    if arch not in ARCHS:
-        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHS)}")
-    spec = ARCHS[arch]
-    if "transformer" in spec:
-        return build_random_sd3_pipeline(spec, out_dir, seed)
-    if "flux" in spec:
-        return build_random_flux_pipeline(spec, out_dir, seed)
-    if "sana" in spec:
-        return build_random_sana_pipeline(spec, out_dir, seed)
-    if "pixart" in spec:
-        return build_random_pixart_pipeline(spec, out_dir, seed)
     out = Path(out_dir)
     tok_dir = build_clip_tokenizer(out / "_tokenizer_src", WORDS)
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
@@ -609,11 +719,11 @@ def build_random_pipeline(arch: str, out_dir: str | Path, seed: int = 0) -> Path
             feature_extractor=None,
             requires_safety_checker=False,
         )
-    return _save(pipe, out, [f for f in (tok_dir, tok_dir_2) if f is not None])
+    return pipe, [f for f in (tok_dir, tok_dir_2) if f is not None]
 
 
-def build_random_sd3_pipeline(spec: dict, out_dir: str | Path, seed: int = 0) -> Path:
-    """Saves a StableDiffusion3Pipeline folder with random weights for an ARCHS entry with a `transformer`."""
+def _sd3_pipeline(spec: dict, out_dir: str | Path, seed: int = 0):
+    """A StableDiffusion3Pipeline with random weights for an ARCHS entry with a `transformer`."""
 
     import torch
     from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
@@ -648,7 +758,7 @@ def build_random_sd3_pipeline(spec: dict, out_dir: str | Path, seed: int = 0) ->
         text_encoder_3=t5,
         tokenizer_3=tokenizer_3,
     )
-    return _save(pipe, out, folders)
+    return pipe, folders
 
 
 def _clip_encoder(model_class, spec: dict, tokenizer, seed: int):
@@ -668,11 +778,14 @@ def _clip_encoder(model_class, spec: dict, tokenizer, seed: int):
 
 
 def _scheduler(spec: dict):
-    """The ARCHS entry's scheduler, from its config with the class name diffusers writes."""
+    """The ARCHS entry's scheduler, from its config with the class name diffusers writes; its tables on the CPU
+    even where the modules are built on the meta device (random_pipeline)."""
     import diffusers
+    import torch
 
     config = dict(spec["scheduler"])
-    return getattr(diffusers, config.pop("_class_name")).from_config(config)
+    with torch.device("cpu"):
+        return getattr(diffusers, config.pop("_class_name")).from_config(config)
 
 
 def _save(pipe, out: Path, tokenizer_folders: list[Path]) -> Path:
@@ -691,15 +804,13 @@ def _t5_encoder(spec: dict, tokenizer, seed: int):
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
-    return T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **spec
-        )
-    )
+    # a spec's own vocab_size (the real one, so the embedding has its real size) wins over the tokenizer's length
+    spec = {"vocab_size": len(tokenizer), **spec}
+    return T5EncoderModel(T5Config(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **spec))
 
 
-def build_random_flux_pipeline(spec: dict, out_dir: str | Path, seed: int = 0) -> Path:
-    """Saves a FluxPipeline folder with random weights for an ARCHS entry with a `flux` transformer."""
+def _flux_pipeline(spec: dict, out_dir: str | Path, seed: int = 0):
+    """A FluxPipeline with random weights for an ARCHS entry with a `flux` transformer."""
 
     import torch
     from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
@@ -724,11 +835,11 @@ def build_random_flux_pipeline(spec: dict, out_dir: str | Path, seed: int = 0) -
         tokenizer_2=tokenizer_2,
         transformer=transformer,
     )
-    return _save(pipe, out, folders)
+    return pipe, folders
 
 
-def build_random_sana_pipeline(spec: dict, out_dir: str | Path, seed: int = 0) -> Path:
-    """Saves a SanaPipeline folder (SanaSprintPipeline for an SCM scheduler) with random weights for an ARCHS entry
+def _sana_pipeline(spec: dict, out_dir: str | Path, seed: int = 0):
+    """A SanaPipeline (SanaSprintPipeline for an SCM scheduler) with random weights for an ARCHS entry
     with a `sana` transformer."""
 
     import torch
@@ -759,11 +870,11 @@ def build_random_sana_pipeline(spec: dict, out_dir: str | Path, seed: int = 0) -
     pipe = pipeline(
         tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
     )
-    return _save(pipe, out, [folder])
+    return pipe, [folder]
 
 
-def build_random_pixart_pipeline(spec: dict, out_dir: str | Path, seed: int = 0) -> Path:
-    """Saves a PixArtSigmaPipeline folder with random weights for an ARCHS entry with a `pixart` transformer."""
+def _pixart_pipeline(spec: dict, out_dir: str | Path, seed: int = 0):
+    """A PixArtSigmaPipeline with random weights for an ARCHS entry with a `pixart` transformer."""
 
     import torch
     from diffusers import AutoencoderKL, PixArtSigmaPipeline, PixArtTransformer2DModel
@@ -781,7 +892,7 @@ def build_random_pixart_pipeline(spec: dict, out_dir: str | Path, seed: int = 0)
     pipe = PixArtSigmaPipeline(
         tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
     )
-    return _save(pipe, out, [folder])
+    return pipe, [folder]
 
 
 def build_random_taesd(out_dir: str | Path, seed: int = 0) -> Path:

@@ -55,6 +55,8 @@ def test_result_files_follow_the_schema(path):
     data = json.loads(path.read_text(encoding="utf-8"))
     if data.get("kind") in ("export-cost", "adapter-cost"):  # export_cost.py's and adapter_cost.py's records
         assert {"machine", "date", "results"} <= set(data) and all("config" in r for r in data["results"])
+    elif data.get("kind") == "export-plan":  # export_plan.py's estimates: no machine measured them
+        assert {"date", "results", "command"} <= set(data) and all("peak_stage" in r for r in data["results"])
     else:
         jsonschema.validate(data, _schema())
     # benchmarks/results/<machine>/<date>-<what>.json, the date the file's own
@@ -91,3 +93,30 @@ def test_export_cost_tables_show_the_ratio_to_fp32_and_the_stage_that_set_the_pe
     assert "| 1.50x | 6.00 GiB | unet: export |" in cost and "| 1 min 40 s |" in cost
     stages = docs_tables.render_export_cost("export-stages", results)
     assert "| unet: sensitivity | 15.0 | 2 | 6.00 GiB |" in stages and "| whole export | 150.0 |" in stages
+
+
+def test_memory_table_sets_each_estimate_beside_the_peak_when_its_stages_ended():
+    gib = 2**30
+    row = {
+        "config": "fp32",
+        "peak_rss_bytes": 5 * gib,
+        "stages": [
+            {"stage": "loading the source", "peak_rss_bytes": 1 * gib},
+            {"stage": "vae_decoder: export", "peak_rss_bytes": 2 * gib},
+            {"stage": "vae_encoder: check", "peak_rss_bytes": 3 * gib},
+            {"stage": "unet: export", "peak_rss_bytes": 4 * gib},
+            {"stage": "unet: sensitivity", "peak_rss_bytes": 5 * gib},
+        ],
+        "estimate": [
+            {"stage": "loading the source", "bytes": 1 * gib},
+            {"stage": "vae: export", "bytes": 2 * gib},
+            {"stage": "unet: export", "bytes": 6 * gib},
+            {"stage": "recording calibration inputs, one graph at a time", "bytes": 3 * gib},
+            {"stage": "unet: quantize", "bytes": 4 * gib},
+        ],
+    }
+    cells = {line.split(" | ")[1]: line.split(" | ")[2:] for line in docs_tables._memory_lines([row])[2:]}
+    assert cells["vae: export"] == ["2.00 GiB", "3.00 GiB |"]  # both VAE graphs are the VAE's stage
+    assert cells["unet: quantize"] == ["4.00 GiB", "5.00 GiB |"]  # its calibration and sensitivity runs too
+    assert cells["recording calibration inputs, one graph at a time"][1] == "- |"  # not measured: not made up
+    assert cells["**whole export**"] == ["**6.00 GiB**", "**5.00 GiB** |"]

@@ -9,6 +9,7 @@ pytest.importorskip("torch")
 from tiny_models import tiny_source
 
 from edgediff.benchmarks import export_cost
+from edgediff.export.memory_plan import check_source
 
 
 def test_export_cost_records_time_peak_and_what_was_made(models_root, tmp_path):
@@ -44,5 +45,9 @@ def test_export_cost_records_time_peak_and_what_was_made(models_root, tmp_path):
     assert all(s["seconds"] >= 0 and s["peak_rss_bytes"] > 0 for s in rows["int8"]["stages"])
     peaks = [s["peak_rss_bytes"] for s in rows["int8"]["stages"]]
     assert peaks == sorted(peaks) and peaks[-1] <= rows["int8"]["peak_rss_bytes"]  # high-water marks
+    # the memory plan's estimate, made before loading, is recorded beside the measured stages
+    estimate = {e["stage"]: e["bytes"] for e in rows["int8"]["estimate"]}
+    assert {"loading the source", "unet: export", "unet: quantize"} <= set(estimate)
+    assert estimate == {s.name: s.bytes for s in check_source(source, quantised="int8")}
     assert "error" in rows["bad"] and "seconds" not in rows["bad"]  # a failed export is recorded, not raised
     assert not any(p.name in rows for p in tmp_path.iterdir() if p.is_dir())  # bundles removed after measuring

@@ -222,6 +222,9 @@ def test_flux_manifest_records_what_the_runtime_needs(models_root):
         assert inputs["encoder_hidden_states"][2] == 96
         assert len(inputs["img_ids"]) == len(inputs["txt_ids"]) == 2  # diffusers 0.39: ids without a batch axis
         assert ("guidance" in inputs) is (variant == "dev")
+        # packed image tokens are a dynamic axis: the transformer is traced and checked at other grids than the
+        # bundle's, as the UNet is
+        assert set(m.provenance["export_check"]["size"]["transformer"]) == {"height", "width", "full_size"}
         checks = json.loads((b.path / "manifest.json").read_text())["provenance"]["export_check"]["max_rel_diff"]
         assert set(checks) == {"text_encoder", "text_encoder_2", "transformer", "vae_decoder", "vae_encoder"}
 
