@@ -142,6 +142,12 @@ def _export_click():
             show_default=True,
             help="int8/int4: blocks left in fp32: none, auto (sensitivity pass), or comma-separated block names.",
         ),
+        "quantize_only": click.option(
+            "--quantize-only",
+            default="",
+            help="int8/int4: quantise only these components (comma-separated, e.g. text_encoder_3: SD3's T5 in "
+            "4 bits, the transformer fp32); default: every component the precision quantises.",
+        ),
         "calibration_prompts": click.option(
             "--calibration-prompts",
             type=click.Path(exists=True, dir_okay=False),

@@ -293,7 +293,7 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
             stages.plan(f"{name}: export", STAGE_COST["export"] * millions)
             stages.plan(f"{name}: check", STAGE_COST["check"] * millions)
         if options.quantized:
-            _plan_quantization(stages, sizes, precision, options.keep, options.calibration_prompts)
+            _plan_quantization(stages, sizes, precision, options)
         while work:  # popped as done, so that each torch module can be freed after its export
             component, (module, export_config), modules, attributes = work.pop(0)
             # dynamic-size graphs are checked on a smaller grid; fp16 graphs that may overflow at the bundle's size
@@ -409,7 +409,7 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
         del pipe, optimum_models, work
         release_memory()
         if options.quantized:
-            _quantize_bundle(staging, manifest, precision, options.keep, options.calibration_prompts, stages)
+            _quantize_bundle(staging, manifest, precision, options, stages)
             (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
         if options.segments > 1:  # last: the segments are cut from the denoiser as the bundle keeps it
             spec = manifest.components[manifest.denoiser]
@@ -464,14 +464,20 @@ def export_bundle(
     return write_onnx_bundle(source, out, options, progress)
 
 
-def _plan_quantization(stages, sizes: dict[str, float], precision: str, keep, prompts) -> None:
+def _plan_quantization(stages, sizes: dict[str, float], precision: str, options: ExportOptions) -> None:
     """Adds the quantisation stages to the progress bar: recording the calibration inputs, then per quantised
-    component calibration (static schemes), the sensitivity pass (keep="auto"), quantising and checking."""
+    component calibration (static schemes), the sensitivity pass (keep="auto"), quantising and checking. A
+    component --quantize-only names that this model lacks is refused here, before any graph is exported."""
     from .calibration import CALIBRATION_PROMPTS
     from .progress import STAGE_COST
-    from .quantize import MAX_CALIBRATION_FEEDS, QUANT_POLICY, SCHEMES, SENSITIVITY_FEEDS
+    from .quantize import MAX_CALIBRATION_FEEDS, SCHEMES, SENSITIVITY_FEEDS, component_policy, quantisable
 
-    policy = QUANT_POLICY[precision]
+    keep, prompts = options.keep, options.calibration_prompts
+    missing = [n for n in options.quantize_only if n not in sizes]
+    if missing:
+        known = ", ".join(n for n in quantisable(precision) if n in sizes)
+        raise ExportOptionsError("export_quantize_only_missing", names=", ".join(missing), known=known)
+    policy = component_policy(precision, options.quantize_only)
     stages.plan(
         "recording calibration inputs", STAGE_COST["record"] * sum(sizes.values()) * len(prompts or CALIBRATION_PROMPTS)
     )
@@ -486,15 +492,16 @@ def _plan_quantization(stages, sizes: dict[str, float], precision: str, keep, pr
         stages.plan(f"{name}: final check", STAGE_COST["final check"] * millions * MAX_CALIBRATION_FEEDS)
 
 
-def _quantize_bundle(staging: Path, manifest: Manifest, precision: str, keep, prompts, stages=None) -> None:
-    """Replaces the components the policy names with quantized graphs, one at a time, recording how in the
-    manifest."""
+def _quantize_bundle(staging: Path, manifest: Manifest, precision: str, options: ExportOptions, stages=None) -> None:
+    """Replaces the components the policy names (those --quantize-only names, when given) with quantized graphs,
+    one at a time, recording how in the manifest."""
     from .calibration import CALIBRATION_PROMPTS, record_feeds
     from .progress import NoStages
-    from .quantize import QUANT_POLICY, SCHEMES, quantize_component
+    from .quantize import SCHEMES, component_policy, quantize_component
 
+    keep, prompts = options.keep, options.calibration_prompts
     stages = stages or NoStages()
-    policy = QUANT_POLICY[precision]
+    policy = component_policy(precision, options.quantize_only)
     # the graphs open together where they fit, else one at a time (the memory plan's rule)
     alone = record_one_at_a_time([spec.size for spec in manifest.components.values()], available_bytes())
     if alone:
@@ -506,7 +513,10 @@ def _quantize_bundle(staging: Path, manifest: Manifest, precision: str, keep, pr
     for name, spec in manifest.components.items():
         scheme_name = policy.get(name)
         if scheme_name is None:
-            spec.attributes["quantization"] = {"scheme": None, "why": "kept fp32 by policy (export/quantize.py)"}
+            why = (
+                "not named by --quantize-only" if options.quantize_only else "kept fp32 by policy (export/quantize.py)"
+            )
+            spec.attributes["quantization"] = {"scheme": None, "why": why}
             continue
         work = staging / f".quantized-{name}"
         work.mkdir()

@@ -39,6 +39,7 @@ KEEP_MODES = ("none", "auto")
 ONNX_ONLY = (
     "precision",
     "keep",
+    "quantize_only",
     "calibration_prompts",
     "tiny_decoder",
     "vae",
@@ -68,6 +69,9 @@ class ExportOptions:
     precision: str = "fp32"
     # quantized bundles: blocks left in fp32, "none", "auto" (sensitivity pass) or block names (a tuple)
     keep: str | tuple[str, ...] = "none"
+    # quantized bundles: only these components are quantised, the rest stay fp32 (SD3 / FLUX: "text_encoder_3" or
+    # "text_encoder_2", T5 in 4 bits with the denoiser in fp32, where T5 is most of the weights); (): all the policy's
+    quantize_only: tuple[str, ...] = ()
     # quantized bundles: prompts whose recorded inputs calibrate and rank blocks; None: calibration.py's own
     calibration_prompts: tuple[str, ...] | None = None
     # the size the bundle defaults to and is checked at; None: the family's native size
@@ -114,6 +118,9 @@ class ExportOptions:
         # accepted as Python callers pass them: keep "a,b" or a list, loras "FILE[:SCALE]" or pairs,
         # optimize True / False (export_bundle's older spelling), prompts as any sequence
         object.__setattr__(self, "keep", parse_keep(self.keep))
+        only = self.quantize_only
+        only = only.split(",") if isinstance(only, str) else only or ()
+        object.__setattr__(self, "quantize_only", tuple(n.strip() for n in only if n and n.strip()))
         object.__setattr__(
             self,
             "loras",
@@ -161,6 +168,8 @@ class ExportOptions:
             raise ExportOptionsError("export_ip_adapter_static")  # calibrated on calls without a reference image
         if self.ip_adapter and self.attention != "original":
             raise ExportOptionsError("export_ip_adapter_attention", value=self.attention)
+        if self.quantize_only:
+            self._check_quantize_only()
         if isinstance(self.segments, bool) or not isinstance(self.segments, int) or self.segments < 1:
             raise ExportOptionsError("export_segments_value", value=self.segments)
         if self.segments > 1 and self.lora_slots:
@@ -180,6 +189,21 @@ class ExportOptions:
                 given.append(f"--attention {self.attention}")
             if given:
                 raise ExportOptionsError("export_coreml_only", options=_listing(given))
+
+    def _check_quantize_only(self) -> None:
+        if not self.quantized:
+            raise ExportOptionsError("export_quantize_only", precision=self.precision)
+        from .quantize import quantisable
+
+        known = quantisable(self.precision)
+        unknown = [n for n in self.quantize_only if n not in known]
+        if unknown:
+            raise ExportOptionsError(
+                "export_quantize_only_component",
+                names=", ".join(unknown),
+                precision=self.precision,
+                known=", ".join(known),
+            )
 
     def _set(self, names) -> list[str]:
         """The options among `names` that differ from their defaults, as the CLI spells them."""

@@ -99,6 +99,17 @@ QUANT_POLICY = {
 }
 
 
+def quantisable(precision: str) -> list[str]:
+    """The components a bundle of this precision quantises (QUANT_POLICY), in the table's order."""
+    return [name for name, scheme in QUANT_POLICY[precision].items() if scheme]
+
+
+def component_policy(precision: str, only: tuple[str, ...] = ()) -> dict[str, str | None]:
+    """QUANT_POLICY's row for `precision`; with `only` (ExportOptions.quantize_only), every other component fp32."""
+    policy = QUANT_POLICY[precision]
+    return {k: v if not only or k in only else None for k, v in policy.items()}
+
+
 def block_of(node_name: str) -> str:
     """The block a node belongs to, from the exporter's scoped names: '/down_blocks.1/attentions.0/...'
     -> 'down_blocks.1/attentions.0'; '/text_model/encoder/layers.3/...' -> 'encoder/layers.3';

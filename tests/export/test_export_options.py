@@ -19,6 +19,8 @@ def test_cli_spellings_are_parsed():
     assert options.loras == (("style.safetensors", 0.5), ("b", 1.0))
     assert options.optimize == "cpu" and options.calibration_prompts == ("a cat",)
     assert ExportOptions(keep="auto").keep == "auto" and ExportOptions(optimize=False).optimize is None
+    only = ExportOptions(precision="int4", quantize_only="text_encoder_3, transformer").quantize_only
+    assert only == ("text_encoder_3", "transformer")
 
 
 def test_from_cli_reads_the_prompt_file_and_palette_bits(tmp_path):
@@ -39,6 +41,11 @@ def test_from_cli_reads_the_prompt_file_and_palette_bits(tmp_path):
         ({"attention": "diagonal"}, "unknown attention 'diagonal' for --target onnx"),
         ({"default_steps": 0}, "default steps must be >= 1"),
         ({"keep": " , "}, "block names"),
+        ({"quantize_only": "text_encoder_3"}, "needs --precision int8, int8-static or int4, got fp32"),
+        (
+            {"precision": "int4", "quantize_only": "vae_decoder"},
+            "int4 bundles do not quantise vae_decoder; they quantise text_encoder, ",
+        ),
         ({"palettize": 6}, "--palettize apply to --target coreml"),
         ({"attention": "split_einsum"}, "--attention split_einsum apply to --target coreml"),
         (

@@ -64,3 +64,24 @@ def test_transformer_bundles_quantise_every_text_encoder_and_the_transformer(
     fp32, quantised = _image(reference, arch), _image(bundle, arch)
     assert np.isfinite(quantised).all()
     assert psnr(quantised, fp32) >= TINY_QUANTISED_PSNR_FLOOR
+
+
+def test_quantize_only_leaves_every_other_component_fp32(models_root, tmp_path):
+    """SD3 with T5 alone in 4 bits: the transformer and the CLIP encoders keep their fp32 graphs, byte for byte."""
+    from edgediff.export import ExportOptions, export
+    from edgediff.runtime.errors import ExportOptionsError
+
+    source, size = str(tiny_source("tiny-sd3", models_root)), SIZE["tiny-sd3"]
+    options = ExportOptions(precision="int4", quantize_only="text_encoder_3", height=size, width=size)
+    bundle = Bundle.open(export(source, tmp_path / "t5-int4", options, progress=False))
+    fp32 = Bundle.open(export(source, tmp_path / "fp32", ExportOptions(height=size, width=size), progress=False))
+    q = {name: spec.attributes["quantization"] for name, spec in bundle.manifest.components.items()}
+    assert q["text_encoder_3"]["scheme"] == "int4-weight-only" and q["text_encoder_3"]["quantised_nodes"] > 0
+    for name in ("transformer", "text_encoder", "text_encoder_2"):
+        assert q[name] == {"scheme": None, "why": "not named by --quantize-only"}, name
+        assert bundle.manifest.components[name].files == fp32.manifest.components[name].files  # sha256 included
+    # a component this model lacks is refused before anything is exported
+    without_t5 = ExportOptions(precision="int4", quantize_only="text_encoder_3", t5=False, height=size, width=size)
+    with pytest.raises(ExportOptionsError, match="this model has no text_encoder_3"):
+        export(source, tmp_path / "no-t5", without_t5, progress=False)
+    assert not (tmp_path / "no-t5").exists()
