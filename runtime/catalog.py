@@ -1,4 +1,4 @@
-"""Finding bundles: an explicit folder, or a name in the per-user models folder, or the shipped model.
+"""Finding bundles: an explicit folder, or a name in the per-user models folder, or a shipped model.
 
 The models folder is platformdirs' per-user data folder (e.g. ~/.local/share/edgediff/models on
 Linux, ~/Library/Application Support/edgediff/models on macOS, %LOCALAPPDATA%\\edgediff\\models on
@@ -17,7 +17,6 @@ from .errors import BundleError, EdgediffError
 from .manifest import MANIFEST_NAME, Manifest
 
 MODELS_DIR_ENV = "EDGEDIFF_MODELS_DIR"
-SHIPPED_NAME = "shipped"  # the small model that comes with edgediff
 
 
 def models_dir() -> Path:
@@ -29,10 +28,17 @@ def models_dir() -> Path:
     return user_data_path("edgediff", appauthor=False) / "models"
 
 
-def shipped_bundle() -> Path:
-    from edgediff.models.shipped import default_bundle
+def shipped_bundle(name: str | None = None) -> Path:
+    """A shipped model's bundle (models/shipped.py; None: the default one)."""
+    from edgediff.models.shipped import shipped_bundle
 
-    return default_bundle()
+    return shipped_bundle(name)
+
+
+def _shipped_models() -> dict:
+    from edgediff.models.shipped import SHIPPED_MODELS
+
+    return SHIPPED_MODELS
 
 
 @dataclass
@@ -55,11 +61,9 @@ def _entry(name: str, path: Path) -> BundleEntry:
 
 
 def list_bundles(folder: Path | None = None) -> list[BundleEntry]:
-    """The shipped bundle, then every sub-folder of the models folder that has a manifest.json (manifests
-    are read, not checksummed: opening a bundle verifies it)."""
-    from edgediff.models.shipped import DEFAULT_BUNDLE
-
-    entries = [_entry(SHIPPED_NAME, DEFAULT_BUNDLE)]
+    """The shipped bundles (the default first), then every sub-folder of the models folder that has a
+    manifest.json (manifests are read, not checksummed: opening a bundle verifies it)."""
+    entries = [_entry(name, model.bundle) for name, model in _shipped_models().items()]
     folder = models_dir() if folder is None else folder
     if folder.is_dir():
         entries += [_entry(p.name, p) for p in sorted(folder.iterdir()) if (p / MANIFEST_NAME).is_file()]
@@ -67,9 +71,12 @@ def list_bundles(folder: Path | None = None) -> list[BundleEntry]:
 
 
 def resolve_bundle(model: str | Path | None) -> Path:
-    """A bundle path from a folder path, a name in the models folder, or None/"shipped" for the shipped model."""
-    if model is None or str(model) == SHIPPED_NAME:
+    """A bundle path from a folder path, a name in the models folder, a shipped model's name, or None for the
+    default shipped model."""
+    if model is None:
         return shipped_bundle()
+    if str(model) in _shipped_models():
+        return shipped_bundle(str(model))
     path = Path(model)
     if path.is_dir() or path.name != str(model):  # a path (opening it says what is wrong with it)
         return path

@@ -55,6 +55,7 @@ def test_a_model_name_that_is_a_path(server, name):
 def test_models_come_only_from_the_catalogue(tmp_path, monkeypatch):
     """A bundle in the models folder is served by its name; a folder beside the server's working
     directory with a served name is never what the name means."""
+    from edgediff.models.shipped import SHIPPED_MODELS
     from edgediff.runtime import resolve_bundle
 
     models = tmp_path / "models"
@@ -70,7 +71,8 @@ def test_models_come_only_from_the_catalogue(tmp_path, monkeypatch):
         create_app(ServerConfig(models=("../models/copy",)))
     with running_server(ServerConfig(limits=TEST_LIMITS)) as served:
         with served.client() as http:
-            assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["shipped", "copy"]
+            served_names = [m["id"] for m in http.get("/v1/models").json()["data"]]
+            assert served_names == [*SHIPPED_MODELS, "copy"]
             assert http.post(GENERATIONS, json={"prompt": "x", "model": "copy"}).status_code == 200
             assert http.post(GENERATIONS, json={"prompt": "x"}).status_code == 200
             assert _error(http.post(GENERATIONS, json={"prompt": "x", "model": "broken"}), 404)
