@@ -220,6 +220,25 @@ TABLES = {
         ),
         unit="ms",
     ),
+    "shipped-flow": Table(
+        (
+            "machine",
+            "provider",
+            "config",
+            "steps",
+            "system",
+            "total",
+            "unet_call",
+            "vae_decoder",
+            "cold",
+            "rss",
+            "vs_diffusers",
+            "data",
+        ),
+        (Source(E + "2026-12-03-shapes-flow.json"),),
+        unit="ms",
+        headers={"unet_call": "transformer call"},
+    ),
 }
 
 HEADERS = {
