@@ -68,6 +68,21 @@ class Table:
 
 
 E, A, G = "epyc-2c-avx512/", "x86-2c-avx2/", "nvidia-h100-80gb/"
+# the shipped models' tables: every stage, cold start and memory, against diffusers
+SHIPPED_COLUMNS = (
+    "machine",
+    "provider",
+    "config",
+    "steps",
+    "system",
+    "total",
+    "unet_call",
+    "vae_decoder",
+    "cold",
+    "rss",
+    "vs_diffusers",
+    "data",
+)
 TABLES = {
     "cpu-fp32": Table(
         (
@@ -199,20 +214,7 @@ TABLES = {
         headers={"unet_call": "transformer call"},
     ),
     "shipped": Table(
-        (
-            "machine",
-            "provider",
-            "config",
-            "steps",
-            "system",
-            "total",
-            "unet_call",
-            "vae_decoder",
-            "cold",
-            "rss",
-            "vs_diffusers",
-            "data",
-        ),
+        SHIPPED_COLUMNS,
         (
             Source(E + "2026-11-26-shipped.json"),
             Source(E + "2026-11-26-shipped-fp16-cpu.json"),
@@ -221,20 +223,7 @@ TABLES = {
         unit="ms",
     ),
     "shipped-flow": Table(
-        (
-            "machine",
-            "provider",
-            "config",
-            "steps",
-            "system",
-            "total",
-            "unet_call",
-            "vae_decoder",
-            "cold",
-            "rss",
-            "vs_diffusers",
-            "data",
-        ),
+        SHIPPED_COLUMNS,
         (Source(E + "2026-12-03-shapes-flow.json"),),
         unit="ms",
         headers={"unet_call": "transformer call"},

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import sys
 import tempfile
@@ -26,7 +27,8 @@ RESULTS_KIND = "export-plan"  # the results file's "kind" (docs_tables)
 T5_OPTIONAL = "text_encoder_3"  # SD3's T5, which the export and runtime can leave out (--no-t5)
 
 
-def arch_weights(arch: str) -> dict:
+@functools.lru_cache(maxsize=None)  # one meta build per architecture, however many rows plan it
+def _arch_weights(arch: str) -> dict:
     """{component: memory_plan.Weights} for a random_init architecture, from its modules' shapes (no weights are
     made). Tied tensors count once, as save_pretrained writes them."""
     import torch
@@ -55,13 +57,19 @@ def arch_weights(arch: str) -> dict:
     return weights
 
 
+def arch_weights(arch: str) -> dict:
+    """{component: memory_plan.Weights} for a random_init architecture, from its modules' shapes (a copy of the
+    cached count)."""
+    return dict(_arch_weights(arch))
+
+
 def plan(arch: str, precision: str, memory_bytes: int, t5: bool = True) -> dict:
     """One row: the stages of exporting `arch` at `precision` on a machine with `memory_bytes` free, the largest
     of them, and whether it fits."""
     from edgediff.export.memory_plan import export_stages
     from edgediff.export.options import QUANTIZED
 
-    weights = arch_weights(arch)
+    weights = arch_weights(arch)  # a copy: the T5 may be left out below
     optional = T5_OPTIONAL in weights  # None below where the family has no T5 to leave out
     if not t5:
         weights.pop(T5_OPTIONAL, None)
