@@ -9,6 +9,7 @@ SD-Turbo architecture drives the slow test and the benchmarks (timings don't dep
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 from .tokenizer_build import build_clip_tokenizer, build_gemma_tokenizer, build_t5_tokenizer
@@ -650,13 +651,52 @@ WORDS = (
 
 def build_random_pipeline(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
     """Saves a diffusers pipeline folder with random weights for `arch` (see ARCHS), in the dtype its entry
-    says the published model is stored in (`stored`; fp32 where it says none)."""
+    says the published model is stored in (`stored`: built a component at a time; fp32 where it says none)."""
+    if "stored" in ARCHS[arch]:
+        return _save_by_component(arch, Path(out_dir), seed)
+    pipe, tokenizer_folders = random_pipeline(arch, out_dir, seed)
+    return _save(pipe, Path(out_dir), tokenizer_folders)
+
+
+def _save_by_component(arch: str, out: Path, seed: int) -> Path:
+    """The pipeline laid out on the meta device, then each model made in the stored dtype, saved and freed
+    before the next: SD3.5-medium's T5-XXL (9.5 GB in bf16) and transformer (4.9 GB) are never held together,
+    nor anything in fp32 (T5-XXL alone is 19 GB)."""
+    import gc
+
     import torch
 
-    pipe, tokenizer_folders = random_pipeline(arch, out_dir, seed)
-    if "stored" in ARCHS[arch]:
-        pipe.to(getattr(torch, ARCHS[arch]["stored"]))
-    return _save(pipe, Path(out_dir), tokenizer_folders)
+    with torch.device("meta"):
+        pipe, tokenizer_folders = random_pipeline(arch, out, seed)
+    dtype = getattr(torch, ARCHS[arch]["stored"])
+    pipe.save_config(out)  # model_index.json, as save_pretrained writes it
+    for i, (name, component) in enumerate(pipe.components.items()):
+        if component is None:
+            continue
+        if not isinstance(component, torch.nn.Module):
+            component.save_pretrained(out / name)  # tokenizers and the scheduler
+            continue
+        torch.manual_seed(seed + i)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # parameters are made in the stored dtype, never in fp32 first
+        try:
+            model = _made_like(component)
+        finally:
+            torch.set_default_dtype(default)
+        model.to(dtype)  # buffers made from numpy (SD3's positional table) are fp32 still; parameters stay as they are
+        model.save_pretrained(out / name)
+        del model
+        gc.collect()
+    for folder in tokenizer_folders:
+        shutil.rmtree(folder)
+    return out
+
+
+def _made_like(meta_module):
+    """A module of `meta_module`'s class and config with real, freshly initialised weights on the CPU."""
+    if hasattr(meta_module, "from_config"):  # diffusers' models
+        return type(meta_module).from_config(meta_module.config)
+    return type(meta_module)(meta_module.config)  # transformers' models
 
 
 def random_pipeline(arch: str, out_dir: str | Path, seed: int = 0):
@@ -790,8 +830,6 @@ def _scheduler(spec: dict):
 
 def _save(pipe, out: Path, tokenizer_folders: list[Path]) -> Path:
     """Saves the pipeline to `out` and removes the tokenizer sources it was built from."""
-    import shutil
-
     pipe.save_pretrained(out)
     for folder in tokenizer_folders:
         shutil.rmtree(folder)
