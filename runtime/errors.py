@@ -33,7 +33,6 @@ MESSAGES = {
     "size_vae": "{what} must be a multiple of {multiple} for this bundle (its VAE's factor: {multiple} pixels per latent cell), got {value}; nearest valid: {nearest}",
     "max_sequence_length": "max_sequence_length must be between 1 and {limit} (T5 / Gemma tokens), got {value}",
     "family_task": "{task} is not available for {family} bundles yet: they do {tasks} only",
-    "negative_prompt_family": "negative_prompt is not available for {family} bundles: FLUX.1 is guidance-distilled (no unconditional batch; guidance_scale is dev's embedded guidance) and true CFG with a negative prompt is not supported",
     "true_cfg_family": "true_cfg_scale is not available for {family} bundles: it is FluxPipeline's true CFG, for FLUX.1 bundles (other families take guidance_scale)",
     "true_cfg_scale": "true_cfg_scale must be a finite number >= 1 (1: off; above 1 it runs with a negative_prompt), got {value!r}",
     "negative_prompt_embedded": "negative_prompt is not available for {family} bundles: the transformer embeds the guidance scale (no unconditional batch to take a negative prompt)",
