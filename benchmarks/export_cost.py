@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> None:
         configs[name] = shlex.split(rest)
     from .machine import describe
 
+    if args.work:
+        Path(args.work).mkdir(parents=True, exist_ok=True)
     if args.keep_bundles:
         if not args.work:
             parser.error("--keep-bundles needs --work")

@@ -26,6 +26,7 @@ from pathlib import Path
 from edgediff.runtime.errors import ExportError
 
 from .lora_slots import SLOT_COMPONENTS
+from .quantize import QUANT_POLICY
 
 # The process before it loads anything (Python, torch, diffusers, optimum, onnxruntime).
 BASE_BYTES = 500_000_000
@@ -62,6 +63,11 @@ QUANTIZE_COPIES = 2.3
 # fp32 bytes) and one fp32 weight while quantising, then the 4-bit graph open for its check, whose unquantised
 # weights (embeddings) stay fp32: counted as half the fp32 weights besides the largest tensor.
 STREAMED_QUANTIZE_COPIES = 0.5
+# int8 (dynamic) quantises such a graph a weight at a time too: its int8 weights (a quarter of their fp32 bytes) and one
+# fp32 weight while quantising, then the int8 graph open for its check beside them, the unquantised weights fp32.
+# Reasoned from those parts, not yet measured at full size.
+STREAMED_INT8_QUANTIZE_COPIES = 0.75
+STREAMED_SCHEMES = {"int4-weight-only": STREAMED_QUANTIZE_COPIES, "int8-dynamic": STREAMED_INT8_QUANTIZE_COPIES}
 # Slotting a graph for run-time LoRAs (--lora-slots: lora_slots.slot_graph, once the component's export has freed its
 # PyTorch weights) peaks while the check fuses its random LoRA (lora_slots._random_lora), holding three copies of the
 # graph's weights: the plain graph loaded by onnx, the slotted graph open in onnxruntime, and the plain graph's copy
@@ -237,8 +243,9 @@ def export_stages(
         for name, w in weights.items():
             if name.startswith("vae"):
                 continue
-            if quantised == "int4" and w.fp32 > LARGE_GRAPH_BYTES:  # a weight at a time
-                quantising = int(STREAMED_QUANTIZE_COPIES * w.fp32) + (w.largest or w.fp32)
+            scheme = QUANT_POLICY.get(quantised, {}).get(name)
+            if scheme in STREAMED_SCHEMES and w.fp32 > LARGE_GRAPH_BYTES:  # a weight at a time (stream_quant.py)
+                quantising = int(STREAMED_SCHEMES[scheme] * w.fp32) + (w.largest or w.fp32)
             else:
                 quantising = int(QUANTIZE_COPIES * w.fp32)
             stages.append(Stage(f"{name}: quantize", BASE_BYTES + quantising))

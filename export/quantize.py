@@ -310,7 +310,12 @@ def quantize(src: Path, dst: Path, scheme: Scheme, exclude: list[str], ranges=No
     from .weight_quant import vectorised
 
     large = _large(src)
-    if scheme.name == "int8-dynamic":
+    if scheme.name == "int8-dynamic" and large:
+        # a weight at a time (stream_quant.py): quantize_dynamic holds the whole graph and its fp32 weights
+        from .stream_quant import quantize_int8_dynamic_streaming
+
+        quantize_int8_dynamic_streaming(src, dst, list(scheme.op_types), exclude)
+    elif scheme.name == "int8-dynamic":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         # its advice to pre-process (shape inference it runs anyway) would repeat for every block tried
@@ -325,7 +330,6 @@ def quantize(src: Path, dst: Path, scheme: Scheme, exclude: list[str], ranges=No
                     per_channel=True,
                     weight_type=QuantType.QInt8,
                     nodes_to_exclude=exclude,
-                    use_external_data_format=large,
                     extra_options=_default_type(),
                 )
         finally:

@@ -1,12 +1,13 @@
-"""4-bit weight-only quantisation of a graph past 2 GB, one weight in memory at a time.
+"""Weight quantisation of a graph past 2 GB, one weight in memory at a time: 4-bit (MatMulNBits) and dynamic int8.
 
-onnxruntime's MatMulNBitsQuantizer loads the whole graph and keeps every fp32 weight until it saves: about 2.3x the
-graph's weights at its peak, more than a 24 GiB machine has for SANA's Gemma-2 (10.5 GB). Here the graph's
-structure is loaded without its weights; each MatMul's weight is read from the external data only when its node is
-quantised, by onnxruntime's own node quantiser (DefaultWeightOnlyQuantizer: the same MatMulNBits nodes and packing,
-byte for byte), and dropped after. The result is written a tensor at a time: the packed 4-bit weights (an eighth of
-their fp32 size) from memory, the weights left fp32 (embeddings, norms, excluded nodes) copied from the source's
-data. Hand-written because onnxruntime's quantiser has no streaming mode.
+onnxruntime's quantisers load the whole graph and keep every fp32 weight until they save: about 2.3x the graph's
+weights at their peak, more than a 24 GiB machine has for SANA's Gemma-2 (10.5 GB). Here the graph's structure is
+loaded without its weights; each weight is read from the external data only when its node is quantised, by
+onnxruntime's own code (4-bit: DefaultWeightOnlyQuantizer's node quantiser; int8: quantize_dynamic's
+ONNXQuantizer), and its fp32 bytes dropped after: the same nodes and weights, byte for byte. The result is written a
+tensor at a time: the quantised weights (an eighth or a quarter of their fp32 size) from memory, the weights left
+fp32 (embeddings, norms, excluded nodes) copied from the source's data. Hand-written because onnxruntime's
+quantisers have no streaming mode.
 """
 
 from __future__ import annotations
@@ -55,6 +56,75 @@ def quantize_int4_streaming(src: Path, dst: Path, exclude: list[str], block_size
     _write_a_tensor_at_a_time(model, src.parent, dst)
     log.info("%s: %d MatMuls and convolutions in 4 bits, a weight at a time", src.stem, done)
     return done
+
+
+def quantize_int8_dynamic_streaming(src: Path, dst: Path, op_types: list[str], exclude: list[str]) -> int:
+    """Writes what onnxruntime's quantize_dynamic (per-channel int8 weights, `op_types`, `exclude` left fp32) makes
+    of `src` (weights in external data) to `dst`, with its weights in `dst`.data, holding one fp32 weight at a time.
+    Returns the number of weights quantised."""
+    import onnx
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization import onnx_quantizer as ort_onnx_quantizer
+    from onnxruntime.quantization.quant_utils import QuantizationMode, add_infer_metadata, update_opset_version
+
+    from .weight_quant import StreamingONNXQuantizer
+
+    src, dst = Path(src), Path(dst)
+    model = onnx.load(str(src), load_external_data=False)
+    initializers = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:  # Gemm's weights are transposed into MatMul's as the quantiser starts: read now
+        if node.op_type == "Gemm" and len(node.input) > 1 and node.input[1] in initializers:
+            _read_in(initializers[node.input[1]], src.parent)
+    model = _shapes_inferred(model)
+    model = update_opset_version(model, QuantType.QInt8)
+
+    def structure_inferred(m):  # the quantiser's own save-and-reload would read every weight
+        return _shapes_inferred(m)
+
+    saved = ort_onnx_quantizer.save_and_reload_model_with_shape_infer
+    ort_onnx_quantizer.save_and_reload_model_with_shape_infer = structure_inferred
+    try:
+        quantizer = StreamingONNXQuantizer(
+            src.parent,
+            model,
+            True,  # per_channel
+            False,  # reduce_range
+            QuantizationMode.IntegerOps,
+            False,  # static
+            QuantType.QInt8,
+            QuantType.QUInt8,  # dynamic activations are uint8
+            None,
+            None,
+            exclude,
+            list(op_types),
+            {"MatMulConstBOnly": True, **_default_type_options()},
+        )
+        quantizer.quantize_model()
+    finally:
+        ort_onnx_quantizer.save_and_reload_model_with_shape_infer = saved
+    quantizer.model.topological_sort()  # as its save_model_to_file does
+    model = quantizer.model.model
+    add_infer_metadata(model)
+    _write_a_tensor_at_a_time(model, src.parent, dst)
+    log.info("%s: %d weights in int8, a weight at a time", src.stem, quantizer.streamed)
+    return quantizer.streamed
+
+
+def _shapes_inferred(model):
+    """onnx's shape inference on the structure alone (its weights' dims are in the proto; their bytes are not
+    needed), as load_model_with_shape_infer infers them from the saved file."""
+    import onnx
+    from onnxruntime.quantization.quant_utils import add_infer_metadata
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    add_infer_metadata(inferred)
+    return inferred
+
+
+def _default_type_options() -> dict:
+    from .quantize import _default_type
+
+    return _default_type()
 
 
 def _read_in(weight, folder: Path) -> None:

@@ -174,6 +174,33 @@ class FastONNXQuantizer(ONNXQuantizer):
         return q_name, zp_name, scale_name
 
 
+class StreamingONNXQuantizer(FastONNXQuantizer):
+    """FastONNXQuantizer on a graph loaded without its weights (stream_quant.py): each weight is read from the
+    external data under `folder` just before it is quantised, and its fp32 bytes dropped right after."""
+
+    def __init__(self, folder, *args, **kwargs):
+        self.folder = folder
+        self.streamed = 0
+        super().__init__(*args, **kwargs)
+
+    def quantize_weight_per_channel_impl(self, weight_name, *args, **kwargs):
+        from .stream_quant import _read_in
+
+        initializer = next((t for t in self.model.initializer() if t.name == weight_name), None)
+        reference = list(initializer.external_data) if initializer is not None else []
+        if reference:
+            _read_in(initializer, self.folder)
+        names = super().quantize_weight_per_channel_impl(weight_name, *args, **kwargs)
+        if reference:
+            # a reference into the source's data again: dropped with the entry if no node reads it any more
+            # (clean_initializers), copied when the graph is written if one still does
+            initializer.ClearField("raw_data")
+            initializer.data_location = onnx.TensorProto.EXTERNAL
+            initializer.external_data.extend(reference)
+        self.streamed += 1
+        return names
+
+
 @contextmanager
 def vectorised():
     """While the block runs, onnxruntime's quantisers quantise per-channel weights over whole arrays (the

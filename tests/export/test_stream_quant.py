@@ -1,6 +1,6 @@
-"""4-bit weight-only quantisation a weight at a time (export/stream_quant.py), for graphs past 2 GB: the same graph
-as onnxruntime's MatMulNBitsQuantizer and int4_conv write for the whole graph, on a tiny SANA-Sprint's Gemma-2 and
-transformer (its Mix-FFN convolutions included) saved with external data."""
+"""Weight quantisation a weight at a time (export/stream_quant.py), for graphs past 2 GB: the same graphs as
+onnxruntime's MatMulNBitsQuantizer and int4_conv (4-bit) and its quantize_dynamic (int8) write for the whole graph,
+on a tiny SANA-Sprint's Gemma-2 and transformer (its Mix-FFN convolutions included) saved with external data."""
 
 import numpy as np
 import pytest
@@ -11,7 +11,7 @@ ort = pytest.importorskip("onnxruntime")
 from tiny_models import tiny_bundle  # noqa: E402
 
 from edgediff.export.quantize import INT4_BLOCK_SIZE, SCHEMES, quantize  # noqa: E402
-from edgediff.export.stream_quant import quantize_int4_streaming  # noqa: E402
+from edgediff.export.stream_quant import quantize_int4_streaming, quantize_int8_dynamic_streaming  # noqa: E402
 
 
 def _feeds(component: str, session, rng) -> dict:
@@ -33,12 +33,18 @@ def _feeds(component: str, session, rng) -> dict:
     return feeds
 
 
-@pytest.mark.parametrize("component", ["text_encoder", "transformer"])
-def test_streamed_4_bit_graph_equals_the_whole_graph_quantisers(models_root, tmp_path, component):
+def _external(models_root, tmp_path, component: str):
+    """The tiny bundle's graph saved with every weight in external data, as graphs past 2 GB are."""
     graph = onnx.load(str(tiny_bundle("tiny-sana-sprint", models_root) / f"{component}.onnx"))
     external = tmp_path / "external" / f"{component}.onnx"
     external.parent.mkdir()
     onnx.save(graph, str(external), save_as_external_data=True, location="weights.bin", size_threshold=0)
+    return graph, external
+
+
+@pytest.mark.parametrize("component", ["text_encoder", "transformer"])
+def test_streamed_4_bit_graph_equals_the_whole_graph_quantisers(models_root, tmp_path, component):
+    graph, external = _external(models_root, tmp_path, component)
     first = next(n.name for n in graph.graph.node if n.op_type == "MatMul")
     whole, streamed = tmp_path / "whole.onnx", tmp_path / "streamed" / f"{component}.onnx"
     streamed.parent.mkdir()
@@ -56,3 +62,54 @@ def test_streamed_4_bit_graph_equals_the_whole_graph_quantisers(models_root, tmp
     theirs = session.run(None, feeds)[0]
     ours = ort.InferenceSession(str(streamed), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     np.testing.assert_array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("component", ["text_encoder", "transformer"])
+def test_streamed_int8_graph_equals_quantize_dynamics(models_root, tmp_path, component):
+    graph, external = _external(models_root, tmp_path, component)
+    scheme = SCHEMES["int8-dynamic"]
+    first = next(n.name for n in graph.graph.node if n.op_type == "MatMul")
+    whole, streamed = tmp_path / "whole.onnx", tmp_path / "streamed" / f"{component}.onnx"
+    streamed.parent.mkdir()
+    quantize(external, whole, scheme, exclude=[first])  # onnxruntime's quantize_dynamic on the whole graph
+    count = quantize_int8_dynamic_streaming(external, streamed, list(scheme.op_types), exclude=[first])
+    ours_model = onnx.load(str(streamed))
+    theirs_model = onnx.load(str(whole))
+    assert [(n.op_type, list(n.input), list(n.output)) for n in ours_model.graph.node] == [
+        (n.op_type, list(n.input), list(n.output)) for n in theirs_model.graph.node
+    ]
+    ours_weights = {t.name: onnx.numpy_helper.to_array(t) for t in ours_model.graph.initializer}
+    theirs_weights = {t.name: onnx.numpy_helper.to_array(t) for t in theirs_model.graph.initializer}
+    assert ours_weights.keys() == theirs_weights.keys()
+    for name, value in theirs_weights.items():
+        np.testing.assert_array_equal(ours_weights[name], value, err_msg=name)
+    # weights, each once however many MatMuls share it
+    assert count == sum(name.endswith("_quantized") for name in ours_weights) > 0
+    assert first in {n.name for n in ours_model.graph.node}  # excluded: still fp32
+    assert sorted(p.name for p in streamed.parent.iterdir()) == [f"{component}.onnx", f"{component}.onnx.data"]
+    session = ort.InferenceSession(str(whole), providers=["CPUExecutionProvider"])
+    feeds = _feeds(component, session, np.random.default_rng(0))
+    theirs = session.run(None, feeds)[0]
+    ours = ort.InferenceSession(str(streamed), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    np.testing.assert_array_equal(ours, theirs)
+
+
+def test_quantize_streams_int8_past_the_large_graph_size(models_root, tmp_path, monkeypatch):
+    """quantize() hands a graph past LARGE_GRAPH_BYTES to the streaming quantiser, never to quantize_dynamic,
+    which would hold the whole graph."""
+    import onnxruntime.quantization
+
+    import edgediff.export.quantize as quantize_module
+
+    _, external = _external(models_root, tmp_path, "text_encoder")
+
+    def whole_graph(*args, **kwargs):
+        raise AssertionError("quantize_dynamic holds the whole graph")
+
+    monkeypatch.setattr(onnxruntime.quantization, "quantize_dynamic", whole_graph)
+    monkeypatch.setattr(quantize_module, "LARGE_GRAPH_BYTES", 0)
+    dst = tmp_path / "streamed" / "text_encoder.onnx"
+    dst.parent.mkdir()
+    quantize(external, dst, SCHEMES["int8-dynamic"], exclude=[])
+    assert (dst.parent / "text_encoder.onnx.data").exists()
+    assert "MatMulInteger" in {n.op_type for n in onnx.load(str(dst), load_external_data=False).graph.node}
