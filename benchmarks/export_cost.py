@@ -59,6 +59,14 @@ def _child(source: str, out: str, args: list[str]) -> None:
     print(json.dumps({"seconds": seconds, "peak_rss_bytes": peak, "stages": stages, "estimate": estimate}))
 
 
+def _error_lines(stderr: str) -> list[str]:
+    """The CLI's own error lines ("error: ..."), else the last line: the progress bar redraws over the end of
+    stderr, so its last line alone hid why an export failed (a full disk read as a stalled bar)."""
+    lines = stderr.replace("\r", "\n").strip().splitlines()
+    errors = [line[line.index("error: ") :] for line in lines if "error: " in line]  # mid-line after a bar
+    return errors or lines[-1:]
+
+
 def measure(source: str, configs: dict[str, list[str]], work: Path, keep_bundles: bool = False) -> list[dict]:
     """Each configuration exported once, in a fresh process, into `work/NAME`; the bundle is removed after
     unless `keep_bundles` (to run or benchmark it next)."""
@@ -73,7 +81,7 @@ def measure(source: str, configs: dict[str, list[str]], work: Path, keep_bundles
             text=True,
         )
         lines = proc.stdout.strip().splitlines()
-        record = json.loads(lines[-1]) if lines else {"error": proc.stderr.strip().splitlines()[-1:]}
+        record = json.loads(lines[-1]) if lines else {"error": _error_lines(proc.stderr)}
         row = {"config": name, "args": args, **record}
         if proc.returncode == 0:
             bundle = Bundle.open(out, verify="size")

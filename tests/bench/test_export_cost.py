@@ -51,3 +51,14 @@ def test_export_cost_records_time_peak_and_what_was_made(models_root, tmp_path):
     assert estimate == {s.name: s.bytes for s in check_source(source, quantised="int8")}
     assert "error" in rows["bad"] and "seconds" not in rows["bad"]  # a failed export is recorded, not raised
     assert not any(p.name in rows for p in tmp_path.iterdir() if p.is_dir())  # bundles removed after measuring
+
+
+def test_a_failed_export_records_the_clis_error_not_the_progress_bar():
+    from edgediff.benchmarks.export_cost import _error_lines
+
+    stderr = (
+        "export:  31%|###  | 01:35<03:14, text_encoder_2: check\rexport:  31%|###  | 01:46<03:14, transformer: export"
+        "error: [Errno 28] No space left on device\nexport:  31%|###  | 04:29<10:13, transformer: export\n"
+    )
+    assert _error_lines(stderr) == ["error: [Errno 28] No space left on device"]
+    assert _error_lines("Traceback\nKilled\n") == ["Killed"]
