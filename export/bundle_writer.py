@@ -508,7 +508,8 @@ def _quantize_bundle(staging: Path, manifest: Manifest, precision: str, options:
         log.info("recording calibration inputs one graph at a time: the fp32 graphs do not fit in memory together")
     with stages.stage("recording calibration inputs"):
         names = [n for n in manifest.components if policy.get(n)]
-        feeds = record_feeds(staging, prompts or CALIBRATION_PROMPTS, names, one_at_a_time=alone)
+        bounded = not any(SCHEMES[policy[n]].calibrated for n in names)  # no activation ranges to take
+        feeds = record_feeds(staging, prompts or CALIBRATION_PROMPTS, names, one_at_a_time=alone, bounded=bounded)
     release_memory()
     for name, spec in manifest.components.items():
         scheme_name = policy.get(name)

@@ -29,6 +29,28 @@ CALIBRATION_PROMPTS = (
 )
 
 
+# Schemes without activation ranges (dynamic int8, 4-bit weights) use the recorded feeds only to check the quantised
+# graph (and to rank blocks for --keep auto): a transformer's default call (SD3.5: 40 guided steps at 1024, its
+# attention scores alone 7.5 GB) would cost an hour and more memory than the graphs. They are recorded at most at
+# this many pixels and steps; calibrated (static) schemes record the bundle's own call, whose ranges they take.
+UNCALIBRATED_MAX_PIXELS = 512 * 512
+UNCALIBRATED_MAX_STEPS = 4
+
+
+def bounded_call(defaults: dict, multiple: int) -> dict:
+    """The call arguments recording runs with for uncalibrated schemes: the bundle's default size scaled down (aspect
+    kept, each side a multiple of `multiple`) to at most UNCALIBRATED_MAX_PIXELS, and its default steps capped."""
+    import math
+
+    height, width = defaults.get("height"), defaults.get("width")
+    call = {"num_inference_steps": min(int(defaults.get("steps") or 1), UNCALIBRATED_MAX_STEPS)}
+    if height and width and height * width > UNCALIBRATED_MAX_PIXELS:
+        scale = math.sqrt(UNCALIBRATED_MAX_PIXELS / (height * width))
+        call["height"] = max(multiple, int(height * scale) // multiple * multiple)
+        call["width"] = max(multiple, int(width * scale) // multiple * multiple)
+    return call
+
+
 class RecordedFeeds(list):
     """A graph's recorded input dicts, with `outputs`: its first output for each, in the same order."""
 
@@ -43,17 +65,20 @@ def record_feeds(
     components: list[str] | None = None,
     seed: int = 0,
     one_at_a_time: bool = False,
+    bounded: bool = False,
 ) -> dict[str, RecordedFeeds]:
     """Per component (default: all that a text-to-image call runs), up to MAX_CALIBRATION_FEEDS input
     dicts recorded while generating `prompts`, with the graph's output for each. `one_at_a_time`: the bundle runs
     in low-memory mode, each graph opened when needed and closed before the next (memory_plan.
     record_one_at_a_time: for bundles whose graphs do not fit in memory together; slower, as each prompt reopens
-    them)."""
+    them). `bounded`: the call is bounded_call's (for schemes without activation ranges)."""
     from edgediff.runtime import Bundle, Pipeline
+    from edgediff.runtime.denoisers import size_multiple
     from edgediff.runtime.pipeline import DECODERS, text_to_image_components
 
     pipe = Pipeline(Bundle.open(bundle_dir, verify="none"), provider="cpu", cache=False, low_memory=one_at_a_time)
     names = text_to_image_components(pipe.manifest) if components is None else components
+    call = bounded_call(pipe.manifest.defaults, size_multiple(pipe.manifest)) if bounded else {}
     # decoders whose inputs are wanted (full VAE, tiny decoder): each decodes the same sampled latents
     decoders = [d for d, component in DECODERS.items() if component in names]
     watched = (
@@ -64,7 +89,7 @@ def record_feeds(
     try:
         with watched as recorded:
             for i, prompt in enumerate(prompts):
-                latents = pipe(prompt, seed=seed + i, output_type="latent").images
+                latents = pipe(prompt, seed=seed + i, output_type="latent", **call).images
                 for decoder in decoders:  # a decode (seconds at 512) runs only when its inputs are wanted
                     pipe.decode(latents, decoder=decoder, output_type="np")
     finally:
