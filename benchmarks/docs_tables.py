@@ -31,6 +31,7 @@ FAMILIES = {
     "sdxl-turbo": "SDXL-Turbo",
     "lcm-sd1": "shipped model",
     "sana-sprint": "SANA-Sprint 0.6B",
+    "sd3.5": "SD3.5-medium",
 }
 # what the bundle name says and the manifest's precisions do not
 BUNDLE_LABELS = {
@@ -40,6 +41,8 @@ BUNDLE_LABELS = {
     "sd-turbo-int4-seg2": "int4, head-sliced attention, UNet in 2 segments",
     "sd-turbo-int4-seg3": "int4, head-sliced attention, UNet in 3 segments",
     "sd-turbo-int4-seg4": "int4, head-sliced attention, UNet in 4 segments",
+    "fp32-no-t5": "fp32 without T5",
+    "int8-no-t5": "int8 without T5",
 }
 TINY_DECODERS = {
     "sd-turbo-int8s-fmm": "fp32 tiny decoder",
@@ -82,6 +85,11 @@ SHIPPED_COLUMNS = (
     "rss",
     "vs_diffusers",
     "data",
+)
+# SD3.5-medium without T5: fp32 against diffusers, then int8
+SD35_SOURCES = (
+    Source(E + "2026-12-03-sd35-medium.json"),
+    Source(E + "2026-12-03-sd35-medium-1024-low-memory.json"),
 )
 TABLES = {
     "cpu-fp32": Table(
@@ -213,6 +221,26 @@ TABLES = {
         full_decoder=True,
         headers={"unet_call": "transformer call"},
     ),
+    "cpu-sd35-medium": Table(
+        (
+            "model",
+            "steps",
+            "config",
+            "system",
+            "total",
+            "text_encoder",
+            "unet_call",
+            "vae_decoder",
+            "cold",
+            "rss",
+            "vs_diffusers",
+            "quality",
+            "data",
+        ),
+        SD35_SOURCES,
+        full_decoder=True,
+        headers={"unet_call": "transformer call"},
+    ),
     "shipped": Table(
         SHIPPED_COLUMNS,
         (
@@ -264,12 +292,15 @@ class ExportTable:
 
 
 EXPORT_COST = E + "2026-12-02-export-cost-first-order.json"
+EXPORT_COST_SD35 = E + "2026-12-03-export-cost-sd35-medium.json"
 EXPORT_STAGES_OF = "fastest"
 EXPORT_TABLES = {
     "export-cost": ExportTable(EXPORT_COST),
     "export-stages": ExportTable(EXPORT_COST, EXPORT_STAGES_OF),
     "export-cost-sana-sprint": ExportTable(E + "2026-12-03-export-cost-sana-sprint.json"),
     "export-memory-flux": ExportTable(E + "2026-12-03-export-cost-flux-reduced.json", memory=True),
+    "export-cost-sd35-medium": ExportTable(EXPORT_COST_SD35),
+    "export-memory-sd35-medium": ExportTable(EXPORT_COST_SD35, memory=True),
 }
 # export_plan.py files: estimates from shapes alone, for architectures too large to export here
 PLAN_TABLES = {"export-plan": "estimates/2026-12-03-export-plan.json"}

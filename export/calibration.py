@@ -32,14 +32,17 @@ CALIBRATION_PROMPTS = (
 # Schemes without activation ranges (dynamic int8, 4-bit weights) use the recorded feeds only to check the quantised
 # graph (and to rank blocks for --keep auto): a transformer's default call (SD3.5: 40 guided steps at 1024, its
 # attention scores alone 7.5 GB) would cost an hour and more memory than the graphs. They are recorded at most at
-# this many pixels and steps; calibrated (static) schemes record the bundle's own call, whose ranges they take.
+# this many pixels, steps and prompts; calibrated (static) schemes record the bundle's own call on every
+# calibration prompt, whose ranges they take.
 UNCALIBRATED_MAX_PIXELS = 512 * 512
-UNCALIBRATED_MAX_STEPS = 4
+UNCALIBRATED_MAX_STEPS = 2
+UNCALIBRATED_MAX_PROMPTS = 2
 
 
 def bounded_call(defaults: dict, multiple: int) -> dict:
     """The call arguments recording runs with for uncalibrated schemes: the bundle's default size scaled down (aspect
-    kept, each side a multiple of `multiple`) to at most UNCALIBRATED_MAX_PIXELS, and its default steps capped."""
+    kept, each side a multiple of `multiple`) to at most UNCALIBRATED_MAX_PIXELS, and its default steps capped
+    (record_feeds also takes only the first UNCALIBRATED_MAX_PROMPTS prompts)."""
     import math
 
     height, width = defaults.get("height"), defaults.get("width")
@@ -79,6 +82,7 @@ def record_feeds(
     pipe = Pipeline(Bundle.open(bundle_dir, verify="none"), provider="cpu", cache=False, low_memory=one_at_a_time)
     names = text_to_image_components(pipe.manifest) if components is None else components
     call = bounded_call(pipe.manifest.defaults, size_multiple(pipe.manifest)) if bounded else {}
+    prompts = list(prompts)[:UNCALIBRATED_MAX_PROMPTS] if bounded else prompts
     # decoders whose inputs are wanted (full VAE, tiny decoder): each decodes the same sampled latents
     decoders = [d for d, component in DECODERS.items() if component in names]
     watched = (

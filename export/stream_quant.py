@@ -111,12 +111,25 @@ def quantize_int8_dynamic_streaming(src: Path, dst: Path, op_types: list[str], e
 
 
 def _shapes_inferred(model):
-    """onnx's shape inference on the structure alone (its weights' dims are in the proto; their bytes are not
-    needed), as load_model_with_shape_infer infers them from the saved file."""
+    """onnx's shape inference on the structure alone, as load_model_with_shape_infer infers it from the saved file:
+    the weights held in memory (Gemm's, transposed by the quantiser) are set aside while it serialises the model,
+    which past protobuf's 2 GB it could not (SD3's adaptive norms are Gemms: 2.7 GB), and put back after. `model`
+    is left without them: the callers keep the inferred model."""
     import onnx
     from onnxruntime.quantization.quant_utils import add_infer_metadata
 
+    # moved, not copied (each read of a bytes field copies it): `model` gives its bytes up, and each goes into the
+    # inferred copy, the model the callers keep, before the next
+    held = {}
+    for tensor in model.graph.initializer:
+        if tensor.HasField("raw_data"):
+            held[tensor.name] = tensor.raw_data
+            tensor.ClearField("raw_data")
     inferred = onnx.shape_inference.infer_shapes(model)
+    for tensor in inferred.graph.initializer:
+        data = held.pop(tensor.name, None)
+        if data is not None:
+            tensor.raw_data = data
     add_infer_metadata(inferred)
     return inferred
 

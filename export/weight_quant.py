@@ -152,7 +152,7 @@ class FastONNXQuantizer(ONNXQuantizer):
             return super().quantize_weight_per_channel_impl(
                 weight_name, weight_qType, channel_axis, reduce_range, keep_float_weight
             )
-        weights = tensor_proto_to_array(initializer)
+        weights = self._weight_array(initializer)
         valid, axis = normalize_axis(channel_axis, weights.ndim)
         if not valid:
             raise ValueError(f"Weight {weight_name} has no axis {channel_axis}")
@@ -173,10 +173,14 @@ class FastONNXQuantizer(ONNXQuantizer):
         )
         return q_name, zp_name, scale_name
 
+    def _weight_array(self, initializer) -> np.ndarray:
+        return tensor_proto_to_array(initializer)
+
 
 class StreamingONNXQuantizer(FastONNXQuantizer):
     """FastONNXQuantizer on a graph loaded without its weights (stream_quant.py): each weight is read from the
-    external data under `folder` just before it is quantised, and its fp32 bytes dropped right after."""
+    external data under `folder` just before it is quantised, into an array dropped right after; the graph's entry
+    stays a reference (dropped by clean_initializers once no node reads it, copied at write if one still does)."""
 
     def __init__(self, folder, *args, **kwargs):
         self.folder = folder
@@ -184,21 +188,21 @@ class StreamingONNXQuantizer(FastONNXQuantizer):
         super().__init__(*args, **kwargs)
 
     def quantize_weight_per_channel_impl(self, weight_name, *args, **kwargs):
-        from .stream_quant import _read_in
-
-        initializer = next((t for t in self.model.initializer() if t.name == weight_name), None)
-        reference = list(initializer.external_data) if initializer is not None else []
-        if reference:
-            _read_in(initializer, self.folder)
-        names = super().quantize_weight_per_channel_impl(weight_name, *args, **kwargs)
-        if reference:
-            # a reference into the source's data again: dropped with the entry if no node reads it any more
-            # (clean_initializers), copied when the graph is written if one still does
-            initializer.ClearField("raw_data")
-            initializer.data_location = onnx.TensorProto.EXTERNAL
-            initializer.external_data.extend(reference)
         self.streamed += 1
-        return names
+        return super().quantize_weight_per_channel_impl(weight_name, *args, **kwargs)
+
+    def _weight_array(self, initializer) -> np.ndarray:
+        """The weight read from the external data into an array of its own: never into the graph's message, whose
+        protobuf arena would keep every weight's bytes until the whole graph is freed (clearing the field does
+        not return them)."""
+        from onnx.external_data_helper import uses_external_data
+
+        from .tracing import external_bytes
+
+        if not uses_external_data(initializer):
+            return tensor_proto_to_array(initializer)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(initializer.data_type)
+        return np.frombuffer(external_bytes(initializer, self.folder), dtype=dtype).reshape(tuple(initializer.dims))
 
 
 @contextmanager
