@@ -42,12 +42,10 @@ def quantize_int4_streaming(src: Path, dst: Path, exclude: list[str], block_size
         if weight is None or node.name in skip:
             nodes.append(node)
             continue
-        _read_in(weight, src.parent)
-        replaced = quantizer.quantize_matmul(node, [graph])
+        replaced = _quantize_alone(quantizer, node, weight, src.parent, graph)
         nodes.extend(replaced)
-        if replaced != [node]:  # the fp32 bytes go: the entry is dropped below, now unused
+        if replaced != [node]:  # the fp32 entry, a reference still, is dropped below: now unused
             done += 1
-            weight.ClearField("raw_data")
     del graph.node[:]
     graph.node.extend(nodes)
     if convs:
@@ -138,6 +136,22 @@ def _default_type_options() -> dict:
     from .quantize import _default_type
 
     return _default_type()
+
+
+def _quantize_alone(quantizer, node, weight, folder: Path, graph) -> list:
+    """onnxruntime's node quantiser on a one-weight graph of its own: the weight's fp32 bytes live in that small
+    message and go with it. Read into the whole graph's message, they stayed in its protobuf arena until the graph
+    was freed (clearing a field does not return them): every weight quantised so far held at once. The packed
+    weights it makes are moved into `graph`."""
+    import onnx
+
+    alone = onnx.GraphProto()
+    loaded = alone.initializer.add()
+    loaded.CopyFrom(weight)  # the reference, no bytes
+    _read_in(loaded, folder)
+    replaced = quantizer.quantize_matmul(node, [alone])
+    graph.initializer.extend(t for t in alone.initializer if t.name != weight.name)
+    return replaced
 
 
 def _read_in(weight, folder: Path) -> None:
