@@ -42,7 +42,6 @@ BUNDLE_LABELS = {
     "sd-turbo-int4-seg3": "int4, head-sliced attention, UNet in 3 segments",
     "sd-turbo-int4-seg4": "int4, head-sliced attention, UNet in 4 segments",
     "fp32-no-t5": "fp32 without T5",
-    "int8-no-t5": "int8 without T5",
 }
 TINY_DECODERS = {
     "sd-turbo-int8s-fmm": "fp32 tiny decoder",
@@ -86,7 +85,7 @@ SHIPPED_COLUMNS = (
     "vs_diffusers",
     "data",
 )
-# SD3.5-medium without T5: fp32 against diffusers, then int8
+# SD3.5-medium without T5, fp32 against diffusers: 512 with every graph open, 1024 in low-memory mode
 SD35_SOURCES = (
     Source(E + "2026-12-03-sd35-medium.json"),
     Source(E + "2026-12-03-sd35-medium-1024-low-memory.json"),

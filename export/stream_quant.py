@@ -65,6 +65,7 @@ def quantize_int8_dynamic_streaming(src: Path, dst: Path, op_types: list[str], e
     from onnxruntime.quantization import onnx_quantizer as ort_onnx_quantizer
     from onnxruntime.quantization.quant_utils import QuantizationMode, add_infer_metadata, update_opset_version
 
+    from .quantize import _default_type
     from .weight_quant import StreamingONNXQuantizer
 
     src, dst = Path(src), Path(dst)
@@ -76,11 +77,9 @@ def quantize_int8_dynamic_streaming(src: Path, dst: Path, op_types: list[str], e
     model = _shapes_inferred(model)
     model = update_opset_version(model, QuantType.QInt8)
 
-    def structure_inferred(m):  # the quantiser's own save-and-reload would read every weight
-        return _shapes_inferred(m)
-
     saved = ort_onnx_quantizer.save_and_reload_model_with_shape_infer
-    ort_onnx_quantizer.save_and_reload_model_with_shape_infer = structure_inferred
+    # the quantiser's own save-and-reload would read every weight back in
+    ort_onnx_quantizer.save_and_reload_model_with_shape_infer = _shapes_inferred
     try:
         quantizer = StreamingONNXQuantizer(
             src.parent,
@@ -95,7 +94,7 @@ def quantize_int8_dynamic_streaming(src: Path, dst: Path, op_types: list[str], e
             None,
             exclude,
             list(op_types),
-            {"MatMulConstBOnly": True, **_default_type_options()},
+            {"MatMulConstBOnly": True, **_default_type()},
         )
         quantizer.quantize_model()
     finally:
@@ -130,12 +129,6 @@ def _shapes_inferred(model):
             tensor.raw_data = data
     add_infer_metadata(inferred)
     return inferred
-
-
-def _default_type_options() -> dict:
-    from .quantize import _default_type
-
-    return _default_type()
 
 
 def _quantize_alone(quantizer, node, weight, folder: Path, graph) -> list:

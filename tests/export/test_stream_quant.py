@@ -42,6 +42,16 @@ def _external(models_root, tmp_path, component: str):
     return graph, external
 
 
+def _assert_one_data_file_and_the_same_outputs(component: str, whole, streamed):
+    """The streamed graph is written as one graph file and one data file, and runs as the whole-graph one does."""
+    assert sorted(p.name for p in streamed.parent.iterdir()) == [f"{component}.onnx", f"{component}.onnx.data"]
+    session = ort.InferenceSession(str(whole), providers=["CPUExecutionProvider"])
+    feeds = _feeds(component, session, np.random.default_rng(0))
+    theirs = session.run(None, feeds)[0]
+    ours = ort.InferenceSession(str(streamed), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    np.testing.assert_array_equal(ours, theirs)
+
+
 @pytest.mark.parametrize("component", ["text_encoder", "transformer"])
 def test_streamed_4_bit_graph_equals_the_whole_graph_quantisers(models_root, tmp_path, component):
     graph, external = _external(models_root, tmp_path, component)
@@ -56,12 +66,7 @@ def test_streamed_4_bit_graph_equals_the_whole_graph_quantisers(models_root, tmp
     assert count == ops.count("MatMulNBits") + blocked_convs and ops.count("MatMulNBits") > 0
     assert first in {n.name for n in nodes if n.op_type == "MatMul"}  # excluded: still fp32
     assert (blocked_convs > 0) is (component == "transformer")  # SANA's Mix-FFN convolutions
-    assert sorted(p.name for p in streamed.parent.iterdir()) == [f"{component}.onnx", f"{component}.onnx.data"]
-    session = ort.InferenceSession(str(whole), providers=["CPUExecutionProvider"])
-    feeds = _feeds(component, session, np.random.default_rng(0))
-    theirs = session.run(None, feeds)[0]
-    ours = ort.InferenceSession(str(streamed), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-    np.testing.assert_array_equal(ours, theirs)
+    _assert_one_data_file_and_the_same_outputs(component, whole, streamed)
 
 
 @pytest.mark.parametrize("component", ["text_encoder", "transformer"])
@@ -86,12 +91,7 @@ def test_streamed_int8_graph_equals_quantize_dynamics(models_root, tmp_path, com
     # weights, each once however many MatMuls share it
     assert count == sum(name.endswith("_quantized") for name in ours_weights) > 0
     assert first in {n.name for n in ours_model.graph.node}  # excluded: still fp32
-    assert sorted(p.name for p in streamed.parent.iterdir()) == [f"{component}.onnx", f"{component}.onnx.data"]
-    session = ort.InferenceSession(str(whole), providers=["CPUExecutionProvider"])
-    feeds = _feeds(component, session, np.random.default_rng(0))
-    theirs = session.run(None, feeds)[0]
-    ours = ort.InferenceSession(str(streamed), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-    np.testing.assert_array_equal(ours, theirs)
+    _assert_one_data_file_and_the_same_outputs(component, whole, streamed)
 
 
 def test_quantize_streams_int8_past_the_large_graph_size(models_root, tmp_path, monkeypatch):
