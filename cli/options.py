@@ -241,8 +241,9 @@ def _export_click():
             type=click.Choice(sorted({m for modes in eo.ATTENTION_MODES.values() for m in modes})),
             default="original",
             show_default=True,
-            help="UNet attention: sliced computes one head at a time (lower peak memory, same result); "
-            "split_einsum (coreml): per head in the Neural Engine's layout.",
+            help="fused: onnxruntime's MultiHeadAttention operator, flash attention on CPU (every family; the "
+            "scores are never whole); sliced: UNets, one head at a time; split_einsum (coreml): per head in the "
+            "Neural Engine's layout. Same result from each.",
         ),
         "segments": click.option(
             "--segments",

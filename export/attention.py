@@ -13,9 +13,18 @@ favours: q, k and v as (batch, channels, 1, tokens), each head's scores and outp
 (https://machinelearning.apple.com/research/neural-engine-transformers). Apple's ml-stable-diffusion also
 rewrites the UNet's linear layers as 1x1 convolutions and its layer norms for that layout; here only the
 attention is rewritten, and the layers around it stay as diffusers writes them.
+
+`fused` (ONNX, every family) writes each unmasked scaled-dot-product attention as one onnxruntime
+MultiHeadAttention node. On CPU onnxruntime runs it as flash attention (MLAS, tiled to the L2 cache;
+https://arxiv.org/abs/2205.14135): the (tokens x tokens) scores are never whole. That is what SD3.5 at 1024
+needs, whose joint attention over 2 x 4,429 tokens is 3.8 GB of scores per layer unfused. CUDA and DirectML
+have their own MultiHeadAttention kernels. Masked or causal attention (the CLIP and Gemma text encoders,
+SANA's and PixArt's cross-attention) keeps its plain form.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 
 class PerHeadAttnProcessor:
@@ -111,3 +120,79 @@ def use_attention(module, mode: str) -> int:
             layer.set_processor(PROCESSORS[mode]())
             count += 1
     return count
+
+
+def _multi_head_attention(original):
+    """A torch.autograd.Function computing `original` (PyTorch's scaled_dot_product_attention) whose ONNX
+    form is onnxruntime's MultiHeadAttention on (batch, tokens, heads x head_dim) operands. Heads and head size
+    come in as Python ints from the traced call: in the exported graph's types they are often unknown (the
+    processors reshape with -1), and MultiHeadAttention needs the head count as an attribute."""
+    import torch
+
+    class MultiHeadAttention(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, query, key, value, heads, head_dim, scale):
+            return original(query, key, value, scale=scale)
+
+        @staticmethod
+        def symbolic(g, query, key, value, heads, head_dim, scale):
+            def shape(*dims):  # 0 keeps the input's batch, -1 the tokens: both stay dynamic
+                return g.op("Constant", value_t=torch.tensor(dims, dtype=torch.int64))
+
+            def tokens_last(x):  # (batch, heads, tokens, d) -> (batch, tokens, heads x d)
+                return g.op("Reshape", g.op("Transpose", x, perm_i=[0, 2, 1, 3]), shape(0, -1, heads * head_dim))
+
+            scale_attribute = {} if scale is None else {"scale_f": float(scale)}  # default: 1/sqrt(head_dim)
+            out = g.op(
+                "com.microsoft::MultiHeadAttention",
+                tokens_last(query),
+                tokens_last(key),
+                tokens_last(value),
+                num_heads_i=heads,
+                **scale_attribute,
+            )
+            return g.op("Transpose", g.op("Reshape", out, shape(0, -1, heads, head_dim)), perm_i=[0, 2, 1, 3])
+
+    return MultiHeadAttention
+
+
+@contextmanager
+def fused_attention():
+    """While tracing for export, scaled-dot-product attention without mask, dropout or causality, on
+    (batch, heads, tokens, d) operands with as many key as query heads, is written as MultiHeadAttention.
+    Other calls, and every call outside tracing (the PyTorch reference the graph is checked against), run
+    PyTorch's own. diffusers' attention processors and dispatcher look the function up on torch.nn.functional
+    at each call; optimum's export puts a wrapper of its own there for its duration, which calls the function
+    it found at import: both names are replaced."""
+    import torch
+    import torch.nn.functional as F
+    from optimum.exporters.onnx import model_patcher
+
+    original = F.scaled_dot_product_attention
+    fused = _multi_head_attention(original)
+
+    def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if (
+            torch.jit.is_tracing()
+            and attn_mask is None
+            and dropout_p == 0.0
+            and not is_causal
+            and not enable_gqa
+            and query.dim() == key.dim() == value.dim() == 4
+            and query.shape[1] == key.shape[1] == value.shape[1]
+            and query.shape[-1] == key.shape[-1] == value.shape[-1]
+        ):
+            return fused.apply(query, key, value, int(query.shape[1]), int(query.shape[-1]), scale)
+        return original(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+
+    optimums = model_patcher.original_scaled_dot_product_attention
+    F.scaled_dot_product_attention = model_patcher.original_scaled_dot_product_attention = attention
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention, model_patcher.original_scaled_dot_product_attention = original, optimums
+
+
+def fused_layers(graph) -> int:
+    """How many MultiHeadAttention nodes `graph` (an onnx.ModelProto) holds."""
+    return sum(node.op_type == "MultiHeadAttention" and node.domain == "com.microsoft" for node in graph.graph.node)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ from edgediff.runtime.manifest import DENOISERS, MANIFEST_NAME, ComponentSpec, M
 from edgediff.runtime.schedulers import SAMPLER_TO_DIFFUSERS_CLASS  # noqa: F401  (older callers import it from here)
 
 from . import ip_adapter as ipa
-from .attention import use_attention
+from .attention import fused_attention, fused_layers, use_attention
 from .capture import float_argmax
 from .controlnet import (
     controlnet_attributes,
@@ -208,6 +208,7 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
     """
     if options.target != "onnx":  # edgediff.export.export picks the writer for the target
         raise ExportOptionsError("export_choice", option="target", value=options.target, available="onnx")
+    import onnx
     from optimum.exporters.onnx import export_models
 
     from .progress import STAGE_COST, Stages, log_estimate
@@ -319,7 +320,7 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
                         _release(getattr(modules, component.module))
                     release_memory()
 
-                with released_after_export(release):
+                with released_after_export(release), fused_attention() if attention == "fused" else nullcontext():
                     export_models(
                         {component.name: (module, export_config)},
                         output_dir=raw_dir / component.name,
@@ -334,6 +335,9 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
                 raw_graph = raw_dir / component.name / "model.onnx"
                 export_config.fix_dynamic_axes(raw_graph)
                 del export_config
+                if attention == "fused":  # which layers became MultiHeadAttention (masked ones keep their form)
+                    layers = fused_layers(onnx.load(raw_graph, load_external_data=False))
+                    attributes = {**attributes, "attention": {"mode": "fused", "fused_layers": layers}}
                 if optimize_for and component.name in FUSABLE:
                     fused = raw_graph.with_name("fused.onnx")
                     big = sum(f.stat().st_size for f in raw_graph.parent.iterdir()) > EXTERNAL_DATA_THRESHOLD

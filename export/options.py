@@ -31,8 +31,9 @@ QUANTIZED = ("int8", "int8-static", "int4")
 OPTIMIZE_TARGETS = ("cpu", "gpu")
 # coremltools' k-means palettization: 2**bits weight values per tensor
 PALETTE_BITS = (8, 6, 4)
-# UNet attention per target (attention.py): split_einsum is laid out for the Neural Engine, so Core ML only
-ATTENTION_MODES = {"onnx": ("original", "sliced"), "coreml": ("original", *PROCESSORS)}
+# attention per target (attention.py): split_einsum is laid out for the Neural Engine, so Core ML only;
+# fused is onnxruntime's own operator, so ONNX only
+ATTENTION_MODES = {"onnx": ("original", "sliced", "fused"), "coreml": ("original", *PROCESSORS)}
 # `keep` besides block names: quantize every eligible node, or let the sensitivity pass choose
 KEEP_MODES = ("none", "auto")
 # options only one target uses: the other refuses them rather than silently ignoring them
@@ -101,7 +102,8 @@ class ExportOptions:
     ip_adapter_image_encoder: str | None = None
     # Core ML: weights palettized to this many bits (smaller packages); None keeps fp16 weights
     palettize: int | None = None
-    # UNet attention: "sliced" lowers peak memory (same result); "split_einsum" suits the Neural Engine
+    # "sliced" (UNets) lowers peak memory, "fused" (every family) lowers it and runs flash attention on CPU;
+    # "split_einsum" suits the Neural Engine. Same result from each.
     attention: str = "original"
     # SD3: export the T5 text encoder (most of SD3's weights); without it the runtime feeds zeros in its place,
     # as diffusers does when text_encoder_3 is None (smaller and faster, weaker on long or typographic prompts)
