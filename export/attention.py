@@ -151,6 +151,9 @@ def _multi_head_attention(original):
                 num_heads_i=heads,
                 **scale_attribute,
             )
+            # typed for onnx's shape inference, which does not know the operator: (batch, tokens, heads x d) in the
+            # query's element type (untyped, its value_info read as element type 0 once quantised)
+            out.setType(query.type().with_sizes([None, None, heads * head_dim]))
             return g.op("Transpose", g.op("Reshape", out, shape(0, -1, heads, head_dim)), perm_i=[0, 2, 1, 3])
 
     return MultiHeadAttention

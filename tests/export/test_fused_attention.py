@@ -166,3 +166,27 @@ def test_fused_bundles_draw_the_plain_bundles_images(models_root, tmp_path, arch
     theirs = Pipeline(plain, provider="cpu")(PROMPTS, **call).images
     assert ours.shape == theirs.shape
     assert np.abs(ours - theirs).max() <= IMAGE_ATOL
+
+
+@pytest.mark.parametrize(
+    "precision,streamed",
+    [("int8", False), ("int8", True), ("int4", False), ("int4", True)],
+    ids=["int8", "int8-a-weight-at-a-time", "int4", "int4-a-weight-at-a-time"],
+)
+def test_quantised_fused_bundles_draw_the_plain_quantised_bundles_images(
+    models_root, tmp_path, monkeypatch, precision, streamed
+):
+    """The quantisers take fused graphs, the large-graph ones (a weight at a time, past 2 GB) too: onnx's shape
+    inference does not know MultiHeadAttention, so its output carries its type from the export."""
+    from edgediff.export import quantize as quantize_module
+
+    if streamed:
+        monkeypatch.setattr(quantize_module, "LARGE_GRAPH_BYTES", 0)
+    source = tiny_source("tiny-sd3", models_root)
+    fused = export(str(source), tmp_path / "fused", ExportOptions(attention="fused", precision=precision), False)
+    call = dict(seed=3, num_inference_steps=2, output_type="np")
+    ours = Pipeline.from_bundle(fused, provider="cpu")(PROMPTS, **call).images
+    theirs = Pipeline.from_bundle(tiny_bundle("tiny-sd3", models_root, precision), provider="cpu")(
+        PROMPTS, **call
+    ).images
+    assert np.abs(ours - theirs).max() <= IMAGE_ATOL
