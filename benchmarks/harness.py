@@ -131,14 +131,10 @@ def _aggregate(system: str, procs: list[dict]) -> dict:
     }
 
 
-def _graph_macs(bundle, size: int, guidance_batch: int, decoder: str = "full") -> dict | None:
-    """MACs per stage call at this size, counted from the bundle's graphs (needs the onnx package): the text
-    encoders' summed (SDXL: two, SD3: three, each at its own token count), the denoiser's, and the decoder that was
-    timed (`decoder`: "full" or "tiny"). Raises ValueError where the manifest does not give every input's shape."""
-    try:
-        from .macs import count_macs
-    except ImportError:
-        return None
+def stage_shapes(bundle, size: int, guidance_batch: int, decoder: str = "full") -> dict[str, dict[str, tuple]]:
+    """Each stage graph's input shapes for one call at this size, as the runtime feeds them: every text encoder at
+    its own token count, the denoiser, and the decoder that runs (`decoder`: "full" or "tiny"). Keyed by component.
+    Raises ValueError where the manifest does not give every input's shape."""
     m = bundle.manifest
     lat = size // m.vae_scale_factor
     encoders, text_tokens = _text_tokens(m)
@@ -160,14 +156,28 @@ def _graph_macs(bundle, size: int, guidance_batch: int, decoder: str = "full") -
             "sequence_length": text_tokens,
         }
         denoiser = _resolve(m.components[m.denoiser].inputs, dims, m.denoiser)
+    shapes = {name: {"input_ids": (1, tokens)} for name, tokens in encoders}
+    shapes[m.denoiser] = denoiser
+    shapes[DECODERS[decoder]] = {"latent_sample": (1, m.latent_channels, lat, lat)}
+    return shapes
+
+
+def _graph_macs(bundle, size: int, guidance_batch: int, decoder: str = "full") -> dict | None:
+    """MACs per stage call at this size, counted from the bundle's graphs (needs the onnx package): the text
+    encoders' summed (SDXL: two, SD3: three, each at its own token count), the denoiser's, and the decoder that was
+    timed. Raises ValueError where the manifest does not give every input's shape."""
     try:
-        text = sum(_count(count_macs, bundle, name, {"input_ids": (1, tokens)}) for name, tokens in encoders)
+        from .macs import count_macs
+    except ImportError:
+        return None
+    m = bundle.manifest
+    shapes = stage_shapes(bundle, size, guidance_batch, decoder)
+    try:
+        text = sum(_count(count_macs, bundle, e["component"], shapes[e["component"]]) for e in m.text_encoders)
         return {
             "text_encoder": text,
-            "unet": _count(count_macs, bundle, m.denoiser, denoiser),
-            "vae_decoder": _count(
-                count_macs, bundle, DECODERS[decoder], {"latent_sample": (1, m.latent_channels, lat, lat)}
-            ),
+            "unet": _count(count_macs, bundle, m.denoiser, shapes[m.denoiser]),
+            "vae_decoder": _count(count_macs, bundle, DECODERS[decoder], shapes[DECODERS[decoder]]),
         }
     except ImportError:
         return None

@@ -1,0 +1,138 @@
+"""Where a graph's time goes, per operator type: one stage graph of each bundle, run with onnxruntime's profiler.
+
+    python -m edgediff.benchmarks.op_profile BUNDLE [BUNDLE ...] --component unet --size 512
+
+Each bundle's graph is opened as the runtime opens it on the CPU (every optimisation, `--threads` intra-op
+threads), fed random inputs of one call's shapes, run `--warmup` times unprofiled and `--rounds` times profiled.
+The result (JSON on stdout or `--out`) gives, per bundle, the median call and the seconds per call that each
+fused operator type took (onnxruntime's own node events, after its fusions: QLinearConv, MatMulIntegerToFloat,
+the NCHWc convolutions, ...), with how many nodes of that type ran. It answers questions that a stage's time
+cannot: why an int8 graph is no faster than fp32 on one CPU and faster on another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+NUMPY_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+}
+
+
+def random_feeds(session, shapes: dict[str, tuple], seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs for each of the session's declared inputs at `shapes`: token ids within a CLIP vocabulary, a
+    mid-schedule timestep, unit normal elsewhere. ValueError for an input `shapes` does not size."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in session.get_inputs():
+        if spec.name not in shapes:
+            raise ValueError(f"input {spec.name!r}: no shape for it at this size")
+        dtype = NUMPY_TYPES.get(spec.type)
+        if dtype is None:
+            raise ValueError(f"input {spec.name!r}: type {spec.type} is not fed by this profiler")
+        shape = shapes[spec.name]
+        if np.issubdtype(dtype, np.integer):
+            high = 500 if "timestep" not in spec.name else 999
+            feeds[spec.name] = rng.integers(0, high, size=shape).astype(dtype)
+        else:
+            feeds[spec.name] = rng.standard_normal(shape).astype(dtype)
+    return feeds
+
+
+def per_op_seconds(events: list[dict], rounds: int) -> dict[str, dict]:
+    """{op type: {"seconds": per call, "nodes": per call}} over the last `rounds` calls of a profile (onnxruntime
+    profiles from the session's creation: the warm-up calls are in it too, each a "model_run" event)."""
+    runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"][-rounds:]
+    if len(runs) < rounds:
+        raise ValueError(f"the profile holds {len(runs)} calls, not {rounds}")
+    windows = [(e["ts"], e["ts"] + e["dur"]) for e in runs]
+    seconds: dict[str, float] = defaultdict(float)
+    nodes: dict[str, int] = defaultdict(int)
+    for event in events:
+        if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
+            continue
+        if not any(start <= event["ts"] <= end for start, end in windows):
+            continue
+        op = event.get("args", {}).get("op_name", "?")
+        seconds[op] += event["dur"] / 1e6
+        nodes[op] += 1
+    return {
+        op: {"seconds": round(seconds[op] / rounds, 6), "nodes": nodes[op] // rounds}
+        for op in sorted(seconds, key=seconds.get, reverse=True)
+    }
+
+
+def profile(bundle_path: str, component: str, size: int, threads: int | None, warmup: int, rounds: int) -> dict:
+    import onnxruntime as ort
+
+    from edgediff.runtime.bundle import Bundle
+    from edgediff.runtime.options import DECODERS
+    from edgediff.runtime.session_config import session_options
+
+    from .harness import _guidance_batch, stage_shapes
+    from .machine import describe
+
+    bundle = Bundle.open(bundle_path, verify="size")
+    decoder = "tiny" if component == DECODERS["tiny"] else "full"
+    shapes = stage_shapes(bundle, size, _guidance_batch(bundle.manifest), decoder)
+    if component not in shapes or component not in bundle.manifest.components:
+        stages = [name for name in shapes if name in bundle.manifest.components]
+        raise ValueError(f"{bundle_path}: no {component!r} stage graph (has {', '.join(stages)})")
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = session_options(threads=threads)
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(Path(tmp) / "profile")
+        session = ort.InferenceSession(str(bundle.component_path(component)), opts, providers=["CPUExecutionProvider"])
+        feeds = random_feeds(session, shapes[component])
+        for _ in range(warmup):
+            session.run(None, feeds)
+        calls = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            session.run(None, feeds)
+            calls.append(time.perf_counter() - start)
+        ops = per_op_seconds(json.loads(Path(session.end_profiling()).read_text()), rounds)
+    return {
+        "bundle": Path(bundle_path).name,
+        "precision": bundle.manifest.components[component].precision,
+        "component": component,
+        "size": size,
+        "call_seconds": round(statistics.median(calls), 3),
+        "ops": ops,
+        "machine": describe(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("bundles", nargs="+")
+    parser.add_argument("--component", default="unet")
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    rows = [profile(b, args.component, args.size, args.threads, args.warmup, args.rounds) for b in args.bundles]
+    text = json.dumps(rows, indent=1)
+    if args.out:
+        args.out.write_text(text + "\n")
+    else:
+        sys.stdout.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""The per-operator profiler: which calls it counts, and that its operator times account for the call."""
+
+import pytest
+from tiny_models import tiny_bundle
+
+from edgediff.benchmarks.op_profile import main, per_op_seconds, profile
+
+# onnxruntime's node events leave out the executor's own work between nodes: their sum is below the call's
+# wall time, and never above it
+NODE_SHARE_FLOOR = 0.5
+
+
+def _event(cat, name, ts, dur, op=None):
+    return {"cat": cat, "name": name, "ts": ts, "dur": dur, "args": {"op_name": op} if op else {}}
+
+
+def test_only_the_last_calls_are_counted_per_call():
+    events = [
+        _event("Session", "model_run", 0, 100),  # the warm-up call: its nodes are left out
+        _event("Node", "conv_kernel_time", 10, 80, "Conv"),
+        _event("Session", "model_run", 200, 100),
+        _event("Node", "conv_kernel_time", 210, 40, "Conv"),
+        _event("Node", "mm_kernel_time", 260, 20, "MatMul"),
+        _event("Node", "mm_fence_before", 259, 1, "MatMul"),  # not a kernel's time
+        _event("Session", "model_run", 400, 100),
+        _event("Node", "conv_kernel_time", 410, 60, "Conv"),
+        _event("Node", "mm_kernel_time", 480, 20, "MatMul"),
+    ]
+    ops = per_op_seconds(events, rounds=2)
+    assert ops == {"Conv": {"seconds": 5e-05, "nodes": 1}, "MatMul": {"seconds": 2e-05, "nodes": 1}}
+    assert list(ops) == ["Conv", "MatMul"]  # the costliest first
+    with pytest.raises(ValueError, match="holds 3 calls, not 4"):
+        per_op_seconds(events, rounds=4)
+
+
+def test_a_tiny_unet_profile_accounts_for_its_call(models_root):
+    bundle = tiny_bundle("tiny-sd-turbo", models_root)
+    row = profile(str(bundle), "unet", 64, threads=1, warmup=1, rounds=2)
+    assert row["component"] == "unet" and row["precision"] == "fp32"
+    assert {"Conv", "MatMul"} & set(row["ops"])  # by onnxruntime's names after its fusions
+    spent = sum(op["seconds"] for op in row["ops"].values())
+    assert NODE_SHARE_FLOOR * row["call_seconds"] < spent <= row["call_seconds"]
+    assert all(op["nodes"] > 0 for op in row["ops"].values())
+
+
+def test_a_missing_stage_graph_is_named(models_root):
+    bundle = tiny_bundle("tiny-sd-turbo", models_root)
+    with pytest.raises(ValueError, match="no 'vae_decoder_tiny' stage graph"):
+        main([str(bundle), "--component", "vae_decoder_tiny", "--size", "64"])
