@@ -51,20 +51,27 @@ def random_feeds(session, shapes: dict[str, tuple], seed: int = 0) -> dict[str, 
     return feeds
 
 
-def per_op_seconds(events: list[dict], rounds: int) -> dict[str, dict]:
-    """{op type: {"seconds": per call, "nodes": per call}} over the last `rounds` calls of a profile (onnxruntime
-    profiles from the session's creation: the warm-up calls are in it too, each a "model_run" event)."""
+def timed_nodes(events: list[dict], rounds: int) -> list[dict]:
+    """The node kernel events of the last `rounds` calls of a profile (onnxruntime profiles from the session's
+    creation: the warm-up calls are in it too, each a "model_run" event)."""
     runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"][-rounds:]
     if len(runs) < rounds:
         raise ValueError(f"the profile holds {len(runs)} calls, not {rounds}")
     windows = [(e["ts"], e["ts"] + e["dur"]) for e in runs]
+    return [
+        e
+        for e in events
+        if e.get("cat") == "Node"
+        and e.get("name", "").endswith("_kernel_time")
+        and any(start <= e["ts"] <= end for start, end in windows)
+    ]
+
+
+def per_op_seconds(events: list[dict], rounds: int) -> dict[str, dict]:
+    """{op type: {"seconds": per call, "nodes": per call}} over the last `rounds` calls, costliest first."""
     seconds: dict[str, float] = defaultdict(float)
     nodes: dict[str, int] = defaultdict(int)
-    for event in events:
-        if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
-            continue
-        if not any(start <= event["ts"] <= end for start, end in windows):
-            continue
+    for event in timed_nodes(events, rounds):
         op = event.get("args", {}).get("op_name", "?")
         seconds[op] += event["dur"] / 1e6
         nodes[op] += 1
@@ -74,7 +81,28 @@ def per_op_seconds(events: list[dict], rounds: int) -> dict[str, dict]:
     }
 
 
-def profile(bundle_path: str, component: str, size: int, threads: int | None, warmup: int, rounds: int) -> dict:
+def costliest_nodes(events: list[dict], rounds: int, count: int) -> list[dict]:
+    """The `count` nodes that took the most time per call: name, op type, input shapes and seconds."""
+    seconds: dict[str, float] = defaultdict(float)
+    first: dict[str, dict] = {}
+    for event in timed_nodes(events, rounds):
+        name = event["name"].removesuffix("_kernel_time")
+        seconds[name] += event["dur"] / 1e6
+        first.setdefault(name, event.get("args", {}))
+    return [
+        {
+            "node": name,
+            "op": first[name].get("op_name", "?"),
+            "inputs": [list(shape.values())[0] for shape in first[name].get("input_type_shape", [])],
+            "seconds": round(seconds[name] / rounds, 6),
+        }
+        for name in sorted(seconds, key=seconds.get, reverse=True)[:count]
+    ]
+
+
+def profile(
+    bundle_path: str, component: str, size: int, threads: int | None, warmup: int, rounds: int, nodes: int = 0
+) -> dict:
     import onnxruntime as ort
 
     from edgediff.runtime.bundle import Bundle
@@ -103,14 +131,15 @@ def profile(bundle_path: str, component: str, size: int, threads: int | None, wa
             start = time.perf_counter()
             session.run(None, feeds)
             calls.append(time.perf_counter() - start)
-        ops = per_op_seconds(json.loads(Path(session.end_profiling()).read_text()), rounds)
+        events = json.loads(Path(session.end_profiling()).read_text())
     return {
         "bundle": Path(bundle_path).name,
         "precision": bundle.manifest.components[component].precision,
         "component": component,
         "size": size,
         "call_seconds": round(statistics.median(calls), 3),
-        "ops": ops,
+        "ops": per_op_seconds(events, rounds),
+        "nodes": costliest_nodes(events, rounds, nodes),
         "machine": describe(),
     }
 
@@ -123,9 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--nodes", type=int, default=20, help="the costliest nodes to list")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    rows = [profile(b, args.component, args.size, args.threads, args.warmup, args.rounds) for b in args.bundles]
+    rows = [
+        profile(b, args.component, args.size, args.threads, args.warmup, args.rounds, args.nodes) for b in args.bundles
+    ]
     text = json.dumps(rows, indent=1)
     if args.out:
         args.out.write_text(text + "\n")

@@ -3,15 +3,16 @@
 import pytest
 from tiny_models import tiny_bundle
 
-from edgediff.benchmarks.op_profile import main, per_op_seconds, profile
+from edgediff.benchmarks.op_profile import costliest_nodes, main, per_op_seconds, profile
 
 # onnxruntime's node events leave out the executor's own work between nodes: their sum is below the call's
 # wall time, and never above it
 NODE_SHARE_FLOOR = 0.5
 
 
-def _event(cat, name, ts, dur, op=None):
-    return {"cat": cat, "name": name, "ts": ts, "dur": dur, "args": {"op_name": op} if op else {}}
+def _event(cat, name, ts, dur, op=None, shapes=()):
+    args = {"op_name": op, "input_type_shape": [{"float": list(s)} for s in shapes]} if op else {}
+    return {"cat": cat, "name": name, "ts": ts, "dur": dur, "args": args}
 
 
 def test_only_the_last_calls_are_counted_per_call():
@@ -20,15 +21,20 @@ def test_only_the_last_calls_are_counted_per_call():
         _event("Node", "conv_kernel_time", 10, 80, "Conv"),
         _event("Session", "model_run", 200, 100),
         _event("Node", "conv_kernel_time", 210, 40, "Conv"),
-        _event("Node", "mm_kernel_time", 260, 20, "MatMul"),
+        _event("Node", "mm_kernel_time", 260, 20, "MatMul", [(4, 8), (8, 2)]),
         _event("Node", "mm_fence_before", 259, 1, "MatMul"),  # not a kernel's time
         _event("Session", "model_run", 400, 100),
         _event("Node", "conv_kernel_time", 410, 60, "Conv"),
-        _event("Node", "mm_kernel_time", 480, 20, "MatMul"),
+        _event("Node", "mm_kernel_time", 480, 20, "MatMul", [(4, 8), (8, 2)]),
+        _event("Node", "mm2_kernel_time", 481, 2, "MatMul"),
     ]
     ops = per_op_seconds(events, rounds=2)
-    assert ops == {"Conv": {"seconds": 5e-05, "nodes": 1}, "MatMul": {"seconds": 2e-05, "nodes": 1}}
+    assert ops == {"Conv": {"seconds": 5e-05, "nodes": 1}, "MatMul": {"seconds": 2.1e-05, "nodes": 1}}
     assert list(ops) == ["Conv", "MatMul"]  # the costliest first
+    assert costliest_nodes(events, rounds=2, count=2) == [
+        {"node": "conv", "op": "Conv", "inputs": [], "seconds": 5e-05},
+        {"node": "mm", "op": "MatMul", "inputs": [[4, 8], [8, 2]], "seconds": 2e-05},
+    ]
     with pytest.raises(ValueError, match="holds 3 calls, not 4"):
         per_op_seconds(events, rounds=4)
 
