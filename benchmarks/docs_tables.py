@@ -303,6 +303,10 @@ EXPORT_TABLES = {
 }
 # export_plan.py files: estimates from shapes alone, for architectures too large to export here
 PLAN_TABLES = {"export-plan": "estimates/2026-12-03-export-plan.json"}
+# op_profile.py files: one stage graph's time per operator type, a column per bundle
+PROFILE_TABLES: dict[str, str] = {}
+# an operator type gets a row of its own where it takes at least this share of a call in some bundle
+PROFILE_ROW_SHARE = 0.02
 
 
 # ------------------------------------------------------------------------------------------ formatting
@@ -625,6 +629,42 @@ def render_export_plan(name: str, results: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def profile_label(row: dict) -> str:
+    label = BUNDLE_LABELS.get(row["bundle"], row["precision"])
+    return label + (", fused attention" if row.get("attention") == "fused" else "")
+
+
+def render_op_profile(name: str, results: dict[str, dict]) -> str:
+    """An op_profile.py file: each bundle's call, then the seconds (and node count) of each operator type that
+    takes a noticeable share of some bundle's call, the rest summed."""
+    rel = PROFILE_TABLES[name]
+    if rel not in results:
+        raise FileNotFoundError(f"table {name}: {RESULTS / rel} is missing")
+    data = results[rel]
+    rows = data["results"]
+    shown = [
+        op
+        for op in dict.fromkeys(op for r in rows for op in r["ops"])
+        if any(r["ops"].get(op, {}).get("seconds", 0) >= PROFILE_ROW_SHARE * r["call_seconds"] for r in rows)
+    ]
+    lines = [
+        "| operator (nodes) | " + " | ".join(profile_label(r) for r in rows) + " |",
+        "|---|" + "---|" * len(rows),
+        "| **whole call** | " + " | ".join(f"**{_num(r['call_seconds'])} s**" for r in rows) + " |",
+    ]
+
+    def cell(r: dict, op: str) -> str:
+        o = r["ops"].get(op)
+        return f"{_num(o['seconds'])} s ({o['nodes']})" if o else "-"
+
+    for op in shown:
+        lines.append(f"| {op} | " + " | ".join(cell(r, op) for r in rows) + " |")
+    rest = [sum(o["seconds"] for op, o in r["ops"].items() if op not in shown) for r in rows]
+    lines.append("| everything else | " + " | ".join(f"{_num(x)} s" for x in rest) + " |")
+    lines += ["", f"Data: {_link(rel)}: {machine_line(data['machine'])}, {data.get('date', '?')}"]
+    return "\n".join(lines) + "\n"
+
+
 def render_sources(results: dict[str, dict]) -> str:
     lines = ["| file | machine | date | measured with | transcribed from |", "|---|---|---|---|---|"]
     for rel, data in results.items():
@@ -654,12 +694,14 @@ def render(doc: str, results: dict[str, dict]) -> str:
             body = render_export_cost(name, results)
         elif name in PLAN_TABLES:
             body = render_export_plan(name, results)
+        elif name in PROFILE_TABLES:
+            body = render_op_profile(name, results)
         else:
-            known = ", ".join(sorted({*TABLES, *EXPORT_TABLES, *PLAN_TABLES}))
+            known = ", ".join(sorted({*TABLES, *EXPORT_TABLES, *PLAN_TABLES, *PROFILE_TABLES}))
             raise KeyError(f"{DOC}: no table named {name!r} (known: {known}, sources)")
         return m.group(1) + body + m.group(4)
 
-    missing = {*TABLES, *EXPORT_TABLES, *PLAN_TABLES} - {m.group("name") for m in MARKER.finditer(doc)}
+    missing = {*TABLES, *EXPORT_TABLES, *PLAN_TABLES, *PROFILE_TABLES} - {m.group("name") for m in MARKER.finditer(doc)}
     if missing:
         raise KeyError(f"{DOC} has no block for {', '.join(sorted(missing))}")
     return MARKER.sub(block, doc)

@@ -13,6 +13,7 @@ cannot: why an int8 graph is no faster than fp32 on one CPU and faster on anothe
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import statistics
 import sys
@@ -110,7 +111,6 @@ def profile(
     from edgediff.runtime.session_config import session_options
 
     from .harness import _guidance_batch, stage_shapes
-    from .machine import describe
 
     bundle = Bundle.open(bundle_path, verify="size")
     decoder = "tiny" if component == DECODERS["tiny"] else "full"
@@ -132,15 +132,14 @@ def profile(
             session.run(None, feeds)
             calls.append(time.perf_counter() - start)
         events = json.loads(Path(session.end_profiling()).read_text())
+    spec = bundle.manifest.components[component]
     return {
         "bundle": Path(bundle_path).name,
-        "precision": bundle.manifest.components[component].precision,
-        "component": component,
-        "size": size,
+        "precision": spec.precision,
+        "attention": spec.attributes.get("attention", {}).get("mode", "original"),
         "call_seconds": round(statistics.median(calls), 3),
         "ops": per_op_seconds(events, rounds),
         "nodes": costliest_nodes(events, rounds, nodes),
-        "machine": describe(),
     }
 
 
@@ -155,10 +154,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, default=20, help="the costliest nodes to list")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    from .machine import describe
+
     rows = [
         profile(b, args.component, args.size, args.threads, args.warmup, args.rounds, args.nodes) for b in args.bundles
     ]
-    text = json.dumps(rows, indent=1)
+    result = {
+        "kind": "op-profile",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": describe(),
+        "command": "python -m edgediff.benchmarks.op_profile " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "component": args.component,
+        "size": args.size,
+        "rounds": args.rounds,
+        "results": rows,
+    }
+    text = json.dumps(result, indent=1)
     if args.out:
         args.out.write_text(text + "\n")
     else:

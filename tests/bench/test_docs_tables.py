@@ -55,6 +55,8 @@ def test_result_files_follow_the_schema(path):
     data = json.loads(path.read_text(encoding="utf-8"))
     if data.get("kind") in ("export-cost", "adapter-cost"):  # export_cost.py's and adapter_cost.py's records
         assert {"machine", "date", "results"} <= set(data) and all("config" in r for r in data["results"])
+    elif data.get("kind") == "op-profile":  # op_profile.py's per-operator times
+        assert {"machine", "date", "command", "results"} <= set(data) and all("ops" in r for r in data["results"])
     elif data.get("kind") == "export-plan":  # export_plan.py's estimates: no machine measured them
         assert {"date", "results", "command"} <= set(data) and all("peak_stage" in r for r in data["results"])
     else:
@@ -120,3 +122,38 @@ def test_memory_table_sets_each_estimate_beside_the_peak_when_its_stages_ended()
     assert cells["unet: quantize"] == ["4.00 GiB", "5.00 GiB |"]  # its calibration and sensitivity runs too
     assert cells["recording calibration inputs, one graph at a time"][1] == "- |"  # not measured: not made up
     assert cells["**whole export**"] == ["**6.00 GiB**", "**5.00 GiB** |"]
+
+
+def test_op_profile_table_gives_the_costly_operators_a_row_each_and_sums_the_rest(monkeypatch):
+    rel = "machine/2026-01-01-op-profile.json"
+    monkeypatch.setitem(docs_tables.PROFILE_TABLES, "op-profile-test", rel)
+    data = {
+        "kind": "op-profile",
+        "machine": {"cpu": "CPU", "physical_cores": 2, "isa": ["avx2"]},
+        "date": "2026-01-01",
+        "results": [
+            {
+                "bundle": "a",
+                "precision": "fp32",
+                "attention": "original",
+                "call_seconds": 10.0,
+                "ops": {"Conv": {"seconds": 6.0, "nodes": 60}, "Add": {"seconds": 0.1, "nodes": 9}},
+            },
+            {
+                "bundle": "b",
+                "precision": "int8-static",
+                "attention": "fused",
+                "call_seconds": 5.0,
+                "ops": {
+                    "QLinearConv": {"seconds": 3.0, "nodes": 60},
+                    "MultiHeadAttention": {"seconds": 1.0, "nodes": 2},
+                    "Add": {"seconds": 0.05, "nodes": 9},
+                },
+            },
+        ],
+    }
+    table = docs_tables.render_op_profile("op-profile-test", {rel: data})
+    assert "| operator (nodes) | fp32 | int8-static, fused attention |" in table
+    assert "| Conv | 6 s (60) | - |" in table and "| QLinearConv | - | 3 s (60) |" in table
+    assert "| MultiHeadAttention | - | 1 s (2) |" in table
+    assert "| Add |" not in table and "| everything else | 0.1 s | 0.05 s |" in table

@@ -1,9 +1,11 @@
 """The per-operator profiler: which calls it counts, and that its operator times account for the call."""
 
+import json
+
 import pytest
 from tiny_models import tiny_bundle
 
-from edgediff.benchmarks.op_profile import costliest_nodes, main, per_op_seconds, profile
+from edgediff.benchmarks.op_profile import costliest_nodes, main, per_op_seconds
 
 # onnxruntime's node events leave out the executor's own work between nodes: their sum is below the call's
 # wall time, and never above it
@@ -39,10 +41,17 @@ def test_only_the_last_calls_are_counted_per_call():
         per_op_seconds(events, rounds=4)
 
 
-def test_a_tiny_unet_profile_accounts_for_its_call(models_root):
+def test_a_tiny_unet_profile_accounts_for_its_call(models_root, tmp_path):
     bundle = tiny_bundle("tiny-sd-turbo", models_root)
-    row = profile(str(bundle), "unet", 64, threads=1, warmup=1, rounds=2)
-    assert row["component"] == "unet" and row["precision"] == "fp32"
+    out = tmp_path / "profile.json"
+    assert (
+        main([str(bundle), "--size", "64", "--threads", "1", "--rounds", "2", "--nodes", "3", "--out", str(out)]) == 0
+    )
+    result = json.loads(out.read_text())
+    assert result["kind"] == "op-profile" and result["component"] == "unet" and "isa" in result["machine"]
+    (row,) = result["results"]
+    assert row["bundle"] == bundle.name and row["precision"] == "fp32" and row["attention"] == "original"
+    assert len(row["nodes"]) == 3 and row["nodes"][0]["seconds"] >= row["nodes"][-1]["seconds"]
     assert {"Conv", "MatMul"} & set(row["ops"])  # by onnxruntime's names after its fusions
     spent = sum(op["seconds"] for op in row["ops"].values())
     assert NODE_SHARE_FLOOR * row["call_seconds"] < spent <= row["call_seconds"]
