@@ -25,11 +25,15 @@ def shipped_quantised(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("quantised")
     prompts = [s.caption for s in eval_prompts(8, seed=123)]  # calibration: domain captions, not the eval ones
+    # name -> (precision, attention); fused attention with int8-static is the fastest CPU configuration
+    configs = {p: (p, "original") for p in ("int8", "int8-static", "int4")}
+    configs["int8-static-fused"] = ("int8-static", "fused")
     return {
-        p: export_bundle(
+        name: export_bundle(
             str(STUDENT_DIR),
-            root / p,
-            precision=p,
+            root / name,
+            precision=precision,
+            attention=attention,
             progress=False,
             default_steps=DEFAULT_STEPS,
             default_guidance=ShippedConfig().default_guidance,
@@ -37,7 +41,7 @@ def shipped_quantised(tmp_path_factory):
             keep="auto",
             calibration_prompts=prompts,
         )
-        for p in ("int8", "int8-static", "int4")
+        for name, (precision, attention) in configs.items()
     }
 
 
@@ -140,7 +144,14 @@ def test_sensitivity_keeps_blocks_until_the_budget_holds(models_root, tmp_path):
 
 # int8-static through the tiny decoder (both in static int8) is judged against fp32's own tiny decoder
 @pytest.mark.parametrize(
-    "precision,decoder", [("int8", "full"), ("int8-static", "full"), ("int8-static", "tiny"), ("int4", "full")]
+    "precision,decoder",
+    [
+        ("int8", "full"),
+        ("int8-static", "full"),
+        ("int8-static", "tiny"),
+        ("int8-static-fused", "tiny"),
+        ("int4", "full"),
+    ],
 )
 def test_shipped_model_quantised_images_stay_above_the_psnr_floor(shipped_quantised, precision, decoder):
     from edgediff.models.shipped import default_bundle
