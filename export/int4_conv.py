@@ -51,56 +51,72 @@ def _pack(q: np.ndarray) -> bytes:
     return ((flat[1::2] << 4) | flat[0::2]).astype(np.uint8).tobytes()
 
 
-def quantize_conv_weights(model, exclude: set[str], block_size: int) -> int:
-    """Rewrites, in place, every Conv of `model` (onnx.ModelProto, weights loaded) not in `exclude` whose weight is
-    an initializer with at least `block_size` input channels per group: its weight becomes int4 blocks with
-    scales, dequantised in front of it. Returns how many were rewritten. The graph is raised to opset 21."""
+def rewrite_conv(node, weight: np.ndarray, weight_name: str, block_size: int) -> tuple[list, object]:
+    """One Conv's rewrite: its weight as int4 blocks and scales (the initializers to add), and the
+    DequantizeLinear node to put in front of it; `node` then reads the dequantised weight."""
     from onnx import TensorProto, helper, numpy_helper
 
-    graph = model.graph
-    initializers = {t.name: t for t in graph.initializer}
+    q, scales = quantize_blocks(weight, block_size)
+    q_name, scale_name, deq_name = f"{weight_name}_int4", f"{weight_name}_int4_scale", f"{weight_name}_dequantized"
+    initializers = [
+        helper.make_tensor(q_name, TensorProto.INT4, list(weight.shape), _pack(q), raw=True),
+        numpy_helper.from_array(scales, scale_name),
+    ]
+    dequantize = helper.make_node(
+        "DequantizeLinear",
+        [q_name, scale_name],
+        [deq_name],
+        name=f"{node.name}_weight_dequantize",
+        axis=1,
+        block_size=block_size,
+    )
+    node.input[1] = deq_name
+    return initializers, dequantize
+
+
+def raise_opset(model) -> None:
+    """Blocked int4 DequantizeLinear needs opset 21 and IR version 10."""
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version < OPSET_BLOCKED_DEQUANTIZE:
+            opset.version = OPSET_BLOCKED_DEQUANTIZE
+    model.ir_version = max(model.ir_version, IR_VERSION_INT4)
+
+
+def single_readers(graph) -> dict[str, int]:
+    """How many nodes read each tensor: a weight shared by several nodes is left fp32."""
     readers: dict[str, int] = {}
     for node in graph.node:
         for name in node.input:
             readers[name] = readers.get(name, 0) + 1
-    rewritten, nodes, drop = 0, [], set()
+    return readers
+
+
+def quantize_conv_weights(model, exclude: set[str], block_size: int) -> int:
+    """Rewrites, in place, every Conv of `model` (onnx.ModelProto, weights loaded) not in `exclude` whose weight is
+    an initializer with at least `block_size` input channels per group: its weight becomes int4 blocks with
+    scales, dequantised in front of it. Returns how many were rewritten. The graph is raised to opset 21."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    readers = single_readers(graph)
+    rewritten, nodes, added, drop = 0, [], [], set()
     for node in graph.node:
         weight_name = node.input[1] if node.op_type == "Conv" and len(node.input) > 1 else None
         tensor = initializers.get(weight_name)
         if tensor is None or node.name in exclude or readers[weight_name] > 1 or not takes(tensor, block_size):
             nodes.append(node)
             continue
-        weight = numpy_helper.to_array(tensor)
-        q, scales = quantize_blocks(weight, block_size)
-        q_name, scale_name, deq_name = f"{weight_name}_int4", f"{weight_name}_int4_scale", f"{weight_name}_dequantized"
-        graph.initializer.extend(
-            [
-                helper.make_tensor(q_name, TensorProto.INT4, list(weight.shape), _pack(q), raw=True),
-                numpy_helper.from_array(scales, scale_name),
-            ]
-        )
-        nodes.append(
-            helper.make_node(
-                "DequantizeLinear",
-                [q_name, scale_name],
-                [deq_name],
-                name=f"{node.name}_weight_dequantize",
-                axis=1,
-                block_size=block_size,
-            )
-        )
-        node.input[1] = deq_name
-        nodes.append(node)
+        new, dequantize = rewrite_conv(node, numpy_helper.to_array(tensor), weight_name, block_size)
+        added += new
+        nodes += [dequantize, node]
         drop.add(weight_name)
         rewritten += 1
     if rewritten:
         kept = [t for t in graph.initializer if t.name not in drop]
         del graph.initializer[:]
-        graph.initializer.extend(kept)
+        graph.initializer.extend(kept + added)
         del graph.node[:]
         graph.node.extend(nodes)
-        for opset in model.opset_import:
-            if opset.domain in ("", "ai.onnx") and opset.version < OPSET_BLOCKED_DEQUANTIZE:
-                opset.version = OPSET_BLOCKED_DEQUANTIZE
-        model.ir_version = max(model.ir_version, IR_VERSION_INT4)
+        raise_opset(model)
     return rewritten

@@ -28,6 +28,8 @@ def quantize_int4_streaming(src: Path, dst: Path, exclude: list[str], block_size
         DefaultWeightOnlyQuantizer,
     )
 
+    from .int4_conv import raise_opset, single_readers, takes
+
     src, dst = Path(src), Path(dst)
     model = onnx.load(str(src), load_external_data=False)
     graph = model.graph
@@ -35,21 +37,33 @@ def quantize_int4_streaming(src: Path, dst: Path, exclude: list[str], block_size
         DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, op_types_to_quantize=("MatMul",))
     )
     initializers = {t.name: t for t in graph.initializer}
+    readers = single_readers(graph)
     skip = set(exclude)
-    nodes, done = [], 0
+    # one pass, the graph's lists rebuilt once at the end: rebuilding them per node copied every weight quantised
+    # so far into the graph's protobuf arena each time, which keeps what it is given (full-size SD-Turbo's UNet,
+    # a rebuild per convolution: killed at 24 GB)
+    nodes, added, done, blocked = [], [], 0, 0
     for node in graph.node:
-        weight = initializers.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
+        weight = initializers.get(node.input[1]) if node.op_type in ("MatMul", "Conv") and len(node.input) > 1 else None
         if weight is None or node.name in skip:
             nodes.append(node)
-            continue
-        replaced = _quantize_alone(quantizer, node, weight, src.parent, graph)
-        nodes.extend(replaced)
-        if replaced != [node]:  # the fp32 entry, a reference still, is dropped below: now unused
-            done += 1
+        elif node.op_type == "MatMul":
+            replaced = _quantize_alone(quantizer, node, weight, src.parent, added)
+            nodes.extend(replaced)
+            done += replaced != [node]  # the fp32 entry, a reference still, is dropped below: now unused
+        elif convs and readers[weight.name] == 1 and takes(weight, block_size):
+            new, dequantize = _conv_alone(node, weight, src.parent, block_size)
+            added.extend(new)
+            nodes += [dequantize, node]
+            blocked += 1
+        else:
+            nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
-    if convs:
-        done += _quantize_convs(model, src.parent, skip, block_size)
+    graph.initializer.extend(added)
+    if blocked:
+        raise_opset(model)
+    done += blocked
     _drop_unused_initializers(graph)
     _write_a_tensor_at_a_time(model, src.parent, dst)
     log.info("%s: %d MatMuls and convolutions in 4 bits, a weight at a time", src.stem, done)
@@ -131,11 +145,11 @@ def _shapes_inferred(model):
     return inferred
 
 
-def _quantize_alone(quantizer, node, weight, folder: Path, graph) -> list:
+def _quantize_alone(quantizer, node, weight, folder: Path, added: list) -> list:
     """onnxruntime's node quantiser on a one-weight graph of its own: the weight's fp32 bytes live in that small
     message and go with it. Read into the whole graph's message, they stayed in its protobuf arena until the graph
     was freed (clearing a field does not return them): every weight quantised so far held at once. The packed
-    weights it makes are moved into `graph`."""
+    weights it makes are appended to `added`."""
     import onnx
 
     alone = onnx.GraphProto()
@@ -143,8 +157,25 @@ def _quantize_alone(quantizer, node, weight, folder: Path, graph) -> list:
     loaded.CopyFrom(weight)  # the reference, no bytes
     _read_in(loaded, folder)
     replaced = quantizer.quantize_matmul(node, [alone])
-    graph.initializer.extend(t for t in alone.initializer if t.name != weight.name)
+    for tensor in alone.initializer:
+        if tensor.name != weight.name:
+            own = onnx.TensorProto()  # a message of its own: one of `alone`'s would keep `alone`, fp32 bytes too
+            own.CopyFrom(tensor)
+            added.append(own)
     return replaced
+
+
+def _conv_alone(node, weight, folder: Path, block_size: int) -> tuple[list, object]:
+    """int4_conv's rewrite of one convolution, its fp32 weight read into a message of its own (as _quantize_alone)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from .int4_conv import rewrite_conv
+
+    alone = onnx.TensorProto()
+    alone.CopyFrom(weight)  # the reference, no bytes
+    _read_in(alone, folder)
+    return rewrite_conv(node, numpy_helper.to_array(alone), weight.name, block_size)
 
 
 def _read_in(weight, folder: Path) -> None:
@@ -156,22 +187,6 @@ def _read_in(weight, folder: Path) -> None:
         load_external_data_for_tensor(weight, str(folder))
         weight.data_location = onnx.TensorProto.DEFAULT
         del weight.external_data[:]
-
-
-def _quantize_convs(model, source_dir: Path, skip: set[str], block_size: int) -> int:
-    """int4_conv's rewrite, a convolution at a time: each weight read just before its node is rewritten."""
-    from .int4_conv import quantize_conv_weights, takes
-
-    initializers = {t.name: t for t in model.graph.initializer}
-    convs = [n for n in model.graph.node if n.op_type == "Conv" and n.name not in skip and len(n.input) > 1]
-    convs = [n for n in convs if n.input[1] in initializers and takes(initializers[n.input[1]], block_size)]
-    names = {n.name for n in convs}
-    done = 0
-    for node in convs:
-        # the graph's own entry: each rewrite rebuilds the initializer list, so earlier references go stale
-        _read_in(next(t for t in model.graph.initializer if t.name == node.input[1]), source_dir)
-        done += quantize_conv_weights(model, skip | (names - {node.name}), block_size)  # drops the fp32 weight
-    return done
 
 
 def _drop_unused_initializers(graph) -> None:
