@@ -1,0 +1,63 @@
+"""Staged exports: a killed export's half-written folder is removed by the next export to the same place; a
+running export's folder is not."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from edgediff.export.staging import OWNER_FILE, _identity, staged
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from edgediff.export.staging import staged
+with staged(Path(sys.argv[1]), overwrite=False) as folder:
+    (folder / "half.onnx").write_bytes(b"x")
+    print("staged", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_killed_exports_folder_goes_with_the_next_export(tmp_path):
+    out = tmp_path / "bundle"
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "staged"
+    os.kill(proc.pid, signal.SIGKILL)  # as the out-of-memory killer does: no clean-up runs
+    proc.wait()
+    (left,) = tmp_path.glob(".bundle.partial-*")
+    assert (left / "half.onnx").exists()
+    other = tmp_path / ".other.partial-x"  # another destination's: not this export's business
+    other.mkdir()
+    (other / OWNER_FILE).write_text(f"{proc.pid} 0")
+    with staged(out, overwrite=False) as folder:
+        (folder / "manifest.json").write_text("{}")
+    assert not left.exists() and other.exists()
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]  # the owner record is not in the bundle
+
+
+def test_a_running_exports_folder_is_left_alone(tmp_path):
+    out = tmp_path / "bundle"
+    running = tmp_path / ".bundle.partial-running"
+    running.mkdir()
+    (running / OWNER_FILE).write_text(_identity(os.getpid()))
+    unowned = tmp_path / ".bundle.partial-unowned"  # no owner record (an older version's): never guessed at
+    unowned.mkdir()
+    with staged(out, overwrite=False) as folder:
+        (folder / "manifest.json").write_text("{}")
+    assert running.exists() and unowned.exists()
+
+
+def test_a_reused_pid_does_not_pass_for_the_killed_owner(tmp_path):
+    out = tmp_path / "bundle"
+    stale = tmp_path / ".bundle.partial-stale"
+    stale.mkdir()
+    pid, start = _identity(os.getpid()).split(" ", 1)
+    (stale / OWNER_FILE).write_text(f"{pid} {start}0")  # this pid, but another process's start
+    with staged(out, overwrite=False):
+        pass
+    assert not stale.exists()
