@@ -42,12 +42,25 @@ BUNDLE_LABELS = {
     "sd-turbo-int4-seg3": "int4, head-sliced attention, UNet in 3 segments",
     "sd-turbo-int4-seg4": "int4, head-sliced attention, UNet in 4 segments",
     "fp32-no-t5": "fp32 without T5",
+    "sd-turbo-avx2-int8": "int8 (dynamic, MatMuls)",
+    "sd-turbo-avx2-int8s-all": "int8-static, every block",
+    "sd-turbo-avx2-int8s-all-fused": "int8-static, every block",
+    "sd-turbo-avx2-int8s-keep-8bit": "int8-static, `--keep auto`, 8-bit weights",
+    "sd-turbo-avx2-fastest": "int8-static, `--keep auto`",
 }
+# bundles whose UNet attention is onnxruntime's MultiHeadAttention (export --attention fused)
+FUSED_ATTENTION = ("sd-turbo-avx2-fp32-fused", "sd-turbo-avx2-int8s-all-fused", "sd-turbo-avx2-fastest")
 TINY_DECODERS = {
     "sd-turbo-int8s-fmm": "fp32 tiny decoder",
     "sd-turbo-int8-static-taesd": "fp32 tiny decoder",
     "sd-turbo-int8s-tiny8": "int8 tiny decoder",
     "sd-turbo-int8-static-tiny-int8": "int8 tiny decoder",
+    "sd-turbo-avx2-fp32": "fp32 tiny decoder",
+    "sd-turbo-avx2-fp32-fused": "fp32 tiny decoder",
+    "sd-turbo-avx2-int8": "fp32 tiny decoder",
+    "sd-turbo-avx2-int8s-all": "int8 tiny decoder",
+    "sd-turbo-avx2-int8s-all-fused": "int8 tiny decoder",
+    "sd-turbo-avx2-fastest": "int8 tiny decoder",
 }
 PEERS = {"optimum": "optimum-onnx"}
 CACHE_STARTS = {"off": "no cache", "miss": "first start (optimise and save)", "hit": "from the graph cache"}
@@ -70,6 +83,7 @@ class Table:
 
 
 E, A, G = "epyc-2c-avx512/", "x86-2c-avx2/", "nvidia-h100-80gb/"
+V = "epyc-2c-avx2/"  # a 2-core AMD EPYC with AVX2 alone
 # the shipped models' tables: every stage, cold start and memory, against diffusers
 SHIPPED_COLUMNS = (
     "machine",
@@ -123,6 +137,7 @@ TABLES = {
             Source(E + "2026-11-26-int8-static-tiny-int8.json"),
             Source(E + "2026-11-26-int8-static-tiny-int8-rerun.json"),
             Source(A + "2026-12-02-int8-static-tiny-int8.json"),
+            Source(V + "2026-12-03-sd-turbo-configs.json"),
         ),
         headers={"vae_decoder": "decoder", "vs_diffusers": "diffusers fp32 time / this"},
     ),
@@ -305,7 +320,10 @@ EXPORT_TABLES = {
 # export_plan.py files: estimates from shapes alone, for architectures too large to export here
 PLAN_TABLES = {"export-plan": "estimates/2026-12-03-export-plan.json"}
 # op_profile.py files: one stage graph's time per operator type, a column per bundle
-PROFILE_TABLES: dict[str, str] = {}
+PROFILE_TABLES = {
+    "op-profile-unet-avx2": V + "2026-12-03-op-profile-unet.json",
+    "op-profile-tiny-decoder-avx2": V + "2026-12-03-op-profile-tiny-decoder.json",
+}
 # an operator type gets a row of its own where it takes at least this share of a call in some bundle
 PROFILE_ROW_SHARE = 0.02
 
@@ -370,7 +388,7 @@ def config_label(row: dict, sysrow: dict, table: Table) -> str:
         w = work(row, sysrow)
         return f"source model, {w['precision']}, {'tiny decoder' if w['decoder'] == 'tiny' else 'full VAE'}"
     mode = row.get("mode") or {}
-    parts = [label]
+    parts = [label] + (["fused attention"] if name in FUSED_ATTENTION else [])
     if mode.get("low_memory"):
         parts.append("low memory")
     elif table.full_decoder:

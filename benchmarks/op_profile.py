@@ -136,7 +136,8 @@ def profile(
     return {
         "bundle": Path(bundle_path).name,
         "precision": spec.precision,
-        "attention": spec.attributes.get("attention", {}).get("mode", "original"),
+        # "fused" where this graph's attention became MultiHeadAttention (a bundle-wide option: not every graph has it)
+        "attention": "fused" if spec.attributes.get("attention", {}).get("fused_layers") else "original",
         "call_seconds": round(statistics.median(calls), 3),
         "ops": per_op_seconds(events, rounds),
         "nodes": costliest_nodes(events, rounds, nodes),

@@ -234,11 +234,14 @@ class ExportOptions:
 
 
 def auto_precision(target: str = "onnx") -> str:
-    """The fastest precision at the quality floor for this machine's CPU: int8-static where its int8 kernels
-    were measured faster than fp32 (int8 dot-product instructions), fp32 elsewhere, where int8 buys size only."""
+    """The fastest precision at the quality floor for this machine's CPU: int8-static where its int8 kernels beat
+    fp32 (CPUs with int8 dot products, where that was measured; elsewhere measured here by int8_probe), int8
+    (MatMuls only) where only int8 matrix products win, fp32 where int8 would buy size alone."""
     import logging
 
     from edgediff.runtime.cpu_features import int8_dot_product, int8_is_faster
+
+    from .int8_probe import probe
 
     log = logging.getLogger("edgediff.export")
     if target != "onnx":
@@ -246,12 +249,14 @@ def auto_precision(target: str = "onnx") -> str:
     if int8_is_faster():
         log.info("--precision auto: int8-static (this CPU has %s, where int8 was measured faster)", int8_dot_product())
         return "int8-static"
-    log.warning(
-        "--precision auto: fp32 (this CPU has %s; int8 was measured faster only with AVX-512 VNNI, so "
-        "int8 would buy size, not speed: pass --precision int8-static for a smaller bundle)",
-        int8_dot_product() or "no int8 dot-product instructions",
-    )
-    return "fp32"
+    measured = probe()
+    choice = measured.choice
+    how = f"int8 convolutions {measured.conv:.2f}x and matrix products {measured.matmul:.2f}x fp32's speed here"
+    if choice == "fp32":
+        log.warning("--precision auto: fp32 (%s: int8 would buy size, not speed)", how)
+    else:
+        log.info("--precision auto: %s (%s)", choice, how)
+    return choice
 
 
 def parse_keep(keep) -> str | tuple[str, ...]:

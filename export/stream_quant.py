@@ -79,7 +79,7 @@ def quantize_int8_dynamic_streaming(src: Path, dst: Path, op_types: list[str], e
     from onnxruntime.quantization import onnx_quantizer as ort_onnx_quantizer
     from onnxruntime.quantization.quant_utils import QuantizationMode, add_infer_metadata, update_opset_version
 
-    from .quantize import _default_type
+    from .quantize import WEIGHT_REDUCE_RANGE, _default_type
     from .weight_quant import StreamingONNXQuantizer
 
     src, dst = Path(src), Path(dst)
@@ -99,7 +99,7 @@ def quantize_int8_dynamic_streaming(src: Path, dst: Path, op_types: list[str], e
             src.parent,
             model,
             True,  # per_channel
-            False,  # reduce_range
+            WEIGHT_REDUCE_RANGE,
             QuantizationMode.IntegerOps,
             False,  # static
             QuantType.QInt8,

@@ -32,15 +32,17 @@ from onnxruntime.quantization.quant_utils import (
 _TYPES = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
 
 
-def channel_params(weights: np.ndarray, axis: int, quant_type: int) -> tuple[np.ndarray, np.ndarray]:
+def channel_params(
+    weights: np.ndarray, axis: int, quant_type: int, reduce_range: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric per-channel (zero points, scales) along `axis`, as onnxruntime's compute_data_quant_params
-    gives them channel by channel (reduce_range off, no minimum range)."""
+    gives them channel by channel (no minimum range; `reduce_range`: 7-bit values)."""
     others = tuple(i for i in range(weights.ndim) if i != axis)
     zero = np.zeros((), weights.dtype)
     rmin = np.minimum(weights.min(axis=others), zero)  # the range holds zero
     rmax = np.maximum(weights.max(axis=others), zero)
     absmax = np.maximum(np.abs(rmin), np.abs(rmax))
-    qmin, qmax = get_qmin_qmax_for_qType(quant_type, reduce_range=False, symmetric=True)
+    qmin, qmax = get_qmin_qmax_for_qType(quant_type, reduce_range=reduce_range, symmetric=True)
     scale = (absmax.astype(np.float64) - (-absmax).astype(np.float64)) / (np.float64(qmax) - np.float64(qmin))
     finfo = np.finfo(weights.dtype)
     tiny = finfo.smallest_subnormal if weights.dtype == np.float16 else finfo.tiny
@@ -91,7 +93,6 @@ class FastQDQQuantizer(QDQQuantizer):
             and info.tensor_type is QDQQuantTensorType.WEIGHT
             and info.axis is not None
             and self.weight_qType in _TYPES
-            and not self.reduce_range
             and self.block_size <= 0
             and self.min_real_range is None
             and not self.tensor_quant_overrides.get(name)
@@ -105,7 +106,7 @@ class FastQDQQuantizer(QDQQuantizer):
         for name, info in fast.items():
             data = tensor_proto_to_array(initializers[name])
             _, axis = normalize_axis(info.axis, data.ndim)
-            zero_points, scales = channel_params(data, axis, self.weight_qType)
+            zero_points, scales = channel_params(data, axis, self.weight_qType, self.reduce_range)
             params[name] = QuantizationParams(
                 zero_point=zero_points, scale=scales, quant_type=self.weight_qType, axis=axis
             )
@@ -142,7 +143,6 @@ class FastONNXQuantizer(ONNXQuantizer):
         plain = (
             initializer is not None
             and weight_qType in _TYPES
-            and not (self.reduce_range and reduce_range)
             and self.min_real_range is None
             and self.is_weight_symmetric(weight_qType)
             and not self.tensor_quant_overrides.get(weight_name)
@@ -156,7 +156,7 @@ class FastONNXQuantizer(ONNXQuantizer):
         valid, axis = normalize_axis(channel_axis, weights.ndim)
         if not valid:
             raise ValueError(f"Weight {weight_name} has no axis {channel_axis}")
-        zero_points, scales = channel_params(weights, axis, weight_qType)
+        zero_points, scales = channel_params(weights, axis, weight_qType, self.reduce_range and reduce_range)
         quantized = quantize_channels(weights, axis, weight_qType, zero_points, scales)
         q_name, zp_name, scale_name = (
             weight_name + TENSOR_NAME_QUANT_SUFFIX,

@@ -1,6 +1,7 @@
 """Export options: the choices each takes, the combinations refused before any work, and how provenance
 names the sources."""
 
+import numpy as np
 import pytest
 
 from edgediff.export.manifest_builder import recorded_path
@@ -96,16 +97,47 @@ def test_exported_manifest_records_no_absolute_path(models_root):
     )
 
 
-def test_auto_precision_follows_the_cpus_int8_instructions(monkeypatch):
+# the probe's int8 layers against their fp32 form: 8-bit activations and 7-bit weights, no more than this apart
+PROBE_LAYER_REL_RMS = 0.05
+
+
+def test_auto_precision_follows_the_cpus_int8_instructions_or_measures(monkeypatch):
+    from edgediff.export import int8_probe
     from edgediff.runtime import cpu_features
 
+    measured = []
+    monkeypatch.setattr(int8_probe, "probe", lambda: measured[-1])
     monkeypatch.setattr(cpu_features, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f", "avx512_vnni"}))
-    assert ExportOptions(precision="auto").precision == "int8-static"
+    assert ExportOptions(precision="auto").precision == "int8-static"  # measured faster there: no probe
     monkeypatch.setattr(cpu_features, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
-    assert ExportOptions(precision="auto").precision == "fp32"
+    for conv, matmul, expected in ((1.8, 1.9, "int8-static"), (1.0, 1.9, "int8"), (1.05, 1.1, "fp32")):
+        measured.append(int8_probe.Int8Probe(conv=conv, matmul=matmul))
+        assert ExportOptions(precision="auto").precision == expected
     # Core ML packages are fp16 whatever the CPU: auto leaves the precision option unset there
     monkeypatch.setattr(cpu_features, "cpu_flags", lambda: frozenset({"avx512_vnni"}))
     assert ExportOptions(target="coreml", precision="auto").precision == "fp32"
+
+
+@pytest.mark.parametrize(("layer", "kernel"), [("conv", "QLinearConv"), ("matmul", "MatMulIntegerToFloat")])
+def test_the_int8_probe_times_onnxruntimes_int8_kernel_on_the_same_layer(tmp_path, layer, kernel):
+    """Each probe layer's int8 form runs as the int8 kernel int8-static bundles get, and computes what its fp32
+    form does (speed goals live in benchmarks, not tests)."""
+    import onnx
+    import onnxruntime as ort
+
+    from edgediff.export import int8_probe
+
+    fp32, int8 = int8_probe._conv_graphs() if layer == "conv" else int8_probe._matmul_graphs()
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    session = ort.InferenceSession(int8.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    assert kernel in {n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node}
+    shape = session.get_inputs()[0].shape
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    ref = ort.InferenceSession(fp32.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = session.run(None, {"x": x})[0]
+    assert np.sqrt(np.mean((got - ref) ** 2) / np.mean(ref**2)) < PROBE_LAYER_REL_RMS
+    assert 0 < getattr(int8_probe.probe(threads=1), layer) < float("inf")
 
 
 def test_cpu_features_name_the_int8_instructions():

@@ -24,19 +24,21 @@ def _weights(shape, axis, seed=0):
     return w
 
 
+@pytest.mark.parametrize("reduce_range", [False, True])
 @pytest.mark.parametrize(("shape", "axis"), [((64, 48), 1), ((48, 64), 0), ((32, 16, 3, 3), 0)])
-def test_channel_parameters_and_values_equal_onnxruntimes(shape, axis):
+def test_channel_parameters_and_values_equal_onnxruntimes(shape, axis, reduce_range):
     from onnx import TensorProto
     from onnxruntime.quantization.quant_utils import compute_data_quant_params, quantize_nparray
 
     from edgediff.export.weight_quant import channel_params, quantize_channels
 
     w = _weights(shape, axis)
-    zero_points, scales = channel_params(w, axis, TensorProto.INT8)
+    zero_points, scales = channel_params(w, axis, TensorProto.INT8, reduce_range)
     quantised = quantize_channels(w, axis, TensorProto.INT8, zero_points, scales)
+    assert np.abs(quantised).max() == (64 if reduce_range else 127)
     for i in range(w.shape[axis]):
         channel = w.take(i, axis).ravel()
-        zp, scale = compute_data_quant_params(channel, TensorProto.INT8, symmetric=True)
+        zp, scale = compute_data_quant_params(channel, TensorProto.INT8, symmetric=True, reduce_range=reduce_range)
         assert zero_points[i] == zp and zero_points.dtype == zp.dtype
         assert scales[i].tobytes() == scale.tobytes() and scales.dtype == scale.dtype == np.float32
         expected = quantize_nparray(TensorProto.INT8, channel, scale, zp)
