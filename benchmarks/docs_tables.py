@@ -138,6 +138,7 @@ TABLES = {
             Source(E + "2026-11-26-int8-static-tiny-int8-rerun.json"),
             Source(A + "2026-12-02-int8-static-tiny-int8.json"),
             Source(V + "2026-12-03-sd-turbo-configs.json"),
+            Source(V + "2026-12-03-sd-turbo-fastest.json"),
         ),
         headers={"vae_decoder": "decoder", "vs_diffusers": "diffusers fp32 time / this"},
     ),
@@ -323,6 +324,7 @@ PLAN_TABLES = {"export-plan": "estimates/2026-12-03-export-plan.json"}
 PROFILE_TABLES = {
     "op-profile-unet-avx2": V + "2026-12-03-op-profile-unet.json",
     "op-profile-tiny-decoder-avx2": V + "2026-12-03-op-profile-tiny-decoder.json",
+    "op-profile-fastest-avx2": V + "2026-12-03-op-profile-unet-fastest.json",
 }
 # an operator type gets a row of its own where it takes at least this share of a call in some bundle
 PROFILE_ROW_SHARE = 0.02
