@@ -16,13 +16,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .quantize import WEIGHT_REDUCE_RANGE
+
 # the SD UNet's costliest shapes at 512x512: a 3x3 convolution at 320 channels on the 64x64 level, and the
 # feed-forward's first matrix product there (4096 tokens, 320 -> 1280)
 CONV_SHAPE = (1, 320, 64, 64)
 MATMUL_SHAPE = (4096, 320, 1280)
 ROUNDS = 5  # alternating fp32 / int8 calls per layer; the fastest of each counts (the least disturbed)
-# the weights' largest int8 value, as bundles store them (quantize.WEIGHT_REDUCE_RANGE: 7 bits)
-WEIGHT_MAX = 64
+# the weights' largest int8 value, as bundles store them
+WEIGHT_MAX = 64 if WEIGHT_REDUCE_RANGE else 127
 # int8 counts as faster only past this ratio: below it the difference is within a shared machine's noise, and
 # int8-static's quantise/dequantise steps between layers take back what a small kernel gain gives
 FASTER_AT = 1.15
