@@ -82,7 +82,7 @@ def raise_opset(model) -> None:
     model.ir_version = max(model.ir_version, IR_VERSION_INT4)
 
 
-def single_readers(graph) -> dict[str, int]:
+def reader_counts(graph) -> dict[str, int]:
     """How many nodes read each tensor: a weight shared by several nodes is left fp32."""
     readers: dict[str, int] = {}
     for node in graph.node:
@@ -99,7 +99,7 @@ def quantize_conv_weights(model, exclude: set[str], block_size: int) -> int:
 
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
-    readers = single_readers(graph)
+    readers = reader_counts(graph)
     rewritten, nodes, added, drop = 0, [], [], set()
     for node in graph.node:
         weight_name = node.input[1] if node.op_type == "Conv" and len(node.input) > 1 else None

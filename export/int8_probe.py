@@ -23,8 +23,6 @@ from .quantize import WEIGHT_REDUCE_RANGE
 CONV_SHAPE = (1, 320, 64, 64)
 MATMUL_SHAPE = (4096, 320, 1280)
 ROUNDS = 5  # alternating fp32 / int8 calls per layer; the fastest of each counts (the least disturbed)
-# the weights' largest int8 value, as bundles store them
-WEIGHT_MAX = 64 if WEIGHT_REDUCE_RANGE else 127
 # int8 counts as faster only past this ratio: below it the difference is within a shared machine's noise, and
 # int8-static's quantise/dequantise steps between layers take back what a small kernel gain gives
 FASTER_AT = 1.15
@@ -44,27 +42,25 @@ class Int8Probe:
         return "int8" if self.matmul >= FASTER_AT else "fp32"
 
 
-def _conv_graphs():
+def _layer_graphs(op: str, w: np.ndarray, axis: int, x_shape: list, requantize: bool, **attributes) -> list:
+    """One layer `op` on input x and weight `w`, in fp32 and in the QDQ form int8-static bundles write: uint8
+    activations, per-channel int8 weights along `axis` (quantised as the bundles' quantiser does, weight_quant),
+    the output quantised again where `requantize` (convolutions; MatMul outputs stay float)."""
     from onnx import TensorProto, helper, numpy_helper
 
-    rng = np.random.default_rng(0)
-    c = CONV_SHAPE[1]
-    w = rng.standard_normal((c, c, 3, 3)).astype(np.float32) * 0.05
-    scale = np.abs(w).reshape(c, -1).max(axis=1) / WEIGHT_MAX
-    wq = np.round(w / scale[:, None, None, None]).astype(np.int8)
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(CONV_SHAPE))
+    from .weight_quant import channel_params, quantize_channels
+
+    zero_points, scales = channel_params(w, axis, TensorProto.INT8, WEIGHT_REDUCE_RANGE)
+    wq = quantize_channels(w, axis, TensorProto.INT8, zero_points, scales)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
     fp32 = helper.make_graph(
-        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])],
-        "conv",
-        [x],
-        [y],
-        [numpy_helper.from_array(w, "w")],
+        [helper.make_node(op, ["x", "w"], ["y"], **attributes)], op, [x], [y], [numpy_helper.from_array(w, "w")]
     )
     inits = [
         numpy_helper.from_array(wq, "wq"),
-        numpy_helper.from_array(scale.astype(np.float32), "ws"),
-        numpy_helper.from_array(np.zeros(c, np.int8), "wz"),
+        numpy_helper.from_array(scales, "ws"),
+        numpy_helper.from_array(zero_points, "wz"),
         numpy_helper.from_array(np.array(0.05, np.float32), "s"),
         numpy_helper.from_array(np.array(128, np.uint8), "z"),
         numpy_helper.from_array(np.array(0.1, np.float32), "so"),
@@ -72,43 +68,28 @@ def _conv_graphs():
     nodes = [
         helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
         helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
-        helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], axis=0),
-        helper.make_node("Conv", ["xd", "wd"], ["c"], pads=[1, 1, 1, 1]),
-        helper.make_node("QuantizeLinear", ["c", "so", "z"], ["cq"]),
-        helper.make_node("DequantizeLinear", ["cq", "so", "z"], ["y"]),
+        helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], axis=axis),
+        helper.make_node(op, ["xd", "wd"], ["o" if requantize else "y"], **attributes),
     ]
-    int8 = helper.make_graph(nodes, "conv_qdq", [x], [y], inits)
+    if requantize:
+        nodes += [
+            helper.make_node("QuantizeLinear", ["o", "so", "z"], ["oq"]),
+            helper.make_node("DequantizeLinear", ["oq", "so", "z"], ["y"]),
+        ]
+    int8 = helper.make_graph(nodes, f"{op}_qdq", [x], [y], inits)
     return [helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]) for g in (fp32, int8)]
 
 
-def _matmul_graphs():
-    from onnx import TensorProto, helper, numpy_helper
+def _conv_graphs() -> list:
+    c = CONV_SHAPE[1]
+    w = np.random.default_rng(0).standard_normal((c, c, 3, 3)).astype(np.float32) * 0.05
+    return _layer_graphs("Conv", w, 0, list(CONV_SHAPE), requantize=True, pads=[1, 1, 1, 1])
 
-    rng = np.random.default_rng(1)
+
+def _matmul_graphs() -> list:
     m, k, n = MATMUL_SHAPE
-    w = rng.standard_normal((k, n)).astype(np.float32) * 0.05
-    scale = np.abs(w).max(axis=0) / WEIGHT_MAX
-    wq = np.round(w / scale).astype(np.int8)
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, m, k])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
-    fp32 = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])], "mm", [x], [y], [numpy_helper.from_array(w, "w")]
-    )
-    inits = [
-        numpy_helper.from_array(wq, "wq"),
-        numpy_helper.from_array(scale.astype(np.float32), "ws"),
-        numpy_helper.from_array(np.zeros(n, np.int8), "wz"),
-        numpy_helper.from_array(np.array(0.05, np.float32), "s"),
-        numpy_helper.from_array(np.array(128, np.uint8), "z"),
-    ]
-    nodes = [  # the MatMul's output stays float, as in int8-static bundles
-        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
-        helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
-        helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], axis=1),
-        helper.make_node("MatMul", ["xd", "wd"], ["y"]),
-    ]
-    int8 = helper.make_graph(nodes, "mm_qdq", [x], [y], inits)
-    return [helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]) for g in (fp32, int8)]
+    w = np.random.default_rng(1).standard_normal((k, n)).astype(np.float32) * 0.05
+    return _layer_graphs("MatMul", w, 1, [1, m, k], requantize=False)
 
 
 def _ratio(models, shape, threads: int | None) -> float:

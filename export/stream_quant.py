@@ -28,7 +28,7 @@ def quantize_int4_streaming(src: Path, dst: Path, exclude: list[str], block_size
         DefaultWeightOnlyQuantizer,
     )
 
-    from .int4_conv import raise_opset, single_readers, takes
+    from .int4_conv import raise_opset, reader_counts, takes
 
     src, dst = Path(src), Path(dst)
     model = onnx.load(str(src), load_external_data=False)
@@ -37,7 +37,7 @@ def quantize_int4_streaming(src: Path, dst: Path, exclude: list[str], block_size
         DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, op_types_to_quantize=("MatMul",))
     )
     initializers = {t.name: t for t in graph.initializer}
-    readers = single_readers(graph)
+    readers = reader_counts(graph)
     skip = set(exclude)
     # one pass, the graph's lists rebuilt once at the end: rebuilding them per node copied every weight quantised
     # so far into the graph's protobuf arena each time, which keeps what it is given (full-size SD-Turbo's UNet,
