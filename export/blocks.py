@@ -115,13 +115,12 @@ class BlockProbe:
         return path
 
     def _open(self, model, tag: str):
-        import onnxruntime as ort
+        from .ort_sessions import measuring_options, measuring_session
 
         path = self._save_beside_source(model, tag)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # the deltas are overridable initializers on purpose: no warning for each
         try:
-            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            # the deltas are overridable initializers on purpose: no warning for each
+            return measuring_session(path, options=measuring_options(quiet=True))
         finally:
             path.unlink(missing_ok=True)
 

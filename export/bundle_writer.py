@@ -137,10 +137,11 @@ def _validate(
     component, reference: tuple[dict, list[np.ndarray]], graph_path: Path, tolerance: float, providers: list[str]
 ) -> dict[str, float]:
     """Runs the graph in onnxruntime on the reference's inputs and compares with PyTorch's outputs."""
-    import onnxruntime as ort
+    from .ort_sessions import measuring_session
 
     inputs, torch_out = reference
-    session = ort.InferenceSession(str(graph_path), providers=providers)
+    # the graph as exported with onnxruntime's graph fusions, without its CPU layout rewrite (ort_sessions.py)
+    session = measuring_session(graph_path, providers)
     declared = {i.name: i.type for i in session.get_inputs()}
     feeds = {
         k: (v.astype(np.int32) if declared.get(k) == "tensor(int32)" else v) for k, v in inputs.items() if k in declared

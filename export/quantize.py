@@ -199,27 +199,6 @@ def libraries_frozen():
         gc.unfreeze()
 
 
-class _Without(logging.Filter):
-    """Drops log records whose message contains `text`."""
-
-    def __init__(self, text: str):
-        super().__init__()
-        self.text = text
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.text not in record.getMessage()
-
-
-class _Reader:
-    """onnxruntime's CalibrationDataReader over recorded feeds."""
-
-    def __init__(self, feeds: list[dict]):
-        self._it = iter(feeds)
-
-    def get_next(self):
-        return next(self._it, None)
-
-
 def _large(src: Path) -> bool:
     src = Path(src)
     return sum(f.stat().st_size for f in src.parent.glob(f"{src.name}*")) > LARGE_GRAPH_BYTES
@@ -233,47 +212,98 @@ def _default_type() -> dict:
     return {"DefaultTensorType": onnx.TensorProto.FLOAT}
 
 
-def calibrate(src: Path, scheme: Scheme, feeds: list[dict], workdir: Path):
-    """Activation ranges (MinMax) of the tensors around the scheme's op types, from one run of the graph over
-    `feeds`, as onnxruntime.quantization.TensorsData. onnxruntime's calibrator, fed one input at a time:
-    it merges each input's ranges into its running ones, so that it never holds more than one input's."""
+def calibrate(src: Path, scheme: Scheme, feeds: list[dict]):
+    """Activation ranges (MinMax) of the float tensors entering and leaving the scheme's op types, from one run of
+    the graph over `feeds`, as onnxruntime.quantization.TensorsData: the tensors and ranges onnxruntime's
+    MinMaxCalibrater finds (tests/export/test_quantize.py). Hand-written for speed: that calibrator loads the graph
+    with its weights, inserts each of its ~1,300 reductions after a scan of the node list, and saves the
+    augmented graph with a copy of every weight, 33 s of its 40 s on the full-size UNet at 512 with one feed.
+    Here the reductions are added to the graph's structure in one pass, each right after the node making its
+    tensor, and the augmented graph is saved beside the source, its weights read where they are."""
+    import onnx
     import onnxruntime as ort
-    from onnxruntime.quantization.calibrate import MinMaxCalibrater
+    from onnx import helper
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData
 
     if not feeds:
         raise ValueError("static int8 needs calibration inputs")
-    augmented = Path(workdir) / "augmented.onnx"
-    calibrator = MinMaxCalibrater(
-        Path(src),
-        op_types_to_calibrate=list(scheme.op_types),
-        augmented_model_path=str(augmented),
-        use_external_data_format=_large(src),
-    )
-    calibrator.augment_graph()
-    # the graph it loaded is saved, augmented: let it go before onnxruntime loads its own copy
-    calibrator.model = None
-    release_memory()
-    # its own session (as create_inference_session makes it) without the memory pattern: that plans one buffer
-    # for every activation of the unoptimised graph. Nodes run in priority order: onnxruntime's default order
-    # (a depth-first walk back from the outputs) runs the ~1,300 added min/max reductions late, so every tensor
-    # they read stays alive: 8.2 GiB against 3.7 GiB on the full-size UNet at 512, and slower. Weights are
-    # not prepacked: the session runs a few feeds, and the packed copy doubled the weights' memory.
+    src = Path(src)
+    model = onnx.load(str(src), load_external_data=False)
+    tensors = _calibrated_tensors(model, scheme)
+    graph = model.graph
+    reductions = {t: (f"{_RANGE}min/{t}", f"{_RANGE}max/{t}") for t in tensors}
+
+    def reduce(tensor: str) -> list:
+        low, high = reductions[tensor]
+        # keepdims: a reduction of a tensor with an empty axis fails without it
+        return [
+            helper.make_node(op, [tensor], [out], name=out, keepdims=1)
+            for op, out in (("ReduceMin", low), ("ReduceMax", high))
+        ]
+
+    first = [n for v in graph.input if v.name in reductions for n in reduce(v.name)]
+    nodes = first + [
+        n for node in graph.node for n in (node, *(r for t in node.output if t in reductions for r in reduce(t)))
+    ]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    names = [out for pair in reductions.values() for out in pair]
+    graph.output.extend(helper.make_empty_tensor_value_info(out) for out in names)  # typed by onnxruntime
+    augmented = src.with_name(f".{src.stem}.calibration.onnx")
+    onnx.save_model(model, str(augmented))  # its external-data paths hold beside the source
+    del model, graph, nodes
+    # No graph optimisation and no memory pattern (that plans one buffer for every activation of the unoptimised
+    # graph). Nodes run in priority order: onnxruntime's default order (a depth-first walk back from the outputs)
+    # runs the added reductions late, so every tensor they read stays alive: 8.2 GiB against 3.7 GiB on the
+    # full-size UNet at 512, and slower. Weights are not prepacked: the session runs a few feeds, and the packed
+    # copy doubled the weights' memory.
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.enable_mem_pattern = False
     options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     options.add_session_config_entry("session.disable_prepacking", "1")
-    calibrator.infer_session = ort.InferenceSession(
-        calibrator.augmented_model_path, options, providers=calibrator.execution_providers
-    )
-    for feed in feeds:
-        calibrator.collect_data(_Reader([feed]))
-    ranges = calibrator.compute_data()
-    del calibrator
+    try:
+        session = ort.InferenceSession(str(augmented), options, providers=["CPUExecutionProvider"])
+    finally:
+        augmented.unlink(missing_ok=True)
+    low: dict[str, np.ndarray] = {}
+    high: dict[str, np.ndarray] = {}
+    for feed in feeds:  # one input at a time, merged into the running ranges (NaN ignored, as onnxruntime's)
+        values = dict(zip(names, session.run(names, feed)))
+        for t, (lo, hi) in reductions.items():
+            low[t] = np.fmin(low[t], values[lo].reshape(-1)) if t in low else values[lo].reshape(-1)
+            high[t] = np.fmax(high[t], values[hi].reshape(-1)) if t in high else values[hi].reshape(-1)
+    del session
     release_memory()
-    for f in augmented.parent.glob(f"{augmented.name}*"):
-        f.unlink()
-    return ranges
+    return TensorsData(CalibrationMethod.MinMax, {t: (low[t], high[t]) for t in tensors})
+
+
+_RANGE = "edgediff_range/"
+
+
+def _calibrated_tensors(model, scheme: Scheme) -> list[str]:
+    """The tensors onnxruntime's calibrators take for these op types: the float (fp32, fp16) inputs and outputs
+    of the scheme's nodes that are not weights, typed by onnx's shape inference; in graph order."""
+    import onnx
+
+    typed = onnx.shape_inference.infer_shapes(model)  # the structure only: weights are not read
+    graph = typed.graph
+    infos = {v.name: v for v in (*graph.value_info, *graph.output, *graph.input)}
+    weights = {t.name for t in graph.initializer}
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
+    chosen = {}
+    for node in graph.node:
+        if node.op_type in scheme.op_types:
+            for t in (*node.input, *node.output):
+                info = infos.get(t)
+                if (
+                    info is not None
+                    and info.type.HasField("tensor_type")
+                    and info.type.tensor_type.elem_type in floats
+                    and t not in weights
+                ):
+                    chosen[t] = None
+    return list(chosen)
 
 
 def _qdq_quantizer(model, scheme: Scheme, exclude: list[str], ranges):
@@ -315,31 +345,12 @@ def quantize(src: Path, dst: Path, scheme: Scheme, exclude: list[str], ranges=No
     from .weight_quant import vectorised
 
     large = _large(src)
-    if scheme.name == "int8-dynamic" and large:
-        # a weight at a time (stream_quant.py): quantize_dynamic holds the whole graph and its fp32 weights
+    if scheme.name == "int8-dynamic":
+        # a weight at a time (stream_quant.py), at any size: quantize_dynamic holds the whole graph and its fp32
+        # weights, and took 26 s against 11 s for the full-size SD-Turbo text encoder (1.4 GB), the same graph
         from .stream_quant import quantize_int8_dynamic_streaming
 
         quantize_int8_dynamic_streaming(src, dst, list(scheme.op_types), exclude)
-    elif scheme.name == "int8-dynamic":
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        # its advice to pre-process (shape inference it runs anyway) would repeat for every block tried
-        quiet = _Without("pre-process")
-        logging.getLogger().addFilter(quiet)
-        try:
-            with vectorised():
-                quantize_dynamic(
-                    str(src),
-                    str(dst),
-                    op_types_to_quantize=list(scheme.op_types),
-                    per_channel=True,
-                    reduce_range=WEIGHT_REDUCE_RANGE,
-                    weight_type=QuantType.QInt8,
-                    nodes_to_exclude=exclude,
-                    extra_options=_default_type(),
-                )
-        finally:
-            logging.getLogger().removeFilter(quiet)
     elif scheme.calibrated:
         from onnxruntime.quantization.quant_utils import load_model_with_shape_infer
 
@@ -577,7 +588,7 @@ def quantize_component(
         ranges = None
         if scheme.calibrated:
             with stages.stage(f"{label}: calibrate"):
-                ranges = calibrate(src, scheme, feeds, tmp)
+                ranges = calibrate(src, scheme, feeds)
             record["calibration"] = {"method": "MinMax", "feeds": len(feeds), "tensors": len(list(ranges.keys()))}
         if keep == "auto":
             ranked = spread(feeds, SENSITIVITY_FEEDS)

@@ -1,4 +1,5 @@
-"""Weight quantisation a weight at a time (export/stream_quant.py), for graphs past 2 GB: the same graphs as
+"""Weight quantisation a weight at a time (export/stream_quant.py; dynamic int8 at any size, 4-bit for graphs past
+2 GB): the same graphs as
 onnxruntime's MatMulNBitsQuantizer and int4_conv (4-bit) and its quantize_dynamic (int8) write for the whole graph,
 on a tiny SANA-Sprint's Gemma-2 and transformer (its Mix-FFN convolutions included) saved with external data."""
 
@@ -8,9 +9,10 @@ import pytest
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
+from onnxruntime.quantization import QuantType, quantize_dynamic  # noqa: E402
 from tiny_models import tiny_bundle  # noqa: E402
 
-from edgediff.export.quantize import INT4_BLOCK_SIZE, SCHEMES, quantize  # noqa: E402
+from edgediff.export.quantize import INT4_BLOCK_SIZE, SCHEMES, WEIGHT_REDUCE_RANGE, quantize  # noqa: E402
 from edgediff.export.stream_quant import quantize_int4_streaming, quantize_int8_dynamic_streaming  # noqa: E402
 
 
@@ -76,7 +78,17 @@ def test_streamed_int8_graph_equals_quantize_dynamics(models_root, tmp_path, com
     first = next(n.name for n in graph.graph.node if n.op_type == "MatMul")
     whole, streamed = tmp_path / "whole.onnx", tmp_path / "streamed" / f"{component}.onnx"
     streamed.parent.mkdir()
-    quantize(external, whole, scheme, exclude=[first])  # onnxruntime's quantize_dynamic on the whole graph
+    # onnxruntime's quantize_dynamic on the whole graph, with quantize()'s settings
+    quantize_dynamic(
+        str(external),
+        str(whole),
+        op_types_to_quantize=list(scheme.op_types),
+        per_channel=True,
+        reduce_range=WEIGHT_REDUCE_RANGE,
+        weight_type=QuantType.QInt8,
+        nodes_to_exclude=[first],
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+    )
     count = quantize_int8_dynamic_streaming(external, streamed, list(scheme.op_types), exclude=[first])
     ours_model = onnx.load(str(streamed))
     theirs_model = onnx.load(str(whole))
@@ -94,12 +106,10 @@ def test_streamed_int8_graph_equals_quantize_dynamics(models_root, tmp_path, com
     _assert_one_data_file_and_the_same_outputs(component, whole, streamed)
 
 
-def test_quantize_streams_int8_past_the_large_graph_size(models_root, tmp_path, monkeypatch):
-    """quantize() hands a graph past LARGE_GRAPH_BYTES to the streaming quantiser, never to quantize_dynamic,
-    which would hold the whole graph."""
+def test_quantize_streams_dynamic_int8(models_root, tmp_path, monkeypatch):
+    """quantize() hands dynamic int8 to the streaming quantiser, never to quantize_dynamic, which would hold the
+    whole graph."""
     import onnxruntime.quantization
-
-    import edgediff.export.quantize as quantize_module
 
     _, external = _external(models_root, tmp_path, "text_encoder")
 
@@ -107,7 +117,6 @@ def test_quantize_streams_int8_past_the_large_graph_size(models_root, tmp_path, 
         raise AssertionError("quantize_dynamic holds the whole graph")
 
     monkeypatch.setattr(onnxruntime.quantization, "quantize_dynamic", whole_graph)
-    monkeypatch.setattr(quantize_module, "LARGE_GRAPH_BYTES", 0)
     dst = tmp_path / "streamed" / "text_encoder.onnx"
     dst.parent.mkdir()
     quantize(external, dst, SCHEMES["int8-dynamic"], exclude=[])
