@@ -48,9 +48,17 @@ BUNDLE_LABELS = {
     "sd-turbo-avx2-int8s-all-fused": "int8-static, every block",
     "sd-turbo-avx2-int8s-keep-8bit": "int8-static, `--keep auto`, 8-bit weights",
     "sd-turbo-avx2-fastest": "int8-static, `--keep auto`",
+    "sd-turbo-vnni-int8s-all-fused": "int8-static, every block",
+    "sd-turbo-vnni-fastest": "int8-static, `--keep auto`",
 }
 # bundles whose UNet attention is onnxruntime's MultiHeadAttention (export --attention fused)
-FUSED_ATTENTION = ("sd-turbo-avx2-fp32-fused", "sd-turbo-avx2-int8s-all-fused", "sd-turbo-avx2-fastest")
+FUSED_ATTENTION = (
+    "sd-turbo-avx2-fp32-fused",
+    "sd-turbo-avx2-int8s-all-fused",
+    "sd-turbo-avx2-fastest",
+    "sd-turbo-vnni-int8s-all-fused",
+    "sd-turbo-vnni-fastest",
+)
 TINY_DECODERS = {
     "sd-turbo-int8s-fmm": "fp32 tiny decoder",
     "sd-turbo-int8-static-taesd": "fp32 tiny decoder",
@@ -62,6 +70,8 @@ TINY_DECODERS = {
     "sd-turbo-avx2-int8s-all": "int8 tiny decoder",
     "sd-turbo-avx2-int8s-all-fused": "int8 tiny decoder",
     "sd-turbo-avx2-fastest": "int8 tiny decoder",
+    "sd-turbo-vnni-int8s-all-fused": "int8 tiny decoder",
+    "sd-turbo-vnni-fastest": "int8 tiny decoder",
 }
 PEERS = {"optimum": "optimum-onnx"}
 CACHE_STARTS = {"off": "no cache", "miss": "first start (optimise and save)", "hit": "from the graph cache"}
@@ -140,6 +150,7 @@ TABLES = {
             Source(A + "2026-12-02-int8-static-tiny-int8.json"),
             Source(V + "2026-12-03-sd-turbo-configs.json"),
             Source(V + "2026-12-03-sd-turbo-fastest.json"),
+            Source(E + "2026-12-03-sd-turbo-fastest.json"),
         ),
         headers={"vae_decoder": "decoder", "vs_diffusers": "diffusers fp32 time / this"},
     ),
@@ -325,7 +336,7 @@ class ExportTable:
     memory: bool = False
 
 
-EXPORT_COST = E + "2026-12-02-export-cost-first-order.json"
+EXPORT_COST = E + "2026-12-03-export-cost.json"
 EXPORT_COST_SD35 = E + "2026-12-03-export-cost-sd35-medium.json"
 EXPORT_STAGES_OF = "fastest"
 EXPORT_TABLES = {

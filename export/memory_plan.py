@@ -63,7 +63,7 @@ QUANTIZE_COPIES = 2.3
 # fp32 bytes) and one fp32 weight while quantising, then the 4-bit graph open for its check, whose unquantised
 # weights (embeddings) stay fp32: counted as half the fp32 weights besides the largest tensor.
 STREAMED_QUANTIZE_COPIES = 0.5
-# int8 (dynamic) quantises such a graph a weight at a time too, but holds more: its int8 weights (a quarter of their
+# int8 (dynamic) quantises every graph a weight at a time, and holds more: its int8 weights (a quarter of their
 # fp32 bytes), the Gemm weights onnxruntime's quantiser transposes in memory (SD3's adaptive norms: 2.7 GB) and their
 # copies in the protobuf messages while the graph is written. Measured on full-size SD3.5-medium's transformer
 # (9.88 GB of fp32 graph): 17.55 GiB peak, 1.8x besides its largest tensor (onnxruntime's own quantiser: about 2.3x).
@@ -245,7 +245,8 @@ def export_stages(
             if name.startswith("vae"):
                 continue
             scheme = QUANT_POLICY.get(quantised, {}).get(name)
-            if scheme in STREAMED_SCHEMES and w.fp32 > LARGE_GRAPH_BYTES:  # a weight at a time (stream_quant.py)
+            # a weight at a time (stream_quant.py): dynamic int8 at any size, 4-bit past 2 GB
+            if scheme in STREAMED_SCHEMES and (scheme == "int8-dynamic" or w.fp32 > LARGE_GRAPH_BYTES):
                 quantising = int(STREAMED_SCHEMES[scheme] * w.fp32) + (w.largest or w.fp32)
             else:
                 quantising = int(QUANTIZE_COPIES * w.fp32)

@@ -52,6 +52,12 @@ MAX_CALIBRATION_FEEDS = 16  # per component: the feeds that calibrate ranges and
 # the budget. One feed ranks the shipped model's blocks as two did (the same blocks kept, 46.3 dB mean PSNR
 # against fp32). Fewer runs cost size and speed: with 6, the full-size UNet kept 20 blocks in fp32, not 15.
 SENSITIVITY_FEEDS = 1
+# ...and those feeds are cropped to their centre, each image side divided by this (kept a multiple of
+# RANKING_CELL_MULTIPLE latent cells), where the graph takes one image-shaped input (a UNet's latent, a decoder's):
+# the ranking's runs, most of its cost, then cost about a quarter. Ranking only: the whole-graph checks, which
+# decide, run whole feeds.
+RANKING_SIDE_FRACTION = 2
+RANKING_CELL_MULTIPLE = 8  # the UNet's three downsamplings
 MAX_OUTPUT_RUNS = 12
 # int8 weights in 7 bits ([-64, 64], per channel). On CPUs without VNNI (AVX2 alone), onnxruntime's int8 kernels
 # multiply with vpmaddubsw, which adds two u8 x s8 products into an int16 and saturates past 32767: with full-range
@@ -421,6 +427,26 @@ def spread(feeds: list, count: int) -> list:
     return [feeds[i] for i in sorted(set(np.linspace(0, len(feeds) - 1, count).round().astype(int).tolist()))]
 
 
+def ranking_feed(model, feed: dict) -> dict:
+    """`feed` as the sensitivity pass ranks blocks on it: its one image-shaped input (a graph input of rank 4 whose
+    height and width are dynamic) cropped to its centre, each side divided by RANKING_SIDE_FRACTION; whole where the
+    graph has no such input, or several (a crop of each would not keep their sizes in step)."""
+    images = [
+        v.name
+        for v in model.graph.input
+        if len(v.type.tensor_type.shape.dim) == 4 and all(d.dim_param for d in v.type.tensor_type.shape.dim[2:])
+    ]
+    if len(images) != 1 or images[0] not in feed:
+        return feed
+    value = np.asarray(feed[images[0]])
+    crop = []
+    for side in value.shape[2:]:
+        cut = max(RANKING_CELL_MULTIPLE, side // RANKING_SIDE_FRACTION // RANKING_CELL_MULTIPLE * RANKING_CELL_MULTIPLE)
+        start = (side - min(cut, side)) // 2
+        crop.append(slice(start, start + min(cut, side)))
+    return {**feed, images[0]: np.ascontiguousarray(value[(slice(None), slice(None), *crop)])}
+
+
 def block_errors(
     src: Path, structure, blocks: dict[str, list[str]], scheme: Scheme, ranges, feeds: list[dict], workdir: Path
 ):
@@ -591,7 +617,7 @@ def quantize_component(
                 ranges = calibrate(src, scheme, feeds)
             record["calibration"] = {"method": "MinMax", "feeds": len(feeds), "tensors": len(list(ranges.keys()))}
         if keep == "auto":
-            ranked = spread(feeds, SENSITIVITY_FEEDS)
+            ranked = [ranking_feed(structure, feed) for feed in spread(feeds, SENSITIVITY_FEEDS)]
             with stages.stage(f"{label}: sensitivity"):
                 errors, probe = block_errors(src, structure, blocks, scheme, ranges, ranked, tmp)
                 release_memory()
@@ -628,6 +654,7 @@ def quantize_component(
             record["sensitivity"] = {
                 "method": "block errors on recorded boundaries; output errors of block groups, halved where large",
                 "feeds": len(ranked),
+                "ranked_on": {k: list(np.shape(v)) for k, v in ranked[0].items()} if ranked else {},
                 "output_runs": len(runs),
                 # every block's difference added at once: the whole graph's error to first order, beside its check
                 "first_order_error": round(math.sqrt(runs[0]), 6) if runs else None,

@@ -142,6 +142,30 @@ def test_sensitivity_keeps_blocks_until_the_budget_holds(models_root, tmp_path):
         quantize_component(src, tmp_path / "x.onnx", SCHEMES["int8-dynamic"], feeds, keep=["no_such_block"])
 
 
+def test_ranking_crops_the_one_image_input_to_its_centre():
+    from onnx import TensorProto, helper
+
+    from edgediff.export.quantize import ranking_feed
+
+    def graph(*inputs):
+        values = [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in inputs]
+        return helper.make_model(helper.make_graph([], "g", values, []))
+
+    unet = graph(("sample", ["batch", 4, "height", "width"]), ("states", ["batch", "tokens", 8]))
+    sample = np.arange(2 * 4 * 64 * 48, dtype=np.float32).reshape(2, 4, 64, 48)
+    states = np.ones((2, 7, 8), np.float32)
+    ranked = ranking_feed(unet, {"sample": sample, "states": states})
+    np.testing.assert_array_equal(ranked["sample"], sample[:, :, 16:48, 12:36])  # 32 x 24 latent cells, centred
+    assert ranked["states"] is states
+    assert ranking_feed(unet, {"sample": sample[:, :, :8, :12], "states": states})["sample"].shape == (2, 4, 8, 8)
+    # two image inputs (a ControlNet's residuals, say) or none: whole feeds
+    two = graph(("sample", ["batch", 4, "height", "width"]), ("residual", ["batch", 4, "h", "w"]))
+    feed = {"sample": sample, "residual": sample}
+    assert ranking_feed(two, feed) == feed
+    fixed = graph(("sample", [2, 4, 64, 48]))
+    assert ranking_feed(fixed, {"sample": sample})["sample"] is sample
+
+
 # int8-static through the tiny decoder (both in static int8) is judged against fp32's own tiny decoder
 @pytest.mark.parametrize(
     "precision,decoder",
