@@ -79,7 +79,15 @@ def record_feeds(
     from edgediff.runtime.denoisers import size_multiple
     from edgediff.runtime.pipeline import DECODERS, text_to_image_components
 
-    pipe = Pipeline(Bundle.open(bundle_dir, verify="none"), provider="cpu", cache=False, low_memory=one_at_a_time)
+    # without the CPU layout rewrite: a few calls of each graph do not repay its cost to open them (13-19 s against
+    # 2-3 s for the full-size fp32 SD-Turbo pipeline on 2 cores)
+    pipe = Pipeline(
+        Bundle.open(bundle_dir, verify="none"),
+        provider="cpu",
+        cache=False,
+        low_memory=one_at_a_time,
+        cpu_layout=False,
+    )
     names = text_to_image_components(pipe.manifest) if components is None else components
     call = bounded_call(pipe.manifest.defaults, size_multiple(pipe.manifest)) if bounded else {}
     prompts = list(prompts)[:UNCALIBRATED_MAX_PROMPTS] if bounded else prompts

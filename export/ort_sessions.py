@@ -19,8 +19,9 @@ def measuring_options(quiet: bool = False):
     warnings off (the sensitivity pass overrides initializers on purpose)."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    from edgediff.runtime.session_config import skip_layout_changes
+
+    options = skip_layout_changes(ort.SessionOptions())
     if quiet:
         options.log_severity_level = 3
     return options

@@ -45,10 +45,12 @@ class GraphLoader:
         threads: int | None = None,
         low_memory: bool = False,
         cache_folder: Path | None = None,
+        cpu_layout: bool = True,
     ):
         self.name, self.path, self.spec, self.resolution = name, path, spec, resolution
         self.bundle_path = bundle_path
         self.threads, self.low_memory, self.cache_folder = threads, low_memory, cache_folder
+        self.cpu_layout = cpu_layout
 
     def open_dynamic(self) -> tuple[ort.InferenceSession, CacheStatus]:
         """The graph as exported; one that onnxruntime cannot load is the bundle's error."""
@@ -106,9 +108,12 @@ class GraphLoader:
 
     @property
     def keeps_layout(self) -> bool:
-        """Whether this graph opens without onnxruntime's layout rewrites (session_config.skip_layout_changes)."""
+        """Whether this graph opens without onnxruntime's layout rewrites (session_config.skip_layout_changes): in
+        low-memory mode, or with RuntimeOptions.cpu_layout off."""
         return (
-            self.low_memory and self.spec.precision not in LAYOUT_PRECISIONS and self.resolution.provider.name == "cpu"
+            (self.low_memory or not self.cpu_layout)
+            and self.spec.precision not in LAYOUT_PRECISIONS
+            and self.resolution.provider.name == "cpu"
         )
 
     def falls_back(self, session: ort.InferenceSession) -> bool:

@@ -29,6 +29,10 @@ class RuntimeOptions:
     threads: int | None = None
     # one graph in memory at a time: the smallest peak, at the cost of reloading graphs every call
     low_memory: bool = False
+    # onnxruntime's CPU layout rewrite of float graphs (blocked NCHWc convolutions, reordered weight copies): calls up
+    # to a few % faster, but the full-size fp32 SD-Turbo pipeline took 13-19 s to open with it, 2-3 s without; off
+    # suits runs of a few calls without the graph cache. Static int8 graphs keep it (their kernels need it)
+    cpu_layout: bool = True
     # the decoder every call uses unless it names another: the bundle's "full" VAE or its "tiny" one
     decoder: str = "full"
     # decode in tiles of this many latent cells: bounded memory for large images; None decodes whole

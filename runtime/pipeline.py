@@ -167,6 +167,7 @@ class Pipeline:
                     o.low_memory,
                     o.io_binding,
                     capture,
+                    cpu_layout=o.cpu_layout,
                 )
 
             def opener(name):

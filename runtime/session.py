@@ -56,6 +56,7 @@ class GraphSession:
         low_memory: bool = False,
         io_binding: bool | None = None,
         capture: bool = False,
+        cpu_layout: bool = True,
     ):
         self.name = name
         self.path = path
@@ -68,7 +69,9 @@ class GraphSession:
             int(resolution.options.get("device_id", 0)),
             wanted=io_binding is None or bool(io_binding),
         )
-        self._loader = GraphLoader(name, path, spec, resolution, bundle_path, threads, low_memory, cache_folder)
+        self._loader = GraphLoader(
+            name, path, spec, resolution, bundle_path, threads, low_memory, cache_folder, cpu_layout=cpu_layout
+        )
         # a captured graph replays on fixed buffer addresses: bound runs only
         capture = bool(capture) and self.binding.on and provider.can_capture
         self._sessions = ShapeSessions(

@@ -19,7 +19,7 @@ def test_low_memory_sessions_drop_the_arena_the_memory_plan_and_prepacked_weight
     assert low.get_session_config_entry("session.disable_prepacking") == "1"
 
 
-def test_low_memory_opens_float_convolution_graphs_without_layout_rewrites():
+def test_float_graphs_open_without_layout_rewrites_in_low_memory_or_when_asked():
     """Graphs with float convolutions skip the NCHWc rewrite (reordered weight copies, reorder buffers); static
     int8 graphs and the default mode keep every optimisation."""
     from edgediff.runtime.graph_loader import LAYOUT_PRECISIONS
@@ -35,6 +35,11 @@ def test_low_memory_opens_float_convolution_graphs_without_layout_rewrites():
         decoder = default.sessions.get("vae_decoder")
         assert not decoder.keeps_layout
         assert decoder.session.get_session_options().graph_optimization_level == everything
+    # asked for without low memory (RuntimeOptions.cpu_layout): the graphs are all open, without the rewrite
+    with Pipeline.from_bundle(default_bundle(), provider="cpu", cpu_layout=False, cache=False) as quick:
+        decoder = quick.sessions.get("vae_decoder")
+        assert decoder.keeps_layout and not quick.options.low_memory
+        assert decoder.session.get_session_options().graph_optimization_level == extended
 
 
 def test_low_memory_graphs_have_their_own_cache_entries(tmp_path, monkeypatch):
