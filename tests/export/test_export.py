@@ -409,3 +409,30 @@ def test_a_graphs_weights_are_gathered_into_one_file_a_tensor_at_a_time(tmp_path
     assert np.array_equal(ort.InferenceSession(str(path)).run(None, {"x": x})[0], before)
     gather_external_data(path)  # gathered already: the same graph again
     assert np.array_equal(ort.InferenceSession(str(path)).run(None, {"x": x})[0], before)
+
+
+def test_a_gathered_graph_enters_the_bundle_by_moving_its_weights(tmp_path):
+    """fp32 graphs past 2 GB: their gathered weights file is moved into the bundle, not loaded and written again;
+    a graph whose weights lie in several files, or in the graph, is saved as before."""
+    import onnx
+    import onnxruntime as ort
+
+    from edgediff.export.bundle_writer import _move_weights
+    from edgediff.export.tracing import gather_external_data
+
+    raw, staging = tmp_path / "raw", tmp_path / "staging"
+    raw.mkdir(), staging.mkdir()
+    path = _graph_with_a_file_per_weight(raw)
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    before = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
+    scattered = onnx.load(str(path), load_external_data=False)
+    assert _move_weights(scattered, path, staging, "unet") is None  # three files: loaded, for _save_graph
+    assert all(t.raw_data for t in scattered.graph.initializer) and not list(staging.iterdir())
+    gather_external_data(path)
+    files = _move_weights(onnx.load(str(path), load_external_data=False), path, staging, "unet")
+    assert sorted(files) == sorted(p.name for p in staging.iterdir()) == ["unet.onnx", "unet.onnx.data"]
+    assert not (raw / "model.onnx_data").exists()  # moved, not copied
+    assert files["unet.onnx.data"]["size"] == (staging / "unet.onnx.data").stat().st_size
+    assert np.array_equal(ort.InferenceSession(str(staging / "unet.onnx")).run(None, {"x": x})[0], before)
+    inside = onnx.load(str(staging / "unet.onnx"))  # weights in memory: nothing to move
+    assert _move_weights(inside, staging / "unet.onnx", tmp_path, "other") is None
