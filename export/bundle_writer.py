@@ -95,8 +95,8 @@ def _save_graph(model, out_dir: Path, name: str, external: bool = False) -> dict
 def _move_weights(model, raw_graph: Path, staging: Path, name: str) -> dict[str, dict] | None:
     """Writes a graph whose weights lie in one external-data file beside `raw_graph` (an fp32 graph past 2 GB, as
     tracing.gather_external_data left it) into the bundle by moving that file, the structure re-pointed at it;
-    returns its manifest `files`, or None for a graph with its weights in memory. Loading those weights and
-    writing them again took 20 of the 99 s a full-size SD-Turbo fp32 export took."""
+    returns its manifest `files`, or None otherwise (its weights in memory, or read in from several files). Loading
+    the weights and writing them again took 12 of the 17 s of full-size SD-Turbo's UNet check stage."""
     import onnx
     from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
 

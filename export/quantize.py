@@ -221,7 +221,7 @@ def _default_type() -> dict:
 def calibrate(src: Path, scheme: Scheme, feeds: list[dict]):
     """Activation ranges (MinMax) of the float tensors entering and leaving the scheme's op types, from one run of
     the graph over `feeds`, as onnxruntime.quantization.TensorsData: the tensors and ranges onnxruntime's
-    MinMaxCalibrater finds (tests/export/test_quantize.py). Hand-written for speed: that calibrator loads the graph
+    MinMaxCalibrater finds (tests/export/test_weight_quant.py). Hand-written for speed: that calibrator loads the graph
     with its weights, inserts each of its ~1,300 reductions after a scan of the node list, and saves the
     augmented graph with a copy of every weight, 33 s of its 40 s on the full-size UNet at 512 with one feed.
     Here the reductions are added to the graph's structure in one pass, each right after the node making its
