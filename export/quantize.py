@@ -54,10 +54,13 @@ MAX_CALIBRATION_FEEDS = 16  # per component: the feeds that calibrate ranges and
 SENSITIVITY_FEEDS = 1
 # ...and those feeds are cropped to their centre, each image side divided by this (kept a multiple of
 # RANKING_CELL_MULTIPLE latent cells), where the graph takes one image-shaped input (a UNet's latent, a decoder's):
-# the ranking's runs, most of its cost, then cost about a quarter. Ranking only: the whole-graph checks, which
-# decide, run whole feeds.
+# the ranking's runs, most of its cost, then cost about a quarter (full-size SD-Turbo at 512: 112 to 36 s, the
+# same blocks kept). Ranking only: the whole-graph checks, which decide, run whole feeds.
 RANKING_SIDE_FRACTION = 2
 RANKING_CELL_MULTIPLE = 8  # the UNet's three downsamplings
+# No crop leaves a side under this many cells: a small crop is mostly border. The shipped model's 16 cells cropped
+# to 8 gave a first-order error 3x the whole feed's, and its int8-static UNet kept 16 blocks instead of 3.
+RANKING_MIN_CELLS = 32
 MAX_OUTPUT_RUNS = 12
 # int8 weights in 7 bits ([-64, 64], per channel). On CPUs without VNNI (AVX2 alone), onnxruntime's int8 kernels
 # multiply with vpmaddubsw, which adds two u8 x s8 products into an int16 and saturates past 32767: with full-range
@@ -430,7 +433,8 @@ def spread(feeds: list, count: int) -> list:
 def ranking_feed(model, feed: dict) -> dict:
     """`feed` as the sensitivity pass ranks blocks on it: its one image-shaped input (a graph input of rank 4 whose
     height and width are dynamic) cropped to its centre, each side divided by RANKING_SIDE_FRACTION; whole where the
-    graph has no such input, or several (a crop of each would not keep their sizes in step)."""
+    graph has no such input, or several (a crop of each would not keep their sizes in step), or where a side would
+    fall under RANKING_MIN_CELLS."""
     images = [
         v.name
         for v in model.graph.input
@@ -439,11 +443,10 @@ def ranking_feed(model, feed: dict) -> dict:
     if len(images) != 1 or images[0] not in feed:
         return feed
     value = np.asarray(feed[images[0]])
-    crop = []
-    for side in value.shape[2:]:
-        cut = max(RANKING_CELL_MULTIPLE, side // RANKING_SIDE_FRACTION // RANKING_CELL_MULTIPLE * RANKING_CELL_MULTIPLE)
-        start = (side - min(cut, side)) // 2
-        crop.append(slice(start, start + min(cut, side)))
+    cuts = [side // RANKING_SIDE_FRACTION // RANKING_CELL_MULTIPLE * RANKING_CELL_MULTIPLE for side in value.shape[2:]]
+    if min(cuts) < RANKING_MIN_CELLS:
+        return feed
+    crop = [slice((side - cut) // 2, (side - cut) // 2 + cut) for side, cut in zip(value.shape[2:], cuts)]
     return {**feed, images[0]: np.ascontiguousarray(value[(slice(None), slice(None), *crop)])}
 
 

@@ -152,12 +152,14 @@ def test_ranking_crops_the_one_image_input_to_its_centre():
         return helper.make_model(helper.make_graph([], "g", values, []))
 
     unet = graph(("sample", ["batch", 4, "height", "width"]), ("states", ["batch", "tokens", 8]))
-    sample = np.arange(2 * 4 * 64 * 48, dtype=np.float32).reshape(2, 4, 64, 48)
+    sample = np.arange(2 * 4 * 64 * 84, dtype=np.float32).reshape(2, 4, 64, 84)
     states = np.ones((2, 7, 8), np.float32)
     ranked = ranking_feed(unet, {"sample": sample, "states": states})
-    np.testing.assert_array_equal(ranked["sample"], sample[:, :, 16:48, 12:36])  # 32 x 24 latent cells, centred
+    np.testing.assert_array_equal(ranked["sample"], sample[:, :, 16:48, 22:62])  # 32 x 40 latent cells, centred
     assert ranked["states"] is states
-    assert ranking_feed(unet, {"sample": sample[:, :, :8, :12], "states": states})["sample"].shape == (2, 4, 8, 8)
+    # a crop would leave a side under RANKING_MIN_CELLS (mostly border): whole
+    small = {"sample": sample[:, :, :16, :], "states": states}
+    assert ranking_feed(unet, small)["sample"] is small["sample"]
     # two image inputs (a ControlNet's residuals, say) or none: whole feeds
     two = graph(("sample", ["batch", 4, "height", "width"]), ("residual", ["batch", 4, "h", "w"]))
     feed = {"sample": sample, "residual": sample}
