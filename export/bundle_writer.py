@@ -88,8 +88,12 @@ def _save_graph(model, out_dir: Path, name: str, external: bool = False) -> dict
         location=data_file,
         size_threshold=1024,
     )
-    names = [graph_file] + ([data_file] if big else [])
-    return {n: {"size": (out_dir / n).stat().st_size, "sha256": sha256_file(out_dir / n)} for n in names}
+    return _file_records(out_dir, [graph_file] + ([data_file] if big else []))
+
+
+def _file_records(folder: Path, names: list[str]) -> dict[str, dict]:
+    """The manifest's `files` entry for these files of the bundle being written: each one's size and checksum."""
+    return {n: {"size": (folder / n).stat().st_size, "sha256": sha256_file(folder / n)} for n in names}
 
 
 def _move_weights(model, raw_graph: Path, staging: Path, name: str) -> dict[str, dict] | None:
@@ -111,9 +115,7 @@ def _move_weights(model, raw_graph: Path, staging: Path, name: str) -> dict[str,
         next(e for e in tensor.external_data if e.key == "location").value = data_file
     graph_file = f"{name}.onnx"
     onnx.save_model(model, str(staging / graph_file))
-    return {
-        n: {"size": (staging / n).stat().st_size, "sha256": sha256_file(staging / n)} for n in (graph_file, data_file)
-    }
+    return _file_records(staging, [graph_file, data_file])
 
 
 def _torch_reference(
@@ -591,4 +593,4 @@ def _place_quantized(dst: Path, staging: Path, name: str, external: bool = False
         if f.exists():
             f.replace(staging / f.name)
             names.append(f.name)
-    return {n: {"size": (staging / n).stat().st_size, "sha256": sha256_file(staging / n)} for n in names}
+    return _file_records(staging, names)

@@ -68,7 +68,11 @@ STREAMED_QUANTIZE_COPIES = 0.5
 # copies in the protobuf messages while the graph is written. Measured on full-size SD3.5-medium's transformer
 # (9.88 GB of fp32 graph): 17.55 GiB peak, 1.8x besides its largest tensor (onnxruntime's own quantiser: about 2.3x).
 STREAMED_INT8_QUANTIZE_COPIES = 1.8
-STREAMED_SCHEMES = {"int4-weight-only": STREAMED_QUANTIZE_COPIES, "int8-dynamic": STREAMED_INT8_QUANTIZE_COPIES}
+# scheme -> (copies held besides the largest tensor, the graph size past which it streams), as quantize.quantize chooses
+STREAMED_SCHEMES = {
+    "int4-weight-only": (STREAMED_QUANTIZE_COPIES, LARGE_GRAPH_BYTES),
+    "int8-dynamic": (STREAMED_INT8_QUANTIZE_COPIES, 0),
+}
 # Slotting a graph for run-time LoRAs (--lora-slots: lora_slots.slot_graph, once the component's export has freed its
 # PyTorch weights) peaks while the check fuses its random LoRA (lora_slots._random_lora), holding three copies of the
 # graph's weights: the plain graph loaded by onnx, the slotted graph open in onnxruntime, and the plain graph's copy
@@ -245,9 +249,9 @@ def export_stages(
             if name.startswith("vae"):
                 continue
             scheme = QUANT_POLICY.get(quantised, {}).get(name)
-            # a weight at a time (stream_quant.py): dynamic int8 at any size, 4-bit past 2 GB
-            if scheme in STREAMED_SCHEMES and (scheme == "int8-dynamic" or w.fp32 > LARGE_GRAPH_BYTES):
-                quantising = int(STREAMED_SCHEMES[scheme] * w.fp32) + (w.largest or w.fp32)
+            copies, past = STREAMED_SCHEMES.get(scheme, (None, None))
+            if copies is not None and w.fp32 > past:  # a weight at a time (stream_quant.py)
+                quantising = int(copies * w.fp32) + (w.largest or w.fp32)
             else:
                 quantising = int(QUANTIZE_COPIES * w.fp32)
             stages.append(Stage(f"{name}: quantize", BASE_BYTES + quantising))
