@@ -515,12 +515,20 @@ def _plan_quantization(stages, sizes: dict[str, float], precision: str, options:
     for name, millions in sizes.items():
         if policy.get(name) is None:
             continue
-        if SCHEMES[policy[name]].calibrated:
-            stages.plan(f"{name}: calibrate", STAGE_COST["calibrate"] * millions * MAX_CALIBRATION_FEEDS)
+        if SCHEMES[policy[name]].calibrated:  # ranges taken while recording (_ranges_while_recording)
+            stages.plan("recording calibration inputs", STAGE_COST["calibrate"] * millions * MAX_CALIBRATION_FEEDS)
         if keep == "auto":
             stages.plan(f"{name}: sensitivity", STAGE_COST["sensitivity"] * millions * SENSITIVITY_FEEDS)
         stages.plan(f"{name}: quantize", STAGE_COST["quantize"] * millions)
         stages.plan(f"{name}: final check", STAGE_COST["final check"] * millions * MAX_CALIBRATION_FEEDS)
+
+
+def _ranges_while_recording(manifest: Manifest, name: str, scheme: str) -> bool:
+    """Whether a component's activation ranges are taken while its calibration inputs are recorded (a static scheme,
+    one graph) rather than by running it over them again (calibration.record_feeds)."""
+    from .quantize import SCHEMES
+
+    return SCHEMES[scheme].calibrated and not manifest.components[name].segments
 
 
 def _quantize_bundle(staging: Path, manifest: Manifest, precision: str, options: ExportOptions, stages=None) -> None:
@@ -540,7 +548,14 @@ def _quantize_bundle(staging: Path, manifest: Manifest, precision: str, options:
     with stages.stage("recording calibration inputs"):
         names = [n for n in manifest.components if policy.get(n)]
         bounded = not any(SCHEMES[policy[n]].calibrated for n in names)  # no activation ranges to take
-        feeds = record_feeds(staging, prompts or CALIBRATION_PROMPTS, names, one_at_a_time=alone, bounded=bounded)
+        feeds = record_feeds(
+            staging,
+            prompts or CALIBRATION_PROMPTS,
+            names,
+            one_at_a_time=alone,
+            bounded=bounded,
+            ranges_for={n: SCHEMES[policy[n]] for n in names if _ranges_while_recording(manifest, n, policy[n])},
+        )
     release_memory()
     for name, spec in manifest.components.items():
         scheme_name = policy.get(name)
@@ -562,6 +577,7 @@ def _quantize_bundle(staging: Path, manifest: Manifest, precision: str, options:
             keep,
             stages=stages,
             references=recorded.outputs,
+            ranges=recorded.ranges,
         )
         for old in spec.files:  # the fp32 graph and any external data it had
             (staging / old).unlink()

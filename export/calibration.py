@@ -9,6 +9,7 @@ against, so that the fp32 graph need not run over the feeds a second time.
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -55,11 +56,13 @@ def bounded_call(defaults: dict, multiple: int) -> dict:
 
 
 class RecordedFeeds(list):
-    """A graph's recorded input dicts, with `outputs`: its first output for each, in the same order."""
+    """A graph's recorded input dicts, with `outputs`: its first output for each, in the same order, and `ranges`:
+    its activation ranges over them where recording took them (record_feeds' `ranges_for`), else None."""
 
-    def __init__(self, feeds=(), outputs=()):
+    def __init__(self, feeds=(), outputs=(), ranges=None):
         super().__init__(feeds)
         self.outputs = list(outputs)
+        self.ranges = ranges
 
 
 def record_feeds(
@@ -69,25 +72,45 @@ def record_feeds(
     seed: int = 0,
     one_at_a_time: bool = False,
     bounded: bool = False,
+    ranges_for: dict | None = None,
 ) -> dict[str, RecordedFeeds]:
     """Per component (default: all that a text-to-image call runs), up to MAX_CALIBRATION_FEEDS input
     dicts recorded while generating `prompts`, with the graph's output for each. `one_at_a_time`: the bundle runs
     in low-memory mode, each graph opened when needed and closed before the next (memory_plan.
     record_one_at_a_time: for bundles whose graphs do not fit in memory together; slower, as each prompt reopens
-    them). `bounded`: the call is bounded_call's (for schemes without activation ranges)."""
+    them). `bounded`: the call is bounded_call's (for schemes without activation ranges). `ranges_for`: components
+    (name -> quantize.Scheme) whose activation ranges over the kept feeds are taken while recording, in
+    RecordedFeeds.ranges: each runs as a ranges.RangeSession in place of its own session, so that its feeds need
+    not run again to calibrate it (the full-size SD-Turbo UNet at 512: 8 runs, 39 s)."""
     from edgediff.runtime import Bundle, Pipeline
+
+    from .ranges import RangeGraph
+
+    bundle = Bundle.open(bundle_dir, verify="none")
+    range_graphs = {}
+    try:
+        for name, scheme in (ranges_for or {}).items():
+            range_graphs[name] = RangeGraph(bundle.file(bundle.manifest.components[name].graph_file), scheme)
+        # without the CPU layout rewrite: a few calls of each graph do not repay its cost to open them (13-19 s
+        # against 2-3 s for the full-size fp32 SD-Turbo pipeline on 2 cores)
+        pipe = Pipeline(
+            bundle,
+            provider="cpu",
+            cache=False,
+            low_memory=one_at_a_time,
+            cpu_layout=False,
+            graph_openers={name: functools.partial(g.open, name) for name, g in range_graphs.items()},
+        )
+        return _record(pipe, prompts, components, seed, one_at_a_time, bounded, range_graphs)
+    finally:
+        for graph in range_graphs.values():
+            graph.remove()
+
+
+def _record(pipe, prompts, components, seed, one_at_a_time, bounded, range_graphs) -> dict[str, RecordedFeeds]:
     from edgediff.runtime.denoisers import size_multiple
     from edgediff.runtime.pipeline import DECODERS, text_to_image_components
 
-    # without the CPU layout rewrite: a few calls of each graph do not repay its cost to open them (13-19 s against
-    # 2-3 s for the full-size fp32 SD-Turbo pipeline on 2 cores)
-    pipe = Pipeline(
-        Bundle.open(bundle_dir, verify="none"),
-        provider="cpu",
-        cache=False,
-        low_memory=one_at_a_time,
-        cpu_layout=False,
-    )
     names = text_to_image_components(pipe.manifest) if components is None else components
     call = bounded_call(pipe.manifest.defaults, size_multiple(pipe.manifest)) if bounded else {}
     prompts = list(prompts)[:UNCALIBRATED_MAX_PROMPTS] if bounded else prompts
@@ -109,8 +132,10 @@ def record_feeds(
     out = {}
     for name, feeds in recorded.items():
         stride = max(1, len(feeds) // MAX_CALIBRATION_FEEDS)
+        kept = list(range(len(feeds)))[::stride][:MAX_CALIBRATION_FEEDS]
+        graph = range_graphs.get(name)
         out[name] = RecordedFeeds(
-            feeds[::stride][:MAX_CALIBRATION_FEEDS], feeds.outputs[::stride][:MAX_CALIBRATION_FEEDS]
+            [feeds[i] for i in kept], [feeds.outputs[i] for i in kept], graph.ranges(kept) if graph else None
         )
     return out
 

@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .ranges import calibrate  # noqa: F401  (quantize_component's, and tests')
+
 log = logging.getLogger("edgediff.export")
 
 # Relative RMS error of a component's output (vs its fp32 graph, on calibration inputs) allowed by
@@ -219,100 +221,6 @@ def _default_type() -> dict:
     # onnx's type inference knows no com.microsoft operators (graphs from `--optimize`); every tensor the
     # quantiser cannot type is fp32 in our graphs
     return {"DefaultTensorType": onnx.TensorProto.FLOAT}
-
-
-def calibrate(src: Path, scheme: Scheme, feeds: list[dict]):
-    """Activation ranges (MinMax) of the float tensors entering and leaving the scheme's op types, from one run of
-    the graph over `feeds`, as onnxruntime.quantization.TensorsData: the tensors and ranges onnxruntime's
-    MinMaxCalibrater finds (tests/export/test_weight_quant.py). Hand-written for speed: that calibrator loads the graph
-    with its weights, inserts each of its ~1,300 reductions after a scan of the node list, and saves the
-    augmented graph with a copy of every weight, 33 s of its 40 s on the full-size UNet at 512 with one feed.
-    Here the reductions are added to the graph's structure in one pass, each right after the node making its
-    tensor, and the augmented graph is saved beside the source, its weights read where they are."""
-    import onnx
-    import onnxruntime as ort
-    from onnx import helper
-    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData
-
-    if not feeds:
-        raise ValueError("static int8 needs calibration inputs")
-    src = Path(src)
-    model = onnx.load(str(src), load_external_data=False)
-    tensors = _calibrated_tensors(model, scheme)
-    graph = model.graph
-    reductions = {t: (f"{_RANGE}min/{t}", f"{_RANGE}max/{t}") for t in tensors}
-
-    def reduce(tensor: str) -> list:
-        low, high = reductions[tensor]
-        # keepdims: a reduction of a tensor with an empty axis fails without it
-        return [
-            helper.make_node(op, [tensor], [out], name=out, keepdims=1)
-            for op, out in (("ReduceMin", low), ("ReduceMax", high))
-        ]
-
-    first = [n for v in graph.input if v.name in reductions for n in reduce(v.name)]
-    nodes = first + [
-        n for node in graph.node for n in (node, *(r for t in node.output if t in reductions for r in reduce(t)))
-    ]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    names = [out for pair in reductions.values() for out in pair]
-    graph.output.extend(helper.make_empty_tensor_value_info(out) for out in names)  # typed by onnxruntime
-    augmented = src.with_name(f".{src.stem}.calibration.onnx")
-    onnx.save_model(model, str(augmented))  # its external-data paths hold beside the source
-    del model, graph, nodes
-    # No graph optimisation and no memory pattern (that plans one buffer for every activation of the unoptimised
-    # graph). Nodes run in priority order: onnxruntime's default order (a depth-first walk back from the outputs)
-    # runs the added reductions late, so every tensor they read stays alive: 8.2 GiB against 3.7 GiB on the
-    # full-size UNet at 512, and slower. Weights are not prepacked: the session runs a few feeds, and the packed
-    # copy doubled the weights' memory.
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.enable_mem_pattern = False
-    options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
-    options.add_session_config_entry("session.disable_prepacking", "1")
-    try:
-        session = ort.InferenceSession(str(augmented), options, providers=["CPUExecutionProvider"])
-    finally:
-        augmented.unlink(missing_ok=True)
-    low: dict[str, np.ndarray] = {}
-    high: dict[str, np.ndarray] = {}
-    for feed in feeds:  # one input at a time, merged into the running ranges (NaN ignored, as onnxruntime's)
-        values = dict(zip(names, session.run(names, feed)))
-        for t, (lo, hi) in reductions.items():
-            low[t] = np.fmin(low[t], values[lo].reshape(-1)) if t in low else values[lo].reshape(-1)
-            high[t] = np.fmax(high[t], values[hi].reshape(-1)) if t in high else values[hi].reshape(-1)
-    del session
-    release_memory()
-    return TensorsData(CalibrationMethod.MinMax, {t: (low[t], high[t]) for t in tensors})
-
-
-_RANGE = "edgediff_range/"
-
-
-def _calibrated_tensors(model, scheme: Scheme) -> list[str]:
-    """The tensors onnxruntime's calibrators take for these op types: the float (fp32, fp16) inputs and outputs
-    of the scheme's nodes that are not weights, typed by onnx's shape inference; in graph order."""
-    import onnx
-
-    typed = onnx.shape_inference.infer_shapes(model)  # the structure only: weights are not read
-    graph = typed.graph
-    infos = {v.name: v for v in (*graph.value_info, *graph.output, *graph.input)}
-    weights = {t.name for t in graph.initializer}
-    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
-    chosen = {}
-    for node in graph.node:
-        if node.op_type in scheme.op_types:
-            for t in (*node.input, *node.output):
-                info = infos.get(t)
-                if (
-                    info is not None
-                    and info.type.HasField("tensor_type")
-                    and info.type.tensor_type.elem_type in floats
-                    and t not in weights
-                ):
-                    chosen[t] = None
-    return list(chosen)
 
 
 def _qdq_quantizer(model, scheme: Scheme, exclude: list[str], ranges):
@@ -581,12 +489,15 @@ def quantize_component(
     budget: float = SENSITIVITY_BUDGET,
     stages=None,
     references: list[np.ndarray] | None = None,
+    ranges=None,
 ) -> dict:
     """Quantises one graph; returns the manifest record (scheme, blocks kept in fp32 and why, errors).
 
     keep: "none" (quantise every eligible node), "auto" (sensitivity pass), or a list of block names.
     references: the fp32 graph's first output for each feed, when recorded with them (calibration.py); the
     fp32 graph is run over the feeds otherwise.
+    ranges: static schemes' activation ranges over `feeds`, when taken while they were recorded
+    (calibration.record_feeds); calibrated here otherwise.
     Ranges are calibrated once; one graph is in memory at a time (the fp32 graph's structure aside).
     stages: progress.Stages to report to (its stages are named after `src`'s stem).
     """
@@ -614,11 +525,19 @@ def quantize_component(
     }
     with tempfile.TemporaryDirectory(prefix="edgediff-quant-", dir=dst.parent) as tmp:
         tmp = Path(tmp)
-        ranges = None
         if scheme.calibrated:
-            with stages.stage(f"{label}: calibrate"):
-                ranges = calibrate(src, scheme, feeds)
-            record["calibration"] = {"method": "MinMax", "feeds": len(feeds), "tensors": len(list(ranges.keys()))}
+            taken = ranges is not None
+            if not taken:
+                with stages.stage(f"{label}: calibrate"):
+                    ranges = calibrate(src, scheme, feeds)
+            record["calibration"] = {
+                "method": "MinMax",
+                "feeds": len(feeds),
+                "tensors": len(list(ranges.keys())),
+                "taken": "while recording" if taken else "after recording",
+            }
+        else:
+            ranges = None
         if keep == "auto":
             ranked = [ranking_feed(structure, feed) for feed in spread(feeds, SENSITIVITY_FEEDS)]
             with stages.stage(f"{label}: sensitivity"):

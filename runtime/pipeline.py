@@ -134,9 +134,18 @@ class Pipeline:
     Use as a context manager, or call close(), to give the sessions' memory back.
     """
 
-    def __init__(self, bundle: Bundle, options: RuntimeOptions | None = None, **overrides):
+    def __init__(
+        self,
+        bundle: Bundle,
+        options: RuntimeOptions | None = None,
+        *,
+        graph_openers: dict[str, Callable[[], GraphSession]] | None = None,
+        **overrides,
+    ):
         """`options`: how to run the bundle (RuntimeOptions); keyword overrides change single fields of it,
-        e.g. `Pipeline(bundle, provider="cpu")`."""
+        e.g. `Pipeline(bundle, provider="cpu")`. `graph_openers`: components whose graph opens otherwise than the
+        options say, name -> a function returning an object run as GraphSession is (`run`, `inputs`,
+        `output_names`); the exporter runs its calibration graphs in the pipeline this way."""
         self.options = o = RuntimeOptions.with_overrides(options, overrides)
         self.bundle = bundle
         self.manifest = m = bundle.manifest
@@ -189,7 +198,13 @@ class Pipeline:
         # opened up front: what every call needs; the VAE encoder and the other decoder open on first use
         names = [*text_to_image_components(m), *([DECODERS[self.decoder]] if self.decoder != "full" else [])]
         parallel = m.target != "coreml" and self.resolution.provider.opens_in_parallel  # (not Core ML packages)
-        self.sessions = SessionPool(opener, names, low_memory=o.low_memory, parallel=parallel)
+        openers = graph_openers or {}
+        self.sessions = SessionPool(
+            lambda name: openers[name]() if name in openers else opener(name),
+            names,
+            low_memory=o.low_memory,
+            parallel=parallel,
+        )
         self.denoiser = make_denoiser(bundle, self.sessions)
         self.controlnets = ControlNets(m, bundle.path)  # opened on first use, like the VAE encoder
         self.ip_adapter = IPAdapter(m, bundle.path)  # its image encoder graph opens on first use too

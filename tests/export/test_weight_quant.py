@@ -1,6 +1,7 @@
 """Per-channel weights quantised over whole arrays (export/weight_quant.py) give exactly onnxruntime's own
 scales, zero points and quantised weights: the parameters channel by channel, and whole graphs byte for byte.
-Activation ranges (quantize.calibrate) are exactly onnxruntime's MinMax calibrator's."""
+Activation ranges (quantize.calibrate) are exactly onnxruntime's MinMax calibrator's, and those taken while
+recording calibration inputs are calibrate's own."""
 
 from contextlib import nullcontext
 
@@ -112,6 +113,46 @@ def test_calibrated_ranges_are_onnxruntimes_own(feeds, tmp_path):
             assert got.dtype == want.dtype and got.shape == want.shape
             np.testing.assert_array_equal(got, want)
     assert not list(bundle.glob(".*calibration*"))  # the augmented graph is gone
+
+
+@pytest.mark.parametrize("one_at_a_time", [False, True])
+def test_ranges_taken_while_recording_are_calibrates(feeds, one_at_a_time):
+    """The UNet's calibration graph runs in the pipeline's place while prompts are recorded: the same feeds, the
+    graph's outputs as its own session gives them, and exactly the ranges calibrate() finds over those feeds; the
+    augmented graph is gone from the bundle afterwards."""
+    from edgediff.export.calibration import record_feeds
+    from edgediff.export.quantize import SCHEMES, calibrate
+
+    bundle, plain = feeds
+    scheme = SCHEMES["int8-static"]
+    taken = record_feeds(
+        bundle,
+        prompts=["a cat", "a dog"],
+        components=["text_encoder", "unet"],
+        one_at_a_time=one_at_a_time,
+        ranges_for={"unet": scheme},
+    )
+    assert taken["text_encoder"].ranges is None and plain["unet"].ranges is None
+    unet = taken["unet"]
+    assert len(unet) == len(plain["unet"]) > 1
+    # the unoptimised graph against the pipeline's optimised one; later steps' inputs follow from earlier outputs
+    for got, want in zip(unet, plain["unet"]):
+        assert got.keys() == want.keys()
+        for name in got:
+            np.testing.assert_allclose(got[name], want[name], rtol=RECORDED_RTOL, atol=RECORDED_ATOL)
+    for got, want in zip(unet.outputs, plain["unet"].outputs):
+        np.testing.assert_allclose(got, want, rtol=RECORDED_RTOL, atol=RECORDED_ATOL)
+    expected = calibrate(bundle / "unet.onnx", scheme, unet)  # over the very feeds recorded
+    assert sorted(unet.ranges.keys()) == sorted(expected.keys()) and len(list(expected.keys())) > 50
+    for name in expected.keys():
+        for got, want in zip(unet.ranges[name].range_value, expected[name].range_value):
+            np.testing.assert_array_equal(got, want)
+    assert not list(bundle.glob(".*calibration*"))
+
+
+# fp32 rounding: the calibration graph runs unoptimised, the pipeline's session fuses operators
+RECORDED_RTOL = 1e-4
+RECORDED_ATOL = 1e-4
 
 
 class _One:
