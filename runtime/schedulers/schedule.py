@@ -327,9 +327,10 @@ def flow_match_sigmas(
         sigmas = shift_sigmas(sigmas, shift)
     if config.shift_terminal:
         one_minus = 1 - sigmas
-        if one_minus[-1] == 0:  # diffusers returns NaNs here
-            raise ValueError("shift_terminal needs a last sigma below 1: use more than one step")
-        sigmas = 1 - one_minus / (one_minus[-1] / (1 - config.shift_terminal))
+        # a grid at sigma 1 alone (one step) has no span to stretch and stays as it is; diffusers divides 0 by 0
+        # there and samples with NaN sigmas
+        if one_minus[-1] != 0:
+            sigmas = 1 - one_minus / (one_minus[-1] / (1 - config.shift_terminal))
     if config.use_karras_sigmas:
         sigmas = karras_sigmas(sigmas[-1].item(), sigmas[0].item(), num_inference_steps)
     elif config.use_exponential_sigmas:
