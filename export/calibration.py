@@ -87,6 +87,9 @@ def record_feeds(
     from .ranges import RangeGraph
 
     bundle = Bundle.open(bundle_dir, verify="none")
+    unknown = set(ranges_for or {}) - set(bundle.manifest.components if components is None else components)
+    if unknown:
+        raise ValueError(f"ranges wanted for components not recorded: {', '.join(sorted(unknown))}")
     range_graphs = {}
     try:
         for name, scheme in (ranges_for or {}).items():
@@ -99,7 +102,9 @@ def record_feeds(
             cache=False,
             low_memory=one_at_a_time,
             cpu_layout=False,
-            graph_openers={name: functools.partial(g.open, name) for name, g in range_graphs.items()},
+            graph_openers={
+                name: functools.partial(g.open, name, low_memory=one_at_a_time) for name, g in range_graphs.items()
+            },
         )
         return _record(pipe, prompts, components, seed, one_at_a_time, bounded, range_graphs)
     finally:
@@ -134,6 +139,8 @@ def _record(pipe, prompts, components, seed, one_at_a_time, bounded, range_graph
         stride = max(1, len(feeds) // MAX_CALIBRATION_FEEDS)
         kept = list(range(len(feeds)))[::stride][:MAX_CALIBRATION_FEEDS]
         graph = range_graphs.get(name)
+        if graph is not None and len(graph.runs) != len(feeds):  # each run's ranges belong to the feed it recorded
+            raise RuntimeError(f"{name}: {len(graph.runs)} runs of its calibration graph for {len(feeds)} feeds")
         out[name] = RecordedFeeds(
             [feeds[i] for i in kept], [feeds.outputs[i] for i in kept], graph.ranges(kept) if graph else None
         )

@@ -80,12 +80,17 @@ class RangeGraph:
         self.reduction_names = [out for pair in reductions.values() for out in pair]
         graph.output.extend(helper.make_empty_tensor_value_info(out) for out in self.reduction_names)  # typed by ORT
         self.path = src.with_name(f".{src.stem}.calibration.onnx")
-        onnx.save_model(model, str(self.path))
+        try:
+            onnx.save_model(model, str(self.path))
+        except BaseException:  # a half-written graph (a full disk) is not left beside the source
+            self.remove()
+            raise
         self.runs: list[list[np.ndarray]] = []  # per run: each reduction's value, in reduction_names' order
 
-    def open(self, name: str = "") -> RangeSession:
-        """A session of the augmented graph; `name`: the component it stands for (in input errors)."""
-        return RangeSession(self, name or self.path.stem)
+    def open(self, name: str = "", low_memory: bool = False, threads: int | None = None) -> RangeSession:
+        """A session of the augmented graph; `name`: the component it stands for (in input errors); `low_memory`
+        and `threads` as the runtime's session options (runtime/session_config.py)."""
+        return RangeSession(self, name or self.path.stem, low_memory, threads)
 
     def ranges(self, runs: list[int] | None = None):
         """onnxruntime.quantization.TensorsData: each tensor's MinMax range over `runs` (indices in run order; None:
@@ -120,12 +125,13 @@ class RangeSession:
     at 512, and slower. Weights are not prepacked: the session runs a few feeds, and the packed copy doubled the
     weights' memory."""
 
-    def __init__(self, graph: RangeGraph, name: str):
+    def __init__(self, graph: RangeGraph, name: str, low_memory: bool = False, threads: int | None = None):
         import onnxruntime as ort
 
         from edgediff.runtime.input_check import InputCheck
+        from edgediff.runtime.session_config import session_options
 
-        options = ort.SessionOptions()
+        options = session_options(threads, low_memory=low_memory)  # threads, no spinning; low memory: no arena
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.enable_mem_pattern = False
         options.execution_order = ort.ExecutionOrder.PRIORITY_BASED

@@ -145,7 +145,7 @@ class Pipeline:
         """`options`: how to run the bundle (RuntimeOptions); keyword overrides change single fields of it,
         e.g. `Pipeline(bundle, provider="cpu")`. `graph_openers`: components whose graph opens otherwise than the
         options say, name -> a function returning an object run as GraphSession is (`run`, `inputs`,
-        `output_names`); the exporter runs its calibration graphs in the pipeline this way."""
+        `output_names`, `check_inputs`); the exporter runs its calibration graphs in the pipeline this way."""
         self.options = o = RuntimeOptions.with_overrides(options, overrides)
         self.bundle = bundle
         self.manifest = m = bundle.manifest

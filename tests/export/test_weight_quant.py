@@ -118,8 +118,9 @@ def test_calibrated_ranges_are_onnxruntimes_own(feeds, tmp_path):
 @pytest.mark.parametrize("one_at_a_time", [False, True])
 def test_ranges_taken_while_recording_are_calibrates(feeds, one_at_a_time):
     """The UNet's calibration graph runs in the pipeline's place while prompts are recorded: the same feeds, the
-    graph's outputs as its own session gives them, and exactly the ranges calibrate() finds over those feeds; the
-    augmented graph is gone from the bundle afterwards."""
+    graph's outputs as its own session gives them (within RECORDED_RTOL: the calibration graph runs unoptimised),
+    and exactly the ranges calibrate() finds over those feeds; the augmented graph is gone from the bundle
+    afterwards."""
     from edgediff.export.calibration import record_feeds
     from edgediff.export.quantize import SCHEMES, calibrate
 
@@ -163,3 +164,17 @@ class _One:
 
     def get_next(self):
         return self.feeds.pop() if self.feeds else None
+
+
+def test_ranges_for_a_component_not_recorded_is_refused(feeds):
+    """Ranges are taken only over feeds that are recorded: asking them of another component is an error before
+    anything runs, and no calibration graph is left in the bundle."""
+    from edgediff.export.calibration import record_feeds
+    from edgediff.export.quantize import SCHEMES
+
+    bundle, _ = feeds
+    with pytest.raises(ValueError, match="not recorded: unet"):
+        record_feeds(
+            bundle, prompts=["a cat"], components=["text_encoder"], ranges_for={"unet": SCHEMES["int8-static"]}
+        )
+    assert not list(bundle.glob(".*calibration*"))
