@@ -297,7 +297,7 @@ TABLES = {
     ),
     "shipped-flow": Table(
         SHIPPED_COLUMNS,
-        (Source(E + "2026-12-03-shapes-flow.json"),),
+        (Source(V + "2026-12-04-shapes-flow.json"),),
         unit="ms",
         headers={"unet_call": "transformer call"},
     ),

@@ -33,7 +33,7 @@ SHIPPED_MODELS = {
         ShippedModel(
             "shapes-flow",
             _HERE / "shapes_flow",
-            "SD3-style flow-matching transformer with CLIP and T5, reflow-distilled (models/MODEL_CARD_SHAPES_FLOW.md)",
+            "SD3-style flow transformer with CLIP and T5, reflow-distilled to 2 steps (models/MODEL_CARD_SHAPES_FLOW.md)",
         ),
     )
 }

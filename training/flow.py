@@ -5,9 +5,10 @@ data -> latents -> teacher -> pairs -> distill -> assemble.
     python -m training.flow all --run runs/flow-smoke --smoke    # a few steps of each (tests)
 
 The shipped model's VAE is reused as it is; two tiny CLIP encoders and a tiny T5 train jointly with a small
-SD3Transformer2DModel by rectified flow (Esser et al. 2024), which is then distilled to one step by reflow on
-its own guided samples (Liu et al. 2022; InstaFlow). Checkpoints and resumption as training/train.py (its
-helpers); a finished stage leaves RUN/<stage>.done and is skipped.
+SD3Transformer2DModel by rectified flow (Esser et al. 2024), which is then distilled to two steps by reflow on
+its own guided samples (Liu et al. 2022; InstaFlow), the second step re-noised (consistency models' multistep
+sampling). Checkpoints and resumption as training/train.py (its helpers); a finished stage leaves
+RUN/<stage>.done and is skipped.
 """
 
 from __future__ import annotations
@@ -152,9 +153,20 @@ def build_transformer(cfg: FlowConfig):
 
 
 def build_scheduler(cfg: FlowConfig):
+    """The teacher's: SD3's flow Euler ODE."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=cfg.shift)
+
+
+def build_student_scheduler(cfg: FlowConfig):
+    """The student's: re-noised steps (stochastic_sampling) on a grid stretched to end at second_sigma, so that
+    cfg.default_steps = 2 runs 1 -> second_sigma -> 0."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=cfg.shift, stochastic_sampling=True, shift_terminal=cfg.second_sigma
+    )
 
 
 class TextEncoding:
@@ -354,7 +366,8 @@ def stage_distill(cfg: FlowConfig, run: Path) -> None:
     """Reflow (Liu et al. 2022, https://arxiv.org/abs/2209.03003, the 2-rectified flow): the student, started as
     the teacher, learns the straight path between each pair, x_t = (1 - t) x0 + t noise with velocity
     noise - x0, at t ~ U(0, 1); a share of the batch at t = 1 exactly is InstaFlow's one-step distillation on the
-    same pairs (L2 in latent space instead of LPIPS). Conditioned on the caption alone: no CFG at run time."""
+    same pairs (L2 in latent space instead of LPIPS). Another share trains the re-noised second step: a pair's
+    sample with fresh noise (cfg.renoise_*). Conditioned on the caption alone: no CFG at run time."""
     import copy
 
     torch = _torch()
@@ -378,7 +391,12 @@ def stage_distill(cfg: FlowConfig, run: Path) -> None:
         with torch.no_grad():
             cond, pooled = text([captions[i] for i in idx], dev, t5_keep=keep)
         t = rng.uniform(0.0, 1.0, batch).astype(np.float32)
-        t[rng.random(batch) < cfg.one_step_fraction] = 1.0
+        share = rng.random(batch)
+        t[share < cfg.one_step_fraction] = 1.0
+        renoised = (share >= cfg.one_step_fraction) & (share < cfg.one_step_fraction + cfg.renoise_fraction)
+        t[renoised] = rng.uniform(cfg.renoise_low, cfg.renoise_high, int(renoised.sum()))
+        fresh = torch.from_numpy(rng.standard_normal(noise.shape).astype(np.float32)).to(dev)
+        noise = torch.where(torch.from_numpy(renoised).to(dev).view(-1, 1, 1, 1), fresh, noise)
         t = torch.from_numpy(t).to(dev)
         x_t, target = flow_path(x0, noise, t)
         pred = student(hidden_states=x_t, encoder_hidden_states=cond, pooled_projections=pooled, timestep=t * 1000)
@@ -417,6 +435,7 @@ def stage_assemble(cfg: FlowConfig, run: Path, out: Path | None = None) -> Path:
     student = SD3Transformer2DModel.from_pretrained(run / "distill" / "transformer")
     StableDiffusion3Pipeline(transformer=student, **common).save_pretrained(out / "student")
     StableDiffusion3Pipeline(transformer=teacher, **common).save_pretrained(out / "teacher")
+    build_student_scheduler(cfg).save_pretrained(out / "student" / "scheduler")
     (out / "training_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     return out
 

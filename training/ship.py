@@ -16,6 +16,7 @@ from pathlib import Path
 
 from edgediff.models.shipped import DEFAULT_BUNDLE, SHIPPED_DIR, SHIPPED_MODELS
 
+from .flow_config import FlowConfig
 from .shipped_config import ShippedConfig
 
 STUDENT_DIR = SHIPPED_DIR / "diffusers"
@@ -28,7 +29,7 @@ DEFAULT_STEPS = 4  # the student's quality/speed point (see MODEL_CARD.md)
 FLOW = SHIPPED_MODELS["shapes-flow"]
 # Not shipped either: the flow teacher's transformer (its text encoders are the student's), for re-distillation.
 FLOW_TEACHER_DIR = Path(__file__).parent / "checkpoints" / "flow_teacher_transformer"
-FLOW_DEFAULT_STEPS = 1  # the reflow student's quality/speed point (see MODEL_CARD_SHAPES_FLOW.md)
+FLOW_DEFAULT_STEPS = FlowConfig().default_steps  # the student's quality/speed point (MODEL_CARD_SHAPES_FLOW.md)
 
 
 def strip_local_paths(folder: Path) -> None:
@@ -66,7 +67,7 @@ def export_shipped(out: Path = DEFAULT_BUNDLE, source: Path = STUDENT_DIR, overw
 
 
 def export_shapes_flow(out: Path = FLOW.bundle, source: Path = FLOW.diffusers, overwrite: bool = True) -> Path:
-    """The shapes-flow bundle, exported from its shipped diffusers folder: one step without guidance (the
+    """The shapes-flow bundle, exported from its shipped diffusers folder: its default steps without guidance (the
     student has the teacher's guidance baked in), and the first model's tiny decoder, which reads the same
     VAE's latents."""
     from edgediff.export import ExportOptions, export

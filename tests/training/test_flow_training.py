@@ -8,6 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+from conftest import ReplayNoise, patch_diffusers_noise  # noqa: E402
 from references import PIXEL_ATOL  # noqa: E402
 
 PROMPT = "a large red circle at the left on a blue background"
@@ -23,9 +24,10 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def test_every_flow_stage_runs_resumes_and_assembles_an_exportable_sd3_model(tmp_path, one_thread):
+def test_every_flow_stage_runs_resumes_and_assembles_an_exportable_sd3_model(tmp_path, one_thread, monkeypatch):
     from edgediff.export import export_bundle
     from edgediff.runtime import Pipeline
+    from edgediff.runtime.schedulers import make_sampler
     from training.flow import STAGES, run_stages, smoke_config
 
     cfg = smoke_config()
@@ -49,6 +51,11 @@ def test_every_flow_stage_runs_resumes_and_assembles_an_exportable_sd3_model(tmp
     assert (m.vae_scale_factor, m.vae_shift_factor) == (4, 0.0)
     # the bundle takes T5's length from its tokenizer (trained at cfg.t5_length, not the pipeline's 256)
     assert m.conditioning["max_sequence_length"] == cfg.t5_length
+    # the student's sampler: its default steps re-noised, on 1 -> second_sigma -> 0
+    sampler = make_sampler(m.scheduler["name"], m.scheduler["config"], m.prediction_type)
+    sampler.set_timesteps(cfg.default_steps)
+    assert sampler.stochastic
+    np.testing.assert_allclose(sampler.sigmas, [1.0, cfg.second_sigma, 0.0], atol=1e-6)
     call = dict(num_inference_steps=1, guidance_scale=0.0, max_sequence_length=cfg.t5_length)
     image = pipe(PROMPT, seed=0, output_type="np", **call).images
     assert image.shape == (1, cfg.image_size, cfg.image_size, 3) and np.isfinite(image).all()
@@ -56,15 +63,24 @@ def test_every_flow_stage_runs_resumes_and_assembles_an_exportable_sd3_model(tmp
         pipe(PROMPT, seed=0, output_type="np", num_inference_steps=1, guidance_scale=0.0).images, image
     )
 
-    # diffusers on the assembled folder and the bundle, from the same latents (as tests/export/test_sd3.py)
-    latents = np.random.default_rng(0).standard_normal((1, 4, 16, 16)).astype(np.float32)
-    ours = pipe(PROMPT, latents=latents, output_type="np", **call).images
+    # diffusers on the assembled folder and the bundle, from the same latents (as tests/export/test_sd3.py) and, at
+    # the default steps, the same re-noising noise (one draw per step on each side)
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((1, 4, 16, 16)).astype(np.float32)
     reference = diffusers.StableDiffusion3Pipeline.from_pretrained(str(source))
     reference.set_progress_bar_config(disable=True)
-    reference.scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(m.scheduler["config"])
-    theirs = reference(PROMPT, latents=torch.from_numpy(latents), output_type="np", **call).images
-    assert ours.shape == theirs.shape == (1, cfg.image_size, cfg.image_size, 3)
-    assert np.abs(ours - theirs).max() <= PIXEL_ATOL
+    for steps in (1, cfg.default_steps):
+        # one step runs at sigma 1 alone, which shift_terminal cannot stretch (diffusers' sigmas are NaN there)
+        config = {**m.scheduler["config"], **({"shift_terminal": None} if steps == 1 else {})}
+        reference.scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(config)
+        call = dict(num_inference_steps=steps, guidance_scale=0.0, max_sequence_length=cfg.t5_length)
+        noises = [rng.standard_normal(latents.shape).astype(np.float32) for _ in range(steps)]
+        ours = pipe(PROMPT, latents=latents, output_type="np", generator=ReplayNoise(noises), **call).images
+        scheduler_module = diffusers.schedulers.scheduling_flow_match_euler_discrete
+        patch_diffusers_noise(monkeypatch, scheduler_module, noises)
+        theirs = reference(PROMPT, latents=torch.from_numpy(latents), output_type="np", **call).images
+        assert ours.shape == theirs.shape == (1, cfg.image_size, cfg.image_size, 3)
+        assert np.abs(ours - theirs).max() <= PIXEL_ATOL, steps
 
 
 def _assert_pairs_are_the_teacher_pipelines_samples(run, cfg):
