@@ -344,7 +344,7 @@ EXPORT_TABLES = {
     "export-stages": ExportTable(EXPORT_COST, EXPORT_STAGES_OF),
     "export-cost-sana-sprint": ExportTable(E + "2026-12-03-export-cost-sana-sprint.json"),
     "export-memory-flux": ExportTable(E + "2026-12-03-export-cost-flux-reduced.json", memory=True),
-    "export-cost-avx2": ExportTable("epyc-2c-avx2/2026-12-03-export-cost.json"),
+    "export-cost-avx2": ExportTable("epyc-2c-avx2/2026-12-04-export-cost.json"),
     "export-cost-sd35-medium": ExportTable(EXPORT_COST_SD35),
     "export-memory-sd35-medium": ExportTable(EXPORT_COST_SD35, memory=True),
 }
