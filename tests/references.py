@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 
 import numpy as np
-from conftest import ReplayNoise, patch_diffusers_noise
+from replay_noise import ReplayNoise, patch_diffusers_noise
 
 PIXEL_ATOL = 2 / 255  # the parity bound per pixel, images in [0, 1]: two 8-bit steps
 PROMPTS = ["a red circle on a blue background", "a large green star at the left"]

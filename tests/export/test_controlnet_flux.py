@@ -9,8 +9,8 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from conftest import ReplayNoise, patch_diffusers_noise  # noqa: E402
 from references import PIXEL_ATOL, PROMPTS, control_pictures, controlnet_arguments  # noqa: E402
+from replay_noise import ReplayNoise, patch_diffusers_noise  # noqa: E402
 from tiny_models import _CACHE, TINY_SIZE, tiny_bundle, tiny_source  # noqa: E402
 
 from edgediff.runtime import Bundle, Pipeline  # noqa: E402

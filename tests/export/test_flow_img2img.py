@@ -9,8 +9,8 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from conftest import ReplayNoise, patch_diffusers_noise  # noqa: E402
 from references import PIXEL_ATOL, gradient_image  # noqa: E402
+from replay_noise import ReplayNoise, patch_diffusers_noise  # noqa: E402
 from tiny_models import tiny_bundle, tiny_sd3_bundle, tiny_source  # noqa: E402
 
 from edgediff.runtime import InputError, Pipeline  # noqa: E402

@@ -9,9 +9,9 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from conftest import ReplayNoise  # noqa: E402
 from references import PIXEL_ATOL, reference_pipeline  # noqa: E402
 from references import gradient_image as _image  # noqa: E402
+from replay_noise import ReplayNoise  # noqa: E402
 from tiny_models import tiny_bundle, tiny_source  # noqa: E402
 
 from edgediff.runtime import InputError, Pipeline  # noqa: E402

@@ -11,9 +11,9 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from conftest import patch_diffusers_noise  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 from references import PIXEL_ATOL, PROMPTS, text_to_image_reference  # noqa: E402
+from replay_noise import patch_diffusers_noise  # noqa: E402
 from tiny_models import tiny_bundle, tiny_ip_adapter, tiny_ip_adapter_bundle, tiny_source  # noqa: E402
 
 from edgediff.models.random_init import (  # noqa: E402

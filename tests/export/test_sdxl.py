@@ -10,12 +10,12 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from conftest import ReplayNoise  # noqa: E402
 from references import (  # noqa: E402
     PIXEL_ATOL,
     PROMPTS,
     reference_pipeline,  # noqa: E402
 )
+from replay_noise import ReplayNoise  # noqa: E402
 from tiny_models import tiny_bundle, tiny_source  # noqa: E402
 
 from edgediff.runtime import Bundle, BundleError, Pipeline  # noqa: E402

@@ -7,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from conftest import ReplayNoise, patch_diffusers_noise  # noqa: E402
+from replay_noise import ReplayNoise, patch_diffusers_noise  # noqa: E402
 from scheduler_configs import PIXART_SIGMA, SD15  # noqa: E402
 
 from edgediff.runtime.schedulers import make_sampler, sampler_for_scheduler  # noqa: E402

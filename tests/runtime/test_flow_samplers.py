@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from conftest import ReplayNoise, patch_diffusers_noise  # noqa: E402
+from replay_noise import ReplayNoise, patch_diffusers_noise  # noqa: E402
 from scheduler_configs import PIXART_SIGMA, SD15  # noqa: E402
 
 from edgediff.runtime import schedulers  # noqa: E402

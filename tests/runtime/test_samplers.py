@@ -6,7 +6,7 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from conftest import ReplayNoise, patch_diffusers_noise  # noqa: E402
+from replay_noise import ReplayNoise, patch_diffusers_noise  # noqa: E402
 from scheduler_configs import LCM_DREAMSHAPER_V7, SD15, SD21, SD_TURBO  # noqa: E402
 
 from edgediff.runtime.schedulers import make_sampler  # noqa: E402

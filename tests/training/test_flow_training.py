@@ -8,8 +8,8 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from conftest import ReplayNoise, patch_diffusers_noise  # noqa: E402
 from references import PIXEL_ATOL  # noqa: E402
+from replay_noise import ReplayNoise, patch_diffusers_noise  # noqa: E402
 
 PROMPT = "a large red circle at the left on a blue background"
 
