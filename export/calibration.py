@@ -83,11 +83,13 @@ def record_feeds(
     RecordedFeeds.ranges: each runs as a ranges.RangeSession in place of its own session, so that its feeds need
     not run again to calibrate it (the full-size SD-Turbo UNet at 512: 8 runs, 39 s)."""
     from edgediff.runtime import Bundle, Pipeline
+    from edgediff.runtime.pipeline import text_to_image_components
 
     from .ranges import RangeGraph
 
     bundle = Bundle.open(bundle_dir, verify="none")
-    unknown = set(ranges_for or {}) - set(bundle.manifest.components if components is None else components)
+    names = text_to_image_components(bundle.manifest) if components is None else list(components)
+    unknown = set(ranges_for or {}) - set(names)
     if unknown:
         raise ValueError(f"ranges wanted for components not recorded: {', '.join(sorted(unknown))}")
     range_graphs = {}
@@ -106,17 +108,16 @@ def record_feeds(
                 name: functools.partial(g.open, name, low_memory=one_at_a_time) for name, g in range_graphs.items()
             },
         )
-        return _record(pipe, prompts, components, seed, one_at_a_time, bounded, range_graphs)
+        return _record(pipe, prompts, names, seed, one_at_a_time, bounded, range_graphs)
     finally:
         for graph in range_graphs.values():
             graph.remove()
 
 
-def _record(pipe, prompts, components, seed, one_at_a_time, bounded, range_graphs) -> dict[str, RecordedFeeds]:
+def _record(pipe, prompts, names, seed, one_at_a_time, bounded, range_graphs) -> dict[str, RecordedFeeds]:
     from edgediff.runtime.denoisers import size_multiple
-    from edgediff.runtime.pipeline import DECODERS, text_to_image_components
+    from edgediff.runtime.pipeline import DECODERS
 
-    names = text_to_image_components(pipe.manifest) if components is None else components
     call = bounded_call(pipe.manifest.defaults, size_multiple(pipe.manifest)) if bounded else {}
     prompts = list(prompts)[:UNCALIBRATED_MAX_PROMPTS] if bounded else prompts
     # decoders whose inputs are wanted (full VAE, tiny decoder): each decodes the same sampled latents

@@ -160,13 +160,10 @@ def build_scheduler(cfg: FlowConfig):
 
 
 def build_student_scheduler(cfg: FlowConfig):
-    """The student's: re-noised steps (stochastic_sampling) on a grid stretched to end at second_sigma, so that
-    cfg.default_steps = 2 runs 1 -> second_sigma -> 0."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    return FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000, shift=cfg.shift, stochastic_sampling=True, shift_terminal=cfg.second_sigma
-    )
+    """The student's: the teacher's, with re-noised steps (stochastic_sampling) on a grid stretched to end at
+    second_sigma, so that cfg.default_steps = 2 runs 1 -> second_sigma -> 0."""
+    teacher = build_scheduler(cfg)
+    return type(teacher).from_config(teacher.config, stochastic_sampling=True, shift_terminal=cfg.second_sigma)
 
 
 class TextEncoding:
@@ -433,9 +430,10 @@ def stage_assemble(cfg: FlowConfig, run: Path, out: Path | None = None) -> Path:
         tokenizer_3=tokenizers[2],
     )
     student = SD3Transformer2DModel.from_pretrained(run / "distill" / "transformer")
-    StableDiffusion3Pipeline(transformer=student, **common).save_pretrained(out / "student")
+    StableDiffusion3Pipeline(
+        transformer=student, **{**common, "scheduler": build_student_scheduler(cfg)}
+    ).save_pretrained(out / "student")
     StableDiffusion3Pipeline(transformer=teacher, **common).save_pretrained(out / "teacher")
-    build_student_scheduler(cfg).save_pretrained(out / "student" / "scheduler")
     (out / "training_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     return out
 
