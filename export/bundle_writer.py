@@ -321,7 +321,7 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
             stages.plan(f"{name}: export", STAGE_COST["export"] * millions)
             stages.plan(f"{name}: check", STAGE_COST["check"] * millions)
         if options.quantized:
-            _plan_quantization(stages, sizes, precision, options)
+            _plan_quantization(stages, sizes, precision, options, fam)
         while work:  # popped as done, so that each torch module can be freed after its export
             component, (module, export_config), modules, attributes = work.pop(0)
             # dynamic-size graphs are checked on a smaller grid; fp16 graphs that may overflow at the bundle's size
@@ -440,7 +440,7 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
         del pipe, optimum_models, work
         release_memory()
         if options.quantized:
-            _quantize_bundle(staging, manifest, precision, options, stages)
+            _quantize_bundle(staging, manifest, precision, options, stages, fam)
             (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
         if options.segments > 1:  # last: the segments are cut from the denoiser as the bundle keeps it
             spec = manifest.components[manifest.denoiser]
@@ -495,7 +495,7 @@ def export_bundle(
     return write_onnx_bundle(source, out, options, progress)
 
 
-def _plan_quantization(stages, sizes: dict[str, float], precision: str, options: ExportOptions) -> None:
+def _plan_quantization(stages, sizes: dict[str, float], precision: str, options: ExportOptions, family) -> None:
     """Adds the quantisation stages to the progress bar: recording the calibration inputs, then per quantised
     component calibration (static schemes), the sensitivity pass (keep="auto"), quantising and checking. A
     component --quantize-only names that this model lacks is refused here, before any graph is exported."""
@@ -508,7 +508,7 @@ def _plan_quantization(stages, sizes: dict[str, float], precision: str, options:
     if missing:
         known = ", ".join(n for n in quantisable(precision) if n in sizes)
         raise ExportOptionsError("export_quantize_only_missing", names=", ".join(missing), known=known)
-    policy = component_policy(precision, options.quantize_only)
+    policy = component_policy(precision, options.quantize_only, family)
     stages.plan(
         "recording calibration inputs", STAGE_COST["record"] * sum(sizes.values()) * len(prompts or CALIBRATION_PROMPTS)
     )
@@ -531,7 +531,9 @@ def _ranges_while_recording(manifest: Manifest, name: str, scheme: str) -> bool:
     return SCHEMES[scheme].calibrated and not manifest.components[name].segments
 
 
-def _quantize_bundle(staging: Path, manifest: Manifest, precision: str, options: ExportOptions, stages=None) -> None:
+def _quantize_bundle(
+    staging: Path, manifest: Manifest, precision: str, options: ExportOptions, stages=None, family=None
+) -> None:
     """Replaces the components the policy names (those --quantize-only names, when given) with quantized graphs,
     one at a time, recording how in the manifest."""
     from .calibration import CALIBRATION_PROMPTS, record_feeds
@@ -540,7 +542,7 @@ def _quantize_bundle(staging: Path, manifest: Manifest, precision: str, options:
 
     keep, prompts = options.keep, options.calibration_prompts
     stages = stages or NoStages()
-    policy = component_policy(precision, options.quantize_only)
+    policy = component_policy(precision, options.quantize_only, family)
     # the graphs open together where they fit, else one at a time (the memory plan's rule)
     alone = record_one_at_a_time([spec.size for spec in manifest.components.values()], available_bytes())
     if alone:

@@ -48,6 +48,9 @@ class Family:
     default_size: int | None = None
     # the T5 tokens prompts take by default (FLUX: schnell 256, dev 512); None: the pipeline's own constant
     max_sequence_length: int | None = None
+    # The VAE decoder takes static int8 in int8-static bundles (quantize.component_policy). SANA's DC-AE decoder is
+    # most of an image's time on CPUs (71% at 512, 1 step); the KL VAEs' decoders stay fp32 (quantize.py says why)
+    static_int8_decoder: bool = False
 
 
 def _sd3(f: SourceFacts) -> bool:
@@ -92,6 +95,7 @@ FAMILIES: tuple[Family, ...] = (
         guidance_embedding=True,
         matches=lambda f: _sana(f) and (f.guidance_embeds or f.scheduler_class == "SCMScheduler"),
         max_sequence_length=300,
+        static_int8_decoder=True,
     ),
     Family(
         name="sana",
@@ -102,6 +106,7 @@ FAMILIES: tuple[Family, ...] = (
         guidance_embedding=False,
         matches=_sana,
         max_sequence_length=300,
+        static_int8_decoder=True,
     ),
     # FLUX.1 rows: its transformer class sets them apart; dev's transformer embeds the guidance (guidance-distilled,
     # no unconditional batch), schnell's has no guidance at all (timestep-distilled, 1-4 steps). Flow matching: the

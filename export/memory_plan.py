@@ -57,7 +57,8 @@ RECORDING_COPIES = 1.6
 # Quantising a graph holds it whole (onnxruntime's quantisers load every weight), its quantised weights and the
 # quantiser's working copies. Full-size SANA-Sprint's Gemma-2 (10.46 GB in fp32) was killed past 23.25 GB in
 # onnxruntime's dynamic int8 quantiser, so at least 2.2x; SD-Turbo's UNet (3.46 GB) took its int8-static export
-# to no more than 8.48 GB. VAE graphs are not quantised (quantize.QUANT_POLICY keeps them fp32).
+# to no more than 8.48 GB. VAE graphs are left out: the KL VAEs' stay fp32, and DC-AE's decoder, the one quantised
+# (Family.static_int8_decoder), is a fifth of SANA's transformer: never the quantisation's peak.
 QUANTIZE_COPIES = 2.3
 # int4 bundles quantise a graph past 2 GB a weight at a time (stream_quant.py): the packed weights (an eighth of their
 # fp32 bytes) and one fp32 weight while quantising, then the 4-bit graph open for its check, whose unquantised

@@ -9,7 +9,9 @@ Schemes (per component, chosen in QUANT_POLICY by bundle precision):
 - int4: 4-bit weights, activations stay fp32: MatMuls as MatMulNBits (symmetric, blocks of 32), convolutions
   with int4 weights in blocks of 32 input channels dequantised in front of the fp32 Conv (int4_conv.py).
 The VAE decoder stays fp32: it is convolutions only and overflow-prone, and its quality loss shows
-directly in the pixels. The tiny decoder takes static int8 in int8-static bundles, where it is the fast
+directly in the pixels. The exception is a family whose decoder is most of an image's time (SANA's DC-AE,
+Family.static_int8_decoder): int8-static bundles give it static int8, its blocks kept in fp32 by `keep="auto"`
+as any graph's. The tiny decoder takes static int8 in int8-static bundles, where it is the fast
 option anyway; its floor is checked on the shipped model (tests/export/test_quantize.py).
 
 Sensitivity (`keep="auto"`): activation ranges are calibrated once per graph, and every trial only places
@@ -120,9 +122,12 @@ def quantisable(precision: str) -> list[str]:
     return [name for name, scheme in QUANT_POLICY[precision].items() if scheme]
 
 
-def component_policy(precision: str, only: tuple[str, ...] = ()) -> dict[str, str | None]:
-    """QUANT_POLICY's row for `precision`; with `only` (ExportOptions.quantize_only), every other component fp32."""
-    policy = QUANT_POLICY[precision]
+def component_policy(precision: str, only: tuple[str, ...] = (), family=None) -> dict[str, str | None]:
+    """QUANT_POLICY's row for `precision`, with the VAE decoder in static int8 where the family (a
+    families.Family) asks for it; with `only` (ExportOptions.quantize_only), every other component fp32."""
+    policy = dict(QUANT_POLICY[precision])
+    if family is not None and family.static_int8_decoder and precision == "int8-static":
+        policy["vae_decoder"] = "int8-static"
     return {k: v if not only or k in only else None for k, v in policy.items()}
 
 
