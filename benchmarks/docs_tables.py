@@ -248,6 +248,26 @@ TABLES = {
         full_decoder=True,
         headers={"unet_call": "transformer call"},
     ),
+    "cpu-sana-sprint-avx2": Table(
+        (
+            "model",
+            "steps",
+            "config",
+            "system",
+            "total",
+            "text_encoder",
+            "unet_call",
+            "vae_decoder",
+            "cold",
+            "rss",
+            "vs_diffusers",
+            "quality",
+            "data",
+        ),
+        (Source(V + "2026-12-04-sana-sprint-int8-static.json"),),
+        full_decoder=True,
+        headers={"unet_call": "transformer call"},
+    ),
     "cpu-sd35-medium": Table(
         (
             "model",
