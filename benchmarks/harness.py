@@ -388,6 +388,20 @@ def _unlike_latents(reference, bundle) -> str | None:
     return None
 
 
+def _peer_noise(manifest, steps: int) -> str | None:
+    """Why a peer's images differ from the reference's by noise alone (its sampler re-noises between steps, and a
+    peer draws that noise from its own generator), or None. The tests compare them with the noise replayed."""
+    from edgediff.runtime.schedulers import make_sampler
+
+    sampler = make_sampler(manifest.scheduler["name"], manifest.scheduler["config"], manifest.prediction_type)
+    if steps > 1 and sampler.stochastic:  # one step ends at sigma 0: nothing is re-noised
+        return (
+            f"the {sampler.name} sampler re-noises between steps, and this peer draws that noise from its own "
+            "generator: its images differ by that noise, not by its work"
+        )
+    return None
+
+
 def _score(sysrow: dict, images: str | None, reference: Path, shipped: bool, notes: list) -> None:
     """The row's quality against the reference images, in place (sysrow["quality"])."""
     import numpy as np
@@ -544,10 +558,13 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
         macs = macs_by_graph[graph_key]
         rows = [_aggregate(s, procs[s]) for s in ("edgediff", *peers)]
         unlike = _unlike_latents(ref_bundle, bundle) if ref_bundle else None
+        noise = _peer_noise(m, steps) if ref_bundle else None
         for row in rows:
             row["ran"] = _ran(row["system"], bundle, cfg, half_on_gpu)
             if unlike:
                 row["quality"] = {"why": unlike}
+            elif noise and row["system"] != "edgediff":
+                row["quality"] = {"why": noise}
             elif reference is not None:
                 _score(row, procs[row["system"]][0].get("images"), reference, is_shipped_model(bundle.path), notes)
         for row in rows[1:]:

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 from tiny_models import tiny_bundle, tiny_source
 
-from edgediff.benchmarks.harness import BenchConfig, _mark_faster_below_floor, run_bench
+from edgediff.benchmarks.harness import BenchConfig, _mark_faster_below_floor, _peer_noise, run_bench
 from edgediff.benchmarks.quality import PSNR_FLOOR_DB, score_images
 from edgediff.benchmarks.report import quality_cell, to_markdown, write_outputs
 from edgediff.cli.main import cli
@@ -122,6 +122,20 @@ def test_faster_but_below_the_floor_is_marked_so():
     assert quality_cell(fast_bad, PSNR_FLOOR_DB).endswith("faster, but below the 30 dB floor**")
     assert quality_cell(slow_bad, PSNR_FLOOR_DB).endswith(", below the 30 dB floor**")
     assert "floor" not in quality_cell(kept, PSNR_FLOOR_DB)
+
+
+def test_peers_are_not_scored_where_their_sampler_draws_its_own_noise(models_root):
+    """SCM, LCM and re-noising flow Euler add noise between steps, which a peer draws from its own generator: past
+    one step its images are not the reference's work, and its row says why instead of reading below the floor."""
+    from edgediff.runtime import Bundle
+
+    lcm = Bundle.open(tiny_bundle("tiny-lcm", models_root)).manifest
+    euler = Bundle.open(tiny_bundle("tiny-sd1", models_root)).manifest
+    assert _peer_noise(lcm, 1) is None  # the last step ends at sigma 0: no noise drawn
+    assert "re-noises between steps" in _peer_noise(lcm, 2)
+    assert _peer_noise(euler, 2) is None, euler.scheduler["name"]
+    row = {"quality": {"why": _peer_noise(lcm, 4)}}
+    assert quality_cell(row, PSNR_FLOOR_DB).startswith("not scored: the lcm sampler re-noises")
 
 
 def test_scores_of_known_images():
