@@ -137,6 +137,8 @@ def stage_shapes(bundle, size: int, guidance_batch: int, decoder: str = "full") 
     Raises ValueError where the manifest does not give every input's shape."""
     m = bundle.manifest
     lat = size // m.vae_scale_factor
+    if m.conditioning.get("joint") == "sana":
+        return _sana_shapes(bundle, lat, guidance_batch, decoder)
     encoders, text_tokens = _text_tokens(m)
     if m.denoiser == "unet":
         denoiser = {
@@ -160,6 +162,28 @@ def stage_shapes(bundle, size: int, guidance_batch: int, decoder: str = "full") 
     shapes[m.denoiser] = denoiser
     shapes[DECODERS[decoder]] = {"latent_sample": (1, m.latent_channels, lat, lat)}
     return shapes
+
+
+def _sana_shapes(bundle, lat: int, guidance_batch: int, decoder: str) -> dict[str, dict[str, tuple]]:
+    """SANA's stage shapes: Gemma-2 on the bench prompt's tokens after the stored instruction prefix, as the runtime
+    runs it (a negative prompt's few tokens under CFG are left out), and the transformer on max_sequence_length."""
+    from edgediff.runtime.denoisers.sana import SanaConditioner
+
+    from .workers import PROMPT
+
+    m = bundle.manifest
+    text = SanaConditioner(bundle, {})
+    length = int(m.conditioning["max_sequence_length"])
+    prefix, tokens = text.prompt_tokens(PROMPT, length)
+    gemma = text.gemma.component
+    dims = {"batch_size": 1, "sequence_length": tokens, "prefix_length": prefix}
+    dims["prefix_length + sequence_length"] = prefix + tokens  # the attention mask's width, named as exported
+    denoiser = {"batch_size": guidance_batch, "height": lat, "width": lat, "sequence_length": length}
+    return {
+        gemma: _resolve(m.components[gemma].inputs, dims, gemma),
+        m.denoiser: _resolve(m.components[m.denoiser].inputs, denoiser, m.denoiser),
+        DECODERS[decoder]: {"latent_sample": (1, m.latent_channels, lat, lat)},
+    }
 
 
 def _graph_macs(bundle, size: int, guidance_batch: int, decoder: str = "full") -> dict | None:
@@ -205,8 +229,7 @@ def _text_tokens(manifest) -> tuple[list[tuple[str, int]], int]:
         return [(e["component"], e["tokenizer"]["max_length"]) for e in manifest.text_encoders], manifest.tokenizer[
             "max_length"
         ]
-    if joint not in ("sd3", "flux"):
-        # SANA: Gemma-2 runs on an instruction prefix's tokens too, a count the manifest does not record
+    if joint not in ("sd3", "flux"):  # SANA's are the prompt's (_sana_shapes); PixArt's not counted yet
         raise ValueError(f"the {manifest.family} family's text token counts are not in its manifest")
     long = int(c["max_sequence_length"])
     # T5 (the encoder without a pooled output) runs on max_sequence_length tokens, the CLIPs on their own length

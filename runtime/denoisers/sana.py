@@ -61,11 +61,7 @@ class SanaConditioner:
 
     def encode(self, prompts: list[str], length: int, instruct: bool, timings: dict):
         """(hidden states (B, length, D), mask (B, length)) for `prompts`, with the instruction prefix or not."""
-        prompts = [preprocess(p) for p in prompts]
-        total = length
-        if instruct and self.instruction:
-            prompts = [self.instruction + p for p in prompts]
-            total = self._instruction_tokens + length - 2
+        prompts, total = self._instructed(prompts, length, instruct)
         session = self.sessions.get(self.gemma.component)
         if self._prefixed:
             hidden, mask = self._run_after_prefix(session, prompts, total, instruct, timings)
@@ -75,6 +71,29 @@ class SanaConditioner:
         # SanaPipeline.encode_prompt's select_index: [0] + the last length - 1 (all of them without the prefix)
         keep = [0, *range(total - length + 1, total)]
         return hidden[:, keep], mask[:, keep]
+
+    def _instructed(self, prompts: list[str], length: int, instruct: bool) -> tuple[list[str], int]:
+        """The prompts as Gemma-2 reads them (after the instruction, when `instruct`) and their padded length."""
+        prompts = [preprocess(p) for p in prompts]
+        if instruct and self.instruction:
+            return [self.instruction + p for p in prompts], self._instruction_tokens + length - 2
+        return prompts, length
+
+    def _columns(self, ids: np.ndarray, mask: np.ndarray, instruct: bool):
+        """(the stored prefix or None, the first and past-the-last token Gemma-2 runs on)."""
+        prefix = self._cached_prefix(ids) if instruct else None
+        start = len(prefix["ids"]) if prefix else 0
+        return prefix, start, max(int(mask.sum(axis=1).max()), start + 1)  # right-padded: the rest is padding
+
+    def prompt_tokens(self, prompt: str, length: int) -> tuple[int, int]:
+        """(the stored prefix's tokens, the tokens Gemma-2 runs on after them) for `prompt`, as encode runs it:
+        what a compute count of the text encoder's call needs."""
+        prompts, total = self._instructed([prompt], length, True)
+        if not self._prefixed:  # Gemma-2 over every token
+            return 0, total
+        ids, mask = self._tokenizers(total).encode(prompts)
+        _, start, used = self._columns(ids, mask, True)
+        return start, used - start
 
     def _cached_prefix(self, ids: np.ndarray):
         """The stored prefix when every row's tokens begin with its ids, else None (Gemma-2 then runs from the
@@ -95,9 +114,7 @@ class SanaConditioner:
         t0 = time.perf_counter()
         ids, mask = self._tokenizers(total).encode(prompts)
         t1 = time.perf_counter()
-        prefix = self._cached_prefix(ids) if instruct else None
-        start = len(prefix["ids"]) if prefix else 0
-        used = max(int(mask.sum(axis=1).max()), start + 1)  # right-padded: the rest is padding in every row
+        prefix, start, used = self._columns(ids, mask, instruct)
         past = (prefix["keys"], prefix["values"]) if prefix else (self._empty, self._empty)
         extra = {"prefix_keys": past[0], "prefix_values": past[1]}
         out = run_encoder(self.gemma, session, ids[:, start:used], mask[:, :used], extra)[self.gemma.output]

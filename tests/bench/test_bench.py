@@ -182,6 +182,38 @@ def test_mac_count_follows_the_decoder_that_was_timed(models_root):
     assert tiny["unet"] == full["unet"] > 0
 
 
+def test_sana_mac_shapes_are_what_the_runtime_feeds_gemma_and_the_transformer(models_root, monkeypatch):
+    """SANA: Gemma-2 runs on the bench prompt's tokens after the stored instruction prefix, the transformer on
+    max_sequence_length text tokens; the shapes counted and profiled (op_profile) are the ones a pipeline call
+    feeds those graphs."""
+    from edgediff.benchmarks.harness import _graph_macs, stage_shapes
+    from edgediff.benchmarks.workers import PROMPT
+    from edgediff.runtime import Bundle, Pipeline
+    from edgediff.runtime.denoisers import sana
+
+    path = tiny_bundle("tiny-sana-sprint", models_root)
+    bundle = Bundle.open(path)
+    m = bundle.manifest
+    shapes = stage_shapes(bundle, 64, 1)
+    fed = {}
+    run_encoder = sana.run_encoder
+
+    def recording(encoder, session, ids, mask, extra):
+        fed.update(input_ids=ids.shape, attention_mask=mask.shape, **{k: v.shape for k, v in extra.items()})
+        return run_encoder(encoder, session, ids, mask, extra)
+
+    monkeypatch.setattr(sana, "run_encoder", recording)
+    with Pipeline.from_bundle(path) as pipe:
+        pipe(PROMPT, num_inference_steps=1, height=64, width=64, seed=0, output_type="np")
+    assert shapes["text_encoder"] == fed and fed["prefix_keys"][3] > 0  # after a prefix really stored
+    assert shapes["transformer"]["encoder_hidden_states"][1] == m.conditioning["max_sequence_length"]
+    # Gemma-2's count at those shapes; the transformer's stops in onnxruntime's shape inference, as FLUX's, and
+    # says so (the bench then notes it rather than count part of the image)
+    assert count_macs(bundle.component_path("text_encoder"), shapes["text_encoder"])["total"] > 0
+    with pytest.raises(ValueError, match="transformer graph"):
+        _graph_macs(bundle, 64, 1)
+
+
 def test_merge_keeps_every_machines_rows(bench_results, tmp_path):
     data, _ = bench_results
     other = json.loads(json.dumps(data))
