@@ -96,6 +96,22 @@ class Table:
 E, A, G = "epyc-2c-avx512/", "x86-2c-avx2/", "nvidia-h100-80gb/"
 V = "epyc-2c-avx2/"  # a 2-core AMD EPYC with AVX2 alone
 # the shipped models' tables: every stage, cold start and memory, against diffusers
+# the SANA-Sprint tables' columns: per stage, cold start and memory, against diffusers and against fp32
+SANA_COLUMNS = (
+    "model",
+    "steps",
+    "config",
+    "system",
+    "total",
+    "text_encoder",
+    "unet_call",
+    "vae_decoder",
+    "cold",
+    "rss",
+    "vs_diffusers",
+    "quality",
+    "data",
+)
 SHIPPED_COLUMNS = (
     "machine",
     "provider",
@@ -225,21 +241,7 @@ TABLES = {
         headers={"vae_decoder": "decoder"},
     ),
     "cpu-sana-sprint": Table(
-        (
-            "model",
-            "steps",
-            "config",
-            "system",
-            "total",
-            "text_encoder",
-            "unet_call",
-            "vae_decoder",
-            "cold",
-            "rss",
-            "vs_diffusers",
-            "quality",
-            "data",
-        ),
+        SANA_COLUMNS,
         (
             Source(E + "2026-12-03-sana-sprint.json"),
             Source(E + "2026-12-03-sana-sprint-int4.json"),
@@ -249,21 +251,7 @@ TABLES = {
         headers={"unet_call": "transformer call"},
     ),
     "cpu-sana-sprint-avx2": Table(
-        (
-            "model",
-            "steps",
-            "config",
-            "system",
-            "total",
-            "text_encoder",
-            "unet_call",
-            "vae_decoder",
-            "cold",
-            "rss",
-            "vs_diffusers",
-            "quality",
-            "data",
-        ),
+        SANA_COLUMNS,
         (Source(V + "2026-12-04-sana-sprint-int8-static.json"),),
         full_decoder=True,
         headers={"unet_call": "transformer call"},
