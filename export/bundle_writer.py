@@ -56,6 +56,7 @@ from .specs import (
 from .staging import staged
 from .tiny_decoder import load_tiny_decoder, tiny_attributes, tiny_decoder_for_export
 from .tracing import quiet_tracing, released_after_export, trace_context, trace_on_inputs
+from .upsample_conv import subpixel_upsample_convs
 
 log = logging.getLogger("edgediff.export")
 
@@ -190,11 +191,14 @@ def _validate(
 
 def _write_checked(component, raw_graph: Path, staging: Path, precision: str, reference, providers: list[str]):
     """Writes the component's graph in `precision` (fp32 / fp16) into the bundle and checks it against
-    PyTorch; returns its manifest files, input and output specs, and the check's differences."""
+    PyTorch; returns its manifest files, input and output specs, the check's differences, and the graph
+    rewrites made before the check (name -> how many; empty when none)."""
     import onnx
 
     model = to_fp16(raw_graph) if precision == "fp16" else onnx.load(str(raw_graph), load_external_data=False)
     float_argmax(model)  # after the fp16 conversion: see capture.py
+    # before the weights move into the bundle: a graph past 2 GB gets its new kernels in its own weights file
+    rewrites = {"subpixel_upsample_convs": subpixel_upsample_convs(model, raw_graph.parent)}
     files = _move_weights(model, raw_graph, staging, component.name) or _save_graph(model, staging, component.name)
     inputs, outputs = _tensor_specs(model.graph.input), _tensor_specs(model.graph.output)
     del model
@@ -203,6 +207,7 @@ def _write_checked(component, raw_graph: Path, staging: Path, precision: str, re
         inputs,
         outputs,
         _validate(component, reference, staging / f"{component.name}.onnx", TOLERANCES[precision], providers),
+        {name: count for name, count in rewrites.items() if count},
     )
 
 
@@ -383,7 +388,7 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
                 comp_precision = "fp32"
             with stages.stage(f"{component.name}: check"):
                 try:
-                    files, inputs, outputs, checks[component.name] = _write_checked(
+                    files, inputs, outputs, checks[component.name], rewrites = _write_checked(
                         component, raw_graph, staging, comp_precision, reference, check_providers
                     )
                 except ExportValidationError as exc:
@@ -392,9 +397,11 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
                     log.warning("%s: the fp16 graph fails its check (%s); keeping it in fp32", component.name, exc)
                     attributes = {**attributes, "fp16": f"kept fp32: the fp16 graph failed its check ({exc})"}
                     comp_precision = "fp32"
-                    files, inputs, outputs, checks[component.name] = _write_checked(
+                    files, inputs, outputs, checks[component.name], rewrites = _write_checked(
                         component, raw_graph, staging, comp_precision, reference, check_providers
                     )
+                if rewrites:  # same output, fewer operations (export/upsample_conv.py)
+                    attributes = {**attributes, "rewrites": rewrites}
                 if options.lora_slots and component.name in SLOT_COMPONENTS:  # side paths for run-time LoRAs
                     files, slots = slot_graph(
                         component.name, staging, options.lora_slots, reference[0], comp_precision, _save_graph
@@ -558,6 +565,7 @@ def _quantize_bundle(
             bounded=bounded,
             ranges_for={n: SCHEMES[policy[n]] for n in names if _ranges_while_recording(manifest, n, policy[n])},
         )
+    _replan_from_recording(stages, manifest, feeds, keep)
     release_memory()
     for name, spec in manifest.components.items():
         scheme_name = policy.get(name)
@@ -590,6 +598,27 @@ def _quantize_bundle(
         spec.precision = SCHEMES[scheme_name].precision
         spec.attributes["quantization"] = record
         release_memory()
+
+
+def _replan_from_recording(stages, manifest: Manifest, feeds: dict, keep) -> None:
+    """Re-weighs each quantised graph's stages that run it (its final check over every feed, the sensitivity pass's
+    whole-graph runs on its ranking feed) by the seconds a run took while recording. The plan weighed them by
+    parameters, which under-weighs convolutional graphs at full size: SANA's DC-AE decoder, 0.16 B parameters and
+    13 s a run at 512, showed 96% done with 54 s left at 22 minutes of a 37-minute export."""
+    from .quantize import MAX_OUTPUT_RUNS, SENSITIVITY_FEEDS, cropped_for_ranking
+
+    for name, recorded in feeds.items():
+        per_run = recorded.seconds_per_run()
+        if per_run is None or not recorded:
+            continue
+        stages.replan(f"{name}: final check", per_run * len(recorded))
+        if keep == "auto":  # the block quantisations the plan weighed stay; the runs are added
+            shapes = {i.name: i.shape for i in manifest.components[name].inputs}
+            ranked = cropped_for_ranking(shapes, recorded[0])
+            fraction = sum(np.size(v) for v in ranked.values()) / max(sum(np.size(v) for v in recorded[0].values()), 1)
+            stages.replan(
+                f"{name}: sensitivity", per_run * fraction * SENSITIVITY_FEEDS * (1 + MAX_OUTPUT_RUNS), add=True
+            )
 
 
 def _place_quantized(dst: Path, staging: Path, name: str, external: bool = False) -> dict[str, dict]:

@@ -10,6 +10,7 @@ against, so that the fp32 graph need not run over the feeds a second time.
 from __future__ import annotations
 
 import functools
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -56,13 +57,19 @@ def bounded_call(defaults: dict, multiple: int) -> dict:
 
 
 class RecordedFeeds(list):
-    """A graph's recorded input dicts, with `outputs`: its first output for each, in the same order, and `ranges`:
-    its activation ranges over them where recording took them (record_feeds' `ranges_for`), else None."""
+    """A graph's recorded input dicts, with `outputs`: its first output for each, in the same order, `ranges`:
+    its activation ranges over them where recording took them (record_feeds' `ranges_for`), else None, and
+    `seconds`: what each recorded run took (every run, kept or not; what the export's later runs of the graph
+    will cost, for the progress bar)."""
 
-    def __init__(self, feeds=(), outputs=(), ranges=None):
+    def __init__(self, feeds=(), outputs=(), ranges=None, seconds=()):
         super().__init__(feeds)
         self.outputs = list(outputs)
         self.ranges = ranges
+        self.seconds = list(seconds)
+
+    def seconds_per_run(self) -> float | None:
+        return float(np.median(self.seconds)) if self.seconds else None
 
 
 def record_feeds(
@@ -143,7 +150,10 @@ def _record(pipe, prompts, names, seed, one_at_a_time, bounded, range_graphs) ->
         if graph is not None and len(graph.runs) != len(feeds):  # each run's ranges belong to the feed it recorded
             raise RuntimeError(f"{name}: {len(graph.runs)} runs of its calibration graph for {len(feeds)} feeds")
         out[name] = RecordedFeeds(
-            [feeds[i] for i in kept], [feeds.outputs[i] for i in kept], graph.ranges(kept) if graph else None
+            [feeds[i] for i in kept],
+            [feeds.outputs[i] for i in kept],
+            graph.ranges(kept) if graph else None,
+            feeds.seconds,
         )
     return out
 
@@ -192,7 +202,9 @@ def _recording_run(session, into: RecordedFeeds):
 
     def run(run_options=None, **feeds):
         checked = session.check_inputs(feeds)
+        start = time.perf_counter()
         outputs = real(run_options, **checked)
+        into.seconds.append(time.perf_counter() - start)
         into.append({name: np.array(value) for name, value in checked.items()})
         into.outputs.append(np.array(outputs[0]))
         return outputs

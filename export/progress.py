@@ -45,11 +45,24 @@ class Stages:
         )
         self._planned: dict[str, float] = {}
         self._log = os.environ.get(STAGES_LOG_ENV) or None
+        self._start = time.perf_counter()
 
     def plan(self, name: str, weight: float) -> None:
         weight = max(float(weight), 1e-3)
         self._planned[name] = self._planned.get(name, 0.0) + weight
         self._bar.total += weight
+        self._bar.refresh()
+
+    def replan(self, name: str, seconds: float, add: bool = False) -> None:
+        """Re-weighs a stage not yet run as `seconds` at the rate the bar has gone so far (`add`: on top of its
+        planned weight), once what it will cost is known better than its plan said (a graph's measured run
+        time against its parameter count)."""
+        if name not in self._planned or self._bar.n <= 0:
+            return
+        rate = self._bar.n / max(time.perf_counter() - self._start, 1e-6)  # weight per second so far
+        weight = max(float(seconds) * rate, 1e-3) + (self._planned[name] if add else 0.0)
+        self._bar.total += weight - self._planned[name]
+        self._planned[name] = weight
         self._bar.refresh()
 
     @contextmanager
@@ -82,6 +95,9 @@ class NoStages:
     """Stages that show nothing (library calls without a bar)."""
 
     def plan(self, name: str, weight: float) -> None:
+        pass
+
+    def replan(self, name: str, seconds: float, add: bool = False) -> None:
         pass
 
     @contextmanager

@@ -348,10 +348,14 @@ def ranking_feed(model, feed: dict) -> dict:
     height and width are dynamic) cropped to its centre, each side divided by RANKING_SIDE_FRACTION; whole where the
     graph has no such input, or several (a crop of each would not keep their sizes in step), or where a side would
     fall under RANKING_MIN_CELLS."""
+    shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.input}
+    return cropped_for_ranking(shapes, feed)
+
+
+def cropped_for_ranking(input_shapes: dict[str, list], feed: dict) -> dict:
+    """ranking_feed for a graph whose inputs' declared shapes (name -> dims, strings where dynamic) are known."""
     images = [
-        v.name
-        for v in model.graph.input
-        if len(v.type.tensor_type.shape.dim) == 4 and all(d.dim_param for d in v.type.tensor_type.shape.dim[2:])
+        name for name, dims in input_shapes.items() if len(dims) == 4 and all(isinstance(d, str) for d in dims[2:])
     ]
     if len(images) != 1 or images[0] not in feed:
         return feed

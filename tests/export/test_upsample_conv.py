@@ -1,0 +1,197 @@
+"""Nearest 2x upsampling + 3x3 convolution rewritten as four 2x2 convolutions and a DepthToSpace
+(export/upsample_conv.py): the same output as PyTorch's module, from 4/9 of the multiply-adds, and only
+where the rewrite is exact."""
+
+import numpy as np
+import pytest
+
+# float32 sums of up to four taps in a new order: a few ulps of the outputs' scale
+REWRITE_TOLERANCE = 1e-5
+
+
+def _export(module, path, channels: int):
+    import torch
+
+    x = torch.zeros(1, channels, 5, 7)
+    torch.onnx.export(
+        module,
+        (x,),
+        str(path),
+        input_names=["x"],
+        output_names=["y"],
+        dynamic_axes={"x": {0: "batch", 2: "height", 3: "width"}},
+        opset_version=18,
+        dynamo=False,
+    )
+    import onnx
+
+    return onnx.load(str(path))
+
+
+def _up_conv(cin=6, cout=5, bias=True, mode="nearest", stride=1, groups=1, also_return_upsampled=False):
+    import torch
+    import torch.nn.functional as F
+
+    class UpConv(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(cin, cout, 3, padding=1, bias=bias, stride=stride, groups=groups)
+
+        def forward(self, x):
+            up = F.interpolate(x, scale_factor=2.0, mode=mode)
+            return (self.conv(up), up) if also_return_upsampled else self.conv(up)
+
+    torch.manual_seed(0)
+    return UpConv().eval()
+
+
+def _run(model, x):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(1, 6, 5, 7), (2, 6, 4, 4), (1, 6, 1, 3)])  # odd sides, a batch, one row
+def test_rewritten_graph_equals_pytorch(tmp_path, bias, shape):
+    import torch
+
+    from edgediff.export.upsample_conv import subpixel_upsample_convs
+
+    module = _up_conv(bias=bias)
+    model = _export(module, tmp_path / "up.onnx", channels=6)
+    assert subpixel_upsample_convs(model) == 1
+    ops = [n.op_type for n in model.graph.node]
+    assert "Resize" not in ops and ops.count("Conv") == 4 and "DepthToSpace" in ops
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    with torch.no_grad():
+        expected = module(torch.from_numpy(x)).numpy()
+    got = _run(model, x)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=0, atol=REWRITE_TOLERANCE * max(1.0, np.abs(expected).max()))
+
+
+def test_phase_kernels_sum_the_taps_each_phase_sees():
+    from edgediff.export.upsample_conv import phase_kernels
+
+    weight = np.arange(9, dtype=np.float32).reshape(1, 1, 3, 3)  # rows 0-2, 3-5, 6-8
+    kernels = phase_kernels(weight)
+    # phase (0, 0): its window's first row and column take the kernel's first; the second take the rest
+    np.testing.assert_array_equal(kernels[0, 0][0, 0], [[0, 1 + 2], [3 + 6, 4 + 5 + 7 + 8]])
+    np.testing.assert_array_equal(kernels[1, 1][0, 0], [[0 + 1 + 3 + 4, 2 + 5], [6 + 7, 8]])
+    assert all(k.dtype == np.float32 and k.shape == (1, 1, 2, 2) for k in kernels.values())
+    assert sum(k.sum() for k in kernels.values()) == 4 * weight.sum()  # each tap lands in every phase once
+
+
+def test_rewrite_takes_four_ninths_of_the_multiply_adds(tmp_path):
+    import onnx
+
+    from edgediff.benchmarks.macs import count_macs
+    from edgediff.export.upsample_conv import subpixel_upsample_convs
+
+    model = _export(_up_conv(cin=8, cout=8), tmp_path / "up.onnx", channels=8)
+    before = count_macs(tmp_path / "up.onnx", {"x": (1, 8, 16, 16)})["total"]
+    subpixel_upsample_convs(model)
+    onnx.save(model, str(tmp_path / "sub.onnx"))
+    after = count_macs(tmp_path / "sub.onnx", {"x": (1, 8, 16, 16)})["total"]
+    assert before == 8 * 8 * 9 * 32 * 32 and after * 9 == before * 4
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"mode": "bilinear"},  # not a copy of each pixel: no 2x2 window
+        {"stride": 2},
+        {"groups": 2, "cout": 6},
+        {"also_return_upsampled": True},  # the upsampled image is needed as well
+    ],
+)
+def test_other_graphs_stay_as_they_are(tmp_path, kwargs):
+    from edgediff.export.upsample_conv import subpixel_upsample_convs
+
+    model = _export(_up_conv(**kwargs), tmp_path / "up.onnx", channels=6)
+    before = [n.op_type for n in model.graph.node]
+    assert subpixel_upsample_convs(model) == 0
+    assert [n.op_type for n in model.graph.node] == before
+
+
+def test_rewrite_leaves_no_unused_weights_or_constants(tmp_path):
+    from edgediff.export.upsample_conv import subpixel_upsample_convs
+
+    model = _export(_up_conv(), tmp_path / "up.onnx", channels=6)
+    subpixel_upsample_convs(model)
+    used = {name for node in model.graph.node for name in node.input}
+    assert all(t.name in used for t in model.graph.initializer)
+    assert all(n.output[0] in used for n in model.graph.node if n.op_type == "Constant")
+
+
+def _upsamplers(module) -> int:
+    """Nearest 2x upsamplings with a 3x3 convolution after them, in a diffusers module."""
+    import torch
+    from diffusers.models.upsampling import Upsample2D
+
+    plain = sum(isinstance(m, Upsample2D) and m.use_conv and m.interpolate for m in module.modules())
+    # AutoencoderTiny: nn.Upsample followed by a convolution in one Sequential
+    layers = [m for m in module.modules() if isinstance(m, torch.nn.Sequential)]
+    tiny = sum(
+        isinstance(a, torch.nn.Upsample) and isinstance(b, torch.nn.Conv2d) for s in layers for a, b in zip(s, s[1:])
+    )
+    return plain + tiny
+
+
+def test_bundles_record_the_rewrite_on_every_upsampling(models_root):
+    """The tiny SD bundle's UNet and VAE decoder and its tiny decoder are rewritten wherever they upsample
+    (the parity tests check those graphs' images against diffusers')."""
+    import json
+
+    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
+    from tiny_models import tiny_autoencoder_tiny, tiny_bundle_with_tiny_decoder, tiny_source
+
+    bundle = tiny_bundle_with_tiny_decoder(models_root)
+    components = json.loads((bundle / "manifest.json").read_text())["components"]
+    source = tiny_source("tiny-sd1", models_root)
+    expected = {
+        "unet": _upsamplers(UNet2DConditionModel.from_pretrained(source / "unet")),
+        "vae_decoder": _upsamplers(AutoencoderKL.from_pretrained(source / "vae").decoder),
+        "vae_decoder_tiny": _upsamplers(AutoencoderTiny.from_pretrained(tiny_autoencoder_tiny(models_root)).decoder),
+        "vae_encoder": 0,
+        "text_encoder": 0,
+    }
+    assert expected["unet"] > 0 and expected["vae_decoder"] > 0 and expected["vae_decoder_tiny"] > 0
+    for name, count in expected.items():
+        rewrites = components[name].get("attributes", {}).get("rewrites", {})
+        assert rewrites.get("subpixel_upsample_convs", 0) == count, name
+
+
+def test_weights_outside_the_graph_are_rewritten_in_their_file(tmp_path):
+    """A graph past 2 GB keeps its weights in one external file: the new kernels go into that file, two of them
+    where the old kernel lay and the rest after it, and the graph still equals PyTorch."""
+    import onnx
+    import torch
+    from onnx.external_data_helper import ExternalDataInfo
+
+    from edgediff.export.upsample_conv import _ExternalWriter, subpixel_upsample_convs
+
+    module = _up_conv(cin=8, cout=8)
+    model = _export(module, tmp_path / "up.onnx", channels=8)
+    onnx.save_model(
+        model, str(tmp_path / "big.onnx"), save_as_external_data=True, location="big.onnx_data", size_threshold=0
+    )
+    before = (tmp_path / "big.onnx_data").stat().st_size
+    model = onnx.load(str(tmp_path / "big.onnx"), load_external_data=False)
+    old = next(ExternalDataInfo(t) for t in model.graph.initializer if t.dims == [8, 8, 3, 3])
+    assert subpixel_upsample_convs(model) == 0  # without the folder, weights outside stay where they are
+    assert subpixel_upsample_convs(model, tmp_path) == 1
+    kernels = [ExternalDataInfo(t) for t in model.graph.initializer if "phase" in t.name]
+    assert len(kernels) == 4 and all(k.location == "big.onnx_data" for k in kernels)
+    in_old_place = [k for k in kernels if old.offset <= k.offset and k.offset + k.length <= old.offset + old.length]
+    assert len(in_old_place) == 2 and all(k.length == 8 * 8 * 4 * 4 for k in kernels)
+    appended = (tmp_path / "big.onnx_data").stat().st_size - before
+    assert appended <= 2 * (8 * 8 * 4 * 4 + _ExternalWriter.ALIGN)
+    onnx.save_model(model, str(tmp_path / "big.onnx"))
+    x = np.random.default_rng(2).standard_normal((1, 8, 6, 5)).astype(np.float32)
+    with torch.no_grad():
+        expected = module(torch.from_numpy(x)).numpy()
+    got = _run(onnx.load(str(tmp_path / "big.onnx")), x)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=REWRITE_TOLERANCE * max(1.0, np.abs(expected).max()))
