@@ -19,16 +19,19 @@ SMALL_CONSTANT_ELEMENTS = (
 
 def _static_model(path: Path, input_shapes: dict[str, tuple]):
     import onnx
-    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+    from onnx.external_data_helper import _get_all_tensors, load_external_data_for_tensor, uses_external_data
 
     model = onnx.load(str(path), load_external_data=False)  # structure only: weights' dims are in the proto
-    for init in model.graph.initializer:
+    # initializers and Constant nodes' values alike: a large graph's exporter may have put either outside it
+    for tensor in _get_all_tensors(model):
         # Shape inference reads small constants (reshape targets); load those, never the big weights.
-        small = int(np.prod(init.dims)) <= SMALL_CONSTANT_ELEMENTS
-        if uses_external_data(init) and small:
-            load_external_data_for_tensor(init, str(path.parent))
+        small = int(np.prod(tensor.dims)) <= SMALL_CONSTANT_ELEMENTS
+        if uses_external_data(tensor) and small:
+            load_external_data_for_tensor(tensor, str(path.parent))
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
         elif not small:
-            init.ClearField("raw_data")  # weights stored inline: drop them before inference copies the model
+            tensor.ClearField("raw_data")  # weights stored inline: drop them before inference copies the model
     for inp in model.graph.input:
         if inp.name in input_shapes:
             dims = inp.type.tensor_type.shape.dim

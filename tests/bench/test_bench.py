@@ -61,6 +61,39 @@ def test_mac_counter_agrees_with_a_hand_count(tmp_path):
     assert count_macs(path, {"x": (2, 3, 8, 8)})["by_op"]["Conv"] == 2 * conv
 
 
+def test_mac_counter_reads_small_constants_a_large_graph_keeps_outside(tmp_path, monkeypatch):
+    """Reshape targets held as Constant nodes' values in the external-data file (as the exporter writes graphs past
+    2 GB) are read from the graph's own folder, whatever the working directory."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    target = numpy_helper.from_array(np.array([1, 16, 32], np.int64), "target_value")
+    nodes = [
+        helper.make_node("Constant", [], ["target"], value=target),
+        helper.make_node("Reshape", ["a", "target"], ["r"]),  # (1,4,4,32) -> (1,16,32)
+        helper.make_node("MatMul", ["r", "wm"], ["b"]),  # (1,16,32) x (32,8)
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "outside",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 4, "s", 32])],
+        [helper.make_tensor_value_info("b", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.zeros((32, 8), np.float32), "wm")],
+    )
+    (tmp_path / "g").mkdir()
+    path = tmp_path / "g" / "big.onnx"
+    onnx.save_model(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+        str(path),
+        save_as_external_data=True,
+        location="big.onnx.data",
+        size_threshold=0,
+        convert_attribute=True,
+    )
+    monkeypatch.chdir(tmp_path)  # not the graph's folder
+    assert count_macs(path, {"a": (1, 4, 4, 32)})["by_op"] == {"MatMul": 16 * 8 * 32}
+
+
 @pytest.fixture(scope="module")
 def bench_results(models_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
