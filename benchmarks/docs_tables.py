@@ -50,6 +50,11 @@ BUNDLE_LABELS = {
     "sd-turbo-avx2-fastest": "int8-static, `--keep auto`",
     "sd-turbo-vnni-int8s-all-fused": "int8-static, every block",
     "sd-turbo-vnni-fastest": "int8-static, `--keep auto`",
+    "sd-turbo-fp32-before": "fp32, upsampling as traced",
+    "sd-turbo-fp32-subpixel": "fp32, sub-pixel upsampling in the decoders",
+    "sd-turbo-fp32-subpixel-unet": "fp32, sub-pixel upsampling in the decoders and the UNet",
+    "sana-fp32-before": "fp32, upsampling as traced",
+    "sana-fp32-subpixel": "fp32, sub-pixel upsampling in the DC-AE decoder",
 }
 # bundles whose UNet attention is onnxruntime's MultiHeadAttention (export --attention fused)
 FUSED_ATTENTION = (
@@ -255,6 +260,17 @@ TABLES = {
         (Source(V + "2026-12-04-sana-sprint-int8-static.json"),),
         full_decoder=True,
         headers={"unet_call": "transformer call"},
+    ),
+    # the same source exported with its upsamplings as traced and rewritten (export/upsample_conv.py)
+    "cpu-subpixel": Table(
+        ("model", "steps", "config", "system", "total", "unet_call", "vae_decoder", "vs_diffusers", "quality", "data"),
+        (
+            Source(V + "2026-12-04-subpixel-sd-turbo.json"),
+            Source(V + "2026-12-04-subpixel-unet.json"),
+            Source(V + "2026-12-04-subpixel-sana-sprint.json"),
+        ),
+        full_decoder=True,
+        headers={"unet_call": "denoiser call"},
     ),
     "cpu-sd35-medium": Table(
         (

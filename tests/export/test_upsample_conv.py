@@ -61,7 +61,7 @@ def test_rewritten_graph_equals_pytorch(tmp_path, bias, shape):
 
     module = _up_conv(bias=bias)
     model = _export(module, tmp_path / "up.onnx", channels=6)
-    assert subpixel_upsample_convs(model) == 1
+    assert subpixel_upsample_convs(model, min_channels=1) == 1
     ops = [n.op_type for n in model.graph.node]
     assert "Resize" not in ops and ops.count("Conv") == 4 and "DepthToSpace" in ops
     x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
@@ -92,7 +92,7 @@ def test_rewrite_takes_four_ninths_of_the_multiply_adds(tmp_path):
 
     model = _export(_up_conv(cin=8, cout=8), tmp_path / "up.onnx", channels=8)
     before = count_macs(tmp_path / "up.onnx", {"x": (1, 8, 16, 16)})["total"]
-    subpixel_upsample_convs(model)
+    subpixel_upsample_convs(model, min_channels=1)
     onnx.save(model, str(tmp_path / "sub.onnx"))
     after = count_macs(tmp_path / "sub.onnx", {"x": (1, 8, 16, 16)})["total"]
     assert before == 8 * 8 * 9 * 32 * 32 and after * 9 == before * 4
@@ -112,7 +112,7 @@ def test_other_graphs_stay_as_they_are(tmp_path, kwargs):
 
     model = _export(_up_conv(**kwargs), tmp_path / "up.onnx", channels=6)
     before = [n.op_type for n in model.graph.node]
-    assert subpixel_upsample_convs(model) == 0
+    assert subpixel_upsample_convs(model, min_channels=1) == 0
     assert [n.op_type for n in model.graph.node] == before
 
 
@@ -120,10 +120,19 @@ def test_rewrite_leaves_no_unused_weights_or_constants(tmp_path):
     from edgediff.export.upsample_conv import subpixel_upsample_convs
 
     model = _export(_up_conv(), tmp_path / "up.onnx", channels=6)
-    subpixel_upsample_convs(model)
+    subpixel_upsample_convs(model, min_channels=1)
     used = {name for node in model.graph.node for name in node.input}
     assert all(t.name in used for t in model.graph.initializer)
     assert all(n.output[0] in used for n in model.graph.node if n.op_type == "Constant")
+
+
+def test_narrow_convolutions_stay_as_they_are(tmp_path):
+    from edgediff.export.upsample_conv import MIN_CHANNELS, subpixel_upsample_convs
+
+    narrow = _export(_up_conv(cin=MIN_CHANNELS - 1, cout=MIN_CHANNELS), tmp_path / "narrow.onnx", MIN_CHANNELS - 1)
+    assert subpixel_upsample_convs(narrow) == 0
+    wide = _export(_up_conv(cin=MIN_CHANNELS, cout=MIN_CHANNELS), tmp_path / "wide.onnx", MIN_CHANNELS)
+    assert subpixel_upsample_convs(wide) == 1
 
 
 def _upsamplers(module) -> int:
@@ -140,17 +149,27 @@ def _upsamplers(module) -> int:
     return plain + tiny
 
 
-def test_bundles_record_the_rewrite_on_every_upsampling(models_root):
-    """The tiny SD bundle's UNet and VAE decoder and its tiny decoder are rewritten wherever they upsample
-    (the parity tests check those graphs' images against diffusers')."""
+def test_rewritten_bundle_matches_diffusers(models_root, tmp_path, monkeypatch):
+    """The tiny SD model's convolutions are narrower than MIN_CHANNELS: exported with the rewrite made at any
+    width, its UNet, VAE decoder and tiny decoder are rewritten at every upsampling, the manifest counts them, and
+    the pipeline's images stay within 2/255 of diffusers' from the same latents."""
     import json
 
     from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
-    from tiny_models import tiny_autoencoder_tiny, tiny_bundle_with_tiny_decoder, tiny_source
+    from references import PIXEL_ATOL, ours_and_diffusers
+    from tiny_models import tiny_autoencoder_tiny, tiny_bundle, tiny_bundle_with_tiny_decoder, tiny_source
 
-    bundle = tiny_bundle_with_tiny_decoder(models_root)
-    components = json.loads((bundle / "manifest.json").read_text())["components"]
+    from edgediff.export import export_bundle, upsample_conv
+    from edgediff.runtime import Pipeline
+
     source = tiny_source("tiny-sd1", models_root)
+    as_shipped = json.loads((tiny_bundle("tiny-sd1", models_root) / "manifest.json").read_text())["components"]
+    assert not any("rewrites" in c.get("attributes", {}) for c in as_shipped.values())  # all narrower
+    monkeypatch.setattr(upsample_conv, "MIN_CHANNELS", 1)
+    bundle = export_bundle(
+        str(source), tmp_path / "rewritten", tiny_decoder=str(tiny_autoencoder_tiny(models_root)), progress=False
+    )
+    components = json.loads((bundle / "manifest.json").read_text())["components"]
     expected = {
         "unet": _upsamplers(UNet2DConditionModel.from_pretrained(source / "unet")),
         "vae_decoder": _upsamplers(AutoencoderKL.from_pretrained(source / "vae").decoder),
@@ -162,36 +181,12 @@ def test_bundles_record_the_rewrite_on_every_upsampling(models_root):
     for name, count in expected.items():
         rewrites = components[name].get("attributes", {}).get("rewrites", {})
         assert rewrites.get("subpixel_upsample_convs", 0) == count, name
-
-
-def test_weights_outside_the_graph_are_rewritten_in_their_file(tmp_path):
-    """A graph past 2 GB keeps its weights in one external file: the new kernels go into that file, two of them
-    where the old kernel lay and the rest after it, and the graph still equals PyTorch."""
-    import onnx
-    import torch
-    from onnx.external_data_helper import ExternalDataInfo
-
-    from edgediff.export.upsample_conv import _ExternalWriter, subpixel_upsample_convs
-
-    module = _up_conv(cin=8, cout=8)
-    model = _export(module, tmp_path / "up.onnx", channels=8)
-    onnx.save_model(
-        model, str(tmp_path / "big.onnx"), save_as_external_data=True, location="big.onnx_data", size_threshold=0
-    )
-    before = (tmp_path / "big.onnx_data").stat().st_size
-    model = onnx.load(str(tmp_path / "big.onnx"), load_external_data=False)
-    old = next(ExternalDataInfo(t) for t in model.graph.initializer if t.dims == [8, 8, 3, 3])
-    assert subpixel_upsample_convs(model) == 0  # without the folder, weights outside stay where they are
-    assert subpixel_upsample_convs(model, tmp_path) == 1
-    kernels = [ExternalDataInfo(t) for t in model.graph.initializer if "phase" in t.name]
-    assert len(kernels) == 4 and all(k.location == "big.onnx_data" for k in kernels)
-    in_old_place = [k for k in kernels if old.offset <= k.offset and k.offset + k.length <= old.offset + old.length]
-    assert len(in_old_place) == 2 and all(k.length == 8 * 8 * 4 * 4 for k in kernels)
-    appended = (tmp_path / "big.onnx_data").stat().st_size - before
-    assert appended <= 2 * (8 * 8 * 4 * 4 + _ExternalWriter.ALIGN)
-    onnx.save_model(model, str(tmp_path / "big.onnx"))
-    x = np.random.default_rng(2).standard_normal((1, 8, 6, 5)).astype(np.float32)
-    with torch.no_grad():
-        expected = module(torch.from_numpy(x)).numpy()
-    got = _run(onnx.load(str(tmp_path / "big.onnx")), x)
-    np.testing.assert_allclose(got, expected, rtol=0, atol=REWRITE_TOLERANCE * max(1.0, np.abs(expected).max()))
+    with Pipeline.from_bundle(bundle, provider="cpu", sampler="euler") as pipe:
+        ours, theirs = ours_and_diffusers(pipe, source, "euler", 2, 7.5, monkeypatch)
+        assert np.abs(ours - theirs).max() <= PIXEL_ATOL
+        assert np.abs(ours - ours[::-1]).max() > PIXEL_ATOL  # different prompts, different images: it can fail
+        # the tiny decoder against the same decoder as traced (diffusers' pipeline decodes with the full VAE)
+        latents = np.random.default_rng(3).standard_normal((2, 4, 8, 8)).astype(np.float32)
+        rewritten = pipe.decode(latents, decoder="tiny", output_type="np")
+    with Pipeline.from_bundle(tiny_bundle_with_tiny_decoder(models_root), provider="cpu") as traced:
+        assert np.abs(rewritten - traced.decode(latents, decoder="tiny", output_type="np")).max() <= PIXEL_ATOL
