@@ -306,7 +306,11 @@ TABLES = {
             "vs_diffusers",
             "data",
         ),
-        (Source(V + "2026-12-03-sd35-medium-fused-1024.json"),),
+        (
+            Source(V + "2026-12-05-sd35-medium-int8-512.json"),
+            Source(V + "2026-12-03-sd35-medium-fused-1024.json"),
+            Source(V + "2026-12-05-sd35-medium-int8-low-memory.json"),
+        ),
         full_decoder=True,
         headers={"unet_call": "transformer call"},
     ),
