@@ -53,6 +53,8 @@ BUNDLE_LABELS = {
     "sd-turbo-fp32-before": "fp32, upsampling as traced",
     "sd-turbo-fp32-subpixel": "fp32, sub-pixel upsampling in the decoders",
     "sd-turbo-fp32-subpixel-unet": "fp32, sub-pixel upsampling in the decoders and the UNet",
+    "sd-turbo-fastest-before": "int8-static, `--keep auto`, fused attention, upsampling as traced",
+    "sd-turbo-fastest-subpixel": "int8-static, `--keep auto`, fused attention, sub-pixel upsampling",
     "sana-fp32-before": "fp32, upsampling as traced",
     "sana-fp32-subpixel": "fp32, sub-pixel upsampling in the DC-AE decoder",
 }
@@ -271,6 +273,12 @@ TABLES = {
         ),
         full_decoder=True,
         headers={"unet_call": "denoiser call"},
+    ),
+    # the fastest bundle with and without the rewrite: no quality column (the reference decodes with the full VAE,
+    # these rows with the random tiny decoder; the file's notes give the two bundles' images against each other)
+    "cpu-subpixel-fastest": Table(
+        ("model", "steps", "config", "system", "total", "text_encoder", "unet_call", "vae_decoder", "rss", "data"),
+        (Source(V + "2026-12-05-subpixel-fastest.json"),),
     ),
     "cpu-sd35-medium": Table(
         (
