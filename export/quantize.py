@@ -52,7 +52,7 @@ INT4_BLOCK_SIZE = 32  # weights per scale: smaller blocks keep more precision, 3
 MAX_CALIBRATION_FEEDS = 16  # per component: the feeds that calibrate ranges and check the whole graph
 # The ranking's cost, per component: the feeds whose block-boundary tensors rank the blocks, and the whole-graph
 # runs (over those feeds) that measure groups of blocks' output error. Each is a full fp32 run of the graph
-# (15 s for the full-size UNet at 512 on 2 cores); the final check, over every calibration feed, still holds
+# (about 5 s for the full-size UNet at 512 on 2 AVX2 cores); the final check, over every calibration feed, still holds
 # the budget. One feed ranks the shipped model's blocks as two did (the same blocks kept, 46.3 dB mean PSNR
 # against fp32). Fewer runs cost size and speed: with 6, the full-size UNet kept 20 blocks in fp32, not 15.
 SENSITIVITY_FEEDS = 1
