@@ -103,8 +103,8 @@ class Table:
 E, A, G = "epyc-2c-avx512/", "x86-2c-avx2/", "nvidia-h100-80gb/"
 V = "epyc-2c-avx2/"  # a 2-core AMD EPYC with AVX2 alone
 # the shipped models' tables: every stage, cold start and memory, against diffusers
-# the SANA-Sprint tables' columns: per stage, cold start and memory, against diffusers and against fp32
-SANA_COLUMNS = (
+# the transformer families' tables (SANA-Sprint, SD3.5): per stage, cold start and memory, against diffusers and fp32
+TRANSFORMER_COLUMNS = (
     "model",
     "steps",
     "config",
@@ -248,7 +248,7 @@ TABLES = {
         headers={"vae_decoder": "decoder"},
     ),
     "cpu-sana-sprint": Table(
-        SANA_COLUMNS,
+        TRANSFORMER_COLUMNS,
         (
             Source(E + "2026-12-03-sana-sprint.json"),
             Source(E + "2026-12-03-sana-sprint-int4.json"),
@@ -258,7 +258,7 @@ TABLES = {
         headers={"unet_call": "transformer call"},
     ),
     "cpu-sana-sprint-avx2": Table(
-        SANA_COLUMNS,
+        TRANSFORMER_COLUMNS,
         (Source(V + "2026-12-04-sana-sprint-int8-static.json"),),
         full_decoder=True,
         headers={"unet_call": "transformer call"},
@@ -281,21 +281,7 @@ TABLES = {
         (Source(V + "2026-12-05-subpixel-fastest.json"),),
     ),
     "cpu-sd35-medium": Table(
-        (
-            "model",
-            "steps",
-            "config",
-            "system",
-            "total",
-            "text_encoder",
-            "unet_call",
-            "vae_decoder",
-            "cold",
-            "rss",
-            "vs_diffusers",
-            "quality",
-            "data",
-        ),
+        TRANSFORMER_COLUMNS,
         SD35_SOURCES,
         full_decoder=True,
         headers={"unet_call": "transformer call"},
