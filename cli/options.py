@@ -139,8 +139,8 @@ def _export_click():
             type=click.Choice([eo.AUTO, *eo.PRECISIONS]),
             default="fp32",
             show_default=True,
-            help="int8: dynamic int8 MatMul/Gemm; int8-static: calibrated QDQ int8 UNet (convolutions too); "
-            "int4: 4-bit weight-only MatMul. The VAE stays fp32.",
+            help="int8: dynamic int8 MatMul/Gemm; int8-static: calibrated QDQ int8 UNet (convolutions too; "
+            "SANA's DC-AE decoder too); int4: 4-bit weight-only MatMul. The KL VAEs stay fp32.",
         ),
         "keep": click.option(
             "--keep",
@@ -152,7 +152,8 @@ def _export_click():
             "--quantize-only",
             default="",
             help="int8/int4: quantise only these components (comma-separated, e.g. text_encoder_3: SD3's T5 in "
-            "4 bits, the transformer fp32); default: every component the precision quantises.",
+            "4 bits, the transformer fp32; vae_decoder with int8-static: SANA's DC-AE decoder alone); default: every "
+            "component the precision quantises.",
         ),
         "calibration_prompts": click.option(
             "--calibration-prompts",

@@ -511,10 +511,12 @@ def _plan_quantization(stages, sizes: dict[str, float], precision: str, options:
     from .quantize import MAX_CALIBRATION_FEEDS, SCHEMES, SENSITIVITY_FEEDS, component_policy, quantisable
 
     keep, prompts = options.keep, options.calibration_prompts
-    missing = [n for n in options.quantize_only if n not in sizes]
+    # a name this model lacks, or one this family keeps fp32 (the VAE decoder is static int8 only where
+    # Family.static_int8_decoder says so)
+    known = [n for n in quantisable(precision, family) if n in sizes]
+    missing = [n for n in options.quantize_only if n not in known]
     if missing:
-        known = ", ".join(n for n in quantisable(precision) if n in sizes)
-        raise ExportOptionsError("export_quantize_only_missing", names=", ".join(missing), known=known)
+        raise ExportOptionsError("export_quantize_only_missing", names=", ".join(missing), known=", ".join(known))
     policy = component_policy(precision, options.quantize_only, family)
     stages.plan(
         "recording calibration inputs", STAGE_COST["record"] * sum(sizes.values()) * len(prompts or CALIBRATION_PROMPTS)

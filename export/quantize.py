@@ -117,9 +117,16 @@ QUANT_POLICY = {
 }
 
 
-def quantisable(precision: str) -> list[str]:
-    """The components a bundle of this precision quantises (QUANT_POLICY), in the table's order."""
-    return [name for name, scheme in QUANT_POLICY[precision].items() if scheme]
+def quantisable(precision: str, family=None) -> list[str]:
+    """The components a bundle of this precision quantises, in the table's order: QUANT_POLICY's row with the
+    family's own choices (component_policy); with no family, those of any family in the registry (what
+    --quantize-only may name before the source is read)."""
+    if family is None:
+        from .families import FAMILIES
+
+        named = {n for f in FAMILIES for n, scheme in component_policy(precision, family=f).items() if scheme}
+        return [name for name in QUANT_POLICY[precision] if name in named]
+    return [name for name, scheme in component_policy(precision, family=family).items() if scheme]
 
 
 def component_policy(precision: str, only: tuple[str, ...] = (), family=None) -> dict[str, str | None]:

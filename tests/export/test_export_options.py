@@ -22,6 +22,8 @@ def test_cli_spellings_are_parsed():
     assert ExportOptions(keep="auto").keep == "auto" and ExportOptions(optimize=False).optimize is None
     only = ExportOptions(precision="int4", quantize_only="text_encoder_3, transformer").quantize_only
     assert only == ("text_encoder_3", "transformer")
+    # a decoder some family quantises (SANA's DC-AE in static int8) is known before the source is read
+    assert ExportOptions(precision="int8-static", quantize_only="vae_decoder").quantize_only == ("vae_decoder",)
 
 
 def test_from_cli_reads_the_prompt_file_and_palette_bits(tmp_path):
@@ -46,6 +48,10 @@ def test_from_cli_reads_the_prompt_file_and_palette_bits(tmp_path):
         (
             {"precision": "int4", "quantize_only": "vae_decoder"},
             "int4 bundles do not quantise vae_decoder; they quantise text_encoder, ",
+        ),
+        (
+            {"precision": "int8", "quantize_only": "vae_decoder"},
+            "int8 bundles do not quantise vae_decoder; they quantise text_encoder, ",
         ),
         ({"palettize": 6}, "--palettize apply to --target coreml"),
         ({"attention": "split_einsum"}, "--attention split_einsum apply to --target coreml"),

@@ -89,6 +89,23 @@ def test_quantize_only_leaves_every_other_component_fp32(models_root, tmp_path):
         assert bundle.manifest.components[name].files == fp32.manifest.components[name].files  # sha256 included
     # a component this model lacks is refused before anything is exported
     without_t5 = ExportOptions(precision="int4", quantize_only="text_encoder_3", t5=False, height=size, width=size)
-    with pytest.raises(ExportOptionsError, match="this model has no text_encoder_3"):
+    with pytest.raises(ExportOptionsError, match="this model has no quantisable text_encoder_3"):
         export(source, tmp_path / "no-t5", without_t5, progress=False)
     assert not (tmp_path / "no-t5").exists()
+    # so is a component this family keeps fp32: SD3's KL decoder is never static int8 (SANA's DC-AE is)
+    decoder = ExportOptions(precision="int8-static", quantize_only="vae_decoder", height=size, width=size)
+    with pytest.raises(ExportOptionsError, match="no quantisable vae_decoder .*: text_encoder, "):
+        export(source, tmp_path / "decoder", decoder, progress=False)
+    assert not (tmp_path / "decoder").exists()
+
+
+def test_quantize_only_takes_the_family_static_decoder(models_root, tmp_path):
+    """SANA's DC-AE decoder alone in static int8 (the rest fp32): the option names what the family quantises."""
+    from edgediff.export import ExportOptions, export
+
+    source, size = str(tiny_source("tiny-sana", models_root)), SIZE["tiny-sana"]
+    options = ExportOptions(precision="int8-static", quantize_only="vae_decoder", height=size, width=size)
+    bundle = Bundle.open(export(source, tmp_path / "dcae-int8", options, progress=False))
+    q = {name: spec.attributes["quantization"] for name, spec in bundle.manifest.components.items()}
+    assert q["vae_decoder"]["scheme"] == "int8-static" and q["vae_decoder"]["quantised_nodes"] > 0
+    assert {name for name, v in q.items() if v["scheme"]} == {"vae_decoder"}
