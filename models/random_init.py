@@ -933,14 +933,19 @@ def _pixart_pipeline(spec: dict, out_dir: str | Path, seed: int = 0):
     return pipe, [folder]
 
 
-def build_random_taesd(out_dir: str | Path, seed: int = 0) -> Path:
-    """Saves an AutoencoderTiny with TAESD's architecture (diffusers' defaults) and random weights: the
-    full-size tiny decoder for benchmarks (`--tiny-decoder OUT_DIR` at export)."""
+# tiny autoencoders by the latents they decode: TAESD (SD 1/2, SDXL's TAESDXL alike) takes 4 channels; TAESD3 (and
+# FLUX.1's TAEF1, the same architecture) 16. Both are diffusers' AutoencoderTiny defaults otherwise.
+TINY_AUTOENCODERS = {"taesd": 4, "taesd3": 16}
+
+
+def build_random_taesd(out_dir: str | Path, seed: int = 0, arch: str = "taesd") -> Path:
+    """Saves an AutoencoderTiny with TAESD's (or TAESD3's) architecture and random weights: the full-size tiny
+    decoder for benchmarks (`--tiny-decoder OUT_DIR` at export)."""
     import torch
     from diffusers import AutoencoderTiny
 
     torch.manual_seed(seed)
-    AutoencoderTiny().save_pretrained(out_dir)
+    AutoencoderTiny(latent_channels=TINY_AUTOENCODERS[arch]).save_pretrained(out_dir)
     return Path(out_dir)
 
 
@@ -1031,17 +1036,14 @@ def build_random_ip_adapter(arch: str, out_dir: str | Path, seed: int = 0) -> Pa
     return Path(out_dir)
 
 
-TAESD = "taesd"  # the architecture name main() takes for build_random_taesd
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("arch", choices=sorted([*ARCHS, TAESD]))
+    parser.add_argument("arch", choices=sorted([*ARCHS, *TINY_AUTOENCODERS]))
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    if args.arch == TAESD:
-        print(build_random_taesd(args.out_dir, args.seed))
+    if args.arch in TINY_AUTOENCODERS:
+        print(build_random_taesd(args.out_dir, args.seed, args.arch))
     else:
         print(build_random_pipeline(args.arch, args.out_dir, args.seed))
 

@@ -47,3 +47,21 @@ def test_a_half_precision_architecture_is_saved_one_model_at_a_time_in_its_store
     pipe.set_progress_bar_config(disable=True)
     image = pipe("a red circle", num_inference_steps=1, height=32, width=32, output_type="np").images
     assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all() and image.std() > 0
+
+
+@pytest.mark.parametrize("arch,channels", [("taesd", 4), ("taesd3", 16)])
+def test_a_random_tiny_autoencoder_takes_its_family_latents(tmp_path, arch, channels):
+    """TAESD decodes SD's 4 latent channels, TAESD3 SD3's (and FLUX's) 16: the exporter loads each for a model of
+    its width and refuses it for the other."""
+    from edgediff.export.tiny_decoder import load_tiny_decoder
+    from edgediff.models.random_init import build_random_taesd
+    from edgediff.runtime.errors import ExportError
+
+    folder = build_random_taesd(tmp_path / arch, arch=arch)
+    tiny = load_tiny_decoder(str(folder), channels)
+    assert tiny.config.latent_channels == channels and tiny.config.scaling_factor == 1.0
+    with torch.no_grad():
+        decoded = tiny.decode(torch.zeros(1, channels, 8, 8)).sample
+    assert decoded.shape == (1, 3, 64, 64)
+    with pytest.raises(ExportError, match=f"takes {channels} latent channels, the model makes {20 - channels}"):
+        load_tiny_decoder(str(folder), 20 - channels)
