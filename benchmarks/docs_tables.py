@@ -57,6 +57,7 @@ BUNDLE_LABELS = {
     "sd-turbo-fastest-subpixel": "int8-static, `--keep auto`, fused attention, sub-pixel upsampling",
     "sana-fp32-before": "fp32, upsampling as traced",
     "sana-fp32-subpixel": "fp32, sub-pixel upsampling in the DC-AE decoder",
+    "sana-dcae-int8s": "fp32, the DC-AE decoder in static int8 (every block), sub-pixel upsampling",
 }
 # bundles whose UNet attention is onnxruntime's MultiHeadAttention (export --attention fused)
 FUSED_ATTENTION = (
@@ -260,6 +261,13 @@ TABLES = {
     "cpu-sana-sprint-avx2": Table(
         TRANSFORMER_COLUMNS,
         (Source(V + "2026-12-04-sana-sprint-int8-static.json"),),
+        full_decoder=True,
+        headers={"unet_call": "transformer call"},
+    ),
+    # the best configuration on AVX2: the DC-AE decoder alone in static int8 (--quantize-only vae_decoder)
+    "cpu-sana-sprint-dcae-int8": Table(
+        TRANSFORMER_COLUMNS,
+        (Source(V + "2026-12-05-sana-sprint-dcae-int8.json"),),
         full_decoder=True,
         headers={"unet_call": "transformer call"},
     ),
