@@ -101,7 +101,7 @@ MESSAGES = {
     "export_keep": 'keep is "none", "auto" or comma-separated block names, got {value!r}',
     "export_quantize_only": "--quantize-only names the components to quantise, so it needs --precision int8, int8-static or int4, got {precision}",
     "export_quantize_only_component": "--quantize-only: {precision} bundles do not quantise {names}; they quantise {known}",
-    "export_quantize_only_missing": "--quantize-only: this model has no quantisable {names} (its quantisable components: {known})",
+    "export_quantize_only_missing": "--quantize-only: {names}: not quantised in this model's bundles (it has none, or its family keeps it fp32; its quantisable components: {known})",
     "export_onnx_only": "--target coreml writes fp16 packages (or palettized ones, --palettize); {options} apply to --target onnx",
     "export_coreml_only": "{options} apply to --target coreml",
     "export_lora_slots": "--lora-slots does not combine with {option}: {why}",

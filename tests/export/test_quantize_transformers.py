@@ -89,12 +89,15 @@ def test_quantize_only_leaves_every_other_component_fp32(models_root, tmp_path):
         assert bundle.manifest.components[name].files == fp32.manifest.components[name].files  # sha256 included
     # a component this model lacks is refused before anything is exported
     without_t5 = ExportOptions(precision="int4", quantize_only="text_encoder_3", t5=False, height=size, width=size)
-    with pytest.raises(ExportOptionsError, match="this model has no quantisable text_encoder_3"):
+    with pytest.raises(ExportOptionsError, match="text_encoder_3: not quantised in this model's bundles"):
         export(source, tmp_path / "no-t5", without_t5, progress=False)
     assert not (tmp_path / "no-t5").exists()
     # so is a component this family keeps fp32: SD3's KL decoder is never static int8 (SANA's DC-AE is)
     decoder = ExportOptions(precision="int8-static", quantize_only="vae_decoder", height=size, width=size)
-    with pytest.raises(ExportOptionsError, match="no quantisable vae_decoder .*: text_encoder, "):
+    with pytest.raises(
+        ExportOptionsError,
+        match="vae_decoder: not quantised .*its family keeps it fp32; its quantisable components: text_encoder, ",
+    ):
         export(source, tmp_path / "decoder", decoder, progress=False)
     assert not (tmp_path / "decoder").exists()
 
