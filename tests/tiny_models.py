@@ -38,24 +38,27 @@ def tiny_bundle(arch: str, root: Path, precision: str = "fp32") -> Path:
     return _CACHE[key]
 
 
-def tiny_autoencoder_tiny(root: Path) -> Path:
-    """A random AutoencoderTiny (TAESD-style) small enough for tests."""
-    key = ("source", "autoencoder-tiny")
+def tiny_autoencoder_tiny(root: Path, latent_channels: int = 4) -> Path:
+    """A random AutoencoderTiny small enough for tests: TAESD-style for the tiny SD models' 4 latent channels and
+    2x VAE, or TAESD3-style for tiny SD3's 16 channels and 8x VAE."""
+    key = ("source", "autoencoder-tiny", latent_channels)
     if key not in _CACHE:
         import torch
         from diffusers import AutoencoderTiny
 
         torch.manual_seed(0)
+        blocks = 2 if latent_channels == 4 else 4  # the upsampling matches the model's VAE
         tiny = AutoencoderTiny(
-            encoder_block_out_channels=(8, 8),
-            decoder_block_out_channels=(8, 8),
-            num_encoder_blocks=(1, 1),
-            num_decoder_blocks=(1, 1),
-            latent_channels=4,
+            encoder_block_out_channels=(8,) * blocks,
+            decoder_block_out_channels=(8,) * blocks,
+            num_encoder_blocks=(1,) * blocks,
+            num_decoder_blocks=(1,) * blocks,
+            latent_channels=latent_channels,
             upsampling_scaling_factor=2,
         )
-        tiny.save_pretrained(root / "tiny-autoencoder")
-        _CACHE[key] = root / "tiny-autoencoder"
+        folder = root / ("tiny-autoencoder" if latent_channels == 4 else f"tiny-autoencoder-{latent_channels}")
+        tiny.save_pretrained(folder)
+        _CACHE[key] = folder
     return _CACHE[key]
 
 

@@ -10,9 +10,11 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from references import PIXEL_ATOL, PROMPTS  # noqa: E402
-from tiny_models import tiny_sd3_bundle, tiny_source  # noqa: E402
+from tiny_models import tiny_autoencoder_tiny, tiny_sd3_bundle, tiny_source  # noqa: E402
 
 from edgediff.runtime import Bundle, InputError, Pipeline  # noqa: E402
+
+TINY_DECODER_ATOL = 1e-4  # the tiny decoder's fp32 graph against PyTorch, pixels in [0, 1]
 
 
 def _reference(source, manifest, t5: bool, latents, **call):
@@ -143,3 +145,39 @@ def test_no_t5_option_and_refusals(models_root, tmp_path):
     with pytest.raises(ExportOptionsError, match="--attention sliced is not available for sd3.5 models"):
         export(str(tiny_source("tiny-sd3", models_root)), tmp_path / "b", ExportOptions(attention="sliced"), False)
     assert not (tmp_path / "b").exists()
+
+
+def test_sd3_tiny_decoder_draws_what_diffusers_draws_with_it(models_root, tmp_path):
+    """A TAESD3-style decoder (16 channels) beside SD3's VAE takes the pipeline's latents as they are (its own
+    scaling 1, no shift), as StableDiffusion3Pipeline with vae=AutoencoderTiny decodes them; the full VAE keeps
+    SD3's scaling and shift."""
+    from edgediff.export import ExportOptions, export
+
+    tiny = tiny_autoencoder_tiny(models_root, latent_channels=16)
+    source = tiny_source("tiny-sd3", models_root)
+    options = ExportOptions(t5=False, tiny_decoder=str(tiny))
+    pipe = Pipeline.from_bundle(export(str(source), tmp_path / "sd3-tiny", options, progress=False), provider="cpu")
+    assert pipe.decoders == ["full", "tiny"]
+    latents = np.random.default_rng(3).standard_normal((1, 16, 8, 8)).astype(np.float32)
+    call = dict(num_inference_steps=1, guidance_scale=0.0, height=64, width=64)
+    ours = pipe(PROMPTS[0], latents=latents, output_type="np", decoder="tiny", **call).images
+
+    reference = diffusers.StableDiffusion3Pipeline.from_pretrained(
+        str(source), text_encoder_3=None, tokenizer_3=None, vae=diffusers.AutoencoderTiny.from_pretrained(str(tiny))
+    )
+    reference.vae.register_to_config(shift_factor=0.0)  # as TAESD3's model card sets it
+    reference.set_progress_bar_config(disable=True)
+    reference.scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(pipe.manifest.scheduler["config"])
+    theirs = reference(PROMPTS[0], latents=torch.from_numpy(latents), output_type="np", **call).images
+    assert ours.shape == theirs.shape == (1, 64, 64, 3)
+    assert np.abs(ours - theirs).max() <= PIXEL_ATOL
+    full = pipe(PROMPTS[0], latents=latents, output_type="np", decoder="full", **call).images
+    assert np.abs(full - ours).max() > PIXEL_ATOL  # the two decoders are different models
+    # closer than the pipelines' tolerance: the decoder alone against PyTorch, on the latents the pipeline returns
+    returned = pipe(PROMPTS[0], latents=latents, output_type="latent", **call).images
+    with torch.no_grad():
+        pixels = reference.vae.decode(torch.from_numpy(returned)).sample
+    expected = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(
+        pipe.decode(returned, decoder="tiny", output_type="np"), expected, atol=TINY_DECODER_ATOL
+    )
