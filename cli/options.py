@@ -151,9 +151,9 @@ def _export_click():
         "quantize_only": click.option(
             "--quantize-only",
             default="",
-            help="int8/int8-static/int4: quantise only these components (comma-separated, e.g. text_encoder_3: SD3's T5 in "
-            "4 bits, the transformer fp32; vae_decoder with int8-static: SANA's DC-AE decoder alone); default: every "
-            "component the precision quantises.",
+            help="int8/int8-static/int4: quantise only these components (comma-separated, e.g. text_encoder_3: "
+            "SD3's T5 in 4 bits, the transformer fp32; vae_decoder with int8-static: SANA's DC-AE decoder alone); "
+            "default: every component the precision quantises.",
         ),
         "calibration_prompts": click.option(
             "--calibration-prompts",
