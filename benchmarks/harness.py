@@ -236,9 +236,11 @@ def _text_tokens(manifest) -> tuple[list[tuple[str, int]], int]:
     encoders = [
         (e["component"], e["tokenizer"]["max_length"] if "pooled" in e else long) for e in manifest.text_encoders
     ]
-    # SD3: CLIP's tokens, then T5's (zeros without T5); FLUX: T5's alone
+    # SD3: CLIP's tokens, then T5's (zeros without T5, or one zero token where the transformer counts them); FLUX:
+    # T5's alone
     clip = manifest.text_encoders[0]["tokenizer"]["max_length"]
-    return encoders, (clip + long if joint == "sd3" else long)
+    counted = manifest.components[manifest.denoiser].attributes.get("counted_text")
+    return encoders, (clip + (1 if counted else long) if joint == "sd3" else long)
 
 
 def _guidance_batch(manifest) -> int:

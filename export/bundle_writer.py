@@ -6,6 +6,7 @@ export_bundle("path/or/hub-id", "out/bundle", precision="fp32")   # the same, op
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 from contextlib import ExitStack, nullcontext
@@ -31,6 +32,7 @@ from .controlnet import (
     residual_attributes,
     with_residuals,
 )
+from .counted_text import counted_transformer_for_export, counts_text
 from .gemma_prefix import write_prefix
 from .lora import fuse_loras
 from .lora_slots import SLOT_COMPONENTS, slot_graph
@@ -277,6 +279,8 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
             ctx = with_residuals(ctx, controlnets)  # the UNet then takes their residuals as inputs
             ip_adapter = ipa.load_ip_adapter(options.ip_adapter, options.ip_adapter_image_encoder, pipe, ctx)
             ctx = ipa.with_image_embeds(ctx, ip_adapter)  # the UNet then takes image embeddings and a scale
+            # SD3 without T5: its zero tokens enter the transformer as one, counted
+            ctx = dataclasses.replace(ctx, counted_text=counts_text(pipe, ctx))
             sliced_layers = use_attention(unet, "sliced") if attention == "sliced" else 0
         loaded.enter_context(libraries_frozen())  # the libraries and the source are loaded: collections skip them
 
@@ -287,6 +291,9 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
             optimum_models["unet"] = ipa.unet_for_export(pipe.unet, ctx, trace_ctx)
         elif controlnets:  # the UNet or SD3 transformer taking their residuals
             optimum_models.update(denoiser_for_export(pipe, optimum_models, ctx, trace_ctx))
+        elif ctx.counted_text:
+            config = optimum_models["transformer"][1]
+            optimum_models["transformer"] = counted_transformer_for_export(pipe.transformer, config, ctx, trace_ctx)
         components, checks, check_sizes = {}, {}, {}
         raw_dir = staging / "_raw"
         transformer = getattr(pipe, "transformer", None)
@@ -299,6 +306,7 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
             # SD3: latent cells per token along each side; image sides are multiples of it x the VAE's factor
             "transformer": {
                 "patch_size": None if transformer is None else int(transformer.config.patch_size),
+                **({"counted_text": True} if ctx.counted_text else {}),
                 **(residual_attributes(ctx) if controlnets else {}),
             },
         }

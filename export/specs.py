@@ -12,6 +12,8 @@ from typing import Callable
 
 import numpy as np
 
+from edgediff.runtime.denoisers.sd3 import TEXT_LOG_COUNTS, text_log_counts
+
 # Export checks: max |onnx - torch| / max(1, max |torch|) per output, on random inputs.
 FP32_TOLERANCE = 2e-3  # fp32 kernels differ in summation order and fused attention; 1e-4 is typical on tiny models
 FP16_TOLERANCE = 5e-2  # fp16 graphs keep fp32 I/O; half-precision accumulations across a full UNet
@@ -43,6 +45,8 @@ class ExportContext:
     # SD3: T5's vocabulary (None when T5 is left out) and the T5 tokens that follow CLIP's in the joint sequence
     vocab_size_3: int | None = None
     max_sequence_length: int | None = None
+    # SD3 without T5: the transformer takes the zero T5 tokens as one, with text_log_counts (export/counted_text.py)
+    counted_text: bool = False
     # FLUX: the second encoder is T5 and takes this many tokens (None: CLIP's max_length); latents reach the
     # transformer packed as packing x packing patches, with position ids; dev's transformer embeds the guidance
     text_2_length: int | None = None
@@ -160,7 +164,8 @@ def _transformer_inputs(ctx: ExportContext, rng):
     if ctx.attention_mask:
         return _sana_transformer_inputs(ctx, rng)
     h, w = ctx.height // ctx.vae_scale_factor, ctx.width // ctx.vae_scale_factor
-    tokens = ctx.max_length + ctx.max_sequence_length  # CLIP's tokens, then T5's (zeros without T5)
+    # CLIP's tokens, then T5's (zeros without T5: one token standing for them all when counted)
+    tokens = ctx.max_length + (1 if ctx.counted_text else ctx.max_sequence_length)
     inputs = {
         "hidden_states": rng.standard_normal((VALIDATION_BATCH, ctx.latent_channels, h, w)).astype(np.float32),
         "encoder_hidden_states": rng.standard_normal((VALIDATION_BATCH, tokens, ctx.cross_attention_dim)).astype(
@@ -174,6 +179,8 @@ def _transformer_inputs(ctx: ExportContext, rng):
         from .controlnet import residual_inputs
 
         inputs.update(residual_inputs(ctx, rng))
+    if ctx.counted_text:  # the last (random, not zero: any repeated token) stands for max_sequence_length of them
+        inputs[TEXT_LOG_COUNTS] = text_log_counts(VALIDATION_BATCH, tokens, ctx.max_sequence_length)
     return inputs
 
 
@@ -264,6 +271,10 @@ def _transformer_call(pipe, x):
     if "img_ids" in x or "encoder_attention_mask" in x:  # FLUX, SANA: the graph's inputs are the call's
         plain = {k: v for k, v in x.items() if not is_block_input(k)}  # FLUX's block samples go in as lists
         return [pipe.transformer(**plain, **transformer_block_kwargs(x)).sample]
+    if TEXT_LOG_COUNTS in x:  # counted text: diffusers' transformer on the sequence it stands for
+        from .counted_text import expanded
+
+        x = {**x, "encoder_hidden_states": expanded(x["encoder_hidden_states"], x[TEXT_LOG_COUNTS])}
     return [
         pipe.transformer(
             hidden_states=x["hidden_states"],

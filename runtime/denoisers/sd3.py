@@ -4,7 +4,8 @@ StableDiffusion3Pipeline.encode_prompt does (clip_skip None).
 The joint text sequence is both CLIPs' penultimate hidden states side by side, zero-padded to the transformer's
 joint width, followed by T5's last hidden state (max_sequence_length tokens; zeros when the bundle was exported
 without T5, as diffusers with text_encoder_3=None); the pooled text is both CLIPs' projected pooled outputs side
-by side. The timestep goes in once per batch row.
+by side. The timestep goes in once per batch row. A transformer exported without T5 takes its zeros as one token
+counted max_sequence_length times (`text_log_counts`, export/counted_text.py): the same output for less work.
 """
 
 from __future__ import annotations
@@ -15,6 +16,17 @@ from ..conditioning import LengthTokenizers, prompts_for, run_timed, sequence_le
 from ..control import taken_residuals, zero_residuals
 from ..tokenizer import PromptTokenizer
 from .base import DenoiserBase, flow_start_index, per_row
+
+# the transformer input that counts repeated text tokens: per token, the log of how many equal tokens it stands for
+TEXT_LOG_COUNTS = "text_log_counts"
+
+
+def text_log_counts(batch: int, tokens: int, zero_tokens: int) -> np.ndarray:
+    """(batch, tokens) log counts of a counted joint text: 0 for each CLIP token, log(zero_tokens) for the last,
+    the zero token that stands for T5's."""
+    counts = np.zeros((batch, tokens), dtype=np.float32)
+    counts[:, -1] = np.log(zero_tokens)
+    return counts
 
 
 class SD3Conditioner:
@@ -29,6 +41,8 @@ class SD3Conditioner:
         self.max_sequence_length = int(c["max_sequence_length"])
         self.sessions = sessions
         self._t5_tokenizer = None if self.t5 is None else LengthTokenizers(bundle, self.t5)
+        transformer = bundle.manifest.components["transformer"]
+        self.counted = any(t.name == TEXT_LOG_COUNTS for t in transformer.inputs)  # zero T5 tokens as one
 
     @property
     def components(self) -> list[str]:
@@ -40,7 +54,8 @@ class SD3Conditioner:
         return self.clips[0].tokenizer
 
     def encode(self, prompts: list[str], max_sequence_length: int, timings: dict) -> tuple[np.ndarray, np.ndarray]:
-        """(joint text (B, clip tokens + max_sequence_length, joint width), pooled (B, P)) for `prompts`."""
+        """(joint text (B, clip tokens + max_sequence_length, joint width), pooled (B, P)) for `prompts`; a counted
+        transformer's joint text has one zero token in place of T5's."""
         hidden, pooled = [], []
         for enc in self.clips:
             text = prompts_for(prompts, enc.component)  # prompt_2: CLIP-G's
@@ -50,7 +65,8 @@ class SD3Conditioner:
         clip = np.concatenate(hidden, axis=-1)
         clip = np.pad(clip, ((0, 0), (0, 0), (0, self.joint_width - clip.shape[-1])))
         if self.t5 is None:
-            t5 = np.zeros((len(prompts), max_sequence_length, self.joint_width), dtype=np.float32)
+            zeros = 1 if self.counted else max_sequence_length
+            t5 = np.zeros((len(prompts), zeros, self.joint_width), dtype=np.float32)
         else:
             tokenizer = self._t5_tokenizer(max_sequence_length)
             text = prompts_for(prompts, self.t5.component)  # prompt_3
@@ -66,7 +82,10 @@ class SD3Conditioner:
             pooled = np.concatenate([np.repeat(uncond_pooled, repeat, 0), np.repeat(pooled, repeat, 0)])
         else:
             cond, pooled = np.repeat(cond, repeat, 0), np.repeat(pooled, repeat, 0)
-        return {"encoder_hidden_states": cond, "pooled_projections": pooled}
+        feeds = {"encoder_hidden_states": cond, "pooled_projections": pooled}
+        if self.counted:  # the CLIP tokens once each, the zero token for max_sequence_length of them
+            feeds[TEXT_LOG_COUNTS] = text_log_counts(cond.shape[0], cond.shape[1], max_sequence_length)
+        return feeds
 
 
 class SD3Denoiser(DenoiserBase):

@@ -33,6 +33,7 @@ CASES = [
     (True, 1, 4.5, ["blurry", "dark"], (48, 64), 2, 32),  # non-square, negatives, a batch per prompt, short T5
     (False, 2, 5.0, None, (64, 64), 1, None),  # --no-t5: zeros in T5's place, as diffusers without text_encoder_3
     (False, 1, 0.0, None, (64, 32), 1, None),
+    (False, 1, 3.0, None, (64, 64), 1, 32),  # --no-t5 with fewer zero tokens: the count follows the call
 ]
 
 
@@ -96,6 +97,47 @@ def test_sd3_manifest_records_what_the_runtime_needs(models_root):
     assert without.manifest.conditioning["t5"] is False and len(without.manifest.conditioning["encoders"]) == 2
     assert not (without.path / "tokenizer_3.json").exists()
     assert json.loads((without.path / "manifest.json").read_text())["provenance"]["source"]
+
+
+def test_sd3_without_t5_takes_its_zero_tokens_as_one_counted(models_root, tmp_path):
+    """A --no-t5 bundle's transformer takes the CLIP tokens and one zero token standing for T5's 256: the graph gives
+    what it gives on the whole zero sequence, and fused, each joint attention takes the counts as its bias."""
+    import onnx
+    import onnxruntime as ort
+
+    from edgediff.export import ExportOptions, export
+    from edgediff.runtime.denoisers.sd3 import TEXT_LOG_COUNTS, text_log_counts
+
+    bundle = Bundle.open(tiny_sd3_bundle(models_root, t5=False))
+    transformer = bundle.manifest.components["transformer"]
+    assert transformer.attributes["counted_text"] is True
+    assert TEXT_LOG_COUNTS in {t.name for t in transformer.inputs}
+    session = ort.InferenceSession(str(bundle.component_path("transformer")), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    clip = rng.standard_normal((2, 16, 96)).astype(np.float32)  # the tiny CLIPs' 16 tokens, padded to T5's width
+    common = {
+        "hidden_states": rng.standard_normal((2, 16, 8, 8)).astype(np.float32),
+        "pooled_projections": rng.standard_normal((2, 56)).astype(np.float32),
+        "timestep": np.array([500.0, 800.0], dtype=np.float32),
+    }
+    whole = np.concatenate([clip, np.zeros((2, 256, 96), np.float32)], axis=1)
+    expected = session.run(None, {**common, "encoder_hidden_states": whole, TEXT_LOG_COUNTS: np.zeros((2, 272), "f")})
+    counted = np.concatenate([clip, np.zeros((2, 1, 96), np.float32)], axis=1)
+    ours = session.run(None, {**common, "encoder_hidden_states": counted, TEXT_LOG_COUNTS: text_log_counts(2, 17, 256)})
+    assert np.abs(ours[0] - expected[0]).max() <= 1e-4 * max(1.0, np.abs(expected[0]).max())
+
+    source = tiny_source("tiny-sd3", models_root)
+    fused = Bundle.open(export(str(source), tmp_path / "fused", ExportOptions(t5=False, attention="fused"), False))
+    graph = onnx.load(str(fused.component_path("transformer")), load_external_data=False)
+    attention = [n for n in graph.graph.node if n.op_type == "MultiHeadAttention"]
+    joint = [n for n in attention if len(n.input) == 6 and n.input[5]]  # with attention_bias
+    layers = diffusers.SD3Transformer2DModel.load_config(str(source / "transformer"))["num_layers"]
+    assert len(joint) == layers  # each joint block's; SD3.5's second, image-only attention takes none
+    latents = np.random.default_rng(5).standard_normal((len(PROMPTS), 16, 8, 8)).astype(np.float32)
+    call = dict(num_inference_steps=2, guidance_scale=4.0, height=64, width=64)
+    images = Pipeline(fused, provider="cpu")(PROMPTS, latents=latents, output_type="np", **call).images
+    theirs = _reference(source, fused.manifest, False, latents, prompt=PROMPTS, **call)
+    assert np.abs(images - theirs).max() <= PIXEL_ATOL
 
 
 def test_sd3_families_are_detected_from_configs(models_root):
