@@ -19,6 +19,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from edgediff.runtime.denoisers.sd3 import counts_text
 from edgediff.runtime.options import DECODERS, RuntimeOptions
 
 from .quality import PSNR_FLOOR_DB, is_shipped_model
@@ -239,7 +240,7 @@ def _text_tokens(manifest) -> tuple[list[tuple[str, int]], int]:
     # SD3: CLIP's tokens, then T5's (zeros without T5, or one zero token where the transformer counts them); FLUX:
     # T5's alone
     clip = manifest.text_encoders[0]["tokenizer"]["max_length"]
-    counted = manifest.components[manifest.denoiser].attributes.get("counted_text")
+    counted = counts_text(manifest.components[manifest.denoiser])
     return encoders, (clip + (1 if counted else long) if joint == "sd3" else long)
 
 

@@ -19,18 +19,12 @@ MultiHeadAttention node. On CPU onnxruntime runs it as flash attention (MLAS, ti
 https://arxiv.org/abs/2205.14135): the (tokens x tokens) scores are never whole. That is what SD3.5 at 1024
 needs, whose joint attention over 2 x 4,429 tokens is 3.8 GB of scores per layer unfused. CUDA and DirectML
 have their own MultiHeadAttention kernels. Masked or causal attention (the CLIP and Gemma text encoders,
-SANA's and PixArt's cross-attention) keeps its plain form, except the additive key bias of SD3's counted text
-(export/counted_text.py), which goes in as the node's attention_bias.
+SANA's and PixArt's cross-attention) keeps its plain form.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from contextvars import ContextVar
-
-# set by bias_fusable(): additive masks fuse only where their caller says so (text encoders' causal and padding
-# masks keep their plain form)
-_BIAS_FUSABLE = ContextVar("bias_fusable", default=False)
 
 
 class PerHeadAttnProcessor:
@@ -128,59 +122,49 @@ def use_attention(module, mode: str) -> int:
     return count
 
 
-def _multi_head_attention(original, biased: bool = False):
+def _multi_head_attention(original):
     """A torch.autograd.Function computing `original` (PyTorch's scaled_dot_product_attention) whose ONNX
-    form is onnxruntime's MultiHeadAttention on (batch, tokens, heads x head_dim) operands; `biased`: with an
-    additive (batch or 1, heads or 1, queries, keys) float mask, its `attention_bias` input. Heads and head size
-    come in as Python ints from the traced call: in the exported graph's types they are often unknown (the
+    form is onnxruntime's MultiHeadAttention on (batch, tokens, heads x head_dim) operands (the values' head size
+    may differ from the queries' and keys': export/counted_text.py's keys carry one channel more). Heads and head
+    sizes come in as Python ints from the traced call: in the exported graph's types they are often unknown (the
     processors reshape with -1), and MultiHeadAttention needs the head count as an attribute."""
     import torch
-    from torch.onnx import symbolic_helper
 
     class MultiHeadAttention(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, query, key, value, bias, heads, head_dim, scale):
-            return original(query, key, value, attn_mask=bias, scale=scale)
+        def forward(ctx, query, key, value, heads, head_dim, value_dim, scale):
+            return original(query, key, value, scale=scale)
 
         @staticmethod
-        def symbolic(g, query, key, value, bias, heads, head_dim, scale):
+        def symbolic(g, query, key, value, heads, head_dim, value_dim, scale):
             def shape(*dims):  # 0 keeps the input's batch, -1 the tokens: both stay dynamic
                 return g.op("Constant", value_t=torch.tensor(dims, dtype=torch.int64))
 
-            def tokens_last(x):  # (batch, heads, tokens, d) -> (batch, tokens, heads x d)
-                return g.op("Reshape", g.op("Transpose", x, perm_i=[0, 2, 1, 3]), shape(0, -1, heads * head_dim))
+            def tokens_last(x, dim):  # (batch, heads, tokens, dim) -> (batch, tokens, heads x dim)
+                return g.op("Reshape", g.op("Transpose", x, perm_i=[0, 2, 1, 3]), shape(0, -1, heads * dim))
 
             scale_attribute = {} if scale is None else {"scale_f": float(scale)}  # default: 1/sqrt(head_dim)
-            operands = [tokens_last(query), tokens_last(key), tokens_last(value)]
-            if biased:  # inputs 3 and 4 (packed projection bias, key padding mask) left out
-                skipped = symbolic_helper._optional_input_placeholder_tensor(g)
-                operands += [skipped, skipped, bias]
-            out = g.op("com.microsoft::MultiHeadAttention", *operands, num_heads_i=heads, **scale_attribute)
+            out = g.op(
+                "com.microsoft::MultiHeadAttention",
+                tokens_last(query, head_dim),
+                tokens_last(key, head_dim),
+                tokens_last(value, value_dim),
+                num_heads_i=heads,
+                **scale_attribute,
+            )
             # typed for onnx's shape inference, which does not know the operator: (batch, tokens, heads x d) in the
             # query's element type (untyped, its value_info read as element type 0 once quantised)
-            out.setType(query.type().with_sizes([None, None, heads * head_dim]))
-            return g.op("Transpose", g.op("Reshape", out, shape(0, -1, heads, head_dim)), perm_i=[0, 2, 1, 3])
+            out.setType(query.type().with_sizes([None, None, heads * value_dim]))
+            return g.op("Transpose", g.op("Reshape", out, shape(0, -1, heads, value_dim)), perm_i=[0, 2, 1, 3])
 
     return MultiHeadAttention
 
 
-def _fusable_bias(mask, query, key) -> bool:
-    """A float mask MultiHeadAttention takes as its attention_bias: (batch or 1, heads or 1, queries, keys)."""
-    return (
-        mask.is_floating_point()
-        and mask.dim() == 4
-        and mask.shape[0] in (1, query.shape[0])
-        and mask.shape[1] in (1, query.shape[1])
-        and mask.shape[2] == query.shape[2]
-        and mask.shape[3] == key.shape[2]
-    )
-
-
 @contextmanager
 def fused_attention():
-    """While tracing for export, scaled-dot-product attention without dropout or causality, on (batch, heads,
-    tokens, d) operands with as many key as query heads, and without a mask (or, within bias_fusable, with an
-    additive float one of (batch or 1, heads or 1, queries, keys)), is written as MultiHeadAttention.
+    """While tracing for export, scaled-dot-product attention without mask, dropout or causality, on
+    (batch, heads, tokens, d) operands with as many key as query heads (and keys as wide as queries), is written
+    as MultiHeadAttention.
     Other calls, and every call outside tracing (the PyTorch reference the graph is checked against), run
     PyTorch's own. diffusers' attention processors and dispatcher look the function up on torch.nn.functional
     at each call; optimum's export puts a wrapper of its own there for its duration, which calls the function
@@ -190,21 +174,21 @@ def fused_attention():
     from optimum.exporters.onnx import model_patcher
 
     original = F.scaled_dot_product_attention
-    fused, biased = _multi_head_attention(original), _multi_head_attention(original, biased=True)
+    fused = _multi_head_attention(original)
 
     def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         if (
             torch.jit.is_tracing()
-            and (attn_mask is None or (_BIAS_FUSABLE.get() and _fusable_bias(attn_mask, query, key)))
+            and attn_mask is None
             and dropout_p == 0.0
             and not is_causal
             and not enable_gqa
             and query.dim() == key.dim() == value.dim() == 4
             and query.shape[1] == key.shape[1] == value.shape[1]
-            and query.shape[-1] == key.shape[-1] == value.shape[-1]
+            and query.shape[-1] == key.shape[-1]
         ):
-            function = fused if attn_mask is None else biased
-            return function.apply(query, key, value, attn_mask, int(query.shape[1]), int(query.shape[-1]), scale)
+            heads, head_dim, value_dim = int(query.shape[1]), int(query.shape[-1]), int(value.shape[-1])
+            return fused.apply(query, key, value, heads, head_dim, value_dim, scale)
         return original(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
 
     optimums = model_patcher.original_scaled_dot_product_attention
@@ -213,16 +197,6 @@ def fused_attention():
         yield
     finally:
         F.scaled_dot_product_attention, model_patcher.original_scaled_dot_product_attention = original, optimums
-
-
-@contextmanager
-def bias_fusable():
-    """Within it, fused_attention also fuses an additive float mask (export/counted_text.py's key bias)."""
-    token = _BIAS_FUSABLE.set(True)
-    try:
-        yield
-    finally:
-        _BIAS_FUSABLE.reset(token)
 
 
 def fused_layers(graph) -> int:

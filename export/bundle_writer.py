@@ -279,7 +279,8 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
             ctx = with_residuals(ctx, controlnets)  # the UNet then takes their residuals as inputs
             ip_adapter = ipa.load_ip_adapter(options.ip_adapter, options.ip_adapter_image_encoder, pipe, ctx)
             ctx = ipa.with_image_embeds(ctx, ip_adapter)  # the UNet then takes image embeddings and a scale
-            # SD3 without T5: its zero tokens enter the transformer as one, counted
+            # SD3 without T5: its zero tokens enter the transformer as one, counted; after the ControlNets are
+            # known (a transformer feeding them takes the whole sequence)
             ctx = dataclasses.replace(ctx, counted_text=counts_text(pipe, ctx))
             sliced_layers = use_attention(unet, "sliced") if attention == "sliced" else 0
         loaded.enter_context(libraries_frozen())  # the libraries and the source are loaded: collections skip them
@@ -291,7 +292,7 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
             optimum_models["unet"] = ipa.unet_for_export(pipe.unet, ctx, trace_ctx)
         elif controlnets:  # the UNet or SD3 transformer taking their residuals
             optimum_models.update(denoiser_for_export(pipe, optimum_models, ctx, trace_ctx))
-        elif ctx.counted_text:
+        elif ctx.counted_text:  # never with ControlNets (counts_text); IP-Adapters are the UNet's
             config = optimum_models["transformer"][1]
             optimum_models["transformer"] = counted_transformer_for_export(pipe.transformer, config, ctx, trace_ctx)
         components, checks, check_sizes = {}, {}, {}

@@ -21,8 +21,6 @@ import numpy as np
 
 from edgediff.runtime.denoisers.sd3 import TEXT_LOG_COUNTS
 
-from .attention import bias_fusable
-
 
 def counts_text(pipe, ctx) -> bool:
     """Whether this export's transformer takes the zero T5 tokens counted: SD3 (joint CLIP + T5 text, unpacked
@@ -43,9 +41,9 @@ def expanded(states, log_counts):
     `log_counts` must be the same)."""
     import torch
 
-    counts = torch.round(torch.exp(log_counts[0])).to(torch.int64)
     if not bool((log_counts == log_counts[0]).all()):
         raise ValueError("counted text: every batch row must count its tokens alike")
+    counts = torch.round(torch.exp(log_counts[0])).to(torch.int64)
     return torch.repeat_interleave(states, counts, dim=1)
 
 
@@ -55,29 +53,37 @@ def _joint_processor_class():
     from diffusers.models.attention_processor import JointAttnProcessor2_0
 
     class CountedJointAttnProcessor(JointAttnProcessor2_0):
-        """diffusers' JointAttnProcessor2_0 with an additive bias on the keys: 0 toward image tokens, the log counts
-        toward text tokens. The counts come in as `attention_mask` (B, text tokens), the argument diffusers' joint
-        blocks pass on to both attention layers (the image-only second one ignores it)."""
+        """diffusers' JointAttnProcessor2_0 whose attention logits toward each text token are raised by its log
+        count (none toward image tokens). The counts come in as `attention_mask` (B, text tokens), the argument
+        diffusers' joint blocks pass on to both attention layers (SD3.5's image-only second one ignores it).
+
+        The raise rides in the keys rather than in a mask: queries get one more channel, 1, and keys one more,
+        log count / scale, so that scale * (q . k) gains log count. An attention mask would cost onnxruntime's
+        MultiHeadAttention its flash path (the whole score matrix, 3.3 GB per SD3.5 layer at 1024) and, before
+        onnxruntime 1.22, gave wrong results for a bias shared by the heads at batch > 1."""
 
         def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
             if attention_mask is None or encoder_hidden_states is None:
                 return super().__call__(attn, hidden_states, encoder_hidden_states, None, *args, **kwargs)
             # keys are the image tokens, then the text tokens (diffusers' order)
             image = hidden_states.new_zeros(hidden_states.shape[0], hidden_states.shape[1])
-            bias = torch.cat([image, attention_mask.to(hidden_states.dtype)], dim=1)[:, None, None, :]
-            # (B, 1, queries, keys): onnxruntime's MultiHeadAttention does not broadcast its bias over queries
-            bias = bias.expand(-1, -1, bias.shape[-1], -1)
+            log_counts = torch.cat([image, attention_mask.to(hidden_states.dtype)], dim=1)[:, None, :, None]
             original = F.scaled_dot_product_attention
 
-            def with_bias(query, key, value, attn_mask=None, **options):
-                return original(query, key, value, attn_mask=bias, **options)
+            def counted(query, key, value, attn_mask=None, scale=None, **options):
+                if attn_mask is not None:
+                    raise ValueError("counted text: the joint attention took a mask of its own")
+                scale = int(query.shape[-1]) ** -0.5 if scale is None else scale  # the unwidened heads' default
+                ones = query.new_ones(query.shape[:-1] + (1,))
+                extra = (log_counts / scale).expand(-1, key.shape[1], -1, -1)  # (B, heads, keys, 1)
+                query, key = torch.cat([query, ones], dim=-1), torch.cat([key, extra], dim=-1)
+                return original(query, key, value, scale=scale, **options)
 
-            # the parent's arithmetic, unchanged, with the bias given to its one attention call (it looks the
-            # function up on torch.nn.functional when called)
-            F.scaled_dot_product_attention = with_bias
+            # the parent's arithmetic, unchanged, with its one attention call widened (it looks the function up on
+            # torch.nn.functional when called)
+            F.scaled_dot_product_attention = counted
             try:
-                with bias_fusable():  # under fused_attention: MultiHeadAttention with the bias as attention_bias
-                    return super().__call__(attn, hidden_states, encoder_hidden_states, None, *args, **kwargs)
+                return super().__call__(attn, hidden_states, encoder_hidden_states, None, *args, **kwargs)
             finally:
                 F.scaled_dot_product_attention = original
 
@@ -87,9 +93,14 @@ def _joint_processor_class():
 @contextmanager
 def counted_processors(transformer):
     """The joint attention layers (those with text projections) take the counts for the duration."""
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
     cls = _joint_processor_class()
     layers = [block.attn for block in transformer.transformer_blocks]
     saved = [layer.processor for layer in layers]
+    others = {type(p).__name__ for p in saved if type(p) is not JointAttnProcessor2_0}
+    if others:  # another processor's arithmetic (IP-Adapter, PAG) is not the one counted here
+        raise ValueError(f"counted text: the transformer's joint attention runs {', '.join(sorted(others))}")
     for layer in layers:
         layer.set_processor(cls())
     try:

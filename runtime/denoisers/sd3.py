@@ -14,11 +14,17 @@ import numpy as np
 
 from ..conditioning import LengthTokenizers, prompts_for, run_timed, sequence_length, text_encoders
 from ..control import taken_residuals, zero_residuals
+from ..errors import BundleError
 from ..tokenizer import PromptTokenizer
 from .base import DenoiserBase, flow_start_index, per_row
 
 # the transformer input that counts repeated text tokens: per token, the log of how many equal tokens it stands for
 TEXT_LOG_COUNTS = "text_log_counts"
+
+
+def counts_text(transformer_spec) -> bool:
+    """Whether a transformer graph takes T5's zero tokens as one, counted (by its declared inputs)."""
+    return any(t.name == TEXT_LOG_COUNTS for t in transformer_spec.inputs)
 
 
 def text_log_counts(batch: int, tokens: int, zero_tokens: int) -> np.ndarray:
@@ -41,8 +47,10 @@ class SD3Conditioner:
         self.max_sequence_length = int(c["max_sequence_length"])
         self.sessions = sessions
         self._t5_tokenizer = None if self.t5 is None else LengthTokenizers(bundle, self.t5)
-        transformer = bundle.manifest.components["transformer"]
-        self.counted = any(t.name == TEXT_LOG_COUNTS for t in transformer.inputs)  # zero T5 tokens as one
+        self.counted = counts_text(bundle.manifest.components["transformer"])  # zero T5 tokens as one
+        if self.counted and self.t5 is not None:  # T5's states differ token by token: none may be counted
+            detail = f"it takes {TEXT_LOG_COUNTS} (T5's zero tokens counted) but the bundle has a T5 encoder"
+            raise BundleError("graph_mismatch", path=bundle.path, component="transformer", detail=detail)
 
     @property
     def components(self) -> list[str]:

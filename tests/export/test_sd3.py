@@ -101,7 +101,8 @@ def test_sd3_manifest_records_what_the_runtime_needs(models_root):
 
 def test_sd3_without_t5_takes_its_zero_tokens_as_one_counted(models_root, tmp_path):
     """A --no-t5 bundle's transformer takes the CLIP tokens and one zero token standing for T5's 256: the graph gives
-    what it gives on the whole zero sequence, and fused, each joint attention takes the counts as its bias."""
+    what it gives on the whole zero sequence, and with fused attention (the counts in a channel added to queries
+    and keys) the bundle draws what diffusers draws."""
     import onnx
     import onnxruntime as ort
 
@@ -129,10 +130,11 @@ def test_sd3_without_t5_takes_its_zero_tokens_as_one_counted(models_root, tmp_pa
     source = tiny_source("tiny-sd3", models_root)
     fused = Bundle.open(export(str(source), tmp_path / "fused", ExportOptions(t5=False, attention="fused"), False))
     graph = onnx.load(str(fused.component_path("transformer")), load_external_data=False)
-    attention = [n for n in graph.graph.node if n.op_type == "MultiHeadAttention"]
-    joint = [n for n in attention if len(n.input) == 6 and n.input[5]]  # with attention_bias
-    layers = diffusers.SD3Transformer2DModel.load_config(str(source / "transformer"))["num_layers"]
-    assert len(joint) == layers  # each joint block's; SD3.5's second, image-only attention takes none
+    config = diffusers.SD3Transformer2DModel.load_config(str(source / "transformer"))
+    attention = fused.manifest.components["transformer"].attributes["attention"]
+    # every joint attention and SD3.5's image-only second ones fused: the counts ride in the keys, not in a mask
+    assert attention["fused_layers"] == config["num_layers"] + len(config["dual_attention_layers"])
+    assert "Softmax" not in {n.op_type for n in graph.graph.node}
     latents = np.random.default_rng(5).standard_normal((len(PROMPTS), 16, 8, 8)).astype(np.float32)
     call = dict(num_inference_steps=2, guidance_scale=4.0, height=64, width=64)
     images = Pipeline(fused, provider="cpu")(PROMPTS, latents=latents, output_type="np", **call).images
