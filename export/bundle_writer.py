@@ -39,7 +39,7 @@ from .lora_slots import SLOT_COMPONENTS, slot_graph
 from .manifest_builder import build_manifest, recorded_path, write_text_conditioning
 from .memory_plan import available_bytes, check_source, record_one_at_a_time
 from .optimize import MODEL_TYPES as FUSABLE
-from .optimize import optimize_graph
+from .optimize import fuse_fast_gelu, optimize_graph
 from .options import QUANTIZED, ExportOptions
 from .precision import FP16_MAX, to_fp16
 from .quantize import libraries_frozen, release_memory
@@ -201,6 +201,8 @@ def _write_checked(component, raw_graph: Path, staging: Path, precision: str, re
     float_argmax(model)  # after the fp16 conversion: see capture.py
     # before the weights move into the bundle: a graph past 2 GB gets its new kernels in its own weights file
     rewrites = {"subpixel_upsample_convs": subpixel_upsample_convs(model, raw_graph.parent)}
+    if precision == "fp32":  # onnxruntime's CPU provider has FastGelu in fp32 only
+        rewrites["fast_gelu"] = fuse_fast_gelu(model)
     files = _move_weights(model, raw_graph, staging, component.name) or _save_graph(model, staging, component.name)
     inputs, outputs = _tensor_specs(model.graph.input), _tensor_specs(model.graph.output)
     del model
@@ -409,7 +411,7 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
                     files, inputs, outputs, checks[component.name], rewrites = _write_checked(
                         component, raw_graph, staging, comp_precision, reference, check_providers
                     )
-                if rewrites:  # same output, fewer operations (export/upsample_conv.py)
+                if rewrites:  # same output, fewer operations (export/upsample_conv.py, optimize.fuse_fast_gelu)
                     attributes = {**attributes, "rewrites": rewrites}
                 if options.lora_slots and component.name in SLOT_COMPONENTS:  # side paths for run-time LoRAs
                     files, slots = slot_graph(

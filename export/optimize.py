@@ -90,3 +90,22 @@ def optimize_graph(src: Path, dst: Path, component: str, gpu: bool = False, exte
         if node.domain == "com.microsoft":
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return {"tool": "onnxruntime.transformers.optimizer", "model_type": model_type, "gpu": gpu, "fused_ops": counts}
+
+
+def fuse_fast_gelu(model) -> int:
+    """Fuses each tanh-approximated GELU (the feed-forwards of the DiT / MMDiT transformers, T5 and Gemma-2: seven
+    element-wise passes over the widest activations) into onnxruntime's FastGelu, one pass, with its transformer
+    optimiser's own FusionFastGelu; returns how many. In place, on a graph whose weights may lie outside it (the
+    pattern's constants are scalars, held in the graph). UNets' GELUs are exact (erf) and stay as they are."""
+    from onnx import helper
+    from onnxruntime.transformers.fusion_fastgelu import FusionFastGelu
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    wrapped = OnnxModel(model)
+    before = sum(node.op_type == "FastGelu" for node in model.graph.node)
+    FusionFastGelu(wrapped).apply()
+    wrapped.prune_graph()  # the replaced nodes' constants
+    count = sum(node.op_type == "FastGelu" for node in model.graph.node) - before
+    if count and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return count

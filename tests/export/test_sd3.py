@@ -88,6 +88,9 @@ def test_sd3_manifest_records_what_the_runtime_needs(models_root):
     )
     transformer = m.components["transformer"]
     assert transformer.attributes["patch_size"] == 2
+    # each feed-forward's tanh GELU (image and text streams; the last block has no text one) is one FastGelu
+    config = diffusers.SD3Transformer2DModel.load_config(str(tiny_source("tiny-sd3", models_root) / "transformer"))
+    assert transformer.attributes["rewrites"]["fast_gelu"] == 2 * config["num_layers"] - 1
     inputs = {t.name: t.shape for t in transformer.inputs}
     assert inputs["hidden_states"][1] == 16 and inputs["pooled_projections"][1] == 32 + 24
     assert inputs["encoder_hidden_states"][2] == 96
