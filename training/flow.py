@@ -1,5 +1,5 @@
 """Trains the second shipped model, an SD3-family flow-matching transformer, stage by stage, resumable:
-data -> latents -> teacher -> pairs -> distill -> assemble.
+data -> latents -> teacher -> pairs -> distill -> adversarial -> assemble.
 
     python -m training.flow all --run runs/shipped-flow          # or one stage: teacher, pairs, ...
     python -m training.flow all --run runs/flow-smoke --smoke    # a few steps of each (tests)
@@ -7,7 +7,8 @@ data -> latents -> teacher -> pairs -> distill -> assemble.
 The shipped model's VAE is reused as it is; two tiny CLIP encoders and a tiny T5 train jointly with a small
 SD3Transformer2DModel by rectified flow (Esser et al. 2024), which is then distilled to two steps by reflow on
 its own guided samples (Liu et al. 2022; InstaFlow), the second step re-noised (consistency models' multistep
-sampling). Checkpoints and resumption as training/train.py (its helpers); a finished stage leaves
+sampling), and fine-tuned adversarially against the teacher's features (LADD; training/flow_adversarial.py).
+Checkpoints and resumption as training/train.py (its helpers); a finished stage leaves
 RUN/<stage>.done and is skipped.
 """
 
@@ -41,7 +42,7 @@ from .train import command_line as train_command_line
 from .train import run_stages as train_run_stages
 
 log = logging.getLogger("edgediff.train.flow")
-STAGES = ("data", "latents", "teacher", "pairs", "distill", "assemble")
+STAGES = ("data", "latents", "teacher", "pairs", "distill", "adversarial", "assemble")
 SHIPPED_VAE = SHIPPED_DIR / "diffusers" / "vae"
 ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")  # CLIP-L, CLIP-G, T5: the pipeline's names
 
@@ -414,7 +415,8 @@ def stage_distill(cfg: FlowConfig, run: Path) -> None:
 
 
 def stage_assemble(cfg: FlowConfig, run: Path, out: Path | None = None) -> Path:
-    """Writes the diffusers StableDiffusion3Pipeline folders: the one-step student and the teacher."""
+    """Writes the diffusers StableDiffusion3Pipeline folders: the student (after its adversarial stage) and the
+    teacher."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     out = out or run / "assembled"
@@ -429,7 +431,7 @@ def stage_assemble(cfg: FlowConfig, run: Path, out: Path | None = None) -> Path:
         text_encoder_3=encoders[2],
         tokenizer_3=tokenizers[2],
     )
-    student = SD3Transformer2DModel.from_pretrained(run / "distill" / "transformer")
+    student = SD3Transformer2DModel.from_pretrained(run / "adversarial" / "transformer")
     StableDiffusion3Pipeline(
         transformer=student, **{**common, "scheduler": build_student_scheduler(cfg)}
     ).save_pretrained(out / "student")
@@ -438,12 +440,19 @@ def stage_assemble(cfg: FlowConfig, run: Path, out: Path | None = None) -> Path:
     return out
 
 
+def stage_adversarial(cfg: FlowConfig, run: Path) -> None:
+    from .flow_adversarial import stage_adversarial as fine_tune  # it builds on this module
+
+    fine_tune(cfg, run)
+
+
 RUNNERS = {
     "data": stage_data,
     "latents": stage_latents,
     "teacher": stage_teacher,
     "pairs": stage_pairs,
     "distill": stage_distill,
+    "adversarial": stage_adversarial,
     "assemble": stage_assemble,
 }
 
@@ -460,6 +469,8 @@ def smoke_config() -> FlowConfig:
         pair_steps=2,
         distill_steps=3,
         distill_batch=4,
+        adv_steps=2,
+        adv_batch=4,
     )
 
 

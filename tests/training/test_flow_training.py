@@ -34,7 +34,8 @@ def test_every_flow_stage_runs_resumes_and_assembles_an_exportable_sd3_model(tmp
     run = tmp_path / "run"
     run_stages(STAGES, run, cfg)
     assert all((run / f"{s}.done").exists() for s in STAGES)
-    assert (run / "teacher" / "ckpt.pt").exists() and (run / "distill" / "ckpt.pt").exists()
+    assert all((run / stage / "ckpt.pt").exists() for stage in ("teacher", "distill", "adversarial"))
+    assert (run / "adversarial" / "transformer" / "config.json").exists()
     assert len(list((run / "pairs").glob("chunk_*.npz"))) == 2  # 6 pairs in chunks of 4
     # resuming a finished stage from its checkpoint does no more steps and still writes its outputs
     (run / "distill.done").unlink()
@@ -42,6 +43,7 @@ def test_every_flow_stage_runs_resumes_and_assembles_an_exportable_sd3_model(tmp
     assert (run / "distill" / "transformer" / "config.json").exists()
 
     _assert_pairs_are_the_teacher_pipelines_samples(run, cfg)
+    _assert_adversarial_samples_are_the_student_pipelines(run, cfg, monkeypatch)
 
     source = run / "assembled" / "student"
     bundle = export_bundle(str(source), tmp_path / "bundle", progress=False, default_steps=1, default_guidance=0.0)
@@ -113,3 +115,25 @@ def test_flow_targets_agree_with_the_runtime_parametrisation():
         x0_rt, eps_rt = flow_x0_eps(velocity[i].numpy(), x_t[i].numpy(), t[i].item())
         np.testing.assert_allclose(x0_rt, x0[i].numpy(), atol=1e-5)
         np.testing.assert_allclose(eps_rt, noise[i].numpy(), atol=1e-5)
+
+
+def _assert_adversarial_samples_are_the_student_pipelines(run, cfg, monkeypatch):
+    """The adversarial stage judges what the assembled student pipeline draws: its two steps from the same noise, the
+    second re-noised with the same fresh noise, end on the pipeline's latents."""
+    from training.flow_adversarial import student_two_steps
+
+    student = diffusers.StableDiffusion3Pipeline.from_pretrained(str(run / "assembled" / "student"))
+    student.set_progress_bar_config(disable=True)
+    rng = np.random.default_rng(1)
+    noise, fresh, unused = (rng.standard_normal((1, 4, 16, 16)).astype(np.float32) for _ in range(3))
+    patch_diffusers_noise(monkeypatch, diffusers.schedulers.scheduling_flow_match_euler_discrete, [fresh, unused])
+    call = dict(guidance_scale=0.0, max_sequence_length=cfg.t5_length)
+    theirs = student(PROMPT, latents=torch.from_numpy(noise), num_inference_steps=2, output_type="latent", **call)
+    cond, _, pooled, _ = student.encode_prompt(
+        PROMPT, None, None, do_classifier_free_guidance=False, max_sequence_length=cfg.t5_length
+    )
+    with torch.no_grad():
+        _, ours = student_two_steps(
+            student.transformer, torch.from_numpy(noise), cond, pooled, cfg.second_sigma, torch.from_numpy(fresh)
+        )
+    np.testing.assert_allclose(ours.numpy(), theirs.images.numpy(), atol=1e-5)
