@@ -333,7 +333,7 @@ TABLES = {
     ),
     "shipped-flow": Table(
         SHIPPED_COLUMNS,
-        (Source(V + "2026-12-04-shapes-flow.json"),),
+        (Source(V + "2026-12-05-shapes-flow.json"),),
         unit="ms",
         headers={"unet_call": "transformer call"},
     ),
