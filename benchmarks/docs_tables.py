@@ -318,6 +318,7 @@ TABLES = {
             Source(V + "2026-12-05-sd35-medium-int8-tiny.json"),
             Source(V + "2026-12-05-sd35-medium-int8-tiny-counted.json"),
             Source(V + "2026-12-05-sd35-medium-int8-tiny-gelu.json"),
+            Source(V + "2026-12-05-sd35-medium-int8-tiny-gelu-rerun.json"),
         ),
         full_decoder=True,
         headers={"unet_call": "transformer call"},
