@@ -3,7 +3,7 @@ with its reason).
 
 A diffusers StableDiffusion3Pipeline layout scaled to the coloured-shapes domain: the shipped model's VAE as it is,
 two tiny CLIP encoders with projection (pooled text) and a tiny T5, all trained with a small MMDiT; then reflow
-to two re-noised steps. Trained by training/flow.py.
+to two re-noised steps and an adversarial stage against the teacher's features. Trained by training/flow.py.
 """
 
 from __future__ import annotations
@@ -84,8 +84,8 @@ class FlowConfig:
     adv_steps: int = 1000  # ~1.1 s per step on 2 cores, ~20 minutes
     adv_batch: int = 32  # each step runs the student twice and the teacher on 2 x batch samples, twice
     adv_lr: float = 1e-5  # a tenth of reflow's: the student is already close; GANs diverge at high rates
-    adv_head_lr: float = 3e-4  # the heads start from nothing and must keep up with the student (1e-4: too weak)
-    adv_head_width: int = 64
+    adv_head_lr: float = 3e-4  # the heads start from nothing and must keep up with the student
+    adv_head_width: int = 64  # half the transformer's width: a head reads features, it need not rebuild them
     adv_t_high: float = 0.6  # the teacher reads samples re-noised to t ~ U(0, this): shapes' edges, not layouts
     # times the gradient-norm ratio at the last layer (adversarial vs regression). 0.5 (with heads at 1e-4) left
     # 2-step shape where reflow had it (83.0%); 2.0 lifted it to 86%
