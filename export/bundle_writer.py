@@ -32,7 +32,7 @@ from .controlnet import (
     residual_attributes,
     with_residuals,
 )
-from .counted_text import counted_transformer_for_export, counts_text
+from .counted_text import counted_transformer_for_export, takes_counted_text
 from .gemma_prefix import write_prefix
 from .lora import fuse_loras
 from .lora_slots import SLOT_COMPONENTS, slot_graph
@@ -283,7 +283,7 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
             ctx = ipa.with_image_embeds(ctx, ip_adapter)  # the UNet then takes image embeddings and a scale
             # SD3 without T5: its zero tokens enter the transformer as one, counted; after the ControlNets are
             # known (a transformer feeding them takes the whole sequence)
-            ctx = dataclasses.replace(ctx, counted_text=counts_text(pipe, ctx))
+            ctx = dataclasses.replace(ctx, counted_text=takes_counted_text(pipe, ctx))
             sliced_layers = use_attention(unet, "sliced") if attention == "sliced" else 0
         loaded.enter_context(libraries_frozen())  # the libraries and the source are loaded: collections skip them
 
@@ -294,7 +294,7 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
             optimum_models["unet"] = ipa.unet_for_export(pipe.unet, ctx, trace_ctx)
         elif controlnets:  # the UNet or SD3 transformer taking their residuals
             optimum_models.update(denoiser_for_export(pipe, optimum_models, ctx, trace_ctx))
-        elif ctx.counted_text:  # never with ControlNets (counts_text); IP-Adapters are the UNet's
+        elif ctx.counted_text:  # never with ControlNets (takes_counted_text); IP-Adapters are the UNet's
             config = optimum_models["transformer"][1]
             optimum_models["transformer"] = counted_transformer_for_export(pipe.transformer, config, ctx, trace_ctx)
         components, checks, check_sizes = {}, {}, {}

@@ -22,7 +22,7 @@ import numpy as np
 from edgediff.runtime.denoisers.sd3 import TEXT_LOG_COUNTS
 
 
-def counts_text(pipe, ctx) -> bool:
+def takes_counted_text(pipe, ctx) -> bool:
     """Whether this export's transformer takes the zero T5 tokens counted: SD3 (joint CLIP + T5 text, unpacked
     latents, no text mask) without T5 and without ControlNets (their graphs take the full text sequence)."""
     return (

@@ -21,15 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .flow import TextEncoding, _load_pairs, _load_teacher
+from .flow import TextEncoding, _load_pairs, _load_teacher, flow_path
 from .flow_config import FlowConfig
 from .train import Checkpointer, Progress, _device, _torch
-
-
-def _nn():
-    import torch.nn as nn
-
-    return nn
 
 
 class TeacherFeatures:
@@ -53,7 +47,9 @@ class TeacherFeatures:
 def discriminator_heads(cfg: FlowConfig):
     """One head per joint block: LayerNorm -> MLP -> a logit per token, plus the projection term <h, W pooled>
     (Miyato & Koyama 2018) that conditions it on the caption."""
-    nn = _nn()
+    import torch
+    import torch.nn as nn
+
     width = cfg.heads * cfg.head_dim
     pooled = cfg.clip_l_hidden + cfg.clip_g_hidden
     hidden = cfg.adv_head_width
@@ -77,16 +73,9 @@ def discriminator_heads(cfg: FlowConfig):
             self.heads = nn.ModuleList(Head() for _ in range(cfg.layers))
 
         def forward(self, states, text):
-            import torch
-
             return torch.cat([head(s, text) for head, s in zip(self.heads, states)], dim=1)  # (B, blocks * N)
 
     return Heads()
-
-
-def _renoise(x0, noise, t):
-    tt = t.view(-1, 1, 1, 1)
-    return (1 - tt) * x0 + tt * noise
 
 
 def student_two_steps(student, noise, cond, pooled, second_sigma: float, fresh):
@@ -95,9 +84,9 @@ def student_two_steps(student, noise, cond, pooled, second_sigma: float, fresh):
     torch = _torch()
     n = len(noise)
     x1 = noise - student(noise, cond, pooled, torch.full((n,), 1000.0, device=noise.device)).sample
-    x_s = (1 - second_sigma) * x1.detach() + second_sigma * fresh
-    sigma = torch.full((n,), second_sigma * 1000, device=noise.device)
-    x2 = x_s - second_sigma * student(x_s, cond, pooled, sigma).sample
+    sigma = torch.full((n,), second_sigma, device=noise.device)
+    x_s, _ = flow_path(x1.detach(), fresh, sigma)
+    x2 = x_s - second_sigma * student(x_s, cond, pooled, sigma * 1000).sample
     return x1, x2
 
 
@@ -147,8 +136,8 @@ def stage_adversarial(cfg: FlowConfig, run: Path) -> None:
         t = torch.from_numpy(rng.uniform(0.0, cfg.adv_t_high, 2 * batch).astype(np.float32)).to(dev)
         eps = torch.from_numpy(rng.standard_normal(real.shape).astype(np.float32)).to(dev)
         with torch.no_grad():
-            real_states = features(_renoise(real, eps, t), t, cond2, pooled2)
-        fake_states = features(_renoise(fake, eps, t), t, cond2, pooled2)
+            real_states = features(flow_path(real, eps, t)[0], t, cond2, pooled2)
+        fake_states = features(flow_path(fake, eps, t)[0], t, cond2, pooled2)
         # 3. the heads: hinge loss, per token
         d_loss = (
             torch.relu(1 - heads(real_states, pooled2)).mean()
