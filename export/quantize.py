@@ -62,9 +62,10 @@ SENSITIVITY_FEEDS = 1
 # same blocks kept). Ranking only: the whole-graph checks, which decide, run whole feeds.
 RANKING_SIDE_FRACTION = 2
 RANKING_CELL_MULTIPLE = 8  # the UNet's three downsamplings
-# No crop leaves a side under this many cells: a small crop is mostly border. The shipped model's 16 cells cropped
-# to 8 gave a first-order error 3x the whole feed's, and its int8-static UNet kept 16 blocks instead of 3.
-RANKING_MIN_CELLS = 32
+# No crop (nor calibration.recording_call's reduced size) leaves a latent side under this many cells: a small crop is
+# mostly border. The shipped model's 16 cells cropped to 8 gave a first-order error 3x the whole feed's, and its
+# int8-static UNet kept 16 blocks instead of 3.
+MIN_REDUCED_CELLS = 32
 MAX_OUTPUT_RUNS = 12
 # int8 weights in 7 bits ([-64, 64], per channel). On CPUs without VNNI (AVX2 alone), onnxruntime's int8 kernels
 # multiply with vpmaddubsw, which adds two u8 x s8 products into an int16 and saturates past 32767: with full-range
@@ -354,7 +355,7 @@ def ranking_feed(model, feed: dict) -> dict:
     """`feed` as the sensitivity pass ranks blocks on it: its one image-shaped input (a graph input of rank 4 whose
     height and width are dynamic) cropped to its centre, each side divided by RANKING_SIDE_FRACTION; whole where the
     graph has no such input, or several (a crop of each would not keep their sizes in step), or where a side would
-    fall under RANKING_MIN_CELLS."""
+    fall under MIN_REDUCED_CELLS."""
     shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.input}
     return cropped_for_ranking(shapes, feed)
 
@@ -368,7 +369,7 @@ def cropped_for_ranking(input_shapes: dict[str, list], feed: dict) -> dict:
         return feed
     value = np.asarray(feed[images[0]])
     cuts = [side // RANKING_SIDE_FRACTION // RANKING_CELL_MULTIPLE * RANKING_CELL_MULTIPLE for side in value.shape[2:]]
-    if min(cuts) < RANKING_MIN_CELLS:
+    if min(cuts) < MIN_REDUCED_CELLS:
         return feed
     crop = [slice((side - cut) // 2, (side - cut) // 2 + cut) for side, cut in zip(value.shape[2:], cuts)]
     return {**feed, images[0]: np.ascontiguousarray(value[(slice(None), slice(None), *crop)])}
@@ -379,7 +380,8 @@ def block_errors(
 ):
     """Each block's own quantisation error: the relative RMS error of its outputs when it alone is quantised
     and run on the fp32 graph's tensors at its inputs (recorded once, for `feeds`), against the fp32 graph's
-    tensors at its outputs. Returns the errors and the probe (blocks.BlockProbe) holding the recordings."""
+    tensors at its outputs (blocks.BlockProbe.errors: the whole graph quantised once, run cut at the blocks'
+    boundaries). Returns the errors and the probe (blocks.BlockProbe) holding the recordings."""
     import onnx
     from onnx.external_data_helper import uses_external_data
 
@@ -395,13 +397,11 @@ def block_errors(
         )
     probe = BlockProbe(src, structure, split_blocks(structure.graph, blocks, block_of), workdir / "boundaries")
     probe.record(feeds)
-    errors = {}
-    fp32, quantised = workdir / "block.onnx", workdir / "block-quantised.onnx"
-    for name in blocks:
-        onnx.save_model(probe.model(name), str(fp32))
-        quantize(fp32, quantised, scheme, [], ranges)
-        errors[name] = probe.error(name, quantised)
-        _remove(fp32)
+    quantised = workdir / "all-quantised.onnx"
+    quantize(src, quantised, scheme, [], ranges)
+    try:
+        errors = probe.errors(quantised)
+    finally:
         _remove(quantised)
     return errors, probe
 
@@ -537,6 +537,8 @@ def quantize_component(
         "weight_bits": 4 if scheme.name == "int4-weight-only" else 7 if WEIGHT_REDUCE_RANGE else 8,
         "quantised_nodes": len(nodes),
         "budget": budget,
+        # the inputs the whole-graph checks run (recorded at a reduced size where the images allow it: calibration.py)
+        "checked_on": {k: list(np.shape(v)) for k, v in feeds[0].items()} if feeds else {},
         "kept_fp32": {},
     }
     with tempfile.TemporaryDirectory(prefix="edgediff-quant-", dir=dst.parent) as tmp:

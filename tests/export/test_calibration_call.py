@@ -37,3 +37,21 @@ def test_only_uncalibrated_precisions_record_a_bounded_call(models_root, tmp_pat
     monkeypatch.setattr(calibration, "record_feeds", spy)
     export_bundle(str(tiny_source("tiny-sd1", models_root)), tmp_path / "b", precision=precision, progress=False)
     assert seen == [bounded]
+
+
+def test_recording_halves_each_side_while_every_latent_side_keeps_its_floor():
+    from edgediff.export.calibration import recording_call
+    from edgediff.export.quantize import MIN_REDUCED_CELLS
+
+    sd = {"steps": 1, "height": 512, "width": 512}
+    assert recording_call(sd, multiple=8, vae_scale=8, bounded=False) == {"height": 256, "width": 256}
+    wide = recording_call({"steps": 4, "height": 768, "width": 1344}, multiple=16, vae_scale=8, bounded=False)
+    assert wide == {"height": 384, "width": 672}
+    # SD3.5 at 1024, bounded to 512 for an uncalibrated scheme, then halved: 32 latent cells a side
+    sd35 = recording_call({"steps": 40, "height": 1024, "width": 1024}, multiple=16, vae_scale=8, bounded=True)
+    assert sd35 == {"num_inference_steps": UNCALIBRATED_MAX_STEPS, "height": 256, "width": 256}
+    assert 256 // 8 == MIN_REDUCED_CELLS
+    # a side that would fall under the floor: the size stays (DC-AE's 32x at 1024 is 32 cells; the shipped model's 8)
+    assert recording_call({"height": 1024, "width": 1024}, multiple=32, vae_scale=32, bounded=False) == {}
+    assert recording_call({"height": 64, "width": 64}, multiple=8, vae_scale=8, bounded=False) == {}
+    assert recording_call({"height": 384, "width": 512}, multiple=8, vae_scale=8, bounded=False) == {}

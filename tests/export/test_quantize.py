@@ -157,7 +157,7 @@ def test_ranking_crops_the_one_image_input_to_its_centre():
     ranked = ranking_feed(unet, {"sample": sample, "states": states})
     np.testing.assert_array_equal(ranked["sample"], sample[:, :, 16:48, 22:62])  # 32 x 40 latent cells, centred
     assert ranked["states"] is states
-    # a crop would leave a side under RANKING_MIN_CELLS (mostly border): whole
+    # a crop would leave a side under MIN_REDUCED_CELLS (mostly border): whole
     small = {"sample": sample[:, :, :16, :], "states": states}
     assert ranking_feed(unet, small)["sample"] is small["sample"]
     # two image inputs (a ControlNet's residuals, say) or none: whole feeds
