@@ -3,8 +3,9 @@ does to the graph's output.
 
 The sensitivity pass (quantize.py) measures each block's quantisation error on the inputs the fp32 graph
 really gives it: the whole graph runs once per feed with every block-boundary tensor as an extra output
-(kept on disk), then each block runs alone, quantised, on those tensors (a run of its own nodes, its own
-weights loaded, nothing else). The difference it makes to its outputs can then be added to the fp32 graph
+(kept on disk), then the graph, quantised whole once, runs cut at those boundaries: every block reads the
+recorded fp32 tensors, so its outputs are what it gives quantised alone. The difference it makes to its outputs
+can then be added to the fp32 graph
 at those outputs, for any set of blocks at once: one whole-graph run says what that set's quantisation
 does to the graph's output, with no graph quantised.
 """
@@ -26,7 +27,6 @@ class Block:
     nodes: tuple[int, ...]  # indices into the graph's nodes, in graph order (the constants it reads included)
     inputs: tuple[str, ...]  # tensors it reads from outside itself: graph inputs, other nodes' outputs
     outputs: tuple[str, ...]  # tensors it hands to other nodes or to the graph's outputs
-    initializers: tuple[str, ...]
 
 
 def _reads(node) -> Iterator[str]:
@@ -78,19 +78,17 @@ def split_blocks(graph, names: Iterable[str], block_of: Callable[[str], str]) ->
             tuple(order),
             tuple(t for t in reads if t not in initializers),
             tuple(outputs),
-            tuple(t for t in reads if t in initializers),
         )
     return blocks
 
 
 class BlockProbe:
-    """Blocks of one fp32 graph: the tensors at their boundaries, recorded once for a few feeds; each block
-    quantised alone, its output error and its difference from fp32 (its delta); and whole-graph runs with
-    the deltas of chosen blocks added (`output_power`).
+    """Blocks of one fp32 graph: the tensors at their boundaries, recorded once for a few feeds; each block's
+    quantisation error and its difference from fp32 (its delta), from one run of the quantised graph cut at
+    those boundaries (`errors`); and whole-graph runs with the deltas of chosen blocks added (`output_power`).
 
     `structure` is the graph with its weights in external data, not loaded (onnx.load(...,
-    load_external_data=False)): variants of it are saved beside `src` and opened, and each block's weights are
-    read from `src`'s folder when that block is built.
+    load_external_data=False)): variants of it are saved beside `src` and opened.
     """
 
     def __init__(self, src: Path, structure, blocks: dict[str, Block], workdir: Path):
@@ -100,7 +98,6 @@ class BlockProbe:
             dict.fromkeys(t for b in blocks.values() for t in (*b.inputs, *b.outputs) if t not in graph_inputs)
         )
         self._index = {name: i for i, name in enumerate(self.boundary)}
-        self._initializers = {t.name: t for t in structure.graph.initializer}
         self._feeds: list[dict] = []
         self.dtypes: dict[str, np.dtype] = {}
         self._session = None
@@ -160,55 +157,53 @@ class BlockProbe:
     def float_outputs(self, block: str) -> list[str]:
         return [t for t in self.blocks[block].outputs if np.issubdtype(self.dtypes[t], np.floating)]
 
-    def model(self, block: str):
-        """The block as a model of its own (its weights loaded), typed from the recorded tensors."""
+    def errors(self, quantised: Path) -> dict[str, float]:
+        """Each block's relative RMS error at its float outputs, quantised, against the fp32 graph's, on the recorded
+        tensors at its inputs; keeps the differences (the blocks' deltas) for output_power. `quantised`: the whole
+        graph quantised with no block kept. It runs cut at every block boundary: each boundary tensor is fed (its
+        fp32 recording) to the nodes that read it, and what its producer makes is an output of its own. So one run
+        per feed gives every block's quantised outputs on fp32 inputs: the block quantised alone, without a graph,
+        a quantisation and a session per block (the full-size SD-Turbo UNet's 50 blocks: 28 s of its ranking)."""
         import onnx
-        from onnx import helper
-        from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
-
-        b, graph = self.blocks[block], self.structure.graph
-        weights = []
-        for name in b.initializers:
-            tensor = onnx.TensorProto()
-            tensor.CopyFrom(self._initializers[name])
-            if uses_external_data(tensor):
-                load_external_data_for_tensor(tensor, str(self.src.parent))
-                tensor.data_location = onnx.TensorProto.DEFAULT
-                del tensor.external_data[:]
-            weights.append(tensor)
-
-        def typed(name):
-            return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(self.dtypes[name]), None)
-
-        sub = helper.make_graph(
-            [graph.node[i] for i in b.nodes],
-            f"block {block}",
-            [typed(t) for t in b.inputs],
-            [typed(t) for t in b.outputs],
-            weights,
-        )
-        model = helper.make_model(sub, opset_imports=list(self.structure.opset_import))
-        model.ir_version = self.structure.ir_version
-        model.functions.extend(self.structure.functions)
-        return onnx.shape_inference.infer_shapes(model)
-
-    def error(self, block: str, model_path: Path) -> float:
-        """Relative RMS error of the block's float outputs, run from `model_path` (the block quantised),
-        against the fp32 graph's; keeps the differences (the block's deltas) for output_power."""
         import onnxruntime as ort
+        from onnx import helper
 
-        session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-        names = self.float_outputs(block)
-        num = den = 0.0
+        model = onnx.load(str(quantised), load_external_data=False)  # weights stay beside it (large graphs)
+        graph = model.graph
+        cut = set(self.boundary)
+        for node in graph.node:
+            for i, name in enumerate(node.output):
+                if name in cut:  # the producer's output renamed; its readers read the fed tensor
+                    node.output[i] = _QUANTISED + name
+        for name in self.boundary:
+            graph.input.append(
+                helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(self.dtypes[name]), None)
+            )
+        wanted = {b: self.float_outputs(b) for b in self.blocks}
+        fetched = list(dict.fromkeys(t for names in wanted.values() for t in names))
+        del graph.output[:]
+        graph.output.extend(helper.make_empty_tensor_value_info(_QUANTISED + t) for t in fetched)
+        path = quantised.with_name(f".{quantised.stem}.cut.onnx")  # beside it, where its external-data paths hold
+        onnx.save_model(model, str(path))
+        del model
+        try:
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        finally:
+            path.unlink(missing_ok=True)
+        fed = [v.name for v in session.get_inputs()]  # those the quantised graph still reads
+        power = {b: [0.0, 0.0] for b in self.blocks}  # error and reference power, summed over feeds
         for k in range(len(self._feeds)):
-            got = session.run(names, {t: self.value(t, k) for t in self.blocks[block].inputs})
-            for name, g in zip(names, got):
-                ref = np.asarray(self.value(name, k))
-                delta = g - ref
-                np.save(self._delta_path(name, k), delta)
-                num += float(np.sum(delta.astype(np.float64) ** 2))
-                den += float(np.sum(ref.astype(np.float64) ** 2))
-        return float(np.sqrt(num / max(den, 1e-30)))
+            got = dict(zip(fetched, session.run([_QUANTISED + t for t in fetched], {t: self.value(t, k) for t in fed})))
+            for block, names in wanted.items():
+                for name in names:
+                    ref = np.asarray(self.value(name, k))
+                    delta = got[name] - ref
+                    np.save(self._delta_path(name, k), delta)
+                    power[block][0] += float(np.sum(delta.astype(np.float64) ** 2))
+                    power[block][1] += float(np.sum(ref.astype(np.float64) ** 2))
+        del session
+        gc.collect()
+        return {b: float(np.sqrt(num / max(den, 1e-30))) for b, (num, den) in power.items()}
 
     def output_power(self, blocks: list[str]) -> float:
         """The graph's output error, squared and relative to the fp32 output (as the whole-graph check
@@ -265,4 +260,4 @@ class BlockProbe:
         release_memory()
 
 
-_FP32, _DELTA = "edgediff_fp32/", "edgediff_delta/"
+_FP32, _DELTA, _QUANTISED = "edgediff_fp32/", "edgediff_delta/", "edgediff_quantised/"

@@ -55,10 +55,70 @@ def test_ranges_are_calibrated_once_however_many_blocks_are_tried(unet_feeds, tm
     assert calibrated == [len(feeds)] and record["calibration"]["feeds"] == len(feeds)
     assert len(record["block_errors"]) > 3 and len(record["checks"]) >= 2 and record["kept_fp32"]
     built = [c for c in record["checks"] if "error" in c]  # whole graphs quantised and checked
-    assert len(placements) == len(record["block_errors"]) + len(built)
+    assert len(placements) == 1 + len(built)  # every block's error from one placement (BlockProbe.errors)
     # past the budget to first order, the all-quantised graph (`everything`) is not built and checked again
     assert record["checks"][0]["first_order"] > record["budget"] and "error" not in record["checks"][0]
     assert record["error"] <= everything["error"] / 2
+
+
+# float rounding: the cut graph and a block extracted alone run the same int8 kernels on the same inputs, but
+# onnxruntime may fuse a block's nodes differently in the two graphs
+BLOCK_ERROR_RTOL = 1e-3
+
+
+def _before_output_rounding(model, name: str) -> str:
+    """The tensor a graph output `name` is before the quantiser's Quantize/DequantizeLinear pair on it (static int8
+    rounds Conv and Gemm outputs), or `name` itself."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    dq = producer.get(name)
+    q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+    return q.input[0] if q is not None and q.op_type == "QuantizeLinear" else name
+
+
+@pytest.mark.parametrize("scheme", ["int8-static", "int8-dynamic", "int4-weight-only"])
+def test_block_errors_from_the_cut_graph_equal_each_block_quantised_alone(unet_feeds, tmp_path, scheme):
+    """The reference: each block cut out of the fp32 graph by onnx's own extractor, quantised alone on the same
+    ranges and run on the fp32 tensors recorded at its inputs. Its error at its outputs is the one the whole
+    quantised graph, run cut at every block boundary, gives that block. The cut graph leaves the rounding of a
+    tensor between blocks to the blocks reading it (it is their input's quantisation), so the reference's outputs
+    are read before the rounding its quantiser puts on them."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from edgediff.export.quantize import (
+        SCHEMES,
+        _rel_rms,
+        block_errors,
+        calibrate,
+        quantizable_blocks,
+        quantize,
+    )
+
+    src, feeds = unet_feeds
+    chosen = SCHEMES[scheme]
+    structure = onnx.load(str(src), load_external_data=False)
+    ranges = calibrate(src, chosen, feeds) if chosen.calibrated else None
+    work = tmp_path / "work"
+    work.mkdir()
+    errors, probe = block_errors(src, structure, quantizable_blocks(structure, chosen), chosen, ranges, feeds, work)
+    assert len(errors) > 3 and all(e > 0 for e in errors.values())
+    for name in list(errors)[:: max(1, len(errors) // 4)]:  # a few blocks spread over the graph
+        block = probe.blocks[name]
+        alone, quantised = tmp_path / f"{len(block.nodes)}.onnx", tmp_path / f"{len(block.nodes)}-q.onnx"
+        onnx.utils.extract_model(str(src), str(alone), list(block.inputs), list(block.outputs), check_model=False)
+        quantize(alone, quantised, chosen, [], ranges)
+        model = onnx.load(str(quantised))
+        names = probe.float_outputs(name)
+        fetched = [_before_output_rounding(model, t) for t in names]
+        model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in fetched if t not in names)
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        got, ref = [], []
+        for k in range(len(feeds)):
+            got += session.run(fetched, {t: np.asarray(probe.value(t, k)) for t in block.inputs})
+            ref += [np.asarray(probe.value(t, k)) for t in names]
+        assert errors[name] == pytest.approx(_rel_rms(got, ref), rel=BLOCK_ERROR_RTOL), name
+    probe.close()
 
 
 def test_block_errors_rank_a_damaged_block_first_and_it_is_kept(unet_feeds, tmp_path):
