@@ -266,13 +266,10 @@ def _qdq_quantizer(model, scheme: Scheme, exclude: list[str], ranges):
     )
 
 
-def quantize(
-    src: Path, dst: Path, scheme: Scheme, exclude: list[str], ranges=None, external: bool | None = None
-) -> None:
+def quantize(src: Path, dst: Path, scheme: Scheme, exclude: list[str], ranges=None) -> None:
     """Writes the quantised graph of `src` to `dst`, leaving the `exclude` nodes in fp32 (`ranges`: the
     activation ranges calibrate() computed, for static schemes). Graphs past protobuf's 2 GB keep their
-    weights in external data beside them (`dst`'s name + ".data"); the static scheme's, where the quantised graph
-    is that large (`external`: beside it, or not, whatever its size)."""
+    weights in external data beside them (`dst`'s name + ".data")."""
     import onnx
 
     from .weight_quant import vectorised
@@ -292,9 +289,7 @@ def quantize(
         quantizer = _qdq_quantizer(load_model_with_shape_infer(Path(src)), scheme, exclude, ranges)
         with vectorised():
             quantizer.quantize_model()
-        if external is None:  # a graph written whole is placed in the bundle as it is, not read and written again
-            external = sum(t.ByteSize() for t in quantizer.model.model.graph.initializer) > LARGE_GRAPH_BYTES
-        quantizer.model.save_model_to_file(str(dst), external)
+        quantizer.model.save_model_to_file(str(dst), large)
     elif scheme.name == "int4-weight-only" and large:
         # a weight at a time (stream_quant.py): onnxruntime's quantiser holds the whole graph and its fp32 weights
         from .stream_quant import quantize_int4_streaming
@@ -403,7 +398,7 @@ def block_errors(
     probe = BlockProbe(src, structure, split_blocks(structure.graph, blocks, block_of), workdir / "boundaries")
     probe.record(feeds)
     quantised = workdir / "all-quantised.onnx"
-    quantize(src, quantised, scheme, [], ranges, external=True)  # the cut graph is its structure alone
+    quantize(src, quantised, scheme, [], ranges)
     try:
         errors = probe.errors(quantised)
     finally:
