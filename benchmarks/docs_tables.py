@@ -366,22 +366,28 @@ HEADERS = {
 @dataclass(frozen=True)
 class ExportTable:
     """A table of one export_cost.py file: each configuration's time, peak and size, or one configuration's
-    stages (`stages_of`, its name), or each configuration's memory estimate beside what it measured (`memory`)."""
+    stages (`stages_of`, its name), or each configuration's memory estimate beside what it measured (`memory`).
+    `runs`: more files of the same exports on the same machine, run after `file`: the cost table then has a row
+    per configuration and run, each ratio within its own run (an export's time on a shared disk moves by a
+    tenth and more from run to run)."""
 
     file: str
     stages_of: str | None = None
     memory: bool = False
+    runs: tuple[str, ...] = ()
 
 
 EXPORT_COST = E + "2026-12-03-export-cost.json"
+EXPORT_COST_AVX2 = tuple(f"epyc-2c-avx2/2026-12-05-export-cost-{run}.json" for run in (1, 2, 3))
 EXPORT_COST_SD35 = E + "2026-12-03-export-cost-sd35-medium.json"
 EXPORT_STAGES_OF = "fastest"
 EXPORT_TABLES = {
     "export-cost": ExportTable(EXPORT_COST),
-    "export-stages": ExportTable(EXPORT_COST, EXPORT_STAGES_OF),
+    # the stages of the run whose ratio is the median of the three
+    "export-stages": ExportTable(EXPORT_COST_AVX2[1], EXPORT_STAGES_OF),
     "export-cost-sana-sprint": ExportTable(E + "2026-12-03-export-cost-sana-sprint.json"),
     "export-memory-flux": ExportTable(E + "2026-12-03-export-cost-flux-reduced.json", memory=True),
-    "export-cost-avx2": ExportTable("epyc-2c-avx2/2026-12-04-export-cost.json"),
+    "export-cost-avx2": ExportTable(EXPORT_COST_AVX2[0], runs=EXPORT_COST_AVX2[1:]),
     "export-cost-sd35-medium": ExportTable(EXPORT_COST_SD35),
     "export-memory-sd35-medium": ExportTable(EXPORT_COST_SD35, memory=True),
 }
@@ -610,11 +616,11 @@ def render_export_cost(name: str, results: dict[str, dict]) -> str:
     """The export-cost table (each configuration: time, its ratio to fp32's, peak and the stage that set it,
     bundle size) or the export-stages table (one configuration's stages, repeated stages summed)."""
     table = EXPORT_TABLES[name]
-    if table.file not in results:
-        raise FileNotFoundError(f"table {name}: {RESULTS / table.file} is missing")
+    for rel in (table.file, *table.runs):
+        if rel not in results:
+            raise FileNotFoundError(f"table {name}: {RESULTS / rel} is missing")
     data = results[table.file]
     rows = [r for r in data["results"] if "seconds" in r]
-    fp32 = next((r["seconds"] for r in rows if r["config"] == "fp32"), None)
 
     def peak_stage(row: dict) -> str:
         stages = row.get("stages") or []
@@ -628,13 +634,18 @@ def render_export_cost(name: str, results: dict[str, dict]) -> str:
             "| export | arguments | wall time | wall time / fp32's | peak RSS | set by | bundle |",
             "|---|---|---|---|---|---|---|",
         ]
-        for r in rows:
-            args = f"`{' '.join(r['args'])}`" if r["args"] else "-"
-            ratio = f"{r['seconds'] / fp32:.2f}x" if fp32 else "-"
-            lines.append(
-                f"| {r['config']} | {args} | {_minutes(r['seconds'])} | {ratio} | {_gib(r['peak_rss_bytes'])} | "
-                f"{peak_stage(r)} | {_gib(r.get('bundle_bytes'))} |"
-            )
+        files = (table.file, *table.runs)
+        for run, rel in enumerate(files, 1):
+            measured = [r for r in results[rel]["results"] if "seconds" in r]
+            fp32 = next((r["seconds"] for r in measured if r["config"] == "fp32"), None)
+            for r in measured:
+                label = f"{r['config']}, run {run}" if len(files) > 1 else r["config"]
+                args = f"`{' '.join(r['args'])}`" if r["args"] else "-"
+                ratio = f"{r['seconds'] / fp32:.2f}x" if fp32 else "-"
+                lines.append(
+                    f"| {label} | {args} | {_minutes(r['seconds'])} | {ratio} | {_gib(r['peak_rss_bytes'])} | "
+                    f"{peak_stage(r)} | {_gib(r.get('bundle_bytes'))} |"
+                )
     else:
         row = next(r for r in rows if r["config"] == table.stages_of)
         totals: dict[str, list] = {}
@@ -645,7 +656,8 @@ def render_export_cost(name: str, results: dict[str, dict]) -> str:
         for stage, (seconds, peak, count) in totals.items():
             lines.append(f"| {stage} | {seconds:.1f} | {count} | {_gib(peak)} |")
         lines.append(f"| whole export | {row['seconds']:.1f} | | {_gib(row['peak_rss_bytes'])} |")
-    lines += ["", f"Data: {_link(table.file)}: {machine_line(data['machine'])}, {data.get('date', '?')}"]
+    for rel in (table.file, *(table.runs if table.stages_of is None and not table.memory else ())):
+        lines += ["", f"Data: {_link(rel)}: {machine_line(results[rel]['machine'])}, {results[rel].get('date', '?')}"]
     return "\n".join(lines) + "\n"
 
 

@@ -90,11 +90,29 @@ def test_export_cost_tables_show_the_ratio_to_fp32_and_the_stage_that_set_the_pe
             },
         ],
     }
-    results = {docs_tables.EXPORT_COST: data}
-    cost = docs_tables.render_export_cost("export-cost", results)
+    cost = docs_tables.render_export_cost("export-cost", {docs_tables.EXPORT_COST: data})
     assert "| 1.50x | 6.00 GiB | unet: export |" in cost and "| 1 min 40 s |" in cost
-    stages = docs_tables.render_export_cost("export-stages", results)
+    stages_file = docs_tables.EXPORT_TABLES["export-stages"].file
+    stages = docs_tables.render_export_cost("export-stages", {stages_file: data})
     assert "| unet: sensitivity | 15.0 | 2 | 6.00 GiB |" in stages and "| whole export | 150.0 |" in stages
+
+
+def test_an_export_cost_table_over_several_runs_gives_each_ratio_within_its_own_run(monkeypatch):
+    def run(fp32: float, fastest: float) -> dict:
+        rows = [("fp32", [], fp32), ("fastest", ["--precision", "int8"], fastest)]
+        return {
+            "machine": {"cpu": "CPU", "physical_cores": 2, "isa": ["avx2"]},
+            "date": "2026-01-01",
+            "results": [{"config": c, "args": a, "seconds": t, "peak_rss_bytes": 2**30} for c, a, t in rows],
+        }
+
+    first, second = "machine/2026-01-01-export-cost-1.json", "machine/2026-01-01-export-cost-2.json"
+    monkeypatch.setitem(docs_tables.EXPORT_TABLES, "export-cost-runs", docs_tables.ExportTable(first, runs=(second,)))
+    table = docs_tables.render_export_cost("export-cost-runs", {first: run(100.0, 200.0), second: run(80.0, 240.0)})
+    assert "| fastest, run 1 | `--precision int8` | 3 min 20 s | 2.00x |" in table
+    assert "| fastest, run 2 | `--precision int8` | 4 min 0 s | 3.00x |" in table
+    assert "| fp32, run 2 | - | 1 min 20 s | 1.00x |" in table
+    assert table.count("Data: ") == 2 and second in table.split("Data: ")[2]
 
 
 def test_memory_table_sets_each_estimate_beside_the_peak_when_its_stages_ended():
