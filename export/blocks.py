@@ -5,9 +5,8 @@ The sensitivity pass (quantize.py) measures each block's quantisation error on t
 really gives it: the whole graph runs once per feed with every block-boundary tensor as an extra output
 (kept on disk), then the graph, quantised whole once, runs cut at those boundaries: every block reads the
 recorded fp32 tensors, so its outputs are what it gives quantised alone. The difference it makes to its outputs
-can then be added to the fp32 graph
-at those outputs, for any set of blocks at once: one whole-graph run says what that set's quantisation
-does to the graph's output, with no graph quantised.
+can then be added to the fp32 graph at those outputs, for any set of blocks at once: one whole-graph run says
+what that set's quantisation does to the graph's output, with no graph quantised.
 """
 
 from __future__ import annotations
