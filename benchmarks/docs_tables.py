@@ -319,6 +319,8 @@ TABLES = {
             Source(V + "2026-12-05-sd35-medium-int8-tiny-counted.json"),
             Source(V + "2026-12-05-sd35-medium-int8-tiny-gelu.json"),
             Source(V + "2026-12-05-sd35-medium-int8-tiny-gelu-rerun.json"),
+            Source(V + "2026-12-05-sd35-medium-int8-512-counted.json"),
+            Source(V + "2026-12-05-sd35-medium-int8-low-memory-counted.json"),
         ),
         full_decoder=True,
         headers={"unet_call": "transformer call"},

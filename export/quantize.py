@@ -376,12 +376,20 @@ def cropped_for_ranking(input_shapes: dict[str, list], feed: dict) -> dict:
 
 
 def block_errors(
-    src: Path, structure, blocks: dict[str, list[str]], scheme: Scheme, ranges, feeds: list[dict], workdir: Path
+    src: Path,
+    structure,
+    blocks: dict[str, list[str]],
+    scheme: Scheme,
+    ranges,
+    feeds: list[dict],
+    workdir: Path,
+    quantised: Path | None = None,
 ):
     """Each block's own quantisation error: the relative RMS error of its outputs when it alone is quantised
     and run on the fp32 graph's tensors at its inputs (recorded once, for `feeds`), against the fp32 graph's
     tensors at its outputs (blocks.BlockProbe.errors: the whole graph quantised once, run cut at the blocks'
-    boundaries). Returns the errors and the probe (blocks.BlockProbe) holding the recordings."""
+    boundaries). Returns the errors and the probe (blocks.BlockProbe) holding the recordings. `quantised`: where
+    that whole quantised graph is left (removed when not given)."""
     import onnx
     from onnx.external_data_helper import uses_external_data
 
@@ -397,12 +405,15 @@ def block_errors(
         )
     probe = BlockProbe(src, structure, split_blocks(structure.graph, blocks, block_of), workdir / "boundaries")
     probe.record(feeds)
-    quantised = workdir / "all-quantised.onnx"
+    keep = quantised is not None
+    quantised = quantised or workdir / "all-quantised.onnx"
+    quantised.parent.mkdir(parents=True, exist_ok=True)
     quantize(src, quantised, scheme, [], ranges)
     try:
         errors = probe.errors(quantised)
     finally:
-        _remove(quantised)
+        if not keep:
+            _remove(quantised)
     return errors, probe
 
 
@@ -543,6 +554,9 @@ def quantize_component(
     }
     with tempfile.TemporaryDirectory(prefix="edgediff-quant-", dir=dst.parent) as tmp:
         tmp = Path(tmp)
+        # the whole graph quantised with no block kept, made by the sensitivity pass: the check with none kept
+        # places it rather than quantising again
+        everything = tmp / "all-quantised" / dst.name
         if scheme.calibrated:
             taken = ranges is not None
             if not taken:
@@ -559,7 +573,7 @@ def quantize_component(
         if keep == "auto":
             ranked = [ranking_feed(structure, feed) for feed in spread(feeds, SENSITIVITY_FEEDS)]
             with stages.stage(f"{label}: sensitivity"):
-                errors, probe = block_errors(src, structure, blocks, scheme, ranges, ranked, tmp)
+                errors, probe = block_errors(src, structure, blocks, scheme, ranges, ranked, tmp, everything)
                 release_memory()
             record["block_errors"] = {b: round(e, 6) for b, e in sorted(errors.items(), key=lambda kv: -kv[1])}
         del structure
@@ -572,7 +586,12 @@ def quantize_component(
         def check(kept: list[str]) -> float:
             _remove(candidate)
             with stages.stage(f"{label}: quantize"):
-                quantize(src, candidate, scheme, [n for b in kept for n in blocks[b]], ranges)
+                if not kept and everything.exists():  # the sensitivity pass's, under the same names
+                    for f in (everything, everything.with_name(f"{everything.name}.data")):
+                        if f.exists():
+                            os.replace(f, candidate.with_name(f.name))
+                else:
+                    quantize(src, candidate, scheme, [n for b in kept for n in blocks[b]], ranges)
                 release_memory()
             with stages.stage(f"{label}: final check"):
                 error = _rel_rms(_outputs(candidate, feeds), ref)

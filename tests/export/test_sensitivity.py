@@ -61,6 +61,26 @@ def test_ranges_are_calibrated_once_however_many_blocks_are_tried(unet_feeds, tm
     assert record["error"] <= everything["error"] / 2
 
 
+def test_within_budget_the_sensitivity_pass_quantisation_is_the_one_checked_and_kept(unet_feeds, tmp_path, monkeypatch):
+    """The whole graph the sensitivity pass quantised (no block kept) is what the check with none kept would build:
+    within the budget to first order it is checked and placed, not quantised a second time."""
+    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+
+    from edgediff.export.quantize import SCHEMES, quantize_component
+
+    src, feeds = unet_feeds
+    none = quantize_component(src, tmp_path / "none.onnx", SCHEMES["int8-static"], feeds)
+    placements = _count_calls(monkeypatch, QDQQuantizer, "quantize_model")
+    record = quantize_component(src, tmp_path / "auto.onnx", SCHEMES["int8-static"], feeds, keep="auto", budget=1.0)
+    assert len(placements) == 1 and record["kept_fp32"] == {}
+    assert record["checks"] == [
+        {"kept": 0, "first_order": record["checks"][0]["first_order"], "error": record["error"]}
+    ]
+    assert record["error"] == pytest.approx(none["error"], abs=1e-9)
+    assert (tmp_path / "auto.onnx").read_bytes() == (tmp_path / "none.onnx").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["auto.onnx", "none.onnx"]  # nothing else left
+
+
 # float rounding: the cut graph and a block extracted alone run the same int8 kernels on the same inputs, but
 # onnxruntime may fuse a block's nodes differently in the two graphs
 BLOCK_ERROR_RTOL = 1e-3
