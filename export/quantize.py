@@ -383,13 +383,13 @@ def block_errors(
     ranges,
     feeds: list[dict],
     workdir: Path,
-    quantised: Path | None = None,
+    quantised: Path,
 ):
     """Each block's own quantisation error: the relative RMS error of its outputs when it alone is quantised
     and run on the fp32 graph's tensors at its inputs (recorded once, for `feeds`), against the fp32 graph's
     tensors at its outputs (blocks.BlockProbe.errors: the whole graph quantised once, run cut at the blocks'
     boundaries). Returns the errors and the probe (blocks.BlockProbe) holding the recordings. `quantised`: where
-    that whole quantised graph is left (removed when not given)."""
+    that whole quantised graph is written, and left."""
     import onnx
     from onnx.external_data_helper import uses_external_data
 
@@ -405,16 +405,9 @@ def block_errors(
         )
     probe = BlockProbe(src, structure, split_blocks(structure.graph, blocks, block_of), workdir / "boundaries")
     probe.record(feeds)
-    keep = quantised is not None
-    quantised = quantised or workdir / "all-quantised.onnx"
     quantised.parent.mkdir(parents=True, exist_ok=True)
     quantize(src, quantised, scheme, [], ranges)
-    try:
-        errors = probe.errors(quantised)
-    finally:
-        if not keep:
-            _remove(quantised)
-    return errors, probe
+    return probe.errors(quantised), probe
 
 
 def keep_until_within(

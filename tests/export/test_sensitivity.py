@@ -121,7 +121,8 @@ def test_block_errors_from_the_cut_graph_equal_each_block_quantised_alone(unet_f
     ranges = calibrate(src, chosen, feeds) if chosen.calibrated else None
     work = tmp_path / "work"
     work.mkdir()
-    errors, probe = block_errors(src, structure, quantizable_blocks(structure, chosen), chosen, ranges, feeds, work)
+    blocks = quantizable_blocks(structure, chosen)
+    errors, probe = block_errors(src, structure, blocks, chosen, ranges, feeds, work, work / "all" / src.name)
     assert len(errors) > 3 and all(e > 0 for e in errors.values())
     for name in list(errors)[:: max(1, len(errors) // 4)]:  # a few blocks spread over the graph
         block = probe.blocks[name]
