@@ -1,5 +1,5 @@
-"""A graph's blocks as graphs of their own, the fp32 tensors at their boundaries, and what a block's error
-does to the graph's output.
+"""A graph's blocks, the fp32 tensors at their boundaries, each block's quantisation error, and what a block's
+error does to the graph's output.
 
 The sensitivity pass (quantize.py) measures each block's quantisation error on the inputs the fp32 graph
 really gives it: the whole graph runs once per feed with every block-boundary tensor as an extra output
@@ -135,7 +135,7 @@ class BlockProbe:
         for k, feed in enumerate(feeds):
             folder = self.workdir / f"feed-{k}"
             folder.mkdir(parents=True, exist_ok=True)
-            for i, value in enumerate(session.run(self.boundary, feed)):
+            for i, value in enumerate(session.run(self.boundary, feed) if self.boundary else ()):
                 np.save(folder / f"{i}.npy", value)
                 self.dtypes.setdefault(self.boundary[i], value.dtype)
             for name, value in feed.items():
@@ -162,11 +162,20 @@ class BlockProbe:
         graph quantised with no block kept. It runs cut at every block boundary: each boundary tensor is fed (its
         fp32 recording) to the nodes that read it, and what its producer makes is an output of its own. So one run
         per feed gives every block's quantised outputs on fp32 inputs: the block quantised alone, without a graph,
-        a quantisation and a session per block (the full-size SD-Turbo UNet's 50 blocks: 28 s of its ranking)."""
+        a quantisation and a session per block (the full-size SD-Turbo UNet's 50 blocks: 28 s of its ranking).
+        A rounding the quantiser puts on a tensor between blocks counts in the blocks that read it, where they read
+        it directly (its producer's output is fetched before it).
+
+        onnxruntime computes every node whatever is fetched, and returns a run's outputs together: blocks whose
+        outputs would exceed MAX_FETCH_BYTES in one run (a decoder at 1024: 0.5 GB a tensor) are run in groups, each
+        on the cut graph pruned to the nodes its outputs need."""
         import onnx
-        import onnxruntime as ort
         from onnx import helper
 
+        wanted = {b: self.float_outputs(b) for b in self.blocks}
+        power = {b: [0.0, 0.0] for b in self.blocks}  # error and reference power, summed over feeds
+        if not any(wanted.values()):
+            return {b: 0.0 for b in self.blocks}
         model = onnx.load(str(quantised), load_external_data=False)  # weights stay beside it (large graphs)
         graph = model.graph
         cut = set(self.boundary)
@@ -174,35 +183,61 @@ class BlockProbe:
             for i, name in enumerate(node.output):
                 if name in cut:  # the producer's output renamed; its readers read the fed tensor
                     node.output[i] = _QUANTISED + name
-        for name in self.boundary:
-            graph.input.append(
-                helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(self.dtypes[name]), None)
-            )
-        wanted = {b: self.float_outputs(b) for b in self.blocks}
-        fetched = list(dict.fromkeys(t for names in wanted.values() for t in names))
-        del graph.output[:]
-        graph.output.extend(helper.make_empty_tensor_value_info(_QUANTISED + t) for t in fetched)
-        path = quantised.with_name(f".{quantised.stem}.cut.onnx")  # beside it, where its external-data paths hold
-        onnx.save_model(model, str(path))
-        del model
+        graph.input.extend(
+            helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(self.dtypes[name]), None)
+            for name in self.boundary
+        )
+        for group in _fetch_groups(wanted, lambda t: self.value(t, 0).nbytes):
+            fetched = [t for b in group for t in wanted[b]]
+            session = self._open_pruned(model, fetched, quantised)
+            fed = [v.name for v in session.get_inputs()]  # those the pruned graph still reads
+            for k in range(len(self._feeds)):
+                outputs = session.run([_QUANTISED + t for t in fetched], {t: self.value(t, k) for t in fed})
+                got = dict(zip(fetched, outputs))
+                del outputs
+                for block in group:
+                    for name in wanted[block]:
+                        ref = np.asarray(self.value(name, k))
+                        delta = got.pop(name) - ref
+                        np.save(self._delta_path(name, k), delta)
+                        power[block][0] += float(np.sum(delta.astype(np.float64) ** 2))
+                        power[block][1] += float(np.sum(ref.astype(np.float64) ** 2))
+                        del delta
+            del session
+            gc.collect()
+        return {b: float(np.sqrt(num / max(den, 1e-30))) for b, (num, den) in power.items()}
+
+    def _open_pruned(self, model, fetched: list[str], quantised: Path):
+        """A session of the cut graph `model` with `fetched` (quantised names) as its outputs and only the nodes,
+        inputs and weights they need, saved beside `quantised` (where its external-data paths hold) while it opens."""
+        import onnx
+        import onnxruntime as ort
+        from onnx import helper
+
+        graph = model.graph
+        needed = {_QUANTISED + t for t in fetched}
+        nodes = []
+        for node in reversed(graph.node):  # graph order is topological: a walk back finds every node needed
+            if any(o in needed for o in node.output):
+                nodes.append(node)
+                needed.update(_reads(node))
+        pruned = helper.make_graph(
+            list(reversed(nodes)),
+            graph.name,
+            [v for v in graph.input if v.name in needed],
+            [helper.make_empty_tensor_value_info(_QUANTISED + t) for t in fetched],
+            [t for t in graph.initializer if t.name in needed],
+        )
+        sub = helper.make_model(pruned, opset_imports=list(model.opset_import))
+        sub.ir_version = model.ir_version
+        sub.functions.extend(model.functions)
+        path = quantised.with_name(f".{quantised.stem}.cut.onnx")
+        onnx.save_model(sub, str(path))
+        del sub, pruned
         try:
-            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         finally:
             path.unlink(missing_ok=True)
-        fed = [v.name for v in session.get_inputs()]  # those the quantised graph still reads
-        power = {b: [0.0, 0.0] for b in self.blocks}  # error and reference power, summed over feeds
-        for k in range(len(self._feeds)):
-            got = dict(zip(fetched, session.run([_QUANTISED + t for t in fetched], {t: self.value(t, k) for t in fed})))
-            for block, names in wanted.items():
-                for name in names:
-                    ref = np.asarray(self.value(name, k))
-                    delta = got[name] - ref
-                    np.save(self._delta_path(name, k), delta)
-                    power[block][0] += float(np.sum(delta.astype(np.float64) ** 2))
-                    power[block][1] += float(np.sum(ref.astype(np.float64) ** 2))
-        del session
-        gc.collect()
-        return {b: float(np.sqrt(num / max(den, 1e-30))) for b, (num, den) in power.items()}
 
     def output_power(self, blocks: list[str]) -> float:
         """The graph's output error, squared and relative to the fp32 output (as the whole-graph check
@@ -260,3 +295,23 @@ class BlockProbe:
 
 
 _FP32, _DELTA, _QUANTISED = "edgediff_fp32/", "edgediff_delta/", "edgediff_quantised/"
+# The most bytes of block outputs one run of the cut graph returns (BlockProbe.errors): the full-size SD-Turbo UNet's
+# at 256x256 are about 0.2 GB, one run; SANA's DC-AE decoder's at 1024 several GB, in groups.
+MAX_FETCH_BYTES = 1 << 30
+
+
+def _fetch_groups(wanted: dict[str, list[str]], size) -> list[list[str]]:
+    """The blocks of `wanted` (block -> its float outputs), in order, in groups whose outputs (`size(tensor)`: bytes)
+    stay within MAX_FETCH_BYTES; a block larger than that alone; blocks without float outputs left out."""
+    groups: list[list[str]] = []
+    total = 0
+    for block, names in wanted.items():
+        if not names:
+            continue
+        nbytes = sum(size(t) for t in names)
+        if not groups or total + nbytes > MAX_FETCH_BYTES:
+            groups.append([])
+            total = 0
+        groups[-1].append(block)
+        total += nbytes
+    return groups

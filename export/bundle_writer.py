@@ -625,7 +625,7 @@ def _replan_from_recording(stages, manifest: Manifest, feeds: dict, keep) -> Non
         if per_run is None or not recorded:
             continue
         stages.replan(f"{name}: final check", per_run * len(recorded))
-        if keep == "auto":  # the block quantisations the plan weighed stay; the runs are added
+        if keep == "auto":  # the quantisation the plan weighed stays; the runs are added
             shapes = {i.name: i.shape for i in manifest.components[name].inputs}
             ranked = cropped_for_ranking(shapes, recorded[0])
             fraction = sum(np.size(v) for v in ranked.values()) / max(sum(np.size(v) for v in recorded[0].values()), 1)

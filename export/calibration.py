@@ -11,13 +11,14 @@ against, so that the fp32 graph need not run over the feeds a second time.
 from __future__ import annotations
 
 import functools
+import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from .quantize import MAX_CALIBRATION_FEEDS, MIN_REDUCED_CELLS
+from .quantize import MAX_CALIBRATION_FEEDS, MIN_REDUCED_CELLS, REDUCED_CELL_MULTIPLE
 
 # Generic prompts for models of the photo/art world; the shipped model passes its own domain's captions.
 CALIBRATION_PROMPTS = (
@@ -54,12 +55,16 @@ RECORDING_SIDE_FRACTION = 2
 
 def recording_call(defaults: dict, multiple: int, vae_scale: int, bounded: bool) -> dict:
     """The call arguments recording runs with: bounded_call's where `bounded` (schemes without activation ranges),
-    else the bundle's own call; either with its sides divided by RECORDING_SIDE_FRACTION (each a multiple of
-    `multiple`) where every latent side (pixels / `vae_scale`) keeps MIN_REDUCED_CELLS cells."""
-    call = bounded_call(defaults, multiple) if bounded else {}
+    else the bundle's own call; either with its sides divided by RECORDING_SIDE_FRACTION where every latent side
+    (pixels / `vae_scale`) keeps MIN_REDUCED_CELLS cells. A side it sets is a multiple of `multiple` (the bundle's
+    size multiple) and of REDUCED_CELL_MULTIPLE latent cells: a UNet's traced upsamplings double each side, so its
+    latent sides must halve evenly at every level (832 px halved is 52 cells, which the third downsampling leaves at
+    7 and its upsampling brings back to 14, against the skip connection's 13)."""
+    step = math.lcm(multiple, vae_scale * REDUCED_CELL_MULTIPLE)
+    call = bounded_call(defaults, step) if bounded else {}
     height, width = call.get("height", defaults.get("height")), call.get("width", defaults.get("width"))
     if height and width:
-        cut = [side // RECORDING_SIDE_FRACTION // multiple * multiple for side in (height, width)]
+        cut = [side // RECORDING_SIDE_FRACTION // step * step for side in (height, width)]
         if min(cut) // vae_scale >= MIN_REDUCED_CELLS:
             call["height"], call["width"] = cut
     return call
@@ -69,8 +74,6 @@ def bounded_call(defaults: dict, multiple: int) -> dict:
     """The call arguments recording runs with for uncalibrated schemes: the bundle's default size scaled down (aspect
     kept, each side a multiple of `multiple`) to at most UNCALIBRATED_MAX_PIXELS, and its default steps capped
     (record_feeds also takes only the first UNCALIBRATED_MAX_PROMPTS prompts)."""
-    import math
-
     height, width = defaults.get("height"), defaults.get("width")
     call = {"num_inference_steps": min(int(defaults.get("steps") or 1), UNCALIBRATED_MAX_STEPS)}
     if height and width and height * width > UNCALIBRATED_MAX_PIXELS:

@@ -16,8 +16,9 @@ option anyway; its floor is checked on the shipped model (tests/export/test_quan
 
 Sensitivity (`keep="auto"`): activation ranges are calibrated once per graph, and every trial only places
 QDQ nodes on them. The fp32 graph runs once over a few recorded feeds keeping the tensors at every block's
-boundary (blocks.py); each block (e.g. `down_blocks.1/attentions.0`) is quantised alone and run on those
-tensors: its error at its own outputs is recorded, and its difference from fp32 is kept. The graph is
+boundary (blocks.py); the graph is quantised whole once and run cut at those boundaries, so that each block
+(e.g. `down_blocks.1/attentions.0`) runs quantised on the fp32 tensors at its inputs: its error at its own outputs
+is recorded, and its difference from fp32 is kept. The graph is
 checked quantised whole; past SENSITIVITY_BUDGET, those differences are added to the fp32 graph, a group of
 blocks at a time, halving the groups where the output error is, so that a few whole-graph runs (no graph
 quantised) find the blocks that cost the output most. They are kept in fp32 until the predicted error is
@@ -57,11 +58,11 @@ MAX_CALIBRATION_FEEDS = 16  # per component: the feeds that calibrate ranges and
 # against fp32). Fewer runs cost size and speed: with 6, the full-size UNet kept 20 blocks in fp32, not 15.
 SENSITIVITY_FEEDS = 1
 # ...and those feeds are cropped to their centre, each image side divided by this (kept a multiple of
-# RANKING_CELL_MULTIPLE latent cells), where the graph takes one image-shaped input (a UNet's latent, a decoder's):
+# REDUCED_CELL_MULTIPLE latent cells), where the graph takes one image-shaped input (a UNet's latent, a decoder's):
 # the ranking's runs, most of its cost, then cost about a quarter (full-size SD-Turbo at 512: 112 to 36 s, the
 # same blocks kept). Ranking only: the whole-graph checks, which decide, run whole feeds.
 RANKING_SIDE_FRACTION = 2
-RANKING_CELL_MULTIPLE = 8  # the UNet's three downsamplings
+REDUCED_CELL_MULTIPLE = 8  # the UNet's three downsamplings (a reduced size, calibration.recording_call's too)
 # No crop (nor calibration.recording_call's reduced size) leaves a latent side under this many cells: a small crop is
 # mostly border. The shipped model's 16 cells cropped to 8 gave a first-order error 3x the whole feed's, and its
 # int8-static UNet kept 16 blocks instead of 3.
@@ -368,7 +369,7 @@ def cropped_for_ranking(input_shapes: dict[str, list], feed: dict) -> dict:
     if len(images) != 1 or images[0] not in feed:
         return feed
     value = np.asarray(feed[images[0]])
-    cuts = [side // RANKING_SIDE_FRACTION // RANKING_CELL_MULTIPLE * RANKING_CELL_MULTIPLE for side in value.shape[2:]]
+    cuts = [side // RANKING_SIDE_FRACTION // REDUCED_CELL_MULTIPLE * REDUCED_CELL_MULTIPLE for side in value.shape[2:]]
     if min(cuts) < MIN_REDUCED_CELLS:
         return feed
     crop = [slice((side - cut) // 2, (side - cut) // 2 + cut) for side, cut in zip(value.shape[2:], cuts)]
@@ -584,6 +585,7 @@ def quantize_component(
                         if f.exists():
                             os.replace(f, candidate.with_name(f.name))
                 else:
+                    _remove(everything)  # no longer wanted: not two quantised graphs on disk at once
                     quantize(src, candidate, scheme, [n for b in kept for n in blocks[b]], ranges)
                 release_memory()
             with stages.stage(f"{label}: final check"):

@@ -41,12 +41,17 @@ def test_only_uncalibrated_precisions_record_a_bounded_call(models_root, tmp_pat
 
 def test_recording_halves_each_side_while_every_latent_side_keeps_its_floor():
     from edgediff.export.calibration import recording_call
-    from edgediff.export.quantize import MIN_REDUCED_CELLS
+    from edgediff.export.quantize import MIN_REDUCED_CELLS, REDUCED_CELL_MULTIPLE
 
     sd = {"steps": 1, "height": 512, "width": 512}
     assert recording_call(sd, multiple=8, vae_scale=8, bounded=False) == {"height": 256, "width": 256}
     wide = recording_call({"steps": 4, "height": 768, "width": 1344}, multiple=16, vae_scale=8, bounded=False)
-    assert wide == {"height": 384, "width": 672}
+    assert wide == {"height": 384, "width": 640}  # whole cells at a UNet's bottom level: sides of 64 px
+    # 832 halved is 416 px, 52 latent cells: a UNet's three downsamplings leave 6.5; 384 px leaves 6
+    tall = recording_call({"steps": 1, "height": 832, "width": 512}, multiple=8, vae_scale=8, bounded=False)
+    assert tall == {"height": 384, "width": 256}
+    for call in (wide, tall, recording_call({"height": 1024, "width": 768}, multiple=8, vae_scale=8, bounded=True)):
+        assert all(call[side] // 8 % REDUCED_CELL_MULTIPLE == 0 for side in ("height", "width")), call
     # SD3.5 at 1024, bounded to 512 for an uncalibrated scheme, then halved: 32 latent cells a side
     sd35 = recording_call({"steps": 40, "height": 1024, "width": 1024}, multiple=16, vae_scale=8, bounded=True)
     assert sd35 == {"num_inference_steps": UNCALIBRATED_MAX_STEPS, "height": 256, "width": 256}

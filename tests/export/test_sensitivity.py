@@ -124,22 +124,57 @@ def test_block_errors_from_the_cut_graph_equal_each_block_quantised_alone(unet_f
     blocks = quantizable_blocks(structure, chosen)
     errors, probe = block_errors(src, structure, blocks, chosen, ranges, feeds, work, work / "all" / src.name)
     assert len(errors) > 3 and all(e > 0 for e in errors.values())
-    for name in list(errors)[:: max(1, len(errors) // 4)]:  # a few blocks spread over the graph
+    graph_outputs = {o.name for o in structure.graph.output}
+    names = list(errors)
+    for name in dict.fromkeys([*names[:: max(1, len(names) // 4)], names[-1]]):  # spread over the graph, the last too
         block = probe.blocks[name]
         alone, quantised = tmp_path / f"{len(block.nodes)}.onnx", tmp_path / f"{len(block.nodes)}-q.onnx"
         onnx.utils.extract_model(str(src), str(alone), list(block.inputs), list(block.outputs), check_model=False)
         quantize(alone, quantised, chosen, [], ranges)
         model = onnx.load(str(quantised))
-        names = probe.float_outputs(name)
-        fetched = [_before_output_rounding(model, t) for t in names]
-        model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in fetched if t not in names)
+        outputs = probe.float_outputs(name)
+        # the graph's own outputs keep their rounding in the whole quantised graph too: it is what the graph returns
+        fetched = [t if t in graph_outputs else _before_output_rounding(model, t) for t in outputs]
+        model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in fetched if t not in outputs)
         session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         got, ref = [], []
         for k in range(len(feeds)):
             got += session.run(fetched, {t: np.asarray(probe.value(t, k)) for t in block.inputs})
-            ref += [np.asarray(probe.value(t, k)) for t in names]
+            ref += [np.asarray(probe.value(t, k)) for t in outputs]
         assert errors[name] == pytest.approx(_rel_rms(got, ref), rel=BLOCK_ERROR_RTOL), name
     probe.close()
+
+
+def test_block_errors_run_in_groups_on_pruned_graphs_give_the_same_errors(unet_feeds, tmp_path, monkeypatch):
+    """Past MAX_FETCH_BYTES of outputs in one run, blocks run in groups, each on the cut graph pruned to what its
+    outputs need: here every block alone (a limit of one byte), the errors and deltas those of the single run."""
+    import numpy as np
+    import onnx
+
+    from edgediff.export import blocks as blocks_module
+    from edgediff.export.quantize import SCHEMES, block_errors, calibrate, quantizable_blocks
+
+    src, feeds = unet_feeds
+    chosen = SCHEMES["int8-static"]
+    ranges = calibrate(src, chosen, feeds)
+    found = {}
+    for limit in (blocks_module.MAX_FETCH_BYTES, 1):
+        monkeypatch.setattr(blocks_module, "MAX_FETCH_BYTES", limit)
+        work = tmp_path / str(limit)
+        work.mkdir()
+        structure = onnx.load(str(src), load_external_data=False)  # block_errors moves its weights out
+        blocks = quantizable_blocks(structure, chosen)
+        errors, probe = block_errors(src, structure, blocks, chosen, ranges, feeds, work, work / "all" / src.name)
+        groups = blocks_module._fetch_groups(
+            {b: probe.float_outputs(b) for b in probe.blocks}, lambda t: probe.value(t, 0).nbytes
+        )
+        deltas = {t: np.load(probe._delta_path(t, 0)) for b in probe.blocks for t in probe.float_outputs(b)}
+        found[limit] = (errors, len(groups), deltas)
+        probe.close()
+    (whole, one_run, whole_deltas), (alone, runs, alone_deltas) = found.values()
+    assert one_run == 1 and runs == len(alone) > 3
+    assert alone == pytest.approx(whole, rel=1e-6)
+    assert all(np.allclose(alone_deltas[t], whole_deltas[t], atol=1e-6) for t in whole_deltas)
 
 
 def test_block_errors_rank_a_damaged_block_first_and_it_is_kept(unet_feeds, tmp_path):
