@@ -296,7 +296,7 @@ class BlockProbe:
 
 _FP32, _DELTA, _QUANTISED = "edgediff_fp32/", "edgediff_delta/", "edgediff_quantised/"
 # The most bytes of block outputs one run of the cut graph returns (BlockProbe.errors): the full-size SD-Turbo UNet's
-# at 256x256 are about 0.2 GB, one run; SANA's DC-AE decoder's at 1024 several GB, in groups.
+# at 256x256 are tens of MB, one run; SANA's DC-AE decoder's at 1024 several GB (0.5 GB a tensor), in groups.
 MAX_FETCH_BYTES = 1 << 30
 
 
