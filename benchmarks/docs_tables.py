@@ -618,7 +618,8 @@ def render_export_cost(name: str, results: dict[str, dict]) -> str:
     """The export-cost table (each configuration: time, its ratio to fp32's, peak and the stage that set it,
     bundle size) or the export-stages table (one configuration's stages, repeated stages summed)."""
     table = EXPORT_TABLES[name]
-    for rel in (table.file, *table.runs):
+    files = (table.file, *table.runs)
+    for rel in files:
         if rel not in results:
             raise FileNotFoundError(f"table {name}: {RESULTS / rel} is missing")
     data = results[table.file]
@@ -636,7 +637,6 @@ def render_export_cost(name: str, results: dict[str, dict]) -> str:
             "| export | arguments | wall time | wall time / fp32's | peak RSS | set by | bundle |",
             "|---|---|---|---|---|---|---|",
         ]
-        files = (table.file, *table.runs)
         for run, rel in enumerate(files, 1):
             measured = [r for r in results[rel]["results"] if "seconds" in r]
             fp32 = next((r["seconds"] for r in measured if r["config"] == "fp32"), None)
@@ -658,7 +658,7 @@ def render_export_cost(name: str, results: dict[str, dict]) -> str:
         for stage, (seconds, peak, count) in totals.items():
             lines.append(f"| {stage} | {seconds:.1f} | {count} | {_gib(peak)} |")
         lines.append(f"| whole export | {row['seconds']:.1f} | | {_gib(row['peak_rss_bytes'])} |")
-    for rel in (table.file, *(table.runs if table.stages_of is None and not table.memory else ())):
+    for rel in files if table.stages_of is None and not table.memory else files[:1]:
         lines += ["", f"Data: {_link(rel)}: {machine_line(results[rel]['machine'])}, {results[rel].get('date', '?')}"]
     return "\n".join(lines) + "\n"
 

@@ -345,6 +345,14 @@ def _remove(graph: Path) -> None:
         f.unlink(missing_ok=True)
 
 
+def _move(graph: Path, to: Path) -> None:
+    """Moves a graph and its external data, if any, to `to` (the data file renamed with it, as the graph names it:
+    f"{name}.data", which holds where the two names are the same)."""
+    for f in (graph, graph.with_name(f"{graph.name}.data")):
+        if f.exists():
+            os.replace(f, to.with_name(f.name.replace(graph.name, to.name, 1)))
+
+
 def spread(feeds: list, count: int) -> list:
     """`count` of `feeds`, evenly spread (recorded feeds run prompt by prompt, step by step)."""
     if len(feeds) <= count:
@@ -581,9 +589,7 @@ def quantize_component(
             _remove(candidate)
             with stages.stage(f"{label}: quantize"):
                 if not kept and everything.exists():  # the sensitivity pass's, under the same names
-                    for f in (everything, everything.with_name(f"{everything.name}.data")):
-                        if f.exists():
-                            os.replace(f, candidate.with_name(f.name))
+                    _move(everything, candidate)
                 else:
                     _remove(everything)  # no longer wanted: not two quantised graphs on disk at once
                     quantize(src, candidate, scheme, [n for b in kept for n in blocks[b]], ranges)
@@ -618,9 +624,7 @@ def quantize_component(
             kept = [] if keep == "none" else list(keep)
             record["kept_fp32"] = {b: "asked" for b in kept}
             error = check(kept)
-        for f in (candidate, candidate.with_name(f"{candidate.name}.data")):
-            if f.exists():
-                os.replace(f, dst.with_name(f.name.replace(candidate.name, dst.name, 1)))
+        _move(candidate, dst)
     record["error"] = round(error, 6)
     log.info("%s: %s, %d blocks kept fp32, output error %.4f", label, scheme.name, len(kept), record["error"])
     return record
