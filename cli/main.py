@@ -320,6 +320,7 @@ def info(bundle, verify):
     """Show what a bundle's manifest says: family, sampler, defaults, components, sizes (BUNDLE: folder or name)."""
     from edgediff.runtime import Bundle
     from edgediff.runtime.catalog import resolve_bundle
+    from edgediff.runtime.denoisers import size_multiple
 
     b = Bundle.open(resolve_bundle(bundle), verify="full" if verify else "size")
     m = b.manifest
@@ -339,6 +340,7 @@ def info(bundle, verify):
     click.echo(f"sampler       {m.scheduler['name']} ({grid})")
     d = m.defaults
     click.echo(f"defaults      {d['steps']} steps, guidance {d['guidance']}, {d['width']}x{d['height']}")
+    click.echo(f"sizes         multiples of {size_multiple(m)} pixels a side")
     click.echo(f"source        {m.provenance.get('source', '?')} ({m.provenance.get('date', '?')})")
     text = " + ".join(
         f"{e['component']} ({e['output']}" + (f", pooled {e['pooled']})" if e.get("pooled") else ")")

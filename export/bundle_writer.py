@@ -45,7 +45,7 @@ from .precision import FP16_MAX, to_fp16
 from .quantize import libraries_frozen, release_memory
 from .sana import models_for_export
 from .segments import segment_graph
-from .source import as_fp32, prepare_source
+from .source import as_fp32, latent_multiple, prepare_source
 from .specs import (
     COMPONENTS,
     TINY_DECODER,
@@ -303,6 +303,8 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
         component_attributes = {
             "unet": {
                 "attention": {"mode": attention, "sliced_layers": sliced_layers},
+                # latent cells each side must hold a whole number of (its 2x upsamplings are traced fixed)
+                **({"latent_multiple": latent_multiple(pipe)} if unet is not None else {}),
                 **(residual_attributes(ctx) if controlnets else {}),
                 **(ipa.unet_attributes(ip_adapter) if ip_adapter is not None else {}),
             },

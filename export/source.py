@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
+from edgediff.runtime.denoisers import SIZE_MULTIPLE
 from edgediff.runtime.errors import ExportError, ExportOptionsError
 
 from .families import SourceFacts, detect_family, get_family
@@ -132,6 +134,15 @@ def denoiser(pipe):
     return pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
 
 
+def latent_multiple(pipe) -> int:
+    """Latent cells each image side must hold a whole number of: a transformer's patch (SD3), or FluxPipeline's
+    packing; a UNet's 2**upsamplers, since its graph is traced with fixed 2x upsamplings (diffusers forwards the
+    skip connection's size instead only off that grid) which then meet their skip connections exactly."""
+    if getattr(pipe, "unet", None) is not None:
+        return 2 ** int(pipe.unet.num_upsamplers)
+    return int(pipe.transformer.config.get("patch_size", 1)) * (FLUX_PACKING if is_flux(pipe) else 1)
+
+
 def source_facts(pipe, source: str) -> SourceFacts:
     if getattr(pipe, "transformer", None) is not None:
         config = pipe.transformer.config
@@ -210,11 +221,10 @@ def prepare_source(
     net = denoiser(pipe)
     flux, sana = is_flux(pipe), is_sana(pipe)
     vae_scale = dc_ae_scale_factor(pipe.vae) if sana else 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    # a transformer's latent cells per token along each side: its own patch (SD3), or FluxPipeline's packing
-    patch = int(net.config.get("patch_size", 1)) * (FLUX_PACKING if flux else 1)
+    patch = latent_multiple(pipe)
     native = fam.default_size or int(net.config.sample_size) * vae_scale
     default_h, default_w = height or native, width or native
-    multiple = max(8, vae_scale * patch)
+    multiple = math.lcm(SIZE_MULTIPLE, vae_scale * patch)  # the runtime's rule (size_multiple)
     for what, value in (("height", default_h), ("width", default_w)):
         if value % multiple:
             raise ExportError("export_source", source=source, detail=f"{what} {value} is not a multiple of {multiple}")

@@ -30,6 +30,7 @@ MESSAGES = {
     # generation inputs
     "size_multiple": "{what} must be a positive multiple of {multiple}, got {value}",
     "size_patch": "{what} must be a multiple of {multiple} for this bundle (its transformer's patch of {patch} latent cells x the VAE's factor {vae}), got {value}; nearest valid: {nearest}",
+    "size_unet": "{what} must be a multiple of {multiple} for this bundle (its UNet halves the latent grid {halvings} times, and a latent cell is {vae} pixels), got {value}; nearest valid: {nearest}",
     "size_vae": "{what} must be a multiple of {multiple} for this bundle (its VAE's factor: {multiple} pixels per latent cell), got {value}; nearest valid: {nearest}",
     "max_sequence_length": "max_sequence_length must be between 1 and {limit} (T5 / Gemma tokens), got {value}",
     "family_task": "{task} is not available for {family} bundles yet: they do {tasks} only",

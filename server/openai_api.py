@@ -13,6 +13,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from edgediff.runtime.denoisers import size_multiple
+
 from .errors import ApiError, bad_request
 from .images import FORMATS, b64, mask_from_alpha_or_luminance, open_image
 from .jobs import DONE, Job
@@ -108,9 +110,11 @@ async def edits(request: Request) -> JSONResponse:
 
 
 def _model_object(entry) -> dict:
-    """OpenAI's model object, plus the bundle's defaults (the web page fills its fields from them)."""
+    """OpenAI's model object, plus the bundle's defaults and the multiple its sides take (the web page fills and
+    steps its fields from them)."""
     d = entry.manifest.defaults
     defaults = {"width": d["width"], "height": d["height"], "steps": d["steps"], "guidance": d["guidance"]}
+    defaults["size_multiple"] = size_multiple(entry.manifest)
     return {"id": entry.name, "object": "model", "created": 0, "owned_by": "edgediff", "defaults": defaults}
 
 

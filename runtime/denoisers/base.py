@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 import numpy as np
@@ -12,42 +13,43 @@ SIZE_MULTIPLE = 8  # as diffusers: the latent grid must stay whole through the V
 
 
 def size_multiple(manifest) -> int:
-    """Image sides must be multiples of this: the VAE's factor (at least 8), times a transformer's patch size."""
-    patch = _patch_size(manifest)
-    return max(SIZE_MULTIPLE, manifest.vae_scale_factor) * patch
+    """Image sides must be multiples of this: 8, and the VAE's factor times the latent cells the denoiser needs
+    per side (a transformer's patch; a UNet's 2**upsamplers)."""
+    return math.lcm(SIZE_MULTIPLE, manifest.vae_scale_factor * _latent_multiple(manifest))
 
 
-def _patch_size(manifest) -> int:
-    """Latent cells per transformer token along each side: SD3's patch, FLUX's packing (its patch_size is 1)."""
+def _latent_multiple(manifest) -> int:
+    """Latent cells each side must hold a whole number of: a transformer's patch (SD3) times FLUX's packing (its
+    patch_size is 1); a UNet's 2**upsamplers, whose traced 2x upsamplings meet their skip connections only then
+    (bundles exported before the UNet's was recorded: 1, unchecked)."""
     spec = manifest.components.get("transformer")
-    patch = int((spec.attributes.get("patch_size") if spec is not None else None) or 1)
-    return patch * int(getattr(manifest, "latent_packing", 1))
+    if spec is not None:
+        return int(spec.attributes.get("patch_size") or 1) * int(getattr(manifest, "latent_packing", 1))
+    spec = manifest.components.get("unet")
+    return int((spec.attributes.get("latent_multiple") if spec is not None else None) or 1)
 
 
 def check_size(manifest, what: str, value) -> None:
     """Raises InputError unless `value` is a valid image side for this bundle; where the multiple is not the usual
-    8 (a transformer's patch, 16 for SD3; DC-AE's 32 for SANA) the error names the nearest valid sides."""
+    8 (a transformer's patch, 16 for SD3; DC-AE's 32 for SANA; a UNet's halvings, 64 for SD) the error names the
+    nearest valid sides."""
     multiple = size_multiple(manifest)
     if not isinstance(value, (int, np.integer)) or value <= 0:
         raise InputError("size_multiple", what=what, multiple=multiple, value=value)
     if value % multiple == 0:
         return
-    patch = _patch_size(manifest)
     if multiple == SIZE_MULTIPLE:
         raise InputError("size_multiple", what=what, multiple=multiple, value=value)
     below = value // multiple * multiple
     nearest = " or ".join(str(v) for v in (below, below + multiple) if v > 0)
-    if patch == 1:
+    cells, vae = _latent_multiple(manifest), manifest.vae_scale_factor
+    if cells == 1:
         raise InputError("size_vae", what=what, multiple=multiple, value=value, nearest=nearest)
-    raise InputError(
-        "size_patch",
-        what=what,
-        multiple=multiple,
-        patch=patch,
-        vae=manifest.vae_scale_factor,
-        value=value,
-        nearest=nearest,
-    )
+    if "transformer" in manifest.components:
+        key, detail = "size_patch", {"patch": cells}
+    else:
+        key, detail = "size_unet", {"halvings": cells.bit_length() - 1}
+    raise InputError(key, what=what, multiple=multiple, vae=vae, value=value, nearest=nearest, **detail)
 
 
 class Denoiser(Protocol):

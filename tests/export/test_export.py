@@ -43,6 +43,9 @@ def test_manifest_describes_the_bundle(models_root, arch, family, sampler, embed
     assert m.tokenizer["max_length"] == 77
     assert m.provenance["versions"]["torch"] and m.provenance["versions"]["onnx"] and m.provenance["date"]
     unet_inputs = {t.name for t in m.components["unet"].inputs}
+    unet_config = json.loads((tiny_source(arch, models_root) / "unet" / "config.json").read_text())
+    # its latent grid must halve evenly at every down block but the last (the size rule's part)
+    assert m.components["unet"].attributes["latent_multiple"] == 2 ** (len(unet_config["block_out_channels"]) - 1)
     assert unet_inputs == {"sample", "timestep", "encoder_hidden_states"} | ({"timestep_cond"} if embedding else set())
     for spec in m.components.values():
         assert spec.precision == "fp32"

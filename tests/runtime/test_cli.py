@@ -102,6 +102,8 @@ def test_info_and_providers(models_root):
     result = CliRunner().invoke(cli, ["info", str(bundle)])
     assert result.exit_code == 0, result.output
     assert "lcm-sd1" in result.output and "checksums ok" in result.output and "timestep_cond" in result.output
+    shipped = CliRunner().invoke(cli, ["info", "shipped"])  # a UNet halving 4-pixel cells twice
+    assert shipped.exit_code == 0 and "multiples of 16 pixels a side" in shipped.output, shipped.output
     result = CliRunner().invoke(cli, ["providers"])
     assert result.exit_code == 0 and "onnxruntime" in result.output and "<- auto" in result.output
 

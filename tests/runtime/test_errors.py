@@ -198,6 +198,44 @@ def test_bad_generation_arguments(bundle, kwargs, match):
         pipe("a red circle", **kwargs)
 
 
+def test_sizes_off_the_unets_grid_are_refused_naming_the_nearest_valid():
+    from edgediff.models.shipped import default_bundle
+
+    # the shipped UNet halves its latents twice and a latent cell is 4 pixels: sides are multiples of 16
+    with Pipeline.from_bundle(default_bundle(), provider="cpu") as pipe:
+        with pytest.raises(
+            InputError,
+            match=r"height must be a multiple of 16 .*halves the latent grid 2 times.*"
+            r"got 72; nearest valid: 64 or 80$",
+        ):
+            pipe("a red circle", height=72, num_inference_steps=1)
+        assert pipe("a red circle", height=80, width=48, num_inference_steps=1).images[0].size == (48, 80)
+
+
+def test_the_unet_graph_itself_needs_its_grid():
+    """Why the rule: the graph's traced 2x upsamplings miss their skip connections off the grid."""
+    import onnxruntime as ort
+
+    from edgediff.models.shipped import default_bundle
+
+    bundle = Bundle.open(default_bundle())
+    session = ort.InferenceSession(str(bundle.path / "unet.onnx"), providers=["CPUExecutionProvider"])
+    multiple = bundle.manifest.components["unet"].attributes["latent_multiple"]
+
+    def run(cells):
+        feeds = {
+            "sample": np.zeros((1, 4, cells, multiple * 4), np.float32),
+            "timestep": np.array(1.0, np.float32),
+            "encoder_hidden_states": np.zeros((1, bundle.manifest.tokenizer["max_length"], 64), np.float32),
+            "timestep_cond": np.zeros((1, 64), np.float32),
+        }
+        return session.run(None, feeds)[0]
+
+    assert run(multiple * 5).shape[2] == multiple * 5
+    with pytest.raises(Exception, match="Concat"):
+        run(multiple * 5 - multiple // 2)
+
+
 def test_over_long_prompt_is_truncated_with_a_warning_as_diffusers_does(bundle, models_root):
     transformers = pytest.importorskip("transformers")
     pipe = Pipeline.from_bundle(bundle)

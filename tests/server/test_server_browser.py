@@ -80,6 +80,7 @@ def test_type_generate_watch_progress_get_the_image_then_cancel(browser, server,
     browser.get(server.url + "/")
     wait.until(lambda d: d.find_element(By.ID, "model").get_attribute("value") == "shipped")
     assert browser.find_element(By.ID, "steps").get_attribute("value") == "4"  # the model's defaults
+    assert browser.find_element(By.ID, "width").get_attribute("step") == "16"  # and the multiple its sides take
 
     # 1. a 30-step image: the bar moves through the steps, previews show, the gallery gets the image
     browser.execute_script(WATCH_BAR)

@@ -98,7 +98,7 @@ def test_models_are_the_catalogue(server):
 
 def test_errors_reach_the_client_as_its_exceptions(server):
     client = _client(server)
-    with pytest.raises(openai.BadRequestError, match="multiples of 8") as caught:
+    with pytest.raises(openai.BadRequestError, match="multiples of 16") as caught:
         client.images.generate(prompt=PROMPT, size="100x100")
     assert caught.value.body["param"] == "size"
     with pytest.raises(openai.NotFoundError, match="not served here"):

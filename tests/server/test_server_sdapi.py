@@ -117,7 +117,7 @@ def test_img2img_and_inpainting_equal_the_pipeline(server, reference):
 def test_sdapi_errors_are_a1111_shaped(server):
     response = httpx.post(f"{server.url}/sdapi/v1/txt2img", json={"prompt": "x", "width": 100}, timeout=10)
     assert response.status_code == 400
-    assert response.json()["error"] == "BadRequest" and "multiples of 8" in response.json()["detail"]
+    assert response.json()["error"] == "BadRequest" and "multiples of 16" in response.json()["detail"]
     response = httpx.post(f"{server.url}/sdapi/v1/img2img", json={"init_images": ["not base64!"]}, timeout=10)
     assert response.status_code == 400 and "base64" in response.json()["detail"]
     response = httpx.post(f"{server.url}/sdapi/v1/options", json={"sd_model_checkpoint": "../x"}, timeout=10)
