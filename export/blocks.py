@@ -28,7 +28,7 @@ class Block:
     outputs: tuple[str, ...]  # tensors it hands to other nodes or to the graph's outputs
 
 
-def _reads(node) -> Iterator[str]:
+def tensors_read(node) -> Iterator[str]:
     """The tensors a node reads, outer-scope names in its subgraphs (If, Loop) included."""
     yield from node.input
     for attr in node.attribute:
@@ -36,7 +36,7 @@ def _reads(node) -> Iterator[str]:
             own = {o for n in graph.node for o in n.output} | {v.name for v in graph.input}
             own |= {t.name for t in graph.initializer}
             for inner in graph.node:
-                yield from (name for name in _reads(inner) if name not in own)
+                yield from (name for name in tensors_read(inner) if name not in own)
 
 
 def split_blocks(graph, names: Iterable[str], block_of: Callable[[str], str]) -> dict[str, Block]:
@@ -49,7 +49,7 @@ def split_blocks(graph, names: Iterable[str], block_of: Callable[[str], str]) ->
     members: dict[str, set[int]] = defaultdict(set)
     for i, node in enumerate(graph.node):
         producer.update((o, i) for o in node.output)
-        for t in _reads(node):
+        for t in tensors_read(node):
             consumers[t].add(i)
         if block_of(node.name) in wanted:
             members[block_of(node.name)].add(i)
@@ -57,13 +57,13 @@ def split_blocks(graph, names: Iterable[str], block_of: Callable[[str], str]) ->
     for name, inside in members.items():
         # constants the block reads travel with it (the exporter names many at the root scope)
         for i in list(inside):
-            for t in _reads(graph.node[i]):
+            for t in tensors_read(graph.node[i]):
                 j = producer.get(t)
                 if j is not None and graph.node[j].op_type == "Constant" and not graph.node[j].input:
                     inside.add(j)
         order = sorted(inside)
         produced = {o for i in order for o in graph.node[i].output}
-        reads = dict.fromkeys(t for i in order for t in _reads(graph.node[i]) if t and t not in produced)
+        reads = dict.fromkeys(t for i in order for t in tensors_read(graph.node[i]) if t and t not in produced)
         # what it hands on (a constant read elsewhere too is no output: it is the same in any precision)
         outputs = [
             t
@@ -220,7 +220,7 @@ class BlockProbe:
         for node in reversed(graph.node):  # graph order is topological: a walk back finds every node needed
             if any(o in needed for o in node.output):
                 nodes.append(node)
-                needed.update(_reads(node))
+                needed.update(tensors_read(node))
         pruned = helper.make_graph(
             list(reversed(nodes)),
             graph.name,

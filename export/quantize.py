@@ -532,6 +532,7 @@ def quantize_component(
     """
     import onnx
 
+    from .kept_fp32 import restore_fp32
     from .progress import NoStages
 
     src, dst = Path(src), Path(dst)
@@ -539,6 +540,7 @@ def quantize_component(
     structure = onnx.load(str(src), load_external_data=False)  # weights stay on disk (large graphs)
     nodes = quantizable_nodes(structure, scheme)
     blocks = quantizable_blocks(structure, scheme)
+    typed = {n.name for n in structure.graph.node if n.op_type in scheme.op_types}  # what a QDQ quantiser changes
     if keep not in ("none", "auto"):
         unknown = set(keep) - set(blocks)
         if unknown:
@@ -587,12 +589,18 @@ def quantize_component(
 
         def check(kept: list[str]) -> float:
             _remove(candidate)
+            excluded = [n for b in kept for n in blocks[b]]
             with stages.stage(f"{label}: quantize"):
-                if not kept and everything.exists():  # the sensitivity pass's, under the same names
+                if everything.exists() and not kept:  # the sensitivity pass's, under the same names
                     _move(everything, candidate)
+                    record["final_graph"] = "the whole quantised graph"
+                elif everything.exists() and scheme.calibrated:  # its QDQ graph with the kept blocks put back
+                    restore_fp32(everything, src, candidate, set(excluded), typed, _large(src))
+                    record["final_graph"] = "the whole quantised graph, kept blocks put back in fp32"
                 else:
                     _remove(everything)  # no longer wanted: not two quantised graphs on disk at once
-                    quantize(src, candidate, scheme, [n for b in kept for n in blocks[b]], ranges)
+                    quantize(src, candidate, scheme, excluded, ranges)
+                    record["final_graph"] = "quantised with the kept blocks left out"
                 release_memory()
             with stages.stage(f"{label}: final check"):
                 error = _rel_rms(_outputs(candidate, feeds), ref)
