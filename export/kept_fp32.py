@@ -6,10 +6,12 @@ of their nodes gets back its fp32 weights and its outputs (a graph output the qu
 pair), and the Q/DQ pairs that rounded a tensor only for kept nodes go, with the int8 weights only they read.
 The result is the graph onnxruntime's quantiser makes with those nodes excluded, on the same ranges: a tensor that
 a quantised node also reads stays rounded for all its readers, as the quantiser leaves it. Running that quantiser
-again took 16-19 s for the full-size SD-Turbo UNet and 18 s for its text encoder; this reads and writes the graph
-once. Hand-written because onnxruntime offers no way to take nodes of a QDQ graph back to fp32.
+again took 16-20 s for the full-size SD-Turbo UNet and 12-15 s for its text encoder (int8-dynamic); this takes
+2.5 s and 4.5 s, a read and a write of the graph. Hand-written because onnxruntime offers no way to take nodes
+of a quantised graph back to fp32.
 
-QDQ graphs only (int8-static): the dynamic and 4-bit quantisers replace the nodes they quantise.
+Nodes the quantiser replaced (int8-dynamic's MatMulInteger, int4's MatMulNBits) are put back as the fp32 graph
+has them, where the replacement made their output; what only the replacement read goes with it.
 """
 
 from __future__ import annotations
@@ -17,16 +19,17 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def restore_fp32(
-    quantised: Path, src: Path, dst: Path, restore: set[str], quantised_nodes: set[str], external: bool
-) -> None:
-    """Writes to `dst` the QDQ graph `quantised` (of the fp32 graph `src`; `quantised_nodes`: the nodes its
-    quantiser changed) with the nodes `restore` in fp32 again. `external`: its weights go to `dst`'s name + ".data"
-    beside it (as quantize.quantize writes graphs past protobuf's 2 GB), else inside the graph."""
+def restore_fp32(quantised: Path, src: Path, dst: Path, restore: set[str], quantised_nodes: set[str]) -> None:
+    """Writes to `dst` the quantised graph `quantised` (of the fp32 graph `src`; `quantised_nodes`: the nodes of
+    the quantiser's op types) with the nodes `restore` in fp32 again. Its weights go to `dst`'s name +
+    ".data" beside it where the quantiser wrote them beside `quantised` or they pass quantize.LARGE_GRAPH_BYTES,
+    else inside it (bundle_writer._place_quantized puts them where the bundle keeps them)."""
     import onnx
     from onnx import helper
+    from onnx.external_data_helper import uses_external_data
 
     from .blocks import tensors_read
+    from .quantize import LARGE_GRAPH_BYTES
 
     quantised, src, dst = Path(quantised), Path(src), Path(dst)
     model = onnx.load(str(quantised), load_external_data=False)
@@ -38,26 +41,35 @@ def restore_fp32(
     _unround(graph, restore, quantised_nodes)
     weights = {t.name for t in fp32.graph.initializer}
     renamed: dict[str, str] = {}  # a graph output the quantiser routed through a Q/DQ pair: the producer's name
-    made = set()  # tensors the restored nodes make again, or read as fp32 weights (a bias's Dequantize bears its name)
-    for node in graph.node:
-        original = originals.get(node.name)
-        if original is None:
-            continue
-        if node.op_type != original.op_type:
-            raise ValueError(f"{node.name} is {node.op_type} in {quantised.name}, {original.op_type} in fp32: not QDQ")
-        renamed.update((a, b) for a, b in zip(node.output, original.output) if a != b)
-        # its own fp32 weights; the tensors it reads as left by _unround (rounded where a quantised node reads them)
-        node.input[:] = [fp32 if fp32 in weights else now for now, fp32 in zip(node.input, original.input)]
-        node.output[:] = original.output
-        made.update(t for t in original.output if t)
-        made.update(t for t in original.input if t in weights)
+    made: dict[str, object] = {}  # tensor -> the restored node that makes it, or None where it is an fp32 weight
+    present = {n.name: n for n in graph.node}
+    inserted: dict[int, object] = {}  # id -> a restored node the quantiser had replaced, to place
+    for name, original in originals.items():
+        node = present.get(name)
+        if node is not None and node.op_type == original.op_type:  # QDQ: the node itself
+            renamed.update((a, b) for a, b in zip(node.output, original.output) if a != b)
+            # its own fp32 weights; the tensors it reads as _unround left them (rounded where quantised nodes read them)
+            node.input[:] = [fp32 if fp32 in weights else now for now, fp32 in zip(node.input, original.input)]
+            node.output[:] = original.output
+        else:  # replaced by the quantiser's own nodes (MatMulInteger, MatMulNBits): the fp32 node again
+            node = onnx.NodeProto()
+            node.CopyFrom(original)
+            inserted[id(node)] = node
+        made.update((t, node) for t in original.output if t)
+        made.update((t, None) for t in original.input if t in weights)  # a bias's Dequantize bears its name
     candidates = []
     for node in graph.node:
-        if node.name not in originals and made.intersection(node.output):
-            continue  # its tensor is the restored node's now
+        makers = [made[t] for t in node.output if t in made]
+        if makers and makers[0] is not node:  # its tensor is a restored node's now
+            maker = makers[0]
+            if maker is not None and inserted.pop(id(maker), None) is not None:
+                candidates.append(maker)  # where the quantiser made that tensor: after what it reads
+            continue
         for i, name in enumerate(node.input):
             node.input[i] = renamed.get(name, name)
         candidates.append(node)
+    if inserted:
+        raise ValueError(f"{quantised.name}: no node makes what {len(inserted)} restored nodes make")
     needed = {o.name for o in graph.output}
     live = []
     for node in reversed(candidates):  # graph order is topological: a walk back finds every node needed
@@ -70,6 +82,9 @@ def restore_fp32(
     initializers += [(t, src.parent) for t in fp32.graph.initializer if t.name in needed and t.name not in own]
     kept_types = [v for v in graph.value_info if v.name in needed]
     out = helper.make_graph(live, graph.name, list(graph.input), list(graph.output), [], value_info=kept_types)
+    # beside it as the quantiser wrote them (a copy a weight at a time), or where they must be
+    external = any(uses_external_data(t) for t in graph.initializer)
+    external = external or sum(_nbytes(t) for t, _ in initializers) > LARGE_GRAPH_BYTES
     data = _place_weights(out, initializers, dst, external)
     result = helper.make_model(out, opset_imports=list(model.opset_import), producer_name=model.producer_name)
     result.ir_version = model.ir_version
@@ -105,10 +120,20 @@ def _unround(graph, restore: set[str], quantised_nodes: set[str]) -> None:
                 reader.input[:] = [tensor if name == rounded else name for name in reader.input]
 
 
+INLINE_BYTES = 1024  # smaller weights stay in the graph's message beside external data (as bundle_writer saves)
+
+
+def _nbytes(tensor) -> int:
+    """A weight's size: its external data's length, or its bytes in the message."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    return (ExternalDataInfo(tensor).length or 0) if uses_external_data(tensor) else tensor.ByteSize()
+
+
 def _place_weights(graph, initializers, dst: Path, external: bool) -> Path | None:
     """Adds `initializers` ((tensor, the folder its external data lies in)) to `graph`: with `external`, every
-    weight kept outside its graph is copied, one tensor at a time, into `dst`'s data file; without, read in.
-    Returns the data file written, if any."""
+    weight kept outside its graph, and every one inside past INLINE_BYTES, is copied one tensor at a time into
+    `dst`'s data file; without, those outside are read in. Returns the data file written, if any."""
     from onnx import TensorProto
     from onnx.external_data_helper import uses_external_data
 
@@ -120,10 +145,14 @@ def _place_weights(graph, initializers, dst: Path, external: bool) -> Path | Non
         for tensor, folder in initializers:
             placed = graph.initializer.add()
             placed.CopyFrom(tensor)
-            if not uses_external_data(tensor):
+            if uses_external_data(tensor):
+                raw = external_bytes(tensor, folder)
+            elif sink is not None and tensor.HasField("raw_data") and len(tensor.raw_data) > INLINE_BYTES:
+                raw = tensor.raw_data  # out of the message too: serialising large messages is slow
+            else:
                 continue
-            raw = external_bytes(tensor, folder)
             if sink is not None:
+                placed.ClearField("raw_data")
                 place_external(placed, data.name, sink.tell(), len(raw))
                 sink.write(raw)
             else:

@@ -594,8 +594,8 @@ def quantize_component(
                 if everything.exists() and not kept:  # the sensitivity pass's, under the same names
                     _move(everything, candidate)
                     record["final_graph"] = "the whole quantised graph"
-                elif everything.exists() and scheme.calibrated:  # its QDQ graph with the kept blocks put back
-                    restore_fp32(everything, src, candidate, set(excluded), typed, _large(src))
+                elif everything.exists():  # that graph with the kept blocks put back in fp32
+                    restore_fp32(everything, src, candidate, set(excluded), typed)
                     record["final_graph"] = "the whole quantised graph, kept blocks put back in fp32"
                 else:
                     _remove(everything)  # no longer wanted: not two quantised graphs on disk at once

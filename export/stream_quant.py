@@ -83,6 +83,8 @@ def quantize_int8_dynamic_streaming(src: Path, dst: Path, op_types: list[str], e
     from .weight_quant import StreamingONNXQuantizer
 
     src, dst = Path(src), Path(dst)
+    # the quantiser turns each Gemm into a MatMul named after it (and an Add) before it reads the exclusions
+    exclude = [*exclude, *(f"{name}_MatMul" for name in exclude)]
     model = onnx.load(str(src), load_external_data=False)
     initializers = {t.name: t for t in model.graph.initializer}
     for node in model.graph.node:  # Gemm's weights are transposed into MatMul's as the quantiser starts: read now

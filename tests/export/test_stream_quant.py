@@ -122,3 +122,15 @@ def test_quantize_streams_dynamic_int8(models_root, tmp_path, monkeypatch):
     quantize(external, dst, SCHEMES["int8-dynamic"], exclude=[])
     assert (dst.parent / "text_encoder.onnx.data").exists()
     assert "MatMulInteger" in {n.op_type for n in onnx.load(str(dst), load_external_data=False).graph.node}
+
+
+def test_an_excluded_gemm_stays_fp32(models_root, tmp_path):
+    """onnxruntime's dynamic quantiser turns every Gemm into a MatMul named after it before it reads the exclusions:
+    the Gemm's own name must still keep it fp32 (a block kept by --keep auto holds the UNet's time projections)."""
+    src = tiny_bundle("tiny-sd1", models_root) / "unet.onnx"
+    gemm = next(n for n in onnx.load(str(src), load_external_data=False).graph.node if n.op_type == "Gemm")
+    dst = tmp_path / "unet.onnx"
+    quantize(src, dst, SCHEMES["int8-dynamic"], exclude=[gemm.name])
+    nodes = onnx.load(str(dst), load_external_data=False).graph.node
+    reads_weight = [n.op_type for n in nodes if gemm.input[1] in n.input or f"{gemm.input[1]}_Transposed" in n.input]
+    assert reads_weight and "MatMulInteger" not in reads_weight and "DynamicQuantizeLinear" not in reads_weight
