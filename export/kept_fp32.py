@@ -2,8 +2,8 @@
 second quantisation.
 
 The sensitivity pass quantises the whole graph once (blocks.py). Where the check then keeps blocks in fp32, each
-of their nodes gets back its fp32 weights and its outputs (a graph output the quantiser had routed through a Q/DQ
-pair), and the Q/DQ pairs that rounded a tensor only for kept nodes go, with the int8 weights only they read.
+of their nodes gets back its fp32 weights, and the Q/DQ pairs that rounded a tensor only for kept nodes go (a graph
+output's among them: its producer makes it again), with the int8 weights only they read.
 The result is the graph onnxruntime's quantiser makes with those nodes excluded, on the same ranges: a tensor that
 a quantised node also reads stays rounded for all its readers, as the quantiser leaves it. Running that quantiser
 again took 16-20 s for the full-size SD-Turbo UNet and 12-15 s for its text encoder (int8-dynamic); this takes
@@ -40,22 +40,19 @@ def restore_fp32(quantised: Path, src: Path, dst: Path, restore: set[str], quant
         raise ValueError(f"nodes not in {src.name}: {sorted(set(restore) - originals.keys())[:5]}")
     _unround(graph, restore, quantised_nodes)
     weights = {t.name for t in fp32.graph.initializer}
-    renamed: dict[str, str] = {}  # a graph output the quantiser routed through a Q/DQ pair: the producer's name
     made: dict[str, object] = {}  # tensor -> the restored node that makes it, or None where it is an fp32 weight
     present = {n.name: n for n in graph.node}
     inserted: dict[int, object] = {}  # id -> a restored node the quantiser had replaced, to place
     for name, original in originals.items():
         node = present.get(name)
         if node is not None and node.op_type == original.op_type:  # QDQ: the node itself
-            renamed.update((a, b) for a, b in zip(node.output, original.output) if a != b)
             # its own fp32 weights; the tensors it reads as _unround left them (rounded where quantised nodes read them)
             node.input[:] = [fp32 if fp32 in weights else now for now, fp32 in zip(node.input, original.input)]
-            node.output[:] = original.output
         else:  # replaced by the quantiser's own nodes (MatMulInteger, MatMulNBits): the fp32 node again
             node = onnx.NodeProto()
             node.CopyFrom(original)
             inserted[id(node)] = node
-        made.update((t, node) for t in original.output if t)
+        made.update((t, node) for t in node.output if t)
         made.update((t, None) for t in original.input if t in weights)  # a bias's Dequantize bears its name
     candidates = []
     for node in graph.node:
@@ -65,8 +62,6 @@ def restore_fp32(quantised: Path, src: Path, dst: Path, restore: set[str], quant
             if maker is not None and inserted.pop(id(maker), None) is not None:
                 candidates.append(maker)  # where the quantiser made that tensor: after what it reads
             continue
-        for i, name in enumerate(node.input):
-            node.input[i] = renamed.get(name, name)
         candidates.append(node)
     if inserted:
         raise ValueError(f"{quantised.name}: no node makes what {len(inserted)} restored nodes make")
@@ -104,6 +99,7 @@ def _unround(graph, restore: set[str], quantised_nodes: set[str]) -> None:
     quantised node still reads it, every reader reads it rounded, restored ones too, as onnxruntime's quantiser
     leaves a tensor's other readers."""
     producer = {o: n for n in graph.node for o in n.output}
+    returned = {o.name for o in graph.output}
     readers: dict[str, list] = {}
     for node in graph.node:
         for name in node.input:
@@ -116,7 +112,13 @@ def _unround(graph, restore: set[str], quantised_nodes: set[str]) -> None:
             neighbours = {n.name for n in readers.get(rounded, [])} | ({source.name} if source is not None else set())
             neighbours &= quantised_nodes
             dies = bool(neighbours) and neighbours <= restore
-            for reader in readers.get(rounded, []) if dies else ():
+            if not dies:
+                continue
+            if rounded in returned and source is not None:  # a graph output: its producer makes it under its name
+                source.output[:] = [rounded if name == tensor else name for name in source.output]
+                del dq.output[:]  # made by the producer now; the pair feeds nothing and goes
+                continue
+            for reader in readers.get(rounded, []):
                 reader.input[:] = [tensor if name == rounded else name for name in reader.input]
 
 
