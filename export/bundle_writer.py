@@ -638,14 +638,15 @@ def _replan_from_recording(stages, manifest: Manifest, feeds: dict, keep) -> Non
 
 def _place_quantized(dst: Path, staging: Path, name: str, external: bool = False) -> dict[str, dict]:
     """Moves a quantized graph into the bundle under the component's names; returns its manifest `files`.
-    Weights stay beside it past 2 GB, as at export, and when `external` (4-bit graphs: onnxruntime memory-maps
-    weights beside a graph instead of copying them into its heap, which low-memory mode needs); otherwise a
-    graph quantised from a large one with external data, but now smaller, is re-saved whole."""
+    Weights stay where the quantiser wrote them: beside it past 2 GB, and where it wrote them a weight at a time
+    (dynamic int8, and any graph quantised from one past 2 GB), for onnxruntime reads them there as well, and
+    re-saving them whole cost 5-6 s for each of full-size SD-Turbo's UNet and text encoder. They go beside it
+    when `external` (4-bit graphs: onnxruntime memory-maps weights beside a graph instead of copying them into
+    its heap, which low-memory mode needs)."""
     import onnx
 
     data = dst.with_name(f"{dst.name}.data")
-    total = dst.stat().st_size + (data.stat().st_size if data.exists() else 0)
-    if data.exists() != (external or total > EXTERNAL_DATA_THRESHOLD):  # the weights are not where they belong
+    if external and not data.exists():  # the weights are not where they belong
         model = onnx.load(str(dst))
         files = _save_graph(model, staging, name, external=external)
         del model
