@@ -384,6 +384,26 @@ def cropped_for_ranking(input_shapes: dict[str, list], feed: dict) -> dict:
     return {**feed, images[0]: np.ascontiguousarray(value[(slice(None), slice(None), *crop)])}
 
 
+def weights_beside(src: Path, structure, workdir: Path) -> Path:
+    """`src` where its weights lie outside the graph file already, else a copy of it in `workdir` with its weights
+    in a data file beside it, written once: the structure the sensitivity pass edits and saves (record, injection)
+    then holds none of them (onnx moves them out of `structure`'s message as it saves), and the final graph reads
+    only the weights of the blocks it keeps in fp32 (kept_fp32.py) instead of parsing the whole graph (full-size
+    SD-Turbo's 1.4 GB text encoder)."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    if any(uses_external_data(t) for t in structure.graph.initializer):
+        return src
+    copy = workdir / "fp32" / src.name
+    if not copy.exists():
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        onnx.save_model(
+            structure, str(copy), save_as_external_data=True, all_tensors_to_one_file=True, location=f"{src.name}.data"
+        )
+    return copy
+
+
 def block_errors(
     src: Path,
     structure,
@@ -399,23 +419,13 @@ def block_errors(
     tensors at its outputs (blocks.BlockProbe.errors: the whole graph quantised once, run cut at the blocks'
     boundaries). Returns the errors and the probe (blocks.BlockProbe) holding the recordings. `quantised`: where
     that whole quantised graph is written, and left."""
-    import onnx
-    from onnx.external_data_helper import uses_external_data
-
     from .blocks import BlockProbe, split_blocks
 
-    if not any(uses_external_data(t) for t in structure.graph.initializer):
-        # weights inside the graph file: written beside a copy once, so that the structure the probe edits and
-        # saves (record, injection) holds none of them (onnx moves them out of the message as it saves)
-        (workdir / "fp32").mkdir()
-        src = workdir / "fp32" / src.name
-        onnx.save_model(
-            structure, str(src), save_as_external_data=True, all_tensors_to_one_file=True, location=f"{src.name}.data"
-        )
+    src = weights_beside(src, structure, workdir)
     probe = BlockProbe(src, structure, split_blocks(structure.graph, blocks, block_of), workdir / "boundaries")
-    probe.record(feeds)
     quantised.parent.mkdir(parents=True, exist_ok=True)
-    quantize(src, quantised, scheme, [], ranges)
+    quantize(src, quantised, scheme, [], ranges)  # first: the recording's session stays open for the ranking
+    probe.record(feeds)
     return probe.errors(quantised), probe
 
 
@@ -577,6 +587,7 @@ def quantize_component(
         if keep == "auto":
             ranked = [ranking_feed(structure, feed) for feed in spread(feeds, SENSITIVITY_FEEDS)]
             with stages.stage(f"{label}: sensitivity"):
+                src = weights_beside(src, structure, tmp)  # what follows reads it, the final graph's fp32 blocks too
                 errors, probe = block_errors(src, structure, blocks, scheme, ranges, ranked, tmp, everything)
                 release_memory()
             record["block_errors"] = {b: round(e, 6) for b, e in sorted(errors.items(), key=lambda kv: -kv[1])}

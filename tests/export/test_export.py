@@ -184,10 +184,10 @@ def test_failed_overwrite_keeps_the_old_bundle(models_root, tmp_path, monkeypatc
 def test_interrupted_export_leaves_nothing(models_root, tmp_path, monkeypatch):
     real = bundle_writer._save_graph
 
-    def interrupt(model, out_dir, name):
+    def interrupt(model, out_dir, name, **options):
         if name == "unet":
             raise KeyboardInterrupt
-        return real(model, out_dir, name)
+        return real(model, out_dir, name, **options)
 
     monkeypatch.setattr(bundle_writer, "_save_graph", interrupt)
     with pytest.raises(KeyboardInterrupt):

@@ -50,7 +50,10 @@ def test_quantised_bundle_exports_loads_and_generates(models_root, precision):
     from edgediff.export.quantize import QUANT_POLICY, SCHEMES
 
     path = tiny_bundle("tiny-sd1", models_root, precision=precision)
-    manifest = Bundle.open(path).manifest
+    manifest = Bundle.open(path, verify="full").manifest
+    # every file checksummed, the quantised graphs' and the fp32 ones kept as exported alike (their checksums are
+    # taken once the bundle's files are final: bundle_writer._add_checksums)
+    assert all("sha256" in f for spec in manifest.components.values() for f in spec.files.values())
     for name in ("text_encoder", "unet"):
         spec = manifest.components[name]
         record = spec.attributes["quantization"]

@@ -356,3 +356,41 @@ def test_graphs_with_external_data_quantise_the_same(unet_feeds, tmp_path, monke
 
     session = ort.InferenceSession(str(bundle / "unet.onnx"), providers=["CPUExecutionProvider"])
     assert np.isfinite(session.run(None, feeds[0])[0]).all()  # its weights found beside it
+
+
+def test_the_recording_session_is_the_injection_session_and_an_untyped_graph_gives_the_same(
+    unet_feeds, tmp_path, monkeypatch
+):
+    """Where shape inference types every block output, the fp32 graph opens once: its injection session records the
+    boundaries and the graph's output, then ranks; where it cannot (onnxruntime's own operators), a recording
+    session of its own gives the dtypes first. Both give the same block errors and output errors."""
+    import onnx
+
+    from edgediff.export import blocks as blocks_module
+    from edgediff.export.quantize import SCHEMES, block_errors, calibrate, quantizable_blocks
+
+    src, feeds = unet_feeds
+    chosen = SCHEMES["int8-static"]
+    ranges = calibrate(src, chosen, feeds)
+    found = {}
+    real_open, opened = blocks_module.BlockProbe._open, []
+    monkeypatch.setattr(
+        blocks_module.BlockProbe, "_open", lambda self, model, tag: opened.append(tag) or real_open(self, model, tag)
+    )
+    for typed in (True, False):
+        if not typed:
+            monkeypatch.setattr(blocks_module, "_types", lambda model, names: None)
+        opened.clear()
+        work = tmp_path / str(typed)
+        work.mkdir()
+        structure = onnx.load(str(src), load_external_data=False)
+        blocks = quantizable_blocks(structure, chosen)
+        errors, probe = block_errors(src, structure, blocks, chosen, ranges, feeds, work, work / "all" / src.name)
+        names = list(errors)
+        powers = [probe.output_power(names), probe.output_power(names[: len(names) // 2])]
+        probe.close()
+        found[typed] = errors, powers, list(opened)
+    (errors, powers, opened), (errors_untyped, powers_untyped, opened_untyped) = found.values()
+    assert opened == ["injection"] and opened_untyped == ["probe", "injection"]
+    assert errors_untyped == pytest.approx(errors, rel=1e-6)
+    assert powers_untyped == pytest.approx(powers, rel=1e-6) and powers[0] > powers[1] > 0
