@@ -16,6 +16,7 @@ import logging
 from pathlib import Path
 
 log = logging.getLogger("edgediff.export")
+MS_DOMAIN = "com.microsoft"  # onnxruntime's own operators (MatMulNBits)
 
 
 def quantize_int4_streaming(src: Path, dst: Path, exclude: list[str], block_size: int, convs: bool = True) -> int:
@@ -61,6 +62,10 @@ def quantize_int4_streaming(src: Path, dst: Path, exclude: list[str], block_size
     del graph.node[:]
     graph.node.extend(nodes)
     graph.initializer.extend(added)
+    if done and all(o.domain != MS_DOMAIN for o in model.opset_import):
+        # MatMulNBits' domain, declared as onnxruntime's own quantiser declares it: onnxruntime runs the graph
+        # without, other tools (shape inference, the benchmarks' MAC counter, other runtimes) refuse it
+        model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
     if blocked:
         raise_opset(model)
     done += blocked

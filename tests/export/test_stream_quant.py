@@ -62,7 +62,10 @@ def test_streamed_4_bit_graph_equals_the_whole_graph_quantisers(models_root, tmp
     streamed.parent.mkdir()
     quantize(external, whole, SCHEMES["int4-weight-only"], exclude=[first])  # onnxruntime's and int4_conv's
     count = quantize_int4_streaming(external, streamed, exclude=[first], block_size=INT4_BLOCK_SIZE)
-    nodes = onnx.load(str(streamed), load_external_data=False).graph.node
+    model = onnx.load(str(streamed), load_external_data=False)
+    nodes = model.graph.node
+    # every operator's domain declared (MatMulNBits': com.microsoft), as tools other than onnxruntime need
+    assert {n.domain for n in nodes} - {"", "ai.onnx"} <= {o.domain for o in model.opset_import}
     ops = [n.op_type for n in nodes]
     blocked_convs = sum(1 for n in nodes if n.op_type == "DequantizeLinear")
     assert count == ops.count("MatMulNBits") + blocked_convs and ops.count("MatMulNBits") > 0
@@ -134,3 +137,26 @@ def test_an_excluded_gemm_stays_fp32(models_root, tmp_path):
     nodes = onnx.load(str(dst), load_external_data=False).graph.node
     reads_weight = [n.op_type for n in nodes if gemm.input[1] in n.input or f"{gemm.input[1]}_Transposed" in n.input]
     assert reads_weight and "MatMulInteger" not in reads_weight and "DynamicQuantizeLinear" not in reads_weight
+
+
+def test_a_streamed_4_bit_graph_declares_the_domain_of_its_new_operators(models_root, tmp_path):
+    """A graph with no onnxruntime operator of its own (an SD UNet) gains MatMulNBits, whose domain (com.microsoft)
+    the graph must then declare: onnxruntime runs it either way, other tools (onnx's and onnxruntime's shape
+    inference, the MAC counter) refuse it."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    graph = onnx.load(str(tiny_bundle("tiny-sd1", models_root) / "unet.onnx"))
+    assert {n.domain for n in graph.graph.node} <= {"", "ai.onnx"}  # the case this is about
+    del graph.opset_import[:]
+    graph.opset_import.append(onnx.helper.make_opsetid("", 17))
+    external = tmp_path / "external" / "unet.onnx"
+    external.parent.mkdir()
+    onnx.save(graph, str(external), save_as_external_data=True, location="weights.bin", size_threshold=0)
+    streamed = tmp_path / "streamed" / "unet.onnx"
+    streamed.parent.mkdir()
+    assert quantize_int4_streaming(external, streamed, exclude=[], block_size=INT4_BLOCK_SIZE) > 0
+    model = onnx.load(str(streamed), load_external_data=False)
+    assert "MatMulNBits" in {n.op_type for n in model.graph.node}
+    assert ("com.microsoft", 1) in {(o.domain, o.version) for o in model.opset_import}
+    # raised "No opset import for domain com.microsoft"
+    SymbolicShapeInference.infer_shapes(onnx.load(str(streamed)), auto_merge=True)
