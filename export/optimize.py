@@ -106,6 +106,8 @@ def fuse_fast_gelu(model) -> int:
     FusionFastGelu(wrapped).apply()
     wrapped.prune_graph()  # the replaced nodes' constants
     count = sum(node.op_type == "FastGelu" for node in model.graph.node) - before
+    if count:  # the fusion appends its nodes after the graph's last: back in topological order, as ONNX wants it
+        wrapped.topological_sort()
     if count and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return count

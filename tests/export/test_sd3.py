@@ -65,7 +65,8 @@ def test_sd3_matches_diffusers(models_root, t5, steps, guidance, negative, size,
 
 
 def test_sd3_manifest_records_what_the_runtime_needs(models_root):
-    m = Bundle.open(tiny_sd3_bundle(models_root)).manifest
+    bundle = Bundle.open(tiny_sd3_bundle(models_root))
+    m = bundle.manifest
     assert (m.family, m.prediction_type, m.latent_channels, m.denoiser) == (
         "sd3.5",  # the tiny transformer has SD3.5's QK-normalisation
         "flow_prediction",
@@ -91,6 +92,15 @@ def test_sd3_manifest_records_what_the_runtime_needs(models_root):
     # each feed-forward's tanh GELU (image and text streams; the last block has no text one) is one FastGelu
     config = diffusers.SD3Transformer2DModel.load_config(str(tiny_source("tiny-sd3", models_root) / "transformer"))
     assert transformer.attributes["rewrites"]["fast_gelu"] == 2 * config["num_layers"] - 1
+    # in topological order, as ONNX wants it: the fusion appends its nodes, and a walk back from the outputs (the
+    # quantisers' pruning, kept_fp32.py) dropped them
+    import onnx
+
+    graph = onnx.load(str(bundle.path / "transformer.onnx"), load_external_data=False).graph
+    made = {t.name for t in graph.input} | {t.name for t in graph.initializer}
+    for node in graph.node:
+        assert all(not t or t in made for t in node.input), node.name
+        made.update(node.output)
     inputs = {t.name: t.shape for t in transformer.inputs}
     assert inputs["hidden_states"][1] == 16 and inputs["pooled_projections"][1] == 32 + 24
     assert inputs["encoder_hidden_states"][2] == 96
