@@ -206,11 +206,14 @@ def _validate(
 
 
 def _write_checked(
-    component, raw_graph: Path, staging: Path, precision: str, reference, providers: list[str], checksum: bool = True
+    component, raw_graph: Path, staging: Path, precision: str, reference, providers: list[str], replaced: bool = False
 ):
     """Writes the component's graph in `precision` (fp32 / fp16) into the bundle and checks it against
-    PyTorch; returns its manifest files (`checksum`: see _file_records), input and output specs, the check's
-    differences, and the graph rewrites made before the check (name -> how many; empty when none)."""
+    PyTorch; returns its manifest files, input and output specs, the check's differences, and the graph rewrites
+    made before the check (name -> how many; empty when none). `replaced`: a graph quantisation replaces later,
+    written with its weights beside it (quantisation and the sensitivity pass read them a tensor at a time: the full-
+    size SD-Turbo text encoder's 1.4 GB were parsed whole at each reading, and copied out once) and no checksum
+    (see _file_records)."""
     import onnx
 
     model = to_fp16(raw_graph) if precision == "fp16" else onnx.load(str(raw_graph), load_external_data=False)
@@ -219,8 +222,8 @@ def _write_checked(
     rewrites = {"subpixel_upsample_convs": subpixel_upsample_convs(model, raw_graph.parent)}
     if precision == "fp32":  # onnxruntime's CPU provider has FastGelu in fp32 only
         rewrites["fast_gelu"] = fuse_fast_gelu(model)
-    files = _move_weights(model, raw_graph, staging, component.name, checksum) or _save_graph(
-        model, staging, component.name, checksum=checksum
+    files = _move_weights(model, raw_graph, staging, component.name, not replaced) or _save_graph(
+        model, staging, component.name, external=replaced, checksum=not replaced
     )
     inputs, outputs = _tensor_specs(model.graph.input), _tensor_specs(model.graph.output)
     del model
@@ -358,7 +361,7 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
             stages.plan(f"{name}: check", STAGE_COST["check"] * millions)
         if options.quantized:
             _plan_quantization(stages, sizes, precision, options, fam)
-        # the fp32 graphs quantisation replaces: checksums only for the graphs the bundle keeps (_add_checksums)
+        # the fp32 graphs quantisation replaces (_write_checked)
         policy = component_policy(precision, options.quantize_only, fam) if options.quantized else {}
         replaced = {name for name, scheme in policy.items() if scheme}
         while work:  # popped as done, so that each torch module can be freed after its export
@@ -420,11 +423,16 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
                 log.warning("%s: %s; keeping it in fp32", component.name, why)
                 attributes = {**attributes, "fp16": f"kept fp32: {why}"}
                 comp_precision = "fp32"
-            checksum = component.name not in replaced
             with stages.stage(f"{component.name}: check"):
                 try:
                     files, inputs, outputs, checks[component.name], rewrites = _write_checked(
-                        component, raw_graph, staging, comp_precision, reference, check_providers, checksum
+                        component,
+                        raw_graph,
+                        staging,
+                        comp_precision,
+                        reference,
+                        check_providers,
+                        component.name in replaced,
                     )
                 except ExportValidationError as exc:
                     if comp_precision != "fp16" or not may_overflow:
@@ -433,7 +441,13 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
                     attributes = {**attributes, "fp16": f"kept fp32: the fp16 graph failed its check ({exc})"}
                     comp_precision = "fp32"
                     files, inputs, outputs, checks[component.name], rewrites = _write_checked(
-                        component, raw_graph, staging, comp_precision, reference, check_providers, checksum
+                        component,
+                        raw_graph,
+                        staging,
+                        comp_precision,
+                        reference,
+                        check_providers,
+                        component.name in replaced,
                     )
                 if rewrites:  # same output, fewer operations (export/upsample_conv.py, optimize.fuse_fast_gelu)
                     attributes = {**attributes, "rewrites": rewrites}
