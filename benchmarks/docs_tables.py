@@ -53,6 +53,8 @@ BUNDLE_LABELS = {
     "sd-turbo-avx2-fastest": "int8-static, `--keep auto`",
     "sd-turbo-vnni-int8s-all-fused": "int8-static, every block",
     "sd-turbo-vnni-fastest": "int8-static, `--keep auto`",
+    "sd-turbo-vnni-int8": "int8 (dynamic, MatMuls)",
+    "sd-turbo-vnni-int4": "int4 (4-bit MatMuls and convolutions)",
     "sd-turbo-fp32-before": "fp32, upsampling as traced",
     "sd-turbo-fp32-subpixel": "fp32, sub-pixel upsampling in the decoders",
     "sd-turbo-fp32-subpixel-unet": "fp32, sub-pixel upsampling in the decoders and the UNet",
@@ -65,6 +67,7 @@ BUNDLE_LABELS = {
 # bundles whose UNet attention is onnxruntime's MultiHeadAttention (export --attention fused)
 FUSED_ATTENTION = (
     "sd-turbo-avx2-fp32-fused",
+    "sd-turbo-vnni-fp32-fused",
     "sd-turbo-avx2-int8s-all-fused",
     "sd-turbo-avx2-fastest",
     "sd-turbo-vnni-int8s-all-fused",
@@ -83,6 +86,10 @@ TINY_DECODERS = {
     "sd-turbo-avx2-fastest": "int8 tiny decoder",
     "sd-turbo-vnni-int8s-all-fused": "int8 tiny decoder",
     "sd-turbo-vnni-fastest": "int8 tiny decoder",
+    "sd-turbo-vnni-fp32": "fp32 tiny decoder",
+    "sd-turbo-vnni-fp32-fused": "fp32 tiny decoder",
+    "sd-turbo-vnni-int8": "fp32 tiny decoder",
+    "sd-turbo-vnni-int4": "fp32 tiny decoder",
 }
 PEERS = {"optimum": "optimum-onnx"}
 CACHE_STARTS = {"off": "no cache", "miss": "first start (optimise and save)", "hit": "from the graph cache"}
@@ -179,6 +186,23 @@ TABLES = {
             Source(V + "2026-12-03-sd-turbo-fastest.json"),
             Source(E + "2026-12-03-sd-turbo-fastest.json"),
         ),
+        headers={"vae_decoder": "decoder", "vs_diffusers": "diffusers fp32 time / this"},
+    ),
+    # every precision in the same form, one run per ISA (each beside diffusers)
+    "cpu-precisions": Table(
+        (
+            "machine",
+            "config",
+            "system",
+            "total",
+            "text_encoder",
+            "unet_call",
+            "vae_decoder",
+            "rss",
+            "vs_diffusers",
+            "data",
+        ),
+        (Source(V + "2026-12-03-sd-turbo-configs.json"), Source(E + "2026-12-05-sd-turbo-precisions.json")),
         headers={"vae_decoder": "decoder", "vs_diffusers": "diffusers fp32 time / this"},
     ),
     "cpu-optimize": Table(
@@ -379,14 +403,14 @@ class ExportTable:
     runs: tuple[str, ...] = ()
 
 
-EXPORT_COST = E + "2026-12-03-export-cost.json"
+EXPORT_COST = tuple(E + f"2026-12-05-export-cost-{run}.json" for run in (3, 4, 5, 6))  # the current code's runs
 EXPORT_COST_AVX2 = tuple(f"epyc-2c-avx2/2026-12-05-export-cost-{run}.json" for run in (1, 2, 3))
 EXPORT_COST_SD35 = E + "2026-12-03-export-cost-sd35-medium.json"
 EXPORT_STAGES_OF = "fastest"
 EXPORT_TABLES = {
-    "export-cost": ExportTable(EXPORT_COST),
-    # the stages of the run whose ratio is the median of the three
-    "export-stages": ExportTable(EXPORT_COST_AVX2[1], EXPORT_STAGES_OF),
+    "export-cost": ExportTable(EXPORT_COST[0], runs=EXPORT_COST[1:]),
+    # the stages of a run whose ratio is in the middle of the four
+    "export-stages": ExportTable(EXPORT_COST[2], EXPORT_STAGES_OF),
     "export-cost-sana-sprint": ExportTable(E + "2026-12-03-export-cost-sana-sprint.json"),
     "export-memory-flux": ExportTable(E + "2026-12-03-export-cost-flux-reduced.json", memory=True),
     "export-cost-avx2": ExportTable(EXPORT_COST_AVX2[0], runs=EXPORT_COST_AVX2[1:]),
