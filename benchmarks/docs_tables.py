@@ -112,6 +112,19 @@ class Table:
 
 
 E, A, G = "epyc-2c-avx512/", "x86-2c-avx2/", "nvidia-h100-80gb/"
+# each stage's time on a CPU beside diffusers' in the same run, across machines
+CPU_STAGE_COLUMNS = (
+    "machine",
+    "config",
+    "system",
+    "total",
+    "text_encoder",
+    "unet_call",
+    "vae_decoder",
+    "rss",
+    "vs_diffusers",
+    "data",
+)
 V = "epyc-2c-avx2/"  # a 2-core AMD EPYC with AVX2 alone
 # the shipped models' tables: every stage, cold start and memory, against diffusers
 # the transformer families' tables (SANA-Sprint, SD3.5): per stage, cold start and memory, against diffusers and fp32
@@ -166,18 +179,7 @@ TABLES = {
         (Source(E + "2026-11-25-sd-turbo-fp32.json"), Source(E + "2026-11-25-sdxl-turbo-fp32.json")),
     ),
     "cpu-fastest": Table(
-        (
-            "machine",
-            "config",
-            "system",
-            "total",
-            "text_encoder",
-            "unet_call",
-            "vae_decoder",
-            "rss",
-            "vs_diffusers",
-            "data",
-        ),
+        CPU_STAGE_COLUMNS,
         (
             Source(E + "2026-11-26-int8-static-tiny-int8.json"),
             Source(E + "2026-11-26-int8-static-tiny-int8-rerun.json"),
@@ -190,18 +192,7 @@ TABLES = {
     ),
     # every precision in the same form, one run per ISA (each beside diffusers)
     "cpu-precisions": Table(
-        (
-            "machine",
-            "config",
-            "system",
-            "total",
-            "text_encoder",
-            "unet_call",
-            "vae_decoder",
-            "rss",
-            "vs_diffusers",
-            "data",
-        ),
+        CPU_STAGE_COLUMNS,
         (Source(V + "2026-12-03-sd-turbo-configs.json"), Source(E + "2026-12-05-sd-turbo-precisions.json")),
         headers={"vae_decoder": "decoder", "vs_diffusers": "diffusers fp32 time / this"},
     ),

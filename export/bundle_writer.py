@@ -7,6 +7,7 @@ export_bundle("path/or/hub-id", "out/bundle", precision="fp32")   # the same, op
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import shutil
 from contextlib import ExitStack, nullcontext
@@ -423,16 +424,13 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
                 log.warning("%s: %s; keeping it in fp32", component.name, why)
                 attributes = {**attributes, "fp16": f"kept fp32: {why}"}
                 comp_precision = "fp32"
+            write_checked = functools.partial(
+                _write_checked, component, raw_graph, staging, reference=reference, providers=check_providers
+            )
             with stages.stage(f"{component.name}: check"):
                 try:
-                    files, inputs, outputs, checks[component.name], rewrites = _write_checked(
-                        component,
-                        raw_graph,
-                        staging,
-                        comp_precision,
-                        reference,
-                        check_providers,
-                        component.name in replaced,
+                    files, inputs, outputs, checks[component.name], rewrites = write_checked(
+                        comp_precision, replaced=component.name in replaced
                     )
                 except ExportValidationError as exc:
                     if comp_precision != "fp16" or not may_overflow:
@@ -440,14 +438,8 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
                     log.warning("%s: the fp16 graph fails its check (%s); keeping it in fp32", component.name, exc)
                     attributes = {**attributes, "fp16": f"kept fp32: the fp16 graph failed its check ({exc})"}
                     comp_precision = "fp32"
-                    files, inputs, outputs, checks[component.name], rewrites = _write_checked(
-                        component,
-                        raw_graph,
-                        staging,
-                        comp_precision,
-                        reference,
-                        check_providers,
-                        component.name in replaced,
+                    files, inputs, outputs, checks[component.name], rewrites = write_checked(
+                        comp_precision, replaced=component.name in replaced
                     )
                 if rewrites:  # same output, fewer operations (export/upsample_conv.py, optimize.fuse_fast_gelu)
                     attributes = {**attributes, "rewrites": rewrites}
@@ -463,7 +455,7 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
             )
             if component.name in DENOISERS:  # the segments' check runs on the same inputs as the denoiser's
                 denoiser_inputs = reference[0]
-            del reference
+            del reference, write_checked
             shutil.rmtree(raw_dir / component.name)
             components[component.name] = ComponentSpec(
                 files=files, precision=comp_precision, inputs=inputs, outputs=outputs, attributes=attributes
