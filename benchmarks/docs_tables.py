@@ -164,18 +164,7 @@ SD35_SOURCES = (
 )
 TABLES = {
     "cpu-fp32": Table(
-        (
-            "model",
-            "steps",
-            "system",
-            "total",
-            "text_encoder",
-            "unet_call",
-            "vae_decoder",
-            "rss",
-            "vs_diffusers",
-            "data",
-        ),
+        ("model", "steps", *CPU_STAGE_COLUMNS[2:]),
         (Source(E + "2026-11-25-sd-turbo-fp32.json"), Source(E + "2026-11-25-sdxl-turbo-fp32.json")),
     ),
     "cpu-fastest": Table(
@@ -313,19 +302,7 @@ TABLES = {
         headers={"unet_call": "transformer call"},
     ),
     "cpu-sd35-medium-avx2": Table(
-        (
-            "model",
-            "steps",
-            "config",
-            "system",
-            "total",
-            "text_encoder",
-            "unet_call",
-            "vae_decoder",
-            "rss",
-            "vs_diffusers",
-            "data",
-        ),
+        ("model", "steps", *CPU_STAGE_COLUMNS[1:]),
         (
             Source(V + "2026-12-05-sd35-medium-int8-512.json"),
             Source(V + "2026-12-03-sd35-medium-fused-1024.json"),
