@@ -54,6 +54,7 @@ BUNDLE_LABELS = {
     "sd-turbo-vnni-int8s-all-fused": "int8-static, every block",
     "sd-turbo-vnni-fastest": "int8-static, `--keep auto`",
     "sd-turbo-vnni-int8": "int8 (dynamic, MatMuls)",
+    "sd-turbo-vnni-int8s-all": "int8-static, every block",
     "sd-turbo-vnni-int4": "int4 (4-bit MatMuls and convolutions)",
     "sd-turbo-fp32-before": "fp32, upsampling as traced",
     "sd-turbo-fp32-subpixel": "fp32, sub-pixel upsampling in the decoders",
@@ -390,6 +391,7 @@ PLAN_TABLES = {"export-plan": "estimates/2026-12-03-export-plan.json"}
 # op_profile.py files: one stage graph's time per operator type, a column per bundle
 PROFILE_TABLES = {
     "op-profile-unet-avx2": V + "2026-12-03-op-profile-unet.json",
+    "op-profile-unet-vnni": E + "2026-12-05-op-profile-unet.json",
     "op-profile-tiny-decoder-avx2": V + "2026-12-03-op-profile-tiny-decoder.json",
     "op-profile-fastest-avx2": V + "2026-12-03-op-profile-unet-fastest.json",
 }
