@@ -388,8 +388,8 @@ def weights_beside(src: Path, structure, workdir: Path) -> Path:
     """`src` where its weights lie outside the graph file already, else a copy of it in `workdir` with its weights
     in a data file beside it, written once: the structure the sensitivity pass edits and saves (record, injection)
     then holds none of them (onnx moves them out of `structure`'s message as it saves), and the final graph reads
-    only the weights of the blocks it keeps in fp32 (kept_fp32.py) instead of parsing the whole graph (full-size
-    SD-Turbo's 1.4 GB text encoder)."""
+    only the weights of the blocks it keeps in fp32 (kept_fp32.py) instead of parsing the whole graph. An export's
+    graphs come with theirs beside them already (bundle_writer._write_checked)."""
     import onnx
     from onnx.external_data_helper import uses_external_data
 
