@@ -489,7 +489,6 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
         release_memory()
         if options.quantized:
             _quantize_bundle(staging, manifest, precision, options, stages, fam)
-            (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
         _add_checksums(manifest, staging)
         (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
         if options.segments > 1:  # last: the segments are cut from the denoiser as the bundle keeps it

@@ -97,7 +97,6 @@ def fuse_fast_gelu(model) -> int:
     element-wise passes over the widest activations) into onnxruntime's FastGelu, one pass, with its transformer
     optimiser's own FusionFastGelu; returns how many. In place, on a graph whose weights may lie outside it (the
     pattern's constants are scalars, held in the graph). UNets' GELUs are exact (erf) and stay as they are."""
-    from onnx import helper
     from onnxruntime.transformers.fusion_fastgelu import FusionFastGelu
     from onnxruntime.transformers.onnx_model import OnnxModel
 
@@ -108,6 +107,19 @@ def fuse_fast_gelu(model) -> int:
     count = sum(node.op_type == "FastGelu" for node in model.graph.node) - before
     if count:  # the fusion appends its nodes after the graph's last: back in topological order, as ONNX wants it
         wrapped.topological_sort()
-    if count and not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    if count:
+        declare_microsoft_domain(model)
     return count
+
+
+MICROSOFT_DOMAIN = "com.microsoft"  # onnxruntime's own operators (FastGelu, MatMulNBits, MultiHeadAttention)
+
+
+def declare_microsoft_domain(model) -> None:
+    """Declares onnxruntime's operator domain in a graph that now uses its operators, where it is not declared yet:
+    onnxruntime runs such a graph without, other tools (onnx's and onnxruntime's shape inference, the benchmarks' MAC
+    counter, other runtimes) refuse it."""
+    from onnx import helper
+
+    if all(o.domain != MICROSOFT_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MICROSOFT_DOMAIN, 1))

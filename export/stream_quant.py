@@ -16,7 +16,6 @@ import logging
 from pathlib import Path
 
 log = logging.getLogger("edgediff.export")
-MS_DOMAIN = "com.microsoft"  # onnxruntime's own operators (MatMulNBits)
 
 
 def quantize_int4_streaming(src: Path, dst: Path, exclude: list[str], block_size: int, convs: bool = True) -> int:
@@ -30,6 +29,7 @@ def quantize_int4_streaming(src: Path, dst: Path, exclude: list[str], block_size
     )
 
     from .int4_conv import raise_opset, reader_counts, takes
+    from .optimize import declare_microsoft_domain
 
     src, dst = Path(src), Path(dst)
     model = onnx.load(str(src), load_external_data=False)
@@ -62,10 +62,8 @@ def quantize_int4_streaming(src: Path, dst: Path, exclude: list[str], block_size
     del graph.node[:]
     graph.node.extend(nodes)
     graph.initializer.extend(added)
-    if done and all(o.domain != MS_DOMAIN for o in model.opset_import):
-        # MatMulNBits' domain, declared as onnxruntime's own quantiser declares it: onnxruntime runs the graph
-        # without, other tools (shape inference, the benchmarks' MAC counter, other runtimes) refuse it
-        model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
+    if done:  # MatMulNBits' domain, as onnxruntime's own 4-bit quantiser declares it
+        declare_microsoft_domain(model)
     if blocked:
         raise_opset(model)
     done += blocked
