@@ -668,7 +668,7 @@ def _replan_from_recording(stages, manifest: Manifest, feeds: dict, keep) -> Non
 def _place_quantized(dst: Path, staging: Path, name: str, external: bool = False) -> dict[str, dict]:
     """Moves a quantized graph into the bundle under the component's names; returns its manifest `files`.
     Weights stay where the quantiser wrote them: beside it past 2 GB, and where it wrote them a weight at a time
-    (dynamic int8, and any graph quantised from one past 2 GB), for onnxruntime reads them there as well, and
+    (int8, and any graph quantised from one past 2 GB), for onnxruntime reads them there as well, and
     re-saving them whole cost 5-6 s for each of full-size SD-Turbo's UNet and text encoder. They go beside it
     when `external` (4-bit graphs: onnxruntime memory-maps weights beside a graph instead of copying them into
     its heap, which low-memory mode needs)."""

@@ -269,11 +269,9 @@ def _qdq_quantizer(model, scheme: Scheme, exclude: list[str], ranges):
 
 def quantize(src: Path, dst: Path, scheme: Scheme, exclude: list[str], ranges=None) -> None:
     """Writes the quantised graph of `src` to `dst`, leaving the `exclude` nodes in fp32 (`ranges`: the
-    activation ranges calibrate() computed, for static schemes). Graphs past protobuf's 2 GB keep their
-    weights in external data beside them (`dst`'s name + ".data")."""
+    activation ranges calibrate() computed, for static schemes). int8 graphs, and 4-bit ones past protobuf's 2 GB,
+    keep their weights in external data beside them (`dst`'s name + ".data")."""
     import onnx
-
-    from .weight_quant import vectorised
 
     large = _large(src)
     if scheme.name == "int8-dynamic":
@@ -283,14 +281,12 @@ def quantize(src: Path, dst: Path, scheme: Scheme, exclude: list[str], ranges=No
 
         quantize_int8_dynamic_streaming(src, dst, list(scheme.op_types), exclude)
     elif scheme.calibrated:
-        from onnxruntime.quantization.quant_utils import load_model_with_shape_infer
+        from .stream_quant import quantize_static_streaming
 
         if ranges is None:
             raise ValueError("static int8 needs activation ranges (calibrate)")
-        quantizer = _qdq_quantizer(load_model_with_shape_infer(Path(src)), scheme, exclude, ranges)
-        with vectorised():
-            quantizer.quantize_model()
-        quantizer.model.save_model_to_file(str(dst), large)
+        # a weight at a time (stream_quant.py), at any size, its weights beside it
+        quantize_static_streaming(src, dst, lambda model: _qdq_quantizer(model, scheme, exclude, ranges))
     elif scheme.name == "int4-weight-only" and large:
         # a weight at a time (stream_quant.py): onnxruntime's quantiser holds the whole graph and its fp32 weights
         from .stream_quant import quantize_int4_streaming

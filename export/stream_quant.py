@@ -1,13 +1,14 @@
-"""Weight quantisation of a graph past 2 GB, one weight in memory at a time: 4-bit (MatMulNBits) and dynamic int8.
+"""Weight quantisation one weight in memory at a time: 4-bit (MatMulNBits) past 2 GB, dynamic and static int8 at any
+size.
 
 onnxruntime's quantisers load the whole graph and keep every fp32 weight until they save: about 2.3x the graph's
 weights at their peak, more than a 24 GiB machine has for SANA's Gemma-2 (10.5 GB). Here the graph's structure is
 loaded without its weights; each weight is read from the external data only when its node is quantised, by
 onnxruntime's own code (4-bit: DefaultWeightOnlyQuantizer's node quantiser; int8: quantize_dynamic's
-ONNXQuantizer), and its fp32 bytes dropped after: the same nodes and weights, byte for byte. The result is written a
-tensor at a time: the quantised weights (an eighth or a quarter of their fp32 size) from memory, the weights left
-fp32 (embeddings, norms, excluded nodes) copied from the source's data. Hand-written because onnxruntime's
-quantisers have no streaming mode.
+ONNXQuantizer, quantize_static's QDQQuantizer), and its fp32 bytes dropped after: the same nodes and weights, byte
+for byte. The result is written a tensor at a time: the quantised weights (an eighth or a quarter of their fp32 size)
+from memory, the weights left fp32 (embeddings, norms, excluded nodes) copied from the source's data. Hand-written
+because onnxruntime's quantisers have no streaming mode.
 """
 
 from __future__ import annotations
@@ -124,6 +125,23 @@ def quantize_int8_dynamic_streaming(src: Path, dst: Path, op_types: list[str], e
     _write_a_tensor_at_a_time(model, src.parent, dst)
     log.info("%s: %d weights in int8, a weight at a time", src.stem, quantizer.streamed)
     return quantizer.streamed
+
+
+def quantize_static_streaming(src: Path, dst: Path, make_quantizer) -> None:
+    """Writes what onnxruntime's QDQ quantiser, `make_quantizer(model)` (quantize._qdq_quantizer), makes of `src` to
+    `dst`, with its weights in `dst`.data, reading each fp32 weight from `src`'s external data as the quantiser asks
+    for it (weight_quant.weights_read_from). Loading the full-size SD-Turbo UNet's 3.4 GB into the graph to quantise
+    it, as load_model_with_shape_infer does, and writing it out again took 5-6 s of its 11 s quantisation."""
+    import onnx
+
+    from .weight_quant import vectorised, weights_read_from
+
+    src, dst = Path(src), Path(dst)
+    quantizer = make_quantizer(_shapes_inferred(onnx.load(str(src), load_external_data=False)))
+    with weights_read_from(src.parent), vectorised():
+        quantizer.quantize_model()
+    quantizer.model.topological_sort()  # as its save_model_to_file does
+    _write_a_tensor_at_a_time(quantizer.model.model, src.parent, dst)
 
 
 def _shapes_inferred(model):

@@ -11,8 +11,10 @@ code. tests/export/test_weight_quant.py checks that the graphs are byte for byte
 from __future__ import annotations
 
 import importlib
+import sys
 from collections import defaultdict
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -31,6 +33,7 @@ from onnxruntime.quantization.quant_utils import (
 
 # integer types whose per-channel arithmetic is reproduced here (int4 weights go through MatMulNBits)
 _TYPES = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)  # the weights onnxruntime's quantisers read
 
 
 def channel_params(
@@ -237,6 +240,38 @@ class StreamingONNXQuantizer(FastONNXQuantizer):
             return tensor_proto_to_array(initializer)
         dtype = onnx.helper.tensor_dtype_to_np_dtype(initializer.data_type)
         return np.frombuffer(external_bytes(initializer, self.folder), dtype=dtype).reshape(tuple(initializer.dims))
+
+
+@contextmanager
+def weights_read_from(folder: Path):
+    """While the block runs, onnxruntime's quantisers (and ours) read a weight kept in external data from its file in
+    `folder`, into an array of their own, each time they ask for it: the graph's entry stays a reference, so that a
+    graph loaded without its weights is quantised holding one fp32 weight at a time. onnx's own reader would load the
+    bytes into the graph's message (into its protobuf arena until the graph is freed) and look for the file relative
+    to the working directory."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    modules = [importlib.import_module(f"onnxruntime.quantization.{m}") for m in ("quant_utils", "base_quantizer")]
+    modules += [qdq_quantizer, sys.modules[__name__]]
+    original = modules[0].tensor_proto_to_array
+
+    def read(initializer: onnx.TensorProto) -> np.ndarray:
+        if not uses_external_data(initializer) or initializer.data_type not in _FLOATS:
+            return original(initializer)  # its own error for a type it does not quantise
+        info = ExternalDataInfo(initializer)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(initializer.data_type)
+        count = int(np.prod(initializer.dims, dtype=np.int64))
+        data = np.fromfile(Path(folder) / info.location, dtype=dtype, count=count, offset=int(info.offset or 0))
+        return data.reshape(tuple(initializer.dims))
+
+    saved = [m.tensor_proto_to_array for m in modules]
+    for m in modules:
+        m.tensor_proto_to_array = read
+    try:
+        yield
+    finally:
+        for m, function in zip(modules, saved):
+            m.tensor_proto_to_array = function
 
 
 @contextmanager

@@ -78,8 +78,12 @@ def test_within_budget_the_sensitivity_pass_quantisation_is_the_one_checked_and_
         {"kept": 0, "first_order": record["checks"][0]["first_order"], "error": record["error"]}
     ]
     assert record["error"] == pytest.approx(none["error"], abs=1e-9)
-    assert (tmp_path / "auto.onnx").read_bytes() == (tmp_path / "none.onnx").read_bytes()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["auto.onnx", "none.onnx"]  # nothing else left
+    # the same graph, its weights beside it under its own name
+    assert (tmp_path / "auto.onnx.data").read_bytes() == (tmp_path / "none.onnx.data").read_bytes()
+    auto = (tmp_path / "auto.onnx").read_bytes().replace(b"auto.onnx.data", b"none.onnx.data")
+    assert auto == (tmp_path / "none.onnx").read_bytes()
+    # nothing else left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["auto.onnx", "auto.onnx.data", "none.onnx", "none.onnx.data"]
 
 
 # float rounding: the cut graph and a block extracted alone run the same int8 kernels on the same inputs, but

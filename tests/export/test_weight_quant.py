@@ -3,8 +3,6 @@ scales, zero points and quantised weights: the parameters channel by channel, an
 Activation ranges (quantize.calibrate) are exactly onnxruntime's MinMax calibrator's, and those taken while
 recording calibration inputs are calibrate's own."""
 
-from contextlib import nullcontext
-
 import numpy as np
 import pytest
 from tiny_models import tiny_bundle
@@ -66,24 +64,39 @@ def _graph_bytes(path):
     )
 
 
-def test_static_int8_graph_is_onnxruntimes_own(feeds, tmp_path, monkeypatch):
-    # dynamic int8 is quantised a weight at a time: test_stream_quant.py compares it with quantize_dynamic's
+@pytest.mark.parametrize("weights", ["in the graph", "beside it"])
+def test_static_int8_graph_is_onnxruntimes_own(feeds, tmp_path, monkeypatch, weights):
+    """quantize() reads each weight as it quantises it, from the external data where the graph keeps its weights
+    there (stream_quant.quantize_static_streaming), and quantises them over whole arrays; onnxruntime's quantizer, as
+    quantize_static runs it, loads the whole graph with its weights and goes channel by channel: the same graph."""
+    # dynamic int8 is quantised a weight at a time too: test_stream_quant.py compares it with quantize_dynamic's
+    import onnx
+    from onnx.external_data_helper import uses_external_data
     from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+    from onnxruntime.quantization.quant_utils import load_model_with_shape_infer
 
     from edgediff.export import weight_quant
-    from edgediff.export.quantize import SCHEMES, calibrate, quantize
+    from edgediff.export.quantize import SCHEMES, _qdq_quantizer, calibrate, quantize
 
     bundle, recorded = feeds
     src, chosen = bundle / "unet.onnx", SCHEMES["int8-static"]
+    if weights == "beside it":  # as the full-size graphs are
+        (tmp_path / "src").mkdir()
+        onnx.save(onnx.load(str(src)), str(tmp_path / "src" / src.name), save_as_external_data=True, size_threshold=0)
+        src = tmp_path / "src" / src.name
+        assert all(uses_external_data(t) for t in onnx.load(str(src), load_external_data=False).graph.initializer)
     ranges = calibrate(src, chosen, recorded["unet"])
     used, real = [], weight_quant.channel_params
     monkeypatch.setattr(weight_quant, "channel_params", lambda *a: used.append(1) or real(*a))
-    quantize(src, tmp_path / "fast.onnx", chosen, [], ranges)
+    (tmp_path / "fast").mkdir()
+    quantize(src, tmp_path / "fast" / "unet.onnx", chosen, [], ranges)
     assert used  # the whole-array path ran
-    monkeypatch.setattr(weight_quant, "vectorised", nullcontext)
+    assert sorted(p.name for p in (tmp_path / "fast").iterdir()) == ["unet.onnx", "unet.onnx.data"]
     monkeypatch.setattr(weight_quant, "FastQDQQuantizer", QDQQuantizer)
-    quantize(src, tmp_path / "own.onnx", chosen, [], ranges)
-    fast_nodes, fast_weights = _graph_bytes(tmp_path / "fast.onnx")
+    own = _qdq_quantizer(load_model_with_shape_infer(src), chosen, [], ranges)
+    own.quantize_model()
+    own.model.save_model_to_file(str(tmp_path / "own.onnx"), False)
+    fast_nodes, fast_weights = _graph_bytes(tmp_path / "fast" / "unet.onnx")
     own_nodes, own_weights = _graph_bytes(tmp_path / "own.onnx")
     assert fast_nodes == own_nodes
     assert fast_weights.keys() == own_weights.keys() and any(t[0] == 3 for t in own_weights.values())  # int8 there
