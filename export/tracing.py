@@ -56,6 +56,31 @@ def trace_on_inputs(export_config, inputs: dict) -> None:
     export_config.generate_dummy_inputs = generate  # an instance attribute over the class's method
 
 
+def fix_dynamic_axes(export_config, graph: Path) -> bool:
+    """optimum's OnnxConfig.fix_dynamic_axes on `graph`, where it can change something: it opens the graph in
+    onnxruntime (the full-size UNet's 3.4 GB read, about a second) to find output axes the exporter left dynamic under
+    names the config does not declare, and fixes them from a run. The graph's own output shapes say whether there are
+    any: every axis a number or a declared name, and onnxruntime's shape inference keeps them so. An output without a
+    declared shape, or an axis neither named nor numbered, goes to optimum's fix. Returns whether it ran."""
+    import onnx
+
+    declared = {
+        axis for spec in (*export_config.inputs.values(), *export_config.outputs.values()) for axis in spec.values()
+    }
+    outputs = onnx.load(str(graph), load_external_data=False).graph.output
+    settled = all(
+        output.type.tensor_type.HasField("shape")
+        and all(
+            dim.dim_param in declared if dim.HasField("dim_param") else dim.HasField("dim_value")
+            for dim in output.type.tensor_type.shape.dim
+        )
+        for output in outputs
+    )
+    if not settled:
+        export_config.fix_dynamic_axes(graph)
+    return not settled
+
+
 @contextmanager
 def released_after_export(release):
     """Runs `release()` (freeing the module's weights) as soon as PyTorch has written a graph inside optimum's

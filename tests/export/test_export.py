@@ -439,3 +439,24 @@ def test_a_gathered_graph_enters_the_bundle_by_moving_its_weights(tmp_path):
     assert np.array_equal(ort.InferenceSession(str(staging / "unet.onnx")).run(None, {"x": x})[0], before)
     inside = onnx.load(str(staging / "unet.onnx"))  # weights in memory: nothing to move
     assert _move_weights(inside, staging / "unet.onnx", tmp_path, "other") is None
+
+
+def test_graphs_past_the_threshold_keep_their_weights_beside_them(models_root, tmp_path, monkeypatch):
+    """fp32 graphs whose weights pass WEIGHTS_BESIDE_BYTES (the full-size text encoder's 1.4 GB) are written with
+    them in a .data file beside the graph, checked and checksummed; the bundle generates the same image as one whose
+    graphs hold their weights. Forced here on the tiny model, whose graphs are all smaller."""
+    from edgediff.runtime import Pipeline
+
+    inside = tiny_bundle("tiny-sd1", models_root)
+    monkeypatch.setattr(bundle_writer, "WEIGHTS_BESIDE_BYTES", 0)
+    beside = export_bundle(str(tiny_source("tiny-sd1", models_root)), tmp_path / "beside", progress=False)
+    manifest = Bundle.open(beside, verify="full").manifest
+    for name in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
+        files = manifest.components[name].files
+        assert sorted(files) == [f"{name}.onnx", f"{name}.onnx.data"] and all("sha256" in f for f in files.values())
+        assert f"{name}.onnx.data" not in Bundle.open(inside).manifest.components[name].files
+    images = [
+        Pipeline.from_bundle(path)("a cat", seed=0, num_inference_steps=2, output_type="np").images
+        for path in (inside, beside)
+    ]
+    np.testing.assert_array_equal(images[0], images[1])
