@@ -372,14 +372,14 @@ class ExportTable:
     runs: tuple[str, ...] = ()
 
 
-EXPORT_COST = tuple(E + f"2026-12-05-export-cost-{run}.json" for run in (3, 4, 5, 6))  # the current code's runs
+EXPORT_COST = tuple(E + f"2026-12-06-export-cost-{run}.json" for run in (5, 6, 7, 8))  # the current code's runs
 EXPORT_COST_AVX2 = tuple(f"epyc-2c-avx2/2026-12-05-export-cost-{run}.json" for run in (1, 2, 3))
 EXPORT_COST_SD35 = E + "2026-12-03-export-cost-sd35-medium.json"
 EXPORT_STAGES_OF = "fastest"
 EXPORT_TABLES = {
     "export-cost": ExportTable(EXPORT_COST[0], runs=EXPORT_COST[1:]),
     # the stages of a run whose ratio is in the middle of the four
-    "export-stages": ExportTable(EXPORT_COST[2], EXPORT_STAGES_OF),
+    "export-stages": ExportTable(EXPORT_COST[3], EXPORT_STAGES_OF),
     "export-cost-sana-sprint": ExportTable(E + "2026-12-03-export-cost-sana-sprint.json"),
     "export-memory-flux": ExportTable(E + "2026-12-03-export-cost-flux-reduced.json", memory=True),
     "export-cost-avx2": ExportTable(EXPORT_COST_AVX2[0], runs=EXPORT_COST_AVX2[1:]),
@@ -628,8 +628,8 @@ def render_export_cost(name: str, results: dict[str, dict]) -> str:
         lines = _memory_lines(rows)
     elif table.stages_of is None:
         lines = [
-            "| export | arguments | wall time | wall time / fp32's | peak RSS | set by | bundle |",
-            "|---|---|---|---|---|---|---|",
+            "| export | arguments | wall time | wall time / fp32's | quantisation stages | peak RSS | set by | bundle |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for run, rel in enumerate(files, 1):
             measured = [r for r in results[rel]["results"] if "seconds" in r]
@@ -638,8 +638,10 @@ def render_export_cost(name: str, results: dict[str, dict]) -> str:
                 label = f"{r['config']}, run {run}" if len(files) > 1 else r["config"]
                 args = f"`{' '.join(r['args'])}`" if r["args"] else "-"
                 ratio = f"{r['seconds'] / fp32:.2f}x" if fp32 else "-"
+                quantising = _quantisation_seconds(r)
                 lines.append(
-                    f"| {label} | {args} | {_minutes(r['seconds'])} | {ratio} | {_gib(r['peak_rss_bytes'])} | "
+                    f"| {label} | {args} | {_minutes(r['seconds'])} | {ratio} | "
+                    f"{_minutes(quantising) if quantising else '-'} | {_gib(r['peak_rss_bytes'])} | "
                     f"{peak_stage(r)} | {_gib(r.get('bundle_bytes'))} |"
                 )
     else:
@@ -660,6 +662,14 @@ def render_export_cost(name: str, results: dict[str, dict]) -> str:
 # a measured stage's step -> the memory plan's phase it belongs to (the rest are the quantisation's: calibrate,
 # sensitivity, quantize, final check); LoRA slots are made and checked within the graph's check
 _PHASES = {"export": "export", "check": "export", "LoRA slots": "LoRA slots", "segments": "segments"}
+RECORDING_STAGE = "recording calibration inputs"  # bundle_writer's stage, before any graph's quantisation
+
+
+def _quantisation_seconds(row: dict) -> float:
+    """What an export spent on quantisation (recording calibration inputs, then each graph's stages past its export
+    and check): the part of its wall time an fp32 export does not have, and what the disk's speed moves least."""
+    stages = row.get("stages") or []
+    return sum(s["seconds"] for s in stages if _measured_phase(s["stage"])[1] in ("quantize", "recording"))
 
 
 def _measured_phase(stage: str) -> tuple[str, str]:
@@ -667,6 +677,8 @@ def _measured_phase(stage: str) -> tuple[str, str]:
     component's export (the VAE's two graphs are one component), the rest of its stages its quantisation.
     ControlNets are named by folder when measured and by number when estimated: they do not meet."""
     graph, sep, step = stage.partition(": ")
+    if stage == RECORDING_STAGE:
+        return stage, "recording"
     if not sep:
         return stage.split(",")[0], ""
     component = "vae" if graph.startswith("vae") else graph

@@ -86,13 +86,16 @@ def test_export_cost_tables_show_the_ratio_to_fp32_and_the_stage_that_set_the_pe
                     {"stage": "unet: export", "seconds": 50.0, "peak_rss_bytes": 6 * 2**30},
                     {"stage": "unet: sensitivity", "seconds": 10.0, "peak_rss_bytes": 6 * 2**30},
                     {"stage": "unet: sensitivity", "seconds": 5.0, "peak_rss_bytes": 6 * 2**30},
+                    {"stage": "recording calibration inputs", "seconds": 7.0, "peak_rss_bytes": 6 * 2**30},
+                    {"stage": "unet: final check", "seconds": 3.0, "peak_rss_bytes": 6 * 2**30},
                 ],
             },
         ],
     }
     monkeypatch.setitem(docs_tables.EXPORT_TABLES, "export-cost-one", docs_tables.ExportTable("m/cost.json"))
     cost = docs_tables.render_export_cost("export-cost-one", {"m/cost.json": data})
-    assert "| 1.50x | 6.00 GiB | unet: export |" in cost and "| 1 min 40 s |" in cost
+    # the quantisation's stages (recording, sensitivity, final check) summed; none in the fp32 export
+    assert "| 1.50x | 25 s | 6.00 GiB | unet: export |" in cost and "| 1 min 40 s | 1.00x | - |" in cost
     stages_file = docs_tables.EXPORT_TABLES["export-stages"].file
     stages = docs_tables.render_export_cost("export-stages", {stages_file: data})
     assert "| unet: sensitivity | 15.0 | 2 | 6.00 GiB |" in stages and "| whole export | 150.0 |" in stages
