@@ -395,6 +395,8 @@ PROFILE_TABLES = {
     "op-profile-tiny-decoder-avx2": V + "2026-12-03-op-profile-tiny-decoder.json",
     "op-profile-fastest-avx2": V + "2026-12-03-op-profile-unet-fastest.json",
 }
+# openvino_call.py files: one stage graph's call in OpenVINO's own runtime at each precision, beside onnxruntime's
+OPENVINO_TABLES = {"openvino-call-unet": E + "2026-12-06-openvino-call-unet.json"}
 # an operator type gets a row of its own where it takes at least this share of a call in some bundle
 PROFILE_ROW_SHARE = 0.02
 
@@ -773,6 +775,35 @@ def render_op_profile(name: str, results: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_openvino_call(name: str, results: dict[str, dict]) -> str:
+    """An openvino_call.py file: per bundle, onnxruntime's CPU call, then OpenVINO's at each inference precision,
+    with the ratio to onnxruntime's, the output's error against the fp32 reference and OpenVINO's compile time."""
+    rel = OPENVINO_TABLES[name]
+    if rel not in results:
+        raise FileNotFoundError(f"table {name}: {RESULTS / rel} is missing")
+    data = results[rel]
+    lines = [
+        "| bundle | runtime | call | onnxruntime's time / this | output against fp32 (relative RMS) | compile |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in data["results"]:
+        label, base = profile_label(r), r["onnxruntime_seconds"]
+        error = r.get("onnxruntime_relative_rms_to_reference")
+        lines.append(
+            f"| {label} | onnxruntime {data['onnxruntime']} CPU | {_num(base)} s | 1.00x | "
+            f"{'-' if error is None else f'{error:.4f}'} | - |"
+        )
+        for o in r["openvino"]:
+            error = o.get("relative_rms_to_reference")
+            lines.append(
+                f"| {label} | OpenVINO {data['openvino'].split('-')[0]} CPU, {o['inference_precision']} | "
+                f"{_num(o['call_seconds'])} s | {base / o['call_seconds']:.2f}x | "
+                f"{'-' if error is None else f'{error:.4f}'} | {o['compile_seconds']:.1f} s |"
+            )
+    lines += ["", f"Data: {_link(rel)}: {machine_line(data['machine'])}, {data.get('date', '?')}"]
+    return "\n".join(lines) + "\n"
+
+
 def render_sources(results: dict[str, dict]) -> str:
     lines = ["| file | machine | date | measured with | transcribed from |", "|---|---|---|---|---|"]
     for rel, data in results.items():
@@ -804,12 +835,15 @@ def render(doc: str, results: dict[str, dict]) -> str:
             body = render_export_plan(name, results)
         elif name in PROFILE_TABLES:
             body = render_op_profile(name, results)
+        elif name in OPENVINO_TABLES:
+            body = render_openvino_call(name, results)
         else:
-            known = ", ".join(sorted({*TABLES, *EXPORT_TABLES, *PLAN_TABLES, *PROFILE_TABLES}))
+            known = ", ".join(sorted({*TABLES, *EXPORT_TABLES, *PLAN_TABLES, *PROFILE_TABLES, *OPENVINO_TABLES}))
             raise KeyError(f"{DOC}: no table named {name!r} (known: {known}, sources)")
         return m.group(1) + body + m.group(4)
 
-    missing = {*TABLES, *EXPORT_TABLES, *PLAN_TABLES, *PROFILE_TABLES} - {m.group("name") for m in MARKER.finditer(doc)}
+    tables = {*TABLES, *EXPORT_TABLES, *PLAN_TABLES, *PROFILE_TABLES, *OPENVINO_TABLES}
+    missing = tables - {m.group("name") for m in MARKER.finditer(doc)}
     if missing:
         raise KeyError(f"{DOC} has no block for {', '.join(sorted(missing))}")
     return MARKER.sub(block, doc)

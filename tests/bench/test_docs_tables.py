@@ -57,6 +57,9 @@ def test_result_files_follow_the_schema(path):
         assert {"machine", "date", "results"} <= set(data) and all("config" in r for r in data["results"])
     elif data.get("kind") == "op-profile":  # op_profile.py's per-operator times
         assert {"machine", "date", "command", "results"} <= set(data) and all("ops" in r for r in data["results"])
+    elif data.get("kind") == "openvino-call":  # openvino_call.py's calls in OpenVINO beside onnxruntime's
+        assert {"machine", "date", "command", "openvino", "onnxruntime", "results"} <= set(data)
+        assert all("onnxruntime_seconds" in r and r["openvino"] for r in data["results"])
     elif data.get("kind") == "export-plan":  # export_plan.py's estimates: no machine measured them
         assert {"date", "results", "command"} <= set(data) and all("peak_stage" in r for r in data["results"])
     else:
@@ -179,3 +182,37 @@ def test_op_profile_table_gives_the_costly_operators_a_row_each_and_sums_the_res
     assert "| Conv | 6 s (60) | - |" in table and "| QLinearConv | - | 3 s (60) |" in table
     assert "| MultiHeadAttention | - | 1 s (2) |" in table
     assert "| Add |" not in table and "| everything else | 0.1 s | 0.05 s |" in table
+
+
+def test_openvino_call_table_gives_each_precision_beside_onnxruntimes_call(monkeypatch):
+    rel = "machine/2026-01-01-openvino-call.json"
+    monkeypatch.setitem(docs_tables.OPENVINO_TABLES, "openvino-call-test", rel)
+    data = {
+        "kind": "openvino-call",
+        "machine": {"cpu": "CPU", "physical_cores": 2, "isa": ["avx512_bf16"]},
+        "date": "2026-01-01",
+        "openvino": "2026.4.1-22982-e213a147257-releases/2026/4",
+        "onnxruntime": "1.32.0",
+        "reference": "fp32-bundle",
+        "results": [
+            {
+                "bundle": "b",
+                "precision": "int8-static",
+                "attention": "fused",
+                "onnxruntime_seconds": 0.9,
+                "onnxruntime_relative_rms_to_reference": 0.06,
+                "openvino": [
+                    {
+                        "inference_precision": "bf16",
+                        "compile_seconds": 3.5,
+                        "call_seconds": 0.6,
+                        "relative_rms": 0.07,
+                        "relative_rms_to_reference": 0.0642,
+                    },
+                ],
+            }
+        ],
+    }
+    table = docs_tables.render_openvino_call("openvino-call-test", {rel: data})
+    assert "| int8-static, fused attention | onnxruntime 1.32.0 CPU | 0.9 s | 1.00x | 0.0600 | - |" in table
+    assert "| int8-static, fused attention | OpenVINO 2026.4.1 CPU, bf16 | 0.6 s | 1.50x | 0.0642 | 3.5 s |" in table
