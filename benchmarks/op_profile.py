@@ -144,6 +144,27 @@ def profile(
     }
 
 
+def result_header(kind: str, tool: str, argv: list[str] | None) -> dict:
+    """The fields every result file of a benchmark tool starts with: its kind, when, on what, and the command."""
+    from .machine import describe
+
+    return {
+        "kind": kind,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": describe(),
+        "command": f"python -m edgediff.benchmarks.{tool} " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+
+
+def write_result(result: dict, out: Path | None) -> None:
+    """The result as JSON, to `out` or to standard output."""
+    text = json.dumps(result, indent=1) + "\n"
+    if out:
+        out.write_text(text)
+    else:
+        sys.stdout.write(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bundles", nargs="+")
@@ -155,26 +176,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, default=20, help="the costliest nodes to list")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    from .machine import describe
-
     rows = [
         profile(b, args.component, args.size, args.threads, args.warmup, args.rounds, args.nodes) for b in args.bundles
     ]
     result = {
-        "kind": "op-profile",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": describe(),
-        "command": "python -m edgediff.benchmarks.op_profile " + " ".join(argv if argv is not None else sys.argv[1:]),
+        **result_header("op-profile", "op_profile", argv),
         "component": args.component,
         "size": args.size,
         "rounds": args.rounds,
         "results": rows,
     }
-    text = json.dumps(result, indent=1)
-    if args.out:
-        args.out.write_text(text + "\n")
-    else:
-        sys.stdout.write(text + "\n")
+    write_result(result, args.out)
     return 0
 
 

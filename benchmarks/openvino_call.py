@@ -16,8 +16,6 @@ bundle of the same model, through onnxruntime): a quantised graph's error agains
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import statistics
 import sys
 import time
@@ -145,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from edgediff.runtime.session_config import physical_cores
 
-    from .machine import describe
+    from .op_profile import result_header, write_result
 
     precisions = args.precision or ["f32", "bf16"]
     threads = args.threads or physical_cores()
@@ -155,11 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         for b in args.bundles
     ]
     result = {
-        "kind": "openvino-call",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": describe(),
-        "command": "python -m edgediff.benchmarks.openvino_call "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
+        **result_header("openvino-call", "openvino_call", argv),
         "openvino": ov.__version__,
         "onnxruntime": ort.__version__,
         "component": args.component,
@@ -168,11 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeat": args.repeat,
         "results": rows,
     }
-    text = json.dumps(result, indent=1)
-    if args.out:
-        args.out.write_text(text + "\n")
-    else:
-        sys.stdout.write(text + "\n")
+    write_result(result, args.out)
     return 0
 
 

@@ -429,22 +429,24 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
                 attributes = {**attributes, "fp16": f"kept fp32: {why}"}
                 comp_precision = "fp32"
             write_checked = functools.partial(
-                _write_checked, component, raw_graph, staging, reference=reference, providers=check_providers
+                _write_checked,
+                component,
+                raw_graph,
+                staging,
+                reference=reference,
+                providers=check_providers,
+                replaced=component.name in replaced,
             )
             with stages.stage(f"{component.name}: check"):
                 try:
-                    files, inputs, outputs, checks[component.name], rewrites = write_checked(
-                        comp_precision, replaced=component.name in replaced
-                    )
+                    files, inputs, outputs, checks[component.name], rewrites = write_checked(comp_precision)
                 except ExportValidationError as exc:
                     if comp_precision != "fp16" or not may_overflow:
                         raise
                     log.warning("%s: the fp16 graph fails its check (%s); keeping it in fp32", component.name, exc)
                     attributes = {**attributes, "fp16": f"kept fp32: the fp16 graph failed its check ({exc})"}
                     comp_precision = "fp32"
-                    files, inputs, outputs, checks[component.name], rewrites = write_checked(
-                        comp_precision, replaced=component.name in replaced
-                    )
+                    files, inputs, outputs, checks[component.name], rewrites = write_checked(comp_precision)
                 if rewrites:  # same output, fewer operations (export/upsample_conv.py, optimize.fuse_fast_gelu)
                     attributes = {**attributes, "rewrites": rewrites}
                 if options.lora_slots and component.name in SLOT_COMPONENTS:  # side paths for run-time LoRAs

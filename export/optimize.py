@@ -107,7 +107,6 @@ def fuse_fast_gelu(model) -> int:
     count = sum(node.op_type == "FastGelu" for node in model.graph.node) - before
     if count:  # the fusion appends its nodes after the graph's last: back in topological order, as ONNX wants it
         wrapped.topological_sort()
-    if count:
         declare_microsoft_domain(model)
     return count
 

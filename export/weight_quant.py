@@ -229,27 +229,30 @@ class StreamingONNXQuantizer(FastONNXQuantizer):
         return super().quantize_weight_per_channel_impl(weight_name, *args, **kwargs)
 
     def _weight_array(self, initializer) -> np.ndarray:
-        """The weight read from the external data into an array of its own: never into the graph's message, whose
-        protobuf arena would keep every weight's bytes until the whole graph is freed (clearing the field does
-        not return them)."""
         from onnx.external_data_helper import uses_external_data
-
-        from .tracing import external_bytes
 
         if not uses_external_data(initializer):
             return tensor_proto_to_array(initializer)
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(initializer.data_type)
-        return np.frombuffer(external_bytes(initializer, self.folder), dtype=dtype).reshape(tuple(initializer.dims))
+        return external_array(initializer, self.folder)
+
+
+def external_array(initializer: onnx.TensorProto, folder: Path) -> np.ndarray:
+    """A weight kept in external data, read from its file in `folder` into an array of its own: never into the graph's
+    message, whose protobuf arena would keep every weight's bytes until the whole graph is freed (clearing the field
+    does not return them)."""
+    from .tracing import external_bytes
+
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(initializer.data_type)
+    return np.frombuffer(external_bytes(initializer, folder), dtype=dtype).reshape(tuple(initializer.dims))
 
 
 @contextmanager
 def weights_read_from(folder: Path):
     """While the block runs, onnxruntime's quantisers (and ours) read a weight kept in external data from its file in
     `folder`, into an array of their own, each time they ask for it: the graph's entry stays a reference, so that a
-    graph loaded without its weights is quantised holding one fp32 weight at a time. onnx's own reader would load the
-    bytes into the graph's message (into its protobuf arena until the graph is freed) and look for the file relative
-    to the working directory."""
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+    graph loaded without its weights is quantised holding one fp32 weight at a time (external_array). onnx's own reader
+    would load the bytes into the graph's message and look for the file relative to the working directory."""
+    from onnx.external_data_helper import uses_external_data
 
     modules = [importlib.import_module(f"onnxruntime.quantization.{m}") for m in ("quant_utils", "base_quantizer")]
     modules += [qdq_quantizer, sys.modules[__name__]]
@@ -258,11 +261,7 @@ def weights_read_from(folder: Path):
     def read(initializer: onnx.TensorProto) -> np.ndarray:
         if not uses_external_data(initializer) or initializer.data_type not in _FLOATS:
             return original(initializer)  # its own error for a type it does not quantise
-        info = ExternalDataInfo(initializer)
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(initializer.data_type)
-        count = int(np.prod(initializer.dims, dtype=np.int64))
-        data = np.fromfile(Path(folder) / info.location, dtype=dtype, count=count, offset=int(info.offset or 0))
-        return data.reshape(tuple(initializer.dims))
+        return external_array(initializer, folder)
 
     saved = [m.tensor_proto_to_array for m in modules]
     for m in modules:
