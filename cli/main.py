@@ -424,6 +424,8 @@ def _show_placement(model: str, provider: str, fallback: bool, options: dict) ->
         if graph["cpu_fallback"]:
             runs_on += f" ({report['provider']} refused it)"
         click.echo(f"  {name:<16}{runs_on:<22}{graph['cache']:<13}{graph['io_binding']:<13}{graph['cuda_graph']}")
+        if graph.get("refused"):
+            click.echo(f"    {report['provider']} failed on it: {graph['refused']}")
 
 
 @cli.group()

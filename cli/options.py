@@ -37,7 +37,10 @@ _RUNTIME_CLICK = {
         help=f"Execution provider: {_provider_names()}" + (" (repeatable; default auto)." if multiple else "."),
     ),
     "fallback": lambda _: click.option(
-        "--fallback", is_flag=True, help="Fall back to the best available provider instead of failing."
+        "--fallback",
+        is_flag=True,
+        help="Fall back to the best available provider, and run a graph the provider cannot take on the CPU, "
+        "instead of failing.",
     ),
     "provider_options": lambda _: click.option(
         "--provider-option",

@@ -1,5 +1,6 @@
 """Opening one graph's onnxruntime sessions: through our graph cache, or a compiling provider's own, and saying
-when the chosen provider did not take the graph (it then runs on the CPU)."""
+when the chosen provider did not take the graph (it then runs on the CPU): onnxruntime left it to its CPU
+provider, or the provider failed to compile it and the caller allowed a fallback."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from . import graph_cache, session_config
 from .errors import BundleError, EdgediffError
 from .manifest import ComponentSpec
 from .provider_loading import new_session
-from .providers import Resolution
+from .providers import Resolution, resolve
 from .session_states import CacheStatus
 
 log = logging.getLogger("edgediff.session")
@@ -51,15 +52,29 @@ class GraphLoader:
         self.bundle_path = bundle_path
         self.threads, self.low_memory, self.cache_folder = threads, low_memory, cache_folder
         self.cpu_layout = cpu_layout
+        self.refused = ""  # why the chosen provider could not take this graph, once it runs on the CPU instead
 
     def open_dynamic(self) -> tuple[ort.InferenceSession, CacheStatus]:
-        """The graph as exported; one that onnxruntime cannot load is the bundle's error."""
+        """The graph as exported; one that onnxruntime cannot load is the bundle's error, unless the caller allows a
+        fallback and another provider than the CPU's failed: the graph then runs on the CPU provider. A provider
+        may fail on one graph of a bundle only (onnxruntime-openvino 1.24 compiles every SD-Turbo graph but the
+        dynamic int8 text encoder in bf16), and the others keep it."""
         try:
             return self.open()
         except EdgediffError:
             raise  # ours already says what is wrong (a bad EDGEDIFF_CACHE_MAX_GB)
         except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
-            hint = self.resolution.provider.load_hint(self.spec.precision)
+            provider = self.resolution.provider
+            if self.resolution.fallback and provider.name != "cpu":
+                self.refused = summarize(exc)
+                log.warning(
+                    "%s: %s cannot take this graph (%s); it runs on the CPU", self.name, provider.name, self.refused
+                )
+                self.resolution = resolve("cpu")
+                return self.open_dynamic()
+            hint = provider.load_hint(self.spec.precision)
+            if provider.name != "cpu":
+                hint += "; --fallback runs a graph the provider cannot take on the CPU"
             raise BundleError(
                 "graph_unloadable", path=self.bundle_path, file=self.path.name, detail=summarize(exc) + hint
             ) from exc
@@ -119,4 +134,4 @@ class GraphLoader:
     def falls_back(self, session: ort.InferenceSession) -> bool:
         """Whether the chosen provider left this session to the CPU provider alone."""
         provider = self.resolution.provider
-        return provider.name != "cpu" and session.get_providers()[0] != provider.ort_name
+        return bool(self.refused) or (provider.name != "cpu" and session.get_providers()[0] != provider.ort_name)

@@ -21,7 +21,8 @@ MIN_TILE = 4  # latent cells; smaller tiles lose too much context in the decoder
 class RuntimeOptions:
     # which execution provider runs the graphs: a name from `edgediff providers`, or the first available one
     provider: str = "auto"
-    # an unavailable provider falls back to the best available one (logged) instead of being an error
+    # an unavailable provider falls back to the best available one, and a graph the provider cannot take to the CPU
+    # provider (both logged and in the provider report), instead of being an error
     fallback: bool = False
     # onnxruntime's own provider options over edgediff's (e.g. prefer_nhwc=1); they also key the graph cache
     provider_options: dict = field(default_factory=dict)

@@ -240,6 +240,7 @@ class Pipeline:
                 name: {
                     "providers": s.providers,
                     "cpu_fallback": s.fell_back_to_cpu,
+                    "refused": getattr(s, "refusal", ""),  # the provider's error, where it failed on the graph
                     "cache": s.cache,
                     "io_binding": getattr(s, "binding_state", "off"),
                     "cuda_graph": getattr(s, "capture_state", "off"),

@@ -304,6 +304,9 @@ class Resolution:
     requested: str
     fell_back: bool
     overrides: dict = field(default_factory=dict)  # the caller's provider options, over the provider's own
+    # the caller allows fallbacks: a graph the provider cannot take (compile or load) runs on the CPU provider instead
+    # of failing the pipeline (graph_loader.py), logged and reported
+    fallback: bool = False
 
     @property
     def options(self) -> dict:
@@ -339,7 +342,8 @@ def resolve(
     name: str = "auto", fallback: bool = False, offered: set[str] | None = None, options: dict | None = None
 ) -> Resolution:
     """The provider to use: `auto` -> best available; an unavailable explicit one is an error unless
-    `fallback`, then the best available (logged). CPU always backs up nodes a provider cannot run.
+    `fallback`, then the best available (logged); with `fallback` a graph the provider cannot take runs on the CPU
+    provider. CPU always backs up nodes a provider cannot run.
     `options`: provider options over the chosen provider's own (onnxruntime checks their names); they are
     meant for the provider asked for, so a fallback drops them (logged)."""
     have = available(offered)
@@ -351,7 +355,7 @@ def resolve(
         clash = ort_builds.clash()
         if clash:
             log.warning("%s (auto chose %s among what is left)", clash, chosen)
-        return Resolution(REGISTRY[chosen], name, False, overrides)
+        return Resolution(REGISTRY[chosen], name, False, overrides, fallback)
     if key not in REGISTRY:
         raise ProviderError("provider_unknown", name=name, known=", ".join(["auto", *REGISTRY]))
     if key not in have:
@@ -375,8 +379,8 @@ def resolve(
             chosen,
             f" without its options ({', '.join(overrides)})" if overrides else "",
         )
-        return Resolution(REGISTRY[chosen], name, True)
-    return Resolution(REGISTRY[key], name, False, overrides)
+        return Resolution(REGISTRY[chosen], name, True, fallback=True)
+    return Resolution(REGISTRY[key], name, False, overrides, fallback)
 
 
 def _auto(have: list[str]) -> str:

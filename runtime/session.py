@@ -114,6 +114,11 @@ class GraphSession:
         return self._loader.falls_back(self.session)
 
     @property
+    def refusal(self) -> str:
+        """Why the chosen provider could not take this graph, where it failed and the graph fell back ("" else)."""
+        return self._loader.refused
+
+    @property
     def cache(self) -> CacheStatus:
         return self._sessions.cache
 

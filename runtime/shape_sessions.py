@@ -146,6 +146,8 @@ class ShapeSessions:
 
     def _use(self, session: ort.InferenceSession, cache: CacheStatus, graph_id: int | None = None) -> None:
         self.session, self.cache = session, cache
+        if self._loader.refused and self._binding.on:  # it runs on the CPU provider: nothing on a device to bind
+            self._binding.refuse("the graph runs on the CPU")
         self.runner = self._binding.runner(session, graph_id)
 
     def _drop(self) -> None:

@@ -676,3 +676,63 @@ def test_a_plugin_provider_that_finds_no_device_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(provider_loading.ort, "get_ep_devices", lambda: [])
     with pytest.raises(ProviderError, match="'QNNExecutionProvider' is installed but found no device"):
         provider_loading.new_session("unused.onnx", ort.SessionOptions(), [("QNNExecutionProvider", {})])
+
+
+def _provider_fails_on(monkeypatch, ort_name: str, graph: str, message: str) -> None:
+    """`ort_name` is offered, and compiles every graph but `graph` (which it fails with `message`); the graphs it
+    takes run on the CPU provider here, as onnxruntime does with a provider this build lacks."""
+    from edgediff.runtime import graph_loader
+
+    real = graph_loader.new_session
+
+    def new_session(path, opts, providers):
+        if providers[0][0] == ort_name and path.name == f"{graph}.onnx":
+            raise RuntimeError(message)
+        return real(path, opts, [(CPU, {})])
+
+    monkeypatch.setattr(graph_loader, "new_session", new_session)
+    monkeypatch.setattr(prov.ort, "get_available_providers", lambda: [ort_name, CPU])
+    monkeypatch.setattr(prov, "openvino_devices", lambda: ["CPU"])
+
+
+def test_with_fallback_a_graph_the_provider_cannot_compile_runs_on_the_cpu(models_root, monkeypatch, caplog):
+    """onnxruntime-openvino 1.24 compiles SD-Turbo's UNet and decoder in bf16 but not its dynamic int8 text
+    encoder ("Supported precisions set is not available for Constant operation"): without --fallback that is
+    the bundle's error, naming the flag; with it that graph alone runs on the CPU, logged and reported, and
+    the image is the one the CPU provider makes."""
+    from edgediff.runtime import BundleError
+
+    bundle = tiny_bundle("tiny-sd-turbo", models_root)
+    expected = Pipeline.from_bundle(bundle, provider="cpu", cache=False)("a cat", seed=3, output_type="np").images
+    _provider_fails_on(
+        monkeypatch,
+        "OpenVINOExecutionProvider",
+        "text_encoder",
+        "[OpenVINO-EP] Exception while compiling\n  at src/plugin.cpp:42\nSupported precisions set is not available",
+    )
+    with pytest.raises(BundleError, match="text_encoder.onnx: .*Supported precisions.*--fallback runs a graph"):
+        Pipeline.from_bundle(bundle, provider="openvino", cache=False)
+
+    with caplog.at_level(logging.WARNING, logger="edgediff.session"):
+        pipe = Pipeline.from_bundle(bundle, provider="openvino", fallback=True, cache=False)
+    assert "text_encoder: openvino cannot take this graph ([OpenVINO-EP] Exception while compiling ..." in caplog.text
+    report = pipe.provider_report()
+    assert report["provider"] == "openvino" and not report["fell_back"]
+    assert report["graphs"]["text_encoder"]["cpu_fallback"]
+    assert report["graphs"]["text_encoder"]["refused"].endswith("Supported precisions set is not available")
+    assert report["graphs"]["unet"]["refused"] == report["graphs"]["vae_decoder"]["refused"] == ""
+    np.testing.assert_array_equal(pipe("a cat", seed=3, output_type="np").images, expected)
+
+    shown = CliRunner().invoke(cli, ["providers", "--model", str(bundle), "--provider", "openvino", "--fallback"])
+    assert shown.exit_code == 0, shown.output
+    assert "openvino failed on it: [OpenVINO-EP] Exception while compiling" in shown.output
+
+
+def test_a_graph_fallen_back_from_a_gpu_provider_runs_unbound(models_root, monkeypatch):
+    """Its session is the CPU provider's: its inputs and outputs stay in host memory, not device buffers."""
+    _provider_fails_on(monkeypatch, "CUDAExecutionProvider", "unet", "CUDA failure 2: out of memory")
+    pipe = Pipeline.from_bundle(tiny_bundle("tiny-sd-turbo", models_root), provider="cuda", fallback=True, cache=False)
+    unet = pipe.sessions.get("unet")
+    assert unet.fell_back_to_cpu and unet.runner is None
+    assert unet.binding_state == "refused: the graph runs on the CPU"
+    assert pipe.sessions.get("text_encoder").binding_state == "on"
