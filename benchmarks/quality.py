@@ -9,7 +9,7 @@ A variant is NAME=BUNDLE, NAME=BUNDLE@DECODER (that bundle through its "tiny" or
 (the reference bundle's tiny decoder); --reference-decoder tiny judges tiny decoders against fp32's tiny one.
 The reference runs on the CPU provider; `--provider` (with `--provider-option KEY=VALUE`) runs the variants
 elsewhere, so that NAME=BUNDLE with the reference's own bundle measures what a provider changes (OpenVINO's
-bf16 on CPUs that have it, say).
+bf16 on CPUs that have it, say); `--fallback` runs a graph that provider cannot take on the CPU provider.
 """
 
 from __future__ import annotations
@@ -133,6 +133,7 @@ def compare(
     reference_decoder: str | None = None,
     provider: str = "cpu",
     provider_options: dict | None = None,
+    fallback: bool = False,
 ) -> list[dict]:
     from PIL import Image
 
@@ -164,7 +165,9 @@ def compare(
         pipe = (
             ref_pipe
             if same
-            else Pipeline.from_bundle(bundle, provider=provider, threads=threads, provider_options=provider_options)
+            else Pipeline.from_bundle(
+                bundle, provider=provider, threads=threads, provider_options=provider_options, fallback=fallback
+            )
         )
         images, ms = _generate(pipe, scenes, decoder)
         scores = [psnr(a, b) for a, b in zip(images, ref_images)]
@@ -196,6 +199,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--provider", default="cpu", help="where the variants run (the reference runs on the CPU)")
     parser.add_argument("--provider-option", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--fallback", action="store_true", help="a graph the provider cannot take runs on the CPU")
     args = parser.parse_args()
     from edgediff.runtime.providers import parse_options
 
@@ -208,6 +212,7 @@ def main() -> None:
         args.reference_decoder,
         args.provider,
         parse_options(args.provider_option),
+        args.fallback,
     )
     print(
         "| variant | PSNR vs fp32 (mean / min) | SSIM | colour | background | shape | size | position | ms/image | MiB |"

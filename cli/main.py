@@ -369,7 +369,11 @@ def families():
     "--model", default=None, help="Also open this bundle (folder or name) and show where each of its graphs runs."
 )
 @click.option("--provider", default="auto", show_default=True, help="With --model: the provider to open it on.")
-@click.option("--fallback", is_flag=True, help="With --model: fall back to the best available provider.")
+@click.option(
+    "--fallback",
+    is_flag=True,
+    help="With --model: fall back to the best available provider, and show a graph the provider cannot take on the CPU.",
+)
 @click.option(
     "--provider-option",
     "provider_options",

@@ -117,7 +117,7 @@ class GraphLoader:
                 self.cache_folder,
                 save="context" if provider.compiles else "graph",
             )
-        if self.falls_back(session):
+        if not self.refused and self.falls_back(session):  # a refusal was logged with its reason
             log.warning("%s: %s did not take this graph; it runs on the CPU", self.name, provider.name)
         return session, status
 
