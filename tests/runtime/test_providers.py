@@ -716,7 +716,7 @@ def test_with_fallback_a_graph_the_provider_cannot_compile_runs_on_the_cpu(model
     with caplog.at_level(logging.WARNING, logger="edgediff.session"):
         pipe = Pipeline.from_bundle(bundle, provider="openvino", fallback=True, cache=False)
     assert "text_encoder: openvino cannot take this graph ([OpenVINO-EP] Exception while compiling ..." in caplog.text
-    assert "did not take" not in caplog.text  # logged once, with the reason
+    assert "text_encoder: cpu did not take" not in caplog.text  # logged once, with the reason
     report = pipe.provider_report()
     assert report["provider"] == "openvino" and not report["fell_back"]
     assert report["graphs"]["text_encoder"]["cpu_fallback"]
