@@ -52,6 +52,9 @@ BUNDLE_LABELS = {
     "sd-turbo-avx2-int8s-keep-8bit": "int8-static, `--keep auto`, 8-bit weights",
     "sd-turbo-avx2-fastest": "int8-static, `--keep auto`",
     "sd-turbo-vnni-int8s-all-fused": "int8-static, every block",
+    "sd-turbo-amx-int8s-all-fused": "int8-static, every block",
+    "sd-turbo-amx-fastest": "int8-static, `--keep auto`",
+    "sd-turbo-amx-openvino": "int8-static, `--keep auto`, attention unfused",
     "sd-turbo-vnni-fastest": "int8-static, `--keep auto`",
     "sd-turbo-vnni-int8": "int8 (dynamic, MatMuls)",
     "sd-turbo-vnni-int8s-all": "int8-static, every block",
@@ -73,6 +76,8 @@ FUSED_ATTENTION = (
     "sd-turbo-avx2-fastest",
     "sd-turbo-vnni-int8s-all-fused",
     "sd-turbo-vnni-fastest",
+    "sd-turbo-amx-int8s-all-fused",
+    "sd-turbo-amx-fastest",
 )
 TINY_DECODERS = {
     "sd-turbo-int8s-fmm": "fp32 tiny decoder",
@@ -91,6 +96,10 @@ TINY_DECODERS = {
     "sd-turbo-vnni-fp32-fused": "fp32 tiny decoder",
     "sd-turbo-vnni-int8": "fp32 tiny decoder",
     "sd-turbo-vnni-int4": "fp32 tiny decoder",
+    "sd-turbo-amx-fp32": "fp32 tiny decoder",
+    "sd-turbo-amx-int8s-all-fused": "int8 tiny decoder",
+    "sd-turbo-amx-fastest": "int8 tiny decoder",
+    "sd-turbo-amx-openvino": "int8 tiny decoder",
 }
 PEERS = {"optimum": "optimum-onnx"}
 CACHE_STARTS = {"off": "no cache", "miss": "first start (optimise and save)", "hit": "from the graph cache"}
@@ -113,6 +122,7 @@ class Table:
 
 
 E, A, G = "epyc-2c-avx512/", "x86-2c-avx2/", "nvidia-h100-80gb/"
+X = "xeon-2c-amx/"  # a 2-core Intel Xeon with AMX (int8 and bf16 tile units) beside AVX-512 VNNI and BF16
 # each stage's time on a CPU beside diffusers' in the same run, across machines
 CPU_STAGE_COLUMNS = (
     "machine",
@@ -177,6 +187,7 @@ TABLES = {
             Source(V + "2026-12-03-sd-turbo-configs.json"),
             Source(V + "2026-12-03-sd-turbo-fastest.json"),
             Source(E + "2026-12-03-sd-turbo-fastest.json"),
+            Source(X + "2026-12-06-sd-turbo-cpu.json"),
         ),
         headers={"vae_decoder": "decoder", "vs_diffusers": "diffusers fp32 time / this"},
     ),
@@ -208,6 +219,24 @@ TABLES = {
             Source(E + "2026-11-26-openvino-int8-static-tiny.json", (1, 0)),
         ),
         headers={"vae_decoder": "decoder"},
+    ),
+    # the AMX CPU: OpenVINO computes fp32 graphs in bf16 on its tile units, beside diffusers in the same run
+    "openvino-amx": Table(
+        (
+            "config",
+            "provider",
+            "system",
+            "total",
+            "text_encoder",
+            "unet_call",
+            "vae_decoder",
+            "cold",
+            "rss",
+            "vs_diffusers",
+            "data",
+        ),
+        (Source(X + "2026-12-06-sd-turbo-openvino.json"), Source(X + "2026-12-06-sd-turbo-openvino-int8-static.json")),
+        headers={"vae_decoder": "decoder", "vs_diffusers": "diffusers fp32 time / this"},
     ),
     "low-memory": Table(
         ("config", "total", "text_encoder", "unet_call", "rss", "data"),
@@ -383,6 +412,7 @@ EXPORT_TABLES = {
     "export-cost-sana-sprint": ExportTable(E + "2026-12-03-export-cost-sana-sprint.json"),
     "export-memory-flux": ExportTable(E + "2026-12-03-export-cost-flux-reduced.json", memory=True),
     "export-cost-avx2": ExportTable(EXPORT_COST_AVX2[0], runs=EXPORT_COST_AVX2[1:]),
+    "export-cost-amx": ExportTable(X + "2026-12-06-export-cost-1.json", runs=(X + "2026-12-06-export-cost-2.json",)),
     "export-cost-sd35-medium": ExportTable(EXPORT_COST_SD35),
     "export-memory-sd35-medium": ExportTable(EXPORT_COST_SD35, memory=True),
 }
@@ -392,6 +422,7 @@ PLAN_TABLES = {"export-plan": "estimates/2026-12-03-export-plan.json"}
 PROFILE_TABLES = {
     "op-profile-unet-avx2": V + "2026-12-03-op-profile-unet.json",
     "op-profile-unet-vnni": E + "2026-12-05-op-profile-unet.json",
+    "op-profile-unet-amx": X + "2026-12-06-op-profile-unet.json",
     "op-profile-tiny-decoder-avx2": V + "2026-12-03-op-profile-tiny-decoder.json",
     "op-profile-fastest-avx2": V + "2026-12-03-op-profile-unet-fastest.json",
 }
@@ -428,7 +459,9 @@ def machine_label(m: dict) -> str:
     if m.get("gpus"):
         return m["gpus"][0].split(",")[0]
     isa = set(m.get("isa") or ())
-    if "avx512_vnni" in isa:
+    if "amx_int8" in isa:
+        tag = "AMX, AVX-512 VNNI"
+    elif "avx512_vnni" in isa:
         tag = "AVX-512 VNNI"
     elif "avx_vnni" in isa:
         tag = "AVX-VNNI"
