@@ -492,7 +492,8 @@ def config_label(row: dict, sysrow: dict, table: Table) -> str:
     )
     if sysrow["system"] != "edgediff":  # what the peer ran: the source model, in its own precision and VAE
         w = work(row, sysrow)
-        return f"source model, {w['precision']}, {'tiny decoder' if w['decoder'] == 'tiny' else 'full VAE'}"
+        prompt = f", prompt {w['prompt']}" if w.get("prompt") else ""
+        return f"source model, {w['precision']}, {'tiny decoder' if w['decoder'] == 'tiny' else 'full VAE'}{prompt}"
     mode = row.get("mode") or {}
     parts = [label] + (["fused attention"] if name in FUSED_ATTENTION else [])
     if mode.get("low_memory"):

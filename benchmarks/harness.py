@@ -55,6 +55,9 @@ class BenchConfig:
     graph_cache: bool = False
     # a bundle whose images (CPU provider, same latents and prompt) every row's images are scored against
     quality: str | None = None
+    # SANA: the diffusers peer encodes the prompt with its complex-human instruction, as it does by default; False:
+    # the prompt alone, less work whatever the source's tokenizer makes of the instruction (a lower bound on its time)
+    peer_instruction: bool = True
 
     @property
     def threads(self) -> int | None:
@@ -372,12 +375,15 @@ def _ran(system: str, bundle, cfg: BenchConfig, half_on_gpu: bool) -> dict:
             "decoder_precision": components[decoder].precision if decoder in components else None,
         }
     half = system == "diffusers" and half_on_gpu  # optimum runs its own fp32 export everywhere
-    return {
+    ran = {
         "model": Path(cfg.source).name if cfg.source else None,
         "precision": "fp16" if half else "fp32",
         "decoder": "full",
         "decoder_precision": "fp16" if half else "fp32",
     }
+    if system == "diffusers" and not cfg.peer_instruction and bundle.manifest.conditioning.get("joint") == "sana":
+        ran["prompt"] = "without the instruction"
+    return ran
 
 
 def _quality_reference(cfg, ref_bundle, steps: int, size: int, threads: int, images: Path, cache: dict) -> Path:
@@ -492,6 +498,11 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
         (notes.append(why) if why else peers.append(peer))
     chosen = {p: resolve(p).provider for p in cfg.providers}
     bundles = [Bundle.open(b, verify="size") for b in cfg.bundles]
+    if "diffusers" in peers and not cfg.peer_instruction:
+        notes.append(
+            "diffusers encoded SANA's prompts without its complex-human instruction: less work than its default, so "
+            "each ratio to it is a lower bound whatever the source's tokenizer makes of the instruction"
+        )
     if "optimum" in peers and any(b.manifest.denoiser != "unet" for b in bundles):
         # optimum's pipelines here are SD and SDXL's (workers._optimum_class): a transformer source has none
         peers.remove("optimum")
@@ -546,6 +557,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
             "optimum_dir": optimum_dirs.get(cfg.source),
             "peer_gpu": on_gpu,
             "peer_half": half_on_gpu,
+            "peer_instruction": cfg.peer_instruction,
             "options": cfg.runtime.replace(provider=provider, threads=threads).to_dict(),
         }
         if cfg.graph_cache:  # a folder of this run's own, filled by one start that is not measured

@@ -130,7 +130,10 @@ def system_label(row: dict, sysrow: dict, source: str | None = None) -> str:
     device = sysrow.get("device")
     on = f" on {device}" if device and device not in ("cpu", "CPUExecutionProvider") else ""
     name = PEER_NAMES.get(sysrow["system"], sysrow["system"])
-    return f"{name} {w['precision']}{on}, {_decoder_text(w)}" + (f" (source {w['model']})" if w.get("model") else "")
+    prompt = f", prompt {w['prompt']}" if w.get("prompt") else ""
+    return f"{name} {w['precision']}{on}, {_decoder_text(w)}{prompt}" + (
+        f" (source {w['model']})" if w.get("model") else ""
+    )
 
 
 def work_difference(a: dict, b: dict) -> list[str]:

@@ -157,6 +157,7 @@ def _reference_runs(
             output_type="np",
             **_text_length(pipe, manifest),
             **_scm_steps(pipe, a["steps"]),
+            **_instruction(pipe, a),
         )
         m = timer.marks
         runs.append(
@@ -187,6 +188,15 @@ def _text_length(pipe, manifest) -> dict:
     length = manifest.conditioning.get("max_sequence_length")
     takes = "max_sequence_length" in inspect.signature(pipe.__call__).parameters
     return {"max_sequence_length": int(length)} if length and takes else {}
+
+
+def _instruction(pipe, a: dict) -> dict:
+    """SANA's pipelines prefix the prompt with a complex-human instruction before encoding it; without it
+    (`peer_instruction` False) they encode the prompt alone, padded to max_sequence_length."""
+    import inspect
+
+    takes = "complex_human_instruction" in inspect.signature(pipe.__call__).parameters
+    return {"complex_human_instruction": None} if takes and not a.get("peer_instruction", True) else {}
 
 
 def _scm_steps(pipe, steps: int) -> dict:

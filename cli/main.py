@@ -519,10 +519,30 @@ def _csv_ints(value: str | None) -> list:
     help="Score every row's images against this bundle's (CPU provider, same latents and prompt): PSNR, SSIM, "
     "and the shapes checker's adherence for the shipped model; rows below 30 dB are marked.",
 )
+@click.option(
+    "--peer-without-instruction",
+    is_flag=True,
+    help="SANA: diffusers encodes the prompt alone, without its complex-human instruction: less work than its "
+    "default, so that each ratio is a lower bound whatever the source's tokenizer makes of the instruction.",
+)
 @runtime_options(multiple_providers=True)
 @click.pass_context
 def bench(
-    ctx, models, steps, size, repeat, warmup, rounds, compare, source, out, graph_cache, quality, providers, options
+    ctx,
+    models,
+    steps,
+    size,
+    repeat,
+    warmup,
+    rounds,
+    compare,
+    source,
+    out,
+    graph_cache,
+    quality,
+    peer_without_instruction,
+    providers,
+    options,
 ):
     """Measure seconds per image per stage, cold and warm, with memory; `bench merge` joins machines.
     The runtime options apply to edgediff's rows; peers run as they come."""
@@ -546,6 +566,7 @@ def bench(
         runtime=options,
         graph_cache=graph_cache,
         quality=str(resolve_bundle(quality)) if quality else None,
+        peer_instruction=not peer_without_instruction,
     )
     data = run_bench(cfg)
     for note in data["notes"]:

@@ -427,3 +427,40 @@ def test_bench_can_start_from_a_filled_graph_cache(tmp_path):
     # the first measured process already loads every graph from the cache
     assert {g["cache"] for g in row["systems"][0]["provider_report"]["graphs"].values()} == {"hit"}
     assert list((tmp_path / "graph-cache").glob("unet-*.onnx"))
+
+
+def test_a_sana_peer_without_its_instruction_encodes_fewer_tokens_and_says_so(models_root):
+    """`bench --peer-without-instruction`: diffusers' SANA pipelines encode the prompt alone, padded to
+    max_sequence_length, instead of behind the complex-human instruction: less text-encoder work whatever the
+    tokenizer makes of the instruction, so a ratio to that peer is a lower bound. Other pipelines take nothing."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from edgediff.benchmarks.harness import _ran
+    from edgediff.benchmarks.report import system_label
+    from edgediff.benchmarks.workers import _instruction
+    from edgediff.export.source import load_pipeline
+    from edgediff.runtime import Bundle
+
+    pipe = load_pipeline(str(tiny_source("tiny-sana-sprint", models_root)))
+    assert _instruction(pipe, {}) == {}
+    assert _instruction(pipe, {"peer_instruction": False}) == {"complex_human_instruction": None}
+    sd = type("SD", (), {"__call__": StableDiffusionPipeline.__call__})()
+    assert _instruction(sd, {"peer_instruction": False}) == {}
+
+    lengths = []
+    encode = pipe.text_encoder.forward
+    pipe.text_encoder.forward = lambda input_ids, **kw: lengths.append(input_ids.shape[1]) or encode(input_ids, **kw)
+    call = dict(num_inference_steps=1, height=64, width=64, max_sequence_length=32, intermediate_timesteps=None)
+    call.update(use_resolution_binning=False)  # the tiny transformer's sample size has no aspect-ratio bins
+    with torch.inference_mode():
+        pipe("a cat", output_type="latent", **call)
+        pipe("a cat", output_type="latent", **call, **_instruction(pipe, {"peer_instruction": False}))
+    assert lengths[1] == 32 < lengths[0]  # the prompt padded to max_sequence_length, against instruction + prompt
+
+    bundle = Bundle.open(tiny_bundle("tiny-sana-sprint", models_root), verify="size")
+    cfg = BenchConfig(bundles=[str(bundle.path)], source="SRC", peer_instruction=False)
+    ran = _ran("diffusers", bundle, cfg, half_on_gpu=False)
+    assert ran["prompt"] == "without the instruction"
+    assert "prompt without the instruction" in system_label({}, {"system": "diffusers", "ran": ran})
+    assert "prompt" not in _ran("diffusers", bundle, BenchConfig(bundles=[str(bundle.path)], source="SRC"), False)
