@@ -264,6 +264,12 @@ def _export_click():
             help="Write the denoiser as N graphs run in turn, checked against the whole one: with --low-memory "
             "only one segment's weights are held at a time.",
         ),
+        "standard_ops": click.option(
+            "--standard-ops",
+            is_flag=True,
+            help="Only ONNX's standard operators, no onnxruntime fusions: for OpenVINO (--provider openvino), which "
+            "runs a graph with onnxruntime's own operators in pieces.",
+        ),
         "overwrite": click.option("--overwrite", is_flag=True, help="Replace OUT once the new bundle is complete."),
     }
 

@@ -211,21 +211,28 @@ def _validate(
 
 
 def _write_checked(
-    component, raw_graph: Path, staging: Path, precision: str, reference, providers: list[str], replaced: bool = False
+    component,
+    raw_graph: Path,
+    staging: Path,
+    precision: str,
+    reference,
+    providers: list[str],
+    replaced: bool = False,
+    standard_ops: bool = False,
 ):
     """Writes the component's graph in `precision` (fp32 / fp16) into the bundle and checks it against
     PyTorch; returns its manifest files, input and output specs, the check's differences, and the graph rewrites
     made before the check (name -> how many; empty when none). `replaced`: a graph quantisation replaces later,
     written with its weights beside it (quantisation and the sensitivity pass read them a tensor at a time: the full-
     size SD-Turbo text encoder's 1.4 GB were parsed whole at each reading, and copied out once) and no checksum
-    (see _file_records)."""
+    (see _file_records). `standard_ops`: no rewrite into onnxruntime's own operators."""
     import onnx
 
     model = to_fp16(raw_graph) if precision == "fp16" else onnx.load(str(raw_graph), load_external_data=False)
     float_argmax(model)  # after the fp16 conversion: see capture.py
     # before the weights move into the bundle: a graph past 2 GB gets its new kernels in its own weights file
     rewrites = {"subpixel_upsample_convs": subpixel_upsample_convs(model, raw_graph.parent)}
-    if precision == "fp32":  # onnxruntime's CPU provider has FastGelu in fp32 only
+    if precision == "fp32" and not standard_ops:  # onnxruntime's CPU provider has FastGelu in fp32 only
         rewrites["fast_gelu"] = fuse_fast_gelu(model)
     files = _move_weights(model, raw_graph, staging, component.name, not replaced) or _save_graph(
         model, staging, component.name, external=replaced, checksum=not replaced
@@ -436,6 +443,7 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
                 reference=reference,
                 providers=check_providers,
                 replaced=component.name in replaced,
+                standard_ops=options.standard_ops,
             )
             with stages.stage(f"{component.name}: check"):
                 try:

@@ -52,8 +52,15 @@ ONNX_ONLY = (
     "ip_adapter",
     "ip_adapter_image_encoder",
     "segments",
+    "standard_ops",
 )
 COREML_ONLY = ("palettize",)
+# what each option writes that --standard-ops refuses: onnxruntime's own operators, which other runtimes lack
+STANDARD_OPS_REFUSED = {
+    "attention": "--attention fused writes onnxruntime's MultiHeadAttention",
+    "optimize": "--optimize writes onnxruntime's fused operators",
+    "precision": "--precision int4 writes onnxruntime's MatMulNBits",
+}
 # why --lora-slots refuses these (docs/loras.md, "Quantised bundles")
 LORA_SLOTS_REFUSED = {
     "precision": "the quantisers do not keep the LoRA slots (int8 and int8-static fail on their empty defaults, int4 "
@@ -111,6 +118,9 @@ class ExportOptions:
     # the denoiser as this many graphs run in turn: low-memory mode then holds one segment's weights at a time
     # (segments.py); 1 keeps it whole
     segments: int = 1
+    # only ONNX's standard operators: no onnxruntime fusion (FastGelu). OpenVINO runs a graph with onnxruntime's own
+    # operators in pieces, which onnxruntime-openvino 1.24 fails at run time ("Output names mismatch")
+    standard_ops: bool = False
     # replace an existing bundle at the output folder, once the new one is whole
     overwrite: bool = False
 
@@ -181,6 +191,14 @@ class ExportOptions:
             why = LORA_SLOTS_REFUSED["precision" if self.quantized else "optimize"]
             option = f"--precision {self.precision}" if self.quantized else "--optimize"
             raise ExportOptionsError("export_lora_slots", option=option, why=why)
+        if self.standard_ops:
+            for option, writes in (
+                ("attention", self.attention == "fused"),
+                ("optimize", self.optimize),
+                ("precision", self.precision == "int4"),
+            ):
+                if writes:
+                    raise ExportOptionsError("export_standard_ops", why=STANDARD_OPS_REFUSED[option])
         if self.target == "coreml":
             given = self._set(ONNX_ONLY)
             if given:

@@ -106,6 +106,7 @@ MESSAGES = {
     "export_onnx_only": "--target coreml writes fp16 packages (or palettized ones, --palettize); {options} apply to --target onnx",
     "export_coreml_only": "{options} apply to --target coreml",
     "export_lora_slots": "--lora-slots does not combine with {option}: {why}",
+    "export_standard_ops": "--standard-ops keeps to ONNX's standard operators, and {why}",
     "export_segments": "cannot cut the denoiser into segments (--segments): {detail}",
     "export_segments_value": "--segments must be at least 1, got {value!r}",
     "export_segments_slots": "--segments does not combine with --lora-slots: run-time LoRAs are bound to the whole denoiser graph",

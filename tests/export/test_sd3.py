@@ -238,3 +238,45 @@ def test_sd3_tiny_decoder_draws_what_diffusers_draws_with_it(models_root, tmp_pa
     np.testing.assert_allclose(
         pipe.decode(returned, decoder="tiny", output_type="np"), expected, atol=TINY_DECODER_ATOL
     )
+
+
+STANDARD_OPS_ATOL = 1e-5  # FastGelu against the same tanh GELU as separate operators, pixels in [0, 1]
+
+
+def test_standard_ops_keeps_every_graph_to_onnx_operators(models_root, tmp_path):
+    """`--standard-ops`: no graph holds onnxruntime's own operators (OpenVINO would run it in pieces, which
+    onnxruntime-openvino 1.24 fails at run time); the image is the fused bundle's. The options that write such
+    operators are refused with it."""
+    import onnx
+
+    from edgediff.export import ExportOptions, export
+    from edgediff.runtime.errors import ExportOptionsError
+
+    fused = Bundle.open(tiny_sd3_bundle(models_root, t5=False))
+    plain = Bundle.open(
+        export(
+            str(tiny_source("tiny-sd3", models_root)),
+            tmp_path / "standard",
+            ExportOptions(t5=False, standard_ops=True),
+            progress=False,
+        )
+    )
+    assert fused.manifest.components["transformer"].attributes["rewrites"]["fast_gelu"] > 0
+    for name, spec in plain.manifest.components.items():
+        graph = onnx.load(str(plain.path / spec.graph_file), load_external_data=False).graph
+        assert {node.domain for node in graph.node} <= {"", "ai.onnx"}, name
+        assert "fast_gelu" not in spec.attributes.get("rewrites", {})
+    call = dict(num_inference_steps=2, guidance_scale=5.0, height=64, width=64, output_type="np")
+    latents = np.random.default_rng(0).standard_normal((1, 16, 8, 8)).astype(np.float32)
+    images = [Pipeline(b)("a cat", latents=latents, **call).images for b in (fused, plain)]
+    assert np.abs(images[0] - images[1]).max() <= STANDARD_OPS_ATOL
+
+    for refused, why in (
+        ({"attention": "fused"}, "MultiHeadAttention"),
+        ({"optimize": "cpu"}, "fused operators"),
+        ({"precision": "int4"}, "MatMulNBits"),
+    ):
+        with pytest.raises(ExportOptionsError, match=f"--standard-ops keeps to ONNX's standard operators, .*{why}"):
+            ExportOptions(standard_ops=True, **refused)
+    with pytest.raises(ExportOptionsError, match="--standard-ops"):
+        ExportOptions(target="coreml", standard_ops=True)
