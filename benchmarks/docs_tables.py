@@ -55,6 +55,8 @@ BUNDLE_LABELS = {
     "sd-turbo-amx-int8s-all-fused": "int8-static, every block",
     "sd-turbo-amx-fastest": "int8-static, `--keep auto`",
     "sd-turbo-amx-openvino": "int8-static, `--keep auto`, attention unfused",
+    "sana-sprint-amx-openvino": "transformer and DC-AE fp32 (bf16 in OpenVINO), Gemma-2 int8 `--keep auto` on the CPU "
+    "provider, `--standard-ops`",
     "sd-turbo-vnni-fastest": "int8-static, `--keep auto`",
     "sd-turbo-vnni-int8": "int8 (dynamic, MatMuls)",
     "sd-turbo-vnni-int8s-all": "int8-static, every block",
@@ -305,6 +307,13 @@ TABLES = {
     "cpu-sana-sprint-dcae-int8": Table(
         TRANSFORMER_COLUMNS,
         (Source(V + "2026-12-05-sana-sprint-dcae-int8.json"),),
+        full_decoder=True,
+        headers={"unet_call": "transformer call"},
+    ),
+    # the AMX CPU, OpenVINO in bf16, against diffusers without the instruction (a lower bound on its time)
+    "cpu-sana-sprint-amx": Table(
+        TRANSFORMER_COLUMNS,
+        (Source(X + "2026-12-06-sana-sprint-openvino.json"),),
         full_decoder=True,
         headers={"unet_call": "transformer call"},
     ),
