@@ -422,15 +422,17 @@ def _show_placement(model: str, provider: str, fallback: bool, options: dict) ->
     asked = f" (asked for {report['requested']}: not available here)" if report["fell_back"] else ""
     options_text = ", ".join(f"{k}={v}" for k, v in report["options"].items()) or "no options"
     click.echo(f"\n{path}: {report['provider']}{asked}; {options_text}")
-    width = max(
-        22, *(len(short.get(g["providers"][0], "")) + len(report["provider"]) + 16 for g in report["graphs"].values())
-    )
+    runs_on = {
+        name: short.get(graph["providers"][0], graph["providers"][0])
+        + (f" ({report['provider']} refused it)" if graph["cpu_fallback"] else "")
+        for name, graph in report["graphs"].items()
+    }
+    width = max([22, *(len(text) + 2 for text in runs_on.values())])
     click.echo(f"  {'graph':<16}{'runs on':<{width}}{'graph cache':<13}{'I/O binding':<13}captured")
     for name, graph in report["graphs"].items():
-        runs_on = short.get(graph["providers"][0], graph["providers"][0])
-        if graph["cpu_fallback"]:
-            runs_on += f" ({report['provider']} refused it)"
-        click.echo(f"  {name:<16}{runs_on:<{width}}{graph['cache']:<13}{graph['io_binding']:<13}{graph['cuda_graph']}")
+        click.echo(
+            f"  {name:<16}{runs_on[name]:<{width}}{graph['cache']:<13}{graph['io_binding']:<13}{graph['cuda_graph']}"
+        )
         if graph.get("refused"):  # the provider's reason: the end of its message (graph_loader.summarize)
             click.echo(f"    {report['provider']} failed on it: {graph['refused'].rpartition(' ... ')[2]}")
 
