@@ -100,6 +100,38 @@ def _check_gpu_only_graphs(bundle: Bundle, provider: Provider) -> None:
             raise BundleError("bundle_needs_gpu", path=bundle.path, component=name, provider=provider.name)
 
 
+def onnxruntime_operators(spec) -> list[str]:
+    """The operators of onnxruntime's own that a component's graph holds, as its manifest records how it was made."""
+    found = []
+    if (spec.attributes.get("rewrites") or {}).get("fast_gelu"):
+        found.append("FastGelu")
+    if (spec.attributes.get("attention") or {}).get("mode") == "fused":
+        found.append("MultiHeadAttention")
+    if spec.precision == "int4":
+        found.append("MatMulNBits")
+    if (spec.attributes.get("optimizer") or {}).get("fused_ops"):
+        found.append("the optimizer's fusions")
+    return found
+
+
+def _note_foreign_operators(bundle: Bundle, provider: Provider) -> None:
+    """A provider that takes only ONNX's standard operators whole runs a graph holding onnxruntime's own in pieces
+    (onnxruntime-openvino 1.24 then fails at run time, "Output names mismatch"): name the export that avoids it."""
+    if not provider.standard_ops_only:
+        return
+    for name, spec in bundle.manifest.components.items():
+        found = onnxruntime_operators(spec)
+        if found:
+            log.warning(
+                "%s: %s holds onnxruntime's own operators (%s), which %s runs in pieces and onnxruntime-openvino "
+                "1.24 fails at run time; export with --standard-ops for it (or run on --provider cpu)",
+                bundle.path,
+                name,
+                ", ".join(found),
+                provider.name,
+            )
+
+
 def _note_precision(bundle: Bundle, provider: Provider) -> None:
     """A bundle in a precision the provider gains nothing from still runs: say what to export instead. fp16 on
     the CPU provider runs slower than fp32 (x86 CPUs have no fp16 kernels, so onnxruntime inserts casts);
@@ -161,6 +193,7 @@ class Pipeline:
             self.resolution = resolve(o.provider, fallback=o.fallback, options=o.provider_options)
             _check_gpu_only_graphs(bundle, self.resolution.provider)
             _note_precision(bundle, self.resolution.provider)
+            _note_foreign_operators(bundle, self.resolution.provider)
             self.resolution.provider.prepare()
             capture = o.cuda_graph and _can_capture(self.resolution)
 

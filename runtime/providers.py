@@ -57,6 +57,9 @@ class Provider:
     # is reported to crash with sessions used from several threads; compilers (OpenVINO, TensorRT) each want memory
     # and every core; CUDA is not yet checked on a GPU
     opens_in_parallel: bool = False
+    # takes a graph whole only where every operator is ONNX's own: onnxruntime's (FastGelu, MultiHeadAttention,
+    # MatMulNBits) split it between this provider and the CPU's, which onnxruntime-openvino 1.24 fails at run time
+    standard_ops_only: bool = False
 
     @property
     def install(self) -> str:
@@ -266,6 +269,7 @@ REGISTRY: dict[str, Provider] = {
             compiles=True,
             cache_option="cache_dir",  # its compiled blobs: the second start skips compilation
             options={"device_type": "AUTO:GPU,NPU,CPU"},
+            standard_ops_only=True,
         ),
         # Snapdragon NPUs (HTP). onnxruntime-qnn 2 is a plugin beside the CPU build; 1.x builds had it built in
         Provider(

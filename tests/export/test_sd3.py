@@ -243,10 +243,10 @@ def test_sd3_tiny_decoder_draws_what_diffusers_draws_with_it(models_root, tmp_pa
 STANDARD_OPS_ATOL = 1e-5  # FastGelu against the same tanh GELU as separate operators, pixels in [0, 1]
 
 
-def test_standard_ops_keeps_every_graph_to_onnx_operators(models_root, tmp_path):
+def test_standard_ops_keeps_every_graph_to_onnx_operators(models_root, tmp_path, caplog):
     """`--standard-ops`: no graph holds onnxruntime's own operators (OpenVINO would run it in pieces, which
-    onnxruntime-openvino 1.24 fails at run time); the image is the fused bundle's. The options that write such
-    operators are refused with it."""
+    onnxruntime-openvino 1.24 fails at run time); the image is the fused bundle's. Opening the fused bundle on
+    OpenVINO says so; the options that write such operators are refused with it."""
     import onnx
 
     from edgediff.export import ExportOptions, export
@@ -270,6 +270,23 @@ def test_standard_ops_keeps_every_graph_to_onnx_operators(models_root, tmp_path)
     latents = np.random.default_rng(0).standard_normal((1, 16, 8, 8)).astype(np.float32)
     images = [Pipeline(b)("a cat", latents=latents, **call).images for b in (fused, plain)]
     assert np.abs(images[0] - images[1]).max() <= STANDARD_OPS_ATOL
+
+    # opened on OpenVINO (here onnxruntime's CPU build standing in: it runs the graphs on its CPU provider), the fused
+    # bundle is named with the export that suits it, the standard-ops one is not
+    import logging
+
+    from edgediff.runtime import providers as prov
+
+    with pytest.MonkeyPatch.context() as mp, caplog.at_level(logging.WARNING, logger="edgediff.pipeline"):
+        mp.setattr(prov.ort, "get_available_providers", lambda: ["OpenVINOExecutionProvider", "CPUExecutionProvider"])
+        mp.setattr(prov, "openvino_devices", lambda: ["CPU"])
+        Pipeline(fused, provider="openvino", cache=False).close()
+        assert "transformer holds onnxruntime's own operators (FastGelu)" in caplog.text
+        assert "export with --standard-ops" in caplog.text
+        caplog.clear()
+        Pipeline(plain, provider="openvino", cache=False).close()
+        Pipeline(fused, provider="cpu", cache=False).close()
+    assert "onnxruntime's own operators" not in caplog.text
 
     for refused, why in (
         ({"attention": "fused"}, "MultiHeadAttention"),
