@@ -225,7 +225,11 @@ TABLES = {
     # the AMX CPU: OpenVINO computes fp32 graphs in bf16 on its tile units, beside diffusers in the same run
     "openvino-amx": Table(
         ("config", "provider", *TRANSFORMER_COLUMNS[3:11], "data"),  # system ... vs_diffusers
-        (Source(X + "2026-12-06-sd-turbo-openvino.json"), Source(X + "2026-12-06-sd-turbo-openvino-int8-static.json")),
+        (
+            Source(X + "2026-12-06-sd-turbo-openvino.json"),
+            Source(X + "2026-12-06-sd-turbo-openvino-fp32.json"),
+            Source(X + "2026-12-06-sd-turbo-openvino-int8-static.json"),
+        ),
         headers={"vae_decoder": "decoder", "vs_diffusers": "diffusers fp32 time / this"},
     ),
     "low-memory": Table(
