@@ -381,9 +381,14 @@ def _ran(system: str, bundle, cfg: BenchConfig, half_on_gpu: bool) -> dict:
         "decoder": "full",
         "decoder_precision": "fp16" if half else "fp32",
     }
-    if system == "diffusers" and not cfg.peer_instruction and bundle.manifest.conditioning.get("joint") == "sana":
+    if system == "diffusers" and _without_instruction(cfg, bundle):
         ran["prompt"] = "without the instruction"
     return ran
+
+
+def _without_instruction(cfg: BenchConfig, bundle) -> bool:
+    """Whether the diffusers peer encodes this bundle's prompts without SANA's complex-human instruction."""
+    return not cfg.peer_instruction and bundle.manifest.conditioning.get("joint") == "sana"
 
 
 def _quality_reference(cfg, ref_bundle, steps: int, size: int, threads: int, images: Path, cache: dict) -> Path:
@@ -498,7 +503,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
         (notes.append(why) if why else peers.append(peer))
     chosen = {p: resolve(p).provider for p in cfg.providers}
     bundles = [Bundle.open(b, verify="size") for b in cfg.bundles]
-    if "diffusers" in peers and not cfg.peer_instruction:
+    if "diffusers" in peers and any(_without_instruction(cfg, b) for b in bundles):
         notes.append(
             "diffusers encoded SANA's prompts without its complex-human instruction: less work than its default, so "
             "each ratio to it is a lower bound whatever the source's tokenizer makes of the instruction"
