@@ -138,8 +138,11 @@ def quantize_static_streaming(src: Path, dst: Path, make_quantizer) -> None:
 
     src, dst = Path(src), Path(dst)
     quantizer = make_quantizer(_shapes_inferred(onnx.load(str(src), load_external_data=False)))
-    with weights_read_from(src.parent), vectorised():
+    prepared = getattr(quantizer, "prepared", None)  # FastQDQQuantizer's weights, quantised as it finds the scales
+    with weights_read_from(src.parent), vectorised(prepared):
         quantizer.quantize_model()
+    if prepared:  # any the quantizer did not ask for are not held while the graph is written
+        prepared.clear()
     quantizer.model.topological_sort()  # as its save_model_to_file does
     _write_a_tensor_at_a_time(quantizer.model.model, src.parent, dst)
 

@@ -68,7 +68,8 @@ def _graph_bytes(path):
 def test_static_int8_graph_is_onnxruntimes_own(feeds, tmp_path, monkeypatch, weights):
     """quantize() reads each weight as it quantises it, from the external data where the graph keeps its weights
     there (stream_quant.quantize_static_streaming), and quantises them over whole arrays; onnxruntime's quantizer, as
-    quantize_static runs it, loads the whole graph with its weights and goes channel by channel: the same graph."""
+    quantize_static runs it, loads the whole graph with its weights and goes channel by channel: the same graph.
+    Each int8 weight is read once (onnxruntime reads it for its scales, then for its values)."""
     # dynamic int8 is quantised a weight at a time too: test_stream_quant.py compares it with quantize_dynamic's
     import onnx
     from onnx.external_data_helper import uses_external_data
@@ -88,9 +89,19 @@ def test_static_int8_graph_is_onnxruntimes_own(feeds, tmp_path, monkeypatch, wei
     ranges = calibrate(src, chosen, recorded["unet"])
     used, real = [], weight_quant.channel_params
     monkeypatch.setattr(weight_quant, "channel_params", lambda *a: used.append(1) or real(*a))
+    reads, read = [], weight_quant.external_array
+    monkeypatch.setattr(weight_quant, "external_array", lambda t, folder: reads.append(t.name) or read(t, folder))
     (tmp_path / "fast").mkdir()
     quantize(src, tmp_path / "fast" / "unet.onnx", chosen, [], ranges)
     assert used  # the whole-array path ran
+    if weights == "beside it":  # each int8 weight read once, for its scales and values together
+        written = onnx.load(str(tmp_path / "fast" / "unet.onnx"), load_external_data=False).graph.initializer
+        int8 = [
+            t.name.removesuffix("_quantized")
+            for t in written
+            if t.name.endswith("_quantized") and t.data_type == onnx.TensorProto.INT8  # not the int32 biases
+        ]
+        assert int8 and {name: reads.count(name) for name in int8} == dict.fromkeys(int8, 1)
     assert sorted(p.name for p in (tmp_path / "fast").iterdir()) == ["unet.onnx", "unet.onnx.data"]
     monkeypatch.setattr(weight_quant, "FastQDQQuantizer", QDQQuantizer)
     own = _qdq_quantizer(load_model_with_shape_infer(src), chosen, [], ranges)
