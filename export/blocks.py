@@ -233,6 +233,8 @@ class BlockProbe:
         import onnxruntime as ort
         from onnx import helper
 
+        from .ort_sessions import no_spinning
+
         graph = model.graph
         needed = {_QUANTISED + t for t in fetched}
         nodes = []
@@ -254,7 +256,9 @@ class BlockProbe:
         onnx.save_model(sub, str(path))
         del sub, pruned
         try:
-            return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(
+                str(path), no_spinning(ort.SessionOptions()), providers=["CPUExecutionProvider"]
+            )
         finally:
             path.unlink(missing_ok=True)
 

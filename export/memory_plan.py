@@ -249,14 +249,27 @@ def export_stages(
         for name, w in weights.items():
             if name.startswith("vae"):
                 continue
-            scheme = QUANT_POLICY.get(quantised, {}).get(name)
-            copies, past = STREAMED_SCHEMES.get(scheme, (None, None))
-            if copies is not None and w.fp32 > past:  # a weight at a time (stream_quant.py)
-                quantising = int(copies * w.fp32) + (w.largest or w.fp32)
-            else:
-                quantising = int(QUANTIZE_COPIES * w.fp32)
+            quantising = quantising_bytes(w.fp32, QUANT_POLICY.get(quantised, {}).get(name), w.largest)
             stages.append(Stage(f"{name}: quantize", BASE_BYTES + quantising))
     return stages
+
+
+def quantising_bytes(fp32: int, scheme: str | None, largest: int | None = None) -> int:
+    """What quantising a graph of `fp32` bytes with `scheme` holds (`largest`: its largest tensor, where known)."""
+    copies, past = STREAMED_SCHEMES.get(scheme, (None, None))
+    if copies is not None and fp32 > past:  # a weight at a time (stream_quant.py)
+        return int(copies * fp32) + (largest or fp32)
+    return int(QUANTIZE_COPIES * fp32)
+
+
+def quantise_side_by_side(graphs: dict[str, tuple[int, str]], free: int | None) -> bool:
+    """Whether the largest of these graphs (name -> (fp32 bytes, scheme)) is quantised beside the others, one of them
+    at a time (bundle_writer._quantize_bundle): only where that fits in `free` bytes, the largest and the largest of
+    the others together; else one graph at a time, as export_stages plans."""
+    if free is None or len(graphs) < 2:
+        return False
+    needs = sorted((quantising_bytes(size, scheme) for size, scheme in graphs.values()), reverse=True)
+    return BASE_BYTES + needs[0] + needs[1] <= free
 
 
 def _slot_stage(name: str, w: Weights, held: int) -> Stage:

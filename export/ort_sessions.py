@@ -22,6 +22,7 @@ def measuring_options(quiet: bool = False):
     from edgediff.runtime.session_config import skip_layout_changes
 
     options = skip_layout_changes(ort.SessionOptions())
+    no_spinning(options)
     if quiet:
         options.log_severity_level = 3
     return options
@@ -32,3 +33,10 @@ def measuring_session(path: Path, providers=("CPUExecutionProvider",), options=N
     import onnxruntime as ort
 
     return ort.InferenceSession(str(path), options or measuring_options(), providers=list(providers))
+
+
+def no_spinning(options):
+    """`options` with onnxruntime's threads sleeping between runs rather than spinning: graphs are quantised side by
+    side (bundle_writer._quantize_bundle), and a session's spinning threads would take the cores the other needs."""
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options

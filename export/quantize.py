@@ -332,7 +332,9 @@ def _rel_rms(got: list[np.ndarray], ref: list[np.ndarray]) -> float:
 def _outputs(path: Path, feeds: list[dict]) -> list[np.ndarray]:
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    from .ort_sessions import no_spinning
+
+    session = ort.InferenceSession(str(path), no_spinning(ort.SessionOptions()), providers=["CPUExecutionProvider"])
     return [session.run(None, f)[0] for f in feeds]
 
 

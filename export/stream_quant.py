@@ -83,6 +83,7 @@ def quantize_int8_dynamic_streaming(src: Path, dst: Path, op_types: list[str], e
     from onnxruntime.quantization import onnx_quantizer as ort_onnx_quantizer
     from onnxruntime.quantization.quant_utils import QuantizationMode, add_infer_metadata, update_opset_version
 
+    from .module_patches import patched
     from .quantize import WEIGHT_REDUCE_RANGE, _default_type
     from .weight_quant import StreamingONNXQuantizer
 
@@ -97,10 +98,9 @@ def quantize_int8_dynamic_streaming(src: Path, dst: Path, op_types: list[str], e
     model = _shapes_inferred(model)
     model = update_opset_version(model, QuantType.QInt8)
 
-    saved = ort_onnx_quantizer.save_and_reload_model_with_shape_infer
     # the quantiser's own save-and-reload would read every weight back in
-    ort_onnx_quantizer.save_and_reload_model_with_shape_infer = _shapes_inferred
-    try:
+    reload = [(ort_onnx_quantizer, "save_and_reload_model_with_shape_infer")]
+    with patched("shapes_inferred_in_memory", reload, lambda originals: [_shapes_inferred]):
         quantizer = StreamingONNXQuantizer(
             src.parent,
             model,
@@ -117,8 +117,6 @@ def quantize_int8_dynamic_streaming(src: Path, dst: Path, op_types: list[str], e
             {"MatMulConstBOnly": True, **_default_type()},
         )
         quantizer.quantize_model()
-    finally:
-        ort_onnx_quantizer.save_and_reload_model_with_shape_infer = saved
     quantizer.model.topological_sort()  # as its save_model_to_file does
     model = quantizer.model.model
     add_infer_metadata(model)

@@ -10,6 +10,7 @@ code. tests/export/test_weight_quant.py checks that the graphs are byte for byte
 
 from __future__ import annotations
 
+import contextvars
 import importlib
 import os
 import sys
@@ -33,11 +34,18 @@ from onnxruntime.quantization.quant_utils import (
     tensor_proto_to_array,
 )
 
+from .module_patches import patched
+
 # integer types whose per-channel arithmetic is reproduced here (int4 weights go through MatMulNBits)
 _TYPES = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
 _FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)  # the weights onnxruntime's quantisers read
 # threads that read and quantise weights side by side (FastQDQQuantizer): each holds one fp32 weight and its copy
 MAX_WEIGHT_WORKERS = 4
+
+# What the calling thread's quantisation wants of the swapped functions (module_patches.py): the folder its weights
+# are read from (weights_read_from) and its weights quantised already (vectorised).
+_FOLDER: contextvars.ContextVar[Path | None] = contextvars.ContextVar("edgediff_weights_folder", default=None)
+_PREPARED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("edgediff_prepared_weights", default=None)
 
 
 def channel_params(
@@ -164,8 +172,9 @@ class FastQDQQuantizer(QDQQuantizer):
 
         # the weights are read and quantised here, once: onnxruntime's own order reads each twice (scales, then
         # values), one at a time; 8 of the full-size SD-Turbo UNet's 11 s quantisation on 2 cores
-        with ThreadPoolExecutor(_workers()) as pool:
-            for name, (axis, zero_points, scales, quantised) in zip(fast, pool.map(prepare, fast)):
+        with ThreadPoolExecutor(_workers()) as pool:  # each task in this thread's context: its weights' folder
+            tasks = [pool.submit(contextvars.copy_context().run, prepare, name) for name in fast]
+            for name, (axis, zero_points, scales, quantised) in zip(fast, (t.result() for t in tasks)):
                 params[name] = QuantizationParams(
                     zero_point=zero_points, scale=scales, quant_type=self.weight_qType, axis=axis
                 )
@@ -173,13 +182,13 @@ class FastQDQQuantizer(QDQQuantizer):
         return params
 
 
-def _fast_initializer(original, prepared: dict):
+def _fast_initializer(original):
     def quantize_onnx_initializer(
         weight, quant_type, zero_point, scale, axis=None, quant_weight_name=None, block_size=0
     ):
         if axis is None or block_size > 0 or quant_type not in _TYPES:
             return original(weight, quant_type, zero_point, scale, axis, quant_weight_name, block_size)
-        scales, q = prepared.pop(weight.name, (None, None))
+        scales, q = (_PREPARED.get() or {}).pop(weight.name, (None, None))
         if scales is not scale:  # not prepared with these scales (FastQDQQuantizer's): quantised here
             q = quantize_channels(tensor_proto_to_array(weight), axis, quant_type, zero_point, scale)
         name = quant_weight_name or f"{weight.name}{TENSOR_NAME_QUANT_SUFFIX}"
@@ -275,38 +284,42 @@ def weights_read_from(folder: Path):
     """While the block runs, onnxruntime's quantisers (and ours) read a weight kept in external data from its file in
     `folder`, into an array of their own, each time they ask for it: the graph's entry stays a reference, so that a
     graph loaded without its weights is quantised holding one fp32 weight at a time (external_array). onnx's own reader
-    would load the bytes into the graph's message and look for the file relative to the working directory."""
+    would load the bytes into the graph's message and look for the file relative to the working directory. For the
+    calling thread (and tasks run in its context) only: other threads' quantisations read from their own folders."""
     from onnx.external_data_helper import uses_external_data
 
     modules = [importlib.import_module(f"onnxruntime.quantization.{m}") for m in ("quant_utils", "base_quantizer")]
     modules += [qdq_quantizer, sys.modules[__name__]]
-    original = modules[0].tensor_proto_to_array
 
-    def read(initializer: onnx.TensorProto) -> np.ndarray:
-        if not uses_external_data(initializer) or initializer.data_type not in _FLOATS:
-            return original(initializer)  # its own error for a type it does not quantise
-        return external_array(initializer, folder)
+    def replacements(originals: list) -> list:
+        original = originals[0]  # the same function, imported by each module
 
-    saved = [m.tensor_proto_to_array for m in modules]
-    for m in modules:
-        m.tensor_proto_to_array = read
+        def read(initializer: onnx.TensorProto) -> np.ndarray:
+            folder = _FOLDER.get()
+            if folder is None or not uses_external_data(initializer) or initializer.data_type not in _FLOATS:
+                return original(initializer)  # its own error for a type it does not quantise
+            return external_array(initializer, folder)
+
+        return [read] * len(originals)
+
+    token = _FOLDER.set(Path(folder))
     try:
-        yield
+        with patched("weights_read_from", [(m, "tensor_proto_to_array") for m in modules], replacements):
+            yield
     finally:
-        for m, function in zip(modules, saved):
-            m.tensor_proto_to_array = function
+        _FOLDER.reset(token)
 
 
 @contextmanager
 def vectorised(prepared: dict | None = None):
     """While the block runs, onnxruntime's quantisers quantise per-channel weights over whole arrays (the
     QDQ quantizer's own class is FastQDQQuantizer, which the caller builds; `prepared`: its weights quantised
-    already, FastQDQQuantizer.prepared, each taken from it as onnxruntime's quantizer asks for it)."""
+    already, FastQDQQuantizer.prepared, each taken from it as onnxruntime's quantizer asks for it in this thread)."""
     ort_quantize = importlib.import_module("onnxruntime.quantization.quantize")  # the package re-exports a function
-    saved = qdq_quantizer.quantize_onnx_initializer, ort_quantize.ONNXQuantizer
-    qdq_quantizer.quantize_onnx_initializer = _fast_initializer(saved[0], {} if prepared is None else prepared)
-    ort_quantize.ONNXQuantizer = FastONNXQuantizer
+    targets = [(qdq_quantizer, "quantize_onnx_initializer"), (ort_quantize, "ONNXQuantizer")]
+    token = _PREPARED.set({} if prepared is None else prepared)
     try:
-        yield
+        with patched("vectorised", targets, lambda originals: [_fast_initializer(originals[0]), FastONNXQuantizer]):
+            yield
     finally:
-        qdq_quantizer.quantize_onnx_initializer, ort_quantize.ONNXQuantizer = saved
+        _PREPARED.reset(token)

@@ -275,3 +275,18 @@ def test_int4_past_2gb_and_int8_at_any_size_quantise_a_weight_at_a_time():
     # below 2 GB onnxruntime's 4-bit quantiser holds the whole graph; dynamic int8 streams at any size
     assert int4["transformer: quantize"] == BASE_BYTES + int(QUANTIZE_COPIES * small)
     assert int8["transformer: quantize"] == BASE_BYTES + int(STREAMED_INT8_QUANTIZE_COPIES * small) + 2**24
+
+
+def test_graphs_are_quantised_side_by_side_only_where_the_two_largest_fit_together():
+    from edgediff.export.memory_plan import BASE_BYTES, QUANTIZE_COPIES, quantise_side_by_side, quantising_bytes
+
+    graphs = {
+        "unet": (4 * 2**30, "int8-static"),
+        "text_encoder": (2**30, "int8-dynamic"),
+        "tiny": (2**20, "int8-static"),
+    }
+    both = BASE_BYTES + int(QUANTIZE_COPIES * 4 * 2**30) + quantising_bytes(2**30, "int8-dynamic")
+    assert quantise_side_by_side(graphs, both)
+    assert not quantise_side_by_side(graphs, both - 1)
+    assert not quantise_side_by_side(graphs, None)  # memory unknown: one at a time
+    assert not quantise_side_by_side({"unet": graphs["unet"]}, 2**40)  # nothing to put beside it

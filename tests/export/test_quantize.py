@@ -224,3 +224,55 @@ def test_recording_one_graph_at_a_time_records_the_same_feeds(models_root):
                 np.testing.assert_allclose(a[k], b[k], rtol=0, atol=atol)
         for a, b in zip(alone[name].outputs, together[name].outputs):
             np.testing.assert_allclose(a, b, rtol=0, atol=atol)
+
+
+def test_graphs_quantised_side_by_side_are_those_quantised_one_at_a_time(models_root, tmp_path, monkeypatch):
+    """Where memory allows, the denoiser is quantised beside the other graphs, on two threads
+    (bundle_writer._quantize_bundle): every graph and manifest record is what quantising one at a time makes. Two
+    static int8 graphs (the UNet and the tiny decoder) are quantised at once, each reading its own weights through
+    the exporter's swapped onnxruntime functions (module_patches.py)."""
+    import threading
+    import time
+
+    import onnx
+    from tiny_models import tiny_autoencoder_tiny
+
+    from edgediff.export import export_bundle, memory_plan, quantize
+
+    spans, real = {}, quantize.quantize_component
+
+    def timed(src, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return real(src, *args, **kwargs)
+        finally:
+            spans[src.stem] = (threading.current_thread().name, start, time.perf_counter())
+
+    monkeypatch.setattr(quantize, "quantize_component", timed)
+    bundles = {}
+    for side_by_side in (False, True):
+        monkeypatch.setattr(memory_plan, "quantise_side_by_side", lambda graphs, free, on=side_by_side: on)
+        spans.clear()
+        bundles[side_by_side] = export_bundle(
+            str(tiny_source("tiny-sd1", models_root)),
+            tmp_path / f"side-by-side-{side_by_side}",
+            precision="int8-static",
+            tiny_decoder=str(tiny_autoencoder_tiny(models_root)),
+            keep="auto",
+            progress=False,
+        )
+        threads = {name for name, _, _ in spans.values()}
+        assert set(spans) == {"text_encoder", "unet", "vae_decoder_tiny"} and len(threads) == (2 if side_by_side else 1)
+    # beside it: the UNet's quantisation overlapped the others'
+    _, unet_start, unet_end = spans["unet"]
+    assert any(start < unet_end and end > unet_start for name, (_, start, end) in spans.items() if name != "unet")
+
+    def graph(path):
+        model = onnx.load(str(path))
+        nodes = [(n.op_type, list(n.input), list(n.output)) for n in model.graph.node]
+        return nodes, {t.name: onnx.numpy_helper.to_array(t).tobytes() for t in model.graph.initializer}
+
+    one, two = (Bundle.open(bundles[k]).manifest for k in (False, True))
+    for name in spans:
+        assert two.components[name].attributes["quantization"] == one.components[name].attributes["quantization"]
+        assert graph(bundles[True] / f"{name}.onnx") == graph(bundles[False] / f"{name}.onnx"), name

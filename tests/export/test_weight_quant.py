@@ -202,3 +202,51 @@ def test_ranges_for_a_component_not_recorded_is_refused(feeds):
             bundle, prompts=["a cat"], components=["text_encoder"], ranges_for={"unet": SCHEMES["int8-static"]}
         )
     assert not list(bundle.glob(".*calibration*"))
+
+
+def test_threads_quantising_side_by_side_read_their_own_weights(tmp_path):
+    """Graphs are quantised on two threads at once (bundle_writer._quantize_bundle): while one thread is inside
+    weights_read_from(its folder), onnxruntime's swapped reader reads its weights from that folder, not the other
+    thread's, and the swap stays until the last thread leaves (module_patches.py)."""
+    import threading
+
+    import onnx
+    from onnx import helper, numpy_helper
+    from onnxruntime.quantization import quant_utils
+
+    from edgediff.export.weight_quant import weights_read_from
+
+    original = quant_utils.tensor_proto_to_array
+    tensors = {}
+    for name, value in (("a", 1.0), ("b", 2.0)):
+        (tmp_path / name).mkdir()
+        weight = numpy_helper.from_array(np.full((4, 4), value, np.float32), "w")
+        graph = helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "g", [], [], [weight])
+        onnx.save(
+            helper.make_model(graph), str(tmp_path / name / "g.onnx"), save_as_external_data=True, size_threshold=0
+        )
+        tensors[name] = onnx.load(str(tmp_path / name / "g.onnx"), load_external_data=False).graph.initializer[0]
+    a_inside, b_inside, a_out = threading.Event(), threading.Event(), threading.Event()
+    read: dict[str, list] = {"a": [], "b": []}
+
+    def quantise(name: str, inside: threading.Event, wait_for: threading.Event, after=None):
+        with weights_read_from(tmp_path / name):
+            inside.set()
+            assert wait_for.wait(10)
+            read[name].append(float(quant_utils.tensor_proto_to_array(tensors[name]).mean()))
+            if after is not None:  # outlives the other thread's block
+                assert after.wait(10)
+                read[name].append(float(quant_utils.tensor_proto_to_array(tensors[name]).mean()))
+        if name == "a":
+            a_out.set()
+
+    threads = [
+        threading.Thread(target=quantise, args=("a", a_inside, b_inside)),
+        threading.Thread(target=quantise, args=("b", b_inside, a_inside, a_out)),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert read == {"a": [1.0], "b": [2.0, 2.0]}
+    assert quant_utils.tensor_proto_to_array is original  # restored once both left
