@@ -81,14 +81,42 @@ class BenchConfig:
         }
 
 
+class WorkerFailed(RuntimeError):
+    """A worker process exited with an error: `last`, its stderr's last line; `stderr`, all of it."""
+
+    def __init__(self, system: str, last: str, stderr: str):
+        super().__init__(f"{system} worker failed: {last}")
+        self.last, self.stderr = last, stderr
+
+
 def _worker(system: str, args: dict) -> dict:
     proc = subprocess.run(
         [sys.executable, "-m", "edgediff.benchmarks.workers", system, json.dumps(args)], capture_output=True, text=True
     )
     if proc.returncode != 0:
-        tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
-        raise RuntimeError(f"{system} worker failed: {tail[0]}")
+        tail = proc.stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}, no output"]
+        raise WorkerFailed(system, tail[0], proc.stderr)
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _failure(exc: WorkerFailed, out: Path, slug: str) -> dict:
+    """A system's row where its worker failed: the error's last line, its whole stderr kept in the run's failures/
+    folder. The bench goes on: one provider or bundle that cannot run loses its own rows, not the run's."""
+    logs = out / "failures"
+    logs.mkdir(exist_ok=True)
+    (logs / f"{slug}.log").write_text(exc.stderr, encoding="utf-8")
+    log.warning("%s; its log: %s", exc, logs / f"{slug}.log")
+    return {"failed": exc.last, "log": f"failures/{slug}.log"}
+
+
+def _row(system: str, outcome: list[dict] | dict) -> dict:
+    """A system's row: its processes' timings aggregated, or its failure (_failure)."""
+    return {"system": system, **outcome} if isinstance(outcome, dict) else _aggregate(system, outcome)
+
+
+def failed_rows(data: dict) -> list[tuple[dict, dict]]:
+    """(row, system row) of every measurement that failed in a bench's results."""
+    return [(row, s) for row in data["results"] for s in row["systems"] if "failed" in s]
 
 
 def peer_available(peer: str) -> str | None:
@@ -533,14 +561,18 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
     if "optimum" in peers:
         digest = hashlib.sha256(str(Path(cfg.source).resolve()).encode()).hexdigest()[:10]
         optimum_dir = out / f"optimum-export-{digest}"
-        if not (optimum_dir / "model_index.json").exists():
-            _worker("prepare-optimum", {"source": cfg.source, "optimum_dir": str(optimum_dir)})
-        optimum_dirs[cfg.source] = str(optimum_dir)
+        try:
+            if not (optimum_dir / "model_index.json").exists():
+                _worker("prepare-optimum", {"source": cfg.source, "optimum_dir": str(optimum_dir)})
+            optimum_dirs[cfg.source] = str(optimum_dir)
+        except WorkerFailed as exc:  # no export for optimum to run: the peer goes, the bench goes on
+            peers.remove("optimum")
+            notes.append(f"optimum skipped: exporting the source for it failed ({exc.last})")
 
     results, pending = [], []
     # A peer's work depends on the source, steps, size and the bundle's sampler and guidance, not on the
-    # bundle's precision: bundles of one source (fp32, int8, ...) share their peers' runs.
-    peer_runs: dict[tuple, tuple[str, list[dict]]] = {}
+    # bundle's precision: bundles of one source (fp32, int8, ...) share their peers' runs (or their failure).
+    peer_runs: dict[tuple, tuple[str, list[dict] | dict]] = {}
     macs_by_graph: dict[tuple, dict | None] = {}  # the step count changes the calls, not the MACs per call
     bar = tqdm(total=len(configs) * (1 + len(peers)) * cfg.rounds, desc="bench", unit="process", disable=not progress)
     first_round = True
@@ -565,9 +597,14 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
             "peer_instruction": cfg.peer_instruction,
             "options": cfg.runtime.replace(provider=provider, threads=threads).to_dict(),
         }
+        stem = f"{index:02d}-{bundle.path.name}-{provider}-{steps}step-{size}px"
+        failed: dict[str, dict] = {}  # system -> its failure: its later rounds are not run
         if cfg.graph_cache:  # a folder of this run's own, filled by one start that is not measured
             args["cache_dir"] = str(out / "graph-cache")
-            _worker("edgediff", {**args, "repeat": 1, "warmup": 0})
+            try:
+                _worker("edgediff", {**args, "repeat": 1, "warmup": 0})
+            except WorkerFailed as exc:
+                failed["edgediff"] = _failure(exc, out, f"{stem}-edgediff-graph-cache")
         reference = (
             _quality_reference(cfg, ref_bundle, steps, size, threads, images_dir, reference_images)
             if ref_bundle
@@ -582,34 +619,44 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
                     ref.sample("between")
             first_round = False
             for system in procs:
+                bar.update()
+                if system in failed:
+                    continue
                 bar.set_postfix_str(f"{bundle.path.name} {provider} {steps} step {size}px {system}")
                 # the first process of each system saves its warm images (the same latents in every round)
                 keep = ref_bundle is not None and round_ == 0
-                slug = f"{index:02d}-{bundle.path.name}-{provider}-{steps}step-{size}px-{system}.npy"
-                procs[system].append(_worker(system, {**args, "images_to": str(images_dir / slug) if keep else None}))
-                bar.update()
+                images_to = str(images_dir / f"{stem}-{system}.npy") if keep else None
+                try:
+                    procs[system].append(_worker(system, {**args, "images_to": images_to}))
+                except WorkerFailed as exc:
+                    failed[system] = _failure(exc, out, f"{stem}-{system}")
         bar.update(len(reused) * cfg.rounds)
+        outcomes = {s: failed.get(s, procs.get(s)) for s in ("edgediff", *peers)}
         for system in peers:
             if system in reused:
-                procs[system] = reused[system][1]
+                outcomes[system] = reused[system][1]
             else:
-                peer_runs[(system, *work_key)] = (str(bundle.path), procs[system])
-        cfg_batch = _guidance_batch(m)
-        graph_key = (str(bundle.path), size, cfg_batch)
-        if graph_key not in macs_by_graph:
-            macs_by_graph[graph_key] = _macs_in_worker(bundle, size, cfg_batch, cfg.decoder, notes)
-        macs = macs_by_graph[graph_key]
-        rows = [_aggregate(s, procs[s]) for s in ("edgediff", *peers)]
+                peer_runs[(system, *work_key)] = (str(bundle.path), outcomes[system])
+        rows = [_row(s, outcomes[s]) for s in ("edgediff", *peers)]
+        macs = None
+        if "failed" not in rows[0]:  # no timings of ours to rate against the graphs' MACs
+            cfg_batch = _guidance_batch(m)
+            graph_key = (str(bundle.path), size, cfg_batch)
+            if graph_key not in macs_by_graph:
+                macs_by_graph[graph_key] = _macs_in_worker(bundle, size, cfg_batch, cfg.decoder, notes)
+            macs = macs_by_graph[graph_key]
         unlike = _unlike_latents(ref_bundle, bundle) if ref_bundle else None
         noise = _peer_noise(m, steps) if ref_bundle else None
         for row in rows:
             row["ran"] = _ran(row["system"], bundle, cfg, half_on_gpu)
+            if "failed" in row:
+                continue
             if unlike:
                 row["quality"] = {"why": unlike}
             elif noise and row["system"] != "edgediff":
                 row["quality"] = {"why": noise}
             elif reference is not None:
-                _score(row, procs[row["system"]][0].get("images"), reference, is_shipped_model(bundle.path), notes)
+                _score(row, outcomes[row["system"]][0].get("images"), reference, is_shipped_model(bundle.path), notes)
         for row in rows[1:]:
             if row["system"] in reused:  # measured once, beside the first bundle of this source
                 row["measured_with"] = reused[row["system"]][0]

@@ -157,7 +157,11 @@ def _same_work(data: dict, row: dict, peer: dict, source: str | None) -> tuple[d
         if any(other.get(k) != row.get(k) for k in ("provider", "family", "steps", "size", "machine")):
             continue
         ours = other["systems"][0]
-        if ours["system"] == "edgediff" and not work_difference(work(other, ours, source), want):
+        if (
+            ours["system"] == "edgediff"
+            and "failed" not in ours
+            and not work_difference(work(other, ours, source), want)
+        ):
             return other, ours
     return None
 
@@ -168,6 +172,8 @@ def ratio_cell(data: dict, row: dict, sysrow: dict, source: str | None = None) -
     ours = row["systems"][0]
     if sysrow is ours:
         return "1.00x"
+    if "failed" in sysrow or "failed" in ours:
+        return "-"
     text = f"{sysrow['stages']['total']['median'] / ours['stages']['total']['median']:.2f}x time"
     differs = work_difference(work(row, ours, source), work(row, sysrow, source))
     if not differs:
@@ -346,6 +352,12 @@ def to_markdown(data: dict) -> str:
     for row in data["results"]:
         machine = (row.get("machine") or data.get("machine") or {}).get("cpu", "?")
         for sysrow in row["systems"]:
+            if "failed" in sysrow:  # the bench went on without it
+                head = [machine, system_label(row, sysrow, source), _provider(row, sysrow), row["size"], row["steps"]]
+                cells = head + [sysrow["system"], f"failed: {sysrow['failed']} (log: {sysrow.get('log', '-')})"]
+                cells += ["-"] * (len(columns) - len(cells))
+                lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+                continue
             st = sysrow["stages"]
             tot = st["total"]
             cells = [
@@ -403,25 +415,31 @@ def _pyplot():
     return plt
 
 
+def _timed(data: dict) -> list[tuple[dict, dict]]:
+    """(row, system row) of every measurement that finished (harness: a failed one has no timings)."""
+    return [(row, sysrow) for row in data["results"] for sysrow in row["systems"] if "failed" not in sysrow]
+
+
 def chart_labels(data: dict) -> list[str]:
-    """The bar chart's x-axis, one label per system and config: what each ran, as in the table."""
+    """The bar chart's x-axis, one label per system and config that was timed: what each ran, as in the table."""
     source = (data.get("config") or {}).get("source")
-    return [_axis_label(row, sysrow, source) for row in data["results"] for sysrow in row["systems"]]
+    return [_axis_label(row, sysrow, source) for row, sysrow in _timed(data)]
 
 
 def chart(data: dict, path: Path) -> Path | None:
-    """Stacked bars of stage medians per system and config; None when matplotlib is missing."""
+    """Stacked bars of stage medians per system and config; None when matplotlib is missing or nothing was timed."""
     plt = _pyplot()
     if plt is None:
         return None
     labels, stacks = chart_labels(data), {k: [] for k, _ in STACK}
+    if not labels:
+        return None
     others = []
-    for row in data["results"]:
-        for sysrow in row["systems"]:
-            st = sysrow["stages"]
-            for key, _ in STACK:
-                stacks[key].append(st[key]["median"])
-            others.append(max(0.0, st["total"]["median"] - sum(st[k]["median"] for k, _ in STACK)))
+    for _, sysrow in _timed(data):
+        st = sysrow["stages"]
+        for key, _ in STACK:
+            stacks[key].append(st[key]["median"])
+        others.append(max(0.0, st["total"]["median"] - sum(st[k]["median"] for k, _ in STACK)))
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(labels)), 5))
     bottom = [0.0] * len(labels)
     for key, name in STACK:

@@ -550,9 +550,10 @@ def bench(
     The runtime options apply to edgediff's rows; peers run as they come."""
     if ctx.invoked_subcommand:
         return
-    from edgediff.benchmarks.harness import BenchConfig, run_bench
+    from edgediff.benchmarks.harness import BenchConfig, failed_rows, run_bench
     from edgediff.benchmarks.report import write_outputs
     from edgediff.runtime.catalog import resolve_bundle
+    from edgediff.runtime.errors import BenchError
 
     cfg = BenchConfig(
         bundles=[str(resolve_bundle(m)) for m in models or [None]],
@@ -575,6 +576,11 @@ def bench(
         click.echo(f"note: {note}", err=True)
     for path in write_outputs(data, Path(out)):
         click.echo(str(path))
+    failed = failed_rows(data)
+    if failed:  # written first: the rows that ran are kept; the exit status says some did not
+        which = "; ".join(f"{Path(row['bundle']).name} on {row['provider']}, {s['system']}" for row, s in failed)
+        total = sum(len(row["systems"]) for row in data["results"])
+        raise BenchError("bench_failed", count=len(failed), total=total, which=which, out=out)
 
 
 @bench.command("merge")

@@ -97,6 +97,7 @@ MESSAGES = {
     "export_validation": "{component}: exported graph differs from PyTorch beyond tolerance: {detail}",
     "export_choice": "{option} must be one of {available}, got {value!r}",
     "export_attention": "unknown attention {value!r} for --target {target} (available: {available})",
+    "bench_failed": "{count} of {total} measurements failed ({which}); the others are in {out}, each failure's whole log under {out}/failures",
     "export_family_option": "{option} is not available for {family} models",
     "export_default_steps": "default steps must be >= 1, got {value}",
     "export_keep": 'keep is "none", "auto" or comma-separated block names, got {value!r}',
@@ -162,6 +163,10 @@ class Cancelled(EdgediffError):
 
 class PipelineClosed(EdgediffError):
     """The pipeline was used after close()."""
+
+
+class BenchError(EdgediffError):
+    """A bench run finished with some measurements failed (their rows say why; the rest were written)."""
 
 
 class ExportError(EdgediffError):

@@ -464,3 +464,36 @@ def test_a_sana_peer_without_its_instruction_encodes_fewer_tokens_and_says_so(mo
     assert ran["prompt"] == "without the instruction"
     assert "prompt without the instruction" in system_label({}, {"system": "diffusers", "ran": ran})
     assert "prompt" not in _ran("diffusers", bundle, BenchConfig(bundles=[str(bundle.path)], source="SRC"), False)
+
+
+def test_a_measurement_that_fails_is_a_row_of_its_own_and_the_bench_goes_on(models_root, tmp_path, monkeypatch):
+    """A bundle that cannot run (its UNet graph overwritten, its size kept, so that the bench opens it) fails its
+    own row: the other bundle is measured, the table says which failed and why, its worker's log is kept, the failed
+    system is not run again in later rounds, and the command exits non-zero after writing every output."""
+    import shutil
+
+    from edgediff.benchmarks import harness
+
+    good = tiny_bundle("tiny-sd1", models_root)
+    bad = tmp_path / "broken"
+    shutil.copytree(good, bad)
+    graph = bad / "unet.onnx"
+    graph.write_bytes(b"\0" * graph.stat().st_size)
+    calls, real = [], harness._worker
+    monkeypatch.setattr(
+        harness, "_worker", lambda system, args: calls.append((system, args["bundle"])) or real(system, args)
+    )
+    out = tmp_path / "out"
+    args = ["bench", "--model", str(bad), "--model", str(good), "--steps", "1", "--repeat", "1", "--warmup", "0"]
+    result = CliRunner().invoke(cli, [*args, "--rounds", "2", "--out", str(out)])
+    assert result.exit_code != 0
+    assert "1 of 2 measurements failed (broken on auto, edgediff)" in result.output
+    data = json.loads((out / "results.json").read_text())
+    jsonschema.validate(data, _schema())
+    failed, measured = (row["systems"][0] for row in data["results"])
+    assert "stages" not in failed and failed["failed"] and measured["stages"]["total"]["n"] == 2
+    assert "Traceback" in (out / failed["log"]).read_text()
+    runs = [bundle for system, bundle in calls if system == "edgediff"]
+    assert runs.count(str(bad)) == 1 and runs.count(str(good)) == 2  # not run again in the second round
+    table = (out / "results.md").read_text()
+    assert f"failed: {failed['failed']}" in table and (out / "chart.png").exists()
