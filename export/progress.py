@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from contextlib import contextmanager
 
@@ -45,6 +46,7 @@ class Stages:
         )
         self._planned: dict[str, float] = {}
         self._log = os.environ.get(STAGES_LOG_ENV) or None
+        self._lock = threading.Lock()  # stages of graphs quantised side by side end on two threads
         self._start = time.perf_counter()
 
     def plan(self, name: str, weight: float) -> None:
@@ -72,8 +74,16 @@ class Stages:
         yield
         self._bar.update(self._planned.pop(name, 0.0))
         if self._log:
-            record = {"stage": name, "seconds": round(time.perf_counter() - start, 3), "peak_rss_bytes": _peak_rss()}
-            with open(self._log, "a", encoding="utf-8") as f:
+            now = time.perf_counter()
+            record = {
+                "stage": name,
+                "seconds": round(now - start, 3),
+                # seconds since the export began: stages run side by side (graphs quantised on two threads) overlap,
+                # so what a span of them took is read from when they ended, not from their sum
+                "ended": round(now - self._start, 3),
+                "peak_rss_bytes": _peak_rss(),
+            }
+            with self._lock, open(self._log, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
 
     def close(self, note: str = "done") -> None:

@@ -122,6 +122,27 @@ def test_an_export_cost_table_over_several_runs_gives_each_ratio_within_its_own_
     assert table.count("Data: ") == 2 and second in table.split("Data: ")[2]
 
 
+def test_quantisation_stages_that_overlap_count_once():
+    """Graphs quantised side by side (two threads) log stages that overlap: the column is their span, from the
+    recording's start to the last stage's end (each record's `ended`), not their sum; older files without `ended`
+    ran one stage at a time and are summed."""
+
+    def stage(name, seconds, ended):
+        return {"stage": name, "seconds": seconds, "ended": ended, "peak_rss_bytes": 2**30}
+
+    stages = [
+        stage("unet: export", 30.0, 40.0),
+        stage("recording calibration inputs", 10.0, 50.0),
+        stage("unet: sensitivity", 20.0, 70.0),
+        stage("text_encoder: sensitivity", 8.0, 60.0),  # beside the UNet's
+        stage("text_encoder: final check", 4.0, 64.0),
+        stage("unet: final check", 5.0, 75.0),
+    ]
+    assert docs_tables._quantisation_seconds({"stages": stages}) == pytest.approx(35.0)
+    sequential = [{k: v for k, v in s.items() if k != "ended"} for s in stages]
+    assert docs_tables._quantisation_seconds({"stages": sequential}) == pytest.approx(47.0)
+
+
 def test_memory_table_sets_each_estimate_beside_the_peak_when_its_stages_ended():
     gib = 2**30
     row = {

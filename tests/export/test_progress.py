@@ -35,6 +35,23 @@ def test_replan_turns_seconds_into_the_bars_own_rate(monkeypatch):
     stages.close()
 
 
+def test_each_logged_stage_says_how_long_it_took_and_when_it_ended(monkeypatch, tmp_path):
+    """Stages of graphs quantised side by side overlap: each record says when it ended, from the export's start."""
+    import json
+
+    from edgediff.export import progress
+
+    clock = _Clock()
+    monkeypatch.setattr(progress.time, "perf_counter", clock)
+    monkeypatch.setenv(progress.STAGES_LOG_ENV, str(tmp_path / "stages.jsonl"))
+    stages = progress.Stages(enabled=False)
+    clock.now = 5.0
+    with stages.stage("unet: export"):
+        clock.now = 12.0
+    records = [json.loads(line) for line in (tmp_path / "stages.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["seconds"], r["ended"]) for r in records] == [("unet: export", 7.0, 12.0)]
+
+
 class _Replans:
     def __init__(self):
         self.calls = {}
