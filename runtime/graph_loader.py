@@ -47,12 +47,17 @@ class GraphLoader:
         low_memory: bool = False,
         cache_folder: Path | None = None,
         cpu_layout: bool = True,
+        refused: str = "",
     ):
         self.name, self.path, self.spec, self.resolution = name, path, spec, resolution
         self.bundle_path = bundle_path
         self.threads, self.low_memory, self.cache_folder = threads, low_memory, cache_folder
         self.cpu_layout = cpu_layout
-        self.refused = ""  # why the chosen provider could not take this graph, once it runs on the CPU instead
+        # why the chosen provider could not take this graph, once it runs on the CPU instead; given where an earlier
+        # session of it was refused (low memory reopens graphs): opened on the CPU, the provider not tried again
+        self.refused = refused
+        if refused:
+            self.resolution = resolve("cpu")
 
     def open_dynamic(self) -> tuple[ort.InferenceSession, CacheStatus]:
         """The graph as exported; one that onnxruntime cannot load is the bundle's error, unless the caller allows a

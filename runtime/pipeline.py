@@ -183,6 +183,7 @@ class Pipeline:
         self.manifest = m = bundle.manifest
         # optimized graphs are cached per user (graph_cache.py); the bundle folder itself is never written
         cache_folder = graph_cache.cache_dir() if o.cache else None
+        self._refused: dict[str, str] = {}
         if m.target == "coreml":  # Core ML packages run through coremltools, on macOS (compute_units applies)
             check_coreml(o.compute_units)
             self.resolution = Resolution(REGISTRY["coreml"], o.provider, False)
@@ -196,9 +197,10 @@ class Pipeline:
             _note_foreign_operators(bundle, self.resolution.provider)
             self.resolution.provider.prepare()
             capture = o.cuda_graph and _can_capture(self.resolution)
+            refused = self._refused  # graph -> why the provider failed to compile it (--fallback)
 
             def open_graph(name, spec):
-                return GraphSession(
+                session = GraphSession(
                     name,
                     bundle.file(spec.graph_file),
                     spec,
@@ -210,7 +212,11 @@ class Pipeline:
                     o.io_binding,
                     capture,
                     cpu_layout=o.cpu_layout,
+                    refused=refused.get(name, ""),  # low memory reopens it: on the CPU, not a failed compile again
                 )
+                if session.refusal:
+                    refused[name] = session.refusal
+                return session
 
             def opener(name):
                 spec = m.components[name]
@@ -262,13 +268,15 @@ class Pipeline:
         return cls(Bundle.open(path, verify=verify), options, **overrides)
 
     def provider_report(self) -> dict:
-        """What runs where: the chosen provider, its options, and per loaded graph its providers, whether
-        it fell back to the CPU and whether its optimised form came from the cache."""
+        """What runs where: the chosen provider, its options, the graphs it failed to compile (--fallback: they run on
+        the CPU; loaded now or not, as low memory closes them), and per loaded graph its providers, whether it fell
+        back to the CPU and whether its optimised form came from the cache."""
         return {
             "provider": self.resolution.provider.name,
             "requested": self.resolution.requested,
             "fell_back": self.resolution.fell_back,
             "options": self.resolution.options,
+            "refused": dict(self._refused),
             "graphs": {
                 name: {
                     "providers": s.providers,

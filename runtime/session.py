@@ -57,6 +57,7 @@ class GraphSession:
         io_binding: bool | None = None,
         capture: bool = False,
         cpu_layout: bool = True,
+        refused: str = "",
     ):
         self.name = name
         self.path = path
@@ -70,7 +71,16 @@ class GraphSession:
             wanted=io_binding is None or bool(io_binding),
         )
         self._loader = GraphLoader(
-            name, path, spec, resolution, bundle_path, threads, low_memory, cache_folder, cpu_layout=cpu_layout
+            name,
+            path,
+            spec,
+            resolution,
+            bundle_path,
+            threads,
+            low_memory,
+            cache_folder,
+            cpu_layout=cpu_layout,
+            refused=refused,
         )
         # a captured graph replays on fixed buffer addresses: bound runs only
         capture = bool(capture) and self.binding.on and provider.can_capture

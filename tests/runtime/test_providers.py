@@ -14,6 +14,7 @@ from edgediff.runtime import Pipeline, ProviderError, provider_loading
 from edgediff.runtime import providers as prov
 
 CPU = "CPUExecutionProvider"
+LAYOUT_ATOL = 1e-5  # an image opened with and without onnxruntime's CPU layout rewrites (low memory skips them)
 
 
 @pytest.mark.parametrize(
@@ -727,6 +728,32 @@ def test_with_fallback_a_graph_the_provider_cannot_compile_runs_on_the_cpu(model
     shown = CliRunner().invoke(cli, ["providers", "--model", str(bundle), "--provider", "openvino", "--fallback"])
     assert shown.exit_code == 0, shown.output
     assert "openvino failed on it: Supported precisions set is not available\n" in shown.output  # the cause
+
+
+def test_in_low_memory_a_graph_the_provider_refused_is_not_compiled_again(models_root, monkeypatch):
+    """Low-memory mode reopens every graph at each call: a graph the provider failed to compile reopens on the CPU,
+    still reported as refused, without the provider's failed compile again (each can take seconds)."""
+    from edgediff.runtime import graph_loader
+
+    bundle = tiny_bundle("tiny-sd-turbo", models_root)
+    expected = Pipeline.from_bundle(bundle, provider="cpu", cache=False)("a cat", seed=3, output_type="np").images
+    _provider_fails_on(monkeypatch, "OpenVINOExecutionProvider", "text_encoder", "Supported precisions set")
+    attempts, failing = [], graph_loader.new_session
+
+    def counted(path, opts, providers):
+        attempts.append((path.name, providers[0][0]))
+        return failing(path, opts, providers)
+
+    monkeypatch.setattr(graph_loader, "new_session", counted)
+    pipe = Pipeline.from_bundle(bundle, provider="openvino", fallback=True, cache=False, low_memory=True)
+    for _ in range(2):  # low memory opens CPU graphs without the layout rewrites: float sums in another order
+        np.testing.assert_allclose(pipe("a cat", seed=3, output_type="np").images, expected, rtol=0, atol=LAYOUT_ATOL)
+    text = [provider for name, provider in attempts if name == "text_encoder.onnx"]
+    assert text.count("OpenVINOExecutionProvider") == 1 and text.count(CPU) >= 2  # opened on each call, on the CPU
+    assert [p for name, p in attempts if name == "unet.onnx"].count("OpenVINOExecutionProvider") >= 2  # still tried
+    # closed after its call in low memory: the report still names it
+    report = pipe.provider_report()
+    assert "text_encoder" not in report["graphs"] and report["refused"] == {"text_encoder": "Supported precisions set"}
 
 
 def test_a_graph_fallen_back_from_a_gpu_provider_runs_unbound(models_root, monkeypatch):
