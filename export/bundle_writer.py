@@ -23,6 +23,7 @@ from edgediff.runtime.schedulers import SAMPLER_TO_DIFFUSERS_CLASS  # noqa: F401
 from . import ip_adapter as ipa
 from .attention import fused_attention, fused_layers, use_attention
 from .capture import float_argmax
+from .checksums import BackgroundChecksums
 from .controlnet import (
     controlnet_attributes,
     controlnet_component,
@@ -101,21 +102,13 @@ def _save_graph(model, out_dir: Path, name: str, external: bool = False, checksu
 
 def _file_records(folder: Path, names: list[str], checksum: bool = True) -> dict[str, dict]:
     """The manifest's `files` entry for these files of the bundle being written: each one's size and checksum.
-    Without `checksum`, the size alone: the checksum waits for _add_checksums, so that a graph the export replaces
-    later (an fp32 graph before its quantisation) is not read through for nothing (full-size SD-Turbo's UNet and
-    text encoder: 4.8 GB, 2-3 s)."""
+    Without `checksum`, the size alone: the checksum is read in the background (checksums.py) once the file is
+    final, and taken when the manifest is (BackgroundChecksums.fill); a graph the export replaces later (an fp32
+    graph before its quantisation) is never read through (full-size SD-Turbo's UNet and text encoder: 4.8 GB)."""
     return {
         n: {"size": (folder / n).stat().st_size, **({"sha256": sha256_file(folder / n)} if checksum else {})}
         for n in names
     }
-
-
-def _add_checksums(manifest: Manifest, staging: Path) -> None:
-    """Gives every file of the bundle's components that has no checksum yet its checksum (see _file_records)."""
-    for spec in manifest.components.values():
-        for name, record in spec.files.items():
-            if "sha256" not in record:
-                record["sha256"] = sha256_file(staging / name)
 
 
 def _move_weights(model, raw_graph: Path, staging: Path, name: str, checksum: bool = True) -> dict[str, dict] | None:
@@ -219,13 +212,15 @@ def _write_checked(
     providers: list[str],
     replaced: bool = False,
     standard_ops: bool = False,
+    checksums: BackgroundChecksums | None = None,
 ):
     """Writes the component's graph in `precision` (fp32 / fp16) into the bundle and checks it against
     PyTorch; returns its manifest files, input and output specs, the check's differences, and the graph rewrites
     made before the check (name -> how many; empty when none). `replaced`: a graph quantisation replaces later,
     written with its weights beside it (quantisation and the sensitivity pass read them a tensor at a time: the full-
     size SD-Turbo text encoder's 1.4 GB were parsed whole at each reading, and copied out once) and no checksum
-    (see _file_records). `standard_ops`: no rewrite into onnxruntime's own operators."""
+    (see _file_records). `standard_ops`: no rewrite into onnxruntime's own operators. `checksums`: the files'
+    checksums start there, read while the graph is checked (else they are read before)."""
     import onnx
 
     model = to_fp16(raw_graph) if precision == "fp16" else onnx.load(str(raw_graph), load_external_data=False)
@@ -234,9 +229,12 @@ def _write_checked(
     rewrites = {"subpixel_upsample_convs": subpixel_upsample_convs(model, raw_graph.parent)}
     if precision == "fp32" and not standard_ops:  # onnxruntime's CPU provider has FastGelu in fp32 only
         rewrites["fast_gelu"] = fuse_fast_gelu(model)
-    files = _move_weights(model, raw_graph, staging, component.name, not replaced) or _save_graph(
-        model, staging, component.name, external=replaced, checksum=not replaced
+    now = not replaced and checksums is None
+    files = _move_weights(model, raw_graph, staging, component.name, now) or _save_graph(
+        model, staging, component.name, external=replaced, checksum=now
     )
+    if checksums is not None and not replaced:
+        checksums.start(files)
     inputs, outputs = _tensor_specs(model.graph.input), _tensor_specs(model.graph.output)
     del model
     return (
@@ -299,6 +297,7 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
     out = Path(out)
     quiet_tracing()
     with staged(out, options.overwrite) as staging, ExitStack() as loaded:
+        checksums = loaded.enter_context(BackgroundChecksums(staging))
         stages = Stages(progress)
         with stages.stage("loading the source"):  # unweighted: the sizes that weigh stages are known after it
             pipe, fam, ctx = prepare_source(
@@ -444,6 +443,7 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
                 providers=check_providers,
                 replaced=component.name in replaced,
                 standard_ops=options.standard_ops,
+                checksums=None if options.lora_slots and component.name in SLOT_COMPONENTS else checksums,
             )
             with stages.stage(f"{component.name}: check"):
                 try:
@@ -502,8 +502,8 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
         del pipe, optimum_models, work
         release_memory()
         if options.quantized:
-            _quantize_bundle(staging, manifest, precision, options, stages, fam)
-        _add_checksums(manifest, staging)
+            _quantize_bundle(staging, manifest, precision, options, stages, fam, checksums)
+        checksums.fill(manifest)
         (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
         if options.segments > 1:  # last: the segments are cut from the denoiser as the bundle keeps it
             spec = manifest.components[manifest.denoiser]
@@ -597,7 +597,7 @@ def _ranges_while_recording(manifest: Manifest, name: str, scheme: str) -> bool:
 
 
 def _quantize_bundle(
-    staging: Path, manifest: Manifest, precision: str, options: ExportOptions, stages=None, family=None
+    staging: Path, manifest: Manifest, precision: str, options: ExportOptions, stages=None, family=None, checksums=None
 ) -> None:
     """Replaces the components the policy names (those --quantize-only names, when given) with quantized graphs,
     recording how in the manifest. The largest graph is quantised beside the others (they follow one another on a
@@ -649,7 +649,10 @@ def _quantize_bundle(
         }
         try:
             for done in as_completed(quantising):  # each placed as it is done, here: one writer of the manifest
-                _place_one(staging, manifest, quantising[done], SCHEMES[policy[quantising[done]]], done.result())
+                name = quantising[done]
+                _place_one(staging, manifest, name, SCHEMES[policy[name]], done.result())
+                if checksums is not None:  # read while the other graphs are quantised
+                    checksums.start(manifest.components[name].files)
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)  # the graph being quantised beside it is finished first
             raise
@@ -681,7 +684,7 @@ def _place_one(staging: Path, manifest: Manifest, name: str, scheme, record: dic
         (staging / old).unlink()
     # 4-bit bundles are the low-memory choice: their weights memory-mapped (0.91 against 1.15 GiB at the
     # peak for full-size SD-Turbo at 512 in low-memory mode, docs/benchmarks.md)
-    spec.files = _place_quantized(work / f"{name}.onnx", staging, name, external=scheme.precision == "int4")
+    spec.files = _place_quantized(work / f"{name}.onnx", staging, name, scheme.precision == "int4", checksum=False)
     shutil.rmtree(work)
     spec.precision = scheme.precision
     spec.attributes["quantization"] = record
@@ -709,7 +712,9 @@ def _replan_from_recording(stages, manifest: Manifest, feeds: dict, keep) -> Non
             )
 
 
-def _place_quantized(dst: Path, staging: Path, name: str, external: bool = False) -> dict[str, dict]:
+def _place_quantized(
+    dst: Path, staging: Path, name: str, external: bool = False, checksum: bool = True
+) -> dict[str, dict]:
     """Moves a quantized graph into the bundle under the component's names; returns its manifest `files`.
     Weights stay where the quantiser wrote them: beside it past 2 GB, and where it wrote them a weight at a time
     (int8, and any graph quantised from one past 2 GB), for onnxruntime reads them there as well, and
@@ -721,7 +726,7 @@ def _place_quantized(dst: Path, staging: Path, name: str, external: bool = False
     data = dst.with_name(f"{dst.name}.data")
     if external and not data.exists():  # the weights are not where they belong
         model = onnx.load(str(dst))
-        files = _save_graph(model, staging, name, external=external)
+        files = _save_graph(model, staging, name, external=external, checksum=checksum)
         del model
         return files
     names = []
@@ -729,4 +734,4 @@ def _place_quantized(dst: Path, staging: Path, name: str, external: bool = False
         if f.exists():
             f.replace(staging / f.name)
             names.append(f.name)
-    return _file_records(staging, names)
+    return _file_records(staging, names, checksum)

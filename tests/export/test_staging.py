@@ -61,3 +61,29 @@ def test_a_reused_pid_does_not_pass_for_the_killed_owner(tmp_path):
     with staged(out, overwrite=False):
         pass
     assert not stale.exists()
+
+
+def test_checksums_read_in_the_background_are_those_of_the_files_as_they_end_up(tmp_path, monkeypatch):
+    """A bundle's checksums are read on a thread of their own from when each file is written
+    (export/checksums.py): a file unchanged since gets the checksum read then, one rewritten or replaced after is
+    read again, and a file never started is read when the manifest takes the checksums."""
+    import hashlib
+    from types import SimpleNamespace
+
+    from edgediff.export import checksums
+
+    for name in ("kept.onnx", "rewritten.onnx", "replaced.onnx", "late.onnx"):
+        (tmp_path / name).write_bytes(name.encode() * 1000)
+    reads, real = [], checksums.sha256_file
+    monkeypatch.setattr(checksums, "sha256_file", lambda path: reads.append(path.name) or real(path))
+    with checksums.BackgroundChecksums(tmp_path) as background:
+        background.start(["kept.onnx", "rewritten.onnx", "replaced.onnx"])
+        (tmp_path / "rewritten.onnx").write_bytes(b"other bytes")
+        (tmp_path / "new.onnx").write_bytes(b"a quantised graph")
+        (tmp_path / "new.onnx").replace(tmp_path / "replaced.onnx")
+        files = {name: {"size": 0} for name in ("kept.onnx", "rewritten.onnx", "replaced.onnx", "late.onnx")}
+        background.fill(SimpleNamespace(components={"unet": SimpleNamespace(files=files)}))
+    for name, record in files.items():
+        assert record["sha256"] == hashlib.sha256((tmp_path / name).read_bytes()).hexdigest(), name
+    assert reads.count("kept.onnx") == 1  # the background read stood
+    assert reads.count("rewritten.onnx") == 2 and reads.count("late.onnx") == 1
