@@ -413,7 +413,7 @@ EXPORT_TABLES = {
     "export-cost-sana-sprint": ExportTable(E + "2026-12-03-export-cost-sana-sprint.json"),
     "export-memory-flux": ExportTable(E + "2026-12-03-export-cost-flux-reduced.json", memory=True),
     "export-cost-avx2": ExportTable(EXPORT_COST_AVX2[0], runs=EXPORT_COST_AVX2[1:]),
-    "export-cost-amx": ExportTable(X + "2026-12-06-export-cost-3.json", runs=(X + "2026-12-06-export-cost-4.json",)),
+    "export-cost-amx": ExportTable(X + "2026-12-06-export-cost-5.json", runs=(X + "2026-12-06-export-cost-6.json",)),
     "export-cost-amx-before": ExportTable(
         X + "2026-12-06-export-cost-before-1.json", runs=(X + "2026-12-06-export-cost-before-2.json",)
     ),
