@@ -597,22 +597,27 @@ def _ranges_while_recording(manifest: Manifest, name: str, scheme: str) -> bool:
 
 
 def _quantize_bundle(
-    staging: Path, manifest: Manifest, precision: str, options: ExportOptions, stages=None, family=None, checksums=None
+    staging: Path,
+    manifest: Manifest,
+    precision: str,
+    options: ExportOptions,
+    stages,
+    family,
+    checksums: BackgroundChecksums,
 ) -> None:
     """Replaces the components the policy names (those --quantize-only names, when given) with quantized graphs,
-    recording how in the manifest. The largest graph is quantised beside the others (they follow one another on a
-    second thread) where both fit in the memory available (memory_plan.quantise_side_by_side), else one at a time:
-    much of a quantisation runs on one core (the quantiser itself, writing graphs, opening sessions), and the full-size
-    SD-Turbo text encoder's took 11 s of the 49 s its fastest export spends quantising on 2 cores."""
+    recording how in the manifest (their checksums started in `checksums`). The largest graph is quantised beside
+    the others (they follow one another on a second thread) where both fit in the memory available
+    (memory_plan.quantise_side_by_side), else one at a time: much of a quantisation runs on one core (the quantiser
+    itself, writing graphs, opening sessions), and the full-size SD-Turbo text encoder's took 11 s of the 49 s its
+    fastest export spent quantising on 2 cores."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
     from .calibration import CALIBRATION_PROMPTS, record_feeds
     from .memory_plan import quantise_side_by_side
-    from .progress import NoStages
     from .quantize import SCHEMES
 
     keep, prompts = options.keep, options.calibration_prompts
-    stages = stages or NoStages()
     policy = component_policy(precision, options.quantize_only, family)
     # the graphs open together where they fit, else one at a time (the memory plan's rule)
     alone = record_one_at_a_time([spec.size for spec in manifest.components.values()], available_bytes())
@@ -651,8 +656,7 @@ def _quantize_bundle(
             for done in as_completed(quantising):  # each placed as it is done, here: one writer of the manifest
                 name = quantising[done]
                 _place_one(staging, manifest, name, SCHEMES[policy[name]], done.result())
-                if checksums is not None:  # read while the other graphs are quantised
-                    checksums.start(manifest.components[name].files)
+                checksums.start(manifest.components[name].files)  # read while the other graphs are quantised
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)  # the graph being quantised beside it is finished first
             raise
