@@ -233,7 +233,7 @@ class BlockProbe:
         import onnxruntime as ort
         from onnx import helper
 
-        from .ort_sessions import no_spinning
+        from .ort_sessions import runtime_options
 
         graph = model.graph
         needed = {_QUANTISED + t for t in fetched}
@@ -256,9 +256,7 @@ class BlockProbe:
         onnx.save_model(sub, str(path))
         del sub, pruned
         try:
-            return ort.InferenceSession(
-                str(path), no_spinning(ort.SessionOptions()), providers=["CPUExecutionProvider"]
-            )
+            return ort.InferenceSession(str(path), runtime_options(), providers=["CPUExecutionProvider"])
         finally:
             path.unlink(missing_ok=True)
 

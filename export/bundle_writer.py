@@ -443,6 +443,8 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
                 providers=check_providers,
                 replaced=component.name in replaced,
                 standard_ops=options.standard_ops,
+                # a graph slotted next is replaced and unlinked: not read in the background meanwhile (Windows
+                # refuses to unlink a file another thread has open)
                 checksums=None if options.lora_slots and component.name in SLOT_COMPONENTS else checksums,
             )
             with stages.stage(f"{component.name}: check"):

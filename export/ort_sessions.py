@@ -14,18 +14,25 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def runtime_options(quiet: bool = False):
+    """SessionOptions as the runtime opens a graph (session_config.session_options: every optimisation, one thread
+    per core, idle threads asleep rather than spinning, which graphs quantised side by side need: a session's
+    spinning threads would take the cores the other uses). `quiet`: onnxruntime's warnings off, as the runtime has
+    them; on otherwise."""
+    from edgediff.runtime.session_config import session_options
+
+    options = session_options()
+    if not quiet:
+        options.log_severity_level = 2  # onnxruntime's default: warnings
+    return options
+
+
 def measuring_options(quiet: bool = False):
     """SessionOptions for an exporter's fp32 measurement (see the module's docstring). `quiet`: onnxruntime's
     warnings off (the sensitivity pass overrides initializers on purpose)."""
-    import onnxruntime as ort
-
     from edgediff.runtime.session_config import skip_layout_changes
 
-    options = skip_layout_changes(ort.SessionOptions())
-    no_spinning(options)
-    if quiet:
-        options.log_severity_level = 3
-    return options
+    return skip_layout_changes(runtime_options(quiet))
 
 
 def measuring_session(path: Path, providers=("CPUExecutionProvider",), options=None):
@@ -33,10 +40,3 @@ def measuring_session(path: Path, providers=("CPUExecutionProvider",), options=N
     import onnxruntime as ort
 
     return ort.InferenceSession(str(path), options or measuring_options(), providers=list(providers))
-
-
-def no_spinning(options):
-    """`options` with onnxruntime's threads sleeping between runs rather than spinning: graphs are quantised side by
-    side (bundle_writer._quantize_bundle), and a session's spinning threads would take the cores the other needs."""
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return options

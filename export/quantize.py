@@ -332,9 +332,9 @@ def _rel_rms(got: list[np.ndarray], ref: list[np.ndarray]) -> float:
 def _outputs(path: Path, feeds: list[dict]) -> list[np.ndarray]:
     import onnxruntime as ort
 
-    from .ort_sessions import no_spinning
+    from .ort_sessions import runtime_options
 
-    session = ort.InferenceSession(str(path), no_spinning(ort.SessionOptions()), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), runtime_options(), providers=["CPUExecutionProvider"])
     return [session.run(None, f)[0] for f in feeds]
 
 
