@@ -178,11 +178,12 @@ def _validate(
     component, reference: tuple[dict, list[np.ndarray]], graph_path: Path, tolerance: float, providers: list[str]
 ) -> dict[str, float]:
     """Runs the graph in onnxruntime on the reference's inputs and compares with PyTorch's outputs."""
-    from .ort_sessions import measuring_session
+    from .ort_sessions import measuring_options, measuring_session
 
     inputs, torch_out = reference
-    # the graph as exported with onnxruntime's graph fusions, without its CPU layout rewrite (ort_sessions.py)
-    session = measuring_session(graph_path, providers)
+    # the graph as exported with onnxruntime's graph fusions, without its CPU layout rewrite (ort_sessions.py), run
+    # once: no prepacked copies of its weights
+    session = measuring_session(graph_path, providers, measuring_options(once=True))
     declared = {i.name: i.type for i in session.get_inputs()}
     feeds = {
         k: (v.astype(np.int32) if declared.get(k) == "tensor(int32)" else v) for k, v in inputs.items() if k in declared
@@ -415,9 +416,6 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
                 raw_graph = raw_dir / component.name / "model.onnx"
                 fix_dynamic_axes(export_config, raw_graph)
                 del export_config
-                if attention == "fused":  # which layers became MultiHeadAttention (masked ones keep their form)
-                    layers = fused_layers(onnx.load(raw_graph, load_external_data=False))
-                    attributes = {**attributes, "attention": {"mode": "fused", "fused_layers": layers}}
                 if optimize_for and component.name in FUSABLE:
                     fused = raw_graph.with_name("fused.onnx")
                     big = sum(f.stat().st_size for f in raw_graph.parent.iterdir()) > EXTERNAL_DATA_THRESHOLD
@@ -457,6 +455,12 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
                     attributes = {**attributes, "fp16": f"kept fp32: the fp16 graph failed its check ({exc})"}
                     comp_precision = "fp32"
                     files, inputs, outputs, checks[component.name], rewrites = write_checked(comp_precision)
+                if attention == "fused":  # which layers became MultiHeadAttention (masked ones keep their form)
+                    # counted in the bundle's graph, whose weights lie beside it: the traced one holds a text
+                    # encoder's inline (1.4 GB parsed again for the full-size SD-Turbo one)
+                    written = onnx.load(staging / f"{component.name}.onnx", load_external_data=False)
+                    attributes = {**attributes, "attention": {"mode": "fused", "fused_layers": fused_layers(written)}}
+                    del written
                 if rewrites:  # same output, fewer operations (export/upsample_conv.py, optimize.fuse_fast_gelu)
                     attributes = {**attributes, "rewrites": rewrites}
                 if options.lora_slots and component.name in SLOT_COMPONENTS:  # side paths for run-time LoRAs
