@@ -7,8 +7,9 @@ one after another on the same machine (so that their ratios compare like with li
 Each CONFIG is NAME=ARGS, the arguments `edgediff export SRC OUT` would take. The JSON records per
 configuration the seconds, the peak resident memory (the export process's own high-water mark), the bundle's
 size on disk, the manifest's quantization records (blocks kept in fp32, output error) and each stage of the
-export with its seconds and the peak memory when it ended (the stage that raised it set the peak), beside the
-memory plan's estimate of each stage (export/memory_plan.py), made before the export loaded anything.
+export with its seconds, the peak memory when it ended (the stage that raised it set the peak) and the most
+the export held while it ran (sampled from outside), beside the memory plan's estimate of each stage
+(export/memory_plan.py), made before the export loaded anything.
 """
 
 from __future__ import annotations
@@ -27,9 +28,18 @@ from pathlib import Path
 RESULTS_KIND = "export-cost"  # the results file's "kind": docs_tables tells it from `edgediff bench` results
 
 
+# How often the export's resident memory is read, in seconds, for each stage's own peak (held_rss_bytes): the
+# process's high-water mark says which stage raised it, not what a later stage held, which is what the memory plan
+# estimates. Read from this process, not a thread of the export's: a thread there waits for Python's lock, which
+# PyTorch's exporter holds for seconds while it serialises a graph (a text encoder's peak went unseen that way).
+# A peak shorter than this can be missed.
+RSS_SAMPLE_SECONDS = 0.02
+
+
 def _child(source: str, out: str, args: list[str]) -> None:
     """Runs `edgediff export` as this process's only child and prints one JSON line: its seconds and peak RSS
-    (the largest resident set among this process's children, which is that one export)."""
+    (the largest resident set among this process's children, which is that one export), and each stage with
+    the most the export held while it ran (sampled)."""
     import os
     import resource
 
@@ -38,25 +48,80 @@ def _child(source: str, out: str, args: list[str]) -> None:
     stages_log = Path(out).with_name(f".{Path(out).name}.stages.jsonl")
     stages_log.unlink(missing_ok=True)
     start = time.perf_counter()
-    proc = subprocess.run(
+    returncode, stderr, samples = run_sampled(
         [sys.executable, "-m", "edgediff.cli", "export", source, out, *args],
-        capture_output=True,
-        text=True,
         env={**os.environ, STAGES_LOG_ENV: str(stages_log)},
     )
     seconds = time.perf_counter() - start
     records = [json.loads(line) for line in stages_log.read_text().splitlines()] if stages_log.exists() else []
-    stages = [r for r in records if "stage" in r]
+    stages = [{**r, "held_rss_bytes": held_during(r, samples)} for r in records if "stage" in r]
     estimate = next((r["estimate"] for r in records if "estimate" in r), None)
     stages_log.unlink(missing_ok=True)
-    if proc.returncode != 0:  # the CLI's one-line error, not the progress bar's last frame
-        lines = proc.stderr.replace("\r", "\n").splitlines()
+    if returncode != 0:  # the CLI's one-line error, not the progress bar's last frame
+        lines = stderr.replace("\r", "\n").splitlines()
         errors = [line for line in lines if line.startswith("error:") or "Error" in line]
         print(json.dumps({"error": (errors or lines)[-1:]}))
         sys.exit(1)
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux, bytes on macOS
     peak = peak if sys.platform == "darwin" else peak * 1024
     print(json.dumps({"seconds": seconds, "peak_rss_bytes": peak, "stages": stages, "estimate": estimate}))
+
+
+def run_sampled(command: list[str], env: dict | None = None) -> tuple[int, str, list[tuple[float, int]]]:
+    """Runs `command`, reading its resident memory every RSS_SAMPLE_SECONDS until it exits; returns its exit status,
+    its stderr and the samples (wall-clock time, bytes). No samples where the memory cannot be read (not Linux,
+    and psutil missing)."""
+    with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as err:
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err, env=env, text=True)
+        read = _rss_reader(proc.pid)
+        samples = []
+        while proc.poll() is None:
+            rss = read() if read else None
+            if rss is not None:
+                samples.append((time.time(), rss))
+            time.sleep(RSS_SAMPLE_SECONDS)
+        err.seek(0)
+        return proc.returncode, err.read(), samples
+
+
+def _rss_reader(pid: int):
+    """A function reading process `pid`'s resident memory in bytes (None once it has gone); None where it cannot."""
+    import os
+
+    if sys.platform.startswith("linux"):
+        page = os.sysconf("SC_PAGE_SIZE")
+
+        def statm() -> int | None:
+            try:
+                with open(f"/proc/{pid}/statm", encoding="ascii") as f:
+                    return int(f.read().split()[1]) * page
+            except (OSError, ValueError, IndexError):  # the process ended between poll and read
+                return None
+
+        return statm
+    try:
+        import psutil
+    except ImportError:
+        return None
+    process = psutil.Process(pid)
+
+    def rss() -> int | None:
+        try:
+            return int(process.memory_info().rss)
+        except psutil.Error:
+            return None
+
+    return rss
+
+
+def held_during(stage: dict, samples: list[tuple[float, int]]) -> int | None:
+    """The most of `samples` (wall-clock time, bytes) taken while a logged stage ran (from ended_at - seconds to
+    ended_at; stages side by side count each other's memory); None where no sample fell in it."""
+    if "ended_at" not in stage:
+        return None
+    start = stage["ended_at"] - stage["seconds"]
+    inside = [rss for t, rss in samples if start <= t <= stage["ended_at"]]
+    return max(inside) if inside else None
 
 
 def _error_lines(stderr: str) -> list[str]:

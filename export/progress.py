@@ -13,9 +13,10 @@ import threading
 import time
 from contextlib import contextmanager
 
-# A file to append one JSON line per finished stage to (its seconds and the process's peak memory so far), and
-# one with the memory plan's estimate: how benchmarks/export_cost.py learns what each stage of an export in another
-# process cost, and what it was expected to.
+# A file to append one JSON line per finished stage to (its seconds, when it ended and the process's peak memory so
+# far), and one with the memory plan's estimate: how benchmarks/export_cost.py learns what each stage of an export in
+# another process cost, and what it was expected to (it samples the process's memory from outside: ended_at, on the
+# wall clock, places each stage among its samples).
 STAGES_LOG_ENV = "EDGEDIFF_EXPORT_STAGES"
 
 # Rough cost per million parameters of each stage, relative to exporting a graph (estimates for full-size
@@ -81,6 +82,7 @@ class Stages:
                 # seconds since the export began: stages run side by side (graphs quantised on two threads) overlap,
                 # so what a span of them took is read from when they ended, not from their sum
                 "ended": round(now - self._start, 3),
+                "ended_at": round(time.time(), 3),
                 "peak_rss_bytes": _peak_rss(),
             }
             with self._lock, open(self._log, "a", encoding="utf-8") as f:

@@ -1,6 +1,9 @@
 """The export-cost benchmark: each configuration in a process of its own, its time, peak and bundle recorded."""
 
 import json
+import os
+import sys
+import textwrap
 
 import pytest
 
@@ -45,6 +48,10 @@ def test_export_cost_records_time_peak_and_what_was_made(models_root, tmp_path):
     assert all(s["seconds"] >= 0 and s["peak_rss_bytes"] > 0 for s in rows["int8"]["stages"])
     peaks = [s["peak_rss_bytes"] for s in rows["int8"]["stages"]]
     assert peaks == sorted(peaks) and peaks[-1] <= rows["int8"]["peak_rss_bytes"]  # high-water marks
+    if sys.platform.startswith("linux"):  # what each stage held, sampled from outside: within the high-water mark
+        held = {s["stage"]: s["held_rss_bytes"] for s in rows["int8"]["stages"]}
+        assert held["unet: export"] > 50 * 2**20
+        assert all(h is None or h <= 1.01 * rows["int8"]["peak_rss_bytes"] for h in held.values())
     # the memory plan's estimate, made before loading, is recorded beside the measured stages
     estimate = {e["stage"]: e["bytes"] for e in rows["int8"]["estimate"]}
     assert {"loading the source", "unet: export", "unet: quantize"} <= set(estimate)
@@ -62,3 +69,37 @@ def test_a_failed_export_records_the_clis_error_not_the_progress_bar():
     )
     assert _error_lines(stderr) == ["error: [Errno 28] No space left on device"]
     assert _error_lines("Traceback\nKilled\n") == ["Killed"]
+
+
+_STAGES = textwrap.dedent(
+    """
+    import time
+    import numpy as np
+    from edgediff.export.progress import Stages
+    stages = Stages(enabled=False)
+    with stages.stage("large"):
+        block = np.ones(256 * 2**20, np.uint8)  # touched: resident
+        time.sleep(0.5)
+        del block
+    with stages.stage("small"):
+        time.sleep(0.5)
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for resident memory")
+def test_each_stage_gets_the_most_memory_held_while_it_ran(tmp_path):
+    """The high-water mark cannot show a later stage holding less than an earlier one; the memory plan estimates
+    each stage's own peak, sampled from outside the export."""
+    from edgediff.export.progress import STAGES_LOG_ENV
+
+    log = tmp_path / "stages.jsonl"
+    code, stderr, samples = export_cost.run_sampled(
+        [sys.executable, "-c", _STAGES], env={**os.environ, STAGES_LOG_ENV: str(log)}
+    )
+    assert code == 0, stderr
+    stages = {r["stage"]: r for r in map(json.loads, log.read_text().splitlines())}
+    large, small = (export_cost.held_during(stages[n], samples) for n in ("large", "small"))
+    assert large - small > 0.8 * 256 * 2**20
+    assert stages["small"]["peak_rss_bytes"] - small > 0.8 * 256 * 2**20  # the high-water mark: the large one
+    assert export_cost.held_during({"stage": "old log", "seconds": 1.0}, samples) is None  # no time: not made up
