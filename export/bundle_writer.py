@@ -620,7 +620,7 @@ def _quantize_bundle(
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
     from .calibration import CALIBRATION_PROMPTS, record_feeds
-    from .memory_plan import quantise_side_by_side
+    from .memory_plan import graph_tensors, quantise_side_by_side
     from .quantize import SCHEMES
 
     keep, prompts = options.keep, options.calibration_prompts
@@ -649,7 +649,10 @@ def _quantize_bundle(
             )
             spec.attributes["quantization"] = {"scheme": None, "why": why}
     largest_first = sorted(names, key=lambda n: -manifest.components[n].size)
-    graphs = {n: (manifest.components[n].size, policy[n]) for n in largest_first}
+    graphs = {
+        n: (manifest.components[n].size, policy[n], *graph_tensors(staging / manifest.components[n].graph_file))
+        for n in largest_first
+    }
     workers = 2 if quantise_side_by_side(graphs, available_bytes()) else 1
     if workers > 1:
         log.info("quantising %s beside %s", largest_first[0], ", ".join(largest_first[1:]))
