@@ -402,26 +402,26 @@ class ExportTable:
     runs: tuple[str, ...] = ()
 
 
-EXPORT_COST = tuple(E + f"2026-12-06-export-cost-{run}.json" for run in (5, 6, 7, 8))  # the current code's runs
+# the VNNI EPYC's runs (the code of their date)
+EXPORT_COST = tuple(E + f"2026-12-06-export-cost-{run}.json" for run in (5, 6, 7, 8))
+EXPORT_COST_AMX = tuple(X + f"2026-12-06-export-cost-{run}.json" for run in (7, 8))  # the current code's runs
 EXPORT_COST_AVX2 = tuple(f"epyc-2c-avx2/2026-12-05-export-cost-{run}.json" for run in (1, 2, 3))
 EXPORT_COST_SD35 = E + "2026-12-03-export-cost-sd35-medium.json"
 EXPORT_STAGES_OF = "fastest"
 EXPORT_TABLES = {
     "export-cost": ExportTable(EXPORT_COST[0], runs=EXPORT_COST[1:]),
-    # the stages of a run whose ratio is in the middle of the four
-    "export-stages": ExportTable(EXPORT_COST[3], EXPORT_STAGES_OF),
+    # the current code's stages, with what each held (sampled): the first of the AMX CPU's runs
+    "export-stages": ExportTable(EXPORT_COST_AMX[0], EXPORT_STAGES_OF),
+    "export-memory-sd-turbo": ExportTable(EXPORT_COST_AMX[0], memory=True),
     "export-cost-sana-sprint": ExportTable(E + "2026-12-03-export-cost-sana-sprint.json"),
     "export-memory-flux": ExportTable(E + "2026-12-03-export-cost-flux-reduced.json", memory=True),
     "export-cost-avx2": ExportTable(EXPORT_COST_AVX2[0], runs=EXPORT_COST_AVX2[1:]),
-    "export-cost-amx": ExportTable(X + "2026-12-06-export-cost-5.json", runs=(X + "2026-12-06-export-cost-6.json",)),
-    "export-cost-amx-before": ExportTable(
-        X + "2026-12-06-export-cost-before-1.json", runs=(X + "2026-12-06-export-cost-before-2.json",)
-    ),
+    "export-cost-amx": ExportTable(EXPORT_COST_AMX[0], runs=EXPORT_COST_AMX[1:]),
     "export-cost-sd35-medium": ExportTable(EXPORT_COST_SD35),
     "export-memory-sd35-medium": ExportTable(EXPORT_COST_SD35, memory=True),
 }
 # export_plan.py files: estimates from shapes alone, for architectures too large to export here
-PLAN_TABLES = {"export-plan": "estimates/2026-12-03-export-plan.json"}
+PLAN_TABLES = {"export-plan": "estimates/2026-12-06-export-plan.json"}
 # op_profile.py files: one stage graph's time per operator type, a column per bundle
 PROFILE_TABLES = {
     "op-profile-unet-avx2": V + "2026-12-03-op-profile-unet.json",
@@ -686,14 +686,29 @@ def render_export_cost(name: str, results: dict[str, dict]) -> str:
                 )
     else:
         row = next(r for r in rows if r["config"] == table.stages_of)
+        stages = row.get("stages") or []
+        sampled = bool(stages) and all("held_rss_bytes" in s for s in stages)  # export_cost samples what each held
         totals: dict[str, list] = {}
-        for stage in row.get("stages") or []:
-            seconds, peak, count = totals.setdefault(stage["stage"], [0.0, 0, 0])
-            totals[stage["stage"]] = [seconds + stage["seconds"], max(peak, stage["peak_rss_bytes"] or 0), count + 1]
-        lines = ["| stage | seconds | runs | peak RSS when it ended |", "|---|---|---|---|"]
-        for stage, (seconds, peak, count) in totals.items():
-            lines.append(f"| {stage} | {seconds:.1f} | {count} | {_gib(peak)} |")
-        lines.append(f"| whole export | {row['seconds']:.1f} | | {_gib(row['peak_rss_bytes'])} |")
+        for stage in stages:
+            seconds, peak, held, count = totals.setdefault(stage["stage"], [0.0, 0, 0, 0])
+            totals[stage["stage"]] = [
+                seconds + stage["seconds"],
+                max(peak, stage["peak_rss_bytes"] or 0),
+                max(held, stage.get("held_rss_bytes") or 0),
+                count + 1,
+            ]
+        if sampled:
+            lines = [
+                "| stage | seconds | runs | held during the stage | peak RSS when it ended |",
+                "|---|---|---|---|---|",
+            ]
+        else:
+            lines = ["| stage | seconds | runs | peak RSS when it ended |", "|---|---|---|---|"]
+        for stage, (seconds, peak, held, count) in totals.items():
+            held_cell = f" {_gib(held or None)} |" if sampled else ""
+            lines.append(f"| {stage} | {seconds:.1f} | {count} |{held_cell} {_gib(peak)} |")
+        whole = " |" if sampled else ""
+        lines.append(f"| whole export | {row['seconds']:.1f} | |{whole} {_gib(row['peak_rss_bytes'])} |")
     for rel in files if table.stages_of is None and not table.memory else files[:1]:
         lines += ["", f"Data: {_link(rel)}: {machine_line(results[rel]['machine'])}, {results[rel].get('date', '?')}"]
     return "\n".join(lines) + "\n"
@@ -728,14 +743,18 @@ def _measured_phase(stage: str) -> tuple[str, str]:
 
 
 def _memory_lines(rows: list[dict]) -> list[str]:
-    """Each configuration's estimated stages beside the process's measured peak when that stage's work ended
-    (a high-water mark: a stage cannot show less than the stages before it)."""
-    lines = ["| export | stage | estimated | measured peak so far |", "|---|---|---|---|"]
+    """Each configuration's estimated stages beside what was measured: the most the process held during that
+    stage's work where the stages log says (held_rss_bytes, sampled), else the process's peak when it ended (a
+    high-water mark: a stage cannot show less than the stages before it)."""
+    held = all("held_rss_bytes" in st for r in rows for st in r.get("stages") or [])
+    measured_as = "held during the stage" if held else "measured peak so far"
+    lines = [f"| export | stage | estimated | {measured_as} |", "|---|---|---|---|"]
     for r in rows:
         measured: dict[tuple[str, str], int] = {}
         for st in r.get("stages") or []:
             key = _measured_phase(st["stage"])
-            measured[key] = max(measured.get(key, 0), st.get("peak_rss_bytes") or 0)
+            value = st.get("held_rss_bytes" if held else "peak_rss_bytes") or 0
+            measured[key] = max(measured.get(key, 0), value)
         for est in r.get("estimate") or []:
             key = _measured_phase(est["stage"])
             lines.append(f"| {r['config']} | {est['stage']} | {_gib(est['bytes'])} | {_gib(measured.get(key))} |")

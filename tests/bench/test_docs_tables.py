@@ -102,6 +102,12 @@ def test_export_cost_tables_show_the_ratio_to_fp32_and_the_stage_that_set_the_pe
     stages_file = docs_tables.EXPORT_TABLES["export-stages"].file
     stages = docs_tables.render_export_cost("export-stages", {stages_file: data})
     assert "| unet: sensitivity | 15.0 | 2 | 6.00 GiB |" in stages and "| whole export | 150.0 |" in stages
+    # sampled from outside (export_cost): what each stage held, the most of its runs, beside the high-water mark
+    for k, stage in enumerate(data["results"][1]["stages"]):
+        stage["held_rss_bytes"] = (k + 1) * 2**30
+    stages = docs_tables.render_export_cost("export-stages", {stages_file: data})
+    assert "| unet: sensitivity | 15.0 | 2 | 3.00 GiB | 6.00 GiB |" in stages
+    assert "| whole export | 150.0 | | | 6.00 GiB |" in stages
 
 
 def test_an_export_cost_table_over_several_runs_gives_each_ratio_within_its_own_run(monkeypatch):
@@ -237,3 +243,28 @@ def test_openvino_call_table_gives_each_precision_beside_onnxruntimes_call(monke
     table = docs_tables.render_openvino_call("openvino-call-test", {rel: data})
     assert "| int8-static, fused attention | onnxruntime 1.32.0 CPU | 0.9 s | 1.00x | 0.0600 | - |" in table
     assert "| int8-static, fused attention | OpenVINO 2026.4.1 CPU, bf16 | 0.6 s | 1.50x | 0.0642 | 3.5 s |" in table
+
+
+def test_memory_table_sets_each_estimate_beside_what_its_stages_held_where_sampled():
+    """A stage after the peak holds less than the high-water mark: the table shows what it held."""
+    gib = 2**30
+    row = {
+        "config": "fastest",
+        "peak_rss_bytes": 6 * gib,
+        "stages": [
+            {"stage": "unet: export", "peak_rss_bytes": 6 * gib, "held_rss_bytes": 6 * gib},
+            {"stage": "recording calibration inputs", "peak_rss_bytes": 6 * gib, "held_rss_bytes": 4 * gib},
+            {"stage": "unet: sensitivity", "peak_rss_bytes": 6 * gib, "held_rss_bytes": 3 * gib},
+            {"stage": "unet: final check", "peak_rss_bytes": 6 * gib, "held_rss_bytes": 2 * gib},
+        ],
+        "estimate": [
+            {"stage": "unet: export", "bytes": 7 * gib},
+            {"stage": "recording calibration inputs", "bytes": 8 * gib},
+            {"stage": "unet: quantize", "bytes": 8 * gib},
+        ],
+    }
+    lines = docs_tables._memory_lines([row])
+    assert lines[0].endswith("| held during the stage |")
+    cells = {line.split(" | ")[1]: line.split(" | ")[2:] for line in lines[2:]}
+    assert cells["recording calibration inputs"] == ["8.00 GiB", "4.00 GiB |"]
+    assert cells["unet: quantize"] == ["8.00 GiB", "3.00 GiB |"]  # the most of its stages
