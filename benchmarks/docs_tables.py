@@ -707,7 +707,8 @@ def render_export_cost(name: str, results: dict[str, dict]) -> str:
         for stage, (seconds, peak, held, count) in totals.items():
             held_cell = f" {_gib(held or None)} |" if sampled else ""
             lines.append(f"| {stage} | {seconds:.1f} | {count} |{held_cell} {_gib(peak)} |")
-        whole = " |" if sampled else ""
+        most = max((held for _, _, held, _ in totals.values()), default=0)
+        whole = f" {_gib(most or None)} |" if sampled else ""
         lines.append(f"| whole export | {row['seconds']:.1f} | |{whole} {_gib(row['peak_rss_bytes'])} |")
     for rel in files if table.stages_of is None and not table.memory else files[:1]:
         lines += ["", f"Data: {_link(rel)}: {machine_line(results[rel]['machine'])}, {results[rel].get('date', '?')}"]
@@ -746,7 +747,8 @@ def _memory_lines(rows: list[dict]) -> list[str]:
     """Each configuration's estimated stages beside what was measured: the most the process held during that
     stage's work where the stages log says (held_rss_bytes, sampled), else the process's peak when it ended (a
     high-water mark: a stage cannot show less than the stages before it)."""
-    held = all("held_rss_bytes" in st for r in rows for st in r.get("stages") or [])
+    logged = [st for r in rows for st in r.get("stages") or []]
+    held = bool(logged) and all("held_rss_bytes" in st for st in logged)
     measured_as = "held during the stage" if held else "measured peak so far"
     lines = [f"| export | stage | estimated | {measured_as} |", "|---|---|---|---|"]
     for r in rows:

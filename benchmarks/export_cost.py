@@ -73,13 +73,18 @@ def run_sampled(command: list[str], env: dict | None = None) -> tuple[int, str, 
     and psutil missing)."""
     with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as err:
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err, env=env, text=True)
-        read = _rss_reader(proc.pid)
-        samples = []
-        while proc.poll() is None:
-            rss = read() if read else None
-            if rss is not None:
-                samples.append((time.time(), rss))
-            time.sleep(RSS_SAMPLE_SECONDS)
+        try:
+            read = _rss_reader(proc.pid)
+            samples = []
+            while proc.poll() is None:
+                rss = read() if read else None
+                if rss:  # 0: an exited process's (Linux reads a zombie's as 0)
+                    samples.append((time.time(), rss))
+                time.sleep(RSS_SAMPLE_SECONDS)
+        except BaseException:  # Ctrl-C included: the export does not outlive its measurement
+            proc.kill()
+            proc.wait()
+            raise
         err.seek(0)
         return proc.returncode, err.read(), samples
 
@@ -103,7 +108,10 @@ def _rss_reader(pid: int):
         import psutil
     except ImportError:
         return None
-    process = psutil.Process(pid)
+    try:
+        process = psutil.Process(pid)
+    except psutil.Error:  # the process gone already
+        return None
 
     def rss() -> int | None:
         try:

@@ -53,7 +53,6 @@ def _arch_weights(arch: str) -> dict:
             fp32=sum(floats) * 4 + other,
             largest=4 * max(floats),
             mapped=True,  # safetensors read in their stored dtype
-            matrices=4 * sum(t.numel() for t in tensors if t.is_floating_point() and t.dim() == 2),
         )
     return weights
 

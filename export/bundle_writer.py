@@ -455,9 +455,9 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
                     attributes = {**attributes, "fp16": f"kept fp32: the fp16 graph failed its check ({exc})"}
                     comp_precision = "fp32"
                     files, inputs, outputs, checks[component.name], rewrites = write_checked(comp_precision)
-                if attention == "fused":  # which layers became MultiHeadAttention (masked ones keep their form)
-                    # counted in the bundle's graph, whose weights lie beside it: the traced one holds a text
-                    # encoder's inline (1.4 GB parsed again for the full-size SD-Turbo one)
+                if attention == "fused":  # how many layers run as MultiHeadAttention (masked ones keep their form;
+                    # with --optimize, onnxruntime's own fusions count too), counted in the bundle's graph, whose
+                    # weights lie beside it: the traced one holds a text encoder's inline (1.4 GB parsed again)
                     written = onnx.load(staging / f"{component.name}.onnx", load_external_data=False)
                     attributes = {**attributes, "attention": {"mode": "fused", "fused_layers": fused_layers(written)}}
                     del written
@@ -620,7 +620,7 @@ def _quantize_bundle(
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
     from .calibration import CALIBRATION_PROMPTS, record_feeds
-    from .memory_plan import graph_tensors, quantise_side_by_side
+    from .memory_plan import graph_largest, quantise_side_by_side
     from .quantize import SCHEMES
 
     keep, prompts = options.keep, options.calibration_prompts
@@ -650,7 +650,7 @@ def _quantize_bundle(
             spec.attributes["quantization"] = {"scheme": None, "why": why}
     largest_first = sorted(names, key=lambda n: -manifest.components[n].size)
     graphs = {
-        n: (manifest.components[n].size, policy[n], *graph_tensors(staging / manifest.components[n].graph_file))
+        n: (manifest.components[n].size, policy[n], graph_largest(staging / manifest.components[n].graph_file))
         for n in largest_first
     }
     workers = 2 if quantise_side_by_side(graphs, available_bytes()) else 1

@@ -3,13 +3,14 @@
 An export loads the whole pipeline, each component in the half precision its weights are stored in (fp32 when they
 are stored so, mixed, or not in safetensors), then exports its components one at a time, smallest first, each
 widened to fp32 for its own export and freed once its graph is written; quantised precisions then run the fp32
-bundle once to record calibration inputs and quantise its graphs one at a time; with --lora-slots, the UNet's and
-text encoders' graphs are each slotted and checked right after their own export. The estimate follows those stages,
-from each component's weights (counted from the safetensors headers), with factors measured on full-size
-architectures (docs/benchmarks.md, "Export cost" and "Models larger than the machine"): SD-Turbo's fp32 export peaked
-at 6.21 GB (its text encoder's stage) against 6.90 estimated and its int8-static one at 8.48 GB against 8.76;
-SANA-Sprint's fp32 at 17.59 GB against 18.80 (Gemma-2's stage); FLUX.1-schnell's at full width with 6 of its 57
-blocks at 9.43 GB against 10.23 (T5's stage).
+bundle once to record calibration inputs and quantise its graphs (the denoiser beside the others where both fit,
+else one at a time); with --lora-slots, the UNet's and text encoders' graphs are each slotted and checked right
+after their own export. The estimate follows those stages, from each component's weights (counted from the
+safetensors headers), with factors measured on full-size architectures (docs/benchmarks.md, "Export cost" and
+"Models larger than the machine"): SD-Turbo's fp32 and fastest int8-static exports peaked at 6.2-6.4 GB (their text
+encoder's stage) against 6.9 estimated, the latter's quantisation stages at most 5.9 GB; SANA-Sprint's fp32 at
+17.59 GB against 18.80 (Gemma-2's stage); FLUX.1-schnell's at full width with 6 of its 57 blocks at 9.43 GB against
+10.23 (T5's stage).
 A model that cannot fit is refused before any of it is loaded, naming the stage, the estimate and what to
 do, instead of being killed half way (the bundle is atomic either way: nothing is left at the output).
 """
@@ -50,26 +51,25 @@ EXPORT_COPIES = 3.7
 LARGE_GRAPH_BYTES = 2**31
 LARGE_EXPORT_COPIES = 0.1
 OPENED_COPIES = 1.75
-# Recording calibration inputs opens the fp32 graphs it runs (without the CPU layout rewrite's reordered copies; a
-# graph taking activation ranges without packed copies of its matrices) and runs them at a reduced size: full-size
-# SD-Turbo's (5.17 GB of weights in all) held at most 5.53 GB (sampled) for its fastest bundle and for a dynamic
-# int8 one, 0.97x its weights over the base. Where they do not fit together, it opens one graph at a time
-# (record_one_at_a_time), the largest setting the peak.
+# Recording calibration inputs opens the fp32 graphs it runs and runs them at a reduced size (without the CPU layout
+# rewrite's reordered copies of the weights, which onnxruntime otherwise reads memory-mapped): full-size SD-Turbo's
+# (5.17 GB of weights in all) held at most 5.53 GB, sampled, for its fastest bundle and for a dynamic int8 one: 0.97x
+# its weights over the base. Where they do not fit together, it opens one graph at a time (record_one_at_a_time),
+# the largest setting the peak.
 RECORDING_COPIES = 1.1
 # Quantising a graph holds it whole (onnxruntime's quantisers load every weight), its quantised weights and the
 # quantiser's working copies. Full-size SANA-Sprint's Gemma-2 (10.46 GB in fp32) was killed past 23.25 GB in
 # onnxruntime's dynamic int8 quantiser, so at least 2.2x. VAE graphs are left out: the KL VAEs' stay fp32, and
 # DC-AE's decoder, the one quantised (Family.static_int8_decoder), is a fifth of SANA's transformer: never the
-# quantisation's peak. Schemes that quantise a weight at a time hold less (STREAMED_SCHEMES, STATIC_INT8_COPIES).
+# quantisation's peak. Schemes that quantise a weight at a time hold less (STREAMED_SCHEMES).
 QUANTIZE_COPIES = 2.3
-# Static int8 quantises a weight at a time (stream_quant.py) at any size. What its stage holds is the sensitivity
-# pass's fp32 graph open (block errors injected) and, as that session opens, onnxruntime's packed copies of the
-# graph's matrices (prepacking: the full-size SD-Turbo text encoder, nearly all matrices, opened at 2.26 GiB with
-# them and 1.16 GiB without), then the graph quantised whole and cut at its blocks beside it. Full-size SD-Turbo's
-# UNet (3.46 GB of weights, 1.20 GB of them matrices) held at most 5.42 GB during its quantisation (sampled): over
-# the base and its largest tensor, 1.03x its weights and matrices together. A UNet's matrices range from a third of
-# its weights (SD 2) to nearly all (SDXL: 8.9 of 10.3 GB), hence counted apart.
-STATIC_INT8_COPIES = 1.1
+# Static int8 quantises a weight at a time at any size (stream_quant.py). Its stage holds the sensitivity pass's fp32
+# graph open (its weights memory-mapped and read whole by a run; the packed copies onnxruntime makes of its matrices
+# take the place of the pages they were packed from: the full-size fp32 UNet's session peaked at 3.47 GiB with them
+# or without) and, beside it, the graph quantised whole and cut at its blocks (int8 weights, their packed copies).
+# Full-size SD-Turbo's UNet (3.46 GB) held at most 5.42 GB, sampled, while quantised alone: 1.39x its weights over
+# the base and its largest tensor.
+STATIC_INT8_COPIES = 1.5
 # int4 bundles quantise a graph past 2 GB a weight at a time (stream_quant.py): the packed weights (an eighth of their
 # fp32 bytes) and one fp32 weight while quantising, then the 4-bit graph open for its check, whose unquantised
 # weights (embeddings) stay fp32: counted as half the fp32 weights besides the largest tensor.
@@ -83,6 +83,7 @@ STREAMED_INT8_QUANTIZE_COPIES = 1.8
 STREAMED_SCHEMES = {
     "int4-weight-only": (STREAMED_QUANTIZE_COPIES, LARGE_GRAPH_BYTES),
     "int8-dynamic": (STREAMED_INT8_QUANTIZE_COPIES, 0),
+    "int8-static": (STATIC_INT8_COPIES, 0),
 }
 # Slotting a graph for run-time LoRAs (--lora-slots: lora_slots.slot_graph, once the component's export has freed its
 # PyTorch weights) peaks while the check fuses its random LoRA (lora_slots._random_lora), holding three copies of the
@@ -103,17 +104,17 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 
 def safetensors_elements(path: Path) -> tuple[int, int]:
     """(floating-point elements, other bytes) of a safetensors file, from its header alone."""
-    floats, other, *_ = _header_counts(path)
+    floats, other, _, _ = _header_counts(path)
     return floats, other
 
 
-def _header_counts(path: Path) -> tuple[int, int, dict[str, int], int, int]:
+def _header_counts(path: Path) -> tuple[int, int, dict[str, int], int]:
     """(floating-point elements, other bytes, floating-point elements per stored dtype, the largest floating-point
-    tensor's elements, the elements of floating-point matrices: 2-D tensors) from a safetensors header."""
+    tensor's elements) from a safetensors header."""
     with open(path, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(length))
-    floats = other = largest = matrices = 0
+    floats = other = largest = 0
     by_dtype: dict[str, int] = {}
     for name, entry in header.items():
         if name == "__metadata__":
@@ -124,26 +125,22 @@ def _header_counts(path: Path) -> tuple[int, int, dict[str, int], int, int]:
         if entry["dtype"] in FLOAT_DTYPES:
             floats += count
             largest = max(largest, count)
-            matrices += count if len(entry["shape"]) == 2 else 0
             by_dtype[entry["dtype"]] = by_dtype.get(entry["dtype"], 0) + count
         else:
             other += count * _ITEM_BYTES.get(entry["dtype"], 8)
-    return floats, other, by_dtype, largest, matrices
+    return floats, other, by_dtype, largest
 
 
 @dataclass(frozen=True)
 class Weights:
     """A component's weights: as loaded (`stored`: in their stored dtype where the export keeps it, see
-    stored_dtype) and as exported (`fp32`), its largest tensor in fp32 (`largest`: 0 where unknown), whether
-    they load memory-mapped (`mapped`: safetensors read in their stored dtype, see BASE_BYTES), and its matrices
-    (2-D weights: linear layers, embeddings) in fp32 (`matrices`: None where unknown), which onnxruntime copies
-    into its matrix kernels' packed layout as a session opens (PREPACKED_COPIES)."""
+    stored_dtype) and as exported (`fp32`), its largest tensor in fp32 (`largest`: 0 where unknown), and whether
+    they load memory-mapped (`mapped`: safetensors read in their stored dtype, see BASE_BYTES)."""
 
     stored: int
     fp32: int
     largest: int = 0
     mapped: bool = False
-    matrices: int | None = None
 
     @property
     def resident(self) -> int:
@@ -165,20 +162,20 @@ def _weight_files(folder: Path) -> list[Path]:
     return plain or files
 
 
-def _headers(folder: Path) -> tuple[list[Path], int, int, set[str], int, int] | None:
-    """A component folder's weight files, their floating-point elements, other bytes, float dtypes, largest
-    floating-point tensor's elements and floating-point matrices' elements, from the safetensors headers; None when
-    its weights are not all safetensors."""
+def _headers(folder: Path) -> tuple[list[Path], int, int, set[str], int] | None:
+    """A component folder's weight files, their floating-point elements, other bytes, float dtypes and largest
+    floating-point tensor's elements, from the safetensors headers; None when its weights are not all
+    safetensors."""
     files = _weight_files(folder)
     if not files or any(f.suffix != ".safetensors" for f in files):
         return None
-    floats = other = largest = matrices = 0
+    floats = other = largest = 0
     dtypes: set[str] = set()
     for f in files:
-        n, o, by_dtype, most, m = _header_counts(f)
-        floats, other, largest, matrices = floats + n, other + o, max(largest, most), matrices + m
+        n, o, by_dtype, most = _header_counts(f)
+        floats, other, largest = floats + n, other + o, max(largest, most)
         dtypes.update(by_dtype)
-    return files, floats, other, dtypes, largest, matrices
+    return files, floats, other, dtypes, largest
 
 
 def _half(dtypes: set[str]) -> str | None:
@@ -207,14 +204,11 @@ def component_weights(folder: Path, keep_stored: bool = True) -> Weights:
             return Weights(size, size)
         counts = [_header_counts(f) for f in safetensors]  # mixed with other files: the safetensors count, in fp32
         floats, other = sum(c[0] for c in counts), sum(c[1] for c in counts)
-        largest, matrices = max(c[3] for c in counts), sum(c[4] for c in counts)
-        return Weights(floats * 4 + other, floats * 4 + other, 4 * largest, matrices=4 * matrices)
-    _, floats, other, dtypes, largest, matrices = headers
+        return Weights(floats * 4 + other, floats * 4 + other, 4 * max(c[3] for c in counts))
+    _, floats, other, dtypes, largest = headers
     half = keep_stored and _half(dtypes) is not None
     as_stored = half or dtypes <= {"F32"}  # loaded without conversion, so memory-mapped
-    return Weights(
-        floats * (2 if half else 4) + other, floats * 4 + other, 4 * largest, mapped=as_stored, matrices=4 * matrices
-    )
+    return Weights(floats * (2 if half else 4) + other, floats * 4 + other, 4 * largest, mapped=as_stored)
 
 
 def component_bytes(folder: Path) -> int:
@@ -266,17 +260,13 @@ def export_stages(
         for name, w in weights.items():
             if name.startswith("vae"):
                 continue
-            scheme = QUANT_POLICY.get(quantised, {}).get(name)
-            quantising = quantising_bytes(w.fp32, scheme, w.largest, w.matrices)
+            quantising = quantising_bytes(w.fp32, QUANT_POLICY.get(quantised, {}).get(name), w.largest)
             stages.append(Stage(f"{name}: quantize", BASE_BYTES + quantising))
     return stages
 
 
-def quantising_bytes(fp32: int, scheme: str | None, largest: int | None = None, matrices: int | None = None) -> int:
-    """What quantising a graph of `fp32` bytes with `scheme` holds (`largest`: its largest tensor, `matrices`: its
-    2-D weights' bytes, where known; unknown matrices count as the whole graph)."""
-    if scheme == "int8-static":
-        return int(STATIC_INT8_COPIES * (fp32 + (fp32 if matrices is None else matrices))) + (largest or 0)
+def quantising_bytes(fp32: int, scheme: str | None, largest: int | None = None) -> int:
+    """What quantising a graph of `fp32` bytes with `scheme` holds (`largest`: its largest tensor, where known)."""
     copies, past = STREAMED_SCHEMES.get(scheme, (None, None))
     if copies is not None and fp32 > past:  # a weight at a time (stream_quant.py)
         return int(copies * fp32) + (largest or fp32)
@@ -284,8 +274,8 @@ def quantising_bytes(fp32: int, scheme: str | None, largest: int | None = None, 
 
 
 def quantise_side_by_side(graphs: dict[str, tuple], free: int | None) -> bool:
-    """Whether the largest of these graphs (name -> (fp32 bytes, scheme) or (fp32 bytes, scheme, largest tensor,
-    matrices): graph_tensors') is quantised beside the others, one of them at a time (bundle_writer._quantize_bundle):
+    """Whether the largest of these graphs (name -> (fp32 bytes, scheme) or (fp32 bytes, scheme, largest tensor's
+    bytes): graph_largest's) is quantised beside the others, one of them at a time (bundle_writer._quantize_bundle):
     only where that fits in `free` bytes, the largest and the largest of the others together; else one graph at a
     time, as export_stages plans."""
     if free is None or len(graphs) < 2:
@@ -294,23 +284,19 @@ def quantise_side_by_side(graphs: dict[str, tuple], free: int | None) -> bool:
     return BASE_BYTES + needs[0] + needs[1] <= free
 
 
-def graph_tensors(path: Path) -> tuple[int, int]:
-    """(the largest tensor's bytes, the 2-D float tensors' bytes) among an ONNX graph's initializers, from its
-    structure alone (weights stay on disk): what quantising_bytes counts besides the graph's size."""
+def graph_largest(path: Path) -> int:
+    """The bytes of an ONNX graph's largest initializer, from its structure alone (weights stay on disk): what a
+    weight-at-a-time quantisation holds besides its copies (quantising_bytes counts the whole graph where unknown)."""
     import onnx
-    from onnx import TensorProto, helper
+    from onnx import helper
 
-    structure = onnx.load(str(path), load_external_data=False)
-    largest = matrices = 0
-    for t in structure.graph.initializer:
+    largest = 0
+    for t in onnx.load(str(path), load_external_data=False).graph.initializer:
         count = 1
         for d in t.dims:
             count *= d
-        size = count * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-        largest = max(largest, size)
-        if len(t.dims) == 2 and t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16):
-            matrices += 4 * count  # packed in fp32
-    return largest, matrices
+        largest = max(largest, count * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize)
+    return largest
 
 
 def _slot_stage(name: str, w: Weights, held: int) -> Stage:

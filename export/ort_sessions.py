@@ -30,12 +30,13 @@ def runtime_options(quiet: bool = False):
 def measuring_options(quiet: bool = False, once: bool = False):
     """SessionOptions for an exporter's fp32 measurement (see the module's docstring). `quiet`: onnxruntime's
     warnings off (the sensitivity pass overrides initializers on purpose). `once`: for a graph run once, no
-    prepacking: onnxruntime copies every weight into its kernels' layout as a session opens, so that each run
-    is faster, which a single run does not pay back. Full-size SD-Turbo on 2 cores: its fp32 UNet opened in
-    0.21 s instead of 1.5 s and ran once (32x32 latents) in 0.95 s instead of 0.82 s, holding 1.1 GiB less; its
-    text encoder 0.09 s + 0.99 s instead of 1.34 s + 0.19 s. Same sums in another order (float rounding apart, the
-    same values). Not for int8 graphs: their kernels without prepacked weights ran 3.6x slower and rounded
-    differently (quantised graphs are measured as the runtime opens them)."""
+    prepacking: onnxruntime copies every matrix into its kernels' layout as a session opens, so that each run is
+    faster, which a single run does not pay back. Full-size SD-Turbo on 2 cores, each in a process of its own: its
+    fp32 UNet opened in 0.2 s instead of 1.5 s and ran once (32x32 latents) 0.1-0.2 s slower; its text encoder
+    opened in 0.1 s instead of 1.3-1.4 s and ran 0.2 s slower. The peak is the same either way (3.47 GiB for the
+    UNet: weights are memory-mapped, and the packed copies take the place of the pages they were packed from); the
+    sums are the same in another order (float rounding apart). Not for int8 graphs: their kernels without packed
+    weights ran 3.6x slower and rounded differently (quantised graphs are measured as the runtime opens them)."""
     from edgediff.runtime.session_config import skip_layout_changes
 
     options = skip_layout_changes(runtime_options(quiet))

@@ -66,8 +66,7 @@ def test_a_graph_past_2gb_holds_its_weights_and_its_largest_tensor_or_its_opened
     )
 
     save_file({"embed": np.zeros((30, 4), np.float16), "w": np.zeros(50, np.float16)}, tmp_path / "m.safetensors")
-    # the (30, 4) embedding is a matrix: onnxruntime packs matrices as a session opens (STATIC_INT8_COPIES)
-    assert component_weights(tmp_path) == Weights(170 * 2, 170 * 4, largest=120 * 4, mapped=True, matrices=120 * 4)
+    assert component_weights(tmp_path) == Weights(stored=170 * 2, fp32=170 * 4, largest=120 * 4, mapped=True)
     large, small = 3 * 2**30, 2**30
     weights = {"gemma": Weights(large, large, 2**31), "t5": Weights(large, large, 2**27), "vae": Weights(small, small)}
     stages = {s.name: s.bytes for s in export_stages(weights, False)}
@@ -291,43 +290,37 @@ def test_graphs_are_quantised_side_by_side_only_where_the_two_largest_fit_togeth
     assert not quantise_side_by_side(graphs, both - 1)
     assert not quantise_side_by_side(graphs, None)  # memory unknown: one at a time
     assert not quantise_side_by_side({"unet": graphs["unet"]}, 2**40)  # nothing to put beside it
-    # what the graphs' structures say (largest tensor, matrices) counts: less than the unknown's worst case
-    known = {"unet": (4 * 2**30, "int8-static", 2**27, 2**30), "text_encoder": (2**30, "int8-dynamic", 2**28, 2**30)}
+    # the graphs' largest tensors, read from their structures, count less than the unknown's worst case (the graph)
+    known = {"unet": (4 * 2**30, "int8-static", 2**27), "text_encoder": (2**30, "int8-dynamic", 2**28)}
     assert quantise_side_by_side(known, both - 1)
 
 
-def test_static_int8_counts_the_matrices_onnxruntime_packs_beside_the_weights():
-    """The sensitivity pass's fp32 session packs a graph's matrices as it opens: a UNet of linear layers (SDXL's)
-    holds more than one of convolutions of the same size (SD 2's)."""
-    from edgediff.export.memory_plan import BASE_BYTES, STATIC_INT8_COPIES, Weights, export_stages
+def test_static_int8_quantises_a_weight_at_a_time_at_any_size():
+    """Its stage holds the fp32 graph open for the sensitivity pass and the quantised one beside it, not onnxruntime's
+    whole-graph quantiser's copies."""
+    from edgediff.export.memory_plan import BASE_BYTES, QUANTIZE_COPIES, STATIC_INT8_COPIES, Weights, export_stages
 
-    size, largest = 3 * 2**30, 2**27
-    convs = {"unet": Weights(size, size, largest, matrices=size // 3)}
-    linear = {"unet": Weights(size, size, largest, matrices=size * 9 // 10)}
-    unknown = {"unet": Weights(size, size, largest)}
-
-    def quantising(weights):
-        return next(s.bytes for s in export_stages(weights, quantised="int8-static") if s.name == "unet: quantize")
-
-    assert quantising(convs) == BASE_BYTES + int(STATIC_INT8_COPIES * (size + size // 3)) + largest
-    assert quantising(convs) < quantising(linear) < quantising(unknown)  # unknown: every weight a matrix
+    for size in (2**28, 3 * 2**30):  # under and past protobuf's 2 GB
+        weights = {"unet": Weights(size, size, 2**24)}
+        stages = {s.name: s.bytes for s in export_stages(weights, quantised="int8-static")}
+        assert stages["unet: quantize"] == BASE_BYTES + int(STATIC_INT8_COPIES * size) + 2**24
+        assert stages["unet: quantize"] < BASE_BYTES + int(QUANTIZE_COPIES * size)
 
 
-def test_graph_tensors_reads_the_largest_tensor_and_the_matrices_from_the_structure(tmp_path):
+def test_graph_largest_reads_the_largest_initializer_from_the_structure(tmp_path):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from edgediff.export.memory_plan import graph_tensors
+    from edgediff.export.memory_plan import graph_largest
 
     w = numpy_helper.from_array(np.zeros((8, 16), np.float32), "w")
-    k = numpy_helper.from_array(np.zeros((4, 2, 3, 3), np.float32), "k")
-    ids = numpy_helper.from_array(np.zeros((100, 2), np.int64), "ids")  # 2-D, not float: not a matrix
+    ids = numpy_helper.from_array(np.zeros((100, 2), np.int64), "ids")  # the largest: 1600 bytes
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["y"])],
         "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])],
-        [w, k, ids],
+        [w, ids],
     )
-    onnx.save_model(helper.make_model(graph), str(tmp_path / "g.onnx"), save_as_external_data=True)
-    assert graph_tensors(tmp_path / "g.onnx") == (100 * 2 * 8, 8 * 16 * 4)
+    onnx.save_model(helper.make_model(graph), str(tmp_path / "g.onnx"), save_as_external_data=True, size_threshold=0)
+    assert graph_largest(tmp_path / "g.onnx") == 100 * 2 * 8
