@@ -687,7 +687,7 @@ def render_export_cost(name: str, results: dict[str, dict]) -> str:
     else:
         row = next(r for r in rows if r["config"] == table.stages_of)
         stages = row.get("stages") or []
-        sampled = bool(stages) and all("held_rss_bytes" in s for s in stages)  # export_cost samples what each held
+        sampled = _held_sampled(stages)
         totals: dict[str, list] = {}
         for stage in stages:
             seconds, peak, held, count = totals.setdefault(stage["stage"], [0.0, 0, 0, 0])
@@ -743,12 +743,17 @@ def _measured_phase(stage: str) -> tuple[str, str]:
     return component, _PHASES.get(step, "quantize")
 
 
+def _held_sampled(stages: list[dict]) -> bool:
+    """Whether these logged stages say what each held (export_cost samples it; older results have the process's
+    high-water mark alone)."""
+    return bool(stages) and all("held_rss_bytes" in s for s in stages)
+
+
 def _memory_lines(rows: list[dict]) -> list[str]:
     """Each configuration's estimated stages beside what was measured: the most the process held during that
     stage's work where the stages log says (held_rss_bytes, sampled), else the process's peak when it ended (a
     high-water mark: a stage cannot show less than the stages before it)."""
-    logged = [st for r in rows for st in r.get("stages") or []]
-    held = bool(logged) and all("held_rss_bytes" in st for st in logged)
+    held = _held_sampled([st for r in rows for st in r.get("stages") or []])
     measured_as = "held during the stage" if held else "measured peak so far"
     lines = [f"| export | stage | estimated | {measured_as} |", "|---|---|---|---|"]
     for r in rows:

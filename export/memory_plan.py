@@ -288,15 +288,11 @@ def graph_largest(path: Path) -> int:
     """The bytes of an ONNX graph's largest initializer, from its structure alone (weights stay on disk): what a
     weight-at-a-time quantisation holds besides its copies (quantising_bytes counts the whole graph where unknown)."""
     import onnx
-    from onnx import helper
 
-    largest = 0
-    for t in onnx.load(str(path), load_external_data=False).graph.initializer:
-        count = 1
-        for d in t.dims:
-            count *= d
-        largest = max(largest, count * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize)
-    return largest
+    from .segments import initializer_bytes
+
+    initializers = onnx.load(str(path), load_external_data=False).graph.initializer
+    return max((initializer_bytes(t) for t in initializers), default=0)
 
 
 def _slot_stage(name: str, w: Weights, held: int) -> Stage:

@@ -34,8 +34,9 @@ class Segment:
     initializers: list[str]
 
 
-def _initializer_bytes(tensor) -> int:
-    """A weight's size without reading it: external data records its length."""
+def initializer_bytes(tensor) -> int:
+    """A weight's size without reading it (a TensorProto from a graph's structure): external data records its
+    length."""
     for entry in tensor.external_data:
         if entry.key == "length":
             return int(entry.value)
@@ -54,7 +55,7 @@ def plan_segments(graph, count: int) -> list[Segment]:
     subgraphs = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)  # If / Loop bodies read outer tensors
     if any(a.type in subgraphs for node in graph.node for a in node.attribute):
         raise ExportError("export_segments", detail="the graph has control flow (If / Loop), which is not cut")
-    sizes = {t.name: _initializer_bytes(t) for t in graph.initializer}
+    sizes = {t.name: initializer_bytes(t) for t in graph.initializer}
     # Static nodes read only weights and other static nodes' outputs (Constant, Identity of a shared weight, a
     # 4-bit weight's DequantizeLinear): copied into each segment that reads them, never passed across a cut
     static: dict[str, object] = {}
