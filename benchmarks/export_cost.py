@@ -5,7 +5,8 @@ one after another on the same machine (so that their ratios compare like with li
         --config "fp32=" --config "fastest=--precision int8-static --keep auto --tiny-decoder TAESD"
 
 Each CONFIG is NAME=ARGS, the arguments `edgediff export SRC OUT` would take. The JSON records per
-configuration the seconds, the peak resident memory (the export process's own high-water mark), the bundle's
+configuration the seconds, the peak resident memory (the export's, with the process it quantises text encoders
+in: export/text_ahead.py), the bundle's
 size on disk, the manifest's quantization records (blocks kept in fp32, output error) and each stage of the
 export with its seconds, the peak memory when it ended (the stage that raised it set the peak) and the most
 the export held while it ran (sampled from outside), beside the memory plan's estimate of each stage
@@ -38,8 +39,8 @@ RSS_SAMPLE_SECONDS = 0.02
 
 def _child(source: str, out: str, args: list[str]) -> None:
     """Runs `edgediff export` as this process's only child and prints one JSON line: its seconds and peak RSS
-    (the largest resident set among this process's children, which is that one export), and each stage with
-    the most the export held while it ran (sampled)."""
+    (the larger of its own high-water mark and the most it held with its own child processes, sampled), and each
+    stage with the most the export held while it ran (sampled)."""
     import os
     import resource
 
@@ -63,7 +64,8 @@ def _child(source: str, out: str, args: list[str]) -> None:
         print(json.dumps({"error": (errors or lines)[-1:]}))
         sys.exit(1)
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux, bytes on macOS
-    peak = peak if sys.platform == "darwin" else peak * 1024
+    # the largest process's high-water mark, or more where processes of the export's own ran at once (sampled)
+    peak = max(peak if sys.platform == "darwin" else peak * 1024, max((rss for _, rss in samples), default=0))
     print(json.dumps({"seconds": seconds, "peak_rss_bytes": peak, "stages": stages, "estimate": estimate}))
 
 
@@ -90,18 +92,38 @@ def run_sampled(command: list[str], env: dict | None = None) -> tuple[int, str, 
 
 
 def _rss_reader(pid: int):
-    """A function reading process `pid`'s resident memory in bytes (None once it has gone); None where it cannot."""
+    """A function reading the resident memory of process `pid` and its descendants, in bytes (None once it has gone;
+    the export quantises text encoders in a process of its own, export/text_ahead.py); None where it cannot."""
     import os
 
     if sys.platform.startswith("linux"):
         page = os.sysconf("SC_PAGE_SIZE")
 
+        def resident(p: int) -> int:
+            with open(f"/proc/{p}/statm", encoding="ascii") as f:
+                return int(f.read().split()[1]) * page
+
+        def children(p: int) -> list[int]:
+            found = []
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children", encoding="ascii") as f:
+                    found += [int(c) for c in f.read().split()]
+            return found
+
         def statm() -> int | None:
             try:
-                with open(f"/proc/{pid}/statm", encoding="ascii") as f:
-                    return int(f.read().split()[1]) * page
+                total = resident(pid)
             except (OSError, ValueError, IndexError):  # the process ended between poll and read
                 return None
+            todo = [pid]
+            while todo:
+                try:
+                    found = children(todo.pop())
+                    total += sum(resident(c) for c in found)
+                    todo += found
+                except (OSError, ValueError, IndexError):  # a descendant gone between the reads: not held now
+                    continue
+            return total
 
         return statm
     try:
@@ -115,7 +137,8 @@ def _rss_reader(pid: int):
 
     def rss() -> int | None:
         try:
-            return int(process.memory_info().rss)
+            tree = [process, *process.children(recursive=True)]
+            return sum(int(p.memory_info().rss) for p in tree)
         except psutil.Error:
             return None
 

@@ -17,11 +17,14 @@ import numpy as np
 
 from edgediff.runtime.bundle import sha256_file
 from edgediff.runtime.errors import ExportError, ExportOptionsError, ExportValidationError
-from edgediff.runtime.manifest import DENOISERS, MANIFEST_NAME, ComponentSpec, Manifest, TensorSpec
+from edgediff.runtime.manifest import DENOISERS, MANIFEST_NAME, ComponentSpec, TensorSpec
 from edgediff.runtime.schedulers import SAMPLER_TO_DIFFUSERS_CLASS  # noqa: F401  (older callers import it from here)
 
 from . import ip_adapter as ipa
+from . import text_ahead
 from .attention import fused_attention, fused_layers, use_attention
+from .bundle_quantize import bounded, plan_quantization, quantize_bundle
+from .calibration import CALIBRATION_PROMPTS, recorded_prompts
 from .capture import float_argmax
 from .checksums import BackgroundChecksums
 from .controlnet import (
@@ -38,8 +41,8 @@ from .counted_text import counted_transformer_for_export, takes_counted_text
 from .gemma_prefix import write_prefix
 from .lora import fuse_loras
 from .lora_slots import SLOT_COMPONENTS, slot_graph
-from .manifest_builder import build_manifest, recorded_path, write_text_conditioning
-from .memory_plan import available_bytes, check_source, record_one_at_a_time
+from .manifest_builder import build_manifest, bundle_defaults, guided, recorded_path, write_text_conditioning
+from .memory_plan import Weights, check_source
 from .optimize import MODEL_TYPES as FUSABLE
 from .optimize import fuse_fast_gelu, optimize_graph
 from .options import QUANTIZED, ExportOptions
@@ -253,6 +256,12 @@ def _release(module) -> None:
     module.to("meta")
 
 
+def _fp32_weights(module) -> Weights:
+    """A torch module's weights as the memory plan counts them, widened to fp32 for its export."""
+    sizes = [p.numel() * 4 for p in module.parameters()]
+    return Weights(stored=sum(sizes), fp32=sum(sizes), largest=max(sizes, default=0))
+
+
 def _millions(module) -> float:
     """A torch module's parameters, in millions: the weight of its stages on the progress bar."""
     return max(sum(p.numel() for p in module.parameters()) / 1e6, 0.01)
@@ -372,10 +381,11 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
             stages.plan(f"{name}: export", STAGE_COST["export"] * millions)
             stages.plan(f"{name}: check", STAGE_COST["check"] * millions)
         if options.quantized:
-            _plan_quantization(stages, sizes, precision, options, fam)
+            plan_quantization(stages, sizes, precision, options, fam)
         # the fp32 graphs quantisation replaces (_write_checked)
         policy = component_policy(precision, options.quantize_only, fam) if options.quantized else {}
         replaced = {name for name, scheme in policy.items() if scheme}
+        ahead = None  # text_ahead.TextAhead, once the text encoders are exported
         while work:  # popped as done, so that each torch module can be freed after its export
             component, (module, export_config), modules, attributes = work.pop(0)
             # dynamic-size graphs are checked on a smaller grid; fp16 graphs that may overflow at the bundle's size
@@ -480,6 +490,19 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
             components[component.name] = ComponentSpec(
                 files=files, precision=comp_precision, inputs=inputs, outputs=outputs, attributes=attributes
             )
+            if options.quantized and ahead is None:  # the text encoders quantised while the UNet is exported
+                ahead = text_ahead.start(
+                    staging,
+                    text[1],
+                    components,
+                    {c.name: _fp32_weights(module) for c, (module, _), *_ in work},
+                    policy,
+                    recorded_prompts(options.calibration_prompts or CALIBRATION_PROMPTS, bounded(policy, sizes)),
+                    guided(bundle_defaults(fam, ctx, options), ctx.time_cond_proj_dim),
+                    options.keep,
+                )
+                if ahead is not None:
+                    loaded.enter_context(ahead)
         shutil.rmtree(raw_dir, ignore_errors=True)
         components = {name: components[name] for name in listed}
 
@@ -508,7 +531,7 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
         del pipe, optimum_models, work
         release_memory()
         if options.quantized:
-            _quantize_bundle(staging, manifest, precision, options, stages, fam, checksums)
+            quantize_bundle(staging, manifest, precision, options, stages, fam, checksums, ahead)
         checksums.fill(manifest)
         (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
         if options.segments > 1:  # last: the segments are cut from the denoiser as the bundle keeps it
@@ -562,189 +585,3 @@ def export_bundle(
         overwrite=overwrite,
     )
     return write_onnx_bundle(source, out, options, progress)
-
-
-def _plan_quantization(stages, sizes: dict[str, float], precision: str, options: ExportOptions, family) -> None:
-    """Adds the quantisation stages to the progress bar: recording the calibration inputs, then per quantised
-    component calibration (static schemes), the sensitivity pass (keep="auto"), quantising and checking. A
-    component --quantize-only names that this model lacks is refused here, before any graph is exported."""
-    from .calibration import CALIBRATION_PROMPTS
-    from .progress import STAGE_COST
-    from .quantize import MAX_CALIBRATION_FEEDS, SCHEMES, SENSITIVITY_FEEDS, component_policy, quantisable
-
-    keep, prompts = options.keep, options.calibration_prompts
-    # a name this model lacks, or one this family keeps fp32 (the VAE decoder is static int8 only where
-    # Family.static_int8_decoder says so)
-    known = [n for n in quantisable(precision, family) if n in sizes]
-    missing = [n for n in options.quantize_only if n not in known]
-    if missing:
-        raise ExportOptionsError("export_quantize_only_missing", names=", ".join(missing), known=", ".join(known))
-    policy = component_policy(precision, options.quantize_only, family)
-    stages.plan(
-        "recording calibration inputs", STAGE_COST["record"] * sum(sizes.values()) * len(prompts or CALIBRATION_PROMPTS)
-    )
-    for name, millions in sizes.items():
-        if policy.get(name) is None:
-            continue
-        if SCHEMES[policy[name]].calibrated:  # ranges taken while recording (_ranges_while_recording)
-            stages.plan("recording calibration inputs", STAGE_COST["calibrate"] * millions * MAX_CALIBRATION_FEEDS)
-        if keep == "auto":
-            stages.plan(f"{name}: sensitivity", STAGE_COST["sensitivity"] * millions * SENSITIVITY_FEEDS)
-        stages.plan(f"{name}: quantize", STAGE_COST["quantize"] * millions)
-        stages.plan(f"{name}: final check", STAGE_COST["final check"] * millions * MAX_CALIBRATION_FEEDS)
-
-
-def _ranges_while_recording(manifest: Manifest, name: str, scheme: str) -> bool:
-    """Whether a component's activation ranges are taken while its calibration inputs are recorded (a static scheme,
-    one graph) rather than by running it over them again (calibration.record_feeds)."""
-    from .quantize import SCHEMES
-
-    return SCHEMES[scheme].calibrated and not manifest.components[name].segments
-
-
-def _quantize_bundle(
-    staging: Path,
-    manifest: Manifest,
-    precision: str,
-    options: ExportOptions,
-    stages,
-    family,
-    checksums: BackgroundChecksums,
-) -> None:
-    """Replaces the components the policy names (those --quantize-only names, when given) with quantized graphs,
-    recording how in the manifest (their checksums started in `checksums`). The largest graph is quantised beside
-    the others (they follow one another on a second thread) where both fit in the memory available
-    (memory_plan.quantise_side_by_side), else one at a time: much of a quantisation runs on one core (the quantiser
-    itself, writing graphs, opening sessions), and the full-size SD-Turbo text encoder's took 11 s of the 49 s its
-    fastest export spent quantising on 2 cores."""
-    from concurrent.futures import ThreadPoolExecutor, as_completed
-
-    from .calibration import CALIBRATION_PROMPTS, record_feeds
-    from .memory_plan import graph_largest, quantise_side_by_side
-    from .quantize import SCHEMES
-
-    keep, prompts = options.keep, options.calibration_prompts
-    policy = component_policy(precision, options.quantize_only, family)
-    # the graphs open together where they fit, else one at a time (the memory plan's rule)
-    alone = record_one_at_a_time([spec.size for spec in manifest.components.values()], available_bytes())
-    if alone:
-        log.info("recording calibration inputs one graph at a time: the fp32 graphs do not fit in memory together")
-    with stages.stage("recording calibration inputs"):
-        names = [n for n in manifest.components if policy.get(n)]
-        bounded = not any(SCHEMES[policy[n]].calibrated for n in names)  # no activation ranges to take
-        feeds = record_feeds(
-            staging,
-            prompts or CALIBRATION_PROMPTS,
-            names,
-            one_at_a_time=alone,
-            bounded=bounded,
-            ranges_for={n: SCHEMES[policy[n]] for n in names if _ranges_while_recording(manifest, n, policy[n])},
-        )
-    _replan_from_recording(stages, manifest, feeds, keep)
-    release_memory()
-    for name, spec in manifest.components.items():
-        if policy.get(name) is None:
-            why = (
-                "not named by --quantize-only" if options.quantize_only else "kept fp32 by policy (export/quantize.py)"
-            )
-            spec.attributes["quantization"] = {"scheme": None, "why": why}
-    largest_first = sorted(names, key=lambda n: -manifest.components[n].size)
-    graphs = {
-        n: (manifest.components[n].size, policy[n], graph_largest(staging / manifest.components[n].graph_file))
-        for n in largest_first
-    }
-    workers = 2 if quantise_side_by_side(graphs, available_bytes()) else 1
-    if workers > 1:
-        log.info("quantising %s beside %s", largest_first[0], ", ".join(largest_first[1:]))
-    with ThreadPoolExecutor(workers, thread_name_prefix="edgediff-quantize") as pool:
-        quantising = {
-            pool.submit(_quantize_one, staging, manifest, n, SCHEMES[policy[n]], feeds.pop(n), keep, stages): n
-            for n in largest_first
-        }
-        try:
-            for done in as_completed(quantising):  # each placed as it is done, here: one writer of the manifest
-                name = quantising[done]
-                _place_one(staging, manifest, name, SCHEMES[policy[name]], done.result())
-                checksums.start(manifest.components[name].files)  # read while the other graphs are quantised
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)  # the graph being quantised beside it is finished first
-            raise
-
-
-def _quantize_one(staging: Path, manifest: Manifest, name: str, scheme, recorded, keep, stages) -> dict:
-    """Quantises component `name`'s graph into a folder of its own in `staging`; returns its manifest record."""
-    from .quantize import quantize_component
-
-    work = staging / f".quantized-{name}"
-    work.mkdir()
-    return quantize_component(
-        staging / manifest.components[name].graph_file,
-        work / f"{name}.onnx",  # its external data, if any, is f"{name}.onnx.data": the bundle's names
-        scheme,
-        recorded,
-        keep,
-        stages=stages,
-        references=recorded.outputs,
-        ranges=recorded.ranges,
-    )
-
-
-def _place_one(staging: Path, manifest: Manifest, name: str, scheme, record: dict) -> None:
-    """Puts component `name`'s quantised graph (_quantize_one's) in place of its fp32 graph."""
-    spec = manifest.components[name]
-    work = staging / f".quantized-{name}"
-    for old in spec.files:  # the fp32 graph and any external data it had
-        (staging / old).unlink()
-    # 4-bit bundles are the low-memory choice: their weights memory-mapped (0.91 against 1.15 GiB at the
-    # peak for full-size SD-Turbo at 512 in low-memory mode, docs/benchmarks.md)
-    spec.files = _place_quantized(work / f"{name}.onnx", staging, name, scheme.precision == "int4", checksum=False)
-    shutil.rmtree(work)
-    spec.precision = scheme.precision
-    spec.attributes["quantization"] = record
-    release_memory()
-
-
-def _replan_from_recording(stages, manifest: Manifest, feeds: dict, keep) -> None:
-    """Re-weighs each quantised graph's stages that run it (its final check over every feed, the sensitivity pass's
-    whole-graph runs on its ranking feed) by the seconds a run took while recording. The plan weighed them by
-    parameters, which under-weighs convolutional graphs at full size: SANA's DC-AE decoder, 0.16 B parameters and
-    13 s a run at 512, showed 96% done with 54 s left at 22 minutes of a 37-minute export."""
-    from .quantize import MAX_OUTPUT_RUNS, SENSITIVITY_FEEDS, cropped_for_ranking
-
-    for name, recorded in feeds.items():
-        per_run = recorded.seconds_per_run()
-        if per_run is None or not recorded:
-            continue
-        stages.replan(f"{name}: final check", per_run * len(recorded))
-        if keep == "auto":  # the quantisation the plan weighed stays; the runs are added
-            shapes = {i.name: i.shape for i in manifest.components[name].inputs}
-            ranked = cropped_for_ranking(shapes, recorded[0])
-            fraction = sum(np.size(v) for v in ranked.values()) / max(sum(np.size(v) for v in recorded[0].values()), 1)
-            stages.replan(
-                f"{name}: sensitivity", per_run * fraction * SENSITIVITY_FEEDS * (1 + MAX_OUTPUT_RUNS), add=True
-            )
-
-
-def _place_quantized(
-    dst: Path, staging: Path, name: str, external: bool = False, checksum: bool = True
-) -> dict[str, dict]:
-    """Moves a quantized graph into the bundle under the component's names; returns its manifest `files`.
-    Weights stay where the quantiser wrote them: beside it past 2 GB, and where it wrote them a weight at a time
-    (int8, and any graph quantised from one past 2 GB), for onnxruntime reads them there as well, and
-    re-saving them whole cost 5-6 s for each of full-size SD-Turbo's UNet and text encoder. They go beside it
-    when `external` (4-bit graphs: onnxruntime memory-maps weights beside a graph instead of copying them into
-    its heap, which low-memory mode needs)."""
-    import onnx
-
-    data = dst.with_name(f"{dst.name}.data")
-    if external and not data.exists():  # the weights are not where they belong
-        model = onnx.load(str(dst))
-        files = _save_graph(model, staging, name, external=external, checksum=checksum)
-        del model
-        return files
-    names = []
-    for f in (dst, data):
-        if f.exists():
-            f.replace(staging / f.name)
-            names.append(f.name)
-    return _file_records(staging, names, checksum)

@@ -154,7 +154,7 @@ def _record(pipe, prompts, names, seed, one_at_a_time, bounded, range_graphs) ->
 
     m = pipe.manifest
     call = recording_call(m.defaults, size_multiple(m), m.vae_scale_factor, bounded)
-    prompts = list(prompts)[:UNCALIBRATED_MAX_PROMPTS] if bounded else prompts
+    prompts = recorded_prompts(prompts, bounded)
     # decoders whose inputs are wanted (full VAE, tiny decoder): each decodes the same sampled latents
     decoders = [d for d, component in DECODERS.items() if component in names]
     watched = (
@@ -170,20 +170,66 @@ def _record(pipe, prompts, names, seed, one_at_a_time, bounded, range_graphs) ->
                     pipe.decode(latents, decoder=decoder, output_type="np")
     finally:
         pipe.close()
-    out = {}
-    for name, feeds in recorded.items():
-        stride = max(1, len(feeds) // MAX_CALIBRATION_FEEDS)
-        kept = list(range(len(feeds)))[::stride][:MAX_CALIBRATION_FEEDS]
-        graph = range_graphs.get(name)
-        if graph is not None and len(graph.runs) != len(feeds):  # each run's ranges belong to the feed it recorded
-            raise RuntimeError(f"{name}: {len(graph.runs)} runs of its calibration graph for {len(feeds)} feeds")
-        out[name] = RecordedFeeds(
-            [feeds[i] for i in kept],
-            [feeds.outputs[i] for i in kept],
-            graph.ranges(kept) if graph else None,
-            feeds.seconds,
-        )
-    return out
+    return {name: _kept(name, feeds, range_graphs.get(name)) for name, feeds in recorded.items()}
+
+
+def recorded_prompts(prompts, bounded: bool) -> list[str]:
+    """The prompts a recording generates from: all, or the first UNCALIBRATED_MAX_PROMPTS where `bounded`."""
+    return list(prompts)[:UNCALIBRATED_MAX_PROMPTS] if bounded else list(prompts)
+
+
+def _kept(name: str, feeds: RecordedFeeds, graph=None) -> RecordedFeeds:
+    """At most MAX_CALIBRATION_FEEDS of a graph's recorded feeds, spread over the recording, with their outputs
+    (and their activation ranges where its RangeGraph `graph` took them)."""
+    stride = max(1, len(feeds) // MAX_CALIBRATION_FEEDS)
+    kept = list(range(len(feeds)))[::stride][:MAX_CALIBRATION_FEEDS]
+    if graph is not None and len(graph.runs) != len(feeds):  # each run's ranges belong to the feed it recorded
+        raise RuntimeError(f"{name}: {len(graph.runs)} runs of its calibration graph for {len(feeds)} feeds")
+    return RecordedFeeds(
+        [feeds[i] for i in kept],
+        [feeds.outputs[i] for i in kept],
+        graph.ranges(kept) if graph else None,
+        feeds.seconds,
+    )
+
+
+def record_text_feeds(
+    staging: Path,
+    conditioning: dict,
+    specs: dict,
+    names: list[str],
+    prompts,
+    do_cfg: bool,
+) -> dict[str, RecordedFeeds]:
+    """record_feeds for text encoders alone, in a bundle still being written (text_ahead.py): the feeds the runtime's
+    text conditioner (runtime/conditioning.TextConditioner: the UNet families') gives each encoder of `names` while it
+    encodes `prompts` one at a time, and the empty negative after each under classifier-free guidance (`do_cfg`), as
+    record_feeds' pipeline calls do. `conditioning`: the manifest's entry (manifest_builder.write_text_conditioning,
+    its tokenizer files written); `specs`: each encoder's ComponentSpec, its fp32 graph written and checked."""
+    from types import SimpleNamespace
+
+    from edgediff.runtime.conditioning import TextConditioner
+    from edgediff.runtime.manifest import TOKENIZER_NAME
+    from edgediff.runtime.session import GraphSession
+
+    class StagedText:  # what the conditioner reads of a bundle: the manifest is written after the other graphs
+        manifest = SimpleNamespace(conditioning=conditioning, text_encoders=conditioning["encoders"])
+
+        @staticmethod
+        def tokenizer_file(entry: dict) -> Path:
+            return Path(staging) / entry.get("file", TOKENIZER_NAME)
+
+    # as record_feeds' pipeline opens them: on the CPU, without the layout rewrite
+    sessions = {
+        name: GraphSession(name, Path(staging) / spec.graph_file, spec, None, staging, cpu_layout=False)
+        for name, spec in specs.items()
+    }
+    conditioner = TextConditioner(StagedText(), sessions)
+    with recording({name: sessions[name] for name in names}) as recorded:
+        for prompt in prompts:
+            conditioner([prompt], None, do_cfg, 1, 0, 0, {})
+    del conditioner, sessions
+    return {name: _kept(name, feeds) for name, feeds in recorded.items()}
 
 
 @contextmanager

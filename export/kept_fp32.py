@@ -23,7 +23,7 @@ def restore_fp32(quantised: Path, src: Path, dst: Path, restore: set[str], quant
     """Writes to `dst` the quantised graph `quantised` (of the fp32 graph `src`; `quantised_nodes`: the nodes of
     the quantiser's op types) with the nodes `restore` in fp32 again. Its weights go to `dst`'s name +
     ".data" beside it where the quantiser wrote them beside `quantised` or they pass quantize.LARGE_GRAPH_BYTES,
-    else inside it (bundle_writer._place_quantized puts them where the bundle keeps them)."""
+    else inside it (bundle_quantize.place_quantized puts them where the bundle keeps them)."""
     import onnx
     from onnx import helper
     from onnx.external_data_helper import uses_external_data

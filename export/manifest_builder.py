@@ -192,6 +192,22 @@ def _pixart_conditioning(tokenizer_entry: dict) -> dict:
     }
 
 
+def bundle_defaults(fam, ctx: ExportContext, options: ExportOptions) -> dict:
+    """The manifest's `defaults`: the call a bundle makes when the caller says nothing."""
+    return {
+        "steps": options.default_steps or fam.default_steps,
+        "guidance": fam.default_guidance if options.default_guidance is None else options.default_guidance,
+        "height": ctx.height,
+        "width": ctx.width,
+    }
+
+
+def guided(defaults: dict, guidance_embedding_dim: int | None) -> bool:
+    """Whether a UNet bundle's default call runs classifier-free guidance (runtime/pipeline.py's rule): a scale past 1,
+    not embedded (LCM)."""
+    return defaults["guidance"] > 1.0 and guidance_embedding_dim is None
+
+
 def build_manifest(
     pipe,
     fam,
@@ -215,12 +231,7 @@ def build_manifest(
         # as the resolved scheduler says it: flow schedulers' configs carry none, so theirs is "flow_prediction"
         prediction_type=scheduler["config"]["prediction_type"],
         scheduler=scheduler,
-        defaults={
-            "steps": options.default_steps or fam.default_steps,
-            "guidance": fam.default_guidance if options.default_guidance is None else options.default_guidance,
-            "height": ctx.height,
-            "width": ctx.width,
-        },
+        defaults=bundle_defaults(fam, ctx, options),
         latent_channels=ctx.latent_channels,
         vae_scaling_factor=float(pipe.vae.config.scaling_factor),
         vae_shift_factor=float(pipe.vae.config.get("shift_factor") or 0.0),

@@ -275,13 +275,25 @@ def quantising_bytes(fp32: int, scheme: str | None, largest: int | None = None) 
 
 def quantise_side_by_side(graphs: dict[str, tuple], free: int | None) -> bool:
     """Whether the largest of these graphs (name -> (fp32 bytes, scheme) or (fp32 bytes, scheme, largest tensor's
-    bytes): graph_largest's) is quantised beside the others, one of them at a time (bundle_writer._quantize_bundle):
+    bytes): graph_largest's) is quantised beside the others, one of them at a time (bundle_quantize.quantize_bundle):
     only where that fits in `free` bytes, the largest and the largest of the others together; else one graph at a
     time, as export_stages plans."""
     if free is None or len(graphs) < 2:
         return False
     needs = sorted((quantising_bytes(*graph) for graph in graphs.values()), reverse=True)
     return BASE_BYTES + needs[0] + needs[1] <= free
+
+
+def quantise_ahead(graphs: dict[str, tuple], exports_left: list[Weights], free: int | None) -> bool:
+    """Whether text encoders' graphs (name -> quantising_bytes' arguments) are quantised in a process of their own,
+    one at a time, while the components still to export (`exports_left`, loaded already) are exported
+    (text_ahead.py): only where the largest of those quantisations and the largest of those exports (its fp32
+    weights and what exporting holds beside them, as export_stages counts) fit in `free` bytes together, beside
+    that process's own base."""
+    if free is None or not graphs or not exports_left:
+        return False
+    exporting = max(w.fp32 + w.export_extra() for w in exports_left)
+    return BASE_BYTES + max(quantising_bytes(*graph) for graph in graphs.values()) + exporting <= free
 
 
 def graph_largest(path: Path) -> int:

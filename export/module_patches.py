@@ -1,7 +1,7 @@
 """Library functions replaced while some thread needs them replaced.
 
 The exporter swaps a few of onnxruntime's quantisation functions for its own while it quantises (weight_quant.py,
-stream_quant.py), and it quantises graphs side by side on threads (bundle_writer._quantize_bundle). A swap saved and
+stream_quant.py), and it quantises graphs side by side on threads (bundle_quantize.quantize_bundle). A swap saved and
 restored around each use would let the first thread out restore the originals under a thread still quantising. Here
 the first thread in installs a swap and the last one out restores it; what each thread wants of it (the folder its
 weights lie in, say) is a context variable the replacement reads, so another thread's call is its own.

@@ -103,3 +103,22 @@ def test_each_stage_gets_the_most_memory_held_while_it_ran(tmp_path):
     assert large - small > 0.8 * 256 * 2**20
     assert stages["small"]["peak_rss_bytes"] - small > 0.8 * 256 * 2**20  # the high-water mark: the large one
     assert export_cost.held_during({"stage": "old log", "seconds": 1.0}, samples) is None  # no time: not made up
+
+
+_PARENT_AND_CHILD = textwrap.dedent(
+    """
+    import subprocess, sys, time
+    import numpy as np
+    block = np.ones(128 * 2**20, np.uint8)  # touched: resident
+    child = "import numpy as np, time; b = np.ones(192 * 2**20, np.uint8); time.sleep(1.0)"
+    subprocess.run([sys.executable, "-c", child], check=True)
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for resident memory")
+def test_memory_held_counts_the_exports_own_child_processes():
+    """The export quantises text encoders in a process of its own (export/text_ahead.py): what both hold at once."""
+    code, stderr, samples = export_cost.run_sampled([sys.executable, "-c", _PARENT_AND_CHILD])
+    assert code == 0, stderr
+    assert max(rss for _, rss in samples) > 0.9 * (128 + 192) * 2**20

@@ -324,3 +324,15 @@ def test_graph_largest_reads_the_largest_initializer_from_the_structure(tmp_path
     )
     onnx.save_model(helper.make_model(graph), str(tmp_path / "g.onnx"), save_as_external_data=True, size_threshold=0)
     assert graph_largest(tmp_path / "g.onnx") == 100 * 2 * 8
+
+
+def test_text_encoders_go_ahead_only_where_their_quantisation_fits_beside_the_largest_export_left():
+    from edgediff.export.memory_plan import BASE_BYTES, Weights, quantise_ahead, quantising_bytes
+
+    graphs = {"text_encoder": (2**30, "int8-dynamic", 2**27), "text_encoder_2": (2**28, "int8-dynamic", 2**26)}
+    unet, tiny = Weights(3 * 2**30, 3 * 2**30, 2**26), Weights(2**20, 2**20)
+    both = BASE_BYTES + quantising_bytes(*graphs["text_encoder"]) + unet.fp32 + unet.export_extra()
+    assert quantise_ahead(graphs, [tiny, unet], both)
+    assert not quantise_ahead(graphs, [tiny, unet], both - 1)
+    assert not quantise_ahead(graphs, [unet], None)  # memory unknown: after the recording
+    assert not quantise_ahead(graphs, [], 2**40)  # no export left to run beside

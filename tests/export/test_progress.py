@@ -52,6 +52,19 @@ def test_each_logged_stage_says_how_long_it_took_and_when_it_ended(monkeypatch, 
     assert [(r["stage"], r["seconds"], r["ended"]) for r in records] == [("unet: export", 7.0, 12.0)]
 
 
+def test_stages_run_in_another_process_count_as_done_without_being_logged(monkeypatch, tmp_path):
+    from edgediff.export import progress
+
+    monkeypatch.setenv(progress.STAGES_LOG_ENV, str(tmp_path / "stages.jsonl"))
+    stages = progress.Stages(enabled=True)
+    for name, weight in (("text_encoder: quantize", 3.0), ("text_encoder: final check", 1.0), ("unet: quantize", 5.0)):
+        stages.plan(name, weight)
+    stages.run_elsewhere("text_encoder: ")
+    assert stages._bar.n == pytest.approx(4.0) and list(stages._planned) == ["unet: quantize"]
+    assert not (tmp_path / "stages.jsonl").exists()  # the other process logs its own
+    stages.close()
+
+
 class _Replans:
     def __init__(self):
         self.calls = {}
@@ -61,7 +74,7 @@ class _Replans:
 
 
 def test_recorded_run_times_weigh_the_final_check_and_the_rankings_runs():
-    from edgediff.export.bundle_writer import _replan_from_recording
+    from edgediff.export.bundle_quantize import replan_from_recording
     from edgediff.export.calibration import RecordedFeeds
     from edgediff.export.quantize import MAX_OUTPUT_RUNS, SENSITIVITY_FEEDS
     from edgediff.runtime.manifest import TensorSpec
@@ -74,14 +87,14 @@ def test_recorded_run_times_weigh_the_final_check_and_the_rankings_runs():
     ]
     manifest = SimpleNamespace(components={"unet": SimpleNamespace(inputs=inputs)})
     stages = _Replans()
-    _replan_from_recording(stages, manifest, {"unet": recorded}, "auto")
+    replan_from_recording(stages, manifest, {"unet": recorded}, "auto")
     assert stages.calls["unet: final check"] == (3.0 * 2, False)  # the median run, over every feed
     # the ranking runs on the latent's centre quarter (each side halved), the text states whole
     fraction = (4 * 64 * 64 + 77 * 64) / (4 * 128 * 128 + 77 * 64)
     seconds, add = stages.calls["unet: sensitivity"]
     assert add and seconds == pytest.approx(3.0 * fraction * SENSITIVITY_FEEDS * (1 + MAX_OUTPUT_RUNS))
     stages = _Replans()
-    _replan_from_recording(stages, manifest, {"unet": recorded}, "none")
+    replan_from_recording(stages, manifest, {"unet": recorded}, "none")
     assert set(stages.calls) == {"unet: final check"}
 
 

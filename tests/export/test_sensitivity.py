@@ -331,7 +331,7 @@ def test_graphs_with_external_data_quantise_the_same(unet_feeds, tmp_path, monke
     and moved into the bundle as it is. Forced here on the tiny UNet."""
     import onnx
 
-    from edgediff.export import bundle_writer, quantize
+    from edgediff.export import bundle_quantize, quantize
 
     src, feeds = unet_feeds
     inline = quantize.quantize_component(
@@ -353,7 +353,7 @@ def test_graphs_with_external_data_quantise_the_same(unet_feeds, tmp_path, monke
     assert sorted(p.name for p in big.iterdir()) == ["unet.onnx", "unet.onnx.data"]  # no probe left beside it
     bundle = tmp_path / "bundle"
     bundle.mkdir()
-    files = bundle_writer._place_quantized(out / "unet.onnx", bundle, "unet")
+    files = bundle_quantize.place_quantized(out / "unet.onnx", bundle, "unet")
     assert list(files) == ["unet.onnx", "unet.onnx.data"] == sorted(p.name for p in bundle.iterdir())
     import numpy as np
     import onnxruntime as ort

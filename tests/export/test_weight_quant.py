@@ -205,7 +205,7 @@ def test_ranges_for_a_component_not_recorded_is_refused(feeds):
 
 
 def test_threads_quantising_side_by_side_read_their_own_weights(tmp_path):
-    """Graphs are quantised on two threads at once (bundle_writer._quantize_bundle): while one thread is inside
+    """Graphs are quantised on two threads at once (bundle_quantize.quantize_bundle): while one thread is inside
     weights_read_from(its folder), onnxruntime's swapped reader reads its weights from that folder, not the other
     thread's, and the swap stays until the last thread leaves (module_patches.py)."""
     import threading
