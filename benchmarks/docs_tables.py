@@ -723,11 +723,17 @@ RECORDING_STAGE = "recording calibration inputs"  # bundle_writer's stage, befor
 
 def _quantisation_seconds(row: dict) -> float:
     """What an export spent on quantisation (recording calibration inputs, then each graph's stages past its export
-    and check): the part of its wall time an fp32 export does not have, and what the disk's speed moves least."""
-    stages = [s for s in row.get("stages") or [] if _measured_phase(s["stage"])[1] in ("quantize", "recording")]
-    if stages and all("ended" in s for s in stages):  # graphs quantised side by side: their stages' span, not sum
-        return max(s["ended"] for s in stages) - min(s["ended"] - s["seconds"] for s in stages)
-    return sum(s["seconds"] for s in stages)
+    and check): the part of its wall time an fp32 export does not have, and what the disk's speed moves least. Where
+    stages say when they ended, the wall time from the last graph's export or check to the last quantisation stage:
+    graphs quantised side by side count once, and text encoders quantised while the UNet is exported
+    (export/text_ahead.py) add nothing where they are done by then."""
+    stages = row.get("stages") or []
+    quantising = [s for s in stages if _measured_phase(s["stage"])[1] in ("quantize", "recording")]
+    if quantising and all("ended" in s for s in stages):
+        exported = max((s["ended"] for s in stages if _measured_phase(s["stage"])[1] == "export"), default=0.0)
+        start = min((s["ended"] - s["seconds"] for s in quantising if s["ended"] > exported), default=exported)
+        return max(0.0, max(s["ended"] for s in quantising) - max(start, exported))
+    return sum(s["seconds"] for s in quantising)
 
 
 def _measured_phase(stage: str) -> tuple[str, str]:

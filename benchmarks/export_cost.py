@@ -135,12 +135,18 @@ def _rss_reader(pid: int):
     except psutil.Error:  # the process gone already
         return None
 
+    def held(p) -> int:
+        try:
+            return int(p.memory_info().rss)
+        except psutil.Error:  # a descendant gone between the reads: not held now
+            return 0
+
     def rss() -> int | None:
         try:
-            tree = [process, *process.children(recursive=True)]
-            return sum(int(p.memory_info().rss) for p in tree)
+            own, descendants = int(process.memory_info().rss), process.children(recursive=True)
         except psutil.Error:
             return None
+        return own + sum(held(p) for p in descendants)
 
     return rss
 

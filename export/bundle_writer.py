@@ -490,7 +490,8 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
             components[component.name] = ComponentSpec(
                 files=files, precision=comp_precision, inputs=inputs, outputs=outputs, attributes=attributes
             )
-            if options.quantized and ahead is None:  # the text encoders quantised while the UNet is exported
+            # the text encoders quantised while the UNet is exported, once the last of them is written
+            if options.quantized and component.name in {e["component"] for e in text[1].get("encoders", [])}:
                 ahead = text_ahead.start(
                     staging,
                     text[1],
@@ -500,6 +501,8 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
                     recorded_prompts(options.calibration_prompts or CALIBRATION_PROMPTS, bounded(policy, sizes)),
                     guided(bundle_defaults(fam, ctx, options), ctx.time_cond_proj_dim),
                     options.keep,
+                    since=stages.started_at,
+                    slotted=SLOT_COMPONENTS if options.lora_slots else (),
                 )
                 if ahead is not None:
                     loaded.enter_context(ahead)

@@ -205,7 +205,8 @@ def record_text_feeds(
     text conditioner (runtime/conditioning.TextConditioner: the UNet families') gives each encoder of `names` while it
     encodes `prompts` one at a time, and the empty negative after each under classifier-free guidance (`do_cfg`), as
     record_feeds' pipeline calls do. `conditioning`: the manifest's entry (manifest_builder.write_text_conditioning,
-    its tokenizer files written); `specs`: each encoder's ComponentSpec, its fp32 graph written and checked."""
+    its tokenizer files written); `specs`: the ComponentSpec of each encoder of `names`, its fp32 graph written and
+    checked. Only those encoders run: each one's feeds are its own tokens, whatever the others make."""
     from types import SimpleNamespace
 
     from edgediff.runtime.conditioning import TextConditioner
@@ -221,11 +222,12 @@ def record_text_feeds(
 
     # as record_feeds' pipeline opens them: on the CPU, without the layout rewrite
     sessions = {
-        name: GraphSession(name, Path(staging) / spec.graph_file, spec, None, staging, cpu_layout=False)
-        for name, spec in specs.items()
+        name: GraphSession(name, Path(staging) / specs[name].graph_file, specs[name], None, staging, cpu_layout=False)
+        for name in names
     }
     conditioner = TextConditioner(StagedText(), sessions)
-    with recording({name: sessions[name] for name in names}) as recorded:
+    conditioner.encoders = [e for e in conditioner.encoders if e.component in sessions]
+    with recording(sessions) as recorded:
         for prompt in prompts:
             conditioner([prompt], None, do_cfg, 1, 0, 0, {})
     del conditioner, sessions

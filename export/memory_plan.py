@@ -284,16 +284,21 @@ def quantise_side_by_side(graphs: dict[str, tuple], free: int | None) -> bool:
     return BASE_BYTES + needs[0] + needs[1] <= free
 
 
-def quantise_ahead(graphs: dict[str, tuple], exports_left: list[Weights], free: int | None) -> bool:
-    """Whether text encoders' graphs (name -> quantising_bytes' arguments) are quantised in a process of their own,
-    one at a time, while the components still to export (`exports_left`, loaded already) are exported
-    (text_ahead.py): only where the largest of those quantisations and the largest of those exports (its fp32
-    weights and what exporting holds beside them, as export_stages counts) fit in `free` bytes together, beside
-    that process's own base."""
+def quantise_ahead(graphs: dict[str, tuple], exports_left: dict[str, Weights], free: int | None, slotted=()) -> bool:
+    """Whether text encoders' graphs (name -> quantising_bytes' arguments) are quantised in a process of their own
+    while the components still to export (`exports_left`: name -> Weights, loaded already; `slotted`: those that get
+    LoRA slots) are exported (text_ahead.py): only where that process (its base, then the encoders' fp32 graphs open
+    together to record their feeds, then each quantised in turn) and the largest of those exports (its fp32 weights
+    and what exporting or slotting holds beside them, as export_stages counts) fit in `free` bytes together."""
     if free is None or not graphs or not exports_left:
         return False
-    exporting = max(w.fp32 + w.export_extra() for w in exports_left)
-    return BASE_BYTES + max(quantising_bytes(*graph) for graph in graphs.values()) + exporting <= free
+    exporting = max(
+        max(w.fp32 + w.export_extra(), int(LORA_SLOT_COPIES * w.fp32) if name in slotted else 0)
+        for name, w in exports_left.items()
+    )
+    recording = recording_bytes([graph[0] for graph in graphs.values()], one_at_a_time=False)
+    quantising = BASE_BYTES + max(quantising_bytes(*graph) for graph in graphs.values())
+    return max(recording, quantising) + exporting <= free
 
 
 def graph_largest(path: Path) -> int:

@@ -34,9 +34,10 @@ STAGE_COST = {
 
 class Stages:
     """A tqdm bar whose steps are named, weighted stages; a stage not planned shows its name and counts for
-    nothing (an extra whole-graph check, say)."""
+    nothing (an extra whole-graph check, say). `since`: when the export began (time.time()), for the stages of
+    another process of its own (text_ahead.py), which log when they ended counted from then."""
 
-    def __init__(self, enabled: bool = True, desc: str = "export"):
+    def __init__(self, enabled: bool = True, desc: str = "export", since: float | None = None):
         from tqdm.auto import tqdm
 
         self._bar = tqdm(
@@ -48,7 +49,13 @@ class Stages:
         self._planned: dict[str, float] = {}
         self._log = os.environ.get(STAGES_LOG_ENV) or None
         self._lock = threading.Lock()  # stages of graphs quantised side by side end on two threads
-        self._start = time.perf_counter()
+        # the export's start on this process's clock (another process of the export's: its start, told)
+        self._start = time.perf_counter() - (0.0 if since is None else time.time() - since)
+
+    @property
+    def started_at(self) -> float:
+        """When the export began (time.time()): another process's Stages `since`."""
+        return time.time() - (time.perf_counter() - self._start)
 
     def plan(self, name: str, weight: float) -> None:
         weight = max(float(weight), 1e-3)

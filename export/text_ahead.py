@@ -1,23 +1,33 @@
 """Text encoders quantised ahead: in a process of their own, while the denoiser's PyTorch export runs.
 
 Exporting the UNet (PyTorch tracing it and serialising its graph) keeps one core busy and leaves the other idle for
-half a minute and more (full-size SD-Turbo: 31-39 s on 2 cores), while quantising the text encoder after the
-recording cost the fastest export about 13 s even beside the UNet's quantisation. A text encoder's calibration
-feeds need only the prompts, its tokenizer and its own fp32 graph, all written by then (calibration.
-record_text_feeds), so its quantisation runs there instead. In a process, not a thread: PyTorch's exporter holds
-Python's lock while it serialises a graph, and a thread would wait for it.
+half a minute (full-size SD-Turbo: 28-43 s on 2 cores), while quantising the text encoder after the recording cost
+the fastest export about 13 s even beside the UNet's quantisation. A text encoder's calibration feeds need only the
+prompts, its tokenizer and its own fp32 graph, all written by then (calibration.record_text_feeds), so its
+quantisation runs there instead. In a process, not a thread: PyTorch's exporter holds Python's lock while it
+serialises a graph, and a thread would wait for it. The process runs at a lower priority: the UNet's export is the
+export's critical path, and the process is to take the core it leaves idle, not half of the one it uses.
 
 Only for the UNet families (SD 1.x/2.x, SDXL), whose text conditioning is the runtime's TextConditioner, and only
-where the quantisation and the exports left fit in memory together (memory_plan.quantise_ahead). Transformer
-families' text encoders (T5 at the call's length, Gemma's instruction prefix) are quantised after the recording, as
-is everything where this process cannot give its records back (killed for memory, say).
+where the process and the exports left fit in memory together (memory_plan.quantise_ahead). Transformer families'
+text encoders (T5 at the call's length, Gemma's instruction prefix) are quantised after the recording, as is
+everything where the process ends without its records (killed for memory, say).
+
+The process is `python -m edgediff.export.text_ahead`, not a multiprocessing child: that would run the caller's
+own script again where it has no main guard, and cannot start from a daemonic process (a worker pool's). It reads
+its work from stdin and ends when stdin closes, so it never outlives the export, however that ends.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing
+import os
+import pickle
 import shutil
+import signal
+import subprocess
+import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -25,8 +35,8 @@ from .memory_plan import Weights, available_bytes, graph_largest, quantise_ahead
 
 log = logging.getLogger("edgediff.export")
 
-# the process Python starts afresh: a fork of the exporter would copy a process holding PyTorch's threads
-START_METHOD = "spawn"
+# The process's niceness on POSIX (below normal priority on Windows): the export's own process keeps its core.
+NICENESS = 10
 
 
 class TextAhead:
@@ -34,19 +44,17 @@ class TextAhead:
     `.quantized-{name}` in the bundle being written, as bundle_quantize.quantize_one does; `records` waits for it.
     A context manager: leaving it ends the process if it still runs (a failed or interrupted export)."""
 
-    def __init__(self, staging: Path, conditioning: dict, specs: dict, schemes: dict, prompts, do_cfg: bool, keep):
-        context = multiprocessing.get_context(START_METHOD)
+    def __init__(self, staging: Path, conditioning: dict, specs: dict, schemes: dict, prompts, do_cfg, keep, since):
         self.names = list(schemes)
         self._staging = Path(staging)
-        self._receive, send = context.Pipe(duplex=False)
-        self._process = context.Process(
-            target=_quantize_ahead,
-            args=(send, str(staging), conditioning, specs, schemes, list(prompts), do_cfg, keep),
-            name="edgediff-text-ahead",
-            daemon=True,  # never outlives the export
+        work = (str(staging), conditioning, specs, schemes, list(prompts), do_cfg, keep, since)
+        # the parent's import path: the work function is found where the parent found it
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "edgediff.export.text_ahead"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
         )
-        self._process.start()
-        send.close()  # the child's end: a child that dies leaves the pipe at EOF
+        self._process.stdin.write(pickle.dumps((_quantize_ahead, work, log.getEffectiveLevel())))
+        self._process.stdin.flush()  # and left open: the process ends when it closes
         self._records: dict | None = None
 
     def records(self) -> dict[str, dict]:
@@ -54,29 +62,32 @@ class TextAhead:
         it ended without them (killed), its work removed: they are then quantised with the other graphs. An error
         in the quantisation itself is raised here, as it would have been there."""
         if self._records is None:
-            try:
-                outcome, value = self._receive.recv()
-            except EOFError:
-                outcome, value = "died", None
-            self._process.join()
-            if outcome == "error":
-                raise value
-            if outcome == "died":
+            answer = self._process.stdout.read()  # until the process closes it: it has ended
+            self._process.wait()
+            if not answer:
                 log.warning(
                     "the text encoders' quantisation process ended with code %s: quantising them after the recording",
-                    self._process.exitcode,
+                    self._process.returncode,
                 )
                 for name in self.names:
                     shutil.rmtree(self._staging / f".quantized-{name}", ignore_errors=True)
-                value = {}
+                self._records = {}
+                return self._records
+            outcome, value = pickle.loads(answer)  # the export's own child: not data from a bundle
+            if outcome == "error":
+                raise value
             self._records = value
         return self._records
 
     def close(self) -> None:
-        if self._process.is_alive():
-            self._process.terminate()
-        self._process.join()
-        self._receive.close()
+        if self._process.poll() is None:
+            self._process.kill()
+        self._process.wait()
+        for pipe in (self._process.stdin, self._process.stdout):
+            try:
+                pipe.close()
+            except OSError:  # stdin's last write refused: the process had gone
+                continue
 
     def __enter__(self) -> TextAhead:
         return self
@@ -94,11 +105,14 @@ def start(
     prompts,
     do_cfg: bool,
     keep,
+    since: float | None = None,
+    slotted=(),
 ) -> TextAhead | None:
-    """A TextAhead for the text encoders the policy quantises, once every encoder of the UNet's text
-    `conditioning` is `written` (name -> ComponentSpec) and the UNet is among `exports_left` (name -> Weights, the
-    components not exported yet); None where that is not so, or where the memory plan says the two would not fit
-    (memory_plan.quantise_ahead)."""
+    """A TextAhead for the text encoders the policy quantises, where every encoder of the UNet's text `conditioning`
+    is `written` (name -> ComponentSpec) and the UNet is among `exports_left` (name -> Weights, the components not
+    exported yet; `slotted`: those that get LoRA slots); None where that is not so, or where the memory plan says the
+    process and those exports would not fit together (memory_plan.quantise_ahead). `since`: the export's start
+    (time.time()), which the process's logged stages count from."""
     from .quantize import SCHEMES
 
     encoders = [e["component"] for e in conditioning.get("encoders", [])]
@@ -108,42 +122,72 @@ def start(
     if not names:
         return None
     graphs = {n: (written[n].size, policy[n], graph_largest(staging / written[n].graph_file)) for n in names}
-    if not quantise_ahead(graphs, list(exports_left.values()), available_bytes()):
+    if not quantise_ahead(graphs, exports_left, available_bytes(), slotted):
         log.info("the text encoders are quantised after the recording: beside the UNet's export they may not fit")
         return None
     log.info("quantising %s while the remaining graphs are exported", ", ".join(names))
-    specs = {e: written[e] for e in encoders}
-    return TextAhead(staging, conditioning, specs, {n: SCHEMES[policy[n]] for n in names}, prompts, do_cfg, keep)
+    schemes = {n: SCHEMES[policy[n]] for n in names}
+    return TextAhead(staging, conditioning, {n: written[n] for n in names}, schemes, prompts, do_cfg, keep, since)
 
 
-def _quantize_ahead(send, staging: str, conditioning: dict, specs: dict, schemes: dict, prompts, do_cfg, keep) -> None:
-    """The process's work: the encoders' feeds recorded, each quantised in turn; sends ("done", records) or
+def _quantize_ahead(staging: str, conditioning: dict, specs: dict, schemes: dict, prompts, do_cfg, keep, since):
+    """The process's work: the encoders' feeds recorded, each quantised in turn; returns ("done", records) or
     ("error", exception). Its stages go to the export's stages log (progress.STAGES_LOG_ENV, inherited)."""
     try:
         from .bundle_quantize import quantize_one
         from .calibration import record_text_feeds
         from .progress import Stages
 
-        stages = Stages(enabled=False)
-        with stages.stage("text encoders: recording calibration inputs"):
+        stages = Stages(enabled=False, since=since)
+        with stages.stage(f"{', '.join(schemes)}: calibration inputs"):
             feeds = record_text_feeds(Path(staging), conditioning, specs, list(schemes), prompts, do_cfg)
         records = {
             name: quantize_one(Path(staging), specs[name].graph_file, name, scheme, feeds.pop(name), keep, stages)
             for name, scheme in schemes.items()
         }
-    except BaseException as exc:  # Ctrl-C reaches the export too: what it gets back does not matter then
-        send.send(("error", _sendable(exc)))
-        return
-    send.send(("done", records))
+    except Exception as exc:
+        return "error", _sendable(exc)
+    return "done", records
 
 
 def _sendable(exc: BaseException) -> BaseException:
-    """`exc` where it survives pickling between processes (edgediff's errors do), else a RuntimeError with its
-    traceback."""
-    import pickle
-
+    """`exc` with its traceback in this process as a note, where it survives pickling (edgediff's errors do), else a
+    RuntimeError telling it in words."""
+    told = "".join(traceback.format_exception(exc))
     try:
-        pickle.loads(pickle.dumps(exc))
-        return exc
-    except Exception:  # any exception pickle raises: the error is then told in words
-        return RuntimeError("".join(traceback.format_exception(exc)))
+        exc.add_note(f"in the text encoders' quantisation process:\n{told}")
+        return pickle.loads(pickle.dumps(exc))
+    except Exception:  # any error pickling raises: the exception is then told in words
+        return RuntimeError(f"the text encoders' quantisation failed:\n{told}")
+
+
+def _lower_priority() -> None:
+    if hasattr(os, "nice"):
+        os.nice(NICENESS)
+        return
+    try:
+        import psutil  # optional: Windows' priority classes
+    except ImportError:
+        return
+    psutil.Process().nice(psutil.BELOW_NORMAL_PRIORITY_CLASS)
+
+
+def _end_with_the_export() -> None:
+    sys.stdin.buffer.read()  # returns when the export closes its end, or has ended
+    os._exit(1)
+
+
+def _main() -> None:
+    answer = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # anything else written to stdout (a library's print) goes to stderr, not into the answer
+    work, args, level = pickle.load(sys.stdin.buffer)  # from the export that started this process
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the export's to handle: it ends this process
+    logging.basicConfig(level=level, format="%(message)s")
+    threading.Thread(target=_end_with_the_export, daemon=True).start()
+    _lower_priority()
+    answer.write(pickle.dumps(work(*args)))
+    answer.close()
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,8 +1,9 @@
 """Text encoders quantised in a process of their own while the UNet is exported (export/text_ahead.py)."""
 
-import multiprocessing
+import logging
 import os
 import time
+from pathlib import Path
 
 import pytest
 from tiny_models import tiny_source
@@ -26,11 +27,12 @@ def _quantised_here(monkeypatch) -> list[str]:
     return here
 
 
-def _export(models_root, out, arch, precision, monkeypatch, ahead: bool):
-    from edgediff.export import export_bundle, text_ahead
+def _export(models_root, out, arch, precision, monkeypatch, ahead: bool, **options):
+    from edgediff.export import ExportOptions, export, text_ahead
 
     monkeypatch.setattr(text_ahead, "quantise_ahead", lambda *args: ahead)
-    return export_bundle(str(tiny_source(arch, models_root)), out, precision=precision, keep="auto", progress=False)
+    options = ExportOptions(precision=precision, keep="auto", **options)
+    return export(str(tiny_source(arch, models_root)), out, options, progress=False)
 
 
 def _graph(path):
@@ -41,22 +43,30 @@ def _graph(path):
     return nodes, {t.name: onnx.numpy_helper.to_array(t).tobytes() for t in model.graph.initializer}
 
 
-# tiny-sd1: one encoder, guided by default (the empty negative recorded too); tiny-sdxl: two encoders, the first one
-# fp32-only in the text conditioner's feeds of the second where only it is quantised
-@pytest.mark.parametrize(("arch", "precision"), [("tiny-sd1", "int8-static"), ("tiny-sdxl", "int8")])
+# tiny-sd1: one encoder, guided by default (the empty negative's feeds recorded too) or not; tiny-sdxl: two encoders,
+# guided with zeros for the negative (no negative encoded), or only the second quantised
+@pytest.mark.parametrize(
+    ("arch", "precision", "options"),
+    [
+        ("tiny-sd1", "int8-static", {}),
+        ("tiny-sd1", "int8", {"default_guidance": 0.0}),
+        ("tiny-sdxl", "int8", {}),
+        ("tiny-sdxl", "int8", {"quantize_only": ("text_encoder_2", "unet")}),
+    ],
+)
 def test_text_encoders_quantised_ahead_are_those_quantised_after_the_recording(
-    models_root, tmp_path, monkeypatch, arch, precision
+    models_root, tmp_path, monkeypatch, arch, precision, options
 ):
     """The same graphs and manifest records, the text encoders quantised in another process, feeds made from the
     prompts by the runtime's text conditioner instead of recorded from the pipeline's calls."""
     here = _quantised_here(monkeypatch)
-    after = _export(models_root, tmp_path / "after", arch, precision, monkeypatch, ahead=False)
+    after = _export(models_root, tmp_path / "after", arch, precision, monkeypatch, ahead=False, **options)
     in_order = list(here)
     here.clear()
-    ahead = _export(models_root, tmp_path / "ahead", arch, precision, monkeypatch, ahead=True)
+    ahead = _export(models_root, tmp_path / "ahead", arch, precision, monkeypatch, ahead=True, **options)
     one, two = Bundle.open(after, verify="full").manifest, Bundle.open(ahead, verify="full").manifest
-    encoders = [e["component"] for e in one.text_encoders]
-    assert set(encoders) <= set(in_order) and not set(encoders) & set(here) and "unet" in here
+    encoders = [e["component"] for e in one.text_encoders if one.components[e["component"]].precision != "fp32"]
+    assert encoders and set(encoders) <= set(in_order) and not set(encoders) & set(here) and "unet" in here
     for name in in_order:
         assert two.components[name].attributes["quantization"] == one.components[name].attributes["quantization"]
         assert two.components[name].precision == one.components[name].precision
@@ -64,39 +74,58 @@ def test_text_encoders_quantised_ahead_are_those_quantised_after_the_recording(
     assert not [p.name for p in ahead.iterdir() if p.name.startswith(".")]  # no work folder left
 
 
-def _dies(send, *args):
-    """A process ahead killed before it could answer (for memory, say)."""
+MARKER_ENV = "EDGEDIFF_TEST_AHEAD_MARKER"  # where the stand-ins below say they ran: this process's pid
+
+
+def _started() -> None:
+    Path(os.environ[MARKER_ENV]).write_text(str(os.getpid()))
+
+
+def _dies(staging, *args):
+    """A process ahead killed half way (for memory, say)."""
+    _started()
+    (Path(staging) / ".quantized-text_encoder").mkdir()
     os._exit(9)
 
 
-def _fails(send, staging, conditioning, specs, schemes, *rest):
+def _fails(staging, conditioning, specs, schemes, *rest):
     """The real work, with a scheme the quantiser cannot take: an error inside the process ahead."""
     from edgediff.export import text_ahead
 
-    text_ahead._quantize_ahead(send, staging, conditioning, specs, {name: None for name in schemes}, *rest)
+    _started()
+    return text_ahead._quantize_ahead(staging, conditioning, specs, {name: None for name in schemes}, *rest)
 
 
-def _hangs(send, *args):
+def _hangs(*args):
+    _started()
     time.sleep(120)
 
 
-def test_text_encoders_are_quantised_after_the_recording_when_their_process_dies(models_root, tmp_path, monkeypatch):
+def test_text_encoders_are_quantised_after_the_recording_when_their_process_dies(
+    models_root, tmp_path, monkeypatch, caplog
+):
     from edgediff.export import text_ahead
 
     monkeypatch.setattr(text_ahead, "_quantize_ahead", _dies)
+    monkeypatch.setenv(MARKER_ENV, str(tmp_path / "ran"))
     here = _quantised_here(monkeypatch)
-    out = _export(models_root, tmp_path / "bundle", "tiny-sd1", "int8", monkeypatch, ahead=True)
+    with caplog.at_level(logging.WARNING, logger="edgediff.export"):
+        out = _export(models_root, tmp_path / "bundle", "tiny-sd1", "int8", monkeypatch, ahead=True)
+    assert (tmp_path / "ran").is_file() and "ended with code 9" in caplog.text
     manifest = Bundle.open(out, verify="full").manifest
     assert "text_encoder" in here and manifest.components["text_encoder"].precision == "int8"
-    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # its half-done work removed
 
 
 def test_an_error_in_the_process_ahead_fails_the_export_and_leaves_nothing(models_root, tmp_path, monkeypatch):
     from edgediff.export import text_ahead
 
     monkeypatch.setattr(text_ahead, "_quantize_ahead", _fails)
-    with pytest.raises(AttributeError):
+    marker = tmp_path.parent / f"{tmp_path.name}-ran"
+    monkeypatch.setenv(MARKER_ENV, str(marker))
+    with pytest.raises(AttributeError) as raised:
         _export(models_root, tmp_path / "bundle", "tiny-sd1", "int8", monkeypatch, ahead=True)
+    assert marker.is_file() and any("quantisation process" in note for note in raised.value.__notes__)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -107,10 +136,16 @@ def test_a_failed_export_ends_the_process_ahead(models_root, tmp_path, monkeypat
     from edgediff.runtime.errors import ExportValidationError
 
     monkeypatch.setattr(text_ahead, "_quantize_ahead", _hangs)
+    marker = tmp_path.parent / f"{tmp_path.name}-ran"
+    monkeypatch.setenv(MARKER_ENV, str(marker))
     real = bundle_writer._validate
 
     def unet_fails(component, *args, **kwargs):
         if component.name == "unet":
+            for _ in range(600):  # once the process is at work
+                if marker.is_file():
+                    break
+                time.sleep(0.05)
             raise ExportValidationError("unet", {"out_sample": (1.0, 0.0)})
         return real(component, *args, **kwargs)
 
@@ -118,8 +153,9 @@ def test_a_failed_export_ends_the_process_ahead(models_root, tmp_path, monkeypat
     start = time.perf_counter()
     with pytest.raises(ExportValidationError):
         _export(models_root, tmp_path / "bundle", "tiny-sd1", "int8", monkeypatch, ahead=True)
-    assert time.perf_counter() - start < 60 and multiprocessing.active_children() == []
-    assert list(tmp_path.iterdir()) == []
+    assert time.perf_counter() - start < 60 and list(tmp_path.iterdir()) == []
+    with pytest.raises(ProcessLookupError):  # ended, and waited for
+        os.kill(int(marker.read_text()), 0)
 
 
 def test_only_a_unet_familys_text_encoders_go_ahead_once_all_are_written(tmp_path, monkeypatch):
@@ -139,7 +175,7 @@ def test_only_a_unet_familys_text_encoders_go_ahead_once_all_are_written(tmp_pat
     policy = {"text_encoder": "int8-dynamic", "text_encoder_2": "int8-dynamic", "unet": "int8-static"}
 
     def start(conditioning, written, exports_left, policy=policy):
-        return text_ahead.start(tmp_path, conditioning, written, exports_left, policy, ["a"], True, "auto")
+        return text_ahead.start(tmp_path, conditioning, written, exports_left, policy, ["a"], True, "auto", 0.0)
 
     assert start(sdxl, {"text_encoder": Spec()}, unet) is None  # the second encoder not written yet
     assert start(sdxl, {"text_encoder": Spec(), "text_encoder_2": Spec()}, {}) is None  # nothing left to export
@@ -149,5 +185,9 @@ def test_only_a_unet_familys_text_encoders_go_ahead_once_all_are_written(tmp_pat
     assert start(sdxl, {"text_encoder": Spec(), "text_encoder_2": Spec()}, unet) == "ahead"
     conditioning, specs, schemes = started[0][1:4]
     assert conditioning is sdxl and set(specs) == set(schemes) == {"text_encoder", "text_encoder_2"}
+    # only the quantised encoders' graphs are opened by the process
+    only_second = {"text_encoder_2": "int8-dynamic", "unet": "int8-static"}
+    assert start(sdxl, {"text_encoder": Spec(), "text_encoder_2": Spec()}, unet, only_second) == "ahead"
+    assert set(started[1][2]) == set(started[1][3]) == {"text_encoder_2"}
     monkeypatch.setattr(text_ahead, "available_bytes", lambda: 2**20)  # not beside the UNet's export
     assert start(sdxl, {"text_encoder": Spec(), "text_encoder_2": Spec()}, unet) is None
