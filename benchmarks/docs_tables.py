@@ -404,7 +404,7 @@ class ExportTable:
 
 # the VNNI EPYC's runs (the code of their date)
 EXPORT_COST = tuple(E + f"2026-12-06-export-cost-{run}.json" for run in (5, 6, 7, 8))
-EXPORT_COST_AMX = tuple(X + f"2026-12-06-export-cost-{run}.json" for run in (7, 8))  # the current code's runs
+EXPORT_COST_AMX = tuple(X + f"2026-12-06-export-cost-{run}.json" for run in (11, 12, 13, 14))  # the current code's runs
 EXPORT_COST_AVX2 = tuple(f"epyc-2c-avx2/2026-12-05-export-cost-{run}.json" for run in (1, 2, 3))
 EXPORT_COST_SD35 = E + "2026-12-03-export-cost-sd35-medium.json"
 EXPORT_STAGES_OF = "fastest"
@@ -660,15 +660,19 @@ def render_export_cost(name: str, results: dict[str, dict]) -> str:
     rows = [r for r in data["results"] if "seconds" in r]
 
     def peak_stage(row: dict) -> str:
+        """The stage that raised the export's high-water mark to the peak, or the longest stage during which the
+        peak was sampled (the export and a process of its own together: export/text_ahead.py)."""
         stages = row.get("stages") or []
         first = next((s for s in stages if s.get("peak_rss_bytes") == row["peak_rss_bytes"]), None)
+        held = [s for s in stages if s.get("held_rss_bytes") == row["peak_rss_bytes"]]
+        first = first or max(held, key=lambda s: s["seconds"], default=None)  # the longest of those it overlapped
         return first["stage"] if first else "-"
 
     if table.memory:
         lines = _memory_lines(rows)
     elif table.stages_of is None:
         lines = [
-            "| export | arguments | wall time | wall time / fp32's | quantisation stages | peak RSS | set by | bundle |",
+            "| export | arguments | wall time | wall time / fp32's | quantising after the exports | peak RSS | set by | bundle |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for run, rel in enumerate(files, 1):

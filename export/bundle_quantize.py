@@ -101,6 +101,7 @@ def quantize_bundle(
                 one_at_a_time=alone,
                 bounded=bounded(policy, manifest.components),
                 ranges_for={n: SCHEMES[policy[n]] for n in names if _ranges_while_recording(manifest, n, policy[n])},
+                replayed=ahead.text_runs if ahead is not None else None,  # the text encoders' runs, made there
             )
             if names
             else {}  # every graph quantised ahead

@@ -12,7 +12,9 @@ encoder's stage) against 6.9 estimated, the latter's quantisation stages at most
 17.59 GB against 18.80 (Gemma-2's stage); FLUX.1-schnell's at full width with 6 of its 57 blocks at 9.43 GB against
 10.23 (T5's stage).
 A model that cannot fit is refused before any of it is loaded, naming the stage, the estimate and what to
-do, instead of being killed half way (the bundle is atomic either way: nothing is left at the output).
+do, instead of being killed half way (the bundle is atomic either way: nothing is left at the output). The UNet
+families' text encoders are quantised in a process of their own during the UNet's export only where both fit in the
+memory free then (quantise_ahead, text_ahead.py), so the stages here, which decide a refusal, leave it out.
 """
 
 from __future__ import annotations

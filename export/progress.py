@@ -35,7 +35,8 @@ STAGE_COST = {
 class Stages:
     """A tqdm bar whose steps are named, weighted stages; a stage not planned shows its name and counts for
     nothing (an extra whole-graph check, say). `since`: when the export began (time.time()), for the stages of
-    another process of its own (text_ahead.py), which log when they ended counted from then."""
+    another process of its own (text_ahead.py), which log when they ended counted from then, and no high-water mark
+    (a child's starts from its parent's, and the export's peak is the two together: export_cost samples it)."""
 
     def __init__(self, enabled: bool = True, desc: str = "export", since: float | None = None):
         from tqdm.auto import tqdm
@@ -51,6 +52,7 @@ class Stages:
         self._lock = threading.Lock()  # stages of graphs quantised side by side end on two threads
         # the export's start on this process's clock (another process of the export's: its start, told)
         self._start = time.perf_counter() - (0.0 if since is None else time.time() - since)
+        self._side_process = since is not None
 
     @property
     def started_at(self) -> float:
@@ -90,7 +92,8 @@ class Stages:
                 # so what a span of them took is read from when they ended, not from their sum
                 "ended": round(now - self._start, 3),
                 "ended_at": round(time.time(), 3),
-                "peak_rss_bytes": _peak_rss(),
+                "peak_rss_bytes": None if self._side_process else _peak_rss(),
+                **({"side_process": True} if self._side_process else {}),
             }
             with self._lock, open(self._log, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")

@@ -56,6 +56,7 @@ class TextAhead:
         self._process.stdin.write(pickle.dumps((_quantize_ahead, work, log.getEffectiveLevel())))
         self._process.stdin.flush()  # and left open: the process ends when it closes
         self._records: dict | None = None
+        self.text_runs: dict = {}  # calibration.TextRuns by encoder, once `records` has them
 
     def records(self) -> dict[str, dict]:
         """Each text encoder's quantisation record, once the process has quantised them all (waits for it); {} where
@@ -71,12 +72,12 @@ class TextAhead:
                 )
                 for name in self.names:
                     shutil.rmtree(self._staging / f".quantized-{name}", ignore_errors=True)
-                self._records = {}
+                self._records, self.text_runs = {}, {}
                 return self._records
             outcome, value = pickle.loads(answer)  # the export's own child: not data from a bundle
             if outcome == "error":
                 raise value
-            self._records = value
+            self._records, self.text_runs = value
         return self._records
 
     def close(self) -> None:
@@ -131,8 +132,8 @@ def start(
 
 
 def _quantize_ahead(staging: str, conditioning: dict, specs: dict, schemes: dict, prompts, do_cfg, keep, since):
-    """The process's work: the encoders' feeds recorded, each quantised in turn; returns ("done", records) or
-    ("error", exception). Its stages go to the export's stages log (progress.STAGES_LOG_ENV, inherited)."""
+    """The process's work: the encoders' feeds recorded, each quantised in turn; returns ("done", (records, each
+    encoder's calibration.TextRuns)) or ("error", exception). Its stages go to the export's stages log (progress.STAGES_LOG_ENV, inherited)."""
     try:
         from .bundle_quantize import quantize_one
         from .calibration import record_text_feeds
@@ -140,14 +141,14 @@ def _quantize_ahead(staging: str, conditioning: dict, specs: dict, schemes: dict
 
         stages = Stages(enabled=False, since=since)
         with stages.stage(f"{', '.join(schemes)}: calibration inputs"):
-            feeds = record_text_feeds(Path(staging), conditioning, specs, list(schemes), prompts, do_cfg)
+            feeds, runs = record_text_feeds(Path(staging), conditioning, specs, list(schemes), prompts, do_cfg)
         records = {
             name: quantize_one(Path(staging), specs[name].graph_file, name, scheme, feeds.pop(name), keep, stages)
             for name, scheme in schemes.items()
         }
     except Exception as exc:
         return "error", _sendable(exc)
-    return "done", records
+    return "done", (records, runs)
 
 
 def _sendable(exc: BaseException) -> BaseException:

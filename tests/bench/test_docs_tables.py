@@ -268,3 +268,28 @@ def test_memory_table_sets_each_estimate_beside_what_its_stages_held_where_sampl
     cells = {line.split(" | ")[1]: line.split(" | ")[2:] for line in lines[2:]}
     assert cells["recording calibration inputs"] == ["8.00 GiB", "4.00 GiB |"]
     assert cells["unet: quantize"] == ["8.00 GiB", "3.00 GiB |"]  # the most of its stages
+
+
+def test_text_encoders_quantised_while_the_unet_is_exported_add_no_quantisation_time():
+    """Their stages (export/text_ahead.py) end before the UNet's export does: the column counts from the last
+    export or check on; the peak sampled with their process beside the export names the stage it was held in."""
+
+    def stage(name, seconds, ended, held=2**30):
+        return {"stage": name, "seconds": seconds, "ended": ended, "peak_rss_bytes": 2**30, "held_rss_bytes": held}
+
+    stages = [
+        stage("text_encoder: check", 5.0, 35.0),
+        stage("text_encoder: calibration inputs", 7.0, 42.0),
+        stage("text_encoder: final check", 3.0, 59.0, held=3 * 2**30),  # during the UNet's export: both held
+        stage("unet: export", 29.0, 64.0, held=3 * 2**30),
+        stage("unet: check", 3.0, 67.0),
+        stage("recording calibration inputs", 12.0, 79.0),
+        stage("unet: final check", 6.0, 110.0),
+    ]
+    row = {"config": "fastest", "args": [], "seconds": 115.0, "peak_rss_bytes": 3 * 2**30, "stages": stages}
+    assert docs_tables._quantisation_seconds(row) == pytest.approx(110.0 - 67.0)
+    data = {"machine": {"cpu": "CPU", "physical_cores": 2, "isa": ["avx2"]}, "date": "2026-01-01", "results": [row]}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(docs_tables.EXPORT_TABLES, "export-cost-one", docs_tables.ExportTable("m/cost.json"))
+        cost = docs_tables.render_export_cost("export-cost-one", {"m/cost.json": data})
+    assert "| 43 s | 3.00 GiB | unet: export |" in cost

@@ -58,15 +58,28 @@ def test_text_encoders_quantised_ahead_are_those_quantised_after_the_recording(
     models_root, tmp_path, monkeypatch, arch, precision, options
 ):
     """The same graphs and manifest records, the text encoders quantised in another process, feeds made from the
-    prompts by the runtime's text conditioner instead of recorded from the pipeline's calls."""
+    prompts by the runtime's text conditioner instead of recorded from the pipeline's calls, and the UNet calibrated
+    on their fp32 outputs from there."""
+    from edgediff.export import calibration
+
     here = _quantised_here(monkeypatch)
+    replayed, replay = [], calibration.ReplayedSession.run
+
+    def counted(self, *args, **feeds):
+        replayed.append(self.name)
+        return replay(self, *args, **feeds)
+
+    monkeypatch.setattr(calibration.ReplayedSession, "run", counted)
     after = _export(models_root, tmp_path / "after", arch, precision, monkeypatch, ahead=False, **options)
     in_order = list(here)
     here.clear()
+    assert not replayed
     ahead = _export(models_root, tmp_path / "ahead", arch, precision, monkeypatch, ahead=True, **options)
     one, two = Bundle.open(after, verify="full").manifest, Bundle.open(ahead, verify="full").manifest
     encoders = [e["component"] for e in one.text_encoders if one.components[e["component"]].precision != "fp32"]
     assert encoders and set(encoders) <= set(in_order) and not set(encoders) & set(here) and "unet" in here
+    # the recording of the UNet's feeds took the quantised encoders' outputs from their process, not from their graphs
+    assert set(replayed) == set(encoders)
     for name in in_order:
         assert two.components[name].attributes["quantization"] == one.components[name].attributes["quantization"]
         assert two.components[name].precision == one.components[name].precision
@@ -191,3 +204,19 @@ def test_only_a_unet_familys_text_encoders_go_ahead_once_all_are_written(tmp_pat
     assert set(started[1][2]) == set(started[1][3]) == {"text_encoder_2"}
     monkeypatch.setattr(text_ahead, "available_bytes", lambda: 2**20)  # not beside the UNet's export
     assert start(sdxl, {"text_encoder": Spec(), "text_encoder_2": Spec()}, unet) is None
+
+
+def test_a_replayed_text_encoder_gives_back_the_runs_it_was_given_and_refuses_others():
+    import numpy as np
+
+    from edgediff.export.calibration import ReplayedSession, TextRuns
+
+    runs = TextRuns(["last_hidden_state", "pooler_output"], {"last_hidden_state", None})
+    hidden = np.arange(6, dtype=np.float32).reshape(1, 2, 3)
+    run = runs.capture(lambda run_options=None, **feeds: [hidden + feeds["input_ids"].sum(), np.ones((1, 3))])
+    run(input_ids=np.array([[1, 2]], np.int32))
+    session = ReplayedSession("text_encoder", runs)
+    got = session.run(input_ids=np.array([[1, 2]], np.int64))  # the tokens, whatever their integer type
+    assert np.array_equal(got[0], hidden + 3) and got[1] is None  # an output the conditioner does not read: not kept
+    with pytest.raises(RuntimeError, match="did not run"):
+        session.run(input_ids=np.array([[2, 1]], np.int64))
