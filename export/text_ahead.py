@@ -53,8 +53,11 @@ class TextAhead:
         self._process = subprocess.Popen(
             [sys.executable, "-m", "edgediff.export.text_ahead"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
         )
-        self._process.stdin.write(pickle.dumps((_quantize_ahead, work, log.getEffectiveLevel())))
-        self._process.stdin.flush()  # and left open: the process ends when it closes
+        try:
+            self._process.stdin.write(pickle.dumps((_quantize_ahead, work, log.getEffectiveLevel())))
+            self._process.stdin.flush()  # and left open: the process ends when it closes
+        except OSError:  # it ended before it read its work: `records` says so
+            pass
         self._records: dict | None = None
         self.text_runs: dict = {}  # calibration.TextRuns by encoder, once `records` has them
 
@@ -65,16 +68,16 @@ class TextAhead:
         if self._records is None:
             answer = self._process.stdout.read()  # until the process closes it: it has ended
             self._process.wait()
-            if not answer:
+            try:
+                outcome, value = pickle.loads(answer)  # the export's own child: not data from a bundle
+            except Exception:  # nothing, or cut short: it was killed
+                outcome, value = "ended", ({}, {})
                 log.warning(
                     "the text encoders' quantisation process ended with code %s: quantising them after the recording",
                     self._process.returncode,
                 )
                 for name in self.names:
                     shutil.rmtree(self._staging / f".quantized-{name}", ignore_errors=True)
-                self._records, self.text_runs = {}, {}
-                return self._records
-            outcome, value = pickle.loads(answer)  # the export's own child: not data from a bundle
             if outcome == "error":
                 raise value
             self._records, self.text_runs = value
@@ -128,7 +131,11 @@ def start(
         return None
     log.info("quantising %s while the remaining graphs are exported", ", ".join(names))
     schemes = {n: SCHEMES[policy[n]] for n in names}
-    return TextAhead(staging, conditioning, {n: written[n] for n in names}, schemes, prompts, do_cfg, keep, since)
+    try:
+        return TextAhead(staging, conditioning, {n: written[n] for n in names}, schemes, prompts, do_cfg, keep, since)
+    except OSError as exc:  # no process to be had: they are quantised after the recording
+        log.warning("the text encoders are quantised after the recording: %s", exc)
+        return None
 
 
 def _quantize_ahead(staging: str, conditioning: dict, specs: dict, schemes: dict, prompts, do_cfg, keep, since):
