@@ -326,13 +326,32 @@ def test_graph_largest_reads_the_largest_initializer_from_the_structure(tmp_path
     assert graph_largest(tmp_path / "g.onnx") == 100 * 2 * 8
 
 
-def test_text_encoders_go_ahead_only_where_their_quantisation_fits_beside_the_largest_export_left():
-    from edgediff.export.memory_plan import BASE_BYTES, Weights, quantise_ahead, quantising_bytes
+def test_text_encoders_go_ahead_only_where_their_process_fits_beside_the_largest_export_left():
+    from edgediff.export.memory_plan import (
+        BASE_BYTES,
+        LORA_SLOT_COPIES,
+        Weights,
+        quantise_ahead,
+        quantising_bytes,
+        recording_bytes,
+    )
 
     graphs = {"text_encoder": (2**30, "int8-dynamic", 2**27), "text_encoder_2": (2**28, "int8-dynamic", 2**26)}
     unet, tiny = Weights(3 * 2**30, 3 * 2**30, 2**26), Weights(2**20, 2**20)
-    both = BASE_BYTES + quantising_bytes(*graphs["text_encoder"]) + unet.fp32 + unet.export_extra()
-    assert quantise_ahead(graphs, [tiny, unet], both)
-    assert not quantise_ahead(graphs, [tiny, unet], both - 1)
-    assert not quantise_ahead(graphs, [unet], None)  # memory unknown: after the recording
-    assert not quantise_ahead(graphs, [], 2**40)  # no export left to run beside
+    left = {"vae_decoder_tiny": tiny, "unet": unet}
+    exporting = unet.fp32 + unet.export_extra()
+    both = BASE_BYTES + quantising_bytes(*graphs["text_encoder"]) + exporting  # its largest quantisation
+    assert quantise_ahead(graphs, left, both)
+    assert not quantise_ahead(graphs, left, both - 1)
+    assert not quantise_ahead(graphs, {"unet": unet}, None)  # memory unknown: after the recording
+    assert not quantise_ahead(graphs, {}, 2**40)  # no export left to run beside
+    # the UNet slotted for run-time LoRAs: its slotting holds more than its export
+    slotted = BASE_BYTES + quantising_bytes(*graphs["text_encoder"]) + int(LORA_SLOT_COPIES * unet.fp32)
+    assert not quantise_ahead(graphs, left, both, slotted=("unet",)) and quantise_ahead(
+        graphs, left, slotted, ("unet",)
+    )
+    # int4 weights past 2 GB quantise a weight at a time: recording both encoders' graphs together holds more
+    big = {"text_encoder": (2**29, "int4-weight-only"), "text_encoder_2": (3 * 2**30, "int4-weight-only", 2**27)}
+    recording = recording_bytes([2**29, 3 * 2**30], one_at_a_time=False)
+    assert recording > BASE_BYTES + max(quantising_bytes(*g) for g in big.values())
+    assert quantise_ahead(big, left, recording + exporting) and not quantise_ahead(big, left, recording + exporting - 1)
