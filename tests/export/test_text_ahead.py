@@ -220,3 +220,25 @@ def test_a_replayed_text_encoder_gives_back_the_runs_it_was_given_and_refuses_ot
     assert np.array_equal(got[0], hidden + 3) and got[1] is None  # an output the conditioner does not read: not kept
     with pytest.raises(RuntimeError, match="did not run"):
         session.run(input_ids=np.array([[2, 1]], np.int64))
+
+
+def test_an_error_that_cannot_cross_processes_is_told_in_words():
+    import threading
+
+    from edgediff.export.text_ahead import _sendable
+
+    class Unpicklable(Exception):
+        def __init__(self):
+            super().__init__("held a lock")
+            self.lock = threading.Lock()
+
+    try:
+        raise Unpicklable()
+    except Unpicklable as exc:
+        sent = _sendable(exc)
+    assert isinstance(sent, RuntimeError) and "held a lock" in str(sent) and "Unpicklable" in str(sent)
+    try:
+        raise ValueError("bad scheme")
+    except ValueError as exc:
+        sent = _sendable(exc)
+    assert isinstance(sent, ValueError) and "quantisation process" in sent.__notes__[0]
