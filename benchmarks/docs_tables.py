@@ -672,7 +672,8 @@ def render_export_cost(name: str, results: dict[str, dict]) -> str:
         lines = _memory_lines(rows)
     elif table.stages_of is None:
         lines = [
-            "| export | arguments | wall time | wall time / fp32's | quantising after the exports | peak RSS | set by | bundle |",
+            "| export | arguments | wall time | wall time / fp32's | quantising after the exports | peak RSS | set by "
+            "| bundle |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for run, rel in enumerate(files, 1):

@@ -5,7 +5,8 @@
     export("stabilityai/sd-turbo", "sd-turbo-int8", ExportOptions(precision="int8", keep="auto"))
 
 Layout: options.py (what an export makes), source.py and families.py (the model and its family),
-bundle_writer.py (the ONNX target) and coreml.py (the Core ML target), both written through
+bundle_writer.py (the ONNX target; its quantisation phase in bundle_quantize.py, text encoders quantised
+during the UNet's export in text_ahead.py) and coreml.py (the Core ML target), both written through
 staging.py (atomic output folder) and manifest_builder.py (the manifest they share).
 """
 

@@ -71,11 +71,11 @@ def quantize_bundle(
 ) -> None:
     """Replaces the components the policy names (those --quantize-only names, when given) with quantized graphs,
     recording how in the manifest (their checksums started in `checksums`). `ahead`: a text_ahead.TextAhead
-    quantising text encoders (waited for before the recording, which then records no feeds for them). The largest
-    graph is quantised beside the others (they follow one another on a second thread) where both fit in the memory available
-    (memory_plan.quantise_side_by_side), else one at a time: much of a quantisation runs on one core (the quantiser
-    itself, writing graphs, opening sessions), and the full-size SD-Turbo text encoder's took 11 s of the 49 s its
-    fastest export spent quantising on 2 cores."""
+    quantising text encoders (waited for before the recording, which then records no feeds for them and takes their
+    outputs from it). The largest graph is quantised beside the others (they follow one another on a second thread)
+    where both fit in the memory available (memory_plan.quantise_side_by_side), else one at a time: much of a
+    quantisation runs on one core (the quantiser itself, writing graphs, opening sessions), and the full-size SD-Turbo
+    text encoder's took 11 s of the 49 s its fastest export spent quantising on 2 cores."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
     from .calibration import CALIBRATION_PROMPTS, record_feeds
@@ -86,12 +86,12 @@ def quantize_bundle(
     policy = component_policy(precision, options.quantize_only, family)
     # the graphs open together where they fit, else one at a time (the memory plan's rule)
     alone = record_one_at_a_time([spec.size for spec in manifest.components.values()], available_bytes())
-    if alone:
-        log.info("recording calibration inputs one graph at a time: the fp32 graphs do not fit in memory together")
     # the text encoders quantised ahead ({} where their process could not give them back): no feeds recorded for
     # them, and their fp32 graphs stay in place until the recording is done (the UNet's inputs come from them)
     quantised = ahead.records() if ahead is not None else {}
     names = [n for n in manifest.components if policy.get(n) and n not in quantised]
+    if alone and names:
+        log.info("recording calibration inputs one graph at a time: the fp32 graphs do not fit in memory together")
     with stages.stage("recording calibration inputs"):
         feeds = (
             record_feeds(

@@ -140,7 +140,8 @@ def start(
 
 def _quantize_ahead(staging: str, conditioning: dict, specs: dict, schemes: dict, prompts, do_cfg, keep, since):
     """The process's work: the encoders' feeds recorded, each quantised in turn; returns ("done", (records, each
-    encoder's calibration.TextRuns)) or ("error", exception). Its stages go to the export's stages log (progress.STAGES_LOG_ENV, inherited)."""
+    encoder's calibration.TextRuns)) or ("error", exception). Its stages go to the export's stages log
+    (progress.STAGES_LOG_ENV, inherited)."""
     try:
         from .bundle_quantize import quantize_one
         from .calibration import record_text_feeds
