@@ -13,9 +13,9 @@ where the process and the exports left fit in memory together (memory_plan.quant
 text encoders (T5 at the call's length, Gemma's instruction prefix) are quantised after the recording, as is
 everything where the process ends without its records (killed for memory, say).
 
-The process is `python -m edgediff.export.text_ahead`, not a multiprocessing child: that would run the caller's
-own script again where it has no main guard, and cannot start from a daemonic process (a worker pool's). It reads
-its work from stdin and ends when stdin closes, so it never outlives the export, however that ends.
+The process is a fresh Python running this module's _main, not a multiprocessing child: that would run the
+caller's own script again where it has no main guard, and cannot start from a daemonic process (a worker pool's).
+It reads its work from stdin and ends when stdin closes, so it never outlives the export, however that ends.
 """
 
 from __future__ import annotations
@@ -51,7 +51,11 @@ class TextAhead:
         # the parent's import path: the work function is found where the parent found it
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "edgediff.export.text_ahead"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+            # not `-m` on this module: the package imports it first, and runpy warns of running it a second time
+            [sys.executable, "-c", "from edgediff.export.text_ahead import _main; _main()"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
         )
         try:
             self._process.stdin.write(pickle.dumps((_quantize_ahead, work, log.getEffectiveLevel())))
@@ -196,7 +200,3 @@ def _main() -> None:
     _lower_priority()
     answer.write(pickle.dumps(work(*args)))
     answer.close()
-
-
-if __name__ == "__main__":
-    _main()
