@@ -128,21 +128,25 @@ def test_an_export_cost_table_over_several_runs_gives_each_ratio_within_its_own_
     assert table.count("Data: ") == 2 and second in table.split("Data: ")[2]
 
 
+def _stage(name, seconds, ended, **extra):
+    """A logged stage of an export (progress.Stages' record), its high-water mark 1 GiB."""
+    return {"stage": name, "seconds": seconds, "ended": ended, "peak_rss_bytes": 2**30, **extra}
+
+
+HELD = {"held_rss_bytes": 2**30}  # sampled: what a stage held
+
+
 def test_quantisation_stages_that_overlap_count_once():
     """Graphs quantised side by side (two threads) log stages that overlap: the column is their span, from the
     recording's start to the last stage's end (each record's `ended`), not their sum; older files without `ended`
     ran one stage at a time and are summed."""
-
-    def stage(name, seconds, ended):
-        return {"stage": name, "seconds": seconds, "ended": ended, "peak_rss_bytes": 2**30}
-
     stages = [
-        stage("unet: export", 30.0, 40.0),
-        stage("recording calibration inputs", 10.0, 50.0),
-        stage("unet: sensitivity", 20.0, 70.0),
-        stage("text_encoder: sensitivity", 8.0, 60.0),  # beside the UNet's
-        stage("text_encoder: final check", 4.0, 64.0),
-        stage("unet: final check", 5.0, 75.0),
+        _stage("unet: export", 30.0, 40.0),
+        _stage("recording calibration inputs", 10.0, 50.0),
+        _stage("unet: sensitivity", 20.0, 70.0),
+        _stage("text_encoder: sensitivity", 8.0, 60.0),  # beside the UNet's
+        _stage("text_encoder: final check", 4.0, 64.0),
+        _stage("unet: final check", 5.0, 75.0),
     ]
     assert docs_tables._quantisation_seconds({"stages": stages}) == pytest.approx(35.0)
     sequential = [{k: v for k, v in s.items() if k != "ended"} for s in stages]
@@ -270,26 +274,21 @@ def test_memory_table_sets_each_estimate_beside_what_its_stages_held_where_sampl
     assert cells["unet: quantize"] == ["8.00 GiB", "3.00 GiB |"]  # the most of its stages
 
 
-def test_text_encoders_quantised_while_the_unet_is_exported_add_no_quantisation_time():
+def test_text_encoders_quantised_while_the_unet_is_exported_add_no_quantisation_time(monkeypatch):
     """Their stages (export/text_ahead.py) end before the UNet's export does: the column counts from the last
     export or check on; the peak sampled with their process beside the export names the stage it was held in."""
-
-    def stage(name, seconds, ended, held=2**30):
-        return {"stage": name, "seconds": seconds, "ended": ended, "peak_rss_bytes": 2**30, "held_rss_bytes": held}
-
     stages = [
-        stage("text_encoder: check", 5.0, 35.0),
-        stage("text_encoder: calibration inputs", 7.0, 42.0),
-        stage("text_encoder: final check", 3.0, 59.0, held=3 * 2**30),  # during the UNet's export: both held
-        stage("unet: export", 29.0, 64.0, held=3 * 2**30),
-        stage("unet: check", 3.0, 67.0),
-        stage("recording calibration inputs", 12.0, 79.0),
-        stage("unet: final check", 6.0, 110.0),
+        _stage("text_encoder: check", 5.0, 35.0, **HELD),
+        _stage("text_encoder: calibration inputs", 7.0, 42.0, **HELD),
+        _stage("text_encoder: final check", 3.0, 59.0, held_rss_bytes=3 * 2**30),  # during the UNet's export: both held
+        _stage("unet: export", 29.0, 64.0, held_rss_bytes=3 * 2**30),
+        _stage("unet: check", 3.0, 67.0, **HELD),
+        _stage("recording calibration inputs", 12.0, 79.0, **HELD),
+        _stage("unet: final check", 6.0, 110.0, **HELD),
     ]
     row = {"config": "fastest", "args": [], "seconds": 115.0, "peak_rss_bytes": 3 * 2**30, "stages": stages}
     assert docs_tables._quantisation_seconds(row) == pytest.approx(110.0 - 67.0)
     data = {"machine": {"cpu": "CPU", "physical_cores": 2, "isa": ["avx2"]}, "date": "2026-01-01", "results": [row]}
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(docs_tables.EXPORT_TABLES, "export-cost-one", docs_tables.ExportTable("m/cost.json"))
-        cost = docs_tables.render_export_cost("export-cost-one", {"m/cost.json": data})
+    monkeypatch.setitem(docs_tables.EXPORT_TABLES, "export-cost-one", docs_tables.ExportTable("m/cost.json"))
+    cost = docs_tables.render_export_cost("export-cost-one", {"m/cost.json": data})
     assert "| 43 s | 3.00 GiB | unet: export |" in cost
