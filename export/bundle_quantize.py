@@ -137,6 +137,7 @@ def quantize_bundle(
                 feeds.pop(n),
                 keep,
                 stages,
+                checksums,
             ): n
             for n in largest_first
         }
@@ -157,9 +158,9 @@ def bounded(policy: dict, components) -> bool:
     return not any(SCHEMES[policy[n]].calibrated for n in components if policy.get(n))
 
 
-def quantize_one(staging: Path, graph_file: str, name: str, scheme, recorded, keep, stages) -> dict:
+def quantize_one(staging: Path, graph_file: str, name: str, scheme, recorded, keep, stages, checksums=None) -> dict:
     """Quantises component `name`'s fp32 graph (`graph_file` in `staging`) into a folder of its own there; returns
-    its manifest record."""
+    its manifest record. `checksums`: the bundle's, where the final graph's checksums start while it is checked."""
     from .quantize import quantize_component
 
     work = staging / f".quantized-{name}"
@@ -173,6 +174,7 @@ def quantize_one(staging: Path, graph_file: str, name: str, scheme, recorded, ke
         stages=stages,
         references=recorded.outputs,
         ranges=recorded.ranges,
+        checksums=checksums,
     )
 
 

@@ -9,7 +9,7 @@ started (another inode, size or modification time) is read again then.
 
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from edgediff.runtime.bundle import sha256_file
@@ -35,11 +35,23 @@ class BackgroundChecksums:
     def __exit__(self, *exc) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def start(self, names) -> None:
-        """Starts the checksums of these files of the folder (final: written, not to be replaced)."""
+    def start(self, names, where: Path | None = None) -> None:
+        """Starts the checksums of these files of the folder (final: written, not to be replaced). `where`: the
+        folder they lie in now, to be moved into this one unchanged under the same names (a quantised graph before
+        its final check: a rename keeps the stamp, so the checksum stands); `wait` before moving them."""
         for name in names:
-            path = self.folder / name
-            self._started[name] = (_stamp(path), self._pool.submit(sha256_file, path))
+            path = Path(where or self.folder) / name
+            stamp = _stamp(path)
+            if self._started.get(name, (None,))[0] != stamp:  # not already started on this file as it is
+                self._started[name] = (stamp, self._pool.submit(sha256_file, path))
+
+    def wait(self, names) -> None:
+        """Waits until the checksums of these files are read (or fail), before they are moved or removed: Windows
+        refuses to rename or unlink a file another thread has open."""
+        for name in names:
+            _, future = self._started.get(name, (None, None))
+            if future is not None:
+                wait([future])
 
     def checksum(self, name: str) -> str:
         """The file's sha256: the one started for it where the file has not changed since, else read now."""

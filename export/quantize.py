@@ -527,6 +527,7 @@ def quantize_component(
     stages=None,
     references: list[np.ndarray] | None = None,
     ranges=None,
+    checksums=None,
 ) -> dict:
     """Quantises one graph; returns the manifest record (scheme, blocks kept in fp32 and why, errors).
 
@@ -537,6 +538,9 @@ def quantize_component(
     (calibration.record_feeds); calibrated here otherwise.
     Ranges are calibrated once; one graph is in memory at a time (the fp32 graph's structure aside).
     stages: progress.Stages to report to (its stages are named after `src`'s stem).
+    checksums: a checksums.BackgroundChecksums of the folder the graph ends up in under `dst`'s names: the files of
+    each graph given its final check start there as the check begins (on the core its session's opening leaves idle;
+    0.9 s for full-size SD-Turbo's int8 UNet), and stand if that graph is the one moved there.
     """
     import onnx
 
@@ -596,7 +600,12 @@ def quantize_component(
         release_memory()
         candidate = tmp / dst.name
 
+        def files(graph: Path) -> list[str]:
+            return [f.name for f in (graph, graph.with_name(f"{graph.name}.data")) if f.exists()]
+
         def check(kept: list[str]) -> float:
+            if checksums is not None:  # a candidate before this one: read no longer (Windows: not unlinked open)
+                checksums.wait(files(candidate))
             _remove(candidate)
             excluded = [n for b in kept for n in blocks[b]]
             with stages.stage(f"{label}: quantize"):
@@ -611,6 +620,8 @@ def quantize_component(
                     quantize(src, candidate, scheme, excluded, ranges)
                     record["final_graph"] = "quantised with the kept blocks left out"
                 release_memory()
+            if checksums is not None:
+                checksums.start(files(candidate), where=candidate.parent)
             with stages.stage(f"{label}: final check"):
                 error = _rel_rms(_outputs(candidate, feeds), ref)
             release_memory()
@@ -641,6 +652,8 @@ def quantize_component(
             kept = [] if keep == "none" else list(keep)
             record["kept_fp32"] = {b: "asked" for b in kept}
             error = check(kept)
+        if checksums is not None:  # moved once read (Windows: no file renamed while open)
+            checksums.wait(files(candidate))
         _move(candidate, dst)
     record["error"] = round(error, 6)
     log.info("%s: %s, %d blocks kept fp32, output error %.4f", label, scheme.name, len(kept), record["error"])

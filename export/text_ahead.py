@@ -70,11 +70,13 @@ class TextAhead:
         it ended without them (killed), its work removed: they are then quantised with the other graphs. An error
         in the quantisation itself is raised here, as it would have been there."""
         if self._records is None:
-            answer = self._process.stdout.read()  # until the process closes it: it has ended
-            self._process.wait()
+            # until the process closes it, having written its answer or ended: not until it exits, which it does
+            # at its lower priority while the export's own runs take both cores (a second of wall time)
+            answer = self._process.stdout.read()
             try:
                 outcome, value = pickle.loads(answer)  # the export's own child: not data from a bundle
             except Exception:  # nothing, or cut short: it was killed
+                self._process.wait()
                 outcome, value = "ended", ({}, {})
                 log.warning(
                     "the text encoders' quantisation process ended with code %s: quantising them after the recording",
@@ -200,3 +202,8 @@ def _main() -> None:
     _lower_priority()
     answer.write(pickle.dumps(work(*args)))
     answer.close()
+    # nothing is left to write: no interpreter teardown (its sessions and arrays freed one by one, at a lower
+    # priority), the memory returned to the system at once
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(0)

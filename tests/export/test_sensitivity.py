@@ -398,3 +398,28 @@ def test_the_recording_session_is_the_injection_session_and_an_untyped_graph_giv
     assert opened == ["injection"] and opened_untyped == ["probe", "injection"]
     assert errors_untyped == pytest.approx(errors, rel=1e-6)
     assert powers_untyped == pytest.approx(powers, rel=1e-6) and powers[0] > powers[1] > 0
+
+
+def test_the_final_graph_is_checksummed_where_it_is_checked(unet_feeds, tmp_path, monkeypatch):
+    """Given the bundle's checksums, the final graph's files are read once, where the graph is checked (their reading
+    starts with its check), and the checksums stand once it is moved into place (quantize_component's
+    `checksums`)."""
+    import hashlib
+    from types import SimpleNamespace
+
+    from edgediff.export import checksums
+    from edgediff.export.quantize import SCHEMES, quantize_component
+
+    src, feeds = unet_feeds
+    reads, real = [], checksums.sha256_file
+    monkeypatch.setattr(checksums, "sha256_file", lambda path: reads.append(path) or real(path))
+    with checksums.BackgroundChecksums(tmp_path) as background:
+        quantize_component(
+            src, tmp_path / "auto.onnx", SCHEMES["int8-static"], feeds, keep="auto", checksums=background
+        )
+        files = {"auto.onnx": {}, "auto.onnx.data": {}}
+        background.fill(SimpleNamespace(components={"unet": SimpleNamespace(files=files)}))
+    for name, record in files.items():
+        assert record["sha256"] == hashlib.sha256((tmp_path / name).read_bytes()).hexdigest(), name
+    assert sorted(p.name for p in reads) == ["auto.onnx", "auto.onnx.data"]
+    assert all(p.parent.name.startswith("edgediff-quant-") for p in reads), reads  # before the move

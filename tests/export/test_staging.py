@@ -87,3 +87,33 @@ def test_checksums_read_in_the_background_are_those_of_the_files_as_they_end_up(
         assert record["sha256"] == hashlib.sha256((tmp_path / name).read_bytes()).hexdigest(), name
     assert reads.count("kept.onnx") == 1  # the background read stood
     assert reads.count("rewritten.onnx") == 2 and reads.count("late.onnx") == 1
+
+
+def test_checksums_started_before_a_move_stand_and_are_not_read_twice(tmp_path, monkeypatch):
+    """A quantised graph's checksum starts where the graph is checked (checksums.BackgroundChecksums.start's
+    `where`) and stands once the file is moved into the bundle unchanged; starting a file already started as it is
+    reads nothing more, and one written again in its place is read again."""
+    import hashlib
+    from types import SimpleNamespace
+
+    from edgediff.export import checksums
+
+    bundle, work = tmp_path / "bundle", tmp_path / "work"
+    bundle.mkdir()
+    work.mkdir()
+    (work / "unet.onnx.data").write_bytes(b"int8 weights" * 1000)
+    (work / "unet.onnx").write_bytes(b"a candidate")
+    reads, real = [], checksums.sha256_file
+    monkeypatch.setattr(checksums, "sha256_file", lambda path: reads.append(path) or real(path))
+    with checksums.BackgroundChecksums(bundle) as background:
+        background.start(["unet.onnx.data", "unet.onnx"], where=work)
+        background.wait(["unet.onnx.data", "unet.onnx"])
+        (work / "unet.onnx.data").replace(bundle / "unet.onnx.data")
+        (work / "unet.onnx").unlink()  # that candidate failed its check: another one takes its name
+        (bundle / "unet.onnx").write_bytes(b"the graph kept")
+        background.start(["unet.onnx.data", "unet.onnx"])  # as the bundle places them
+        files = {"unet.onnx": {"size": 0}, "unet.onnx.data": {"size": 0}}
+        background.fill(SimpleNamespace(components={"unet": SimpleNamespace(files=files)}))
+    for name, record in files.items():
+        assert record["sha256"] == hashlib.sha256((bundle / name).read_bytes()).hexdigest(), name
+    assert reads == [work / "unet.onnx.data", work / "unet.onnx", bundle / "unet.onnx"]

@@ -114,6 +114,28 @@ def _hangs(*args):
     time.sleep(120)
 
 
+def _answers_then_lingers(*args):
+    """Work done, with an interpreter teardown that would take two minutes."""
+    import atexit
+
+    _started()
+    atexit.register(time.sleep, 120)
+    return "done", ({}, {})
+
+
+def test_the_process_ahead_ends_once_it_has_answered(tmp_path, monkeypatch):
+    """Its answer taken, the process ends at once (no teardown at its lower priority while the export runs on), and
+    the records are read from the answer, not from its exit."""
+    from edgediff.export import text_ahead
+
+    monkeypatch.setattr(text_ahead, "_quantize_ahead", _answers_then_lingers)
+    monkeypatch.setenv(MARKER_ENV, str(tmp_path / "ran"))
+    with text_ahead.TextAhead(tmp_path, {}, {}, {}, [], False, "none", None) as ahead:
+        assert ahead.records() == {} and ahead.text_runs == {}
+        assert ahead._process.wait(timeout=60) == 0  # not killed, and not after its atexit's two minutes
+    assert (tmp_path / "ran").read_text() == str(ahead._process.pid)
+
+
 def test_text_encoders_are_quantised_after_the_recording_when_their_process_dies(
     models_root, tmp_path, monkeypatch, caplog
 ):
