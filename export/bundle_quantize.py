@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -127,44 +126,25 @@ def quantize_bundle(
     workers = 2 if quantise_side_by_side(graphs, available_bytes()) else 1
     if workers > 1:
         log.info("quantising %s beside %s", largest_first[0], ", ".join(largest_first[1:]))
-    # the others start once the largest graph is quantised whole: until then it runs on both cores (its weights
-    # quantised on one thread per core), after it much of its work runs on one (the quantiser's walk over the graph,
-    # its sessions opening)
-    whole, failed = threading.Event(), threading.Event()
-
-    def quantise(name: str, largest: bool) -> dict | None:
-        if not largest:
-            whole.wait()
-            if failed.is_set():  # the export fails with the largest graph's error
-                return None
-        try:
-            return quantize_one(
+    with ThreadPoolExecutor(workers, thread_name_prefix="edgediff-quantize") as pool:
+        quantising = {
+            pool.submit(
+                quantize_one,
                 staging,
-                manifest.components[name].graph_file,
-                name,
-                SCHEMES[policy[name]],
-                feeds.pop(name),
+                manifest.components[n].graph_file,
+                n,
+                SCHEMES[policy[n]],
+                feeds.pop(n),
                 keep,
                 stages,
                 checksums,
-                quantised_whole=whole.set if largest else None,
-            )
-        except BaseException:
-            if largest:
-                failed.set()
-            raise
-        finally:
-            if largest:
-                whole.set()
-
-    with ThreadPoolExecutor(workers, thread_name_prefix="edgediff-quantize") as pool:
-        quantising = {pool.submit(quantise, n, i == 0): n for i, n in enumerate(largest_first)}
+            ): n
+            for n in largest_first
+        }
         try:
             for done in as_completed(quantising):  # each placed as it is done, here: one writer of the manifest
-                name, record = quantising[done], done.result()
-                if record is None:
-                    continue
-                place_one(staging, manifest, name, SCHEMES[policy[name]], record)
+                name = quantising[done]
+                place_one(staging, manifest, name, SCHEMES[policy[name]], done.result())
                 checksums.start(manifest.components[name].files)  # read while the other graphs are quantised
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)  # the graph being quantised beside it is finished first
@@ -178,12 +158,9 @@ def bounded(policy: dict, components) -> bool:
     return not any(SCHEMES[policy[n]].calibrated for n in components if policy.get(n))
 
 
-def quantize_one(
-    staging: Path, graph_file: str, name: str, scheme, recorded, keep, stages, checksums=None, quantised_whole=None
-) -> dict:
+def quantize_one(staging: Path, graph_file: str, name: str, scheme, recorded, keep, stages, checksums=None) -> dict:
     """Quantises component `name`'s fp32 graph (`graph_file` in `staging`) into a folder of its own there; returns
-    its manifest record. `checksums`: the bundle's, where the final graph's checksums start while it is checked;
-    `quantised_whole`: quantize_component's."""
+    its manifest record. `checksums`: the bundle's, where the final graph's checksums start while it is checked."""
     from .quantize import quantize_component
 
     work = staging / f".quantized-{name}"
@@ -198,7 +175,6 @@ def quantize_one(
         references=recorded.outputs,
         ranges=recorded.ranges,
         checksums=checksums,
-        quantised_whole=quantised_whole,
     )
 
 

@@ -411,21 +411,18 @@ def block_errors(
     feeds: list[dict],
     workdir: Path,
     quantised: Path,
-    quantised_whole=None,
 ):
     """Each block's own quantisation error: the relative RMS error of its outputs when it alone is quantised
     and run on the fp32 graph's tensors at its inputs (recorded once, for `feeds`), against the fp32 graph's
     tensors at its outputs (blocks.BlockProbe.errors: the whole graph quantised once, run cut at the blocks'
     boundaries). Returns the errors and the probe (blocks.BlockProbe) holding the recordings. `quantised`: where
-    that whole quantised graph is written, and left; `quantised_whole`: called once it is (quantize_component's)."""
+    that whole quantised graph is written, and left."""
     from .blocks import BlockProbe, split_blocks
 
     src = weights_beside(src, structure, workdir)
     probe = BlockProbe(src, structure, split_blocks(structure.graph, blocks, block_of), workdir / "boundaries")
     quantised.parent.mkdir(parents=True, exist_ok=True)
     quantize(src, quantised, scheme, [], ranges)  # first: the recording's session stays open for the ranking
-    if quantised_whole is not None:
-        quantised_whole()
     probe.record(feeds)
     return probe.errors(quantised), probe
 
@@ -531,7 +528,6 @@ def quantize_component(
     references: list[np.ndarray] | None = None,
     ranges=None,
     checksums=None,
-    quantised_whole=None,
 ) -> dict:
     """Quantises one graph; returns the manifest record (scheme, blocks kept in fp32 and why, errors).
 
@@ -545,8 +541,6 @@ def quantize_component(
     checksums: a checksums.BackgroundChecksums of the folder the graph ends up in under `dst`'s names: the files of
     each graph given its final check start there as the check begins (on the core its session's opening leaves idle;
     0.9 s for full-size SD-Turbo's int8 UNet), and stand if that graph is the one moved there.
-    quantised_whole: called each time the graph has been quantised whole (the sensitivity pass's graph, each graph
-    checked): what waits to run beside it starts then (bundle_quantize.quantize_bundle).
     """
     import onnx
 
@@ -596,9 +590,7 @@ def quantize_component(
             ranked = [ranking_feed(structure, feed) for feed in spread(feeds, SENSITIVITY_FEEDS)]
             with stages.stage(f"{label}: sensitivity"):
                 src = weights_beside(src, structure, tmp)  # what follows reads it, the final graph's fp32 blocks too
-                errors, probe = block_errors(
-                    src, structure, blocks, scheme, ranges, ranked, tmp, everything, quantised_whole
-                )
+                errors, probe = block_errors(src, structure, blocks, scheme, ranges, ranked, tmp, everything)
                 release_memory()
             record["block_errors"] = {b: round(e, 6) for b, e in sorted(errors.items(), key=lambda kv: -kv[1])}
         del structure
@@ -628,8 +620,6 @@ def quantize_component(
                     quantize(src, candidate, scheme, excluded, ranges)
                     record["final_graph"] = "quantised with the kept blocks left out"
                 release_memory()
-            if quantised_whole is not None:
-                quantised_whole()
             if checksums is not None:
                 checksums.start(files(candidate), where=candidate.parent)
             with stages.stage(f"{label}: final check"):

@@ -226,42 +226,11 @@ def test_recording_one_graph_at_a_time_records_the_same_feeds(models_root):
             np.testing.assert_allclose(a, b, rtol=0, atol=atol)
 
 
-def test_a_failed_quantisation_of_the_largest_graph_starts_none_beside_it(models_root, tmp_path, monkeypatch):
-    """Where the UNet's quantisation fails before it is quantised whole, the graphs waiting to run beside it are not
-    quantised, its error is the export's, and no bundle is left."""
-    from tiny_models import tiny_autoencoder_tiny
-
-    from edgediff.export import export_bundle, memory_plan, quantize, text_ahead
-
-    started, real = [], quantize.quantize_component
-    monkeypatch.setattr(text_ahead, "quantise_ahead", lambda *args: False)
-    monkeypatch.setattr(memory_plan, "quantise_side_by_side", lambda graphs, free: True)
-
-    def failing(src, *args, **kwargs):
-        started.append(src.stem)
-        if src.stem == "unet":
-            raise MemoryError("the UNet's quantiser")
-        return real(src, *args, **kwargs)
-
-    monkeypatch.setattr(quantize, "quantize_component", failing)
-    with pytest.raises(MemoryError, match="the UNet's quantiser"):
-        export_bundle(
-            str(tiny_source("tiny-sd1", models_root)),
-            tmp_path / "bundle",
-            precision="int8-static",
-            tiny_decoder=str(tiny_autoencoder_tiny(models_root)),
-            progress=False,
-        )
-    assert started == ["unet"]
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_graphs_quantised_side_by_side_are_those_quantised_one_at_a_time(models_root, tmp_path, monkeypatch):
     """Where memory allows, the denoiser is quantised beside the other graphs, on two threads
     (bundle_quantize.quantize_bundle): every graph and manifest record is what quantising one at a time makes. Two
     static int8 graphs (the UNet and the tiny decoder) are quantised at once, each reading its own weights through
-    the exporter's swapped onnxruntime functions (module_patches.py). The others start once the UNet is quantised
-    whole."""
+    the exporter's swapped onnxruntime functions (module_patches.py)."""
     import threading
     import time
 
@@ -270,14 +239,11 @@ def test_graphs_quantised_side_by_side_are_those_quantised_one_at_a_time(models_
 
     from edgediff.export import export_bundle, memory_plan, quantize, text_ahead
 
-    spans, whole, real = {}, [], quantize.quantize_component
+    spans, real = {}, quantize.quantize_component
     monkeypatch.setattr(text_ahead, "quantise_ahead", lambda *args: False)  # every graph quantised in this process
 
     def timed(src, *args, **kwargs):
         start = time.perf_counter()
-        told = kwargs.get("quantised_whole")
-        if told is not None:
-            kwargs["quantised_whole"] = lambda: whole.append(time.perf_counter()) or told()
         try:
             return real(src, *args, **kwargs)
         finally:
@@ -288,7 +254,6 @@ def test_graphs_quantised_side_by_side_are_those_quantised_one_at_a_time(models_
     for side_by_side in (False, True):
         monkeypatch.setattr(memory_plan, "quantise_side_by_side", lambda graphs, free, on=side_by_side: on)
         spans.clear()
-        whole.clear()
         bundles[side_by_side] = export_bundle(
             str(tiny_source("tiny-sd1", models_root)),
             tmp_path / f"side-by-side-{side_by_side}",
@@ -299,10 +264,9 @@ def test_graphs_quantised_side_by_side_are_those_quantised_one_at_a_time(models_
         )
         threads = {name for name, _, _ in spans.values()}
         assert set(spans) == {"text_encoder", "unet", "vae_decoder_tiny"} and len(threads) == (2 if side_by_side else 1)
-    # beside it: the UNet's quantisation overlapped the others', which started once it was quantised whole
+    # beside it: the UNet's quantisation overlapped the others'
     _, unet_start, unet_end = spans["unet"]
     assert any(start < unet_end and end > unet_start for name, (_, start, end) in spans.items() if name != "unet")
-    assert whole and all(start >= whole[0] for name, (_, start, _) in spans.items() if name != "unet")
 
     def graph(path):
         model = onnx.load(str(path))
