@@ -3,8 +3,10 @@
 An export runs on one core most of the time (PyTorch's tracing, onnx's serialisation, opening a graph to check it),
 and reading a bundle's files through sha256 took 5.8 s of full-size SD-Turbo's 72 s fp32 export on 2 cores. Each
 file's checksum starts once the file is final (written and not to be replaced) and is read on a second core while
-the export checks that graph and exports the next; the manifest takes it at the end. A file changed since its checksum
-started (another inode, size or modification time) is read again then.
+the export checks that graph and exports the next; the manifest takes it at the end. A quantised graph's starts where
+it lies when its final check begins, while onnxruntime opens it on one core, and stands if that graph is moved into
+the bundle unchanged (a rename keeps the file). A file changed since its checksum started (another inode, size or
+modification time) is read again then.
 """
 
 from __future__ import annotations

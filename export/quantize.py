@@ -604,8 +604,8 @@ def quantize_component(
             return [f.name for f in (graph, graph.with_name(f"{graph.name}.data")) if f.exists()]
 
         def check(kept: list[str]) -> float:
-            if checksums is not None:  # a candidate before this one: read no longer (Windows: not unlinked open)
-                checksums.wait(files(candidate))
+            if checksums is not None:  # a candidate that failed its check: read to the end before it goes (Windows
+                checksums.wait(files(candidate))  # refuses to unlink a file another thread has open)
             _remove(candidate)
             excluded = [n for b in kept for n in blocks[b]]
             with stages.stage(f"{label}: quantize"):
