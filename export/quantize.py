@@ -338,17 +338,21 @@ def _outputs(path: Path, feeds: list[dict]) -> list[np.ndarray]:
     return [session.run(None, f)[0] for f in feeds]
 
 
+def _graph_files(graph: Path) -> list[Path]:
+    """A graph's file and its external data's (f"{name}.data"), those that exist."""
+    return [f for f in (graph, graph.with_name(f"{graph.name}.data")) if f.exists()]
+
+
 def _remove(graph: Path) -> None:
-    for f in (graph, graph.with_name(f"{graph.name}.data")):
+    for f in _graph_files(graph):
         f.unlink(missing_ok=True)
 
 
 def _move(graph: Path, to: Path) -> None:
     """Moves a graph and its external data, if any, to `to` (the data file renamed with it, as the graph names it:
     f"{name}.data", which holds where the two names are the same)."""
-    for f in (graph, graph.with_name(f"{graph.name}.data")):
-        if f.exists():
-            os.replace(f, to.with_name(f.name.replace(graph.name, to.name, 1)))
+    for f in _graph_files(graph):
+        os.replace(f, to.with_name(f.name.replace(graph.name, to.name, 1)))
 
 
 def spread(feeds: list, count: int) -> list:
@@ -544,11 +548,13 @@ def quantize_component(
     """
     import onnx
 
+    from .checksums import NoChecksums
     from .kept_fp32 import restore_fp32
     from .progress import NoStages
 
     src, dst = Path(src), Path(dst)
     stages, label = stages or NoStages(), src.stem
+    checksums = NoChecksums() if checksums is None else checksums
     structure = onnx.load(str(src), load_external_data=False)  # weights stay on disk (large graphs)
     nodes = quantizable_nodes(structure, scheme)
     blocks = quantizable_blocks(structure, scheme)
@@ -601,11 +607,12 @@ def quantize_component(
         candidate = tmp / dst.name
 
         def files(graph: Path) -> list[str]:
-            return [f.name for f in (graph, graph.with_name(f"{graph.name}.data")) if f.exists()]
+            return [f.name for f in _graph_files(graph)]
 
         def check(kept: list[str]) -> float:
-            if checksums is not None:  # a candidate that failed its check: read to the end before it goes (Windows
-                checksums.wait(files(candidate))  # refuses to unlink a file another thread has open)
+            # a candidate that failed its check: read to the end before it goes (Windows refuses to unlink a file
+            # another thread has open)
+            checksums.wait(files(candidate))
             _remove(candidate)
             excluded = [n for b in kept for n in blocks[b]]
             with stages.stage(f"{label}: quantize"):
@@ -620,8 +627,7 @@ def quantize_component(
                     quantize(src, candidate, scheme, excluded, ranges)
                     record["final_graph"] = "quantised with the kept blocks left out"
                 release_memory()
-            if checksums is not None:
-                checksums.start(files(candidate), where=candidate.parent)
+            checksums.start(files(candidate), where=candidate.parent)
             with stages.stage(f"{label}: final check"):
                 error = _rel_rms(_outputs(candidate, feeds), ref)
             release_memory()
@@ -652,8 +658,7 @@ def quantize_component(
             kept = [] if keep == "none" else list(keep)
             record["kept_fp32"] = {b: "asked" for b in kept}
             error = check(kept)
-        if checksums is not None:  # moved once read (Windows: no file renamed while open)
-            checksums.wait(files(candidate))
+        checksums.wait(files(candidate))  # moved once read (Windows: no file renamed while open)
         _move(candidate, dst)
     record["error"] = round(error, 6)
     log.info("%s: %s, %d blocks kept fp32, output error %.4f", label, scheme.name, len(kept), record["error"])
