@@ -175,7 +175,7 @@ class BlockProbe:
     def float_outputs(self, block: str) -> list[str]:
         return [t for t in self.blocks[block].outputs if np.issubdtype(self.dtypes[t], np.floating)]
 
-    def errors(self, quantised: Path) -> dict[str, float]:
+    def errors(self, quantised: Path, ahead=None) -> dict[str, float]:
         """Each block's relative RMS error at its float outputs, quantised, against the fp32 graph's, on the recorded
         tensors at its inputs; keeps the differences (the blocks' deltas) for output_power. `quantised`: the whole
         graph quantised with no block kept. It runs cut at every block boundary: each boundary tensor is fed (its
@@ -187,28 +187,24 @@ class BlockProbe:
 
         onnxruntime computes every node whatever is fetched, and returns a run's outputs together: blocks whose
         outputs would exceed MAX_FETCH_BYTES in one run (a decoder at 1024: 0.5 GB a tensor) are run in groups, each
-        on the cut graph pruned to the nodes its outputs need."""
-        import onnx
-        from onnx import helper
-
+        on the cut graph pruned to the nodes its outputs need. `ahead`: open_ahead's future, the session of one group
+        of every block, used where the recorded sizes make one group."""
         wanted = {b: self.float_outputs(b) for b in self.blocks}
         power = {b: [0.0, 0.0] for b in self.blocks}  # error and reference power, summed over feeds
         if not any(wanted.values()):
             return {b: 0.0 for b in self.blocks}
-        model = onnx.load(str(quantised), load_external_data=False)  # weights stay beside it (large graphs)
-        graph = model.graph
-        cut = set(self.boundary)
-        for node in graph.node:
-            for i, name in enumerate(node.output):
-                if name in cut:  # the producer's output renamed; its readers read the fed tensor
-                    node.output[i] = _QUANTISED + name
-        graph.input.extend(
-            helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(self.dtypes[name]), None)
-            for name in self.boundary
-        )
+        model = None
         for group in _fetch_groups(wanted, lambda t: self.value(t, 0).nbytes):
             fetched = [t for b in group for t in wanted[b]]
-            session = self._open_pruned(model, fetched, quantised)
+            session = None
+            if ahead is not None:  # only the first group can be the one opened ahead
+                opened, session = ahead.result()
+                ahead = None
+                if opened != fetched:
+                    session = None
+            if session is None:
+                model = model or self._cut_model(quantised)
+                session = self._open_pruned(model, fetched, quantised)
             fed = [v.name for v in session.get_inputs()]  # those the pruned graph still reads
             for k in range(len(self._feeds)):
                 outputs = session.run([_QUANTISED + t for t in fetched], {t: self.value(t, k) for t in fed})
@@ -225,6 +221,39 @@ class BlockProbe:
             del session
             gc.collect()
         return {b: float(np.sqrt(num / max(den, 1e-30))) for b, (num, den) in power.items()}
+
+    def open_ahead(self, quantised: Path, pool):
+        """Opens on `pool` (a thread) the cut graph's session for every block's float outputs, which errors() runs
+        where they make one group, so that it opens while record() runs the fp32 graph: opening a session is mostly
+        one core's work (the full-size SD-Turbo UNet's cut int8 graph 1.6-3.6 s, its injection graph 1.6-1.8 s).
+        Returns a future of (the tensors fetched, the session); None where onnx's inference leaves a boundary tensor
+        untyped (their types then come from the recording)."""
+        typed = _types(self.structure, set(self.boundary))
+        if typed is None:
+            return None
+        self.dtypes.update(typed)
+        fetched = [t for b in self.blocks for t in self.float_outputs(b)]
+        if not fetched:
+            return None
+        return pool.submit(lambda: (fetched, self._open_pruned(self._cut_model(quantised), fetched, quantised)))
+
+    def _cut_model(self, quantised: Path):
+        """The whole quantised graph's structure cut at every block boundary: each boundary tensor an input, what its
+        producer makes renamed (_QUANTISED) so that its readers read the fed tensor."""
+        import onnx
+        from onnx import helper
+
+        model = onnx.load(str(quantised), load_external_data=False)  # weights stay beside it (large graphs)
+        cut = set(self.boundary)
+        for node in model.graph.node:
+            for i, name in enumerate(node.output):
+                if name in cut:
+                    node.output[i] = _QUANTISED + name
+        model.graph.input.extend(
+            helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(self.dtypes[name]), None)
+            for name in self.boundary
+        )
+        return model
 
     def _open_pruned(self, model, fetched: list[str], quantised: Path):
         """A session of the cut graph `model` with `fetched` (quantised names) as its outputs and only the nodes,

@@ -36,6 +36,7 @@ import logging
 import math
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -427,8 +428,10 @@ def block_errors(
     probe = BlockProbe(src, structure, split_blocks(structure.graph, blocks, block_of), workdir / "boundaries")
     quantised.parent.mkdir(parents=True, exist_ok=True)
     quantize(src, quantised, scheme, [], ranges)  # first: the recording's session stays open for the ranking
-    probe.record(feeds)
-    return probe.errors(quantised), probe
+    with ThreadPoolExecutor(1, thread_name_prefix="edgediff-cut") as pool:
+        ahead = probe.open_ahead(quantised, pool)  # the cut graph opens while the fp32 graph records
+        probe.record(feeds)
+        return probe.errors(quantised, ahead), probe
 
 
 def keep_until_within(
