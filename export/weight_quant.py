@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextvars
 import importlib
-import os
 import sys
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -130,7 +129,9 @@ class _IndexedModel(ONNXModel):
 
 
 def _workers() -> int:
-    return max(1, min(os.cpu_count() or 1, MAX_WEIGHT_WORKERS))
+    from edgediff.runtime.session_config import physical_cores  # the cores this process may run on
+
+    return max(1, min(physical_cores(), MAX_WEIGHT_WORKERS))
 
 
 class FastQDQQuantizer(QDQQuantizer):

@@ -6,20 +6,42 @@ What low-memory mode costs and saves is measured in docs/benchmarks.md ("Low mem
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import onnxruntime as ort
 
 from .providers import Resolution
 
+_CPU_SYSFS = Path("/sys/devices/system/cpu")
+
 
 def physical_cores() -> int:
-    # onnxruntime's own default; spelled out so that benchmarks can report it
+    """The physical cores this process may run on: one onnxruntime thread each (onnxruntime's own default, spelled
+    out so that benchmarks can report it). Only those of the CPUs in the process's affinity (taskset, a container's
+    cpuset), which the machine's count ignores: a process given 2 of 8 cores that ran 8 threads would have them take
+    turns on 2."""
     try:
         import psutil  # optional
 
-        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+        machine = psutil.cpu_count(logical=False) or os.cpu_count() or 1
     except ImportError:
-        return os.cpu_count() or 1
+        machine = os.cpu_count() or 1
+    if not hasattr(os, "sched_getaffinity"):  # Windows, macOS: no affinity to read
+        return machine
+    return min(machine, allowed_physical_cores(os.sched_getaffinity(0), os.cpu_count() or 1, machine))
+
+
+def allowed_physical_cores(allowed: set[int], logical: int, physical: int, sysfs: Path = _CPU_SYSFS) -> int:
+    """The physical cores among the logical CPUs `allowed`: distinct (package, core) pairs as Linux's topology
+    gives them, else `allowed` scaled by the machine's `physical` / `logical` (its hyper-threads per core)."""
+    cores = set()
+    for cpu in allowed:
+        topology = sysfs / f"cpu{cpu}" / "topology"
+        try:
+            cores.add(tuple((topology / f).read_text().strip() for f in ("physical_package_id", "core_id")))
+        except OSError:  # no topology there (not Linux's sysfs): by the machine's ratio
+            return max(1, round(len(allowed) * physical / max(logical, 1)))
+    return max(1, len(cores))
 
 
 def skip_layout_changes(opts: ort.SessionOptions) -> ort.SessionOptions:

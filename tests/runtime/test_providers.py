@@ -150,6 +150,28 @@ def test_session_settings_for_shared_consumer_cpus():
         assert opts.intra_op_num_threads == physical_cores()
 
 
+def test_threads_follow_the_cpus_the_process_may_run_on(tmp_path, monkeypatch):
+    """One thread per physical core the process may run on (its affinity: taskset, a container's cpuset), not per
+    core of the machine: hyper-threads of one core count once, and without Linux's topology the machine's ratio of
+    physical to logical CPUs stands in."""
+    import os
+
+    from edgediff.runtime import session_config
+    from edgediff.runtime.session import session_options
+
+    for cpu in range(8):  # 4 cores, 2 hyper-threads each: CPUs n and n + 4 share core n
+        topology = tmp_path / f"cpu{cpu}" / "topology"
+        topology.mkdir(parents=True)
+        (topology / "physical_package_id").write_text("0\n")
+        (topology / "core_id").write_text(f"{cpu % 4}\n")
+    count = session_config.allowed_physical_cores
+    assert count({0, 4}, 8, 4, tmp_path) == 1 and count({0, 1}, 8, 4, tmp_path) == 2
+    assert count(set(range(8)), 8, 4, tmp_path) == 4
+    assert count({0, 1, 2, 3}, 8, 4, tmp_path / "elsewhere") == 2 and count({0}, 8, 4, tmp_path / "elsewhere") == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert session_config.physical_cores() == 1 and session_options().intra_op_num_threads == 1
+
+
 def test_provider_report_says_what_runs_where(models_root):
     pipe = Pipeline.from_bundle(tiny_bundle("tiny-sd1", models_root), provider="cpu")
     report = pipe.provider_report()
