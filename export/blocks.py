@@ -12,6 +12,7 @@ what that set's quantisation does to the graph's output, with no graph quantised
 from __future__ import annotations
 
 import gc
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,18 +223,25 @@ class BlockProbe:
             gc.collect()
         return {b: float(np.sqrt(num / max(den, 1e-30))) for b, (num, den) in power.items()}
 
-    def open_ahead(self, quantised: Path, pool):
+    def open_ahead(self, quantised: Path, pool, feed: dict):
         """Opens on `pool` (a thread) the cut graph's session for every block's float outputs, which errors() runs
         where they make one group, so that it opens while record() runs the fp32 graph: opening a session is mostly
         one core's work (the full-size SD-Turbo UNet's cut int8 graph 1.6-3.6 s, its injection graph 1.6-1.8 s).
         Returns a future of (the tensors fetched, the session); None where onnx's inference leaves a boundary tensor
-        untyped (their types then come from the recording)."""
+        untyped (their types then come from the recording), or where the outputs' least sizes on `feed` (the first
+        recorded; a dimension inference leaves unknown counted as 1) already make several groups."""
         typed = _types(self.structure, set(self.boundary))
         if typed is None:
             return None
         self.dtypes.update(typed)
-        fetched = [t for b in self.blocks for t in self.float_outputs(b)]
-        if not fetched:
+        wanted = {b: self.float_outputs(b) for b in self.blocks}
+        fetched = [t for names in wanted.values() for t in names]
+        shapes = _shapes(self.structure, feed, set(fetched))
+
+        def least(name: str) -> int:  # a tensor inference cannot shape: none at least
+            return math.prod(d or 1 for d in shapes[name]) * self.dtypes[name].itemsize if name in shapes else 0
+
+        if not fetched or len(_fetch_groups(wanted, least)) > 1:
             return None
         return pool.submit(lambda: (fetched, self._open_pruned(self._cut_model(quantised), fetched, quantised)))
 
@@ -362,6 +370,31 @@ def _types(model, names: set[str]) -> dict[str, np.dtype] | None:
     if any(not elems.get(name) for name in names):
         return None
     return {name: np.dtype(helper.tensor_dtype_to_np_dtype(elem)) for name, elem in elems.items()}
+
+
+def _shapes(model, feed: dict, names: set[str]) -> dict[str, tuple]:
+    """The shapes of tensors `names` of `model` (weights not in the message) by onnx's shape inference with the
+    graph's dynamic input dimensions set to `feed`'s; a dimension it leaves unknown is None, a tensor it cannot
+    shape is left out ({} where inference fails)."""
+    import onnx
+
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for value in fixed.graph.input:
+        if value.name in feed:
+            dims = value.type.tensor_type.shape.dim
+            for dim, size in zip(dims, np.shape(feed[value.name])):
+                if not dim.HasField("dim_value"):
+                    dim.dim_value = size
+    try:
+        inferred = onnx.shape_inference.infer_shapes(fixed)
+    except (onnx.shape_inference.InferenceError, ValueError):
+        return {}
+    return {
+        v.name: tuple(d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim)
+        for v in (*inferred.graph.value_info, *inferred.graph.output)
+        if v.name in names and v.type.tensor_type.HasField("shape")
+    }
 
 
 _FP32, _DELTA, _QUANTISED = "edgediff_fp32/", "edgediff_delta/", "edgediff_quantised/"

@@ -429,7 +429,9 @@ def block_errors(
     quantised.parent.mkdir(parents=True, exist_ok=True)
     quantize(src, quantised, scheme, [], ranges)  # first: the recording's session stays open for the ranking
     with ThreadPoolExecutor(1, thread_name_prefix="edgediff-cut") as pool:
-        ahead = probe.open_ahead(quantised, pool)  # the cut graph opens while the fp32 graph records
+        ahead = probe.open_ahead(
+            quantised, pool, feeds[0] if feeds else {}
+        )  # the cut graph opens while the fp32 graph records
         probe.record(feeds)
         return probe.errors(quantised, ahead), probe
 

@@ -153,8 +153,9 @@ def test_block_errors_from_the_cut_graph_equal_each_block_quantised_alone(unet_f
 def test_block_errors_run_in_groups_on_pruned_graphs_give_the_same_errors(unet_feeds, tmp_path, monkeypatch):
     """Past MAX_FETCH_BYTES of outputs in one run, blocks run in groups, each on the cut graph pruned to what its
     outputs need: here every block alone (a limit of one byte), the errors and deltas those of the single run. The
-    cut graph of every block opens on a thread of its own while the fp32 graph records (BlockProbe.open_ahead); one
-    group runs on that session, and groups open their own."""
+    cut graph of every block opens on a thread of its own while the fp32 graph records (BlockProbe.open_ahead) where
+    the outputs' inferred least sizes make one group: used where the recorded sizes make one too, else dropped and
+    each group opened (here with inference giving no shapes); not opened where the inferred sizes make groups."""
     import threading
 
     import numpy as np
@@ -167,17 +168,18 @@ def test_block_errors_run_in_groups_on_pruned_graphs_give_the_same_errors(unet_f
     chosen = SCHEMES["int8-static"]
     ranges = calibrate(src, chosen, feeds)
     found, opened = {}, []
-    real_open = blocks_module.BlockProbe._open_pruned
+    real_open, real_shapes = blocks_module.BlockProbe._open_pruned, blocks_module._shapes
 
     def open_pruned(probe, model, fetched, quantised):
         opened.append((threading.current_thread().name.startswith("edgediff-cut"), len(fetched)))
         return real_open(probe, model, fetched, quantised)
 
     monkeypatch.setattr(blocks_module.BlockProbe, "_open_pruned", open_pruned)
-    for limit in (blocks_module.MAX_FETCH_BYTES, 1):
+    for limit, inferred in ((blocks_module.MAX_FETCH_BYTES, True), (1, True), (1, False)):
         monkeypatch.setattr(blocks_module, "MAX_FETCH_BYTES", limit)
+        monkeypatch.setattr(blocks_module, "_shapes", real_shapes if inferred else lambda *a: {})
         opened.clear()
-        work = tmp_path / str(limit)
+        work = tmp_path / f"{limit}-{inferred}"
         work.mkdir()
         structure = onnx.load(str(src), load_external_data=False)  # block_errors moves its weights out
         blocks = quantizable_blocks(structure, chosen)
@@ -186,14 +188,15 @@ def test_block_errors_run_in_groups_on_pruned_graphs_give_the_same_errors(unet_f
             {b: probe.float_outputs(b) for b in probe.blocks}, lambda t: probe.value(t, 0).nbytes
         )
         deltas = {t: np.load(probe._delta_path(t, 0)) for b in probe.blocks for t in probe.float_outputs(b)}
-        found[limit] = (errors, len(groups), deltas, list(opened))
+        found[(limit, inferred)] = (errors, len(groups), deltas, list(opened))
         probe.close()
-    (whole, one_run, whole_deltas, ahead), (alone, runs, alone_deltas, each) = found.values()
+    (whole, one_run, whole_deltas, ahead), (alone, runs, alone_deltas, each), (dropped, *_, guessed) = found.values()
     assert one_run == 1 and runs == len(alone) > 3
     every_output = ahead[0][1]
     assert ahead == [(True, every_output)]  # one session, opened beside the recording, used
-    assert each[0] == (True, every_output) and len(each) == 1 + runs and not any(t for t, _ in each[1:])
-    assert alone == pytest.approx(whole, rel=1e-6)
+    assert len(each) == runs and not any(on_thread for on_thread, _ in each)  # groups foreseen: none opened ahead
+    assert guessed[0] == (True, every_output) and guessed[1:] == each  # opened ahead, dropped, each group opened
+    assert alone == pytest.approx(whole, rel=1e-6) and dropped == pytest.approx(alone, rel=1e-6)
     assert all(np.allclose(alone_deltas[t], whole_deltas[t], atol=1e-6) for t in whole_deltas)
 
 
