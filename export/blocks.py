@@ -12,6 +12,7 @@ what that set's quantisation does to the graph's output, with no graph quantised
 from __future__ import annotations
 
 import gc
+import logging
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
+
+log = logging.getLogger("edgediff.export")
 
 
 @dataclass(frozen=True)
@@ -188,21 +191,22 @@ class BlockProbe:
 
         onnxruntime computes every node whatever is fetched, and returns a run's outputs together: blocks whose
         outputs would exceed MAX_FETCH_BYTES in one run (a decoder at 1024: 0.5 GB a tensor) are run in groups, each
-        on the cut graph pruned to the nodes its outputs need. `ahead`: open_ahead's future, the session of one group
-        of every block, used where the recorded sizes make one group."""
+        on the cut graph pruned to the nodes its outputs need. `ahead`: open_ahead's session of one group of every
+        block, used where the recorded sizes make one group (and it opened), else let go."""
         wanted = {b: self.float_outputs(b) for b in self.blocks}
         power = {b: [0.0, 0.0] for b in self.blocks}  # error and reference power, summed over feeds
         if not any(wanted.values()):
+            if ahead is not None:
+                ahead.drop()
             return {b: 0.0 for b in self.blocks}
         model = None
         for group in _fetch_groups(wanted, lambda t: self.value(t, 0).nbytes):
             fetched = [t for b in group for t in wanted[b]]
             session = None
             if ahead is not None:  # only the first group can be the one opened ahead
-                opened, session = ahead.result()
+                session = ahead.take() if ahead.fetched == fetched else None
+                ahead.drop()
                 ahead = None
-                if opened != fetched:
-                    session = None
             if session is None:
                 model = model or self._cut_model(quantised)
                 session = self._open_pruned(model, fetched, quantised)
@@ -227,9 +231,9 @@ class BlockProbe:
         """Opens on `pool` (a thread) the cut graph's session for every block's float outputs, which errors() runs
         where they make one group, so that it opens while record() runs the fp32 graph: opening a session is mostly
         one core's work (the full-size SD-Turbo UNet's cut int8 graph 1.6-3.6 s, its injection graph 1.6-1.8 s).
-        Returns a future of (the tensors fetched, the session); None where onnx's inference leaves a boundary tensor
-        untyped (their types then come from the recording), or where the outputs' least sizes on `feed` (the first
-        recorded; a dimension inference leaves unknown counted as 1) already make several groups."""
+        Returns an _OpenedAhead (the tensors fetched, the session once open); None where onnx's inference leaves a
+        boundary tensor untyped (their types then come from the recording), or where the outputs' least sizes on
+        `feed` (the first recorded; a dimension inference leaves unknown counted as 1) already make several groups."""
         typed = _types(self.structure, set(self.boundary))
         if typed is None:
             return None
@@ -238,12 +242,14 @@ class BlockProbe:
         fetched = [t for names in wanted.values() for t in names]
         shapes = _shapes(self.structure, feed, set(fetched))
 
-        def least(name: str) -> int:  # a tensor inference cannot shape: none at least
-            return math.prod(d or 1 for d in shapes[name]) * self.dtypes[name].itemsize if name in shapes else 0
+        def least(name: str) -> int:
+            if name not in shapes:  # a tensor inference cannot shape: none at least
+                return 0
+            return math.prod(1 if d is None else d for d in shapes[name]) * self.dtypes[name].itemsize
 
         if not fetched or len(_fetch_groups(wanted, least)) > 1:
             return None
-        return pool.submit(lambda: (fetched, self._open_pruned(self._cut_model(quantised), fetched, quantised)))
+        return _OpenedAhead(pool, fetched, lambda: self._open_pruned(self._cut_model(quantised), fetched, quantised))
 
     def _cut_model(self, quantised: Path):
         """The whole quantised graph's structure cut at every block boundary: each boundary tensor an input, what its
@@ -370,6 +376,30 @@ def _types(model, names: set[str]) -> dict[str, np.dtype] | None:
     if any(not elems.get(name) for name in names):
         return None
     return {name: np.dtype(helper.tensor_dtype_to_np_dtype(elem)) for name, elem in elems.items()}
+
+
+class _OpenedAhead:
+    """A session opened on a thread (BlockProbe.open_ahead) for `fetched`, held by this object alone until taken
+    (take) or let go (drop): a future's result would keep it for as long as the future is referenced."""
+
+    def __init__(self, pool, fetched: list[str], open_session: Callable):
+        self.fetched = fetched
+        self._opening = pool.submit(lambda: [open_session()])
+
+    def take(self):
+        """The session (waits for it); None where it failed to open: the caller then opens what it needs itself,
+        which raises where the failure was not the whole graph's alone (memory, say)."""
+        try:
+            held = self._opening.result()
+        except Exception as exc:
+            log.info("the cut graph opened ahead failed (%s): opening it by groups", exc)
+            return None
+        return held.pop() if held else None
+
+    def drop(self) -> None:
+        """Waits for the opening to end, and lets its session go."""
+        if self._opening.exception() is None:
+            self._opening.result().clear()
 
 
 def _shapes(model, feed: dict, names: set[str]) -> dict[str, tuple]:

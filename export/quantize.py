@@ -429,10 +429,14 @@ def block_errors(
     quantised.parent.mkdir(parents=True, exist_ok=True)
     quantize(src, quantised, scheme, [], ranges)  # first: the recording's session stays open for the ranking
     with ThreadPoolExecutor(1, thread_name_prefix="edgediff-cut") as pool:
-        ahead = probe.open_ahead(
-            quantised, pool, feeds[0] if feeds else {}
-        )  # the cut graph opens while the fp32 graph records
-        probe.record(feeds)
+        # the cut graph opens while the fp32 graph records
+        ahead = probe.open_ahead(quantised, pool, feeds[0] if feeds else {})
+        try:
+            probe.record(feeds)
+        except BaseException:
+            if ahead is not None:
+                ahead.drop()  # not kept by the traceback
+            raise
         return probe.errors(quantised, ahead), probe
 
 

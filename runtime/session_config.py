@@ -32,14 +32,14 @@ def physical_cores() -> int:
 
 
 def allowed_physical_cores(allowed: set[int], logical: int, physical: int, sysfs: Path = _CPU_SYSFS) -> int:
-    """The physical cores among the logical CPUs `allowed`: distinct (package, core) pairs as Linux's topology
-    gives them, else `allowed` scaled by the machine's `physical` / `logical` (its hyper-threads per core)."""
+    """The physical cores among the logical CPUs `allowed`: their distinct sets of hyper-threads as Linux's topology
+    gives them (a core's `thread_siblings_list`: core ids alone repeat across a package's dies), else `allowed`
+    scaled by the machine's `physical` / `logical` (its hyper-threads per core) where a CPU's topology is missing."""
     cores = set()
     for cpu in allowed:
-        topology = sysfs / f"cpu{cpu}" / "topology"
         try:
-            cores.add(tuple((topology / f).read_text().strip() for f in ("physical_package_id", "core_id")))
-        except OSError:  # no topology there (not Linux's sysfs): by the machine's ratio
+            cores.add((sysfs / f"cpu{cpu}" / "topology" / "thread_siblings_list").read_text().strip())
+        except OSError:  # not Linux's sysfs, or not all of it: by the machine's ratio
             return max(1, round(len(allowed) * physical / max(logical, 1)))
     return max(1, len(cores))
 

@@ -162,8 +162,8 @@ def test_threads_follow_the_cpus_the_process_may_run_on(tmp_path, monkeypatch):
     for cpu in range(8):  # 4 cores, 2 hyper-threads each: CPUs n and n + 4 share core n
         topology = tmp_path / f"cpu{cpu}" / "topology"
         topology.mkdir(parents=True)
-        (topology / "physical_package_id").write_text("0\n")
-        (topology / "core_id").write_text(f"{cpu % 4}\n")
+        (topology / "core_id").write_text("0\n")  # core ids repeat across a package's dies: not read
+        (topology / "thread_siblings_list").write_text(f"{cpu % 4},{cpu % 4 + 4}\n")
     count = session_config.allowed_physical_cores
     assert count({0, 4}, 8, 4, tmp_path) == 1 and count({0, 1}, 8, 4, tmp_path) == 2
     assert count(set(range(8)), 8, 4, tmp_path) == 4
