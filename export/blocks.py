@@ -361,21 +361,50 @@ class BlockProbe:
         release_memory()
 
 
-def _types(model, names: set[str]) -> dict[str, np.dtype] | None:
-    """The element types of tensors `names` of `model` (a graph without its weights in the message: inference
-    reads the weights' types and shapes alone), from onnx's shape inference; None where one is left untyped."""
+def _inferred(model, feed: dict | None = None) -> list | None:
+    """The value infos onnx's shape inference gives `model` (a graph without its weights in the message: inference
+    reads the weights' types and shapes alone), its inputs, outputs and tensors between; with the graph's dynamic
+    input dimensions set to `feed`'s where given. None where inference fails."""
     import onnx
-    from onnx import helper
 
+    if feed:
+        fixed = onnx.ModelProto()
+        fixed.CopyFrom(model)
+        for value in fixed.graph.input:
+            for dim, size in zip(value.type.tensor_type.shape.dim, np.shape(feed.get(value.name, ()))):
+                if not dim.HasField("dim_value"):
+                    dim.dim_value = size
+        model = fixed
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
-    except (onnx.shape_inference.InferenceError, ValueError):  # the types then come from a recording
+    except (onnx.shape_inference.InferenceError, ValueError):
         return None
-    values = [*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input]
+    return [*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input]
+
+
+def _types(model, names: set[str]) -> dict[str, np.dtype] | None:
+    """The element types of tensors `names` of `model` (weights not in the message), from onnx's shape inference;
+    None where one is left untyped (the types then come from a recording)."""
+    from onnx import helper
+
+    values = _inferred(model)
+    if values is None:
+        return None
     elems = {v.name: v.type.tensor_type.elem_type for v in values if v.name in names}
     if any(not elems.get(name) for name in names):
         return None
     return {name: np.dtype(helper.tensor_dtype_to_np_dtype(elem)) for name, elem in elems.items()}
+
+
+def _shapes(model, feed: dict, names: set[str]) -> dict[str, tuple]:
+    """The shapes of tensors `names` of `model` (weights not in the message) by onnx's shape inference with the
+    graph's dynamic input dimensions set to `feed`'s; a dimension it leaves unknown is None, a tensor it cannot
+    shape is left out ({} where inference fails)."""
+    return {
+        v.name: tuple(d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim)
+        for v in _inferred(model, feed) or ()
+        if v.name in names and v.type.tensor_type.HasField("shape")
+    }
 
 
 class _OpenedAhead:
@@ -400,31 +429,6 @@ class _OpenedAhead:
         """Waits for the opening to end, and lets its session go."""
         if self._opening.exception() is None:
             self._opening.result().clear()
-
-
-def _shapes(model, feed: dict, names: set[str]) -> dict[str, tuple]:
-    """The shapes of tensors `names` of `model` (weights not in the message) by onnx's shape inference with the
-    graph's dynamic input dimensions set to `feed`'s; a dimension it leaves unknown is None, a tensor it cannot
-    shape is left out ({} where inference fails)."""
-    import onnx
-
-    fixed = onnx.ModelProto()
-    fixed.CopyFrom(model)
-    for value in fixed.graph.input:
-        if value.name in feed:
-            dims = value.type.tensor_type.shape.dim
-            for dim, size in zip(dims, np.shape(feed[value.name])):
-                if not dim.HasField("dim_value"):
-                    dim.dim_value = size
-    try:
-        inferred = onnx.shape_inference.infer_shapes(fixed)
-    except (onnx.shape_inference.InferenceError, ValueError):
-        return {}
-    return {
-        v.name: tuple(d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim)
-        for v in (*inferred.graph.value_info, *inferred.graph.output)
-        if v.name in names and v.type.tensor_type.HasField("shape")
-    }
 
 
 _FP32, _DELTA, _QUANTISED = "edgediff_fp32/", "edgediff_delta/", "edgediff_quantised/"
