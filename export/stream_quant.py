@@ -137,7 +137,7 @@ def quantize_static_streaming(src: Path, dst: Path, make_quantizer) -> None:
     src, dst = Path(src), Path(dst)
     quantizer = make_quantizer(_shapes_inferred(onnx.load(str(src), load_external_data=False)))
     prepared = getattr(quantizer, "prepared", None)  # FastQDQQuantizer's weights, quantised as it finds the scales
-    with weights_read_from(src.parent), vectorised(prepared):
+    with weights_read_from(src.parent), vectorised(prepared, quantizer.model):
         quantizer.quantize_model()
     if prepared:  # any the quantizer did not ask for are not held while the graph is written
         prepared.clear()

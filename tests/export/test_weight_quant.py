@@ -250,3 +250,47 @@ def test_threads_quantising_side_by_side_read_their_own_weights(tmp_path):
         t.join(20)
     assert read == {"a": [1.0], "b": [2.0, 2.0]}
     assert quant_utils.tensor_proto_to_array is original  # restored once both left
+
+
+def test_initializers_found_by_name_are_those_a_scan_finds():
+    """The quantizer's model finds initializers in an index (weight_quant._IndexedModel), and find_by_name on its
+    initializers answers from it inside vectorised(): what onnxruntime's scan of the list finds, the first of a name,
+    after the wrapper's own additions and removals and after changes made to the list behind its back."""
+    import onnx
+    from onnx import helper, numpy_helper
+    from onnxruntime.quantization import base_quantizer, qdq_quantizer
+    from onnxruntime.quantization.onnx_model import ONNXModel
+    from onnxruntime.quantization.quant_utils import find_by_name
+
+    from edgediff.export.weight_quant import _IndexedModel, vectorised
+
+    def tensor(name: str, value: float) -> onnx.TensorProto:
+        return numpy_helper.from_array(np.full((2,), value, np.float32), name)
+
+    graph = helper.make_graph([], "g", [], [], [tensor("a", 1), tensor("b", 2), tensor("a", 3)])
+    model = ONNXModel(helper.make_model(graph))
+    model.__class__ = _IndexedModel
+    initializers = model.model.graph.initializer
+
+    def agrees(names) -> bool:
+        with vectorised(model=model):  # the swapped find_by_name, in both modules that call it
+            assert qdq_quantizer.find_by_name is not find_by_name
+            found = [
+                (qdq_quantizer.find_by_name(n, initializers), base_quantizer.find_by_name(n, initializers))
+                for n in names
+            ]
+        return all(a == b == find_by_name(n, initializers) for (a, b), n in zip(found, names))
+
+    assert model.get_initializer("a") == tensor("a", 1) and agrees(["a", "b", "c"])
+    model.add_initializer(tensor("c", 4))
+    model.add_initializer(tensor("b", 5))  # a name already there: not added
+    model.initializer_extend([tensor("d", 6)])
+    assert [t.name for t in initializers] == ["a", "b", "a", "c", "d"] and agrees(["a", "b", "c", "d"])
+    model.remove_initializer(model.get_initializer("a"))
+    assert model.get_initializer("a") == tensor("a", 3) and agrees(["a", "b"])
+    del initializers[0]  # behind the wrapper's back: "b" gone, the count differs
+    initializers.add().CopyFrom(tensor("e", 7))
+    initializers.add().CopyFrom(tensor("b", 8))
+    assert model.get_initializer("b") == tensor("b", 8) and model.get_initializer("e") == tensor("e", 7)
+    assert agrees(["a", "b", "c", "d", "e"])
+    assert qdq_quantizer.find_by_name is find_by_name  # the swap left with the block
