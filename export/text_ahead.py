@@ -5,9 +5,8 @@ half a minute (full-size SD-Turbo: 28-43 s on 2 cores), while quantising the tex
 the fastest export about 13 s even beside the UNet's quantisation. A text encoder's calibration feeds need only the
 prompts, its tokenizer and its own fp32 graph, all written by then (calibration.record_text_feeds), so its
 quantisation runs there instead. In a process, not a thread: PyTorch's exporter holds Python's lock while it
-serialises a graph, and a thread would wait for it. The process runs at a lower priority and, on Linux, off one
-physical core (_off_one_core): the UNet's export is the export's critical path, and the process is to take the core
-it leaves idle, not half of the one it uses.
+serialises a graph, and a thread would wait for it. The process runs at a lower priority: the UNet's export is the
+export's critical path, and the process is to take the core it leaves idle, not half of the one it uses.
 
 Only for the UNet families (SD 1.x/2.x, SDXL), whose text conditioning is the runtime's TextConditioner, and only
 where the process and the exports left fit in memory together (memory_plan.quantise_ahead). Transformer families'
@@ -177,24 +176,7 @@ def _sendable(exc: BaseException) -> BaseException:
         return RuntimeError(f"the text encoders' quantisation failed:\n{told}")
 
 
-def _off_one_core(sysfs: Path | None = None) -> None:
-    """Keeps this process off one physical core of those it may run on (Linux), where it may run on several: the
-    export's critical path, PyTorch's export of the denoiser, keeps one core busy, and this process's threads (one
-    per core it may run on, session_config.physical_cores) then take the others rather than turns on that one. Full-
-    size SD-Turbo's fastest export on 2 cores, three runs each in turn with and without: this process ended 67-74 s
-    into the export against 75-79 s, the UNet's export beside it took 38-45 s against 42-45 s, and the whole export
-    131-140 s against 136-148 s."""
-    if not hasattr(os, "sched_setaffinity"):
-        return
-    from edgediff.runtime.session_config import core_groups
-
-    cores = core_groups(os.sched_getaffinity(0), sysfs)
-    if cores is not None and len(cores) > 1:
-        os.sched_setaffinity(0, set().union(*cores[1:]))
-
-
 def _lower_priority() -> None:
-    _off_one_core()
     if hasattr(os, "nice"):
         os.nice(NICENESS)
         return

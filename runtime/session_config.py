@@ -31,27 +31,17 @@ def physical_cores() -> int:
     return min(machine, allowed_physical_cores(os.sched_getaffinity(0), os.cpu_count() or 1, machine))
 
 
-def allowed_physical_cores(allowed: set[int], logical: int, physical: int, sysfs: Path | None = None) -> int:
-    """The physical cores among the logical CPUs `allowed` (core_groups), else `allowed` scaled by the machine's
-    `physical` / `logical` (its hyper-threads per core) where a CPU's topology is missing."""
-    cores = core_groups(allowed, sysfs)
-    if cores is None:  # not Linux's sysfs, or not all of it: by the machine's ratio
-        return max(1, round(len(allowed) * physical / max(logical, 1)))
-    return max(1, len(cores))
-
-
-def core_groups(allowed: set[int], sysfs: Path | None = None) -> list[set[int]] | None:
-    """The logical CPUs `allowed` grouped by physical core, by their lowest CPU: each core's hyper-threads as Linux's
-    topology gives them (its `thread_siblings_list`: core ids alone repeat across a package's dies); None where a
-    CPU's topology is missing."""
-    cores: dict[str, set[int]] = {}
-    for cpu in sorted(allowed):
+def allowed_physical_cores(allowed: set[int], logical: int, physical: int, sysfs: Path = _CPU_SYSFS) -> int:
+    """The physical cores among the logical CPUs `allowed`: their distinct sets of hyper-threads as Linux's topology
+    gives them (a core's `thread_siblings_list`: core ids alone repeat across a package's dies), else `allowed`
+    scaled by the machine's `physical` / `logical` (its hyper-threads per core) where a CPU's topology is missing."""
+    cores = set()
+    for cpu in allowed:
         try:
-            siblings = ((sysfs or _CPU_SYSFS) / f"cpu{cpu}" / "topology" / "thread_siblings_list").read_text().strip()
-        except OSError:
-            return None
-        cores.setdefault(siblings, set()).add(cpu)
-    return list(cores.values())
+            cores.add((sysfs / f"cpu{cpu}" / "topology" / "thread_siblings_list").read_text().strip())
+        except OSError:  # not Linux's sysfs, or not all of it: by the machine's ratio
+            return max(1, round(len(allowed) * physical / max(logical, 1)))
+    return max(1, len(cores))
 
 
 def skip_layout_changes(opts: ort.SessionOptions) -> ort.SessionOptions:

@@ -264,26 +264,3 @@ def test_an_error_that_cannot_cross_processes_is_told_in_words():
     except ValueError as exc:
         sent = _sendable(exc)
     assert isinstance(sent, ValueError) and "quantisation process" in sent.__notes__[0]
-
-
-def test_the_process_ahead_keeps_off_one_core_of_those_it_may_run_on(tmp_path, monkeypatch):
-    """The process ahead leaves one physical core, all its hyper-threads, to the export's own process (the one
-    exporting the denoiser), and runs on the others; where it may run on one core only, or the topology is unknown,
-    its CPUs stay as they were."""
-    from edgediff.export import text_ahead
-    from edgediff.runtime.session_config import core_groups
-
-    for cpu in range(8):  # 4 cores, 2 hyper-threads each: CPUs n and n + 4 share core n
-        topology = tmp_path / f"cpu{cpu}" / "topology"
-        topology.mkdir(parents=True)
-        (topology / "thread_siblings_list").write_text(f"{cpu % 4},{cpu % 4 + 4}\n")
-    assert core_groups({5, 0, 4, 1}, tmp_path) == [{0, 4}, {1, 5}]
-    assert core_groups({0, 1}, tmp_path / "elsewhere") is None
-    allowed, chosen = set(), []
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(allowed), raising=False)
-    monkeypatch.setattr(os, "sched_setaffinity", lambda pid, cpus: chosen.append(set(cpus)), raising=False)
-    for given, sysfs in [(range(8), tmp_path), ({2, 6, 3}, tmp_path), ({0, 4}, tmp_path), (range(8), tmp_path / "x")]:
-        allowed.clear()
-        allowed.update(given)
-        text_ahead._off_one_core(sysfs)
-    assert chosen == [{1, 2, 3, 5, 6, 7}, {3}]
