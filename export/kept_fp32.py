@@ -139,14 +139,18 @@ def _place_weights(graph, initializers, dst: Path, external: bool) -> Path | Non
     from onnx import TensorProto
     from onnx.external_data_helper import uses_external_data
 
-    from .tracing import external_bytes, place_external
+    from .tracing import copy_external, external_bytes, place_external, write_all
 
     data = dst.with_name(f"{dst.name}.data") if external else None
-    sink = open(data, "wb") if data is not None else None
+    sink = open(data, "wb", buffering=0) if data is not None else None
     try:
         for tensor, folder in initializers:
             placed = graph.initializer.add()
             placed.CopyFrom(tensor)
+            if uses_external_data(tensor) and sink is not None:  # file to file, not through Python
+                start = sink.tell()
+                place_external(placed, data.name, start, copy_external(tensor, folder, sink))
+                continue
             if uses_external_data(tensor):
                 raw = external_bytes(tensor, folder)
             elif sink is not None and tensor.HasField("raw_data") and len(tensor.raw_data) > INLINE_BYTES:
@@ -156,7 +160,7 @@ def _place_weights(graph, initializers, dst: Path, external: bool) -> Path | Non
             if sink is not None:
                 placed.ClearField("raw_data")
                 place_external(placed, data.name, sink.tell(), len(raw))
-                sink.write(raw)
+                write_all(sink, raw)
             else:
                 del placed.external_data[:]
                 placed.data_location = TensorProto.DEFAULT

@@ -226,21 +226,22 @@ def _write_a_tensor_at_a_time(model, source_dir: Path, dst: Path) -> None:
     import onnx
     from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
-    from .tracing import external_bytes, place_external
+    from .tracing import copy_external, place_external, write_all
 
     name = f"{dst.name}.data"
     initializers = {t.name for t in model.graph.initializer}
-    with open(dst.parent / name, "wb") as out:
+    with open(dst.parent / name, "wb", buffering=0) as out:
         for tensor in _get_all_tensors(model):  # initializers, and Constant attributes the tracer wrote outside
             if not uses_external_data(tensor) and tensor.name not in initializers:
                 continue
-            if uses_external_data(tensor):
-                data = external_bytes(tensor, source_dir)
-            else:
-                data = tensor.raw_data or onnx.numpy_helper.to_array(tensor).tobytes()
-                for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-                    tensor.ClearField(field)
+            if uses_external_data(tensor):  # file to file, not through Python
+                start = out.tell()
+                place_external(tensor, name, start, copy_external(tensor, source_dir, out))
+                continue
+            data = tensor.raw_data or onnx.numpy_helper.to_array(tensor).tobytes()
+            for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                tensor.ClearField(field)
             place_external(tensor, name, out.tell(), len(data))
-            out.write(data)
+            write_all(out, data)
             del data
     onnx.save(model, str(dst))
