@@ -128,8 +128,8 @@ def copy_external(tensor, folder: Path, sink) -> int:
     """Appends the bytes of a tensor kept in external data (its file in `folder`) to `sink`, a binary file open for
     writing without a buffer (buffering=0: its position is the file's own); returns how many. In the kernel where the
     system offers it (os.copy_file_range: Linux), else read and written. Hand-written for speed: the full-size UNet's
-    3.3 GB of fp32 weights copied a tensor at a time took 1.6 s this way against 10.6 s read and written, most of it page
-    faults on Python's fresh buffers."""
+    3.3 GB of fp32 weights copied a tensor at a time took 1.6 s this way against 10.6 s read and written, most of it
+    page faults on Python's fresh buffers."""
     import os
 
     from onnx.external_data_helper import ExternalDataInfo
