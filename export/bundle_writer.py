@@ -411,7 +411,10 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
                         _release(getattr(modules, component.module))
                     release_memory()
 
-                with released_after_export(release), fused_attention() if attention == "fused" else nullcontext():
+                with (
+                    released_after_export(release, WEIGHTS_BESIDE_BYTES),
+                    fused_attention() if attention == "fused" else nullcontext(),
+                ):
                     export_models(
                         {component.name: (module, export_config)},
                         output_dir=raw_dir / component.name,

@@ -111,13 +111,17 @@ def _plain_3x3(conv) -> bool:
 
 def phase_kernels(weight: np.ndarray) -> dict[tuple[int, int], np.ndarray]:
     """The four 2x2 kernels, by phase (row, column), that a 3x3 kernel (out, in, 3, 3) becomes after a
-    nearest 2x upsampling; summed in float64 and returned in the kernel's own dtype."""
+    nearest 2x upsampling; summed in float64 and returned in the kernel's own dtype. Rows, then columns, each summed
+    by one matrix product (tensordot): a three-operand einsum loops in C instead, 3x slower (5 s of full-size SD-Turbo's
+    export went to its UNet's and VAE decoder's kernels)."""
     w = weight.astype(np.float64)
-    return {
-        (a, b): np.einsum("ry,oiyx,cx->oirc", _TAPS[a], w, _TAPS[b]).astype(weight.dtype)
-        for a in (0, 1)
-        for b in (0, 1)
-    }
+    taps = {phase: t.astype(np.float64) for phase, t in _TAPS.items()}
+    kernels = {}
+    for a in (0, 1):
+        rows = np.tensordot(w, taps[a], axes=([2], [1]))  # (out, in, x, row): the rows each tap sums
+        for b in (0, 1):
+            kernels[(a, b)] = np.tensordot(rows, taps[b], axes=([2], [1])).astype(weight.dtype)  # (out, in, row, col)
+    return kernels
 
 
 def subpixel_upsample_convs(model, weights_dir: Path | None = None, min_channels: int | None = None) -> int:

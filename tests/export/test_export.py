@@ -414,6 +414,43 @@ def test_a_graphs_weights_are_gathered_into_one_file_a_tensor_at_a_time(tmp_path
     assert np.array_equal(ort.InferenceSession(str(path)).run(None, {"x": x})[0], before)
 
 
+def test_a_whole_graph_past_the_threshold_has_its_weights_moved_beside_it(tmp_path):
+    """PyTorch writes a graph under 2 GB whole: past `beside_past` bytes of weights it leaves the tracer with them
+    in the one file the bundle takes (the export's later readings then parse its structure alone; tensors under
+    onnx's 1 KB threshold stay in it); under it, or without a threshold, it stays whole. The graph computes the
+    same."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from onnx.external_data_helper import uses_external_data
+
+    from edgediff.export.tracing import gather_external_data
+
+    rng = np.random.default_rng(0)
+    big, small = rng.standard_normal((256, 8)).astype(np.float32), rng.standard_normal((8, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "big"], ["h"]), helper.make_node("MatMul", ["h", "small"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 256])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        [numpy_helper.from_array(big, "big"), numpy_helper.from_array(small, "small")],
+    )
+    path = tmp_path / "model.onnx"
+    onnx.save_model(helper.make_model(graph), str(path))  # whole, as PyTorch writes a graph under 2 GB
+    weights = big.nbytes + small.nbytes
+    x = rng.standard_normal((2, 256)).astype(np.float32)
+    before = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
+    for beside_past in (None, weights):  # no threshold, and weights not past it: left whole
+        gather_external_data(path, beside_past)
+        assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+    gather_external_data(path, weights - 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx_data"]
+    structure = onnx.load(str(path), load_external_data=False)
+    assert {t.name: uses_external_data(t) for t in structure.graph.initializer} == {"big": True, "small": False}
+    assert (tmp_path / "model.onnx_data").stat().st_size == big.nbytes
+    assert np.array_equal(ort.InferenceSession(str(path)).run(None, {"x": x})[0], before)
+
+
 def test_a_gathered_graph_enters_the_bundle_by_moving_its_weights(tmp_path):
     """fp32 graphs past 2 GB: their gathered weights file is moved into the bundle, not loaded and written again;
     a graph whose weights lie in several files, or in the graph, is saved as before."""
