@@ -477,7 +477,9 @@ def machine_label(m: dict) -> str:
 
 
 def machine_line(m: dict) -> str:
-    parts = [f"{m['physical_cores']}-core {m['cpu']}"]
+    # the clock where recorded: one CPU model name covers hosts of different clocks (2.1 and 2.6 GHz Xeons with AMX)
+    clock = f" at {m['clock_ghz']:.1f} GHz" if m.get("clock_ghz") else ""
+    parts = [f"{m['physical_cores']}-core {m['cpu']}{clock}"]
     if m.get("isa"):
         parts.append(" ".join(m["isa"]))
     if m.get("memory_gib"):

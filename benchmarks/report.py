@@ -27,8 +27,10 @@ def _s(x):
 
 def _machine_line(machine: dict) -> str:
     gpus = f", GPU {'; '.join(machine['gpus'])}" if machine.get("gpus") else ""
+    clock = f" at {machine['clock_ghz']:.1f} GHz" if machine.get("clock_ghz") else ""
     return (
-        f"{machine['cpu']} ({machine['physical_cores']} cores, {', '.join(machine['isa']) or 'no ISA flags read'}), "
+        f"{machine['cpu']}{clock} ({machine['physical_cores']} cores, "
+        f"{', '.join(machine['isa']) or 'no ISA flags read'}), "
         f"{machine['memory_gib']:.0f} GiB, {machine['os']}, Python {machine['python']}, onnxruntime "
         f"{machine['onnxruntime']}{gpus}"
     )

@@ -292,3 +292,13 @@ def test_text_encoders_quantised_while_the_unet_is_exported_add_no_quantisation_
     monkeypatch.setitem(docs_tables.EXPORT_TABLES, "export-cost-one", docs_tables.ExportTable("m/cost.json"))
     cost = docs_tables.render_export_cost("export-cost-one", {"m/cost.json": data})
     assert "| 43 s | 3.00 GiB | unet: export |" in cost
+
+
+def test_a_data_line_names_the_cpu_clock_where_it_was_recorded():
+    """One CPU model name covers hosts of different clocks: the docs' data lines say which, where the file has it."""
+    machine = {"physical_cores": 2, "cpu": "Intel(R) Xeon(R) Processor", "isa": ["avx2"], "memory_gib": 23.5}
+    assert docs_tables.machine_line({**machine, "clock_ghz": 2.0999}).startswith(
+        "2-core Intel(R) Xeon(R) Processor at 2.1 GHz, avx2"
+    )
+    for unknown in ({}, {"clock_ghz": None}):
+        assert docs_tables.machine_line({**machine, **unknown}).startswith("2-core Intel(R) Xeon(R) Processor, avx2")
