@@ -478,15 +478,18 @@ def test_a_gathered_graph_enters_the_bundle_by_moving_its_weights(tmp_path):
     assert _move_weights(inside, staging / "unet.onnx", tmp_path, "other") is None
 
 
-def test_graphs_past_the_threshold_keep_their_weights_beside_them(models_root, tmp_path, monkeypatch):
-    """fp32 graphs whose weights pass WEIGHTS_BESIDE_BYTES (the full-size text encoder's 1.4 GB) are written with
-    them in a .data file beside the graph, checked and checksummed; the bundle generates the same image as one whose
-    graphs hold their weights. Forced here on the tiny model, whose graphs are all smaller."""
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_graphs_past_the_threshold_keep_their_weights_beside_them(models_root, tmp_path, monkeypatch, precision):
+    """Graphs whose weights pass WEIGHTS_BESIDE_BYTES (the full-size text encoder's 1.4 GB) are written with them in a
+    .data file beside the graph, checked and checksummed; the bundle generates the same image as one whose graphs
+    hold their weights. Forced here on the tiny model, whose graphs are all smaller: their weights leave the traced
+    graph as PyTorch writes it (tracing.gather_external_data), and fp16's conversion reads them from there."""
     from edgediff.runtime import Pipeline
 
-    inside = tiny_bundle("tiny-sd1", models_root)
+    inside = tiny_bundle("tiny-sd1", models_root, precision=precision)
     monkeypatch.setattr(bundle_writer, "WEIGHTS_BESIDE_BYTES", 0)
-    beside = export_bundle(str(tiny_source("tiny-sd1", models_root)), tmp_path / "beside", progress=False)
+    source = str(tiny_source("tiny-sd1", models_root))
+    beside = export_bundle(source, tmp_path / "beside", precision=precision, progress=False)
     manifest = Bundle.open(beside, verify="full").manifest
     for name in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
         files = manifest.components[name].files
