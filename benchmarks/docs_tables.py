@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .report import quality_cell, work, work_difference
+from .report import clock_label, quality_cell, work, work_difference
 
 DOC = Path("docs") / "benchmarks.md"
 RESULTS = Path("benchmarks") / "results"
@@ -477,9 +477,7 @@ def machine_label(m: dict) -> str:
 
 
 def machine_line(m: dict) -> str:
-    # the clock where recorded: one CPU model name covers hosts of different clocks (2.1 and 2.6 GHz Xeons with AMX)
-    clock = f" at {m['clock_ghz']:.1f} GHz" if m.get("clock_ghz") else ""
-    parts = [f"{m['physical_cores']}-core {m['cpu']}{clock}"]
+    parts = [f"{m['physical_cores']}-core {m['cpu']}{clock_label(m)}"]
     if m.get("isa"):
         parts.append(" ".join(m["isa"]))
     if m.get("memory_gib"):

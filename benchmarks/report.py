@@ -25,11 +25,16 @@ def _s(x):
     return f"{x:.3f} s" if x < 1 else f"{x:.2f} s"
 
 
+def clock_label(machine: dict) -> str:
+    """ " at 2.1 GHz" where the result file recorded the CPU's clock, else "": one CPU model name covers hosts of
+    different clocks (2.1 and 2.6 GHz Xeons with AMX)."""
+    return f" at {machine['clock_ghz']:.1f} GHz" if machine.get("clock_ghz") else ""
+
+
 def _machine_line(machine: dict) -> str:
     gpus = f", GPU {'; '.join(machine['gpus'])}" if machine.get("gpus") else ""
-    clock = f" at {machine['clock_ghz']:.1f} GHz" if machine.get("clock_ghz") else ""
     return (
-        f"{machine['cpu']}{clock} ({machine['physical_cores']} cores, "
+        f"{machine['cpu']}{clock_label(machine)} ({machine['physical_cores']} cores, "
         f"{', '.join(machine['isa']) or 'no ISA flags read'}), "
         f"{machine['memory_gib']:.0f} GiB, {machine['os']}, Python {machine['python']}, onnxruntime "
         f"{machine['onnxruntime']}{gpus}"

@@ -62,7 +62,14 @@ from .specs import (
 )
 from .staging import staged
 from .tiny_decoder import load_tiny_decoder, tiny_attributes, tiny_decoder_for_export
-from .tracing import fix_dynamic_axes, quiet_tracing, released_after_export, trace_context, trace_on_inputs
+from .tracing import (
+    fix_dynamic_axes,
+    inline_weight_bytes,
+    quiet_tracing,
+    released_after_export,
+    trace_context,
+    trace_on_inputs,
+)
 from .upsample_conv import subpixel_upsample_convs
 
 log = logging.getLogger("edgediff.export")
@@ -90,7 +97,7 @@ def _save_graph(model, out_dir: Path, name: str, external: bool = False, checksu
 
     graph_file = f"{name}.onnx"
     # Weight bytes decide (the serialised size can't even be asked for past 2 GB).
-    big = external or sum(len(t.raw_data) for t in model.graph.initializer) > WEIGHTS_BESIDE_BYTES
+    big = external or inline_weight_bytes(model) > WEIGHTS_BESIDE_BYTES
     data_file = f"{name}.onnx.data"
     onnx.save_model(
         model,

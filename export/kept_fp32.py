@@ -139,7 +139,7 @@ def _place_weights(graph, initializers, dst: Path, external: bool) -> Path | Non
     from onnx import TensorProto
     from onnx.external_data_helper import uses_external_data
 
-    from .tracing import copy_external, external_bytes, place_external, write_all
+    from .tracing import append_bytes, append_external, external_bytes
 
     data = dst.with_name(f"{dst.name}.data") if external else None
     sink = open(data, "wb", buffering=0) if data is not None else None
@@ -148,8 +148,7 @@ def _place_weights(graph, initializers, dst: Path, external: bool) -> Path | Non
             placed = graph.initializer.add()
             placed.CopyFrom(tensor)
             if uses_external_data(tensor) and sink is not None:  # file to file, not through Python
-                start = sink.tell()
-                place_external(placed, data.name, start, copy_external(tensor, folder, sink))
+                append_external(tensor, folder, sink, data.name, placed)
                 continue
             if uses_external_data(tensor):
                 raw = external_bytes(tensor, folder)
@@ -159,8 +158,7 @@ def _place_weights(graph, initializers, dst: Path, external: bool) -> Path | Non
                 continue
             if sink is not None:
                 placed.ClearField("raw_data")
-                place_external(placed, data.name, sink.tell(), len(raw))
-                write_all(sink, raw)
+                append_bytes(placed, raw, sink, data.name)
             else:
                 del placed.external_data[:]
                 placed.data_location = TensorProto.DEFAULT

@@ -226,7 +226,7 @@ def _write_a_tensor_at_a_time(model, source_dir: Path, dst: Path) -> None:
     import onnx
     from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
-    from .tracing import copy_external, place_external, write_all
+    from .tracing import append_bytes, append_external
 
     name = f"{dst.name}.data"
     initializers = {t.name for t in model.graph.initializer}
@@ -235,13 +235,11 @@ def _write_a_tensor_at_a_time(model, source_dir: Path, dst: Path) -> None:
             if not uses_external_data(tensor) and tensor.name not in initializers:
                 continue
             if uses_external_data(tensor):  # file to file, not through Python
-                start = out.tell()
-                place_external(tensor, name, start, copy_external(tensor, source_dir, out))
+                append_external(tensor, source_dir, out, name)
                 continue
             data = tensor.raw_data or onnx.numpy_helper.to_array(tensor).tobytes()
             for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
                 tensor.ClearField(field)
-            place_external(tensor, name, out.tell(), len(data))
-            write_all(out, data)
+            append_bytes(tensor, data, out, name)
             del data
     onnx.save(model, str(dst))

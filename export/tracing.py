@@ -156,6 +156,26 @@ def copy_external(tensor, folder: Path, sink) -> int:
     return copied
 
 
+def append_external(tensor, folder: Path, sink, location: str, placed=None) -> None:
+    """Copies a tensor kept in external data (its file in `folder`) to the end of `sink` (copy_external's), the data
+    file named `location`, and points `placed` (default: the tensor itself) at the copy."""
+    start = sink.tell()
+    place_external(tensor if placed is None else placed, location, start, copy_external(tensor, folder, sink))
+
+
+def append_bytes(tensor, data, sink, location: str) -> None:
+    """Writes `data`, a tensor's bytes, to the end of `sink` (open without a buffer), the data file named `location`,
+    and points the tensor at them."""
+    place_external(tensor, location, sink.tell(), len(data))
+    write_all(sink, data)
+
+
+def inline_weight_bytes(model) -> int:
+    """The bytes of weights a graph holds in its own message (the bundle's rule for keeping them beside it,
+    bundle_writer.WEIGHTS_BESIDE_BYTES, counts these)."""
+    return sum(len(t.raw_data) for t in model.graph.initializer)
+
+
 def write_all(sink, data) -> None:
     """Writes all of `data` to a file open without a buffer, whose write may take less than it is given."""
     view = memoryview(data)
@@ -191,7 +211,7 @@ def gather_external_data(graph: Path, beside_past: int | None = None) -> None:
     external = [t for t in _get_all_tensors(model) if uses_external_data(t)]
     name = f"{graph.name}_data"
     if not external:
-        if beside_past is not None and sum(len(t.raw_data) for t in model.graph.initializer) > beside_past:
+        if beside_past is not None and inline_weight_bytes(model) > beside_past:
             (graph.parent / name).unlink(missing_ok=True)  # onnx appends to a file already there
             onnx.save_model(model, str(graph), save_as_external_data=True, all_tensors_to_one_file=True, location=name)
         return
@@ -200,9 +220,7 @@ def gather_external_data(graph: Path, beside_past: int | None = None) -> None:
     with open(gathered, "wb", buffering=0) as out:
         for tensor in external:
             sources.add(ExternalDataInfo(tensor).location)
-            start = out.tell()
-            length = copy_external(tensor, graph.parent, out)
-            place_external(tensor, name, start, length)
+            append_external(tensor, graph.parent, out, name)
     for source in sources:
         (graph.parent / source).unlink()
     gathered.replace(graph.parent / name)
