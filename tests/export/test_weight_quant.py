@@ -24,14 +24,18 @@ def _weights(shape, axis, seed=0):
     return w
 
 
+@pytest.mark.parametrize("chunk_bytes", [None, 200])  # whole arrays in one step, or a few rows at a time
 @pytest.mark.parametrize("reduce_range", [False, True])
-@pytest.mark.parametrize(("shape", "axis"), [((64, 48), 1), ((48, 64), 0), ((32, 16, 3, 3), 0)])
-def test_channel_parameters_and_values_equal_onnxruntimes(shape, axis, reduce_range):
+@pytest.mark.parametrize(("shape", "axis"), [((64, 48), 1), ((48, 64), 0), ((32, 16, 3, 3), 0), ((16, 24, 3), 1)])
+def test_channel_parameters_and_values_equal_onnxruntimes(shape, axis, reduce_range, chunk_bytes, monkeypatch):
     from onnx import TensorProto
     from onnxruntime.quantization.quant_utils import compute_data_quant_params, quantize_nparray
 
+    from edgediff.export import weight_quant
     from edgediff.export.weight_quant import channel_params, quantize_channels
 
+    if chunk_bytes:
+        monkeypatch.setattr(weight_quant, "QUANTIZE_CHUNK_BYTES", chunk_bytes)
     w = _weights(shape, axis)
     zero_points, scales = channel_params(w, axis, TensorProto.INT8, reduce_range)
     quantised = quantize_channels(w, axis, TensorProto.INT8, zero_points, scales)
