@@ -277,3 +277,69 @@ def test_graphs_quantised_side_by_side_are_those_quantised_one_at_a_time(models_
     for name in spans:
         assert two.components[name].attributes["quantization"] == one.components[name].attributes["quantization"]
         assert graph(bundles[True] / f"{name}.onnx") == graph(bundles[False] / f"{name}.onnx"), name
+
+
+@pytest.mark.parametrize("limit", [None, 0])  # the outputs' limit as it stands, or none small enough
+def test_the_final_check_runs_small_graphs_feeds_side_by_side_with_the_same_values(
+    models_root, tmp_path, monkeypatch, limit
+):
+    """The final check runs a graph whose outputs are small one feed per core at once, each run on one thread
+    (quantize._outputs): the error it measures is the one measured with the feeds in turn on every core; a graph
+    with larger outputs (SIDE_BY_SIDE_OUTPUT_BYTES) runs them in turn."""
+    import shutil
+    import threading
+
+    import onnxruntime as ort
+
+    from edgediff.export import quantize
+    from edgediff.export.calibration import record_feeds
+    from edgediff.runtime import session_config
+
+    if limit is not None:
+        monkeypatch.setattr(quantize, "SIDE_BY_SIDE_OUTPUT_BYTES", limit)
+    monkeypatch.setattr(session_config, "physical_cores", lambda: 2)
+    bundle = tiny_bundle("tiny-sd1", models_root)
+    scheme = quantize.SCHEMES["int8-static"]
+    recorded = record_feeds(bundle, ["a cat", "a dog", "a red bird"], ["unet"], ranges_for={"unet": scheme})["unet"]
+    threads, runs, real = [], [], ort.InferenceSession
+
+    class Watched(real):
+        def __init__(self, path, options, **kwargs):
+            threads.append(options.intra_op_num_threads)
+            super().__init__(path, options, **kwargs)
+
+        def run(self, *args, **kwargs):
+            runs.append(threading.current_thread().name)
+            return super().run(*args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", Watched)
+    for name in ("unet.onnx", "unet.onnx.data"):
+        if (bundle / name).exists():
+            shutil.copy(bundle / name, tmp_path / name)
+    checks = []
+    real_outputs = quantize._outputs
+
+    def spied(path, feeds, side_by_side=False):
+        checks.append(side_by_side)
+        return real_outputs(path, feeds, side_by_side)
+
+    monkeypatch.setattr(quantize, "_outputs", spied)
+    (tmp_path / "out").mkdir()
+    record = quantize.quantize_component(
+        tmp_path / "unet.onnx",
+        tmp_path / "out" / "unet.onnx",
+        scheme,
+        list(recorded),
+        references=recorded.outputs,
+        ranges=recorded.ranges,
+    )
+    side_by_side = limit is None
+    assert checks == [side_by_side]
+    assert threads[-1] == (1 if side_by_side else 2)  # the check's session
+    assert len(runs) == len(recorded) and all(r.startswith("edgediff-check") for r in runs)  # every feed, once
+    # the same values either way: the same error
+    in_turn = real_outputs(tmp_path / "out" / "unet.onnx", list(recorded))
+    at_once = real_outputs(tmp_path / "out" / "unet.onnx", list(recorded), side_by_side=True)
+    for a, b in zip(in_turn, at_once):
+        np.testing.assert_array_equal(a, b)
+    assert record["error"] == pytest.approx(quantize._rel_rms(in_turn, list(recorded.outputs)), abs=1e-6)
