@@ -671,10 +671,14 @@ def render_export_cost(name: str, results: dict[str, dict]) -> str:
     if table.memory:
         lines = _memory_lines(rows)
     elif table.stages_of is None:
+        # CPU time where the files record it (export_cost's later results): the work done on every core, beside the
+        # wall time, and how many cores it kept busy on average
+        cpu = any("cpu_seconds" in r for rel in files for r in results[rel]["results"])
         lines = [
-            "| export | arguments | wall time | wall time / fp32's | quantising after the exports | peak RSS | set by "
-            "| bundle |",
-            "|---|---|---|---|---|---|---|---|",
+            "| export | arguments | wall time | wall time / fp32's | quantising after the exports |"
+            + (" CPU time (cores busy) |" if cpu else "")
+            + " peak RSS | set by | bundle |",
+            "|---|---|---|---|---|" + ("---|" if cpu else "") + "---|---|---|",
         ]
         for run, rel in enumerate(files, 1):
             measured = [r for r in results[rel]["results"] if "seconds" in r]
@@ -684,9 +688,11 @@ def render_export_cost(name: str, results: dict[str, dict]) -> str:
                 args = f"`{' '.join(r['args'])}`" if r["args"] else "-"
                 ratio = f"{r['seconds'] / fp32:.2f}x" if fp32 else "-"
                 quantising = _quantisation_seconds(r)
+                work = r.get("cpu_seconds")
+                cpu_cell = (f" {_minutes(work)} ({work / r['seconds']:.2f}) |" if work else " - |") if cpu else ""
                 lines.append(
                     f"| {label} | {args} | {_minutes(r['seconds'])} | {ratio} | "
-                    f"{_minutes(quantising) if quantising else '-'} | {_gib(r['peak_rss_bytes'])} | "
+                    f"{_minutes(quantising) if quantising else '-'} |{cpu_cell} {_gib(r['peak_rss_bytes'])} | "
                     f"{peak_stage(r)} | {_gib(r.get('bundle_bytes'))} |"
                 )
     else:

@@ -5,8 +5,8 @@ one after another on the same machine (so that their ratios compare like with li
         --config "fp32=" --config "fastest=--precision int8-static --keep auto --tiny-decoder TAESD"
 
 Each CONFIG is NAME=ARGS, the arguments `edgediff export SRC OUT` would take. The JSON records per
-configuration the seconds, the peak resident memory (the export's, with the process it quantises text encoders
-in: export/text_ahead.py), the bundle's
+configuration the seconds, the CPU seconds (user and system, on every core, its own processes' included), the peak
+resident memory (the export's, with the process it quantises text encoders in: export/text_ahead.py), the bundle's
 size on disk, the manifest's quantization records (blocks kept in fp32, output error) and each stage of the
 export with its seconds, the peak memory when it ended (the stage that raised it set the peak) and the most
 the export held while it ran (sampled from outside), beside the memory plan's estimate of each stage
@@ -63,10 +63,17 @@ def _child(source: str, out: str, args: list[str]) -> None:
         errors = [line for line in lines if line.startswith("error:") or "Error" in line]
         print(json.dumps({"error": (errors or lines)[-1:]}))
         sys.exit(1)
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux, bytes on macOS
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # the export's, with every process of its own it waited for
+    peak = usage.ru_maxrss  # KiB on Linux, bytes on macOS
     # the largest process's high-water mark, or more where processes of the export's own ran at once (sampled)
     peak = max(peak if sys.platform == "darwin" else peak * 1024, max((rss for _, rss in samples), default=0))
-    print(json.dumps({"seconds": seconds, "peak_rss_bytes": peak, "stages": stages, "estimate": estimate}))
+    # the work done on every core (user and system): over the cores, the least wall time the export could take
+    cpu = usage.ru_utime + usage.ru_stime
+    print(
+        json.dumps(
+            {"seconds": seconds, "cpu_seconds": cpu, "peak_rss_bytes": peak, "stages": stages, "estimate": estimate}
+        )
+    )
 
 
 def run_sampled(command: list[str], env: dict | None = None) -> tuple[int, str, list[tuple[float, int]]]:

@@ -126,6 +126,23 @@ def test_an_export_cost_table_over_several_runs_gives_each_ratio_within_its_own_
     assert "| fastest, run 2 | `--precision int8` | 4 min 0 s | 3.00x |" in table
     assert "| fp32, run 2 | - | 1 min 20 s | 1.00x |" in table
     assert table.count("Data: ") == 2 and second in table.split("Data: ")[2]
+    assert "CPU time" not in table  # files without it: no column of dashes
+
+
+def test_an_export_cost_table_shows_the_cpu_time_and_the_cores_it_kept_busy_where_recorded(monkeypatch):
+    rows = [("fp32", [], 100.0, 116.0), ("fastest", ["--precision", "int8"], 150.0, 240.0)]
+    data = {
+        "machine": {"cpu": "CPU", "physical_cores": 2, "isa": ["avx2"]},
+        "date": "2026-01-01",
+        "results": [
+            {"config": c, "args": a, "seconds": t, "cpu_seconds": cpu, "peak_rss_bytes": 2**30} for c, a, t, cpu in rows
+        ],
+    }
+    monkeypatch.setitem(docs_tables.EXPORT_TABLES, "export-cost-cpu", docs_tables.ExportTable("m/cost.json"))
+    table = docs_tables.render_export_cost("export-cost-cpu", {"m/cost.json": data})
+    assert "| CPU time (cores busy) |" in table
+    assert "| 1 min 40 s | 1.00x | - | 1 min 56 s (1.16) | 1.00 GiB |" in table
+    assert "| 2 min 30 s | 1.50x | - | 4 min 0 s (1.60) | 1.00 GiB |" in table
 
 
 def _stage(name, seconds, ended, **extra):
