@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -51,6 +53,11 @@ UNCALIBRATED_MAX_PROMPTS = 2
 # graphs' axes are dynamic: the quantised graph is the same at either size, and is checked at the size recorded
 # (the manifest's `checked_on`).
 RECORDING_SIDE_FRACTION = 2
+# Recordings whose images have at most this many pixels generate their prompts side by side, one per core, each graph
+# on one thread: at such sizes a graph's operators are too small to keep two threads busy (the full-size SD-Turbo
+# UNet's eight range-taking runs at 256x256, 32x32 latents: 8.8-9.4 s side by side against 10.3-10.7 s one after
+# another on both cores). Each call holds activations of its own, which grow with the pixels: small images only.
+SIDE_BY_SIDE_PIXELS = 256 * 256
 
 
 def recording_call(defaults: dict, multiple: int, vae_scale: int, bounded: bool) -> dict:
@@ -94,6 +101,12 @@ class RecordedFeeds(list):
         self.outputs = list(outputs)
         self.ranges = ranges
         self.seconds = list(seconds)
+        self.order = [0] * len(self)  # each feed's ranges.RUN_ORDER: the prompt it was recorded for
+
+    def in_order(self) -> list[int]:
+        """The feeds' indices in recording order: by prompt, those of one prompt as they ran (appended side by side,
+        prompts interleave)."""
+        return sorted(range(len(self)), key=self.order.__getitem__)
 
     def seconds_per_run(self) -> float | None:
         return float(np.median(self.seconds)) if self.seconds else None
@@ -119,19 +132,25 @@ def record_feeds(
     not run again to calibrate it (the full-size SD-Turbo UNet at 512: 8 runs, 39 s). `replayed`: text encoders
     (name -> TextRuns) whose runs on these prompts were made ahead, given back instead of run (ReplayedSession)."""
     from edgediff.runtime import Bundle, Pipeline
+    from edgediff.runtime.denoisers import size_multiple
     from edgediff.runtime.pipeline import text_to_image_components
 
     from .ranges import RangeGraph
 
     bundle = Bundle.open(bundle_dir, verify="none")
-    names = text_to_image_components(bundle.manifest) if components is None else list(components)
+    m = bundle.manifest
+    names = text_to_image_components(m) if components is None else list(components)
     unknown = set(ranges_for or {}) - set(names)
     if unknown:
         raise ValueError(f"ranges wanted for components not recorded: {', '.join(sorted(unknown))}")
+    call = recording_call(m.defaults, size_multiple(m), m.vae_scale_factor, bounded)
+    prompts = recorded_prompts(prompts, bounded)
+    workers = 1 if one_at_a_time else side_by_side(call, m.defaults, len(prompts))
+    threads = 1 if workers > 1 else None  # side by side: a graph's runs on one thread each
     range_graphs = {}
     try:
         for name, scheme in (ranges_for or {}).items():
-            range_graphs[name] = RangeGraph(bundle.file(bundle.manifest.components[name].graph_file), scheme)
+            range_graphs[name] = RangeGraph(bundle.file(m.components[name].graph_file), scheme)
         # without the CPU layout rewrite: a few calls of each graph do not repay its cost to open them (13-19 s
         # against 2-3 s for the full-size fp32 SD-Turbo pipeline on 2 cores)
         pipe = Pipeline(
@@ -140,37 +159,66 @@ def record_feeds(
             cache=False,
             low_memory=one_at_a_time,
             cpu_layout=False,
+            threads=threads,
             graph_openers={
                 **{name: functools.partial(ReplayedSession, name, runs) for name, runs in (replayed or {}).items()},
-                **{name: functools.partial(g.open, name, low_memory=one_at_a_time) for name, g in range_graphs.items()},
+                **{
+                    name: functools.partial(g.open, name, low_memory=one_at_a_time, threads=threads)
+                    for name, g in range_graphs.items()
+                },
             },
         )
-        return _record(pipe, prompts, names, seed, one_at_a_time, bounded, range_graphs)
+        return _record(pipe, prompts, names, seed, one_at_a_time, call, workers, range_graphs)
     finally:
         for graph in range_graphs.values():
             graph.remove()
 
 
-def _record(pipe, prompts, names, seed, one_at_a_time, bounded, range_graphs) -> dict[str, RecordedFeeds]:
-    from edgediff.runtime.denoisers import size_multiple
+def side_by_side(call: dict, defaults: dict, prompts: int) -> int:
+    """How many prompts a recording generates at once: one per core where its images have at most
+    SIDE_BY_SIDE_PIXELS (`call`'s size, else the bundle's default), else one."""
+    from edgediff.runtime.session_config import physical_cores
+
+    height, width = call.get("height", defaults.get("height")), call.get("width", defaults.get("width"))
+    if not height or not width or height * width > SIDE_BY_SIDE_PIXELS:
+        return 1
+    return max(1, min(physical_cores(), prompts))
+
+
+def _record(pipe, prompts, names, seed, one_at_a_time, call, workers, range_graphs) -> dict[str, RecordedFeeds]:
     from edgediff.runtime.pipeline import DECODERS
 
-    m = pipe.manifest
-    call = recording_call(m.defaults, size_multiple(m), m.vae_scale_factor, bounded)
-    prompts = recorded_prompts(prompts, bounded)
+    from .ranges import RUN_ORDER
+
     # decoders whose inputs are wanted (full VAE, tiny decoder): each decodes the same sampled latents
     decoders = [d for d, component in DECODERS.items() if component in names]
     watched = (
         recording_opened(pipe.sessions, names)
         if one_at_a_time
-        else recording({name: pipe.sessions.get(name) for name in names})
+        else recording({name: pipe.sessions.get(name) for name in names}, at_once=workers)
     )
+
+    def generate(i: int) -> None:
+        order = RUN_ORDER.set(i)  # in this thread: its runs are kept in prompt order
+        try:
+            latents = pipe(prompts[i], seed=seed + i, output_type="latent", **call).images
+            for decoder in decoders:  # a decode (seconds at 512) runs only when its inputs are wanted
+                pipe.decode(latents, decoder=decoder, output_type="np")
+        finally:
+            RUN_ORDER.reset(order)
+
     try:
         with watched as recorded:
-            for i, prompt in enumerate(prompts):
-                latents = pipe(prompt, seed=seed + i, output_type="latent", **call).images
-                for decoder in decoders:  # a decode (seconds at 512) runs only when its inputs are wanted
-                    pipe.decode(latents, decoder=decoder, output_type="np")
+            if workers == 1:
+                for i in range(len(prompts)):
+                    generate(i)
+            else:
+                pool = ThreadPoolExecutor(workers, thread_name_prefix="edgediff-record")
+                try:
+                    for _ in pool.map(generate, range(len(prompts))):  # raises a prompt's error
+                        pass
+                finally:
+                    pool.shutdown(cancel_futures=True)  # after an error: no prompt started past it
     finally:
         pipe.close()
     return {name: _kept(name, feeds, range_graphs.get(name)) for name, feeds in recorded.items()}
@@ -183,14 +231,15 @@ def recorded_prompts(prompts, bounded: bool) -> list[str]:
 
 def _kept(name: str, feeds: RecordedFeeds, graph=None) -> RecordedFeeds:
     """At most MAX_CALIBRATION_FEEDS of a graph's recorded feeds, spread over the recording, with their outputs
-    (and their activation ranges where its RangeGraph `graph` took them)."""
+    (and their activation ranges where its RangeGraph `graph` took them), in recording order."""
     stride = max(1, len(feeds) // MAX_CALIBRATION_FEEDS)
-    kept = list(range(len(feeds)))[::stride][:MAX_CALIBRATION_FEEDS]
+    kept = list(range(len(feeds)))[::stride][:MAX_CALIBRATION_FEEDS]  # places in recording order
     if graph is not None and len(graph.runs) != len(feeds):  # each run's ranges belong to the feed it recorded
         raise RuntimeError(f"{name}: {len(graph.runs)} runs of its calibration graph for {len(feeds)} feeds")
+    ordered = feeds.in_order()  # graph.runs is in the same order
     return RecordedFeeds(
-        [feeds[i] for i in kept],
-        [feeds.outputs[i] for i in kept],
+        [feeds[ordered[i]] for i in kept],
+        [feeds.outputs[ordered[i]] for i in kept],
         graph.ranges(kept) if graph else None,
         feeds.seconds,
     )
@@ -285,15 +334,16 @@ class ReplayedSession:
 
 
 @contextmanager
-def recording(sessions: dict):
+def recording(sessions: dict, at_once: int = 1):
     """Records every run of these graph sessions (name -> GraphSession) while the block runs, and yields
     name -> the feeds of each run, as the graph checked them (the dtypes it declares), with its first output.
     Each session's own `run` is back in place afterwards: recording is the exporter's business, not the
-    runtime's."""
+    runtime's. `at_once`: the runs going on side by side (each run's seconds are its share of the cores)."""
     recorded: dict[str, RecordedFeeds] = {name: RecordedFeeds() for name in sessions}
     own = {name: vars(session).get("run") for name, session in sessions.items()}  # a run already set on the object
     for name, session in sessions.items():
-        session.run = _recording_run(session, recorded[name])  # an instance attribute over the class's method
+        # an instance attribute over the class's method
+        session.run = _recording_run(session, recorded[name], at_once)
     try:
         yield recorded
     finally:
@@ -323,16 +373,25 @@ def recording_opened(pool, names: list[str]):
         pool.set_opener(previous)
 
 
-def _recording_run(session, into: RecordedFeeds):
+_APPENDING = threading.Lock()  # a run's feed, output, seconds and order are appended together
+
+
+def _recording_run(session, into: RecordedFeeds, at_once: int = 1):
+    from .ranges import RUN_ORDER
+
     real = session.run
 
     def run(run_options=None, **feeds):
         checked = session.check_inputs(feeds)
         start = time.perf_counter()
         outputs = real(run_options, **checked)
-        into.seconds.append(time.perf_counter() - start)
-        into.append({name: np.array(value) for name, value in checked.items()})
-        into.outputs.append(np.array(outputs[0]))
+        seconds = (time.perf_counter() - start) / at_once
+        feed = {name: np.array(value) for name, value in checked.items()}
+        with _APPENDING:
+            into.seconds.append(seconds)
+            into.append(feed)
+            into.outputs.append(np.array(outputs[0]))
+            into.order.append(RUN_ORDER.get())
         return outputs
 
     return run

@@ -11,6 +11,7 @@ inputs (calibration.record_feeds): one run of each feed gives its output and its
 
 from __future__ import annotations
 
+import contextvars
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,10 @@ if TYPE_CHECKING:
     from .quantize import Scheme
 
 _RANGE = "edgediff_range/"
+# Where runs overlap (calibration.record_feeds generates prompts side by side), the place of a run in the recording:
+# the prompt its thread generates. Runs are kept by it (those of one prompt in the order they ran), so that a run's
+# ranges stay paired with the feed recorded beside them whichever thread ran first.
+RUN_ORDER: contextvars.ContextVar[int] = contextvars.ContextVar("edgediff_run_order", default=0)
 
 
 def calibrated_tensors(model, scheme: Scheme) -> list[str]:
@@ -50,7 +55,7 @@ def calibrated_tensors(model, scheme: Scheme) -> list[str]:
 class RangeGraph:
     """`src` with a ReduceMin and a ReduceMax after every tensor whose range `scheme` takes, saved beside it (its
     external-data paths hold there) until remove(). Each session opened on it keeps the ranges of every run in
-    this object, in run order, so that the ranges of the runs wanted can be merged afterwards (ranges())."""
+    this object, in run order (RUN_ORDER), so that the ranges of the runs wanted can be merged afterwards (ranges())."""
 
     def __init__(self, src: Path, scheme: Scheme):
         import onnx
@@ -85,7 +90,15 @@ class RangeGraph:
         except BaseException:  # a half-written graph (a full disk) is not left beside the source
             self.remove()
             raise
-        self.runs: list[list[np.ndarray]] = []  # per run: each reduction's value, in reduction_names' order
+        self._runs: list[tuple[int, list[np.ndarray]]] = []  # (RUN_ORDER, each reduction's value) per run
+
+    @property
+    def runs(self) -> list[list[np.ndarray]]:
+        """Per run, in RUN_ORDER (runs of one order as they ran): each reduction's value, in reduction_names' order."""
+        return [values for _, values in sorted(self._runs, key=lambda run: run[0])]
+
+    def add_run(self, values: list[np.ndarray]) -> None:
+        self._runs.append((RUN_ORDER.get(), values))  # one append: atomic where runs overlap
 
     def open(self, name: str = "", low_memory: bool = False, threads: int | None = None) -> RangeSession:
         """A session of the augmented graph; `name`: the component it stands for (in input errors); `low_memory`
@@ -97,7 +110,8 @@ class RangeGraph:
         every run), NaN ignored as onnxruntime's calibrator ignores it."""
         from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData
 
-        chosen = [self.runs[i] for i in (range(len(self.runs)) if runs is None else runs)]
+        ordered = self.runs
+        chosen = [ordered[i] for i in (range(len(ordered)) if runs is None else runs)]
         if not chosen:
             raise ValueError("static int8 needs calibration inputs")
         table = {}
@@ -146,12 +160,12 @@ class RangeSession:
     def run(self, run_options=None, **feeds) -> list[np.ndarray]:
         graph = self.graph
         values = self.session.run(self.output_names + graph.reduction_names, self.check_inputs(feeds), run_options)
-        graph.runs.append(values[len(self.output_names) :])
+        graph.add_run(values[len(self.output_names) :])
         return values[: len(self.output_names)]
 
     def ranges_only(self, feed: dict) -> None:
         """One run for its ranges alone (the graph's outputs are not fetched)."""
-        self.graph.runs.append(self.session.run(self.graph.reduction_names, feed))
+        self.graph.add_run(self.session.run(self.graph.reduction_names, feed))
 
 
 def calibrate(src: Path, scheme: Scheme, feeds: list[dict]):
