@@ -20,8 +20,9 @@ boundary (blocks.py); the graph is quantised whole once and run cut at those bou
 (e.g. `down_blocks.1/attentions.0`) runs quantised on the fp32 tensors at its inputs: its error at its own outputs
 is recorded, and its difference from fp32 is kept. The graph is
 checked quantised whole; past SENSITIVITY_BUDGET, those differences are added to the fp32 graph, a group of
-blocks at a time, halving the groups where the output error is, so that a few whole-graph runs (no graph
-quantised) find the blocks that cost the output most. They are kept in fp32 until the predicted error is
+blocks at a time, halving the groups where the output error is, so that a few runs of the fp32 graph (no graph
+quantised; of its tail alone where a group's errors reach only that: blocks.TAIL_MAX_WEIGHT_SHARE) find the blocks
+that cost the output most. They are kept in fp32 until the predicted error is
 within budget, the graph is checked once, and more blocks are kept only if that check fails. A block's own
 error alone ranks blocks poorly: where a block sits decides how much of its error reaches the output. The
 manifest records every block's error, the output error of the blocks measured alone, what was kept and

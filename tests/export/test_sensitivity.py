@@ -460,3 +460,51 @@ def test_the_final_graph_is_checksummed_where_it_is_checked(unet_feeds, tmp_path
         assert record["sha256"] == hashlib.sha256((tmp_path / name).read_bytes()).hexdigest(), name
     assert sorted(p.name for p in reads) == ["auto.onnx", "auto.onnx.data"]
     assert all(p.parent.name.startswith("edgediff-quant-") for p in reads), reads  # before the move
+
+
+@pytest.mark.parametrize("share", [1.0, 0.25])
+def test_groups_whose_errors_reach_the_graphs_tail_alone_run_it_for_the_same_output_error(
+    unet_feeds, tmp_path, monkeypatch, share
+):
+    """A group of blocks whose errors reach only the graph's last nodes is measured on that tail, fed the recorded
+    fp32 tensors at its edge: the same output error as the whole graph gives (TAIL_RTOL: the tail's operators fused
+    differently at its edge), for each block alone and for groups. The whole graph runs for groups that reach the
+    first nodes, and where a tail would hold more than TAIL_MAX_WEIGHT_SHARE of the weights; the tails held at once
+    stay within that share."""
+    import onnx
+
+    from edgediff.export import blocks as blocks_module
+    from edgediff.export.quantize import SCHEMES, block_errors, calibrate, quantizable_blocks
+
+    src, feeds = unet_feeds
+    chosen = SCHEMES["int8-static"]
+    structure = onnx.load(str(src), load_external_data=False)
+    blocks = quantizable_blocks(structure, chosen)
+    ranges = calibrate(src, chosen, feeds)
+    _, probe = block_errors(src, structure, blocks, chosen, ranges, feeds, tmp_path, tmp_path / "all" / src.name)
+    names = list(blocks)
+    groups = [[b] for b in names] + [names[len(names) // 2 :], names[-3:], names[1:4], names]
+    monkeypatch.setattr(blocks_module, "TAIL_MAX_WEIGHT_SHARE", 0.0)
+    whole = [probe.output_power(g) for g in groups]
+    assert not probe._tails
+    monkeypatch.setattr(blocks_module, "TAIL_MAX_WEIGHT_SHARE", share)
+    tails_of = []
+    real_tail = blocks_module.BlockProbe._tail
+    monkeypatch.setattr(
+        blocks_module.BlockProbe, "_tail", lambda self, g: tails_of.append(real_tail(self, g)) or tails_of[-1]
+    )
+    tailed = [probe.output_power(g) for g in groups]
+    assert tailed == pytest.approx(whole, rel=TAIL_RTOL) and min(whole) > 0
+    walk = probe._walk
+    used = [t for t in tails_of if t is not None]
+    assert used and all(t.weight_bytes <= share * walk.weight_bytes for t in used)
+    last = tails_of[groups.index([names[-1]])]  # the last block's tail: a few of the graph's weights
+    assert last is not None and last.weight_bytes < walk.weight_bytes / 4
+    if share < 1.0:  # every block's errors reach (nearly) every weight: the whole graph runs
+        assert tails_of[groups.index(names)] is None
+    assert sum(t.weight_bytes for t in probe._tails.values()) <= share * walk.weight_bytes
+    probe.close()
+    assert not probe._tails
+
+
+TAIL_RTOL = 1e-4  # relative: output powers of the tail against the whole graph (float sums in another order)
