@@ -556,7 +556,7 @@ class _TailWalk:
     def tail(self, output: str, reached: frozenset, recorded: Callable[[str], bool]):
         """(nodes, fed tensors, weight bytes) of the tail computing `output`: the `reached` nodes and those they need,
         walking back until a tensor made outside `reached` is `recorded`, which is fed instead; None where nothing
-        before the reached nodes is left out."""
+        before the reached nodes is left out, or the reached nodes do not make `output`."""
         nodes, fed, seen, todo = set(), [], set(), [output]
         while todo:
             t = todo.pop()
@@ -571,7 +571,9 @@ class _TailWalk:
                 continue
             nodes.add(i)
             todo.extend(tensors_read(self.graph.node[i]))
-        if not fed:
+        # a node kept for one output makes its others too (a recorded one among them is not fed as well)
+        fed = [t for t in fed if self.producer[t] not in nodes]
+        if not fed or not nodes:
             return None
         weights = {t for i in nodes for t in tensors_read(self.graph.node[i]) if t in self.sizes}
         return sorted(nodes), sorted(fed), sum(self.sizes[t] for t in weights)

@@ -53,10 +53,11 @@ UNCALIBRATED_MAX_PROMPTS = 2
 # graphs' axes are dynamic: the quantised graph is the same at either size, and is checked at the size recorded
 # (the manifest's `checked_on`).
 RECORDING_SIDE_FRACTION = 2
-# Recordings whose images have at most this many pixels generate their prompts side by side, one per core, each graph
-# on one thread: at such sizes a graph's operators are too small to keep two threads busy (the full-size SD-Turbo
-# UNet's eight range-taking runs at 256x256, 32x32 latents: 8.8-9.4 s side by side against 10.3-10.7 s one after
-# another on both cores). Each call holds activations of its own, which grow with the pixels: small images only.
+# Recordings whose images have at most this many pixels generate their prompts side by side, one per core (each graph
+# on the cores left per prompt, one where there are no more cores than prompts): at such sizes a graph's operators are
+# too small to keep two threads busy (the full-size SD-Turbo UNet's eight range-taking runs at 256x256, 32x32 latents:
+# 8.8-9.4 s side by side on one thread each against 10.3-10.7 s one after another on both cores). Each call holds
+# activations of its own, which grow with the pixels: small images only.
 SIDE_BY_SIDE_PIXELS = 256 * 256
 
 
@@ -134,6 +135,7 @@ def record_feeds(
     from edgediff.runtime import Bundle, Pipeline
     from edgediff.runtime.denoisers import size_multiple
     from edgediff.runtime.pipeline import text_to_image_components
+    from edgediff.runtime.session_config import physical_cores
 
     from .ranges import RangeGraph
 
@@ -146,7 +148,7 @@ def record_feeds(
     call = recording_call(m.defaults, size_multiple(m), m.vae_scale_factor, bounded)
     prompts = recorded_prompts(prompts, bounded)
     workers = 1 if one_at_a_time else side_by_side(call, m.defaults, len(prompts))
-    threads = 1 if workers > 1 else None  # side by side: a graph's runs on one thread each
+    threads = max(1, physical_cores() // workers) if workers > 1 else None  # side by side: the cores shared out
     range_graphs = {}
     try:
         for name, scheme in (ranges_for or {}).items():

@@ -61,7 +61,7 @@ def test_prompts_recorded_side_by_side_keep_the_order_values_and_ranges_of_those
     assert opened == [1]  # the UNet's calibration graph on one thread
     assert all(len(names) == 1 for names in threads_of.values())  # a prompt's runs on one thread
     assert len(set().union(*threads_of.values())) == 2  # two of them
-    assert started[:2] in ([0, 1], [1, 0]) and started != sorted(started)  # runs of two prompts interleaved
+    assert started != sorted(started)  # runs of two prompts interleaved
     for name in ("text_encoder", "unet"):
         got, want = side_by_side[name], in_turn[name]
         assert len(got) == len(want) == len(got.outputs) > len(PROMPTS) - 1
