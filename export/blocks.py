@@ -355,6 +355,8 @@ class BlockProbe:
         return self._tails[reached]
 
     def _open_tail(self, nodes: list[int], fed: list[str], weight_bytes: int) -> _Tail:
+        """A session of the injection graph's `nodes` (indices, in graph order) with `fed` among its inputs, typed as
+        recorded, and the graph's own inputs they read; saved beside the source while it opens."""
         from onnx import helper
 
         from .ort_sessions import measuring_options, measuring_session
