@@ -135,8 +135,8 @@ def record_feeds(
     from edgediff.runtime import Bundle, Pipeline
     from edgediff.runtime.denoisers import size_multiple
     from edgediff.runtime.pipeline import text_to_image_components
-    from edgediff.runtime.session_config import physical_cores
 
+    from .ort_sessions import share_cores
     from .ranges import RangeGraph
 
     bundle = Bundle.open(bundle_dir, verify="none")
@@ -147,8 +147,7 @@ def record_feeds(
         raise ValueError(f"ranges wanted for components not recorded: {', '.join(sorted(unknown))}")
     call = recording_call(m.defaults, size_multiple(m), m.vae_scale_factor, bounded)
     prompts = recorded_prompts(prompts, bounded)
-    workers = 1 if one_at_a_time else side_by_side(call, m.defaults, len(prompts))
-    threads = max(1, physical_cores() // workers) if workers > 1 else None  # side by side: the cores shared out
+    workers, threads = share_cores(1 if one_at_a_time else side_by_side(call, m.defaults, len(prompts)))
     range_graphs = {}
     try:
         for name, scheme in (ranges_for or {}).items():
@@ -179,12 +178,12 @@ def record_feeds(
 def side_by_side(call: dict, defaults: dict, prompts: int) -> int:
     """How many prompts a recording generates at once: one per core where its images have at most
     SIDE_BY_SIDE_PIXELS (`call`'s size, else the bundle's default), else one."""
-    from edgediff.runtime.session_config import physical_cores
+    from .ort_sessions import share_cores
 
     height, width = call.get("height", defaults.get("height")), call.get("width", defaults.get("width"))
     if not height or not width or height * width > SIDE_BY_SIDE_PIXELS:
         return 1
-    return max(1, min(physical_cores(), prompts))
+    return share_cores(prompts)[0]
 
 
 def _record(pipe, prompts, names, seed, one_at_a_time, call, workers, range_graphs) -> dict[str, RecordedFeeds]:

@@ -45,6 +45,18 @@ def measuring_options(quiet: bool = False, once: bool = False):
     return options
 
 
+def share_cores(jobs: int) -> tuple[int, int | None]:
+    """How `jobs` runs that may overlap share the cores: (runs at once, onnxruntime threads for each). At the small
+    sizes the exporter records and checks at, a graph's operators are too small to keep two threads busy, so runs go
+    one per core at once, each on the cores left per run (one where there are no more cores than runs); (1, None),
+    one run at a time on every core, for a single run or core."""
+    from edgediff.runtime.session_config import physical_cores
+
+    cores = physical_cores()
+    workers = max(1, min(cores, jobs))
+    return (workers, cores // workers) if workers > 1 else (1, None)
+
+
 def measuring_session(path: Path, providers=("CPUExecutionProvider",), options=None):
     """A session of the graph at `path` for an exporter's fp32 measurement (`options`: measuring_options()'s)."""
     import onnxruntime as ort

@@ -337,20 +337,18 @@ def _rel_rms(got: list[np.ndarray], ref: list[np.ndarray]) -> float:
 
 def _outputs(path: Path, feeds: list[dict], side_by_side: bool = False) -> list[np.ndarray]:
     """The graph's first output for each feed, as the runtime opens the graph. `side_by_side`: the feeds run one per
-    core at once, each on one thread (runs of one onnxruntime session may overlap). At the recorded sizes a graph's
+    core at once (ort_sessions.share_cores; runs of one onnxruntime session may overlap). At the recorded sizes a graph's
     operators are too small to keep two threads busy: the full-size SD-Turbo UNet's int8 graph ran its eight 32x32
     feeds in 4.7-5.0 s so, against 5.6-7.8 s one after another on both cores, with the same values. Each run holds
     activations of its own: for graphs with small outputs only (SIDE_BY_SIDE_OUTPUT_BYTES)."""
     import onnxruntime as ort
 
-    from edgediff.runtime.session_config import physical_cores
+    from .ort_sessions import runtime_options, share_cores
 
-    from .ort_sessions import runtime_options
-
-    workers = min(physical_cores(), len(feeds)) if side_by_side else 1
+    workers, threads = share_cores(len(feeds)) if side_by_side else (1, None)
     options = runtime_options()
-    if workers > 1:
-        options.intra_op_num_threads = 1
+    if threads:
+        options.intra_op_num_threads = threads
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     with ThreadPoolExecutor(workers, thread_name_prefix="edgediff-check") as pool:
         return list(pool.map(lambda feed: session.run(None, feed)[0], feeds))
