@@ -4,13 +4,13 @@ one after another on the same machine (so that their ratios compare like with li
     python -m edgediff.benchmarks.export_cost SRC --out export-cost.json \\
         --config "fp32=" --config "fastest=--precision int8-static --keep auto --tiny-decoder TAESD"
 
-Each CONFIG is NAME=ARGS, the arguments `edgediff export SRC OUT` would take. The JSON records per
-configuration the seconds, the CPU seconds (user and system, on every core, its own processes' included), the peak
-resident memory (the export's, with the process it quantises text encoders in: export/text_ahead.py), the bundle's
-size on disk, the manifest's quantization records (blocks kept in fp32, output error) and each stage of the
-export with its seconds, the peak memory when it ended (the stage that raised it set the peak) and the most
-the export held while it ran (sampled from outside), beside the memory plan's estimate of each stage
-(export/memory_plan.py), made before the export loaded anything.
+Each CONFIG is NAME=ARGS, the arguments `edgediff export SRC OUT` would take. The JSON records per configuration the
+seconds, the CPU seconds (user and system, on every core, its own processes' included; the system seconds and page
+faults apart), the peak resident memory (the export's, with the process it quantises text encoders in:
+export/text_ahead.py), the bundle's size on disk, the manifest's quantization records (blocks kept in fp32, output
+error) and each stage of the export with its seconds, the peak memory when it ended (the stage that raised it set the
+peak) and the most the export held while it ran (sampled from outside), beside the memory plan's estimate of each
+stage (export/memory_plan.py), made before the export loaded anything.
 """
 
 from __future__ import annotations
@@ -71,7 +71,16 @@ def _child(source: str, out: str, args: list[str]) -> None:
     cpu = usage.ru_utime + usage.ru_stime
     print(
         json.dumps(
-            {"seconds": seconds, "cpu_seconds": cpu, "peak_rss_bytes": peak, "stages": stages, "estimate": estimate}
+            {
+                "seconds": seconds,
+                "cpu_seconds": cpu,
+                # of which the kernel's, much of it mapping fresh memory a page at a time: the page faults
+                "system_seconds": usage.ru_stime,
+                "page_faults": usage.ru_minflt + usage.ru_majflt,
+                "peak_rss_bytes": peak,
+                "stages": stages,
+                "estimate": estimate,
+            }
         )
     )
 

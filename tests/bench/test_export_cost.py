@@ -40,6 +40,7 @@ def test_export_cost_records_time_peak_and_what_was_made(models_root, tmp_path):
         assert rows[name]["seconds"] > 0 and rows[name]["peak_rss_bytes"] > 50 * 2**20, rows[name]
         # the work on every core: no more than the cores could do in that time (and the export does some)
         assert 0 < rows[name]["cpu_seconds"] <= 1.05 * rows[name]["seconds"] * os.cpu_count(), rows[name]
+        assert 0 < rows[name]["system_seconds"] < rows[name]["cpu_seconds"] and rows[name]["page_faults"] > 0
     assert rows["fp32"]["components"]["unet"]["precision"] == "fp32"
     assert rows["int8"]["components"]["unet"]["quantization"]["scheme"] == "int8-dynamic"
     assert rows["int8"]["bundle_bytes"] > 0  # (tiny graphs grow when quantized: scales outweigh their weights)
