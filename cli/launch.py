@@ -13,6 +13,7 @@ opt out), nothing changes. Library callers set the variable themselves.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -54,6 +55,8 @@ def restart_with_huge_pages(argv: list[str]) -> None:
     again)."""
     if sys.platform != "linux" or getattr(sys, "frozen", False) or command(argv) not in HUGE_PAGE_COMMANDS:
         return
+    if not sys.executable:  # an embedded interpreter: nothing to start again
+        return
     import platform
 
     try:
@@ -64,7 +67,10 @@ def restart_with_huge_pages(argv: list[str]) -> None:
     if environ is None:
         return
     # the interpreter by its full path: argv[0] as typed ("python3") would be looked up on PATH, maybe outside a venv
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)
+    try:
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)
+    except OSError as exc:  # the interpreter cannot be started again: the export runs as it is, in 4 KiB pages
+        logging.getLogger("edgediff.cli").debug("no restart with huge pages: %s", exc)
 
 
 def main() -> None:

@@ -80,3 +80,37 @@ def test_export_starts_again_as_the_same_process_with_the_tunable():
     # other commands, and the user's own setting, start once
     assert len(_starts(["edgediff", "generate", "--help"], env)) == 1
     assert len(_starts(["edgediff", "export", "--help"], {**env, "GLIBC_TUNABLES": f"{HUGETLB_TUNABLE}=0"})) == 1
+
+
+@pytest.fixture
+def linux_with_huge_pages(monkeypatch, tmp_path):
+    """A Linux host with glibc 2.36 and huge pages on `madvise`, whatever runs the test."""
+    from edgediff.cli import launch
+
+    setting = tmp_path / "enabled"
+    setting.write_text(MADVISE)
+    monkeypatch.setattr(launch, "THP_SETTING", setting)
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(platform, "libc_ver", lambda: GLIBC)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    return launch
+
+
+def test_the_restart_runs_this_interpreter_with_its_arguments(linux_with_huge_pages, monkeypatch):
+    calls = []
+    monkeypatch.setattr(os, "execve", lambda path, args, env: calls.append((path, args, env)))
+    monkeypatch.setattr(sys, "orig_argv", ["python3", "-m", "edgediff.cli", "export", "SRC", "OUT"])
+    linux_with_huge_pages.restart_with_huge_pages(["edgediff", "export", "SRC", "OUT"])
+    ((path, args, env),) = calls
+    assert path == sys.executable and args == [sys.executable, "-m", "edgediff.cli", "export", "SRC", "OUT"]
+    assert env["GLIBC_TUNABLES"] == f"{HUGETLB_TUNABLE}=1"
+    linux_with_huge_pages.restart_with_huge_pages(["edgediff", "generate", "a cat"])
+    assert len(calls) == 1  # only the export restarts
+
+
+def test_an_interpreter_that_cannot_start_again_runs_on_as_it_is(linux_with_huge_pages, monkeypatch):
+    def refuse(*args):
+        raise PermissionError("not allowed")
+
+    monkeypatch.setattr(os, "execve", refuse)
+    assert linux_with_huge_pages.restart_with_huge_pages(["edgediff", "export", "SRC", "OUT"]) is None
