@@ -21,7 +21,7 @@ from pathlib import Path
 HUGETLB_TUNABLE = "glibc.malloc.hugetlb"
 MIN_GLIBC = (2, 35)  # the first glibc with the tunable; older ones ignore it, and the restart would buy nothing
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")  # "always [madvise] never": the one in brackets
-# The commands whose memory traffic repays a restart (about 50 ms before the CLI's imports): an export's gigabytes.
+# The commands whose memory traffic repays a restart (0.05-0.1 s, before the CLI's imports): an export's gigabytes.
 HUGE_PAGE_COMMANDS = frozenset({"export"})
 
 
