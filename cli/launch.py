@@ -2,10 +2,10 @@
 
 `edgediff export` takes its memory in huge pages where glibc and Linux offer them. The export allocates and frees
 gigabytes: PyTorch's exporter, onnx's serialisation and onnxruntime's sessions take large blocks from glibc's
-malloc, which maps each one afresh, a page fault per 4 KiB page: 4.0-6.9 million of them and 12-20 s of system time
+malloc, which maps each one afresh, a page fault per 4 KiB page: 3.5-6.9 million of them and 12-20 s of system time
 in the full-size SD-Turbo fp32 export on 2 cores. With glibc's tunable `glibc.malloc.hugetlb=1` (glibc 2.35 and
-newer) malloc asks for transparent huge pages (2 MiB) for those blocks: 0.29-0.44 million faults and 7-10 s
-(docs/benchmarks.md, "Export cost"). glibc reads its tunables only when a process starts, so the command starts
+newer) malloc asks for transparent huge pages (2 MiB) for those blocks: 0.29-0.44 million faults, 7-11 s, and the
+export 7% faster (docs/benchmarks.md, "Export cost"). glibc reads its tunables only when a process starts, so the command starts
 itself again with the tunable set: the same process (os.execve keeps its id), arguments and interpreter, before
 anything heavy is imported. Where GLIBC_TUNABLES names the tunable already (=0 to opt out), nothing changes.
 Library callers set the variable themselves.
