@@ -49,21 +49,26 @@ def command(argv: list[str]) -> str | None:
     return next((arg for arg in argv[1:] if not arg.startswith("-")), None)
 
 
-def restart_with_huge_pages(argv: list[str]) -> None:
-    """Starts this process again with glibc's huge-page tunable (tuned_environment) where the command is one that
-    repays it; returns where it is not. Frozen applications are left as they are (a restart would unpack them
-    again)."""
-    if sys.platform != "linux" or getattr(sys, "frozen", False) or command(argv) not in HUGE_PAGE_COMMANDS:
-        return
-    if not sys.executable:  # an embedded interpreter: nothing to start again
-        return
+def huge_page_environment(environ: dict) -> dict | None:
+    """tuned_environment for this host: None off Linux, or where its huge-page setting cannot be read."""
+    if sys.platform != "linux":
+        return None
     import platform
 
     try:
         thp_setting = THP_SETTING.read_text()
     except OSError:
+        return None
+    return tuned_environment(environ, platform.libc_ver(), thp_setting)
+
+
+def restart_with_huge_pages(argv: list[str]) -> None:
+    """Starts this process again with glibc's huge-page tunable (huge_page_environment) where the command is one that
+    repays it; returns where it is not. Frozen applications are left as they are (a restart would unpack them
+    again), and so is an embedded interpreter (no sys.executable to start)."""
+    if getattr(sys, "frozen", False) or not sys.executable or command(argv) not in HUGE_PAGE_COMMANDS:
         return
-    environ = tuned_environment(dict(os.environ), platform.libc_ver(), thp_setting)
+    environ = huge_page_environment(dict(os.environ))
     if environ is None:
         return
     # the interpreter by its full path: argv[0] as typed ("python3") would be looked up on PATH, maybe outside a venv

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from edgediff.cli.launch import HUGETLB_TUNABLE, THP_SETTING, command, tuned_environment
+from edgediff.cli.launch import HUGETLB_TUNABLE, command, huge_page_environment, tuned_environment
 
 GLIBC = ("glibc", "2.36")
 MADVISE = "always [madvise] never\n"
@@ -63,15 +63,9 @@ def _starts(argv: list[str], env: dict) -> list[str]:
     return [line for line in result.stdout.splitlines() if line.split(" ")[0].isdigit()]
 
 
-def _restarts_here() -> bool:
-    try:
-        setting = THP_SETTING.read_text()
-    except OSError:
-        return False
-    return sys.platform == "linux" and tuned_environment({}, platform.libc_ver(), setting) is not None
-
-
-@pytest.mark.skipif(not _restarts_here(), reason="needs Linux, glibc 2.35 or newer and transparent huge pages on")
+@pytest.mark.skipif(
+    huge_page_environment({}) is None, reason="needs Linux, glibc 2.35 or newer and transparent huge pages on"
+)
 def test_export_starts_again_as_the_same_process_with_the_tunable():
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     first, again = _starts(["edgediff", "export", "--help"], env)
