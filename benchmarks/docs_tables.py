@@ -463,24 +463,31 @@ def _gib(b: int | None) -> str:
 def machine_label(m: dict) -> str:
     if m.get("gpus"):
         return m["gpus"][0].split(",")[0]
-    isa = set(m.get("isa") or ())
-    if "amx_int8" in isa:
-        tag = "AMX, AVX-512 VNNI"
-    elif "avx512_vnni" in isa:
-        tag = "AVX-512 VNNI"
-    elif "avx_vnni" in isa:
-        tag = "AVX-VNNI"
-    elif "avx2" in isa:
-        tag = "AVX2 only" if not isa & {"avx512f", "avx512_vnni", "avx_vnni"} else "AVX2"
-    else:
-        tag = ", ".join(sorted(isa)) or "ISA not recorded"
+    tag = _isa_tag(set(m.get("isa") or ()))
+    if m.get("cpuid_hidden"):  # a lesser tier's kernels on this CPU (benchmarks/cpu_tier.py)
+        host = {**m, "isa": [*(m.get("isa") or ()), *m["cpuid_hidden"]], "cpuid_hidden": None}
+        return f"{tag} kernels, emulated on a {machine_label(host)}"
     return f"{m['physical_cores']}-core {m['cpu'].split(',')[0]}, {tag}"
+
+
+def _isa_tag(isa: set[str]) -> str:
+    if "amx_int8" in isa:
+        return "AMX, AVX-512 VNNI"
+    if "avx512_vnni" in isa:
+        return "AVX-512 VNNI"
+    if "avx_vnni" in isa:
+        return "AVX-VNNI"
+    if "avx2" in isa:
+        return "AVX2 only" if not isa & {"avx512f", "avx512_vnni", "avx_vnni"} else "AVX2"
+    return ", ".join(sorted(isa)) or "ISA not recorded"
 
 
 def machine_line(m: dict) -> str:
     parts = [f"{m['physical_cores']}-core {m['cpu']}{clock_label(m)}"]
     if m.get("isa"):
         parts.append(" ".join(m["isa"]))
+    if m.get("cpuid_hidden"):
+        parts.append(f"CPUID mask hiding {' '.join(m['cpuid_hidden'])}")
     if m.get("memory_gib"):
         parts.append(f"{_num(m['memory_gib'])} GiB")
     parts += list(m.get("gpus") or ())

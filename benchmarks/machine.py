@@ -121,7 +121,10 @@ def theoretical_peak(
         return None
     machine = (arch or platform.machine()).lower()
     family = "arm" if machine in ("aarch64", "arm64") else "x86" if machine in ("x86_64", "amd64", "i686") else None
-    flags = _cpuinfo()[1] if flags is None else flags
+    if flags is None:  # what the kernels see: less any flags a CPUID mask hides
+        from edgediff.runtime.cpu_features import cpuid_hidden
+
+        flags = _cpuinfo()[1] - cpuid_hidden()
     clock = cpu_clock() if clock is None else clock
     rate = _isa_rate(dtype, flags, family) if family and flags else None
     if rate is None or clock is None or cores < 1:
@@ -172,16 +175,18 @@ def _gpus() -> list[str]:
 def describe() -> dict:
     import onnxruntime as ort
 
+    from edgediff.runtime.cpu_features import cpuid_hidden
     from edgediff.runtime.session import physical_cores
 
     model, flags = _cpuinfo()
+    hidden = cpuid_hidden()  # a lesser tier's kernels (benchmarks/cpu_tier.py): record what they saw
     clock = cpu_clock()
-    return {
+    described = {
         "cpu": model,
         "machine": platform.machine(),
         "physical_cores": physical_cores(),
         "logical_cores": os.cpu_count(),
-        "isa": [f for f in ISA_FLAGS if f in flags],
+        "isa": [f for f in ISA_FLAGS if f in flags - hidden],
         "memory_gib": _memory_gib(),
         "os": f"{platform.system()} {platform.release()}",
         "python": sys.version.split()[0],
@@ -191,3 +196,6 @@ def describe() -> dict:
         "clock_ghz": clock[0] if clock else None,
         "clock_from": clock[1] if clock else None,
     }
+    if hidden:
+        described["cpuid_hidden"] = [f for f in ISA_FLAGS if f in flags & hidden]
+    return described

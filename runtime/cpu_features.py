@@ -34,7 +34,23 @@ def cpu_flags() -> frozenset[str]:
         flags = _flags_from_numpy()
         if sys.platform == "darwin" and platform.machine() == "arm64":
             flags |= {"asimd", "asimddp"}  # every Apple silicon core has NEON dot products
-    return frozenset(flags)
+    return frozenset(flags - cpuid_hidden())
+
+
+@functools.lru_cache(maxsize=1)
+def cpuid_hidden() -> frozenset[str]:
+    """The flags a CPUID mask hides from this process's kernels (benchmarks/cpu_tier.py loads one to run a
+    lesser CPU's kernels); empty without one. /proc/cpuinfo still lists them: the kernels do not see them."""
+    if sys.platform != "linux":
+        return frozenset()
+    import ctypes
+
+    try:
+        hidden = ctypes.CDLL(None).edgediff_cpuid_hidden
+    except (AttributeError, OSError):  # no mask loaded
+        return frozenset()
+    hidden.restype = ctypes.c_char_p
+    return frozenset(filter(None, (hidden() or b"").decode().split(",")))
 
 
 def _flags_from_numpy() -> set[str]:

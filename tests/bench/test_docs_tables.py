@@ -319,3 +319,15 @@ def test_a_data_line_names_the_cpu_clock_where_it_was_recorded():
     )
     for unknown in ({}, {"clock_ghz": None}):
         assert docs_tables.machine_line({**machine, **unknown}).startswith("2-core Intel(R) Xeon(R) Processor, avx2")
+
+
+def test_an_emulated_tier_is_labelled_as_such_with_the_cpu_it_ran_on():
+    """Kernels of a lesser tier (a CPUID mask) on an AMX CPU: the label names both, the data line what was hidden."""
+    host = {"physical_cores": 2, "cpu": "Intel(R) Xeon(R) Processor", "isa": ["avx2", "avx512_vnni", "amx_int8"]}
+    masked = {**host, "isa": ["avx2"], "cpuid_hidden": ["avx512_vnni", "amx_int8"]}
+    assert docs_tables.machine_label(host) == "2-core Intel(R) Xeon(R) Processor, AMX, AVX-512 VNNI"
+    assert docs_tables.machine_label(masked) == (
+        "AVX2 only kernels, emulated on a 2-core Intel(R) Xeon(R) Processor, AMX, AVX-512 VNNI"
+    )
+    assert "CPUID mask hiding avx512_vnni amx_int8" in docs_tables.machine_line(masked)
+    assert "CPUID mask" not in docs_tables.machine_line(host)
