@@ -61,6 +61,10 @@ BUNDLE_LABELS = {
     "sd-turbo-vnni-int8": "int8 (dynamic, MatMuls)",
     "sd-turbo-vnni-int8s-all": "int8-static, every block",
     "sd-turbo-vnni-int4": "int4 (4-bit MatMuls and convolutions)",
+    "sd-turbo-tier-int8": "int8 (dynamic, MatMuls)",
+    "sd-turbo-tier-int8s-all-fused": "int8-static, every block",
+    "sd-turbo-tier-fastest": "int8-static, `--keep auto`",
+    "sd-turbo-tier-int4": "int4 (4-bit MatMuls and convolutions)",
     "sd-turbo-fp32-before": "fp32, upsampling as traced",
     "sd-turbo-fp32-subpixel": "fp32, sub-pixel upsampling in the decoders",
     "sd-turbo-fp32-subpixel-unet": "fp32, sub-pixel upsampling in the decoders and the UNet",
@@ -80,6 +84,9 @@ FUSED_ATTENTION = (
     "sd-turbo-vnni-fastest",
     "sd-turbo-amx-int8s-all-fused",
     "sd-turbo-amx-fastest",
+    "sd-turbo-tier-fp32-fused",
+    "sd-turbo-tier-int8s-all-fused",
+    "sd-turbo-tier-fastest",
 )
 TINY_DECODERS = {
     "sd-turbo-int8s-fmm": "fp32 tiny decoder",
@@ -102,6 +109,12 @@ TINY_DECODERS = {
     "sd-turbo-amx-int8s-all-fused": "int8 tiny decoder",
     "sd-turbo-amx-fastest": "int8 tiny decoder",
     "sd-turbo-amx-openvino": "int8 tiny decoder",
+    # made once on the AMX CPU, run with each tier's kernels (benchmarks/cpu_tier.py)
+    "sd-turbo-tier-fp32-fused": "fp32 tiny decoder",
+    "sd-turbo-tier-int8": "fp32 tiny decoder",
+    "sd-turbo-tier-int4": "fp32 tiny decoder",
+    "sd-turbo-tier-int8s-all-fused": "int8 tiny decoder",
+    "sd-turbo-tier-fastest": "int8 tiny decoder",
 }
 PEERS = {"optimum": "optimum-onnx"}
 CACHE_STARTS = {"off": "no cache", "miss": "first start (optimise and save)", "hit": "from the graph cache"}

@@ -1,8 +1,9 @@
 """What this CPU offers onnxruntime's kernels: its instruction-set flags, and whether it has int8 dot products.
 
 int8 speed depends on the instruction set: onnxruntime's int8 convolutions and matrix products gain over fp32
-where the CPU has int8 dot-product instructions (AVX-512 VNNI was measured), and not on AVX2 alone (measured:
-the int8-static UNet call ran as fast as the fp32 one). docs/benchmarks.md has the figures.
+where the CPU has int8 dot-product instructions (AVX-512 VNNI and AMX were measured); with AVX2 alone the gain
+varies by CPU (none on one machine, 1.6x for the UNet on another), so export/int8_probe.py measures it there.
+docs/benchmarks.md has the figures.
 """
 
 from __future__ import annotations
