@@ -11,24 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-# Instruction-set flags that decide which onnxruntime kernels run (from /proc/cpuinfo names).
-ISA_FLAGS = (
-    "sse4_2",
-    "avx",
-    "avx2",
-    "fma",
-    "f16c",
-    "avx512f",
-    "avx512bw",
-    "avx512_vnni",
-    "avx_vnni",
-    "avx512_bf16",
-    "amx_bf16",
-    "amx_int8",
-    "asimd",
-    "asimddp",
-    "sve",
-)
+from edgediff.runtime.cpu_features import KERNEL_FLAGS as ISA_FLAGS  # the flags records list
 
 
 def _cpuinfo() -> tuple[str, set[str]]:

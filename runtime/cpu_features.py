@@ -9,9 +9,28 @@ docs/benchmarks.md has the figures.
 from __future__ import annotations
 
 import functools
+import hashlib
 import platform
 import sys
 
+# Instruction-set flags that decide which onnxruntime kernels and graph layouts run (/proc/cpuinfo's names)
+KERNEL_FLAGS = (
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "amx_bf16",
+    "amx_int8",
+    "asimd",
+    "asimddp",
+    "sve",
+)
 # int8 dot-product instructions, by the names Linux's /proc/cpuinfo gives them
 INT8_DOT_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni", "asimddp", "i8mm")
 # where int8-static was measured faster than fp32 end to end (docs/benchmarks.md); elsewhere it is unmeasured
@@ -72,6 +91,13 @@ def _flags_from_numpy() -> set[str]:
         "ASIMDDP": "asimddp",
     }
     return {ours for theirs, ours in names.items() if found.get(theirs)}
+
+
+def kernel_tag(flags: frozenset[str] | None = None) -> str:
+    """Eight hex digits naming the kernel-deciding flags this CPU offers: graphs onnxruntime optimized for one set
+    may fail on another (its channel-blocked layout is 16 channels wide with AVX-512, 8 with AVX2)."""
+    flags = cpu_flags() if flags is None else flags
+    return hashlib.sha1(" ".join(f for f in KERNEL_FLAGS if f in flags).encode()).hexdigest()[:8]
 
 
 def int8_dot_product(flags: frozenset[str] | None = None) -> str | None:

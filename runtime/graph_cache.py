@@ -3,7 +3,9 @@
 onnxruntime can save the graph it optimized (fusions, constant folding, layout changes) and load it
 back with optimization off. The saved graph may suit only this machine and provider, so the key is
 the graph's sha256 (from the manifest) with the file's size and mtime, the provider, onnxruntime's
-version and the CPU architecture. Files live in platformdirs' per-user cache folder (EDGEDIFF_CACHE_DIR overrides); a
+version, the CPU architecture and its kernel-deciding instruction sets (a graph optimized where AVX-512 is, its
+convolutions laid out in 16-channel blocks, fails where only AVX2 is: a cache copied with a disk image or a home
+folder, or a VM moved to another host). Files live in platformdirs' per-user cache folder (EDGEDIFF_CACHE_DIR overrides); a
 cached graph that fails to load is deleted and rebuilt.
 
 The cache stays bounded, because each new bundle file, provider option set or onnxruntime upgrade adds entries
@@ -31,6 +33,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from .cpu_features import kernel_tag
 from .errors import InputError
 from .provider_loading import new_session
 from .providers import REGISTRY
@@ -55,7 +58,8 @@ STALE_PARTIAL_S = (
 # What `clear` and eviction may delete: only names this module writes, so that EDGEDIFF_CACHE_DIR pointing at a
 # folder of the user's own never loses anything else
 _ENTRY_FILE = re.compile(
-    r"^(?P<key>[a-z0-9_]+-[0-9a-f]{16}-[0-9a-f]{8}-.+-ort[^-]+-[a-z0-9_]+)\.onnx(?:(?:\.[0-9a-f]{8})?\.data)?$"
+    r"^(?P<key>[a-z0-9_]+-[0-9a-f]{16}-[0-9a-f]{8}-.+-ort[^-]+-[a-z0-9_]+(?:-[0-9a-f]{8})?)"
+    r"\.onnx(?:(?:\.[0-9a-f]{8})?\.data)?$"
 )
 _PARTIAL_FILE = re.compile(r"^\.[a-z0-9_]+-[0-9a-f]{16}-.+\.\d+\.partial\.onnx(\.data)?$")
 
@@ -207,7 +211,8 @@ def cache_key(component: str, sha256: str, provider: str, path: Path) -> str:
     disk too, so a bundle opened without checksum verification never gets another file's graph."""
     stat = path.stat()
     stamp = hashlib.sha1(f"{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:8]
-    return f"{component}-{sha256[:16]}-{stamp}-{provider}-ort{ort.__version__}-{platform.machine().lower()}"
+    machine = f"{platform.machine().lower()}-{kernel_tag()}"
+    return f"{component}-{sha256[:16]}-{stamp}-{provider}-ort{ort.__version__}-{machine}"
 
 
 def open_cached(path: Path, key: str, graph_bytes: int, options_factory, providers, folder: Path, save: str = "graph"):

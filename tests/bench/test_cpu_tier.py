@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from edgediff.benchmarks import cpu_tier
@@ -120,3 +121,43 @@ def test_a_mask_that_cannot_be_read_ends_the_process_and_real_faults_still_crash
     assert result.returncode == 70 and "NAME:LEAF.SUBLEAF.REGISTER.BIT" in result.stderr and "ran" not in result.stdout
     crash = _run_masked(env, "import ctypes; ctypes.string_at(0)")
     assert crash.returncode == -11  # a SIGSEGV that is not CPUID ends the process as without the mask
+
+
+GENERATE = """
+import sys
+import numpy as np
+from edgediff.runtime import Pipeline
+pipe = Pipeline.from_bundle(sys.argv[1])
+np.save(sys.argv[2], pipe("a cat", seed=3, num_inference_steps=1, output_type="np").images)
+print(pipe.provider_report()["graphs"]["unet"]["cache"])
+"""
+
+
+def test_a_graph_cache_filled_with_this_cpus_kernels_serves_a_lesser_tier(models_root, tmp_path):
+    """onnxruntime lays convolutions out in 16-channel blocks where AVX-512 is, in 8 where AVX2 alone is: a graph it
+    optimized and cached on the one fails on the other, so the cache keeps one entry per instruction-set tier."""
+    from tiny_models import tiny_bundle
+
+    library = _masked_host(tmp_path)
+    from edgediff.runtime.cpu_features import cpu_flags
+
+    if "avx512f" not in cpu_flags():
+        pytest.skip("the host has no AVX-512 to hide")
+    bundle = tiny_bundle("tiny-sd1", models_root)
+    env = dict(cpu_tier.environment("avx2", library=library), EDGEDIFF_CACHE_DIR=str(tmp_path / "cache"))
+    native = {k: v for k, v in env.items() if k not in ("LD_PRELOAD", cpu_tier.HIDE_VARIABLE)}
+    runs = []
+    for name, run_env in (("native", native), ("avx2", env), ("avx2-again", env)):
+        result = subprocess.run(
+            [sys.executable, "-c", GENERATE, str(bundle), str(tmp_path / f"{name}.npy")],
+            env=run_env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        runs.append(result.stdout.split()[-1])
+    assert runs == ["miss", "miss", "hit"]  # the AVX2 process made its own entry, then used it
+    images = [np.load(tmp_path / f"{name}.npy") for name in ("native", "avx2", "avx2-again")]
+    np.testing.assert_allclose(images[1], images[0], atol=1e-3)  # other kernels, the same image
+    np.testing.assert_array_equal(images[2], images[1])

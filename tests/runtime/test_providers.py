@@ -218,6 +218,24 @@ def test_graph_cache_key_follows_the_graph(models_root, tmp_path, monkeypatch):
     assert len(unets) == 2
 
 
+def test_graph_cache_key_follows_the_cpus_instruction_sets(models_root, tmp_path, monkeypatch):
+    """A graph onnxruntime optimized where AVX-512 is (16-channel blocks) fails where only AVX2 is: each set of
+    kernel-deciding flags has entries of its own, and entries named before the flags were in the key still count."""
+    from edgediff.runtime import cpu_features, graph_cache
+
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("EDGEDIFF_CACHE_DIR", str(folder))
+    bundle = tiny_bundle("tiny-sd1", models_root)
+    for flags in ({"avx2", "fma"}, {"avx2", "fma", "avx512f", "avx512bw"}, {"avx2", "fma", "hypervisor"}):
+        monkeypatch.setattr(cpu_features, "cpu_flags", lambda flags=frozenset(flags): flags)
+        Pipeline.from_bundle(bundle)
+    unets = sorted(p.name for p in folder.glob("unet-*.onnx"))
+    assert len(unets) == 2, unets  # a flag no kernel reads (hypervisor) shares the AVX2 entry
+    old_style = unets[0].rsplit("-", 1)[0] + ".onnx"  # a key without the flags' tag
+    (folder / old_style).write_bytes(b"")
+    assert old_style.removesuffix(".onnx") in {e.name for e in graph_cache.entries(folder)}
+
+
 def _cache_names(folder):
     from edgediff.runtime import graph_cache
 
