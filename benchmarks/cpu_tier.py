@@ -163,6 +163,36 @@ def environment(tier: str, environ: dict | None = None, library: Path | None = N
     return env
 
 
+def compare_images(runs: dict[str, Path]) -> tuple[str, list[dict]]:
+    """Each edgediff image saved by `edgediff bench` in each run against the same file in the first run (the same
+    bundle, latents and prompt, other kernels): the first run's name, and each image's worst PSNR and SSIM. So a
+    tier's kernels are seen to compute the same images (int8 without VNNI adds pairs of products in 16 bits,
+    which may saturate)."""
+    import numpy as np
+
+    from .metrics import psnr, ssim
+
+    (baseline, first), *others = runs.items()
+    rows = []
+    for reference in sorted((Path(first) / "images").glob("*-edgediff.npy")):
+        base = np.load(reference).astype(np.float64) / 255
+        for tier, folder in others:
+            other = Path(folder) / "images" / reference.name
+            if not other.is_file():
+                raise CpuTierError(f"{other}: no such image in the {tier} run")
+            image = np.load(other).astype(np.float64) / 255
+            worst = min(psnr(i, b) for i, b in zip(image, base))
+            rows.append(
+                {
+                    "tier": tier,
+                    "image": reference.stem,
+                    "psnr_db": None if worst == float("inf") else round(worst, 2),  # None: the same pixels
+                    "ssim": round(min(ssim(i, b) for i, b in zip(image, base)), 4),
+                }
+            )
+    return baseline, rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m edgediff.benchmarks.cpu_tier",
@@ -171,11 +201,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("tier", nargs="?", choices=sorted(TIERS))
     parser.add_argument("command", nargs=argparse.REMAINDER, help="after --: the command to run")
     parser.add_argument("--list", action="store_true", help="the tiers and the flags each hides")
+    parser.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="NAME=RUN",
+        help="instead of running: each `edgediff bench --out` folder's images against the first's, as JSON",
+    )
+    parser.add_argument("--out", type=Path, help="with --compare: write the JSON here")
     args = parser.parse_args(argv)
     if args.list:
         for name, tier in TIERS.items():
             print(f"{name}: {tier.what}\n    hides {' '.join(tier.hides)}")
         return 0
+    if args.compare:
+        return _write_comparison(args.compare, args.out, argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not args.tier or not command:
         parser.error("give a tier and, after --, a command")
@@ -190,6 +229,36 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cpu_tier: cannot run {command[0]!r}: {e}", file=sys.stderr)
         return 127
     return 0  # not reached: execvpe replaced this process
+
+
+def _write_comparison(pairs: list[str], out: Path | None, argv) -> int:
+    import datetime
+    import json
+
+    from .machine import describe
+
+    runs = dict(pair.split("=", 1) for pair in pairs if "=" in pair)
+    if len(runs) != len(pairs) or len(runs) < 2:
+        print("cpu_tier: --compare takes two or more NAME=RUN, the first the baseline", file=sys.stderr)
+        return 2
+    try:
+        baseline, rows = compare_images({name: Path(folder) for name, folder in runs.items()})
+    except (CpuTierError, OSError) as e:
+        print(f"cpu_tier: {e}", file=sys.stderr)
+        return 2
+    record = {
+        "kind": "cpu-tier-images",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": describe(),
+        "command": "python -m edgediff.benchmarks.cpu_tier " + " ".join(sys.argv[1:] if argv is None else argv),
+        "baseline": baseline,
+        "results": rows,
+    }
+    text = json.dumps(record, indent=2) + "\n"
+    if out:
+        out.write_text(text, encoding="utf-8")
+    print(text, end="")
+    return 0
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from edgediff.runtime.cpu_features import KERNEL_FLAGS as ISA_FLAGS  # the flags records list
+from edgediff.runtime.cpu_features import cpuid_hidden
 
 
 def _cpuinfo() -> tuple[str, set[str]]:
@@ -105,8 +106,6 @@ def theoretical_peak(
     machine = (arch or platform.machine()).lower()
     family = "arm" if machine in ("aarch64", "arm64") else "x86" if machine in ("x86_64", "amd64", "i686") else None
     if flags is None:  # what the kernels see: less any flags a CPUID mask hides
-        from edgediff.runtime.cpu_features import cpuid_hidden
-
         flags = _cpuinfo()[1] - cpuid_hidden()
     clock = cpu_clock() if clock is None else clock
     rate = _isa_rate(dtype, flags, family) if family and flags else None
@@ -158,7 +157,6 @@ def _gpus() -> list[str]:
 def describe() -> dict:
     import onnxruntime as ort
 
-    from edgediff.runtime.cpu_features import cpuid_hidden
     from edgediff.runtime.session import physical_cores
 
     model, flags = _cpuinfo()

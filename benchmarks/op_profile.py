@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -101,9 +102,24 @@ def costliest_nodes(events: list[dict], rounds: int, count: int) -> list[dict]:
     ]
 
 
-def profile(
-    bundle_path: str, component: str, size: int, threads: int | None, warmup: int, rounds: int, nodes: int = 0
-) -> dict:
+@dataclass
+class _Graph:
+    """One bundle's stage graph, open with onnxruntime's profiler on, and the wall time of each call timed."""
+
+    bundle_path: str
+    spec: object  # the manifest's component spec
+    session: object
+    feeds: dict
+    calls: list = field(default_factory=list)
+
+    def run(self, timed: bool = True) -> None:
+        start = time.perf_counter()
+        self.session.run(None, self.feeds)
+        if timed:
+            self.calls.append(time.perf_counter() - start)
+
+
+def _open(bundle_path: str, component: str, size: int, threads: int | None, folder: Path) -> _Graph:
     import onnxruntime as ort
 
     from edgediff.runtime.bundle import Bundle
@@ -118,30 +134,68 @@ def profile(
     if component not in shapes or component not in bundle.manifest.components:
         stages = [name for name in shapes if name in bundle.manifest.components]
         raise ValueError(f"{bundle_path}: no {component!r} stage graph (has {', '.join(stages)})")
-    with tempfile.TemporaryDirectory() as tmp:
-        opts = session_options(threads=threads)
-        opts.enable_profiling = True
-        opts.profile_file_prefix = str(Path(tmp) / "profile")
-        session = ort.InferenceSession(str(bundle.component_path(component)), opts, providers=["CPUExecutionProvider"])
-        feeds = random_feeds(session, shapes[component])
-        for _ in range(warmup):
-            session.run(None, feeds)
-        calls = []
-        for _ in range(rounds):
-            start = time.perf_counter()
-            session.run(None, feeds)
-            calls.append(time.perf_counter() - start)
-        events = json.loads(Path(session.end_profiling()).read_text())
-    spec = bundle.manifest.components[component]
+    opts = session_options(threads=threads)
+    opts.enable_profiling = True
+    folder.mkdir(parents=True, exist_ok=True)
+    opts.profile_file_prefix = str(folder / "profile")
+    session = ort.InferenceSession(str(bundle.component_path(component)), opts, providers=["CPUExecutionProvider"])
+    return _Graph(bundle_path, bundle.manifest.components[component], session, random_feeds(session, shapes[component]))
+
+
+def _row(graph: _Graph, rounds: int, nodes: int) -> dict:
+    events = json.loads(Path(graph.session.end_profiling()).read_text())
     return {
-        "bundle": Path(bundle_path).name,
-        "precision": spec.precision,
+        "bundle": Path(graph.bundle_path).name,
+        "precision": graph.spec.precision,
         # "fused" where this graph's attention became MultiHeadAttention (a bundle-wide option: not every graph has it)
-        "attention": "fused" if spec.attributes.get("attention", {}).get("fused_layers") else "original",
-        "call_seconds": round(statistics.median(calls), 3),
+        "attention": "fused" if graph.spec.attributes.get("attention", {}).get("fused_layers") else "original",
+        "call_seconds": round(statistics.median(graph.calls), 3),
+        "calls": [round(c, 3) for c in graph.calls],
         "ops": per_op_seconds(events, rounds),
         "nodes": costliest_nodes(events, rounds, nodes),
     }
+
+
+def profile(
+    bundle_path: str, component: str, size: int, threads: int | None, warmup: int, rounds: int, nodes: int = 0
+) -> dict:
+    """One bundle's stage graph: `warmup` calls, then `rounds` timed ones."""
+    (row,) = profile_all([bundle_path], component, size, threads, warmup, rounds, nodes)
+    return row
+
+
+def profile_all(
+    bundle_paths: list[str],
+    component: str,
+    size: int,
+    threads: int | None,
+    warmup: int,
+    rounds: int,
+    nodes: int = 0,
+    interleave: bool = False,
+) -> list[dict]:
+    """Each bundle's stage graph in turn; with `interleave`, every graph open at once and their timed calls taken in
+    turn (A B C A B C ...), so that a machine whose speed drifts over minutes slows each graph alike."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if not interleave:
+            rows = []
+            for i, path in enumerate(bundle_paths):
+                graph = _open(path, component, size, threads, Path(tmp) / str(i))
+                for _ in range(warmup):
+                    graph.run(timed=False)
+                for _ in range(rounds):
+                    graph.run()
+                rows.append(_row(graph, rounds, nodes))
+                del graph  # one graph in memory at a time
+            return rows
+        graphs = [_open(path, component, size, threads, Path(tmp) / str(i)) for i, path in enumerate(bundle_paths)]
+        for graph in graphs:
+            for _ in range(warmup):
+                graph.run(timed=False)
+        for _ in range(rounds):
+            for graph in graphs:
+                graph.run()
+        return [_row(graph, rounds, nodes) for graph in graphs]
 
 
 def result_header(kind: str, tool: str, argv: list[str] | None) -> dict:
@@ -175,15 +229,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--nodes", type=int, default=20, help="the costliest nodes to list")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="open every bundle's graph at once and take their calls in turn: a drifting machine slows each alike",
+    )
     args = parser.parse_args(argv)
-    rows = [
-        profile(b, args.component, args.size, args.threads, args.warmup, args.rounds, args.nodes) for b in args.bundles
-    ]
+    rows = profile_all(
+        args.bundles, args.component, args.size, args.threads, args.warmup, args.rounds, args.nodes, args.interleave
+    )
     result = {
         **result_header("op-profile", "op_profile", argv),
         "component": args.component,
         "size": args.size,
         "rounds": args.rounds,
+        "interleaved": args.interleave,
         "results": rows,
     }
     write_result(result, args.out)

@@ -161,3 +161,28 @@ def test_a_graph_cache_filled_with_this_cpus_kernels_serves_a_lesser_tier(models
     images = [np.load(tmp_path / f"{name}.npy") for name in ("native", "avx2", "avx2-again")]
     np.testing.assert_allclose(images[1], images[0], atol=1e-3)  # other kernels, the same image
     np.testing.assert_array_equal(images[2], images[1])
+
+
+def test_images_of_each_run_are_scored_against_the_first_runs(tmp_path, capsys):
+    """--compare: the same bench image file in each run against the first run's, worst of its images; the same
+    pixels give no PSNR (null), a missing image is an error that names it."""
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    noisy = base.copy()
+    noisy[1, :4, :4, 0] ^= 0x40  # a patch of the second image's red channel, each value 64 off
+    for run, images in {"native": base, "avx2": noisy, "same": base}.items():
+        (tmp_path / run / "images").mkdir(parents=True)
+        np.save(tmp_path / run / "images" / "00-b-auto-1step-16px-edgediff.npy", images)
+        np.save(tmp_path / run / "images" / "00-b-auto-1step-16px-diffusers.npy", images)  # a peer's: not scored
+    out = tmp_path / "images.json"
+    runs = [f"{name}={tmp_path / name}" for name in ("native", "avx2", "same")]
+    assert cpu_tier.main(["--compare", *runs, "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["kind"] == "cpu-tier-images" and record["baseline"] == "native" and record["machine"]["isa"]
+    rows = {r["tier"]: r for r in record["results"]}
+    assert len(record["results"]) == 2 and rows["same"]["psnr_db"] is None and rows["same"]["ssim"] == 1.0
+    expected = 10 * np.log10(1 / (16 * (0x40 / 255) ** 2 / (16 * 16 * 3)))
+    assert rows["avx2"]["psnr_db"] == pytest.approx(expected, abs=0.01) and rows["avx2"]["ssim"] < 1.0
+    (tmp_path / "same" / "images" / "00-b-auto-1step-16px-edgediff.npy").unlink()
+    assert cpu_tier.main(["--compare", *runs]) == 2
+    assert "no such image in the same run" in capsys.readouterr().err

@@ -60,6 +60,9 @@ def test_result_files_follow_the_schema(path):
     elif data.get("kind") == "openvino-call":  # openvino_call.py's calls in OpenVINO beside onnxruntime's
         assert {"machine", "date", "command", "openvino", "onnxruntime", "results"} <= set(data)
         assert all("onnxruntime_seconds" in r and r["openvino"] for r in data["results"])
+    elif data.get("kind") == "cpu-tier-images":  # cpu_tier.py --compare: one run's images against another's
+        assert {"machine", "date", "command", "baseline", "results"} <= set(data)
+        assert all({"tier", "image", "psnr_db", "ssim"} <= set(r) for r in data["results"])
     elif data.get("kind") == "export-plan":  # export_plan.py's estimates: no machine measured them
         assert {"date", "results", "command"} <= set(data) and all("peak_stage" in r for r in data["results"])
     else:

@@ -1,6 +1,7 @@
 """The per-operator profiler: which calls it counts, and that its operator times account for the call."""
 
 import json
+from pathlib import Path
 
 import pytest
 from tiny_models import tiny_bundle
@@ -64,3 +65,32 @@ def test_a_missing_stage_graph_is_named(models_root):
     bundle = tiny_bundle("tiny-sd-turbo", models_root)
     with pytest.raises(ValueError, match="no 'vae_decoder_tiny' stage graph"):
         main([str(bundle), "--component", "vae_decoder_tiny", "--size", "64"])
+
+
+def test_interleaved_profiles_take_the_bundles_calls_in_turn(models_root, tmp_path, monkeypatch):
+    """--interleave: every graph open at once, the timed calls A B A B, each bundle's profile still its own calls."""
+    from edgediff.benchmarks import op_profile
+
+    bundles = [tiny_bundle("tiny-sd-turbo", models_root), tiny_bundle("tiny-sd1", models_root)]
+    order = []
+    real_run = op_profile._Graph.run
+
+    def run(graph, timed=True):
+        if timed:
+            order.append(Path(graph.bundle_path).name)
+        real_run(graph, timed)
+
+    monkeypatch.setattr(op_profile._Graph, "run", run)
+    out = tmp_path / "profile.json"
+    args = [str(b) for b in bundles] + ["--size", "64", "--threads", "1", "--rounds", "3", "--interleave"]
+    assert main([*args, "--out", str(out)]) == 0
+    names = [b.name for b in bundles]
+    assert order == names * 3
+    result = json.loads(out.read_text())
+    assert result["interleaved"] is True and [r["bundle"] for r in result["results"]] == names
+    for row in result["results"]:
+        assert len(row["calls"]) == 3 and row["call_seconds"] == pytest.approx(sorted(row["calls"])[1], abs=1e-3)
+        assert sum(op["nodes"] for op in row["ops"].values()) > 0
+    order.clear()
+    assert main([*args[:-1], "--out", str(out)]) == 0
+    assert order == [names[0]] * 3 + [names[1]] * 3  # without it: one bundle after the other
