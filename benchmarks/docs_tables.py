@@ -444,6 +444,14 @@ PROFILE_TABLES = {
     "op-profile-tiny-decoder-avx2": V + "2026-12-03-op-profile-tiny-decoder.json",
     "op-profile-fastest-avx2": V + "2026-12-03-op-profile-unet-fastest.json",
 }
+# op_profile.py --interleave files of the same bundles, one per kernel tier and pass (benchmarks/cpu_tier.py)
+TIER_TABLES = {
+    "cpu-tier-unet-calls": tuple(
+        X + f"2026-12-07-op-profile-tier-{tier}-{run}.json"
+        for run in (1, 2)
+        for tier in ("avx2", "avx-vnni", "avx512-vnni", "native")
+    ),
+}
 # openvino_call.py files: one stage graph's call in OpenVINO's own runtime at each precision, beside onnxruntime's
 OPENVINO_TABLES = {"openvino-call-unet": E + "2026-12-06-openvino-call-unet.json"}
 # an operator type gets a row of its own where it takes at least this share of a call in some bundle
@@ -879,6 +887,37 @@ def render_op_profile(name: str, results: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_tier_calls(name: str, results: dict[str, dict]) -> str:
+    """op_profile.py files of the same bundles, each run with one tier's kernels: per file, each bundle's median call
+    and the first bundle's call over it, then the numbered data list."""
+    rels = TIER_TABLES[name]
+    missing = [rel for rel in rels if rel not in results]
+    if missing:
+        raise FileNotFoundError(f"table {name}: {RESULTS / missing[0]} is missing")
+    first = results[rels[0]]["results"]
+    lines = [
+        "| kernels | " + " | ".join(profile_label(r) for r in first) + " | data |",
+        "|---|" + "---|" * (len(first) + 1),
+    ]
+    for i, rel in enumerate(rels, 1):
+        data = results[rel]
+        rows = {r["bundle"]: r for r in data["results"]}
+        if list(rows) != [r["bundle"] for r in first]:
+            raise ValueError(f"table {name}: {rel} profiles other bundles than {rels[0]}")
+        base = data["results"][0]["call_seconds"]
+        kernels = _isa_tag(set(data["machine"].get("isa") or ())) + (
+            " (emulated)" if data["machine"].get("cpuid_hidden") else ""
+        )
+        cells = [f"{_num(r['call_seconds'])} s ({base / r['call_seconds']:.2f}x)" for r in data["results"]]
+        lines.append(f"| {kernels} | " + " | ".join(cells) + f" | {i} |")
+    lines += ["", "Data:", ""]
+    lines += [
+        f"{i}. {_link(rel)}: {machine_line(results[rel]['machine'])}, {results[rel].get('date', '?')}"
+        for i, rel in enumerate(rels, 1)
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def render_openvino_call(name: str, results: dict[str, dict]) -> str:
     """An openvino_call.py file: per bundle, onnxruntime's CPU call, then OpenVINO's at each inference precision,
     with the ratio to onnxruntime's, the output's error against the fp32 reference and OpenVINO's compile time."""
@@ -924,6 +963,10 @@ def render_sources(results: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _all_tables() -> set[str]:
+    return {*TABLES, *EXPORT_TABLES, *PLAN_TABLES, *PROFILE_TABLES, *OPENVINO_TABLES, *TIER_TABLES}
+
+
 def render(doc: str, results: dict[str, dict]) -> str:
     """The doc with every marked block regenerated; an unknown block name is an error."""
 
@@ -941,13 +984,14 @@ def render(doc: str, results: dict[str, dict]) -> str:
             body = render_op_profile(name, results)
         elif name in OPENVINO_TABLES:
             body = render_openvino_call(name, results)
+        elif name in TIER_TABLES:
+            body = render_tier_calls(name, results)
         else:
-            known = ", ".join(sorted({*TABLES, *EXPORT_TABLES, *PLAN_TABLES, *PROFILE_TABLES, *OPENVINO_TABLES}))
+            known = ", ".join(sorted(_all_tables()))
             raise KeyError(f"{DOC}: no table named {name!r} (known: {known}, sources)")
         return m.group(1) + body + m.group(4)
 
-    tables = {*TABLES, *EXPORT_TABLES, *PLAN_TABLES, *PROFILE_TABLES, *OPENVINO_TABLES}
-    missing = tables - {m.group("name") for m in MARKER.finditer(doc)}
+    missing = _all_tables() - {m.group("name") for m in MARKER.finditer(doc)}
     if missing:
         raise KeyError(f"{DOC} has no block for {', '.join(sorted(missing))}")
     return MARKER.sub(block, doc)

@@ -334,3 +334,29 @@ def test_an_emulated_tier_is_labelled_as_such_with_the_cpu_it_ran_on():
     )
     assert "CPUID mask hiding avx512_vnni amx_int8" in docs_tables.machine_line(masked)
     assert "CPUID mask" not in docs_tables.machine_line(host)
+
+
+def test_tier_table_gives_each_kernel_tier_a_row_of_calls_against_its_first_bundle(monkeypatch):
+    """op_profile files of the same bundles with each tier's kernels: a row per file, each call with the first
+    bundle's call over it; a file that profiled other bundles is an error, not a shifted row."""
+    rels = ("m/2026-01-01-op-profile-tier-avx2-1.json", "m/2026-01-01-op-profile-tier-native-1.json")
+    monkeypatch.setitem(docs_tables.TIER_TABLES, "tier-test", rels)
+    host = {"cpu": "CPU", "physical_cores": 2, "isa": ["avx2", "avx512f", "avx512_vnni", "amx_int8"]}
+
+    def profile(machine, fp32, int8, second="b"):
+        rows = [("a", "fp32", fp32), (second, "int8-static", int8)]
+        results = [
+            {"bundle": b, "precision": p, "attention": "fused", "call_seconds": c, "ops": {}} for b, p, c in rows
+        ]
+        return {"kind": "op-profile", "machine": machine, "date": "2026-01-01", "results": results}
+
+    masked = {**host, "isa": ["avx2"], "cpuid_hidden": ["avx512f", "avx512_vnni", "amx_int8"]}
+    results = {rels[0]: profile(masked, 6.0, 4.0), rels[1]: profile(host, 4.0, 1.0)}
+    table = docs_tables.render_tier_calls("tier-test", results)
+    assert "| kernels | fp32, fused attention | int8-static, fused attention | data |" in table
+    assert "| AVX2 only (emulated) | 6 s (1.00x) | 4 s (1.50x) | 1 |" in table
+    assert "| AMX, AVX-512 VNNI | 4 s (1.00x) | 1 s (4.00x) | 2 |" in table
+    assert "CPUID mask hiding avx512f avx512_vnni amx_int8" in table
+    results[rels[1]] = profile(host, 4.0, 1.0, second="c")
+    with pytest.raises(ValueError, match="profiles other bundles"):
+        docs_tables.render_tier_calls("tier-test", results)
