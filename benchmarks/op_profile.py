@@ -156,14 +156,6 @@ def _row(graph: _Graph, rounds: int, nodes: int) -> dict:
     }
 
 
-def profile(
-    bundle_path: str, component: str, size: int, threads: int | None, warmup: int, rounds: int, nodes: int = 0
-) -> dict:
-    """One bundle's stage graph: `warmup` calls, then `rounds` timed ones."""
-    (row,) = profile_all([bundle_path], component, size, threads, warmup, rounds, nodes)
-    return row
-
-
 def profile_all(
     bundle_paths: list[str],
     component: str,
@@ -174,8 +166,9 @@ def profile_all(
     nodes: int = 0,
     interleave: bool = False,
 ) -> list[dict]:
-    """Each bundle's stage graph in turn; with `interleave`, every graph open at once and their timed calls taken in
-    turn (A B C A B C ...), so that a machine whose speed drifts over minutes slows each graph alike."""
+    """Each bundle's stage graph in turn, `warmup` calls then `rounds` timed ones, one graph open at a time; with
+    `interleave`, every graph open at once and their timed calls taken in turn (A B C A B C ...), so that a machine
+    whose speed drifts over minutes slows each graph alike."""
     with tempfile.TemporaryDirectory() as tmp:
         if not interleave:
             rows = []
@@ -186,7 +179,7 @@ def profile_all(
                 for _ in range(rounds):
                     graph.run()
                 rows.append(_row(graph, rounds, nodes))
-                del graph  # one graph in memory at a time
+                del graph  # before the next one opens: one graph in memory at a time
             return rows
         graphs = [_open(path, component, size, threads, Path(tmp) / str(i)) for i, path in enumerate(bundle_paths)]
         for graph in graphs:
