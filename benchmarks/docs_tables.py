@@ -207,6 +207,16 @@ TABLES = {
         headers={"vae_decoder": "decoder", "vs_diffusers": "diffusers fp32 time / this"},
     ),
     # every precision in the same form, one run per ISA (each beside diffusers)
+    # the same bundles with each instruction-set tier's kernels on the AMX CPU (benchmarks/cpu_tier.py), two passes
+    "cpu-tiers": Table(
+        CPU_STAGE_COLUMNS,
+        tuple(
+            Source(X + f"2026-12-07-sd-turbo-tier-{tier}-{run}.json")
+            for run in (1, 2)
+            for tier in ("avx2", "avx-vnni", "avx512-vnni", "native")
+        ),
+        headers={"vae_decoder": "decoder", "vs_diffusers": "diffusers fp32 time / this"},
+    ),
     "cpu-precisions": Table(
         CPU_STAGE_COLUMNS,
         (Source(V + "2026-12-03-sd-turbo-configs.json"), Source(E + "2026-12-05-sd-turbo-precisions.json")),
