@@ -152,6 +152,17 @@ CPU_STAGE_COLUMNS = (
     "data",
 )
 V = "epyc-2c-avx2/"  # a 2-core AMD EPYC with AVX2 alone
+
+
+def _tier_runs(what: str) -> tuple[str, ...]:
+    """The AMX CPU's result files of `what` with each tier's kernels (benchmarks/cpu_tier.py), two passes."""
+    return tuple(
+        X + f"2026-12-07-{what}-{tier}-{run}.json"
+        for run in (1, 2)
+        for tier in ("avx2", "avx-vnni", "avx512-vnni", "native")
+    )
+
+
 # the shipped models' tables: every stage, cold start and memory, against diffusers
 # the transformer families' tables (SANA-Sprint, SD3.5): per stage, cold start and memory, against diffusers and fp32
 TRANSFORMER_COLUMNS = (
@@ -206,17 +217,13 @@ TABLES = {
         ),
         headers={"vae_decoder": "decoder", "vs_diffusers": "diffusers fp32 time / this"},
     ),
-    # every precision in the same form, one run per ISA (each beside diffusers)
     # the same bundles with each instruction-set tier's kernels on the AMX CPU (benchmarks/cpu_tier.py), two passes
     "cpu-tiers": Table(
         CPU_STAGE_COLUMNS,
-        tuple(
-            Source(X + f"2026-12-07-sd-turbo-tier-{tier}-{run}.json")
-            for run in (1, 2)
-            for tier in ("avx2", "avx-vnni", "avx512-vnni", "native")
-        ),
+        tuple(Source(path) for path in _tier_runs("sd-turbo-tier")),
         headers={"vae_decoder": "decoder", "vs_diffusers": "diffusers fp32 time / this"},
     ),
+    # every precision in the same form, one run per ISA (each beside diffusers)
     "cpu-precisions": Table(
         CPU_STAGE_COLUMNS,
         (Source(V + "2026-12-03-sd-turbo-configs.json"), Source(E + "2026-12-05-sd-turbo-precisions.json")),
@@ -455,13 +462,7 @@ PROFILE_TABLES = {
     "op-profile-fastest-avx2": V + "2026-12-03-op-profile-unet-fastest.json",
 }
 # op_profile.py --interleave files of the same bundles, one per kernel tier and pass (benchmarks/cpu_tier.py)
-TIER_TABLES = {
-    "cpu-tier-unet-calls": tuple(
-        X + f"2026-12-07-op-profile-tier-{tier}-{run}.json"
-        for run in (1, 2)
-        for tier in ("avx2", "avx-vnni", "avx512-vnni", "native")
-    ),
-}
+TIER_TABLES = {"cpu-tier-unet-calls": _tier_runs("op-profile-tier")}
 # openvino_call.py files: one stage graph's call in OpenVINO's own runtime at each precision, beside onnxruntime's
 OPENVINO_TABLES = {"openvino-call-unet": E + "2026-12-06-openvino-call-unet.json"}
 # an operator type gets a row of its own where it takes at least this share of a call in some bundle
