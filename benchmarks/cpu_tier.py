@@ -119,14 +119,14 @@ def hide_spec(tier: str) -> str:
     return ",".join(FEATURES[flag].spec for flag in TIERS[tier].hides)
 
 
-def check_host(cpuinfo: str | None = None) -> None:
-    """Raise CpuTierError where this machine cannot mask CPUID: not Linux on x86-64, or no CPUID faulting."""
+def check_host(flags: frozenset[str] | None = None) -> None:
+    """Raise CpuTierError where this machine cannot mask CPUID: not Linux on x86-64, or no CPUID faulting among its
+    /proc/cpuinfo `flags` (default: cpu_features.cpu_flags())."""
+    from edgediff.runtime.cpu_features import cpu_flags
+
     if sys.platform != "linux" or platform.machine().lower() not in ("x86_64", "amd64"):
         raise CpuTierError("a CPUID mask needs Linux on x86-64")
-    if cpuinfo is None:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    flags = {f for line in cpuinfo.splitlines() if line.startswith("flags") for f in line.partition(":")[2].split()}
-    if "cpuid_fault" not in flags:
+    if "cpuid_fault" not in (cpu_flags() if flags is None else flags):
         raise CpuTierError("this CPU (or its hypervisor) offers no CPUID faulting: no cpuid_fault in /proc/cpuinfo")
 
 
@@ -232,10 +232,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _write_comparison(pairs: list[str], out: Path | None, argv) -> int:
-    import datetime
-    import json
-
-    from .machine import describe
+    from .op_profile import result_header, write_result
 
     runs = dict(pair.split("=", 1) for pair in pairs if "=" in pair)
     if len(runs) != len(pairs) or len(runs) < 2:
@@ -246,18 +243,7 @@ def _write_comparison(pairs: list[str], out: Path | None, argv) -> int:
     except (CpuTierError, OSError) as e:
         print(f"cpu_tier: {e}", file=sys.stderr)
         return 2
-    record = {
-        "kind": "cpu-tier-images",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": describe(),
-        "command": "python -m edgediff.benchmarks.cpu_tier " + " ".join(sys.argv[1:] if argv is None else argv),
-        "baseline": baseline,
-        "results": rows,
-    }
-    text = json.dumps(record, indent=2) + "\n"
-    if out:
-        out.write_text(text, encoding="utf-8")
-    print(text, end="")
+    write_result({**result_header("cpu-tier-images", "cpu_tier", argv), "baseline": baseline, "results": rows}, out)
     return 0
 
 

@@ -912,8 +912,7 @@ def render_tier_calls(name: str, results: dict[str, dict]) -> str:
     ]
     for i, rel in enumerate(rels, 1):
         data = results[rel]
-        rows = {r["bundle"]: r for r in data["results"]}
-        if list(rows) != [r["bundle"] for r in first]:
+        if [r["bundle"] for r in data["results"]] != [r["bundle"] for r in first]:
             raise ValueError(f"table {name}: {rel} profiles other bundles than {rels[0]}")
         base = data["results"][0]["call_seconds"]
         kernels = _isa_tag(set(data["machine"].get("isa") or ())) + (
