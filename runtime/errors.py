@@ -16,6 +16,8 @@ MESSAGES = {
     "file_size": "bundle {path}: {file} is {found} bytes, the manifest says {expected} (truncated or replaced; re-export)",
     "checksum": "bundle {path}: {file} fails its checksum (sha256 {found}, manifest {expected}); the file is corrupt or was changed",
     "graph_unloadable": "bundle {path}: onnxruntime cannot load {file}: {detail}",
+    "graph_uncompilable": "bundle {path}: OpenVINO cannot compile {file}: {detail}; --fallback runs such a graph on onnxruntime's CPU provider",
+    "graph_unreadable": "bundle {path}: {file} is not a readable ONNX graph ({detail}); re-export the bundle",
     "graph_mismatch": "bundle {path}: {component} graph does not match its manifest: {detail}",
     # providers
     "provider_unknown": "unknown provider {name!r}; known: {known}",
@@ -87,6 +89,7 @@ MESSAGES = {
     "export_exists": "{path} already exists; choose a new output folder or pass --overwrite",
     "export_source": "cannot load a diffusers model from {source!r}: {detail}",
     "controlnet_value": "ControlNet {name!r}: scale, guidance start and end must be numbers, got {scale!r}, {start!r}, {end!r}",
+    "lora_provider": "run-time LoRAs are onnxruntime's adapters: the {provider} provider cannot apply them to the {component}; run on another provider (--provider cpu), or fuse the LoRA at export with --lora",
     "lora_capture": "run-time LoRAs do not run in captured CUDA graphs: open the pipeline without cuda_graph",
     "prompt_encoder": "{argument} is for {component}, which this bundle does not have (its text encoders: {have})",
     "prompt_count": "{argument}: {count} prompts for {batch} prompts (give one per prompt, or one string for all)",

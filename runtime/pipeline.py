@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from . import decode as decoding
-from . import graph_cache
+from . import graph_cache, openvino_session
 from .bundle import Bundle
 from .cancel import CancelToken
 from .conditioning import NEGATIVE_ARGUMENTS, PROMPT_ARGUMENTS, per_encoder
@@ -200,6 +200,13 @@ class Pipeline:
             refused = self._refused  # graph -> why the provider failed to compile it (--fallback)
 
             def open_graph(name, spec):
+                if self.resolution.provider.runtime == "openvino" and name not in refused:
+                    session, refused_why = openvino_session.open_or_refuse(
+                        name, bundle, spec, self.resolution, o.threads, cache_folder
+                    )
+                    if session is not None:
+                        return session
+                    refused[name] = refused_why  # then onnxruntime's CPU provider takes it, below
                 session = GraphSession(
                     name,
                     bundle.file(spec.graph_file),

@@ -60,6 +60,9 @@ class Provider:
     # takes a graph whole only where every operator is ONNX's own: onnxruntime's (FastGelu, MultiHeadAttention,
     # MatMulNBits) split it between this provider and the CPU's, which onnxruntime-openvino 1.24 fails at run time
     standard_ops_only: bool = False
+    # what runs its graphs: onnxruntime, or OpenVINO's own runtime (runtime/openvino_session.py), for which `ort_name`
+    # and `extra` name no onnxruntime build
+    runtime: str = "onnxruntime"
 
     @property
     def install(self) -> str:
@@ -144,6 +147,29 @@ class OpenVINO(Provider):
         # (docs/benchmarks.md, "OpenVINO on a CPU").
         present = openvino_devices()
         return present is None or any(p.split(".")[0] in ("GPU", "NPU") for p in present)
+
+
+class OpenVINORuntime(Provider):
+    """OpenVINO's own runtime (runtime/openvino_session.py), not an onnxruntime provider: present where the
+    `openvino` package is, beside any onnxruntime build."""
+
+    def available(self, offered: set[str] | None = None) -> bool:
+        if offered is not None:  # a caller's list of onnxruntime's providers (tests) says nothing of it
+            return self.ort_name in offered
+        return importlib.util.find_spec("openvino") is not None
+
+    def auto_eligible(self) -> bool:
+        # Picked by `auto` on CPUs with bf16 arithmetic (AVX-512 BF16, AMX), where OpenVINO's CPU plugin computes in
+        # bf16 by default and ran the full-size SD-Turbo image faster than onnxruntime ran its fastest bundle
+        # (docs/benchmarks.md, "OpenVINO's own runtime"); elsewhere it computes in f32 and gained nothing.
+        return bf16_cpu()
+
+
+def bf16_cpu() -> bool:
+    """Whether this CPU has bf16 arithmetic that OpenVINO's CPU plugin uses by default."""
+    from .cpu_features import cpu_flags
+
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 class CUDA(Provider):
@@ -270,6 +296,18 @@ REGISTRY: dict[str, Provider] = {
             cache_option="cache_dir",  # its compiled blobs: the second start skips compilation
             options={"device_type": "AUTO:GPU,NPU,CPU"},
             standard_ops_only=True,
+        ),
+        # OpenVINO's own runtime (runtime/openvino_session.py): the `openvino` package beside the CPU build of
+        # onnxruntime, which it does not replace. Its compiled graphs go in the graph cache's folder "ov"
+        OpenVINORuntime(
+            "ov",
+            "OpenVINO",
+            ("fp32", "int8"),
+            extra="ov",
+            compiles=True,
+            cache_option="CACHE_DIR",
+            options={"device_type": "CPU"},
+            runtime="openvino",
         ),
         # Snapdragon NPUs (HTP). onnxruntime-qnn 2 is a plugin beside the CPU build; 1.x builds had it built in
         Provider(

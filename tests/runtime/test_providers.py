@@ -63,7 +63,8 @@ def test_each_provider_is_one_onnxruntime_knows_and_comes_from_an_extra_that_ins
 
     from edgediff.runtime import ort_builds
 
-    unknown = {n for n, p in prov.REGISTRY.items() if p.ort_name not in ort.get_all_providers()}
+    ours = {n: p for n, p in prov.REGISTRY.items() if p.runtime == "onnxruntime"}  # ov: OpenVINO's own runtime
+    unknown = {n for n, p in ours.items() if p.ort_name not in ort.get_all_providers()}
     assert unknown <= {"rocm"}, unknown  # onnxruntime 1.23 removed ROCm's provider; kept for 1.22 and older
     project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
@@ -74,7 +75,8 @@ def test_each_provider_is_one_onnxruntime_knows_and_comes_from_an_extra_that_ins
     assert not names(project["dependencies"]) & set(ort_builds.BUILDS)
     for build, extra in ort_builds.BUILDS.items():  # its build, and no other (openvino also brings OpenVINO on Windows)
         assert names(extras[extra]) & set(ort_builds.BUILDS) == {build}, (extra, extras[extra])
-    assert {p.extra for p in prov.REGISTRY.values()} <= set(ort_builds.BUILDS.values())
+    assert {p.extra for p in ours.values()} <= set(ort_builds.BUILDS.values())
+    assert names(extras[prov.REGISTRY["ov"].extra]) == {"openvino"}  # beside any build, replacing none
     # the tests' own install (cpu,export,dev) brings the CPU build only: optimum-onnx without its [onnxruntime], and
     # onnxruntime-qnn 2 or newer, a plugin beside it (1.x was a build)
     beside = [
@@ -129,7 +131,7 @@ def test_without_onnxruntime_the_runtime_says_which_build_to_install(entry):
 def test_each_provider_states_options_precisions_and_session_needs():
     for name, p in prov.REGISTRY.items():
         assert p.precisions and p.install and prov.preferred_precision(name) == p.precisions[0]
-        assert p.ort_name.endswith("ExecutionProvider")
+        assert p.ort_name.endswith("ExecutionProvider") or p.runtime != "onnxruntime"
     assert prov.preferred_precision("cpu") == "fp32" and prov.preferred_precision("cuda") == "fp16"
     opts = ort.SessionOptions()
     prov.REGISTRY["directml"].configure(opts)  # DirectML needs these per onnxruntime's docs
@@ -436,7 +438,7 @@ def test_every_providers_own_cache_folder_is_listed_counted_evicted_and_cleared(
     folder = tmp_path / "cache"
     monkeypatch.setenv("EDGEDIFF_CACHE_DIR", str(folder))
     own = {name: p for name, p in prov.REGISTRY.items() if p.cache_option}
-    assert set(own) == {"openvino", "tensorrt", "migraphx"}
+    assert set(own) == {"openvino", "tensorrt", "migraphx", "ov"}
     assert graph_cache.provider_folders() == {p.cache_folder for p in own.values()}
     past = time.time() - 3600
     for age, name in enumerate(("migraphx", "openvino", "tensorrt")):  # migraphx least recently used
@@ -516,7 +518,14 @@ def test_a_compiling_provider_keeps_its_own_cache_and_never_ours(models_root, tm
     from edgediff.runtime import Bundle, graph_cache
     from edgediff.runtime.session import GraphSession
 
-    assert {n for n, p in prov.REGISTRY.items() if p.compiles} == {"tensorrt", "migraphx", "coreml", "openvino", "qnn"}
+    assert {n for n, p in prov.REGISTRY.items() if p.compiles} == {
+        "tensorrt",
+        "migraphx",
+        "coreml",
+        "openvino",
+        "qnn",
+        "ov",
+    }
     assert prov.REGISTRY["openvino"].cache_options(tmp_path) == {"cache_dir": str(tmp_path / "openvino")}
     assert prov.REGISTRY["tensorrt"].cache_options(tmp_path) == {"trt_engine_cache_path": str(tmp_path / "tensorrt")}
     assert prov.REGISTRY["migraphx"].cache_options(tmp_path) == {"migraphx_model_cache_dir": str(tmp_path / "migraphx")}

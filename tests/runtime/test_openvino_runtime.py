@@ -1,0 +1,206 @@
+"""The `ov` provider: bundles run by OpenVINO's own runtime (runtime/openvino_session.py), against onnxruntime's CPU
+provider on the same bundle and seed, and a bundle's external-data paths read off its graphs before OpenVINO,
+which follows them anywhere, is given one."""
+
+import logging
+import os
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from tiny_models import tiny_bundle
+
+from edgediff.cli.main import cli
+from edgediff.runtime import BundleError, InputError, Pipeline
+from edgediff.runtime import openvino_session as ovs
+from edgediff.runtime import providers as prov
+from edgediff.runtime.external_data import check_external_data, external_locations
+
+ov = pytest.importorskip("openvino", reason="OpenVINO's runtime is the dev extra's (pip install openvino)")
+
+# OpenVINO in f32 against onnxruntime's CPU provider on the same tiny fp32 bundle and seed: the two runtimes fuse and
+# order float sums differently (seen: up to 2e-6 on images in [0, 1])
+OV_F32_ATOL = 1e-4
+F32 = {"INFERENCE_PRECISION_HINT": "f32"}  # bf16 is OpenVINO's default on CPUs with AVX-512 BF16 or AMX
+
+
+def _images(bundle, **options):
+    with Pipeline.from_bundle(bundle, cache=False, **options) as pipe:
+        return pipe("a cat", seed=3, output_type="np").images, pipe.provider_report()
+
+
+@pytest.mark.parametrize("arch", ["tiny-sd1", "tiny-sd-turbo"])
+def test_a_bundle_run_by_openvino_makes_the_cpu_providers_image(models_root, arch):
+    bundle = tiny_bundle(arch, models_root)
+    expected, _ = _images(bundle, provider="cpu")
+    got, report = _images(bundle, provider="ov", provider_options=F32)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=OV_F32_ATOL)
+    assert report["provider"] == "ov"
+    assert {name: g["providers"] for name, g in report["graphs"].items()} == {
+        name: ["OpenVINO CPU (f32)"] for name in ("text_encoder", "unet", "vae_decoder")
+    }
+    assert not any(g["cpu_fallback"] for g in report["graphs"].values())
+
+
+def test_a_quantised_graph_computes_in_f32_and_an_fp32_one_at_the_cpus_default():
+    """bf16 around int8 operators lost the shipped model's images (docs/benchmarks.md): a quantised graph's float
+    parts stay f32 on the CPU unless the caller says otherwise; a GPU or NPU gets no CPU threads."""
+    device, fp32 = ovs.compile_config({"device_type": "CPU"}, "fp32", 3, None)
+    assert device == "CPU" and fp32 == {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": "3"}
+    for precision in ("int8", "int8-static", "int4"):
+        assert ovs.compile_config({}, precision, 2, None)[1]["INFERENCE_PRECISION_HINT"] == "f32"
+    asked = ovs.compile_config({"INFERENCE_PRECISION_HINT": "bf16"}, "int8-static", 2, None)[1]
+    assert asked["INFERENCE_PRECISION_HINT"] == "bf16"  # the caller's option wins
+    device, gpu = ovs.compile_config({"device_type": "GPU"}, "int8", None, None)
+    assert device == "GPU" and gpu == {"PERFORMANCE_HINT": "LATENCY"}
+
+
+def test_openvinos_compiled_graphs_go_in_the_graph_caches_folder(models_root, tmp_path, monkeypatch):
+    """Its CACHE_DIR is the folder "ov" of the graph cache: listed, evicted and cleared with the rest."""
+    monkeypatch.setenv("EDGEDIFF_CACHE_DIR", str(tmp_path))
+    bundle = tiny_bundle("tiny-sd-turbo", models_root)
+    with Pipeline.from_bundle(bundle, provider="ov", provider_options=F32) as pipe:
+        first = pipe("a cat", seed=3, output_type="np").images
+        assert {g["cache"] for g in pipe.provider_report()["graphs"].values()} == {"provider"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ov"] and any((tmp_path / "ov").iterdir())
+    with Pipeline.from_bundle(bundle, provider="ov", provider_options=F32) as pipe:  # from the compiled cache
+        np.testing.assert_array_equal(pipe("a cat", seed=3, output_type="np").images, first)
+    listed = CliRunner().invoke(cli, ["cache", "list"])
+    assert listed.exit_code == 0 and "ov/" in listed.output, listed.output
+
+
+def test_a_graph_openvino_cannot_compile_is_an_error_or_with_fallback_runs_on_the_cpu(models_root, monkeypatch, caplog):
+    bundle = tiny_bundle("tiny-sd-turbo", models_root)
+    expected, _ = _images(bundle, provider="cpu")
+    real = ovs.core().compile_model
+
+    def compile_model(path, device, config):
+        if path.endswith("text_encoder.onnx"):
+            raise RuntimeError("Exception from src/frontends/onnx\nat line 42\nunsupported operator FancyOp")
+        return real(path, device, config)
+
+    monkeypatch.setattr(ovs.core(), "compile_model", compile_model)
+    with pytest.raises(BundleError, match=r"OpenVINO cannot compile text_encoder.onnx: .*FancyOp; --fallback"):
+        Pipeline.from_bundle(bundle, provider="ov", provider_options=F32, cache=False)
+    with caplog.at_level(logging.WARNING, logger="edgediff.session"):
+        got, report = _images(bundle, provider="ov", provider_options=F32, fallback=True)
+    assert "text_encoder: OpenVINO cannot compile this graph" in caplog.text
+    assert report["refused"] == {"text_encoder": "Exception from src/frontends/onnx ... unsupported operator FancyOp"}
+    assert report["graphs"]["text_encoder"]["providers"] == ["CPUExecutionProvider"]
+    assert report["graphs"]["text_encoder"]["cpu_fallback"] and not report["graphs"]["unet"]["cpu_fallback"]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=OV_F32_ATOL)
+
+
+def test_run_time_loras_on_openvino_are_a_clear_error(models_root):
+    """A call's run-time LoRA is an onnxruntime adapter: a graph OpenVINO runs says so instead of ignoring it."""
+    from edgediff.runtime import lora_adapters
+
+    with Pipeline.from_bundle(tiny_bundle("tiny-sd-turbo", models_root), provider="ov", cache=False) as pipe:
+        encoder = pipe.sessions.get("text_encoder")
+        with lora_adapters.active({"text_encoder": object()}):
+            with pytest.raises(InputError, match="run-time LoRAs are onnxruntime's adapters: the ov provider"):
+                encoder.run(input_ids=np.zeros((1, 77), np.int64))
+
+
+def test_ov_is_listed_and_named_in_errors_where_openvino_is_missing(monkeypatch):
+    result = CliRunner().invoke(cli, ["providers"])
+    assert result.exit_code == 0 and any(line.startswith("ov ") for line in result.output.splitlines())
+    monkeypatch.setattr(prov.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(prov.ProviderError, match=r'provider \'ov\' is not available.*pip install "edgediff\[ov\]"'):
+        prov.resolve("ov")
+
+
+# --- external data: what OpenVINO would read, read first ---
+
+
+def _graph_with_external_data(path, locations, nested=None, constant=None):
+    """A graph whose initializers (and, optionally, a subgraph's initializer and a Constant's tensor) name these
+    external-data files; the files themselves are never written: only the names are read."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    def tensor(name, location):
+        t = helper.make_tensor(name, TensorProto.FLOAT, [1], [1.0])
+        if location is not None:
+            t.ClearField("float_data")
+            t.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", "0"), ("length", "4")):
+                t.external_data.add(key=key, value=value)
+        return t
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    nodes = [helper.make_node("Add", ["x", f"w{k}"], [f"a{k}"]) for k in range(len(locations))]
+    last = nodes[-1].output[0] if nodes else "x"
+    if constant is not None:
+        nodes.append(helper.make_node("Constant", [], ["c"], value=tensor("c", constant)))
+        nodes.append(helper.make_node("Add", [last, "c"], ["ac"]))
+        last = "ac"
+    if nested is not None:
+        branch = helper.make_graph(
+            [helper.make_node("Identity", ["s"], ["out"])],
+            "branch",
+            [],
+            [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1])],
+            [tensor("s", nested)],
+        )
+        cond = helper.make_tensor("cond", TensorProto.BOOL, [], [True])
+        nodes.append(helper.make_node("If", ["cond"], ["b"], then_branch=branch, else_branch=branch))
+        nodes.append(helper.make_node("Add", [last, "b"], ["ab"]))
+        last, extra = "ab", [cond]
+    else:
+        extra = []
+    nodes.append(helper.make_node("Identity", [last], ["y"]))
+    graph = helper.make_graph(nodes, "g", [x], [y], [tensor(f"w{k}", loc) for k, loc in enumerate(locations)] + extra)
+    onnx.save_model(helper.make_model(graph), str(path), save_as_external_data=False)
+    return path
+
+
+def test_external_locations_are_every_file_the_graph_names_subgraphs_and_constants_included(tmp_path):
+    import onnx
+
+    path = _graph_with_external_data(
+        tmp_path / "g.onnx", ["g.onnx.data", "other.data"], nested="sub.data", constant="const.data"
+    )
+    model = onnx.load(str(path), load_external_data=False)
+    by_onnx = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+    assert by_onnx == {"g.onnx.data", "other.data"}
+    assert set(external_locations(path)) == {"const.data", "g.onnx.data", "other.data", "sub.data"}  # both branches
+    assert external_locations(_graph_with_external_data(tmp_path / "inline.onnx", [None])) == []
+
+
+@pytest.mark.parametrize("where", ["initializer", "subgraph", "constant"])
+@pytest.mark.parametrize("location", ["../outside.bin", "/etc/passwd", "sub/../../outside.bin", "link/secret.bin"])
+def test_a_graph_naming_weights_outside_its_bundle_is_refused(tmp_path, where, location):
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    os.symlink(tmp_path, bundle / "link")  # a folder inside that leads out
+    kwargs = {"initializer": {}, "subgraph": {"nested": location}, "constant": {"constant": location}}[where]
+    graph = _graph_with_external_data(
+        bundle / "unet.onnx", [location] if where == "initializer" else ["unet.onnx.data"], **kwargs
+    )
+    with pytest.raises(BundleError, match=r"names a file outside its folder .*refusing to read it"):
+        check_external_data(graph, bundle)
+    check_external_data(_graph_with_external_data(bundle / "ok.onnx", ["ok.onnx.data", "sub/w.bin"]), bundle)
+
+
+def test_a_bundle_whose_graph_names_weights_outside_it_never_reaches_openvino(models_root, tmp_path, monkeypatch):
+    import shutil
+    from pathlib import Path
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle("tiny-sd-turbo", models_root), bundle)
+    _graph_with_external_data(bundle / "unet.onnx", ["../stolen.bin"])
+    given, real = [], ovs.core().compile_model
+    monkeypatch.setattr(ovs.core(), "compile_model", lambda path, *a: given.append(Path(path).name) or real(path, *a))
+    with pytest.raises(BundleError, match=r"outside its folder \(\.\./stolen\.bin\)"):
+        Pipeline.from_bundle(bundle, provider="ov", verify="none", cache=False, fallback=True)  # not a fallback case
+    assert "unet.onnx" not in given
+
+
+@pytest.mark.parametrize("damage", [b"", b"\x0a\xff\xff\xff\xff\x0f", b"\x0a\x05ab", b"\x0f"])
+def test_a_graph_file_that_is_not_onnx_is_a_bundle_error(tmp_path, damage):
+    path = tmp_path / "unet.onnx"
+    path.write_bytes(damage)
+    with pytest.raises(BundleError, match="unet.onnx is not a readable ONNX graph"):
+        check_external_data(path, tmp_path)
