@@ -191,7 +191,9 @@ class Pipeline:
             def opener(name):
                 return CoreMLSession(name, bundle.component_path(name), m.components[name], o.compute_units)
         else:
-            self.resolution = resolve(o.provider, fallback=o.fallback, options=o.provider_options)
+            self.resolution = resolve(
+                o.provider, o.fallback, options=o.provider_options, precision=m.components[m.denoiser].precision
+            )
             _check_gpu_only_graphs(bundle, self.resolution.provider)
             _note_precision(bundle, self.resolution.provider)
             _note_foreign_operators(bundle, self.resolution.provider)

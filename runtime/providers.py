@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -100,8 +101,9 @@ class Provider:
         """Provider options that keep a compiling provider's own cache inside the graph cache `folder`."""
         return {self.cache_option: str(folder / self.cache_folder)} if self.cache_option else {}
 
-    def auto_eligible(self) -> bool:
-        """Whether `auto` may pick it when it is available (measured reasons where it may not)."""
+    def auto_eligible(self, precision: str | None = None) -> bool:
+        """Whether `auto` may pick it when it is available, for a bundle whose denoiser has this precision (None:
+        any bundle); measured reasons where it may not."""
         return True
 
     def load_hint(self, precision: str) -> str:
@@ -141,7 +143,7 @@ class OpenVINO(Provider):
         super().prepare()
         provider_loading.openvino_windows_libraries()
 
-    def auto_eligible(self) -> bool:
+    def auto_eligible(self, precision: str | None = None) -> bool:
         # Picked by `auto` for an Intel GPU or NPU only. On a CPU alone it is a choice, not a default: it was no
         # faster than the CPU provider there except in bf16, with slower starts and more memory
         # (docs/benchmarks.md, "OpenVINO on a CPU").
@@ -158,11 +160,17 @@ class OpenVINORuntime(Provider):
             return self.ort_name in offered
         return importlib.util.find_spec("openvino") is not None
 
-    def auto_eligible(self) -> bool:
-        # Picked by `auto` on CPUs with bf16 arithmetic (AVX-512 BF16, AMX), where OpenVINO's CPU plugin computes in
-        # bf16 by default and ran the full-size SD-Turbo image faster than onnxruntime ran its fastest bundle
-        # (docs/benchmarks.md, "OpenVINO's own runtime"); elsewhere it computes in f32 and gained nothing.
-        return bf16_cpu()
+    def auto_eligible(self, precision: str | None = None) -> bool:
+        # Picked by `auto` for fp32 bundles on CPUs with bf16 arithmetic (AVX-512 BF16, AMX), where OpenVINO's CPU
+        # plugin computes them in bf16: on a CPU with AMX the full-size SD-Turbo image took less time than
+        # onnxruntime took with any int8 bundle, at a higher PSNR (docs/benchmarks.md, "OpenVINO's own runtime").
+        # Not for quantised bundles (no faster there, with slower starts), nor where AUTO_OV_ENV is 0.
+        return precision in (None, "fp32") and bf16_cpu() and os.environ.get(AUTO_OV_ENV, "1") != "0"
+
+
+# "0": `auto` never picks OpenVINO's runtime, so fp32 bundles compute in fp32 wherever they run (the test suite sets it:
+# its references are fp32)
+AUTO_OV_ENV = "EDGEDIFF_AUTO_OV"
 
 
 def bf16_cpu() -> bool:
@@ -328,9 +336,10 @@ REGISTRY: dict[str, Provider] = {
 PROVIDERS = {name: p.ort_name for name, p in REGISTRY.items()}
 # `auto` picks the first available: GPUs, then NPUs, then the CPU. TensorRT is left to explicit
 # choice (its engine build takes minutes on first use); QNN too (it wants QDQ int8 bundles); OpenVINO
-# only where it sees an Intel GPU or NPU (OpenVINO.auto_eligible). Each GPU build of onnxruntime offers
+# only where it sees an Intel GPU or NPU (OpenVINO.auto_eligible); OpenVINO's own runtime for fp32 bundles on CPUs
+# with bf16 (OpenVINORuntime.auto_eligible). Each GPU build of onnxruntime offers
 # one GPU provider, so their order among themselves matters little; WebGPU comes after the native ones.
-AUTO_ORDER = ("cuda", "migraphx", "rocm", "directml", "webgpu", "coreml", "openvino", "cpu")
+AUTO_ORDER = ("cuda", "migraphx", "rocm", "directml", "webgpu", "coreml", "openvino", "ov", "cpu")
 
 
 def available(offered: set[str] | None = None) -> list[str]:
@@ -381,22 +390,30 @@ def _digest(values: dict) -> str:
 
 
 def resolve(
-    name: str = "auto", fallback: bool = False, offered: set[str] | None = None, options: dict | None = None
+    name: str = "auto",
+    fallback: bool = False,
+    offered: set[str] | None = None,
+    options: dict | None = None,
+    precision: str | None = None,
 ) -> Resolution:
     """The provider to use: `auto` -> best available; an unavailable explicit one is an error unless
     `fallback`, then the best available (logged); with `fallback` a graph the provider cannot take runs on the CPU
     provider. CPU always backs up nodes a provider cannot run.
     `options`: provider options over the chosen provider's own (onnxruntime checks their names); they are
-    meant for the provider asked for, so a fallback drops them (logged)."""
+    meant for the provider asked for, so a fallback drops them (logged). `precision`: the bundle's denoiser's, which
+    `auto` weighs (Provider.auto_eligible)."""
     have = available(offered)
     key = name.lower()
     overrides = {str(k): str(v) for k, v in (options or {}).items()}
     if key == "auto":
-        chosen = _auto(have)
+        chosen = _auto(have, precision)
         log.info("provider auto -> %s (available: %s)", chosen, ", ".join(have))
         clash = ort_builds.clash()
         if clash:
             log.warning("%s (auto chose %s among what is left)", clash, chosen)
+        # a graph OpenVINO's runtime cannot compile runs on onnxruntime's CPU provider: auto chose it for speed, and
+        # must not fail a bundle the CPU provider runs
+        fallback = fallback or REGISTRY[chosen].runtime != "onnxruntime"
         return Resolution(REGISTRY[chosen], name, False, overrides, fallback)
     if key not in REGISTRY:
         raise ProviderError("provider_unknown", name=name, known=", ".join(["auto", *REGISTRY]))
@@ -425,8 +442,8 @@ def resolve(
     return Resolution(REGISTRY[key], name, False, overrides, fallback)
 
 
-def _auto(have: list[str]) -> str:
-    return next(p for p in AUTO_ORDER if p in have and REGISTRY[p].auto_eligible())
+def _auto(have: list[str], precision: str | None = None) -> str:
+    return next(p for p in AUTO_ORDER if p in have and REGISTRY[p].auto_eligible(precision))
 
 
 def parse_options(pairs) -> dict[str, str]:

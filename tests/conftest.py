@@ -27,6 +27,17 @@ def _private_graph_cache(tmp_path_factory):
         os.environ["EDGEDIFF_CACHE_DIR"] = old
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _auto_stays_on_onnxruntime():
+    """The references are fp32 (PyTorch, onnxruntime's CPU provider): `auto` must not move an fp32 bundle to
+    OpenVINO's bf16 where the CPU has it and openvino is installed. Its own tests ask for it (test_openvino_runtime)."""
+    from edgediff.runtime.providers import AUTO_OV_ENV
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(AUTO_OV_ENV, "0")  # in the environment: the benchmarks' worker processes inherit it
+        yield
+
+
 _EXPORT_TIERS = ("export", "training")  # tiers that run PyTorch themselves
 
 

@@ -204,3 +204,49 @@ def test_a_graph_file_that_is_not_onnx_is_a_bundle_error(tmp_path, damage):
     path.write_bytes(damage)
     with pytest.raises(BundleError, match="unet.onnx is not a readable ONNX graph"):
         check_external_data(path, tmp_path)
+
+
+# --- what auto picks ---
+
+
+@pytest.mark.parametrize(
+    "bf16,precision,switch,expected",
+    [
+        (True, "fp32", None, "ov"),
+        (True, None, None, "ov"),  # a caller that knows no bundle (`edgediff providers`)
+        (True, "int8-static", None, "cpu"),  # no faster there, with slower starts
+        (True, "int8", None, "cpu"),
+        (False, "fp32", None, "cpu"),  # f32 on OpenVINO: no gain
+        (True, "fp32", "0", "cpu"),  # fp32 arithmetic asked for
+    ],
+)
+def test_auto_picks_openvino_for_fp32_bundles_on_cpus_with_bf16(monkeypatch, bf16, precision, switch, expected):
+    monkeypatch.setattr(prov, "bf16_cpu", lambda: bf16)
+    if switch is None:
+        monkeypatch.delenv(prov.AUTO_OV_ENV, raising=False)
+    else:
+        monkeypatch.setenv(prov.AUTO_OV_ENV, switch)
+    chosen = prov.resolve("auto", precision=precision)
+    assert chosen.provider.name == expected
+    assert chosen.fallback == (expected == "ov")  # a graph OpenVINO cannot compile runs on the CPU, not an error
+
+
+def test_auto_runs_an_fp32_bundle_on_openvino_and_an_int8_one_on_onnxruntime(models_root, monkeypatch):
+    from edgediff.runtime import cpu_features
+
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
+    monkeypatch.delenv(prov.AUTO_OV_ENV, raising=False)
+    for precision, expected in (("fp32", "ov"), ("int8", "cpu")):
+        with Pipeline.from_bundle(tiny_bundle("tiny-sd-turbo", models_root, precision), cache=False) as pipe:
+            assert pipe.provider_report()["provider"] == expected, precision
+
+
+def test_export_precision_auto_is_fp32_where_openvino_runs_it_in_bf16(monkeypatch):
+    from edgediff.export import ExportOptions
+    from edgediff.runtime import cpu_features
+
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_vnni", "amx_bf16"}))
+    monkeypatch.delenv(prov.AUTO_OV_ENV, raising=False)
+    assert ExportOptions(precision="auto").precision == "fp32"
+    monkeypatch.setattr(prov.importlib.util, "find_spec", lambda name: None)  # OpenVINO not installed
+    assert ExportOptions(precision="auto").precision == "int8-static"
