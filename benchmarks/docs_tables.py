@@ -262,6 +262,12 @@ TABLES = {
         ),
         headers={"vae_decoder": "decoder", "vs_diffusers": "diffusers fp32 time / this"},
     ),
+    # OpenVINO's own runtime (--provider ov) beside onnxruntime's CPU provider, two passes in reverse orders
+    "ov-amx": Table(
+        ("config", "provider", *TRANSFORMER_COLUMNS[3:11], "data"),
+        (Source(X + "2026-12-07-sd-turbo-ov-1.json"), Source(X + "2026-12-07-sd-turbo-ov-2.json")),
+        headers={"vae_decoder": "decoder", "vs_diffusers": "diffusers fp32 time / this"},
+    ),
     "low-memory": Table(
         ("config", "total", "text_encoder", "unet_call", "rss", "data"),
         (
@@ -464,7 +470,10 @@ PROFILE_TABLES = {
 # op_profile.py --interleave files of the same bundles, one per kernel tier and pass (benchmarks/cpu_tier.py)
 TIER_TABLES = {"cpu-tier-unet-calls": _tier_runs("op-profile-tier")}
 # openvino_call.py files: one stage graph's call in OpenVINO's own runtime at each precision, beside onnxruntime's
-OPENVINO_TABLES = {"openvino-call-unet": E + "2026-12-06-openvino-call-unet.json"}
+OPENVINO_TABLES = {
+    "openvino-call-unet": E + "2026-12-06-openvino-call-unet.json",
+    "openvino-call-unet-amx": X + "2026-12-07-openvino-call-unet.json",
+}
 # an operator type gets a row of its own where it takes at least this share of a call in some bundle
 PROFILE_ROW_SHARE = 0.02
 
