@@ -81,6 +81,13 @@ def compile_config(options: dict, precision: str, threads: int | None, cache_fol
     return device, {**config, **options}
 
 
+def _name(port, declared: set[str]) -> str:
+    """A graph input's or output's name as the manifest declares it: OpenVINO gives a tensor every name it had in
+    the graph (T5's last_hidden_state is also an inner node's output), and any one of them by default."""
+    names = port.get_names()
+    return next((n for n in sorted(names) if n in declared), port.get_any_name())
+
+
 class OpenVINOSession:
     """One graph compiled by OpenVINO. `cache_folder`: OpenVINO's own cache of compiled graphs (None: no cache)."""
 
@@ -101,9 +108,10 @@ class OpenVINOSession:
         self.device, config = compile_config(options, spec.precision, threads, cache_folder)
         # compiled from the file, not a model read first: with a cache hit OpenVINO skips reading the ONNX graph
         self.compiled = core().compile_model(str(path), self.device, config)
+        declared_inputs = {t.name for t in spec.inputs}
         self.inputs = {
-            i.get_any_name(): GraphInput(
-                i.get_any_name(),
+            _name(i, declared_inputs): GraphInput(
+                _name(i, declared_inputs),
                 _TYPES.get(i.get_element_type().get_type_name(), str(i.get_element_type())),
                 [d.get_length() if d.is_static else f"d{k}" for k, d in enumerate(i.get_partial_shape())],
             )
@@ -111,7 +119,8 @@ class OpenVINOSession:
         }
         check_manifest(name, spec, self.inputs, bundle_path)
         self.check_inputs = InputCheck(name, self.inputs)
-        self.output_names = [o.get_any_name() for o in self.compiled.outputs]
+        declared_outputs = {t.name for t in spec.outputs}
+        self.output_names = [_name(o, declared_outputs) for o in self.compiled.outputs]
         self.cache = CacheStatus.PROVIDER if cache_folder is not None else CacheStatus.OFF
         self._request = self.compiled.create_infer_request()
         self._outputs = [self.compiled.output(n) for n in self.output_names]
