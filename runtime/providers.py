@@ -419,13 +419,17 @@ def resolve(
         raise ProviderError("provider_unknown", name=name, known=", ".join(["auto", *REGISTRY]))
     if key not in have:
         builds = ort_builds.installed()
-        if len(builds) > 1:  # not a choice to fall back from: the install is broken (ort_builds.py)
+        if len(builds) > 1 and REGISTRY[key].runtime == "onnxruntime":  # the install is broken (ort_builds.py)
             raise ProviderError(
                 "builds_clash",
                 name=name,
                 count=len(builds),
                 builds=ort_builds.describe(builds),
                 fix=ort_builds.one_build(builds, REGISTRY[key].extra),
+            )
+        if not fallback and REGISTRY[key].runtime != "onnxruntime":
+            raise ProviderError(
+                "runtime_unavailable", name=name, runtime=REGISTRY[key].runtime, install=REGISTRY[key].install
             )
         if not fallback:
             raise ProviderError(

@@ -120,8 +120,11 @@ def test_ov_is_listed_and_named_in_errors_where_openvino_is_missing(monkeypatch)
     result = CliRunner().invoke(cli, ["providers"])
     assert result.exit_code == 0 and any(line.startswith("ov ") for line in result.output.splitlines())
     monkeypatch.setattr(prov.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(prov.ProviderError, match=r'provider \'ov\' is not available.*pip install "edgediff\[ov\]"'):
+    with pytest.raises(prov.ProviderError, match=r"'ov' runs graphs through the openvino package, which is not"):
         prov.resolve("ov")
+    with pytest.raises(prov.ProviderError, match=r'to get it: pip install "edgediff\[ov\]"; or pass --fallback'):
+        prov.resolve("ov")
+    assert prov.resolve("ov", fallback=True).provider.name == "cpu"
 
 
 # --- external data: what OpenVINO would read, read first ---
