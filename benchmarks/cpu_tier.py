@@ -102,7 +102,8 @@ TIERS = {
         _AVX512 + _AMX + _AVX_VNNI_LATER,
     ),
     "avx512-vnni": Tier(
-        "AVX-512 with int8 dot products, no AMX: Intel Cascade Lake and Ice Lake, AMD Zen 4",
+        "AVX-512 with int8 dot products and bf16, no AMX: AMD Zen 4, Intel Cooper Lake (and, for onnxruntime's "
+        "kernels, which use no bf16, Intel Cascade Lake and Ice Lake)",
         _AMX + ("avx512_fp16", "avx_vnni") + _AVX_VNNI_LATER,
     ),
 }

@@ -268,6 +268,12 @@ TABLES = {
         (Source(X + "2026-12-07-sd-turbo-ov-1.json"), Source(X + "2026-12-07-sd-turbo-ov-2.json")),
         headers={"vae_decoder": "decoder", "vs_diffusers": "diffusers fp32 time / this"},
     ),
+    # the same on the AMX CPU with AMX hidden (benchmarks/cpu_tier.py avx512-vnni: AVX-512 BF16 left, as on Zen 4)
+    "ov-tier": Table(
+        ("machine", "config", "provider", *TRANSFORMER_COLUMNS[3:11], "data"),
+        tuple(Source(X + f"2026-12-07-sd-turbo-ov-tier-avx512-vnni-{run}.json") for run in (1, 2)),
+        headers={"vae_decoder": "decoder", "vs_diffusers": "diffusers fp32 time / this"},
+    ),
     "low-memory": Table(
         ("config", "total", "text_encoder", "unet_call", "rss", "data"),
         (

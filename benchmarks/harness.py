@@ -347,6 +347,11 @@ def _references(cfg: BenchConfig, bundles, chosen: dict, threads: int, notes: li
     refs = {}
     for provider in cfg.providers:
         info = chosen[provider]
+        if info.runtime != "onnxruntime":  # the reference is an onnxruntime graph: it would time the CPU provider
+            notes.append(
+                f"no MatMul reference on {provider}: it runs {info.runtime}, which the reference does not time"
+            )
+            continue
         on_cpu = info.ort_name == "CPUExecutionProvider"
         dtypes = ("float32", "float16") if info.gpu else ("float32", "int8") if quantised and on_cpu else ("float32",)
         for dtype in dtypes:

@@ -253,7 +253,7 @@ class ExportOptions:
 
 def auto_precision(target: str = "onnx") -> str:
     """The fastest precision at the quality floor for this machine's CPU: fp32 where OpenVINO's runtime is installed
-    and the CPU has bf16 arithmetic (`auto` then runs the bundle there, in bf16); int8-static where its int8 kernels
+    and the CPU has AMX (`auto` then runs the bundle there, in bf16); int8-static where its int8 kernels
     beat fp32 (CPUs with int8 dot products, where that was measured; elsewhere measured here by int8_probe), int8
     (MatMuls only) where only int8 matrix products win, fp32 where int8 would buy size alone."""
     import logging
@@ -269,8 +269,8 @@ def auto_precision(target: str = "onnx") -> str:
     openvino = REGISTRY["ov"]
     if openvino.available() and openvino.auto_eligible("fp32"):
         log.info(
-            "--precision auto: fp32 (this CPU computes in bf16 and OpenVINO's runtime is installed: an fp32 bundle "
-            "runs there faster than an int8 one on onnxruntime, at a higher PSNR; provider auto picks it)"
+            "--precision auto: fp32 (this CPU has AMX and OpenVINO's runtime is installed: an fp32 bundle runs there "
+            "in bf16, faster than an int8 one on onnxruntime, at a higher PSNR; provider auto picks it)"
         )
         return "fp32"
     if int8_is_faster():

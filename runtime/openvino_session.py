@@ -2,8 +2,8 @@
 behind GraphSession's interface, so that the pipeline, its samplers and its checks are shared with onnxruntime.
 
 Why beside onnxruntime's `openvino` provider: OpenVINO's CPU plugin computes in bf16 on CPUs with AVX-512 BF16 or
-AMX (its default there), about twice onnxruntime's fp32 speed on the full-size UNet, and onnxruntime-openvino fails
-on today's fastest bundles (docs/benchmarks.md, "OpenVINO on a CPU"). OpenVINO reads the ONNX graph itself, so no
+AMX (its default there), with AMX 2-3x onnxruntime's fp32 speed on the full-size UNet, and onnxruntime-openvino
+fails on today's fastest bundles (docs/benchmarks.md, "OpenVINO's own runtime"). OpenVINO reads the ONNX graph itself, so no
 onnxruntime build is replaced: it installs beside the CPU one.
 
 Each graph is compiled once with its dynamic dimensions and runs every image size; OpenVINO's compiled-model cache

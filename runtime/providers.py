@@ -161,11 +161,13 @@ class OpenVINORuntime(Provider):
         return importlib.util.find_spec("openvino") is not None
 
     def auto_eligible(self, precision: str | None = None) -> bool:
-        # Picked by `auto` for fp32 bundles on CPUs with bf16 arithmetic (AVX-512 BF16, AMX), where OpenVINO's CPU
-        # plugin computes them in bf16: on a CPU with AMX the full-size SD-Turbo image took less time than
-        # onnxruntime took with any int8 bundle, at a higher PSNR (docs/benchmarks.md, "OpenVINO's own runtime").
-        # Not for quantised bundles (no faster there, with slower starts), nor where AUTO_OV_ENV is 0.
-        return precision in (None, "fp32") and bf16_cpu() and os.environ.get(AUTO_OV_ENV, "1") != "0"
+        # Picked by `auto` for fp32 bundles on CPUs with AMX, where OpenVINO's CPU plugin computes them in bf16 on
+        # the tile units: the full-size SD-Turbo image took less time than onnxruntime took with any int8 bundle, at
+        # a higher PSNR (docs/benchmarks.md, "OpenVINO's own runtime"). Not on AVX-512 BF16 alone: its UNet call
+        # there was a wash with onnxruntime's int8-static one (a Zen 4 EPYC) and its whole image slower than
+        # onnxruntime's fp32 one (the AMX Xeon with AMX hidden). Not for quantised bundles (no faster, with slower
+        # starts), nor where AUTO_OV_ENV is 0.
+        return precision in (None, "fp32") and amx_cpu() and os.environ.get(AUTO_OV_ENV, "1") != "0"
 
 
 # "0": `auto` never picks OpenVINO's runtime, so fp32 bundles compute in fp32 wherever they run (the test suite sets it:
@@ -173,11 +175,11 @@ class OpenVINORuntime(Provider):
 AUTO_OV_ENV = "EDGEDIFF_AUTO_OV"
 
 
-def bf16_cpu() -> bool:
-    """Whether this CPU has bf16 arithmetic that OpenVINO's CPU plugin uses by default."""
+def amx_cpu() -> bool:
+    """Whether this CPU has AMX's bf16 tile units, which OpenVINO's CPU plugin computes fp32 graphs on by default."""
     from .cpu_features import cpu_flags
 
-    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    return "amx_bf16" in cpu_flags()
 
 
 class CUDA(Provider):
@@ -337,7 +339,7 @@ PROVIDERS = {name: p.ort_name for name, p in REGISTRY.items()}
 # `auto` picks the first available: GPUs, then NPUs, then the CPU. TensorRT is left to explicit
 # choice (its engine build takes minutes on first use); QNN too (it wants QDQ int8 bundles); OpenVINO
 # only where it sees an Intel GPU or NPU (OpenVINO.auto_eligible); OpenVINO's own runtime for fp32 bundles on CPUs
-# with bf16 (OpenVINORuntime.auto_eligible). Each GPU build of onnxruntime offers
+# with AMX (OpenVINORuntime.auto_eligible). Each GPU build of onnxruntime offers
 # one GPU provider, so their order among themselves matters little; WebGPU comes after the native ones.
 AUTO_ORDER = ("cuda", "migraphx", "rocm", "directml", "webgpu", "coreml", "openvino", "ov", "cpu")
 

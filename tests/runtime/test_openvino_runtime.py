@@ -227,18 +227,21 @@ def test_a_graph_file_that_is_not_onnx_is_a_bundle_error(tmp_path, damage):
 
 
 @pytest.mark.parametrize(
-    "bf16,precision,switch,expected",
+    "flags,precision,switch,expected",
     [
-        (True, "fp32", None, "ov"),
-        (True, None, None, "ov"),  # a caller that knows no bundle (`edgediff providers`)
-        (True, "int8-static", None, "cpu"),  # no faster there, with slower starts
-        (True, "int8", None, "cpu"),
-        (False, "fp32", None, "cpu"),  # f32 on OpenVINO: no gain
-        (True, "fp32", "0", "cpu"),  # fp32 arithmetic asked for
+        ({"amx_bf16", "avx512_bf16"}, "fp32", None, "ov"),
+        ({"amx_bf16", "avx512_bf16"}, None, None, "ov"),  # a caller that knows no bundle (`edgediff providers`)
+        ({"amx_bf16", "avx512_bf16"}, "int8-static", None, "cpu"),  # no faster there, with slower starts
+        ({"amx_bf16", "avx512_bf16"}, "int8", None, "cpu"),
+        ({"avx512_bf16"}, "fp32", None, "cpu"),  # bf16 without AMX: no faster than onnxruntime, measured
+        ({"avx2"}, "fp32", None, "cpu"),  # f32 on OpenVINO: no gain
+        ({"amx_bf16", "avx512_bf16"}, "fp32", "0", "cpu"),  # fp32 arithmetic asked for
     ],
 )
-def test_auto_picks_openvino_for_fp32_bundles_on_cpus_with_bf16(monkeypatch, bf16, precision, switch, expected):
-    monkeypatch.setattr(prov, "bf16_cpu", lambda: bf16)
+def test_auto_picks_openvino_for_fp32_bundles_on_cpus_with_amx(monkeypatch, flags, precision, switch, expected):
+    from edgediff.runtime import cpu_features
+
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: frozenset({"avx2", "avx512f", *flags}))
     if switch is None:
         monkeypatch.delenv(prov.AUTO_OV_ENV, raising=False)
     else:
@@ -251,14 +254,14 @@ def test_auto_picks_openvino_for_fp32_bundles_on_cpus_with_bf16(monkeypatch, bf1
 def test_auto_runs_an_fp32_bundle_on_openvino_and_an_int8_one_on_onnxruntime(models_root, monkeypatch):
     from edgediff.runtime import cpu_features
 
-    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}))
     monkeypatch.delenv(prov.AUTO_OV_ENV, raising=False)
     for precision, expected in (("fp32", "ov"), ("int8", "cpu")):
         with Pipeline.from_bundle(tiny_bundle("tiny-sd-turbo", models_root, precision), cache=False) as pipe:
             assert pipe.provider_report()["provider"] == expected, precision
 
 
-def test_export_precision_auto_is_fp32_where_openvino_runs_it_in_bf16(monkeypatch):
+def test_export_precision_auto_is_fp32_where_openvino_runs_it_on_amx(monkeypatch):
     from edgediff.export import ExportOptions
     from edgediff.runtime import cpu_features
 
