@@ -1,9 +1,8 @@
 """The `ov` provider: bundles run by OpenVINO's own runtime (runtime/openvino_session.py), against onnxruntime's CPU
-provider on the same bundle and seed, and a bundle's external-data paths read off its graphs before OpenVINO,
-which follows them anywhere, is given one."""
+provider on the same bundle and seed; what `auto` picks. The external-data check OpenVINO's graphs pass first is in
+test_external_data.py."""
 
 import logging
-import os
 
 import numpy as np
 import pytest
@@ -15,15 +14,14 @@ from edgediff.cli.main import cli
 from edgediff.runtime import BundleError, InputError, Pipeline
 from edgediff.runtime import openvino_session as ovs
 from edgediff.runtime import providers as prov
-from edgediff.runtime.external_data import check_external_data, external_locations
 
 ov = pytest.importorskip("openvino", reason="OpenVINO's runtime is the dev extra's (pip install openvino)")
 
 # OpenVINO in f32 against onnxruntime's CPU provider on the same tiny fp32 bundle and seed: the two runtimes fuse and
 # order float sums differently (seen: up to 2e-6 on images in [0, 1])
 OV_F32_ATOL = 1e-4
-# a quantised bundle on OpenVINO against the same bundle on onnxruntime's CPU provider (seen: 56 dB int8, 48 dB int8-static); the
-# quality floor of the quantisation tests
+# a quantised bundle on OpenVINO against the same bundle on onnxruntime's CPU provider (seen: 56 dB int8, 48 dB
+# int8-static); the quality floor of the quantisation tests
 OV_QUANTISED_PSNR_FLOOR_DB = 30.0
 F32 = {"INFERENCE_PRECISION_HINT": "f32"}  # bf16 is OpenVINO's default on CPUs with AVX-512 BF16 or AMX
 
@@ -125,102 +123,6 @@ def test_ov_is_listed_and_named_in_errors_where_openvino_is_missing(monkeypatch)
     with pytest.raises(prov.ProviderError, match=r'to get it: pip install "edgediff\[ov\]"; or pass --fallback'):
         prov.resolve("ov")
     assert prov.resolve("ov", fallback=True).provider.name == "cpu"
-
-
-# --- external data: what OpenVINO would read, read first ---
-
-
-def _graph_with_external_data(path, locations, nested=None, constant=None):
-    """A graph whose initializers (and, optionally, a subgraph's initializer and a Constant's tensor) name these
-    external-data files; the files themselves are never written: only the names are read."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    def tensor(name, location):
-        t = helper.make_tensor(name, TensorProto.FLOAT, [1], [1.0])
-        if location is not None:
-            t.ClearField("float_data")
-            t.data_location = TensorProto.EXTERNAL
-            for key, value in (("location", location), ("offset", "0"), ("length", "4")):
-                t.external_data.add(key=key, value=value)
-        return t
-
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
-    nodes = [helper.make_node("Add", ["x", f"w{k}"], [f"a{k}"]) for k in range(len(locations))]
-    last = nodes[-1].output[0] if nodes else "x"
-    if constant is not None:
-        nodes.append(helper.make_node("Constant", [], ["c"], value=tensor("c", constant)))
-        nodes.append(helper.make_node("Add", [last, "c"], ["ac"]))
-        last = "ac"
-    if nested is not None:
-        branch = helper.make_graph(
-            [helper.make_node("Identity", ["s"], ["out"])],
-            "branch",
-            [],
-            [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1])],
-            [tensor("s", nested)],
-        )
-        cond = helper.make_tensor("cond", TensorProto.BOOL, [], [True])
-        nodes.append(helper.make_node("If", ["cond"], ["b"], then_branch=branch, else_branch=branch))
-        nodes.append(helper.make_node("Add", [last, "b"], ["ab"]))
-        last, extra = "ab", [cond]
-    else:
-        extra = []
-    nodes.append(helper.make_node("Identity", [last], ["y"]))
-    graph = helper.make_graph(nodes, "g", [x], [y], [tensor(f"w{k}", loc) for k, loc in enumerate(locations)] + extra)
-    onnx.save_model(helper.make_model(graph), str(path), save_as_external_data=False)
-    return path
-
-
-def test_external_locations_are_every_file_the_graph_names_subgraphs_and_constants_included(tmp_path):
-    import onnx
-
-    path = _graph_with_external_data(
-        tmp_path / "g.onnx", ["g.onnx.data", "other.data"], nested="sub.data", constant="const.data"
-    )
-    model = onnx.load(str(path), load_external_data=False)
-    by_onnx = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
-    assert by_onnx == {"g.onnx.data", "other.data"}
-    assert set(external_locations(path)) == {"const.data", "g.onnx.data", "other.data", "sub.data"}  # both branches
-    assert external_locations(_graph_with_external_data(tmp_path / "inline.onnx", [None])) == []
-
-
-@pytest.mark.parametrize("where", ["initializer", "subgraph", "constant"])
-@pytest.mark.parametrize("location", ["../outside.bin", "/etc/passwd", "sub/../../outside.bin", "link/secret.bin"])
-def test_a_graph_naming_weights_outside_its_bundle_is_refused(tmp_path, where, location):
-    bundle = tmp_path / "bundle"
-    bundle.mkdir()
-    os.symlink(tmp_path, bundle / "link")  # a folder inside that leads out
-    kwargs = {"initializer": {}, "subgraph": {"nested": location}, "constant": {"constant": location}}[where]
-    graph = _graph_with_external_data(
-        bundle / "unet.onnx", [location] if where == "initializer" else ["unet.onnx.data"], **kwargs
-    )
-    with pytest.raises(BundleError, match=r"names a file outside its folder .*refusing to read it"):
-        check_external_data(graph, bundle)
-    check_external_data(_graph_with_external_data(bundle / "ok.onnx", ["ok.onnx.data", "sub/w.bin"]), bundle)
-
-
-def test_a_bundle_whose_graph_names_weights_outside_it_never_reaches_openvino(models_root, tmp_path, monkeypatch):
-    import shutil
-    from pathlib import Path
-
-    bundle = tmp_path / "bundle"
-    shutil.copytree(tiny_bundle("tiny-sd-turbo", models_root), bundle)
-    _graph_with_external_data(bundle / "unet.onnx", ["../stolen.bin"])
-    given, real = [], ovs.core().compile_model
-    monkeypatch.setattr(ovs.core(), "compile_model", lambda path, *a: given.append(Path(path).name) or real(path, *a))
-    with pytest.raises(BundleError, match=r"outside its folder \(\.\./stolen\.bin\)"):
-        Pipeline.from_bundle(bundle, provider="ov", verify="none", cache=False, fallback=True)  # not a fallback case
-    assert "unet.onnx" not in given
-
-
-@pytest.mark.parametrize("damage", [b"", b"\x0a\xff\xff\xff\xff\x0f", b"\x0a\x05ab", b"\x0f"])
-def test_a_graph_file_that_is_not_onnx_is_a_bundle_error(tmp_path, damage):
-    path = tmp_path / "unet.onnx"
-    path.write_bytes(damage)
-    with pytest.raises(BundleError, match="unet.onnx is not a readable ONNX graph"):
-        check_external_data(path, tmp_path)
 
 
 # --- what auto picks ---
