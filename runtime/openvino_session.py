@@ -101,7 +101,7 @@ class OpenVINOSession:
         threads: int | None = None,
         cache_folder: Path | None = None,
     ):
-        self.name, self.path, self.spec = name, path, spec
+        self.name = name
         # OpenVINO's ONNX reader follows a graph's external-data paths wherever they point: a bundle is data, so
         # they are checked to stay in the bundle folder first (onnxruntime refuses them itself)
         check_external_data(path, bundle_path)
@@ -109,21 +109,19 @@ class OpenVINOSession:
         # compiled from the file, not a model read first: with a cache hit OpenVINO skips reading the ONNX graph
         self.compiled = core().compile_model(str(path), self.device, config)
         declared_inputs = {t.name for t in spec.inputs}
-        self.inputs = {
-            _name(i, declared_inputs): GraphInput(
-                _name(i, declared_inputs),
-                _TYPES.get(i.get_element_type().get_type_name(), str(i.get_element_type())),
-                [d.get_length() if d.is_static else f"d{k}" for k, d in enumerate(i.get_partial_shape())],
-            )
-            for i in self.compiled.inputs
-        }
+        self.inputs = {}
+        for i in self.compiled.inputs:
+            kind = i.get_element_type()
+            shape = [d.get_length() if d.is_static else f"d{k}" for k, d in enumerate(i.get_partial_shape())]
+            arg = GraphInput(_name(i, declared_inputs), _TYPES.get(kind.get_type_name(), str(kind)), shape)
+            self.inputs[arg.name] = arg
         check_manifest(name, spec, self.inputs, bundle_path)
         self.check_inputs = InputCheck(name, self.inputs)
         declared_outputs = {t.name for t in spec.outputs}
         self.output_names = [_name(o, declared_outputs) for o in self.compiled.outputs]
         self.cache = CacheStatus.PROVIDER if cache_folder is not None else CacheStatus.OFF
         self._request = self.compiled.create_infer_request()
-        self._outputs = [self.compiled.output(n) for n in self.output_names]
+        self._outputs = list(self.compiled.outputs)  # in output_names' order
         self._turn = threading.Lock()
         log.info(
             "%s: compiled by OpenVINO for %s (inference precision %s)", name, self.device, self.inference_precision
@@ -158,8 +156,7 @@ def open_or_refuse(
     """The graph compiled by OpenVINO, or (with the caller's --fallback) None and why OpenVINO refused it: the
     pipeline then opens it on onnxruntime's CPU provider, logged and in its provider report."""
     path = bundle.file(spec.graph_file)
-    own_cache = resolution.provider.cache_options(cache_folder) if cache_folder is not None else {}
-    folder = Path(own_cache["CACHE_DIR"]) if own_cache else None
+    folder = cache_folder / resolution.provider.cache_folder if cache_folder is not None else None
     try:
         return OpenVINOSession(name, path, spec, bundle.path, resolution.options, threads, folder), ""
     except EdgediffError:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import onnxruntime as ort
 
-from . import ort_builds, provider_loading
+from . import cpu_features, ort_builds, provider_loading
 from .errors import ProviderError
 
 log = logging.getLogger("edgediff.providers")
@@ -177,9 +177,7 @@ AUTO_OV_ENV = "EDGEDIFF_AUTO_OV"
 
 def amx_cpu() -> bool:
     """Whether this CPU has AMX's bf16 tile units, which OpenVINO's CPU plugin computes fp32 graphs on by default."""
-    from .cpu_features import cpu_flags
-
-    return "amx_bf16" in cpu_flags()
+    return "amx_bf16" in cpu_features.cpu_flags()
 
 
 class CUDA(Provider):
