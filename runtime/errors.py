@@ -24,6 +24,7 @@ MESSAGES = {
     "provider_unavailable": "provider {name!r} is not available in this onnxruntime build (available: {available}); to get it: {install}; or pass --fallback",
     "runtime_unavailable": "provider {name!r} runs graphs through the {runtime} package, which is not installed; to get it: {install}; or pass --fallback",
     "provider_option": "provider options are KEY=VALUE, got {value!r}",
+    "provider_option_value": "provider option {option} must be one of {allowed}, got {value!r}",
     "openvino_libraries": 'onnxruntime-openvino on Windows needs OpenVINO\'s own libraries, which `pip install "edgediff[openvino]"` installs ({detail})',
     "plugin_unloadable": "provider {name!r} from {module}: onnxruntime cannot load its library ({detail})",
     "plugin_no_device": "provider {name!r} is installed but found no device to run on; choose another with --provider",

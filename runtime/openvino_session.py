@@ -6,9 +6,13 @@ AMX (its default there), with AMX 2-3x onnxruntime's fp32 speed on the full-size
 fails on today's fastest bundles (docs/benchmarks.md, "OpenVINO's own runtime"). OpenVINO reads the ONNX graph itself, so no
 onnxruntime build is replaced: it installs beside the CPU one.
 
-Each graph is compiled once with its dynamic dimensions and runs every image size; OpenVINO's compiled-model cache
-(CACHE_DIR, a folder of the graph cache) spares later starts the compile. Calls on one graph take turns (an infer
-request runs one call at a time).
+Each graph is read when the pipeline opens (an operator OpenVINO cannot read is found then) and compiled for each
+input shape as calls bring it: compiled for its shape, the full-size SD-Turbo UNet ran 7-10% faster than compiled with
+its dimensions dynamic (docs/benchmarks.md, "OpenVINO's own runtime"), at a compile per new image size. One compiled
+form is kept at a time, as onnxruntime's per-shape sessions do (shape_sessions.py). The provider option
+`shapes=dynamic` compiles each graph once, as it opens, for every size. OpenVINO's compiled-model cache (CACHE_DIR, a
+folder of the graph cache) spares later starts the compile. Calls on one graph take turns (an infer request runs one
+call at a time).
 """
 
 from __future__ import annotations
@@ -22,13 +26,15 @@ from pathlib import Path
 import numpy as np
 
 from . import lora_adapters
-from .errors import BundleError, EdgediffError, InputError
+from .binding import shape_key
+from .errors import BundleError, EdgediffError, InputError, ProviderError
 from .external_data import check_external_data
 from .graph_loader import summarize
 from .input_check import InputCheck, check_manifest
 from .manifest import ComponentSpec
 from .session_config import physical_cores
-from .session_states import CacheStatus
+from .session_states import CacheStatus, ShapeState
+from .shape_sessions import dims_text
 
 log = logging.getLogger("edgediff.session")
 
@@ -41,6 +47,10 @@ _TYPES = {
     "i32": "tensor(int32)",
 }
 DEVICE_OPTION = "device_type"  # the provider option naming OpenVINO's device ("CPU", "GPU", "NPU", "AUTO:GPU,CPU")
+# the provider option saying how graphs are compiled: "static" for each input shape as it comes (the default: faster
+# calls), "dynamic" once for every shape (no compile when the image size changes)
+SHAPES_OPTION = "shapes"
+SHAPES = ("static", "dynamic")
 
 
 @dataclass(frozen=True)
@@ -69,7 +79,7 @@ def compile_config(options: dict, precision: str, threads: int | None, cache_fol
     A quantised graph computes its float parts in f32 on the CPU: they are what the export kept in fp32 for
     quality and checked that way, and bf16 there lost the shipped model's images (docs/benchmarks.md). An fp32
     graph gets the CPU plugin's own default: bf16 where the CPU has AVX-512 BF16 or AMX, f32 elsewhere."""
-    options = dict(options)
+    options = {k: v for k, v in options.items() if k != SHAPES_OPTION}  # ours, not OpenVINO's
     device = options.pop(DEVICE_OPTION, "CPU")
     config = {"PERFORMANCE_HINT": "LATENCY"}
     if device == "CPU":  # a GPU or NPU has no CPU threads to set
@@ -89,7 +99,8 @@ def _name(port, declared: set[str]) -> str:
 
 
 class OpenVINOSession:
-    """One graph compiled by OpenVINO. `cache_folder`: OpenVINO's own cache of compiled graphs (None: no cache)."""
+    """One graph read by OpenVINO and compiled for each input shape it is called with (or once, dynamic, with the
+    provider option shapes=dynamic). `cache_folder`: OpenVINO's own cache of compiled graphs (None: no cache)."""
 
     def __init__(
         self,
@@ -102,15 +113,20 @@ class OpenVINOSession:
         cache_folder: Path | None = None,
     ):
         self.name = name
+        self.path = path
+        shapes = options.get(SHAPES_OPTION, SHAPES[0])
+        if shapes not in SHAPES:
+            raise ProviderError("provider_option_value", option=SHAPES_OPTION, value=shapes, allowed=", ".join(SHAPES))
         # OpenVINO's ONNX reader follows a graph's external-data paths wherever they point: a bundle is data, so
         # they are checked to stay in the bundle folder first (onnxruntime refuses them itself)
         check_external_data(path, bundle_path)
-        self.device, config = compile_config(options, spec.precision, threads, cache_folder)
-        # compiled from the file, not a model read first: with a cache hit OpenVINO skips reading the ONNX graph
-        self.compiled = core().compile_model(str(path), self.device, config)
+        self.device, self._config = compile_config(options, spec.precision, threads, cache_folder)
+        # read now, so that an operator OpenVINO cannot read refuses the graph as the pipeline opens; its weights
+        # are mapped from the bundle's files, and each shape's compile shares them (Model.clone copies no weights)
+        self._model = core().read_model(str(path))
         declared_inputs = {t.name for t in spec.inputs}
         self.inputs = {}
-        for i in self.compiled.inputs:
+        for i in self._model.inputs:
             kind = i.get_element_type()
             shape = [d.get_length() if d.is_static else f"d{k}" for k, d in enumerate(i.get_partial_shape())]
             arg = GraphInput(_name(i, declared_inputs), _TYPES.get(kind.get_type_name(), str(kind)), shape)
@@ -118,20 +134,79 @@ class OpenVINOSession:
         check_manifest(name, spec, self.inputs, bundle_path)
         self.check_inputs = InputCheck(name, self.inputs)
         declared_outputs = {t.name for t in spec.outputs}
-        self.output_names = [_name(o, declared_outputs) for o in self.compiled.outputs]
+        self.output_names = [_name(o, declared_outputs) for o in self._model.outputs]
         self.cache = CacheStatus.PROVIDER if cache_folder is not None else CacheStatus.OFF
-        self._request = self.compiled.create_infer_request()
-        self._outputs = list(self.compiled.outputs)  # in output_names' order
+        self.per_shape = shapes == "static"
+        self.state = ShapeState.DYNAMIC
+        self._key: tuple | None = None  # the input shape compiled for, or the one refused
+        self._refused: dict[tuple, str] = {}  # input shape -> why OpenVINO would not compile the graph fixed to it
+        self._compiled = self._request = None
+        self._outputs: list = []
         self._turn = threading.Lock()
+        if not self.per_shape:
+            self._compile(self._model)
+
+    def _compile(self, model) -> None:
+        """Compiles `model` and makes it the graph's current form (the previous one is dropped first: one copy of
+        the weights in OpenVINO's layout at a time)."""
+        self._compiled = self._request = None
+        self._compiled = core().compile_model(model, self.device, self._config)
+        self._request = self._compiled.create_infer_request()
+        self._outputs = list(self._compiled.outputs)  # in output_names' order
         log.info(
-            "%s: compiled by OpenVINO for %s (inference precision %s)", name, self.device, self.inference_precision
+            "%s: compiled by OpenVINO for %s (%s, %s)", self.name, self.device, self.inference_precision, self.shapes
         )
+
+    def _follow(self, key: tuple, feeds: dict[str, np.ndarray]) -> None:
+        """Puts in place the graph compiled for this input shape: fixed to it, or dynamic where OpenVINO refused
+        that; a shape refused once is not tried again."""
+        if key in self._refused:
+            if self.state is ShapeState.FIXED or self._compiled is None:
+                self._compile_dynamic()
+            self.state, self._key = ShapeState.REFUSED, key
+            return
+        if self.state is ShapeState.FIXED and key == self._key:
+            return
+        model = self._model.clone()
+        try:
+            model.reshape({name: list(value.shape) for name, value in feeds.items()})
+            self.state, self._key = ShapeState.FIXED, key
+            self._compile(model)
+        except Exception as exc:  # OpenVINO raises RuntimeError and its own types, with its reason at the end
+            why = summarize(exc)
+            log.warning(
+                "%s: OpenVINO cannot compile it for %s (%s); it runs compiled dynamic", self.name, dims_text(key), why
+            )
+            self._refused[key] = why
+            self._compile_dynamic()
+            self.state, self._key = ShapeState.REFUSED, key
+
+    def _compile_dynamic(self) -> None:
+        self.state = ShapeState.DYNAMIC
+        try:
+            self._compile(self._model)
+        except EdgediffError:
+            raise
+        except Exception as exc:
+            raise BundleError(
+                "graph_uncompilable", path=self.path.parent, file=self.path.name, detail=summarize(exc)
+            ) from exc
+
+    @property
+    def shapes(self) -> str:
+        """As the provider report says it: "dynamic", "fixed <dims>" or "refused: <why>"."""
+        if self.state is ShapeState.FIXED:
+            return self.state.with_detail(dims_text(self._key))
+        return self.state.with_detail(self._refused[self._key] if self.state is ShapeState.REFUSED else "")
 
     @property
     def inference_precision(self) -> str:
         """The precision OpenVINO computes in (bf16 on CPUs with AVX-512 BF16 or AMX unless told otherwise)."""
         try:
-            return self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+            if self._compiled is None:  # nothing compiled yet: what it will be compiled with
+                asked = self._config.get("INFERENCE_PRECISION_HINT")
+                return asked or core().get_property(self.device, "INFERENCE_PRECISION_HINT").get_type_name()
+            return self._compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         except RuntimeError:  # a device without the property
             return "device default"
 
@@ -145,9 +220,11 @@ class OpenVINOSession:
         if lora_adapters.has_active(self.name):  # onnxruntime's adapters: OpenVINO has no such inputs
             raise InputError("lora_provider", provider="ov", component=self.name)
         feeds = self.check_inputs(feeds)
-        with self._turn:
+        with self._turn:  # one call at a time: a new shape swaps the compiled graph under the lock
+            if self.per_shape:
+                self._follow(shape_key(feeds), feeds)
             result = self._request.infer(feeds)  # outputs are copies (share_outputs=False)
-        return [np.asarray(result[o]) for o in self._outputs]
+            return [np.asarray(result[o]) for o in self._outputs]
 
 
 def open_or_refuse(

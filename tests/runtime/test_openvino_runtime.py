@@ -81,17 +81,18 @@ def test_openvinos_compiled_graphs_go_in_the_graph_caches_folder(models_root, tm
     assert listed.exit_code == 0 and "ov/" in listed.output, listed.output
 
 
-def test_a_graph_openvino_cannot_compile_is_an_error_or_with_fallback_runs_on_the_cpu(models_root, monkeypatch, caplog):
+def test_a_graph_openvino_cannot_read_is_an_error_or_with_fallback_runs_on_the_cpu(models_root, monkeypatch, caplog):
+    """An operator OpenVINO's ONNX reader does not know is found as the pipeline opens (the graph is read then)."""
     bundle = tiny_bundle("tiny-sd-turbo", models_root)
     expected, _ = _images(bundle, provider="cpu")
-    real = ovs.core().compile_model
+    real = ovs.core().read_model
 
-    def compile_model(path, device, config):
-        if path.endswith("text_encoder.onnx"):
+    def read_model(path, *args):
+        if str(path).endswith("text_encoder.onnx"):
             raise RuntimeError("Exception from src/frontends/onnx\nat line 42\nunsupported operator FancyOp")
-        return real(path, device, config)
+        return real(path, *args)
 
-    monkeypatch.setattr(ovs.core(), "compile_model", compile_model)
+    monkeypatch.setattr(ovs.core(), "read_model", read_model)
     with pytest.raises(BundleError, match=r"OpenVINO cannot compile text_encoder.onnx: .*FancyOp; --fallback"):
         Pipeline.from_bundle(bundle, provider="ov", provider_options=F32, cache=False)
     with caplog.at_level(logging.WARNING, logger="edgediff.session"):
@@ -101,6 +102,86 @@ def test_a_graph_openvino_cannot_compile_is_an_error_or_with_fallback_runs_on_th
     assert report["graphs"]["text_encoder"]["providers"] == ["CPUExecutionProvider"]
     assert report["graphs"]["text_encoder"]["cpu_fallback"] and not report["graphs"]["unet"]["cpu_fallback"]
     np.testing.assert_allclose(got, expected, rtol=0, atol=OV_F32_ATOL)
+
+
+# --- compiled for each input shape ---
+
+
+def _compiles(monkeypatch) -> list:
+    """Each compile's model: (its first input's name, its shape or "dynamic" where a dimension is dynamic)."""
+    seen, real = [], ovs.core().compile_model
+
+    def compile_model(model, *args):
+        first = model.inputs[0]
+        shape = first.get_partial_shape()
+        seen.append((first.get_any_name(), str(shape) if shape.is_static else "dynamic"))
+        return real(model, *args)
+
+    monkeypatch.setattr(ovs.core(), "compile_model", compile_model)
+    return seen
+
+
+def test_each_image_size_runs_on_the_graph_compiled_for_it(models_root, monkeypatch):
+    """A graph is compiled when a call first brings its input shape, fixed to it; the compiled form follows the size
+    asked for, one at a time, and each size's image is the CPU provider's."""
+    bundle = tiny_bundle("tiny-sd-turbo", models_root)
+    sizes = (64, 32, 64)
+    with Pipeline.from_bundle(bundle, provider="cpu", cache=False) as pipe:
+        expected = [pipe("a cat", seed=3, height=s, width=s, output_type="np").images for s in sizes]
+    compiles = _compiles(monkeypatch)
+    reported = []
+    with Pipeline.from_bundle(bundle, provider="ov", provider_options=F32, cache=False) as pipe:
+        assert compiles == []  # read as it opens, compiled on its first call
+        for size, want in zip(sizes, expected):
+            got = pipe("a cat", seed=3, height=size, width=size, output_type="np").images
+            np.testing.assert_allclose(got, want, rtol=0, atol=OV_F32_ATOL)
+            reported.append(pipe.provider_report()["graphs"]["unet"]["shapes"])
+    assert all(r.startswith("fixed ") and "sample 1x4x" in r for r in reported), reported
+    assert reported[0] == reported[2] != reported[1]
+    unet = [shape for name, shape in compiles if name == "sample"]
+    encoder = [shape for name, shape in compiles if name == "input_ids"]
+    # the UNet compiled at each size change; the text encoder once, its shape never changed; nothing dynamic
+    assert len(unet) == 3 and unet[0] == unet[2] != unet[1] and encoder == ["[1,77]"]
+    assert "dynamic" not in {shape for _, shape in compiles}
+
+
+def test_shapes_dynamic_compiles_each_graph_once_as_it_opens(models_root, monkeypatch):
+    bundle = tiny_bundle("tiny-sd-turbo", models_root)
+    compiles = _compiles(monkeypatch)
+    with Pipeline.from_bundle(
+        bundle, provider="ov", provider_options={**F32, "shapes": "dynamic"}, cache=False
+    ) as pipe:
+        opened = len(compiles)
+        for size in (64, 32):
+            pipe("a cat", seed=3, height=size, width=size, output_type="np")
+        assert {g["shapes"] for g in pipe.provider_report()["graphs"].values()} == {"dynamic"}
+    assert opened == len(compiles) >= 3 and {shape for _, shape in compiles} == {"dynamic"}
+    with pytest.raises(prov.ProviderError, match=r"provider option shapes must be one of static, dynamic, got 'fixed'"):
+        Pipeline.from_bundle(bundle, provider="ov", provider_options={"shapes": "fixed"}, cache=False)
+
+
+def test_a_shape_openvino_will_not_compile_runs_on_the_dynamic_graph(models_root, monkeypatch, caplog):
+    bundle = tiny_bundle("tiny-sd-turbo", models_root)
+    expected, _ = _images(bundle, provider="cpu")
+    compiles, real = [], ovs.core().compile_model
+
+    def compile_model(model, *args):
+        static = model.inputs[0].get_partial_shape().is_static
+        compiles.append(static)
+        if static and model.inputs[0].get_any_name() == "sample":
+            raise RuntimeError("Exception from src/plugins/intel_cpu\nat line 7\nno kernel for this shape")
+        return real(model, *args)
+
+    monkeypatch.setattr(ovs.core(), "compile_model", compile_model)
+    with caplog.at_level(logging.WARNING, logger="edgediff.session"):
+        with Pipeline.from_bundle(bundle, provider="ov", provider_options=F32, cache=False) as pipe:
+            for _ in range(2):  # the refused shape is not tried again
+                got = pipe("a cat", seed=3, output_type="np").images
+                np.testing.assert_allclose(got, expected, rtol=0, atol=OV_F32_ATOL)
+            shapes = pipe.provider_report()["graphs"]["unet"]["shapes"]
+    assert shapes == "refused: Exception from src/plugins/intel_cpu ... no kernel for this shape"
+    assert "unet: OpenVINO cannot compile it for encoder_hidden_states 1x77x" in caplog.text
+    assert compiles.count(False) == 1  # the UNet compiled dynamic once; the other graphs fixed to their shapes
 
 
 def test_run_time_loras_on_openvino_are_a_clear_error(models_root):
