@@ -268,6 +268,16 @@ TABLES = {
         (Source(X + "2026-12-07-sd-turbo-ov-1.json"), Source(X + "2026-12-07-sd-turbo-ov-2.json")),
         headers={"vae_decoder": "decoder", "vs_diffusers": "diffusers fp32 time / this"},
     ),
+    # the whole image on `ov` with each graph compiled for its shapes and compiled dynamic, runs in turn, and three
+    # interleaved rounds against diffusers
+    "ov-amx-shapes": Table(
+        ("config", "provider", *TRANSFORMER_COLUMNS[3:11], "data"),
+        (
+            *(Source(X + f"2026-12-07-sd-turbo-ov-shapes-{run}.json") for run in (1, 2, 3, 4)),
+            Source(X + "2026-12-07-sd-turbo-ov-rounds.json"),
+        ),
+        headers={"vae_decoder": "decoder", "vs_diffusers": "diffusers fp32 time / this"},
+    ),
     # the same on the AMX CPU with AMX hidden (benchmarks/cpu_tier.py avx512-vnni: AVX-512 BF16 left, as on Zen 4)
     "ov-tier": Table(
         ("machine", "config", "provider", *TRANSFORMER_COLUMNS[3:11], "data"),
@@ -479,6 +489,7 @@ TIER_TABLES = {"cpu-tier-unet-calls": _tier_runs("op-profile-tier")}
 OPENVINO_TABLES = {
     "openvino-call-unet": E + "2026-12-06-openvino-call-unet.json",
     "openvino-call-unet-amx": X + "2026-12-07-openvino-call-unet.json",
+    "openvino-call-shapes-amx": X + "2026-12-07-openvino-call-unet-shapes.json",
 }
 # an operator type gets a row of its own where it takes at least this share of a call in some bundle
 PROFILE_ROW_SHARE = 0.02
@@ -963,8 +974,9 @@ def render_openvino_call(name: str, results: dict[str, dict]) -> str:
         )
         for o in r["openvino"]:
             error = o.get("relative_rms_to_reference")
+            shapes = f", {o['shapes']} shapes" if "shapes" in o else ""  # files before --shapes: static
             lines.append(
-                f"| {label} | OpenVINO {data['openvino'].split('-')[0]} CPU, {o['inference_precision']} | "
+                f"| {label} | OpenVINO {data['openvino'].split('-')[0]} CPU, {o['inference_precision']}{shapes} | "
                 f"{_num(o['call_seconds'])} s | {base / o['call_seconds']:.2f}x | "
                 f"{'-' if error is None else f'{error:.4f}'} | {o['compile_seconds']:.1f} s |"
             )

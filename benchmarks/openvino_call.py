@@ -7,8 +7,11 @@ provider on the same inputs: what OpenVINO's CPU plugin would give on this CPU.
 This is OpenVINO's Python package (`pip install openvino`), not the runtime's `openvino` provider: onnxruntime-openvino
 1.24.1, the newest on PyPI, fails on today's bundles (an int8 text encoder in its bf16 mode, the fused int8-static UNet
 in fp32), and only the CPU plugin itself says what bf16, its default precision on CPUs with AVX-512 BF16 or AMX,
-does to these graphs. Each graph is read from the bundle, given the call's static shapes, compiled for the CPU with
-`--threads` threads and a latency hint, run `--warmup` times and then `--repeat` times. Each first output is compared
+does to these graphs. Each graph is read from the bundle, given the call's static shapes (`--shapes dynamic`: also
+compiled with its dimensions dynamic, as the runtime's `ov` provider does with its provider option shapes=dynamic),
+compiled for the CPU with `--threads` threads and a latency hint at each precision; then every compiled form runs
+`--warmup` rounds and `--repeat` timed rounds, the forms taken in turn within a round and in the reverse order in the
+next, so that a machine whose speed drifts slows each alike. Each first output is compared
 (relative RMS) with onnxruntime's on the same graph, run as the runtime opens it, and with `--reference`'s (an fp32
 bundle of the same model, through onnxruntime): a quantised graph's error against fp32 in either runtime.
 """
@@ -24,16 +27,20 @@ from pathlib import Path
 import numpy as np
 
 
-def _timed(call, warmup: int, repeat: int) -> tuple[float, object]:
-    """The median seconds of `repeat` calls after `warmup` unmeasured ones, and the last call's result."""
+def _interleaved(calls: list, warmup: int, repeat: int) -> tuple[list[float], list]:
+    """Each call's median seconds over `repeat` rounds that take the calls in turn (each round in the reverse order of
+    the one before), after `warmup` unmeasured rounds; and each call's last result."""
     for _ in range(warmup):
-        call()
-    seconds, result = [], None
-    for _ in range(repeat):
-        start = time.perf_counter()
-        result = call()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds), result
+        for call in calls:
+            call()
+    seconds, results = [[] for _ in calls], [None] * len(calls)
+    for round_ in range(repeat):
+        order = range(len(calls)) if round_ % 2 == 0 else reversed(range(len(calls)))
+        for i in order:
+            start = time.perf_counter()
+            results[i] = calls[i]()
+            seconds[i].append(time.perf_counter() - start)
+    return [statistics.median(s) for s in seconds], results
 
 
 def relative_rms(got: np.ndarray, ref: np.ndarray) -> float:
@@ -78,40 +85,55 @@ def measure(
     warmup: int,
     repeat: int,
     reference: np.ndarray | None = None,
+    shape_modes: tuple[str, ...] = ("static",),
 ) -> dict:
-    """One bundle's row: onnxruntime's call, then OpenVINO's compile and call at each inference precision."""
+    """One bundle's row: onnxruntime's call, then OpenVINO's compile and call at each inference precision and for
+    each of `shape_modes` ("static": the call's shapes; "dynamic": the graph's own)."""
     import openvino as ov
 
     bundle, graph, session, feeds = _stage(bundle_path, component, size, threads)
-    ort_seconds, ort_out = _timed(lambda: session.run(None, feeds)[0], warmup, repeat)
+    (ort_seconds,), (ort_out,) = _interleaved([lambda: session.run(None, feeds)[0]], warmup, repeat)
     session = None  # its memory back before OpenVINO compiles
 
     def against_reference(out) -> dict:
         return {} if reference is None else {"relative_rms_to_reference": round(relative_rms(out, reference), 6)}
 
     core = ov.Core()
-    model = core.read_model(graph)
-    model.reshape({name: list(value.shape) for name, value in feeds.items()})
-    rows = []
-    for precision in precisions:
-        start = time.perf_counter()
-        compiled = core.compile_model(
-            model,
-            "CPU",
-            {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"},
-        )
-        compile_seconds = time.perf_counter() - start
-        request = compiled.create_infer_request()
-        seconds, out = _timed(lambda: request.infer(feeds)[compiled.output(0)].copy(), warmup, repeat)
-        rows.append(
-            {
-                "inference_precision": precision,
-                "compile_seconds": round(compile_seconds, 2),
-                "call_seconds": round(seconds, 3),
-                "relative_rms": round(relative_rms(out, ort_out), 6),
-                **against_reference(out),
-            }
-        )
+    forms, calls = [], []
+    for shapes in shape_modes:
+        for precision in precisions:
+            model = core.read_model(graph)
+            if shapes == "static":
+                model.reshape({name: list(value.shape) for name, value in feeds.items()})
+            start = time.perf_counter()
+            compiled = core.compile_model(
+                model,
+                "CPU",
+                {
+                    "INFERENCE_PRECISION_HINT": precision,
+                    "INFERENCE_NUM_THREADS": threads,
+                    "PERFORMANCE_HINT": "LATENCY",
+                },
+            )
+            forms.append(
+                {
+                    "inference_precision": precision,
+                    "shapes": shapes,
+                    "compile_seconds": round(time.perf_counter() - start, 2),
+                }
+            )
+            request = compiled.create_infer_request()
+            calls.append(lambda request=request, compiled=compiled: request.infer(feeds)[compiled.output(0)].copy())
+    seconds, outs = _interleaved(calls, warmup, repeat)
+    rows = [
+        {
+            **form,
+            "call_seconds": round(t, 3),
+            "relative_rms": round(relative_rms(out, ort_out), 6),
+            **against_reference(out),
+        }
+        for form, t, out in zip(forms, seconds, outs)
+    ]
     spec = bundle.manifest.components[component]
     return {
         "bundle": Path(bundle_path).name,
@@ -129,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--component", default="unet")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--precision", action="append", help="OpenVINO inference precision (f32, bf16, f16)")
+    parser.add_argument(
+        "--shapes", action="append", choices=("static", "dynamic"), help="compile for the call's shapes, or dynamic"
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=5)
@@ -149,7 +174,17 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or physical_cores()
     reference = reference_output(args.reference, args.component, args.size, threads) if args.reference else None
     rows = [
-        measure(b, args.component, args.size, precisions, threads, args.warmup, args.repeat, reference)
+        measure(
+            b,
+            args.component,
+            args.size,
+            precisions,
+            threads,
+            args.warmup,
+            args.repeat,
+            reference,
+            tuple(args.shapes or ["static"]),
+        )
         for b in args.bundles
     ]
     result = {

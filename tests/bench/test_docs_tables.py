@@ -260,6 +260,13 @@ def test_openvino_call_table_gives_each_precision_beside_onnxruntimes_call(monke
                         "relative_rms": 0.07,
                         "relative_rms_to_reference": 0.0642,
                     },
+                    {
+                        "inference_precision": "f32",
+                        "shapes": "dynamic",
+                        "compile_seconds": 2.0,
+                        "call_seconds": 0.45,
+                        "relative_rms": 0.01,
+                    },
                 ],
             }
         ],
@@ -267,6 +274,7 @@ def test_openvino_call_table_gives_each_precision_beside_onnxruntimes_call(monke
     table = docs_tables.render_openvino_call("openvino-call-test", {rel: data})
     assert "| int8-static, fused attention | onnxruntime 1.32.0 CPU | 0.9 s | 1.00x | 0.0600 | - |" in table
     assert "| int8-static, fused attention | OpenVINO 2026.4.1 CPU, bf16 | 0.6 s | 1.50x | 0.0642 | 3.5 s |" in table
+    assert "| OpenVINO 2026.4.1 CPU, f32, dynamic shapes | 0.45 s | 2.00x | - | 2.0 s |" in table
 
 
 def test_memory_table_sets_each_estimate_beside_what_its_stages_held_where_sampled():

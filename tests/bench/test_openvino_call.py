@@ -50,7 +50,7 @@ def _stand_in(compiled_with: list) -> types.ModuleType:
             return Model(path)
 
         def compile_model(self, model, device, config):
-            compiled_with.append((device, dict(config), dict(model.shapes)))
+            compiled_with.append((device, dict(config), model.shapes and dict(model.shapes)))
             return Compiled(model, config)
 
     module = types.ModuleType("openvino")
@@ -81,6 +81,30 @@ def test_each_precision_is_compiled_for_the_calls_static_shapes_and_measured_aga
     shapes = compiled_with[0][2]
     cells = 64 // Bundle.open(bundle).manifest.vae_scale_factor  # the call's latents, batch 1 (no guidance)
     assert shapes["sample"] == [1, 4, cells, cells] and all(isinstance(d, int) for s in shapes.values() for d in s)
+
+
+def test_dynamic_shapes_are_compiled_beside_static_ones_and_timed_in_turn(models_root, tmp_path, monkeypatch):
+    bundle = tiny_bundle("tiny-sd-turbo", models_root)
+    compiled_with = []
+    monkeypatch.setitem(sys.modules, "openvino", _stand_in(compiled_with))
+    out = tmp_path / "call.json"
+    argv = [str(bundle), "--size", "64", "--threads", "1", "--repeat", "3", "--precision", "bf16", "--out", str(out)]
+    assert main([*argv, "--shapes", "static", "--shapes", "dynamic"]) == 0
+    (row,) = json.loads(out.read_text())["results"]
+    assert [(o["inference_precision"], o["shapes"]) for o in row["openvino"]] == [
+        ("bf16", "static"),
+        ("bf16", "dynamic"),
+    ]
+    assert compiled_with[0][2]["sample"][0] == 1 and compiled_with[1][2] is None  # the graph's own dimensions
+    assert all(o["relative_rms"] == pytest.approx(SKEW["bf16"], abs=1e-6) for o in row["openvino"])
+
+
+def test_forms_are_timed_in_turn_each_round_the_reverse_of_the_last():
+    from edgediff.benchmarks.openvino_call import _interleaved
+
+    ran = []
+    seconds, results = _interleaved([lambda: ran.append("a") or "A", lambda: ran.append("b") or "B"], 1, 3)
+    assert ran == ["a", "b", "a", "b", "b", "a", "a", "b"] and results == ["A", "B"] and len(seconds) == 2
 
 
 def test_relative_rms_is_the_error_over_the_references_size():
