@@ -121,8 +121,8 @@ class OpenVINOSession:
         # they are checked to stay in the bundle folder first (onnxruntime refuses them itself)
         check_external_data(path, bundle_path)
         self.device, self._config = compile_config(options, spec.precision, threads, cache_folder)
-        # read now, so that an operator OpenVINO cannot read refuses the graph as the pipeline opens; its weights
-        # are mapped from the bundle's files, and each shape's compile shares them (Model.clone copies no weights)
+        # read now, so that an operator OpenVINO cannot read refuses the graph as the pipeline opens (its weights
+        # stay in the bundle's files, mapped, not read); kept for the first compile only (_compile)
         self._model = core().read_model(str(path))
         declared_inputs = {t.name for t in spec.inputs}
         self.inputs = {}
@@ -144,13 +144,24 @@ class OpenVINOSession:
         self._outputs: list = []
         self._turn = threading.Lock()
         if not self.per_shape:
-            self._compile(self._model)
+            self._compile(None)
 
-    def _compile(self, model) -> None:
-        """Compiles `model` and makes it the graph's current form (the previous one is dropped first: one copy of
-        the weights in OpenVINO's layout at a time)."""
+    def _compile(self, shapes: dict | None) -> None:
+        """Compiles the graph fixed to `shapes` (input name -> shape), or with its dimensions dynamic (None), and
+        makes it the graph's current form; the previous one is dropped first (one copy of the weights in OpenVINO's
+        layout at a time)."""
         self._compiled = self._request = None
-        self._compiled = core().compile_model(model, self.device, self._config)
+        if shapes is None:
+            # from the file: on a cache hit OpenVINO then neither reads the graph nor touches its weights
+            self._model = None
+            self._compiled = core().compile_model(str(self.path), self.device, self._config)
+        else:
+            # a graph read afresh for each shape (0.1-0.2 s for the full-size UNet), not held: OpenVINO hashes an
+            # in-memory graph's weights to find it in its cache, and holding the graph would keep those pages of the
+            # weight files resident beside the cached form (3.4 GB more for the fp32 UNet)
+            model, self._model = self._model or core().read_model(str(self.path)), None
+            model.reshape(shapes)
+            self._compiled = core().compile_model(model, self.device, self._config)
         self._request = self._compiled.create_infer_request()
         self._outputs = list(self._compiled.outputs)  # in output_names' order
         log.info(
@@ -162,34 +173,36 @@ class OpenVINOSession:
         that; a shape refused once is not tried again."""
         if key in self._refused:
             if self.state is ShapeState.FIXED or self._compiled is None:
-                self._compile_dynamic()
+                self._compile_dynamic(key)
             self.state, self._key = ShapeState.REFUSED, key
             return
         if self.state is ShapeState.FIXED and key == self._key:
             return
-        model = self._model.clone()
         try:
-            model.reshape({name: list(value.shape) for name, value in feeds.items()})
             self.state, self._key = ShapeState.FIXED, key
-            self._compile(model)
+            self._compile({name: list(value.shape) for name, value in feeds.items()})
         except Exception as exc:  # OpenVINO raises RuntimeError and its own types, with its reason at the end
             why = summarize(exc)
             log.warning(
                 "%s: OpenVINO cannot compile it for %s (%s); it runs compiled dynamic", self.name, dims_text(key), why
             )
             self._refused[key] = why
-            self._compile_dynamic()
+            self._compile_dynamic(key)
             self.state, self._key = ShapeState.REFUSED, key
 
-    def _compile_dynamic(self) -> None:
+    def _compile_dynamic(self, key: tuple) -> None:
+        """The graph compiled with its dimensions dynamic, for a call whose shapes (`key`) OpenVINO refused: where it
+        refuses that too, the call fails (the pipeline is open by now, so no other provider takes the graph)."""
         self.state = ShapeState.DYNAMIC
         try:
-            self._compile(self._model)
-        except EdgediffError:
-            raise
+            self._compile(None)
         except Exception as exc:
             raise BundleError(
-                "graph_uncompilable", path=self.path.parent, file=self.path.name, detail=summarize(exc)
+                "graph_uncompilable_for_call",
+                path=self.path.parent,
+                file=self.path.name,
+                dims=dims_text(key),
+                detail=summarize(exc),
             ) from exc
 
     @property

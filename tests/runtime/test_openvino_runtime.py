@@ -3,6 +3,7 @@ provider on the same bundle and seed; what `auto` picks. The external-data check
 test_external_data.py."""
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -107,14 +108,22 @@ def test_a_graph_openvino_cannot_read_is_an_error_or_with_fallback_runs_on_the_c
 # --- compiled for each input shape ---
 
 
+def _compiled(model) -> tuple[str, str]:
+    """What compile_model was given: (the graph file, for a graph compiled from its file, else its first input's
+    name; "dynamic", or the first input's shape where the graph is fixed)."""
+    if isinstance(model, str):  # compiled from the file: dynamic
+        return Path(model).name, "dynamic"
+    first = model.inputs[0]
+    shape = first.get_partial_shape()
+    return first.get_any_name(), str(shape) if shape.is_static else "dynamic"
+
+
 def _compiles(monkeypatch) -> list:
-    """Each compile's model: (its first input's name, its shape or "dynamic" where a dimension is dynamic)."""
+    """Each compile's _compiled()."""
     seen, real = [], ovs.core().compile_model
 
     def compile_model(model, *args):
-        first = model.inputs[0]
-        shape = first.get_partial_shape()
-        seen.append((first.get_any_name(), str(shape) if shape.is_static else "dynamic"))
+        seen.append(_compiled(model))
         return real(model, *args)
 
     monkeypatch.setattr(ovs.core(), "compile_model", compile_model)
@@ -166,9 +175,9 @@ def test_a_shape_openvino_will_not_compile_runs_on_the_dynamic_graph(models_root
     compiles, real = [], ovs.core().compile_model
 
     def compile_model(model, *args):
-        static = model.inputs[0].get_partial_shape().is_static
-        compiles.append(static)
-        if static and model.inputs[0].get_any_name() == "sample":
+        name, shape = _compiled(model)
+        compiles.append(shape != "dynamic")
+        if (name, shape != "dynamic") == ("sample", True):
             raise RuntimeError("Exception from src/plugins/intel_cpu\nat line 7\nno kernel for this shape")
         return real(model, *args)
 
@@ -182,6 +191,24 @@ def test_a_shape_openvino_will_not_compile_runs_on_the_dynamic_graph(models_root
     assert shapes == "refused: Exception from src/plugins/intel_cpu ... no kernel for this shape"
     assert "unet: OpenVINO cannot compile it for encoder_hidden_states 1x77x" in caplog.text
     assert compiles.count(False) == 1  # the UNet compiled dynamic once; the other graphs fixed to their shapes
+
+
+def test_a_graph_openvino_will_compile_neither_fixed_nor_dynamic_fails_the_call_clearly(models_root, monkeypatch):
+    real = ovs.core().compile_model
+
+    def compile_model(model, *args):
+        if _compiled(model)[0] in ("sample", "unet.onnx"):
+            raise RuntimeError("Exception from src/plugins/intel_cpu\nat line 7\nno kernel for this graph")
+        return real(model, *args)
+
+    monkeypatch.setattr(ovs.core(), "compile_model", compile_model)
+    with Pipeline.from_bundle(tiny_bundle("tiny-sd-turbo", models_root), provider="ov", cache=False) as pipe:
+        with pytest.raises(
+            BundleError, match=r"cannot compile unet.onnx for this call's shapes \(encoder_hidden_states"
+        ):
+            pipe("a cat", seed=3)
+        with pytest.raises(BundleError, match=r"no kernel for this graph; run the bundle on another provider"):
+            pipe("a cat", seed=3)  # tried again: the refused shape's dynamic compile failed, nothing was kept
 
 
 def test_run_time_loras_on_openvino_are_a_clear_error(models_root):
