@@ -278,6 +278,12 @@ TABLES = {
         ),
         headers={"vae_decoder": "decoder", "vs_diffusers": "diffusers fp32 time / this"},
     ),
+    # starts from the graph cache on `ov`: each graph compiled for its shapes, and compiled dynamic
+    "ov-amx-cache": Table(
+        ("config", "provider", *TRANSFORMER_COLUMNS[4:10], "data"),
+        tuple(Source(X + f"2026-12-07-sd-turbo-ov-cache-{run}.json") for run in (1, 2, 3)),
+        headers={"vae_decoder": "decoder"},
+    ),
     # the same on the AMX CPU with AMX hidden (benchmarks/cpu_tier.py avx512-vnni: AVX-512 BF16 left, as on Zen 4)
     "ov-tier": Table(
         ("machine", "config", "provider", *TRANSFORMER_COLUMNS[3:11], "data"),
