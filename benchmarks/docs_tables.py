@@ -476,6 +476,10 @@ EXPORT_TABLES = {
     "export-memory-flux": ExportTable(E + "2026-12-03-export-cost-flux-reduced.json", memory=True),
     "export-cost-avx2": ExportTable(EXPORT_COST_AVX2[0], runs=EXPORT_COST_AVX2[1:]),
     "export-cost-amx": ExportTable(EXPORT_COST_AMX[0], runs=EXPORT_COST_AMX[1:]),
+    # the same command with OpenVINO's own runtime installed: --precision auto makes fp32 there
+    "export-cost-amx-ov": ExportTable(
+        X + "2026-12-07-export-cost-ov-1.json", runs=(X + "2026-12-07-export-cost-ov-2.json",)
+    ),
     "export-cost-sd35-medium": ExportTable(EXPORT_COST_SD35),
     "export-memory-sd35-medium": ExportTable(EXPORT_COST_SD35, memory=True),
 }
