@@ -162,11 +162,11 @@ class OpenVINORuntime(Provider):
 
     def auto_eligible(self, precision: str | None = None) -> bool:
         # Picked by `auto` for fp32 bundles on CPUs with AMX, where OpenVINO's CPU plugin computes them in bf16 on
-        # the tile units: the full-size SD-Turbo image took less time than onnxruntime took with any int8 bundle, at
-        # a higher PSNR (docs/benchmarks.md, "OpenVINO's own runtime"). Not on AVX-512 BF16 alone: its UNet call
-        # there was a wash with onnxruntime's int8-static one (a Zen 4 EPYC) and its whole image slower than
-        # onnxruntime's fp32 one (the AMX Xeon with AMX hidden). Not for quantised bundles (no faster, with slower
-        # starts), nor where AUTO_OV_ENV is 0.
+        # the tile units: the full-size SD-Turbo image took less time than onnxruntime took with its fastest int8
+        # bundle in three of four runs side by side, at a higher PSNR (docs/benchmarks.md, "OpenVINO's own
+        # runtime"). Not on AVX-512 BF16 alone: its UNet call there was a wash with onnxruntime's int8-static one (a
+        # Zen 4 EPYC) and its whole image slower than onnxruntime's fp32 one (the AMX Xeon with AMX hidden). Not for
+        # quantised bundles (no faster, with slower starts), nor where AUTO_OV_ENV is 0.
         return precision in (None, "fp32") and amx_cpu() and os.environ.get(AUTO_OV_ENV, "1") != "0"
 
 
