@@ -11,7 +11,8 @@ does to these graphs. Each graph is read from the bundle, given the call's stati
 compiled with its dimensions dynamic, as the runtime's `ov` provider does with its provider option shapes=dynamic),
 compiled for the CPU with `--threads` threads and a latency hint at each precision; then every compiled form runs
 `--warmup` rounds and `--repeat` timed rounds, the forms taken in turn within a round and in the reverse order in the
-next, so that a machine whose speed drifts slows each alike. Each first output is compared
+next, so that a machine whose speed drifts slows each alike (every form is held at once: about 10 GB for the full-size
+fp32 UNet in f32 and bf16, each for its shapes and dynamic). Each first output is compared
 (relative RMS) with onnxruntime's on the same graph, run as the runtime opens it, and with `--reference`'s (an fp32
 bundle of the same model, through onnxruntime): a quantised graph's error against fp32 in either runtime.
 """

@@ -16,8 +16,8 @@ MESSAGES = {
     "file_size": "bundle {path}: {file} is {found} bytes, the manifest says {expected} (truncated or replaced; re-export)",
     "checksum": "bundle {path}: {file} fails its checksum (sha256 {found}, manifest {expected}); the file is corrupt or was changed",
     "graph_unloadable": "bundle {path}: onnxruntime cannot load {file}: {detail}",
-    "graph_uncompilable": "bundle {path}: OpenVINO cannot compile {file}: {detail}; --fallback runs such a graph on onnxruntime's CPU provider",
-    "graph_uncompilable_for_call": "bundle {path}: OpenVINO cannot compile {file} for this call's shapes ({dims}), nor with its dimensions dynamic: {detail}; run the bundle on another provider (--provider cpu)",
+    "graph_uncompilable": "bundle {path}: OpenVINO cannot read or compile {file}: {detail}; --fallback runs such a graph on onnxruntime's CPU provider",
+    "graph_uncompilable_for_call": "bundle {path}: OpenVINO cannot compile {file} for this call's shapes ({dims}), nor with its dimensions dynamic: {detail}; --fallback runs such a graph on onnxruntime's CPU provider",
     "graph_unreadable": "bundle {path}: {file} is not a readable ONNX graph ({detail}); re-export the bundle",
     "graph_mismatch": "bundle {path}: {component} graph does not match its manifest: {detail}",
     # providers

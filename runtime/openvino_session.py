@@ -48,7 +48,7 @@ _TYPES = {
 }
 DEVICE_OPTION = "device_type"  # the provider option naming OpenVINO's device ("CPU", "GPU", "NPU", "AUTO:GPU,CPU")
 # the provider option saying how graphs are compiled: "static" for each input shape as it comes (the default: faster
-# calls), "dynamic" once for every shape (no compile when the image size changes)
+# calls in bf16, docs/benchmarks.md), "dynamic" once for every shape (no compile when the image size changes)
 SHAPES_OPTION = "shapes"
 SHAPES = ("static", "dynamic")
 
@@ -100,7 +100,9 @@ def _name(port, declared: set[str]) -> str:
 
 class OpenVINOSession:
     """One graph read by OpenVINO and compiled for each input shape it is called with (or once, dynamic, with the
-    provider option shapes=dynamic). `cache_folder`: OpenVINO's own cache of compiled graphs (None: no cache)."""
+    provider option shapes=dynamic). `cache_folder`: OpenVINO's own cache of compiled graphs (None: no cache).
+    `on_cpu`: where the caller allows fallbacks, called with OpenVINO's reason when it compiles the graph for a
+    call neither fixed nor dynamic; it returns the session that then runs the graph (onnxruntime's CPU provider)."""
 
     def __init__(
         self,
@@ -111,9 +113,13 @@ class OpenVINOSession:
         options: dict,
         threads: int | None = None,
         cache_folder: Path | None = None,
+        on_cpu=None,
     ):
         self.name = name
         self.path = path
+        self._on_cpu = on_cpu
+        self._cpu = None  # the CPU provider's session, where OpenVINO failed the graph at a call (on_cpu)
+        self.refusal = ""
         shapes = options.get(SHAPES_OPTION, SHAPES[0])
         if shapes not in SHAPES:
             raise ProviderError("provider_option_value", option=SHAPES_OPTION, value=shapes, allowed=", ".join(SHAPES))
@@ -137,7 +143,7 @@ class OpenVINOSession:
         self.output_names = [_name(o, declared_outputs) for o in self._model.outputs]
         self.cache = CacheStatus.PROVIDER if cache_folder is not None else CacheStatus.OFF
         self.per_shape = shapes == "static"
-        self.state = ShapeState.DYNAMIC
+        self.state = ShapeState.PENDING
         self._key: tuple | None = None  # the input shape compiled for, or the one refused
         self._refused: dict[tuple, str] = {}  # input shape -> why OpenVINO would not compile the graph fixed to it
         self._compiled = self._request = None
@@ -145,41 +151,41 @@ class OpenVINOSession:
         self._turn = threading.Lock()
         if not self.per_shape:
             self._compile(None)
+            self.state = ShapeState.DYNAMIC
+            log.info("%s: compiled by OpenVINO for %s (%s, dynamic)", name, self.device, self.inference_precision)
 
     def _compile(self, shapes: dict | None) -> None:
         """Compiles the graph fixed to `shapes` (input name -> shape), or with its dimensions dynamic (None), and
         makes it the graph's current form; the previous one is dropped first (one copy of the weights in OpenVINO's
-        layout at a time)."""
+        layout at a time). Nothing is left half in place if it raises: no form at all."""
         self._compiled = self._request = None
         if shapes is None:
             # from the file: on a cache hit OpenVINO then neither reads the graph nor touches its weights
             self._model = None
-            self._compiled = core().compile_model(str(self.path), self.device, self._config)
+            compiled = core().compile_model(str(self.path), self.device, self._config)
         else:
             # a graph read afresh for each shape (0.1-0.2 s for the full-size UNet), not held: OpenVINO hashes an
             # in-memory graph's weights to find it in its cache, and holding the graph would keep those pages of the
             # weight files resident beside the cached form (3.4 GB more for the fp32 UNet)
             model, self._model = self._model or core().read_model(str(self.path)), None
             model.reshape(shapes)
-            self._compiled = core().compile_model(model, self.device, self._config)
-        self._request = self._compiled.create_infer_request()
-        self._outputs = list(self._compiled.outputs)  # in output_names' order
-        log.info(
-            "%s: compiled by OpenVINO for %s (%s, %s)", self.name, self.device, self.inference_precision, self.shapes
-        )
+            compiled = core().compile_model(model, self.device, self._config)
+        request = compiled.create_infer_request()
+        self._outputs = list(compiled.outputs)  # in output_names' order
+        self._compiled, self._request = compiled, request
 
     def _follow(self, key: tuple, feeds: dict[str, np.ndarray]) -> None:
         """Puts in place the graph compiled for this input shape: fixed to it, or dynamic where OpenVINO refused
-        that; a shape refused once is not tried again."""
+        that; a shape refused once is not tried fixed again."""
         if key in self._refused:
-            if self.state is ShapeState.FIXED or self._compiled is None:
+            if self.state is not ShapeState.REFUSED or self._request is None:
                 self._compile_dynamic(key)
-            self.state, self._key = ShapeState.REFUSED, key
+            else:  # the dynamic form is in place already
+                self._key = key
             return
-        if self.state is ShapeState.FIXED and key == self._key:
+        if self.state is ShapeState.FIXED and key == self._key and self._request is not None:
             return
         try:
-            self.state, self._key = ShapeState.FIXED, key
             self._compile({name: list(value.shape) for name, value in feeds.items()})
         except Exception as exc:  # OpenVINO raises RuntimeError and its own types, with its reason at the end
             why = summarize(exc)
@@ -188,72 +194,100 @@ class OpenVINOSession:
             )
             self._refused[key] = why
             self._compile_dynamic(key)
-            self.state, self._key = ShapeState.REFUSED, key
+            return
+        self.state, self._key = ShapeState.FIXED, key
+        log.info(
+            "%s: compiled by OpenVINO for %s (%s, %s)", self.name, self.device, self.inference_precision, self.shapes
+        )
 
     def _compile_dynamic(self, key: tuple) -> None:
-        """The graph compiled with its dimensions dynamic, for a call whose shapes (`key`) OpenVINO refused: where it
-        refuses that too, the call fails (the pipeline is open by now, so no other provider takes the graph)."""
-        self.state = ShapeState.DYNAMIC
+        """The graph compiled with its dimensions dynamic, for a call whose shapes (`key`) OpenVINO refused. Where it
+        refuses that too, the graph runs on the CPU provider from now on where the caller allows fallbacks
+        (`on_cpu`), else the call fails."""
         try:
             self._compile(None)
         except Exception as exc:
-            raise BundleError(
-                "graph_uncompilable_for_call",
-                path=self.path.parent,
-                file=self.path.name,
-                dims=dims_text(key),
-                detail=summarize(exc),
-            ) from exc
+            why = summarize(exc)
+            if self._on_cpu is None:
+                raise BundleError(
+                    "graph_uncompilable_for_call",
+                    path=self.path.parent,
+                    file=self.path.name,
+                    dims=dims_text(key),
+                    detail=why,
+                ) from exc
+            log.warning(
+                "%s: OpenVINO cannot compile this graph (%s); it runs on onnxruntime's CPU provider", self.name, why
+            )
+            self.refusal = why
+            self._cpu = self._on_cpu(why)
+            return
+        self.state, self._key = ShapeState.REFUSED, key
 
     @property
     def shapes(self) -> str:
-        """As the provider report says it: "dynamic", "fixed <dims>" or "refused: <why>"."""
-        if self.state is ShapeState.FIXED:
-            return self.state.with_detail(dims_text(self._key))
-        return self.state.with_detail(self._refused[self._key] if self.state is ShapeState.REFUSED else "")
+        """As the provider report says it: "not compiled yet", "dynamic", "fixed <dims>" or "refused: <why>"."""
+        if self._cpu is not None:
+            return ShapeState.REFUSED.with_detail(self.refusal)
+        state, key = self.state, self._key
+        if state is ShapeState.FIXED:
+            return state.with_detail(dims_text(key))
+        return state.with_detail(self._refused.get(key, "") if state is ShapeState.REFUSED else "")
 
     @property
     def inference_precision(self) -> str:
         """The precision OpenVINO computes in (bf16 on CPUs with AVX-512 BF16 or AMX unless told otherwise)."""
+        compiled = self._compiled
         try:
-            if self._compiled is None:  # nothing compiled yet: what it will be compiled with
+            if compiled is None:  # nothing compiled now: what it will be compiled with
                 asked = self._config.get("INFERENCE_PRECISION_HINT")
                 return asked or core().get_property(self.device, "INFERENCE_PRECISION_HINT").get_type_name()
-            return self._compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+            return compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         except RuntimeError:  # a device without the property
             return "device default"
 
     @property
     def providers(self) -> list[str]:
+        if self._cpu is not None:
+            return self._cpu.providers
         return [f"OpenVINO {self.device} ({self.inference_precision})"]
 
-    fell_back_to_cpu = False  # a graph OpenVINO refuses opens as a GraphSession on the CPU provider instead
+    @property
+    def fell_back_to_cpu(self) -> bool:
+        """OpenVINO failed the graph at a call and the caller allowed fallbacks: it runs on the CPU provider. (A graph
+        OpenVINO cannot read opens as a GraphSession on the CPU provider instead: open_or_refuse.)"""
+        return self._cpu is not None
 
     def run(self, run_options=None, **feeds) -> list[np.ndarray]:
         if lora_adapters.has_active(self.name):  # onnxruntime's adapters: OpenVINO has no such inputs
             raise InputError("lora_provider", provider="ov", component=self.name)
         feeds = self.check_inputs(feeds)
         with self._turn:  # one call at a time: a new shape swaps the compiled graph under the lock
-            if self.per_shape:
+            if self._cpu is None and self.per_shape:
                 self._follow(shape_key(feeds), feeds)
+            if self._cpu is not None:
+                return self._cpu.run(run_options, **feeds)
             result = self._request.infer(feeds)  # outputs are copies (share_outputs=False)
             return [np.asarray(result[o]) for o in self._outputs]
 
 
 def open_or_refuse(
-    name: str, bundle, spec: ComponentSpec, resolution, threads: int | None, cache_folder: Path | None
+    name: str, bundle, spec: ComponentSpec, resolution, threads: int | None, cache_folder: Path | None, on_cpu=None
 ) -> tuple[OpenVINOSession | None, str]:
-    """The graph compiled by OpenVINO, or (with the caller's --fallback) None and why OpenVINO refused it: the
-    pipeline then opens it on onnxruntime's CPU provider, logged and in its provider report."""
+    """The graph read by OpenVINO (compiled too, with shapes=dynamic), or (with the caller's --fallback) None and
+    why OpenVINO refused it: the pipeline then opens it on onnxruntime's CPU provider, logged and in its provider
+    report. `on_cpu`: OpenVINOSession's, for a graph OpenVINO fails at a call (None: no fallback then)."""
     path = bundle.file(spec.graph_file)
     folder = cache_folder / resolution.provider.cache_folder if cache_folder is not None else None
     try:
-        return OpenVINOSession(name, path, spec, bundle.path, resolution.options, threads, folder), ""
+        return OpenVINOSession(name, path, spec, bundle.path, resolution.options, threads, folder, on_cpu), ""
     except EdgediffError:
         raise  # ours already says what is wrong (a graph's weights outside the bundle, inputs unlike its manifest)
     except Exception as exc:  # OpenVINO raises RuntimeError and its own types, with its reason at the end
         why = summarize(exc)
         if not resolution.fallback:
             raise BundleError("graph_uncompilable", path=bundle.path, file=path.name, detail=why) from exc
-        log.warning("%s: OpenVINO cannot compile this graph (%s); it runs on onnxruntime's CPU provider", name, why)
+        log.warning(
+            "%s: OpenVINO cannot read or compile this graph (%s); it runs on onnxruntime's CPU provider", name, why
+        )
         return None, why

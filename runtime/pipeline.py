@@ -203,8 +203,19 @@ class Pipeline:
 
             def open_graph(name, spec):
                 if self.resolution.provider.runtime == "openvino" and name not in refused:
+
+                    def on_cpu(why):  # OpenVINO failed the graph at a call (--fallback): the CPU provider takes it
+                        refused[name] = why
+                        return open_graph(name, spec)
+
                     session, refused_why = openvino_session.open_or_refuse(
-                        name, bundle, spec, self.resolution, o.threads, cache_folder
+                        name,
+                        bundle,
+                        spec,
+                        self.resolution,
+                        o.threads,
+                        cache_folder,
+                        on_cpu if self.resolution.fallback else None,
                     )
                     if session is not None:
                         return session

@@ -38,6 +38,7 @@ class BindingState(ReportedState):
 class ShapeState(ReportedState):
     """Which session a graph runs on where each input shape gets its own (shape_sessions.py)."""
 
+    PENDING = "not compiled yet"  # OpenVINO's runtime compiles a graph for the shapes of its first call
     DYNAMIC = "dynamic"  # the graph as exported, symbolic dimensions and all
     FIXED = "fixed"  # a session opened for the last input shape, its dimensions fixed
     REFUSED = _REFUSED  # onnxruntime would not open one for that shape: it runs on the dynamic session

@@ -94,11 +94,11 @@ def test_a_graph_openvino_cannot_read_is_an_error_or_with_fallback_runs_on_the_c
         return real(path, *args)
 
     monkeypatch.setattr(ovs.core(), "read_model", read_model)
-    with pytest.raises(BundleError, match=r"OpenVINO cannot compile text_encoder.onnx: .*FancyOp; --fallback"):
+    with pytest.raises(BundleError, match=r"OpenVINO cannot read or compile text_encoder.onnx: .*FancyOp; --fallback"):
         Pipeline.from_bundle(bundle, provider="ov", provider_options=F32, cache=False)
     with caplog.at_level(logging.WARNING, logger="edgediff.session"):
         got, report = _images(bundle, provider="ov", provider_options=F32, fallback=True)
-    assert "text_encoder: OpenVINO cannot compile this graph" in caplog.text
+    assert "text_encoder: OpenVINO cannot read or compile this graph" in caplog.text
     assert report["refused"] == {"text_encoder": "Exception from src/frontends/onnx ... unsupported operator FancyOp"}
     assert report["graphs"]["text_encoder"]["providers"] == ["CPUExecutionProvider"]
     assert report["graphs"]["text_encoder"]["cpu_fallback"] and not report["graphs"]["unet"]["cpu_fallback"]
@@ -193,7 +193,13 @@ def test_a_shape_openvino_will_not_compile_runs_on_the_dynamic_graph(models_root
     assert compiles.count(False) == 1  # the UNet compiled dynamic once; the other graphs fixed to their shapes
 
 
-def test_a_graph_openvino_will_compile_neither_fixed_nor_dynamic_fails_the_call_clearly(models_root, monkeypatch):
+def test_a_graph_openvino_compiles_neither_fixed_nor_dynamic_fails_the_call_or_with_fallback_runs_on_the_cpu(
+    models_root, monkeypatch, caplog
+):
+    """Found at the first call (the graph read fine as the pipeline opened): without --fallback a clear error each
+    call; with it, the CPU provider runs the graph from then on, logged and reported as a refusal at open is."""
+    bundle = tiny_bundle("tiny-sd-turbo", models_root)
+    expected, _ = _images(bundle, provider="cpu")
     real = ovs.core().compile_model
 
     def compile_model(model, *args):
@@ -202,13 +208,34 @@ def test_a_graph_openvino_will_compile_neither_fixed_nor_dynamic_fails_the_call_
         return real(model, *args)
 
     monkeypatch.setattr(ovs.core(), "compile_model", compile_model)
-    with Pipeline.from_bundle(tiny_bundle("tiny-sd-turbo", models_root), provider="ov", cache=False) as pipe:
+    with Pipeline.from_bundle(bundle, provider="ov", provider_options=F32, cache=False) as pipe:
         with pytest.raises(
             BundleError, match=r"cannot compile unet.onnx for this call's shapes \(encoder_hidden_states"
         ):
             pipe("a cat", seed=3)
-        with pytest.raises(BundleError, match=r"no kernel for this graph; run the bundle on another provider"):
-            pipe("a cat", seed=3)  # tried again: the refused shape's dynamic compile failed, nothing was kept
+        with pytest.raises(BundleError, match=r"no kernel for this graph; --fallback runs such a graph on onnxruntime"):
+            pipe("a cat", seed=3)  # tried again: nothing was kept of the failed compiles
+    with caplog.at_level(logging.WARNING, logger="edgediff.session"):
+        got, report = _images(bundle, provider="ov", provider_options=F32, fallback=True)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=OV_F32_ATOL)
+    assert "unet: OpenVINO cannot compile this graph" in caplog.text
+    assert report["refused"] == {"unet": "Exception from src/plugins/intel_cpu ... no kernel for this graph"}
+    unet = report["graphs"]["unet"]
+    assert (
+        unet["providers"] == ["CPUExecutionProvider"] and unet["cpu_fallback"] and unet["shapes"].startswith("refused")
+    )
+    assert not report["graphs"]["text_encoder"]["cpu_fallback"]
+
+
+def test_a_graph_is_reported_not_compiled_until_its_first_call(models_root):
+    with Pipeline.from_bundle(tiny_bundle("tiny-sd-turbo", models_root), provider="ov", cache=False) as pipe:
+        assert {g["shapes"] for g in pipe.provider_report()["graphs"].values()} == {"not compiled yet"}
+        assert pipe.provider_report()["graphs"]["unet"]["providers"] == [f"OpenVINO CPU ({_cpu_default()})"]
+
+
+def _cpu_default() -> str:
+    """OpenVINO's CPU plugin's own inference precision on this machine (bf16 with AVX-512 BF16 or AMX)."""
+    return ovs.core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
 
 
 def test_run_time_loras_on_openvino_are_a_clear_error(models_root):
