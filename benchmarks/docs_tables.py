@@ -165,6 +165,8 @@ def _tier_runs(what: str) -> tuple[str, ...]:
 
 # the shipped models' tables: every stage, cold start and memory, against diffusers
 # the transformer families' tables (SANA-Sprint, SD3.5): per stage, cold start and memory, against diffusers and fp32
+# whole-image tables beside diffusers fp32: the decoder column and the ratio named for what they compare
+VS_DIFFUSERS_HEADERS = {"vae_decoder": "decoder", "vs_diffusers": "diffusers fp32 time / this"}
 TRANSFORMER_COLUMNS = (
     "model",
     "steps",
@@ -215,19 +217,19 @@ TABLES = {
             Source(E + "2026-12-03-sd-turbo-fastest.json"),
             Source(X + "2026-12-06-sd-turbo-cpu.json"),
         ),
-        headers={"vae_decoder": "decoder", "vs_diffusers": "diffusers fp32 time / this"},
+        headers=VS_DIFFUSERS_HEADERS,
     ),
     # the same bundles with each instruction-set tier's kernels on the AMX CPU (benchmarks/cpu_tier.py), two passes
     "cpu-tiers": Table(
         CPU_STAGE_COLUMNS,
         tuple(Source(path) for path in _tier_runs("sd-turbo-tier")),
-        headers={"vae_decoder": "decoder", "vs_diffusers": "diffusers fp32 time / this"},
+        headers=VS_DIFFUSERS_HEADERS,
     ),
     # every precision in the same form, one run per ISA (each beside diffusers)
     "cpu-precisions": Table(
         CPU_STAGE_COLUMNS,
         (Source(V + "2026-12-03-sd-turbo-configs.json"), Source(E + "2026-12-05-sd-turbo-precisions.json")),
-        headers={"vae_decoder": "decoder", "vs_diffusers": "diffusers fp32 time / this"},
+        headers=VS_DIFFUSERS_HEADERS,
     ),
     "cpu-optimize": Table(
         ("config", "total", "unet_call", "vae_decoder", "cold", "rss", "data"),
@@ -260,13 +262,13 @@ TABLES = {
             Source(X + "2026-12-06-sd-turbo-openvino-fp32.json"),
             Source(X + "2026-12-06-sd-turbo-openvino-int8-static.json"),
         ),
-        headers={"vae_decoder": "decoder", "vs_diffusers": "diffusers fp32 time / this"},
+        headers=VS_DIFFUSERS_HEADERS,
     ),
     # OpenVINO's own runtime (--provider ov) beside onnxruntime's CPU provider, two passes in reverse orders
     "ov-amx": Table(
         ("config", "provider", *TRANSFORMER_COLUMNS[3:11], "data"),
         (Source(X + "2026-12-07-sd-turbo-ov-1.json"), Source(X + "2026-12-07-sd-turbo-ov-2.json")),
-        headers={"vae_decoder": "decoder", "vs_diffusers": "diffusers fp32 time / this"},
+        headers=VS_DIFFUSERS_HEADERS,
     ),
     # the whole image on `ov` with each graph compiled for its shapes and compiled dynamic, runs in turn, and three
     # interleaved rounds against diffusers
@@ -276,7 +278,7 @@ TABLES = {
             *(Source(X + f"2026-12-07-sd-turbo-ov-shapes-{run}.json") for run in (1, 2, 3, 4)),
             Source(X + "2026-12-07-sd-turbo-ov-rounds.json"),
         ),
-        headers={"vae_decoder": "decoder", "vs_diffusers": "diffusers fp32 time / this"},
+        headers=VS_DIFFUSERS_HEADERS,
     ),
     # starts from the graph cache on `ov`: each graph compiled for its shapes, and compiled dynamic
     "ov-amx-cache": Table(
@@ -288,7 +290,7 @@ TABLES = {
     "ov-tier": Table(
         ("machine", "config", "provider", *TRANSFORMER_COLUMNS[3:11], "data"),
         tuple(Source(X + f"2026-12-07-sd-turbo-ov-tier-avx512-vnni-{run}.json") for run in (1, 2)),
-        headers={"vae_decoder": "decoder", "vs_diffusers": "diffusers fp32 time / this"},
+        headers=VS_DIFFUSERS_HEADERS,
     ),
     "low-memory": Table(
         ("config", "total", "text_encoder", "unet_call", "rss", "data"),

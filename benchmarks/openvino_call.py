@@ -102,10 +102,10 @@ def measure(
     core = ov.Core()
     forms, calls = [], []
     for shapes in shape_modes:
+        model = core.read_model(graph)
+        if shapes == "static":
+            model.reshape({name: list(value.shape) for name, value in feeds.items()})
         for precision in precisions:
-            model = core.read_model(graph)
-            if shapes == "static":
-                model.reshape({name: list(value.shape) for name, value in feeds.items()})
             start = time.perf_counter()
             compiled = core.compile_model(
                 model,

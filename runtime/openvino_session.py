@@ -152,14 +152,13 @@ class OpenVINOSession:
         if not self.per_shape:
             self._compile(None)
             self.state = ShapeState.DYNAMIC
-            log.info("%s: compiled by OpenVINO for %s (%s, dynamic)", name, self.device, self.inference_precision)
 
-    def _compile(self, shapes: dict | None) -> None:
-        """Compiles the graph fixed to `shapes` (input name -> shape), or with its dimensions dynamic (None), and
-        makes it the graph's current form; the previous one is dropped first (one copy of the weights in OpenVINO's
-        layout at a time). Nothing is left half in place if it raises: no form at all."""
+    def _compile(self, key: tuple | None) -> None:
+        """Compiles the graph fixed to the input shapes of `key` (binding.shape_key), or with its dimensions dynamic
+        (None), and makes it the graph's current form; the previous one is dropped first (one copy of the weights in
+        OpenVINO's layout at a time). Nothing is left half in place if it raises: no form at all."""
         self._compiled = self._request = None
-        if shapes is None:
+        if key is None:
             # from the file: on a cache hit OpenVINO then neither reads the graph nor touches its weights
             self._model = None
             compiled = core().compile_model(str(self.path), self.device, self._config)
@@ -168,13 +167,20 @@ class OpenVINOSession:
             # in-memory graph's weights to find it in its cache, and holding the graph would keep those pages of the
             # weight files resident beside the cached form (3.4 GB more for the fp32 UNet)
             model, self._model = self._model or core().read_model(str(self.path)), None
-            model.reshape(shapes)
+            model.reshape({name: list(shape) for name, shape, _dtype in key})
             compiled = core().compile_model(model, self.device, self._config)
         request = compiled.create_infer_request()
         self._outputs = list(compiled.outputs)  # in output_names' order
         self._compiled, self._request = compiled, request
+        log.info(
+            "%s: compiled by OpenVINO for %s (%s, %s)",
+            self.name,
+            self.device,
+            self.inference_precision,
+            "dynamic" if key is None else dims_text(key),
+        )
 
-    def _follow(self, key: tuple, feeds: dict[str, np.ndarray]) -> None:
+    def _follow(self, key: tuple) -> None:
         """Puts in place the graph compiled for this input shape: fixed to it, or dynamic where OpenVINO refused
         that; a shape refused once is not tried fixed again."""
         if key in self._refused:
@@ -186,7 +192,7 @@ class OpenVINOSession:
         if self.state is ShapeState.FIXED and key == self._key and self._request is not None:
             return
         try:
-            self._compile({name: list(value.shape) for name, value in feeds.items()})
+            self._compile(key)
         except Exception as exc:  # OpenVINO raises RuntimeError and its own types, with its reason at the end
             why = summarize(exc)
             log.warning(
@@ -196,9 +202,6 @@ class OpenVINOSession:
             self._compile_dynamic(key)
             return
         self.state, self._key = ShapeState.FIXED, key
-        log.info(
-            "%s: compiled by OpenVINO for %s (%s, %s)", self.name, self.device, self.inference_precision, self.shapes
-        )
 
     def _compile_dynamic(self, key: tuple) -> None:
         """The graph compiled with its dimensions dynamic, for a call whose shapes (`key`) OpenVINO refused. Where it
@@ -264,7 +267,7 @@ class OpenVINOSession:
         feeds = self.check_inputs(feeds)
         with self._turn:  # one call at a time: a new shape swaps the compiled graph under the lock
             if self._cpu is None and self.per_shape:
-                self._follow(shape_key(feeds), feeds)
+                self._follow(shape_key(feeds))
             if self._cpu is not None:
                 return self._cpu.run(run_options, **feeds)
             result = self._request.infer(feeds)  # outputs are copies (share_outputs=False)
@@ -276,9 +279,10 @@ def open_or_refuse(
 ) -> tuple[OpenVINOSession | None, str]:
     """The graph read by OpenVINO (compiled too, with shapes=dynamic), or (with the caller's --fallback) None and
     why OpenVINO refused it: the pipeline then opens it on onnxruntime's CPU provider, logged and in its provider
-    report. `on_cpu`: OpenVINOSession's, for a graph OpenVINO fails at a call (None: no fallback then)."""
+    report. `on_cpu`: OpenVINOSession's, for a graph OpenVINO fails at a call; passed on with --fallback only."""
     path = bundle.file(spec.graph_file)
     folder = cache_folder / resolution.provider.cache_folder if cache_folder is not None else None
+    on_cpu = on_cpu if resolution.fallback else None
     try:
         return OpenVINOSession(name, path, spec, bundle.path, resolution.options, threads, folder, on_cpu), ""
     except EdgediffError:

@@ -209,13 +209,7 @@ class Pipeline:
                         return open_graph(name, spec)
 
                     session, refused_why = openvino_session.open_or_refuse(
-                        name,
-                        bundle,
-                        spec,
-                        self.resolution,
-                        o.threads,
-                        cache_folder,
-                        on_cpu if self.resolution.fallback else None,
+                        name, bundle, spec, self.resolution, o.threads, cache_folder, on_cpu
                     )
                     if session is not None:
                         return session
