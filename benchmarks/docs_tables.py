@@ -466,7 +466,7 @@ class ExportTable:
 EXPORT_COST = tuple(E + f"2026-12-06-export-cost-{run}.json" for run in (5, 6, 7, 8))
 # the current code's runs
 EXPORT_COST_AMX = tuple(X + f"2026-12-07-export-cost-{run}.json" for run in (51, 52, 53, 54, 55))
-EXPORT_COST_AVX2 = tuple(f"epyc-2c-avx2/2026-12-05-export-cost-{run}.json" for run in (1, 2, 3))
+EXPORT_COST_AVX2 = tuple(V + f"2026-12-07-export-cost-{run}.json" for run in (1, 2))
 EXPORT_COST_SD35 = E + "2026-12-03-export-cost-sd35-medium.json"
 EXPORT_STAGES_OF = "fastest"
 EXPORT_TABLES = {
@@ -502,6 +502,7 @@ OPENVINO_TABLES = {
     "openvino-call-unet": E + "2026-12-06-openvino-call-unet.json",
     "openvino-call-unet-amx": X + "2026-12-07-openvino-call-unet.json",
     "openvino-call-shapes-amx": X + "2026-12-07-openvino-call-unet-shapes.json",
+    "openvino-call-unet-avx2": V + "2026-12-07-openvino-call-unet.json",
 }
 # an operator type gets a row of its own where it takes at least this share of a call in some bundle
 PROFILE_ROW_SHARE = 0.02
