@@ -51,6 +51,7 @@ BUNDLE_LABELS = {
     "sd-turbo-avx2-int8s-all-fused": "int8-static, every block",
     "sd-turbo-avx2-int8s-keep-8bit": "int8-static, `--keep auto`, 8-bit weights",
     "sd-turbo-avx2-fastest": "int8-static, `--keep auto`",
+    "sd-turbo-avx2-int4": "int4 (4-bit MatMuls and convolutions)",
     "sd-turbo-vnni-int8s-all-fused": "int8-static, every block",
     "sd-turbo-amx-int8s-all-fused": "int8-static, every block",
     "sd-turbo-amx-fastest": "int8-static, `--keep auto`",
@@ -96,6 +97,7 @@ TINY_DECODERS = {
     "sd-turbo-avx2-fp32": "fp32 tiny decoder",
     "sd-turbo-avx2-fp32-fused": "fp32 tiny decoder",
     "sd-turbo-avx2-int8": "fp32 tiny decoder",
+    "sd-turbo-avx2-int4": "fp32 tiny decoder",
     "sd-turbo-avx2-int8s-all": "int8 tiny decoder",
     "sd-turbo-avx2-int8s-all-fused": "int8 tiny decoder",
     "sd-turbo-avx2-fastest": "int8 tiny decoder",
@@ -228,7 +230,7 @@ TABLES = {
     # every precision in the same form, one run per ISA (each beside diffusers)
     "cpu-precisions": Table(
         CPU_STAGE_COLUMNS,
-        (Source(V + "2026-12-03-sd-turbo-configs.json"), Source(E + "2026-12-05-sd-turbo-precisions.json")),
+        (Source(V + "2026-12-08-sd-turbo-precisions.json"), Source(E + "2026-12-05-sd-turbo-precisions.json")),
         headers=VS_DIFFUSERS_HEADERS,
     ),
     "cpu-optimize": Table(
