@@ -1,6 +1,8 @@
 """int8 and 4-bit bundles: exported from the checked fp32 graphs, recorded in the manifest, judged by
 image metrics against fp32 on the shipped model."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from tiny_models import tiny_bundle, tiny_source
@@ -198,6 +200,23 @@ def test_shipped_model_quantised_images_stay_above_the_psnr_floor(shipped_quanti
         for i, s in enumerate(eval_prompts(EVAL_IMAGES))
     ]
     assert np.mean(scores) >= PSNR_FLOOR_DB, f"mean PSNR {np.mean(scores):.1f} dB (min {np.min(scores):.1f})"
+
+
+# int4 and int8-static are the small bundles: --keep auto must leave most of the UNet quantised (4 and 8 bits
+# against 32), so its files take at most this share of the fp32 UNet's
+SMALL_UNET_SHARE = 0.5
+
+
+@pytest.mark.parametrize("precision", ["int8-static", "int4"])
+def test_shipped_model_small_precisions_keep_most_of_the_unet_quantised(shipped_quantised, precision):
+    from edgediff.models.shipped import default_bundle
+
+    def unet_bytes(folder: Path) -> int:
+        return sum(f.stat().st_size for f in Path(folder).glob("unet.onnx*"))
+
+    share = unet_bytes(shipped_quantised[precision]) / unet_bytes(default_bundle())
+    kept = Bundle.open(shipped_quantised[precision]).manifest.components["unet"].attributes["quantization"]["kept_fp32"]
+    assert share <= SMALL_UNET_SHARE, f"{precision} UNet {share:.0%} of fp32's, {len(kept)} blocks kept: {list(kept)}"
 
 
 def test_unknown_precision_is_refused(models_root, tmp_path):

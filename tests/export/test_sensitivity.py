@@ -345,6 +345,45 @@ def test_past_the_run_limit_a_groups_error_is_shared_by_block_errors():
     assert why["y"].startswith("about") and "(estimated)" in why["y"]
 
 
+def _cancelling(powers: dict[str, float], cancel: tuple[str, str], by: float):
+    """power(group) adds the blocks' powers, less `by` where both blocks of `cancel` are in the group (their
+    errors cancel in part); check(kept) is that power of what is left quantised."""
+    calls = {"power": 0, "check": []}
+
+    def power_of(group) -> float:
+        return sum(powers[b] for b in group) - (by if set(cancel) <= set(group) else 0.0)
+
+    def power(group):
+        calls["power"] += 1
+        return power_of(group)
+
+    def check(kept):
+        calls["check"].append(list(kept))
+        return math.sqrt(max(power_of([b for b in powers if b not in kept]), 0.0))
+
+    return power, check, calls
+
+
+@pytest.mark.parametrize("max_runs", [12, 3])
+def test_a_half_costing_more_than_its_group_does_not_hide_the_other_half(max_runs):
+    """b and c cancel in part: b alone costs more than b and c together, and their difference would say c costs
+    nothing. c is measured where runs are left, else given the group's power by the blocks' own errors; either way
+    it is kept before a, which costs little."""
+    from edgediff.export.quantize import keep_until_within
+
+    powers = {"a": 1e-5, "b": 9e-4, "c": 8e-4}  # b and c together: 6e-4
+    power, check, calls = _cancelling(powers, ("b", "c"), by=1.1e-3)
+    prior = {"a": 0.003, "b": 0.03, "c": 0.03}
+    kept, error, checks, why, alone = keep_until_within(
+        list(powers), power, check, 0.02, prior=prior, max_runs=max_runs
+    )
+    assert kept == ["b", "c"] and error <= 0.02, (kept, checks)
+    if max_runs > 3:
+        assert calls["power"] == 4 and alone["c"] == pytest.approx(math.sqrt(8e-4), rel=1e-4)
+    else:  # out of runs once b is measured: half the group's 6e-4, b and c's own errors being equal
+        assert calls["power"] == 3 and why["c"].startswith(f"about {math.sqrt(3e-4):.4f}")
+
+
 def test_explicit_blocks_stay_fp32(unet_feeds, tmp_path):
     """keep=[names]: those blocks' nodes read no dequantised tensors; the rest is quantised as with keep="none"."""
     import onnx
