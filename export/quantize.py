@@ -455,16 +455,12 @@ def block_errors(
         return probe.errors(quantised, ahead), probe
 
 
-def _cancelled_rest(rest, group, group_power: float, power, may_run: bool, prior) -> tuple[float, bool]:
-    """The power of `rest`, the half of `group` not measured, where the measured half alone costs more than the
-    group (their errors cancel, so the group's power less the half's is no estimate of it), and whether it was
-    measured: measured where `may_run`, else `group_power` shared out by the blocks' own errors (`prior`)."""
-    if may_run:
-        return power(list(rest)), True
-    weights = {b: (prior or {}).get(b, 0.0) ** 2 for b in group}
-    whole = sum(weights.values())
-    share = sum(weights[b] for b in rest) / whole if whole > 0 else len(rest) / len(group)
-    return group_power * share, False
+def _prior_shares(group, prior) -> list[float]:
+    """Each block's share of its group's power, in proportion to its own error squared (`prior`); equal shares where
+    no block has one."""
+    weights = [(prior or {}).get(b, 0.0) ** 2 for b in group]
+    whole = sum(weights)
+    return [w / whole if whole > 0 else 1 / len(group) for w in weights]
 
 
 def keep_until_within(
@@ -485,12 +481,14 @@ def keep_until_within(
     the budget, the whole quantised graph is checked with none kept (and kept as it is if the check passes);
     past it, that graph is neither built nor checked (a quantisation and a run over every feed saved: 35 s for
     the full-size UNet, where the first order was within 3% of the check), and the first order stands for its
-    error. Then groups of blocks (in graph order) are halved where the power is, so that the blocks that cost
-    most are found in a few runs, and kept until the error predicted from what is left (scaled to the last
-    check) is within budget; then the graph is checked once, and more blocks are kept only if that check
-    fails. After `max_runs` calls of `power`, a group's power is shared among its blocks in proportion to
-    `prior` (their block-local errors, squared). `release()` runs before each check (BlockProbe.close: the
-    whole graph is not held twice)."""
+    error. Then groups of blocks (in graph order) are halved where the power is: one half is measured and the
+    other taken to cost the group's power less that half's, except where the measured half costs more than the
+    whole group (their errors cancel), where the other half is measured too; so the blocks that cost most are
+    found in a few runs, and kept until the error predicted from what is left (scaled to the last check) is
+    within budget; then the graph is checked once, and more blocks are kept only if that check fails. After
+    `max_runs` calls of `power`, a group's power (and, where errors cancel, an unmeasured half's share of its
+    group's) is shared among its blocks in proportion to `prior` (their block-local errors, squared).
+    `release()` runs before each check (BlockProbe.close: the whole graph is not held twice)."""
     import heapq
 
     release = release or (lambda: None)
@@ -525,22 +523,22 @@ def keep_until_within(
                 part = power(list(half))
                 runs += 1
                 heapq.heappush(heap, (-part, first, half, True))
-                if part > -neg:
-                    # one half costs more than the whole group: their errors cancel, and the difference says
-                    # nothing of the rest's (the shipped model's int4 UNet: a block costing 0.017 of a 0.02 budget,
-                    # its power taken as 0, stayed quantised while 22 others were kept). Measured where runs are
-                    # left, else the group's power shared by the blocks' own errors.
-                    rest_power, rest_measured = _cancelled_rest(rest, group, -neg, power, runs < max_runs, prior)
-                    runs += rest_measured
+                # the measured half costs more than the whole group: their errors cancel, and the group's power
+                # less the half's says nothing of the rest's (taken as 0, a costly block would stay quantised).
+                # Measured where runs are left, else the group's share by the blocks' own errors, and no less than
+                # the rest's least power for errors that add as vectors: (sqrt(half) - sqrt(group))^2
+                if part > -neg and runs < max_runs:
+                    rest_power, rest_measured = power(list(rest)), True
+                    runs += 1
+                elif part > -neg:
+                    share = sum(_prior_shares(group, prior)[len(half) :])
+                    rest_power, rest_measured = max(-neg * share, (math.sqrt(part) - math.sqrt(-neg)) ** 2), False
                 else:
                     rest_power, rest_measured = -neg - part, measured
                 heapq.heappush(heap, (-rest_power, first + len(half), rest, rest_measured))
                 continue
             if len(group) > 1:  # out of runs: shared out by the blocks' own errors
-                weights = [(prior or {}).get(b, 0.0) ** 2 for b in group]
-                whole = sum(weights)
-                for i, (b, w) in enumerate(zip(group, weights)):
-                    share = w / whole if whole > 0 else 1 / len(group)
+                for i, (b, share) in enumerate(zip(group, _prior_shares(group, prior))):
                     heapq.heappush(heap, (neg * share, first + i, (b,), False))
                 continue
             (b,) = group

@@ -212,7 +212,8 @@ def test_shipped_model_small_precisions_keep_most_of_the_unet_quantised(shipped_
     from edgediff.models.shipped import default_bundle
 
     def unet_bytes(folder: Path) -> int:
-        return sum(f.stat().st_size for f in Path(folder).glob("unet.onnx*"))
+        files = Bundle.open(folder).manifest.components["unet"].files
+        return sum((Path(folder) / f).stat().st_size for f in files)
 
     share = unet_bytes(shipped_quantised[precision]) / unet_bytes(default_bundle())
     kept = Bundle.open(shipped_quantised[precision]).manifest.components["unet"].attributes["quantization"]["kept_fp32"]

