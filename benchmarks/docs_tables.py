@@ -288,12 +288,13 @@ TABLES = {
         tuple(Source(X + f"2026-12-07-sd-turbo-ov-cache-{run}.json") for run in (1, 2, 3)),
         headers={"vae_decoder": "decoder"},
     ),
-    # the same on the AMX CPU with AMX hidden (benchmarks/cpu_tier.py avx512-vnni: AVX-512 BF16 left, as on Zen 4)
-    # each bundle on both providers, no peer in the run
+    # the AVX2-only EPYC: each bundle on both providers, no peer in the run
     "ov-avx2": Table(
         ("config", "provider", *TRANSFORMER_COLUMNS[3:10], "data"),
         (Source(V + "2026-12-08-sd-turbo-ov.json"),),
     ),
+    # the whole image on `ov` on the AMX CPU with AMX hidden (benchmarks/cpu_tier.py avx512-vnni: AVX-512 BF16
+    # left, as on Zen 4)
     "ov-tier": Table(
         ("machine", "config", "provider", *TRANSFORMER_COLUMNS[3:11], "data"),
         tuple(Source(X + f"2026-12-07-sd-turbo-ov-tier-avx512-vnni-{run}.json") for run in (1, 2)),
