@@ -211,12 +211,14 @@ SMALL_UNET_SHARE = 0.5
 def test_shipped_model_small_precisions_keep_most_of_the_unet_quantised(shipped_quantised, precision):
     from edgediff.models.shipped import default_bundle
 
+    def unet(folder: Path):
+        return Bundle.open(folder).manifest.components["unet"]
+
     def unet_bytes(folder: Path) -> int:
-        files = Bundle.open(folder).manifest.components["unet"].files
-        return sum((Path(folder) / f).stat().st_size for f in files)
+        return sum((Path(folder) / f).stat().st_size for f in unet(folder).files)
 
     share = unet_bytes(shipped_quantised[precision]) / unet_bytes(default_bundle())
-    kept = Bundle.open(shipped_quantised[precision]).manifest.components["unet"].attributes["quantization"]["kept_fp32"]
+    kept = unet(shipped_quantised[precision]).attributes["quantization"]["kept_fp32"]
     assert share <= SMALL_UNET_SHARE, f"{precision} UNet {share:.0%} of fp32's, {len(kept)} blocks kept: {list(kept)}"
 
 

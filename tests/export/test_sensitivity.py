@@ -275,19 +275,29 @@ def test_block_errors_rank_a_damaged_block_first_and_it_is_kept(unet_feeds, tmp_
     assert record["error"] <= none["error"] / 4
 
 
-def _synthetic(powers: dict[str, float], real_over_predicted: float, all_quantised_over_predicted: float = 1.0):
-    """power(group) adds the blocks' powers; check(kept) is the real error, `real_over_predicted` times the
-    predicted power once blocks are kept (blocks interact more than the sum says), and
-    `all_quantised_over_predicted` times it with none kept."""
+def _synthetic(
+    powers: dict[str, float],
+    real_over_predicted: float,
+    all_quantised_over_predicted: float = 1.0,
+    cancel: tuple[str, ...] = (),
+    by: float = 0.0,
+):
+    """power(group) adds the blocks' powers, less `by` where every block of `cancel` is in the group (their errors
+    cancel in part); check(kept) is the real error, `real_over_predicted` times that power of what is left once
+    blocks are kept (blocks interact more than the sum says), and `all_quantised_over_predicted` times it with none
+    kept."""
     calls = {"power": 0, "check": []}
+
+    def power_of(group) -> float:
+        return sum(powers[b] for b in group) - (by if cancel and set(cancel) <= set(group) else 0.0)
 
     def power(group):
         calls["power"] += 1
-        return sum(powers[b] for b in group)
+        return power_of(group)
 
     def check(kept):
         calls["check"].append(list(kept))
-        rest = sum(p for b, p in powers.items() if b not in kept)
+        rest = max(power_of([b for b in powers if b not in kept]), 0.0)
         return math.sqrt(rest * (real_over_predicted if kept else all_quantised_over_predicted))
 
     return power, check, calls
@@ -345,25 +355,6 @@ def test_past_the_run_limit_a_groups_error_is_shared_by_block_errors():
     assert why["y"].startswith("about") and "(estimated)" in why["y"]
 
 
-def _cancelling(powers: dict[str, float], cancel: tuple[str, str], by: float):
-    """power(group) adds the blocks' powers, less `by` where both blocks of `cancel` are in the group (their
-    errors cancel in part); check(kept) is that power of what is left quantised."""
-    calls = {"power": 0, "check": []}
-
-    def power_of(group) -> float:
-        return sum(powers[b] for b in group) - (by if set(cancel) <= set(group) else 0.0)
-
-    def power(group):
-        calls["power"] += 1
-        return power_of(group)
-
-    def check(kept):
-        calls["check"].append(list(kept))
-        return math.sqrt(max(power_of([b for b in powers if b not in kept]), 0.0))
-
-    return power, check, calls
-
-
 @pytest.mark.parametrize("max_runs", [12, 3])
 def test_a_half_costing_more_than_its_group_does_not_hide_the_other_half(max_runs):
     """b and c cancel in part: b alone costs more than b and c together, and their difference would say c costs
@@ -372,7 +363,7 @@ def test_a_half_costing_more_than_its_group_does_not_hide_the_other_half(max_run
     from edgediff.export.quantize import keep_until_within
 
     powers = {"a": 1e-5, "b": 9e-4, "c": 8e-4}  # b and c together: 6e-4
-    power, check, calls = _cancelling(powers, ("b", "c"), by=1.1e-3)
+    power, check, calls = _synthetic(powers, real_over_predicted=1.0, cancel=("b", "c"), by=1.1e-3)
     prior = {"a": 0.003, "b": 0.03, "c": 0.03}
     kept, error, checks, why, alone = keep_until_within(
         list(powers), power, check, 0.02, prior=prior, max_runs=max_runs
