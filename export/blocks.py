@@ -235,8 +235,9 @@ class BlockProbe:
 
     def open_ahead(self, quantised: Path, pool, feed: dict):
         """Opens on `pool` (a thread) the cut graph's session for every block's float outputs, which errors() runs
-        where they make one group, so that it opens while record() runs the fp32 graph: opening a session is mostly
-        one core's work (the full-size SD-Turbo UNet's cut int8 graph 1.6-3.6 s, its injection graph 1.6-1.8 s).
+        where they make one group, so that it opens beside other work (record() running the fp32 graph): opening a
+        session is mostly one core's work (the full-size SD-Turbo UNet's cut int8 graph 1.6-3.6 s, its injection
+        graph 1.6-1.8 s).
         Returns an _OpenedAhead (the tensors fetched, the session once open); None where onnx's inference leaves a
         boundary tensor untyped (their types then come from the recording), or where the outputs' least sizes on
         `feed` (the first recorded; a dimension inference leaves unknown counted as 1) already make several groups."""

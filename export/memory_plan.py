@@ -70,7 +70,8 @@ QUANTIZE_COPIES = 2.3
 # take the place of the pages they were packed from: the full-size fp32 UNet's session peaked at 3.47 GiB with them
 # or without) and, beside it, the graph quantised whole and cut at its blocks (int8 weights, their packed copies).
 # Full-size SD-Turbo's UNet (3.46 GB) held at most 5.42 GB, sampled, while quantised alone: 1.39x its weights over
-# the base and its largest tensor.
+# the base and its largest tensor; with its fp32 graph open for the ranking while it is quantised (block_errors), the
+# export held 5.09-5.42 GiB at that stage, the tiny decoder quantised beside it.
 STATIC_INT8_COPIES = 1.5
 # int4 bundles quantise a graph past 2 GB a weight at a time (stream_quant.py): the packed weights (an eighth of their
 # fp32 bytes) and one fp32 weight while quantising, then the 4-bit graph open for its check, whose unquantised

@@ -37,6 +37,7 @@ import logging
 import math
 import os
 import tempfile
+import traceback
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -442,10 +443,10 @@ def block_errors(
     src = weights_beside(src, structure, workdir)
     probe = BlockProbe(src, structure, split_blocks(structure.graph, blocks, block_of), workdir / "boundaries")
     quantised.parent.mkdir(parents=True, exist_ok=True)
-    # the fp32 graph records on a thread while the whole graph is quantised here, and the cut graph opens as the
-    # recording ends: opening a session is mostly one core's work, and so is much of quantising (its Python, its
-    # writing). One after another, the full-size SD-Turbo UNet's took 16.5 s of its ranking on 2 AVX2 cores.
-    # The recording's session stays open for the ranking (output_power), beside the quantiser's weights.
+    # the fp32 graph records on a thread while the whole graph is quantised here, and the cut graph opens once it is:
+    # opening a session is mostly one core's work, and so is much of quantising (its Python, its writing). The
+    # full-size SD-Turbo UNet's recording, quantisation and cut graph took 16.5 s one after another on 2 AVX2 cores,
+    # 14 s so. The recording's session stays open for the ranking (output_power), beside the quantiser's weights.
     with (
         ThreadPoolExecutor(1, thread_name_prefix="edgediff-record") as recorder,
         ThreadPoolExecutor(1, thread_name_prefix="edgediff-cut") as opener,
@@ -459,7 +460,9 @@ def block_errors(
             if ahead is not None:
                 ahead.drop()  # not kept by the traceback
             wait([recording])
-            probe.close()  # the recording's session, if it opened
+            if recording.exception() is not None:  # its frames would hold the session it opened
+                traceback.clear_frames(recording.exception().__traceback__)
+            probe.close()
             raise
         return probe.errors(quantised, ahead), probe
 

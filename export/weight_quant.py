@@ -216,7 +216,8 @@ class FastQDQQuantizer(QDQQuantizer):
             self.tensors_to_quantize = everything
 
         def prepare(name: str):
-            # numpy's reductions and arithmetic and the file reads release the GIL: the threads run side by side
+            # numpy's reductions and arithmetic release the GIL (and the page faults of mapped weights happen
+            # inside them): the threads run side by side
             data = tensor_proto_to_array(initializers[name])
             _, axis = normalize_axis(fast[name].axis, data.ndim)
             zero_points, scales = channel_params(data, axis, self.weight_qType, self.reduce_range)
@@ -324,19 +325,23 @@ class StreamingONNXQuantizer(FastONNXQuantizer):
 def external_array(initializer: onnx.TensorProto, folder: Path) -> np.ndarray:
     """A weight kept in external data, an array of its own over its file in `folder`: never read into the graph's
     message, whose protobuf arena would keep every weight's bytes until the whole graph is freed (clearing the field
-    does not return them). Memory-mapped (read-only, as an array over read bytes is) where the system lets a mapped
-    file be removed, as the export removes each fp32 graph once quantised: a read into a fresh buffer faults in each
-    of its pages, and the full-size UNet's 3.3 GB of weights took 2.0-3.7 s to read and reduce so, against 0.9-1.0 s
-    mapped (the file was just written: its pages are in memory). Read where a mapping would hold the file (Windows)."""
+    does not return them). Memory-mapped, read-only as an array over read bytes is, where a mapped file may be
+    removed (the export removes each fp32 graph once quantised): a read faults in every page of a fresh buffer, and
+    the full-size UNet's 3.3 GB of weights took 2.0-3.7 s to read and reduce so, 0.9-1.0 s mapped. Read where a
+    mapping would hold the file (Windows) or where the recorded length is not the array's."""
     from onnx.external_data_helper import ExternalDataInfo
 
     from .tracing import external_bytes
 
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(initializer.data_type)
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(initializer.data_type))
     shape = tuple(initializer.dims)
     info = ExternalDataInfo(initializer)
-    if os.name == "posix" and math.prod(shape) > 0:
-        # a length the file does not hold fails here as a short read fails in reshape below
+    size = math.prod(shape) * dtype.itemsize
+    if size == 0:  # no bytes to read (a read of length 0 reads to the end of the file)
+        empty = np.empty(shape, dtype)
+        empty.flags.writeable = False
+        return empty
+    if os.name == "posix" and info.length == size:
         mapped = np.memmap(Path(folder) / info.location, dtype=dtype, mode="r", offset=info.offset or 0, shape=shape)
         return mapped.view(np.ndarray)  # a plain array (what numpy makes of it stays one), the mapping its base
     return np.frombuffer(external_bytes(initializer, folder), dtype=dtype).reshape(shape)

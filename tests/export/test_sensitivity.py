@@ -153,7 +153,7 @@ def test_block_errors_from_the_cut_graph_equal_each_block_quantised_alone(unet_f
 def test_block_errors_run_in_groups_on_pruned_graphs_give_the_same_errors(unet_feeds, tmp_path, monkeypatch):
     """Past MAX_FETCH_BYTES of outputs in one run, blocks run in groups, each on the cut graph pruned to what its
     outputs need: here every block alone (a limit of one byte), the errors and deltas those of the single run. The
-    cut graph of every block opens on a thread of its own while the fp32 graph records (BlockProbe.open_ahead) where
+    cut graph of every block opens on a thread of its own (BlockProbe.open_ahead), beside the recording, where
     the outputs' inferred least sizes make one group: used where the recorded sizes make one too, else dropped and
     each group opened (here with inference giving no shapes); not opened where the inferred sizes make groups; and
     opened again where it failed to open there. No session outlives the ranking's need of it."""

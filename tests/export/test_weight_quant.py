@@ -298,3 +298,34 @@ def test_initializers_found_by_name_are_those_a_scan_finds():
     assert model.get_initializer("b") == tensor("b", 8) and model.get_initializer("e") == tensor("e", 7)
     assert agrees(["a", "b", "c", "d", "e"])
     assert qdq_quantizer.find_by_name is find_by_name  # the swap left with the block
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_external_weights_read_whole_and_only_their_own_bytes(tmp_path, dtype):
+    """external_array gives each weight's own values, mapped or read, at any offset in a shared data file (not
+    page-aligned) and as a plain read-only array; a weight whose recorded length is not its array's is refused, not
+    filled from the bytes of the next weight in the file."""
+    from onnx import TensorProto, helper
+
+    from edgediff.export.tracing import place_external
+    from edgediff.export.weight_quant import external_array
+
+    rng = np.random.default_rng(1)
+    arrays = [rng.standard_normal(shape).astype(dtype) for shape in [(3,), (5, 7), (0, 4), (4, 2, 3)]]
+    tensors, offset = [], 0
+    with open(tmp_path / "w.data", "wb") as f:
+        for i, a in enumerate(arrays):
+            t = TensorProto(name=f"w{i}", dims=a.shape, data_type=helper.np_dtype_to_tensor_dtype(a.dtype))
+            place_external(t, "w.data", offset, a.nbytes)
+            f.write(a.tobytes())
+            offset += a.nbytes
+            tensors.append(t)
+    for t, a in zip(tensors, arrays):
+        got = external_array(t, tmp_path)
+        assert type(got) is np.ndarray and got.dtype == a.dtype and not got.flags.writeable
+        np.testing.assert_array_equal(got, a)
+    short = TensorProto()
+    short.CopyFrom(tensors[1])
+    place_external(short, "w.data", 3 * np.dtype(dtype).itemsize, 34 * np.dtype(dtype).itemsize)  # 35 values
+    with pytest.raises(ValueError):
+        external_array(short, tmp_path)
