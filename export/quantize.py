@@ -496,8 +496,8 @@ def keep_until_within(
     error. Then groups of blocks (in graph order) are halved where the power is: one half is measured and the
     other taken to cost the group's power less that half's, except where the measured half costs more than the
     whole group (their errors cancel), where the other half is measured too; so the blocks that cost most are
-    found in a few runs, and kept until the error predicted from what is left (scaled to the last check) is
-    within budget; then the graph is checked once, and more blocks are kept only if that check fails. After
+    found in a few runs, and kept until the error predicted from the powers of the groups left (scaled to the last
+    check) is within budget; then the graph is checked once, and more blocks are kept only if that check fails. After
     `max_runs` calls of `power`, a group's power (and, where errors cancel, an unmeasured half's share of its
     group's) is shared among its blocks in proportion to `prior` (their block-local errors, squared).
     `release()` runs before each check (BlockProbe.close: the whole graph is not held twice)."""
@@ -521,10 +521,15 @@ def keep_until_within(
         scale = error**2 / total if total > 0 else 1.0
     # groups by power, largest first (ties: graph order); whether that power was measured or shared out
     heap = [(-total, 0, tuple(blocks), True)]
-    removed = 0.0  # power of the blocks kept so far
+
+    def left() -> float:
+        # the power of what is still quantised: its groups' powers, which add up to more than the whole graph's
+        # where a group's halves cancel (the whole graph's less the blocks kept would then fall to 0, and no failed
+        # check could scale it: a whole-graph check for each block kept after)
+        return sum(-power for power, *_ in heap)
 
     def predicted() -> float:
-        return math.sqrt(max(scale * (total - removed), 0.0))
+        return math.sqrt(max(scale * left(), 0.0))
 
     while True:
         before = len(kept)
@@ -554,7 +559,6 @@ def keep_until_within(
                     heapq.heappush(heap, (neg * share, first + i, (b,), False))
                 continue
             (b,) = group
-            removed += -neg
             kept.append(b)
             cost = math.sqrt(max(scale * -neg, 0.0))
             if measured:
@@ -572,8 +576,8 @@ def keep_until_within(
         if error <= budget or not heap:
             return kept, error, checks, why, alone
         # the check failed: what is still quantised costs more than predicted
-        if total - removed > 0:
-            scale = error**2 / (total - removed)
+        if left() > 0:
+            scale = error**2 / left()
 
 
 def quantize_component(

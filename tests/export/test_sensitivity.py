@@ -372,8 +372,10 @@ def test_a_half_costing_more_than_its_group_does_not_hide_the_other_half(max_run
     assert calls["power"] <= max_runs
     if max_runs > 3:
         assert alone["c"] == pytest.approx(math.sqrt(8e-4), rel=1e-4)
-    else:  # out of runs once b is measured: half the group's 6e-4, b and c's own errors being equal
-        assert why["c"].startswith(f"about {math.sqrt(3e-4):.4f}")
+    else:  # out of runs once b is measured: half the group's 6e-4 (b and c's own errors being equal), scaled by
+        # the check with b kept (a's 1e-5 and c's share left)
+        scale = checks[1]["error"] ** 2 / (3e-4 + 1e-5)
+        assert checks[1]["kept"] == 1 and why["c"].startswith(f"about {math.sqrt(scale * 3e-4):.4f}")
 
 
 def test_explicit_blocks_stay_fp32(unet_feeds, tmp_path):
@@ -539,3 +541,16 @@ def test_groups_whose_errors_reach_the_graphs_tail_alone_run_it_for_the_same_out
 
 
 TAIL_RTOL = 1e-4  # relative: output powers of the tail against the whole graph (float sums in another order)
+
+
+def test_after_a_cancelling_pair_is_kept_a_failed_check_still_scales_the_prediction():
+    """b and c cancel in part, so once both are kept the blocks kept weigh more than the whole graph's first order.
+    The prediction comes from the powers of the blocks left: a failed check scales it, and the next check keeps
+    every block it needs at once, rather than one whole-graph check per block kept."""
+    from edgediff.export.quantize import keep_until_within
+
+    powers = {"x1": 1e-4, "x2": 1e-4, "b": 9e-4, "c": 8e-4, "x3": 1e-4, "x4": 1e-4}  # b and c together: 6e-4
+    power, check, calls = _synthetic(powers, real_over_predicted=4.0, cancel=("b", "c"), by=1.1e-3)
+    kept, error, checks, why, alone = keep_until_within(list(powers), power, check, 0.02)
+    assert {"b", "c"} <= set(kept) and error <= 0.02, (kept, checks)
+    assert len(calls["check"]) == 2, calls["check"]  # with b and c kept, then with the three more it takes
