@@ -313,6 +313,15 @@ TABLES = {
         full_decoder=True,
         headers={"total": "whole image (opening each graph included)"},
     ),
+    # the smallest peak (4-bit, head-sliced attention, the UNet in 2 segments) on an AVX2-only CPU, and its time cost
+    "low-memory-avx2": Table(
+        ("config", "total", "text_encoder", "unet_call", "rss", "data"),
+        (
+            Source(V + "2026-12-08-int4-seg2-all-open.json"),
+            Source(V + "2026-12-08-low-memory-int4-seg2.json"),
+        ),
+        headers={"total": "whole image (opening each graph included)"},
+    ),
     "cold-start": Table(
         ("start", "system", "load", "first_image", "total", "rss", "data"),
         (
