@@ -38,7 +38,7 @@ import math
 import os
 import tempfile
 import traceback
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -459,9 +459,9 @@ def block_errors(
         except BaseException:
             if ahead is not None:
                 ahead.drop()  # not kept by the traceback
-            wait([recording])
-            if recording.exception() is not None:  # its frames would hold the session it opened
-                traceback.clear_frames(recording.exception().__traceback__)
+            failed = recording.exception()  # once it has ended
+            if failed is not None:  # its frames would hold the session it opened
+                traceback.clear_frames(failed.__traceback__)
             probe.close()
             raise
         return probe.errors(quantised, ahead), probe
