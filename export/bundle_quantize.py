@@ -184,6 +184,8 @@ def place_one(staging: Path, manifest: Manifest, name: str, scheme, record: dict
     work = staging / f".quantized-{name}"
     for old in spec.files:  # the fp32 graph and any external data it had
         (staging / old).unlink()
+    for folder in {(staging / old).parent for old in spec.files} - {staging}:  # its weights' own (_move_weights)
+        folder.rmdir()
     # 4-bit bundles are the low-memory choice: their weights memory-mapped (0.91 against 1.15 GiB at the
     # peak for full-size SD-Turbo at 512 in low-memory mode, docs/benchmarks.md)
     spec.files = place_quantized(work / f"{name}.onnx", staging, name, scheme.precision == "int4", checksum=False)

@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import logging
 import shutil
+from collections import Counter
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
@@ -121,26 +122,44 @@ def _file_records(folder: Path, names: list[str], checksum: bool = True) -> dict
     }
 
 
-def _move_weights(model, raw_graph: Path, staging: Path, name: str, checksum: bool = True) -> dict[str, dict] | None:
+def _move_weights(
+    model, raw_graph: Path, staging: Path, name: str, checksum: bool = True, scattered: bool = False
+) -> dict[str, dict] | None:
     """Writes a graph whose weights lie in one external-data file beside `raw_graph` (an fp32 graph past 2 GB, as
     tracing.gather_external_data left it) into the bundle by moving that file, the structure re-pointed at it;
     returns its manifest `files`, or None otherwise (its weights in memory, or read in from several files). Loading
-    the weights and writing them again took 12 of the 17 s of full-size SD-Turbo's UNet check stage."""
+    the weights and writing them again took 12 of the 17 s of full-size SD-Turbo's UNet check stage. `scattered`:
+    weights in several files (PyTorch's, one a weight: a graph the export replaces) move as they are into a folder of
+    their own, `<name>.onnx.weights`, each file then named in the manifest."""
     import onnx
     from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
 
     external = [t for t in _get_all_tensors(model) if uses_external_data(t)]
-    if not external or len({ExternalDataInfo(t).location for t in external}) != 1:
+    locations = {ExternalDataInfo(t).location for t in external}
+    if not external or (len(locations) != 1 and not scattered):
         if external:  # several files: gathered into the bundle's one as they load
             onnx.load_external_data_for_model(model, str(raw_graph.parent))
         return None
-    data_file = f"{name}.onnx.data"
-    (raw_graph.parent / ExternalDataInfo(external[0]).location).replace(staging / data_file)
+    if len(locations) == 1:
+        moved = {location: f"{name}.onnx.data" for location in locations}
+    else:  # paths as the manifest and onnxruntime take them: relative, with forward slashes
+        moved = {location: f"{name}.onnx.weights/{location}" for location in sorted(locations)}
+    for location, data_file in moved.items():
+        (staging / data_file).parent.mkdir(parents=True, exist_ok=True)
+        (raw_graph.parent / location).replace(staging / data_file)
+    alone = Counter(ExternalDataInfo(t).location for t in external)
     for tensor in external:
-        next(e for e in tensor.external_data if e.key == "location").value = data_file
+        info = ExternalDataInfo(tensor)
+        if not info.length and alone[info.location] == 1:  # its file's bytes (the quantiser maps a weight whose
+            # recorded length is its array's: weight_quant.external_array)
+            length = (staging / moved[info.location]).stat().st_size - (info.offset or 0)
+            entry = tensor.external_data.add()
+            entry.key, entry.value = "length", str(length)
+        entry = next(e for e in tensor.external_data if e.key == "location")
+        entry.value = moved[entry.value]
     graph_file = f"{name}.onnx"
     onnx.save_model(model, str(staging / graph_file))
-    return _file_records(staging, [graph_file, data_file], checksum)
+    return _file_records(staging, [graph_file, *moved.values()], checksum)
 
 
 def _torch_reference(
@@ -241,7 +260,7 @@ def _write_checked(
     if precision == "fp32" and not standard_ops:  # onnxruntime's CPU provider has FastGelu in fp32 only
         rewrites["fast_gelu"] = fuse_fast_gelu(model)
     now = not replaced and checksums is None
-    files = _move_weights(model, raw_graph, staging, component.name, now) or _save_graph(
+    files = _move_weights(model, raw_graph, staging, component.name, now, scattered=replaced) or _save_graph(
         model, staging, component.name, external=replaced, checksum=now
     )
     if checksums is not None and not replaced:
@@ -418,8 +437,12 @@ def write_onnx_bundle(source: str, out: str | Path, options: ExportOptions, prog
                         _release(getattr(modules, component.module))
                     release_memory()
 
+                # a graph that quantisation replaces keeps PyTorch's weight files, one a weight, until it is replaced
+                # (tracing.gather_external_data); one that gets LoRA slots is rewritten whole before that
+                slotted = bool(options.lora_slots) and component.name in SLOT_COMPONENTS
+                scattered = component.name in replaced and not slotted
                 with (
-                    released_after_export(release, WEIGHTS_BESIDE_BYTES),
+                    released_after_export(release, WEIGHTS_BESIDE_BYTES, scattered),
                     fused_attention() if attention == "fused" else nullcontext(),
                 ):
                     export_models(

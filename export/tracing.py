@@ -82,11 +82,12 @@ def fix_dynamic_axes(export_config, graph: Path) -> bool:
 
 
 @contextmanager
-def released_after_export(release, beside_past: int | None = None):
+def released_after_export(release, beside_past: int | None = None, scattered: bool = False):
     """Runs `release()` (freeing the module's weights) as soon as PyTorch has written a graph inside optimum's
     export_models, then gathers a large graph's external data (PyTorch writes one file per weight) into the one
     file optimum would, tensor by tensor, or moves a graph's weights past `beside_past` bytes out of it
-    (gather_external_data). optimum's own gathering loads every weight of the graph at once: with the module still
+    (gather_external_data; `scattered`: a large graph's weights are left in their files, for a graph the export
+    replaces). optimum's own gathering loads every weight of the graph at once: with the module still
     alive the stage held its weights twice (the fp32 export's peak: the UNet's stage of full-size SD-Turbo), and
     even without it, 1.6x a Gemma-2's. Scoped: torch.onnx.export and optimum's external-data test are restored on
     exit. Hand-written because optimum offers no hook between its two steps."""
@@ -102,7 +103,7 @@ def released_after_export(release, beside_past: int | None = None):
             release()
         f = kwargs.get("f", args[2] if len(args) > 2 else None)  # where the graph was written (optimum: a path)
         if isinstance(f, (str, Path)):
-            gather_external_data(Path(f), beside_past)
+            gather_external_data(Path(f), beside_past, scattered)
         return result
 
     torch.onnx.export = export_then_release
@@ -195,7 +196,7 @@ def place_external(tensor, location: str, offset: int, length: int) -> None:
         entry.key, entry.value = key, value
 
 
-def gather_external_data(graph: Path, beside_past: int | None = None) -> None:
+def gather_external_data(graph: Path, beside_past: int | None = None, scattered: bool = False) -> None:
     """Moves the external data of `graph`'s tensors (initializers and Constant attributes) into one file beside it,
     `<graph name>_data` as optimum names it, one tensor in memory at a time; the files they came from are removed.
     A graph without external data is left as it is, unless its weights pass `beside_past` bytes: they are then
@@ -203,13 +204,17 @@ def gather_external_data(graph: Path, beside_past: int | None = None) -> None:
     a graph under 2 GB whole, and the export reads it three times more before it enters the bundle (optimum's
     test for external data, the output axes, the graph's own rewrites): the full-size SD-Turbo text encoder's
     1.4 GB were parsed out of it each time, 1.2-2 s a reading; with its weights beside it, each reads the structure
-    alone, and the bundle takes the weights file by moving it."""
+    alone, and the bundle takes the weights file by moving it. `scattered`: a graph with external data keeps PyTorch's
+    files, one a weight, which the bundle then takes as they are (bundle_writer._move_weights): for a graph the export
+    quantises and replaces, whose gathering copied the full-size SD-Turbo UNet's 3.4 GB in 8.6 s on 2 AVX2 cores."""
     import onnx
     from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
 
     model = onnx.load(str(graph), load_external_data=False)
     external = [t for t in _get_all_tensors(model) if uses_external_data(t)]
     name = f"{graph.name}_data"
+    if external and scattered:
+        return
     if not external:
         if beside_past is not None and inline_weight_bytes(model) > beside_past:
             (graph.parent / name).unlink(missing_ok=True)  # onnx appends to a file already there

@@ -145,3 +145,13 @@ def tiny_ip_adapter_bundle(arch: str, root: Path) -> Path:
             str(tiny_source(arch, root)), root / f"bundle-{arch}-ip-adapter", options, progress=False
         )
     return _CACHE[key]
+
+
+def graph_contents(path: Path):
+    """An ONNX graph's nodes (type, inputs, outputs) and its weights' bytes by name: what two exports of the same
+    graph share, whatever files hold the weights."""
+    import onnx
+
+    model = onnx.load(str(path))
+    nodes = [(n.op_type, list(n.input), list(n.output)) for n in model.graph.node]
+    return nodes, {t.name: onnx.numpy_helper.to_array(t).tobytes() for t in model.graph.initializer}

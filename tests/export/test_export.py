@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("optimum")
 
-from tiny_models import tiny_bundle, tiny_source  # noqa: E402
+from tiny_models import graph_contents, tiny_bundle, tiny_source  # noqa: E402
 
 from edgediff.export import bundle_writer, export_bundle  # noqa: E402
 from edgediff.runtime import SCHEMA_VERSION, Bundle  # noqa: E402
@@ -404,6 +404,9 @@ def test_a_graphs_weights_are_gathered_into_one_file_a_tensor_at_a_time(tmp_path
     x = np.arange(8, dtype=np.float32).reshape(2, 4)
     before = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
     assert len(list(tmp_path.iterdir())) == 4  # the graph and three tensors' files
+    files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    gather_external_data(path, scattered=True)  # a graph the export replaces: its files left as they are
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files
     gather_external_data(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx_data"]
     structure = onnx.load(str(path), load_external_data=False)
@@ -476,6 +479,91 @@ def test_a_gathered_graph_enters_the_bundle_by_moving_its_weights(tmp_path):
     assert np.array_equal(ort.InferenceSession(str(staging / "unet.onnx")).run(None, {"x": x})[0], before)
     inside = onnx.load(str(staging / "unet.onnx"))  # weights in memory: nothing to move
     assert _move_weights(inside, staging / "unet.onnx", tmp_path, "other") is None
+
+
+def test_a_replaced_graphs_weights_enter_the_bundle_in_their_own_files(tmp_path):
+    """An fp32 graph the export quantises and replaces keeps PyTorch's files, one a weight: they move into a folder
+    of the bundle's own, each named in the manifest with the length of the weight it holds (the quantiser maps a
+    weight whose recorded length is its array's); the graph computes the same. Replacing it removes that folder."""
+    import onnx
+    import onnxruntime as ort
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors
+
+    from edgediff.export.bundle_quantize import place_one
+    from edgediff.export.bundle_writer import _move_weights
+    from edgediff.runtime.manifest import ComponentSpec
+
+    raw, staging = tmp_path / "raw", tmp_path / "staging"
+    raw.mkdir(), staging.mkdir()
+    path = _graph_with_a_file_per_weight(raw)
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    before = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
+    weights = {p.name: p.read_bytes() for p in raw.iterdir() if p != path}
+    whole = onnx.load(str(path))  # its weights in it: the quantised graph that replaces it, below
+    structure = onnx.load(str(path), load_external_data=False)
+    for tensor in _get_all_tensors(structure):  # where a file holds one weight, its location may be all it records
+        kept = [e for e in tensor.external_data if e.key == "location"]
+        del tensor.external_data[:]
+        tensor.external_data.extend(kept)
+    files = _move_weights(structure, path, staging, "unet", False, True)
+    moved = {f"unet.onnx.weights/{name}" for name in weights}
+    assert set(files) == {"unet.onnx", *moved} and [p.name for p in raw.iterdir()] == ["model.onnx"]
+    assert all(files[f]["size"] == len(weights[f.split("/")[1]]) and "sha256" not in files[f] for f in moved)
+    written = _get_all_tensors(onnx.load(str(staging / "unet.onnx"), load_external_data=False))
+    assert {ExternalDataInfo(t).location: ExternalDataInfo(t).length for t in written} == {
+        f"unet.onnx.weights/{name}": len(data) for name, data in weights.items()
+    }
+    assert np.array_equal(ort.InferenceSession(str(staging / "unet.onnx")).run(None, {"x": x})[0], before)
+    # replaced by its quantised graph (here: the same graph, its weights in it)
+    spec = ComponentSpec(files=files, precision="fp32", inputs=[], outputs=[])
+    manifest = type("Manifest", (), {"components": {"unet": spec}})()
+    (staging / ".quantized-unet").mkdir()
+    onnx.save_model(whole, str(staging / ".quantized-unet" / "unet.onnx"))
+    place_one(staging, manifest, "unet", type("Scheme", (), {"precision": "int8"})(), {"scheme": "int8"})
+    assert sorted(p.name for p in staging.iterdir()) == ["unet.onnx"] and list(spec.files) == ["unet.onnx"]
+
+
+def test_a_quantised_export_takes_the_weight_files_pytorch_wrote_as_they_are(models_root, tmp_path, monkeypatch):
+    """PyTorch writes a graph past 2 GB with a file a weight. The graphs quantisation replaces are checked, recorded,
+    ranked and quantised from those files where they lie (the text encoder in its process ahead too): the same
+    quantised graphs and records as from gathered weights, and none of those files left in the bundle. Forced here:
+    each traced tiny graph is rewritten as PyTorch writes one past 2 GB (its tensors past 1 KB in files of their own)."""
+    import onnx
+
+    from edgediff.export import ExportOptions, bundle_quantize, export
+
+    source, options = str(tiny_source("tiny-sd1", models_root)), ExportOptions(precision="int8-static", keep="auto")
+    gathered = export(source, tmp_path / "gathered", options, progress=False)
+    real_export, real_place, replaced = torch.onnx.export, bundle_quantize.place_one, {}
+
+    def as_past_2gb(*args, **kwargs):
+        result = real_export(*args, **kwargs)
+        path = str(kwargs["f"])  # optimum passes the graph's path
+        whole = onnx.load(path)
+        onnx.save_model(
+            whole,
+            path,
+            save_as_external_data=True,
+            all_tensors_to_one_file=False,
+            size_threshold=1024,
+            convert_attribute=True,
+        )
+        return result
+
+    def place_one(staging, manifest, name, *args):
+        replaced[name] = list(manifest.components[name].files)  # the fp32 graph's files, as it is replaced
+        return real_place(staging, manifest, name, *args)
+
+    monkeypatch.setattr(torch.onnx, "export", as_past_2gb)
+    monkeypatch.setattr(bundle_quantize, "place_one", place_one)
+    scattered = export(source, tmp_path / "scattered", options, progress=False)
+    one, two = Bundle.open(gathered, verify="full").manifest, Bundle.open(scattered, verify="full").manifest
+    assert set(replaced) == {n for n, spec in one.components.items() if spec.precision != "fp32"} >= {"unet"}
+    for name, files in replaced.items():
+        assert len([f for f in files if f.startswith(f"{name}.onnx.weights/")]) > 1, name
+        assert two.components[name].attributes["quantization"] == one.components[name].attributes["quantization"]
+        assert graph_contents(scattered / f"{name}.onnx") == graph_contents(gathered / f"{name}.onnx"), name
+        assert not (scattered / f"{name}.onnx.weights").exists()
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny_models import tiny_source
+from tiny_models import graph_contents, tiny_source
 
 from edgediff.runtime import Bundle
 
@@ -33,14 +33,6 @@ def _export(models_root, out, arch, precision, monkeypatch, ahead: bool, **optio
     monkeypatch.setattr(text_ahead, "quantise_ahead", lambda *args: ahead)
     options = ExportOptions(precision=precision, keep="auto", **options)
     return export(str(tiny_source(arch, models_root)), out, options, progress=False)
-
-
-def _graph(path):
-    import onnx
-
-    model = onnx.load(str(path))
-    nodes = [(n.op_type, list(n.input), list(n.output)) for n in model.graph.node]
-    return nodes, {t.name: onnx.numpy_helper.to_array(t).tobytes() for t in model.graph.initializer}
 
 
 # tiny-sd1: one encoder, guided by default (the empty negative's feeds recorded too) or not; tiny-sdxl: two encoders,
@@ -83,7 +75,7 @@ def test_text_encoders_quantised_ahead_are_those_quantised_after_the_recording(
     for name in in_order:
         assert two.components[name].attributes["quantization"] == one.components[name].attributes["quantization"]
         assert two.components[name].precision == one.components[name].precision
-        assert _graph(ahead / f"{name}.onnx") == _graph(after / f"{name}.onnx"), name
+        assert graph_contents(ahead / f"{name}.onnx") == graph_contents(after / f"{name}.onnx"), name
     assert not [p.name for p in ahead.iterdir() if p.name.startswith(".")]  # no work folder left
 
 
