@@ -483,7 +483,7 @@ class ExportTable:
 EXPORT_COST = tuple(E + f"2026-12-06-export-cost-{run}.json" for run in (5, 6, 7, 8))
 # the current code's runs
 EXPORT_COST_AMX = tuple(X + f"2026-12-07-export-cost-{run}.json" for run in (51, 52, 53, 54, 55))
-EXPORT_COST_AVX2 = tuple(V + f"2026-12-08-export-cost-{run}.json" for run in (1, 2, 3))
+EXPORT_COST_AVX2 = tuple(V + f"2026-12-08-export-cost-{run}.json" for run in (4, 5, 6))
 EXPORT_COST_SD35 = E + "2026-12-03-export-cost-sd35-medium.json"
 EXPORT_STAGES_OF = "fastest"
 EXPORT_TABLES = {
