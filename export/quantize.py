@@ -576,8 +576,9 @@ def keep_until_within(
         if error <= budget or not heap:
             return kept, error, checks, why, alone
         # the check failed: what is still quantised costs more than predicted
-        if left() > 0:
-            scale = error**2 / left()
+        power_left = left()
+        if power_left > 0:
+            scale = error**2 / power_left
 
 
 def quantize_component(
