@@ -232,8 +232,12 @@ def libraries_frozen():
 
 
 def _large(src: Path) -> bool:
+    """Whether a graph and its weights pass LARGE_GRAPH_BYTES: its file and those named after it beside it (a data
+    file, or a folder of weight files: bundle_writer._move_weights)."""
     src = Path(src)
-    return sum(f.stat().st_size for f in src.parent.glob(f"{src.name}*")) > LARGE_GRAPH_BYTES
+    named = src.parent.glob(f"{src.name}*")
+    files = [f for path in named for f in ([path] if path.is_file() else path.rglob("*")) if f.is_file()]
+    return sum(f.stat().st_size for f in files) > LARGE_GRAPH_BYTES
 
 
 def _default_type() -> dict:

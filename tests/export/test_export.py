@@ -481,7 +481,7 @@ def test_a_gathered_graph_enters_the_bundle_by_moving_its_weights(tmp_path):
     assert _move_weights(inside, staging / "unet.onnx", tmp_path, "other") is None
 
 
-def test_a_replaced_graphs_weights_enter_the_bundle_in_their_own_files(tmp_path):
+def test_a_replaced_graphs_weights_enter_the_bundle_in_their_own_files(tmp_path, monkeypatch):
     """An fp32 graph the export quantises and replaces keeps PyTorch's files, one a weight: they move into a folder
     of the bundle's own, each named in the manifest with the length of the weight it holds (the quantiser maps a
     weight whose recorded length is its array's); the graph computes the same. Replacing it removes that folder."""
@@ -489,6 +489,7 @@ def test_a_replaced_graphs_weights_enter_the_bundle_in_their_own_files(tmp_path)
     import onnxruntime as ort
     from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors
 
+    from edgediff.export import quantize
     from edgediff.export.bundle_quantize import place_one
     from edgediff.export.bundle_writer import _move_weights
     from edgediff.runtime.manifest import ComponentSpec
@@ -514,6 +515,11 @@ def test_a_replaced_graphs_weights_enter_the_bundle_in_their_own_files(tmp_path)
         f"unet.onnx.weights/{name}": len(data) for name, data in weights.items()
     }
     assert np.array_equal(ort.InferenceSession(str(staging / "unet.onnx")).run(None, {"x": x})[0], before)
+    # its size counts the files in that folder (the quantisers stream a graph past LARGE_GRAPH_BYTES)
+    total = sum(f.stat().st_size for f in staging.rglob("*") if f.is_file())
+    for limit, large in ((total - 1, True), (total, False)):
+        monkeypatch.setattr(quantize, "LARGE_GRAPH_BYTES", limit)
+        assert quantize._large(staging / "unet.onnx") is large
     # replaced by its quantised graph (here: the same graph, its weights in it)
     spec = ComponentSpec(files=files, precision="fp32", inputs=[], outputs=[])
     manifest = type("Manifest", (), {"components": {"unet": spec}})()
@@ -523,16 +529,21 @@ def test_a_replaced_graphs_weights_enter_the_bundle_in_their_own_files(tmp_path)
     assert sorted(p.name for p in staging.iterdir()) == ["unet.onnx"] and list(spec.files) == ["unet.onnx"]
 
 
-def test_a_quantised_export_takes_the_weight_files_pytorch_wrote_as_they_are(models_root, tmp_path, monkeypatch):
+@pytest.mark.parametrize("precision", ["int8-static", "int4"])
+def test_a_quantised_export_takes_the_weight_files_pytorch_wrote_as_they_are(
+    models_root, tmp_path, monkeypatch, precision
+):
     """PyTorch writes a graph past 2 GB with a file a weight. The graphs quantisation replaces are checked, recorded,
     ranked and quantised from those files where they lie (the text encoder in its process ahead too): the same
     quantised graphs and records as from gathered weights, and none of those files left in the bundle. Forced here:
-    each traced tiny graph is rewritten as PyTorch writes one past 2 GB (its tensors past 1 KB in files of their own)."""
+    each traced tiny graph is rewritten as PyTorch writes one past 2 GB (its tensors past 1 KB in files of their own);
+    int4 quantises every graph of this process as one past 2 GB, a weight at a time."""
     import onnx
 
-    from edgediff.export import ExportOptions, bundle_quantize, export
+    from edgediff.export import ExportOptions, bundle_quantize, export, quantize
 
-    source, options = str(tiny_source("tiny-sd1", models_root)), ExportOptions(precision="int8-static", keep="auto")
+    monkeypatch.setattr(quantize, "LARGE_GRAPH_BYTES", 0)
+    source, options = str(tiny_source("tiny-sd1", models_root)), ExportOptions(precision=precision, keep="auto")
     gathered = export(source, tmp_path / "gathered", options, progress=False)
     real_export, real_place, replaced = torch.onnx.export, bundle_quantize.place_one, {}
 
