@@ -150,8 +150,9 @@ def _move_weights(
     alone = Counter(ExternalDataInfo(t).location for t in external)
     for tensor in external:
         info = ExternalDataInfo(tensor)
-        if not info.length and alone[info.location] == 1:  # its file's bytes (the quantiser maps a weight whose
-            # recorded length is its array's: weight_quant.external_array)
+        if not info.length and alone[info.location] == 1:
+            # a file of its own: all its bytes (the quantisers map a weight whose recorded length is its array's,
+            # weight_quant.external_array, and read any other)
             length = (staging / moved[info.location]).stat().st_size - (info.offset or 0)
             entry = tensor.external_data.add()
             entry.key, entry.value = "length", str(length)

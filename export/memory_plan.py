@@ -46,8 +46,9 @@ BASE_BYTES = 500_000_000
 EXPORT_COPIES = 3.7
 # Past protobuf's 2 GB, PyTorch writes each weight to a file of its own and the export gathers them into one, a
 # tensor at a time (tracing.gather_external_data; not a graph that quantisation replaces, whose files stay as they
-# are, which holds less): beside its weights the stage holds the tracer's state and the largest tensor. A 6-layer Gemma-2 (3.94 GiB) held 0.10 GiB over its weights when PyTorch had written the graph
-# and 2.24 GiB while gathering its 2.20 GiB embedding. Once the module is freed, onnxruntime opens the graph
+# are, which holds less): beside its weights the stage holds the tracer's state and the largest tensor. A 6-layer
+# Gemma-2 (3.94 GiB) held 0.10 GiB over its weights when PyTorch had written the graph and 2.24 GiB while gathering
+# its 2.20 GiB embedding. Once the module is freed, onnxruntime opens the graph
 # (optimum's dynamic-axes fix, then the check), holding its weights and their prepacked copies: Gemma-2-2B's
 # stage (10.46 GB of weights, full-size SANA-Sprint) peaked at 18.23 GB, 1.70x its weights over the base.
 LARGE_GRAPH_BYTES = 2**31
