@@ -135,22 +135,21 @@ def _move_weights(
     from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
 
     external = [t for t in _get_all_tensors(model) if uses_external_data(t)]
-    locations = {ExternalDataInfo(t).location for t in external}
-    if not external or (len(locations) != 1 and not scattered):
+    infos = [ExternalDataInfo(t) for t in external]
+    readers = Counter(info.location for info in infos)  # the tensors in each file
+    if not external or (len(readers) != 1 and not scattered):
         if external:  # several files: gathered into the bundle's one as they load
             onnx.load_external_data_for_model(model, str(raw_graph.parent))
         return None
-    if len(locations) == 1:
-        moved = {location: f"{name}.onnx.data" for location in locations}
+    if len(readers) == 1:
+        moved = {location: f"{name}.onnx.data" for location in readers}
     else:  # paths as the manifest and onnxruntime take them: relative, with forward slashes
-        moved = {location: f"{name}.onnx.weights/{location}" for location in sorted(locations)}
+        moved = {location: f"{name}.onnx.weights/{location}" for location in sorted(readers)}
     for location, data_file in moved.items():
         (staging / data_file).parent.mkdir(parents=True, exist_ok=True)
         (raw_graph.parent / location).replace(staging / data_file)
-    alone = Counter(ExternalDataInfo(t).location for t in external)
-    for tensor in external:
-        info = ExternalDataInfo(tensor)
-        if not info.length and alone[info.location] == 1:
+    for tensor, info in zip(external, infos):
+        if not info.length and readers[info.location] == 1:
             # a file of its own: all its bytes (the quantisers map a weight whose recorded length is its array's,
             # weight_quant.external_array, and read any other)
             length = (staging / moved[info.location]).stat().st_size - (info.offset or 0)
